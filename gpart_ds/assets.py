@@ -1,0 +1,129 @@
+"""Named asset recipes: create a model folder and data files that a config points at.
+
+`tiny`: a small random Llama (2 layers, hidden 64) with a BPE tokenizer trained on a
+synthetic "reverse the words" task, deterministic from a seed. Written to a temporary
+folder and renamed, under a file lock, so that several ranks starting at once create it
+exactly once and nobody ever sees half of it.
+
+    python -m gpart_ds.assets tiny [--root .cache/tiny]
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import random
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from .config import REPO_ROOT
+
+TINY_ROOT = REPO_ROOT / ".cache" / "tiny"
+_WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "fish", "bird",
+          "star", "rock", "rain", "snow", "wind", "fire"]
+
+
+@contextmanager
+def file_lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _reverse_records(rng: random.Random, n: int) -> list[dict]:
+    out = []
+    for _ in range(n):
+        words = [rng.choice(_WORDS) for _ in range(rng.randint(2, 6))]
+        out.append({"prompt": f"Reverse: {' '.join(words)}\nAnswer:",
+                    "completion": " " + " ".join(reversed(words))})
+    return out
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    with open(path, "w") as fh:
+        for r in records:
+            fh.write(json.dumps(r) + "\n")
+
+
+def _tiny_tokenizer(texts: list[str], out: Path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", pad_token="<pad>")
+    fast.save_pretrained(out)
+    return fast
+
+
+def build_tiny(root: Path, seed: int = 0) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    rng = random.Random(seed)
+    train, evals = _reverse_records(rng, 2000), _reverse_records(rng, 200)
+    (root / "data").mkdir(parents=True)
+    _write_jsonl(root / "data" / "train.jsonl", train)
+    _write_jsonl(root / "data" / "eval.jsonl", evals)
+    tok = _tiny_tokenizer([r["prompt"] + r["completion"] for r in train], root / "model")
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=160,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=256, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).to(torch.float32)
+    model.save_pretrained(root / "model")
+
+
+RECIPES = {"tiny": (build_tiny, TINY_ROOT)}
+
+
+def ensure(recipe: str, root: Path | None = None) -> Path:
+    """Create the recipe's assets under `root` unless they are already complete."""
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown asset recipe {recipe!r}; known: {sorted(RECIPES)}")
+    build, default_root = RECIPES[recipe]
+    root = Path(root or default_root)
+    done = root / ".complete"
+    if done.exists():
+        return root
+    with file_lock(root.parent / f".{root.name}.lock"):
+        if done.exists():  # another rank built it while we waited
+            return root
+        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; others on the cluster read it
+        try:
+            build(tmp)
+            (tmp / ".complete").write_text("ok\n")
+            if root.exists():
+                shutil.rmtree(root)  # an incomplete earlier attempt
+            os.replace(tmp, root)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("recipe", choices=sorted(RECIPES))
+    ap.add_argument("--root", type=Path, default=None)
+    args = ap.parse_args(argv)
+    print(ensure(args.recipe, args.root))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""The run configuration: schema, loading, command-line overrides and validation.
+
+One YAML file plus `key.sub=value` overrides, checked against the dataclasses below
+before anything expensive happens. Every error names the key and, where it came from
+a file, the file and line.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "configs"
+
+METHODS = ("gpart",)
+KERNELS = ("auto", "compiled", "eager")
+PRECISIONS = ("auto", "bf16", "fp32")
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclass
+class MethodConfig:
+    name: str = "gpart"
+    d: int = MISSING
+    seed: int = 0
+    # "all-linear", a list of module-name suffixes, or a regex over full module names.
+    target_modules: Any = "all-linear"
+    dropout: float = 0.0
+    kernel: str = "auto"            # auto: compiled for large models, eager for tiny ones
+    chunk_elems: int = 1 << 26      # W0 + delta elements alive at once per layer
+
+
+@dataclass
+class ModelConfig:
+    path: str = MISSING
+    precision: str = "auto"         # auto: bf16 where the accelerator has it, else fp32
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    train: str = MISSING
+    eval: str = MISSING
+    max_length: int = 512
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = MISSING
+    micro_batch_size: int = MISSING
+    grad_accum: int = MISSING
+    lr: float = MISSING
+    weight_decay: float = 0.0
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    schedule: str = "cosine"
+    warmup_ratio: float = 0.0
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    log_every: int = 1
+    eval_every: int = 0             # 0: evaluate only at the end
+    eval_batches: int = 0           # eval on the first N micro-batches' worth; 0: all
+
+
+@dataclass
+class DistConfig:
+    timeout_minutes: float = 60.0   # long: rank 0 may tokenise while others wait
+    backend: str = "auto"           # auto: nccl with CUDA, gloo otherwise
+
+
+@dataclass
+class RunConfig:
+    method: MethodConfig = field(default_factory=MethodConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    # DeepSpeed: a path to a JSON file (relative to the YAML file) or an inline mapping.
+    deepspeed: Any = None
+    output_dir: str = MISSING
+    # Named asset recipe that creates missing model/data files (e.g. "tiny").
+    prepare: Optional[str] = None
+    # Filled by load_config: where the values came from, for error messages.
+    config_file: Optional[str] = None
+    overrides: list = field(default_factory=list)
+
+
+class ConfigError(ValueError):
+    """A configuration problem a user can fix: says which key, and where."""
+
+
+def resolve_config_path(name: str | os.PathLike) -> Path:
+    """A path as given, or a bare name looked up in configs/ (with or without .yaml)."""
+    p = Path(name)
+    if p.is_file():
+        return p.resolve()
+    for cand in (CONFIG_DIR / p, CONFIG_DIR / f"{p}.yaml"):
+        if cand.is_file():
+            return cand.resolve()
+    raise ConfigError(f"config file {str(name)!r} not found (also looked in {CONFIG_DIR})")
+
+
+def _yaml_lines(path: Path) -> dict[str, int]:
+    """Dotted key -> 1-based line number, from the YAML node tree."""
+    lines: dict[str, int] = {}
+
+    def walk(node, prefix):
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = f"{prefix}{k.value}"
+                lines[key] = k.start_mark.line + 1
+                walk(v, key + ".")
+
+    try:
+        walk(yaml.compose(path.read_text()), "")
+    except yaml.YAMLError:
+        pass
+    return lines
+
+
+class _Where:
+    """Turns a dotted key into 'file:line (key)' or 'command line (key)'."""
+
+    def __init__(self, path: Path | None, overrides: list[str]):
+        self.path = path
+        self.lines = _yaml_lines(path) if path else {}
+        self.overridden = {o.split("=", 1)[0].strip() for o in overrides}
+
+    def __call__(self, key: str) -> str:
+        if key in self.overridden:
+            return f"command-line override {key!r}"
+        probe = key
+        while probe:
+            if probe in self.lines:
+                return f"{self.path}:{self.lines[probe]} ({key!r})"
+            probe = probe.rpartition(".")[0]
+        return f"{self.path or 'config'} ({key!r})"
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None,
+                check_files: bool = True) -> DictConfig:
+    """Load, merge overrides, type-check against the schema and validate values."""
+    overrides = list(overrides or [])
+    file = resolve_config_path(path) if path is not None else None
+    where = _Where(file, overrides)
+    schema = OmegaConf.structured(RunConfig)
+    try:
+        raw = OmegaConf.create(yaml.safe_load(file.read_text()) or {}) if file else OmegaConf.create()
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{file}: not valid YAML: {exc}") from None
+    for o in overrides:
+        if "=" not in o:
+            raise ConfigError(f"command-line override {o!r} must look like key.sub=value")
+    try:
+        cfg = OmegaConf.merge(schema, raw, OmegaConf.from_dotlist(overrides))
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        msg = str(exc).splitlines()[0]
+        raise ConfigError(f"{where(key)}: {msg}") from None
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{file or 'config'}: required keys missing: {', '.join(missing)}")
+    cfg.config_file = str(file) if file else None
+    cfg.overrides = overrides
+    _validate_values(cfg, where)
+    base_dir = file.parent if file else Path.cwd()
+    cfg.deepspeed = _load_deepspeed(cfg.deepspeed, base_dir, where)
+    if check_files:
+        check_paths(cfg, where)
+    return cfg
+
+
+def _validate_values(cfg: DictConfig, where: _Where) -> None:
+    def need(cond, key, msg):
+        if not cond:
+            raise ConfigError(f"{where(key)}: {msg}")
+
+    m, t = cfg.method, cfg.train
+    need(m.name in METHODS, "method.name", f"unknown method {m.name!r}; choose one of {METHODS}")
+    need(m.d >= 1, "method.d", f"d must be >= 1, got {m.d}")
+    need(0 <= m.seed < 2**64, "method.seed", f"seed must be in [0, 2^64), got {m.seed}")
+    need(0.0 <= m.dropout < 1.0, "method.dropout", f"dropout must be in [0, 1), got {m.dropout}")
+    need(m.kernel in KERNELS, "method.kernel", f"must be one of {KERNELS}, got {m.kernel!r}")
+    need(m.chunk_elems >= 1, "method.chunk_elems", "must be >= 1")
+    tm = m.target_modules
+    tm_ok = isinstance(tm, str) or (OmegaConf.is_list(tm) and len(tm) > 0
+                                    and all(isinstance(x, str) for x in tm))
+    need(tm_ok, "method.target_modules",
+         "must be 'all-linear', a regex string, or a non-empty list of module names")
+    need(cfg.model.precision in PRECISIONS, "model.precision",
+         f"must be one of {PRECISIONS}, got {cfg.model.precision!r}")
+    need(cfg.data.max_length >= 2, "data.max_length", "must be >= 2")
+    for key in ("max_steps", "micro_batch_size", "grad_accum", "log_every"):
+        need(t[key] >= 1, f"train.{key}", f"must be >= 1, got {t[key]}")
+    for key in ("eval_every", "eval_batches"):
+        need(t[key] >= 0, f"train.{key}", f"must be >= 0, got {t[key]}")
+    need(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    need(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas",
+         "must be two numbers in [0, 1)")
+    need(t.schedule in SCHEDULES, "train.schedule", f"must be one of {SCHEDULES}")
+    need(0 <= t.warmup_ratio <= 1, "train.warmup_ratio", "must be in [0, 1]")
+    need(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
+    need(t.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 disables clipping)")
+    need(cfg.dist.timeout_minutes > 0, "dist.timeout_minutes", "must be > 0")
+    need(cfg.dist.backend in ("auto", "nccl", "gloo", "mpi"), "dist.backend",
+         "must be auto, nccl, gloo or mpi")
+
+
+def _load_deepspeed(value, base_dir: Path, where: _Where) -> dict:
+    """The DeepSpeed config as a dict: inline mapping, or JSON path relative to the YAML."""
+    if value is None:
+        return {"zero_optimization": {"stage": 3}}
+    if isinstance(value, str):
+        p = Path(value)
+        if not p.is_absolute():
+            p = (base_dir / p) if (base_dir / p).exists() else Path(value)
+        if not p.is_file():
+            raise ConfigError(f"{where('deepspeed')}: DeepSpeed config {value!r} not found "
+                              f"(looked at {base_dir / value})")
+        try:
+            return json.loads(p.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{p}:{exc.lineno}: DeepSpeed config is not valid JSON: {exc.msg}") from None
+    if OmegaConf.is_dict(value):
+        return OmegaConf.to_container(value, resolve=True)
+    raise ConfigError(f"{where('deepspeed')}: must be a JSON file path or a mapping")
+
+
+def where_for(cfg: DictConfig) -> _Where:
+    """Locator of keys of a loaded config: 'file:line (key)' for error messages."""
+    return _Where(Path(cfg.config_file) if cfg.config_file else None, list(cfg.overrides))
+
+
+def check_paths(cfg: DictConfig, where: _Where | None = None) -> None:
+    """Model folder and data files must exist (after any `prepare` recipe ran)."""
+    where = where or where_for(cfg)
+    mp = Path(cfg.model.path)
+    if not (mp / "config.json").is_file():
+        hint = (f"; it is created by `python -m gpart_ds.assets {cfg.prepare}`" if cfg.prepare
+                else "; point model.path at a local Hugging Face model folder")
+        raise ConfigError(f"{where('model.path')}: no Hugging Face model at {str(mp)!r} "
+                          f"(missing config.json){hint}")
+    for key in ("train", "eval"):
+        p = Path(cfg.data[key])
+        if not p.is_file():
+            raise ConfigError(f"{where('data.' + key)}: data file {str(p)!r} not found")
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)

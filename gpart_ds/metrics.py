@@ -1,0 +1,42 @@
+"""Run metrics: peak memory, a JSON-lines log, and the rank-0 console line."""
+from __future__ import annotations
+
+import json
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+
+def peak_memory_gb() -> dict[str, float]:
+    """Peak host RSS of this process and, on GPU, peak allocated device memory."""
+    out = {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    if torch.cuda.is_available():
+        out["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
+class MetricsLog:
+    """Appends one JSON object per line; earlier runs in the same file are kept."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = open(path, "a", buffering=1)
+            self.write({"event": "start", "time": time.time()})
+
+    def write(self, record: dict) -> None:
+        if self.path is not None:
+            self._fh.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        if self.path is not None:
+            self._fh.close()
+
+
+def format_step(rec: dict, max_steps: int) -> str:
+    mem = rec.get("peak_gpu_gb", rec.get("peak_rss_gb", 0.0))
+    return (f"step {rec['step']}/{max_steps}  loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  "
+            f"{rec['step_time_s']:.2f}s/step  {rec['tokens_per_s']:.0f} tok/s  peak {mem:.2f} GB")

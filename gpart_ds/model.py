@@ -1,0 +1,72 @@
+"""Hugging Face causal LMs: a weightless skeleton for checks, and the (sharded) load."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from .config import ConfigError, where_for
+from .transform import ALL_LINEAR, build_layout, linear_module_names
+
+
+def training_dtype(precision: str, device_type: str) -> torch.dtype:
+    if precision == "fp32":
+        return torch.float32
+    if precision == "bf16":
+        return torch.bfloat16
+    # auto: bf16 where the accelerator computes it natively, fp32 on CPU (bf16 works
+    # there but is slower than fp32 for matmuls on most CPUs).
+    if device_type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def skeleton(model_path: str):
+    """The model built on the meta device: names and shapes, no memory, no weights read."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf_cfg = AutoConfig.from_pretrained(model_path)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(hf_cfg)
+
+
+def check_targets(cfg: DictConfig):
+    """target_modules must match something and d must not exceed D; returns the layout."""
+    where = where_for(cfg)
+    tm = cfg.method.target_modules
+    patterns = tm if isinstance(tm, str) else list(tm)
+    model = skeleton(cfg.model.path)
+    layout = build_layout(model, patterns)
+    if not layout.targets:
+        raise ConfigError(f"{where('method.target_modules')}: {patterns!r} matches no linear "
+                          f"layer inside the decoder blocks of {cfg.model.path}; available: "
+                          f"{linear_module_names(model)} or {ALL_LINEAR!r}")
+    if cfg.method.d > layout.D:
+        raise ConfigError(f"{where('method.d')}: d={cfg.method.d} exceeds D={layout.D}, the "
+                          f"number of target weights ({len(layout.targets)} matrices)")
+    return layout
+
+
+def load_model(model_path: str, dtype: torch.dtype, ds_config: dict | None):
+    """Load the causal LM; under ZeRO-3 it is built inside zero.Init and loaded sharded.
+
+    Returns (model, keepalive): keep `keepalive` (the HfDeepSpeedConfig) referenced for
+    as long as the model lives, transformers reads it through a weak reference.
+    """
+    from transformers import AutoModelForCausalLM
+
+    keepalive = None
+    stage = (ds_config or {}).get("zero_optimization", {}).get("stage", 0)
+    if stage == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        keepalive = HfDeepSpeedConfig(ds_config)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+    model.config.use_cache = False
+    return model, keepalive
+
+
+def model_name(model_path: str) -> str:
+    p = Path(model_path)
+    return p.name if p.exists() else model_path

@@ -1,0 +1,51 @@
+#!/usr/bin/env python
+"""Train a GPart adapter.
+
+    deepspeed --num_gpus 2 launch/train.py --config configs/tiny.yaml [key.sub=value ...]
+    python launch/train.py --config tiny train.max_steps=5      # one process
+
+Without a GPU DeepSpeed runs on CPU ranks with gloo (DS_ACCELERATOR=cpu is set here).
+"""
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, help="YAML file, or a name in configs/")
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                    help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    ap.add_argument("overrides", nargs="*", help="key.sub=value")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    import warnings
+
+    import torch
+
+    # DeepSpeed 0.19 calls collectives that torch 2.13 marks deprecated, once per step.
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+`? is deprecated", category=FutureWarning)
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from gpart_ds.config import ConfigError, load_config
+    from gpart_ds.data import DataError
+    from gpart_ds.trainer import main as train
+
+    try:
+        cfg = load_config(args.config, args.overrides, check_files=False)
+        train(cfg)
+    except (ConfigError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

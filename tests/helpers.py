@@ -1,0 +1,35 @@
+"""Helpers shared by the tests: start real multi-rank runs with the deepspeed launcher."""
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deepspeed_launcher() -> str:
+    exe = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or shutil.which("deepspeed")
+    if exe is None:
+        raise RuntimeError("the deepspeed launcher is not installed (pip install deepspeed)")
+    return exe
+
+
+def run_deepspeed(n: int, script: str, *args: str, timeout: float = 900, check: bool = True,
+                  env: dict | None = None) -> subprocess.CompletedProcess:
+    """`deepspeed --num_gpus n script args` on CPU ranks (gloo), from the repo root."""
+    full_env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"),
+                    PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
+    cmd = [deepspeed_launcher(), "--num_gpus", str(n), "--master_port", str(free_port()), script, *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n"
+                             f"{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}")
+    return proc
