@@ -62,6 +62,9 @@ class Trainer:
             assets.ensure(cfg.prepare)
         check_paths(cfg)
         self.layout = check_targets(cfg)  # before any weight is read
+        # Read (and so validate) the data before any process group exists: a bad line
+        # fails every rank at once instead of leaving peers waiting on a collective.
+        self.records = {k: data.read_jsonl(cfg.data[k]) for k in ("train", "eval")}
         self.rank, self.local_rank, self.world = distributed.init(cfg.dist.backend, cfg.dist.timeout_minutes)
         _configure_logging(self.rank)
         self.device = distributed.device()
@@ -88,8 +91,8 @@ class Trainer:
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.tokenizer.eos_token_id
-        self.train_set = data.tokenize(data.read_jsonl(cfg.data.train), self.tokenizer, cfg.data.max_length)
-        self.eval_set = data.tokenize(data.read_jsonl(cfg.data.eval), self.tokenizer, cfg.data.max_length)
+        self.train_set = data.tokenize(self.records["train"], self.tokenizer, cfg.data.max_length)
+        self.eval_set = data.tokenize(self.records["eval"], self.tokenizer, cfg.data.max_length)
         t = cfg.train
         self.order = data.GlobalBatchOrder(len(self.train_set), t.micro_batch_size, t.grad_accum,
                                            self.world, t.seed)

@@ -19,7 +19,7 @@ from torch import nn
 
 from . import partition
 from .kernels import get_kernels
-from .ops import LayerSpec, OpConfig, gpart_linear
+from .ops import LayerSpec, OpConfig, effective_rows, gpart_linear
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +196,14 @@ class GPartModel(nn.Module):
     def adapted_modules(self):
         mods = dict(self.base_model.named_modules())
         return [(t, mods[t.name]) for t in self.layout.targets]
+
+    @torch.no_grad()
+    def effective_weight(self, name: str) -> torch.Tensor:
+        """W0 + delta of one target (full weight; plain, non-partitioned modules only)."""
+        mod = dict(self.base_model.named_modules())[name]
+        spec = mod.gpart_spec
+        return effective_rows(mod.weight, self.scaled_theta(), spec, self.gpart_ctx.op,
+                              0, spec.out_features)
 
 
 def apply_gpart(model: nn.Module, d: int, seed: int, target_modules=ALL_LINEAR,

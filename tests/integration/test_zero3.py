@@ -13,20 +13,30 @@ COMMON = [f"train.max_steps={STEPS}", "train.micro_batch_size=4", "train.eval_ba
           "train.log_every=100", "train.warmup_ratio=0", "train.lr=0.02"]
 
 
+# name: (ranks, overrides). "two" and "one" see the same global batch (4 x 1 x 2 and
+# 4 x 2 x 1) through different code paths (compiled vs eager kernels, activation
+# checkpointing on one side): their theta must agree. "bf16" is the large-model setting.
+RUNS = {
+    "two": (2, ["train.grad_accum=1", "method.kernel=compiled"]),
+    "one": (1, ["train.grad_accum=2", "method.kernel=eager", "model.gradient_checkpointing=true"]),
+    "bf16": (2, ["train.grad_accum=1", "method.kernel=compiled", "model.precision=bf16",
+                 "model.gradient_checkpointing=true", "method.dropout=0.05"]),
+}
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_assets):
-    """2 ranks x accum 1 (compiled kernels) and 1 rank x accum 2 (eager): same global batch."""
     results = {}
-    for name, n, accum, kernel in (("two", 2, 1, "compiled"), ("one", 1, 2, "eager")):
+    for name, (n, overrides) in RUNS.items():
         out = tmp_path_factory.mktemp(name)
-        run_deepspeed(n, WORKER, str(out), *COMMON, f"train.grad_accum={accum}",
-                      f"method.kernel={kernel}", f"output_dir={out / 'run'}")
+        run_deepspeed(n, WORKER, str(out), *COMMON, *overrides, f"output_dir={out / 'run'}")
         results[name] = (out, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(n)])
     return results
 
 
-def test_theta_identical_on_both_ranks(runs):
-    _, (r0, r1) = runs["two"]
+@pytest.mark.parametrize("name", ["two", "bf16"])
+def test_theta_identical_on_both_ranks(runs, name):
+    _, (r0, r1) = runs[name]
     assert r0["world"] == r1["world"] == 2
     assert r0["theta"].abs().sum() > 0, "theta did not move"
     assert torch.equal(r0["theta"], r1["theta"])
@@ -51,7 +61,7 @@ def test_base_weights_are_sharded_and_frozen(runs):
 
 
 def test_frozen_shards_bit_identical_before_and_after_and_equal_to_checkpoint(runs):
-    for name in ("two", "one"):
+    for name in RUNS:
         for r in runs[name][1]:
             changed = [n for n, ok in r["unchanged"].items() if not ok]
             wrong = [n for n, ok in r["file_ok"].items() if not ok]
@@ -72,6 +82,7 @@ def test_saved_adapter_round_trips(runs):
     assert config["layout"][0][0] == "model.layers.0.self_attn.q_proj"
 
 
-def test_training_lowered_eval_loss(runs):
-    s = runs["two"][1][0]["summary"]
+@pytest.mark.parametrize("name", list(RUNS))
+def test_training_lowered_eval_loss(runs, name):
+    s = runs[name][1][0]["summary"]
     assert s["eval_loss_after"] < s["eval_loss_before"] - 0.05

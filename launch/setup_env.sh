@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Create .venv and install gpart_ds with everything it needs. Idempotent and quick when
+# nothing changed. torch is pinned to the 2.13.0 CPU build on machines without an NVIDIA
+# GPU (any other torch spec downloads a multi-GB CUDA build there).
+#   bash launch/setup_env.sh            # prints the venv's python path on the last line
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${GPART_VENV:-.venv}
+PY=${PYTHON:-python3}
+
+if ! command -v g++ >/dev/null 2>&1; then
+  # DeepSpeed JIT-builds its CPU comm op and torch.compile emits C++: both need g++.
+  echo "setup: installing g++" >&2
+  apt-get update -qq && apt-get install -y -qq g++ >/dev/null
+fi
+
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+stamp="$VENV/.gpart_ds-installed"
+want="$(cat pyproject.toml launch/setup_env.sh | sha256sum | cut -d' ' -f1)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  echo "$VENV/bin/python"; exit 0
+fi
+
+"$VENV/bin/python" -m pip install -q --upgrade pip >&2
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  "$VENV/bin/python" -m pip install -q torch >&2
+else
+  "$VENV/bin/python" -m pip install -q torch==2.13.0 >&2
+fi
+"$VENV/bin/python" -m pip install -q -e ".[dev]" >&2
+echo "$want" > "$stamp"
+echo "$VENV/bin/python"

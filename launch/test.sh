@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Install what the tests need, then run the whole suite (CPU only; multi-rank tests use
+# DeepSpeed on gloo). Extra arguments go to pytest, e.g. `bash launch/test.sh -k zero3`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYBIN=$(bash launch/setup_env.sh | tail -n 1)
+export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
+exec "$PYBIN" -m pytest "$@"

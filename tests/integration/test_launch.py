@@ -1,0 +1,50 @@
+"""The user-facing entry point: `deepspeed launch/train.py --config ...` end to end."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import REPO, run_deepspeed
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+
+def test_deepspeed_launch_tiny_config_trains_and_writes_adapter_and_metrics(tmp_path, tiny_assets):
+    out = tmp_path / "run"
+    proc = run_deepspeed(2, "launch/train.py", "--config", "configs/tiny.yaml",
+                         f"output_dir={out}", "train.max_steps=8", "train.log_every=4")
+    assert "step 8/8" in proc.stdout + proc.stderr
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    assert (out / "run_config.yaml").is_file()
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in recs if "step" in r and "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 9))
+    for r in steps:
+        assert r["loss"] > 0 and r["lr"] > 0 and r["tokens_per_s"] > 0 and r["peak_rss_gb"] > 0
+    summary = recs[-1]
+    assert summary["event"] == "summary" and summary["world"] == 2
+    assert summary["eval_loss_after"] < summary["eval_loss_before"]
+    # no partial folders left behind by the atomic write
+    assert not [p.name for p in out.iterdir() if ".tmp-" in p.name]
+
+
+def _train_py(*args):
+    return subprocess.run([sys.executable, "launch/train.py", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_bad_config_fails_fast_with_exit_code_2_and_names_the_key(tmp_path, tiny_assets):
+    proc = _train_py("--config", "tiny", "method.d=0", f"output_dir={tmp_path}")
+    assert proc.returncode == 2
+    assert "command-line override 'method.d'" in proc.stderr and "d must be >= 1" in proc.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_bad_data_names_file_and_line(tmp_path, tiny_assets):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n')
+    proc = _train_py("--config", "tiny", f"data.train={bad}", f"output_dir={tmp_path / 'o'}")
+    assert proc.returncode == 2
+    assert f"{bad}:2: missing key 'completion'" in proc.stderr
