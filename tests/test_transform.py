@@ -118,3 +118,26 @@ def test_dropout_is_active_in_train_mode_only():
     torch.manual_seed(1)
     e = g(input_ids=ids).logits
     assert not torch.equal(c, e) and not torch.equal(c, a)
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+def test_other_decoder_families_adapt_all_linears_and_start_at_the_pretrained_model(arch):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(arch, vocab_size=50, hidden_size=16, intermediate_size=24,
+                               num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                               max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).double().eval()
+    ids = torch.randint(0, 50, (1, 6))
+    want = model(input_ids=ids).logits
+    g = apply_gpart(model, d=32, seed=3)
+    assert len(g.layout.targets) == 14
+    assert torch.equal(g(input_ids=ids).logits, want)
+    with torch.no_grad():
+        g.gpart_theta.fill_(0.01)
+    assert not torch.equal(g(input_ids=ids).logits, want)
+    if arch == "qwen2":  # q/k/v carry biases: they stay frozen and outside D
+        q = dict(g.base_model.named_modules())["model.layers.0.self_attn.q_proj"]
+        assert q.bias is not None and not q.bias.requires_grad
+        assert g.layout.D == 2 * (256 + 128 + 128 + 256 + 3 * 384)
