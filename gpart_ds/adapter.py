@@ -108,3 +108,29 @@ def load_adapter(adapter_dir: str | Path) -> tuple[torch.Tensor, dict]:
         got = None if theta is None else tuple(theta.shape)
         raise AdapterError(f"{w_path}: expected tensor {THETA_KEY!r} of shape ({config['d']},), got {got}")
     return theta, config
+
+
+def attach_adapter(model, adapter_dir: str | Path, kernel_mode: str = "eager"):
+    """Apply a saved adapter to a plain (non-sharded) model: returns the GPartModel.
+
+    The canonical layout recorded in the adapter must match the model's, or the seed
+    would scatter theta over the wrong weights.
+    """
+    from .transform import apply_gpart, build_layout
+
+    theta, cfg = load_adapter(adapter_dir)
+    tm = cfg["target_modules"]
+    layout = build_layout(model, tm).to_json()
+    if layout != cfg["layout"]:
+        first = next((i for i, (a, b) in enumerate(zip(layout, cfg["layout"])) if a != b),
+                     min(len(layout), len(cfg["layout"])))
+        raise AdapterError(f"{Path(adapter_dir) / CONFIG_NAME}: its layout does not match this model "
+                           f"(first difference at target {first}: adapter "
+                           f"{cfg['layout'][first] if first < len(cfg['layout']) else None} vs model "
+                           f"{layout[first] if first < len(layout) else None}); "
+                           f"was it trained on {cfg.get('base_model', {}).get('name')!r}?")
+    g = apply_gpart(model, d=cfg["d"], seed=cfg["seed"], target_modules=tm,
+                    dropout=cfg.get("dropout", 0.0), kernel_mode=kernel_mode)
+    with torch.no_grad():
+        g.gpart_theta.copy_(theta)
+    return g

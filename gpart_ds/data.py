@@ -1,37 +1,58 @@
-"""Prompt/completion data: read JSON lines, tokenise, batch in a rank-independent order.
+"""Training data: read records, tokenise once into a shared cache, batch in a global order.
 
-Records are {"prompt": str, "completion": str}; the loss covers the completion tokens
-(and the EOS that ends them) only. Malformed input is reported with file and line.
+Files: JSON lines (.jsonl / .json), CSV (.csv) or Parquet (.parquet), read with
+`datasets` (JSON lines are also parsed line by line first so that errors name the line).
+Record formats:
+    prompt_completion  {"prompt", "completion"}: loss on the completion (+ EOS) only
+    chat               {"messages": [{"role", "content"}, ...]}: rendered with the
+                       tokenizer's chat template, loss on assistant turns only
+    text               {"text"}: causal LM loss on every token
+Records may carry "choices" (a list of strings containing the completion) for
+accuracy scoring, see gpart_ds.evaluate.
 
-Batch order is global and deterministic: each epoch is a seeded permutation of the
-records; step s consumes the s-th block of micro_batch * grad_accum * world records,
-and micro-batch m of that block (m = accum_index * world + rank) goes to one rank. The
-same global batch therefore yields the same gradient on 1 rank or on many.
+Tokenised examples are stored once per (file, tokenizer, settings) with
+`datasets.save_to_disk`, built under a file lock by whichever process gets there first
+and renamed into place: other ranks wait on the lock, before any process group exists,
+then memory-map the same files. Nobody tokenises while peers sit in a collective.
+
+Batch order is global and deterministic: each epoch is a seeded permutation; step s
+consumes the s-th block of micro_batch * grad_accum * world examples and micro-batch
+m = accum_index * world + rank of it goes to one rank, so the same global batch gives
+the same update on any number of ranks.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 IGNORE_INDEX = -100
+FORMATS = ("auto", "prompt_completion", "chat", "text")
+_CACHE_VERSION = 1
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                    "special_tokens_map.json", "chat_template.jinja", "chat_template.json")
 
 
 class DataError(ValueError):
-    """Bad input data: names the file and line."""
+    """Bad input data: names the file and the line (or row)."""
 
 
 @dataclass
 class Example:
     input_ids: list[int]
     labels: list[int]
+    position_ids: list[int] | None = None   # set for packed sequences
 
 
-def read_jsonl(path: str | Path, required=("prompt", "completion")) -> list[dict]:
-    path = Path(path)
-    records = []
+# ------------------------------------------------------------------ reading
+def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
+    out = []
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
@@ -42,48 +63,279 @@ def read_jsonl(path: str | Path, required=("prompt", "completion")) -> list[dict
                 raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
             if not isinstance(rec, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-            for key in required:
-                if key not in rec:
-                    raise DataError(f"{path}:{lineno}: missing key {key!r} (has {sorted(rec)})")
-                if not isinstance(rec[key], str):
-                    raise DataError(f"{path}:{lineno}: {key!r} must be a string, "
-                                    f"got {type(rec[key]).__name__}")
-            records.append(rec)
-    if not records:
-        raise DataError(f"{path}: no records (empty file)")
-    return records
-
-
-def tokenize(records: list[dict], tokenizer, max_length: int) -> list[Example]:
-    """prompt tokens (with the tokenizer's BOS) + completion tokens + EOS, truncated."""
-    eos = tokenizer.eos_token_id
-    out = []
-    for rec in records:
-        p = tokenizer(rec["prompt"], add_special_tokens=True)["input_ids"]
-        c = tokenizer(rec["completion"], add_special_tokens=False)["input_ids"]
-        if eos is not None:
-            c = c + [eos]
-        ids = (p + c)[:max_length]
-        labels = ([IGNORE_INDEX] * len(p) + c)[:max_length]
-        out.append(Example(ids, labels))
+            out.append((f"{path}:{lineno}", rec))
     return out
 
 
+def _read_table(path: Path, kind: str) -> list[tuple[str, dict]]:
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+    except Exception as exc:  # datasets raises many types for unreadable files
+        raise DataError(f"{path}: cannot read as {kind} ({type(exc).__name__}: {exc})") from None
+    # CSV: the header is line 1, so row i (0-based) is on line i + 2 for one-line rows.
+    first = 2 if kind == "csv" else 0
+    label = "line" if kind == "csv" else "row"
+    return [(f"{path} {label} {i + first}", rec) for i, rec in enumerate(ds)]
+
+
+def read_records(path: str | Path) -> list[tuple[str, dict]]:
+    """[(location, record)] from a .jsonl/.json, .csv or .parquet file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found")
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        recs = _read_jsonl(path)
+    elif suffix == ".csv":
+        recs = _read_table(path, "csv")
+    elif suffix == ".parquet":
+        recs = _read_table(path, "parquet")
+    else:
+        raise DataError(f"{path}: unknown data file type {suffix!r} (use .jsonl, .json, .csv or .parquet)")
+    if not recs:
+        raise DataError(f"{path}: no records (empty file)")
+    return recs
+
+
+def detect_format(records: list[tuple[str, dict]], path) -> str:
+    keys = set(records[0][1])
+    if "messages" in keys:
+        return "chat"
+    if {"prompt", "completion"} <= keys:
+        return "prompt_completion"
+    if "text" in keys:
+        return "text"
+    raise DataError(f"{records[0][0]}: cannot tell the record format from keys {sorted(keys)}; "
+                    "expected prompt+completion, messages, or text (or set data.format)")
+
+
+def _need_str(where: str, rec: dict, key: str) -> None:
+    if key not in rec:
+        raise DataError(f"{where}: missing key {key!r} (has {sorted(rec)})")
+    if not isinstance(rec[key], str):
+        raise DataError(f"{where}: {key!r} must be a string, got {type(rec[key]).__name__}")
+
+
+def validate(records: list[tuple[str, dict]], fmt: str) -> None:
+    for where, rec in records:
+        if fmt == "prompt_completion":
+            _need_str(where, rec, "prompt")
+            _need_str(where, rec, "completion")
+        elif fmt == "text":
+            _need_str(where, rec, "text")
+        elif fmt == "chat":
+            msgs = rec.get("messages")
+            if not isinstance(msgs, list) or not msgs:
+                raise DataError(f"{where}: 'messages' must be a non-empty list")
+            for i, m in enumerate(msgs):
+                if not (isinstance(m, dict) and isinstance(m.get("role"), str)
+                        and isinstance(m.get("content"), str)):
+                    raise DataError(f"{where}: messages[{i}] must be {{'role': str, 'content': str}}")
+            if not any(m["role"] == "assistant" for m in msgs):
+                raise DataError(f"{where}: no assistant message, nothing to learn from")
+        choices = rec.get("choices")
+        if choices is not None:
+            if not (isinstance(choices, list) and len(choices) >= 2 and all(isinstance(c, str) for c in choices)):
+                raise DataError(f"{where}: 'choices' must be a list of at least two strings")
+            if rec.get("completion") not in choices:
+                raise DataError(f"{where}: 'completion' must be one of 'choices'")
+
+
+def load(path: str | Path, fmt: str = "auto") -> tuple[list[tuple[str, dict]], str]:
+    """Read and validate a data file; returns (records, resolved format)."""
+    if fmt not in FORMATS:
+        raise DataError(f"unknown data format {fmt!r}; one of {FORMATS}")
+    records = read_records(path)
+    fmt = detect_format(records, path) if fmt == "auto" else fmt
+    validate(records, fmt)
+    return records, fmt
+
+
+# ------------------------------------------------------------------ tokenising
+def prompt_ids(tokenizer, prompt: str, chat_template: bool) -> list[int]:
+    """Token ids of a prompt as training sees them (shared with evaluation)."""
+    if chat_template:
+        return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                  add_generation_prompt=True, tokenize=True,
+                                                  return_dict=False))
+    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+
+def _render(tokenizer, messages, generation_prompt=False) -> list[int]:
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt,
+                                              tokenize=True, return_dict=False))
+
+
+def _chat_example(tokenizer, where: str, messages: list[dict]) -> Example:
+    ids = _render(tokenizer, messages)
+    labels = [IGNORE_INDEX] * len(ids)
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = len(_render(tokenizer, messages[:i], generation_prompt=True)) if i else 0
+        upto = _render(tokenizer, messages[: i + 1])
+        if ids[: len(upto)] != upto:
+            raise DataError(f"{where}: the tokenizer's chat template is not prefix-stable "
+                            "(rendering a conversation changes its earlier turns), so "
+                            "assistant turns cannot be located; use prompt/completion records")
+        labels[start: len(upto)] = ids[start: len(upto)]
+    return Example(ids, labels)
+
+
+def tokenize_record(rec: dict, fmt: str, tokenizer, max_length: int, chat_template: bool = False,
+                    where: str = "?") -> Example:
+    eos = tokenizer.eos_token_id
+    if fmt == "prompt_completion":
+        p = prompt_ids(tokenizer, rec["prompt"], chat_template)
+        c = tokenizer(rec["completion"], add_special_tokens=False)["input_ids"]
+        if eos is not None:
+            c = c + [eos]
+        ex = Example(p + c, [IGNORE_INDEX] * len(p) + c)
+    elif fmt == "chat":
+        ex = _chat_example(tokenizer, where, rec["messages"])
+    else:
+        ids = tokenizer(rec["text"], add_special_tokens=True)["input_ids"]
+        if eos is not None and (not ids or ids[-1] != eos):
+            ids = ids + [eos]
+        ex = Example(ids, list(ids))
+    # The first token is never predicted (nothing precedes it): keep it out of the loss
+    # so that a packed sequence never predicts one example from the previous one.
+    ex.labels[0] = IGNORE_INDEX
+    ex.input_ids, ex.labels = ex.input_ids[:max_length], ex.labels[:max_length]
+    return ex
+
+
+def pack(examples: list[Example], max_length: int) -> list[Example]:
+    """Greedily concatenate examples (in order) into sequences of at most max_length.
+
+    position_ids restart at 0 for each example: with no 2D attention mask, transformers
+    derives a block-diagonal causal mask from them, so examples never attend to each other.
+    """
+    packed, cur = [], Example([], [], [])
+    for ex in examples:
+        if cur.input_ids and len(cur.input_ids) + len(ex.input_ids) > max_length:
+            packed.append(cur)
+            cur = Example([], [], [])
+        cur.input_ids += ex.input_ids
+        cur.labels += ex.labels
+        cur.position_ids += list(range(len(ex.input_ids)))
+    if cur.input_ids:
+        packed.append(cur)
+    return packed
+
+
+# ------------------------------------------------------------------ cache
+def _file_digest(h, path: Path) -> None:
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+
+
+def cache_key(path, tokenizer_dir, fmt, max_length, packing, chat_template) -> str:
+    h = hashlib.sha256()
+    _file_digest(h, Path(path))
+    for name in _TOKENIZER_FILES:
+        p = Path(tokenizer_dir) / name
+        if p.is_file():
+            h.update(name.encode())
+            _file_digest(h, p)
+    h.update(json.dumps([_CACHE_VERSION, fmt, max_length, bool(packing), bool(chat_template)]).encode())
+    return h.hexdigest()[:24]
+
+
+class TokenizedSet:
+    """Tokenised examples backed by a memory-mapped Arrow dataset."""
+
+    def __init__(self, ds):
+        self.ds = ds
+        self.packed = "position_ids" in ds.column_names
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> Example:
+        row = self.ds[int(i)]
+        return Example(row["input_ids"], row["labels"], row.get("position_ids"))
+
+    def num_tokens(self) -> int:
+        return sum(len(x) for x in self.ds["input_ids"])
+
+
+def tokenized(path, tokenizer, tokenizer_dir, *, fmt="auto", max_length=512, packing=False,
+              chat_template=False, cache_dir=".cache/tokenized") -> TokenizedSet:
+    """Tokenise `path` once (cached, shared by every rank on the file system) and load it."""
+    import datasets
+
+    from .assets import file_lock
+
+    datasets.disable_progress_bars()
+    key = cache_key(path, tokenizer_dir, fmt, max_length, packing, chat_template)
+    final = Path(cache_dir) / f"{Path(path).stem}-{key}"
+    if not (final / ".complete").exists():
+        with file_lock(Path(cache_dir) / f".{final.name}.lock"):
+            if not (final / ".complete").exists():
+                records, resolved = load(path, fmt)
+                exs = [tokenize_record(r, resolved, tokenizer, max_length, chat_template, where)
+                       for where, r in records]
+                if packing:
+                    exs = pack(exs, max_length)
+                cols = {"input_ids": [e.input_ids for e in exs], "labels": [e.labels for e in exs]}
+                if packing:
+                    cols["position_ids"] = [e.position_ids for e in exs]
+                tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+                try:
+                    datasets.Dataset.from_dict(cols).save_to_disk(str(tmp / "data"))
+                    (tmp / "meta.json").write_text(json.dumps(
+                        {"source": str(Path(path).resolve()), "format": resolved, "max_length": max_length,
+                         "packing": packing, "chat_template": chat_template, "examples": len(exs)}))
+                    (tmp / ".complete").write_text("ok\n")
+                    os.chmod(tmp, 0o755)
+                    if final.exists():
+                        shutil.rmtree(final)
+                    os.replace(tmp, final)
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)
+    return TokenizedSet(datasets.load_from_disk(str(final / "data")))
+
+
+# ------------------------------------------------------------------ batching
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example; padding is masked and carries no loss."""
+    """Right-pad to the longest example; padding is masked and carries no loss.
+
+    Packed examples get position_ids and no attention mask (the block-diagonal mask is
+    derived from position_ids); their padding is a separate block that nothing attends to.
+    """
     n = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), n), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(examples), n), dtype=torch.long)
+    packed = examples[0].position_ids is not None
+    extra = torch.zeros((len(examples), n), dtype=torch.long)
     for i, e in enumerate(examples):
-        ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
-        labels[i, : len(e.labels)] = torch.tensor(e.labels)
-        mask[i, : len(e.input_ids)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        k = len(e.input_ids)
+        ids[i, :k] = torch.tensor(e.input_ids)
+        labels[i, :k] = torch.tensor(e.labels)
+        if packed:
+            extra[i, :k] = torch.tensor(e.position_ids)
+            extra[i, k:] = torch.arange(n - k)
+        else:
+            extra[i, :k] = 1
+    if packed:
+        return {"input_ids": ids, "position_ids": extra, "labels": labels}
+    return {"input_ids": ids, "attention_mask": extra, "labels": labels}
+
+
+def count_tokens(batch: dict) -> int:
+    """Real (non-padding) tokens in a collated batch."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return int((batch["labels"] != IGNORE_INDEX).sum())
 
 
 class GlobalBatchOrder:
-    """Which records form micro-batch (step, accum_index) on a rank. Stateless."""
+    """Which examples form micro-batch (step, accum_index) on a rank. Stateless."""
 
     def __init__(self, n_records: int, micro_batch: int, grad_accum: int, world: int, seed: int):
         self.n, self.mb, self.accum, self.world, self.seed = n_records, micro_batch, grad_accum, world, seed
@@ -111,10 +363,10 @@ class GlobalBatchOrder:
         return step * self.global_batch / self.n
 
 
-def eval_batches(n_examples: int, micro_batch: int, world: int, rank: int):
+def shard_evenly(n_items: int, batch: int, world: int, rank: int):
     """Index lists for this rank; every rank gets the same number of batches (ZeRO-3 needs
     all ranks in every forward), ranks past the end get an empty list (weight 0)."""
-    per_round = micro_batch * world
-    for r in range(-(-n_examples // per_round)):
-        start = r * per_round + rank * micro_batch
-        yield list(range(start, min(start + micro_batch, n_examples)))
+    per_round = batch * world
+    for r in range(-(-n_items // per_round)):
+        start = r * per_round + rank * batch
+        yield list(range(start, min(start + batch, n_items)))

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from . import adapter as adapter_io
-from . import assets, data, distributed, zero3
+from . import assets, data, distributed, evaluate, zero3
 from .config import check_paths, to_yaml
 from .metrics import MetricsLog, format_step, peak_memory_gb
 from .model import check_targets, load_model, model_name, training_dtype
@@ -58,13 +58,14 @@ class Trainer:
     # ---------------------------------------------------------------- set-up
     def setup(self) -> None:
         cfg = self.cfg
-        if cfg.prepare:
-            assets.ensure(cfg.prepare)
+        for recipe in cfg.prepare:
+            assets.ensure(recipe)
         check_paths(cfg)
         self.layout = check_targets(cfg)  # before any weight is read
-        # Read (and so validate) the data before any process group exists: a bad line
-        # fails every rank at once instead of leaving peers waiting on a collective.
-        self.records = {k: data.read_jsonl(cfg.data[k]) for k in ("train", "eval")}
+        # Read, validate and tokenise the data before any process group exists: a bad
+        # line fails every rank at once, and ranks that wait for the shared tokenised
+        # cache wait on a file lock, not inside a collective with a timeout.
+        self._load_data()
         self.rank, self.local_rank, self.world = distributed.init(cfg.dist.backend, cfg.dist.timeout_minutes)
         _configure_logging(self.rank)
         self.device = distributed.device()
@@ -77,9 +78,10 @@ class Trainer:
 
         t = cfg.train
         self.ds_config = zero3.engine_config(
-            OmegaConf.to_container(cfg.deepspeed, resolve=True), micro_batch=t.micro_batch_size, grad_accum=t.grad_accum,
-            world=self.world, max_grad_norm=t.max_grad_norm, dtype=self.dtype)
-        self._load_data()
+            OmegaConf.to_container(cfg.deepspeed, resolve=True), micro_batch=t.micro_batch_size,
+            grad_accum=t.grad_accum, world=self.world, max_grad_norm=t.max_grad_norm, dtype=self.dtype)
+        self.order = data.GlobalBatchOrder(len(self.train_set), t.micro_batch_size, t.grad_accum,
+                                           self.world, t.seed)
         self._build_model()
         self._build_engine()
         self.metrics = MetricsLog(self.out / "metrics.jsonl" if self.rank == 0 else None)
@@ -87,15 +89,16 @@ class Trainer:
     def _load_data(self) -> None:
         from transformers import AutoTokenizer
 
-        cfg = self.cfg
+        cfg, d = self.cfg, self.cfg.data
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.tokenizer.eos_token_id
-        self.train_set = data.tokenize(self.records["train"], self.tokenizer, cfg.data.max_length)
-        self.eval_set = data.tokenize(self.records["eval"], self.tokenizer, cfg.data.max_length)
-        t = cfg.train
-        self.order = data.GlobalBatchOrder(len(self.train_set), t.micro_batch_size, t.grad_accum,
-                                           self.world, t.seed)
+        common = dict(fmt=d.format, max_length=d.max_length, chat_template=d.chat_template,
+                      cache_dir=d.cache_dir)
+        self.train_set = data.tokenized(d.train, self.tokenizer, cfg.model.path, packing=d.packing, **common)
+        self.eval_set = data.tokenized(d.eval, self.tokenizer, cfg.model.path, packing=False, **common)
+        eval_records, _ = data.load(d.eval, d.format)
+        self.choice_items = evaluate.choice_items(eval_records, self.tokenizer, d.chat_template)
 
     def _build_model(self) -> None:
         cfg, m = self.cfg, self.cfg.method
@@ -155,7 +158,7 @@ class Trainer:
             self.engine.backward(loss)
             self.engine.step()
             loss_sum += loss.item()
-            tokens += int(batch["attention_mask"].sum())
+            tokens += data.count_tokens(batch)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
@@ -165,25 +168,39 @@ class Trainer:
                 "step_time_s": dt, "tokens": int(tok_total), "tokens_per_s": tok_total / dt,
                 "epoch": self.order.epoch_of(step + 1)}
 
+    def _eval_limit(self, n: int) -> int:
+        limit = self.cfg.train.eval_examples  # the same subset whatever the world size
+        return min(n, limit) if limit else n
+
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean loss per completion token over the eval set (all ranks take part)."""
+    def evaluate(self) -> dict:
+        """Loss per predicted eval token and, for records with choices, accuracy.
+
+        Every rank takes part in every forward (ZeRO-3 gathers weights collectively);
+        ranks with nothing left run a dummy batch that is given weight 0.
+        """
         self.engine.eval()
+        mb = self.cfg.train.eval_micro_batch_size or self.cfg.train.micro_batch_size
         loss_sum, n_tok = 0.0, 0
-        mb = self.cfg.train.micro_batch_size
-        n = len(self.eval_set)
-        if self.cfg.train.eval_batches:  # the same subset whatever the world size
-            n = min(n, self.cfg.train.eval_batches * mb)
-        for idx in data.eval_batches(n, mb, self.world, self.rank):
-            weight = 1.0 if idx else 0.0
-            batch = self._batch(idx or [0], self.eval_set)  # ZeRO-3: every rank must forward
-            out = self.engine(**batch)
-            n = int((batch["labels"][:, 1:] != data.IGNORE_INDEX).sum())
-            loss_sum += weight * out.loss.item() * n
-            n_tok += int(weight * n)
+        for idx in data.shard_evenly(self._eval_limit(len(self.eval_set)), mb, self.world, self.rank):
+            s, n = evaluate.loss_sums(lambda **b: self.engine(**b).loss, self.eval_set, idx or [0],
+                                      self.pad_id, self.device)
+            if idx:
+                loss_sum, n_tok = loss_sum + s, n_tok + n
+        hits, scored = 0, 0
+        items = self.choice_items[: self._eval_limit(len(self.choice_items))]
+        for idx in data.shard_evenly(len(items), mb, self.world, self.rank):
+            chunk = [items[i] for i in (idx or [0])]
+            ok = evaluate.correct(evaluate.score_items(lambda **b: self.engine(**b).logits, chunk,
+                                                       self.pad_id, self.device), chunk)
+            if idx:
+                hits, scored = hits + sum(ok), scored + len(ok)
         self.engine.train()
-        total, count = self._all_sum([loss_sum, n_tok])
-        return total / max(1.0, count)
+        loss_total, tok_total, hit_total, score_total = self._all_sum([loss_sum, n_tok, hits, scored])
+        out = {"eval_loss": loss_total / max(1.0, tok_total)}
+        if score_total:
+            out["accuracy"] = hit_total / score_total
+        return out
 
     def run(self) -> dict:
         if self.engine is None:
@@ -195,10 +212,11 @@ class Trainer:
 
             # disable=None: no bar when stdout is not a terminal (logs keep the step lines)
             bar = tqdm(total=t.max_steps, desc="gpart", dynamic_ncols=True, disable=None)
-        eval_loss0 = self.evaluate()
-        self.metrics.write({"event": "eval", "step": 0, "eval_loss": eval_loss0})
-        log.info("eval loss before training: %.4f", eval_loss0)
-        history, eval_loss, t_start = [], eval_loss0, time.perf_counter()
+        t_start = time.perf_counter()
+        before = self.evaluate()
+        self.metrics.write({"event": "eval", "step": 0, **before})
+        log.info("before training: %s", _fmt(before))
+        history = []
         for step in range(t.max_steps):
             rec = self.train_step(step)
             rec.update(peak_memory_gb())
@@ -210,12 +228,13 @@ class Trainer:
                 if (step + 1) % t.log_every == 0:
                     bar.write(format_step(rec, t.max_steps))
             if t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < t.max_steps:
-                eval_loss = self.evaluate()
-                self.metrics.write({"event": "eval", "step": step + 1, "eval_loss": eval_loss})
+                mid = self.evaluate()
+                self.metrics.write({"event": "eval", "step": step + 1, **mid})
+                log.info("step %d: %s", step + 1, _fmt(mid))
         if bar is not None:
             bar.close()
-        eval_loss = self.evaluate()
-        self.metrics.write({"event": "eval", "step": t.max_steps, "eval_loss": eval_loss})
+        after = self.evaluate()
+        self.metrics.write({"event": "eval", "step": t.max_steps, **after})
         wall = time.perf_counter() - t_start
         theta = self.theta()
         self.check_replicas(theta)
@@ -225,15 +244,18 @@ class Trainer:
             dist.barrier()
         mem = self._max_over_ranks(peak_memory_gb())
         steady = [r["step_time_s"] for r in history[1:]] or [history[-1]["step_time_s"]]
+        adapter_dir = self.out / "adapter"
         summary = {"event": "summary", "steps": t.max_steps, "world": self.world,
-                   "eval_loss_before": eval_loss0, "eval_loss_after": eval_loss,
-                   "final_loss": history[-1]["loss"], "train_wall_s": wall,
+                   "eval_loss_before": before["eval_loss"], "eval_loss_after": after["eval_loss"],
+                   "accuracy_before": before.get("accuracy"), "accuracy_after": after.get("accuracy"),
+                   "final_loss": history[-1]["loss"], "wall_s": wall,
                    "median_step_time_s": sorted(steady)[len(steady) // 2],
-                   "trainable_params": int(theta.numel()), **mem}
+                   "trainable_params": int(theta.numel()),
+                   "adapter_bytes": sum(f.stat().st_size for f in adapter_dir.iterdir()), **mem}
         self.metrics.write(summary)
         self.metrics.close()
-        log.info("done: eval loss %.4f -> %.4f, median step %.3fs, peak %s; adapter in %s",
-                 eval_loss0, eval_loss, summary["median_step_time_s"], mem, self.out / "adapter")
+        if self.rank == 0:
+            print(summary_table(summary, adapter_dir), flush=True)
         return summary
 
     # ---------------------------------------------------------------- outputs
@@ -270,6 +292,26 @@ class Trainer:
                         "path": str(Path(self.cfg.model.path).resolve()),
                         "architectures": list(getattr(self.gmodel.base_model.config, "architectures", None) or [])})
         return adapter_io.save_adapter(out_dir, theta, config)
+
+
+def _fmt(metrics: dict) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+
+
+def summary_table(s: dict, adapter_dir: Path) -> str:
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.1f}%"
+
+    rows = [("eval loss", f"{s['eval_loss_before']:.4f}", f"{s['eval_loss_after']:.4f}"),
+            ("accuracy", pct(s["accuracy_before"]), pct(s["accuracy_after"]))]
+    lines = ["", "| metric | before | after |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    lines += ["", f"trainable parameters: {s['trainable_params']:,}   "
+                  f"adapter on disk: {s['adapter_bytes'] / 1024:.1f} KiB ({adapter_dir})",
+              f"ranks: {s['world']}   steps: {s['steps']}   median step: {s['median_step_time_s']:.2f} s   "
+              f"wall time (eval + train): {s['wall_s'] / 60:.1f} min   "
+              f"peak memory per rank: {s.get('peak_gpu_gb', s['peak_rss_gb']):.2f} GB", ""]
+    return "\n".join(lines)
 
 
 def main(cfg: DictConfig) -> dict:

@@ -121,6 +121,7 @@ class GPartContext:
         self.op = op
         self.ts: torch.Tensor | None = None
         self.keep_seed: int | None = None
+        self.zero = False   # theta == 0 in a no-grad forward: delta is exactly 0
 
 
 class GPartLinear(nn.Linear):
@@ -138,6 +139,8 @@ class GPartLinear(nn.Linear):
         if ctx.ts is None:
             raise RuntimeError("GPartLinear called outside GPartModel.forward: call the "
                                "wrapping GPartModel so theta is gathered and scaled first")
+        if ctx.zero:  # the pretrained model itself: skip regenerating a delta of zeros
+            return nn.functional.linear(x, self.weight, self.bias)
         return gpart_linear(x, self.weight, self.bias, ctx.ts, self.gpart_spec, ctx.op, ctx.keep_seed)
 
 
@@ -178,6 +181,8 @@ class GPartModel(nn.Module):
 
     def _prepare(self):
         self.gpart_ctx.ts = self.scaled_theta()
+        # Evaluating an untrained adapter (theta = 0) costs exactly the base model.
+        self.gpart_ctx.zero = (not torch.is_grad_enabled()) and not bool(self.gpart_ctx.ts.any())
         p = self.gpart_ctx.op.dropout
         # A fresh dropout stream per forward, drawn from torch's RNG so that activation
         # checkpointing (which replays RNG state) regenerates the same mask.

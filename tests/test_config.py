@@ -123,7 +123,7 @@ def test_bare_config_name_is_found_in_configs():
 
 
 def test_shipped_configs_parse():
-    for name in ("tiny", "llama70b"):
+    for name in ("tiny", "llama70b", "smollm2_rt"):
         cfg = load_config(name, check_files=False)
         assert cfg.method.name == "gpart"
     big = load_config("llama70b", check_files=False)

@@ -27,19 +27,19 @@ def write(tmp_path, lines):
 def test_malformed_record_names_file_and_line(tmp_path, line, msg):
     p = write(tmp_path, ['{"prompt": "x", "completion": "y"}', "", line])
     with pytest.raises(data.DataError, match=rf"d\.jsonl:3: {msg}"):
-        data.read_jsonl(p)
+        data.load(p)
 
 
 def test_empty_file_is_an_error(tmp_path):
     p = tmp_path / "empty.jsonl"
     p.write_text("\n\n")
     with pytest.raises(data.DataError, match="empty.jsonl: no records"):
-        data.read_jsonl(p)
+        data.load(p)
 
 
 def test_loss_mask_covers_completion_and_eos_only(tok):
     rec = {"prompt": "Reverse: cat dog\nAnswer:", "completion": " dog cat"}
-    (ex,) = data.tokenize([rec], tok, max_length=64)
+    ex = data.tokenize_record(rec, "prompt_completion", tok, max_length=64)
     p = tok(rec["prompt"])["input_ids"]
     c = tok(rec["completion"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     assert ex.input_ids == p + c
@@ -48,7 +48,7 @@ def test_loss_mask_covers_completion_and_eos_only(tok):
 
 def test_over_long_records_are_truncated(tok):
     rec = {"prompt": "Reverse: " + "cat " * 50, "completion": " dog" * 50}
-    (ex,) = data.tokenize([rec], tok, max_length=16)
+    ex = data.tokenize_record(rec, "prompt_completion", tok, max_length=16)
     assert len(ex.input_ids) == len(ex.labels) == 16
 
 
@@ -79,9 +79,173 @@ def test_every_record_seen_once_per_epoch():
     assert order.epoch_of(2) == 1.0
 
 
-def test_eval_batches_give_every_rank_the_same_count():
+def test_shard_evenly_gives_every_rank_the_same_count():
     n, mb, world = 10, 3, 3
-    per_rank = [list(data.eval_batches(n, mb, world, r)) for r in range(world)]
+    per_rank = [list(data.shard_evenly(n, mb, world, r)) for r in range(world)]
     assert len({len(b) for b in per_rank}) == 1
     flat = sorted(i for b in per_rank for idx in b for i in idx)
     assert flat == list(range(n))
+
+
+# ---------------------------------------------------------------- formats and files
+RECS = [{"prompt": f"Reverse: cat dog {i}\nAnswer:", "completion": " dog cat"} for i in range(5)]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
+def test_jsonl_csv_and_parquet_read_the_same_records(tmp_path, suffix):
+    import pandas as pd
+
+    p = tmp_path / f"d{suffix}"
+    if suffix == ".jsonl":
+        p.write_text("".join(json.dumps(r) + "\n" for r in RECS))
+    elif suffix == ".csv":
+        pd.DataFrame(RECS).to_csv(p, index=False)
+    else:
+        pd.DataFrame(RECS).to_parquet(p)
+    records, fmt = data.load(p)
+    assert fmt == "prompt_completion"
+    assert [r for _, r in records] == RECS
+
+
+def test_csv_row_errors_name_the_line(tmp_path):
+    p = tmp_path / "d.csv"
+    p.write_text("prompt,completion\nhello,world\nbye,\n")
+    with pytest.raises(data.DataError, match=r"d\.csv line 3: 'completion' must be a string, got NoneType"):
+        data.load(p)
+
+
+def test_unknown_file_type_and_format_are_errors(tmp_path):
+    p = tmp_path / "d.txt"
+    p.write_text("x")
+    with pytest.raises(data.DataError, match="unknown data file type '.txt'"):
+        data.load(p)
+    q = tmp_path / "d.jsonl"
+    q.write_text('{"question": "a"}\n')
+    with pytest.raises(data.DataError, match=r"d\.jsonl:1: cannot tell the record format"):
+        data.load(q)
+
+
+def test_choices_must_contain_the_completion(tmp_path):
+    p = write(tmp_path, ['{"prompt": "a", "completion": " x", "choices": [" y", " z"]}'])
+    with pytest.raises(data.DataError, match="d.jsonl:1: 'completion' must be one of 'choices'"):
+        data.load(p)
+
+
+def test_text_format_trains_on_every_token_but_the_first(tok):
+    (ex,) = [data.tokenize_record({"text": "cat dog sun"}, "text", tok, 64)]
+    assert ex.input_ids[-1] == tok.eos_token_id
+    assert ex.labels == [data.IGNORE_INDEX] + ex.input_ids[1:]
+
+
+CHATML = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+          "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+
+
+@pytest.fixture
+def chat_tok(tiny_assets):
+    t = AutoTokenizer.from_pretrained(tiny_assets / "model")
+    t.chat_template = CHATML
+    return t
+
+
+def test_chat_loss_covers_assistant_turns_only(chat_tok):
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "cat dog"},
+            {"role": "assistant", "content": "dog cat"}, {"role": "user", "content": "sun moon"},
+            {"role": "assistant", "content": "moon sun"}]
+    ex = data.tokenize_record({"messages": msgs}, "chat", chat_tok, 512)
+
+    def render(m, gen=False):
+        return chat_tok.apply_chat_template(m, add_generation_prompt=gen, tokenize=True, return_dict=False)
+
+    want = [data.IGNORE_INDEX] * len(ex.input_ids)
+    for i in (2, 4):
+        a, b = len(render(msgs[:i], gen=True)), len(render(msgs[: i + 1]))
+        want[a:b] = ex.input_ids[a:b]
+    assert ex.labels == want
+    learned = chat_tok.decode([t for t, l in zip(ex.input_ids, ex.labels) if l != data.IGNORE_INDEX])
+    assert "dog cat" in learned and "moon sun" in learned
+    assert "cat dog" not in learned and "be brief" not in learned and "sun moon" not in learned
+
+
+def test_chat_records_are_validated(tmp_path):
+    p = write(tmp_path, ['{"messages": [{"role": "user", "content": "hi"}]}'])
+    with pytest.raises(data.DataError, match="d.jsonl:1: no assistant message"):
+        data.load(p)
+    p = write(tmp_path, ['{"messages": [{"role": "user"}]}'])
+    with pytest.raises(data.DataError, match=r"messages\[0\] must be"):
+        data.load(p)
+
+
+# ---------------------------------------------------------------- packing
+def test_packing_keeps_examples_apart(tok, tiny_assets):
+    """Logits of each example inside a packed row equal its logits alone."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_assets / "model", dtype=torch.float32).eval()
+    recs = [{"prompt": "Reverse: cat dog sun\nAnswer:", "completion": " sun dog cat"},
+            {"prompt": "Reverse: fish\nAnswer:", "completion": " fish"},
+            {"prompt": "Reverse: red blue green tree\nAnswer:", "completion": " tree green blue red"}]
+    exs = [data.tokenize_record(r, "prompt_completion", tok, 64) for r in recs]
+    packed = data.pack(exs, max_length=64)
+    assert len(packed) == 1 and packed[0].input_ids == sum((e.input_ids for e in exs), [])
+    batch = data.collate(packed + [data.Example([5, 6], [-100, 6], [0, 1])], pad_id=0)
+    assert "attention_mask" not in batch
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                       use_cache=False).logits[0]
+        at = 0
+        for e in exs:
+            alone = model(input_ids=torch.tensor([e.input_ids])).logits[0]
+            torch.testing.assert_close(logits[at: at + len(e.input_ids)], alone, rtol=1e-4, atol=1e-4)
+            at += len(e.input_ids)
+
+
+def test_pack_respects_max_length_and_order():
+    exs = [data.Example([i] * n, [i] * n) for i, n in enumerate([3, 4, 2, 5, 1])]
+    packed = data.pack(exs, max_length=6)
+    assert [len(p.input_ids) for p in packed] == [3, 6, 6]
+    assert packed[1].position_ids == [0, 1, 2, 3, 0, 1]
+    assert sum((p.input_ids for p in packed), []) == sum((e.input_ids for e in exs), [])
+
+
+# ---------------------------------------------------------------- the shared cache
+def test_tokenized_cache_is_built_once_and_keyed_by_content(tmp_path, tok, tiny_assets):
+    src = tmp_path / "train.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in RECS))
+    cache = tmp_path / "cache"
+    a = data.tokenized(src, tok, tiny_assets / "model", max_length=32, cache_dir=cache)
+    built = sorted(p.name for p in cache.iterdir() if not p.name.startswith("."))
+    assert len(built) == 1 and len(a) == 5
+    stamp = (cache / built[0] / "meta.json").stat().st_mtime_ns
+    b = data.tokenized(src, tok, tiny_assets / "model", max_length=32, cache_dir=cache)
+    assert (cache / built[0] / "meta.json").stat().st_mtime_ns == stamp, "rebuilt a complete cache"
+    assert [b[i].input_ids for i in range(5)] == [a[i].input_ids for i in range(5)]
+    src.write_text("".join(json.dumps(r) + "\n" for r in RECS[:3]))
+    c = data.tokenized(src, tok, tiny_assets / "model", max_length=32, cache_dir=cache)
+    assert len(c) == 3
+    assert not [p for p in cache.iterdir() if ".tmp-" in p.name]
+
+
+def test_sentencepiece_tokenizer_model_works(tmp_path):
+    """A Llama-2 style tokenizer.model, trained here, tokenises records like sentencepiece does."""
+    import sentencepiece as spm
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n".join(["the cat sat on the mat", "reverse the words please", "dog sun moon"] * 40))
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "m"), vocab_size=64,
+                                   model_type="bpe", minloglevel=2)
+    tdir = tmp_path / "tok"
+    tdir.mkdir()
+    (tmp_path / "m.model").rename(tdir / "tokenizer.model")
+    (tdir / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
+    t = AutoTokenizer.from_pretrained(tdir)
+    sp = spm.SentencePieceProcessor(model_file=str(tdir / "tokenizer.model"))
+    ex = data.tokenize_record({"prompt": "the cat", "completion": " sat on the mat"},
+                              "prompt_completion", t, 64)
+    completion = [i for i, l in zip(ex.input_ids, ex.labels) if l != data.IGNORE_INDEX]
+    assert completion[-1] == t.eos_token_id == sp.eos_id()
+    assert sp.decode(completion[:-1]).strip() == "sat on the mat"
+    src = tmp_path / "d.jsonl"
+    src.write_text(json.dumps({"prompt": "the cat", "completion": " sat"}) + "\n")
+    assert len(data.tokenized(src, t, tdir, max_length=16, cache_dir=tmp_path / "c")) == 1

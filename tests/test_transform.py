@@ -141,3 +141,16 @@ def test_other_decoder_families_adapt_all_linears_and_start_at_the_pretrained_mo
         q = dict(g.base_model.named_modules())["model.layers.0.self_attn.q_proj"]
         assert q.bias is not None and not q.bias.requires_grad
         assert g.layout.D == 2 * (256 + 128 + 128 + 256 + 3 * 384)
+
+
+def test_no_grad_forward_with_zero_theta_skips_the_delta_and_matches():
+    g = apply_gpart(micro_llama(), d=64, seed=0)
+    ids = torch.randint(0, 50, (1, 5))
+    with torch.no_grad():
+        a = g(input_ids=ids).logits
+        assert g.gpart_ctx.zero
+        g.gpart_theta[3] = 0.1
+        b = g(input_ids=ids).logits
+        assert not g.gpart_ctx.zero and not torch.equal(a, b)
+    c = g(input_ids=ids).logits  # with grad: the op runs even at theta = 0 elsewhere
+    assert not g.gpart_ctx.zero and torch.equal(b, c.detach())

@@ -9,7 +9,7 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 WORKER = "tests/integration/zero3_worker.py"
 STEPS = 6
-COMMON = [f"train.max_steps={STEPS}", "train.micro_batch_size=4", "train.eval_batches=2",
+COMMON = [f"train.max_steps={STEPS}", "train.micro_batch_size=4", "train.eval_examples=16",
           "train.log_every=100", "train.warmup_ratio=0", "train.lr=0.02"]
 
 

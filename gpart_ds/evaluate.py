@@ -1,0 +1,172 @@
+"""Evaluation: held-out loss on the trained tokens, and accuracy over `choices`.
+
+Accuracy: for a record with a "choices" list, the prediction is the choice with the
+largest summed log-likelihood given the prompt (rendered exactly as in training). Only
+the positions that predict choice tokens are scored: sequences are left-padded so the
+choice sits at the end, and the model computes logits for those last positions only
+(`logits_to_keep`), never a full-vocabulary softmax over the whole sequence. When every
+choice is a single token, one forward per record scores all of them.
+
+    python -m gpart_ds.evaluate --model DIR [--adapter DIR] --data eval.jsonl [--chat-template]
+
+The functions take a `forward(**batch) -> logits` callable, so the same code runs on a
+plain model, a GPart model, or a DeepSpeed engine on every rank.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from . import data
+
+
+@dataclass
+class ChoiceItem:
+    prompt: list[int]
+    choices: list[list[int]]
+    answer: int
+
+
+def choice_items(records, tokenizer, chat_template: bool) -> list[ChoiceItem]:
+    items = []
+    for _, rec in records:
+        if rec.get("choices") is None:
+            continue
+        p = data.prompt_ids(tokenizer, rec["prompt"], chat_template)
+        cs = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in rec["choices"]]
+        items.append(ChoiceItem(p, cs, rec["choices"].index(rec["completion"])))
+    return items
+
+
+def _left_padded(seqs: list[list[int]], pad_id: int, device):
+    n = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, n - len(s):] = torch.tensor(s)
+        mask[i, n - len(s):] = 1
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": pos.to(device)}
+
+
+@torch.no_grad()
+def score_sequences(forward, prompts: list[list[int]], conts: list[list[int]], pad_id: int, device) -> list[float]:
+    """Summed log p(cont | prompt) for each pair, computing logits for the tail only."""
+    keep = max(len(c) for c in conts)
+    batch = _left_padded([p + c for p, c in zip(prompts, conts)], pad_id, device)
+    logits = forward(**batch, logits_to_keep=keep + 1)[:, -(keep + 1):-1].float()
+    logp = torch.log_softmax(logits, dim=-1)
+    out = []
+    for i, c in enumerate(conts):
+        rows = logp[i, keep - len(c):]
+        out.append(float(rows.gather(1, torch.tensor(c, device=rows.device)[:, None]).sum()))
+    return out
+
+
+@torch.no_grad()
+def score_items(forward, items: list[ChoiceItem], pad_id: int, device) -> list[list[float]]:
+    """Summed log-likelihood of every choice of every item."""
+    if all(len(c) == 1 for it in items for c in it.choices):
+        batch = _left_padded([it.prompt for it in items], pad_id, device)
+        logp = torch.log_softmax(forward(**batch, logits_to_keep=1)[:, -1].float(), dim=-1)
+        return [[float(logp[i, c[0]]) for c in it.choices] for i, it in enumerate(items)]
+    flat_p, flat_c, owner = [], [], []
+    for i, it in enumerate(items):
+        for c in it.choices:
+            flat_p.append(it.prompt)
+            flat_c.append(c)
+            owner.append(i)
+    scores = score_sequences(forward, flat_p, flat_c, pad_id, device)
+    out = [[] for _ in items]
+    for i, s in zip(owner, scores):
+        out[i].append(s)
+    return out
+
+
+def correct(scores: list[list[float]], items: list[ChoiceItem]) -> list[bool]:
+    return [max(range(len(s)), key=s.__getitem__) == it.answer for s, it in zip(scores, items)]
+
+
+@torch.no_grad()
+def loss_sums(forward_loss, examples, indices: list[int], pad_id: int, device) -> tuple[float, int]:
+    """(summed loss over predicted tokens, number of predicted tokens) for one batch."""
+    batch = {k: v.to(device) for k, v in data.collate([examples[i] for i in indices], pad_id).items()}
+    n = int((batch["labels"][:, 1:] != data.IGNORE_INDEX).sum())
+    return float(forward_loss(**batch)) * n, n
+
+
+# ------------------------------------------------------------------ CLI
+def _load_model(model_dir: str, adapter_dir: str | None, dtype):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    if adapter_dir is None:
+        return model
+    from .adapter import attach_adapter
+
+    return attach_adapter(model, adapter_dir).eval()
+
+
+def evaluate_files(model_dir, data_path, adapter=None, chat_template=False, max_length=512,
+                   batch_size=8, max_examples=0, dtype=torch.float32) -> dict:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    model = _load_model(model_dir, adapter, dtype)
+    records, fmt = data.load(data_path)
+    if max_examples:
+        records = records[:max_examples]
+    t0 = time.perf_counter()
+    examples = [data.tokenize_record(r, fmt, tok, max_length, chat_template, w) for w, r in records]
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        s, n = loss_sums(lambda **b: model(**b).loss, examples,
+                         list(range(start, min(start + batch_size, len(examples)))), pad, "cpu")
+        total, count = total + s, count + n
+    result = {"model": str(model_dir), "adapter": adapter, "data": str(data_path),
+              "examples": len(examples), "eval_loss": total / max(1, count)}
+    items = choice_items(records, tok, chat_template)
+    if items:
+        hits = []
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            hits += correct(score_items(lambda **b: model(**b).logits, chunk, pad, "cpu"), chunk)
+        result["accuracy"] = sum(hits) / len(hits)
+        result["scored"] = len(hits)
+    result["seconds"] = time.perf_counter() - t0
+    return result
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="a Hugging Face model folder (base or merged)")
+    ap.add_argument("--adapter", default=None, help="a gpart_ds adapter folder to apply")
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--chat-template", action="store_true", help="render prompts as a user turn")
+    ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--max-examples", type=int, default=0)
+    ap.add_argument("--json", default=None, help="also write the result here")
+    args = ap.parse_args(argv)
+    try:
+        res = evaluate_files(args.model, args.data, args.adapter, args.chat_template, args.max_length,
+                             args.batch_size, args.max_examples)
+    except (data.DataError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(res, indent=2))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(res, fh, indent=2)
+    return 0 if math.isfinite(res["eval_loss"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

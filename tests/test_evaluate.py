@@ -1,0 +1,66 @@
+"""Choice scoring equals a straightforward full-forward reference; eval CLI on a tiny model."""
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from gpart_ds import data, evaluate
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_assets):
+    tok = AutoTokenizer.from_pretrained(tiny_assets / "model")
+    model = AutoModelForCausalLM.from_pretrained(tiny_assets / "model", dtype=torch.float32).eval()
+    return tok, model
+
+
+def reference_scores(model, items):
+    """One unpadded forward per (item, choice); full-vocabulary log-softmax everywhere."""
+    out = []
+    for it in items:
+        row = []
+        for c in it.choices:
+            ids = torch.tensor([it.prompt + c])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
+            row.append(sum(float(logp[len(it.prompt) - 1 + j, t]) for j, t in enumerate(c)))
+        out.append(row)
+    return out
+
+
+@pytest.mark.parametrize("choices", [[" cat", " dog"], [" sun moon cat", " fish", " red blue"]])
+def test_choice_scores_equal_reference(tiny, choices):
+    tok, model = tiny
+    recs = [("x", {"prompt": p, "completion": choices[0], "choices": choices})
+            for p in ["Reverse: cat dog\nAnswer:", "Reverse: a\nAnswer:", "Reverse: sun moon fish bird\nAnswer:"]]
+    items = evaluate.choice_items(recs, tok, chat_template=False)
+    assert all(it.answer == 0 for it in items)
+    got = evaluate.score_items(lambda **b: model(**b).logits, items, tok.pad_token_id, "cpu")
+    want = reference_scores(model, items)
+    torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), torch.tensor(want, dtype=torch.float64),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_correct_picks_argmax():
+    items = [evaluate.ChoiceItem([1], [[2], [3]], 1), evaluate.ChoiceItem([1], [[2], [3]], 0)]
+    assert evaluate.correct([[-3.0, -1.0], [-3.0, -1.0]], items) == [True, False]
+
+
+def test_evaluate_cli_reports_loss_and_accuracy(tiny_assets, tmp_path, capsys):
+    p = tmp_path / "e.jsonl"
+    p.write_text("".join(json.dumps({"prompt": f"Reverse: cat {w}\nAnswer:", "completion": f" {w} cat",
+                                     "choices": [f" {w} cat", " dog"]}) + "\n" for w in ["sun", "moon", "red"]))
+    assert evaluate.main(["--model", str(tiny_assets / "model"), "--data", str(p), "--json", str(tmp_path / "r.json")]) == 0
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["examples"] == 3 and res["scored"] == 3 and 0 <= res["accuracy"] <= 1 and res["eval_loss"] > 0
+
+
+def test_eval_loss_matches_model_loss(tiny):
+    tok, model = tiny
+    exs = [data.tokenize_record({"prompt": "Reverse: cat\nAnswer:", "completion": " cat"}, "prompt_completion", tok, 32)]
+    s, n = evaluate.loss_sums(lambda **b: model(**b).loss, exs, [0], tok.pad_token_id, "cpu")
+    ids = torch.tensor([exs[0].input_ids])
+    want = model(input_ids=ids, labels=torch.tensor([exs[0].labels])).loss.item()
+    assert n == sum(1 for l in exs[0].labels[1:] if l != data.IGNORE_INDEX)
+    assert s / n == pytest.approx(want, rel=1e-6)
