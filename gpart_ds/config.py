@@ -52,6 +52,7 @@ class DataConfig:
     max_length: int = 512
     packing: bool = False           # concatenate short examples into max_length rows
     chat_template: bool = False     # render prompt/completion records as a chat turn
+    add_eos: bool = True            # end completions and texts with EOS (and learn it)
     cache_dir: str = ".cache/tokenized"
 
 

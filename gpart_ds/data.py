@@ -3,7 +3,8 @@
 Files: JSON lines (.jsonl / .json), CSV (.csv) or Parquet (.parquet), read with
 `datasets` (JSON lines are also parsed line by line first so that errors name the line).
 Record formats:
-    prompt_completion  {"prompt", "completion"}: loss on the completion (+ EOS) only
+    prompt_completion  {"prompt", "completion"}: loss on the completion (+ EOS unless
+                       data.add_eos is false) only
     chat               {"messages": [{"role", "content"}, ...]}: rendered with the
                        tokenizer's chat template, loss on assistant turns only
     text               {"text"}: causal LM loss on every token
@@ -186,8 +187,8 @@ def _chat_example(tokenizer, where: str, messages: list[dict]) -> Example:
 
 
 def tokenize_record(rec: dict, fmt: str, tokenizer, max_length: int, chat_template: bool = False,
-                    where: str = "?") -> Example:
-    eos = tokenizer.eos_token_id
+                    where: str = "?", add_eos: bool = True) -> Example:
+    eos = tokenizer.eos_token_id if add_eos else None
     if fmt == "prompt_completion":
         p = prompt_ids(tokenizer, rec["prompt"], chat_template)
         c = tokenizer(rec["completion"], add_special_tokens=False)["input_ids"]
@@ -234,7 +235,7 @@ def _file_digest(h, path: Path) -> None:
             h.update(block)
 
 
-def cache_key(path, tokenizer_dir, fmt, max_length, packing, chat_template) -> str:
+def cache_key(path, tokenizer_dir, fmt, max_length, packing, chat_template, add_eos=True) -> str:
     h = hashlib.sha256()
     _file_digest(h, Path(path))
     for name in _TOKENIZER_FILES:
@@ -242,7 +243,8 @@ def cache_key(path, tokenizer_dir, fmt, max_length, packing, chat_template) -> s
         if p.is_file():
             h.update(name.encode())
             _file_digest(h, p)
-    h.update(json.dumps([_CACHE_VERSION, fmt, max_length, bool(packing), bool(chat_template)]).encode())
+    h.update(json.dumps([_CACHE_VERSION, fmt, max_length, bool(packing), bool(chat_template),
+                         bool(add_eos)]).encode())
     return h.hexdigest()[:24]
 
 
@@ -265,20 +267,20 @@ class TokenizedSet:
 
 
 def tokenized(path, tokenizer, tokenizer_dir, *, fmt="auto", max_length=512, packing=False,
-              chat_template=False, cache_dir=".cache/tokenized") -> TokenizedSet:
+              chat_template=False, add_eos=True, cache_dir=".cache/tokenized") -> TokenizedSet:
     """Tokenise `path` once (cached, shared by every rank on the file system) and load it."""
     import datasets
 
     from .assets import file_lock
 
     datasets.disable_progress_bars()
-    key = cache_key(path, tokenizer_dir, fmt, max_length, packing, chat_template)
+    key = cache_key(path, tokenizer_dir, fmt, max_length, packing, chat_template, add_eos)
     final = Path(cache_dir) / f"{Path(path).stem}-{key}"
     if not (final / ".complete").exists():
         with file_lock(Path(cache_dir) / f".{final.name}.lock"):
             if not (final / ".complete").exists():
                 records, resolved = load(path, fmt)
-                exs = [tokenize_record(r, resolved, tokenizer, max_length, chat_template, where)
+                exs = [tokenize_record(r, resolved, tokenizer, max_length, chat_template, where, add_eos)
                        for where, r in records]
                 if packing:
                     exs = pack(exs, max_length)
@@ -290,7 +292,8 @@ def tokenized(path, tokenizer, tokenizer_dir, *, fmt="auto", max_length=512, pac
                     datasets.Dataset.from_dict(cols).save_to_disk(str(tmp / "data"))
                     (tmp / "meta.json").write_text(json.dumps(
                         {"source": str(Path(path).resolve()), "format": resolved, "max_length": max_length,
-                         "packing": packing, "chat_template": chat_template, "examples": len(exs)}))
+                         "packing": packing, "chat_template": chat_template, "add_eos": add_eos,
+                         "examples": len(exs)}))
                     (tmp / ".complete").write_text("ok\n")
                     os.chmod(tmp, 0o755)
                     if final.exists():

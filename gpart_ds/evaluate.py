@@ -114,7 +114,7 @@ def _load_model(model_dir: str, adapter_dir: str | None, dtype):
 
 
 def evaluate_files(model_dir, data_path, adapter=None, chat_template=False, max_length=512,
-                   batch_size=8, max_examples=0, dtype=torch.float32) -> dict:
+                   batch_size=8, max_examples=0, dtype=torch.float32, add_eos=True) -> dict:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -124,7 +124,7 @@ def evaluate_files(model_dir, data_path, adapter=None, chat_template=False, max_
     if max_examples:
         records = records[:max_examples]
     t0 = time.perf_counter()
-    examples = [data.tokenize_record(r, fmt, tok, max_length, chat_template, w) for w, r in records]
+    examples = [data.tokenize_record(r, fmt, tok, max_length, chat_template, w, add_eos) for w, r in records]
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
         s, n = loss_sums(lambda **b: model(**b).loss, examples,
@@ -151,13 +151,14 @@ def main(argv=None) -> int:
     ap.add_argument("--data", required=True)
     ap.add_argument("--chat-template", action="store_true", help="render prompts as a user turn")
     ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--no-eos", action="store_true", help="completions end without EOS (data.add_eos: false)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-examples", type=int, default=0)
     ap.add_argument("--json", default=None, help="also write the result here")
     args = ap.parse_args(argv)
     try:
         res = evaluate_files(args.model, args.data, args.adapter, args.chat_template, args.max_length,
-                             args.batch_size, args.max_examples)
+                             args.batch_size, args.max_examples, add_eos=not args.no_eos)
     except (data.DataError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

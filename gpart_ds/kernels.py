@@ -65,6 +65,24 @@ def scatter_grad(grad_ts, dw_flat, base, d: int, keep_base=None, threshold: int 
     return grad_ts.index_add(0, ids_from_positions(base, pos, d), vals)
 
 
+def backward_pass(w0_flat, dw_flat, ts, grad_ts, base, d: int, keep_base=None, threshold: int = 0,
+                  keep_scale: float = 1.0):
+    """Backward of one chunk in one pass over its positions: hash once, then both
+    scatter dL/dW into grad_ts and rebuild W0 + delta for dL/dx.
+
+    Returns (effective weight, new grad_ts); equal to effective_weight + scatter_grad.
+    """
+    pos = torch.arange(w0_flat.numel(), dtype=torch.int64, device=w0_flat.device)
+    ids = ids_from_positions(base, pos, d)
+    delta = ts[ids]
+    vals = dw_flat.to(grad_ts.dtype)
+    if keep_base is not None:
+        keep = _keep_mask(keep_base, pos, threshold)
+        delta = torch.where(keep, delta * keep_scale, 0.0)
+        vals = torch.where(keep, vals * keep_scale, 0.0)
+    return w0_flat + delta.to(w0_flat.dtype), grad_ts.index_add(0, ids, vals)
+
+
 def count_groups(base, n: int, d: int):
     """n_j over n < 2^31 consecutive positions, as int32.
 
@@ -79,7 +97,7 @@ def count_groups(base, n: int, d: int):
         0, ids_from_positions(base, pos, d), ones)
 
 
-_KERNELS = ("effective_weight", "delta_values", "scatter_grad", "count_groups")
+_KERNELS = ("effective_weight", "delta_values", "scatter_grad", "backward_pass", "count_groups")
 
 
 class KernelSet:

@@ -89,12 +89,17 @@ class GPartLinearFunction(torch.autograd.Function):
         grad_ts = torch.zeros_like(ts) if need_ts else None
         for r0, r1 in _chunks(spec, cfg):
             g = g2[:, r0:r1]
-            if need_x:
-                grad_x += g @ effective_rows(weight, ts, spec, cfg, r0, r1, keep_seed)
             if need_ts:
                 dw = (g.t() @ x2).reshape(-1)
                 base, kw = _chunk_args(spec, cfg, r0, keep_seed, dw.device)
-                grad_ts = cfg.kernels.scatter_grad(grad_ts, dw, base, cfg.d, **kw)
+                if need_x:  # one hashing pass serves both gradients
+                    w, grad_ts = cfg.kernels.backward_pass(weight[r0:r1].reshape(-1), dw, ts, grad_ts,
+                                                           base, cfg.d, **kw)
+                    grad_x += g @ w.view(r1 - r0, spec.in_features)
+                else:
+                    grad_ts = cfg.kernels.scatter_grad(grad_ts, dw, base, cfg.d, **kw)
+            elif need_x:
+                grad_x += g @ effective_rows(weight, ts, spec, cfg, r0, r1, keep_seed)
         if grad_x is not None:
             grad_x = grad_x.view_as(x)
         # W0 and the bias are frozen: no gradient, no buffers.

@@ -76,8 +76,11 @@ def _bigbench_task(download_dir: Path) -> dict:
         return json.load(tar.extractfile(member))
 
 
+DOWNLOADS = Path.home() / ".cache" / "gpart_ds" / "downloads"  # shared by every checkout
+
+
 def build_qasc(root: Path, n_eval: int = 500, n_train: int = 4000, download_dir: Path | None = None) -> None:
-    task = _bigbench_task(download_dir or root.parent.parent / "downloads")
+    task = _bigbench_task(download_dir or DOWNLOADS)
     rows = [{"prompt": f"{ex['input'].strip()}\nAnswer:", "completion": " " + ex["target"][0].strip()}
             for ex in task["examples"]]
     train, evals = _split(rows, n_eval, n_train)

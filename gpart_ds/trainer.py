@@ -94,7 +94,7 @@ class Trainer:
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.tokenizer.eos_token_id
         common = dict(fmt=d.format, max_length=d.max_length, chat_template=d.chat_template,
-                      cache_dir=d.cache_dir)
+                      add_eos=d.add_eos, cache_dir=d.cache_dir)
         self.train_set = data.tokenized(d.train, self.tokenizer, cfg.model.path, packing=d.packing, **common)
         self.eval_set = data.tokenized(d.eval, self.tokenizer, cfg.model.path, packing=False, **common)
         eval_records, _ = data.load(d.eval, d.format)

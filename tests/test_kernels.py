@@ -44,3 +44,18 @@ def test_compiled_count_matches_bincount():
     want = torch.bincount(group_ids(2**62, n, d, 9), minlength=d)
     assert torch.equal(COMPILED.count_groups(base, n, d).long(), want)
     assert torch.equal(EAGER.count_groups(base, n, d).long(), want)
+
+
+@pytest.mark.parametrize("kernels", [EAGER, COMPILED], ids=["eager", "compiled"])
+def test_fused_backward_pass_equals_effective_weight_plus_scatter(kernels):
+    torch.manual_seed(4)
+    d, n = 257, 20_000
+    w0 = torch.randn(n).to(torch.bfloat16)
+    dw = torch.randn(n).to(torch.bfloat16)
+    ts = torch.randn(d) * 1e-2
+    base = torch.tensor(hash_base(11, 5 * 10**6))
+    keep = dict(keep_base=torch.tensor(hash_base(99, 5 * 10**6)), threshold=1 << 22, keep_scale=4 / 3)
+    for kw in ({}, keep):
+        w, g = kernels.backward_pass(w0, dw, ts, torch.zeros(d), base, d, **kw)
+        assert torch.equal(w, EAGER.effective_weight(w0, ts, base, d, **kw))
+        torch.testing.assert_close(g, EAGER.scatter_grad(torch.zeros(d), dw, base, d, **kw), rtol=1e-5, atol=1e-4)

@@ -4,6 +4,8 @@
 
 For each kernel, elements per second of one weight-sized slice, after warm-up (the
 first compiled call, which compiles, is timed separately and reported as compile_s).
+backward_pass is the fused backward (hash once; scatter dL/dW and rebuild W0 + delta):
+compare it with effective_weight + scatter_grad, what backward would cost unfused.
 """
 from __future__ import annotations
 
@@ -16,6 +18,9 @@ import torch
 
 from ..kernels import get_kernels
 from ..partition import hash_base
+
+
+KERNELS = ("effective_weight", "scatter_grad", "backward_pass", "count_groups")
 
 
 def _time(fn, repeat: int) -> float:
@@ -47,6 +52,7 @@ def bench(rows: int, cols: int, d: int, repeat: int, dtype=torch.bfloat16) -> di
         jobs = {
             "effective_weight": lambda: k.effective_weight(w0, ts, base, d),
             "scatter_grad": lambda: k.scatter_grad(torch.zeros_like(ts), dw, base, d),
+            "backward_pass": lambda: k.backward_pass(w0, dw, ts, torch.zeros_like(ts), base, d),
             "count_groups": lambda: k.count_groups(base, n, d),
         }
         for name, fn in jobs.items():
@@ -57,7 +63,7 @@ def bench(rows: int, cols: int, d: int, repeat: int, dtype=torch.bfloat16) -> di
             out[f"{name}.{mode}.elems_per_s"] = n / secs
             if mode == "compiled":
                 out[f"{name}.compile_s"] = first
-    for name in ("effective_weight", "scatter_grad", "count_groups"):
+    for name in KERNELS:
         out[f"{name}.speedup"] = out[f"{name}.compiled.elems_per_s"] / out[f"{name}.eager.elems_per_s"]
     return out
 
@@ -74,7 +80,7 @@ def main(argv=None) -> dict:
     print(f"GPart kernels, {args.rows}x{args.cols} bf16 weight, d={args.d}, {res['device']}, "
           f"{res['threads']} threads, torch {res['torch']}")
     print(f"{'kernel':<18}{'eager M elem/s':>16}{'compiled M elem/s':>20}{'speedup':>10}{'compile s':>11}")
-    for name in ("effective_weight", "scatter_grad", "count_groups"):
+    for name in KERNELS:
         print(f"{name:<18}{res[name + '.eager.elems_per_s'] / 1e6:>16.1f}"
               f"{res[name + '.compiled.elems_per_s'] / 1e6:>20.1f}{res[name + '.speedup']:>9.1f}x"
               f"{res[name + '.compile_s']:>11.1f}")

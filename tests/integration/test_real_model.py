@@ -50,6 +50,6 @@ def test_gpart_under_zero3_lowers_held_out_loss_on_the_real_model(real_assets, t
 
     # The saved adapter, applied to the plain model in one process, evaluates the same.
     res = evaluate_files(str(real_assets[0]), real_assets[1] / "eval.jsonl", adapter=str(out / "adapter"),
-                         max_length=128, batch_size=8, max_examples=16)
+                         max_length=128, batch_size=8, max_examples=16, add_eos=False)
     assert res["eval_loss"] == pytest.approx(s["eval_loss_after"], rel=1e-4)
     assert res["accuracy"] == pytest.approx(s["accuracy_after"])
