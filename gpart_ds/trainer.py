@@ -20,13 +20,21 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from . import adapter as adapter_io
-from . import assets, data, distributed, evaluate, zero3
-from .config import check_paths, to_yaml
+from . import assets, checkpoint, data, distributed, evaluate, zero3
+from .config import check_paths, to_yaml, where_for
 from .metrics import MetricsLog, format_step, peak_memory_gb
 from .model import check_targets, load_model, model_name, training_dtype
 from .transform import GPartModel, apply_gpart
 
 log = logging.getLogger("gpart_ds")
+
+# Exit status after a checkpoint written on SIGTERM / SIGUSR1 (EX_TEMPFAIL): "requeue me".
+PREEMPTED_EXIT = 75
+
+
+class Preempted(Exception):
+    """Raised after the preemption checkpoint is written; the entry point exits 75."""
+
 
 # Below this many target weights the compile time of the fused kernels (seconds) is
 # larger than what they save; eager kernels run tiny test models faster.
@@ -202,22 +210,75 @@ class Trainer:
             out["accuracy"] = hit_total / score_total
         return out
 
+    def _checkpoint_root(self) -> Path:
+        return Path(self.cfg.checkpoint.dir) if self.cfg.checkpoint.dir else self.out / "checkpoints"
+
+    def _resume(self) -> tuple[int, dict | None]:
+        """(first step to run, eval results before training) from a checkpoint, if asked."""
+        import yaml
+
+        want = self.cfg.train.resume
+        if not want:
+            return 0, None
+        if want == "auto":
+            ckpt = checkpoint.find_resume(self._checkpoint_root())
+            if ckpt is None:
+                log.info("resume=auto: no complete checkpoint in %s, starting fresh", self._checkpoint_root())
+                return 0, None
+        else:
+            ckpt = Path(want)
+            checkpoint.verify(ckpt)
+        saved = yaml.safe_load((ckpt / "run_config.yaml").read_text())
+        checkpoint.check_drift(saved, self.cfg, where_for(self.cfg))
+        state = checkpoint.load(self.engine, self.gmodel.gpart_theta, ckpt)
+        log.info("resumed from %s at step %d (saved by %d ranks, now %d)", ckpt, state["step"],
+                 state["world"], self.world)
+        self.metrics.write({"event": "resume", "from": str(ckpt), "step": state["step"]})
+        return state["step"], state.get("before")
+
+    def save_checkpoint(self, step: int, before: dict) -> Path:
+        return checkpoint.save(self.engine, self.gmodel.gpart_theta, self._checkpoint_root(), step,
+                               {"before": before}, to_yaml(self.cfg), self.cfg.checkpoint.keep_last)
+
+    def _install_signal_handlers(self) -> None:
+        """SIGTERM / SIGUSR1 (what SLURM sends before a time limit or preemption) ask the
+        loop to stop after the current step; the flag is agreed on by all ranks."""
+        import signal
+
+        self._stop_signal = None
+
+        def handler(signum, frame):
+            self._stop_signal = signum
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, handler)
+
+    def _stop_requested(self) -> bool:
+        flag = torch.tensor([1.0 if self._stop_signal else 0.0], device=self.device)
+        if self.world > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
     def run(self) -> dict:
         if self.engine is None:
             self.setup()
         cfg, t = self.cfg, self.cfg.train
+        self._install_signal_handlers()
+        t_start = time.perf_counter()
+        start, before = self._resume()
+        if before is None:
+            before = self.evaluate()
+            self.metrics.write({"event": "eval", "step": 0, **before})
+            log.info("before training: %s", _fmt(before))
         bar = None
         if self.rank == 0:
             from tqdm import tqdm
 
             # disable=None: no bar when stdout is not a terminal (logs keep the step lines)
-            bar = tqdm(total=t.max_steps, desc="gpart", dynamic_ncols=True, disable=None)
-        t_start = time.perf_counter()
-        before = self.evaluate()
-        self.metrics.write({"event": "eval", "step": 0, **before})
-        log.info("before training: %s", _fmt(before))
+            bar = tqdm(total=t.max_steps, initial=start, desc="gpart", dynamic_ncols=True, disable=None)
         history = []
-        for step in range(t.max_steps):
+        every = cfg.checkpoint.every_steps
+        for step in range(start, t.max_steps):
             rec = self.train_step(step)
             rec.update(peak_memory_gb())
             history.append(rec)
@@ -231,8 +292,20 @@ class Trainer:
                 mid = self.evaluate()
                 self.metrics.write({"event": "eval", "step": step + 1, **mid})
                 log.info("step %d: %s", step + 1, _fmt(mid))
+            if self._stop_requested() and step + 1 < t.max_steps:
+                path = self.save_checkpoint(step + 1, before)
+                self.metrics.write({"event": "preempted", "step": step + 1, "checkpoint": str(path)})
+                log.warning("stop signal received: checkpoint %s written; exiting with %d so that a "
+                            "requeued job resumes (train.resume=auto)", path, PREEMPTED_EXIT)
+                if bar is not None:
+                    bar.close()
+                self.metrics.close()
+                raise Preempted(str(path))
+            if every and (step + 1) % every == 0 and step + 1 < t.max_steps:
+                self.save_checkpoint(step + 1, before)
         if bar is not None:
             bar.close()
+        self.save_checkpoint(t.max_steps, before)
         after = self.evaluate()
         self.metrics.write({"event": "eval", "step": t.max_steps, **after})
         wall = time.perf_counter() - t_start
@@ -243,12 +316,12 @@ class Trainer:
         if self.world > 1:
             dist.barrier()
         mem = self._max_over_ranks(peak_memory_gb())
-        steady = [r["step_time_s"] for r in history[1:]] or [history[-1]["step_time_s"]]
+        steady = [r["step_time_s"] for r in history[1:]] or [r["step_time_s"] for r in history] or [0.0]
         adapter_dir = self.out / "adapter"
         summary = {"event": "summary", "steps": t.max_steps, "world": self.world,
                    "eval_loss_before": before["eval_loss"], "eval_loss_after": after["eval_loss"],
                    "accuracy_before": before.get("accuracy"), "accuracy_after": after.get("accuracy"),
-                   "final_loss": history[-1]["loss"], "wall_s": wall,
+                   "final_loss": history[-1]["loss"] if history else None, "wall_s": wall,
                    "median_step_time_s": sorted(steady)[len(steady) // 2],
                    "trainable_params": int(theta.numel()),
                    "adapter_bytes": sum(f.stat().st_size for f in adapter_dir.iterdir()), **mem}

@@ -36,14 +36,18 @@ def main(argv=None) -> int:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from gpart_ds.config import ConfigError, load_config
     from gpart_ds.data import DataError
+    from gpart_ds.checkpoint import CheckpointError
+    from gpart_ds.trainer import PREEMPTED_EXIT, Preempted
     from gpart_ds.trainer import main as train
 
     try:
         cfg = load_config(args.config, args.overrides, check_files=False)
         train(cfg)
-    except (ConfigError, DataError) as exc:
+    except (ConfigError, DataError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Preempted:
+        return PREEMPTED_EXIT
     return 0
 
 

@@ -1,0 +1,245 @@
+"""Checkpoints of a GPart run: theta, its optimizer state, schedule, RNG, data position.
+
+The frozen base model is never written: it comes from the base model folder, so a
+checkpoint of a 70B run is a few times d floats. Everything is safetensors or JSON (no
+pickles, nothing goes through torch.load). Layout:
+
+    checkpoints/step-000100/
+        state.safetensors     theta, fp32 master, Adam exp_avg / exp_avg_sq (full, d each)
+        rng-rank<r>.safetensors   each rank's torch (and CUDA) RNG state
+        state.json            step, Adam step, engine counters, scheduler, world size
+        run_config.yaml       the config that wrote it (drift is checked on resume)
+        manifest.json         every file's size and SHA-256; written last
+    checkpoints/latest        name of the newest complete checkpoint
+
+Optimizer state is stored whole (gathered from the ZeRO-3 partitions), so a run can
+resume on any number of ranks. A checkpoint is written into a temporary folder and
+renamed only when every rank has written its part; `latest` is replaced last.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+LATEST = "latest"
+_STEP_RE = re.compile(r"^step-(\d+)$")
+# Keys whose change alters what theta means: refused on resume.
+DRIFT_KEYS = ("method.name", "method.d", "method.seed", "method.target_modules", "model.path")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used, or a resume that must not happen."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"step-{step:06d}"
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete-looking checkpoint folders, newest first (temporary folders excluded)."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_RE.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def verify(ckpt: Path) -> None:
+    """Raise CheckpointError unless every file in the manifest is there and intact."""
+    man_path = ckpt / MANIFEST
+    if not man_path.is_file():
+        raise CheckpointError(f"{ckpt}: no {MANIFEST} (incomplete checkpoint)")
+    try:
+        manifest = json.loads(man_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{man_path}: not valid JSON ({exc.msg})") from None
+    for name, info in manifest["files"].items():
+        p = ckpt / name
+        if not p.is_file():
+            raise CheckpointError(f"{p}: missing")
+        if p.stat().st_size != info["bytes"]:
+            raise CheckpointError(f"{p}: {p.stat().st_size} bytes, manifest says {info['bytes']} (truncated?)")
+        if _sha256(p) != info["sha256"]:
+            raise CheckpointError(f"{p}: SHA-256 mismatch (corrupted)")
+
+
+def find_resume(root: Path) -> Path | None:
+    """The newest checkpoint that verifies; each skipped one is named in a warning."""
+    for ckpt in list_checkpoints(root):
+        try:
+            verify(ckpt)
+            return ckpt
+        except CheckpointError as exc:
+            log.warning("skipping checkpoint %s: %s", ckpt.name, exc)
+    return None
+
+
+def check_drift(saved_cfg: dict, cfg, where) -> None:
+    """Refuse to resume when a key that changes the meaning of theta differs."""
+    from omegaconf import OmegaConf
+
+    now = OmegaConf.to_container(cfg, resolve=True)
+    for key in DRIFT_KEYS:
+        a, b = _get(saved_cfg, key), _get(now, key)
+        if key == "model.path":
+            a, b = str(Path(a).resolve()) if a else a, str(Path(b).resolve())
+        if a != b:
+            raise CheckpointError(f"{where(key)}: the checkpoint was trained with {key}={a!r}, this "
+                                  f"run has {b!r}; theta would mean something else. Start a new "
+                                  "output_dir or restore the setting")
+
+
+def _get(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
+# ---------------------------------------------------------------- ZeRO-3 optimizer state
+def _hp_partition(engine, param, key):
+    """This rank's (partition tensor, first index, valid count) of theta's fp32 state."""
+    opt = engine.optimizer
+    part, _ = opt._get_fp32_opt_state_partition(param, release_swap_buffers=False, optim_state_key=key)
+    rank = opt._get_param_partition_rank(param)
+    start = rank * part.numel()
+    return part, start, max(0, min(part.numel(), param.ds_numel - start))
+
+
+def gather_optimizer_state(engine, theta) -> dict[str, torch.Tensor]:
+    """Full fp32 master and Adam moments of theta (collective: every rank calls it)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    out = {"master": safe_get_full_fp32_param(theta)}
+    for key in ("exp_avg", "exp_avg_sq"):
+        out[key] = safe_get_full_optimizer_state(theta, key)
+    return {k: v.detach().float().cpu().reshape(-1)[: theta.ds_numel].clone() for k, v in out.items()}
+
+
+def adam_step(engine) -> float:
+    steps = [float(s["step"]) for s in engine.optimizer.optimizer.state.values() if "step" in s]
+    return steps[0] if steps else 0.0
+
+
+def restore_optimizer_state(engine, theta, state: dict[str, torch.Tensor], step: float) -> None:
+    """Scatter full d-length state into this rank's ZeRO-3 partitions (any world size)."""
+    import deepspeed
+
+    # torch's AdamW creates its state lazily at the first step: a fresh engine has none
+    # yet, so create it (with the same dtypes AdamW would) before filling it in.
+    inner = engine.optimizer.optimizer
+    for p in engine.optimizer.fp32_partitioned_groups_flat:
+        st = inner.state[p]
+        if "exp_avg" not in st:
+            st.setdefault("step", torch.tensor(0.0, dtype=torch.float32))
+            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    for key, name in ((None, "master"), ("exp_avg", "exp_avg"), ("exp_avg_sq", "exp_avg_sq")):
+        part, start, valid = _hp_partition(engine, theta, key)
+        part.data[:valid].copy_(state[name][start:start + valid].to(part.device, part.dtype))
+    for s in engine.optimizer.optimizer.state.values():
+        if "step" in s:
+            s["step"] = torch.full_like(s["step"], step) if torch.is_tensor(s["step"]) else step
+    # The working copy of theta (what forward reads) must equal the master.
+    with deepspeed.zero.GatheredParameters([theta], modifier_rank=0):
+        if dist.get_rank() == 0:
+            theta.data.copy_(state["master"].to(theta.device, theta.dtype))
+
+
+# ---------------------------------------------------------------- save / load
+def save(engine, theta, root: Path, step: int, extra: dict, run_config_yaml: str, keep_last: int) -> Path:
+    """Write checkpoint `step` (collective). Returns its folder."""
+    from safetensors.torch import save_file
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    full = gather_optimizer_state(engine, theta)
+    with deepspeed_gathered(theta):
+        full["theta"] = theta.detach().float().cpu().reshape(-1).clone()
+    final = step_dir(root, step)
+    tmp = root / f".{final.name}.tmp"
+    if rank == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    save_file(rng, str(tmp / f"rng-rank{rank}.safetensors"))
+    if rank == 0:
+        save_file(full, str(tmp / "state.safetensors"))
+        state = {"step": step, "adam_step": adam_step(engine), "world": world,
+                 "global_steps": engine.global_steps, "global_samples": engine.global_samples,
+                 "micro_steps": engine.micro_steps,
+                 "scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler else None, **extra}
+        (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
+        (tmp / "run_config.yaml").write_text(run_config_yaml)
+    dist.barrier()  # every rank's RNG file is in
+    if rank == 0:
+        files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+        (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=2) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_latest(root, final.name)
+        for old in list_checkpoints(root)[keep_last:]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def deepspeed_gathered(theta):
+    from .zero3 import gathered
+
+    return gathered([theta])
+
+
+def _write_latest(root: Path, name: str) -> None:
+    tmp = root / f".{LATEST}.tmp"
+    tmp.write_text(name + "\n")
+    os.replace(tmp, root / LATEST)
+
+
+def load(engine, theta, ckpt: Path) -> dict:
+    """Restore a verified checkpoint into the engine; returns state.json's content."""
+    from safetensors.torch import load_file
+
+    rank = dist.get_rank()
+    state = json.loads((ckpt / "state.json").read_text())
+    full = load_file(str(ckpt / "state.safetensors"))
+    if full["theta"].numel() != theta.ds_numel:
+        raise CheckpointError(f"{ckpt}: theta has {full['theta'].numel()} entries, this run has d={theta.ds_numel}")
+    restore_optimizer_state(engine, theta, full, state["adam_step"])
+    # Counters in this run's terms: with another number of ranks the accumulation
+    # boundary (micro_steps % grad_accum) must still fall after every grad_accum micro-batches.
+    engine.global_steps = state["global_steps"]
+    engine.global_samples = state["step"] * engine.train_batch_size()
+    engine.micro_steps = state["step"] * engine.gradient_accumulation_steps()
+    if state.get("scheduler") and engine.lr_scheduler is not None:
+        engine.lr_scheduler.load_state_dict(state["scheduler"])
+        for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
+            group["lr"] = lr
+    # Same world size: every rank continues its own RNG stream; otherwise rank 0's.
+    rng_file = ckpt / f"rng-rank{rank if state['world'] == dist.get_world_size() else 0}.safetensors"
+    rng = load_file(str(rng_file))
+    torch.set_rng_state(rng["cpu"])
+    if torch.cuda.is_available() and "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"])
+    return state

@@ -1,0 +1,150 @@
+"""Checkpoints and exact resume on real 2-rank ZeRO-3 runs (tiny model, CPU)."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from gpart_ds.adapter import load_adapter
+from tests.helpers import REPO, deepspeed_launcher, free_port, run_deepspeed
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+STEPS = 6
+BASE = [f"train.max_steps={STEPS}", "train.micro_batch_size=4", "train.eval_examples=8",
+        "train.log_every=100", "train.lr=0.02", "method.dropout=0.1", "checkpoint.every_steps=3"]
+
+
+def train(n, out, *extra, check=True):
+    return run_deepspeed(n, "launch/train.py", "--config", "configs/tiny.yaml", f"output_dir={out}",
+                         *BASE, *extra, check=check)
+
+
+def losses(out):
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in recs if "loss" in r and "step" in r}
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, tiny_assets):
+    """6 uninterrupted steps on 2 ranks, with dropout (so the RNG state must resume too)."""
+    out = tmp_path_factory.mktemp("straight")
+    train(2, out, "train.grad_accum=1")
+    return out
+
+
+@pytest.fixture(scope="module")
+def straight_no_dropout(tmp_path_factory, tiny_assets):
+    """Dropout draws one mask per micro-batch, so 1 rank x accum 2 only matches without it."""
+    out = tmp_path_factory.mktemp("straight_nodrop")
+    train(2, out, "train.grad_accum=1", "method.dropout=0")
+    return out
+
+
+def _resume_from_step3(straight, out, n, accum, *extra):
+    (out / "checkpoints").mkdir(parents=True)
+    shutil.copytree(straight / "checkpoints" / "step-000003", out / "checkpoints" / "step-000003")
+    train(n, out, f"train.grad_accum={accum}", "train.resume=auto", *extra)
+
+
+def test_checkpoints_hold_no_frozen_weights_and_keep_last(straight):
+    ckpts = sorted(p.name for p in (straight / "checkpoints").iterdir() if p.is_dir())
+    assert ckpts == ["step-000003", "step-000006"]
+    assert (straight / "checkpoints" / "latest").read_text().strip() == "step-000006"
+    size = sum(f.stat().st_size for f in (straight / "checkpoints" / "step-000006").iterdir())
+    assert size < 200_000, f"{size} bytes: frozen weights leaked into the checkpoint?"
+    manifest = json.loads((straight / "checkpoints" / "step-000006" / "manifest.json").read_text())
+    assert {"state.safetensors", "state.json", "run_config.yaml", "rng-rank0.safetensors",
+            "rng-rank1.safetensors"} <= set(manifest["files"])
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(straight, tmp_path):
+    out = tmp_path / "resumed"
+    _resume_from_step3(straight, out, 2, 1)
+    a, b = load_adapter(straight / "adapter")[0], load_adapter(out / "adapter")[0]
+    assert torch.equal(a, b)
+    la, lb = losses(straight), losses(out)
+    assert sorted(lb) == [4, 5, 6] and all(la[s] == lb[s] for s in lb)
+
+
+def test_resume_on_one_rank_with_the_same_global_batch(straight_no_dropout, tmp_path):
+    out = tmp_path / "one"
+    _resume_from_step3(straight_no_dropout, out, 1, 2, "method.dropout=0")
+    a, b = load_adapter(straight_no_dropout / "adapter")[0], load_adapter(out / "adapter")[0]
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def _wait_for_step(out, step, proc, timeout=300):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            return False
+        if (out / "metrics.jsonl").exists() and any(s >= step for s in losses(out)):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def _start(out, *extra):
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    cmd = [deepspeed_launcher(), "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
+           "--config", "configs/tiny.yaml", f"output_dir={out}", *BASE, "train.max_steps=16",
+           "checkpoint.every_steps=2", *extra]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def _rank_pids(out):
+    ps = subprocess.run(["pgrep", "-f", f"launch/train.py --local_rank=.* output_dir={out}"],
+                        capture_output=True, text=True).stdout.split()
+    return [int(p) for p in ps]
+
+
+def test_sigterm_checkpoints_exits_75_and_resume_finishes_like_a_straight_run(tmp_path, tiny_assets):
+    out = tmp_path / "preempted"
+    proc = _start(out)
+    assert _wait_for_step(out, 3, proc), proc.communicate()[0][-3000:]
+    for pid in _rank_pids(out):  # SLURM signals every task of the step
+        os.kill(pid, signal.SIGTERM)
+    log = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 75, log[-3000:]
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    stop = [r for r in recs if r.get("event") == "preempted"]
+    assert len(stop) == 1 and (out / "checkpoints" / f"step-{stop[0]['step']:06d}" / "manifest.json").is_file()
+
+    resumed = run_deepspeed(2, "launch/train.py", "--config", "configs/tiny.yaml", f"output_dir={out}",
+                            *BASE, "train.max_steps=16", "checkpoint.every_steps=2", "train.resume=auto")
+    assert resumed.returncode == 0
+    straight = tmp_path / "straight16"
+    run_deepspeed(2, "launch/train.py", "--config", "configs/tiny.yaml", f"output_dir={straight}",
+                  *BASE, "train.max_steps=16", "checkpoint.every_steps=2")
+    assert torch.equal(load_adapter(out / "adapter")[0], load_adapter(straight / "adapter")[0])
+
+
+def test_killed_rank_ends_the_job_quickly_and_resume_recovers(tmp_path, tiny_assets):
+    out = tmp_path / "killed"
+    proc = _start(out, "dist.timeout_minutes=1")
+    assert _wait_for_step(out, 3, proc), proc.communicate()[0][-3000:]
+    t0 = time.time()
+    os.kill(max(_rank_pids(out)), signal.SIGKILL)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0 and time.time() - t0 < 90
+    run_deepspeed(2, "launch/train.py", "--config", "configs/tiny.yaml", f"output_dir={out}",
+                  *BASE, "train.max_steps=16", "checkpoint.every_steps=2", "train.resume=auto")
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("event") == "resume" and r["step"] >= 2 for r in recs)
+
+
+def test_drifted_config_is_refused_naming_the_key(straight, tmp_path):
+    out = tmp_path / "drift"
+    (out / "checkpoints").mkdir(parents=True)
+    shutil.copytree(straight / "checkpoints" / "step-000003", out / "checkpoints" / "step-000003")
+    proc = train(2, out, "train.resume=auto", "method.seed=7", check=False)
+    assert proc.returncode == 2
+    assert "method.seed" in proc.stderr and "trained with method.seed=0" in proc.stderr
