@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .zero3 import gathered
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
@@ -170,7 +172,7 @@ def save(engine, theta, root: Path, step: int, extra: dict, run_config_yaml: str
 
     rank, world = dist.get_rank(), dist.get_world_size()
     full = gather_optimizer_state(engine, theta)
-    with deepspeed_gathered(theta):
+    with gathered([theta]):
         full["theta"] = theta.detach().float().cpu().reshape(-1).clone()
     final = step_dir(root, step)
     tmp = root / f".{final.name}.tmp"
@@ -203,12 +205,6 @@ def save(engine, theta, root: Path, step: int, extra: dict, run_config_yaml: str
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
-
-
-def deepspeed_gathered(theta):
-    from .zero3 import gathered
-
-    return gathered([theta])
 
 
 def _write_latest(root: Path, name: str) -> None:
