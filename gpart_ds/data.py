@@ -330,11 +330,9 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": extra, "labels": labels}
 
 
-def count_tokens(batch: dict) -> int:
-    """Real (non-padding) tokens in a collated batch."""
-    if "attention_mask" in batch:
-        return int(batch["attention_mask"].sum())
-    return int((batch["labels"] != IGNORE_INDEX).sum())
+def count_tokens(examples: list[Example]) -> int:
+    """Real (non-padding) tokens of a micro-batch, packed or not."""
+    return sum(len(e.input_ids) for e in examples)
 
 
 class GlobalBatchOrder:

@@ -19,6 +19,7 @@ from torch import nn
 
 from . import partition
 from .kernels import get_kernels
+from .lm_loss import label_positions_loss, supports_label_positions
 from .ops import LayerSpec, OpConfig, effective_rows, gpart_linear
 
 log = logging.getLogger(__name__)
@@ -164,6 +165,9 @@ class GPartModel(nn.Module):
         # Plain attribute, not a buffer: engines cast buffers to the training dtype, and
         # s must stay float32 to match the reference rounding.
         self._scales = scales.to(torch.float32)
+        # With labels, run the vocabulary head only at label positions (see lm_loss);
+        # callers that need logits call without labels.
+        self.label_positions_only = True
 
     @property
     def d(self) -> int:
@@ -191,6 +195,9 @@ class GPartModel(nn.Module):
 
     def forward(self, *args, **kwargs):
         self._prepare()
+        if (self.label_positions_only and not args and kwargs.get("labels") is not None
+                and "logits_to_keep" not in kwargs and supports_label_positions(self.base_model)):
+            return label_positions_loss(self.base_model, **kwargs)
         return self.base_model(*args, **kwargs)
 
     @torch.no_grad()

@@ -249,3 +249,10 @@ def test_sentencepiece_tokenizer_model_works(tmp_path):
     src = tmp_path / "d.jsonl"
     src.write_text(json.dumps({"prompt": "the cat", "completion": " sat"}) + "\n")
     assert len(data.tokenized(src, t, tdir, max_length=16, cache_dir=tmp_path / "c")) == 1
+
+
+def test_count_tokens_counts_real_tokens_of_packed_and_padded_batches():
+    exs = [data.Example([1, 2, 3], [-100, 2, 3], None), data.Example([4], [4], None)]
+    assert data.count_tokens(exs) == 4
+    packed = data.pack(exs, max_length=8)
+    assert data.count_tokens(packed) == 4 and len(data.collate(packed, 0)["input_ids"][0]) == 4

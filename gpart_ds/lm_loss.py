@@ -1,0 +1,46 @@
+"""Causal-LM loss that runs the output head only where a label is.
+
+Prompt/completion and chat data put labels on a few tokens per example (one for a
+classification answer), yet a plain `model(labels=...)` projects every position onto
+the whole vocabulary: on SmolLM2 (49k vocabulary, 576 hidden) that head is ~15% of a
+training step's FLOPs, nearly all of it wasted. Here the decoder runs as usual and the
+head sees only the rows whose next token carries a label. The loss is the same mean
+over label tokens as transformers' `ForCausalLMLoss` (fp32 cross-entropy, -100 ignored).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+IGNORE_INDEX = -100
+
+
+def supports_label_positions(model) -> bool:
+    """True when logits = lm_head(decoder(x)) with nothing in between.
+
+    Models that post-process logits (Gemma-2's soft-capping, scaled heads) keep the
+    full forward, which is always correct.
+    """
+    cfg = getattr(model, "config", None)
+    if cfg is None or getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
+        return False
+    try:
+        return model.get_decoder() is not None and model.get_output_embeddings() is not None
+    except (AttributeError, NotImplementedError):
+        return False
+
+
+def label_positions_loss(model, labels: torch.Tensor, **inputs) -> CausalLMOutputWithPast:
+    """Mean next-token cross-entropy over label positions; `logits` is not returned."""
+    inputs.setdefault("use_cache", False)
+    hidden = model.get_decoder()(**inputs).last_hidden_state
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    rows = hidden[:, :-1][keep]                      # (n_label_tokens, hidden)
+    logits = model.get_output_embeddings()(rows).float()
+    n = keep.sum()
+    # Sum / count rather than mean(): a micro-batch with no label token gives 0, not NaN,
+    # and still takes part in the backward (ZeRO-3 needs every rank to).
+    loss = F.cross_entropy(logits, targets[keep], reduction="sum") / n.clamp(min=1)
+    return CausalLMOutputWithPast(loss=loss)

@@ -1,0 +1,51 @@
+"""The label-positions-only loss equals transformers' full-vocabulary loss, gradients too."""
+import torch
+
+from gpart_ds.lm_loss import IGNORE_INDEX, supports_label_positions
+from gpart_ds.transform import apply_gpart
+from tests.test_transform import micro_llama
+
+
+def batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 50, (3, 9), generator=g)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[0, 6:] = ids[0, 6:]            # a completion at the end
+    labels[1, 3:5] = ids[1, 3:5]          # one in the middle, then right padding
+    labels[2, 8] = ids[2, 8]              # a single answer token
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def run(label_positions_only: bool, b: dict):
+    g = apply_gpart(micro_llama(), d=64, seed=3)
+    with torch.no_grad():
+        g.gpart_theta.copy_(torch.randn(64, generator=torch.Generator().manual_seed(1)) * 0.1)
+    g.label_positions_only = label_positions_only
+    out = g(**b)
+    out.loss.backward()
+    return out.loss.detach(), g.gpart_theta.grad.clone()
+
+
+def test_label_positions_loss_and_grad_equal_the_full_head():
+    b = batch()
+    full_loss, full_grad = run(False, b)
+    loss, grad = run(True, b)
+    assert supports_label_positions(micro_llama())
+    torch.testing.assert_close(loss, full_loss, rtol=1e-6, atol=0)  # fp32 CE, sum/n vs mean
+    torch.testing.assert_close(grad, full_grad, rtol=1e-5, atol=1e-9)
+    assert full_grad.abs().sum() > 0
+
+
+def test_a_batch_without_labels_gives_zero_loss_and_still_backpropagates():
+    b = batch()
+    b["labels"] = torch.full_like(b["labels"], IGNORE_INDEX)
+    loss, grad = run(True, b)
+    assert loss.item() == 0.0 and torch.count_nonzero(grad) == 0
+
+
+def test_models_that_post_process_logits_keep_the_full_head():
+    m = micro_llama()
+    m.config.final_logit_softcapping = 30.0
+    assert not supports_label_positions(m)
