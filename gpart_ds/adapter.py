@@ -30,7 +30,7 @@ class AdapterError(ValueError):
 
 
 def adapter_config(*, d: int, seed: int, target_modules, dropout: float, layout,
-                   base_model: dict) -> dict:
+                   base_model: dict, dtype: torch.dtype | None = None) -> dict:
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -44,6 +44,8 @@ def adapter_config(*, d: int, seed: int, target_modules, dropout: float, layout,
         "D": layout.D,
         "layout": layout.to_json(),  # [name, [out, in], offset] in canonical order
         "base_model": base_model,
+        # The dtype W0 + delta was formed in during training: merged exports round in it.
+        "dtype": str(dtype).removeprefix("torch.") if dtype is not None else None,
         "gpart_ds_version": __version__,
     }
 

@@ -91,6 +91,15 @@ class DistConfig:
 
 
 @dataclass
+class ExportConfig:
+    merged: bool = False            # write a merged Hugging Face folder at the end of training
+    dir: Optional[str] = None       # default: <output_dir>/merged
+    dtype: str = "auto"             # auto: the training dtype (bit-exact with training); bf16 | fp16 | fp32
+    max_shard_size: str = "5GB"
+    overwrite: bool = False         # replace an existing export folder
+
+
+@dataclass
 class RunConfig:
     method: MethodConfig = field(default_factory=MethodConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -98,6 +107,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     # DeepSpeed: a path to a JSON file (relative to the YAML file) or an inline mapping.
     deepspeed: Any = None
     output_dir: str = MISSING
@@ -238,6 +248,14 @@ def _validate_values(cfg: DictConfig, where: _Where) -> None:
     need(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
     need(cfg.dist.backend in ("auto", "nccl", "gloo", "mpi"), "dist.backend",
          "must be auto, nccl, gloo or mpi")
+    e = cfg.export
+    need(e.dtype in ("auto", "bf16", "fp16", "fp32"), "export.dtype", f"must be auto, bf16, fp16 or fp32, got {e.dtype!r}")
+    from .safetensors_io import parse_size
+
+    try:
+        parse_size(e.max_shard_size)
+    except ValueError as exc:
+        need(False, "export.max_shard_size", str(exc))
 
 
 def _load_deepspeed(value, base_dir: Path, where: _Where) -> dict:
@@ -279,6 +297,18 @@ def check_paths(cfg: DictConfig, where: _Where | None = None) -> None:
         p = Path(cfg.data[key])
         if not p.is_file():
             raise ConfigError(f"{where('data.' + key)}: data file {str(p)!r} not found")
+    if cfg.export.merged:
+        out = export_dir(cfg)
+        if out.exists() and not cfg.export.overwrite:
+            raise ConfigError(f"{where('export.dir')}: merged export folder {str(out)!r} already exists; "
+                              "set export.overwrite=true to replace it or choose another export.dir")
+        if not any(mp.glob("*.safetensors")):
+            raise ConfigError(f"{where('model.path')}: export.merged needs the base weights as "
+                              f"*.safetensors in {str(mp)!r}")
+
+
+def export_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.export.dir) if cfg.export.dir else Path(cfg.output_dir) / "merged"
 
 
 def to_yaml(cfg: DictConfig) -> str:

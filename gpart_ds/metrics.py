@@ -9,9 +9,26 @@ from pathlib import Path
 import torch
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory.
+
+    VmHWM where /proc has it: ru_maxrss also counts the parent's peak when the process
+    was spawned with vfork (Python's subprocess does), so a rank started by a large
+    parent would report the parent's memory.
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def peak_memory_gb() -> dict[str, float]:
     """Peak host RSS of this process and, on GPU, peak allocated device memory."""
-    out = {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    out = {"peak_rss_gb": peak_rss_bytes() / 2**30}
     if torch.cuda.is_available():
         out["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
     return out

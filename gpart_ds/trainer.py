@@ -146,9 +146,10 @@ class Trainer:
         zero3.persist(theta)
 
     # ---------------------------------------------------------------- loop
-    def _batch(self, indices: list[int], examples) -> dict:
-        batch = data.collate([examples[i] for i in indices], self.pad_id)
-        return {k: v.to(self.device) for k, v in batch.items()}
+    def _batch(self, indices: list[int], examples) -> tuple[dict, int]:
+        exs = [examples[i] for i in indices]
+        batch = data.collate(exs, self.pad_id)
+        return {k: v.to(self.device) for k, v in batch.items()}, data.count_tokens(exs)
 
     def _all_sum(self, values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
@@ -161,12 +162,12 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
         loss_sum, tokens = 0.0, 0
         for a in range(self.cfg.train.grad_accum):
-            batch = self._batch(self.order.indices(step, a, self.rank), self.train_set)
+            batch, n_tokens = self._batch(self.order.indices(step, a, self.rank), self.train_set)
             loss = self.engine(**batch).loss
             self.engine.backward(loss)
             self.engine.step()
             loss_sum += loss.item()
-            tokens += data.count_tokens(batch)
+            tokens += n_tokens
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
@@ -315,6 +316,8 @@ class Trainer:
             self.save_adapter(theta, self.out / "adapter")
         if self.world > 1:
             dist.barrier()
+        if cfg.export.merged:
+            self.export_merged()
         mem = self._max_over_ranks(peak_memory_gb())
         steady = [r["step_time_s"] for r in history[1:]] or [r["step_time_s"] for r in history] or [0.0]
         adapter_dir = self.out / "adapter"
@@ -332,6 +335,34 @@ class Trainer:
         return summary
 
     # ---------------------------------------------------------------- outputs
+    def export_merged(self) -> Path:
+        """The merged Hugging Face folder, every rank writing its own shards (collective)."""
+        from .config import export_dir
+        from .export import parse_dtype
+        from .zero3_export import export_merged
+
+        e, t0 = self.cfg.export, time.perf_counter()
+        out = export_merged(self.gmodel, self.cfg.model.path, export_dir(self.cfg), self.dtype,
+                            parse_dtype(e.dtype), e.max_shard_size, e.overwrite, device=self.device)
+        dt = time.perf_counter() - t0
+        log.info("merged model written to %s in %.1f s", out, dt)
+        self.metrics.write({"event": "export", "dir": str(out), "seconds": dt})
+        return out
+
+    def export_only(self) -> Path:
+        """Load a checkpoint (train.resume) and write the merged model; no training."""
+        if self.engine is None:
+            self.setup()
+        if not self.cfg.train.resume:
+            raise checkpoint.CheckpointError(
+                f"{where_for(self.cfg)('train.resume')}: --export-only needs train.resume=auto or a checkpoint path")
+        step, _ = self._resume()
+        if step == 0:
+            raise checkpoint.CheckpointError(f"no complete checkpoint in {self._checkpoint_root()} to export")
+        out = self.export_merged()
+        self.metrics.close()
+        return out
+
     def theta(self) -> torch.Tensor:
         """The full theta on this rank (fp32, CPU)."""
         theta = self.gmodel.gpart_theta
@@ -363,7 +394,8 @@ class Trainer:
             d=m.d, seed=m.seed, target_modules=tm, dropout=m.dropout, layout=self.gmodel.layout,
             base_model={"name": model_name(self.cfg.model.path),
                         "path": str(Path(self.cfg.model.path).resolve()),
-                        "architectures": list(getattr(self.gmodel.base_model.config, "architectures", None) or [])})
+                        "architectures": list(getattr(self.gmodel.base_model.config, "architectures", None) or [])},
+            dtype=self.dtype)
         return adapter_io.save_adapter(out_dir, theta, config)
 
 

@@ -19,6 +19,9 @@ def parse(argv=None):
     ap.add_argument("--config", required=True, help="YAML file, or a name in configs/")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None,
                     help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    ap.add_argument("--export-only", action="store_true",
+                    help="load the checkpoint named by train.resume and write the merged model "
+                         "(export.dir) without training")
     ap.add_argument("overrides", nargs="*", help="key.sub=value")
     return ap.parse_args(argv)
 
@@ -37,13 +40,15 @@ def main(argv=None) -> int:
     from gpart_ds.config import ConfigError, load_config
     from gpart_ds.data import DataError
     from gpart_ds.checkpoint import CheckpointError
-    from gpart_ds.trainer import PREEMPTED_EXIT, Preempted
-    from gpart_ds.trainer import main as train
+    from gpart_ds.export import ExportError
+    from gpart_ds.trainer import PREEMPTED_EXIT, Preempted, Trainer
 
     try:
-        cfg = load_config(args.config, args.overrides, check_files=False)
-        train(cfg)
-    except (ConfigError, DataError, CheckpointError) as exc:
+        overrides = list(args.overrides) + (["export.merged=true"] if args.export_only else [])
+        cfg = load_config(args.config, overrides, check_files=False)
+        trainer = Trainer(cfg)
+        trainer.export_only() if args.export_only else trainer.run()
+    except (ConfigError, DataError, CheckpointError, ExportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Preempted:

@@ -1,0 +1,80 @@
+"""Merged export from a real ZeRO-3 run: every rank writes its own shards in place.
+
+The model is chosen for awkward shard boundaries on 3 ranks: hidden size 2, so each
+RMSNorm weight (2 elements) is smaller than the world and one rank holds only padding;
+q_proj (4 elements) leaves rank 2 empty; the embedding (640) splits 214/214/212 with
+padding; the output files are split by a tiny max_shard_size; embeddings are tied.
+"""
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from gpart_ds import export
+from gpart_ds.adapter_sources import open_source
+from gpart_ds.transform import apply_gpart
+from tests.export_helpers import expected_targets, make_base, raw_bytes, read_folder
+from tests.helpers import run_deepspeed
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+
+def test_zero3_merged_export_equals_offline_merge_and_w0_plus_delta(tmp_path, tiny_assets):
+    base = make_base(tmp_path / "base", tiny_assets / "model", hidden=2, heads=1, kv=1, inter=3,
+                     layers=2, tie=True, dtype=torch.bfloat16)
+    out = tmp_path / "run"
+    run_deepspeed(3, "launch/train.py", "--config", "configs/tiny.yaml", f"model.path={base}",
+                  "model.precision=bf16", "method.d=16", "train.max_steps=3", "train.lr=0.5",
+                  "train.eval_examples=4", f"output_dir={out}", "export.merged=true",
+                  "export.max_shard_size=100")
+    merged = out / "merged"
+    files = sorted(p.name for p in merged.glob("*.safetensors"))
+    assert len(files) >= 3 and (merged / "model.safetensors.index.json").is_file()
+    prov = json.loads((merged / "gpart_merge.json").read_text())
+    assert prov["ranks"] == 3 and prov["compute_dtype"] == "torch.bfloat16"
+
+    # 1. byte-identical to the offline streaming merge of the run's adapter
+    export.merge_offline(base, out / "adapter", tmp_path / "offline", max_shard_size=100)
+    m, off, b = read_folder(merged), read_folder(tmp_path / "offline"), read_folder(base)
+    assert m.keys() == off.keys() == b.keys()
+    for k in m:
+        assert raw_bytes(m[k]) == raw_bytes(off[k]), k
+
+    # 2. targets are W0 + delta computed independently; everything else is the base, bytes
+    src = open_source(out / "adapter", base)
+    assert src.dtype == torch.bfloat16 and src.theta.abs().sum() > 0
+    from gpart_ds.model import skeleton
+    from gpart_ds.transform import build_layout
+
+    layout = build_layout(skeleton(str(base)), "all-linear")
+    want = expected_targets(b, layout, src.theta, src.seed, torch.bfloat16)
+    changed = 0
+    for k, t in m.items():
+        assert raw_bytes(t) == raw_bytes(want.get(k, b[k])), k
+        changed += k in want and not torch.equal(t, b[k])
+    assert changed >= 10
+
+    # 3. plain transformers loads it and gives the trained GPart model's logits
+    served = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.bfloat16).eval()
+    g = apply_gpart(AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16), d=16,
+                    seed=src.seed).eval()
+    with torch.no_grad():
+        g.gpart_theta.copy_(src.theta)
+        ids = torch.randint(4, 320, (2, 7), generator=torch.Generator().manual_seed(0))
+        assert torch.equal(served(input_ids=ids).logits, g(input_ids=ids).logits)
+
+
+def test_export_only_from_a_checkpoint_and_existing_folder_refused(tmp_path, tiny_assets):
+    out = tmp_path / "run"
+    common = ("--config", "configs/tiny.yaml", "train.max_steps=2", "train.eval_examples=4",
+              f"output_dir={out}")
+    run_deepspeed(2, "launch/train.py", *common)
+    assert not (out / "merged").exists()
+    run_deepspeed(2, "launch/train.py", "--export-only", *common, "train.resume=auto")
+    export.merge_offline(tiny_assets / "model", out / "adapter", tmp_path / "offline")
+    assert (out / "merged" / "model.safetensors").read_bytes() == (tmp_path / "offline" / "model.safetensors").read_bytes()
+    # an existing export folder is refused before any work (exit 2, key named)
+    proc = run_deepspeed(2, "launch/train.py", "--export-only", *common, "train.resume=auto", check=False)
+    assert proc.returncode != 0
+    assert "export.dir" in proc.stderr and "already exists" in proc.stderr

@@ -1,0 +1,208 @@
+"""Offline streaming merge, verification, reference adapters and bad input."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from gpart_ds import export
+from gpart_ds.adapter import AdapterError
+from gpart_ds.adapter_sources import open_source
+from gpart_ds.transform import apply_gpart
+from tests.export_helpers import (expected_targets, make_adapter, make_base, raw_bytes, read_folder,
+                                  write_reference_adapter)
+from tests.helpers import REPO
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tiny_assets):
+    return tiny_assets / "model"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_offline_merge_is_w0_plus_delta_and_leaves_the_rest_byte_identical(tmp_path, tok_dir, dtype):
+    base = make_base(tmp_path / "base", tok_dir, dtype=dtype, tie=dtype == torch.float32)
+    theta, layout = make_adapter(tmp_path / "ad", base, d=37, seed=5, dtype=dtype)
+    stats = export.merge_offline(base, tmp_path / "ad", tmp_path / "out")
+    assert stats["dtype"] == str(dtype)
+    b, m = read_folder(base), read_folder(tmp_path / "out")
+    assert m.keys() == b.keys()
+    want = expected_targets(b, layout, theta, 5, dtype)
+    assert len(want) == 2 * 7
+    for name, t in m.items():
+        assert t.dtype == dtype
+        if name in want:
+            assert raw_bytes(t) == raw_bytes(want[name]), name
+            assert not torch.equal(t, b[name]), f"{name}: delta had no effect"
+        else:
+            assert raw_bytes(t) == raw_bytes(b[name]), name
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["dtype"] == str(dtype).removeprefix("torch.")
+    assert (tmp_path / "out" / "tokenizer.json").is_file()
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_merged_folder_serves_the_trained_model_logits(tmp_path, tok_dir):
+    base = make_base(tmp_path / "base", tok_dir, dtype=torch.bfloat16)
+    theta, layout = make_adapter(tmp_path / "ad", base, d=50, seed=1, dtype=torch.bfloat16)
+    export.merge_offline(base, tmp_path / "ad", tmp_path / "out", max_shard_size=4000)
+    files = sorted(p.name for p in (tmp_path / "out").glob("*.safetensors"))
+    assert len(files) > 2 and (tmp_path / "out" / "model.safetensors.index.json").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.bfloat16).eval()
+    g = apply_gpart(AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16), d=50, seed=1).eval()
+    with torch.no_grad():
+        g.gpart_theta.copy_(theta)
+        ids = torch.randint(4, 320, (2, 9), generator=torch.Generator().manual_seed(0))
+        assert torch.equal(merged(input_ids=ids).logits, g(input_ids=ids).logits)
+    r = export.verify(tmp_path / "out", base, tmp_path / "ad")
+    assert r["ok"] and r["max_abs_logit_diff"] == 0.0
+
+
+def test_verify_fails_on_a_merge_that_is_not_the_adapter(tmp_path, tok_dir):
+    base = make_base(tmp_path / "base", tok_dir)
+    make_adapter(tmp_path / "ad", base, d=20, seed=0)
+    make_adapter(tmp_path / "other", base, d=20, seed=0, theta_seed=9)
+    export.merge_offline(base, tmp_path / "other", tmp_path / "out")
+    proc = subprocess.run([sys.executable, "-m", "gpart_ds.export", "verify", "--merged", str(tmp_path / "out"),
+                           "--base", str(base), "--adapter", str(tmp_path / "ad")],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "FAILED" in proc.stdout
+
+
+def test_reference_adapter_merges_to_the_reference_weights(tmp_path, tok_dir):
+    """The authors' stateless backend: W0 + ((theta * s)[g]).to(W0.dtype), biases excluded."""
+    base = make_base(tmp_path / "base", tok_dir, dtype=torch.bfloat16)
+    theta = torch.randn(64, generator=torch.Generator().manual_seed(3)) * 0.3
+    write_reference_adapter(tmp_path / "ref", theta, 64, proj_seed=42, target_modules=["q_proj", "v_proj"])
+    src = open_source(tmp_path / "ref", base)
+    assert src.kind == "reference" and src.seed == 42 and src.dtype is None
+    assert [t.name.rsplit(".", 1)[1] for t in src.targets] == ["q_proj", "v_proj"] * 2
+    export.merge_offline(base, tmp_path / "ref", tmp_path / "out")
+    from gpart_ds.model import skeleton
+    from gpart_ds.transform import build_layout
+
+    layout = build_layout(skeleton(str(base)), ["q_proj", "v_proj"])
+    b, m = read_folder(base), read_folder(tmp_path / "out")
+    want = expected_targets(b, layout, theta, 42, torch.bfloat16)
+    for name, t in m.items():
+        assert raw_bytes(t) == raw_bytes(want.get(name, b[name])), name
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("assignment_backend", "materialized", "torch.randint"),
+    ("bias", "all", "bias='all' is not supported"),
+    ("partition_scope", "transformer_block", "partition_scope"),
+    ("projection_type", "fastfood", "projection_type"),
+])
+def test_reference_settings_we_cannot_reproduce_are_refused(tmp_path, tok_dir, key, value, match):
+    base = make_base(tmp_path / "base", tok_dir)
+    write_reference_adapter(tmp_path / "ref", torch.zeros(8), 8, 0, "all-linear", **{key: value})
+    with pytest.raises(AdapterError, match=match):
+        export.merge_offline(base, tmp_path / "ref", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_wrong_base_model_is_refused_by_name(tmp_path, tok_dir):
+    a = make_base(tmp_path / "a", tok_dir, hidden=8)
+    b = make_base(tmp_path / "b", tok_dir, hidden=16, heads=2)
+    make_adapter(tmp_path / "ad", a, d=16, seed=0)
+    with pytest.raises(AdapterError, match=r"q_proj.weight has shape \[8, 8\] in the adapter but \[16, 16\].*wrong base"):
+        export.merge_offline(b, tmp_path / "ad", tmp_path / "out")
+    c = make_base(tmp_path / "c", tok_dir, layers=1)
+    with pytest.raises(AdapterError, match="layers.1.self_attn.q_proj.weight is not in the base model"):
+        export.merge_offline(c, tmp_path / "ad", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_corrupted_adapter_and_unknown_hash_version_are_refused(tmp_path, tok_dir):
+    base = make_base(tmp_path / "base", tok_dir)
+    make_adapter(tmp_path / "ad", base, d=16, seed=0)
+    w = tmp_path / "ad" / "adapter_model.safetensors"
+    w.write_bytes(w.read_bytes()[:-7])
+    with pytest.raises(AdapterError, match="adapter_model.safetensors: unreadable"):
+        export.merge_offline(base, tmp_path / "ad", tmp_path / "out")
+    make_adapter(tmp_path / "ad2", base, d=16, seed=0)
+    cfg_path = tmp_path / "ad2" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["hash"]["version"] = 2
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(AdapterError, match="hash .* is not supported"):
+        export.merge_offline(base, tmp_path / "ad2", tmp_path / "out")
+
+
+def test_existing_output_is_kept_unless_overwrite(tmp_path, tok_dir):
+    base = make_base(tmp_path / "base", tok_dir)
+    make_adapter(tmp_path / "ad", base, d=16, seed=0)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    proc = subprocess.run([sys.executable, "-m", "gpart_ds.export", "--base", str(base), "--adapter",
+                           str(tmp_path / "ad"), "--out", str(out)], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2 and "already exists; pass --overwrite" in proc.stderr
+    assert (out / "precious.txt").read_text() == "keep me"
+    export.merge_offline(base, tmp_path / "ad", out, overwrite=True)
+    assert not (out / "precious.txt").exists() and (out / "model.safetensors").is_file()
+
+
+DISK_FULL = """
+import resource, signal, sys
+from gpart_ds import export
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)     # a write past the limit fails with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
+export.merge_offline(sys.argv[1], sys.argv[2], sys.argv[3], overwrite=True)
+"""
+
+
+def test_disk_full_leaves_the_previous_output_intact_and_no_partial_files(tmp_path, tok_dir):
+    base = make_base(tmp_path / "base", tok_dir, hidden=32, inter=64)
+    make_adapter(tmp_path / "ad", base, d=64, seed=0)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors").write_text("the previous export")
+    size = (base / "model.safetensors").stat().st_size
+    proc = subprocess.run([sys.executable, "-c", DISK_FULL.format(limit=size // 2), str(base),
+                           str(tmp_path / "ad"), str(out)], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0 and "File too large" in proc.stderr
+    assert (out / "model.safetensors").read_text() == "the previous export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ad", "base", "out"]
+
+
+PEAK = """
+import sys, json
+from gpart_ds import export, safetensors_io
+import torch
+def hwm():  # VmHWM, not ru_maxrss: the latter inherits the parent's peak across exec
+    line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+base, ad, out = sys.argv[1:4]
+import gc, psutil
+import gpart_ds.adapter_sources, gpart_ds.merge, gpart_ds.model, transformers  # imports before the baseline
+gc.collect()
+before = psutil.Process().memory_info().rss
+export.merge_offline(base, ad, out, block_bytes=int(sys.argv[4]), kernel=sys.argv[5])
+print(json.dumps({"before": before, "peak": hwm()}))
+"""
+
+
+@pytest.mark.slow
+def test_offline_merge_memory_is_bounded_by_a_block_not_the_model(tmp_path, tok_dir):
+    # 12 layers x (4 x 512^2 + 3 x 512 x 2048) fp32 = 200 MB of targets; largest tensor 4 MB.
+    base = make_base(tmp_path / "base", tok_dir, hidden=512, heads=8, kv=8, inter=2048, layers=12)
+    make_adapter(tmp_path / "ad", base, d=4096, seed=0)
+    model_bytes = (base / "model.safetensors").stat().st_size
+    largest = 512 * 2048 * 4
+    proc = subprocess.run([sys.executable, "-c", PEAK, str(base), str(tmp_path / "ad"), str(tmp_path / "out"),
+                           str(largest), "eager"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    grew = r["peak"] - max(r["before"], 0)
+    print(f"model {model_bytes / 2**20:.0f} MiB, largest tensor {largest / 2**20:.0f} MiB, "
+          f"peak growth {grew / 2**20:.0f} MiB")
+    # Block = largest tensor: its read buffer, merged result and the eager hash's
+    # workspace (2^18 positions of int64 temporaries, ~20 MB) stay within 16 x the
+    # largest tensor, a third of this model; a load-everything merge would need it all.
+    assert grew < 16 * largest and grew < model_bytes / 3
