@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from gpart_ds import assets
+from gpart_ds import assets, export
 from gpart_ds.evaluate import evaluate_files
 from tests.helpers import run_deepspeed
 
@@ -41,7 +41,7 @@ def test_gpart_under_zero3_lowers_held_out_loss_on_the_real_model(real_assets, t
     run_deepspeed(2, "launch/train.py", "--config", "configs/smollm2_rt.yaml", f"output_dir={out}",
                   "train.max_steps=4", "train.micro_batch_size=2", "train.eval_examples=16",
                   "train.eval_micro_batch_size=8", "train.warmup_ratio=0", f"data.cache_dir={tmp_path / 'tok'}",
-                  timeout=1200)
+                  "export.merged=true", timeout=1200)
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     s = recs[-1]
     assert s["event"] == "summary" and s["world"] == 2
@@ -53,3 +53,14 @@ def test_gpart_under_zero3_lowers_held_out_loss_on_the_real_model(real_assets, t
                          max_length=128, batch_size=8, max_examples=16, add_eos=False)
     assert res["eval_loss"] == pytest.approx(s["eval_loss_after"], rel=1e-4)
     assert res["accuracy"] == pytest.approx(s["accuracy_after"])
+
+    # The merged folder written shard by shard by the 2 ranks is the trained model for
+    # plain transformers, and byte-identical to the offline streaming merge.
+    merged = out / "merged"
+    check = export.verify(merged, real_assets[0], out / "adapter")
+    assert check["ok"], check
+    served = evaluate_files(str(merged), real_assets[1] / "eval.jsonl", max_length=128, batch_size=8,
+                            max_examples=16, add_eos=False)
+    assert served["eval_loss"] == pytest.approx(s["eval_loss_after"], rel=1e-4)
+    export.merge_offline(real_assets[0], out / "adapter", tmp_path / "offline")
+    assert (merged / "model.safetensors").read_bytes() == (tmp_path / "offline" / "model.safetensors").read_bytes()
