@@ -75,6 +75,9 @@ class TrainConfig:
     eval_micro_batch_size: int = 0  # 0: micro_batch_size. Larger amortises the delta
                                     # regeneration that every forward pays
     resume: Optional[str] = None    # "auto" (newest checkpoint that verifies) or a path
+    # lm: next-token loss on the completion; choices: cross-entropy among the first tokens
+    # of each record's `choices` at the answer position (rank classification).
+    objective: str = "lm"
 
 
 @dataclass
@@ -240,6 +243,7 @@ def _validate_values(cfg: DictConfig, where: _Where) -> None:
     need(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas",
          "must be two numbers in [0, 1)")
     need(t.schedule in SCHEDULES, "train.schedule", f"must be one of {SCHEDULES}")
+    need(t.objective in ("lm", "choices"), "train.objective", f"must be lm or choices, got {t.objective!r}")
     need(0 <= t.warmup_ratio <= 1, "train.warmup_ratio", "must be in [0, 1]")
     need(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
     need(t.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 disables clipping)")

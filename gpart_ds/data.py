@@ -49,6 +49,9 @@ class Example:
     input_ids: list[int]
     labels: list[int]
     position_ids: list[int] | None = None   # set for packed sequences
+    # objective "choices": one [position, token of choice 1, token of choice 2, ...] per
+    # decision, position = index of the answer's first token in input_ids.
+    choices: list[list[int]] | None = None
 
 
 # ------------------------------------------------------------------ reading
@@ -186,8 +189,22 @@ def _chat_example(tokenizer, where: str, messages: list[dict]) -> Example:
     return Example(ids, labels)
 
 
+def _decision(rec: dict, tokenizer, pos: int, where: str) -> list[int]:
+    """[pos, first token of each choice]: what the choices objective scores at pos."""
+    choices = rec.get("choices")
+    if not isinstance(choices, list) or rec["completion"] not in choices:
+        raise DataError(f"{where}: train.objective 'choices' needs a 'choices' list containing the completion")
+    firsts = [(tokenizer(c, add_special_tokens=False)["input_ids"] or [None])[0] for c in choices]
+    if None in firsts or len(set(firsts)) != len(firsts):
+        raise DataError(f"{where}: choices {choices!r} do not differ in their first token, which the "
+                        "'choices' objective scores; use train.objective lm")
+    return [pos] + firsts
+
+
 def tokenize_record(rec: dict, fmt: str, tokenizer, max_length: int, chat_template: bool = False,
-                    where: str = "?", add_eos: bool = True) -> Example:
+                    where: str = "?", add_eos: bool = True, choice_loss: bool = False) -> Example:
+    if choice_loss and fmt != "prompt_completion":
+        raise DataError(f"{where}: train.objective 'choices' needs prompt/completion records, not {fmt}")
     eos = tokenizer.eos_token_id if add_eos else None
     if fmt == "prompt_completion":
         p = prompt_ids(tokenizer, rec["prompt"], chat_template)
@@ -195,6 +212,11 @@ def tokenize_record(rec: dict, fmt: str, tokenizer, max_length: int, chat_templa
         if eos is not None:
             c = c + [eos]
         ex = Example(p + c, [IGNORE_INDEX] * len(p) + c)
+        if choice_loss:
+            if len(p) >= max_length:
+                raise DataError(f"{where}: the prompt has {len(p)} tokens, data.max_length={max_length} "
+                                "leaves no room for the answer the 'choices' objective scores")
+            ex.choices = [_decision(rec, tokenizer, len(p), where)]
     elif fmt == "chat":
         ex = _chat_example(tokenizer, where, rec["messages"])
     else:
@@ -215,11 +237,14 @@ def pack(examples: list[Example], max_length: int) -> list[Example]:
     position_ids restart at 0 for each example: with no 2D attention mask, transformers
     derives a block-diagonal causal mask from them, so examples never attend to each other.
     """
-    packed, cur = [], Example([], [], [])
+    with_choices = bool(examples) and examples[0].choices is not None
+    packed, cur = [], Example([], [], [], [] if with_choices else None)
     for ex in examples:
         if cur.input_ids and len(cur.input_ids) + len(ex.input_ids) > max_length:
             packed.append(cur)
-            cur = Example([], [], [])
+            cur = Example([], [], [], [] if with_choices else None)
+        if with_choices:
+            cur.choices += [[pos + len(cur.input_ids)] + ids for pos, *ids in ex.choices]
         cur.input_ids += ex.input_ids
         cur.labels += ex.labels
         cur.position_ids += list(range(len(ex.input_ids)))
@@ -235,7 +260,8 @@ def _file_digest(h, path: Path) -> None:
             h.update(block)
 
 
-def cache_key(path, tokenizer_dir, fmt, max_length, packing, chat_template, add_eos=True) -> str:
+def cache_key(path, tokenizer_dir, fmt, max_length, packing, chat_template, add_eos=True,
+              choice_loss=False) -> str:
     h = hashlib.sha256()
     _file_digest(h, Path(path))
     for name in _TOKENIZER_FILES:
@@ -244,7 +270,7 @@ def cache_key(path, tokenizer_dir, fmt, max_length, packing, chat_template, add_
             h.update(name.encode())
             _file_digest(h, p)
     h.update(json.dumps([_CACHE_VERSION, fmt, max_length, bool(packing), bool(chat_template),
-                         bool(add_eos)]).encode())
+                         bool(add_eos)] + ([True] if choice_loss else [])).encode())
     return h.hexdigest()[:24]
 
 
@@ -260,33 +286,36 @@ class TokenizedSet:
 
     def __getitem__(self, i: int) -> Example:
         row = self.ds[int(i)]
-        return Example(row["input_ids"], row["labels"], row.get("position_ids"))
+        return Example(row["input_ids"], row["labels"], row.get("position_ids"), row.get("choices"))
 
     def num_tokens(self) -> int:
         return sum(len(x) for x in self.ds["input_ids"])
 
 
 def tokenized(path, tokenizer, tokenizer_dir, *, fmt="auto", max_length=512, packing=False,
-              chat_template=False, add_eos=True, cache_dir=".cache/tokenized") -> TokenizedSet:
+              chat_template=False, add_eos=True, cache_dir=".cache/tokenized",
+              choice_loss=False) -> TokenizedSet:
     """Tokenise `path` once (cached, shared by every rank on the file system) and load it."""
     import datasets
 
     from .assets import file_lock
 
     datasets.disable_progress_bars()
-    key = cache_key(path, tokenizer_dir, fmt, max_length, packing, chat_template, add_eos)
+    key = cache_key(path, tokenizer_dir, fmt, max_length, packing, chat_template, add_eos, choice_loss)
     final = Path(cache_dir) / f"{Path(path).stem}-{key}"
     if not (final / ".complete").exists():
         with file_lock(Path(cache_dir) / f".{final.name}.lock"):
             if not (final / ".complete").exists():
                 records, resolved = load(path, fmt)
-                exs = [tokenize_record(r, resolved, tokenizer, max_length, chat_template, where, add_eos)
-                       for where, r in records]
+                exs = [tokenize_record(r, resolved, tokenizer, max_length, chat_template, where, add_eos,
+                                       choice_loss) for where, r in records]
                 if packing:
                     exs = pack(exs, max_length)
                 cols = {"input_ids": [e.input_ids for e in exs], "labels": [e.labels for e in exs]}
                 if packing:
                     cols["position_ids"] = [e.position_ids for e in exs]
+                if choice_loss:
+                    cols["choices"] = [e.choices for e in exs]
                 tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
                 try:
                     datasets.Dataset.from_dict(cols).save_to_disk(str(tmp / "data"))
@@ -325,9 +354,23 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
             extra[i, k:] = torch.arange(n - k)
         else:
             extra[i, :k] = 1
-    if packed:
-        return {"input_ids": ids, "position_ids": extra, "labels": labels}
-    return {"input_ids": ids, "attention_mask": extra, "labels": labels}
+    out = {"input_ids": ids, "labels": labels}
+    out["position_ids" if packed else "attention_mask"] = extra
+    if examples[0].choices is not None:
+        out.update(choice_tensors(examples))
+    return out
+
+
+def choice_tensors(examples: list[Example]) -> dict[str, torch.Tensor]:
+    """choice_index (N, 2) = (row, position of the answer token); choice_ids (N, K): the
+    candidate tokens there, padded with -1."""
+    rows = [(i, d[0], d[1:]) for i, e in enumerate(examples) for d in e.choices]
+    k = max((len(c) for _, _, c in rows), default=1)
+    index = torch.tensor([[i, p] for i, p, _ in rows], dtype=torch.long).reshape(-1, 2)
+    cand = torch.full((len(rows), k), -1, dtype=torch.long)
+    for j, (_, _, c) in enumerate(rows):
+        cand[j, :len(c)] = torch.tensor(c)
+    return {"choice_index": index, "choice_ids": cand}
 
 
 def count_tokens(examples: list[Example]) -> int:

@@ -31,10 +31,18 @@ def supports_label_positions(model) -> bool:
         return False
 
 
-def label_positions_loss(model, labels: torch.Tensor, **inputs) -> CausalLMOutputWithPast:
-    """Mean next-token cross-entropy over label positions; `logits` is not returned."""
+def label_positions_loss(model, labels: torch.Tensor, choice_index=None, choice_ids=None,
+                         **inputs) -> CausalLMOutputWithPast:
+    """Mean next-token cross-entropy over label positions; `logits` is not returned.
+
+    With choice_index / choice_ids (data.choice_tensors: the "choices" objective) the
+    loss is instead the cross-entropy among the candidate tokens at each decision
+    position (rank classification): it trains exactly what choice accuracy measures.
+    """
     inputs.setdefault("use_cache", False)
     hidden = model.get_decoder()(**inputs).last_hidden_state
+    if choice_index is not None:
+        return _choice_loss(model, hidden, labels, choice_index, choice_ids)
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     rows = hidden[:, :-1][keep]                      # (n_label_tokens, hidden)
@@ -43,4 +51,13 @@ def label_positions_loss(model, labels: torch.Tensor, **inputs) -> CausalLMOutpu
     # Sum / count rather than mean(): a micro-batch with no label token gives 0, not NaN,
     # and still takes part in the backward (ZeRO-3 needs every rank to).
     loss = F.cross_entropy(logits, targets[keep], reduction="sum") / n.clamp(min=1)
+    return CausalLMOutputWithPast(loss=loss)
+
+
+def _choice_loss(model, hidden, labels, index, cand) -> CausalLMOutputWithPast:
+    rows, pos = index[:, 0], index[:, 1]
+    logits = model.get_output_embeddings()(hidden[rows, pos - 1]).float()   # predicts token at pos
+    scores = logits.gather(1, cand.clamp(min=0)).masked_fill(cand < 0, float("-inf"))
+    target = (cand == labels[rows, pos][:, None]).float().argmax(1)
+    loss = F.cross_entropy(scores, target, reduction="sum") / max(1, len(rows))
     return CausalLMOutputWithPast(loss=loss)

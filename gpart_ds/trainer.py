@@ -103,7 +103,8 @@ class Trainer:
         self.pad_id = pad if pad is not None else self.tokenizer.eos_token_id
         common = dict(fmt=d.format, max_length=d.max_length, chat_template=d.chat_template,
                       add_eos=d.add_eos, cache_dir=d.cache_dir)
-        self.train_set = data.tokenized(d.train, self.tokenizer, cfg.model.path, packing=d.packing, **common)
+        self.train_set = data.tokenized(d.train, self.tokenizer, cfg.model.path, packing=d.packing,
+                                        choice_loss=cfg.train.objective == "choices", **common)
         self.eval_set = data.tokenized(d.eval, self.tokenizer, cfg.model.path, packing=False, **common)
         eval_records, _ = data.load(d.eval, d.format)
         self.choice_items = evaluate.choice_items(eval_records, self.tokenizer, d.chat_template)

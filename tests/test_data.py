@@ -256,3 +256,25 @@ def test_count_tokens_counts_real_tokens_of_packed_and_padded_batches():
     assert data.count_tokens(exs) == 4
     packed = data.pack(exs, max_length=8)
     assert data.count_tokens(packed) == 4 and len(data.collate(packed, 0)["input_ids"][0]) == 4
+
+
+def test_choices_objective_records_the_decision_position_and_candidate_tokens(tok):
+    rec = {"prompt": "Reverse: cat dog\nAnswer:", "completion": " dog cat", "choices": [" cat dog", " dog cat"]}
+    ex = data.tokenize_record(rec, "prompt_completion", tok, max_length=64, add_eos=False, choice_loss=True)
+    p = tok(rec["prompt"])["input_ids"]
+    firsts = [tok(c, add_special_tokens=False)["input_ids"][0] for c in rec["choices"]]
+    assert ex.choices == [[len(p)] + firsts]
+    assert ex.input_ids[len(p)] == ex.labels[len(p)] == firsts[1]
+    b = data.collate([ex, ex], 0)
+    assert b["choice_index"].tolist() == [[0, len(p)], [1, len(p)]]
+    assert b["choice_ids"].tolist() == [firsts, firsts]
+
+
+@pytest.mark.parametrize("rec,msg", [
+    ({"prompt": "a", "completion": " dog"}, "needs a 'choices' list"),
+    ({"prompt": "a", "completion": " dog cat", "choices": [" dog cat", " dog fish"]}, "do not differ in their first token"),
+    ({"prompt": "Reverse: " + "cat " * 40, "completion": " dog", "choices": [" dog", " cat"]}, "leaves no room"),
+])
+def test_choices_objective_rejects_records_it_cannot_score(tok, rec, msg):
+    with pytest.raises(data.DataError, match=f"d.jsonl:4: .*{msg}"):
+        data.tokenize_record(rec, "prompt_completion", tok, max_length=16, where="d.jsonl:4", choice_loss=True)

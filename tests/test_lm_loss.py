@@ -49,3 +49,37 @@ def test_models_that_post_process_logits_keep_the_full_head():
     m = micro_llama()
     m.config.final_logit_softcapping = 30.0
     assert not supports_label_positions(m)
+
+
+def test_choices_objective_is_cross_entropy_among_the_candidate_tokens():
+    from gpart_ds.data import Example, collate, pack
+
+    g = torch.Generator().manual_seed(2)
+    exs = []
+    for n, (a, b) in [(6, (7, 9)), (4, (9, 7)), (5, (11, 7))]:
+        ids = torch.randint(12, 50, (n,), generator=g).tolist()
+        ids[-1] = a          # the answer token; b is the other choice
+        labels = [-100] * (n - 1) + [a]
+        exs.append(Example(ids, labels, None, [[n - 1, a, b]]))
+    model = apply_gpart(micro_llama(), d=64, seed=3)
+    with torch.no_grad():
+        model.gpart_theta.copy_(torch.randn(64, generator=torch.Generator().manual_seed(1)) * 0.1)
+
+    def reference(batch_exs):
+        total = 0.0
+        for e in batch_exs:
+            logits = model(input_ids=torch.tensor([e.input_ids])).logits[0].float()
+            for pos, *cand in e.choices:
+                row = torch.log_softmax(logits[pos - 1, cand], -1)
+                total -= row[cand.index(e.labels[pos])]
+        return total / sum(len(e.choices) for e in batch_exs)
+
+    want = reference(exs)
+    got = model(**collate(exs, 0)).loss
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    packed = pack(exs, max_length=32)
+    assert len(packed) == 1 and [c[0] for c in packed[0].choices] == [5, 9, 14]
+    got_packed = model(**collate(packed, 0)).loss
+    torch.testing.assert_close(got_packed, want, rtol=1e-5, atol=1e-6)
+    got_packed.backward()
+    assert model.gpart_theta.grad.abs().sum() > 0

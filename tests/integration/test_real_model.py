@@ -40,6 +40,7 @@ def test_gpart_under_zero3_lowers_held_out_loss_on_the_real_model(real_assets, t
     out = tmp_path / "run"
     run_deepspeed(2, "launch/train.py", "--config", "configs/smollm2_rt.yaml", f"output_dir={out}",
                   "train.max_steps=4", "train.micro_batch_size=2", "train.eval_examples=16",
+                  "train.objective=lm",   # the held-out loss is the next-token loss this trains
                   "train.eval_micro_batch_size=8", "train.warmup_ratio=0", f"data.cache_dir={tmp_path / 'tok'}",
                   "export.merged=true", timeout=1200)
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
