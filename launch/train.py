@@ -3,6 +3,8 @@
 
     deepspeed --num_gpus 2 launch/train.py --config configs/tiny.yaml [key.sub=value ...]
     python launch/train.py --config tiny train.max_steps=5      # one process
+    mpirun -np 2 python launch/train.py --config tiny            # ranks from mpi4py
+    python launch/train.py --config llama70b --dry-run --nodes 8 --gpus-per-node 8 --gpu-mem-gb 80
 
 Without a GPU DeepSpeed runs on CPU ranks with gloo (DS_ACCELERATOR=cpu is set here).
 """
@@ -19,6 +21,14 @@ def parse(argv=None):
     ap.add_argument("--config", required=True, help="YAML file, or a name in configs/")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None,
                     help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    ap.add_argument("--dry-run", action="store_true",
+                    help="build the model on the meta device, report D, d, group sizes and the "
+                         "memory plan, and exit without training (no weights or data read)")
+    dry = ap.add_argument_group("dry run only (default: the launcher's world size, this GPU's memory)")
+    dry.add_argument("--nodes", type=int)
+    dry.add_argument("--gpus-per-node", type=int)
+    dry.add_argument("--gpu-mem-gb", type=float)
+    dry.add_argument("--model-config", help="config.json (or folder) with the model's shapes")
     ap.add_argument("overrides", nargs="*", help="key.sub=value")
     return ap.parse_args(argv)
 
@@ -42,6 +52,11 @@ def main(argv=None) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides, check_files=False)
+        if args.dry_run:
+            from gpart_ds import dryrun
+
+            return dryrun.run(cfg, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                              gpu_mem_gb=args.gpu_mem_gb, model_config=args.model_config)
         train(cfg)
     except (ConfigError, DataError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
