@@ -141,9 +141,11 @@ def layer_saved_bytes_per_token(a: Arch, b: int, seq: int, padded: bool = True) 
     return norms + attention + mlp
 
 
-def head_saved_bytes_per_token(a: Arch) -> float:
-    """Final RMSNorm (4h + 4), fp32 log-softmax of the logits (4V), the label (8)."""
-    return 4 * a.hidden + 4 + 4 * a.vocab + 8
+def head_saved_bytes_per_token(a: Arch, b: int) -> float:
+    """Final RMSNorm (4h + 4); the LM head's input (bh: ZeRO-3 swaps F.linear for its own
+    function, which keeps the input even of a frozen linear); fp32 log-softmax of the
+    logits (4V); the label (8)."""
+    return 4 * a.hidden + 4 + b * a.hidden + 4 * a.vocab + 8
 
 
 def saved_activation_bytes(a: Arch, micro_batch: int, seq: int, b: int, grad_ckpt: bool,
@@ -156,7 +158,7 @@ def saved_activation_bytes(a: Arch, micro_batch: int, seq: int, b: int, grad_ckp
         body = a.layers * layer_saved_bytes_per_token(a, b, seq, padded)
         if frozen_embeddings:  # the first norm's input does not require grad: nothing kept
             body -= 4 * a.hidden + 4
-    return tokens * (body + head_saved_bytes_per_token(a))
+    return tokens * (body + head_saved_bytes_per_token(a, b))
 
 
 def _chunk_elems(a: Arch, chunk_elems: int) -> int:
@@ -204,13 +206,14 @@ def estimate(a: Arch, *, world: int, method: str = "gpart", d: int = 0, lora_ran
                  tokens * layer_saved_bytes_per_token(a, b, seq_len, padded))
     else:
         body = saved_activation_bytes(a, micro_batch, seq_len, b, False, padded, method != "full")
-        plan.add("activations: every block", body - tokens * head_saved_bytes_per_token(a))
-    plan.add("activations: final norm, log-softmax of the logits", tokens * head_saved_bytes_per_token(a))
+        plan.add("activations: every block", body - tokens * head_saved_bytes_per_token(a, b))
+    plan.add("activations: final norm, log-softmax of the logits", tokens * head_saved_bytes_per_token(a, b))
     plan.add("transient: logits in the training dtype and fp32", tokens * (b + 4) * a.vocab)
 
     if method == "gpart":
         plan.add("theta, s and theta*s (fp32, every rank)", 12 * d)
-        plan.add(f"theta's fp32 master, Adam moments, grad partition (1/{W})", 16 * -(-d // W),
+        # theta's own partition, its fp32 master, two Adam moments, the gradient partition
+        plan.add(f"theta's partition, fp32 master, Adam moments, grad (1/{W})", 20 * -(-d // W),
                  on_host=off_opt)
         plan.add("transient: W0+delta and dW row chunks, d-length gradients",
                  2 * _chunk_elems(a, chunk_elems) * b + 8 * d)
