@@ -15,7 +15,7 @@ What is counted, per rank (bytes; b = bytes per element of the training dtype):
 - activations: the tensors autograd saves, counted op by op for Llama-family blocks
   (RMSNorm keeps an fp32 copy of its input, SDPA with a padding mask works on repeated k/v
   heads, SwiGLU keeps four intermediate-size tensors; see `layer_saved_bytes_per_token`),
-  checked against the saved tensors of a real forward in tests/integration/test_plan_memory.py;
+  checked against the saved tensors of real forwards in tests/integration/test_zero3.py;
 - theta (d fp32 numbers) with s and theta*s on every rank, its fp32 master, Adam moments and
   gradient partition (1/W each);
 - transients: one row chunk of W0 + delta and of dW per linear (method.chunk_elems), the
@@ -27,6 +27,7 @@ A plan fits when the total is at most (1 - headroom) of the GPU's memory.
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 import sys
 from dataclasses import dataclass, field
@@ -142,23 +143,35 @@ def layer_saved_bytes_per_token(a: Arch, b: int, seq: int, padded: bool = True) 
 
 
 def head_saved_bytes_per_token(a: Arch, b: int) -> float:
-    """Final RMSNorm (4h + 4); the LM head's input (bh: ZeRO-3 swaps F.linear for its own
-    function, which keeps the input even of a frozen linear); fp32 log-softmax of the
-    logits (4V); the label (8)."""
-    return 4 * a.hidden + 4 + b * a.hidden + 4 * a.vocab + 8
+    """Per position the LM head runs on: its input (bh: ZeRO-3 swaps F.linear for its own
+    function, which keeps the input even of a frozen linear), the fp32 log-softmax of the
+    logits (4V), the label (8)."""
+    return b * a.hidden + 4 * a.vocab + 8
+
+
+def final_norm_bytes_per_token(a: Arch) -> float:
+    return 4 * a.hidden + 4   # fp32 copy of the input, 1/rms
 
 
 def saved_activation_bytes(a: Arch, micro_batch: int, seq: int, b: int, grad_ckpt: bool,
-                           padded: bool = True, frozen_embeddings: bool = True) -> float:
-    """Bytes saved for backward at the end of one micro-batch's forward (not the peak)."""
+                           padded: bool = True, frozen_embeddings: bool = True,
+                           head_tokens: int | None = None) -> float:
+    """Bytes saved for backward at the end of one micro-batch's forward (not the peak).
+
+    `head_tokens`: positions the LM head and the loss run on; default every token (a loss
+    evaluated at label positions only needs the number of labelled tokens).
+    """
     tokens = micro_batch * seq
+    head = tokens if head_tokens is None else head_tokens
     if grad_ckpt:  # non-reentrant checkpointing keeps each block's input only
         body = a.layers * b * a.hidden
     else:
         body = a.layers * layer_saved_bytes_per_token(a, b, seq, padded)
         if frozen_embeddings:  # the first norm's input does not require grad: nothing kept
             body -= 4 * a.hidden + 4
-    return tokens * (body + head_saved_bytes_per_token(a, b))
+    # RoPE's cos and sin, one pair shared by all blocks (inside checkpointed blocks otherwise)
+    rope = 0 if grad_ckpt else 2 * seq * a.head_dim * b
+    return tokens * (body + final_norm_bytes_per_token(a)) + head * head_saved_bytes_per_token(a, b) + rope
 
 
 def _chunk_elems(a: Arch, chunk_elems: int) -> int:
@@ -169,11 +182,13 @@ def _chunk_elems(a: Arch, chunk_elems: int) -> int:
 def estimate(a: Arch, *, world: int, method: str = "gpart", d: int = 0, lora_rank: int = 16,
              micro_batch: int = 1, seq_len: int = 2048, dtype_bytes: int = 2,
              grad_ckpt: bool = True, chunk_elems: int = 1 << 26, zero: dict | None = None,
-             padded: bool = True, overhead_gb: float = 3.0) -> Plan:
+             padded: bool = True, overhead_gb: float = 3.0, head_tokens: int | None = None) -> Plan:
     """The per-rank memory plan for `world` ZeRO-3 ranks (see the module docstring).
 
     `zero`: DeepSpeed's zero_optimization section (thresholds, prefetch, offload);
-    `method`: gpart (needs d), lora (rank `lora_rank` on the same targets) or full.
+    `method`: gpart (needs d), lora (rank `lora_rank` on the same targets) or full;
+    `head_tokens`: positions per micro-batch the LM head runs on (default: all tokens, the
+    upper bound; a loss at label positions only needs the labelled ones).
     """
     if method not in METHODS:
         raise PlanError(f"method must be one of {METHODS}, got {method!r}")
@@ -200,20 +215,23 @@ def estimate(a: Arch, *, world: int, method: str = "gpart", d: int = 0, lora_ran
     gathered = min(biggest + min(prefetch, biggest), max(max_live, biggest))
     plan.add("gathered for compute: largest unit + one prefetch bucket", gathered * b)
 
+    head = tokens if head_tokens is None else head_tokens
+    head_saved = tokens * final_norm_bytes_per_token(a) + head * head_saved_bytes_per_token(a, b)
     if grad_ckpt:
         plan.add("activations: checkpointed block inputs", tokens * a.layers * b * a.hidden)
         plan.add("activations: one block recomputed in backward",
                  tokens * layer_saved_bytes_per_token(a, b, seq_len, padded))
     else:
-        body = saved_activation_bytes(a, micro_batch, seq_len, b, False, padded, method != "full")
-        plan.add("activations: every block", body - tokens * head_saved_bytes_per_token(a, b))
-    plan.add("activations: final norm, log-softmax of the logits", tokens * head_saved_bytes_per_token(a, b))
-    plan.add("transient: logits in the training dtype and fp32", tokens * (b + 4) * a.vocab)
+        every = saved_activation_bytes(a, micro_batch, seq_len, b, False, padded, method != "full", head)
+        plan.add("activations: every block", every - head_saved)
+    plan.add("activations: final norm, LM head input, fp32 log-softmax", head_saved)
+    plan.add("transient: logits in the training dtype and fp32", head * (b + 4) * a.vocab)
 
     if method == "gpart":
         plan.add("theta, s and theta*s (fp32, every rank)", 12 * d)
-        # theta's own partition, its fp32 master, two Adam moments, the gradient partition
-        plan.add(f"theta's partition, fp32 master, Adam moments, grad (1/{W})", 20 * -(-d // W),
+        # theta's own partition (fp32), its fp32 master and two Adam moments, and the
+        # gradient partition in the training dtype
+        plan.add(f"theta's partition, fp32 master, Adam moments, grad (1/{W})", (16 + b) * -(-d // W),
                  on_host=off_opt)
         plan.add("transient: W0+delta and dW row chunks, d-length gradients",
                  2 * _chunk_elems(a, chunk_elems) * b + 8 * d)
@@ -299,12 +317,21 @@ def dtype_bytes(precision: str) -> int:
 
 def arch_for_config(cfg, model_config: str | None = None) -> tuple[Arch, str]:
     """(Arch, where its shapes came from) for a loaded run config, without any weights."""
-    from .model import architecture_source, skeleton
+    from .model import architecture_source
 
     source = architecture_source(cfg, model_config)
     tm = cfg.method.target_modules
-    patterns = tm if isinstance(tm, str) else list(tm)
-    return Arch.from_model(skeleton(source), patterns, name=source), source
+    return _arch(source, tm if isinstance(tm, str) else tuple(tm)), source
+
+
+@functools.lru_cache(maxsize=8)
+def _arch(source: str, patterns) -> Arch:
+    # Building a 70B skeleton takes seconds; a planner searching over cluster sizes or a
+    # test asking several questions builds it once.
+    from .model import skeleton
+
+    return Arch.from_model(skeleton(source), patterns if isinstance(patterns, str) else list(patterns),
+                           name=source)
 
 
 def plan_for_config(cfg, arch: Arch, world: int, method: str | None = None, lora_rank: int = 16,

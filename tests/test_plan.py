@@ -1,6 +1,5 @@
 """The memory planner and the dry run, from shapes only (no weights, no GPU)."""
-import subprocess
-import sys
+import importlib.util
 
 import pytest
 
@@ -20,9 +19,21 @@ def llama70b():
     return cfg, arch
 
 
-def _plan_cli(*args):
-    return subprocess.run([sys.executable, "-m", "gpart_ds.plan", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+def _plan_cli(capsys, *args):
+    """`python -m gpart_ds.plan ARGS`, in this process: (exit status, stdout, stderr)."""
+    status = plan.main(list(args))
+    out = capsys.readouterr()
+    return status, out.out, out.err
+
+
+def _train_py(capsys, *args):
+    """`python launch/train.py ARGS`, in this process (only for paths that start no ranks)."""
+    spec = importlib.util.spec_from_file_location("gpart_train_entry", REPO / "launch" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    status = module.main(list(args))
+    out = capsys.readouterr()
+    return status, out.out, out.err
 
 
 def test_llama70b_shapes_are_the_published_ones(llama70b):
@@ -99,32 +110,37 @@ def test_group_size_theory_agrees_with_exact_counts():
     assert abs(exact["max"] - theory["max"]) < theory["sd"]
 
 
-def test_plan_cli_fits_on_the_stated_cluster_and_refuses_one_gpu():
-    ok = _plan_cli("--config", "configs/llama70b.yaml", "--nodes", "8", "--gpus-per-node", "8",
-                   "--gpu-mem-gb", "80")
-    assert ok.returncode == 0, ok.stderr
-    assert "OK fits" in ok.stdout and "64 ranks" in ok.stdout
-    bad = _plan_cli("--config", "configs/llama70b.yaml", "--nodes", "1", "--gpus-per-node", "1",
-                    "--gpu-mem-gb", "80")
-    assert bad.returncode == 1
-    assert "REFUSED does not fit" in bad.stdout and "node(s) x 1 GPUs fit" in bad.stderr
+def test_plan_cli_fits_on_the_stated_cluster_and_refuses_one_gpu(capsys, llama70b):
+    status, out, err = _plan_cli(capsys, "--config", "configs/llama70b.yaml", "--nodes", "8",
+                                 "--gpus-per-node", "8", "--gpu-mem-gb", "80")
+    assert status == 0, err
+    assert "OK fits" in out and "64 ranks" in out
+    status, out, err = _plan_cli(capsys, "--config", "configs/llama70b.yaml", "--nodes", "1",
+                                 "--gpus-per-node", "1", "--gpu-mem-gb", "80")
+    assert status == 1
+    assert "REFUSED does not fit" in out and "node(s) x 1 GPUs fit" in err
 
 
-def test_plan_cli_without_a_model_description_names_the_key(tmp_path):
-    proc = _plan_cli("--config", "configs/llama70b.yaml", "--nodes", "1", "--gpus-per-node", "8",
-                     "--gpu-mem-gb", "80", "model.arch_config=null")
-    assert proc.returncode == 2
-    assert "model.path" in proc.stderr and "--model-config" in proc.stderr
+def test_plan_cli_without_a_model_description_names_the_key(capsys):
+    status, _, err = _plan_cli(capsys, "--config", "configs/llama70b.yaml", "--nodes", "1",
+                               "--gpus-per-node", "8", "--gpu-mem-gb", "80", "model.arch_config=null")
+    assert status == 2
+    assert "model.path" in err and "--model-config" in err
 
 
-def test_dry_run_reports_targets_group_sizes_and_plan_without_training(tmp_path, tiny_assets):
-    proc = subprocess.run([sys.executable, "launch/train.py", "--config", "tiny", "--dry-run",
-                           "--nodes", "1", "--gpus-per-node", "2", "--gpu-mem-gb", "4",
-                           f"output_dir={tmp_path}"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    out = proc.stdout
+def test_dry_run_reports_targets_group_sizes_and_plan_without_training(tmp_path, tiny_assets, capsys):
+    status, out, err = _train_py(capsys, "--config", "tiny", "--dry-run", "--nodes", "1",
+                                 "--gpus-per-node", "2", "--gpu-mem-gb", "4", f"output_dir={tmp_path}")
+    assert status == 0, err
     assert "no weights read" in out and "D = 86,016" in out and "d = 4,096" in out
     assert "group sizes n_g: mean 21.0" in out and "(exact" in out
     assert "ZeRO-3 on 2 ranks" in out and "OK fits" in out
     assert not any(tmp_path.iterdir()), "a dry run wrote outputs"
+
+
+def test_dry_run_of_the_70b_config_uses_the_bundled_shapes_and_theory(capsys, llama70b):
+    status, out, err = _train_py(capsys, "--config", "llama70b", "--dry-run", "--nodes", "8",
+                                 "--gpus-per-node", "8", "--gpu-mem-gb", "80")
+    assert status == 0, err
+    assert "configs/models/llama3-70b/config.json" in out and "(theory" in out
+    assert "q_proj x80 (8192x8192)" in out and "down_proj x80 (8192x28672)" in out

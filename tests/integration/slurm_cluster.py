@@ -25,6 +25,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a daemon that exited but was not reaped yet (a zombie) is gone for our purposes
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().split(") ")[-1].startswith("Z"))
+
+
 def missing_binaries() -> list[str]:
     return [b for b in ("sbatch", "srun", "scontrol", "slurmctld", "slurmd", "munged", "mungekey")
             if shutil.which(b) is None]
@@ -56,6 +66,14 @@ class OneNodeSlurm:
 
     # ------------------------------------------------------------------ daemons
     def start(self, timeout: float = 60) -> None:
+        """Start munged, slurmctld and slurmd; on failure stop what did start, then raise."""
+        try:
+            self._start(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, timeout: float) -> None:
         r = self.root
         for sub in ("munge", "state", "spool", "log"):
             (r / sub).mkdir(parents=True, exist_ok=True)
@@ -67,14 +85,14 @@ class OneNodeSlurm:
         subprocess.run(["munged", "--force", f"--socket={sock}", f"--key-file={key}",
                         f"--log-file={r / 'log' / 'munged.log'}", f"--pid-file={r / 'munged.pid'}",
                         f"--seed-file={r / 'munge' / 'seed'}"], check=True, capture_output=True)
-        self.pids["munged"] = int((r / "munged.pid").read_text())
+        self._record_pid("munged")
         self.conf.write_text(self._slurm_conf(sock))
         for daemon in ("slurmctld", "slurmd"):
             proc = subprocess.run([daemon, "-f", str(self.conf)], env=self.env, capture_output=True,
                                   text=True)
             if proc.returncode != 0:
                 raise RuntimeError(f"{daemon} did not start: {proc.stderr}\n{self.logs()}")
-            self.pids[daemon] = int((r / f"{daemon}.pid").read_text())
+            self._record_pid(daemon)
         deadline = time.time() + timeout
         while time.time() < deadline:
             out = self._run("sinfo", "-h", "-o", "%T", check=False).stdout.strip()
@@ -82,6 +100,18 @@ class OneNodeSlurm:
                 return
             time.sleep(0.5)
         raise RuntimeError(f"the SLURM node did not become idle (state {out!r})\n{self.logs()}")
+
+    def _record_pid(self, daemon: str, timeout: float = 30) -> None:
+        """The daemons fork into the background and write their pid file a moment later."""
+        pid_file = self.root / f"{daemon}.pid"
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            text = pid_file.read_text().strip() if pid_file.exists() else ""
+            if text.isdigit():
+                self.pids[daemon] = int(text)
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"{daemon} wrote no pid file {pid_file}\n{self.logs()}")
 
     def _slurm_conf(self, munge_socket: Path) -> str:
         r = self.root
@@ -120,20 +150,21 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
 
     def stop(self) -> None:
+        """End the daemons this cluster started (by pid), SIGKILL after 10 s."""
         for name in ("slurmd", "slurmctld", "munged"):
             pid = self.pids.pop(name, None)
             if pid is None:
                 continue
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                continue
-            for _ in range(50):
+            for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
                 try:
-                    os.kill(pid, 0)
+                    os.kill(pid, sig)
                 except ProcessLookupError:
                     break
-                time.sleep(0.1)
+                deadline = time.time() + wait
+                while time.time() < deadline and _alive(pid):
+                    time.sleep(0.1)
+                if not _alive(pid):
+                    break
 
     def logs(self) -> str:
         out = []

@@ -24,7 +24,8 @@ def slurm(tmp_path_factory):
     why_not = ensure_installed()
     if why_not:
         pytest.skip(why_not)
-    cluster = OneNodeSlurm(tmp_path_factory.mktemp("slurm"))
+    # 4 CPUs declared on a 2-core machine so that two 2-task jobs run side by side.
+    cluster = OneNodeSlurm(tmp_path_factory.mktemp("slurm"), cpus=max(4, os.cpu_count() or 1))
     try:
         cluster.start()
         yield cluster
@@ -44,7 +45,8 @@ def submit(slurm, tmp_path, name, *overrides):
 
 
 def _events(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    path = out / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def _explain(slurm, tmp_path, job):
@@ -53,16 +55,54 @@ def _explain(slurm, tmp_path, job):
     return f"job {job}: {slurm.job(job)}\n" + "\n".join(logs)
 
 
-def test_sbatch_job_completes_and_equals_the_deepspeed_launch(slurm, deepspeed_tiny_run, tmp_path):
-    t0 = time.time()
-    job, out = submit(slurm, tmp_path, "gpart-straight")
-    info = slurm.wait(job, timeout=600)
-    print(f"sbatch job {job}: {info['JobState']} in {time.time() - t0:.0f} s")
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", _explain(slurm, tmp_path, job)
+TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+
+
+@pytest.fixture(scope="module")
+def jobs(slurm, tmp_path_factory, tiny_assets):
+    """Two sbatch jobs of the tiny config, run side by side (CI time): "straight" runs
+    through; "usr1" gets SIGUSR1 (what --signal=USR1@120 sends before a time limit) once
+    it has logged step 2, and its requeued run is started at once (slurmctld otherwise
+    holds a requeued job ~2 minutes, Reason=BeginTime)."""
+    runs = {}
+    for name in ("straight", "usr1"):
+        tmp = tmp_path_factory.mktemp(name)
+        job, out = submit(slurm, tmp, f"gpart-{name}")
+        runs[name] = {"job": job, "out": out, "tmp": tmp, "t0": time.time()}
+    a, b = runs["straight"], runs["usr1"]
+    signalled = released = False
+    deadline = time.time() + 900
+    while time.time() < deadline:
+        for r in runs.values():
+            r["info"] = slurm.job(r["job"])
+            if "seconds" not in r and r["info"]["JobState"] in TERMINAL:
+                r["seconds"] = time.time() - r["t0"]
+        state = b["info"]["JobState"]
+        if not signalled and state == "RUNNING" and any(e.get("step", 0) >= 2 and "loss" in e
+                                                        for e in _events(b["out"])):
+            subprocess.run(["scancel", "--signal=USR1", str(b["job"])], env=slurm.env, check=True)
+            signalled = True
+        if signalled and not released and (state, b["info"].get("Restarts")) == ("PENDING", "1"):
+            subprocess.run(["scontrol", "update", f"JobId={b['job']}", "StartTime=now"], env=slurm.env,
+                           check=True)
+            released = True
+        b_done = state in TERMINAL and (released or not signalled or state != "COMPLETED")
+        if a["info"]["JobState"] in TERMINAL and b_done:
+            break
+        time.sleep(0.2)
+    b["signalled"], b["released"] = signalled, released
+    return runs
+
+
+def test_sbatch_job_completes_and_equals_the_deepspeed_launch(slurm, jobs, deepspeed_tiny_run):
+    r = jobs["straight"]
+    job, out, info = r["job"], r["out"], r["info"]
+    print(f"\nsbatch job {job}: {info['JobState']} in {r.get('seconds', float('nan')):.0f} s")
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", _explain(slurm, r["tmp"], job)
     reference, _ = deepspeed_tiny_run
     torch.testing.assert_close(theta_of(out), theta_of(reference), rtol=0, atol=1e-6)
     # per-job log folder: the script's own lines, the preflight, one file per rank
-    logs = tmp_path / "logs" / f"gpart-straight-{job}"
+    logs = r["tmp"] / "logs" / f"gpart-straight-{job}"
     assert {p.name for p in logs.iterdir()} == {"job.log", "preflight.log", "rank-0.log", "rank-1.log"}
     assert "preflight ok" in (logs / "preflight.log").read_text()
     assert "ranks from torch-style variables: world 2" in (logs / "rank-0.log").read_text()
@@ -70,31 +110,20 @@ def test_sbatch_job_completes_and_equals_the_deepspeed_launch(slurm, deepspeed_t
 
 
 def test_usr1_mid_run_checkpoints_and_the_requeued_job_resumes_to_the_same_theta(
-        slurm, deepspeed_tiny_run, tmp_path):
-    job, out = submit(slurm, tmp_path, "gpart-usr1")
-    deadline = time.time() + 600
-    while not ((out / "metrics.jsonl").exists() and any(e.get("step", 0) >= 2 and "loss" in e
-                                                         for e in _events(out))):
-        assert slurm.job(job)["JobState"] in ("PENDING", "RUNNING"), _explain(slurm, tmp_path, job)
-        assert time.time() < deadline, _explain(slurm, tmp_path, job)
-        time.sleep(0.2)
-    # What --signal=USR1@120 does before a time limit: USR1 to every task of the job's steps.
-    subprocess.run(["scancel", "--signal=USR1", str(job)], env=slurm.env, check=True)
-    requeued = slurm.wait(job, timeout=300, until=lambda j: (j["JobState"], j.get("Restarts")) == ("PENDING", "1")
-                          or j["JobState"] in ("FAILED", "COMPLETED"))
-    assert requeued["JobState"] == "PENDING", _explain(slurm, tmp_path, job)
-    # slurmctld holds a requeued batch job for ~2 minutes (Reason=BeginTime); skip the wait
-    # (it has to be pending again for the update to apply).
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm.env, check=True)
-    info = slurm.wait(job, timeout=600)
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", _explain(slurm, tmp_path, job)
-
+        slurm, jobs, deepspeed_tiny_run):
+    r = jobs["usr1"]
+    job, out, info = r["job"], r["out"], r["info"]
+    print(f"\npreempted + requeued sbatch job {job}: {info['JobState']} in {r.get('seconds', float('nan')):.0f} s")
+    assert r["signalled"], "the job ended before it logged step 2\n" + _explain(slurm, r["tmp"], job)
+    assert r["released"], "the job was not requeued after SIGUSR1\n" + _explain(slurm, r["tmp"], job)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", _explain(slurm, r["tmp"], job)
+    assert info["Restarts"] == "1"
     events = _events(out)
     stop = [e for e in events if e.get("event") == "preempted"]
     resume = [e for e in events if e.get("event") == "resume"]
     assert len(stop) == 1 and 2 <= stop[0]["step"] < 12, events
     assert len(resume) == 1 and resume[0]["step"] == stop[0]["step"]
-    job_log = (tmp_path / "logs" / f"gpart-usr1-{job}" / "job.log").read_text()
+    job_log = (r["tmp"] / "logs" / f"gpart-usr1-{job}" / "job.log").read_text()
     assert "preempted" in job_log and "restart 1]" in job_log
     reference, _ = deepspeed_tiny_run
     torch.testing.assert_close(theta_of(out), theta_of(reference), rtol=0, atol=1e-6)
