@@ -109,6 +109,7 @@ fi
 # does not leave its peers waiting out the process-group timeout. Each rank logs to
 # rank-<N>.log in LOG_DIR, appended across restarts.
 set +e
+# shellcheck disable=SC2016  # the single-quoted variables expand in each task, not here
 srun --wait=60 --output="$LOG_DIR/rank-%t.log" --open-mode=append \
   bash -c 'export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID; exec "$@"' gpart-rank \
   "$PY" launch/train.py --config "$CONFIG" \
