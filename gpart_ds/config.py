@@ -42,6 +42,9 @@ class ModelConfig:
     path: str = MISSING
     precision: str = "auto"         # auto: bf16 where the accelerator has it, else fp32
     gradient_checkpointing: bool = False
+    # A Hugging Face config.json (or folder) with the model's shapes, relative to the YAML
+    # file: what --dry-run and the memory planner use where model.path is not mounted.
+    arch_config: Optional[str] = None
 
 
 @dataclass

@@ -1,31 +1,205 @@
-"""Process-group set-up: rank discovery, backend choice, a long init timeout."""
+"""Process-group set-up: rank discovery, backend choice, a long init timeout.
+
+Where the ranks come from, first match wins:
+
+1. torch-style variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT): the
+   deepspeed launcher, torchrun, slurm/gpart.sh.
+2. An MPI launcher (mpirun/mpiexec: OMPI_COMM_WORLD_*, PMI_*; srun --mpi=pmix: PMIX_RANK)
+   with mpi4py installed: rank, size and node-local rank from MPI_COMM_WORLD, and rank 0's
+   host name and a free port on it broadcast, so every rank agrees on the master without
+   a shared file or a fixed port.
+3. A SLURM job step (`srun python ...`, SLURM_STEP_ID): SLURM_PROCID / SLURM_STEP_NUM_TASKS
+   / SLURM_LOCALID, the first host of the step's node list, a port derived from the job id.
+   (The batch script itself also has SLURM_PROCID=0 but no SLURM_STEP_ID: it is not a rank.)
+4. An MPI launcher without mpi4py: the launcher's rank variables, MASTER_ADDR/PORT given.
+5. Otherwise a world of one.
+"""
 from __future__ import annotations
 
 import datetime
 import os
+import re
+import shutil
 import socket
+import subprocess
+from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 
+# Variables whose presence says "an MPI launcher started this process".
+_MPI_MARKERS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
 
-def _free_port() -> int:
+
+class LaunchError(RuntimeError):
+    """The launcher's environment does not say who is who; the message says what to set."""
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int
+    world: int
+    local_rank: int
+    local_world: int
+    master_addr: str
+    master_port: int
+    source: str          # which launcher the values came from, for the log
+
+    def as_env(self) -> dict[str, str]:
+        # LOCAL_SIZE: DeepSpeed's CPU accelerator and shm comm op read it (its launcher sets it).
+        return {"RANK": str(self.rank), "WORLD_SIZE": str(self.world),
+                "LOCAL_RANK": str(self.local_rank), "LOCAL_WORLD_SIZE": str(self.local_world),
+                "LOCAL_SIZE": str(self.local_world), "MASTER_ADDR": self.master_addr,
+                "MASTER_PORT": str(self.master_port)}
+
+
+def _free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
-def discover_env() -> None:
-    """Make RANK / WORLD_SIZE / LOCAL_RANK / MASTER_* exist.
+def _int(env: Mapping[str, str], *keys: str) -> int | None:
+    for key in keys:
+        value = env.get(key, "")
+        if value.strip().isdigit():
+            return int(value)
+    return None
 
-    The deepspeed launcher and torchrun set them; a bare `python launch/train.py` is a
-    world of one.
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list ("gpu[007-009,012],cpu1" -> "gpu007").
+
+    `scontrol show hostnames` is the reference; this is the fallback where scontrol is not
+    on PATH (a container inside the job).
     """
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        os.environ.setdefault("LOCAL_RANK", "0")
-        return
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if shutil.which("scontrol"):
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
+                             text=True, timeout=30)
+        if out.returncode == 0 and out.stdout.split():
+            return out.stdout.split()[0]
+    return parse_first_host(nodelist)
+
+
+def parse_first_host(nodelist: str) -> str:
+    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not m:
+        raise LaunchError(f"cannot read a host name from SLURM node list {nodelist!r}")
+    prefix, ranges = m.group(1), m.group(2)
+    return prefix + ranges.split(",")[0].split("-")[0] if ranges else prefix
+
+
+def tasks_on_node(tasks_per_node: str, node_id: int) -> int | None:
+    """Tasks on node `node_id` from SLURM's compressed list ("4(x2),2" -> 4, 4, 2)."""
+    counts = []
+    for part in tasks_per_node.split(","):
+        m = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
+        if not m:
+            return None
+        counts += [int(m.group(1))] * int(m.group(2) or 1)
+    return counts[node_id] if 0 <= node_id < len(counts) else None
+
+
+def slurm_port(env: Mapping[str, str]) -> int:
+    """A port every rank of a job derives alike, below Linux's ephemeral range (32768+)."""
+    return 10000 + int(env.get("SLURM_JOB_ID", "0")) % 20000
+
+
+def _from_torch_env(env: Mapping[str, str]) -> Ranks:
+    world = int(env["WORLD_SIZE"])
+    addr, port = env.get("MASTER_ADDR"), _int(env, "MASTER_PORT")
+    if world > 1 and (not addr or port is None):
+        raise LaunchError(f"RANK/WORLD_SIZE are set (world {world}) but MASTER_ADDR/MASTER_PORT "
+                          "are not: export both (the head node's address and a free port)")
+    local_world = _int(env, "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE") or 1
+    return Ranks(int(env["RANK"]), world, _int(env, "LOCAL_RANK") or 0, local_world,
+                 addr or "127.0.0.1", port if port is not None else _free_port(), "torch-style variables")
+
+
+def _from_mpi4py(env: Mapping[str, str], comm) -> Ranks:
+    rank, world = comm.Get_rank(), comm.Get_size()
+    node = comm.Split_type(_shared_memory_split(), key=rank)  # the ranks on this node
+    local_rank, local_world = node.Get_rank(), node.Get_size()
+    node.Free()
+    # Rank 0 names itself and a port that is free on its host; every rank takes its word.
+    # An explicit MASTER_ADDR / MASTER_PORT (e.g. `mpirun -x MASTER_ADDR=ib0-host`) wins.
+    mine = None
+    if rank == 0:
+        addr = env.get("MASTER_ADDR") or socket.gethostname()
+        port = _int(env, "MASTER_PORT") or _free_port("")
+        mine = (addr, port)
+    addr, port = comm.bcast(mine, root=0)
+    return Ranks(rank, world, local_rank, local_world, addr, port, "mpi4py")
+
+
+def _from_slurm(env: Mapping[str, str]) -> Ranks:
+    world = _int(env, "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS") or 1
+    local_world = (_int(env, "SLURM_NTASKS_PER_NODE")
+                   or tasks_on_node(env.get("SLURM_STEP_TASKS_PER_NODE", ""), _int(env, "SLURM_NODEID") or 0)
+                   or 1)
+    nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
+    addr = env.get("MASTER_ADDR") or first_host(nodes)
+    port = _int(env, "MASTER_PORT") or slurm_port(env)
+    return Ranks(int(env["SLURM_PROCID"]), world, _int(env, "SLURM_LOCALID") or 0, local_world,
+                 addr, port, "SLURM step variables")
+
+
+def _from_mpi_env(env: Mapping[str, str]) -> Ranks:
+    rank = _int(env, "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
+    world = _int(env, "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
+    addr, port = env.get("MASTER_ADDR"), _int(env, "MASTER_PORT")
+    if rank is None or world is None or (world > 1 and (not addr or port is None)):
+        found = ", ".join(k for k in _MPI_MARKERS if k in env)
+        raise LaunchError(f"started by an MPI launcher ({found}) but mpi4py is not installed, so "
+                          "the ranks cannot agree on a master address: pip install 'gpart_ds[mpi]' "
+                          "(needs the system MPI), or export MASTER_ADDR and MASTER_PORT to every rank")
+    local_rank = _int(env, "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "MV2_COMM_WORLD_LOCAL_RANK") or 0
+    local_world = _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "MV2_COMM_WORLD_LOCAL_SIZE") or 1
+    return Ranks(rank, world, local_rank, local_world, addr or "127.0.0.1",
+                 port if port is not None else _free_port(), "MPI launcher variables")
+
+
+def _shared_memory_split():
+    try:
+        from mpi4py import MPI
+    except ImportError:  # a stand-in communicator in tests
+        return None
+    return MPI.COMM_TYPE_SHARED
+
+
+def _mpi4py_comm():
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        return None
+    return MPI.COMM_WORLD
+
+
+def discover(env: Mapping[str, str] | None = None, mpi_comm=None) -> Ranks:
+    """Who this process is, from the launcher's environment (see the module docstring).
+
+    `mpi_comm`: an MPI communicator to use instead of importing mpi4py (tests).
+    """
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return _from_torch_env(env)
+    if any(k in env for k in _MPI_MARKERS):
+        comm = mpi_comm if mpi_comm is not None else _mpi4py_comm()
+        if comm is not None:
+            return _from_mpi4py(env, comm)
+    if "SLURM_STEP_ID" in env and "SLURM_PROCID" in env:
+        return _from_slurm(env)
+    if any(k in env for k in _MPI_MARKERS):
+        return _from_mpi_env(env)
+    return Ranks(0, 1, 0, 1, env.get("MASTER_ADDR", "127.0.0.1"),
+                 _int(env, "MASTER_PORT") or _free_port(), "single process")
+
+
+def discover_env() -> Ranks:
+    """Make RANK / WORLD_SIZE / LOCAL_RANK / MASTER_* exist in os.environ; returns them."""
+    ranks = discover()
+    os.environ.update(ranks.as_env())
+    return ranks
 
 
 def backend_for(name: str) -> str:
@@ -51,19 +225,20 @@ def share_cpu_threads() -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size()))
 
 
-def init(backend: str = "auto", timeout_minutes: float = 60.0) -> tuple[int, int, int]:
-    """Initialise torch.distributed through DeepSpeed; returns (rank, local_rank, world)."""
+def init(backend: str = "auto", timeout_minutes: float = 60.0) -> Ranks:
+    """Initialise torch.distributed through DeepSpeed; returns who this process is."""
     import deepspeed
 
-    discover_env()
-    local_rank = int(os.environ["LOCAL_RANK"])
+    ranks = discover_env()
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
+        # A launcher that binds one GPU per task (srun --gpus-per-task=1) leaves each rank
+        # a single visible device whatever its local rank.
+        torch.cuda.set_device(ranks.local_rank % torch.cuda.device_count())
     else:
         share_cpu_threads()
     deepspeed.init_distributed(dist_backend=backend_for(backend), auto_mpi_discovery=False,
                                timeout=datetime.timedelta(minutes=timeout_minutes))
-    return int(os.environ["RANK"]), local_rank, int(os.environ["WORLD_SIZE"])
+    return ranks
 
 
 def device() -> torch.device:

@@ -23,12 +23,43 @@ def training_dtype(precision: str, device_type: str) -> torch.dtype:
 
 
 def skeleton(model_path: str):
-    """The model built on the meta device: names and shapes, no memory, no weights read."""
+    """The model built on the meta device: names and shapes, no memory, no weights read.
+
+    `model_path`: a Hugging Face model folder, or just its config.json.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     hf_cfg = AutoConfig.from_pretrained(model_path)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(hf_cfg)
+
+
+def architecture_source(cfg: DictConfig, override: str | None = None) -> str:
+    """Where the model's shapes come from, without needing its weights.
+
+    An explicit `override` (--model-config), else model.path if its config.json is here,
+    else model.arch_config (relative to the YAML file).
+    """
+    where = where_for(cfg)
+    if override:
+        p = Path(override)
+        if not (p.is_file() or (p / "config.json").is_file()):
+            raise ConfigError(f"--model-config {override!r}: neither a config.json file nor a folder "
+                              "holding one")
+        return str(p)
+    if (Path(cfg.model.path) / "config.json").is_file():
+        return cfg.model.path
+    arch = cfg.model.get("arch_config")
+    if arch:
+        p = Path(arch)
+        if not p.is_absolute() and cfg.config_file:
+            p = Path(cfg.config_file).parent / p
+        if p.is_file() or (p / "config.json").is_file():
+            return str(p)
+        raise ConfigError(f"{where('model.arch_config')}: {arch!r} not found (looked at {p})")
+    raise ConfigError(f"{where('model.path')}: no config.json in {cfg.model.path!r} and no "
+                      "model.arch_config: pass --model-config PATH (a Hugging Face config.json or a "
+                      "model folder) to describe the architecture")
 
 
 def check_targets(cfg: DictConfig):

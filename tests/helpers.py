@@ -8,6 +8,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
+# The tiny run every launcher test repeats (deepspeed, sbatch, mpirun): 12 steps is long
+# enough for a signal sent after step 2 to land mid-run.
+LAUNCH_OVERRIDES = ["train.max_steps=12", "train.log_every=4", "train.eval_examples=8"]
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -33,3 +37,9 @@ def run_deepspeed(n: int, script: str, *args: str, timeout: float = 900, check: 
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n"
                              f"{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}")
     return proc
+
+
+def theta_of(run_dir: Path):
+    from gpart_ds.adapter import load_adapter
+
+    return load_adapter(Path(run_dir) / "adapter")[0]

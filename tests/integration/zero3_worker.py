@@ -4,8 +4,10 @@
 
 Each rank writes OUT_DIR/rank<r>.pt with its final theta and, for every frozen
 parameter, whether its local shard was bit-identical before/after training and equal to
-the matching slice of the base checkpoint file.
+the matching slice of the base checkpoint file; and OUT_DIR/rank<r>.memory.json, what the
+rank holds in the memory planner's terms (tests/integration/memory_probe.py).
 """
+import json
 import os
 import sys
 from pathlib import Path
@@ -22,6 +24,7 @@ def main():
     from gpart_ds import zero3
     from gpart_ds.config import load_config
     from gpart_ds.trainer import Trainer
+    from tests.integration import memory_probe
 
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     out, overrides = Path(args[0]), args[1:]
@@ -50,6 +53,8 @@ def main():
                 "numel": {n: int(getattr(p, "ds_numel", p.numel())) for n, p in params.items()},
                 "summary": summary, "world": trainer.world},
                out / f"rank{trainer.rank}.pt")
+    # After the evidence above is saved: what the rank holds, for the memory planner's test.
+    (out / f"rank{trainer.rank}.memory.json").write_text(json.dumps(memory_probe.measure(trainer)))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,76 @@
+"""`launch/train.py --dry-run`: what a run would do, decided before any weight is read.
+
+Builds the model on the meta device (shapes from model.path's config.json, model.arch_config
+or --model-config), applies GPart's targeting, and reports D, d, the group sizes n_g, each
+rank's ZeRO-3 partition and the memory plan; then exits without a process group or data.
+Exit status 1 when the plan does not fit the GPU memory given (or found), else 0.
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+from . import partition, plan
+
+
+def _world_from_env() -> int:
+    for key in ("WORLD_SIZE", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 1
+
+
+def _gpu_mem_gb() -> float | None:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory / plan.GIB
+    return None
+
+
+def targets_summary(arch: plan.Arch) -> str:
+    """"q_proj x80 (8192x8192), ..." in first-seen order."""
+    names = arch.target_names
+    kinds = Counter(n.rsplit(".", 1)[-1] for n in names)
+    shapes = {}
+    for n, s in zip(names, arch.targets):
+        shapes.setdefault(n.rsplit(".", 1)[-1], s)
+    return ", ".join(f"{k} x{kinds[k]} ({shapes[k][0]}x{shapes[k][1]})" for k in kinds)
+
+
+def stats_line(D: int, d: int, seed: int) -> str:
+    s = partition.group_size_stats(D, d, seed)
+    how = ("exact: counted over all D positions" if s["method"] == "exact" else
+           "theory: each n_g ~ Binomial(D, 1/d), the multinomial's marginals; min/max are the "
+           "expected extremes over d groups (normal approximation); the run counts them exactly "
+           "at start-up")
+    fmt = (lambda v: f"{v:,}") if s["method"] == "exact" else (lambda v: f"{v:,.1f}")
+    empty = f"{s['empty']:,}" if s["method"] == "exact" else f"{s['empty']:.2g} expected"
+    return (f"group sizes n_g: mean {s['mean']:,.1f}, sd {s['sd']:,.1f}, min {fmt(s['min'])}, "
+            f"max {fmt(s['max'])}, empty groups {empty} ({how})")
+
+
+def run(cfg, *, nodes: int | None = None, gpus_per_node: int | None = None,
+        gpu_mem_gb: float | None = None, model_config: str | None = None,
+        headroom: float = 0.10, overhead_gb: float = 3.0) -> int:
+    world = nodes * gpus_per_node if nodes and gpus_per_node else _world_from_env()
+    if os.environ.get("RANK", "0") != "0":  # under a launcher: one report is enough
+        return 0
+    arch, source = plan.arch_for_config(cfg, model_config)
+    m = cfg.method
+    per_rank = sum(-(-n // world) for _, n in arch.params)
+    b = plan.dtype_bytes(cfg.model.precision)
+    print("dry run: model built on the meta device, no weights read, no process group, no data")
+    print(plan.describe_run(cfg, arch, source, world))
+    print(f"targets ({m.target_modules}): {targets_summary(arch)}")
+    print(stats_line(arch.D, m.d, m.seed))
+    print(f"ZeRO-3 on {world} ranks: each holds ceil(n/{world}) elements of each of "
+          f"{len(arch.params)} tensors = {per_rank:,} elements ({plan.human(per_rank * b)})")
+    mem = gpu_mem_gb if gpu_mem_gb is not None else _gpu_mem_gb()
+    # The CUDA allowance only applies when planning for GPUs.
+    p = plan.plan_for_config(cfg, arch, world, overhead_gb=overhead_gb if mem else 0.0)
+    verdict = plan.check_fit(p, mem, headroom) if mem else None
+    print(plan.format_plan(p, verdict))
+    if verdict is None:
+        print("(no GPU here and no --gpu-mem-gb: the plan is not checked against a memory size)")
+    return 0 if verdict is None or verdict.fits else 1

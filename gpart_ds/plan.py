@@ -1,0 +1,424 @@
+"""Per-GPU memory plan of a run under ZeRO-3: GPart, and LoRA / full fine-tuning for comparison.
+
+    python -m gpart_ds.plan --config configs/llama70b.yaml --nodes 8 --gpus-per-node 8 --gpu-mem-gb 80
+
+Everything is counted from shapes (a meta-device skeleton built from a config.json): no
+weight is read, no GPU is needed. Exit status 0 when the plan fits, 1 when it does not
+(with what to change), 2 for a bad config.
+
+What is counted, per rank (bytes; b = bytes per element of the training dtype):
+
+- frozen weights: this rank's ZeRO-3 partition of every parameter, ceil(n / W) elements,
+  plus the whole of every parameter small enough to persist (stage3_param_persistence_threshold);
+- gathered for compute: the largest gather unit (a decoder layer, the embeddings, the LM
+  head) plus one prefetch bucket, bounded by stage3_max_live_parameters;
+- activations: the tensors autograd saves, counted op by op for Llama-family blocks
+  (RMSNorm keeps an fp32 copy of its input, SDPA with a padding mask works on repeated k/v
+  heads, SwiGLU keeps four intermediate-size tensors; see `layer_saved_bytes_per_token`),
+  checked against the saved tensors of real forwards in tests/integration/test_zero3.py;
+- theta (d fp32 numbers) with s and theta*s on every rank, its fp32 master, Adam moments and
+  gradient partition (1/W each);
+- transients: one row chunk of W0 + delta and of dW per linear (method.chunk_elems), the
+  d-length gradient, and the logits in the training dtype and fp32 before the loss;
+- a fixed allowance for the CUDA context, NCCL buffers and allocator slack (--overhead-gb).
+
+A plan fits when the total is at most (1 - headroom) of the GPU's memory.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import re
+import sys
+from dataclasses import dataclass, field
+
+GIB = 1 << 30
+METHODS = ("gpart", "lora", "full")
+_LAYER_RE = re.compile(r"(^|\.)layers\.(\d+)\.")
+
+
+class PlanError(ValueError):
+    """The model description lacks something the plan needs."""
+
+
+@dataclass(frozen=True)
+class Arch:
+    """What the plan needs to know about a model: parameter sizes and block shapes."""
+    name: str
+    params: tuple[tuple[str, int], ...]          # (name, numel) in named_parameters() order
+    targets: tuple[tuple[int, int], ...]         # (out, in) of every GPart / LoRA target linear
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    target_names: tuple[str, ...] = ()
+
+    @property
+    def n_params(self) -> int:
+        return sum(n for _, n in self.params)
+
+    @property
+    def D(self) -> int:
+        return sum(o * i for o, i in self.targets)
+
+    def units(self) -> dict[str, int]:
+        """Elements per gather unit: each decoder layer, and each other module's parameters."""
+        out: dict[str, int] = {}
+        for name, n in self.params:
+            m = _LAYER_RE.search(name)
+            key = f"layer {m.group(2)}" if m else name.rsplit(".", 1)[0]
+            out[key] = out.get(key, 0) + n
+        return out
+
+    @classmethod
+    def from_model(cls, model, target_modules="all-linear", name: str = "") -> "Arch":
+        from .transform import build_layout
+
+        c = model.config
+        missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                               "num_attention_heads", "vocab_size") if getattr(c, k, None) is None]
+        if missing:
+            raise PlanError(f"{name or type(model).__name__}: config lacks {missing}; the plan "
+                            "counts activations for Llama-family decoder blocks")
+        heads = c.num_attention_heads
+        layout = build_layout(model, target_modules)
+        return cls(name=name or type(model).__name__,
+                   params=tuple((n, p.numel()) for n, p in model.named_parameters()),
+                   targets=tuple(t.shape for t in layout.targets),
+                   hidden=c.hidden_size, intermediate=c.intermediate_size,
+                   layers=c.num_hidden_layers, heads=heads,
+                   kv_heads=getattr(c, "num_key_value_heads", None) or heads,
+                   head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads,
+                   vocab=c.vocab_size, target_names=tuple(t.name for t in layout.targets))
+
+
+@dataclass
+class Row:
+    label: str
+    gpu: float = 0.0      # bytes per GPU
+    host: float = 0.0     # bytes of host memory per rank (offloaded state)
+
+
+@dataclass
+class Plan:
+    rows: list[Row] = field(default_factory=list)
+    world: int = 1
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, label: str, nbytes: float, on_host: bool = False) -> None:
+        self.rows.append(Row(label, 0.0 if on_host else nbytes, nbytes if on_host else 0.0))
+
+    def get(self, label_start: str) -> float:
+        return sum(r.gpu + r.host for r in self.rows if r.label.startswith(label_start))
+
+    @property
+    def gpu_total(self) -> float:
+        return sum(r.gpu for r in self.rows)
+
+    @property
+    def host_total(self) -> float:
+        return sum(r.host for r in self.rows)
+
+
+def layer_saved_bytes_per_token(a: Arch, b: int, seq: int, padded: bool = True) -> float:
+    """Bytes autograd keeps per token for one decoder block (Llama family, SDPA attention).
+
+    Counted op by op (the GPart op, LoRA's A and trained full linears all keep their input):
+      2 RMSNorms        fp32 copy of the input (4h) + 1/rms (4)         each
+      attention         inputs of q/k/v (h); q after RoPE (heads x head_dim); k and v as SDPA
+                        sees them, repeated to all heads when a padding mask is passed (else
+                        kv heads); SDPA output, which o_proj's input shares (heads x head_dim);
+                        log-sum-exp (4 x heads); the additive mask row (seq elements)
+      SwiGLU MLP        input (h); gate and up outputs, silu(gate), their product (4 x i)
+    """
+    attn = a.heads * a.head_dim
+    kv = attn if padded else a.kv_heads * a.head_dim
+    norms = 2 * (4 * a.hidden + 4)
+    attention = b * (a.hidden + 2 * attn + 2 * kv) + 4 * a.heads + (b * seq if padded else 0)
+    mlp = b * (a.hidden + 4 * a.intermediate)
+    return norms + attention + mlp
+
+
+def head_saved_bytes_per_token(a: Arch, b: int) -> float:
+    """Per position the LM head runs on: its input (bh: ZeRO-3 swaps F.linear for its own
+    function, which keeps the input even of a frozen linear), the fp32 log-softmax of the
+    logits (4V), the label (8)."""
+    return b * a.hidden + 4 * a.vocab + 8
+
+
+def final_norm_bytes_per_token(a: Arch) -> float:
+    return 4 * a.hidden + 4   # fp32 copy of the input, 1/rms
+
+
+def saved_activation_bytes(a: Arch, micro_batch: int, seq: int, b: int, grad_ckpt: bool,
+                           padded: bool = True, frozen_embeddings: bool = True,
+                           head_tokens: int | None = None) -> float:
+    """Bytes saved for backward at the end of one micro-batch's forward (not the peak).
+
+    `head_tokens`: positions the LM head and the loss run on; default every token (a loss
+    evaluated at label positions only needs the number of labelled tokens).
+    """
+    tokens = micro_batch * seq
+    head = tokens if head_tokens is None else head_tokens
+    if grad_ckpt:  # non-reentrant checkpointing keeps each block's input only
+        body = a.layers * b * a.hidden
+    else:
+        body = a.layers * layer_saved_bytes_per_token(a, b, seq, padded)
+        if frozen_embeddings:  # the first norm's input does not require grad: nothing kept
+            body -= 4 * a.hidden + 4
+    # RoPE's cos and sin, one pair shared by all blocks (inside checkpointed blocks otherwise)
+    rope = 0 if grad_ckpt else 2 * seq * a.head_dim * b
+    return tokens * (body + final_norm_bytes_per_token(a)) + head * head_saved_bytes_per_token(a, b) + rope
+
+
+def _chunk_elems(a: Arch, chunk_elems: int) -> int:
+    """Largest W0 + delta row block alive at once (ops.OpConfig.rows_per_chunk)."""
+    return max(min(o, max(1, chunk_elems // i)) * i for o, i in a.targets)
+
+
+def estimate(a: Arch, *, world: int, method: str = "gpart", d: int = 0, lora_rank: int = 16,
+             micro_batch: int = 1, seq_len: int = 2048, dtype_bytes: int = 2,
+             grad_ckpt: bool = True, chunk_elems: int = 1 << 26, zero: dict | None = None,
+             padded: bool = True, overhead_gb: float = 3.0, head_tokens: int | None = None) -> Plan:
+    """The per-rank memory plan for `world` ZeRO-3 ranks (see the module docstring).
+
+    `zero`: DeepSpeed's zero_optimization section (thresholds, prefetch, offload);
+    `method`: gpart (needs d), lora (rank `lora_rank` on the same targets) or full;
+    `head_tokens`: positions per micro-batch the LM head runs on (default: all tokens, the
+    upper bound; a loss at label positions only needs the labelled ones).
+    """
+    if method not in METHODS:
+        raise PlanError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "gpart" and d < 1:
+        raise PlanError("method gpart needs d >= 1")
+    z = zero or {}
+    b, W = dtype_bytes, world
+    persist = int(float(z.get("stage3_param_persistence_threshold", 1e5)))
+    prefetch = int(float(z.get("stage3_prefetch_bucket_size", 5e7)))
+    max_live = int(float(z.get("stage3_max_live_parameters", 1e9)))
+    off_param = (z.get("offload_param") or {}).get("device", "none") == "cpu"
+    off_opt = (z.get("offload_optimizer") or {}).get("device", "none") == "cpu"
+    plan = Plan(world=W)
+    tokens = micro_batch * seq_len
+
+    weights = "trainable weights" if method == "full" else "frozen weights"
+    shard = sum(-(-n // W) for _, n in a.params)
+    persisted = sum(n for _, n in a.params if n <= persist)
+    plan.add(f"{weights}, own ZeRO-3 partition (1/{W})", shard * b, on_host=off_param)
+    if persisted:
+        plan.add(f"small parameters kept whole (<= {persist:,} elements)", persisted * b)
+    units = a.units()
+    biggest = max(units.values())
+    gathered = min(biggest + min(prefetch, biggest), max(max_live, biggest))
+    plan.add("gathered for compute: largest unit + one prefetch bucket", gathered * b)
+
+    head = tokens if head_tokens is None else head_tokens
+    head_saved = tokens * final_norm_bytes_per_token(a) + head * head_saved_bytes_per_token(a, b)
+    if grad_ckpt:
+        plan.add("activations: checkpointed block inputs", tokens * a.layers * b * a.hidden)
+        plan.add("activations: one block recomputed in backward",
+                 tokens * layer_saved_bytes_per_token(a, b, seq_len, padded))
+    else:
+        every = saved_activation_bytes(a, micro_batch, seq_len, b, False, padded, method != "full", head)
+        plan.add("activations: every block", every - head_saved)
+    plan.add("activations: final norm, LM head input, fp32 log-softmax", head_saved)
+    plan.add("transient: logits in the training dtype and fp32", head * (b + 4) * a.vocab)
+
+    if method == "gpart":
+        plan.add("theta, s and theta*s (fp32, every rank)", 12 * d)
+        # theta's own partition (fp32), its fp32 master and two Adam moments, and the
+        # gradient partition in the training dtype
+        plan.add(f"theta's partition, fp32 master, Adam moments, grad (1/{W})", (16 + b) * -(-d // W),
+                 on_host=off_opt)
+        plan.add("transient: W0+delta and dW row chunks, d-length gradients",
+                 2 * _chunk_elems(a, chunk_elems) * b + 8 * d)
+    elif method == "lora":
+        lora = sum(lora_rank * (o + i) for o, i in a.targets)
+        plan.add(f"LoRA A/B weights, own partition (1/{W})", -(-lora // W) * b)
+        plan.add(f"LoRA grads, fp32 master, Adam moments (1/{W})", -(-lora // W) * (b + 12), on_host=off_opt)
+        per_layer = len(a.targets) // max(1, a.layers)
+        plan.add("activations: LoRA x@A per target", tokens * b * lora_rank * per_layer *
+                 (1 if grad_ckpt else a.layers))
+    else:
+        plan.add(f"gradients, own partition (1/{W})", shard * b)
+        plan.add(f"fp32 master weights, Adam moments (1/{W})", shard * 12, on_host=off_opt)
+        plan.add("transient: gradients of the gathered unit before reduce-scatter", biggest * b)
+    if overhead_gb:
+        plan.add("CUDA context, NCCL buffers, allocator slack (allowance)", overhead_gb * GIB)
+    if off_param:
+        plan.notes.append("offload_param: the frozen partition lives in pinned host memory")
+    return plan
+
+
+@dataclass(frozen=True)
+class Verdict:
+    fits: bool
+    usable: float          # bytes
+    message: str
+
+
+def check_fit(plan: Plan, gpu_mem_gb: float, headroom: float = 0.10) -> Verdict:
+    usable = gpu_mem_gb * GIB * (1 - headroom)
+    need = plan.gpu_total
+    if need <= usable:
+        return Verdict(True, usable, f"fits: {need / GIB:.1f} GiB of {usable / GIB:.1f} GiB usable "
+                                     f"per GPU ({(usable - need) / GIB:.1f} GiB to spare)")
+    top = sorted(plan.rows, key=lambda r: -r.gpu)[:3]
+    items = "; ".join(f"{r.label} {r.gpu / GIB:.1f}" for r in top)
+    return Verdict(False, usable, f"does not fit: needs {need / GIB:.1f} GiB per GPU but only "
+                                  f"{usable / GIB:.1f} GiB is usable ({gpu_mem_gb:g} GiB less "
+                                  f"{headroom:.0%} headroom). Largest items (GiB): {items}")
+
+
+def min_nodes(fits_on, gpus_per_node: int, limit: int = 4096) -> int | None:
+    """Fewest nodes for which `fits_on(world)` holds (None beyond `limit` nodes)."""
+    for nodes in range(1, limit + 1):
+        if fits_on(nodes * gpus_per_node):
+            return nodes
+    return None
+
+
+def compare_methods(a: Arch, worlds=(8, 16, 64), methods=METHODS, **kw) -> dict:
+    """{(method, world): Plan}: what issue 7's benchmark tabulates per GPU."""
+    return {(m, w): estimate(a, world=w, method=m, **kw) for m in methods for w in worlds}
+
+
+def human(nbytes: float) -> str:
+    for unit, size in (("GiB", GIB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if nbytes >= size:
+            return f"{nbytes / size:.1f} {unit}"
+    return f"{nbytes:.0f} B"
+
+
+def format_plan(plan: Plan, verdict: Verdict | None = None) -> str:
+    width = max(len(r.label) for r in plan.rows) + 2
+    big = max(plan.gpu_total, plan.host_total)
+    unit, size = next(((u, s) for u, s in (("GiB", GIB), ("MiB", 1 << 20)) if big >= s), ("KiB", 1 << 10))
+    lines = [f"  {f'per rank ({unit})':<{width}}{'device':>8}" + (f"{'host':>8}" if plan.host_total else "")]
+    for r in plan.rows:
+        host = f"{r.host / size:8.2f}" if plan.host_total else ""
+        lines.append(f"  {r.label:<{width}}{r.gpu / size:8.2f}{host}")
+    total_host = f"{plan.host_total / size:8.2f}" if plan.host_total else ""
+    lines.append(f"  {'total':<{width}}{plan.gpu_total / size:8.2f}{total_host}")
+    lines += [f"  note: {n}" for n in plan.notes]
+    if verdict is not None:
+        lines.append(("OK " if verdict.fits else "REFUSED ") + verdict.message)
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ from a run config
+def dtype_bytes(precision: str) -> int:
+    # auto plans for the GPUs it is meant for: bf16 there (fp32 only on CPU runs).
+    return 4 if precision == "fp32" else 2
+
+
+def arch_for_config(cfg, model_config: str | None = None) -> tuple[Arch, str]:
+    """(Arch, where its shapes came from) for a loaded run config, without any weights."""
+    from .model import architecture_source
+
+    source = architecture_source(cfg, model_config)
+    tm = cfg.method.target_modules
+    return _arch(source, tm if isinstance(tm, str) else tuple(tm)), source
+
+
+@functools.lru_cache(maxsize=8)
+def _arch(source: str, patterns) -> Arch:
+    # Building a 70B skeleton takes seconds; a planner searching over cluster sizes or a
+    # test asking several questions builds it once.
+    from .model import skeleton
+
+    return Arch.from_model(skeleton(source), patterns if isinstance(patterns, str) else list(patterns),
+                           name=source)
+
+
+def plan_for_config(cfg, arch: Arch, world: int, method: str | None = None, lora_rank: int = 16,
+                    overhead_gb: float = 3.0) -> Plan:
+    zero = dict((cfg.deepspeed or {}).get("zero_optimization", {}))
+    return estimate(arch, world=world, method=method or cfg.method.name, d=cfg.method.d,
+                    lora_rank=lora_rank, micro_batch=cfg.train.micro_batch_size,
+                    seq_len=cfg.data.max_length, dtype_bytes=dtype_bytes(cfg.model.precision),
+                    grad_ckpt=cfg.model.gradient_checkpointing, chunk_elems=cfg.method.chunk_elems,
+                    zero=zero, padded=not cfg.data.packing, overhead_gb=overhead_gb)
+
+
+def describe_run(cfg, arch: Arch, source: str, world: int) -> str:
+    import os
+
+    m, t = cfg.method, cfg.train
+    shown = os.path.relpath(source) if not os.path.relpath(source).startswith("..") else source
+    n = arch.n_params
+    params = f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n:,}"
+    return "\n".join([
+        f"model: {shown}: {params} parameters, {arch.layers} blocks, hidden "
+        f"{arch.hidden}, vocab {arch.vocab:,}; training dtype {'fp32' if dtype_bytes(cfg.model.precision) == 4 else 'bf16'}",
+        f"GPart: {len(arch.targets)} target matrices, D = {arch.D:,}, d = {m.d:,} (D/d = {arch.D / m.d:,.0f}); "
+        f"adapter {human(4 * m.d)}",
+        f"batch: micro-batch {t.micro_batch_size} x {cfg.data.max_length} tokens, grad_accum {t.grad_accum}, "
+        f"{world} ranks -> global batch {t.micro_batch_size * t.grad_accum * world} sequences; "
+        f"activation checkpointing {'on' if cfg.model.gradient_checkpointing else 'off'}",
+    ])
+
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m gpart_ds.plan", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, help="run YAML, or a name in configs/")
+    ap.add_argument("--nodes", type=int, required=True)
+    ap.add_argument("--gpus-per-node", type=int, required=True)
+    ap.add_argument("--gpu-mem-gb", type=float, required=True, help="memory per GPU, GiB")
+    ap.add_argument("--model-config", help="a Hugging Face config.json (or folder) with the model's "
+                    "shapes; default: model.path, else model.arch_config")
+    ap.add_argument("--method", choices=METHODS, help="estimate another method on the same targets")
+    ap.add_argument("--lora-rank", type=int, default=16)
+    ap.add_argument("--headroom", type=float, default=0.10, help="fraction of GPU memory kept free")
+    ap.add_argument("--overhead-gb", type=float, default=3.0,
+                    help="CUDA context + NCCL + allocator allowance per GPU, GiB")
+    ap.add_argument("overrides", nargs="*", help="key.sub=value, as for launch/train.py")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    from .config import ConfigError, load_config
+
+    for key in ("nodes", "gpus_per_node"):
+        if getattr(args, key) < 1:
+            print(f"error: --{key.replace('_', '-')} must be >= 1", file=sys.stderr)
+            return 2
+    if args.gpu_mem_gb <= 0 or not 0 <= args.headroom < 1:
+        print("error: --gpu-mem-gb must be > 0 and --headroom in [0, 1)", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(args.config, args.overrides, check_files=False)
+        arch, source = arch_for_config(cfg, args.model_config)
+    except (ConfigError, PlanError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    world = args.nodes * args.gpus_per_node
+    kw = dict(method=args.method, lora_rank=args.lora_rank, overhead_gb=args.overhead_gb)
+    plan = plan_for_config(cfg, arch, world, **kw)
+    verdict = check_fit(plan, args.gpu_mem_gb, args.headroom)
+    print(f"memory plan: {args.nodes} node(s) x {args.gpus_per_node} GPU(s) = {world} ranks, "
+          f"{args.gpu_mem_gb:g} GiB per GPU, method {args.method or cfg.method.name}")
+    print(describe_run(cfg, arch, source, world))
+    print(format_plan(plan, verdict))
+    if plan.host_total:
+        print(f"host memory per node: {args.gpus_per_node} x {human(plan.host_total)} = "
+              f"{human(args.gpus_per_node * plan.host_total)} (offloaded state)")
+    if not verdict.fits:
+        need = min_nodes(lambda w: check_fit(plan_for_config(cfg, arch, w, **kw), args.gpu_mem_gb,
+                                             args.headroom).fits, args.gpus_per_node)
+        hint = (f"at least {need} node(s) x {args.gpus_per_node} GPUs fit this config" if need
+                else "no number of nodes fits: the unsharded items alone are too large")
+        print(f"what to change: {hint}; or CPU offload of the frozen weights (deepspeed: "
+              f"ds_zero3_llama70b_offload.json), a smaller train.micro_batch_size or data.max_length, "
+              f"model.gradient_checkpointing=true", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
