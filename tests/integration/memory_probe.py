@@ -45,7 +45,7 @@ def saved_bytes(forward, d: int):
 def measure(trainer) -> dict:
     engine, gmodel, d = trainer.engine, trainer.gmodel, trainer.cfg.method.d
     base = gmodel.base_model
-    batch = trainer._batch(trainer.order.indices(0, 0, trainer.rank), trainer.train_set)
+    batch, _ = trainer._batch(trainer.order.indices(0, 0, trainer.rank), trainer.train_set)
     engine.train()
 
     def step(checkpointing: bool):
