@@ -6,6 +6,8 @@ q_proj (4 elements) leaves rank 2 empty; the embedding (640) splits 214/214/212 
 padding; the output files are split by a tiny max_shard_size; embeddings are tied.
 """
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -15,19 +17,29 @@ from gpart_ds import export
 from gpart_ds.adapter_sources import open_source
 from gpart_ds.transform import apply_gpart
 from tests.export_helpers import expected_targets, make_base, raw_bytes, read_folder
-from tests.helpers import run_deepspeed
+from tests.helpers import REPO, run_deepspeed
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
-def test_zero3_merged_export_equals_offline_merge_and_w0_plus_delta(tmp_path, tiny_assets):
-    base = make_base(tmp_path / "base", tiny_assets / "model", hidden=2, heads=1, kv=1, inter=3,
+def run_args(base, out):
+    return ("--config", "configs/tiny.yaml", f"model.path={base}", "model.precision=bf16", "method.d=16",
+            "train.max_steps=3", "train.lr=0.5", "train.eval_examples=4", f"output_dir={out}",
+            "export.max_shard_size=100")
+
+
+@pytest.fixture(scope="module")
+def zero3_run(tmp_path_factory, tiny_assets):
+    tmp = tmp_path_factory.mktemp("export3")
+    base = make_base(tmp / "base", tiny_assets / "model", hidden=2, heads=1, kv=1, inter=3,
                      layers=2, tie=True, dtype=torch.bfloat16)
-    out = tmp_path / "run"
-    run_deepspeed(3, "launch/train.py", "--config", "configs/tiny.yaml", f"model.path={base}",
-                  "model.precision=bf16", "method.d=16", "train.max_steps=3", "train.lr=0.5",
-                  "train.eval_examples=4", f"output_dir={out}", "export.merged=true",
-                  "export.max_shard_size=100")
+    out = tmp / "run"
+    run_deepspeed(3, "launch/train.py", *run_args(base, out), "export.merged=true")
+    return base, out
+
+
+def test_zero3_merged_export_equals_offline_merge_and_w0_plus_delta(tmp_path, zero3_run):
+    base, out = zero3_run
     merged = out / "merged"
     files = sorted(p.name for p in merged.glob("*.safetensors"))
     assert len(files) >= 3 and (merged / "model.safetensors.index.json").is_file()
@@ -65,16 +77,16 @@ def test_zero3_merged_export_equals_offline_merge_and_w0_plus_delta(tmp_path, ti
         assert torch.equal(served(input_ids=ids).logits, g(input_ids=ids).logits)
 
 
-def test_export_only_from_a_checkpoint_and_existing_folder_refused(tmp_path, tiny_assets):
-    out = tmp_path / "run"
-    common = ("--config", "configs/tiny.yaml", "train.max_steps=2", "train.eval_examples=4",
-              f"output_dir={out}")
-    run_deepspeed(2, "launch/train.py", *common)
-    assert not (out / "merged").exists()
-    run_deepspeed(2, "launch/train.py", "--export-only", *common, "train.resume=auto")
-    export.merge_offline(tiny_assets / "model", out / "adapter", tmp_path / "offline")
-    assert (out / "merged" / "model.safetensors").read_bytes() == (tmp_path / "offline" / "model.safetensors").read_bytes()
-    # an existing export folder is refused before any work (exit 2, key named)
-    proc = run_deepspeed(2, "launch/train.py", "--export-only", *common, "train.resume=auto", check=False)
-    assert proc.returncode != 0
+def test_export_only_from_a_checkpoint_and_existing_folder_refused(tmp_path, zero3_run):
+    base, out = zero3_run
+    again = tmp_path / "again"
+    run_deepspeed(3, "launch/train.py", "--export-only", *run_args(base, out), "train.resume=auto",
+                  f"export.dir={again}")
+    a, b = read_folder(again), read_folder(out / "merged")
+    assert a.keys() == b.keys() and all(raw_bytes(a[k]) == raw_bytes(b[k]) for k in a)
+    # an existing export folder is refused at configuration time (exit 2, key named)
+    proc = subprocess.run([sys.executable, "launch/train.py", "--export-only", *run_args(base, out),
+                           "train.resume=auto", f"export.dir={again}"], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
     assert "export.dir" in proc.stderr and "already exists" in proc.stderr
