@@ -26,6 +26,11 @@ def test_deepspeed_launch_tiny_config_trains_and_writes_adapter_and_metrics(deep
     assert summary["eval_loss_after"] < summary["eval_loss_before"]
     # no partial folders left behind by the atomic write
     assert not [p.name for p in out.iterdir() if ".tmp-" in p.name]
+    # nor DeepSpeed's CPU all-reduce buffers in /dev/shm (69 MB per rank per run)
+    port = proc.args[proc.args.index("--master_port") + 1]
+    from pathlib import Path
+
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
 
 def _train_py(*args):
