@@ -80,20 +80,33 @@ def save_adapter(out_dir: str | Path, theta: torch.Tensor, config: dict) -> Path
     return out_dir
 
 
-def load_adapter(adapter_dir: str | Path) -> tuple[torch.Tensor, dict]:
-    """(theta, config) after checking the files agree with each other."""
+def read_config(cfg_path: Path) -> dict:
+    """An adapter_config.json; a syntax error names the file and line."""
+    try:
+        return json.loads(Path(cfg_path).read_text())
+    except json.JSONDecodeError as exc:
+        raise AdapterError(f"{cfg_path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+
+
+def read_tensors(w_path: Path) -> dict[str, torch.Tensor]:
+    """An adapter's safetensors file; a truncated or corrupt one names the file."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    try:
+        return load_file(str(w_path))
+    except (SafetensorError, OSError) as exc:
+        raise AdapterError(f"{w_path}: unreadable safetensors file ({exc})") from None
+
+
+def load_adapter(adapter_dir: str | Path) -> tuple[torch.Tensor, dict]:
+    """(theta, config) after checking the files agree with each other."""
     adapter_dir = Path(adapter_dir)
     cfg_path, w_path = adapter_dir / CONFIG_NAME, adapter_dir / WEIGHTS_NAME
     for p in (cfg_path, w_path):
         if not p.is_file():
             raise AdapterError(f"{p}: missing (is {adapter_dir} an adapter folder?)")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise AdapterError(f"{cfg_path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    config = read_config(cfg_path)
     if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
         raise AdapterError(f"{cfg_path}: unknown adapter format "
                            f"{config.get('format')!r} v{config.get('format_version')!r}")
@@ -101,11 +114,7 @@ def load_adapter(adapter_dir: str | Path) -> tuple[torch.Tensor, dict]:
     if (h.get("name"), h.get("version")) != (HASH_NAME, HASH_VERSION):
         raise AdapterError(f"{cfg_path}: hash {h!r} is not supported "
                            f"(this version knows {HASH_NAME} v{HASH_VERSION})")
-    try:
-        tensors = load_file(str(w_path))
-    except (SafetensorError, OSError) as exc:
-        raise AdapterError(f"{w_path}: unreadable safetensors file ({exc})") from None
-    theta = tensors.get(THETA_KEY)
+    theta = read_tensors(w_path).get(THETA_KEY)
     if theta is None or theta.shape != (config["d"],):
         got = None if theta is None else tuple(theta.shape)
         raise AdapterError(f"{w_path}: expected tensor {THETA_KEY!r} of shape ({config['d']},), got {got}")

@@ -14,7 +14,6 @@ of the target weights), so an adapter is never merged into the wrong model.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,17 +59,7 @@ def _layout_from_base(base_dir: Path, patterns) -> list[MergeTarget]:
     return [MergeTarget(t.name, tuple(t.shape), t.offset) for t in layout.targets]
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise adapter_io.AdapterError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
-
-
 def _reference(path: Path, cfg: dict, base_dir: Path) -> MergeSource:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     cfg_path = path / adapter_io.CONFIG_NAME
     backend = cfg.get("assignment_backend", "stateless")
     if backend not in REFERENCE_BACKENDS:
@@ -85,10 +74,7 @@ def _reference(path: Path, cfg: dict, base_dir: Path) -> MergeSource:
         if key not in cfg:
             raise adapter_io.AdapterError(f"{cfg_path}: missing key {key!r}")
     w_path = path / adapter_io.WEIGHTS_NAME
-    try:
-        tensors = load_file(str(w_path))
-    except (SafetensorError, OSError) as exc:
-        raise adapter_io.AdapterError(f"{w_path}: unreadable safetensors file ({exc})") from None
+    tensors = adapter_io.read_tensors(w_path)
     found = [k for k in tensors if k.endswith("gpart_theta_d") or ".gpart_theta_d." in k]
     if len(found) != 1:
         raise adapter_io.AdapterError(f"{w_path}: expected one gpart_theta_d tensor, found {found or list(tensors)}")
@@ -127,7 +113,7 @@ def open_source(path: str | Path, base_dir: str | Path) -> MergeSource:
     cfg_path = path / adapter_io.CONFIG_NAME
     if not cfg_path.is_file():
         raise adapter_io.AdapterError(f"{cfg_path}: missing (is {path} an adapter folder?)")
-    cfg = _read_json(cfg_path)
+    cfg = adapter_io.read_config(cfg_path)
     if str(cfg.get("peft_type", "")).upper() == "GPART":
         return _reference(path, cfg, base_dir)
     theta, cfg = adapter_io.load_adapter(path)

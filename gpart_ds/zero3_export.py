@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from . import export, safetensors_io as stio
 from .merge import Merger, MergeTarget
-from .zero3 import is_partitioned, local_shard, shard_range
+from .zero3 import gathered, is_partitioned, local_shard, shard_range
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +55,8 @@ def export_merged(gmodel, base_dir: str | Path, out_dir: str | Path, compute_dty
     base = stio.read_model_header(base_dir)
     plans = stio.plan_files(export.output_entries(base, out_dtype), stio.parse_size(max_shard_size))
     targets = [MergeTarget(t.name, tuple(t.shape), t.offset) for t in gmodel.layout.targets]
-    with torch.no_grad():
-        theta = gmodel.gpart_theta
-        from .zero3 import gathered
-
-        with gathered([theta]):
-            theta_full = theta.detach().float().clone()
+    with torch.no_grad(), gathered([gmodel.gpart_theta]):
+        theta_full = gmodel.gpart_theta.detach().float().clone()
     merger = Merger(theta_full, gmodel.seed, targets, compute_dtype, gmodel.gpart_ctx.op.kernels,
                     scales=gmodel.scales, device=device)
     params = dict(gmodel.base_model.named_parameters(remove_duplicate=False))
