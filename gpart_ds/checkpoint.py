@@ -1,11 +1,15 @@
-"""Checkpoints of a GPart run: theta, its optimizer state, schedule, RNG, data position.
+"""Checkpoints of a run: the trainable parameters, their optimizer state, schedule, RNG,
+data position.
 
 The frozen base model is never written: it comes from the base model folder, so a
-checkpoint of a 70B run is a few times d floats. Everything is safetensors or JSON (no
-pickles, nothing goes through torch.load). Layout:
+checkpoint of a 70B GPart run is a few times d floats (the baselines write their own
+trainable parameters the same way: LoRA's factors, or every weight for full
+fine-tuning). Everything is safetensors or JSON (no pickles, nothing goes through
+torch.load). Layout:
 
     checkpoints/step-000100/
-        state.safetensors     theta, fp32 master, Adam exp_avg / exp_avg_sq (full, d each)
+        state.safetensors     per trainable parameter NAME: NAME (working value),
+                              NAME::master (fp32), NAME::exp_avg, NAME::exp_avg_sq (full)
         rng-rank<r>.safetensors   each rank's torch (and CUDA) RNG state
         state.json            step, Adam step, engine counters, scheduler, world size
         run_config.yaml       the config that wrote it (drift is checked on resume)
@@ -37,7 +41,7 @@ MANIFEST = "manifest.json"
 LATEST = "latest"
 _STEP_RE = re.compile(r"^step-(\d+)$")
 # Keys whose change alters what theta means: refused on resume.
-DRIFT_KEYS = ("method.name", "method.d", "method.seed", "method.target_modules", "model.path")
+DRIFT_KEYS = ("method.name", "method.d", "method.r", "method.seed", "method.target_modules", "model.path")
 
 
 class CheckpointError(ValueError):
@@ -117,7 +121,7 @@ def _get(tree: dict, dotted: str):
 
 # ---------------------------------------------------------------- ZeRO-3 optimizer state
 def _hp_partition(engine, param, key):
-    """This rank's (partition tensor, first index, valid count) of theta's fp32 state."""
+    """This rank's (partition tensor, first index, valid count) of a parameter's fp32 state."""
     opt = engine.optimizer
     part, _ = opt._get_fp32_opt_state_partition(param, release_swap_buffers=False, optim_state_key=key)
     rank = opt._get_param_partition_rank(param)
@@ -125,14 +129,17 @@ def _hp_partition(engine, param, key):
     return part, start, max(0, min(part.numel(), param.ds_numel - start))
 
 
-def gather_optimizer_state(engine, theta) -> dict[str, torch.Tensor]:
-    """Full fp32 master and Adam moments of theta (collective: every rank calls it)."""
+_STATE_KEYS = ("master", "exp_avg", "exp_avg_sq")
+
+
+def gather_optimizer_state(engine, param) -> dict[str, torch.Tensor]:
+    """Full fp32 master and Adam moments of one parameter (collective: every rank calls it)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    out = {"master": safe_get_full_fp32_param(theta)}
+    out = {"master": safe_get_full_fp32_param(param)}
     for key in ("exp_avg", "exp_avg_sq"):
-        out[key] = safe_get_full_optimizer_state(theta, key)
-    return {k: v.detach().float().cpu().reshape(-1)[: theta.ds_numel].clone() for k, v in out.items()}
+        out[key] = safe_get_full_optimizer_state(param, key)
+    return {k: v.detach().float().cpu().reshape(-1)[: param.ds_numel].clone() for k, v in out.items()}
 
 
 def adam_step(engine) -> float:
@@ -140,8 +147,8 @@ def adam_step(engine) -> float:
     return steps[0] if steps else 0.0
 
 
-def restore_optimizer_state(engine, theta, state: dict[str, torch.Tensor], step: float) -> None:
-    """Scatter full d-length state into this rank's ZeRO-3 partitions (any world size)."""
+def restore_optimizer_state(engine, params: dict, state: dict[str, torch.Tensor], step: float) -> None:
+    """Scatter full per-parameter state into this rank's ZeRO-3 partitions (any world size)."""
     import deepspeed
 
     # torch's AdamW creates its state lazily at the first step: a fresh engine has none
@@ -153,27 +160,36 @@ def restore_optimizer_state(engine, theta, state: dict[str, torch.Tensor], step:
             st.setdefault("step", torch.tensor(0.0, dtype=torch.float32))
             st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-    for key, name in ((None, "master"), ("exp_avg", "exp_avg"), ("exp_avg_sq", "exp_avg_sq")):
-        part, start, valid = _hp_partition(engine, theta, key)
-        part.data[:valid].copy_(state[name][start:start + valid].to(part.device, part.dtype))
+    for pname, param in params.items():
+        for key, name in ((None, "master"), ("exp_avg", "exp_avg"), ("exp_avg_sq", "exp_avg_sq")):
+            part, start, valid = _hp_partition(engine, param, key)
+            part.data[:valid].copy_(state[f"{pname}::{name}"][start:start + valid].to(part.device, part.dtype))
     for s in engine.optimizer.optimizer.state.values():
         if "step" in s:
             s["step"] = torch.full_like(s["step"], step) if torch.is_tensor(s["step"]) else step
-    # The working copy of theta (what forward reads) must equal the master.
-    with deepspeed.zero.GatheredParameters([theta], modifier_rank=0):
-        if dist.get_rank() == 0:
-            theta.data.copy_(state["master"].to(theta.device, theta.dtype))
+    # The working copy (what forward reads) must equal the master.
+    for pname, param in params.items():
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            if dist.get_rank() == 0:
+                param.data.copy_(state[f"{pname}::master"].view(param.shape).to(param.device, param.dtype))
 
 
 # ---------------------------------------------------------------- save / load
-def save(engine, theta, root: Path, step: int, extra: dict, run_config_yaml: str, keep_last: int) -> Path:
-    """Write checkpoint `step` (collective). Returns its folder."""
+def save(engine, params: dict, root: Path, step: int, extra: dict, run_config_yaml: str, keep_last: int) -> Path:
+    """Write checkpoint `step` (collective). `params`: name -> trainable parameter.
+    Returns its folder."""
     from safetensors.torch import save_file
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    full = gather_optimizer_state(engine, theta)
-    with gathered([theta]):
-        full["theta"] = theta.detach().float().cpu().reshape(-1).clone()
+    full = {}
+    for pname, param in params.items():
+        # One parameter at a time: only rank 0 keeps the gathered copies.
+        state = gather_optimizer_state(engine, param)
+        with gathered([param]):
+            value = param.detach().float().cpu().reshape(-1).clone()
+        if rank == 0:
+            full[pname] = value
+            full.update({f"{pname}::{k}": v for k, v in state.items()})
     final = step_dir(root, step)
     tmp = root / f".{final.name}.tmp"
     if rank == 0:
@@ -213,16 +229,21 @@ def _write_latest(root: Path, name: str) -> None:
     os.replace(tmp, root / LATEST)
 
 
-def load(engine, theta, ckpt: Path) -> dict:
+def load(engine, params: dict, ckpt: Path) -> dict:
     """Restore a verified checkpoint into the engine; returns state.json's content."""
     from safetensors.torch import load_file
 
     rank = dist.get_rank()
     state = json.loads((ckpt / "state.json").read_text())
     full = load_file(str(ckpt / "state.safetensors"))
-    if full["theta"].numel() != theta.ds_numel:
-        raise CheckpointError(f"{ckpt}: theta has {full['theta'].numel()} entries, this run has d={theta.ds_numel}")
-    restore_optimizer_state(engine, theta, full, state["adam_step"])
+    for pname, param in params.items():
+        if pname not in full:
+            raise CheckpointError(f"{ckpt}: no state for trainable parameter {pname!r} "
+                                  f"(the checkpoint has {sorted(k for k in full if '::' not in k)[:5]}...)")
+        if full[pname].numel() != param.ds_numel:
+            raise CheckpointError(f"{ckpt}: {pname} has {full[pname].numel()} entries, this run has "
+                                  f"{param.ds_numel}")
+    restore_optimizer_state(engine, params, full, state["adam_step"])
     # Counters in this run's terms: with another number of ranks the accumulation
     # boundary (micro_steps % grad_accum) must still fall after every grad_accum micro-batches.
     engine.global_steps = state["global_steps"]

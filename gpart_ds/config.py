@@ -19,7 +19,9 @@ from omegaconf.errors import OmegaConfBaseException
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
 
-METHODS = ("gpart",)
+# gpart is the method; lora, vera (PEFT) and full fine-tuning are baselines that run
+# through the same data, loop, logging, checkpoints and export (see methods.py).
+METHODS = ("gpart", "lora", "vera", "full")
 KERNELS = ("auto", "compiled", "eager")
 PRECISIONS = ("auto", "bf16", "fp32")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -28,13 +30,17 @@ SCHEDULES = ("cosine", "linear", "constant")
 @dataclass
 class MethodConfig:
     name: str = "gpart"
-    d: int = MISSING
+    d: Optional[int] = None         # gpart: the trainable vector's length (required)
     seed: int = 0
     # "all-linear", a list of module-name suffixes, or a regex over full module names.
     target_modules: Any = "all-linear"
     dropout: float = 0.0
     kernel: str = "auto"            # auto: compiled for large models, eager for tiny ones
     chunk_elems: int = 1 << 26      # W0 + delta elements alive at once per layer
+    # Baselines (PEFT): rank (lora default 8, vera default 256) and LoRA's alpha
+    # (default 2 x r); targets are the same method.target_modules as GPart's.
+    r: Optional[int] = None
+    alpha: Optional[float] = None
 
 
 @dataclass
@@ -217,7 +223,12 @@ def _validate_values(cfg: DictConfig, where: _Where) -> None:
 
     m, t = cfg.method, cfg.train
     need(m.name in METHODS, "method.name", f"unknown method {m.name!r}; choose one of {METHODS}")
-    need(m.d >= 1, "method.d", f"d must be >= 1, got {m.d}")
+    if m.name == "gpart":
+        need(m.d is not None, "method.d", "method gpart needs d (the number of trainable parameters)")
+        need(m.d >= 1, "method.d", f"d must be >= 1, got {m.d}")
+    if m.name in ("lora", "vera"):
+        need(m.r is None or m.r >= 1, "method.r", f"rank must be >= 1, got {m.r}")
+        need(m.alpha is None or m.alpha > 0, "method.alpha", f"must be > 0, got {m.alpha}")
     need(0 <= m.seed < 2**64, "method.seed", f"seed must be in [0, 2^64), got {m.seed}")
     need(0.0 <= m.dropout < 1.0, "method.dropout", f"dropout must be in [0, 1), got {m.dropout}")
     need(m.kernel in KERNELS, "method.kernel", f"must be one of {KERNELS}, got {m.kernel!r}")

@@ -61,3 +61,21 @@ def _choice_loss(model, hidden, labels, index, cand) -> CausalLMOutputWithPast:
     target = (cand == labels[rows, pos][:, None]).float().argmax(1)
     loss = F.cross_entropy(scores, target, reduction="sum") / max(1, len(rows))
     return CausalLMOutputWithPast(loss=loss)
+
+
+def objective_forward(model, args: tuple, kwargs: dict, label_positions_only: bool = True):
+    """Forward of a causal LM for training and evaluation, whatever wraps its layers.
+
+    choice_index / choice_ids (the "choices" objective) and labelled batches go through
+    the label-position loss; calls without labels (logits for scoring) and models that
+    post-process logits take the model's own forward.
+    """
+    if "choice_index" in kwargs:
+        if not supports_label_positions(model):
+            raise ValueError(f"the 'choices' objective needs logits = lm_head(decoder(x)); "
+                             f"{type(model).__name__} post-processes its logits")
+        return label_positions_loss(model, **kwargs)
+    if (label_positions_only and not args and kwargs.get("labels") is not None
+            and "logits_to_keep" not in kwargs and supports_label_positions(model)):
+        return label_positions_loss(model, **kwargs)
+    return model(*args, **kwargs)

@@ -73,7 +73,7 @@ def check_targets(cfg: DictConfig):
         raise ConfigError(f"{where('method.target_modules')}: {patterns!r} matches no linear "
                           f"layer inside the decoder blocks of {cfg.model.path}; available: "
                           f"{linear_module_names(model)} or {ALL_LINEAR!r}")
-    if cfg.method.d > layout.D:
+    if cfg.method.name == "gpart" and cfg.method.d > layout.D:
         raise ConfigError(f"{where('method.d')}: d={cfg.method.d} exceeds D={layout.D}, the "
                           f"number of target weights ({len(layout.targets)} matrices)")
     return layout

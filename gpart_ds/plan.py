@@ -337,8 +337,8 @@ def _arch(source: str, patterns) -> Arch:
 def plan_for_config(cfg, arch: Arch, world: int, method: str | None = None, lora_rank: int = 16,
                     overhead_gb: float = 3.0) -> Plan:
     zero = dict((cfg.deepspeed or {}).get("zero_optimization", {}))
-    return estimate(arch, world=world, method=method or cfg.method.name, d=cfg.method.d,
-                    lora_rank=lora_rank, micro_batch=cfg.train.micro_batch_size,
+    return estimate(arch, world=world, method=method or cfg.method.name, d=cfg.method.d or 0,
+                    lora_rank=cfg.method.r or lora_rank, micro_batch=cfg.train.micro_batch_size,
                     seq_len=cfg.data.max_length, dtype_bytes=dtype_bytes(cfg.model.precision),
                     grad_ckpt=cfg.model.gradient_checkpointing, chunk_elems=cfg.method.chunk_elems,
                     zero=zero, padded=not cfg.data.packing, overhead_gb=overhead_gb)

@@ -4,8 +4,9 @@
     Trainer(cfg).run()
 
 Every rank runs the same code; rank 0 alone writes files. The frozen model is loaded
-sharded (ZeRO-3), GPart is applied before `deepspeed.initialize`, and the only
-trainable parameter is theta, whose gradient DeepSpeed reduces across ranks.
+sharded (ZeRO-3), the method (GPart, or a baseline: methods.py) is applied before
+`deepspeed.initialize`; with GPart the only trainable parameter is theta, whose
+gradient DeepSpeed reduces across ranks.
 """
 from __future__ import annotations
 
@@ -20,11 +21,11 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from . import adapter as adapter_io
-from . import assets, checkpoint, data, distributed, evaluate, zero3
+from . import assets, checkpoint, data, distributed, evaluate, methods, zero3
 from .config import check_paths, to_yaml, where_for
 from .metrics import MetricsLog, format_step, peak_memory_gb
 from .model import check_targets, load_model, model_name, training_dtype
-from .transform import GPartModel, apply_gpart
+from .transform import GPartModel
 
 log = logging.getLogger("gpart_ds")
 
@@ -61,7 +62,8 @@ class Trainer:
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
         self.engine = None
-        self.gmodel: GPartModel | None = None
+        self.gmodel: GPartModel | None = None   # the root module when method.name is gpart
+        self.method: methods.Method | None = None
 
     # ---------------------------------------------------------------- set-up
     def setup(self) -> None:
@@ -126,19 +128,17 @@ class Trainer:
         kernel = m.kernel
         if kernel == "auto":
             kernel = "compiled" if (self.device.type == "cuda" or self.layout.D >= COMPILE_MIN_D) else "eager"
-        tm = m.target_modules if isinstance(m.target_modules, str) else list(m.target_modules)
-        self.gmodel = apply_gpart(base, d=m.d, seed=m.seed, target_modules=tm, dropout=m.dropout,
-                                  kernel_mode=kernel, chunk_elems=m.chunk_elems,
-                                  count_device=self.device)
-        log.info("GPart: D=%d target weights in %d matrices, d=%d (D/d=%.0f), kernels=%s, world=%d",
-                 self.layout.D, len(self.layout.targets), m.d, self.layout.D / m.d, kernel, self.world)
+        self.method = methods.build(m, base, kernel_mode=kernel, count_device=self.device)
+        self.gmodel = self.method.root if m.name == "gpart" else None
+        log.info("%s; world=%d%s", self.method.describe(), self.world,
+                 f", kernels={kernel}" if m.name == "gpart" else "")
 
     def _build_engine(self) -> None:
         import deepspeed
 
         t = self.cfg.train
-        theta = self.gmodel.gpart_theta
-        opt = torch.optim.AdamW([theta], lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+        params = list(self.method.trainable().values())
+        opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
         warmup = int(round(t.warmup_ratio * t.max_steps))
 
         def scheduler(optimizer):
@@ -146,8 +146,10 @@ class Trainer:
                 optimizer, lambda s: lr_lambda(s, t.max_steps, warmup, t.schedule, t.min_lr_ratio))
 
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=self.gmodel, optimizer=opt, lr_scheduler=scheduler, config=self.ds_config)
-        zero3.persist(theta)
+            model=self.method.root, optimizer=opt, lr_scheduler=scheduler, config=self.ds_config)
+        if self.gmodel is not None:
+            zero3.persist(self.gmodel.gpart_theta)
+        self.model_state = zero3.model_state_bytes(self.engine)
 
     # ---------------------------------------------------------------- loop
     def _batch(self, indices: list[int], examples) -> tuple[dict, int]:
@@ -235,14 +237,14 @@ class Trainer:
             checkpoint.verify(ckpt)
         saved = yaml.safe_load((ckpt / "run_config.yaml").read_text())
         checkpoint.check_drift(saved, self.cfg, where_for(self.cfg))
-        state = checkpoint.load(self.engine, self.gmodel.gpart_theta, ckpt)
+        state = checkpoint.load(self.engine, self.method.trainable(), ckpt)
         log.info("resumed from %s at step %d (saved by %d ranks, now %d)", ckpt, state["step"],
                  state["world"], self.world)
         self.metrics.write({"event": "resume", "from": str(ckpt), "step": state["step"]})
         return state["step"], state.get("before")
 
     def save_checkpoint(self, step: int, before: dict) -> Path:
-        return checkpoint.save(self.engine, self.gmodel.gpart_theta, self._checkpoint_root(), step,
+        return checkpoint.save(self.engine, self.method.trainable(), self._checkpoint_root(), step,
                                {"before": before}, to_yaml(self.cfg), self.cfg.checkpoint.keep_last)
 
     def _install_signal_handlers(self) -> None:
@@ -280,7 +282,7 @@ class Trainer:
             from tqdm import tqdm
 
             # disable=None: no bar when stdout is not a terminal (logs keep the step lines)
-            bar = tqdm(total=t.max_steps, initial=start, desc="gpart", dynamic_ncols=True, disable=None)
+            bar = tqdm(total=t.max_steps, initial=start, desc=cfg.method.name, dynamic_ncols=True, disable=None)
         history = []
         every = cfg.checkpoint.every_steps
         for step in range(start, t.max_steps):
@@ -310,28 +312,28 @@ class Trainer:
                 self.save_checkpoint(step + 1, before)
         if bar is not None:
             bar.close()
+        # Peak memory of training itself, before the gathers of checkpoint and export.
+        train_mem = {f"train_{k}": v for k, v in self._max_over_ranks(peak_memory_gb()).items()}
         self.save_checkpoint(t.max_steps, before)
         after = self.evaluate()
         self.metrics.write({"event": "eval", "step": t.max_steps, **after})
         wall = time.perf_counter() - t_start
-        theta = self.theta()
-        self.check_replicas(theta)
-        if self.rank == 0:
-            self.save_adapter(theta, self.out / "adapter")
+        adapter_dir = self.save_adapter_all(self.out / "adapter")
         if self.world > 1:
             dist.barrier()
         if cfg.export.merged:
             self.export_merged()
         mem = self._max_over_ranks(peak_memory_gb())
         steady = [r["step_time_s"] for r in history[1:]] or [r["step_time_s"] for r in history] or [0.0]
-        adapter_dir = self.out / "adapter"
-        summary = {"event": "summary", "steps": t.max_steps, "world": self.world,
+        summary = {"event": "summary", "method": cfg.method.name, "steps": t.max_steps, "world": self.world,
                    "eval_loss_before": before["eval_loss"], "eval_loss_after": after["eval_loss"],
                    "accuracy_before": before.get("accuracy"), "accuracy_after": after.get("accuracy"),
                    "final_loss": history[-1]["loss"] if history else None, "wall_s": wall,
                    "median_step_time_s": sorted(steady)[len(steady) // 2],
-                   "trainable_params": int(theta.numel()),
-                   "adapter_bytes": sum(f.stat().st_size for f in adapter_dir.iterdir()), **mem}
+                   "trainable_params": self.method.trainable_params(),
+                   "adapter_bytes": _folder_bytes(adapter_dir),
+                   "checkpoint_bytes": _folder_bytes(checkpoint.step_dir(self._checkpoint_root(), t.max_steps)),
+                   "model_state_bytes": self.model_state, **train_mem, **mem}
         self.metrics.write(summary)
         self.metrics.close()
         if self.rank == 0:
@@ -345,9 +347,15 @@ class Trainer:
         from .export import parse_dtype
         from .zero3_export import export_merged
 
+        from .zero3_export import export_gathered
+
         e, t0 = self.cfg.export, time.perf_counter()
-        out = export_merged(self.gmodel, self.cfg.model.path, export_dir(self.cfg), self.dtype,
-                            parse_dtype(e.dtype), e.max_shard_size, e.overwrite, device=self.device)
+        if self.gmodel is not None:
+            out = export_merged(self.gmodel, self.cfg.model.path, export_dir(self.cfg), self.dtype,
+                                parse_dtype(e.dtype), e.max_shard_size, e.overwrite, device=self.device)
+        else:
+            out = export_gathered(self.method, self.cfg.model.path, export_dir(self.cfg), self.dtype,
+                                  parse_dtype(e.dtype), e.max_shard_size, e.overwrite, device=self.device)
         dt = time.perf_counter() - t0
         log.info("merged model written to %s in %.1f s", out, dt)
         self.metrics.write({"event": "export", "dir": str(out), "seconds": dt})
@@ -391,6 +399,18 @@ class Trainer:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return dict(zip(keys, t.tolist()))
 
+    def save_adapter_all(self, out_dir: Path) -> Path | None:
+        """Collective: the method's adapter folder, written by rank 0 (None: full FT)."""
+        if self.gmodel is None:
+            info = {"name": model_name(self.cfg.model.path), "path": str(Path(self.cfg.model.path).resolve())}
+            self.method.save_adapter(out_dir, self.rank, info)
+            return None if self.method.name == "full" else out_dir
+        theta = self.theta()
+        self.check_replicas(theta)
+        if self.rank == 0:
+            self.save_adapter(theta, out_dir)
+        return out_dir
+
     def save_adapter(self, theta: torch.Tensor, out_dir: Path) -> Path:
         m = self.cfg.method
         tm = m.target_modules if isinstance(m.target_modules, str) else list(m.target_modules)
@@ -401,6 +421,12 @@ class Trainer:
                         "architectures": list(getattr(self.gmodel.base_model.config, "architectures", None) or [])},
             dtype=self.dtype)
         return adapter_io.save_adapter(out_dir, theta, config)
+
+
+def _folder_bytes(folder: Path | None) -> int:
+    if folder is None or not Path(folder).is_dir():
+        return 0
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
 
 
 def _fmt(metrics: dict) -> str:
@@ -415,8 +441,9 @@ def summary_table(s: dict, adapter_dir: Path) -> str:
             ("accuracy", pct(s["accuracy_before"]), pct(s["accuracy_after"]))]
     lines = ["", "| metric | before | after |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
-    lines += ["", f"trainable parameters: {s['trainable_params']:,}   "
-                  f"adapter on disk: {s['adapter_bytes'] / 1024:.1f} KiB ({adapter_dir})",
+    adapter = (f"adapter on disk: {s['adapter_bytes'] / 1024:.1f} KiB ({adapter_dir})" if adapter_dir
+               else "no adapter (full fine-tuning: export.merged writes the model)")
+    lines += ["", f"method: {s['method']}   trainable parameters: {s['trainable_params']:,}   {adapter}",
               f"ranks: {s['world']}   steps: {s['steps']}   median step: {s['median_step_time_s']:.2f} s   "
               f"wall time (eval + train): {s['wall_s'] / 60:.1f} min   "
               f"peak memory per rank: {s.get('peak_gpu_gb', s['peak_rss_gb']):.2f} GB", ""]

@@ -19,7 +19,7 @@ from torch import nn
 
 from . import partition
 from .kernels import get_kernels
-from .lm_loss import label_positions_loss, supports_label_positions
+from .lm_loss import objective_forward
 from .ops import LayerSpec, OpConfig, effective_rows, gpart_linear
 
 log = logging.getLogger(__name__)
@@ -195,15 +195,7 @@ class GPartModel(nn.Module):
 
     def forward(self, *args, **kwargs):
         self._prepare()
-        if "choice_index" in kwargs:   # the "choices" objective (lm_loss)
-            if not supports_label_positions(self.base_model):
-                raise ValueError(f"the 'choices' objective needs logits = lm_head(decoder(x)); "
-                                 f"{type(self.base_model).__name__} post-processes its logits")
-            return label_positions_loss(self.base_model, **kwargs)
-        if (self.label_positions_only and not args and kwargs.get("labels") is not None
-                and "logits_to_keep" not in kwargs and supports_label_positions(self.base_model)):
-            return label_positions_loss(self.base_model, **kwargs)
-        return self.base_model(*args, **kwargs)
+        return objective_forward(self.base_model, args, kwargs, self.label_positions_only)
 
     @torch.no_grad()
     def generate(self, *args, **kwargs):

@@ -90,3 +90,29 @@ def persist(param: torch.nn.Parameter) -> None:
     """Keep theta resident after initialize (no re-gather per forward): it is d floats."""
     if is_partitioned(param):
         param.ds_persist = True
+
+
+def model_state_bytes(engine) -> dict[str, int]:
+    """This rank's bytes of training state beside the model weights, read off the ZeRO-3
+    optimizer: fp32 master partitions, optimizer moments, gradient partitions.
+
+    What separates methods at scale: full fine-tuning pays it for every weight, LoRA and
+    GPart only for their few trainable parameters.
+    """
+    opt = getattr(engine, "optimizer", None)
+
+    def nbytes(tensors) -> int:
+        return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
+
+    master = nbytes(getattr(opt, "fp32_partitioned_groups_flat", []) or [])
+    inner = getattr(opt, "optimizer", None)
+    moments = 0
+    if inner is not None:
+        for st in inner.state.values():
+            moments += nbytes(v for k, v in st.items() if k != "step")
+    grads = 0
+    flat = getattr(opt, "grad_partitions_flat_buffer", None)
+    if torch.is_tensor(flat):
+        grads = flat.numel() * flat.element_size()
+    return {"master": master, "optimizer": moments, "gradients": grads,
+            "total": master + moments + grads}

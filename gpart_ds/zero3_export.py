@@ -13,6 +13,7 @@ Peak extra memory per rank: one shard of the largest parameter in the export dty
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch.distributed as dist
 
 from . import export, safetensors_io as stio
 from .merge import Merger, MergeTarget
+from .transform import full_shape
 from .zero3 import gathered, is_partitioned, local_shard, shard_range
 
 log = logging.getLogger(__name__)
@@ -103,6 +105,69 @@ def export_merged(gmodel, base_dir: str | Path, out_dir: str | Path, compute_dty
                     "targets": len(targets), "compute_dtype": str(compute_dtype), "dtype": str(out_dtype),
                     "ranks": world, **(extra_provenance or {})}
             export.copy_side_files(base_dir, tmp, out_dtype, prov)
+            export.finish_output(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    _barrier(world)
+    return out
+
+
+def export_gathered(method, base_dir: str | Path, out_dir: str | Path, compute_dtype: torch.dtype,
+                    out_dtype: torch.dtype | None = None, max_shard_size: str | int = "5GB",
+                    overwrite: bool = False, device=None) -> Path:
+    """Merged export of a baseline run (LoRA, VeRA, full fine-tuning); collective.
+
+    Tensor by tensor in file order, every rank gathers what the merged value needs (the
+    base weight and, for PEFT layers, its adapter factors) and rank 0 merges and writes
+    it: the peak is one gathered tensor, but all of it goes through rank 0. GPart does
+    better (export_merged: no rank gathers anything); this is the path the baselines'
+    users have today, kept for like-for-like comparisons and for serving them.
+    """
+    base_dir, out = Path(base_dir), Path(out_dir)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if world > 1 else 0
+    device = device or torch.device("cpu")
+    out_dtype = out_dtype or compute_dtype
+    export.check_output(out, overwrite)
+    base = stio.read_model_header(base_dir)
+    plans = stio.plan_files(export.output_entries(base, out_dtype), stio.parse_size(max_shard_size))
+    # Every check before the first gather: a rank that raised inside the loop would
+    # leave the others waiting in the next collective.
+    sources = {name: method.merge_source(name) for name in base}
+    for name, src in sources.items():
+        if src is not None and tuple(full_shape(src[0][0])) != tuple(base[name].entry.shape):
+            raise export.ExportError(f"{name}: shape {list(full_shape(src[0][0]))} in the model but "
+                                     f"{list(base[name].entry.shape)} in {base[name].path}")
+    tmp = export.temp_dir_for(out)
+    if rank == 0:
+        export.start_output(out)
+        stio.create_files(tmp, plans)
+    _barrier(world)
+    ok = True
+    try:
+        with (stio.RangeWriter(tmp, plans) if rank == 0 else contextlib.nullcontext()) as writer, torch.no_grad():
+            for name, st in base.items():
+                if sources[name] is None:
+                    if rank == 0:
+                        vals = stio.read_elements(st, 0, st.entry.numel)
+                        writer.write(name, 0, vals.to(writer.where[name][1].dtype))
+                    continue
+                params, merged = sources[name]
+                with gathered(params):
+                    if rank == 0:
+                        writer.write(name, 0, merged().reshape(-1).to("cpu", writer.where[name][1].dtype))
+    except Exception:
+        log.exception("rank %d: writing the merged export failed", rank)
+        ok = False
+    if not _agree(ok, world, device):
+        raise export.ExportError(f"merged export failed on at least one rank; partial output left in {tmp}")
+    if rank == 0:
+        try:
+            stio.write_index(tmp, plans)
+            export.copy_side_files(base_dir, tmp, out_dtype,
+                                   {"base": str(base_dir), "adapter_kind": f"zero3-run-{method.name}",
+                                    "dtype": str(out_dtype), "ranks": world})
             export.finish_output(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -85,9 +85,22 @@ def test_value_errors_name_the_key(good, override, key):
 
 
 def test_missing_required_key(good, tmp_path):
-    p = write(tmp_path, good.read_text().replace("  d: 64\n", ""))
-    with pytest.raises(ConfigError, match="required keys missing: method.d"):
+    p = write(tmp_path, good.read_text().replace("  lr: ", "  # lr: "))
+    with pytest.raises(ConfigError, match="required keys missing: train.lr"):
         load_config(p)
+
+
+def test_gpart_needs_d_but_baselines_do_not(good, tmp_path):
+    p = write(tmp_path, good.read_text().replace("  d: 64\n", ""))
+    with pytest.raises(ConfigError, match=r"method\.d.*needs d"):
+        load_config(p)
+    for name in ("lora", "vera", "full"):
+        assert load_config(p, [f"method.name={name}"]).method.name == name
+
+
+def test_baseline_rank_is_checked(good):
+    with pytest.raises(ConfigError, match=r"method\.r"):
+        load_config(good, ["method.name=lora", "method.r=0"])
 
 
 def test_missing_files_are_named(good):
