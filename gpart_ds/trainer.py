@@ -149,7 +149,6 @@ class Trainer:
             model=self.method.root, optimizer=opt, lr_scheduler=scheduler, config=self.ds_config)
         if self.gmodel is not None:
             zero3.persist(self.gmodel.gpart_theta)
-        self.model_state = zero3.model_state_bytes(self.engine)
 
     # ---------------------------------------------------------------- loop
     def _batch(self, indices: list[int], examples) -> tuple[dict, int]:
@@ -314,6 +313,7 @@ class Trainer:
             bar.close()
         # Peak memory of training itself, before the gathers of checkpoint and export.
         train_mem = {f"train_{k}": v for k, v in self._max_over_ranks(peak_memory_gb()).items()}
+        model_state = zero3.model_state_bytes(self.engine)   # optimizer state exists after a step
         self.save_checkpoint(t.max_steps, before)
         after = self.evaluate()
         self.metrics.write({"event": "eval", "step": t.max_steps, **after})
@@ -333,7 +333,7 @@ class Trainer:
                    "trainable_params": self.method.trainable_params(),
                    "adapter_bytes": _folder_bytes(adapter_dir),
                    "checkpoint_bytes": _folder_bytes(checkpoint.step_dir(self._checkpoint_root(), t.max_steps)),
-                   "model_state_bytes": self.model_state, **train_mem, **mem}
+                   "model_state_bytes": model_state, **train_mem, **mem}
         self.metrics.write(summary)
         self.metrics.close()
         if self.rank == 0:
