@@ -112,10 +112,20 @@ def projections(config: str = "configs/llama70b.yaml", worlds=(8, 16, 64)) -> di
     return {"config": config, "model": arch.name, "params": arch.n_params, "worlds": list(worlds), "per_gpu": out}
 
 
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> dict:
     import torch
 
-    info = {"host": platform.node(), "cpu": platform.processor() or platform.machine(),
+    info = {"host": platform.node(), "cpu": cpu_name(),
             "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
