@@ -37,6 +37,10 @@ class MethodConfig:
     dropout: float = 0.0
     kernel: str = "auto"            # auto: compiled for large models, eager for tiny ones
     chunk_elems: int = 1 << 26      # W0 + delta elements alive at once per layer
+    # Keep each layer's int32 group ids from forward to backward (4 bytes x D per rank
+    # until the backward) so the backward hashes nothing. auto: on when 4 x D <= 1 GiB
+    # (SmolLM2: 425 MB), off for large models (Llama-70B: 258 GB) and with dropout.
+    reuse_ids: Any = "auto"
     # Baselines (PEFT): rank (lora default 8, vera default 256) and LoRA's alpha
     # (default 2 x r); targets are the same method.target_modules as GPart's.
     r: Optional[int] = None
@@ -233,6 +237,7 @@ def _validate_values(cfg: DictConfig, where: _Where) -> None:
     need(0.0 <= m.dropout < 1.0, "method.dropout", f"dropout must be in [0, 1), got {m.dropout}")
     need(m.kernel in KERNELS, "method.kernel", f"must be one of {KERNELS}, got {m.kernel!r}")
     need(m.chunk_elems >= 1, "method.chunk_elems", "must be >= 1")
+    need(m.reuse_ids in ("auto", True, False), "method.reuse_ids", f"must be auto, true or false, got {m.reuse_ids!r}")
     tm = m.target_modules
     tm_ok = isinstance(tm, str) or (OmegaConf.is_list(tm) and len(tm) > 0
                                     and all(isinstance(x, str) for x in tm))

@@ -101,6 +101,20 @@ def loss_sums(forward_loss, examples, indices: list[int], pad_id: int, device) -
     return float(forward_loss(**batch)) * n, n
 
 
+@torch.no_grad()
+def loss_and_match_sums(forward, examples, indices: list[int], pad_id: int, device) -> tuple[float, int, int, int]:
+    """(summed loss, predicted tokens, exact matches, examples scored) for one batch.
+
+    `forward(**batch, exact_match=True)` returns an output with `.loss` and `.matches`
+    (lm_loss.LabelLossOutput): exact match = every completion token is the argmax.
+    """
+    batch = {k: v.to(device) for k, v in data.collate([examples[i] for i in indices], pad_id).items()}
+    n = int((batch["labels"][:, 1:] != data.IGNORE_INDEX).sum())
+    out = forward(**batch, exact_match=True)
+    m = out.matches
+    return float(out.loss) * n, n, int(m.sum()), int(m.numel())
+
+
 # ------------------------------------------------------------------ CLI
 def _load_model(model_dir: str, adapter_dir: str | None, dtype):
     from transformers import AutoModelForCausalLM

@@ -83,6 +83,22 @@ def backward_pass(w0_flat, dw_flat, ts, grad_ts, base, d: int, keep_base=None, t
     return w0_flat + delta.to(w0_flat.dtype), grad_ts.index_add(0, ids, vals)
 
 
+def effective_weight_ids(w0_flat, ts, base, d: int):
+    """effective_weight, and the slice's group ids as int32 for the backward to reuse."""
+    pos = torch.arange(w0_flat.numel(), dtype=torch.int64, device=w0_flat.device)
+    ids = ids_from_positions(base, pos, d).to(torch.int32)
+    return w0_flat + ts[ids].to(w0_flat.dtype), ids
+
+
+def backward_from_ids(w0_flat, dw_flat, ts, grad_ts, ids):
+    """backward_pass with the forward's ids: no hashing. Returns (W0 + delta, new grad_ts)."""
+    return w0_flat + ts[ids].to(w0_flat.dtype), grad_ts.index_add(0, ids, dw_flat.to(grad_ts.dtype))
+
+
+def scatter_from_ids(grad_ts, dw_flat, ids):
+    return grad_ts.index_add(0, ids, dw_flat.to(grad_ts.dtype))
+
+
 def count_groups(base, n: int, d: int):
     """n_j over n < 2^31 consecutive positions, as int32.
 
@@ -97,7 +113,8 @@ def count_groups(base, n: int, d: int):
         0, ids_from_positions(base, pos, d), ones)
 
 
-_KERNELS = ("effective_weight", "delta_values", "scatter_grad", "backward_pass", "count_groups")
+_KERNELS = ("effective_weight", "delta_values", "scatter_grad", "backward_pass", "count_groups",
+            "effective_weight_ids", "backward_from_ids", "scatter_from_ids")
 
 
 class KernelSet:

@@ -9,11 +9,25 @@ over label tokens as transformers' `ForCausalLMLoss` (fp32 cross-entropy, -100 i
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 IGNORE_INDEX = -100
+
+
+@dataclass
+class LabelLossOutput(CausalLMOutputWithPast):
+    """The loss, and with exact_match=True per-row flags: every label token is the argmax.
+
+    Teacher-forced argmax agreement over a row's label tokens is the same event as greedy
+    decoding reproducing the whole completion (each greedy step then sees the gold
+    prefix), so it is exact match without running generate.
+    """
+    matches: Optional[torch.Tensor] = None   # (rows with a label,) bool
 
 
 def supports_label_positions(model) -> bool:
@@ -32,7 +46,7 @@ def supports_label_positions(model) -> bool:
 
 
 def label_positions_loss(model, labels: torch.Tensor, choice_index=None, choice_ids=None,
-                         **inputs) -> CausalLMOutputWithPast:
+                         exact_match: bool = False, **inputs) -> CausalLMOutputWithPast:
     """Mean next-token cross-entropy over label positions; `logits` is not returned.
 
     With choice_index / choice_ids (data.choice_tensors: the "choices" objective) the
@@ -51,7 +65,18 @@ def label_positions_loss(model, labels: torch.Tensor, choice_index=None, choice_
     # Sum / count rather than mean(): a micro-batch with no label token gives 0, not NaN,
     # and still takes part in the backward (ZeRO-3 needs every rank to).
     loss = F.cross_entropy(logits, targets[keep], reduction="sum") / n.clamp(min=1)
-    return CausalLMOutputWithPast(loss=loss)
+    if not exact_match:
+        return CausalLMOutputWithPast(loss=loss)
+    return LabelLossOutput(loss=loss, matches=_row_matches(logits.argmax(-1) == targets[keep], keep))
+
+
+def _row_matches(hit: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Per row with at least one label: all its label positions hit."""
+    row = keep.nonzero()[:, 0]
+    misses = torch.zeros(keep.shape[0], dtype=torch.long, device=hit.device).index_add(
+        0, row, (~hit).long())
+    has = keep.any(1)
+    return (misses == 0)[has]
 
 
 def _choice_loss(model, hidden, labels, index, cand) -> CausalLMOutputWithPast:
@@ -75,7 +100,14 @@ def objective_forward(model, args: tuple, kwargs: dict, label_positions_only: bo
             raise ValueError(f"the 'choices' objective needs logits = lm_head(decoder(x)); "
                              f"{type(model).__name__} post-processes its logits")
         return label_positions_loss(model, **kwargs)
+    exact = kwargs.pop("exact_match", False)
     if (label_positions_only and not args and kwargs.get("labels") is not None
             and "logits_to_keep" not in kwargs and supports_label_positions(model)):
-        return label_positions_loss(model, **kwargs)
-    return model(*args, **kwargs)
+        return label_positions_loss(model, exact_match=exact, **kwargs)
+    out = model(*args, **kwargs)
+    if exact and kwargs.get("labels") is not None:
+        labels = kwargs["labels"]
+        keep = labels[:, 1:] != IGNORE_INDEX
+        hit = out.logits[:, :-1].argmax(-1)[keep] == labels[:, 1:][keep]
+        out = LabelLossOutput(loss=out.loss, matches=_row_matches(hit, keep))
+    return out

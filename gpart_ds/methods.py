@@ -174,6 +174,18 @@ class FullMethod(Method):
     name = "full"
 
 
+# method.reuse_ids=auto keeps the forward's int32 group ids for the backward up to this
+# many bytes per rank (4 x D): small models gain a third of GPart's work for memory they
+# have; a 70B model would need 258 GB and regenerates instead.
+REUSE_IDS_MAX_BYTES = 1 << 30
+
+
+def reuse_ids(m, D: int) -> bool:
+    if m.get("reuse_ids", "auto") == "auto":
+        return m.dropout == 0.0 and 4 * D <= REUSE_IDS_MAX_BYTES
+    return bool(m.reuse_ids) and m.dropout == 0.0
+
+
 def build(method_cfg, base: nn.Module, *, kernel_mode: str = "eager", count_device=None) -> Method:
     """Apply `method_cfg` (config.MethodConfig) to the loaded base model."""
     m = method_cfg
@@ -184,7 +196,7 @@ def build(method_cfg, base: nn.Module, *, kernel_mode: str = "eager", count_devi
     if m.name == "gpart":
         g: GPartModel = apply_gpart(base, d=m.d, seed=m.seed, target_modules=tm, dropout=m.dropout,
                                     kernel_mode=kernel_mode, chunk_elems=m.chunk_elems,
-                                    count_device=count_device)
+                                    count_device=count_device, reuse_ids=reuse_ids(m, layout.D))
         return GPartMethod(g, layout)
     if m.name == "full":
         for p in base.parameters():

@@ -3,7 +3,10 @@
 Forward and backward walk the weight in bounded row chunks. Each chunk's effective
 weight W0[r0:r1] + delta is built by one fused kernel, used, and dropped; backward saves
 only x and a reference to W0 (which ZeRO-3 re-gathers before this module's backward) and
-regenerates the chunk again. dL/dtheta-side gradient is a scatter-add of dL/dW into the
+regenerates the chunk again. With `reuse_ids` the forward also keeps the chunk's group
+ids (int32, 4 bytes per weight) for its backward, which then hashes nothing: a third
+less GPart work per step for 4 bytes x D of memory until the backward, so it is for
+models whose D is small next to the memory (the trainer's auto switch). dL/dtheta-side gradient is a scatter-add of dL/dW into the
 d-length vector ts = theta * s; autograd then applies the s factor.
 
 Knows nothing of DeepSpeed: W0 is whatever tensor the caller passes (a gathered ZeRO-3
@@ -34,6 +37,7 @@ class OpConfig:
     kernels: KernelSet
     chunk_elems: int = 1 << 26   # elements of W0 + delta alive at once (128 MB in bf16)
     dropout: float = 0.0
+    reuse_ids: bool = False      # keep forward's int32 group ids for the backward (no dropout)
 
     def rows_per_chunk(self, in_features: int) -> int:
         return max(1, self.chunk_elems // max(1, in_features))
@@ -66,29 +70,51 @@ class GPartLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, ts, spec: LayerSpec, cfg: OpConfig, keep_seed):
         x2 = x.reshape(-1, spec.in_features)
-        outs = []
+        outs, ids = [], []
+        # Only for a forward that will be differentiated (not eval, not a frozen theta).
+        reuse = cfg.reuse_ids and keep_seed is None and any(ctx.needs_input_grad[:4])
         for r0, r1 in _chunks(spec, cfg):
-            w = effective_rows(weight, ts, spec, cfg, r0, r1, keep_seed)
+            if reuse:
+                base, _ = _chunk_args(spec, cfg, r0, None, weight.device)
+                w, chunk_ids = cfg.kernels.effective_weight_ids(weight[r0:r1].reshape(-1), ts, base, cfg.d)
+                w = w.view(r1 - r0, spec.in_features)
+                ids.append(chunk_ids)
+            else:
+                w = effective_rows(weight, ts, spec, cfg, r0, r1, keep_seed)
             outs.append(x2 @ w.t())
         y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         if bias is not None:
             y = y + bias
-        ctx.save_for_backward(x, weight, ts)
+        ctx.n_ids = len(ids)
+        ctx.save_for_backward(x, weight, ts, *ids)
         ctx.spec, ctx.cfg, ctx.keep_seed = spec, cfg, keep_seed
         ctx.has_bias = bias is not None
         return y.view(*x.shape[:-1], spec.out_features)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, ts = ctx.saved_tensors
+        x, weight, ts, *ids = ctx.saved_tensors
         spec, cfg, keep_seed = ctx.spec, ctx.cfg, ctx.keep_seed
         x2 = x.reshape(-1, spec.in_features)
         g2 = grad_out.reshape(-1, spec.out_features)
         need_x, need_ts = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
         grad_x = torch.zeros_like(x2) if need_x else None
         grad_ts = torch.zeros_like(ts) if need_ts else None
-        for r0, r1 in _chunks(spec, cfg):
+        for i, (r0, r1) in enumerate(_chunks(spec, cfg)):
             g = g2[:, r0:r1]
+            if ids:   # the forward's group ids: nothing to hash
+                w0 = weight[r0:r1].reshape(-1)
+                if need_ts:
+                    dw = (g.t() @ x2).reshape(-1)
+                    if need_x:
+                        w, grad_ts = cfg.kernels.backward_from_ids(w0, dw, ts, grad_ts, ids[i])
+                        grad_x += g @ w.view(r1 - r0, spec.in_features)
+                    else:
+                        grad_ts = cfg.kernels.scatter_from_ids(grad_ts, dw, ids[i])
+                elif need_x:
+                    w = w0 + ts[ids[i]].to(w0.dtype)
+                    grad_x += g @ w.view(r1 - r0, spec.in_features)
+                continue
             if need_ts:
                 dw = (g.t() @ x2).reshape(-1)
                 base, kw = _chunk_args(spec, cfg, r0, keep_seed, dw.device)

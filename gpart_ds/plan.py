@@ -155,11 +155,13 @@ def final_norm_bytes_per_token(a: Arch) -> float:
 
 def saved_activation_bytes(a: Arch, micro_batch: int, seq: int, b: int, grad_ckpt: bool,
                            padded: bool = True, frozen_embeddings: bool = True,
-                           head_tokens: int | None = None) -> float:
+                           head_tokens: int | None = None, reuse_ids: bool = False) -> float:
     """Bytes saved for backward at the end of one micro-batch's forward (not the peak).
 
     `head_tokens`: positions the LM head and the loss run on; default every token (a loss
     evaluated at label positions only needs the number of labelled tokens).
+    `reuse_ids`: GPart keeps every target's int32 group ids for the backward (4 x D;
+    inside checkpointed blocks they are recomputed with the block instead).
     """
     tokens = micro_batch * seq
     head = tokens if head_tokens is None else head_tokens
@@ -171,7 +173,9 @@ def saved_activation_bytes(a: Arch, micro_batch: int, seq: int, b: int, grad_ckp
             body -= 4 * a.hidden + 4
     # RoPE's cos and sin, one pair shared by all blocks (inside checkpointed blocks otherwise)
     rope = 0 if grad_ckpt else 2 * seq * a.head_dim * b
-    return tokens * (body + final_norm_bytes_per_token(a)) + head * head_saved_bytes_per_token(a, b) + rope
+    ids = 4 * a.D if reuse_ids and not grad_ckpt else 0
+    return (tokens * (body + final_norm_bytes_per_token(a)) + head * head_saved_bytes_per_token(a, b)
+            + rope + ids)
 
 
 def _chunk_elems(a: Arch, chunk_elems: int) -> int:
@@ -182,7 +186,8 @@ def _chunk_elems(a: Arch, chunk_elems: int) -> int:
 def estimate(a: Arch, *, world: int, method: str = "gpart", d: int = 0, lora_rank: int = 16,
              micro_batch: int = 1, seq_len: int = 2048, dtype_bytes: int = 2,
              grad_ckpt: bool = True, chunk_elems: int = 1 << 26, zero: dict | None = None,
-             padded: bool = True, overhead_gb: float = 3.0, head_tokens: int | None = None) -> Plan:
+             padded: bool = True, overhead_gb: float = 3.0, head_tokens: int | None = None,
+             reuse_ids: bool = False) -> Plan:
     """The per-rank memory plan for `world` ZeRO-3 ranks (see the module docstring).
 
     `zero`: DeepSpeed's zero_optimization section (thresholds, prefetch, offload);
@@ -221,9 +226,13 @@ def estimate(a: Arch, *, world: int, method: str = "gpart", d: int = 0, lora_ran
         plan.add("activations: checkpointed block inputs", tokens * a.layers * b * a.hidden)
         plan.add("activations: one block recomputed in backward",
                  tokens * layer_saved_bytes_per_token(a, b, seq_len, padded))
+        if reuse_ids and method == "gpart":
+            plan.add("GPart group ids of the recomputed block (int32)", 4 * a.D / max(1, a.layers))
     else:
         every = saved_activation_bytes(a, micro_batch, seq_len, b, False, padded, method != "full", head)
         plan.add("activations: every block", every - head_saved)
+        if reuse_ids and method == "gpart":
+            plan.add("activations: GPart group ids kept for backward (int32, 4 x D)", 4 * a.D)
     plan.add("activations: final norm, LM head input, fp32 log-softmax", head_saved)
     plan.add("transient: logits in the training dtype and fp32", head * (b + 4) * a.vocab)
 
@@ -334,6 +343,12 @@ def _arch(source: str, patterns) -> Arch:
                            name=source)
 
 
+def method_reuse_ids(cfg, arch: Arch) -> bool:
+    from .methods import reuse_ids
+
+    return cfg.method.name == "gpart" and reuse_ids(cfg.method, arch.D)
+
+
 def plan_for_config(cfg, arch: Arch, world: int, method: str | None = None, lora_rank: int = 16,
                     overhead_gb: float = 3.0) -> Plan:
     zero = dict((cfg.deepspeed or {}).get("zero_optimization", {}))
@@ -341,7 +356,8 @@ def plan_for_config(cfg, arch: Arch, world: int, method: str | None = None, lora
                     lora_rank=cfg.method.r or lora_rank, micro_batch=cfg.train.micro_batch_size,
                     seq_len=cfg.data.max_length, dtype_bytes=dtype_bytes(cfg.model.precision),
                     grad_ckpt=cfg.model.gradient_checkpointing, chunk_elems=cfg.method.chunk_elems,
-                    zero=zero, padded=not cfg.data.packing, overhead_gb=overhead_gb)
+                    zero=zero, padded=not cfg.data.packing, overhead_gb=overhead_gb,
+                    reuse_ids=method_reuse_ids(cfg, arch))
 
 
 def describe_run(cfg, arch: Arch, source: str, world: int) -> str:

@@ -130,8 +130,10 @@ class Trainer:
             kernel = "compiled" if (self.device.type == "cuda" or self.layout.D >= COMPILE_MIN_D) else "eager"
         self.method = methods.build(m, base, kernel_mode=kernel, count_device=self.device)
         self.gmodel = self.method.root if m.name == "gpart" else None
-        log.info("%s; world=%d%s", self.method.describe(), self.world,
-                 f", kernels={kernel}" if m.name == "gpart" else "")
+        extra = ""
+        if m.name == "gpart":
+            extra = f", kernels={kernel}, reuse_ids={self.gmodel.gpart_ctx.op.reuse_ids}"
+        log.info("%s; world=%d%s", self.method.describe(), self.world, extra)
 
     def _build_engine(self) -> None:
         import deepspeed
@@ -195,12 +197,12 @@ class Trainer:
         """
         self.engine.eval()
         mb = self.cfg.train.eval_micro_batch_size or self.cfg.train.micro_batch_size
-        loss_sum, n_tok = 0.0, 0
+        loss_sum, n_tok, matched, n_ex = 0.0, 0, 0, 0
         for idx in data.shard_evenly(self._eval_limit(len(self.eval_set)), mb, self.world, self.rank):
-            s, n = evaluate.loss_sums(lambda **b: self.engine(**b).loss, self.eval_set, idx or [0],
-                                      self.pad_id, self.device)
+            s, n, em, ne = evaluate.loss_and_match_sums(self.engine, self.eval_set, idx or [0],
+                                                        self.pad_id, self.device)
             if idx:
-                loss_sum, n_tok = loss_sum + s, n_tok + n
+                loss_sum, n_tok, matched, n_ex = loss_sum + s, n_tok + n, matched + em, n_ex + ne
         hits, scored = 0, 0
         items = self.choice_items[: self._eval_limit(len(self.choice_items))]
         for idx in data.shard_evenly(len(items), mb, self.world, self.rank):
@@ -210,8 +212,10 @@ class Trainer:
             if idx:
                 hits, scored = hits + sum(ok), scored + len(ok)
         self.engine.train()
-        loss_total, tok_total, hit_total, score_total = self._all_sum([loss_sum, n_tok, hits, scored])
-        out = {"eval_loss": loss_total / max(1.0, tok_total)}
+        loss_total, tok_total, hit_total, score_total, em_total, ex_total = self._all_sum(
+            [loss_sum, n_tok, hits, scored, matched, n_ex])
+        # exact_match: the whole completion is the greedy continuation of its prompt.
+        out = {"eval_loss": loss_total / max(1.0, tok_total), "exact_match": em_total / max(1.0, ex_total)}
         if score_total:
             out["accuracy"] = hit_total / score_total
         return out
@@ -328,6 +332,7 @@ class Trainer:
         summary = {"event": "summary", "method": cfg.method.name, "steps": t.max_steps, "world": self.world,
                    "eval_loss_before": before["eval_loss"], "eval_loss_after": after["eval_loss"],
                    "accuracy_before": before.get("accuracy"), "accuracy_after": after.get("accuracy"),
+                   "exact_match_before": before.get("exact_match"), "exact_match_after": after.get("exact_match"),
                    "final_loss": history[-1]["loss"] if history else None, "wall_s": wall,
                    "median_step_time_s": sorted(steady)[len(steady) // 2],
                    "trainable_params": self.method.trainable_params(),
@@ -438,7 +443,8 @@ def summary_table(s: dict, adapter_dir: Path) -> str:
         return "-" if v is None else f"{100 * v:.1f}%"
 
     rows = [("eval loss", f"{s['eval_loss_before']:.4f}", f"{s['eval_loss_after']:.4f}"),
-            ("accuracy", pct(s["accuracy_before"]), pct(s["accuracy_after"]))]
+            ("accuracy", pct(s["accuracy_before"]), pct(s["accuracy_after"])),
+            ("exact match", pct(s.get("exact_match_before")), pct(s.get("exact_match_after")))]
     lines = ["", "| metric | before | after |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     adapter = (f"adapter on disk: {s['adapter_bytes'] / 1024:.1f} KiB ({adapter_dir})" if adapter_dir

@@ -217,7 +217,7 @@ class GPartModel(nn.Module):
 
 def apply_gpart(model: nn.Module, d: int, seed: int, target_modules=ALL_LINEAR,
                 dropout: float = 0.0, kernel_mode: str = "eager",
-                chunk_elems: int = 1 << 26, count_device=None) -> GPartModel:
+                chunk_elems: int = 1 << 26, count_device=None, reuse_ids: bool = False) -> GPartModel:
     """Freeze `model`, adapt its target linears in place and return the GPartModel root.
 
     Under ZeRO-3 call it after the model is built (sharded) and before
@@ -235,7 +235,8 @@ def apply_gpart(model: nn.Module, d: int, seed: int, target_modules=ALL_LINEAR,
     for p in model.parameters():
         p.requires_grad_(False)
     kernels = get_kernels(kernel_mode)
-    op = OpConfig(d=d, seed=seed, kernels=kernels, chunk_elems=chunk_elems, dropout=dropout)
+    op = OpConfig(d=d, seed=seed, kernels=kernels, chunk_elems=chunk_elems, dropout=dropout,
+                  reuse_ids=reuse_ids and dropout == 0.0)
     counts = count_groups_distributed(layout.D, d, seed, kernels, device=count_device)
     scales = partition.scales_from_counts(counts)
     ctx = GPartContext(op)

@@ -83,3 +83,28 @@ def test_choices_objective_is_cross_entropy_among_the_candidate_tokens():
     torch.testing.assert_close(got_packed, want, rtol=1e-5, atol=1e-6)
     got_packed.backward()
     assert model.gpart_theta.grad.abs().sum() > 0
+
+
+def test_exact_match_is_greedy_decoding_reproducing_the_completion():
+    from gpart_ds.lm_loss import objective_forward
+
+    torch.manual_seed(0)
+    model = micro_llama().eval()
+    prompt = torch.randint(0, 50, (1, 5), generator=torch.Generator().manual_seed(4))
+    greedy = prompt
+    with torch.no_grad():
+        for _ in range(3):   # greedy decoding, step by step
+            nxt = model(input_ids=greedy).logits[:, -1].argmax(-1, keepdim=True)
+            greedy = torch.cat([greedy, nxt], 1)
+    wrong = greedy.clone()
+    wrong[0, 7] = (wrong[0, 7] + 1) % 50            # the last completion token differs
+    ids = torch.cat([greedy, wrong])
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[:, 5:] = ids[:, 5:]
+    b = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    with torch.no_grad():
+        fast = objective_forward(model, (), dict(b, exact_match=True), label_positions_only=True)
+        full = objective_forward(model, (), dict(b, exact_match=True), label_positions_only=False)
+    assert fast.matches.tolist() == [True, False]
+    assert full.matches.tolist() == [True, False]
+    torch.testing.assert_close(fast.loss, full.loss, rtol=1e-6, atol=0)

@@ -18,7 +18,8 @@ def _dense_reference(x, w0, b, theta, P, offset):
 @pytest.mark.parametrize("mode", ["eager", "compiled"])
 @pytest.mark.parametrize("chunk_elems", [1 << 20, 3 * 11, 11])  # one chunk, 3 rows, 1 row
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_fused_op_matches_dense_projection_float64(mode, chunk_elems, with_bias):
+@pytest.mark.parametrize("reuse_ids", [False, True])
+def test_fused_op_matches_dense_projection_float64(mode, chunk_elems, with_bias, reuse_ids):
     torch.manual_seed(0)
     out_f, in_f, d, seed = 13, 11, 17, 99
     D = D_PAD + out_f * in_f + 23
@@ -30,7 +31,7 @@ def test_fused_op_matches_dense_projection_float64(mode, chunk_elems, with_bias)
     b = torch.randn(out_f, dtype=torch.float64) if with_bias else None
     theta = torch.randn(d, dtype=torch.float64, requires_grad=True)
 
-    cfg = OpConfig(d=d, seed=seed, kernels=get_kernels(mode), chunk_elems=chunk_elems)
+    cfg = OpConfig(d=d, seed=seed, kernels=get_kernels(mode), chunk_elems=chunk_elems, reuse_ids=reuse_ids)
     y = gpart_linear(x, w0, b, theta * scales, LayerSpec(D_PAD, out_f, in_f), cfg)
     g = torch.randn_like(y)
     gx, gt = torch.autograd.grad(y, (x, theta), g)
@@ -107,3 +108,24 @@ def test_bf16_forward_equals_linear_with_merged_weight(mode):
     y = gpart_linear(x, w0, None, ts, spec, cfg)
     merged = effective_rows(w0, ts, spec, OpConfig(d=d, seed=seed, kernels=get_kernels("eager")), 0, 64)
     assert torch.equal(y, torch.nn.functional.linear(x, merged))
+
+
+@pytest.mark.parametrize("mode", ["eager", "compiled"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reusing_forward_ids_in_backward_changes_nothing(mode, dtype):
+    """reuse_ids trades memory for hashing: outputs and gradients are the same numbers."""
+    torch.manual_seed(1)
+    out_f, in_f, d = 48, 40, 64
+    x = torch.randn(3, 7, in_f).to(dtype)
+    w0 = torch.randn(out_f, in_f).to(dtype)
+    ts = torch.randn(d) * 0.1
+    results = []
+    for reuse in (False, True):
+        cfg = OpConfig(d=d, seed=5, kernels=get_kernels(mode), chunk_elems=5 * in_f, reuse_ids=reuse)
+        xi, ti = x.clone().requires_grad_(True), ts.clone().requires_grad_(True)
+        y = gpart_linear(xi, w0, None, ti, LayerSpec(1000, out_f, in_f), cfg)
+        gx, gt = torch.autograd.grad(y, (xi, ti), torch.ones_like(y))
+        results.append((y, gx, gt))
+    (y0, gx0, gt0), (y1, gx1, gt1) = results
+    assert torch.equal(y0, y1) and torch.equal(gx0, gx1)
+    torch.testing.assert_close(gt0, gt1, rtol=1e-5, atol=1e-5)   # scatter order may differ

@@ -30,7 +30,9 @@ def saved_bytes(forward, d: int):
     def pack(t):
         # Parameters (the gathered W0, theta) are not activations; the d-length s and
         # theta * s are the planner's theta row.
-        if not isinstance(t, torch.nn.Parameter) and not (t.dim() == 1 and t.numel() == d):
+        # (GPart's int32 group ids, kept with method.reuse_ids, are activations.)
+        if not isinstance(t, torch.nn.Parameter) and not (t.dim() == 1 and t.numel() == d
+                                                           and t.is_floating_point()):
             st = t.untyped_storage()
             if debug and st.data_ptr() not in seen:
                 print("saved", tuple(t.shape), t.dtype, st.nbytes(), flush=True)

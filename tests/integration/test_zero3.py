@@ -152,9 +152,12 @@ def test_planned_activations_equal_the_tensors_saved_for_backward(runs, name, ck
         mb, seq = r["batch_shape"]
         assert r["padded"], "no padding in the batch: the masked-attention path went unchecked"
         # The loss runs the vocabulary head on labelled positions only (gpart_ds.lm_loss).
-        planned = plan.saved_activation_bytes(arch, mb, seq, b, ckpt, head_tokens=r["label_tokens"])
+        reuse = plan.method_reuse_ids(cfg, arch)
+        planned = plan.saved_activation_bytes(arch, mb, seq, b, ckpt, head_tokens=r["label_tokens"],
+                                              reuse_ids=reuse)
         _close(planned, r["saved_ckpt" if ckpt else "saved_plain"], f"{name} activations")
         if not ckpt:  # the plan's activation rows are the same count
             p = plan.estimate(arch, world=RUNS[name][0], d=cfg.method.d, micro_batch=mb, seq_len=seq,
-                              dtype_bytes=b, grad_ckpt=False, overhead_gb=0, head_tokens=r["label_tokens"])
+                              dtype_bytes=b, grad_ckpt=False, overhead_gb=0, head_tokens=r["label_tokens"],
+                              reuse_ids=reuse)
             _close(p.get("activations:"), r["saved_plain"], f"{name} activation rows")

@@ -1,0 +1,77 @@
+"""The benchmark and the quality study run end to end and write well-formed reports.
+
+Not timed tests: they check the pipelines (real launcher, real trainer, every method)
+and the reports' structure; the numbers themselves are the benchmark's job.
+"""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import REPO
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+
+def _run(args, timeout=900):
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
+
+
+def test_bench_quick_writes_report_with_every_method_ratio_scaling_and_projection(tmp_path, tiny_assets):
+    out = tmp_path / "bench"
+    _run(["gpart_ds.bench", "--quick", "--out", str(out)])
+    rep = json.loads((out / "report.json").read_text())
+    assert set(rep["results"]) == {"gpart", "lora", "full"}
+    for m, r in rep["results"].items():
+        assert r["step_s"] > 0 and r["tokens_per_s"] > 0 and r["peak_mem_gb"] > 0, m
+        assert r["trainable_params"] > 0 and r["checkpoint_bytes"] > 0 and r["model_state_bytes"] > 0, m
+    res = rep["results"]
+    assert res["gpart"]["trainable_params"] == 4096                       # d of configs/tiny.yaml
+    assert res["gpart"]["trainable_params"] < res["lora"]["trainable_params"] < res["full"]["trainable_params"]
+    assert res["gpart"]["model_state_bytes"] < 0.05 * res["full"]["model_state_bytes"]
+    assert set(rep["ratios"]) == {"gpart/lora", "gpart/full"}
+    assert rep["ratios"]["gpart/full"]["step_s"] == pytest.approx(res["gpart"]["step_s"] / res["full"]["step_s"])
+    assert set(rep["scaling"]) == {"1", "2"} and rep["scaling"]["1"]["world"] == 1
+    pj = rep["projections"]["per_gpu"]
+    assert set(pj) == {"gpart", "lora", "full"} and set(pj["gpart"]) == {"8", "16", "64"}
+    assert pj["full"]["8"]["gpu_gib"] > pj["gpart"]["8"]["gpu_gib"]       # 70B full FT needs more per GPU
+    assert set(rep["layer"]["layers"]) == {"frozen", "trainable", "lora", "gpart_eager", "gpart_compiled"}
+    assert len(rep["targets"]) == 5
+    md = (out / "report.md").read_text()
+    assert "| GPart |" in md and "gpart/lora" in md and "Planner projection" in md
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_refuses_a_bad_override_before_any_run(tmp_path, tiny_assets):
+    proc = subprocess.run([sys.executable, "-m", "gpart_ds.bench", "--quick", "--out", str(tmp_path),
+                           "train.lr=-1"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "train.lr" in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_study_quick_writes_table_and_plot_and_reuses_finished_runs(tmp_path):
+    out = tmp_path / "study"
+    _run(["gpart_ds.study", "--quick", "--out", str(out)])
+    rep = json.loads((out / "study.json").read_text())
+    assert rep["tasks"] == ["rotten_tomatoes"] and rep["methods"] == ["gpart-d64k", "lora-r8"]
+    rows = {r["method"]: r for r in rep["rows"]}
+    g, lo = rows["gpart-d64k"], rows["lora-r8"]
+    assert g["trainable_params"] == 65536 and lo["trainable_params"] > g["trainable_params"]
+    assert 0 <= g["after"] <= 1 and 0 <= lo["after"] <= 1
+    assert g["before"] == lo["before"]                   # same eval records, same base model
+    # GPart's lr follows D/d: 1.24e-4 * sqrt(106,168,320 / 65,536)
+    assert g["lr"] == pytest.approx(1.24e-4 * (106168320 / 65536) ** 0.5, rel=1e-4)
+    assert all(len(r["losses"]) == 2 for r in rep["runs"])
+    md = (out / "study.md").read_text()
+    assert "## rotten_tomatoes (accuracy)" in md and "gpart-d64k" in md
+    assert (out / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # A second invocation finds both runs complete and trains nothing.
+    logs = sorted((out / "runs").glob("*/metrics.jsonl"))
+    stamps = [p.stat().st_mtime_ns for p in logs]
+    _run(["gpart_ds.study", "--quick", "--out", str(out)], timeout=300)
+    assert [p.stat().st_mtime_ns for p in logs] == stamps and len(logs) == 2
+    assert json.loads((out / "study.json").read_text())["rows"] == rep["rows"]
