@@ -7,7 +7,8 @@ Same shape, same input, same upstream gradient, in one process:
   frozen     x @ W0^T, gradient for x only (the floor: what any adapter pays)
   trainable  x @ W^T, gradients for x and W (full fine-tuning's layer)
   lora       frozen + x @ A^T @ B^T, rank 8 (PEFT's computation, without PEFT's wrapper)
-  gpart      the GPart op (ops.gpart_linear) with eager and with compiled kernels
+  gpart      the GPart op (ops.gpart_linear) with eager and with compiled kernels, and
+             compiled with reuse_ids (the forward's group ids kept for the backward)
 and the delta-generation throughput (elements of W0 + delta per second) of the fused
 (compiled) kernel vs eager. Times are medians after warm-up; the first compiled call
 (compilation) is excluded and reported. Defaults are SmolLM2-135M's MLP up-projection
@@ -91,8 +92,8 @@ def bench(out_features: int, in_features: int, tokens: int, d: int, dtype: torch
         a.grad = b.grad = None
         (xi @ w0.t() + (xi @ a.t()) @ b.t() * 2.0).backward(gy)
 
-    def gpart(mode):
-        cfg = OpConfig(d=d, seed=seed, kernels=get_kernels(mode))
+    def gpart(mode, reuse=False):
+        cfg = OpConfig(d=d, seed=seed, kernels=get_kernels(mode), reuse_ids=reuse)
         th = theta.detach().clone().requires_grad_(True)
 
         def run():
@@ -109,7 +110,8 @@ def bench(out_features: int, in_features: int, tokens: int, d: int, dtype: torch
                        else platform.processor() or platform.machine()),
            "gemm_flops": flops, "layers": {}}
     jobs = {"frozen": frozen, "trainable": trainable, "lora": lora,
-            "gpart_eager": gpart("eager"), "gpart_compiled": gpart("compiled")}
+            "gpart_eager": gpart("eager"), "gpart_compiled": gpart("compiled"),
+            "gpart_compiled_reuse_ids": gpart("compiled", reuse=True)}
     for name, fn in jobs.items():
         first, med = _median_time(fn, repeat, dev)
         res["layers"][name] = {"fwd_bwd_s": med, "first_call_s": first}

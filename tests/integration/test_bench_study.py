@@ -39,7 +39,8 @@ def test_bench_quick_writes_report_with_every_method_ratio_scaling_and_projectio
     pj = rep["projections"]["per_gpu"]
     assert set(pj) == {"gpart", "lora", "full"} and set(pj["gpart"]) == {"8", "16", "64"}
     assert pj["full"]["8"]["gpu_gib"] > pj["gpart"]["8"]["gpu_gib"]       # 70B full FT needs more per GPU
-    assert set(rep["layer"]["layers"]) == {"frozen", "trainable", "lora", "gpart_eager", "gpart_compiled"}
+    assert set(rep["layer"]["layers"]) == {"frozen", "trainable", "lora", "gpart_eager", "gpart_compiled",
+                                           "gpart_compiled_reuse_ids"}
     assert len(rep["targets"]) == 5
     md = (out / "report.md").read_text()
     assert "| GPart |" in md and "gpart/lora" in md and "Planner projection" in md
