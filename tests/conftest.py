@@ -19,3 +19,22 @@ def deepspeed_tiny_run(tmp_path_factory, tiny_assets):
     proc = run_deepspeed(2, "launch/train.py", "--config", "configs/tiny.yaml", f"output_dir={out}",
                          *LAUNCH_OVERRIDES)
     return out, proc
+
+
+@pytest.fixture(scope="session")
+def bench_quick(tmp_path_factory, tiny_assets):
+    """`python -m gpart_ds.bench --quick` with every method and the merged export: the
+    benchmark's pipeline test and the baselines' runs (test_baselines) in one go."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    out = tmp_path_factory.mktemp("bench") / "bench"
+    proc = subprocess.run([sys.executable, "-m", "gpart_ds.bench", "--quick", "--methods", "gpart,lora,vera,full",
+                           "--eval-examples", "8", "--out", str(out), "export.merged=true"],
+                          cwd=REPO, capture_output=True, text=True, timeout=1200,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return out

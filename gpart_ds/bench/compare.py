@@ -14,7 +14,7 @@ GPart/full; GPart on 1 rank against the same ranks (scaling); the planner's per-
 projection for Llama-70B on 8, 16 and 64 GPUs; and the one-layer micro-benchmark
 (bench/layer.py). Writes report.json, report.md and report.png under --out.
 
---quick: the tiny model and 2 steps, to check the pipeline (what the tests run).
+--quick: the tiny model and 1 + 3 steps, to check the pipeline (what the tests run).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from pathlib import Path
 from ..config import REPO_ROOT
 
 METHOD_LABELS = {"gpart": "GPart", "lora": "LoRA r=8", "vera": "VeRA", "full": "full FT"}
-QUICK = {"config": "configs/tiny.yaml", "steps": 2, "warmup": 1}
+QUICK = {"config": "configs/tiny.yaml", "steps": 3, "warmup": 1}
 
 
 def _free_port() -> int:

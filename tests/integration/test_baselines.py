@@ -1,8 +1,9 @@
 """The baselines (LoRA, VeRA, full fine-tuning) through the same launcher, trainer and export.
 
-One 2-rank ZeRO-3 run per method on the tiny model, exporting the merged model; checks
-that the method trained, that its counts are the method's, and that the merged export
-is exactly what the method's own artefact gives (PEFT's adapter on the base, or the
+The runs are the quick benchmark's (conftest.bench_quick: one 2-rank ZeRO-3 run of 4
+steps per method on the tiny model, exporting the merged model; CI time); checks that
+the method trained, that its counts are the method's, and that the merged export is
+exactly what the method's own artefact gives (PEFT's adapter on the base, or the
 checkpointed weights for full fine-tuning).
 """
 import json
@@ -10,17 +11,13 @@ import json
 import pytest
 import torch
 
-from tests.helpers import run_deepspeed
-
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 TINY = ".cache/tiny/model"
 
 
-def _run(tmp_path, method, *extra):
-    out = tmp_path / method
-    run_deepspeed(2, "launch/train.py", "--config", "tiny", f"method.name={method}", "train.max_steps=4",
-                  "train.eval_examples=8", "export.merged=true", f"output_dir={out}", *extra)
+def _run(bench_out, method):
+    out = bench_out / "runs" / f"{method}-2r"
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return out, recs[-1]
 
@@ -31,9 +28,8 @@ def _logits(model, ids):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_assets):
-    tmp = tmp_path_factory.mktemp("baselines")
-    return {m: _run(tmp, m) for m in ("lora", "vera", "full")}
+def runs(bench_quick):
+    return {m: _run(bench_quick, m) for m in ("lora", "vera", "full")}
 
 
 def _targets():
