@@ -33,7 +33,9 @@ import sys
 from dataclasses import dataclass, field
 
 GIB = 1 << 30
-METHODS = ("gpart", "lora", "full")
+METHODS = ("gpart", "lora", "vera", "full")
+COMPARED = ("gpart", "lora", "full")   # what the benchmark projects per GPU
+VERA_DEFAULT_RANK = 256
 _LAYER_RE = re.compile(r"(^|\.)layers\.(\d+)\.")
 
 
@@ -187,7 +189,7 @@ def estimate(a: Arch, *, world: int, method: str = "gpart", d: int = 0, lora_ran
              micro_batch: int = 1, seq_len: int = 2048, dtype_bytes: int = 2,
              grad_ckpt: bool = True, chunk_elems: int = 1 << 26, zero: dict | None = None,
              padded: bool = True, overhead_gb: float = 3.0, head_tokens: int | None = None,
-             reuse_ids: bool = False) -> Plan:
+             reuse_ids: bool = False, vera_rank: int = VERA_DEFAULT_RANK) -> Plan:
     """The per-rank memory plan for `world` ZeRO-3 ranks (see the module docstring).
 
     `zero`: DeepSpeed's zero_optimization section (thresholds, prefetch, offload);
@@ -251,6 +253,17 @@ def estimate(a: Arch, *, world: int, method: str = "gpart", d: int = 0, lora_ran
         per_layer = len(a.targets) // max(1, a.layers)
         plan.add("activations: LoRA x@A per target", tokens * b * lora_rank * per_layer *
                  (1 if grad_ckpt else a.layers))
+    elif method == "vera":
+        # Per target: lambda_d (r) and lambda_b (out) train; the shared random projections
+        # A (r x max in) and B (max out x r) are buffers, whole on every rank.
+        r = vera_rank
+        vec = sum(r + o for o, _ in a.targets)
+        max_o, max_i = max(o for o, _ in a.targets), max(i for _, i in a.targets)
+        plan.add("VeRA shared projections A, B (every rank)", r * (max_o + max_i) * b)
+        plan.add(f"VeRA scaling vectors, grads, fp32 master, Adam moments (1/{W})", -(-vec // W) * (2 * b + 12),
+                 on_host=off_opt)
+        per_layer = len(a.targets) // max(1, a.layers)
+        plan.add("activations: VeRA x@A per target", tokens * b * r * per_layer * (1 if grad_ckpt else a.layers))
     else:
         plan.add(f"gradients, own partition (1/{W})", shard * b)
         plan.add(f"fp32 master weights, Adam moments (1/{W})", shard * 12, on_host=off_opt)
@@ -290,7 +303,7 @@ def min_nodes(fits_on, gpus_per_node: int, limit: int = 4096) -> int | None:
     return None
 
 
-def compare_methods(a: Arch, worlds=(8, 16, 64), methods=METHODS, **kw) -> dict:
+def compare_methods(a: Arch, worlds=(8, 16, 64), methods=COMPARED, **kw) -> dict:
     """{(method, world): Plan}: what issue 7's benchmark tabulates per GPU."""
     return {(m, w): estimate(a, world=w, method=m, **kw) for m in methods for w in worlds}
 
@@ -353,7 +366,7 @@ def plan_for_config(cfg, arch: Arch, world: int, method: str | None = None, lora
                     overhead_gb: float = 3.0) -> Plan:
     zero = dict((cfg.deepspeed or {}).get("zero_optimization", {}))
     return estimate(arch, world=world, method=method or cfg.method.name, d=cfg.method.d or 0,
-                    lora_rank=cfg.method.r or lora_rank, micro_batch=cfg.train.micro_batch_size,
+                    lora_rank=cfg.method.r or lora_rank, vera_rank=cfg.method.r or VERA_DEFAULT_RANK, micro_batch=cfg.train.micro_batch_size,
                     seq_len=cfg.data.max_length, dtype_bytes=dtype_bytes(cfg.model.precision),
                     grad_ckpt=cfg.model.gradient_checkpointing, chunk_elems=cfg.method.chunk_elems,
                     zero=zero, padded=not cfg.data.packing, overhead_gb=overhead_gb,

@@ -144,3 +144,12 @@ def test_dry_run_of_the_70b_config_uses_the_bundled_shapes_and_theory(capsys, ll
     assert status == 0, err
     assert "configs/models/llama3-70b/config.json" in out and "(theory" in out
     assert "q_proj x80 (8192x8192)" in out and "down_proj x80 (8192x28672)" in out
+
+
+def test_vera_plan_holds_its_shared_projections_and_few_trainable_parameters(llama70b):
+    _, arch = llama70b
+    kw = dict(world=64, micro_batch=1, seq_len=4096)
+    vera, lora = plan.estimate(arch, method="vera", **kw), plan.estimate(arch, method="lora", lora_rank=8, **kw)
+    # A (256 x 28672... the largest in) and B (largest out x 256), bf16, whole on every rank
+    assert vera.get("VeRA shared projections") == 256 * (28672 + 28672) * 2
+    assert vera.get("VeRA scaling vectors") < lora.get("LoRA grads")

@@ -105,7 +105,7 @@ def projections(config: str = "configs/llama70b.yaml", worlds=(8, 16, 64)) -> di
     cfg = load_config(REPO_ROOT / config, check_files=False)
     arch, _ = plan.arch_for_config(cfg)
     out = {}
-    for method in plan.METHODS:
+    for method in plan.COMPARED:
         for w in worlds:
             p = plan.plan_for_config(cfg, arch, w, method=method, lora_rank=8)
             out.setdefault(method, {})[str(w)] = {"gpu_gib": p.gpu_total / plan.GIB, "host_gib": p.host_total / plan.GIB}
