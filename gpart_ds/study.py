@@ -1,6 +1,7 @@
 """The quality study: every method on every task, the method as the only variable.
 
     python -m gpart_ds.study --config configs/study_smollm2.yaml [--quick] [--out DIR]
+                             [--steps N] [--eval-examples N] [--seeds 0,1]
 
 For each task (a run config plus overrides) x method (GPart at several d, LoRA, VeRA,
 full fine-tuning) x seed, one real training run through the launcher and trainer, with
@@ -202,11 +203,20 @@ def main(argv=None) -> dict:
     ap.add_argument("--config", default="configs/study_smollm2.yaml")
     ap.add_argument("--quick", action="store_true", help="the config's `quick` subset (minutes)")
     ap.add_argument("--out", default=None, help="default: the study config's output_dir (+ /quick)")
+    ap.add_argument("--steps", type=int, default=None, help="override the config's steps per run")
+    ap.add_argument("--eval-examples", type=int, default=None, help="override the config's eval_examples")
+    ap.add_argument("--seeds", default=None, help="override the config's seeds, e.g. 0,1,2")
     args = ap.parse_args(argv)
     try:
         study = load_study(args.config)
     except ConfigError as exc:
         raise SystemExit(f"error: {exc}")
+    if args.steps is not None:
+        study["steps"] = args.steps
+    if args.eval_examples is not None:
+        study["eval_examples"] = args.eval_examples
+    if args.seeds:
+        study["seeds"] = [int(x) for x in args.seeds.split(",")]
     tasks, methods = list(study["tasks"]), list(study["methods"])
     if args.quick:
         q = study.get("quick", {})
