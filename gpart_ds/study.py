@@ -2,6 +2,7 @@
 
     python -m gpart_ds.study --config configs/study_smollm2.yaml [--quick] [--out DIR]
                              [--steps N] [--eval-examples N] [--seeds 0,1]
+                             [--tasks a,b] [--methods a,b]
 
 For each task (a run config plus overrides) x method (GPart at several d, LoRA, VeRA,
 full fine-tuning) x seed, one real training run through the launcher and trainer, with
@@ -206,6 +207,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=None, help="override the config's steps per run")
     ap.add_argument("--eval-examples", type=int, default=None, help="override the config's eval_examples")
     ap.add_argument("--seeds", default=None, help="override the config's seeds, e.g. 0,1,2")
+    ap.add_argument("--tasks", default=None, help="only these of the config's tasks, e.g. qasc")
+    ap.add_argument("--methods", default=None, help="only these of the config's methods")
     args = ap.parse_args(argv)
     try:
         study = load_study(args.config)
@@ -218,6 +221,13 @@ def main(argv=None) -> dict:
     if args.seeds:
         study["seeds"] = [int(x) for x in args.seeds.split(",")]
     tasks, methods = list(study["tasks"]), list(study["methods"])
+    for flag, chosen, known in (("--tasks", args.tasks, tasks), ("--methods", args.methods, methods)):
+        if chosen:
+            want = [x.strip() for x in chosen.split(",") if x.strip()]
+            bad = [x for x in want if x not in known]
+            if bad:
+                raise SystemExit(f"error: {flag}: {bad} not in {args.config} (known: {known})")
+            known[:] = want
     if args.quick:
         q = study.get("quick", {})
         study = {**study, "steps": q.get("steps", 2), "eval_examples": q.get("eval_examples", 16),
