@@ -61,8 +61,6 @@ class LMRoot(nn.Module):
 
 class Method:
     name = "?"
-    # Trainable state identical on every rank by construction (checked after training).
-    replicated = False
 
     def __init__(self, root: nn.Module, layout):
         self.root = root
@@ -99,7 +97,6 @@ class Method:
 
 class GPartMethod(Method):
     name = "gpart"
-    replicated = True
 
     @property
     def model(self) -> nn.Module:
