@@ -193,12 +193,6 @@ def plot(rep: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m gpart_ds.study", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -284,9 +278,11 @@ def main(argv=None) -> dict:
            "total_min": (time.perf_counter() - t0) / 60, "runs_min": sum(r["wall_s"] for r in rows) / 60,
            "rows": rows, "runs": runs,
            "summary": summarize(rows)}
-    _atomic(out / "study.json", json.dumps(rep, indent=2) + "\n")
+    from .bench.compare import write_atomic
+
+    write_atomic(out / "study.json", json.dumps(rep, indent=2) + "\n")
     md = format_markdown(rep)
-    _atomic(out / "study.md", md)
+    write_atomic(out / "study.md", md)
     plot(rep, out / "study.png")
     print(md, flush=True)
     print(f"[study] wrote {out / 'study.json'}, {out / 'study.md'}, {out / 'study.png'}", flush=True)

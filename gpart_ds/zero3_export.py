@@ -43,6 +43,33 @@ def _agree(ok: bool, world: int, device) -> bool:
     return flag.item() == 0.0
 
 
+def _create_output(out: Path, plans, rank: int, world: int) -> Path:
+    """Rank 0 creates the temporary folder and the sized files every rank writes into."""
+    tmp = export.temp_dir_for(out)
+    if rank == 0:
+        export.start_output(out)
+        stio.create_files(tmp, plans)
+    _barrier(world)
+    return tmp
+
+
+def _complete_output(ok: bool, tmp: Path, out: Path, plans, base_dir: Path, out_dtype, prov: dict,
+                     rank: int, world: int, device) -> None:
+    """Collective: fail everywhere if any rank failed; else rank 0 adds the index, config
+    and tokenizer and renames the folder into place."""
+    if not _agree(ok, world, device):
+        raise export.ExportError(f"merged export failed on at least one rank; partial output left in {tmp}")
+    if rank == 0:
+        try:
+            stio.write_index(tmp, plans)
+            export.copy_side_files(base_dir, tmp, out_dtype, prov)
+            export.finish_output(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    _barrier(world)
+
+
 def export_merged(gmodel, base_dir: str | Path, out_dir: str | Path, compute_dtype: torch.dtype,
                   out_dtype: torch.dtype | None = None, max_shard_size: str | int = "5GB",
                   overwrite: bool = False, device=None, extra_provenance: dict | None = None) -> Path:
@@ -63,11 +90,7 @@ def export_merged(gmodel, base_dir: str | Path, out_dir: str | Path, compute_dty
                     scales=gmodel.scales, device=device)
     params = dict(gmodel.base_model.named_parameters(remove_duplicate=False))
 
-    tmp = export.temp_dir_for(out)
-    if rank == 0:
-        export.start_output(out)
-        stio.create_files(tmp, plans)
-    _barrier(world)
+    tmp = _create_output(out, plans, rank, world)
 
     ok = True
     try:
@@ -95,21 +118,10 @@ def export_merged(gmodel, base_dir: str | Path, out_dir: str | Path, compute_dty
     except Exception:
         log.exception("rank %d: writing the merged export failed", rank)
         ok = False
-    if not _agree(ok, world, device):
-        raise export.ExportError(f"merged export failed on at least one rank; partial output left in {tmp}")
-
-    if rank == 0:
-        try:
-            stio.write_index(tmp, plans)
-            prov = {"base": str(base_dir), "adapter_kind": "zero3-run", "d": merger.d, "seed": merger.seed,
-                    "targets": len(targets), "compute_dtype": str(compute_dtype), "dtype": str(out_dtype),
-                    "ranks": world, **(extra_provenance or {})}
-            export.copy_side_files(base_dir, tmp, out_dtype, prov)
-            export.finish_output(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    _barrier(world)
+    prov = {"base": str(base_dir), "adapter_kind": "zero3-run", "d": merger.d, "seed": merger.seed,
+            "targets": len(targets), "compute_dtype": str(compute_dtype), "dtype": str(out_dtype),
+            "ranks": world, **(extra_provenance or {})}
+    _complete_output(ok, tmp, out, plans, base_dir, out_dtype, prov, rank, world, device)
     return out
 
 
@@ -139,11 +151,7 @@ def export_gathered(method, base_dir: str | Path, out_dir: str | Path, compute_d
         if src is not None and tuple(full_shape(src[0][0])) != tuple(base[name].entry.shape):
             raise export.ExportError(f"{name}: shape {list(full_shape(src[0][0]))} in the model but "
                                      f"{list(base[name].entry.shape)} in {base[name].path}")
-    tmp = export.temp_dir_for(out)
-    if rank == 0:
-        export.start_output(out)
-        stio.create_files(tmp, plans)
-    _barrier(world)
+    tmp = _create_output(out, plans, rank, world)
     ok = True
     try:
         with (stio.RangeWriter(tmp, plans) if rank == 0 else contextlib.nullcontext()) as writer, torch.no_grad():
@@ -160,17 +168,7 @@ def export_gathered(method, base_dir: str | Path, out_dir: str | Path, compute_d
     except Exception:
         log.exception("rank %d: writing the merged export failed", rank)
         ok = False
-    if not _agree(ok, world, device):
-        raise export.ExportError(f"merged export failed on at least one rank; partial output left in {tmp}")
-    if rank == 0:
-        try:
-            stio.write_index(tmp, plans)
-            export.copy_side_files(base_dir, tmp, out_dtype,
-                                   {"base": str(base_dir), "adapter_kind": f"zero3-run-{method.name}",
-                                    "dtype": str(out_dtype), "ranks": world})
-            export.finish_output(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    _barrier(world)
+    prov = {"base": str(base_dir), "adapter_kind": f"zero3-run-{method.name}", "dtype": str(out_dtype),
+            "ranks": world}
+    _complete_output(ok, tmp, out, plans, base_dir, out_dtype, prov, rank, world, device)
     return out
