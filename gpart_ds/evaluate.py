@@ -89,6 +89,35 @@ def score_items(forward, items: list[ChoiceItem], pad_id: int, device) -> list[l
     return out
 
 
+def label_is_the_answer_choice(examples, items: list[ChoiceItem]) -> bool:
+    """True when every eval example is exactly its item's prompt + the answer choice, the
+    choice is one token and the only predicted one: then the choice forward's log-softmax
+    at the last prompt position also gives the example's loss and exact match (one
+    forward per record instead of two; the quickstart's case, `data.add_eos: false`)."""
+    if not items or len(examples) != len(items):
+        return False
+    for ex, it in zip(examples, items):
+        if any(len(c) != 1 for c in it.choices):
+            return False
+        if list(ex.input_ids) != it.prompt + it.choices[it.answer]:
+            return False
+        if [i for i, lab in enumerate(ex.labels) if lab != data.IGNORE_INDEX] != [len(it.prompt)]:
+            return False
+    return True
+
+
+@torch.no_grad()
+def score_items_with_label(forward, items: list[ChoiceItem], pad_id: int, device):
+    """score_items for single-token choices, plus (summed -log p(answer), exact matches)
+    from the same full-vocabulary log-softmax (see label_is_the_answer_choice)."""
+    batch = _left_padded([it.prompt for it in items], pad_id, device)
+    logp = torch.log_softmax(forward(**batch, logits_to_keep=1)[:, -1].float(), dim=-1)
+    answer = torch.tensor([it.choices[it.answer][0] for it in items], device=logp.device)
+    loss = float(-logp.gather(1, answer[:, None]).sum())
+    matches = int((logp.argmax(-1) == answer).sum())
+    return [[float(logp[i, c[0]]) for c in it.choices] for i, it in enumerate(items)], loss, matches
+
+
 def correct(scores: list[list[float]], items: list[ChoiceItem]) -> list[bool]:
     return [max(range(len(s)), key=s.__getitem__) == it.answer for s, it in zip(scores, items)]
 

@@ -113,6 +113,7 @@ class Trainer:
         self.eval_set = data.tokenized(d.eval, self.tokenizer, cfg.model.path, packing=False, **common)
         eval_records, _ = data.load(d.eval, d.format)
         self.choice_items = evaluate.choice_items(eval_records, self.tokenizer, d.chat_template)
+        self.eval_from_choices = evaluate.label_is_the_answer_choice(self.eval_set, self.choice_items)
 
     def _build_model(self) -> None:
         cfg, m = self.cfg, self.cfg.method
@@ -198,19 +199,27 @@ class Trainer:
         self.engine.eval()
         mb = self.cfg.train.eval_micro_batch_size or self.cfg.train.micro_batch_size
         loss_sum, n_tok, matched, n_ex = 0.0, 0, 0, 0
-        for idx in data.shard_evenly(self._eval_limit(len(self.eval_set)), mb, self.world, self.rank):
-            s, n, em, ne = evaluate.loss_and_match_sums(self.engine, self.eval_set, idx or [0],
-                                                        self.pad_id, self.device)
-            if idx:
-                loss_sum, n_tok, matched, n_ex = loss_sum + s, n_tok + n, matched + em, n_ex + ne
+        if not self.eval_from_choices:
+            for idx in data.shard_evenly(self._eval_limit(len(self.eval_set)), mb, self.world, self.rank):
+                s, n, em, ne = evaluate.loss_and_match_sums(self.engine, self.eval_set, idx or [0],
+                                                            self.pad_id, self.device)
+                if idx:
+                    loss_sum, n_tok, matched, n_ex = loss_sum + s, n_tok + n, matched + em, n_ex + ne
         hits, scored = 0, 0
         items = self.choice_items[: self._eval_limit(len(self.choice_items))]
+        logits = lambda **b: self.engine(**b).logits  # noqa: E731
         for idx in data.shard_evenly(len(items), mb, self.world, self.rank):
             chunk = [items[i] for i in (idx or [0])]
-            ok = evaluate.correct(evaluate.score_items(lambda **b: self.engine(**b).logits, chunk,
-                                                       self.pad_id, self.device), chunk)
+            if self.eval_from_choices:   # the same numbers from the choice forward
+                scores, s, em = evaluate.score_items_with_label(logits, chunk, self.pad_id, self.device)
+                s, n, ne = s, len(chunk), len(chunk)
+            else:
+                scores = evaluate.score_items(logits, chunk, self.pad_id, self.device)
+            ok = evaluate.correct(scores, chunk)
             if idx:
                 hits, scored = hits + sum(ok), scored + len(ok)
+                if self.eval_from_choices:
+                    loss_sum, n_tok, matched, n_ex = loss_sum + s, n_tok + n, matched + em, n_ex + ne
         self.engine.train()
         loss_total, tok_total, hit_total, score_total, em_total, ex_total = self._all_sum(
             [loss_sum, n_tok, hits, scored, matched, n_ex])

@@ -64,3 +64,31 @@ def test_eval_loss_matches_model_loss(tiny):
     want = model(input_ids=ids, labels=torch.tensor([exs[0].labels])).loss.item()
     assert n == sum(1 for l in exs[0].labels[1:] if l != data.IGNORE_INDEX)
     assert s / n == pytest.approx(want, rel=1e-6)
+
+
+def test_one_forward_gives_the_loss_and_exact_match_of_the_loss_pass(tiny):
+    # When every eval record is prompt + its single-token answer choice (no EOS), the
+    # trainer takes loss and exact match from the choice forward: they must equal the
+    # separate loss pass (label-position loss and greedy match, lm_loss.objective_forward).
+    from gpart_ds.lm_loss import objective_forward
+
+    tok, model = tiny
+    words = ["cat", "dog", "sun", "moon", "red"]
+    recs = [(f"e:{i}", {"prompt": f"Reverse: {w} {v}\nAnswer:", "completion": f" {w}", "choices": [f" {w}", f" {v}"]})
+            for i, (w, v) in enumerate(zip(words, words[1:] + words[:1]))]
+    assert all(len(tok(f" {w}", add_special_tokens=False)["input_ids"]) == 1 for w in words)
+    exs = [data.tokenize_record(r, "prompt_completion", tok, 32, add_eos=False) for _, r in recs]
+    items = evaluate.choice_items(recs, tok, chat_template=False)
+    assert evaluate.label_is_the_answer_choice(exs, items)
+    fwd = lambda **b: objective_forward(model, (), b, label_positions_only=True)  # noqa: E731
+    s_ref, n_ref, em_ref, ne_ref = evaluate.loss_and_match_sums(fwd, exs, list(range(len(exs))),
+                                                                tok.pad_token_id, "cpu")
+    scores, s, em = evaluate.score_items_with_label(lambda **b: model(**b).logits, items, tok.pad_token_id, "cpu")
+    ref = evaluate.score_items(lambda **b: model(**b).logits, items, tok.pad_token_id, "cpu")
+    assert sum(scores, []) == pytest.approx(sum(ref, []), abs=1e-6)
+    assert (n_ref, ne_ref) == (len(exs), len(exs))
+    assert s == pytest.approx(s_ref, rel=1e-5) and em == em_ref
+    # With EOS after the answer (two predicted tokens) the trainer keeps both passes.
+    with_eos = [data.tokenize_record(r, "prompt_completion", tok, 32, add_eos=True) for _, r in recs]
+    assert not evaluate.label_is_the_answer_choice(with_eos, items)
+    assert not evaluate.label_is_the_answer_choice(exs[:-1], items)

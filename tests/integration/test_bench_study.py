@@ -56,24 +56,44 @@ def test_bench_refuses_a_bad_override_before_any_run(tmp_path, tiny_assets):
 
 
 def test_study_quick_writes_table_and_plot_and_reuses_finished_runs(tmp_path):
+    # The pipeline on the tiny model (the real study's runs are SmolLM2's, minutes each;
+    # the real model under ZeRO-3 is test_real_model's job).
     out = tmp_path / "study"
-    _run(["gpart_ds.study", "--quick", "--out", str(out)])
+    args = ["gpart_ds.study", "--config", "tests/assets/study_tiny.yaml", "--quick", "--out", str(out)]
+    _run(args)
     rep = json.loads((out / "study.json").read_text())
-    assert rep["tasks"] == ["rotten_tomatoes"] and rep["methods"] == ["gpart-d64k", "lora-r8"]
+    assert rep["tasks"] == ["tiny"] and rep["methods"] == ["gpart-d4k", "lora-r4"]
     rows = {r["method"]: r for r in rep["rows"]}
-    g, lo = rows["gpart-d64k"], rows["lora-r8"]
-    assert g["trainable_params"] == 65536 and lo["trainable_params"] > g["trainable_params"]
-    assert 0 <= g["after"] <= 1 and 0 <= lo["after"] <= 1
+    g, lo = rows["gpart-d4k"], rows["lora-r4"]
+    assert g["trainable_params"] == 4096 and lo["trainable_params"] > g["trainable_params"]
+    assert g["metric"] == "exact_match" and 0 <= g["after"] <= 1 and 0 <= lo["after"] <= 1
     assert g["before"] == lo["before"]                   # same eval records, same base model
-    # GPart's lr follows D/d: 1.24e-4 * sqrt(106,168,320 / 65,536)
-    assert g["lr"] == pytest.approx(1.24e-4 * (106168320 / 65536) ** 0.5, rel=1e-4)
+    # GPart's lr follows D/d: 0.0116 * sqrt(75,776 / 4,096) (tiny: 2 layers x 7 matrices)
+    assert g["lr"] == pytest.approx(0.0116 * (75776 / 4096) ** 0.5, rel=1e-4)
+    assert lo["lr"] == 0.01
     assert all(len(r["losses"]) == 1 for r in rep["runs"])
     md = (out / "study.md").read_text()
-    assert "## rotten_tomatoes (accuracy)" in md and "gpart-d64k" in md
+    assert "## tiny (exact_match)" in md and "gpart-d4k" in md
     assert (out / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # A second invocation finds both runs complete and trains nothing.
     logs = sorted((out / "runs").glob("*/metrics.jsonl"))
     stamps = [p.stat().st_mtime_ns for p in logs]
-    _run(["gpart_ds.study", "--quick", "--out", str(out)], timeout=300)
+    _run(args, timeout=300)
     assert [p.stat().st_mtime_ns for p in logs] == stamps and len(logs) == 2
     assert json.loads((out / "study.json").read_text())["rows"] == rep["rows"]
+
+
+def test_the_real_study_config_plans_every_run_before_training(tmp_path):
+    # configs/study_smollm2.yaml itself: tasks, methods, lr rule and overrides validate.
+    from gpart_ds import study
+
+    cfg = study.load_study("configs/study_smollm2.yaml")
+    assert set(cfg["tasks"]) == {"rotten_tomatoes", "qasc"}
+    D = 106_168_320                                      # SmolLM2-135M, all linear layers
+    ov = study.run_overrides(cfg, cfg["tasks"]["rotten_tomatoes"], cfg["methods"]["gpart-d64k"], 0, D)
+    assert f"train.lr={1.24e-4 * (D / 65536) ** 0.5:.6g}" in ov and "method.d=65536" in ov
+    from gpart_ds.config import load_config
+
+    for t in cfg["tasks"].values():                      # every run's config and overrides load
+        for m in cfg["methods"].values():
+            load_config(f"configs/{t['config']}", study.run_overrides(cfg, t, m, 0, D), check_files=False)
