@@ -68,12 +68,12 @@ def test_study_quick_writes_table_and_plot_and_reuses_finished_runs(tmp_path):
     assert g["trainable_params"] == 4096 and lo["trainable_params"] > g["trainable_params"]
     assert g["metric"] == "exact_match" and 0 <= g["after"] <= 1 and 0 <= lo["after"] <= 1
     assert g["before"] == lo["before"]                   # same eval records, same base model
-    # GPart's lr follows D/d: 0.0116 * sqrt(75,776 / 4,096) (tiny: 2 layers x 7 matrices)
-    assert g["lr"] == pytest.approx(0.0116 * (75776 / 4096) ** 0.5, rel=1e-4)
+    # GPart's lr follows D/d: 0.0109 * sqrt(86,016 / 4,096) (tiny: 2 layers x 7 matrices)
+    assert g["lr"] == pytest.approx(0.0109 * (86016 / 4096) ** 0.5, rel=1e-4)
     assert lo["lr"] == 0.01
     assert all(len(r["losses"]) == 1 for r in rep["runs"])
     md = (out / "study.md").read_text()
-    assert "## tiny (exact_match)" in md and "gpart-d4k" in md
+    assert "## tiny (exact match)" in md and "gpart-d4k" in md
     assert (out / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # A second invocation finds both runs complete and trains nothing.
     logs = sorted((out / "runs").glob("*/metrics.jsonl"))
