@@ -160,6 +160,9 @@ def evaluate_files(model_dir, data_path, adapter=None, chat_template=False, max_
                    batch_size=8, max_examples=0, dtype=torch.float32, add_eos=True) -> dict:
     from transformers import AutoTokenizer
 
+    from .hub import resolve
+
+    model_dir = resolve(model_dir)   # a local folder, or a hub name already in the cache
     tok = AutoTokenizer.from_pretrained(model_dir)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     model = _load_model(model_dir, adapter, dtype)
@@ -189,7 +192,8 @@ def evaluate_files(model_dir, data_path, adapter=None, chat_template=False, max_
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="a Hugging Face model folder (base or merged)")
+    ap.add_argument("--model", required=True,
+                    help="a Hugging Face model folder (base or merged), or org/name already in the HF cache")
     ap.add_argument("--adapter", default=None, help="a gpart_ds adapter folder to apply")
     ap.add_argument("--data", required=True)
     ap.add_argument("--chat-template", action="store_true", help="render prompts as a user turn")

@@ -28,6 +28,7 @@ from . import safetensors_io as stio
 from .adapter import AdapterError
 from .adapter_sources import MergeSource, check_against_base, open_source
 from .merge import Merger
+from .hub import resolve as resolve_model
 
 DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
                "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
@@ -220,7 +221,8 @@ def verify(merged_dir, base_dir, adapter_dir, prompts=DEFAULT_PROMPTS, atol: flo
 def _merge_cli(argv) -> int:
     ap = argparse.ArgumentParser(prog="python -m gpart_ds.export", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--base", required=True, help="base Hugging Face model folder (safetensors)")
+    ap.add_argument("--base", required=True,
+                    help="base Hugging Face model folder (safetensors), or org/name already in the HF cache")
     ap.add_argument("--adapter", required=True, help="adapter, checkpoint or reference adapter folder")
     ap.add_argument("--out", required=True, help="merged model folder to create")
     ap.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default: the training dtype)")
@@ -229,6 +231,7 @@ def _merge_cli(argv) -> int:
     ap.add_argument("--block-mb", type=float, default=DEFAULT_BLOCK_BYTES / 2**20,
                     help="rows read and merged at once (memory bound)")
     a = ap.parse_args(argv)
+    a.base = resolve_model(a.base)
     stats = merge_offline(a.base, a.adapter, a.out, a.dtype, a.max_shard_size, a.overwrite,
                           int(a.block_mb * 2**20), progress=None)
     print(f"merged {stats['bytes'] / 1e6:.1f} MB into {a.out} in {stats['seconds']:.1f} s "
@@ -243,7 +246,7 @@ def _verify_cli(argv) -> int:
     ap.add_argument("--adapter", required=True)
     ap.add_argument("--atol", type=float, default=None)
     a = ap.parse_args(argv)
-    r = verify(a.merged, a.base, a.adapter, atol=a.atol)
+    r = verify(a.merged, resolve_model(a.base), a.adapter, atol=a.atol)
     print(f"max |logit difference| {r['max_abs_logit_diff']:.3g} over {r['prompts']} prompts "
           f"({r['dtype']}, tolerance {r['atol']:.3g}): {'OK' if r['ok'] else 'FAILED'}")
     return 0 if r["ok"] else 1

@@ -99,5 +99,6 @@ def load_model(model_path: str, dtype: torch.dtype, ds_config: dict | None):
 
 
 def model_name(model_path: str) -> str:
-    p = Path(model_path)
-    return p.name if p.exists() else model_path
+    from .hub import display_name
+
+    return display_name(model_path)
