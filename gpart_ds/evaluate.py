@@ -8,6 +8,8 @@ choice sits at the end, and the model computes logits for those last positions o
 choice is a single token, one forward per record scores all of them.
 
     python -m gpart_ds.evaluate --model DIR [--adapter DIR] --data eval.jsonl [--chat-template]
+                                [--predictions preds.jsonl]
+    python -m gpart_ds.evaluate paired before.jsonl after.jsonl     # exact McNemar test
 
 The functions take a `forward(**batch) -> logits` callable, so the same code runs on a
 plain model, a GPart model, or a DeepSpeed engine on every rank.
@@ -144,6 +146,22 @@ def loss_and_match_sums(forward, examples, indices: list[int], pad_id: int, devi
     return float(out.loss) * n, n, int(m.sum()), int(m.numel())
 
 
+def paired(before: list[dict], after: list[dict]) -> dict:
+    """Exact McNemar test of two prediction lists over the same records: of the records
+    the two get differently right, how likely is a split this uneven if both were
+    equally accurate (two-sided binomial with p = 1/2)."""
+    a = {p["record"]: p["predicted"] == p["answer"] for p in before}
+    b = {p["record"]: p["predicted"] == p["answer"] for p in after}
+    if set(a) != set(b):
+        raise ValueError(f"the prediction files score different records ({len(set(a) ^ set(b))} differ)")
+    fixed = sum(1 for k in a if b[k] and not a[k])      # wrong before, right after
+    broken = sum(1 for k in a if a[k] and not b[k])     # right before, wrong after
+    n, k = fixed + broken, min(fixed, broken)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n if n else 1.0
+    return {"records": len(a), "accuracy_before": sum(a.values()) / len(a), "accuracy_after": sum(b.values()) / len(b),
+            "fixed": fixed, "broken": broken, "p_value": min(1.0, 2 * tail)}
+
+
 # ------------------------------------------------------------------ CLI
 def _load_model(model_dir: str, adapter_dir: str | None, dtype):
     from transformers import AutoModelForCausalLM
@@ -157,7 +175,12 @@ def _load_model(model_dir: str, adapter_dir: str | None, dtype):
 
 
 def evaluate_files(model_dir, data_path, adapter=None, chat_template=False, max_length=512,
-                   batch_size=8, max_examples=0, dtype=torch.float32, add_eos=True) -> dict:
+                   batch_size=8, max_examples=0, dtype=torch.float32, add_eos=True,
+                   predictions: list | None = None) -> dict:
+    """Loss (and accuracy over choices) of a model folder, optionally with an adapter.
+    `predictions`, if given, receives one dict per scored record: its line, the
+    predicted and gold choice indices and the choices' log-likelihoods (to compare two
+    models record by record, e.g. a paired test of before vs after)."""
     from transformers import AutoTokenizer
 
     from .hub import resolve
@@ -181,16 +204,40 @@ def evaluate_files(model_dir, data_path, adapter=None, chat_template=False, max_
     items = choice_items(records, tok, chat_template)
     if items:
         hits = []
+        where = [w for w, r in records if r.get("choices") is not None]
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
-            hits += correct(score_items(lambda **b: model(**b).logits, chunk, pad, "cpu"), chunk)
+            scores = score_items(lambda **b: model(**b).logits, chunk, pad, "cpu")
+            hits += correct(scores, chunk)
+            if predictions is not None:
+                predictions += [{"record": where[start + i], "predicted": max(range(len(s)), key=s.__getitem__),
+                                 "answer": it.answer, "scores": s} for i, (s, it) in enumerate(zip(scores, chunk))]
         result["accuracy"] = sum(hits) / len(hits)
         result["scored"] = len(hits)
     result["seconds"] = time.perf_counter() - t0
     return result
 
 
+def _paired_cli(argv) -> int:
+    ap = argparse.ArgumentParser(prog="python -m gpart_ds.evaluate paired",
+                                 description="exact McNemar test of two --predictions files")
+    ap.add_argument("before")
+    ap.add_argument("after")
+    a = ap.parse_args(argv)
+    rows = [[json.loads(line) for line in open(f) if line.strip()] for f in (a.before, a.after)]
+    try:
+        r = paired(*rows)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(r, indent=2))
+    return 0
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "paired":
+        return _paired_cli(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True,
                     help="a Hugging Face model folder (base or merged), or org/name already in the HF cache")
@@ -202,10 +249,13 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-examples", type=int, default=0)
     ap.add_argument("--json", default=None, help="also write the result here")
+    ap.add_argument("--predictions", default=None,
+                    help="write one JSON line per scored record (record, predicted, answer, scores)")
     args = ap.parse_args(argv)
+    preds = [] if args.predictions else None
     try:
         res = evaluate_files(args.model, args.data, args.adapter, args.chat_template, args.max_length,
-                             args.batch_size, args.max_examples, add_eos=not args.no_eos)
+                             args.batch_size, args.max_examples, add_eos=not args.no_eos, predictions=preds)
     except (data.DataError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -213,6 +263,9 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(res, fh, indent=2)
+    if preds is not None:
+        with open(args.predictions, "w") as fh:
+            fh.writelines(json.dumps(p) + "\n" for p in preds)
     return 0 if math.isfinite(res["eval_loss"]) else 1
 
 

@@ -92,3 +92,34 @@ def test_one_forward_gives_the_loss_and_exact_match_of_the_loss_pass(tiny):
     with_eos = [data.tokenize_record(r, "prompt_completion", tok, 32, add_eos=True) for _, r in recs]
     assert not evaluate.label_is_the_answer_choice(with_eos, items)
     assert not evaluate.label_is_the_answer_choice(exs[:-1], items)
+
+
+def test_paired_test_counts_flips_and_gives_the_exact_binomial_p_value():
+    before = [{"record": f"f:{i}", "predicted": 0, "answer": 0 if i < 6 else 1} for i in range(10)]
+    after = [dict(p) for p in before]
+    for i in (6, 7, 8, 9):        # 4 fixed
+        after[i]["predicted"] = 1
+    after[0]["predicted"] = 1     # 1 broken
+    r = evaluate.paired(before, after)
+    assert (r["fixed"], r["broken"], r["records"]) == (4, 1, 10)
+    assert r["accuracy_before"] == 0.6 and r["accuracy_after"] == 0.9
+    assert r["p_value"] == pytest.approx(2 * (1 + 5) / 32)     # P(X <= 1), X ~ Bin(5, 1/2), two-sided
+    assert evaluate.paired(before, before)["p_value"] == 1.0
+    with pytest.raises(ValueError, match="different records"):
+        evaluate.paired(before, after[:-1])
+
+
+def test_cli_writes_one_prediction_per_scored_record(tiny_assets, tmp_path, capsys):
+    p = tmp_path / "e.jsonl"
+    p.write_text("".join(json.dumps({"prompt": f"Reverse: cat {w}\nAnswer:", "completion": f" {w} cat",
+                                     "choices": [f" {w} cat", " dog"]}) + "\n" for w in ["sun", "moon", "red"]))
+    preds = tmp_path / "p.jsonl"
+    assert evaluate.main(["--model", str(tiny_assets / "model"), "--data", str(p), "--json", str(tmp_path / "r.json"),
+                          "--predictions", str(preds)]) == 0
+    rows = [json.loads(line) for line in preds.read_text().splitlines()]
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert [r["record"] for r in rows] == [f"{p}:{i}" for i in (1, 2, 3)]
+    assert sum(r["predicted"] == r["answer"] for r in rows) / 3 == res["accuracy"]
+    capsys.readouterr()
+    assert evaluate.main(["paired", str(preds), str(preds)]) == 0
+    assert json.loads(capsys.readouterr().out)["p_value"] == 1.0
