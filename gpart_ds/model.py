@@ -97,8 +97,3 @@ def load_model(model_path: str, dtype: torch.dtype, ds_config: dict | None):
     model.config.use_cache = False
     return model, keepalive
 
-
-def model_name(model_path: str) -> str:
-    from .hub import display_name
-
-    return display_name(model_path)

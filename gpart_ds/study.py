@@ -278,7 +278,7 @@ def main(argv=None) -> dict:
            "total_min": (time.perf_counter() - t0) / 60, "runs_min": sum(r["wall_s"] for r in rows) / 60,
            "rows": rows, "runs": runs,
            "summary": summarize(rows)}
-    from .bench.compare import write_atomic
+    from .fileio import write_atomic
 
     write_atomic(out / "study.json", json.dumps(rep, indent=2) + "\n")
     md = format_markdown(rep)

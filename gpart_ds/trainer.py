@@ -24,7 +24,8 @@ from . import adapter as adapter_io
 from . import assets, checkpoint, data, distributed, evaluate, methods, zero3
 from .config import check_paths, to_yaml, where_for
 from .metrics import MetricsLog, format_step, peak_memory_gb
-from .model import check_targets, load_model, model_name, training_dtype
+from .hub import display_name
+from .model import check_targets, load_model, training_dtype
 from .transform import GPartModel
 
 log = logging.getLogger("gpart_ds")
@@ -210,16 +211,15 @@ class Trainer:
         logits = lambda **b: self.engine(**b).logits  # noqa: E731
         for idx in data.shard_evenly(len(items), mb, self.world, self.rank):
             chunk = [items[i] for i in (idx or [0])]
-            if self.eval_from_choices:   # the same numbers from the choice forward
+            if self.eval_from_choices:   # loss and exact match from the same forward
                 scores, s, em = evaluate.score_items_with_label(logits, chunk, self.pad_id, self.device)
-                s, n, ne = s, len(chunk), len(chunk)
+                if idx:   # one predicted token per record
+                    loss_sum, n_tok, matched, n_ex = loss_sum + s, n_tok + len(chunk), matched + em, n_ex + len(chunk)
             else:
                 scores = evaluate.score_items(logits, chunk, self.pad_id, self.device)
             ok = evaluate.correct(scores, chunk)
             if idx:
                 hits, scored = hits + sum(ok), scored + len(ok)
-                if self.eval_from_choices:
-                    loss_sum, n_tok, matched, n_ex = loss_sum + s, n_tok + n, matched + em, n_ex + ne
         self.engine.train()
         loss_total, tok_total, hit_total, score_total, em_total, ex_total = self._all_sum(
             [loss_sum, n_tok, hits, scored, matched, n_ex])
@@ -416,7 +416,7 @@ class Trainer:
     def save_adapter_all(self, out_dir: Path) -> Path | None:
         """Collective: the method's adapter folder, written by rank 0 (None: full FT)."""
         if self.gmodel is None:
-            info = {"name": model_name(self.cfg.model.path), "path": str(Path(self.cfg.model.path).resolve())}
+            info = {"name": display_name(self.cfg.model.path), "path": str(Path(self.cfg.model.path).resolve())}
             self.method.save_adapter(out_dir, self.rank, info)
             return None if self.method.name == "full" else out_dir
         theta = self.theta()
@@ -430,7 +430,7 @@ class Trainer:
         tm = m.target_modules if isinstance(m.target_modules, str) else list(m.target_modules)
         config = adapter_io.adapter_config(
             d=m.d, seed=m.seed, target_modules=tm, dropout=m.dropout, layout=self.gmodel.layout,
-            base_model={"name": model_name(self.cfg.model.path),
+            base_model={"name": display_name(self.cfg.model.path),
                         "path": str(Path(self.cfg.model.path).resolve()),
                         "architectures": list(getattr(self.gmodel.base_model.config, "architectures", None) or [])},
             dtype=self.dtype)

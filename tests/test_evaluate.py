@@ -123,3 +123,18 @@ def test_cli_writes_one_prediction_per_scored_record(tiny_assets, tmp_path, caps
     capsys.readouterr()
     assert evaluate.main(["paired", str(preds), str(preds)]) == 0
     assert json.loads(capsys.readouterr().out)["p_value"] == 1.0
+
+
+def test_paired_cli_names_the_file_and_line_of_a_bad_prediction(tmp_path, capsys):
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"record": "f:1", "predicted": 0, "answer": 0}) + "\n")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"record": "f:1", "predicted": 0, "answer": 0}) + "\n{not json\n")
+    short = tmp_path / "short.jsonl"
+    short.write_text(json.dumps({"record": "f:1", "predicted": 0}) + "\n")
+    assert evaluate.main(["paired", str(good), str(bad)]) == 2
+    assert f"{bad}:2: not a JSON object" in capsys.readouterr().err
+    assert evaluate.main(["paired", str(good), str(short)]) == 2
+    assert f"{short}:1: missing ['answer']" in capsys.readouterr().err
+    assert evaluate.main(["paired", str(good), str(tmp_path / "absent.jsonl")]) == 2
+    assert "absent.jsonl" in capsys.readouterr().err

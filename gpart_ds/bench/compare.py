@@ -31,6 +31,7 @@ import sys
 from pathlib import Path
 
 from ..config import REPO_ROOT
+from ..fileio import write_atomic
 
 METHOD_LABELS = {"gpart": "GPart", "lora": "LoRA r=8", "vera": "VeRA", "full": "full FT"}
 QUICK = {"config": "configs/tiny.yaml", "steps": 3, "warmup": 1}
@@ -237,12 +238,6 @@ def check_targets(rep: dict) -> list[dict]:
         out.append({"target": "GPart model state < 5% of full fine-tuning", "measured": f"{100 * q:.2f}%",
                     "met": q < 0.05})
     return out
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def parse(argv=None):
