@@ -22,38 +22,41 @@ renamed only when every rank has written its part; `latest` is replaced last.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from .errors import UserError
+from .fileio import sha256_file as _sha256, temp_sibling, write_atomic
 from .zero3 import gathered
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
+STATE_FILE = "state.safetensors"
+STATE_JSON = "state.json"
+RUN_CONFIG = "run_config.yaml"
 _STEP_RE = re.compile(r"^step-(\d+)$")
-# Keys whose change alters what theta means: refused on resume.
-DRIFT_KEYS = ("method.name", "method.d", "method.r", "method.seed", "method.target_modules", "model.path")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be used, or a resume that must not happen."""
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def drift_keys(method_name: str) -> tuple[str, ...]:
+    """Config keys whose change alters what the saved trainable state means."""
+    from . import methods
+
+    keys = methods.get(method_name).drift_keys if method_name in methods.names() else ("name",)
+    return tuple(f"method.{k}" for k in keys) + ("model.path",)
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -103,7 +106,7 @@ def check_drift(saved_cfg: dict, cfg, where) -> None:
     from omegaconf import OmegaConf
 
     now = OmegaConf.to_container(cfg, resolve=True)
-    for key in DRIFT_KEYS:
+    for key in drift_keys(_get(saved_cfg, "method.name") or cfg.method.name):
         a, b = _get(saved_cfg, key), _get(now, key)
         if key == "model.path":
             a, b = str(Path(a).resolve()) if a else a, str(Path(b).resolve())
@@ -175,6 +178,45 @@ def restore_optimizer_state(engine, params: dict, state: dict[str, torch.Tensor]
 
 
 # ---------------------------------------------------------------- save / load
+# ---------------------------------------------------------------- reading without an engine
+@dataclass
+class Checkpoint:
+    """A verified checkpoint read from disk: what exports and tools need of it."""
+    path: Path
+    tensors: dict[str, torch.Tensor]   # trainable parameter name -> working value (fp32, flat)
+    state: dict                        # state.json
+    run_config: dict                   # run_config.yaml
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The training dtype the run formed W0 + delta in (merges round in it)."""
+        name = self.state.get("dtype")
+        dt = getattr(torch, str(name), None) if name else None
+        return dt if isinstance(dt, torch.dtype) else None
+
+
+def looks_like_checkpoint(path: Path) -> bool:
+    return (path / STATE_JSON).is_file() or (path / MANIFEST).is_file()
+
+
+def read(ckpt: Path) -> Checkpoint:
+    """Verify a checkpoint folder and read its trainable values (no optimizer state)."""
+    import yaml
+    from safetensors.torch import load_file
+
+    ckpt = Path(ckpt)
+    verify(ckpt)
+    try:
+        state = json.loads((ckpt / STATE_JSON).read_text())
+        run = yaml.safe_load((ckpt / RUN_CONFIG).read_text())
+        full = load_file(str(ckpt / STATE_FILE))
+    except Exception as exc:   # verified bytes that still do not parse: written by something else
+        raise CheckpointError(f"{ckpt}: unreadable checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict) or not isinstance(run, dict):
+        raise CheckpointError(f"{ckpt}: {STATE_JSON} or {RUN_CONFIG} is not a mapping")
+    return Checkpoint(ckpt, {k: v for k, v in full.items() if "::" not in k}, state, run)
+
+
 def save(engine, params: dict, root: Path, step: int, extra: dict, run_config_yaml: str, keep_last: int) -> Path:
     """Write checkpoint `step` (collective). `params`: name -> trainable parameter.
     Returns its folder."""
@@ -191,7 +233,7 @@ def save(engine, params: dict, root: Path, step: int, extra: dict, run_config_ya
             full[pname] = value
             full.update({f"{pname}::{k}": v for k, v in state.items()})
     final = step_dir(root, step)
-    tmp = root / f".{final.name}.tmp"
+    tmp = temp_sibling(final)
     if rank == 0:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -202,13 +244,13 @@ def save(engine, params: dict, root: Path, step: int, extra: dict, run_config_ya
         rng["cuda"] = torch.cuda.get_rng_state()
     save_file(rng, str(tmp / f"rng-rank{rank}.safetensors"))
     if rank == 0:
-        save_file(full, str(tmp / "state.safetensors"))
+        save_file(full, str(tmp / STATE_FILE))
         state = {"step": step, "adam_step": adam_step(engine), "world": world,
                  "global_steps": engine.global_steps, "global_samples": engine.global_samples,
                  "micro_steps": engine.micro_steps,
                  "scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler else None, **extra}
-        (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
-        (tmp / "run_config.yaml").write_text(run_config_yaml)
+        (tmp / STATE_JSON).write_text(json.dumps(state, indent=2) + "\n")
+        (tmp / RUN_CONFIG).write_text(run_config_yaml)
     dist.barrier()  # every rank's RNG file is in
     if rank == 0:
         files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
@@ -224,9 +266,7 @@ def save(engine, params: dict, root: Path, step: int, extra: dict, run_config_ya
 
 
 def _write_latest(root: Path, name: str) -> None:
-    tmp = root / f".{LATEST}.tmp"
-    tmp.write_text(name + "\n")
-    os.replace(tmp, root / LATEST)
+    write_atomic(root / LATEST, name + "\n")
 
 
 def load(engine, params: dict, ckpt: Path) -> dict:
@@ -234,8 +274,8 @@ def load(engine, params: dict, ckpt: Path) -> dict:
     from safetensors.torch import load_file
 
     rank = dist.get_rank()
-    state = json.loads((ckpt / "state.json").read_text())
-    full = load_file(str(ckpt / "state.safetensors"))
+    state = json.loads((ckpt / STATE_JSON).read_text())
+    full = load_file(str(ckpt / STATE_FILE))
     for pname, param in params.items():
         if pname not in full:
             raise CheckpointError(f"{ckpt}: no state for trainable parameter {pname!r} "

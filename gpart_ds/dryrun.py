@@ -1,8 +1,9 @@
 """`launch/train.py --dry-run`: what a run would do, decided before any weight is read.
 
 Builds the model on the meta device (shapes from model.path's config.json, model.arch_config
-or --model-config), applies GPart's targeting, and reports D, d, the group sizes n_g, each
-rank's ZeRO-3 partition and the memory plan; then exits without a process group or data.
+or --model-config), applies the method's targeting, and reports what the method says of
+itself (GPart: D, d, the group sizes n_g), each rank's ZeRO-3 partition and the memory
+plan; then exits without a process group or data.
 Exit status 1 when the plan does not fit the GPU memory given (or found), else 0.
 """
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 
-from . import partition, plan
+from . import methods, plan
 
 
 def _world_from_env() -> int:
@@ -38,18 +39,6 @@ def targets_summary(arch: plan.Arch) -> str:
     return ", ".join(f"{k} x{kinds[k]} ({shapes[k][0]}x{shapes[k][1]})" for k in kinds)
 
 
-def stats_line(D: int, d: int, seed: int) -> str:
-    s = partition.group_size_stats(D, d, seed)
-    how = ("exact: counted over all D positions" if s["method"] == "exact" else
-           "theory: each n_g ~ Binomial(D, 1/d), the multinomial's marginals; min/max are the "
-           "expected extremes over d groups (normal approximation); the run counts them exactly "
-           "at start-up")
-    fmt = (lambda v: f"{v:,}") if s["method"] == "exact" else (lambda v: f"{v:,.1f}")
-    empty = f"{s['empty']:,}" if s["method"] == "exact" else f"{s['empty']:.2g} expected"
-    return (f"group sizes n_g: mean {s['mean']:,.1f}, sd {s['sd']:,.1f}, min {fmt(s['min'])}, "
-            f"max {fmt(s['max'])}, empty groups {empty} ({how})")
-
-
 def run(cfg, *, nodes: int | None = None, gpus_per_node: int | None = None,
         gpu_mem_gb: float | None = None, model_config: str | None = None,
         headroom: float = 0.10, overhead_gb: float = 3.0) -> int:
@@ -63,7 +52,8 @@ def run(cfg, *, nodes: int | None = None, gpus_per_node: int | None = None,
     print("dry run: model built on the meta device, no weights read, no process group, no data")
     print(plan.describe_run(cfg, arch, source, world))
     print(f"targets ({m.target_modules}): {targets_summary(arch)}")
-    print(stats_line(arch.D, m.d, m.seed))
+    for line in getattr(methods.get(m.name), "dry_run_lines", lambda m, arch: [])(m, arch):
+        print(line)
     print(f"ZeRO-3 on {world} ranks: each holds ceil(n/{world}) elements of each of "
           f"{len(arch.params)} tensors = {per_rank:,} elements ({plan.human(per_rank * b)})")
     mem = gpu_mem_gb if gpu_mem_gb is not None else _gpu_mem_gb()

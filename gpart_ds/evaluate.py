@@ -25,8 +25,16 @@ from dataclasses import dataclass
 
 import torch
 
+from pathlib import Path
+
 from . import data
+from .errors import UserError, run_cli
 from .fileio import write_atomic
+from .hub import resolve as resolve_model
+
+
+class EvalError(UserError):
+    """An evaluation that cannot run or gave a non-finite result."""
 
 
 @dataclass
@@ -172,58 +180,117 @@ def paired(before: list[dict], after: list[dict]) -> dict:
             "fixed": fixed, "broken": broken, "p_value": min(1.0, 2 * tail)}
 
 
+class Evaluator:
+    """The held-out evaluation, one code path for the trainer (every rank, through the
+    engine) and the CLI (one process): loss per predicted token, exact match (every
+    completion token is the argmax) and, for records with choices, accuracy.
+
+    When every record is its prompt plus a single-token answer choice, loss, exact match
+    and accuracy all come from one forward per record (label_is_the_answer_choice).
+    `model(**batch)` must follow objective.TrainingModel: with labels it returns `.loss`
+    (and `.matches` with exact_match=True), without labels the logits.
+    """
+
+    def __init__(self, examples, items: list[ChoiceItem], where: list[str], pad_id: int):
+        self.examples, self.items, self.where, self.pad_id = examples, items, where, pad_id
+        self.one_forward = label_is_the_answer_choice(examples, items)
+
+    @classmethod
+    def for_files(cls, examples, path, fmt: str, tokenizer, chat_template: bool, pad_id: int) -> "Evaluator":
+        records, _ = data.load(path, fmt)
+        items = choice_items(records, tokenizer, chat_template)
+        where = [w for w, r in records if r.get("choices") is not None]
+        return cls(examples, items, where, pad_id)
+
+    @torch.no_grad()
+    def run(self, model, micro_batch: int, limit: int = 0, device="cpu", predictions: list | None = None) -> dict:
+        """Every rank calls it (ZeRO-3 gathers weights collectively); ranks past the end run
+        a dummy batch with weight 0. `limit`: the first N records (the same on any world size).
+        `predictions` (filled on rank 0) receives one dict per scored record, in file order."""
+        from . import comm
+
+        world, rank = comm.world(), comm.rank()
+        loss_sum, n_tok, matched, n_ex, hits, scored = 0.0, 0, 0, 0, 0, 0
+        mine = []
+        if not self.one_forward:
+            n = min(len(self.examples), limit) if limit else len(self.examples)
+            for idx in data.shard_evenly(n, micro_batch, world, rank):
+                s, k, em, ne = loss_and_match_sums(model, self.examples, idx or [0], self.pad_id, device)
+                if idx:
+                    loss_sum, n_tok, matched, n_ex = loss_sum + s, n_tok + k, matched + em, n_ex + ne
+        items = self.items[: min(len(self.items), limit) if limit else len(self.items)]
+        logits = lambda **b: model(**b).logits  # noqa: E731
+        for idx in data.shard_evenly(len(items), micro_batch, world, rank):
+            chunk = [items[i] for i in (idx or [0])]
+            if self.one_forward:   # loss and exact match from the same forward
+                scores, s, em = score_items_with_label(logits, chunk, self.pad_id, device)
+                if idx:   # one predicted token per record
+                    loss_sum, n_tok, matched, n_ex = loss_sum + s, n_tok + len(chunk), matched + em, n_ex + len(chunk)
+            else:
+                scores = score_items(logits, chunk, self.pad_id, device)
+            if idx:
+                ok = correct(scores, chunk)
+                hits, scored = hits + sum(ok), scored + len(ok)
+                if predictions is not None:
+                    mine += [{"index": i, "record": self.where[i], "predicted": p, "answer": it.answer, "scores": sc}
+                             for i, p, sc, it in zip(idx, predicted(scores), scores, chunk)]
+        loss_total, tok_total, hit_total, score_total, em_total, ex_total = comm.all_sum(
+            [loss_sum, n_tok, hits, scored, matched, n_ex], device)
+        if predictions is not None:
+            every = comm.gather_objects(mine)
+            if rank == 0:
+                rows = sorted((p for part in every for p in part), key=lambda p: p["index"])
+                predictions += [{k: v for k, v in p.items() if k != "index"} for p in rows]
+        out = {"eval_loss": loss_total / max(1.0, tok_total), "exact_match": em_total / max(1.0, ex_total)}
+        if score_total:
+            out["accuracy"] = hit_total / score_total
+        return out
+
+
 # ------------------------------------------------------------------ CLI
 def _load_model(model_dir: str, adapter_dir: str | None, dtype):
+    """The model folder as a method root, with a GPart adapter applied if given."""
     from transformers import AutoModelForCausalLM
+
+    from .methods import MethodRoot
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     if adapter_dir is None:
-        return model
-    from .adapter import attach_adapter
+        return MethodRoot(model).eval()
+    from .methods.gpart.adapter import attach_adapter
 
     return attach_adapter(model, adapter_dir).eval()
 
 
 def evaluate_files(model_dir, data_path, adapter=None, chat_template=False, max_length=512,
                    batch_size=8, max_examples=0, dtype=torch.float32, add_eos=True,
-                   predictions: list | None = None) -> dict:
-    """Loss (and accuracy over choices) of a model folder, optionally with an adapter.
-    `predictions`, if given, receives one dict per scored record: its line, the
-    predicted and gold choice indices and the choices' log-likelihoods (to compare two
-    models record by record, e.g. a paired test of before vs after)."""
+                   predictions: list | None = None, too_long: str = "error") -> dict:
+    """Loss, exact match (and accuracy over choices) of a model folder, optionally with an
+    adapter, through the trainer's own Evaluator. `predictions`, if given, receives one
+    dict per scored record: its file:line, the predicted and gold choice indices and the
+    choices' log-likelihoods (to compare two models record by record: `paired`)."""
     from transformers import AutoTokenizer
 
     from .hub import resolve
+    from .objective import TrainingModel
 
     model_dir = resolve(model_dir)   # a local folder, or a hub name already in the cache
     tok = AutoTokenizer.from_pretrained(model_dir)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    model = _load_model(model_dir, adapter, dtype)
+    model = TrainingModel(_load_model(model_dir, adapter, dtype)).eval()
     records, fmt = data.load(data_path)
     if max_examples:
         records = records[:max_examples]
     t0 = time.perf_counter()
-    examples = [data.tokenize_record(r, fmt, tok, max_length, chat_template, w, add_eos) for w, r in records]
-    total, count = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        s, n = loss_sums(lambda **b: model(**b).loss, examples,
-                         list(range(start, min(start + batch_size, len(examples)))), pad, "cpu")
-        total, count = total + s, count + n
-    result = {"model": str(model_dir), "adapter": adapter, "data": str(data_path),
-              "examples": len(examples), "eval_loss": total / max(1, count)}
+    examples, _ = data.limit_lengths(
+        [(w, data.tokenize_record(r, fmt, tok, max_length, chat_template, w, add_eos)) for w, r in records],
+        max_length, too_long, data_path)
     items = choice_items(records, tok, chat_template)
+    where = [w for w, r in records if r.get("choices") is not None]
+    res = Evaluator(examples, items, where, pad).run(model, batch_size, 0, "cpu", predictions)
+    result = {"model": str(model_dir), "adapter": adapter, "data": str(data_path), "examples": len(examples), **res}
     if items:
-        hits = []
-        where = [w for w, r in records if r.get("choices") is not None]
-        for start in range(0, len(items), batch_size):
-            chunk = items[start:start + batch_size]
-            scores = score_items(lambda **b: model(**b).logits, chunk, pad, "cpu")
-            hits += correct(scores, chunk)
-            if predictions is not None:
-                predictions += [{"record": where[start + i], "predicted": p, "answer": it.answer, "scores": s}
-                                for i, (p, s, it) in enumerate(zip(predicted(scores), scores, chunk))]
-        result["accuracy"] = sum(hits) / len(hits)
-        result["scored"] = len(hits)
+        result["scored"] = len(items)
     result["seconds"] = time.perf_counter() - t0
     return result
 
@@ -238,12 +305,12 @@ def _read_predictions(path: str) -> list[dict]:
                 row = json.loads(line)
                 missing = {"record", "predicted", "answer"} - set(row)
             except (json.JSONDecodeError, TypeError):
-                raise ValueError(f"{path}:{n}: not a JSON object (write it with --predictions)") from None
+                raise EvalError(f"{path}:{n}: not a JSON object (write it with --predictions)") from None
             if missing:
-                raise ValueError(f"{path}:{n}: missing {sorted(missing)} (write it with --predictions)")
+                raise EvalError(f"{path}:{n}: missing {sorted(missing)} (write it with --predictions)")
             rows.append(row)
     if not rows:
-        raise ValueError(f"{path}: no predictions")
+        raise EvalError(f"{path}: no predictions")
     return rows
 
 
@@ -253,11 +320,13 @@ def _paired_cli(argv) -> int:
     ap.add_argument("before")
     ap.add_argument("after")
     a = ap.parse_args(argv)
+    for f in (a.before, a.after):
+        if not Path(f).is_file():
+            raise EvalError(f"{f}: no such predictions file")
     try:
         r = paired(*(_read_predictions(f) for f in (a.before, a.after)))
-    except (OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except ValueError as exc:
+        raise EvalError(str(exc)) from None
     print(json.dumps(r, indent=2))
     return 0
 
@@ -265,7 +334,11 @@ def _paired_cli(argv) -> int:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "paired":
-        return _paired_cli(argv[1:])
+        return run_cli(lambda: _paired_cli(argv[1:]))
+    return run_cli(lambda: _eval_cli(argv))
+
+
+def _eval_cli(argv) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True,
                     help="a Hugging Face model folder (base or merged), or org/name already in the HF cache")
@@ -279,20 +352,27 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="also write the result here")
     ap.add_argument("--predictions", default=None,
                     help="write one JSON line per scored record (record, predicted, answer, scores)")
+    ap.add_argument("--too-long", default="error", choices=("error", "skip", "truncate_left"),
+                    help="records longer than --max-length (as data.too_long)")
     args = ap.parse_args(argv)
+    model_dir = resolve_model(args.model)
+    if not (Path(model_dir) / "config.json").is_file():
+        raise EvalError(f"--model {args.model}: no Hugging Face model there (no config.json)")
+    if not Path(args.data).is_file():
+        raise EvalError(f"--data {args.data}: no such file")
     preds = [] if args.predictions else None
-    try:
-        res = evaluate_files(args.model, args.data, args.adapter, args.chat_template, args.max_length,
-                             args.batch_size, args.max_examples, add_eos=not args.no_eos, predictions=preds)
-    except (data.DataError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    res = evaluate_files(model_dir, args.data, args.adapter, args.chat_template, args.max_length,
+                         args.batch_size, args.max_examples, add_eos=not args.no_eos, predictions=preds,
+                         too_long=args.too_long)
     print(json.dumps(res, indent=2))
     if args.json:
         write_atomic(args.json, json.dumps(res, indent=2))
     if preds is not None:
         write_atomic(args.predictions, "".join(json.dumps(p) + "\n" for p in preds))
-    return 0 if math.isfinite(res["eval_loss"]) else 1
+    if not math.isfinite(res["eval_loss"]):
+        raise EvalError(f"--model {args.model}: the held-out loss is not finite ({res['eval_loss']}): "
+                        "the model or adapter produces NaN or inf")
+    return 0
 
 
 if __name__ == "__main__":

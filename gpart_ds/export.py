@@ -10,7 +10,8 @@ pread, no mmap), adds delta, and pwrites each block into its planned place in th
 files, so its memory is one block whatever the model size; it needs no GPU. ADAPTER_DIR
 may be a gpart_ds adapter, a gpart_ds checkpoint folder, or a reference GPart adapter.
 Output goes to a temporary sibling folder renamed into place when complete; an existing
-OUT_DIR is replaced only with --overwrite.
+OUT_DIR is replaced only with --overwrite. Every merged tensor is checked finite before
+it is written, and every target of the adapter must be stored in the base files.
 """
 from __future__ import annotations
 
@@ -25,9 +26,8 @@ from pathlib import Path
 import torch
 
 from . import safetensors_io as stio
-from .adapter import AdapterError
-from .adapter_sources import MergeSource, check_against_base, open_source
-from .merge import Merger
+from .errors import UserError, run_cli
+from .fileio import replace_dir
 from .hub import resolve as resolve_model
 
 DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
@@ -39,8 +39,31 @@ SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json
 DEFAULT_BLOCK_BYTES = 64 << 20
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """An export that must not start or cannot finish: says what and where."""
+
+
+def check_finite(name: str, vals: torch.Tensor) -> None:
+    """Refuse to write a merged tensor with NaN or inf (a diverged adapter)."""
+    if vals.is_floating_point() and not bool(torch.isfinite(vals).all()):
+        bad = int((~torch.isfinite(vals)).sum())
+        raise ExportError(f"{name}: the merged values have {bad} non-finite entries (NaN or inf); "
+                          "the adapter diverged: nothing was written")
+
+
+def merged_checked(merger, name: str, first: int, w0_flat: torch.Tensor) -> torch.Tensor:
+    vals = merger.merged(name, first, w0_flat)
+    check_finite(name, vals)
+    return vals
+
+
+def check_targets_stored(merger, base: dict[str, stio.StoredTensor], base_dir: Path) -> None:
+    """Every tensor the merge adapts is in the base files: a renamed key would otherwise
+    be written unmerged, silently."""
+    missing = [n for n in getattr(merger, "targets", {}) if n not in base]
+    if missing:
+        raise ExportError(f"{base_dir}: {len(missing)} adapted tensor(s) are not in the base model's "
+                          f"safetensors files (first: {missing[0]}); renamed or missing keys")
 
 
 def parse_dtype(name: str | None) -> torch.dtype | None:
@@ -80,8 +103,6 @@ def start_output(out: Path) -> Path:
 
 
 def finish_output(tmp: Path, out: Path) -> None:
-    from .adapter import replace_dir
-
     os.chmod(tmp, 0o755)
     replace_dir(tmp, out)
 
@@ -100,10 +121,11 @@ def copy_side_files(base_dir: Path, folder: Path, out_dtype: torch.dtype, proven
     (folder / "gpart_merge.json").write_text(json.dumps(provenance, indent=2) + "\n")
 
 
-def provenance(src: MergeSource, base_dir: Path, compute: torch.dtype, out_dtype: torch.dtype) -> dict:
-    return {"base": str(base_dir), "adapter": str(src.path), "adapter_kind": src.kind, "d": src.d,
-            "seed": src.seed, "targets": len(src.targets), "compute_dtype": str(compute),
-            "dtype": str(out_dtype)}
+def read_base(base_dir: Path) -> dict[str, stio.StoredTensor]:
+    """The base model folder's tensors (header only), or a clear error."""
+    if not (base_dir / "config.json").is_file():
+        raise ExportError(f"{base_dir}: not a Hugging Face model folder (no config.json)")
+    return stio.read_model_header(base_dir)
 
 
 # ---------------------------------------------------------------- offline merge
@@ -119,24 +141,18 @@ def merge_offline(base_dir, adapter_dir, out_dir, dtype: str | None = None,
                   block_bytes: int = DEFAULT_BLOCK_BYTES, kernel: str = "auto",
                   progress: bool | None = None) -> dict:
     """Stream BASE + delta(ADAPTER) into OUT; returns byte count, seconds and MB/s."""
-    from .kernels import get_kernels
+    from . import methods
 
     base_dir, out = Path(base_dir), Path(out_dir)
     t0 = time.perf_counter()
     check_output(out, overwrite)
-    if not (base_dir / "config.json").is_file():
-        raise ExportError(f"{base_dir}: not a Hugging Face model folder (no config.json)")
-    base = stio.read_model_header(base_dir)
-    src = open_source(adapter_dir, base_dir)
-    check_against_base(src, base, base_dir)
-    first = base[src.targets[0].name + ".weight"].entry.dtype
-    # Round as training did: in the training dtype if the adapter records it, else in
-    # the base's dtype (what the reference implementation's merge does).
-    compute = src.dtype or first
+    base = read_base(base_dir)
+    src = methods.open_adapter(Path(adapter_dir), base_dir)
+    src.check(base, base_dir)
+    compute = src.compute_dtype(base)
     out_dtype = parse_dtype(dtype) or compute
-    if kernel == "auto":
-        kernel = "compiled" if sum(t.shape[0] * t.shape[1] for t in src.targets) >= (1 << 24) else "eager"
-    merger = Merger(src.theta, src.seed, src.targets, compute, get_kernels(kernel))
+    merger = src.merger(compute, kernel)
+    check_targets_stored(merger, base, base_dir)
     plans = stio.plan_files(output_entries(base, out_dtype), stio.parse_size(max_shard_size))
     total = sum(p.size for p in plans)
 
@@ -159,7 +175,7 @@ def merge_offline(base_dir, adapter_dir, out_dir, dtype: str | None = None,
                         n = min(step, e.numel - first_elem)
                         block = stio.read_elements(st, first_elem, n, fd)
                         if merger.is_target(name):
-                            block = merger.merged(name, first_elem, block)
+                            block = merged_checked(merger, name, first_elem, block)
                         writer.write(name, first_elem, block.to(writer.where[name][1].dtype))
                         bar.update(n * writer.where[name][1].itemsize)
                         del block
@@ -167,7 +183,8 @@ def merge_offline(base_dir, adapter_dir, out_dir, dtype: str | None = None,
                 for fd in fds.values():
                     os.close(fd)
         stio.write_index(tmp, plans)
-        copy_side_files(base_dir, tmp, out_dtype, provenance(src, base_dir, compute, out_dtype))
+        copy_side_files(base_dir, tmp, out_dtype, {"base": str(base_dir), **src.provenance(),
+                                                   "compute_dtype": str(compute), "dtype": str(out_dtype)})
         bar.close()
         finish_output(tmp, out)
     except BaseException:
@@ -193,27 +210,31 @@ def verify(merged_dir, base_dir, adapter_dir, prompts=DEFAULT_PROMPTS, atol: flo
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .transform import apply_gpart
+    from . import methods
 
     merged_dir, base_dir = Path(merged_dir), Path(base_dir)
     info = json.loads((merged_dir / "gpart_merge.json").read_text()) if (merged_dir / "gpart_merge.json").is_file() else {}
     dtype = parse_dtype(info.get("compute_dtype", "torch.float32").removeprefix("torch.")) or torch.float32
     if atol is None:
         atol = 1e-3 if dtype == torch.float32 else 0.1
-    src = open_source(adapter_dir, base_dir)
-    check_against_base(src, stio.read_model_header(base_dir), base_dir)
+    if not (merged_dir / "config.json").is_file():
+        raise ExportError(f"{merged_dir}: not a merged model folder (no config.json)")
+    src = methods.open_adapter(Path(adapter_dir), base_dir)
+    src.check(read_base(base_dir), base_dir)
     tok = AutoTokenizer.from_pretrained(base_dir)
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=dtype).eval()
-    ref = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype).eval()
-    g = apply_gpart(ref, d=src.d, seed=src.seed, target_modules=[t.name for t in src.targets])
-    g.gpart_theta.copy_(src.theta)
+    ref = src.attach(AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype).eval())
     worst = 0.0
     for p in prompts:
         ids = tok(p, return_tensors="pt").input_ids
         a = merged(input_ids=ids).logits.float()
-        b = g(input_ids=ids).logits.float()
+        b = ref(input_ids=ids).logits.float()
+        if not bool(torch.isfinite(a).all() and torch.isfinite(b).all()):
+            worst = float("nan")   # max(0.0, nan) would report 0.0
+            break
         worst = max(worst, float((a - b).abs().max()))
-    return {"max_abs_logit_diff": worst, "atol": atol, "ok": worst <= atol, "prompts": len(prompts),
+    ok = worst <= atol   # False for NaN
+    return {"max_abs_logit_diff": worst, "atol": atol, "ok": ok, "prompts": len(prompts),
             "dtype": str(dtype)}
 
 
@@ -247,20 +268,18 @@ def _verify_cli(argv) -> int:
     ap.add_argument("--atol", type=float, default=None)
     a = ap.parse_args(argv)
     r = verify(a.merged, resolve_model(a.base), a.adapter, atol=a.atol)
-    print(f"max |logit difference| {r['max_abs_logit_diff']:.3g} over {r['prompts']} prompts "
-          f"({r['dtype']}, tolerance {r['atol']:.3g}): {'OK' if r['ok'] else 'FAILED'}")
+    diff = r["max_abs_logit_diff"]
+    what = (f"max |logit difference| {diff:.3g}" if diff == diff else "non-finite logits (NaN or inf)")
+    print(f"{what} over {r['prompts']} prompts ({r['dtype']}, tolerance {r['atol']:.3g}): "
+          f"{'OK' if r['ok'] else 'FAILED'}")
     return 0 if r["ok"] else 1
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        if argv and argv[0] == "verify":
-            return _verify_cli(argv[1:])
-        return _merge_cli(argv)
-    except (ExportError, AdapterError, stio.SafetensorsFormatError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    if argv and argv[0] == "verify":
+        return run_cli(lambda: _verify_cli(argv[1:]))
+    return run_cli(lambda: _merge_cli(argv))
 
 
 if __name__ == "__main__":

@@ -1,14 +1,106 @@
-"""Small file helpers shared by the reports and CLIs."""
+"""Atomic writes: what a reader (or a crash) sees is the old file or folder, or the new one.
+
+Every file and folder gpart_ds writes for a user goes through here: it is built under a
+hidden temporary name beside its final place (same file system, so the rename is
+atomic), and renamed into place only when complete. A failure removes the temporary
+and leaves whatever was there before untouched.
+"""
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import os
+import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 
-def write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to a hidden temporary file beside `path`, then rename it over `path`:
-    a reader (or a crash) never sees half a file, and an earlier file survives a failure."""
+def temp_sibling(final: str | os.PathLike, tag: str = "tmp") -> Path:
+    """The hidden temporary name used while `final` is being built."""
+    final = Path(final)
+    return final.with_name(f".{final.name}.{tag}")
+
+
+def write_atomic(path: str | os.PathLike, content: str | bytes) -> None:
+    """Write a whole file through a temporary sibling, then rename it over `path`."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    tmp = temp_sibling(path, f"tmp-{os.getpid()}")
+    try:
+        if isinstance(content, bytes):
+            tmp.write_bytes(content)
+        else:
+            tmp.write_text(content)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move a finished folder into place; an old one is kept until the new one is in."""
+    old = None
+    if final.exists():
+        old = temp_sibling(final, f"old-{os.getpid()}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
+    """Build a folder: yields a fresh temporary sibling, renamed to `final` on success.
+
+    On an exception the temporary is removed and `final` (if it existed) is unchanged.
+    The folder is made world-readable: on a cluster other users' jobs read it.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)
+        replace_dir(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> None:
+    """A matplotlib figure to PNG, atomically."""
+    path = Path(path)
+    tmp = temp_sibling(path, f"tmp-{os.getpid()}.png")
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """An exclusive advisory lock: ranks that start together build a shared file once."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def folder_bytes(folder: str | os.PathLike | None) -> int:
+    """Total size of the files under a folder (0 when there is none)."""
+    if folder is None or not Path(folder).is_dir():
+        return 0
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())

@@ -7,7 +7,8 @@ import torch
 from omegaconf import DictConfig
 
 from .config import ConfigError, where_for
-from .transform import ALL_LINEAR, build_layout, linear_module_names
+from .errors import UserError
+from .targets import ALL_LINEAR, build_layout, linear_module_names, normalize_patterns
 
 
 def training_dtype(precision: str, device_type: str) -> torch.dtype:
@@ -22,6 +23,10 @@ def training_dtype(precision: str, device_type: str) -> torch.dtype:
     return torch.float32
 
 
+class ModelError(UserError):
+    """A model folder that cannot be read: names the folder and what is wrong."""
+
+
 def skeleton(model_path: str):
     """The model built on the meta device: names and shapes, no memory, no weights read.
 
@@ -29,9 +34,13 @@ def skeleton(model_path: str):
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    hf_cfg = AutoConfig.from_pretrained(model_path)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(hf_cfg)
+    try:
+        hf_cfg = AutoConfig.from_pretrained(model_path)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(hf_cfg)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"{model_path}: not a causal-LM config.json transformers can build "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
 
 
 def architecture_source(cfg: DictConfig, override: str | None = None) -> str:
@@ -63,19 +72,24 @@ def architecture_source(cfg: DictConfig, override: str | None = None) -> str:
 
 
 def check_targets(cfg: DictConfig):
-    """target_modules must match something and d must not exceed D; returns the layout."""
+    """target_modules must match something, and the method's own checks against the
+    targets (GPart: d <= D) pass; returns the layout. Reads only config.json."""
+    from . import methods
+
     where = where_for(cfg)
-    tm = cfg.method.target_modules
-    patterns = tm if isinstance(tm, str) else list(tm)
+    patterns = normalize_patterns(cfg.method.target_modules)
     model = skeleton(cfg.model.path)
     layout = build_layout(model, patterns)
     if not layout.targets:
         raise ConfigError(f"{where('method.target_modules')}: {patterns!r} matches no linear "
                           f"layer inside the decoder blocks of {cfg.model.path}; available: "
                           f"{linear_module_names(model)} or {ALL_LINEAR!r}")
-    if cfg.method.name == "gpart" and cfg.method.d > layout.D:
-        raise ConfigError(f"{where('method.d')}: d={cfg.method.d} exceeds D={layout.D}, the "
-                          f"number of target weights ({len(layout.targets)} matrices)")
+
+    def need(cond, key, msg):
+        if not cond:
+            raise ConfigError(f"{where(key)}: {msg}")
+
+    methods.get(cfg.method.name).check_layout(cfg.method, layout, need)
     return layout
 
 

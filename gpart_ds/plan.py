@@ -32,14 +32,14 @@ import re
 import sys
 from dataclasses import dataclass, field
 
+from .errors import UserError
+
 GIB = 1 << 30
-METHODS = ("gpart", "lora", "vera", "full")
 COMPARED = ("gpart", "lora", "full")   # what the benchmark projects per GPU
-VERA_DEFAULT_RANK = 256
 _LAYER_RE = re.compile(r"(^|\.)layers\.(\d+)\.")
 
 
-class PlanError(ValueError):
+class PlanError(UserError):
     """The model description lacks something the plan needs."""
 
 
@@ -77,7 +77,7 @@ class Arch:
 
     @classmethod
     def from_model(cls, model, target_modules="all-linear", name: str = "") -> "Arch":
-        from .transform import build_layout
+        from .targets import build_layout
 
         c = model.config
         missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
@@ -157,13 +157,13 @@ def final_norm_bytes_per_token(a: Arch) -> float:
 
 def saved_activation_bytes(a: Arch, micro_batch: int, seq: int, b: int, grad_ckpt: bool,
                            padded: bool = True, frozen_embeddings: bool = True,
-                           head_tokens: int | None = None, reuse_ids: bool = False) -> float:
+                           head_tokens: int | None = None, extra_bytes: int = 0) -> float:
     """Bytes saved for backward at the end of one micro-batch's forward (not the peak).
 
     `head_tokens`: positions the LM head and the loss run on; default every token (a loss
     evaluated at label positions only needs the number of labelled tokens).
-    `reuse_ids`: GPart keeps every target's int32 group ids for the backward (4 x D;
-    inside checkpointed blocks they are recomputed with the block instead).
+    `extra_bytes`: what the method itself keeps beside the blocks' activations
+    (Method.extra_saved_bytes, e.g. GPart's group ids with reuse_ids).
     """
     tokens = micro_batch * seq
     head = tokens if head_tokens is None else head_tokens
@@ -175,32 +175,50 @@ def saved_activation_bytes(a: Arch, micro_batch: int, seq: int, b: int, grad_ckp
             body -= 4 * a.hidden + 4
     # RoPE's cos and sin, one pair shared by all blocks (inside checkpointed blocks otherwise)
     rope = 0 if grad_ckpt else 2 * seq * a.head_dim * b
-    ids = 4 * a.D if reuse_ids and not grad_ckpt else 0
     return (tokens * (body + final_norm_bytes_per_token(a)) + head * head_saved_bytes_per_token(a, b)
-            + rope + ids)
+            + rope + extra_bytes)
 
 
-def _chunk_elems(a: Arch, chunk_elems: int) -> int:
-    """Largest W0 + delta row block alive at once (ops.OpConfig.rows_per_chunk)."""
-    return max(min(o, max(1, chunk_elems // i)) * i for o, i in a.targets)
+@dataclass(frozen=True)
+class PlanContext:
+    """What a method's plan_rows needs beside the architecture and its own config."""
+    world: int
+    b: int                 # bytes per element of the training dtype
+    tokens: int            # tokens per micro-batch
+    grad_ckpt: bool
+    off_opt: bool          # optimizer state offloaded to the host
+    shard: int             # elements of this rank's ZeRO-3 partition of the base
+    biggest: int           # elements of the largest gather unit
 
 
-def estimate(a: Arch, *, world: int, method: str = "gpart", d: int = 0, lora_rank: int = 16,
-             micro_batch: int = 1, seq_len: int = 2048, dtype_bytes: int = 2,
-             grad_ckpt: bool = True, chunk_elems: int = 1 << 26, zero: dict | None = None,
-             padded: bool = True, overhead_gb: float = 3.0, head_tokens: int | None = None,
-             reuse_ids: bool = False, vera_rank: int = VERA_DEFAULT_RANK) -> Plan:
+def spec(name: str = "gpart", **kw):
+    """A method config for the planner, e.g. spec("lora", r=8) or spec("gpart", d=2**20)."""
+    from .config import MethodConfig
+
+    return MethodConfig(name=name, **kw)
+
+
+def estimate(a: Arch, *, world: int, method=None, micro_batch: int = 1, seq_len: int = 2048,
+             dtype_bytes: int = 2, grad_ckpt: bool = True, zero: dict | None = None,
+             padded: bool = True, overhead_gb: float = 3.0, head_tokens: int | None = None) -> Plan:
     """The per-rank memory plan for `world` ZeRO-3 ranks (see the module docstring).
 
-    `zero`: DeepSpeed's zero_optimization section (thresholds, prefetch, offload);
-    `method`: gpart (needs d), lora (rank `lora_rank` on the same targets) or full;
-    `head_tokens`: positions per micro-batch the LM head runs on (default: all tokens, the
-    upper bound; a loss at label positions only needs the labelled ones).
+    `method`: a method config (config.MethodConfig, e.g. `spec("lora", r=8)`); its rows
+    come from the method itself (methods/*: plan_rows). `zero`: DeepSpeed's
+    zero_optimization section (thresholds, prefetch, offload); `head_tokens`: positions
+    per micro-batch the LM head runs on (default: all tokens, the upper bound; a loss at
+    label positions only needs the labelled ones).
     """
-    if method not in METHODS:
-        raise PlanError(f"method must be one of {METHODS}, got {method!r}")
-    if method == "gpart" and d < 1:
-        raise PlanError("method gpart needs d >= 1")
+    from . import methods
+
+    m = method if method is not None else spec()
+    if m.name not in methods.names():
+        raise PlanError(f"method must be one of {methods.names()}, got {m.name!r}")
+    cls = methods.get(m.name)
+    problems = []
+    cls.validate(m, lambda ok, key, msg: None if ok else problems.append(f"{key}: {msg}"))
+    if problems:
+        raise PlanError("; ".join(problems))
     z = zero or {}
     b, W = dtype_bytes, world
     persist = int(float(z.get("stage3_param_persistence_threshold", 1e5)))
@@ -211,7 +229,7 @@ def estimate(a: Arch, *, world: int, method: str = "gpart", d: int = 0, lora_ran
     plan = Plan(world=W)
     tokens = micro_batch * seq_len
 
-    weights = "trainable weights" if method == "full" else "frozen weights"
+    weights = "trainable weights" if cls.trains_base else "frozen weights"
     shard = sum(-(-n // W) for _, n in a.params)
     persisted = sum(n for _, n in a.params if n <= persist)
     plan.add(f"{weights}, own ZeRO-3 partition (1/{W})", shard * b, on_host=off_param)
@@ -228,46 +246,12 @@ def estimate(a: Arch, *, world: int, method: str = "gpart", d: int = 0, lora_ran
         plan.add("activations: checkpointed block inputs", tokens * a.layers * b * a.hidden)
         plan.add("activations: one block recomputed in backward",
                  tokens * layer_saved_bytes_per_token(a, b, seq_len, padded))
-        if reuse_ids and method == "gpart":
-            plan.add("GPart group ids of the recomputed block (int32)", 4 * a.D / max(1, a.layers))
     else:
-        every = saved_activation_bytes(a, micro_batch, seq_len, b, False, padded, method != "full", head)
+        every = saved_activation_bytes(a, micro_batch, seq_len, b, False, padded, not cls.trains_base, head)
         plan.add("activations: every block", every - head_saved)
-        if reuse_ids and method == "gpart":
-            plan.add("activations: GPart group ids kept for backward (int32, 4 x D)", 4 * a.D)
     plan.add("activations: final norm, LM head input, fp32 log-softmax", head_saved)
     plan.add("transient: logits in the training dtype and fp32", head * (b + 4) * a.vocab)
-
-    if method == "gpart":
-        plan.add("theta, s and theta*s (fp32, every rank)", 12 * d)
-        # theta's own partition (fp32), its fp32 master and two Adam moments, and the
-        # gradient partition in the training dtype
-        plan.add(f"theta's partition, fp32 master, Adam moments, grad (1/{W})", (16 + b) * -(-d // W),
-                 on_host=off_opt)
-        plan.add("transient: W0+delta and dW row chunks, d-length gradients",
-                 2 * _chunk_elems(a, chunk_elems) * b + 8 * d)
-    elif method == "lora":
-        lora = sum(lora_rank * (o + i) for o, i in a.targets)
-        plan.add(f"LoRA A/B weights, own partition (1/{W})", -(-lora // W) * b)
-        plan.add(f"LoRA grads, fp32 master, Adam moments (1/{W})", -(-lora // W) * (b + 12), on_host=off_opt)
-        per_layer = len(a.targets) // max(1, a.layers)
-        plan.add("activations: LoRA x@A per target", tokens * b * lora_rank * per_layer *
-                 (1 if grad_ckpt else a.layers))
-    elif method == "vera":
-        # Per target: lambda_d (r) and lambda_b (out) train; the shared random projections
-        # A (r x max in) and B (max out x r) are buffers, whole on every rank.
-        r = vera_rank
-        vec = sum(r + o for o, _ in a.targets)
-        max_o, max_i = max(o for o, _ in a.targets), max(i for _, i in a.targets)
-        plan.add("VeRA shared projections A, B (every rank)", r * (max_o + max_i) * b)
-        plan.add(f"VeRA scaling vectors, grads, fp32 master, Adam moments (1/{W})", -(-vec // W) * (2 * b + 12),
-                 on_host=off_opt)
-        per_layer = len(a.targets) // max(1, a.layers)
-        plan.add("activations: VeRA x@A per target", tokens * b * r * per_layer * (1 if grad_ckpt else a.layers))
-    else:
-        plan.add(f"gradients, own partition (1/{W})", shard * b)
-        plan.add(f"fp32 master weights, Adam moments (1/{W})", shard * 12, on_host=off_opt)
-        plan.add("transient: gradients of the gathered unit before reduce-scatter", biggest * b)
+    cls.plan_rows(plan, a, m, PlanContext(W, b, tokens, grad_ckpt, off_opt, shard, biggest))
     if overhead_gb:
         plan.add("CUDA context, NCCL buffers, allocator slack (allowance)", overhead_gb * GIB)
     if off_param:
@@ -303,9 +287,9 @@ def min_nodes(fits_on, gpus_per_node: int, limit: int = 4096) -> int | None:
     return None
 
 
-def compare_methods(a: Arch, worlds=(8, 16, 64), methods=COMPARED, **kw) -> dict:
-    """{(method, world): Plan}: what issue 7's benchmark tabulates per GPU."""
-    return {(m, w): estimate(a, world=w, method=m, **kw) for m in methods for w in worlds}
+def compare_methods(a: Arch, specs: dict, worlds=(8, 16, 64), **kw) -> dict:
+    """{(name, world): Plan} for method configs {name: spec(...)}: per-GPU memory by cluster size."""
+    return {(n, w): estimate(a, world=w, method=m, **kw) for n, m in specs.items() for w in worlds}
 
 
 def human(nbytes: float) -> str:
@@ -356,25 +340,30 @@ def _arch(source: str, patterns) -> Arch:
                            name=source)
 
 
-def method_reuse_ids(cfg, arch: Arch) -> bool:
-    from .methods import reuse_ids
+def method_for(cfg, name: str | None = None):
+    """The run's method config, or another method on the same targets (`name`), with the
+    run's method.* values wherever that method reads them."""
+    from . import methods
 
-    return cfg.method.name == "gpart" and reuse_ids(cfg.method, arch.D)
+    if name is None or name == cfg.method.name:
+        return cfg.method
+    keys = methods.get(name).config_keys
+    return spec(name, **{k: cfg.method[k] for k in keys if k != "name" and k in cfg.method})
 
 
-def plan_for_config(cfg, arch: Arch, world: int, method: str | None = None, lora_rank: int = 16,
-                    overhead_gb: float = 3.0) -> Plan:
+def plan_for_config(cfg, arch: Arch, world: int, method: str | None = None, overhead_gb: float = 3.0) -> Plan:
     zero = dict((cfg.deepspeed or {}).get("zero_optimization", {}))
-    return estimate(arch, world=world, method=method or cfg.method.name, d=cfg.method.d or 0,
-                    lora_rank=cfg.method.r or lora_rank, vera_rank=cfg.method.r or VERA_DEFAULT_RANK, micro_batch=cfg.train.micro_batch_size,
+    return estimate(arch, world=world, method=method_for(cfg, method), micro_batch=cfg.train.micro_batch_size,
                     seq_len=cfg.data.max_length, dtype_bytes=dtype_bytes(cfg.model.precision),
-                    grad_ckpt=cfg.model.gradient_checkpointing, chunk_elems=cfg.method.chunk_elems,
-                    zero=zero, padded=not cfg.data.packing, overhead_gb=overhead_gb,
-                    reuse_ids=method_reuse_ids(cfg, arch))
+                    grad_ckpt=cfg.model.gradient_checkpointing, zero=zero, padded=not cfg.data.packing,
+                    overhead_gb=overhead_gb)
 
 
 def describe_run(cfg, arch: Arch, source: str, world: int) -> str:
     import os
+
+    from . import methods
+    from .config import resolved_lr
 
     m, t = cfg.method, cfg.train
     shown = os.path.relpath(source) if not os.path.relpath(source).startswith("..") else source
@@ -383,8 +372,8 @@ def describe_run(cfg, arch: Arch, source: str, world: int) -> str:
     return "\n".join([
         f"model: {shown}: {params} parameters, {arch.layers} blocks, hidden "
         f"{arch.hidden}, vocab {arch.vocab:,}; training dtype {'fp32' if dtype_bytes(cfg.model.precision) == 4 else 'bf16'}",
-        f"GPart: {len(arch.targets)} target matrices, D = {arch.D:,}, d = {m.d:,} (D/d = {arch.D / m.d:,.0f}); "
-        f"adapter {human(4 * m.d)}",
+        methods.get(m.name).summary(m, arch),
+        f"learning rate {resolved_lr(cfg, arch.D):.3g}" + (" (train.lr: auto)" if t.lr == "auto" else ""),
         f"batch: micro-batch {t.micro_batch_size} x {cfg.data.max_length} tokens, grad_accum {t.grad_accum}, "
         f"{world} ranks -> global batch {t.micro_batch_size * t.grad_accum * world} sequences; "
         f"activation checkpointing {'on' if cfg.model.gradient_checkpointing else 'off'}",
@@ -400,8 +389,7 @@ def parse(argv=None):
     ap.add_argument("--gpu-mem-gb", type=float, required=True, help="memory per GPU, GiB")
     ap.add_argument("--model-config", help="a Hugging Face config.json (or folder) with the model's "
                     "shapes; default: model.path, else model.arch_config")
-    ap.add_argument("--method", choices=METHODS, help="estimate another method on the same targets")
-    ap.add_argument("--lora-rank", type=int, default=16)
+    ap.add_argument("--method", help="estimate another method on the same targets (gpart, lora, vera, full)")
     ap.add_argument("--headroom", type=float, default=0.10, help="fraction of GPU memory kept free")
     ap.add_argument("--overhead-gb", type=float, default=3.0,
                     help="CUDA context + NCCL + allocator allowance per GPU, GiB")
@@ -410,24 +398,26 @@ def parse(argv=None):
 
 
 def main(argv=None) -> int:
-    args = parse(argv)
-    from .config import ConfigError, load_config
+    from .errors import run_cli
+
+    return run_cli(lambda: _main(parse(argv)))
+
+
+def _main(args) -> int:
+    from . import methods
+    from .config import load_config
 
     for key in ("nodes", "gpus_per_node"):
         if getattr(args, key) < 1:
-            print(f"error: --{key.replace('_', '-')} must be >= 1", file=sys.stderr)
-            return 2
-    if args.gpu_mem_gb <= 0 or not 0 <= args.headroom < 1:
-        print("error: --gpu-mem-gb must be > 0 and --headroom in [0, 1)", file=sys.stderr)
-        return 2
-    try:
-        cfg = load_config(args.config, args.overrides, check_files=False)
-        arch, source = arch_for_config(cfg, args.model_config)
-    except (ConfigError, PlanError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+            raise PlanError(f"--{key.replace('_', '-')} must be >= 1")
+    if not args.gpu_mem_gb > 0 or not 0 <= args.headroom < 1:
+        raise PlanError("--gpu-mem-gb must be > 0 and --headroom in [0, 1)")
+    if args.method is not None and args.method not in methods.names():
+        raise PlanError(f"--method {args.method!r}: choose one of {methods.names()}")
+    cfg = load_config(args.config, args.overrides, check_files=False)
+    arch, source = arch_for_config(cfg, args.model_config)
     world = args.nodes * args.gpus_per_node
-    kw = dict(method=args.method, lora_rank=args.lora_rank, overhead_gb=args.overhead_gb)
+    kw = dict(method=args.method, overhead_gb=args.overhead_gb)
     plan = plan_for_config(cfg, arch, world, **kw)
     verdict = check_fit(plan, args.gpu_mem_gb, args.headroom)
     print(f"memory plan: {args.nodes} node(s) x {args.gpus_per_node} GPU(s) = {world} ranks, "

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import UserError
+
 DTYPES = {  # safetensors name <-> torch dtype
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
@@ -31,7 +33,7 @@ SINGLE_NAME = "model.safetensors"
 _MAX_HEADER = 100 * 1024 * 1024   # the format's own limit
 
 
-class SafetensorsFormatError(ValueError):
+class SafetensorsFormatError(UserError):
     """A file that is not a well-formed safetensors file: names the file and the problem."""
 
 
@@ -221,14 +223,21 @@ def model_files(folder: Path) -> list[Path]:
     folder = Path(folder)
     index = folder / INDEX_NAME
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [folder / f for f in dict.fromkeys(weight_map.values())]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = [folder / f for f in dict.fromkeys(weight_map.values())]
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise SafetensorsFormatError(f"{index}: not a safetensors index ({type(exc).__name__}: {exc})") from None
+        for f in files:
+            if not f.is_file():
+                raise SafetensorsFormatError(f"{index}: names {f.name}, which is not in {folder}")
+        return files
     single = folder / SINGLE_NAME
     if single.is_file():
         return [single]
     found = sorted(folder.glob("*.safetensors"))
     if not found:
-        raise FileNotFoundError(f"{folder}: no *.safetensors weights (pytorch_model.bin is not read: "
+        raise SafetensorsFormatError(f"{folder}: no *.safetensors weights (pytorch_model.bin is not read: "
                                 "convert it to safetensors first)")
     return found
 

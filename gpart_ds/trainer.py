@@ -1,46 +1,40 @@
-"""The training loop: wires config, data, the sharded model, GPart and the DeepSpeed engine.
+"""The training loop: wires config, data, the sharded model, the method and the engine.
 
     cfg = load_config("configs/tiny.yaml", ["train.max_steps=5"])
     Trainer(cfg).run()
 
 Every rank runs the same code; rank 0 alone writes files. The frozen model is loaded
-sharded (ZeRO-3), the method (GPart, or a baseline: methods.py) is applied before
-`deepspeed.initialize`; with GPart the only trainable parameter is theta, whose
-gradient DeepSpeed reduces across ranks.
+sharded (ZeRO-3), the method (methods/: GPart or a baseline) adapts it before
+`deepspeed.initialize`, and the training objective wraps whatever root the method
+returns. Nothing here depends on which method runs.
 """
 from __future__ import annotations
 
-import hashlib
+import json
 import logging
 import math
 import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from . import adapter as adapter_io
-from . import assets, checkpoint, data, distributed, evaluate, methods, zero3
-from .config import check_paths, to_yaml, where_for
-from .metrics import MetricsLog, format_step, peak_memory_gb
+from . import checkpoint, comm, data, distributed, evaluate, methods, zero3
+from .config import check_paths, export_dir, resolved_lr, to_yaml, where_for
+from .errors import EXIT_PREEMPTED
+from .fileio import folder_bytes, write_atomic
 from .hub import display_name
+from .metrics import MetricsLog, Progress, peak_memory_gb, summary_table
 from .model import check_targets, load_model, training_dtype
-from .transform import GPartModel
+from .objective import TrainingModel
 
 log = logging.getLogger("gpart_ds")
 
-# Exit status after a checkpoint written on SIGTERM / SIGUSR1 (EX_TEMPFAIL): "requeue me".
-PREEMPTED_EXIT = 75
+PREEMPTED_EXIT = EXIT_PREEMPTED
 
 
 class Preempted(Exception):
     """Raised after the preemption checkpoint is written; the entry point exits 75."""
-
-
-# Below this many target weights the compile time of the fused kernels (seconds) is
-# larger than what they save; eager kernels run tiny test models faster.
-COMPILE_MIN_D = 1 << 24
 
 
 def lr_lambda(step: int, max_steps: int, warmup: int, schedule: str, min_ratio: float) -> float:
@@ -63,16 +57,14 @@ class Trainer:
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
         self.engine = None
-        self.gmodel: GPartModel | None = None   # the root module when method.name is gpart
         self.method: methods.Method | None = None
 
     # ---------------------------------------------------------------- set-up
     def setup(self) -> None:
         cfg = self.cfg
-        for recipe in cfg.prepare:
-            assets.ensure(recipe)
         check_paths(cfg)
         self.layout = check_targets(cfg)  # before any weight is read
+        self.lr = resolved_lr(cfg, self.layout.D)
         # Read, validate and tokenise the data before any process group exists: a bad
         # line fails every rank at once, and ranks that wait for the shared tokenised
         # cache wait on a file lock, not inside a collective with a timeout.
@@ -85,9 +77,6 @@ class Trainer:
         self.device = distributed.device()
         self.dtype = training_dtype(cfg.model.precision, self.device.type)
         self.out = Path(cfg.output_dir)
-        if self.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "run_config.yaml").write_text(to_yaml(cfg))
         torch.manual_seed(cfg.train.seed)
 
         t = cfg.train
@@ -98,7 +87,9 @@ class Trainer:
                                            self.world, t.seed)
         self._build_model()
         self._build_engine()
-        self.metrics = MetricsLog(self.out / "metrics.jsonl" if self.rank == 0 else None)
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.metrics = MetricsLog(self.out if self.rank == 0 else None, cfg)
 
     def _load_data(self) -> None:
         from transformers import AutoTokenizer
@@ -108,41 +99,39 @@ class Trainer:
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.tokenizer.eos_token_id
         common = dict(fmt=d.format, max_length=d.max_length, chat_template=d.chat_template,
-                      add_eos=d.add_eos, cache_dir=d.cache_dir)
+                      add_eos=d.add_eos, cache_dir=d.cache_dir, too_long=d.too_long)
         self.train_set = data.tokenized(d.train, self.tokenizer, cfg.model.path, packing=d.packing,
                                         choice_loss=cfg.train.objective == "choices", **common)
         self.eval_set = data.tokenized(d.eval, self.tokenizer, cfg.model.path, packing=False, **common)
-        eval_records, _ = data.load(d.eval, d.format)
-        self.choice_items = evaluate.choice_items(eval_records, self.tokenizer, d.chat_template)
-        self.eval_from_choices = evaluate.label_is_the_answer_choice(self.eval_set, self.choice_items)
+        if not self.train_set.has_labels():
+            raise data.DataError(f"{d.train}: no record has a token to learn from (every prompt fills "
+                                 f"data.max_length={d.max_length}, or completions are empty with add_eos "
+                                 "false); training would report loss 0 and change nothing")
+        self.evaluator = evaluate.Evaluator.for_files(self.eval_set, d.eval, d.format, self.tokenizer,
+                                                      d.chat_template, self.pad_id)
 
     def _build_model(self) -> None:
-        cfg, m = self.cfg, self.cfg.method
+        cfg = self.cfg
         base, self._ds_keepalive = load_model(cfg.model.path, self.dtype, self.ds_config)
         for name, p in base.named_parameters():
             bad = zero3.unsupported_variant(p)
             if bad:
                 raise RuntimeError(f"parameter {name}: {bad} is not supported by gpart_ds")
         if cfg.model.gradient_checkpointing:
-            # Non-reentrant: reentrant checkpointing sees the shared theta twice per
-            # bucket under ZeRO-3 and fails.
+            # Non-reentrant: reentrant checkpointing sees a shared trainable parameter
+            # (GPart's theta) twice per bucket under ZeRO-3 and fails.
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        kernel = m.kernel
-        if kernel == "auto":
-            kernel = "compiled" if (self.device.type == "cuda" or self.layout.D >= COMPILE_MIN_D) else "eager"
-        self.method = methods.build(m, base, kernel_mode=kernel, count_device=self.device)
-        self.gmodel = self.method.root if m.name == "gpart" else None
-        extra = ""
-        if m.name == "gpart":
-            extra = f", kernels={kernel}, reuse_ids={self.gmodel.gpart_ctx.op.reuse_ids}"
-        log.info("%s; world=%d%s", self.method.describe(), self.world, extra)
+        self.method = methods.create(cfg.method)
+        self.model = TrainingModel(self.method.build(base, self.layout, self.device))
+        log.info("%s; world=%d; lr %.3g%s", self.method.describe(), self.world, self.lr,
+                 " (train.lr=auto)" if cfg.train.lr == "auto" else "")
 
     def _build_engine(self) -> None:
         import deepspeed
 
         t = self.cfg.train
         params = list(self.method.trainable().values())
-        opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+        opt = torch.optim.AdamW(params, lr=self.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
         warmup = int(round(t.warmup_ratio * t.max_steps))
 
         def scheduler(optimizer):
@@ -150,21 +139,14 @@ class Trainer:
                 optimizer, lambda s: lr_lambda(s, t.max_steps, warmup, t.schedule, t.min_lr_ratio))
 
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=self.method.root, optimizer=opt, lr_scheduler=scheduler, config=self.ds_config)
-        if self.gmodel is not None:
-            zero3.persist(self.gmodel.gpart_theta)
+            model=self.model, optimizer=opt, lr_scheduler=scheduler, config=self.ds_config)
+        self.method.after_engine()
 
     # ---------------------------------------------------------------- loop
     def _batch(self, indices: list[int], examples) -> tuple[dict, int]:
         exs = [examples[i] for i in indices]
         batch = data.collate(exs, self.pad_id)
         return {k: v.to(self.device) for k, v in batch.items()}, data.count_tokens(exs)
-
-    def _all_sum(self, values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        if self.world > 1:
-            dist.all_reduce(t)
-        return t.tolist()
 
     def train_step(self, step: int) -> dict:
         t0 = time.perf_counter()
@@ -180,55 +162,25 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
-        loss_total, tok_total = self._all_sum([loss_sum, tokens])
+        loss_total, tok_total = comm.all_sum([loss_sum, tokens], self.device)
         n_micro = self.cfg.train.grad_accum * self.world
         return {"step": step + 1, "loss": loss_total / n_micro, "lr": lr,
                 "step_time_s": dt, "tokens": int(tok_total), "tokens_per_s": tok_total / dt,
                 "epoch": self.order.epoch_of(step + 1)}
 
-    def _eval_limit(self, n: int) -> int:
-        limit = self.cfg.train.eval_examples  # the same subset whatever the world size
-        return min(n, limit) if limit else n
-
     @torch.no_grad()
-    def evaluate(self) -> dict:
-        """Loss per predicted eval token and, for records with choices, accuracy.
-
-        Every rank takes part in every forward (ZeRO-3 gathers weights collectively);
-        ranks with nothing left run a dummy batch that is given weight 0.
-        """
+    def evaluate(self, predictions: list | None = None) -> dict:
+        """Held-out loss, exact match and (records with choices) accuracy, on every rank;
+        `predictions` (rank 0) receives one record per scored choice item."""
         self.engine.eval()
-        mb = self.cfg.train.eval_micro_batch_size or self.cfg.train.micro_batch_size
-        loss_sum, n_tok, matched, n_ex = 0.0, 0, 0, 0
-        if not self.eval_from_choices:
-            for idx in data.shard_evenly(self._eval_limit(len(self.eval_set)), mb, self.world, self.rank):
-                s, n, em, ne = evaluate.loss_and_match_sums(self.engine, self.eval_set, idx or [0],
-                                                            self.pad_id, self.device)
-                if idx:
-                    loss_sum, n_tok, matched, n_ex = loss_sum + s, n_tok + n, matched + em, n_ex + ne
-        hits, scored = 0, 0
-        items = self.choice_items[: self._eval_limit(len(self.choice_items))]
-        logits = lambda **b: self.engine(**b).logits  # noqa: E731
-        for idx in data.shard_evenly(len(items), mb, self.world, self.rank):
-            chunk = [items[i] for i in (idx or [0])]
-            if self.eval_from_choices:   # loss and exact match from the same forward
-                scores, s, em = evaluate.score_items_with_label(logits, chunk, self.pad_id, self.device)
-                if idx:   # one predicted token per record
-                    loss_sum, n_tok, matched, n_ex = loss_sum + s, n_tok + len(chunk), matched + em, n_ex + len(chunk)
-            else:
-                scores = evaluate.score_items(logits, chunk, self.pad_id, self.device)
-            ok = evaluate.correct(scores, chunk)
-            if idx:
-                hits, scored = hits + sum(ok), scored + len(ok)
-        self.engine.train()
-        loss_total, tok_total, hit_total, score_total, em_total, ex_total = self._all_sum(
-            [loss_sum, n_tok, hits, scored, matched, n_ex])
-        # exact_match: the whole completion is the greedy continuation of its prompt.
-        out = {"eval_loss": loss_total / max(1.0, tok_total), "exact_match": em_total / max(1.0, ex_total)}
-        if score_total:
-            out["accuracy"] = hit_total / score_total
-        return out
+        try:
+            t = self.cfg.train
+            return self.evaluator.run(self.engine, t.eval_micro_batch_size or t.micro_batch_size,
+                                      t.eval_examples, self.device, predictions)
+        finally:
+            self.engine.train()
 
+    # ---------------------------------------------------------------- checkpoints
     def _checkpoint_root(self) -> Path:
         return Path(self.cfg.checkpoint.dir) if self.cfg.checkpoint.dir else self.out / "checkpoints"
 
@@ -247,7 +199,7 @@ class Trainer:
         else:
             ckpt = Path(want)
             checkpoint.verify(ckpt)
-        saved = yaml.safe_load((ckpt / "run_config.yaml").read_text())
+        saved = yaml.safe_load((ckpt / checkpoint.RUN_CONFIG).read_text())
         checkpoint.check_drift(saved, self.cfg, where_for(self.cfg))
         state = checkpoint.load(self.engine, self.method.trainable(), ckpt)
         log.info("resumed from %s at step %d (saved by %d ranks, now %d)", ckpt, state["step"],
@@ -256,9 +208,12 @@ class Trainer:
         return state["step"], state.get("before")
 
     def save_checkpoint(self, step: int, before: dict) -> Path:
+        extra = {"before": before, "method": self.cfg.method.name, "lr": self.lr,
+                 "dtype": str(self.dtype).removeprefix("torch.")}
         return checkpoint.save(self.engine, self.method.trainable(), self._checkpoint_root(), step,
-                               {"before": before}, to_yaml(self.cfg), self.cfg.checkpoint.keep_last)
+                               extra, to_yaml(self.cfg), self.cfg.checkpoint.keep_last)
 
+    # ---------------------------------------------------------------- signals
     def _install_signal_handlers(self) -> None:
         """SIGTERM / SIGUSR1 (what SLURM sends before a time limit or preemption) ask the
         loop to stop after the current step; the flag is agreed on by all ranks."""
@@ -273,11 +228,9 @@ class Trainer:
             signal.signal(sig, handler)
 
     def _stop_requested(self) -> bool:
-        flag = torch.tensor([1.0 if self._stop_signal else 0.0], device=self.device)
-        if self.world > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return comm.any_rank(bool(self._stop_signal), self.device)
 
+    # ---------------------------------------------------------------- run
     def run(self) -> dict:
         if self.engine is None:
             self.setup()
@@ -285,16 +238,13 @@ class Trainer:
         self._install_signal_handlers()
         t_start = time.perf_counter()
         start, before = self._resume()
+        if self.rank == 0:
+            (self.out / "run_config.yaml").write_text(to_yaml(cfg))
         if before is None:
             before = self.evaluate()
             self.metrics.write({"event": "eval", "step": 0, **before})
             log.info("before training: %s", _fmt(before))
-        bar = None
-        if self.rank == 0:
-            from tqdm import tqdm
-
-            # disable=None: no bar when stdout is not a terminal (logs keep the step lines)
-            bar = tqdm(total=t.max_steps, initial=start, desc=cfg.method.name, dynamic_ncols=True, disable=None)
+        progress = Progress(t.max_steps, start, cfg.method.name, t.log_every) if self.rank == 0 else None
         history = []
         every = cfg.checkpoint.every_steps
         for step in range(start, t.max_steps):
@@ -302,11 +252,8 @@ class Trainer:
             rec.update(peak_memory_gb())
             history.append(rec)
             self.metrics.write(rec)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}")
-                if (step + 1) % t.log_every == 0:
-                    bar.write(format_step(rec, t.max_steps))
+            if progress is not None:
+                progress.update(rec)
             if t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < t.max_steps:
                 mid = self.evaluate()
                 self.metrics.write({"event": "eval", "step": step + 1, **mid})
@@ -316,37 +263,40 @@ class Trainer:
                 self.metrics.write({"event": "preempted", "step": step + 1, "checkpoint": str(path)})
                 log.warning("stop signal received: checkpoint %s written; exiting with %d so that a "
                             "requeued job resumes (train.resume=auto)", path, PREEMPTED_EXIT)
-                if bar is not None:
-                    bar.close()
+                if progress is not None:
+                    progress.close()
                 self.metrics.close()
                 raise Preempted(str(path))
             if every and (step + 1) % every == 0 and step + 1 < t.max_steps:
                 self.save_checkpoint(step + 1, before)
-        if bar is not None:
-            bar.close()
+        if progress is not None:
+            progress.close()
         # Peak memory of training itself, before the gathers of checkpoint and export.
-        train_mem = {f"train_{k}": v for k, v in self._max_over_ranks(peak_memory_gb()).items()}
+        train_mem = {f"train_{k}": v for k, v in comm.all_max(peak_memory_gb(), self.device).items()}
         model_state = zero3.model_state_bytes(self.engine)   # optimizer state exists after a step
         self.save_checkpoint(t.max_steps, before)
-        after = self.evaluate()
+        preds = [] if self.evaluator.items else None
+        after = self.evaluate(preds)
         self.metrics.write({"event": "eval", "step": t.max_steps, **after})
+        if preds and self.rank == 0:   # per-record predictions: paired tests between runs
+            write_atomic(self.out / "eval_predictions.jsonl", "".join(json.dumps(p) + "\n" for p in preds))
         wall = time.perf_counter() - t_start
-        adapter_dir = self.save_adapter_all(self.out / "adapter")
-        if self.world > 1:
-            dist.barrier()
+        adapter_dir = self.save_adapter(self.out / "adapter")
+        comm.barrier()
         if cfg.export.merged:
             self.export_merged()
-        mem = self._max_over_ranks(peak_memory_gb())
+        mem = comm.all_max(peak_memory_gb(), self.device)
         steady = [r["step_time_s"] for r in history[1:]] or [r["step_time_s"] for r in history] or [0.0]
         summary = {"event": "summary", "method": cfg.method.name, "steps": t.max_steps, "world": self.world,
+                   "lr": self.lr,
                    "eval_loss_before": before["eval_loss"], "eval_loss_after": after["eval_loss"],
                    "accuracy_before": before.get("accuracy"), "accuracy_after": after.get("accuracy"),
                    "exact_match_before": before.get("exact_match"), "exact_match_after": after.get("exact_match"),
                    "final_loss": history[-1]["loss"] if history else None, "wall_s": wall,
                    "median_step_time_s": sorted(steady)[len(steady) // 2],
                    "trainable_params": self.method.trainable_params(),
-                   "adapter_bytes": _folder_bytes(adapter_dir),
-                   "checkpoint_bytes": _folder_bytes(checkpoint.step_dir(self._checkpoint_root(), t.max_steps)),
+                   "adapter_bytes": folder_bytes(adapter_dir),
+                   "checkpoint_bytes": folder_bytes(checkpoint.step_dir(self._checkpoint_root(), t.max_steps)),
                    "model_state_bytes": model_state, **train_mem, **mem}
         self.metrics.write(summary)
         self.metrics.close()
@@ -355,21 +305,21 @@ class Trainer:
         return summary
 
     # ---------------------------------------------------------------- outputs
-    def export_merged(self) -> Path:
-        """The merged Hugging Face folder, every rank writing its own shards (collective)."""
-        from .config import export_dir
-        from .export import parse_dtype
-        from .zero3_export import export_merged
+    def base_model_info(self) -> dict:
+        return {"name": display_name(self.cfg.model.path), "path": str(Path(self.cfg.model.path).resolve()),
+                "architectures": list(getattr(self.method.model.config, "architectures", None) or [])}
 
-        from .zero3_export import export_gathered
+    def save_adapter(self, out_dir: Path) -> Path | None:
+        """Collective: the method's adapter folder (None: the method has none)."""
+        return self.method.save_adapter(out_dir, {"base_model": self.base_model_info(), "dtype": self.dtype})
+
+    def export_merged(self) -> Path:
+        """The merged Hugging Face folder, written by the ranks together (collective)."""
+        from .export import parse_dtype
 
         e, t0 = self.cfg.export, time.perf_counter()
-        if self.gmodel is not None:
-            out = export_merged(self.gmodel, self.cfg.model.path, export_dir(self.cfg), self.dtype,
-                                parse_dtype(e.dtype), e.max_shard_size, e.overwrite, device=self.device)
-        else:
-            out = export_gathered(self.method, self.cfg.model.path, export_dir(self.cfg), self.dtype,
-                                  parse_dtype(e.dtype), e.max_shard_size, e.overwrite, device=self.device)
+        out = self.method.export_merged(Path(self.cfg.model.path), export_dir(self.cfg), self.dtype,
+                                        parse_dtype(e.dtype), e.max_shard_size, e.overwrite, self.device)
         dt = time.perf_counter() - t0
         log.info("merged model written to %s in %.1f s", out, dt)
         self.metrics.write({"event": "export", "dir": str(out), "seconds": dt})
@@ -389,80 +339,9 @@ class Trainer:
         self.metrics.close()
         return out
 
-    def theta(self) -> torch.Tensor:
-        """The full theta on this rank (fp32, CPU)."""
-        theta = self.gmodel.gpart_theta
-        with zero3.gathered([theta]):
-            return theta.detach().float().cpu().clone()
-
-    def check_replicas(self, theta: torch.Tensor) -> None:
-        """theta must be bit-identical on every rank; a divergence is a bug, fail loudly."""
-        if self.world == 1:
-            return
-        digest = int.from_bytes(hashlib.sha256(theta.numpy().tobytes()).digest()[:7], "little")
-        mine = torch.tensor([digest], dtype=torch.int64, device=self.device)
-        every = [torch.zeros_like(mine) for _ in range(self.world)]
-        dist.all_gather(every, mine)
-        if len({int(x) for x in every}) != 1:
-            raise RuntimeError(f"theta differs between ranks: digests {[int(x) for x in every]}")
-
-    def _max_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
-        keys = sorted(values)
-        t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device)
-        if self.world > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return dict(zip(keys, t.tolist()))
-
-    def save_adapter_all(self, out_dir: Path) -> Path | None:
-        """Collective: the method's adapter folder, written by rank 0 (None: full FT)."""
-        if self.gmodel is None:
-            info = {"name": display_name(self.cfg.model.path), "path": str(Path(self.cfg.model.path).resolve())}
-            self.method.save_adapter(out_dir, self.rank, info)
-            return None if self.method.name == "full" else out_dir
-        theta = self.theta()
-        self.check_replicas(theta)
-        if self.rank == 0:
-            self.save_adapter(theta, out_dir)
-        return out_dir
-
-    def save_adapter(self, theta: torch.Tensor, out_dir: Path) -> Path:
-        m = self.cfg.method
-        tm = m.target_modules if isinstance(m.target_modules, str) else list(m.target_modules)
-        config = adapter_io.adapter_config(
-            d=m.d, seed=m.seed, target_modules=tm, dropout=m.dropout, layout=self.gmodel.layout,
-            base_model={"name": display_name(self.cfg.model.path),
-                        "path": str(Path(self.cfg.model.path).resolve()),
-                        "architectures": list(getattr(self.gmodel.base_model.config, "architectures", None) or [])},
-            dtype=self.dtype)
-        return adapter_io.save_adapter(out_dir, theta, config)
-
-
-def _folder_bytes(folder: Path | None) -> int:
-    if folder is None or not Path(folder).is_dir():
-        return 0
-    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
-
 
 def _fmt(metrics: dict) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-
-
-def summary_table(s: dict, adapter_dir: Path) -> str:
-    def pct(v):
-        return "-" if v is None else f"{100 * v:.1f}%"
-
-    rows = [("eval loss", f"{s['eval_loss_before']:.4f}", f"{s['eval_loss_after']:.4f}"),
-            ("accuracy", pct(s["accuracy_before"]), pct(s["accuracy_after"])),
-            ("exact match", pct(s.get("exact_match_before")), pct(s.get("exact_match_after")))]
-    lines = ["", "| metric | before | after |", "|---|---|---|"]
-    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
-    adapter = (f"adapter on disk: {s['adapter_bytes'] / 1024:.1f} KiB ({adapter_dir})" if adapter_dir
-               else "no adapter (full fine-tuning: export.merged writes the model)")
-    lines += ["", f"method: {s['method']}   trainable parameters: {s['trainable_params']:,}   {adapter}",
-              f"ranks: {s['world']}   steps: {s['steps']}   median step: {s['median_step_time_s']:.2f} s   "
-              f"wall time (eval + train): {s['wall_s'] / 60:.1f} min   "
-              f"peak memory per rank: {s.get('peak_gpu_gb', s['peak_rss_gb']):.2f} GB", ""]
-    return "\n".join(lines)
 
 
 def main(cfg: DictConfig) -> dict:

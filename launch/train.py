@@ -47,25 +47,28 @@ def main(argv=None) -> int:
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from gpart_ds.config import ConfigError, load_config
-    from gpart_ds.data import DataError
-    from gpart_ds.checkpoint import CheckpointError
-    from gpart_ds.export import ExportError
+    from gpart_ds.errors import run_cli
+
+    return run_cli(lambda: _run(args))
+
+
+def _run(args) -> int:
+    from experiments import assets
+    from gpart_ds.config import load_config
     from gpart_ds.trainer import PREEMPTED_EXIT, Preempted, Trainer
 
-    try:
-        overrides = list(args.overrides) + (["export.merged=true"] if args.export_only else [])
-        cfg = load_config(args.config, overrides, check_files=False)
-        if args.dry_run:
-            from gpart_ds import dryrun
+    overrides = list(args.overrides) + (["export.merged=true"] if args.export_only else [])
+    cfg = load_config(args.config, overrides, check_files=False)
+    if args.dry_run:
+        from gpart_ds import dryrun
 
-            return dryrun.run(cfg, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
-                              gpu_mem_gb=args.gpu_mem_gb, model_config=args.model_config)
-        trainer = Trainer(cfg)
+        assets.check_recipes(cfg)
+        return dryrun.run(cfg, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                          gpu_mem_gb=args.gpu_mem_gb, model_config=args.model_config)
+    assets.prepare(cfg)   # the bundled model/data, when the config points at them
+    trainer = Trainer(cfg)
+    try:
         trainer.export_only() if args.export_only else trainer.run()
-    except (ConfigError, DataError, CheckpointError, ExportError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except Preempted:
         return PREEMPTED_EXIT
     return 0

@@ -4,7 +4,7 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_assets():
     """The tiny model and data (created once, atomically, by the asset recipe)."""
-    from gpart_ds import assets
+    from experiments import assets
 
     return assets.ensure("tiny")
 
@@ -23,7 +23,7 @@ def deepspeed_tiny_run(tmp_path_factory, tiny_assets):
 
 @pytest.fixture(scope="session")
 def bench_quick(tmp_path_factory, tiny_assets):
-    """`python -m gpart_ds.bench --quick` with every method and the merged export: the
+    """`python -m experiments.bench --quick` with every method and the merged export: the
     benchmark's pipeline test and the baselines' runs (test_baselines) in one go."""
     import os
     import subprocess
@@ -32,7 +32,7 @@ def bench_quick(tmp_path_factory, tiny_assets):
     from tests.helpers import REPO
 
     out = tmp_path_factory.mktemp("bench") / "bench"
-    proc = subprocess.run([sys.executable, "-m", "gpart_ds.bench", "--quick", "--methods", "gpart,lora,vera,full",
+    proc = subprocess.run([sys.executable, "-m", "experiments.bench", "--quick", "--methods", "gpart,lora,vera,full",
                            "--eval-examples", "8", "--out", str(out), "export.merged=true"],
                           cwd=REPO, capture_output=True, text=True, timeout=1200,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -7,9 +7,9 @@ import torch
 from safetensors import safe_open
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from gpart_ds import adapter as adapter_io
-from gpart_ds import partition
-from gpart_ds.transform import build_layout
+from gpart_ds.methods.gpart import adapter as adapter_io
+from gpart_ds.methods.gpart import partition
+from gpart_ds.targets import build_layout
 
 
 def make_base(folder: Path, tokenizer_dir: Path, *, hidden=8, heads=2, kv=1, inter=12, layers=2,

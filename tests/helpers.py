@@ -40,6 +40,17 @@ def run_deepspeed(n: int, script: str, *args: str, timeout: float = 900, check: 
 
 
 def theta_of(run_dir: Path):
-    from gpart_ds.adapter import load_adapter
+    from gpart_ds.methods.gpart.adapter import load_adapter
 
     return load_adapter(Path(run_dir) / "adapter")[0]
+
+
+def micro_llama(layers=2, dtype=None, seed=0):
+    """A tiny random Llama built in memory (hidden 16, 2 heads, 1 kv head), eval mode."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=layers,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg).to(dtype or torch.float64).eval()

@@ -46,10 +46,43 @@ def test_loss_mask_covers_completion_and_eos_only(tok):
     assert ex.labels == [data.IGNORE_INDEX] * len(p) + c
 
 
-def test_over_long_records_are_truncated(tok):
-    rec = {"prompt": "Reverse: " + "cat " * 50, "completion": " dog" * 50}
-    ex = data.tokenize_record(rec, "prompt_completion", tok, max_length=16)
-    assert len(ex.input_ids) == len(ex.labels) == 16
+def _long_and_short(tok, choices=False):
+    recs = [{"prompt": "Reverse: cat dog\nAnswer:", "completion": " dog cat"},
+            {"prompt": "Reverse: " + "cat " * 50 + "\nAnswer:", "completion": " dog"},
+            {"prompt": "Reverse: dog\nAnswer:", "completion": " dog"}]
+    if choices:
+        for r in recs:
+            r["choices"] = [r["completion"], " fish"]
+    return [(f"d.jsonl:{i + 1}", data.tokenize_record(r, "prompt_completion", tok, 16, where=f"d.jsonl:{i + 1}",
+                                                       choice_loss=choices, add_eos=not choices))
+            for i, r in enumerate(recs)]
+
+
+def test_over_long_records_stop_the_run_by_default_naming_the_first_and_the_count(tok):
+    with pytest.raises(data.DataError, match=r"d\.jsonl:2: 1 of 3 records in d\.jsonl are longer than "
+                                             r"data\.max_length=16.*data\.too_long=skip"):
+        data.limit_lengths(_long_and_short(tok), 16, "error", "d.jsonl")
+
+
+def test_over_long_records_can_be_skipped(tok):
+    exs, dropped = data.limit_lengths(_long_and_short(tok), 16, "skip", "d.jsonl")
+    assert dropped == 1 and len(exs) == 2 and all(len(e.input_ids) <= 16 for e in exs)
+
+
+@pytest.mark.parametrize("choices", [False, True])
+def test_truncate_left_keeps_the_completion_and_moves_the_decision(tok, choices):
+    full = _long_and_short(tok, choices)
+    exs, dropped = data.limit_lengths(full, 16, "truncate_left", "d.jsonl")
+    assert dropped == 0 and len(exs) == 3
+    long_full, long_cut = full[1][1], exs[1]
+    assert long_cut.input_ids == long_full.input_ids[-16:]
+    # every label of the completion survives; the window's first token is never predicted
+    assert [x for x in long_cut.labels if x != -100] == [x for x in long_full.labels if x != -100]
+    assert long_cut.labels[0] == -100
+    if choices:
+        cut = len(long_full.input_ids) - 16
+        assert long_cut.choices == [[long_full.choices[0][0] - cut] + long_full.choices[0][1:]]
+        assert long_cut.input_ids[long_cut.choices[0][0]] == long_full.choices[0][1]
 
 
 def test_collate_pads_without_loss(tok):
@@ -273,7 +306,6 @@ def test_choices_objective_records_the_decision_position_and_candidate_tokens(to
 @pytest.mark.parametrize("rec,msg", [
     ({"prompt": "a", "completion": " dog"}, "needs a 'choices' list"),
     ({"prompt": "a", "completion": " dog cat", "choices": [" dog cat", " dog fish"]}, "do not differ in their first token"),
-    ({"prompt": "Reverse: " + "cat " * 40, "completion": " dog", "choices": [" dog", " cat"]}, "leaves no room"),
 ])
 def test_choices_objective_rejects_records_it_cannot_score(tok, rec, msg):
     with pytest.raises(data.DataError, match=f"d.jsonl:4: .*{msg}"):

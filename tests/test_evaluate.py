@@ -70,7 +70,7 @@ def test_one_forward_gives_the_loss_and_exact_match_of_the_loss_pass(tiny):
     # When every eval record is prompt + its single-token answer choice (no EOS), the
     # trainer takes loss and exact match from the choice forward: they must equal the
     # separate loss pass (label-position loss and greedy match, lm_loss.objective_forward).
-    from gpart_ds.lm_loss import objective_forward
+    from gpart_ds.objective import objective_forward
 
     tok, model = tiny
     words = ["cat", "dog", "sun", "moon", "red"]

@@ -3,7 +3,8 @@ import importlib.util
 
 import pytest
 
-from gpart_ds import partition, plan
+from gpart_ds import plan
+from gpart_ds.methods.gpart import partition
 from gpart_ds.config import load_config
 from tests.helpers import REPO
 
@@ -87,8 +88,9 @@ def test_activation_checkpointing_and_micro_batch_move_the_activation_rows(llama
 
 def test_full_and_lora_estimates_for_the_benchmark(llama70b):
     _, arch = llama70b
-    kw = dict(d=2**21, micro_batch=1, seq_len=4096, zero={"stage3_prefetch_bucket_size": 5e8})
-    plans = plan.compare_methods(arch, worlds=(8, 16, 64), **kw)
+    kw = dict(micro_batch=1, seq_len=4096, zero={"stage3_prefetch_bucket_size": 5e8})
+    specs = {"gpart": plan.spec("gpart", d=2**21), "lora": plan.spec("lora"), "full": plan.spec("full")}
+    plans = plan.compare_methods(arch, specs, worlds=(8, 16, 64), **kw)
     for w in (8, 16, 64):
         full, lora, gp = (plans[m, w].gpu_total for m in ("full", "lora", "gpart"))
         assert full > gp and full > lora
@@ -149,7 +151,7 @@ def test_dry_run_of_the_70b_config_uses_the_bundled_shapes_and_theory(capsys, ll
 def test_vera_plan_holds_its_shared_projections_and_few_trainable_parameters(llama70b):
     _, arch = llama70b
     kw = dict(world=64, micro_batch=1, seq_len=4096)
-    vera, lora = plan.estimate(arch, method="vera", **kw), plan.estimate(arch, method="lora", lora_rank=8, **kw)
+    vera, lora = plan.estimate(arch, method=plan.spec("vera"), **kw), plan.estimate(arch, method=plan.spec("lora"), **kw)
     # A (256 x 28672... the largest in) and B (largest out x 256), bf16, whole on every rank
     assert vera.get("VeRA shared projections") == 256 * (28672 + 28672) * 2
     assert vera.get("VeRA scaling vectors") < lora.get("LoRA grads")

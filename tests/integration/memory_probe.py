@@ -45,8 +45,8 @@ def saved_bytes(forward, d: int):
 
 
 def measure(trainer) -> dict:
-    engine, gmodel, d = trainer.engine, trainer.gmodel, trainer.cfg.method.d
-    base = gmodel.base_model
+    engine, gmodel, d = trainer.engine, trainer.method.root, trainer.cfg.method.d
+    base = gmodel.lm
     batch, _ = trainer._batch(trainer.order.indices(0, 0, trainer.rank), trainer.train_set)
     engine.train()
 

@@ -49,7 +49,7 @@ def test_bench_quick_writes_report_with_every_method_ratio_scaling_and_projectio
 
 
 def test_bench_refuses_a_bad_override_before_any_run(tmp_path, tiny_assets):
-    proc = subprocess.run([sys.executable, "-m", "gpart_ds.bench", "--quick", "--out", str(tmp_path),
+    proc = subprocess.run([sys.executable, "-m", "experiments.bench", "--quick", "--out", str(tmp_path),
                            "train.lr=-1"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "train.lr" in proc.stderr
     assert not (tmp_path / "runs").exists()
@@ -59,7 +59,7 @@ def test_study_quick_writes_table_and_plot_and_reuses_finished_runs(tmp_path):
     # The pipeline on the tiny model (the real study's runs are SmolLM2's, minutes each;
     # the real model under ZeRO-3 is test_real_model's job).
     out = tmp_path / "study"
-    args = ["gpart_ds.study", "--config", "tests/assets/study_tiny.yaml", "--quick", "--out", str(out)]
+    args = ["experiments.study", "--config", "tests/assets/study_tiny.yaml", "--quick", "--out", str(out)]
     _run(args)
     rep = json.loads((out / "study.json").read_text())
     assert rep["tasks"] == ["tiny"] and rep["methods"] == ["gpart-d4k", "lora-r4"]
@@ -85,7 +85,7 @@ def test_study_quick_writes_table_and_plot_and_reuses_finished_runs(tmp_path):
 
 def test_the_real_study_config_plans_every_run_before_training(tmp_path):
     # configs/study_smollm2.yaml itself: tasks, methods, lr rule and overrides validate.
-    from gpart_ds import study
+    from experiments import study
 
     cfg = study.load_study("configs/study_smollm2.yaml")
     assert set(cfg["tasks"]) == {"rotten_tomatoes", "qasc"}

@@ -14,8 +14,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from gpart_ds import export
-from gpart_ds.adapter_sources import open_source
-from gpart_ds.transform import apply_gpart
+from gpart_ds.methods.gpart.sources import open_source
+from gpart_ds.methods.gpart.layer import apply_gpart
 from tests.export_helpers import expected_targets, make_base, raw_bytes, read_folder
 from tests.helpers import REPO, run_deepspeed
 
@@ -57,7 +57,7 @@ def test_zero3_merged_export_equals_offline_merge_and_w0_plus_delta(tmp_path, ze
     src = open_source(out / "adapter", base)
     assert src.dtype == torch.bfloat16 and src.theta.abs().sum() > 0
     from gpart_ds.model import skeleton
-    from gpart_ds.transform import build_layout
+    from gpart_ds.targets import build_layout
 
     layout = build_layout(skeleton(str(base)), "all-linear")
     want = expected_targets(b, layout, src.theta, src.seed, torch.bfloat16)

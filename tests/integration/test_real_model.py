@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from gpart_ds import assets, export
+from experiments import assets
+from gpart_ds import export
 from gpart_ds.evaluate import evaluate_files
 from tests.helpers import run_deepspeed
 

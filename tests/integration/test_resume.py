@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from gpart_ds.adapter import load_adapter
+from gpart_ds.methods.gpart.adapter import load_adapter
 from tests.helpers import REPO, deepspeed_launcher, free_port, run_deepspeed
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]

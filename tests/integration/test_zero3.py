@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from gpart_ds import plan
-from gpart_ds.adapter import load_adapter
+from gpart_ds.methods.gpart.adapter import load_adapter
 from gpart_ds.config import load_config
+from gpart_ds.methods.gpart import GPart
 from tests.helpers import REPO, run_deepspeed
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -151,13 +152,12 @@ def test_planned_activations_equal_the_tensors_saved_for_backward(runs, name, ck
     for r in ranks:
         mb, seq = r["batch_shape"]
         assert r["padded"], "no padding in the batch: the masked-attention path went unchecked"
-        # The loss runs the vocabulary head on labelled positions only (gpart_ds.lm_loss).
-        reuse = plan.method_reuse_ids(cfg, arch)
+        # The loss runs the vocabulary head on labelled positions only (gpart_ds.objective).
+        extra = GPart.extra_saved_bytes(cfg.method, arch, ckpt)   # group ids kept with reuse_ids
         planned = plan.saved_activation_bytes(arch, mb, seq, b, ckpt, head_tokens=r["label_tokens"],
-                                              reuse_ids=reuse)
+                                              extra_bytes=extra)
         _close(planned, r["saved_ckpt" if ckpt else "saved_plain"], f"{name} activations")
         if not ckpt:  # the plan's activation rows are the same count
-            p = plan.estimate(arch, world=RUNS[name][0], d=cfg.method.d, micro_batch=mb, seq_len=seq,
-                              dtype_bytes=b, grad_ckpt=False, overhead_gb=0, head_tokens=r["label_tokens"],
-                              reuse_ids=reuse)
+            p = plan.estimate(arch, world=RUNS[name][0], method=cfg.method, micro_batch=mb, seq_len=seq,
+                              dtype_bytes=b, grad_ckpt=False, overhead_gb=0, head_tokens=r["label_tokens"])
             _close(p.get("activations:"), r["saved_plain"], f"{name} activation rows")

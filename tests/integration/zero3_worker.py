@@ -31,7 +31,7 @@ def main():
     cfg = load_config("configs/tiny.yaml", overrides, check_files=False)
     trainer = Trainer(cfg)
     trainer.setup()
-    base = trainer.gmodel.base_model
+    base = trainer.method.root.lm
     params = dict(base.named_parameters())
     before = {n: zero3.local_shard(p).clone() for n, p in params.items()}
     ranges = {n: zero3.shard_range(p) for n, p in params.items()}
@@ -48,7 +48,7 @@ def main():
             file_ok[n] = torch.equal(before[n], ref.to(before[n].dtype))
     unchanged = {n: torch.equal(before[n], zero3.local_shard(p)) for n, p in params.items()}
     requires_grad = {n: p.requires_grad for n, p in params.items()}
-    torch.save({"theta": trainer.theta(), "unchanged": unchanged, "file_ok": file_ok,
+    torch.save({"theta": trainer.method.theta(), "unchanged": unchanged, "file_ok": file_ok,
                 "ranges": ranges, "partitioned": partitioned, "requires_grad": requires_grad,
                 "numel": {n: int(getattr(p, "ds_numel", p.numel())) for n, p in params.items()},
                 "summary": summary, "world": trainer.world},

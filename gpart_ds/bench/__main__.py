@@ -1,5 +1,0 @@
-"""python -m gpart_ds.bench: GPart vs LoRA vs full fine-tuning (see bench/compare.py)."""
-from .compare import main
-
-if __name__ == "__main__":
-    main()

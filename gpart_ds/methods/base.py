@@ -1,0 +1,155 @@
+"""The Method interface: one fine-tuning method's whole life cycle behind one class.
+
+Everything the system does differently per method is a method of `Method`; the trainer,
+config, planner, dry run, export and study call only these, so two runs that differ in
+`method.name` differ only in the method (same data order, loop, loss, logging,
+checkpoints), and adding a method means a folder under methods/ and a line in the
+registry (methods/__init__.py), nothing else.
+
+Config time (classmethods, no weights, no process group):
+    validate(m, need)           value checks of the method.* keys it reads
+    check_layout(m, layout, need)  checks against the model's target weights
+    trainable_count(m, arch)    trainable parameters, from shapes
+    auto_lr(m, D)               the learning rate `train.lr: auto` resolves to
+    plan_rows(plan, arch, m, ctx)  its rows of the per-GPU memory plan
+    summary(m, arch)            a line for dry runs and plans
+Run time (an instance per run, on every rank):
+    build(base, layout, device) -> MethodRoot   adapt the (ZeRO-3 sharded) base model
+    trainable()                 name -> parameter the optimizer steps and checkpoints hold
+    after_engine()              anything to do once DeepSpeed owns the parameters
+    save_adapter(out, info)     collective; the adapter folder (None: the method has none)
+    export_merged(...)          collective; the merged Hugging Face folder
+    open_adapter(path, base)    an adapter folder as a merge source for the offline export
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, ClassVar
+
+import torch
+from torch import nn
+
+from ..targets import Layout, numel
+
+Need = Callable[[bool, str, str], None]   # need(condition, "method.key", message)
+
+
+class MethodRoot(nn.Module):
+    """What a method hands to the engine: the causal LM `lm` (its module names match the
+    base checkpoint's tensor names) with the method's trainable parameters attached.
+
+    `prepare()` runs before every forward (GPart forms theta * s there); the training
+    objective (objective.TrainingModel) wraps any root the same way.
+    """
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def prepare(self) -> None:
+        pass
+
+    def forward(self, *args, **kwargs):
+        self.prepare()
+        return self.lm(*args, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, *args, **kwargs):
+        self.prepare()
+        return self.lm.generate(*args, **kwargs)
+
+
+class Method:
+    name: ClassVar[str] = "?"
+    # method.* keys this method reads; a key it ignores must keep its default.
+    config_keys: ClassVar[frozenset[str]] = frozenset({"name", "target_modules", "seed", "dropout"})
+    # method.* keys whose change makes a checkpoint's trainable state mean something else.
+    drift_keys: ClassVar[tuple[str, ...]] = ("name", "target_modules")
+    # True when the base weights themselves train (the planner counts their optimizer state).
+    trains_base: ClassVar[bool] = False
+
+    # ------------------------------------------------------------ config time
+    @classmethod
+    def validate(cls, m, need: Need) -> None:
+        """Value checks of the method.* keys this method reads."""
+
+    @classmethod
+    def check_layout(cls, m, layout: Layout, need: Need) -> None:
+        """Checks against the model's targets (e.g. GPart's d <= D)."""
+
+    @classmethod
+    def trainable_count(cls, m, arch) -> int:
+        raise NotImplementedError
+
+    @classmethod
+    def auto_lr(cls, m, D: int) -> float:
+        raise NotImplementedError
+
+    @classmethod
+    def plan_rows(cls, plan, arch, m, ctx) -> None:
+        """Add this method's rows to a memory plan (plan.estimate gives `ctx`)."""
+        raise NotImplementedError
+
+    @classmethod
+    def summary(cls, m, arch) -> str:
+        n = cls.trainable_count(m, arch)
+        return f"{cls.label(m)}: {n:,} trainable parameters on {len(arch.targets)} target matrices"
+
+    @classmethod
+    def label(cls, m) -> str:
+        """Short name for tables and plots, e.g. 'LoRA r=8'."""
+        return cls.name
+
+    # ------------------------------------------------------------ run time
+    def __init__(self, m):
+        self.cfg = m
+        self.root: MethodRoot | None = None
+        self.layout: Layout | None = None
+
+    def build(self, base: nn.Module, layout: Layout, device: torch.device) -> MethodRoot:
+        raise NotImplementedError
+
+    @property
+    def model(self) -> nn.Module:
+        """The causal LM whose module names match the base checkpoint's tensor names."""
+        return self.root.lm
+
+    def trainable(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.root.named_parameters() if p.requires_grad}
+
+    def trainable_params(self) -> int:
+        return sum(numel(p) for p in self.trainable().values())
+
+    def describe(self) -> str:
+        return f"{self.label(self.cfg)}: {self.trainable_params():,} trainable parameters"
+
+    def after_engine(self) -> None:
+        pass
+
+    def save_adapter(self, out_dir: Path, info: dict) -> Path | None:
+        """Collective. Writes the adapter folder (rank 0); None where the method has none."""
+        return None
+
+    def export_merged(self, base_dir: Path, out: Path, compute_dtype: torch.dtype,
+                      out_dtype: torch.dtype | None, max_shard_size, overwrite: bool, device) -> Path:
+        """Collective. The merged Hugging Face folder: by default every rank gathers what a
+        tensor's merged value needs and rank 0 writes it (merge_source below)."""
+        from ..zero3_export import export_gathered
+
+        return export_gathered(self, base_dir, out, compute_dtype, out_dtype, max_shard_size, overwrite, device)
+
+    def merge_source(self, name: str):
+        """(parameters to gather, fn() -> merged tensor) for base tensor `name`, or None
+        when the model holds no parameter of that name (read it from the base file)."""
+        mod_name, _, attr = name.rpartition(".")
+        mod = dict(self.model.named_modules()).get(mod_name)
+        p = getattr(mod, attr, None) if mod is not None else None
+        if not isinstance(p, nn.Parameter):
+            return None
+        return [p], lambda: p.detach()
+
+    @classmethod
+    def open_adapter(cls, path: Path, base_dir: Path):
+        """A merge source (see methods/gpart/sources.py) for the offline export, or None
+        when `path` is not this method's adapter."""
+        return None

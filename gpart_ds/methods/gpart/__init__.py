@@ -1,0 +1,178 @@
+"""GPart: one trained vector theta of d floats, mapped into every target weight through a
+seeded isometric partition (docs/method.md). Its whole life cycle lives in this folder:
+
+    partition.py  group ids g(k) = SplitMix64(seed + k) mod d, counts n_j, scales s_j
+    kernels.py    fused hash + gather / scatter kernels (torch.compile or eager)
+    op.py         the linear autograd op and `effective_slice`, the one definition of W0 + delta
+    layer.py      GPartLinear / GPartModel: adapt a (ZeRO-3 sharded) model, theta on the root
+    merge.py      W0 + delta for any flat slice of any target: every export writes through it
+    adapter.py    the adapter file format (theta + seed + layout)
+    sources.py    what an offline merge starts from: adapter, checkpoint, reference adapter
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ... import comm
+from ...targets import Layout, normalize_patterns
+from ..base import Method, Need
+from . import partition
+from .kernels import MODES as KERNEL_MODES, choose_mode
+from .layer import THETA, GPartModel, apply_gpart
+
+log = logging.getLogger(__name__)
+
+# method.reuse_ids=auto keeps the forward's int32 group ids for the backward up to this
+# many bytes per rank (4 x D): small models gain a third of GPart's work for memory they
+# have; a 70B model would need 258 GB and regenerates instead.
+REUSE_IDS_MAX_BYTES = 1 << 30
+# lr = LR_PER_SQRT * sqrt(D/d): the per-step movement of a weight is about lr * s_j with
+# s_j = 1/sqrt(n_j) ~ sqrt(d/D), so this keeps it the same for every d (docs/lr_rule.md).
+LR_PER_SQRT = 1.24e-4
+
+
+def reuse_ids(m, D: int) -> bool:
+    if m.reuse_ids == "auto":
+        return m.dropout == 0.0 and 4 * D <= REUSE_IDS_MAX_BYTES
+    return bool(m.reuse_ids) and m.dropout == 0.0
+
+
+class GPart(Method):
+    name = "gpart"
+    config_keys = Method.config_keys | {"d", "kernel", "chunk_elems", "reuse_ids"}
+    drift_keys = ("name", "d", "seed", "target_modules")
+
+    # ------------------------------------------------------------ config time
+    @classmethod
+    def validate(cls, m, need: Need) -> None:
+        need(m.d is not None, "method.d", "method gpart needs d (the number of trainable parameters)")
+        need(isinstance(m.d, int) and m.d >= 1, "method.d", f"d must be >= 1, got {m.d}")
+        need(m.kernel in KERNEL_MODES, "method.kernel", f"must be one of {KERNEL_MODES}, got {m.kernel!r}")
+        need(m.chunk_elems >= 1, "method.chunk_elems", "must be >= 1")
+        need(m.reuse_ids in ("auto", True, False), "method.reuse_ids",
+             f"must be auto, true or false, got {m.reuse_ids!r}")
+
+    @classmethod
+    def check_layout(cls, m, layout: Layout, need: Need) -> None:
+        need(m.d <= layout.D, "method.d", f"d={m.d} exceeds D={layout.D}, the number of target weights "
+             f"({len(layout.targets)} matrices)")
+
+    @classmethod
+    def trainable_count(cls, m, arch) -> int:
+        return int(m.d)
+
+    @classmethod
+    def auto_lr(cls, m, D: int) -> float:
+        return LR_PER_SQRT * math.sqrt(D / m.d)
+
+    @classmethod
+    def label(cls, m) -> str:
+        return f"GPart d={m.d:,}" if m.d else "GPart"
+
+    @classmethod
+    def summary(cls, m, arch) -> str:
+        return (f"GPart: {len(arch.targets)} target matrices, D = {arch.D:,}, d = {m.d:,} "
+                f"(D/d = {arch.D / m.d:,.0f}); adapter {4 * m.d / 2**20:.2f} MiB")
+
+    @classmethod
+    def extra_saved_bytes(cls, m, arch, grad_ckpt: bool) -> int:
+        """Activations beyond the block's own: the int32 group ids kept with reuse_ids
+        (inside checkpointed blocks they are recomputed with the block instead)."""
+        return 4 * arch.D if reuse_ids(m, arch.D) and not grad_ckpt else 0
+
+    @classmethod
+    def plan_rows(cls, plan, arch, m, ctx) -> None:
+        d, W, b = m.d, ctx.world, ctx.b
+        if reuse_ids(m, arch.D):
+            if ctx.grad_ckpt:
+                plan.add("GPart group ids of the recomputed block (int32)", 4 * arch.D / max(1, arch.layers))
+            else:
+                plan.add("activations: GPart group ids kept for backward (int32, 4 x D)", 4 * arch.D)
+        plan.add("theta, s and theta*s (fp32, every rank)", 12 * d)
+        # theta's own partition (fp32), its fp32 master and two Adam moments, and the
+        # gradient partition in the training dtype
+        plan.add(f"theta's partition, fp32 master, Adam moments, grad (1/{W})", (16 + b) * -(-d // W),
+                 on_host=ctx.off_opt)
+        chunk = max(min(o, max(1, m.chunk_elems // i)) * i for o, i in arch.targets)
+        plan.add("transient: W0+delta and dW row chunks, d-length gradients", 2 * chunk * b + 8 * d)
+
+    @classmethod
+    def dry_run_lines(cls, m, arch) -> list[str]:
+        s = partition.group_size_stats(arch.D, m.d, m.seed)
+        how = ("exact: counted over all D positions" if s["method"] == "exact" else
+               "theory: each n_g ~ Binomial(D, 1/d), the multinomial's marginals; min/max are the "
+               "expected extremes over d groups (normal approximation); the run counts them exactly "
+               "at start-up")
+        fmt = (lambda v: f"{v:,}") if s["method"] == "exact" else (lambda v: f"{v:,.1f}")
+        empty = f"{s['empty']:,}" if s["method"] == "exact" else f"{s['empty']:.2g} expected"
+        return [f"group sizes n_g: mean {s['mean']:,.1f}, sd {s['sd']:,.1f}, min {fmt(s['min'])}, "
+                f"max {fmt(s['max'])}, empty groups {empty} ({how})"]
+
+    # ------------------------------------------------------------ run time
+    def build(self, base: nn.Module, layout: Layout, device: torch.device) -> GPartModel:
+        m = self.cfg
+        self.kernel_mode = choose_mode(m.kernel, layout.D, device.type)
+        self.layout = layout
+        self.root = apply_gpart(base, d=m.d, seed=m.seed, target_modules=normalize_patterns(m.target_modules),
+                                dropout=m.dropout, kernel_mode=self.kernel_mode, chunk_elems=m.chunk_elems,
+                                count_device=device, reuse_ids=reuse_ids(m, layout.D))
+        return self.root
+
+    def describe(self) -> str:
+        d, D = self.root.d, self.layout.D
+        return (f"gpart: d={d:,} trainable parameters over D={D:,} target weights (D/d={D / d:.0f}), "
+                f"kernels={self.kernel_mode}, reuse_ids={self.root.gpart_ctx.op.reuse_ids}")
+
+    def after_engine(self) -> None:
+        from ...zero3 import persist
+
+        persist(self.root.theta)   # d floats: no re-gather per forward
+
+    def theta(self) -> torch.Tensor:
+        """The full theta on this rank (fp32, CPU), checked identical on every rank."""
+        from ...zero3 import gathered
+
+        with torch.no_grad(), gathered([self.root.theta]):
+            theta = self.root.theta.detach().float().cpu().clone()
+        comm.check_identical(theta, "theta")
+        return theta
+
+    def save_adapter(self, out_dir: Path, info: dict) -> Path:
+        from .adapter import adapter_config, save_adapter
+
+        theta = self.theta()
+        if comm.rank() == 0:
+            m = self.cfg
+            config = adapter_config(d=m.d, seed=m.seed, target_modules=normalize_patterns(m.target_modules),
+                                    dropout=m.dropout, layout=self.layout, base_model=info["base_model"],
+                                    dtype=info["dtype"])
+            save_adapter(out_dir, theta, config)
+        comm.barrier()
+        return Path(out_dir)
+
+    def export_merged(self, base_dir: Path, out: Path, compute_dtype: torch.dtype,
+                      out_dtype: torch.dtype | None, max_shard_size, overwrite: bool, device) -> Path:
+        """Every rank writes W0 + delta of its own shards: no rank gathers a weight."""
+        from ...zero3_export import export_sharded
+        from .merge import Merger
+
+        g = self.root
+        merger = Merger(self.theta(), g.seed, self.layout.targets, compute_dtype, g.gpart_ctx.op.kernels,
+                        scales=g.scales, device=device)
+        return export_sharded(self.model, merger, base_dir, out, compute_dtype, out_dtype, max_shard_size,
+                              overwrite, device, {"method": "gpart", "adapter_kind": "zero3-run", "d": merger.d,
+                                                  "seed": merger.seed, "targets": len(self.layout.targets)})
+
+    @classmethod
+    def open_adapter(cls, path: Path, base_dir: Path):
+        from .sources import open_source
+
+        return open_source(path, base_dir)
+
+
+__all__ = ["GPart", "GPartModel", "THETA", "apply_gpart", "reuse_ids"]

@@ -1,0 +1,51 @@
+"""LoRA (PEFT) of rank r on GPart's targets: the low-rank baseline.
+
+delta W = (alpha / r) B A with A (r x in), B (out x r); r (in + out) trainable numbers
+per target weight.
+"""
+from __future__ import annotations
+
+from ..base import Need
+from ..peft_common import PeftMethod, per_layer_targets
+
+
+class LoRA(PeftMethod):
+    name = "lora"
+    default_rank = 8
+    config_keys = PeftMethod.config_keys | {"alpha"}
+    drift_keys = ("name", "r", "alpha", "target_modules")
+    # The rate PEFT's examples and most fine-tuning recipes start from (docs/lr_rule.md).
+    DEFAULT_LR = 1e-3
+
+    @classmethod
+    def validate(cls, m, need: Need) -> None:
+        super().validate(m, need)
+        need(m.alpha is None or m.alpha > 0, "method.alpha", f"must be > 0, got {m.alpha}")
+
+    @classmethod
+    def label(cls, m) -> str:
+        return f"LoRA r={cls.rank(m)}"
+
+    @classmethod
+    def trainable_count(cls, m, arch) -> int:
+        return sum(cls.rank(m) * (o + i) for o, i in arch.targets)
+
+    @classmethod
+    def auto_lr(cls, m, D: int) -> float:
+        return cls.DEFAULT_LR
+
+    @classmethod
+    def plan_rows(cls, plan, arch, m, ctx) -> None:
+        r, W, b = cls.rank(m), ctx.world, ctx.b
+        n = cls.trainable_count(m, arch)
+        plan.add(f"LoRA A/B weights, own partition (1/{W})", -(-n // W) * b)
+        plan.add(f"LoRA grads, fp32 master, Adam moments (1/{W})", -(-n // W) * (b + 12), on_host=ctx.off_opt)
+        plan.add("activations: LoRA x@A per target", ctx.tokens * b * r * per_layer_targets(arch) *
+                 (1 if ctx.grad_ckpt else arch.layers))
+
+    def peft_config(self, target_names: list[str]):
+        from peft import LoraConfig
+
+        m, r = self.cfg, self.rank(self.cfg)
+        return LoraConfig(r=r, lora_alpha=m.alpha or 2 * r, lora_dropout=m.dropout, target_modules=target_names,
+                          bias="none", task_type="CAUSAL_LM")

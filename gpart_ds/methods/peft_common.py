@@ -1,0 +1,112 @@
+"""What the PEFT baselines (LoRA, VeRA) share: injection on GPart's targets, the adapter
+folder, and the merged value of an adapted weight.
+
+PEFT injects its layers in place: the base model's modules keep their names, so the
+root's `lm` is the base model itself and merged exports map one to one onto the base
+checkpoint's tensors. ZeRO-3 partitions the new (trainable) layers at initialize, like
+GPart's theta.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import comm
+from ..fileio import atomic_dir
+from ..targets import Layout
+from ..zero3 import gathered
+from .base import Method, MethodRoot, Need
+
+ADAPTER_NAME = "default"
+
+
+class PeftRoot(MethodRoot):
+    """The base model with PEFT layers injected; the PeftModel is kept out of the module
+    tree (it wraps the same modules) for its adapter utilities."""
+
+    def __init__(self, lm: nn.Module, peft_model):
+        super().__init__(lm)
+        self.__dict__["peft_model"] = peft_model
+
+
+class PeftMethod(Method):
+    """LoRA or VeRA through PEFT, on exactly the modules GPart would adapt."""
+
+    default_rank: int = 8
+    config_keys = Method.config_keys | {"r"}
+
+    @classmethod
+    def validate(cls, m, need: Need) -> None:
+        need(m.r is None or m.r >= 1, "method.r", f"rank must be >= 1, got {m.r}")
+
+    @classmethod
+    def rank(cls, m) -> int:
+        return m.r or cls.default_rank
+
+    def peft_config(self, target_names: list[str]):
+        raise NotImplementedError
+
+    def build(self, base: nn.Module, layout: Layout, device: torch.device) -> PeftRoot:
+        from peft import get_peft_model
+
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.layout = layout
+        peft_model = get_peft_model(base, self.peft_config([t.name for t in layout.targets]))
+        self.root = PeftRoot(base, peft_model)
+        return self.root
+
+    def describe(self) -> str:
+        return (f"{self.label(self.cfg)} on {len(self.layout.targets)} matrices, "
+                f"{self.trainable_params():,} trainable parameters")
+
+    def save_adapter(self, out_dir: Path, info: dict) -> Path:
+        """A standard PEFT adapter folder (adapter_config.json + adapter_model.safetensors)."""
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        peft_model = self.root.peft_model
+        named = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+        with torch.no_grad(), gathered(list(named.values())):
+            full = {n: p.detach().cpu().clone() for n, p in named.items()} if comm.rank() == 0 else None
+        if comm.rank() == 0:
+            # Buffers (VeRA's shared projections) are never partitioned.
+            full.update({n: b.detach().cpu() for n, b in peft_model.named_buffers(remove_duplicate=False)})
+            sd = get_peft_model_state_dict(peft_model, state_dict=full, adapter_name=ADAPTER_NAME)
+            with atomic_dir(out_dir) as tmp:
+                save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp / "adapter_model.safetensors"),
+                          metadata={"format": "pt"})
+                cfg = peft_model.peft_config[ADAPTER_NAME]
+                cfg.base_model_name_or_path = info["base_model"].get("path")
+                cfg.save_pretrained(str(tmp))
+                (tmp / "gpart_ds_run.json").write_text(json.dumps({"method": self.name, **info["base_model"]},
+                                                                  indent=2) + "\n")
+        comm.barrier()
+        return Path(out_dir)
+
+    def merge_source(self, name: str):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        mod_name, _, attr = name.rpartition(".")
+        mod = dict(self.model.named_modules()).get(mod_name)
+        if isinstance(mod, BaseTunerLayer) and attr == "weight":
+            base = mod.get_base_layer().weight
+            params = [base] + [p for p in mod.parameters() if p is not base]
+
+            def merged():
+                w0 = base.detach()
+                delta = mod.get_delta_weight(ADAPTER_NAME)
+                return (w0.float() + delta.float()).to(w0.dtype)
+
+            return params, merged
+        if isinstance(mod, BaseTunerLayer):   # the bias of an adapted linear
+            p = getattr(mod.get_base_layer(), attr, None)
+            return ([p], lambda: p.detach()) if isinstance(p, nn.Parameter) else None
+        return super().merge_source(name)
+
+
+def per_layer_targets(arch) -> int:
+    return len(arch.targets) // max(1, arch.layers)

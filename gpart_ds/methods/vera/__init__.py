@@ -1,0 +1,47 @@
+"""VeRA (PEFT) of rank r on GPart's targets: the random-projection baseline.
+
+Frozen random projections A (r x max in) and B (max out x r), shared by every target
+and regenerated from method.seed; trained per target: lambda_d (r) and lambda_b (out).
+"""
+from __future__ import annotations
+
+from ..peft_common import PeftMethod, per_layer_targets
+
+
+class VeRA(PeftMethod):
+    name = "vera"
+    default_rank = 256
+    drift_keys = ("name", "r", "seed", "target_modules")
+    DEFAULT_LR = 1e-2   # VeRA's scaling vectors take ~10x LoRA's rate (the VeRA paper's settings)
+
+    @classmethod
+    def label(cls, m) -> str:
+        return f"VeRA r={cls.rank(m)}"
+
+    @classmethod
+    def trainable_count(cls, m, arch) -> int:
+        return sum(cls.rank(m) + o for o, _ in arch.targets)
+
+    @classmethod
+    def auto_lr(cls, m, D: int) -> float:
+        return cls.DEFAULT_LR
+
+    @classmethod
+    def plan_rows(cls, plan, arch, m, ctx) -> None:
+        r, W, b = cls.rank(m), ctx.world, ctx.b
+        vec = cls.trainable_count(m, arch)
+        max_o, max_i = max(o for o, _ in arch.targets), max(i for _, i in arch.targets)
+        plan.add("VeRA shared projections A, B (every rank)", r * (max_o + max_i) * b)
+        plan.add(f"VeRA scaling vectors, grads, fp32 master, Adam moments (1/{W})", -(-vec // W) * (2 * b + 12),
+                 on_host=ctx.off_opt)
+        plan.add("activations: VeRA x@A per target", ctx.tokens * b * r * per_layer_targets(arch) *
+                 (1 if ctx.grad_ckpt else arch.layers))
+
+    def peft_config(self, target_names: list[str]):
+        from peft import VeraConfig
+
+        m = self.cfg
+        # The shared projections are sized by the largest adapted shape and regenerated
+        # from projection_prng_key; saved with the adapter for portability.
+        return VeraConfig(r=self.rank(m), vera_dropout=m.dropout, target_modules=target_names,
+                          projection_prng_key=m.seed, save_projection=True, task_type="CAUSAL_LM")
