@@ -157,5 +157,24 @@ _CACHE: dict[str, KernelSet] = {}
 
 def get_kernels(mode: str) -> KernelSet:
     if mode not in _CACHE:
-        _CACHE[mode] = KernelSet(mode)
+        if mode == "triton":   # hook (issue 17): the same functions as one-pass Triton kernels
+            from .triton_kernels import TritonKernelSet
+
+            _CACHE[mode] = TritonKernelSet()
+        else:
+            _CACHE[mode] = KernelSet(mode)
     return _CACHE[mode]
+
+
+def triton_unavailable(device, d: int | None = None) -> str | None:
+    """Why method.kernel=triton cannot run on `device` (None: it can). Hook (issue 17)."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("triton") is None:
+        return "the triton package is not installed (pip install -e '.[triton]')"
+    if torch.device(device).type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return f"Triton kernels run on CUDA devices; this run's device is {device}"
+    if d is not None and d > 1 << 30:
+        return f"the Triton kernels take d <= 2^30, got d={d}"
+    return None
