@@ -22,7 +22,7 @@ CONFIG_DIR = REPO_ROOT / "configs"
 # gpart is the method; lora, vera (PEFT) and full fine-tuning are baselines that run
 # through the same data, loop, logging, checkpoints and export (see methods.py).
 METHODS = ("gpart", "lora", "vera", "full")
-KERNELS = ("auto", "compiled", "eager")
+KERNELS = ("auto", "compiled", "eager", "triton")
 PRECISIONS = ("auto", "bf16", "fp32")
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -35,7 +35,9 @@ class MethodConfig:
     # "all-linear", a list of module-name suffixes, or a regex over full module names.
     target_modules: Any = "all-linear"
     dropout: float = 0.0
-    kernel: str = "auto"            # auto: compiled for large models, eager for tiny ones
+    # auto: triton on CUDA where it imports (else compiled), compiled for large models on
+    # CPU, eager for tiny ones. triton: CUDA only (or TRITON_INTERPRET=1), d <= 2^30.
+    kernel: str = "auto"
     chunk_elems: int = 1 << 26      # W0 + delta elements alive at once per layer
     # Keep each layer's int32 group ids from forward to backward (4 bytes x D per rank
     # until the backward) so the backward hashes nothing. auto: on when 4 x D <= 1 GiB

@@ -39,7 +39,7 @@ class Merger:
         self.targets = {t.name + ".weight": t for t in targets}
         self.D = sum(t.shape[0] * t.shape[1] for t in targets)
         if scales is None:
-            counter = self.kernels.count_groups if self.kernels.mode == "compiled" else None
+            counter = self.kernels.count_groups if self.kernels.mode != "eager" else None
             counts = partition.group_counts(0, self.D, self.d, seed, device=self.device,
                                             chunk=self._piece(), counter=counter)
             scales = partition.scales_from_counts(counts)
@@ -49,7 +49,7 @@ class Merger:
     def _piece(self) -> int:
         """Elements hashed at once: the eager hash makes ~10 int64 temporaries per element
         (2^18 -> ~20 MB); the compiled kernel fuses them away and takes large pieces."""
-        return (1 << 24) if self.kernels.mode == "compiled" else (1 << 18)
+        return (1 << 24) if self.kernels.mode != "eager" else (1 << 18)   # compiled or triton
 
     def is_target(self, tensor_name: str) -> bool:
         return tensor_name in self.targets

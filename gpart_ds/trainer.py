@@ -22,7 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import adapter as adapter_io
 from . import assets, checkpoint, data, distributed, evaluate, methods, zero3
-from .config import check_paths, to_yaml, where_for
+from .config import ConfigError, check_paths, to_yaml, where_for
+from .kernels import triton_unavailable
 from .metrics import MetricsLog, format_step, peak_memory_gb
 from .hub import display_name
 from .model import check_targets, load_model, training_dtype
@@ -83,6 +84,11 @@ class Trainer:
         log.info("ranks from %s: world %d, %d on this node, master %s:%d", ranks.source, ranks.world,
                  ranks.local_world, ranks.master_addr, ranks.master_port)
         self.device = distributed.device()
+        m = cfg.method
+        if m.name == "gpart" and m.kernel == "triton":   # hook (issue 17): refused before any loading
+            no_triton = triton_unavailable(self.device, m.d)
+            if no_triton:
+                raise ConfigError(f"{where_for(cfg)('method.kernel')}: triton: {no_triton}")
         self.dtype = training_dtype(cfg.model.precision, self.device.type)
         self.out = Path(cfg.output_dir)
         if self.rank == 0:
@@ -128,8 +134,10 @@ class Trainer:
             # bucket under ZeRO-3 and fails.
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         kernel = m.kernel
-        if kernel == "auto":
-            kernel = "compiled" if (self.device.type == "cuda" or self.layout.D >= COMPILE_MIN_D) else "eager"
+        if kernel == "auto":   # hook (issue 17): Triton kernels on CUDA where triton imports
+            triton_ok = self.device.type == "cuda" and triton_unavailable(self.device, m.d) is None
+            kernel = ("triton" if triton_ok else
+                      "compiled" if (self.device.type == "cuda" or self.layout.D >= COMPILE_MIN_D) else "eager")
         self.method = methods.build(m, base, kernel_mode=kernel, count_device=self.device)
         self.gmodel = self.method.root if m.name == "gpart" else None
         extra = ""

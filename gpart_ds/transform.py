@@ -104,7 +104,7 @@ def count_groups_distributed(D: int, d: int, seed: int, kernels, device=None) ->
     rank = dist.get_rank() if world > 1 else 0
     per = -(-D // world)
     start, stop = min(D, rank * per), min(D, (rank + 1) * per)
-    counter = kernels.count_groups if kernels.mode == "compiled" else None
+    counter = kernels.count_groups if kernels.mode != "eager" else None   # compiled or triton
     counts = partition.group_counts(start, stop - start, d, seed, device=device, counter=counter)
     if world > 1:
         dist.all_reduce(counts, op=dist.ReduceOp.SUM)
