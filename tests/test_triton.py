@@ -340,6 +340,23 @@ def test_cpu_tensors_outside_the_interpreter_use_the_compiled_kernels(monkeypatc
     assert torch.equal(TRITON.effective_weight(w0, ts, base, 13), EAGER.effective_weight(w0, ts, base, 13))
 
 
+def test_a_failing_triton_kernel_warns_and_the_set_falls_back_to_compiled(monkeypatch):
+    """What an older Triton on a GPU box would do: values from the compiled kernels, once
+    warned, and mode "compiled" so that ops.py takes the plain op from then on."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("PTX too new for this driver")
+
+    monkeypatch.setattr(tk, "INTERPRET", False)
+    monkeypatch.setattr(tk, "_on_triton", lambda *t: True)
+    monkeypatch.setattr(tk, "_launch_elementwise", broken)
+    kernels = tk.TritonKernelSet()
+    w0, ts = torch.randn(100).to(torch.bfloat16), torch.randn(13) * 1e-2
+    base = torch.tensor(partition.hash_base(1, 2))
+    with pytest.warns(UserWarning, match="Triton kernel effective_weight failed"):
+        got = kernels.effective_weight(w0, ts, base, 13)
+    assert kernels.mode == "compiled" and torch.equal(got, EAGER.effective_weight(w0, ts, base, 13))
+
+
 @pytest.mark.slow
 def test_kernels_compile_for_sm90():
     """Every kernel and tile shape lowers to a Hopper cubin (the interpreter checks no types)."""
@@ -349,7 +366,7 @@ def test_kernels_compile_for_sm90():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     names = [json.loads(ln)["kernel"].split(" ")[0] for ln in proc.stdout.splitlines() if ln.startswith("{")]
     assert set(names) == {"effective_weight", "effective_weight_dropout", "backward_pass", "scatter_preagg",
-                          "count_groups", "forward", "grad_x", "grad_ts"}, proc.stdout
+                          "count_groups", "backward_pass_fp16_fp64", "forward", "grad_x", "grad_ts"}, proc.stdout
     assert names.count("forward") >= 2, "several tile shapes for the autotuner"
 
 
@@ -365,6 +382,7 @@ def test_gpu_ids_and_effective_weight_bit_identical_at_scale(d):
     ts = torch.randn(d, device="cuda") * 1e-3
     base = torch.tensor(partition.hash_base(seed, start), device="cuda")
     assert torch.equal(TRITON.effective_weight(w0, ts, base, d), get_kernels("compiled").effective_weight(w0, ts, base, d))
+    assert TRITON.mode == "triton", "a Triton kernel failed and fell back to the compiled ones"
 
 
 @pytest.mark.gpu
@@ -381,3 +399,4 @@ def test_gpu_fused_and_split_agree_on_a_mlp_shape(tokens, monkeypatch):
     assert torch.equal(split[0], compiled[0]) and torch.equal(split[1], compiled[1])
     for a, b in zip(fused, split):
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+    assert TRITON.mode == "triton", "a Triton kernel failed and fell back to the compiled ones"

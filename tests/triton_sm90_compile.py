@@ -67,6 +67,10 @@ def main():
     for name, c in variants.items():
         types = dict(elem, grad_ptr="*i32") if c["COUNT"] else elem
         compile_kernel(name, tk._elementwise_kernel, types, dict(c, INTERP=False, BLOCK=2048), 8, elems=per_thread)
+    wide = dict(elem, ts_ptr="*fp64", scale_ptr="*fp64", w0_ptr="*fp16", out_ptr="*fp16", dw_ptr="*fp16",
+                grad_ptr="*fp64")    # fp16 weights, fp64 theta (the float64 tests)
+    compile_kernel("backward_pass_fp16_fp64", tk._elementwise_kernel, wide,
+                   dict(variants["backward_pass"], KEEP=True, INTERP=False, BLOCK=2048), 8, elems=per_thread)
     gemm = dict(ACC=tl.float32, INTERP=False, PREC="ieee", GROUP=8)
     for kind, fn, types, extra in (
             ("forward", tk._forward_kernel, dict(x_ptr="*bf16", w0_ptr="*bf16", ts_ptr="*fp32", bias_ptr="*bf16",
