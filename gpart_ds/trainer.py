@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import checkpoint, comm, data, distributed, evaluate, methods, zero3
-from .config import check_paths, export_dir, resolved_lr, to_yaml, where_for
+from .config import ConfigError, check_paths, export_dir, resolved_lr, to_yaml, where_for
 from .errors import EXIT_PREEMPTED
 from .fileio import folder_bytes, write_atomic
 from .hub import display_name
@@ -75,6 +75,8 @@ class Trainer:
         log.info("ranks from %s: world %d, %d on this node, master %s:%d", ranks.source, ranks.world,
                  ranks.local_world, ranks.master_addr, ranks.master_port)
         self.device = distributed.device()
+        # What this machine must offer the method, before any weight is read.
+        methods.get(cfg.method.name).check_environment(cfg.method, self.device, self._need)
         self.dtype = training_dtype(cfg.model.precision, self.device.type)
         self.out = Path(cfg.output_dir)
         torch.manual_seed(cfg.train.seed)
@@ -90,6 +92,10 @@ class Trainer:
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
         self.metrics = MetricsLog(self.out if self.rank == 0 else None, cfg)
+
+    def _need(self, ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            raise ConfigError(f"{where_for(self.cfg)(key)}: {msg}")
 
     def _load_data(self) -> None:
         from transformers import AutoTokenizer

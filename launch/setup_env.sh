@@ -16,8 +16,9 @@ fi
 
 # mpi4py (the `mpi` extra: rank discovery under mpirun / srun --mpi=pmix) needs the
 # system's MPI: installed only where one is (Debian: openmpi-bin libopenmpi-dev).
-extras=dev
-if command -v mpicc >/dev/null 2>&1; then extras=dev,mpi; fi
+# triton: the fused GPart kernels (their tests run in Triton's interpreter on CPU).
+extras=dev,triton
+if command -v mpicc >/dev/null 2>&1; then extras=dev,triton,mpi; fi
 
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 stamp="$VENV/.gpart_ds-installed"

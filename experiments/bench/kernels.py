@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from gpart_ds.methods.gpart.kernels import get_kernels
+from gpart_ds.methods.gpart.kernels import get_kernels, triton_unavailable
 from gpart_ds.methods.gpart.partition import hash_base
 
 
@@ -47,7 +47,9 @@ def bench(rows: int, cols: int, d: int, repeat: int, dtype=torch.bfloat16) -> di
     out = {"rows": rows, "cols": cols, "elements": n, "d": d, "dtype": str(dtype), "device": str(dev),
            "torch": torch.__version__, "threads": torch.get_num_threads(),
            "machine": platform.processor() or platform.machine()}
-    for mode in ("eager", "compiled"):
+    modes = ("eager", "compiled") + (("triton",) if dev.type == "cuda" and triton_unavailable(dev, d) is None else ())
+    out["modes"] = list(modes)
+    for mode in modes:
         k = get_kernels(mode)
         jobs = {
             "effective_weight": lambda: k.effective_weight(w0, ts, base, d),
@@ -65,6 +67,8 @@ def bench(rows: int, cols: int, d: int, repeat: int, dtype=torch.bfloat16) -> di
                 out[f"{name}.compile_s"] = first
     for name in KERNELS:
         out[f"{name}.speedup"] = out[f"{name}.compiled.elems_per_s"] / out[f"{name}.eager.elems_per_s"]
+        if "triton" in modes:   # issue 17
+            out[f"{name}.triton_vs_compiled"] = out[f"{name}.triton.elems_per_s"] / out[f"{name}.compiled.elems_per_s"]
     return out
 
 
@@ -83,7 +87,9 @@ def main(argv=None) -> dict:
     for name in KERNELS:
         print(f"{name:<18}{res[name + '.eager.elems_per_s'] / 1e6:>16.1f}"
               f"{res[name + '.compiled.elems_per_s'] / 1e6:>20.1f}{res[name + '.speedup']:>9.1f}x"
-              f"{res[name + '.compile_s']:>11.1f}")
+              f"{res[name + '.compile_s']:>11.1f}"
+              + (f"   triton {res[name + '.triton.elems_per_s'] / 1e6:.1f} M elem/s "
+                 f"({res[name + '.triton_vs_compiled']:.1f}x compiled)" if "triton" in res["modes"] else ""))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(res, fh, indent=2)

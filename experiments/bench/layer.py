@@ -8,7 +8,9 @@ Same shape, same input, same upstream gradient, in one process:
   trainable  x @ W^T, gradients for x and W (full fine-tuning's layer)
   lora       frozen + x @ A^T @ B^T, rank 8 (PEFT's computation, without PEFT's wrapper)
   gpart      the GPart op (ops.gpart_linear) with eager and with compiled kernels, and
-             compiled with reuse_ids (the forward's group ids kept for the backward)
+             compiled with reuse_ids (the forward's group ids kept for the backward);
+             on CUDA with triton also method.kernel=triton: the fused GEMMs, the split
+             path (one-pass Triton kernels + cuBLAS) and the per-shape choice (auto)
 and the delta-generation throughput (elements of W0 + delta per second) of the fused
 (compiled) kernel vs eager. Times are medians after warm-up; the first compiled call
 (compilation) is excluded and reported. Defaults are SmolLM2-135M's MLP up-projection
@@ -18,16 +20,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
 
 import torch
 
-from gpart_ds.methods.gpart.kernels import get_kernels
+from gpart_ds.methods.gpart.kernels import get_kernels, triton_unavailable
 from gpart_ds.methods.gpart.op import OpConfig, gpart_linear
-from gpart_ds.targets import Target
 from gpart_ds.methods.gpart.partition import group_counts, hash_base, scales_from_counts
+from gpart_ds.targets import Target
 
 PRESETS = {
     "smollm2": dict(out_features=1536, in_features=576, tokens=2048, d=65536),
@@ -93,11 +96,12 @@ def bench(out_features: int, in_features: int, tokens: int, d: int, dtype: torch
         a.grad = b.grad = None
         (xi @ w0.t() + (xi @ a.t()) @ b.t() * 2.0).backward(gy)
 
-    def gpart(mode, reuse=False):
+    def gpart(mode, reuse=False, path="auto"):
         cfg = OpConfig(d=d, seed=seed, kernels=get_kernels(mode), reuse_ids=reuse)
         th = theta.detach().clone().requires_grad_(True)
 
         def run():
+            os.environ["GPART_TRITON_PATH"] = path   # read by triton_op per call (mode triton only)
             xi = x.detach().requires_grad_(True)
             th.grad = None
             gpart_linear(xi, w0, None, th * scales, spec, cfg).backward(gy)
@@ -113,6 +117,10 @@ def bench(out_features: int, in_features: int, tokens: int, d: int, dtype: torch
     jobs = {"frozen": frozen, "trainable": trainable, "lora": lora,
             "gpart_eager": gpart("eager"), "gpart_compiled": gpart("compiled"),
             "gpart_compiled_reuse_ids": gpart("compiled", reuse=True)}
+    triton = dev.type == "cuda" and triton_unavailable(dev, d) is None
+    if triton:   # issue 17; auto's first call times both paths (its first_call_s)
+        jobs.update({"gpart_triton": gpart("triton"), "gpart_triton_fused": gpart("triton", path="fused"),
+                     "gpart_triton_split": gpart("triton", path="split")})
     for name, fn in jobs.items():
         first, med = _median_time(fn, repeat, dev)
         res["layers"][name] = {"fwd_bwd_s": med, "first_call_s": first}
@@ -127,11 +135,14 @@ def bench(out_features: int, in_features: int, tokens: int, d: int, dtype: torch
     ts = theta * scales
     hb = torch.tensor(hash_base(seed, 0), device=dev)
     gen = {}
-    for mode in ("eager", "compiled"):
+    for mode in ("eager", "compiled") + (("triton",) if triton else ()):
         k = get_kernels(mode)
         first, med = _median_time(lambda: k.effective_weight(flat, ts, hb, d), repeat, dev)
         gen[mode] = {"elems_per_s": n / med, "first_call_s": first}
     gen["fused_speedup"] = gen["compiled"]["elems_per_s"] / gen["eager"]["elems_per_s"]
+    if triton:
+        # W0 read + W0 + delta written; theta * s gathered from L2 (d x 4 bytes) not counted
+        gen["triton"]["hbm_bytes_per_s"] = gen["triton"]["elems_per_s"] * 2 * w0.element_size()
     res["delta_generation"] = gen
     return res
 
@@ -147,6 +158,9 @@ def format_report(res: dict) -> str:
     g = res["delta_generation"]
     lines += ["", f"delta generation (W0 + delta): eager {g['eager']['elems_per_s'] / 1e6:.0f} M elem/s, "
                   f"fused {g['compiled']['elems_per_s'] / 1e6:.0f} M elem/s ({g['fused_speedup']:.1f}x)"]
+    if "triton" in g:
+        lines.append(f"triton one-pass kernel: {g['triton']['elems_per_s'] / 1e6:.0f} M elem/s, "
+                     f"{g['triton']['hbm_bytes_per_s'] / 1e9:.0f} GB/s of W0 read + written")
     return "\n".join(lines)
 
 

@@ -8,6 +8,7 @@ registry (methods/__init__.py), nothing else.
 
 Config time (classmethods, no weights, no process group):
     validate(m, need)           value checks of the method.* keys it reads
+    check_environment(m, device, need)  what this machine must offer (e.g. Triton on CUDA)
     check_layout(m, layout, need)  checks against the model's target weights
     trainable_count(m, arch)    trainable parameters, from shapes
     auto_lr(m, D)               the learning rate `train.lr: auto` resolves to
@@ -72,6 +73,10 @@ class Method:
     @classmethod
     def validate(cls, m, need: Need) -> None:
         """Value checks of the method.* keys this method reads."""
+
+    @classmethod
+    def check_environment(cls, m, device: torch.device, need: Need) -> None:
+        """Checks against the machine, once the device is known and before any weight is read."""
 
     @classmethod
     def check_layout(cls, m, layout: Layout, need: Need) -> None:

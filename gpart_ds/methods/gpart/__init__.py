@@ -22,7 +22,7 @@ from ... import comm
 from ...targets import Layout, normalize_patterns
 from ..base import Method, Need
 from . import partition
-from .kernels import MODES as KERNEL_MODES, choose_mode
+from .kernels import MODES as KERNEL_MODES, choose_mode, triton_unavailable
 from .layer import THETA, GPartModel, apply_gpart
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,12 @@ class GPart(Method):
         need(m.chunk_elems >= 1, "method.chunk_elems", "must be >= 1")
         need(m.reuse_ids in ("auto", True, False), "method.reuse_ids",
              f"must be auto, true or false, got {m.reuse_ids!r}")
+
+    @classmethod
+    def check_environment(cls, m, device: torch.device, need: Need) -> None:
+        if m.kernel == "triton":
+            why = triton_unavailable(device, m.d)
+            need(why is None, "method.kernel", f"triton: {why}")
 
     @classmethod
     def check_layout(cls, m, layout: Layout, need: Need) -> None:
@@ -116,7 +122,7 @@ class GPart(Method):
     # ------------------------------------------------------------ run time
     def build(self, base: nn.Module, layout: Layout, device: torch.device) -> GPartModel:
         m = self.cfg
-        self.kernel_mode = choose_mode(m.kernel, layout.D, device.type)
+        self.kernel_mode = choose_mode(m.kernel, layout.D, device, m.d)
         self.layout = layout
         self.root = apply_gpart(base, d=m.d, seed=m.seed, target_modules=normalize_patterns(m.target_modules),
                                 dropout=m.dropout, kernel_mode=self.kernel_mode, chunk_elems=m.chunk_elems,

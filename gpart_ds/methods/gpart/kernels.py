@@ -157,17 +157,40 @@ _CACHE: dict[str, KernelSet] = {}
 # Below this many target weights the compile time of the fused kernels (seconds) is
 # larger than what they save; eager kernels run tiny models faster.
 COMPILE_MIN_D = 1 << 24
-MODES = ("auto", "compiled", "eager")
+MODES = ("auto", "compiled", "eager", "triton")
 
 
-def choose_mode(mode: str, D: int, device_type: str) -> str:
-    """method.kernel=auto -> compiled on GPUs and for large models, else eager."""
+def choose_mode(mode: str, D: int, device, d: int | None = None) -> str:
+    """method.kernel=auto -> Triton on CUDA where it imports, else compiled on GPUs and for
+    large models, else eager."""
     if mode != "auto":
         return mode
-    return "compiled" if (device_type == "cuda" or D >= COMPILE_MIN_D) else "eager"
+    device = torch.device(device)
+    if device.type == "cuda" and triton_unavailable(device, d) is None:
+        return "triton"
+    return "compiled" if (device.type == "cuda" or D >= COMPILE_MIN_D) else "eager"
 
 
 def get_kernels(mode: str) -> KernelSet:
     if mode not in _CACHE:
-        _CACHE[mode] = KernelSet(mode)
+        if mode == "triton":   # the same functions as one-pass Triton kernels (triton.py)
+            from .triton import TritonKernelSet
+
+            _CACHE[mode] = TritonKernelSet()
+        else:
+            _CACHE[mode] = KernelSet(mode)
     return _CACHE[mode]
+
+
+def triton_unavailable(device, d: int | None = None) -> str | None:
+    """Why method.kernel=triton cannot run on `device` (None: it can)."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("triton") is None:
+        return "the triton package is not installed (pip install -e '.[triton]')"
+    if torch.device(device).type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return f"Triton kernels run on CUDA devices; this run's device is {device}"
+    if d is not None and d > 1 << 30:
+        return f"the Triton kernels take d <= 2^30, got d={d}"
+    return None

@@ -33,7 +33,7 @@ def count_groups_distributed(D: int, d: int, seed: int, kernels, device=None) ->
     world, rank = comm.world(), comm.rank()
     per = -(-D // world)
     start, stop = min(D, rank * per), min(D, (rank + 1) * per)
-    counter = kernels.count_groups if kernels.mode == "compiled" else None
+    counter = kernels.count_groups if kernels.mode != "eager" else None   # compiled or triton
     counts = partition.group_counts(start, stop - start, d, seed, device=device, counter=counter)
     return comm.sum_(counts)
 

@@ -29,7 +29,7 @@ class Merger:
         self.targets = {t.weight_name: t for t in targets}
         self.D = sum(t.numel for t in targets)
         if scales is None:
-            counter = kernels.count_groups if kernels.mode == "compiled" else None
+            counter = kernels.count_groups if kernels.mode != "eager" else None
             counts = partition.group_counts(0, self.D, self.d, seed, device=self.device,
                                             chunk=self._piece(), counter=counter)
             scales = partition.scales_from_counts(counts)
@@ -47,7 +47,7 @@ class Merger:
     def _piece(self) -> int:
         """Elements hashed at once: the eager hash makes ~10 int64 temporaries per element
         (2^18 -> ~20 MB); the compiled kernel fuses them away and takes large pieces."""
-        return (1 << 24) if self.op.kernels.mode == "compiled" else (1 << 18)
+        return (1 << 24) if self.op.kernels.mode != "eager" else (1 << 18)
 
     def is_target(self, tensor_name: str) -> bool:
         return tensor_name in self.targets

@@ -139,4 +139,8 @@ def gpart_linear(x, weight, bias, ts, spec: Target, cfg: OpConfig, keep_seed=Non
     """Apply the op. `ts` is theta * s (fp32, length d); `keep_seed` enables dropout."""
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         raise RuntimeError("GPart expects a frozen base weight and bias (requires_grad=False)")
+    if cfg.kernels.mode == "triton":   # fused Triton GEMMs or this op, whichever is faster per shape
+        from .triton_op import triton_gpart_linear
+
+        return triton_gpart_linear(x, weight, bias, ts, spec, cfg, keep_seed)
     return GPartLinearFunction.apply(x, weight, bias, ts, spec, cfg, keep_seed)

@@ -62,7 +62,7 @@ class MergeSource:
         return self.dtype or base[self.targets[0].weight_name].entry.dtype
 
     def merger(self, compute_dtype: torch.dtype, kernel: str = "auto", device=None) -> Merger:
-        mode = choose_mode(kernel, sum(t.numel for t in self.targets), "cpu")
+        mode = choose_mode(kernel, sum(t.numel for t in self.targets), device or "cpu", self.d)
         return Merger(self.theta, self.seed, self.targets, compute_dtype, get_kernels(mode), device=device)
 
     def provenance(self) -> dict:
