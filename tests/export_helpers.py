@@ -69,8 +69,9 @@ def expected_targets(base_tensors, layout, theta, seed, dtype) -> dict[str, torc
     return out
 
 
-def write_reference_adapter(folder: Path, theta, d, proj_seed, target_modules, **overrides):
-    """An adapter folder as the authors' PEFT tuner writes it (config keys, tensor name)."""
+def write_reference_adapter(folder: Path, theta, d, proj_seed, target_modules, drop=(), **overrides):
+    """An adapter folder as the authors' PEFT tuner writes it (config keys, tensor name);
+    `drop`: keys an older version of their code did not write."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -79,6 +80,7 @@ def write_reference_adapter(folder: Path, theta, d, proj_seed, target_modules, *
            "projection_type": "partition", "partition_scope": "global", "grouping_strategy": "random",
            "isometric": True, "fan_in_fan_out": False, "gpart_dropout": 0.0, "init_bound": 0.0,
            "layers_to_transform": None, "base_model_name_or_path": None, **overrides}
+    cfg = {k: v for k, v in cfg.items() if k not in drop}
     (folder / "adapter_config.json").write_text(json.dumps(cfg))
     save_file({"base_model.model.gpart_theta_d": theta.float().contiguous()},
               str(folder / "adapter_model.safetensors"))

@@ -73,7 +73,9 @@ def test_verify_fails_on_a_merge_that_is_not_the_adapter(tmp_path, tok_dir):
 
 
 def test_reference_adapter_merges_to_the_reference_weights(tmp_path, tok_dir):
-    """The authors' stateless backend: W0 + ((theta * s)[g]).to(W0.dtype), biases excluded."""
+    """The authors' stateless backend: W0 + ((theta * s)[g]).to(W0.dtype), biases excluded,
+    as their merge_and_unload computes it (written out independently in export_helpers):
+    bit for bit on every target weight, every other tensor untouched."""
     base = make_base(tmp_path / "base", tok_dir, dtype=torch.bfloat16)
     theta = torch.randn(64, generator=torch.Generator().manual_seed(3)) * 0.3
     write_reference_adapter(tmp_path / "ref", theta, 64, proj_seed=42, target_modules=["q_proj", "v_proj"])
@@ -105,6 +107,55 @@ def test_reference_settings_we_cannot_reproduce_are_refused(tmp_path, tok_dir, k
     assert not (tmp_path / "out").exists()
 
 
+def test_reference_adapters_older_than_the_backend_key_are_refused_not_guessed(tmp_path, tok_dir):
+    # Before 2026-07-22 the authors' code wrote no assignment_backend and used torch.randint
+    # assignments: merging them as SplitMix64 would silently produce another model.
+    base = make_base(tmp_path / "base", tok_dir)
+    write_reference_adapter(tmp_path / "ref", torch.zeros(8), 8, 0, "all-linear", drop=("assignment_backend",))
+    with pytest.raises(AdapterError, match="no 'assignment_backend' key.*torch.randint"):
+        export.merge_offline(base, tmp_path / "ref", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_reference_adapters_with_extra_trained_modules_are_refused(tmp_path, tok_dir):
+    base = make_base(tmp_path / "base", tok_dir)
+    write_reference_adapter(tmp_path / "ref", torch.zeros(8), 8, 0, "all-linear", modules_to_save=["lm_head"])
+    with pytest.raises(AdapterError, match="modules_to_save.*lm_head"):
+        export.merge_offline(base, tmp_path / "ref", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_diverged_adapter_is_not_merged(tmp_path, tok_dir):
+    from safetensors.torch import load_file, save_file
+
+    from gpart_ds.fileio import sha256_file
+
+    base = make_base(tmp_path / "base", tok_dir)
+    make_adapter(tmp_path / "ad", base, d=16, seed=0)
+    w = tmp_path / "ad" / "adapter_model.safetensors"
+    theta = load_file(str(w))["gpart_theta"]
+    theta[3] = float("nan")
+    save_file({"gpart_theta": theta}, str(w))   # as a diverged run would have written it
+    cfg_path = tmp_path / "ad" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["weights_sha256"] = sha256_file(w)
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(AdapterError, match="1 non-finite values"):
+        export.merge_offline(base, tmp_path / "ad", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_merge_whose_target_is_missing_from_the_base_files_is_refused(tmp_path, tok_dir):
+    from gpart_ds import safetensors_io as stio
+
+    class Renamed:   # a merge that adapts a tensor the base files do not hold
+        targets = {"model.layers.0.self_attn.q_proj.weight": None, "model.layers.9.renamed.weight": None}
+
+    base = make_base(tmp_path / "base", tok_dir)
+    with pytest.raises(export.ExportError, match="not in the base model's safetensors files.*renamed"):
+        export.check_targets_stored(Renamed(), stio.read_model_header(base), base)
+
+
 def test_wrong_base_model_is_refused_by_name(tmp_path, tok_dir):
     a = make_base(tmp_path / "a", tok_dir, hidden=8)
     b = make_base(tmp_path / "b", tok_dir, hidden=16, heads=2)
@@ -114,6 +165,11 @@ def test_wrong_base_model_is_refused_by_name(tmp_path, tok_dir):
     c = make_base(tmp_path / "c", tok_dir, layers=1)
     with pytest.raises(AdapterError, match="layers.1.self_attn.q_proj.weight is not in the base model"):
         export.merge_offline(c, tmp_path / "ad", tmp_path / "out")
+    # a 2-layer adapter into a 3-layer model: every adapter target exists, but layer 2's would
+    # be left unadapted
+    e = make_base(tmp_path / "e", tok_dir, layers=3)
+    with pytest.raises(AdapterError, match=r"adapter's 14 targets differ from the base model's 21 .*target 14"):
+        export.merge_offline(e, tmp_path / "ad", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 

@@ -90,3 +90,19 @@ def test_export_only_from_a_checkpoint_and_existing_folder_refused(tmp_path, zer
                           text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "export.dir" in proc.stderr and "already exists" in proc.stderr
+
+
+def test_offline_export_from_a_checkpoint_folder_uses_the_runs_dtype(tmp_path, zero3_run):
+    """`python -m gpart_ds.export --adapter OUT/checkpoints/step-N`: theta from the checkpoint,
+    rounding in the dtype the run trained in (recorded in the checkpoint), byte-identical to
+    the run's own merged export."""
+    base, out = zero3_run
+    ckpt = out / "checkpoints" / "step-000003"
+    assert json.loads((ckpt / "state.json").read_text())["dtype"] == "bfloat16"
+    proc = subprocess.run([sys.executable, "-m", "gpart_ds.export", "--base", str(base), "--adapter", str(ckpt),
+                           "--out", str(tmp_path / "from_ckpt"), "--max-shard-size", "100"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = read_folder(tmp_path / "from_ckpt"), read_folder(out / "merged")
+    assert a.keys() == b.keys() and all(raw_bytes(a[k]) == raw_bytes(b[k]) for k in a)
+    assert json.loads((tmp_path / "from_ckpt" / "gpart_merge.json").read_text())["adapter_kind"] == "checkpoint"

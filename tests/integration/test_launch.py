@@ -33,6 +33,26 @@ def test_deepspeed_launch_tiny_config_trains_and_writes_adapter_and_metrics(deep
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
 
+def test_metrics_reach_tensorboard_and_wandb_and_the_progress_line_shows_an_eta(deepspeed_tiny_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, proc = deepspeed_tiny_run   # log.wandb=true, log.wandb_mode=offline; TensorBoard: auto
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = {r["step"]: r["loss"] for r in recs if "step_time_s" in r}
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    tb = {e.step: e.value for e in acc.Scalars("train/loss")}
+    assert tb.keys() == losses.keys() and all(abs(tb[s] - losses[s]) < 1e-6 * abs(losses[s]) for s in tb)
+    evals = [r for r in recs if r.get("event") == "eval"]
+    assert [e.step for e in acc.Scalars("eval/eval_loss")] == [r["step"] for r in evals]
+    runs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
+    blob = runs[0].read_bytes()
+    assert b"train/loss" in blob and b"eval/eval_loss" in blob and b"eval_loss_after" in blob
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "step 4/12" in ln or "step 12/12" in ln]
+    assert any("ETA " in ln for ln in lines), lines
+
+
 def _train_py(*args):
     return subprocess.run([sys.executable, "launch/train.py", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=300)

@@ -149,3 +149,30 @@ def test_no_grad_forward_with_zero_theta_skips_the_delta_and_matches():
         assert not g.gpart_ctx.zero and not torch.equal(a, b)
     c = g(input_ids=ids).logits  # with grad: the op runs even at theta = 0 elsewhere
     assert not g.gpart_ctx.zero and torch.equal(b, c.detach())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_biased_model_forward_equals_the_merged_model_bit_for_bit(dtype):
+    """Qwen2 puts biases on q/k/v: the GPart forward must round like the merged model's
+    nn.Linear (bias fused into the GEMM), so the served model is the trained one."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    base = Qwen2ForCausalLM(cfg).to(dtype).eval()
+    with torch.no_grad():
+        for name, p in base.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)   # biases that matter at bf16 precision
+    merged = Qwen2ForCausalLM(cfg).to(dtype).eval()
+    merged.load_state_dict(base.state_dict())
+    assert base.model.layers[0].self_attn.q_proj.bias is not None
+    g = apply_gpart(base, d=96, seed=11)
+    with torch.no_grad():
+        g.theta.copy_(torch.randn(96, generator=torch.Generator().manual_seed(4)) * 0.2)
+        mods = dict(merged.named_modules())
+        for t in g.layout.targets:
+            mods[t.name].weight.copy_(g.effective_weight(t.name))
+        ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(5))
+        assert torch.equal(g(input_ids=ids).logits, merged(input_ids=ids).logits)
