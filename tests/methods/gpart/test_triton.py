@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gpart_ds import partition, triton_kernels as tk, triton_op
+from gpart_ds.methods.gpart import partition, triton as tk, triton_op
 from gpart_ds.methods.gpart.kernels import get_kernels, triton_unavailable
 from gpart_ds.methods.gpart.op import OpConfig, effective_rows, gpart_linear
 from gpart_ds.targets import Target
