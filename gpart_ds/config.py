@@ -46,8 +46,8 @@ class MethodConfig:
     target_modules: Any = _f("all-linear", "'all-linear' (every linear in the decoder blocks), a list of "
                              "module-name suffixes (e.g. [q_proj, v_proj]), or a regex over full module names")
     dropout: float = _f(0.0, "gpart: dropout on delta W, elementwise; lora/vera: their own dropout")
-    kernel: str = _f("auto", "gpart: auto | compiled | eager | triton (auto: triton on CUDA where it imports, "
-                     "compiled for large models on CPU, eager for tiny ones; triton needs CUDA and d <= 2^30)")
+    kernel: str = _f("auto", "gpart: auto | compiled | eager | triton (auto: compiled on GPUs and for large "
+                     "models, eager for tiny ones; triton: the fused Triton kernels, CUDA only, d <= 2^30)")
     chunk_elems: int = _f(1 << 26, "gpart: elements of W0 + delta alive at once per layer")
     reuse_ids: Any = _f("auto", "gpart: keep each layer's int32 group ids from forward to backward (4 bytes x D "
                         "per rank); auto: on when 4 x D <= 1 GiB and no dropout")

@@ -160,13 +160,19 @@ COMPILE_MIN_D = 1 << 24
 MODES = ("auto", "compiled", "eager", "triton")
 
 
+# method.kernel=auto picks the Triton kernels on CUDA only once they have been checked on
+# a GPU (launch/gpu_check.sh); until then they are opt-in (method.kernel: triton): their
+# correctness is tested in Triton's interpreter on CPU and their sm_90 compile, not on a GPU.
+AUTO_TRITON = False
+
+
 def choose_mode(mode: str, D: int, device, d: int | None = None) -> str:
-    """method.kernel=auto -> Triton on CUDA where it imports, else compiled on GPUs and for
-    large models, else eager."""
+    """method.kernel=auto -> compiled on GPUs (Triton once AUTO_TRITON) and for large
+    models, else eager."""
     if mode != "auto":
         return mode
     device = torch.device(device)
-    if device.type == "cuda" and triton_unavailable(device, d) is None:
+    if AUTO_TRITON and device.type == "cuda" and triton_unavailable(device, d) is None:
         return "triton"
     return "compiled" if (device.type == "cuda" or D >= COMPILE_MIN_D) else "eager"
 
