@@ -124,8 +124,12 @@ def test_every_method_implements_the_interface(hook):
 
     for name, cls in methods.REGISTRY.items():
         assert cls.name == name
-        if hook in ("trainable_count", "auto_lr", "plan_rows", "build"):
+        if hook in ("trainable_count", "plan_rows", "build"):
             assert getattr(cls, hook) is not getattr(Method, hook), f"{name} lacks {hook}"
+        if hook == "auto_lr":   # a calibrated rate for every method (train.lr: auto)
+            from gpart_ds.plan import spec
+
+            assert cls.auto_lr(spec(name, d=1024), 10**6) > 0
 
 
 def test_the_configuration_reference_is_generated_from_the_schema():

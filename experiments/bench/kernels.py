@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from gpart_ds.fileio import write_atomic
 from gpart_ds.methods.gpart.kernels import get_kernels, triton_unavailable
 from gpart_ds.methods.gpart.partition import hash_base
 
@@ -91,8 +92,7 @@ def main(argv=None) -> dict:
               + (f"   triton {res[name + '.triton.elems_per_s'] / 1e6:.1f} M elem/s "
                  f"({res[name + '.triton_vs_compiled']:.1f}x compiled)" if "triton" in res["modes"] else ""))
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(res, fh, indent=2)
+        write_atomic(args.json, json.dumps(res, indent=2) + "\n")
     return res
 
 

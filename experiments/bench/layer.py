@@ -27,6 +27,7 @@ import time
 
 import torch
 
+from gpart_ds.fileio import write_atomic
 from gpart_ds.methods.gpart.kernels import get_kernels, triton_unavailable
 from gpart_ds.methods.gpart.op import OpConfig, gpart_linear
 from gpart_ds.methods.gpart.partition import group_counts, hash_base, scales_from_counts
@@ -186,8 +187,7 @@ def main(argv=None) -> dict:
     res = bench(dtype=dtype, repeat=args.repeat, device=args.device, **shape)
     print(format_report(res), flush=True)
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(res, fh, indent=2)
+        write_atomic(args.json, json.dumps(res, indent=2) + "\n")
     return res
 
 

@@ -68,6 +68,8 @@ class Method:
     drift_keys: ClassVar[tuple[str, ...]] = ("name", "target_modules")
     # True when the base weights themselves train (the planner counts their optimizer state).
     trains_base: ClassVar[bool] = False
+    # The rate `train.lr: auto` gives a method whose rate does not depend on D (docs/lr_rule.md).
+    DEFAULT_LR: ClassVar[float | None] = None
 
     # ------------------------------------------------------------ config time
     @classmethod
@@ -88,7 +90,9 @@ class Method:
 
     @classmethod
     def auto_lr(cls, m, D: int) -> float:
-        raise NotImplementedError
+        if cls.DEFAULT_LR is None:
+            raise NotImplementedError(f"{cls.name} has no calibrated learning rate: set train.lr")
+        return cls.DEFAULT_LR
 
     @classmethod
     def plan_rows(cls, plan, arch, m, ctx) -> None:

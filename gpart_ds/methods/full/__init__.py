@@ -25,10 +25,6 @@ class Full(Method):
         return arch.n_params
 
     @classmethod
-    def auto_lr(cls, m, D: int) -> float:
-        return cls.DEFAULT_LR
-
-    @classmethod
     def plan_rows(cls, plan, arch, m, ctx) -> None:
         W, b = ctx.world, ctx.b
         plan.add(f"gradients, own partition (1/{W})", ctx.shard * b)

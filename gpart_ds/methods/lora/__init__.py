@@ -31,10 +31,6 @@ class LoRA(PeftMethod):
         return sum(cls.rank(m) * (o + i) for o, i in arch.targets)
 
     @classmethod
-    def auto_lr(cls, m, D: int) -> float:
-        return cls.DEFAULT_LR
-
-    @classmethod
     def plan_rows(cls, plan, arch, m, ctx) -> None:
         r, W, b = cls.rank(m), ctx.world, ctx.b
         n = cls.trainable_count(m, arch)

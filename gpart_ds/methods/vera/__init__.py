@@ -23,10 +23,6 @@ class VeRA(PeftMethod):
         return sum(cls.rank(m) + o for o, _ in arch.targets)
 
     @classmethod
-    def auto_lr(cls, m, D: int) -> float:
-        return cls.DEFAULT_LR
-
-    @classmethod
     def plan_rows(cls, plan, arch, m, ctx) -> None:
         r, W, b = cls.rank(m), ctx.world, ctx.b
         vec = cls.trainable_count(m, arch)
