@@ -104,6 +104,13 @@ class CheckpointConfig:
 class DistConfig:
     timeout_minutes: float = 60.0   # long: rank 0 may tokenise while others wait
     backend: str = "auto"           # auto: nccl with CUDA, gloo otherwise
+    # scale (issue 16): where ZeRO-3 partitions the frozen base. node: within groups of
+    # frozen_partition_size ranks (0: the ranks of one node), a whole copy per group, so
+    # only the trainables' gradients and a few scalars cross nodes; global: over the world
+    # (plain ZeRO-3). On one node both are the same. See docs/scale.md.
+    frozen_partition: str = "node"
+    frozen_partition_size: int = 0
+    count_comm: bool = False        # count collective bytes per phase (gpart_ds/commcount.py)
 
 
 @dataclass
@@ -276,6 +283,10 @@ def _validate_values(cfg: DictConfig, where: _Where) -> None:
     need(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
     need(cfg.dist.backend in ("auto", "nccl", "gloo", "mpi"), "dist.backend",
          "must be auto, nccl, gloo or mpi")
+    need(cfg.dist.frozen_partition in ("node", "global"), "dist.frozen_partition",   # scale (issue 16)
+         f"must be node or global, got {cfg.dist.frozen_partition!r}")
+    need(cfg.dist.frozen_partition_size >= 0, "dist.frozen_partition_size",
+         "must be >= 0 (0: the ranks of one node)")
     e = cfg.export
     need(e.dtype in ("auto", "bf16", "fp16", "fp32"), "export.dtype", f"must be auto, bf16, fp16 or fp32, got {e.dtype!r}")
     from .safetensors_io import parse_size

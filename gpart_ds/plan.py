@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import re
 import sys
 from dataclasses import dataclass, field
@@ -189,13 +190,16 @@ def estimate(a: Arch, *, world: int, method: str = "gpart", d: int = 0, lora_ran
              micro_batch: int = 1, seq_len: int = 2048, dtype_bytes: int = 2,
              grad_ckpt: bool = True, chunk_elems: int = 1 << 26, zero: dict | None = None,
              padded: bool = True, overhead_gb: float = 3.0, head_tokens: int | None = None,
-             reuse_ids: bool = False, vera_rank: int = VERA_DEFAULT_RANK) -> Plan:
+             reuse_ids: bool = False, vera_rank: int = VERA_DEFAULT_RANK,
+             frozen_group: int | None = None) -> Plan:
     """The per-rank memory plan for `world` ZeRO-3 ranks (see the module docstring).
 
     `zero`: DeepSpeed's zero_optimization section (thresholds, prefetch, offload);
     `method`: gpart (needs d), lora (rank `lora_rank` on the same targets) or full;
     `head_tokens`: positions per micro-batch the LM head runs on (default: all tokens, the
     upper bound; a loss at label positions only needs the labelled ones).
+    `frozen_group`: ranks the frozen weights are partitioned over (dist.frozen_partition=node:
+    one node's; default and for full fine-tuning: the world). scale (issue 16)
     """
     if method not in METHODS:
         raise PlanError(f"method must be one of {METHODS}, got {method!r}")
@@ -212,9 +216,11 @@ def estimate(a: Arch, *, world: int, method: str = "gpart", d: int = 0, lora_ran
     tokens = micro_batch * seq_len
 
     weights = "trainable weights" if method == "full" else "frozen weights"
-    shard = sum(-(-n // W) for _, n in a.params)
+    G = W if method == "full" or not frozen_group else min(frozen_group, W)   # scale (issue 16)
+    shard = sum(-(-n // G) for _, n in a.params)
     persisted = sum(n for _, n in a.params if n <= persist)
-    plan.add(f"{weights}, own ZeRO-3 partition (1/{W})", shard * b, on_host=off_param)
+    where = "" if G == W else ", within a group"
+    plan.add(f"{weights}, own ZeRO-3 partition (1/{G}{where})", shard * b, on_host=off_param)
     if persisted:
         plan.add(f"small parameters kept whole (<= {persist:,} elements)", persisted * b)
     units = a.units()
@@ -363,14 +369,14 @@ def method_reuse_ids(cfg, arch: Arch) -> bool:
 
 
 def plan_for_config(cfg, arch: Arch, world: int, method: str | None = None, lora_rank: int = 16,
-                    overhead_gb: float = 3.0) -> Plan:
+                    overhead_gb: float = 3.0, frozen_group: int | None = None) -> Plan:
     zero = dict((cfg.deepspeed or {}).get("zero_optimization", {}))
     return estimate(arch, world=world, method=method or cfg.method.name, d=cfg.method.d or 0,
                     lora_rank=cfg.method.r or lora_rank, vera_rank=cfg.method.r or VERA_DEFAULT_RANK, micro_batch=cfg.train.micro_batch_size,
                     seq_len=cfg.data.max_length, dtype_bytes=dtype_bytes(cfg.model.precision),
                     grad_ckpt=cfg.model.gradient_checkpointing, chunk_elems=cfg.method.chunk_elems,
                     zero=zero, padded=not cfg.data.packing, overhead_gb=overhead_gb,
-                    reuse_ids=method_reuse_ids(cfg, arch))
+                    reuse_ids=method_reuse_ids(cfg, arch), frozen_group=frozen_group)
 
 
 def describe_run(cfg, arch: Arch, source: str, world: int) -> str:
@@ -406,6 +412,9 @@ def parse(argv=None):
     ap.add_argument("--overhead-gb", type=float, default=3.0,
                     help="CUDA context + NCCL + allocator allowance per GPU, GiB")
     ap.add_argument("overrides", nargs="*", help="key.sub=value, as for launch/train.py")
+    from .plan_time import add_arguments   # scale (issue 16): --cluster, --net-gbps, ..., --json
+
+    add_arguments(ap)
     return ap.parse_args(argv)
 
 
@@ -428,20 +437,30 @@ def main(argv=None) -> int:
         return 2
     world = args.nodes * args.gpus_per_node
     kw = dict(method=args.method, lora_rank=args.lora_rank, overhead_gb=args.overhead_gb)
-    plan = plan_for_config(cfg, arch, world, **kw)
+    from . import plan_time   # scale (issue 16): the frozen partition's group, time and traffic
+
+    group = lambda w: plan_time.config_frozen_group(cfg, args.method, args.gpus_per_node, w)  # noqa: E731
+    plan = plan_for_config(cfg, arch, world, frozen_group=group(world), **kw)
     verdict = check_fit(plan, args.gpu_mem_gb, args.headroom)
-    print(f"memory plan: {args.nodes} node(s) x {args.gpus_per_node} GPU(s) = {world} ranks, "
-          f"{args.gpu_mem_gb:g} GiB per GPU, method {args.method or cfg.method.name}")
-    print(describe_run(cfg, arch, source, world))
-    print(format_plan(plan, verdict))
+    show = (lambda *a, **k: None) if args.json else print
+    show(f"memory plan: {args.nodes} node(s) x {args.gpus_per_node} GPU(s) = {world} ranks, "
+         f"{args.gpu_mem_gb:g} GiB per GPU, method {args.method or cfg.method.name}, frozen partition "
+         f"{'the world' if group(world) is None else f'groups of {group(world)} ranks'}")
+    show(describe_run(cfg, arch, source, world))
+    show(format_plan(plan, verdict))
     if plan.host_total:
-        print(f"host memory per node: {args.gpus_per_node} x {human(plan.host_total)} = "
-              f"{human(args.gpus_per_node * plan.host_total)} (offloaded state)")
+        show(f"host memory per node: {args.gpus_per_node} x {human(plan.host_total)} = "
+             f"{human(args.gpus_per_node * plan.host_total)} (offloaded state)")
+    report = plan_time.cli_report(args, cfg, arch)
+    print(json.dumps(report["json"], indent=1) if args.json else "\n" + report["text"])
     if not verdict.fits:
-        need = min_nodes(lambda w: check_fit(plan_for_config(cfg, arch, w, **kw), args.gpu_mem_gb,
-                                             args.headroom).fits, args.gpus_per_node)
+        need = min_nodes(lambda w: check_fit(plan_for_config(cfg, arch, w, frozen_group=group(w), **kw),
+                                             args.gpu_mem_gb, args.headroom).fits, args.gpus_per_node)
         hint = (f"at least {need} node(s) x {args.gpus_per_node} GPUs fit this config" if need
-                else "no number of nodes fits: the unsharded items alone are too large")
+                else "no number of nodes fits: the unsharded items alone are too large"
+                + ("" if group(world) is None else " (dist.frozen_partition=node keeps a whole copy of the "
+                   "frozen weights per node: try dist.frozen_partition=global or a larger "
+                   "dist.frozen_partition_size)"))
         print(f"what to change: {hint}; or CPU offload of the frozen weights (deepspeed: "
               f"ds_zero3_llama70b_offload.json), a smaller train.micro_batch_size or data.max_length, "
               f"model.gradient_checkpointing=true", file=sys.stderr)

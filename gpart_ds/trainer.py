@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import adapter as adapter_io
 from . import assets, checkpoint, data, distributed, evaluate, methods, zero3
+from . import commcount, frozen_shards, topology   # scale (issue 16)
 from .config import check_paths, to_yaml, where_for
 from .metrics import MetricsLog, format_step, peak_memory_gb
 from .hub import display_name
@@ -77,8 +78,14 @@ class Trainer:
         # line fails every rank at once, and ranks that wait for the shared tokenised
         # cache wait on a file lock, not inside a collective with a timeout.
         self._load_data()
+        if commcount.enabled(cfg.dist.count_comm):   # scale (issue 16): before DeepSpeed binds the collectives
+            commcount.install()
         ranks = distributed.init(cfg.dist.backend, cfg.dist.timeout_minutes)
         self.rank, self.local_rank, self.world = ranks.rank, ranks.local_rank, ranks.world
+        # scale (issue 16): the nodes, and the group of ranks the frozen base is partitioned over
+        self.topology = topology.discover()
+        self.placement, self.frozen_group = frozen_shards.groups_for(
+            cfg.dist, cfg.method.name, self.topology, self.rank, cfg.dist.timeout_minutes)
         _configure_logging(self.rank)
         log.info("ranks from %s: world %d, %d on this node, master %s:%d", ranks.source, ranks.world,
                  ranks.local_world, ranks.master_addr, ranks.master_port)
@@ -118,7 +125,11 @@ class Trainer:
 
     def _build_model(self) -> None:
         cfg, m = self.cfg, self.cfg.method
-        base, self._ds_keepalive = load_model(cfg.model.path, self.dtype, self.ds_config)
+        if self.placement.is_world:
+            base, self._ds_keepalive = load_model(cfg.model.path, self.dtype, self.ds_config)
+        else:   # scale (issue 16): partitioned within the group, read shard-locally
+            base, self._ds_keepalive = frozen_shards.build_partitioned(cfg.model.path, self.dtype, self.ds_config,
+                                                                       self.frozen_group)
         for name, p in base.named_parameters():
             bad = zero3.unsupported_variant(p)
             if bad:
@@ -149,6 +160,8 @@ class Trainer:
             return torch.optim.lr_scheduler.LambdaLR(
                 optimizer, lambda s: lr_lambda(s, t.max_steps, warmup, t.schedule, t.min_lr_ratio))
 
+        if not self.placement.is_world:   # scale (issue 16): trainables partitioned over the world
+            frozen_shards.partition_trainables_over_world(self.method.root, self.ds_config)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.method.root, optimizer=opt, lr_scheduler=scheduler, config=self.ds_config)
         if self.gmodel is not None:
@@ -167,6 +180,7 @@ class Trainer:
         return t.tolist()
 
     def train_step(self, step: int) -> dict:
+        commcount.phase(f"step {step + 1}")   # scale (issue 16): no-op unless counting
         t0 = time.perf_counter()
         lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
         loss_sum, tokens = 0.0, 0
@@ -197,6 +211,7 @@ class Trainer:
         Every rank takes part in every forward (ZeRO-3 gathers weights collectively);
         ranks with nothing left run a dummy batch that is given weight 0.
         """
+        commcount.phase("eval")   # scale (issue 16)
         self.engine.eval()
         mb = self.cfg.train.eval_micro_batch_size or self.cfg.train.micro_batch_size
         loss_sum, n_tok, matched, n_ex = 0.0, 0, 0, 0
@@ -256,6 +271,7 @@ class Trainer:
         return state["step"], state.get("before")
 
     def save_checkpoint(self, step: int, before: dict) -> Path:
+        commcount.phase("checkpoint")   # scale (issue 16)
         return checkpoint.save(self.engine, self.method.trainable(), self._checkpoint_root(), step,
                                {"before": before}, to_yaml(self.cfg), self.cfg.checkpoint.keep_last)
 
@@ -324,6 +340,7 @@ class Trainer:
                 self.save_checkpoint(step + 1, before)
         if bar is not None:
             bar.close()
+        commcount.phase("summary")   # scale (issue 16)
         # Peak memory of training itself, before the gathers of checkpoint and export.
         train_mem = {f"train_{k}": v for k, v in self._max_over_ranks(peak_memory_gb()).items()}
         model_state = zero3.model_state_bytes(self.engine)   # optimizer state exists after a step
@@ -331,11 +348,13 @@ class Trainer:
         after = self.evaluate()
         self.metrics.write({"event": "eval", "step": t.max_steps, **after})
         wall = time.perf_counter() - t_start
+        commcount.phase("adapter")   # scale (issue 16)
         adapter_dir = self.save_adapter_all(self.out / "adapter")
         if self.world > 1:
             dist.barrier()
         if cfg.export.merged:
             self.export_merged()
+        commcount.phase("summary")   # scale (issue 16)
         mem = self._max_over_ranks(peak_memory_gb())
         steady = [r["step_time_s"] for r in history[1:]] or [r["step_time_s"] for r in history] or [0.0]
         summary = {"event": "summary", "method": cfg.method.name, "steps": t.max_steps, "world": self.world,
@@ -348,6 +367,7 @@ class Trainer:
                    "adapter_bytes": _folder_bytes(adapter_dir),
                    "checkpoint_bytes": _folder_bytes(checkpoint.step_dir(self._checkpoint_root(), t.max_steps)),
                    "model_state_bytes": model_state, **train_mem, **mem}
+        summary.update(self._comm_report())   # scale (issue 16): {} unless counting
         self.metrics.write(summary)
         self.metrics.close()
         if self.rank == 0:
@@ -364,9 +384,11 @@ class Trainer:
         from .zero3_export import export_gathered
 
         e, t0 = self.cfg.export, time.perf_counter()
+        commcount.phase("export")   # scale (issue 16)
         if self.gmodel is not None:
             out = export_merged(self.gmodel, self.cfg.model.path, export_dir(self.cfg), self.dtype,
-                                parse_dtype(e.dtype), e.max_shard_size, e.overwrite, device=self.device)
+                                parse_dtype(e.dtype), e.max_shard_size, e.overwrite, device=self.device,
+                                replica=(self.placement.replica, self.placement.replicas))
         else:
             out = export_gathered(self.method, self.cfg.model.path, export_dir(self.cfg), self.dtype,
                                   parse_dtype(e.dtype), e.max_shard_size, e.overwrite, device=self.device)
@@ -405,6 +427,21 @@ class Trainer:
         dist.all_gather(every, mine)
         if len({int(x) for x in every}) != 1:
             raise RuntimeError(f"theta differs between ranks: digests {[int(x) for x in every]}")
+
+    def _comm_report(self) -> dict:
+        """scale (issue 16): with dist.count_comm, each rank writes its collective counts to
+        <output_dir>/comm/comm-rank<r>.json; the summary gets rank 0's bytes per step."""
+        path = commcount.dump(self.out / "comm", self.rank, self.topology.to_json(),
+                              {"frozen_groups": [list(g) for g in self.placement.groups]})
+        if path is None:
+            return {}
+        if self.world > 1:
+            dist.barrier()
+        per_phase = commcount.summarize(commcount.load(self.out / "comm")[0])
+        steps = commcount.step_phases(per_phase)
+        last = per_phase[steps[-1]] if steps else {"intra": 0.0, "inter": 0.0}
+        return {"comm_dir": str(self.out / "comm"), "comm_inter_node_bytes_last_step": last["inter"],
+                "comm_intra_node_bytes_last_step": last["intra"]}
 
     def _max_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
         keys = sorted(values)

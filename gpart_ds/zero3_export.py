@@ -70,10 +70,21 @@ def _complete_output(ok: bool, tmp: Path, out: Path, plans, base_dir: Path, out_
     _barrier(world)
 
 
+def replica_part(n: int, index: int, count: int) -> tuple[int, int]:
+    """[lo, hi) of the index-th of `count` near-equal contiguous parts of range(n)."""
+    return n * index // count, n * (index + 1) // count
+
+
 def export_merged(gmodel, base_dir: str | Path, out_dir: str | Path, compute_dtype: torch.dtype,
                   out_dtype: torch.dtype | None = None, max_shard_size: str | int = "5GB",
-                  overwrite: bool = False, device=None, extra_provenance: dict | None = None) -> Path:
-    """Collective: every rank calls it with its GPartModel (ZeRO-3 partitioned or plain)."""
+                  overwrite: bool = False, device=None, extra_provenance: dict | None = None,
+                  replica: tuple[int, int] = (0, 1)) -> Path:
+    """Collective: every rank calls it with its GPartModel (ZeRO-3 partitioned or plain).
+
+    `replica` (index, count): with the frozen base partitioned within groups of ranks
+    (dist.frozen_partition=node), `count` ranks hold each shard; replica i writes the
+    i-th of `count` equal parts of it, so each byte is written once (scale, issue 16).
+    """
     base_dir, out = Path(base_dir), Path(out_dir)
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if world > 1 else 0
@@ -109,9 +120,12 @@ def export_merged(gmodel, base_dir: str | Path, out_dir: str | Path, compute_dty
                     raise export.ExportError(f"{name}: shape {list(p.ds_shape)} in the model but "
                                              f"{list(st.entry.shape)} in {st.path}")
                 start, valid = shard_range(p)
+                shard = local_shard(p)
+                if replica[1] > 1 and dist.get_world_size(group=p.ds_process_group) < world:   # scale (issue 16)
+                    lo, hi = replica_part(valid, *replica)
+                    start, valid, shard = start + lo, hi - lo, shard[lo:hi]
                 if valid == 0:
                     continue   # a tensor smaller than the world: this rank holds only padding
-                shard = local_shard(p)
                 vals = merger.merged(name, start, shard) if merger.is_target(name) else shard
                 writer.write(name, start, vals.to("cpu", entry.dtype))
                 del vals
