@@ -180,34 +180,47 @@ def block_linear_shapes(a: plan.Arch) -> list[tuple[int, int]]:
     return [(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)]
 
 
-def _attention_flops(a: plan.Arch, micro_batch: int, seq: int) -> tuple[float, float]:
-    """(forward, backward) FLOPs of SDPA in all blocks, by FlopCounterMode's formulas."""
+def _attention_flops(a: plan.Arch, micro_batch: int, seq: int, kernel: str = "flash") -> tuple[float, float]:
+    """(forward, backward) FLOPs of SDPA in all blocks, by FlopCounterMode's formulas.
+
+    kernel "flash": the fused kernels GPUs train with, whose backward recomputes the
+    scores (FlopCounterMode's sdpa backward formula, 2.5x the forward); "math": the
+    decomposed kernel (CPU with a mask), whose backward is two bmms per forward bmm.
+    """
     from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
 
     q = (micro_batch, a.heads, seq, a.head_dim)
     kv = (micro_batch, a.kv_heads, seq, a.head_dim)
-    return (a.layers * sdpa_flop_count(q, kv, kv), a.layers * sdpa_backward_flop_count(q, q, kv, kv))
+    fwd = a.layers * sdpa_flop_count(q, kv, kv)
+    bwd = a.layers * sdpa_backward_flop_count(q, q, kv, kv) if kernel == "flash" else 2 * fwd
+    return fwd, bwd
 
 
 def step_flops(a: plan.Arch, method: str, *, micro_batch: int, seq: int, grad_ckpt: bool,
-               head_tokens: int | None = None, lora_rank: int = 16, attention: bool = True) -> dict:
+               head_tokens: int | None = None, lora_rank: int = 16, attention: str = "flash") -> dict:
     """FLOPs of one micro-batch's forward and backward (FlopCounterMode's counting).
 
     `head_tokens`: positions the LM head runs on (default all; gpart_ds.lm_loss runs it
-    at label positions only). `attention=False` leaves SDPA out (CPU kernels that
-    FlopCounterMode has no formula for).
+    at label positions only). `attention`: "flash" (GPU kernels), "math" (the decomposed
+    kernel) or "none" (leave SDPA out: CPU kernels FlopCounterMode has no formula for).
     """
     T = micro_batch * seq
     Th = T if head_tokens is None else head_tokens
     blocks = a.layers * sum(o * i for o, i in block_linear_shapes(a))
     qkv0 = sum(o * i for o, i in block_linear_shapes(a)[:3])
     head = a.hidden * a.vocab
-    att_f, att_b = _attention_flops(a, micro_batch, seq) if attention else (0, 0)
+    att_f, att_b = _attention_flops(a, micro_batch, seq, attention) if attention != "none" else (0, 0)
     # Layer 0's q/k/v inputs need no gradient when the embeddings are frozen, except that
     # transformers' gradient_checkpointing_enable makes the embedding output require grad.
     skip_qkv0 = method != "full" and not grad_ckpt
+    # torch's non-reentrant checkpointing stops recomputing a block once the last tensor
+    # saved for backward is rebuilt: a last matmul whose output nothing saves is skipped.
+    # Full fine-tuning's down_proj is (its input is saved before it runs); GPart's op
+    # saves its input inside its own forward, so it always runs whole.
+    o_last, i_last = block_linear_shapes(a)[-1]
+    skip_last = 2 * T * a.layers * o_last * i_last if method == "full" else 0
     f = {"forward": 2 * T * blocks + att_f + 2 * Th * head,
-         "recompute": (2 * T * blocks + att_f) if grad_ckpt else 0,
+         "recompute": (2 * T * blocks + att_f - skip_last) if grad_ckpt else 0,
          "dx": 2 * T * (blocks - (qkv0 if skip_qkv0 else 0)) + att_b + 2 * Th * head,
          "dw": 0}
     if method == "gpart":
@@ -216,12 +229,17 @@ def step_flops(a: plan.Arch, method: str, *, micro_batch: int, seq: int, grad_ck
         f["dw"] = 2 * T * blocks + 2 * Th * head
     elif method in ("lora", "vera"):
         # x A^T then (xA) B^T per target; backward: dB, d(xA), dA, and dx through A.
-        per_layer = len(a.targets) // max(1, a.layers)
         ri = [(o, i) for o, i in a.targets]
         lora = sum(2 * T * lora_rank * (o + i) for o, i in ri)
-        lora_qkv0 = sum(2 * T * lora_rank * i for o, i in ri[:min(3, per_layer)]) if skip_qkv0 else 0
+        first = [(o, i) for (o, i), n in zip(ri, a.target_names)
+                 if re.search(r"(^|\.)layers\.0\.", n) and n.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj")]
+        lora_qkv0 = sum(2 * T * lora_rank * i for o, i in first) if skip_qkv0 else 0
         f["forward"] += lora
-        f["recompute"] += lora if grad_ckpt else 0
+        # recompute: the base layer runs before the adapter; B of the block's last target
+        # is the matmul whose output nothing saves (see skip_last above)
+        last_b = 2 * T * lora_rank * a.targets[-1][0] * a.layers if a.target_names and \
+            a.target_names[-1].endswith("down_proj") else 0
+        f["recompute"] += (lora - last_b) if grad_ckpt else 0
         f["dx"] += sum(2 * T * lora_rank * (o + i) for o, i in ri) - lora_qkv0
         f["dw"] = lora
     f["total"] = f["forward"] + f["recompute"] + f["dx"] + f["dw"]
