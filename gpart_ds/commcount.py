@@ -228,3 +228,33 @@ def summarize(dump_json: dict, phases=None) -> dict:
 
 def step_phases(summary: dict) -> list[str]:
     return sorted((p for p in summary if p.startswith("step ")), key=lambda p: int(p.split()[1]))
+
+
+def report(comm_dir: str | Path) -> str:
+    """Bytes per phase of every rank's dump: one line per step (max over ranks) and the rest."""
+    dumps = load(comm_dir)
+    if not dumps:
+        return f"{comm_dir}: no comm-rank*.json"
+    per_rank = [summarize(d) for d in dumps]
+    phases = list(dict.fromkeys(p for s in per_rank for p in s))
+    steps = [p for p in phases if p.startswith("step ")]
+    others = [p for p in phases if not p.startswith("step ")]
+    lines = [f"bytes moved per rank (max over {len(dumps)} ranks; nodes {dumps[0]['nodes']}, "
+             f"frozen groups {dumps[0].get('frozen_groups')}), traffic model of gpart_ds.plan_time:",
+             f"  {'phase':<12}{'inter-node':>14}{'intra-node':>14}   payload by collective/span (rank 0)"]
+    for p in sorted(steps, key=lambda p: int(p.split()[1])) + others:
+        inter = max(s.get(p, {}).get("inter", 0.0) for s in per_rank)
+        intra = max(s.get(p, {}).get("intra", 0.0) for s in per_rank)
+        pay = per_rank[0].get(p, {}).get("payload", {})
+        lines.append(f"  {p:<12}{inter:>14,.0f}{intra:>14,.0f}   "
+                     + ", ".join(f"{k} {v:,}" for k, v in sorted(pay.items())))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 2:
+        print("usage: python -m gpart_ds.commcount OUTPUT_DIR/comm", file=sys.stderr)
+        sys.exit(2)
+    print(report(sys.argv[1]))

@@ -454,13 +454,17 @@ def main(argv=None) -> int:
     report = plan_time.cli_report(args, cfg, arch)
     print(json.dumps(report["json"], indent=1) if args.json else "\n" + report["text"])
     if not verdict.fits:
-        need = min_nodes(lambda w: check_fit(plan_for_config(cfg, arch, w, frozen_group=group(w), **kw),
-                                             args.gpu_mem_gb, args.headroom).fits, args.gpus_per_node)
+        # Fewest nodes with the frozen weights partitioned over the world; with
+        # dist.frozen_partition=node every node holds them whole, so more nodes do not help.
+        node_mode = cfg.dist.frozen_partition == "node" and (args.method or cfg.method.name) != "full"
+        need = min_nodes(lambda w: check_fit(plan_for_config(cfg, arch, w, **kw), args.gpu_mem_gb,
+                                             args.headroom).fits, args.gpus_per_node)
         hint = (f"at least {need} node(s) x {args.gpus_per_node} GPUs fit this config" if need
-                else "no number of nodes fits: the unsharded items alone are too large"
-                + ("" if group(world) is None else " (dist.frozen_partition=node keeps a whole copy of the "
-                   "frozen weights per node: try dist.frozen_partition=global or a larger "
-                   "dist.frozen_partition_size)"))
+                else "no number of nodes fits: the unsharded items alone are too large")
+        if node_mode and need:
+            hint += (" with dist.frozen_partition=global (dist.frozen_partition=node keeps a whole copy of the "
+                     "frozen weights on each node, so more nodes do not help; or raise "
+                     "dist.frozen_partition_size)")
         print(f"what to change: {hint}; or CPU offload of the frozen weights (deepspeed: "
               f"ds_zero3_llama70b_offload.json), a smaller train.micro_batch_size or data.max_length, "
               f"model.gradient_checkpointing=true", file=sys.stderr)

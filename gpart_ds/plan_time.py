@@ -58,7 +58,7 @@ class Cluster:
     hbm_gbps: float             # HBM bandwidth
     nvlink_gbps: float          # intra-node link bandwidth, one direction
     net_gbps: float             # network bandwidth per GPU (NIC per GPU), one direction
-    gpu_mem_gb: float
+    gpu_mem_gb: float           # GiB, as --gpu-mem-gb
     # Achieved fractions and rates; the defaults are measured on one H200 (docs/
     # layer_llama70b_h200.json: a 28672 x 8192 bf16 layer at 4096 tokens runs its
     # frozen fwd+bwd GEMMs at 795 TFLOPS = 0.80 of peak; the fused GPart kernels build
@@ -80,9 +80,10 @@ PRESETS = {
     # (450 each way); a DGX/HGX H100 node has one 400 Gb/s NIC per GPU (50 GB/s).
     "h100": Cluster("H100 SXM 80GB nodes",
                     989.0, 3350.0, 450.0, 50.0, 80.0),
-    # NVIDIA H200 SXM 141 GB: same compute and NVLink, 4.8 TB/s HBM3e.
+    # NVIDIA H200 SXM 141 GB (140 GiB as the driver reports it): same compute and NVLink,
+    # 4.8 TB/s HBM3e.
     "h200": Cluster("H200 SXM 141GB nodes",
-                    989.0, 4800.0, 450.0, 50.0, 141.0),
+                    989.0, 4800.0, 450.0, 50.0, 140.0),
 }
 
 
@@ -477,3 +478,58 @@ def cli_report(args, cfg, arch: plan.Arch) -> dict:
           "config": cfg.config_file, "recommended": {"gpart": best.mode if best else None},
           "methods": {f"{r.method}/{r.mode}": r.to_json() for r in rows}}
     return {"text": format_table(rows, cluster, args.nodes, args.gpus_per_node), "json": js}
+
+
+def sweep(cfg, arch: plan.Arch, nodes: int, gpus_per_node: int, cluster: Cluster, nets: list[float],
+          micro_batches: list[int]) -> str:
+    """GPart node vs global: predicted step time ratio over network bandwidths and micro-batches."""
+    lines = ["| micro-batch | network GB/s per GPU | node s (overlap / none) | global s (overlap / none) "
+             "| global / node (overlap) | global / node (no overlap) |", "|---|---|---|---|---|---|"]
+    for mb in micro_batches:
+        c = cfg.copy()
+        c.train.micro_batch_size = mb
+        for net in nets:
+            rows = {r.mode: r for r in estimate_rows(c, arch, nodes, gpus_per_node, cluster.with_(net_gbps=net),
+                                                     rows=(("gpart", "node"), ("gpart", "global")))}
+            n, g = rows["node"].times, rows["global"].times
+            lines.append(f"| {mb} | {net:g} | {n['step_overlap_s']:.2f} / {n['step_serial_s']:.2f} | "
+                         f"{g['step_overlap_s']:.2f} / {g['step_serial_s']:.2f} | "
+                         f"{g['step_overlap_s'] / n['step_overlap_s']:.2f}x | {g['step_serial_s'] / n['step_serial_s']:.2f}x |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    """python -m gpart_ds.plan_time --config C --nodes N --gpus-per-node G [--cluster h100]
+    [--net 50,25,12.5] [--micro-batch 1,2]: GPart node vs global over networks and micro-batches."""
+    import argparse
+    import sys
+
+    from .config import ConfigError, load_config
+
+    ap = argparse.ArgumentParser(prog="python -m gpart_ds.plan_time", description=main.__doc__)
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--nodes", type=int, required=True)
+    ap.add_argument("--gpus-per-node", type=int, required=True)
+    ap.add_argument("--cluster", choices=sorted(PRESETS), default="h100")
+    ap.add_argument("--net", default="50,25,12.5,6.25,3.125", help="network GB/s per GPU, comma-separated")
+    ap.add_argument("--micro-batch", default="", help="train.micro_batch_size values (default: the config's)")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides, check_files=False)
+        arch, _ = plan.arch_for_config(cfg)
+        nets = [float(x) for x in args.net.split(",") if x.strip()]
+        mbs = [int(x) for x in args.micro_batch.split(",") if x.strip()] or [cfg.train.micro_batch_size]
+    except (ConfigError, plan.PlanError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"GPart step time, frozen base within a node vs over the world: {args.nodes} x {args.gpus_per_node} "
+          f"GPUs, {PRESETS[args.cluster].name}, {cfg.data.max_length} tokens per sequence")
+    print(sweep(cfg, arch, args.nodes, args.gpus_per_node, PRESETS[args.cluster], nets, mbs))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
