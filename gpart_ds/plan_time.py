@@ -252,6 +252,7 @@ def _param_classes(a: plan.Arch) -> dict[str, list[int]]:
     out = {"blocks": [], "head": [], "norm": [], "embed": []}
     names = [n for n, _ in a.params]
     tied = not any(n.endswith("lm_head.weight") for n in names)
+    out["tied"] = tied
     for name, n in a.params:
         if _LAYER.search(name):
             out["blocks"].append(n)
@@ -297,20 +298,35 @@ def estimate_step(a: plan.Arch, method: str, mode: str, layout: Layout, cluster:
 
     # ---- gathers of the base weights (frozen: group G; full: the world)
     cls = _param_classes(a)
-    g = W if method == "full" else G
     allp = [n for _, n in a.params]
-    fwd = gathered_elements(allp, g, persist)
-    rec = gathered_elements(cls["blocks"], g, persist) if grad_ckpt else 0
-    bwd = gathered_elements(cls["blocks"] + cls["head"] + (cls["norm"] if grad_ckpt else []), g, persist)
     n_units = a.layers + 3
-    what = "weights" if method == "full" else "frozen weights"
-    est.collectives.append(Collective(f"{what}: forward gathers", "all_gather", g, micro * fwd * dtype_bytes,
-                                      micro * n_units, True))
-    if rec:
-        est.collectives.append(Collective(f"{what}: recompute gathers (checkpointing)", "all_gather", g,
-                                          micro * rec * dtype_bytes, micro * a.layers, True))
-    est.collectives.append(Collective(f"{what}: backward gathers", "all_gather", g, micro * bwd * dtype_bytes,
-                                      micro * (a.layers + 2), True))
+    if method == "full":
+        # Trainable parameters are released by their own backward hook: gathered in the
+        # forward and once more for the recompute and backward together (measured).
+        fwd = gathered_elements(allp, W, persist)
+        est.collectives.append(Collective("weights: forward gathers", "all_gather", W, micro * fwd * dtype_bytes,
+                                          micro * n_units, True))
+        est.collectives.append(Collective("weights: recompute + backward gathers", "all_gather", W,
+                                          micro * fwd * dtype_bytes, micro * n_units, True))
+    else:
+        # Frozen parameters are released after every use: the forward, the recompute and
+        # the backward of every module whose output needs a gradient gather them anew.
+        fwd = gathered_elements(allp, G, persist)
+        rec = gathered_elements(cls["blocks"], G, persist) if grad_ckpt else 0
+        back = cls["blocks"] + cls["head"] + (cls["norm"] if grad_ckpt else [])
+        bwd = gathered_elements(back, G, persist)
+        if method in ("lora", "vera"):
+            if not grad_ckpt:   # layer 0's q/k/v base linears have no backward (nothing upstream trains)
+                bwd -= sum(_padded(o * i, G) for o, i in block_linear_shapes(a)[:3] if o * i > persist)
+            else:               # PEFT's own input-grad hook gives the embeddings a backward (measured)
+                bwd += 0 if cls["tied"] else gathered_elements(cls["embed"], G, persist)
+        est.collectives.append(Collective("frozen weights: forward gathers", "all_gather", G,
+                                          micro * fwd * dtype_bytes, micro * n_units, True))
+        if rec:
+            est.collectives.append(Collective("frozen weights: recompute gathers (checkpointing)", "all_gather", G,
+                                              micro * rec * dtype_bytes, micro * a.layers, True))
+        est.collectives.append(Collective("frozen weights: backward gathers", "all_gather", G,
+                                          micro * bwd * dtype_bytes, micro * (a.layers + 2), True))
     # ---- the trainables (world group)
     if method == "gpart":
         pd = _padded(d, W)
@@ -320,8 +336,8 @@ def estimate_step(a: plan.Arch, method: str, mode: str, layout: Layout, cluster:
     elif method in ("lora", "vera"):
         sizes = _lora_sizes(a, lora_rank)
         lf = gathered_elements(sizes, W, persist)
-        passes = 2 + (1 if grad_ckpt else 0)
-        est.collectives.append(Collective("LoRA factors: gathers (forward, recompute, backward)", "all_gather", W,
+        passes = 2   # trainable: forward, then recompute + backward together (measured)
+        est.collectives.append(Collective("LoRA factors: gathers (forward, backward)", "all_gather", W,
                                           micro * passes * lf * dtype_bytes, micro * passes * a.layers, True))
         est.collectives.append(Collective("LoRA factors: gradient reduce-scatter", "reduce_scatter", W,
                                           micro * sum(_padded(n, W) for n in sizes) * comm_b, micro, True))
