@@ -430,12 +430,14 @@ def _fmt_bytes(x: float) -> str:
 
 
 def format_table(rows: list[StepEstimate], cluster: Cluster, nodes: int, gpus_per_node: int) -> str:
-    lines = [f"time and traffic per optimizer step, per GPU: {nodes} node(s) x {gpus_per_node} GPU(s) of {cluster.name}",
-             f"  assumed per GPU: {cluster.gpu_mem_gb:g} GB, {cluster.peak_tflops:g} TFLOPS bf16 peak x "
+    lines = [f"time and traffic per optimizer step, per GPU: {nodes} node(s) x {gpus_per_node} GPU(s) "
+             f"of {cluster.name}",
+             f"  assumed per GPU: {cluster.gpu_mem_gb:g} GiB, {cluster.peak_tflops:g} TFLOPS bf16 peak x "
              f"{cluster.gemm_efficiency:.2f} achieved, "
              f"NVLink {cluster.nvlink_gbps:g} GB/s, network {cluster.net_gbps:g} GB/s per GPU "
              f"(x {cluster.link_efficiency:.2f} achieved), HBM {cluster.hbm_gbps:g} GB/s, "
-             f"GPart delta {cluster.delta_build_per_s:.3g} / {cluster.delta_backward_per_s:.3g} elem/s (build / backward)",
+             f"GPart delta {cluster.delta_build_per_s:.3g} / {cluster.delta_backward_per_s:.3g} elem/s "
+             "(build / backward)",
              "| method | frozen partition | PFLOP/step | inter-node bytes | intra-node bytes | compute s | delta s "
              "| comm s | step s (overlap) | step s (no overlap) | GiB/GPU | fits |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -510,7 +512,8 @@ def sweep(cfg, arch: plan.Arch, nodes: int, gpus_per_node: int, cluster: Cluster
             n, g = rows["node"].times, rows["global"].times
             lines.append(f"| {mb} | {net:g} | {n['step_overlap_s']:.2f} / {n['step_serial_s']:.2f} | "
                          f"{g['step_overlap_s']:.2f} / {g['step_serial_s']:.2f} | "
-                         f"{g['step_overlap_s'] / n['step_overlap_s']:.2f}x | {g['step_serial_s'] / n['step_serial_s']:.2f}x |")
+                         f"{g['step_overlap_s'] / n['step_overlap_s']:.2f}x | "
+                         f"{g['step_serial_s'] / n['step_serial_s']:.2f}x |")
     return "\n".join(lines)
 
 
