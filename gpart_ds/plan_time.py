@@ -456,8 +456,9 @@ def format_table(rows: list[StepEstimate], cluster: Cluster, nodes: int, gpus_pe
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         t = r.times
-        lines.append(f"| {r.label or r.method} | {r.mode} | {r.flops['total'] / 1e15:.3g} | {_fmt_bytes(r.inter_bytes)} | "
-                     f"{_fmt_bytes(r.intra_bytes)} | {t['compute_s']:.3g} | {t['delta_s']:.3g} | "
+        lines.append(f"| {r.label or r.method} | {r.mode} | {r.flops['total'] / 1e15:.3g} | "
+                     f"{_fmt_bytes(r.inter_bytes)} | {_fmt_bytes(r.intra_bytes)} | {t['compute_s']:.3g} | "
+                     f"{t['delta_s']:.3g} | "
                      f"{t['comm_overlappable_s'] + t['comm_exposed_s']:.3g} | {t['step_overlap_s']:.3g} | "
                      f"{t['step_serial_s']:.3g} | {r.memory_gib:.1f} | {'yes' if r.fits else 'NO'} |")
     best = recommend(rows, method)
