@@ -28,6 +28,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 OBJECTIVES = ("lm", "choices")
 TOO_LONG = ("error", "skip", "truncate_left")
 BACKENDS = ("auto", "nccl", "gloo", "mpi")
+FROZEN_PARTITIONS = ("node", "global")
 EXPORT_DTYPES = ("auto", "bf16", "fp16", "fp32")
 
 
@@ -113,6 +114,15 @@ class CheckpointConfig:
 class DistConfig:
     timeout_minutes: float = _f(60.0, "process-group timeout (long: rank 0 may tokenise while others wait)")
     backend: str = _f("auto", "auto | nccl | gloo | mpi (auto: nccl with CUDA, gloo otherwise)")
+    frozen_partition: str = _f("node", "where ZeRO-3 partitions the frozen base: node (within groups of "
+                               "frozen_partition_size ranks, a whole copy per group, so only the trainables' "
+                               "gradients cross nodes) | global (over every rank: plain ZeRO-3); the same on one "
+                               "node; methods that train the base weights always use global (docs/scale.md)")
+    frozen_partition_size: int = _f(0, "ranks per frozen-partition group; 0: the ranks of one node. Divides the "
+                                    "ranks per node, or is a multiple of them (whole nodes)")
+    count_comm: bool = _f(False, "count the bytes every collective moves, per process group and phase: "
+                          "<output_dir>/comm/comm-rank<r>.json, and the last step's in the summary "
+                          "(python -m gpart_ds.commcount <output_dir>/comm prints them)")
 
 
 @dataclass
@@ -377,6 +387,10 @@ def _validate_values(cfg: DictConfig, where: _Where) -> None:
     need(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be >= 0")
     need(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
     need(cfg.dist.backend in BACKENDS, "dist.backend", f"must be one of {BACKENDS}")
+    need(cfg.dist.frozen_partition in FROZEN_PARTITIONS, "dist.frozen_partition",
+         f"must be one of {FROZEN_PARTITIONS}, got {cfg.dist.frozen_partition!r}")
+    need(cfg.dist.frozen_partition_size >= 0, "dist.frozen_partition_size",
+         "must be >= 0 (0: the ranks of one node)")
     need(cfg.log.tensorboard in ("auto", True, False), "log.tensorboard", "must be auto, true or false")
     need(cfg.log.wandb_mode in (None, "online", "offline", "disabled"), "log.wandb_mode",
          "must be online, offline or disabled")

@@ -243,6 +243,17 @@ def init(backend: str = "auto", timeout_minutes: float = 60.0) -> Ranks:
     return ranks
 
 
+def subgroup(groups, timeout_minutes: float = 60.0):
+    """Collective: create one process group per list of global ranks in `groups` (they
+    partition the world; every rank creates all of them, as torch requires) and return
+    this rank's."""
+    import torch.distributed as dist
+
+    mine, _ = dist.new_subgroups_by_enumeration([list(g) for g in groups],
+                                                timeout=datetime.timedelta(minutes=timeout_minutes))
+    return mine
+
+
 def unlink_shm_buffer(rank: int) -> None:
     """Remove the name of DeepSpeed's CPU all-reduce buffer once every rank has mapped it.
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import re
 import sys
 from dataclasses import dataclass, field
@@ -65,6 +66,13 @@ class Arch:
     @property
     def D(self) -> int:
         return sum(o * i for o, i in self.targets)
+
+    def block_linears(self) -> list[tuple[int, int]]:
+        """(out, in) of every linear of one decoder block (Llama family: q, k, v, o, gate,
+        up, down), whether a method adapts it or not."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        h, i = self.hidden, self.intermediate
+        return [(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)]
 
     def units(self) -> dict[str, int]:
         """Elements per gather unit: each decoder layer, and each other module's parameters."""
@@ -198,20 +206,10 @@ def spec(name: str = "gpart", **kw):
     return MethodConfig(name=name, **kw)
 
 
-def estimate(a: Arch, *, world: int, method=None, micro_batch: int = 1, seq_len: int = 2048,
-             dtype_bytes: int = 2, grad_ckpt: bool = True, zero: dict | None = None,
-             padded: bool = True, overhead_gb: float = 3.0, head_tokens: int | None = None) -> Plan:
-    """The per-rank memory plan for `world` ZeRO-3 ranks (see the module docstring).
-
-    `method`: a method config (config.MethodConfig, e.g. `spec("lora", r=8)`); its rows
-    come from the method itself (methods/*: plan_rows). `zero`: DeepSpeed's
-    zero_optimization section (thresholds, prefetch, offload); `head_tokens`: positions
-    per micro-batch the LM head runs on (default: all tokens, the upper bound; a loss at
-    label positions only needs the labelled ones).
-    """
+def checked_method(m):
+    """The method class of a method config, once its values pass the method's checks."""
     from . import methods
 
-    m = method if method is not None else spec()
     if m.name not in methods.names():
         raise PlanError(f"method must be one of {methods.names()}, got {m.name!r}")
     cls = methods.get(m.name)
@@ -219,6 +217,25 @@ def estimate(a: Arch, *, world: int, method=None, micro_batch: int = 1, seq_len:
     cls.validate(m, lambda ok, key, msg: None if ok else problems.append(f"{key}: {msg}"))
     if problems:
         raise PlanError("; ".join(problems))
+    return cls
+
+
+def estimate(a: Arch, *, world: int, method=None, micro_batch: int = 1, seq_len: int = 2048,
+             dtype_bytes: int = 2, grad_ckpt: bool = True, zero: dict | None = None,
+             padded: bool = True, overhead_gb: float = 3.0, head_tokens: int | None = None,
+             frozen_group: int | None = None) -> Plan:
+    """The per-rank memory plan for `world` ZeRO-3 ranks (see the module docstring).
+
+    `method`: a method config (config.MethodConfig, e.g. `spec("lora", r=8)`); its rows
+    come from the method itself (methods/*: plan_rows). `zero`: DeepSpeed's
+    zero_optimization section (thresholds, prefetch, offload); `head_tokens`: positions
+    per micro-batch the LM head runs on (default: all tokens, the upper bound; a loss at
+    label positions only needs the labelled ones). `frozen_group`: ranks the frozen weights
+    are partitioned over (dist.frozen_partition=node: one node's; default, and for methods
+    that train the base weights: the world).
+    """
+    m = method if method is not None else spec()
+    cls = checked_method(m)
     z = zero or {}
     b, W = dtype_bytes, world
     persist = int(float(z.get("stage3_param_persistence_threshold", 1e5)))
@@ -230,9 +247,11 @@ def estimate(a: Arch, *, world: int, method=None, micro_batch: int = 1, seq_len:
     tokens = micro_batch * seq_len
 
     weights = "trainable weights" if cls.trains_base else "frozen weights"
-    shard = sum(-(-n // W) for _, n in a.params)
+    G = W if cls.trains_base or not frozen_group else min(frozen_group, W)
+    shard = sum(-(-n // G) for _, n in a.params)
     persisted = sum(n for _, n in a.params if n <= persist)
-    plan.add(f"{weights}, own ZeRO-3 partition (1/{W})", shard * b, on_host=off_param)
+    where = "" if G == W else ", within a group"
+    plan.add(f"{weights}, own ZeRO-3 partition (1/{G}{where})", shard * b, on_host=off_param)
     if persisted:
         plan.add(f"small parameters kept whole (<= {persist:,} elements)", persisted * b)
     units = a.units()
@@ -351,12 +370,13 @@ def method_for(cfg, name: str | None = None):
     return spec(name, **{k: cfg.method[k] for k in keys if k != "name" and k in cfg.method})
 
 
-def plan_for_config(cfg, arch: Arch, world: int, method: str | None = None, overhead_gb: float = 3.0) -> Plan:
+def plan_for_config(cfg, arch: Arch, world: int, method: str | None = None, overhead_gb: float = 3.0,
+                    frozen_group: int | None = None) -> Plan:
     zero = dict((cfg.deepspeed or {}).get("zero_optimization", {}))
     return estimate(arch, world=world, method=method_for(cfg, method), micro_batch=cfg.train.micro_batch_size,
                     seq_len=cfg.data.max_length, dtype_bytes=dtype_bytes(cfg.model.precision),
                     grad_ckpt=cfg.model.gradient_checkpointing, zero=zero, padded=not cfg.data.packing,
-                    overhead_gb=overhead_gb)
+                    overhead_gb=overhead_gb, frozen_group=frozen_group)
 
 
 def describe_run(cfg, arch: Arch, source: str, world: int) -> str:
@@ -394,6 +414,9 @@ def parse(argv=None):
     ap.add_argument("--overhead-gb", type=float, default=3.0,
                     help="CUDA context + NCCL + allocator allowance per GPU, GiB")
     ap.add_argument("overrides", nargs="*", help="key.sub=value, as for launch/train.py")
+    from .plan_time import add_arguments   # --cluster, --net-gbps, ..., --json
+
+    add_arguments(ap)
     return ap.parse_args(argv)
 
 
@@ -418,20 +441,35 @@ def _main(args) -> int:
     arch, source = arch_for_config(cfg, args.model_config)
     world = args.nodes * args.gpus_per_node
     kw = dict(method=args.method, overhead_gb=args.overhead_gb)
-    plan = plan_for_config(cfg, arch, world, **kw)
+    from . import plan_time   # the frozen partition's group, time and traffic
+
+    group = lambda w: plan_time.config_frozen_group(cfg, args.method, args.gpus_per_node, w)  # noqa: E731
+    plan = plan_for_config(cfg, arch, world, frozen_group=group(world), **kw)
     verdict = check_fit(plan, args.gpu_mem_gb, args.headroom)
-    print(f"memory plan: {args.nodes} node(s) x {args.gpus_per_node} GPU(s) = {world} ranks, "
-          f"{args.gpu_mem_gb:g} GiB per GPU, method {args.method or cfg.method.name}")
-    print(describe_run(cfg, arch, source, world))
-    print(format_plan(plan, verdict))
+    show = (lambda *a, **k: None) if args.json else print
+    show(f"memory plan: {args.nodes} node(s) x {args.gpus_per_node} GPU(s) = {world} ranks, "
+         f"{args.gpu_mem_gb:g} GiB per GPU, method {args.method or cfg.method.name}, frozen partition "
+         f"{'the world' if group(world) is None else f'groups of {group(world)} ranks'}")
+    show(describe_run(cfg, arch, source, world))
+    show(format_plan(plan, verdict))
     if plan.host_total:
-        print(f"host memory per node: {args.gpus_per_node} x {human(plan.host_total)} = "
-              f"{human(args.gpus_per_node * plan.host_total)} (offloaded state)")
+        show(f"host memory per node: {args.gpus_per_node} x {human(plan.host_total)} = "
+             f"{human(args.gpus_per_node * plan.host_total)} (offloaded state)")
+    report = plan_time.cli_report(args, cfg, arch)
+    print(json.dumps(report["json"], indent=1) if args.json else "\n" + report["text"])
     if not verdict.fits:
+        # Fewest nodes with the frozen weights partitioned over the world; with
+        # dist.frozen_partition=node every node holds them whole, so more nodes do not help.
+        node_mode = (cfg.dist.frozen_partition == "node"
+                     and len(plan_time.modes_of(args.method or cfg.method.name)) > 1)
         need = min_nodes(lambda w: check_fit(plan_for_config(cfg, arch, w, **kw), args.gpu_mem_gb,
                                              args.headroom).fits, args.gpus_per_node)
         hint = (f"at least {need} node(s) x {args.gpus_per_node} GPUs fit this config" if need
                 else "no number of nodes fits: the unsharded items alone are too large")
+        if node_mode and need:
+            hint += (" with dist.frozen_partition=global (dist.frozen_partition=node keeps a whole copy of the "
+                     "frozen weights on each node, so more nodes do not help; or raise "
+                     "dist.frozen_partition_size)")
         print(f"what to change: {hint}; or CPU offload of the frozen weights (deepspeed: "
               f"ds_zero3_llama70b_offload.json), a smaller train.micro_batch_size or data.max_length, "
               f"model.gradient_checkpointing=true", file=sys.stderr)

@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import checkpoint, comm, data, distributed, evaluate, methods, zero3
+from . import checkpoint, comm, commcount, data, distributed, evaluate, frozen_shards, methods, zero3
 from .config import ConfigError, check_paths, export_dir, resolved_lr, to_yaml, where_for
 from .errors import EXIT_PREEMPTED
 from .fileio import folder_bytes, write_atomic
 from .hub import display_name
 from .metrics import MetricsLog, Progress, peak_memory_gb, summary_table
-from .model import check_targets, load_model, training_dtype
+from .model import check_targets, training_dtype
 from .objective import TrainingModel
 
 log = logging.getLogger("gpart_ds")
@@ -69,9 +69,16 @@ class Trainer:
         # line fails every rank at once, and ranks that wait for the shared tokenised
         # cache wait on a file lock, not inside a collective with a timeout.
         self._load_data()
+        # The counter wraps torch.distributed's collectives, so it must be in place before
+        # DeepSpeed binds some of them when its backend starts.
+        if commcount.enabled(cfg.dist.count_comm):
+            commcount.install()
         ranks = distributed.init(cfg.dist.backend, cfg.dist.timeout_minutes)
         self.rank, self.local_rank, self.world = ranks.rank, ranks.local_rank, ranks.world
         _configure_logging(self.rank)
+        # Which ranks share a node, and the groups the frozen base is partitioned over.
+        self.placement = frozen_shards.place(cfg.dist, methods.get(cfg.method.name).trains_base,
+                                             cfg.dist.timeout_minutes)
         log.info("ranks from %s: world %d, %d on this node, master %s:%d", ranks.source, ranks.world,
                  ranks.local_world, ranks.master_addr, ranks.master_port)
         self.device = distributed.device()
@@ -118,7 +125,8 @@ class Trainer:
 
     def _build_model(self) -> None:
         cfg = self.cfg
-        base, self._ds_keepalive = load_model(cfg.model.path, self.dtype, self.ds_config)
+        base, self._ds_keepalive = frozen_shards.load_base(cfg.model.path, self.dtype, self.ds_config,
+                                                           self.placement)
         for name, p in base.named_parameters():
             bad = zero3.unsupported_variant(p)
             if bad:
@@ -144,6 +152,7 @@ class Trainer:
             return torch.optim.lr_scheduler.LambdaLR(
                 optimizer, lambda s: lr_lambda(s, t.max_steps, warmup, t.schedule, t.min_lr_ratio))
 
+        frozen_shards.place_trainables(self.method.root, self.placement, self.ds_config)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.model, optimizer=opt, lr_scheduler=scheduler, config=self.ds_config)
         self.method.after_engine()
@@ -155,6 +164,7 @@ class Trainer:
         return {k: v.to(self.device) for k, v in batch.items()}, data.count_tokens(exs)
 
     def train_step(self, step: int) -> dict:
+        commcount.phase(f"step {step + 1}")
         t0 = time.perf_counter()
         lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
         loss_sum, tokens = 0.0, 0
@@ -178,6 +188,7 @@ class Trainer:
     def evaluate(self, predictions: list | None = None) -> dict:
         """Held-out loss, exact match and (records with choices) accuracy, on every rank;
         `predictions` (rank 0) receives one record per scored choice item."""
+        commcount.phase("eval")
         self.engine.eval()
         try:
             t = self.cfg.train
@@ -214,6 +225,7 @@ class Trainer:
         return state["step"], state.get("before")
 
     def save_checkpoint(self, step: int, before: dict) -> Path:
+        commcount.phase("checkpoint")
         extra = {"before": before, "method": self.cfg.method.name, "lr": self.lr,
                  "dtype": str(self.dtype).removeprefix("torch.")}
         return checkpoint.save(self.engine, self.method.trainable(), self._checkpoint_root(), step,
@@ -277,6 +289,7 @@ class Trainer:
                 self.save_checkpoint(step + 1, before)
         if progress is not None:
             progress.close()
+        commcount.phase("summary")
         # Peak memory of training itself, before the gathers of checkpoint and export.
         train_mem = {f"train_{k}": v for k, v in comm.all_max(peak_memory_gb(), self.device).items()}
         model_state = zero3.model_state_bytes(self.engine)   # optimizer state exists after a step
@@ -287,10 +300,12 @@ class Trainer:
         if preds and self.rank == 0:   # per-record predictions: paired tests between runs
             write_atomic(self.out / "eval_predictions.jsonl", "".join(json.dumps(p) + "\n" for p in preds))
         wall = time.perf_counter() - t_start
+        commcount.phase("adapter")
         adapter_dir = self.save_adapter(self.out / "adapter")
         comm.barrier()
         if cfg.export.merged:
             self.export_merged()
+        commcount.phase("summary")
         mem = comm.all_max(peak_memory_gb(), self.device)
         steady = [r["step_time_s"] for r in history[1:]] or [r["step_time_s"] for r in history] or [0.0]
         summary = {"event": "summary", "method": cfg.method.name, "steps": t.max_steps, "world": self.world,
@@ -304,6 +319,8 @@ class Trainer:
                    "adapter_bytes": folder_bytes(adapter_dir),
                    "checkpoint_bytes": folder_bytes(checkpoint.step_dir(self._checkpoint_root(), t.max_steps)),
                    "model_state_bytes": model_state, **train_mem, **mem}
+        # With dist.count_comm: every rank's counts in <output_dir>/comm, the last step's here.
+        summary.update(commcount.finish(self.out / "comm", self.placement))
         self.metrics.write(summary)
         self.metrics.close()
         if self.rank == 0:
@@ -324,6 +341,7 @@ class Trainer:
         from .export import parse_dtype
 
         e, t0 = self.cfg.export, time.perf_counter()
+        commcount.phase("export")
         out = self.method.export_merged(Path(self.cfg.model.path), export_dir(self.cfg), self.dtype,
                                         parse_dtype(e.dtype), e.max_shard_size, e.overwrite, self.device)
         dt = time.perf_counter() - t0

@@ -29,6 +29,14 @@ def shard_range(p: torch.Tensor) -> tuple[int, int]:
     return start, max(0, min(part, p.ds_numel - start))
 
 
+def group_ranks(p: torch.Tensor) -> tuple[int, ...]:
+    """Global ranks of the group p is partitioned over (the world for a plain tensor)."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if not is_partitioned(p) or world == 1:
+        return tuple(range(world))
+    return tuple(dist.get_process_group_ranks(p.ds_process_group))
+
+
 def local_shard(p: torch.Tensor) -> torch.Tensor:
     """This rank's valid elements of p, flat (a view; padding cut off)."""
     if not is_partitioned(p):

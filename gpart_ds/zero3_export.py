@@ -5,6 +5,9 @@ of its row-major tensor and a safetensors tensor is one contiguous byte range, s
 rank writes `merge(shard)` straight into its place in the final file (docs/deepspeed.md).
 GPart uses it: its merged value of any element depends only on W0 at that element and
 the replicated theta. Peak extra memory per rank: one shard of the largest parameter.
+With the frozen base partitioned within groups of ranks (dist.frozen_partition=node)
+each shard has one copy per group, and each copy writes its own part of it
+(`shard_replica`): every byte is still written once.
 
 `export_gathered`: tensor by tensor every rank gathers what the merged value needs (the
 base weight and, for PEFT layers, its factors) and rank 0 merges and writes it; the
@@ -28,7 +31,7 @@ import torch
 
 from . import comm, export, safetensors_io as stio
 from .targets import full_shape
-from .zero3 import gathered, is_partitioned, local_shard, shard_range
+from .zero3 import gathered, group_ranks, is_partitioned, local_shard, shard_range
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +80,31 @@ def _failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def replica_part(n: int, index: int, count: int) -> tuple[int, int]:
+    """[lo, hi) of the index-th of `count` near-equal contiguous parts of range(n)."""
+    return n * index // count, n * (index + 1) // count
+
+
+def shard_replica(params) -> tuple[int, int]:
+    """Collective: (index, count) of this rank among the ranks that hold the same shards.
+
+    With the frozen base partitioned within groups of ranks (dist.frozen_partition=node),
+    the rank at the same place in each of the `count` groups holds the same shard of
+    every parameter; replica `index` writes the index-th part of it (`replica_part`), so
+    each byte of the output is written once and no rank gathers. (0, 1) when every
+    parameter is partitioned over the world. The groups come from the parameters
+    themselves, so the answer cannot disagree with what each rank holds.
+    """
+    world = comm.world()
+    if world == 1:
+        return 0, 1
+    mine = min((group_ranks(p) for p in params if is_partitioned(p)), key=len, default=tuple(range(world)))
+    groups = sorted(set(comm.gather_objects(mine)))
+    if sorted(r for g in groups for r in g) != list(range(world)):
+        raise RuntimeError(f"the parameters' process groups {groups} do not partition the {world} ranks")
+    return groups.index(mine), len(groups)
+
+
 def export_sharded(model: torch.nn.Module, merger: ShardMerger, base_dir: str | Path, out_dir: str | Path,
                    compute_dtype: torch.dtype, out_dtype: torch.dtype | None = None,
                    max_shard_size: str | int = "5GB", overwrite: bool = False, device=None,
@@ -95,6 +123,7 @@ def export_sharded(model: torch.nn.Module, merger: ShardMerger, base_dir: str | 
         if p is not None and tuple(full_shape(p)) != tuple(st.entry.shape):
             raise export.ExportError(f"{name}: shape {list(full_shape(p))} in the model but "
                                      f"{list(st.entry.shape)} in {st.path}")
+    replica = shard_replica(params.values())
     tmp = _create_output(out, plans)
     error = None
     try:
@@ -110,9 +139,13 @@ def export_sharded(model: torch.nn.Module, merger: ShardMerger, base_dir: str | 
                         writer.write(name, 0, vals.to("cpu", entry.dtype))
                     continue
                 start, valid = shard_range(p)
-                if valid == 0:
-                    continue   # a tensor smaller than the world: this rank holds only padding
                 shard = local_shard(p)
+                if len(group_ranks(p)) < comm.world():
+                    # One copy of this shard per group: this rank writes its part of it.
+                    lo, hi = replica_part(valid, *replica)
+                    start, valid, shard = start + lo, hi - lo, shard[lo:hi]
+                if valid == 0:
+                    continue   # a tensor smaller than its group: this rank holds only padding
                 vals = export.merged_checked(merger, name, start, shard) if merger.is_target(name) else shard
                 writer.write(name, start, vals.to("cpu", entry.dtype))
                 del vals

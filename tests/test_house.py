@@ -117,14 +117,15 @@ def test_the_branch_detector_sees_a_branch(tmp_path):
         f.unlink()
 
 
-@pytest.mark.parametrize("hook", ["validate", "trainable_count", "auto_lr", "plan_rows", "label", "build"])
+@pytest.mark.parametrize("hook", ["validate", "trainable_sizes", "auto_lr", "plan_rows", "label", "build",
+                                  "step_flops", "step_traffic"])
 def test_every_method_implements_the_interface(hook):
     from gpart_ds import methods
     from gpart_ds.methods.base import Method
 
     for name, cls in methods.REGISTRY.items():
         assert cls.name == name
-        if hook in ("trainable_count", "plan_rows", "build"):
+        if hook in ("trainable_sizes", "plan_rows", "build", "step_flops", "step_traffic"):
             assert getattr(cls, hook) is not getattr(Method, hook), f"{name} lacks {hook}"
         if hook == "auto_lr":   # a calibrated rate for every method (train.lr: auto)
             from gpart_ds.plan import spec

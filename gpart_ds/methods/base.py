@@ -10,10 +10,21 @@ Config time (classmethods, no weights, no process group):
     validate(m, need)           value checks of the method.* keys it reads
     check_environment(m, device, need)  what this machine must offer (e.g. Triton on CUDA)
     check_layout(m, layout, need)  checks against the model's target weights
-    trainable_count(m, arch)    trainable parameters, from shapes
+    trainable_sizes(m, arch)    elements of each trainable tensor, from shapes
+    trainable_count(m, arch)    their sum: the trainable parameters
     auto_lr(m, D)               the learning rate `train.lr: auto` resolves to
     plan_rows(plan, arch, m, ctx)  its rows of the per-GPU memory plan
     summary(m, arch)            a line for dry runs and plans
+    trains_base                 (class attribute) the base weights themselves train: no frozen
+                                base, so its memory rows count their optimizer state and the
+                                base is partitioned over the world whatever dist.frozen_partition says
+Step time and traffic (classmethods, for plan_time.py; ctx: plan_time.StepContext):
+    step_flops(m, arch, ctx)    FLOPs of a micro-batch beyond the base model's forward, recompute
+                                and dX: weight gradients, adapter matmuls, a recompute cut short
+    delta_elements(m, arch, ctx)  weights it generates per micro-batch (GPart's W0 + delta)
+    frozen_backward(m, arch, ctx, params)  the frozen parameters its backward gathers again
+    step_traffic(traffic, arch, m)  the collectives that move its trainables in a step
+                                (traffic: plan_time.StepTraffic)
 Run time (an instance per run, on every rank):
     build(base, layout, device) -> MethodRoot   adapt the (ZeRO-3 sharded) base model
     trainable()                 name -> parameter the optimizer steps and checkpoints hold
@@ -85,8 +96,13 @@ class Method:
         """Checks against the model's targets (e.g. GPart's d <= D)."""
 
     @classmethod
-    def trainable_count(cls, m, arch) -> int:
+    def trainable_sizes(cls, m, arch) -> list[int]:
+        """Elements of each trainable tensor, from shapes (plan.Arch)."""
         raise NotImplementedError
+
+    @classmethod
+    def trainable_count(cls, m, arch) -> int:
+        return sum(cls.trainable_sizes(m, arch))
 
     @classmethod
     def auto_lr(cls, m, D: int) -> float:
@@ -97,6 +113,36 @@ class Method:
     @classmethod
     def plan_rows(cls, plan, arch, m, ctx) -> None:
         """Add this method's rows to a memory plan (plan.estimate gives `ctx`)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ step time (plan_time.py)
+    @classmethod
+    def step_flops(cls, m, arch, ctx) -> dict[str, int]:
+        """FLOPs of one micro-batch beyond the base model's forward, recompute and dX
+        (plan_time.base_flops: every block's linears recomputed under checkpointing), as
+        torch's FlopCounterMode counts them: {"forward", "recompute", "dx", "dw": FLOPs},
+        any subset; negative where the method saves the base some work."""
+        raise NotImplementedError
+
+    @classmethod
+    def delta_elements(cls, m, arch, ctx) -> dict[str, int]:
+        """Elements of generated weights per micro-batch, {"build": n, "backward": n},
+        timed at the cluster's measured kernel rates (none unless the method generates
+        weights)."""
+        return {}
+
+    @classmethod
+    def frozen_backward(cls, m, arch, ctx, params: dict[str, int]) -> dict[str, int]:
+        """The frozen parameters ({name: elements}) the backward gathers again. `params`:
+        those of every module whose output needs a gradient when each adapted linear's
+        does (the decoder blocks, the LM head; the final norm under checkpointing)."""
+        return params
+
+    @classmethod
+    def step_traffic(cls, traffic, arch, m) -> None:
+        """Add to `traffic` (plan_time.StepTraffic) the collectives that move this
+        method's trainables in one optimizer step: gathers, gradient reductions, the
+        updated values; payload in bytes per step."""
         raise NotImplementedError
 
     @classmethod

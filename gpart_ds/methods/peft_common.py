@@ -9,6 +9,7 @@ GPart's theta.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from ..zero3 import gathered
 from .base import Method, MethodRoot, Need
 
 ADAPTER_NAME = "default"
+_FIRST_QKV = re.compile(r"(^|\.)layers\.0\.self_attn\.[qkv]_proj(\.weight)?$")
 
 
 class PeftRoot(MethodRoot):
@@ -45,6 +47,28 @@ class PeftMethod(Method):
     @classmethod
     def rank(cls, m) -> int:
         return m.r or cls.default_rank
+
+    @classmethod
+    def frozen_backward(cls, m, arch, ctx, params: dict[str, int]) -> dict[str, int]:
+        if ctx.grad_ckpt:
+            # PEFT's own input-grad hook gives the embeddings a backward (measured).
+            return {**params, **{n: k for n, k in arch.params if "embed" in n}}
+        # Layer 0's q/k/v base linears have no backward: their input needs no gradient and
+        # PEFT's adapter sits beside the base layer, not inside it (GPart's op holds theta).
+        return {n: k for n, k in params.items() if not _FIRST_QKV.search(n)}
+
+    @classmethod
+    def step_traffic(cls, traffic, arch, m) -> None:
+        c = traffic.ctx
+        sizes = cls.trainable_sizes(m, arch)
+        # Partitioned over the world: gathered for the forward and once more for the
+        # recompute and backward together (measured); gradients reduce-scattered.
+        passes = 2
+        traffic.add(f"{cls.label(m)} trainables: gathers (forward, backward)", "all_gather", c.world,
+                    c.micro_steps * passes * traffic.gathered(sizes, c.world) * c.dtype_bytes,
+                    c.micro_steps * passes * arch.layers, True)
+        traffic.add(f"{cls.label(m)} trainables: gradient reduce-scatter", "reduce_scatter", c.world,
+                    c.micro_steps * traffic.padded(sizes, c.world) * c.comm_bytes, c.micro_steps, True)
 
     def peft_config(self, target_names: list[str]):
         raise NotImplementedError
@@ -106,6 +130,11 @@ class PeftMethod(Method):
             p = getattr(mod.get_base_layer(), attr, None)
             return ([p], lambda: p.detach()) if isinstance(p, nn.Parameter) else None
         return super().merge_source(name)
+
+
+def first_block_qkv(arch) -> list[tuple[int, int]]:
+    """(out, in) of the targets among layer 0's q/k/v projections."""
+    return [s for s, n in zip(arch.targets, arch.target_names) if _FIRST_QKV.search(n)]
 
 
 def per_layer_targets(arch) -> int:

@@ -21,8 +21,35 @@ class Full(Method):
         return "full FT"
 
     @classmethod
-    def trainable_count(cls, m, arch) -> int:
-        return arch.n_params
+    def trainable_sizes(cls, m, arch) -> list[int]:
+        return [n for _, n in arch.params]
+
+    @classmethod
+    def step_flops(cls, m, arch, ctx) -> dict[str, int]:
+        T = ctx.tokens
+        linears = arch.block_linears()
+        o_last, i_last = linears[-1]
+        # torch's non-reentrant checkpointing stops recomputing a block once the last tensor
+        # saved for backward is rebuilt: down_proj's input (saved for its weight gradient)
+        # exists before down_proj runs, so that matmul is not recomputed.
+        skip = 2 * T * arch.layers * o_last * i_last if ctx.grad_ckpt else 0
+        dw = 2 * T * arch.layers * sum(o * i for o, i in linears) + 2 * ctx.head * arch.hidden * arch.vocab
+        return {"recompute": -skip, "dw": dw}
+
+    @classmethod
+    def step_traffic(cls, traffic, arch, m) -> None:
+        c = traffic.ctx
+        sizes = cls.trainable_sizes(m, arch)
+        units = arch.layers + 3   # the blocks, embeddings, final norm, LM head
+        gathered = traffic.gathered(sizes, c.world)
+        # The base itself trains, over the world: gathered for the forward and once more
+        # for the recompute and backward together (measured), every gradient reduce-scattered.
+        traffic.add("weights: forward gathers", "all_gather", c.world, c.micro_steps * gathered * c.dtype_bytes,
+                    c.micro_steps * units, True)
+        traffic.add("weights: recompute + backward gathers", "all_gather", c.world,
+                    c.micro_steps * gathered * c.dtype_bytes, c.micro_steps * units, True)
+        traffic.add("weights: gradient reduce-scatter", "reduce_scatter", c.world,
+                    c.micro_steps * traffic.padded(sizes, c.world) * c.comm_bytes, c.micro_steps * units, True)
 
     @classmethod
     def plan_rows(cls, plan, arch, m, ctx) -> None:

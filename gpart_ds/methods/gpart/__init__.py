@@ -69,8 +69,8 @@ class GPart(Method):
              f"({len(layout.targets)} matrices)")
 
     @classmethod
-    def trainable_count(cls, m, arch) -> int:
-        return int(m.d)
+    def trainable_sizes(cls, m, arch) -> list[int]:
+        return [int(m.d)]
 
     @classmethod
     def auto_lr(cls, m, D: int) -> float:
@@ -106,6 +106,29 @@ class GPart(Method):
                  on_host=ctx.off_opt)
         chunk = max(min(o, max(1, m.chunk_elems // i)) * i for o, i in arch.targets)
         plan.add("transient: W0+delta and dW row chunks, d-length gradients", 2 * chunk * b + 8 * d)
+
+    @classmethod
+    def step_flops(cls, m, arch, ctx) -> dict[str, int]:
+        # dW = g^T x of every target (in row chunks), scattered into theta's gradient:
+        # one GEMM the size of the targets.
+        return {"dw": 2 * ctx.tokens * arch.D}
+
+    @classmethod
+    def delta_elements(cls, m, arch, ctx) -> dict[str, int]:
+        # W0 + delta is built in the forward and again in the recompute; the backward
+        # rebuilds it for dX and scatters dW into theta's gradient.
+        return {"build": arch.D * (2 if ctx.grad_ckpt else 1), "backward": arch.D}
+
+    @classmethod
+    def step_traffic(cls, traffic, arch, m) -> None:
+        c = traffic.ctx
+        pd = traffic.padded([m.d], c.world)
+        # theta is kept whole on every rank (after_engine), so no pass gathers it. Its
+        # gradient is reduce-scattered at the end of each backward (one bucket, nothing
+        # left to overlap it with) and the updated partitions are all-gathered in fp32.
+        traffic.add("theta: gradient reduce-scatter", "reduce_scatter", c.world,
+                    c.micro_steps * pd * c.comm_bytes, c.micro_steps, False)
+        traffic.add("theta: all-gather after the step (fp32)", "all_gather", c.world, pd * 4, 1, False)
 
     @classmethod
     def dry_run_lines(cls, m, arch) -> list[str]:

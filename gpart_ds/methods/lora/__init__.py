@@ -6,7 +6,7 @@ per target weight.
 from __future__ import annotations
 
 from ..base import Need
-from ..peft_common import PeftMethod, per_layer_targets
+from ..peft_common import PeftMethod, first_block_qkv, per_layer_targets
 
 
 class LoRA(PeftMethod):
@@ -27,8 +27,24 @@ class LoRA(PeftMethod):
         return f"LoRA r={cls.rank(m)}"
 
     @classmethod
-    def trainable_count(cls, m, arch) -> int:
-        return sum(cls.rank(m) * (o + i) for o, i in arch.targets)
+    def trainable_sizes(cls, m, arch) -> list[int]:
+        r = cls.rank(m)
+        return [n for o, i in arch.targets for n in (r * i, o * r)]   # A (r x in), B (out x r)
+
+    @classmethod
+    def step_flops(cls, m, arch, ctx) -> dict[str, int]:
+        # x A^T, then (x A^T) B^T per target; backward: dB, d(xA^T), dA and dX through A.
+        T, r = ctx.tokens, cls.rank(m)
+        lora = sum(2 * T * r * (o + i) for o, i in arch.targets)
+        # Without checkpointing nothing upstream of layer 0's q/k/v needs a gradient: no dX through their A.
+        qkv0 = 0 if ctx.grad_ckpt else sum(2 * T * r * i for _, i in first_block_qkv(arch))
+        # torch's non-reentrant checkpointing stops recomputing a block once the last tensor
+        # saved for backward is rebuilt: B of the block's last target (down_proj) produces
+        # an output nothing saves, so it is not recomputed (the base layer runs before it).
+        last_b = (2 * T * r * arch.targets[-1][0] * arch.layers
+                  if arch.target_names and arch.target_names[-1].endswith("down_proj") else 0)
+        return {"forward": lora, "recompute": (lora - last_b) if ctx.grad_ckpt else 0, "dx": lora - qkv0,
+                "dw": lora}
 
     @classmethod
     def plan_rows(cls, plan, arch, m, ctx) -> None:

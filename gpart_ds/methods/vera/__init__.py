@@ -5,7 +5,7 @@ and regenerated from method.seed; trained per target: lambda_d (r) and lambda_b 
 """
 from __future__ import annotations
 
-from ..peft_common import PeftMethod, per_layer_targets
+from ..peft_common import PeftMethod, first_block_qkv, per_layer_targets
 
 
 class VeRA(PeftMethod):
@@ -19,8 +19,21 @@ class VeRA(PeftMethod):
         return f"VeRA r={cls.rank(m)}"
 
     @classmethod
-    def trainable_count(cls, m, arch) -> int:
-        return sum(cls.rank(m) + o for o, _ in arch.targets)
+    def trainable_sizes(cls, m, arch) -> list[int]:
+        r = cls.rank(m)
+        return [n for o, _ in arch.targets for n in (r, o)]   # lambda_d (r), lambda_b (out)
+
+    @classmethod
+    def step_flops(cls, m, arch, ctx) -> dict[str, int]:
+        # x A^T and (.) B^T with the shared projections sliced to each target; they are
+        # buffers, so the backward has no weight gradient, only dX through B and then A.
+        # lambda_b scales B's output, which is saved for its gradient: the recompute runs
+        # every projection (no early stop as for LoRA's last B).
+        T, r = ctx.tokens, cls.rank(m)
+        proj = sum(2 * T * r * (o + i) for o, i in arch.targets)
+        # Without checkpointing nothing upstream of layer 0's q/k/v needs a gradient: no dX through their A.
+        qkv0 = 0 if ctx.grad_ckpt else sum(2 * T * r * i for _, i in first_block_qkv(arch))
+        return {"forward": proj, "recompute": proj if ctx.grad_ckpt else 0, "dx": proj - qkv0}
 
     @classmethod
     def plan_rows(cls, plan, arch, m, ctx) -> None:

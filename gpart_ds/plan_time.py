@@ -1,0 +1,591 @@
+"""Time and traffic of one training step, per method and frozen-partition mode, from shapes.
+
+    python -m gpart_ds.plan --config configs/llama70b.yaml --nodes 8 --gpus-per-node 8 \
+        --gpu-mem-gb 80 --cluster h100 --net-gbps 25 [--json]
+    python -m gpart_ds.plan_time --config configs/llama70b.yaml --nodes 8 --gpus-per-node 8 \
+        --micro-batch 1,2          # the run's method, node vs global, over network bandwidths
+
+For the compared methods (plan.COMPARED) with the frozen base partitioned within a node
+or over the world, on a stated cluster, per GPU and per optimizer step:
+
+- FLOPs: forward, the recompute of activation checkpointing and dX of the base model
+  (`base_flops`), plus what the method adds (`Method.step_flops`: its weight gradients,
+  adapter matmuls, a recompute cut short), counted as
+  torch.utils.flop_counter.FlopCounterMode counts them (its own formulas for attention);
+  generated weights (`Method.delta_elements`, GPart's W0 + delta) as elements per pass,
+  timed at the fused kernels' measured rates;
+- collectives: the gathers of the frozen base (here: forward, recompute, and the backward
+  of the parameters `Method.frozen_backward` names), whatever moves the method's
+  trainables (`Method.step_traffic`), the scalars; their payload and the bytes each GPU
+  moves inside its node and across nodes (`collective_bytes`, the model commcount.py
+  also reads its measurements with);
+- a predicted step time with and without overlap of communication and compute.
+
+Traffic model (per rank, collective payload S over a group of n ranks, L of them on each
+of N nodes): a gather or reduce-scatter moves S (L-1)/L over the node's links and
+S (N-1)/(N L) over the network (hierarchical, or NCCL's rings, which cross each node
+boundary once per channel and spread channels over the node's NICs); an all-reduce twice
+that. Time of a collective: the slower of its two parts at the links' achievable
+bandwidth, plus a fixed latency per call.
+
+Which gathers a step makes is what DeepSpeed 0.19.8's ZeRO-3 does with a complete trace
+(measured with commcount on the tiny model, tests/integration/test_scale.py): every
+frozen parameter once in the forward; with activation checkpointing every decoder block
+again in the recompute; in the backward every decoder block and the LM head again (and
+the final norm, with checkpointing); parameters of at most
+stage3_param_persistence_threshold elements are kept whole and never gathered. The
+scalars: DeepSpeed's gradient norm and the trainer's loss/token sums and stop flag.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+
+from . import plan
+from .config import FROZEN_PARTITIONS as MODES
+
+# Per step, over the world: DeepSpeed's gradient norm (float64), the trainer's loss and
+# token sums (2 x float64, comm.all_sum) and its stop flag (float64, comm.any_rank).
+SCALARS = (("scalars: gradient norm, loss and token sums, stop flag", 8 + 16 + 8, 3),)
+
+
+# ------------------------------------------------------------------ the cluster
+@dataclass(frozen=True)
+class Cluster:
+    """Per-GPU figures of a cluster (GB = 1e9 bytes)."""
+    name: str
+    peak_tflops: float          # dense bf16 tensor-core peak
+    hbm_gbps: float             # HBM bandwidth
+    nvlink_gbps: float          # intra-node link bandwidth, one direction
+    net_gbps: float             # network bandwidth per GPU (NIC per GPU), one direction
+    gpu_mem_gb: float           # GiB, as --gpu-mem-gb
+    # Achieved fractions and rates; the defaults are measured on one H200 (docs/
+    # layer_llama70b_h200.json: a 28672 x 8192 bf16 layer at 4096 tokens runs its
+    # frozen fwd+bwd GEMMs at 795 TFLOPS = 0.80 of peak; the fused GPart kernels build
+    # W0 + delta at 1.2-1.36e11 elements/s and run the backward pass (rebuild + scatter
+    # of dW into theta's gradient) at 5.5e10). H100 SXM and H200 share the GH100 die,
+    # clocks and SM count, so the kernel rates carry over.
+    gemm_efficiency: float = 0.80
+    link_efficiency: float = 0.80   # NCCL bus bandwidth / nominal link bandwidth
+    delta_build_per_s: float = 1.3e11
+    delta_backward_per_s: float = 5.5e10
+    latency_s: float = 20e-6        # per collective call
+
+    def with_(self, **kw) -> "Cluster":
+        return Cluster(**{**asdict(self), **{k: v for k, v in kw.items() if v is not None}})
+
+
+PRESETS = {
+    # NVIDIA H100 SXM5 80 GB: 989 TFLOPS dense bf16, 3.35 TB/s HBM3, NVLink 4 at 900 GB/s
+    # (450 each way); a DGX/HGX H100 node has one 400 Gb/s NIC per GPU (50 GB/s).
+    "h100": Cluster("H100 SXM 80GB nodes",
+                    989.0, 3350.0, 450.0, 50.0, 80.0),
+    # NVIDIA H200 SXM 141 GB (140 GiB as the driver reports it): same compute and NVLink,
+    # 4.8 TB/s HBM3e.
+    "h200": Cluster("H200 SXM 141GB nodes",
+                    989.0, 4800.0, 450.0, 50.0, 140.0),
+}
+
+
+def collective_bytes(kind: str, size: float, n: int, per_node: list[int]) -> tuple[float, float]:
+    """(intra-node, inter-node) bytes one rank moves in one collective of payload `size`
+    over a group of `n` ranks with `per_node[i]` of them on each node it spans."""
+    if n <= 1 or kind == "barrier":
+        return 0.0, 0.0
+    nodes = len(per_node)
+    factor = 2.0 if kind == "all_reduce" else 1.0
+    if kind == "p2p":
+        return (float(size), 0.0) if nodes == 1 else (0.0, float(size))
+    if nodes == 1:
+        return factor * size * (n - 1) / n, 0.0
+    if len(set(per_node)) != 1:      # uneven groups: count everything as crossing nodes
+        return 0.0, factor * size * (n - 1) / n
+    L = per_node[0]
+    if kind == "all_to_all":
+        return size * (L - 1) / n, size * (n - L) / n
+    return factor * size * (L - 1) / L, factor * size * (nodes - 1) / (nodes * L)
+
+
+# ------------------------------------------------------------------ the step
+@dataclass(frozen=True)
+class RankLayout:
+    """How the ranks of a planned run sit: nodes x GPUs per node, and the size of the
+    groups the frozen base is partitioned over in node mode (consecutive ranks)."""
+    nodes: int
+    gpus_per_node: int
+    frozen_group: int
+
+    @property
+    def world(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    def span(self, group: int) -> list[int]:
+        """Ranks per node of a group of `group` consecutive ranks (node-aligned)."""
+        if group <= self.gpus_per_node:
+            return [group]
+        return [self.gpus_per_node] * (group // self.gpus_per_node)
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What a method's step hooks (methods/base.py) need beside the architecture and its
+    own config: one micro-batch's shape, and the ranks and dtypes its collectives use."""
+    micro_batch: int
+    seq: int
+    grad_ckpt: bool
+    head_tokens: int | None = None   # positions the LM head runs on per micro-batch (None: all)
+    world: int = 1
+    frozen_group: int = 1            # ranks the frozen base is partitioned over
+    micro_steps: int = 1             # micro-batches per optimizer step (train.grad_accum)
+    dtype_bytes: int = 2             # the training dtype
+    comm_bytes: int = 2              # DeepSpeed's gradient-reduction dtype
+    persist: int = 0                 # stage3_param_persistence_threshold (kept whole, never gathered)
+
+    @property
+    def tokens(self) -> int:
+        return self.micro_batch * self.seq
+
+    @property
+    def head(self) -> int:
+        return self.tokens if self.head_tokens is None else self.head_tokens
+
+
+@dataclass
+class Collective:
+    what: str
+    kind: str          # all_gather | reduce_scatter | all_reduce
+    group: int         # ranks in the group
+    payload: float     # bytes per step (all calls summed)
+    calls: int
+    overlapped: bool   # hidden behind compute when overlapping (prefetch / bucketed reduction)
+    intra: float = 0.0
+    inter: float = 0.0
+    seconds: float = 0.0
+
+
+def padded(sizes, group: int) -> int:
+    """Elements DeepSpeed moves for parameters of these sizes partitioned over `group`
+    (each padded to a multiple of the group)."""
+    return sum(-(-n // group) * group for n in sizes)
+
+
+class StepTraffic:
+    """The collectives of one optimizer step; a method's `step_traffic` adds those that
+    move its trainables, with payloads in bytes per optimizer step."""
+
+    def __init__(self, ctx: StepContext):
+        self.ctx = ctx
+        self.collectives: list[Collective] = []
+
+    def add(self, what: str, kind: str, group: int, payload: float, calls: int, overlapped: bool) -> None:
+        self.collectives.append(Collective(what, kind, group, payload, calls, overlapped))
+
+    def gathered(self, sizes, group: int) -> int:
+        """Elements one all-gather of parameters of these sizes moves (padded; those of at
+        most stage3_param_persistence_threshold elements are kept whole, never gathered)."""
+        return padded([n for n in sizes if n > self.ctx.persist], group)
+
+    padded = staticmethod(padded)
+
+
+@dataclass
+class StepEstimate:
+    method: str        # the method's name (methods/ registry)
+    mode: str          # frozen partition: node | global
+    label: str = ""    # e.g. "LoRA r=8"
+    flops: dict = field(default_factory=dict)
+    delta_elems: dict = field(default_factory=dict)
+    collectives: list = field(default_factory=list)
+    times: dict = field(default_factory=dict)
+    memory_gib: float = 0.0
+    fits: bool = True
+
+    @property
+    def intra_bytes(self) -> float:
+        return sum(c.intra for c in self.collectives)
+
+    @property
+    def inter_bytes(self) -> float:
+        return sum(c.inter for c in self.collectives)
+
+    def to_json(self) -> dict:
+        return {"method": self.method, "label": self.label, "frozen_partition": self.mode,
+                "step_time_s": self.times["step_overlap_s"], "step_time_no_overlap_s": self.times["step_serial_s"],
+                "inter_node_bytes_per_step": self.inter_bytes, "intra_node_bytes_per_step": self.intra_bytes,
+                "flops_per_step": self.flops["total"], "flops": self.flops, "delta_elements": self.delta_elems,
+                "times_s": self.times, "fits": self.fits, "memory_per_gpu_gib": self.memory_gib,
+                "collectives": [asdict(c) for c in self.collectives]}
+
+
+_LAYER = re.compile(r"(^|\.)layers\.\d+\.")
+
+
+def _attention_flops(a: plan.Arch, micro_batch: int, seq: int, kernel: str = "flash") -> tuple[float, float]:
+    """(forward, backward) FLOPs of SDPA in all blocks, by FlopCounterMode's formulas.
+
+    kernel "flash": the fused kernels GPUs train with, whose backward recomputes the
+    scores (FlopCounterMode's sdpa backward formula, 2.5x the forward); "math": the
+    decomposed kernel (CPU with a mask), whose backward is two bmms per forward bmm.
+    """
+    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
+
+    q = (micro_batch, a.heads, seq, a.head_dim)
+    kv = (micro_batch, a.kv_heads, seq, a.head_dim)
+    fwd = a.layers * sdpa_flop_count(q, kv, kv)
+    bwd = a.layers * sdpa_backward_flop_count(q, q, kv, kv) if kernel == "flash" else 2 * fwd
+    return fwd, bwd
+
+
+def base_flops(a: plan.Arch, ctx: StepContext, trains_base: bool, attention: str = "flash") -> dict:
+    """FLOPs of one micro-batch through the base model: forward, the recompute of every
+    block's linears and attention under checkpointing, dX (attention, linears, the LM
+    head at `ctx.head` positions); dW is the method's (Method.step_flops)."""
+    T, Th = ctx.tokens, ctx.head
+    linears = a.block_linears()
+    blocks = a.layers * sum(o * i for o, i in linears)
+    qkv0 = sum(o * i for o, i in linears[:3])
+    head = a.hidden * a.vocab
+    att_f, att_b = _attention_flops(a, ctx.micro_batch, ctx.seq, attention) if attention != "none" else (0, 0)
+    # Layer 0's q/k/v inputs need no gradient when the embeddings are frozen, except that
+    # transformers' gradient_checkpointing_enable makes the embedding output require grad.
+    skip_qkv0 = not trains_base and not ctx.grad_ckpt
+    return {"forward": 2 * T * blocks + att_f + 2 * Th * head,
+            "recompute": (2 * T * blocks + att_f) if ctx.grad_ckpt else 0,
+            "dx": 2 * T * (blocks - (qkv0 if skip_qkv0 else 0)) + att_b + 2 * Th * head,
+            "dw": 0}
+
+
+def step_flops(a: plan.Arch, method=None, *, micro_batch: int, seq: int, grad_ckpt: bool,
+               head_tokens: int | None = None, attention: str = "flash") -> dict:
+    """FLOPs of one micro-batch's forward and backward (FlopCounterMode's counting).
+
+    `method`: a method config (plan.spec(...)); `head_tokens`: positions the LM head runs
+    on (default all; the training objective runs it at label positions only).
+    `attention`: "flash" (GPU kernels), "math" (the decomposed kernel) or "none" (leave
+    SDPA out: CPU kernels FlopCounterMode has no formula for).
+    """
+    m = method if method is not None else plan.spec()
+    cls = plan.checked_method(m)
+    ctx = StepContext(micro_batch, seq, grad_ckpt, head_tokens)
+    f = base_flops(a, ctx, cls.trains_base, attention)
+    for k, v in cls.step_flops(m, a, ctx).items():
+        f[k] += v
+    f["total"] = f["forward"] + f["recompute"] + f["dx"] + f["dw"]
+    return f
+
+
+def _param_roles(a: plan.Arch) -> dict[str, dict[str, int]]:
+    """Parameters ({name: elements}) by role: decoder blocks, LM head, final norm, embeddings."""
+    out: dict[str, dict[str, int]] = {"blocks": {}, "head": {}, "norm": {}, "embed": {}}
+    tied = not any(n.endswith("lm_head.weight") for n, _ in a.params)
+    for name, n in a.params:
+        if _LAYER.search(name):
+            out["blocks"][name] = n
+        elif "lm_head" in name:
+            out["head"][name] = n
+        elif "embed" in name:
+            out["embed"][name] = n
+            if tied:   # the LM head is the embedding matrix
+                out["head"][name] = n
+        else:
+            out["norm"][name] = n
+    return out
+
+
+def _frozen_gathers(t: StepTraffic, a: plan.Arch, cls, m) -> None:
+    """Frozen parameters are released after every use: the forward, the recompute and the
+    backward of every module whose output needs a gradient gather them anew."""
+    ctx, G, micro = t.ctx, t.ctx.frozen_group, t.ctx.micro_steps
+    roles = _param_roles(a)
+    fwd = t.gathered([n for _, n in a.params], G)
+    rec = t.gathered(roles["blocks"].values(), G) if ctx.grad_ckpt else 0
+    default = {**roles["blocks"], **roles["head"], **(roles["norm"] if ctx.grad_ckpt else {})}
+    bwd = t.gathered(cls.frozen_backward(m, a, ctx, default).values(), G)
+    b = ctx.dtype_bytes
+    t.add("frozen weights: forward gathers", "all_gather", G, micro * fwd * b, micro * (a.layers + 3), True)
+    if rec:
+        t.add("frozen weights: recompute gathers (checkpointing)", "all_gather", G, micro * rec * b,
+              micro * a.layers, True)
+    t.add("frozen weights: backward gathers", "all_gather", G, micro * bwd * b, micro * (a.layers + 2), True)
+
+
+def estimate_step(a: plan.Arch, method, mode: str, layout: RankLayout, cluster: Cluster, *,
+                  micro_batch: int = 1, seq: int = 2048, grad_accum: int = 1, dtype_bytes: int = 2,
+                  grad_ckpt: bool = True, zero: dict | None = None, head_tokens: int | None = None,
+                  comm_dtype_bytes: int | None = None) -> StepEstimate:
+    """Traffic, FLOPs and time of one optimizer step on one GPU (see the module doc).
+
+    `method`: a method config (plan.spec(...) or a run's cfg.method); `mode`: where the
+    frozen base is partitioned (dist.frozen_partition: node or global).
+    """
+    cls = plan.checked_method(method)
+    if mode not in MODES:
+        raise plan.PlanError(f"frozen partition must be one of {MODES}, got {mode!r}")
+    if cls.trains_base and mode != "global":
+        raise plan.PlanError(f"{cls.label(method)} trains the base weights: it has no frozen partition, "
+                             "only frozen_partition=global")
+    z = zero or {}
+    W = layout.world
+    ctx = StepContext(micro_batch, seq, grad_ckpt, head_tokens, world=W,
+                      frozen_group=layout.frozen_group if mode == "node" else W, micro_steps=grad_accum,
+                      dtype_bytes=dtype_bytes, comm_bytes=comm_dtype_bytes or dtype_bytes,
+                      persist=int(float(z.get("stage3_param_persistence_threshold", 1e5))))
+    est = StepEstimate(method.name, mode, cls.label(method))
+    fl = step_flops(a, method, micro_batch=micro_batch, seq=seq, grad_ckpt=grad_ckpt, head_tokens=head_tokens)
+    est.flops = {k: v * grad_accum for k, v in fl.items()}
+    est.delta_elems = {k: v * grad_accum for k, v in cls.delta_elements(method, a, ctx).items()}
+
+    traffic = StepTraffic(ctx)
+    if not cls.trains_base:
+        _frozen_gathers(traffic, a, cls, method)
+    cls.step_traffic(traffic, a, method)
+    for what, nbytes, calls in SCALARS:
+        traffic.add(what, "all_reduce", W, nbytes, calls, False)
+    est.collectives = traffic.collectives
+
+    # ---- bytes and time per collective
+    for c in est.collectives:
+        span = layout.span(c.group)
+        c.intra, c.inter = collective_bytes(c.kind, c.payload, c.group, span)
+        t_intra = c.intra / (cluster.nvlink_gbps * 1e9 * cluster.link_efficiency)
+        t_inter = c.inter / (cluster.net_gbps * 1e9 * cluster.link_efficiency)
+        c.seconds = max(t_intra, t_inter) + c.calls * cluster.latency_s
+    compute = est.flops["total"] / (cluster.peak_tflops * 1e12 * cluster.gemm_efficiency)
+    delta = (est.delta_elems.get("build", 0) / cluster.delta_build_per_s
+             + est.delta_elems.get("backward", 0) / cluster.delta_backward_per_s)
+    # Optimizer: AdamW over this rank's partition of the trainables, memory bound: fp32
+    # master, two moments and the gradient read and written, the working copy written.
+    optimizer = math.ceil(sum(cls.trainable_sizes(method, a)) / W) * 32 / (cluster.hbm_gbps * 1e9)
+    hidden = sum(c.seconds for c in est.collectives if c.overlapped)
+    exposed = sum(c.seconds for c in est.collectives if not c.overlapped)
+    est.times = {"compute_s": compute, "delta_s": delta, "optimizer_s": optimizer,
+                 "comm_overlappable_s": hidden, "comm_exposed_s": exposed,
+                 "step_serial_s": compute + delta + optimizer + hidden + exposed,
+                 "step_overlap_s": max(compute + delta, hidden) + exposed + optimizer}
+    return est
+
+
+# ------------------------------------------------------------------ from a run config
+def frozen_group(dist_cfg, gpus_per_node: int, world: int) -> int:
+    """Ranks the frozen base is partitioned over in `node` mode (dist.frozen_partition_size)."""
+    size = int(dist_cfg.get("frozen_partition_size", 0) or 0) or gpus_per_node
+    return min(size, world)
+
+
+def comm_dtype_bytes(ds: dict, dtype_bytes: int) -> int:
+    """DeepSpeed reduces gradients in communication_data_type, else in the training dtype."""
+    name = str((ds or {}).get("communication_data_type") or "").lower()
+    return {"fp32": 4, "float32": 4, "fp16": 2, "bf16": 2, "bfloat16": 2}.get(name, dtype_bytes)
+
+
+def modes_of(name: str) -> tuple[str, ...]:
+    """The frozen partitions a method can run with (one that trains the base: the world only)."""
+    from . import methods
+
+    return ("global",) if methods.get(name).trains_base else MODES
+
+
+def _plannable(m) -> bool:
+    try:
+        plan.checked_method(m)
+        return True
+    except plan.PlanError:
+        return False
+
+
+def estimate_rows(cfg, a: plan.Arch, nodes: int, gpus_per_node: int, cluster: Cluster,
+                  headroom: float = 0.10, overhead_gb: float = 3.0, names=plan.COMPARED) -> list[StepEstimate]:
+    """Every (method, frozen partition) row for a run config on `nodes` x `gpus_per_node`.
+
+    Each method runs on the config's targets with its method.* values where it reads
+    them (plan.method_for); a method the config cannot describe (GPart without
+    method.d, in a LoRA config) is left out.
+    """
+    ds = dict(cfg.deepspeed or {})
+    zero = dict(ds.get("zero_optimization", {}))
+    b = plan.dtype_bytes(cfg.model.precision)
+    world = nodes * gpus_per_node
+    G = frozen_group(cfg.dist, gpus_per_node, world)
+    layout = RankLayout(nodes, gpus_per_node, G)
+    out = []
+    for name in names:
+        m = plan.method_for(cfg, name)
+        if not _plannable(m):
+            continue
+        for mode in modes_of(name):
+            est = estimate_step(a, m, mode, layout, cluster, micro_batch=cfg.train.micro_batch_size,
+                                seq=cfg.data.max_length, grad_accum=cfg.train.grad_accum, dtype_bytes=b,
+                                grad_ckpt=cfg.model.gradient_checkpointing, zero=zero,
+                                comm_dtype_bytes=comm_dtype_bytes(ds, b))
+            mem = plan.plan_for_config(cfg, a, world, method=name, overhead_gb=overhead_gb,
+                                       frozen_group=G if mode == "node" else None)
+            est.memory_gib = mem.gpu_total / plan.GIB
+            est.fits = plan.check_fit(mem, cluster.gpu_mem_gb, headroom).fits
+            out.append(est)
+    return out
+
+
+def recommend(rows: list[StepEstimate], method: str) -> StepEstimate | None:
+    """The frozen partition for `method`: the fitting row with the shortest predicted step
+    (overlapped), ties broken by fewer bytes across nodes."""
+    ok = [r for r in rows if r.method == method and r.fits]
+    return min(ok, key=lambda r: (round(r.times["step_overlap_s"], 6), r.inter_bytes)) if ok else None
+
+
+def _fmt_bytes(x: float) -> str:
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if x >= size:
+            return f"{x / size:.3g} {unit}"
+    return f"{x:.0f} B"
+
+
+def format_table(rows: list[StepEstimate], cluster: Cluster, nodes: int, gpus_per_node: int,
+                 method: str) -> str:
+    """The rows as a Markdown table, and the frozen partition recommended for `method`."""
+    lines = [f"time and traffic per optimizer step, per GPU: {nodes} node(s) x {gpus_per_node} GPU(s) "
+             f"of {cluster.name}",
+             f"  assumed per GPU: {cluster.gpu_mem_gb:g} GiB, {cluster.peak_tflops:g} TFLOPS bf16 peak x "
+             f"{cluster.gemm_efficiency:.2f} achieved, "
+             f"NVLink {cluster.nvlink_gbps:g} GB/s, network {cluster.net_gbps:g} GB/s per GPU "
+             f"(x {cluster.link_efficiency:.2f} achieved), HBM {cluster.hbm_gbps:g} GB/s, "
+             f"generated weights (GPart's W0 + delta) {cluster.delta_build_per_s:.3g} / "
+             f"{cluster.delta_backward_per_s:.3g} elem/s (build / backward)",
+             "| method | frozen partition | PFLOP/step | inter-node bytes | intra-node bytes | compute s | delta s "
+             "| comm s | step s (overlap) | step s (no overlap) | GiB/GPU | fits |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        t = r.times
+        lines.append(f"| {r.label or r.method} | {r.mode} | {r.flops['total'] / 1e15:.3g} | "
+                     f"{_fmt_bytes(r.inter_bytes)} | {_fmt_bytes(r.intra_bytes)} | {t['compute_s']:.3g} | "
+                     f"{t['delta_s']:.3g} | "
+                     f"{t['comm_overlappable_s'] + t['comm_exposed_s']:.3g} | {t['step_overlap_s']:.3g} | "
+                     f"{t['step_serial_s']:.3g} | {r.memory_gib:.1f} | {'yes' if r.fits else 'NO'} |")
+    best = recommend(rows, method)
+    if best is not None and len(modes_of(method)) > 1:
+        other = next((r for r in rows if r.method == best.method and r.mode != best.mode), None)
+        vs = ""
+        if other is not None:
+            vs = (f"; vs {other.mode}: {other.times['step_overlap_s'] / best.times['step_overlap_s']:.2f}x "
+                  f"(overlap), {other.times['step_serial_s'] / best.times['step_serial_s']:.2f}x (no overlap), "
+                  f"{other.inter_bytes / max(best.inter_bytes, 1):.3g}x the inter-node bytes")
+        lines.append(f"recommended for {method}: dist.frozen_partition={best.mode}{vs}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ command line (gpart_ds.plan)
+def add_arguments(ap) -> None:
+    g = ap.add_argument_group("time and traffic (gpart_ds/plan_time.py)")
+    g.add_argument("--cluster", choices=sorted(PRESETS), default="h100",
+                   help="per-GPU figures of the nodes (default h100); the options below override them")
+    g.add_argument("--net-gbps", type=float, help="network bandwidth per GPU, GB/s (presets: 50)")
+    g.add_argument("--nvlink-gbps", type=float, help="intra-node bandwidth per GPU and direction, GB/s")
+    g.add_argument("--tflops", type=float, help="dense bf16 peak per GPU, TFLOPS")
+    g.add_argument("--gemm-efficiency", type=float, help="achieved fraction of the peak (default 0.80)")
+    g.add_argument("--json", action="store_true",
+                   help="print the time/traffic rows (and each row's memory per GPU) as JSON only")
+
+
+def cluster_from_args(args) -> Cluster:
+    base = PRESETS[args.cluster]
+    for key in ("net_gbps", "nvlink_gbps", "tflops", "gemm_efficiency"):
+        v = getattr(args, key)
+        if v is not None and not v > 0:
+            raise plan.PlanError(f"--{key.replace('_', '-')} must be > 0, got {v}")
+    return base.with_(net_gbps=args.net_gbps, nvlink_gbps=args.nvlink_gbps, peak_tflops=args.tflops,
+                      gemm_efficiency=args.gemm_efficiency, gpu_mem_gb=args.gpu_mem_gb)
+
+
+def config_frozen_group(cfg, method: str | None, gpus_per_node: int, world: int) -> int | None:
+    """The frozen weights' group size for the memory plan of a run config (None: the world)."""
+    if len(modes_of(method or cfg.method.name)) == 1 or cfg.dist.frozen_partition != "node":
+        return None
+    g = frozen_group(cfg.dist, gpus_per_node, world)
+    return None if g >= world else g
+
+
+def cli_report(args, cfg, arch: plan.Arch) -> dict:
+    """{"text": the table, "json": the rows}, for python -m gpart_ds.plan."""
+    cluster = cluster_from_args(args)
+    method = args.method or cfg.method.name
+    rows = estimate_rows(cfg, arch, args.nodes, args.gpus_per_node, cluster, headroom=args.headroom,
+                         overhead_gb=args.overhead_gb)
+    best = recommend(rows, method)
+    js = {"nodes": args.nodes, "gpus_per_node": args.gpus_per_node, "cluster": asdict(cluster),
+          "config": cfg.config_file, "recommended": {method: best.mode if best else None},
+          "methods": {f"{r.method}/{r.mode}": r.to_json() for r in rows}}
+    return {"text": format_table(rows, cluster, args.nodes, args.gpus_per_node, method), "json": js}
+
+
+def sweep(cfg, arch: plan.Arch, nodes: int, gpus_per_node: int, cluster: Cluster, nets: list[float],
+          micro_batches: list[int]) -> str:
+    """The run's method, node vs global: predicted step time ratio over network
+    bandwidths and micro-batches."""
+    name = cfg.method.name
+    if len(modes_of(name)) == 1:
+        raise plan.PlanError(f"method {name} trains the base weights: there is no frozen partition to compare")
+    lines = ["| micro-batch | network GB/s per GPU | node s (overlap / none) | global s (overlap / none) "
+             "| global / node (overlap) | global / node (no overlap) |", "|---|---|---|---|---|---|"]
+    for mb in micro_batches:
+        c = cfg.copy()
+        c.train.micro_batch_size = mb
+        for net in nets:
+            rows = {r.mode: r for r in estimate_rows(c, arch, nodes, gpus_per_node, cluster.with_(net_gbps=net),
+                                                     names=(name,))}
+            n, g = rows["node"].times, rows["global"].times
+            lines.append(f"| {mb} | {net:g} | {n['step_overlap_s']:.2f} / {n['step_serial_s']:.2f} | "
+                         f"{g['step_overlap_s']:.2f} / {g['step_serial_s']:.2f} | "
+                         f"{g['step_overlap_s'] / n['step_overlap_s']:.2f}x | "
+                         f"{g['step_serial_s'] / n['step_serial_s']:.2f}x |")
+    return "\n".join(lines)
+
+
+def _numbers(text: str, kind, flag: str) -> list:
+    try:
+        values = [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise plan.PlanError(f"{flag} {text!r}: expected comma-separated numbers") from None
+    if any(not v > 0 for v in values):
+        raise plan.PlanError(f"{flag} {text!r}: every value must be > 0")
+    return values
+
+
+def main(argv=None) -> int:
+    """python -m gpart_ds.plan_time --config C --nodes N --gpus-per-node G [--cluster h100]
+    [--net 50,25,12.5] [--micro-batch 1,2]: the run's method with the frozen base within a
+    node vs over the world, over networks and micro-batches."""
+    import argparse
+
+    from .config import load_config
+    from .errors import run_cli
+
+    ap = argparse.ArgumentParser(prog="python -m gpart_ds.plan_time", description=main.__doc__)
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--nodes", type=int, required=True)
+    ap.add_argument("--gpus-per-node", type=int, required=True)
+    ap.add_argument("--cluster", choices=sorted(PRESETS), default="h100")
+    ap.add_argument("--net", default="50,25,12.5,6.25,3.125", help="network GB/s per GPU, comma-separated")
+    ap.add_argument("--micro-batch", default="", help="train.micro_batch_size values (default: the config's)")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args(argv)
+
+    def body() -> int:
+        if args.nodes < 1 or args.gpus_per_node < 1:
+            raise plan.PlanError("--nodes and --gpus-per-node must be >= 1")
+        cfg = load_config(args.config, args.overrides, check_files=False)
+        arch, _ = plan.arch_for_config(cfg)
+        nets = _numbers(args.net, float, "--net")
+        mbs = _numbers(args.micro_batch, int, "--micro-batch") or [cfg.train.micro_batch_size]
+        table = sweep(cfg, arch, args.nodes, args.gpus_per_node, PRESETS[args.cluster], nets, mbs)
+        print(f"{cfg.method.name} step time, frozen base within a node vs over the world: {args.nodes} x "
+              f"{args.gpus_per_node} GPUs, {PRESETS[args.cluster].name}, {cfg.data.max_length} tokens per sequence")
+        print(table)
+        return 0
+
+    return run_cli(body)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
