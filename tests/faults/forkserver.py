@@ -17,9 +17,9 @@ the real command.
 
 Small file systems (disk full): a child can get a private mount namespace with a tmpfs
 of a given size at a given folder (as root, or in a user namespace where the kernel
-allows it), pre-filled by copying folders in; or, where no namespace can be made, a
-per-file size limit (RLIMIT_FSIZE: writes beyond it fail with EFBIG, Python ignores
-SIGXFSZ). The hello line says which one this machine allows.
+allows it), pre-filled by copying folders in; or, where no namespace can be made (or
+FAULTS_FS=rlimit), a per-file size limit (RLIMIT_FSIZE: writes beyond it fail with
+EFBIG, Python ignores SIGXFSZ). The hello line says which one is used.
 """
 from __future__ import annotations
 
@@ -217,17 +217,19 @@ def _exit_code(exc: SystemExit) -> int:
     return 1
 
 
-def child(req: dict) -> None:
+def child(req: dict, pipes) -> None:
     """In the forked child: run one CLI call as `python -m ...` would, then exit."""
     rc = 1
     try:
         os.setpgid(0, 0)   # its own process group: a timeout kills what it started too
         fd_in = os.open(os.devnull, os.O_RDONLY)
-        fd_out = os.open(req["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        fd_err = os.open(req["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(fd_in, 0)
-        os.dup2(fd_out, 1)
-        os.dup2(fd_err, 2)
+        # Pipes, not files: a per-file size limit (disk-full probes) must not hit the output.
+        os.dup2(pipes[0][1], 1)
+        os.dup2(pipes[1][1], 2)
+        for r, w in pipes:
+            os.close(r)
+            os.close(w)
         sys.stdin = open(0, closefd=False)
         sys.stdout = open(1, "w", buffering=1, closefd=False)
         sys.stderr = open(2, "w", buffering=1, closefd=False)
@@ -269,11 +271,47 @@ def child(req: dict) -> None:
             os._exit(rc)
 
 
+class _Drain:
+    """Copies the child's stdout/stderr pipes into the request's files."""
+
+    def __init__(self, pipes, paths):
+        self.files = {r: open(p, "wb") for (r, _), p in zip(pipes, paths)}
+
+    def poll(self, timeout: float) -> None:
+        import select
+
+        if not self.files:
+            time.sleep(timeout)
+            return
+        ready, _, _ = select.select(list(self.files), [], [], timeout)
+        for fd in ready:
+            data = os.read(fd, 1 << 16)
+            if data:
+                self.files[fd].write(data)
+                self.files[fd].flush()
+            else:
+                self.files.pop(fd).close()
+                os.close(fd)
+
+    def finish(self, limit_s: float = 5.0) -> None:
+        end = time.monotonic() + limit_s   # a grandchild may still hold a pipe: do not wait forever
+        while self.files and time.monotonic() < end:
+            self.poll(0.05)
+        for fd, fh in self.files.items():
+            fh.close()
+            os.close(fd)
+        self.files = {}
+
+
 def serve_one(req: dict) -> dict:
     t0 = time.monotonic()
+    pipes = [os.pipe(), os.pipe()]
     pid = os.fork()
     if pid == 0:
-        child(req)
+        child(req, pipes)
+    for _, w in pipes:
+        os.close(w)
+    drain = _Drain(pipes, (req["stdout"], req["stderr"]))
     sig = req.get("signal")   # {"signum", "when_file", "when_contains", "after_s"}
     sent_at, status, timed_out = None, None, False
     deadline = t0 + req.get("timeout", 600)
@@ -281,6 +319,7 @@ def serve_one(req: dict) -> dict:
         done, st = os.waitpid(pid, os.WNOHANG)
         if done:
             status = st
+            drain.finish()
             break
         now = time.monotonic()
         if now > deadline:
@@ -290,11 +329,12 @@ def serve_one(req: dict) -> dict:
             except ProcessLookupError:
                 pass
             _, status = os.waitpid(pid, 0)
+            drain.finish()
             break
         if sig and sent_at is None and _ready(sig, now - t0):
             os.kill(pid, sig["signum"])
             sent_at = now - t0
-        time.sleep(0.02)
+        drain.poll(0.02)
     code = os.waitstatus_to_exitcode(status)
     return {"rc": code, "timed_out": timed_out, "seconds": time.monotonic() - t0, "signal_sent_at": sent_at}
 
@@ -317,7 +357,9 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     sys.path.insert(0, str(REPO))
     preload()
-    out.write(json.dumps({"hello": True, "fs": probe_tmpfs(), "pid": os.getpid()}) + "\n")
+    # FAULTS_FS=rlimit forces the fallback (to check it where a tmpfs is also possible).
+    fs_mode = os.environ.get("FAULTS_FS") or probe_tmpfs()
+    out.write(json.dumps({"hello": True, "fs": fs_mode, "pid": os.getpid()}) + "\n")
     out.flush()
     for line in sys.stdin:
         if not line.strip():

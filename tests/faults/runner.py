@@ -227,7 +227,7 @@ def run_launcher(req: dict) -> dict:
     env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), PYTHONUNBUFFERED="1",
                OMP_NUM_THREADS="1", **(req.get("env") or {}))
     t0 = time.monotonic()
-    with open(req["stdout"], "w") as so, open(req["stderr"], "w") as se:
+    with open(req["stdout"], "wb") as so, open(req["stderr"], "wb") as se:
         fs = req.get("fs") or {}
         limit = None
         if fs.get("how") == "rlimit":   # inherited by the launcher's ranks
@@ -235,8 +235,15 @@ def run_launcher(req: dict) -> dict:
 
             def limit():
                 resource.setrlimit(resource.RLIMIT_FSIZE, (fs["limit_bytes"], fs["limit_bytes"]))
-        proc = subprocess.Popen(cmd, cwd=req["cwd"], env=env, stdout=so, stderr=se, start_new_session=True,
-                                preexec_fn=limit)
+        # Pipes copied into the files by threads: a per-file size limit must not hit the output.
+        proc = subprocess.Popen(cmd, cwd=req["cwd"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=True, preexec_fn=limit)
+        import threading
+
+        copiers = [threading.Thread(target=_copy, args=(src, dst), daemon=True)
+                   for src, dst in ((proc.stdout, so), (proc.stderr, se))]
+        for t in copiers:
+            t.start()
         sig, sent_at, timed_out = req.get("signal"), None, False
         while proc.poll() is None:
             now = time.monotonic() - t0
@@ -258,6 +265,8 @@ def run_launcher(req: dict) -> dict:
             time.sleep(0.05)
         proc.wait()
         seconds = time.monotonic() - t0
+        for t in copiers:
+            t.join(timeout=5)
         # Whatever of the job outlived its launcher: counted, then ended (all of it is ours).
         time.sleep(1.0)
         left = _group_pids(proc.pid)
@@ -268,6 +277,12 @@ def run_launcher(req: dict) -> dict:
                 pass
     return {"rc": proc.returncode, "timed_out": timed_out, "seconds": seconds, "signal_sent_at": sent_at,
             "orphans": len(left)}
+
+
+def _copy(src, dst) -> None:
+    for block in iter(lambda: src.read1(1 << 16), b""):
+        dst.write(block)
+        dst.flush()
 
 
 def _ready(sig: dict, elapsed: float) -> bool:
