@@ -1165,10 +1165,11 @@ def _(ws, fx):
     return _launch(ws, fx, {"train": {"max_steps": 2}})
 
 
-@case("ranks-lr-inf", "ranks", "2 ranks: train.lr=inf", err(r"train\.lr"), defect="15.3")
+@case("ranks-nonfinite", "ranks", "2 ranks: train.lr=1e30 (the loss becomes NaN: every rank stops, same error)",
+      err(NONFINITE, r"(?i)step"), defect="15.3")
 def _(ws, fx):
-    c = _launch(ws, fx, None, "train.lr=inf")
-    c.checks = (_finite_theta("run/adapter"),)
+    c = _launch(ws, fx, {"train": {"max_steps": 3, "lr": 1e30, "max_grad_norm": 0.0}})
+    c.checks = (_finite_metrics(), _finite_theta("run/adapter"))
     return c
 
 
