@@ -191,6 +191,9 @@ def main(argv=None) -> int:
              and (not args.kinds or c.kind in args.kinds.split(",")) and (not args.ci_only or c.ci)]
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # close the fork server on the way out
     t0 = time.monotonic()
     server = ForkServer(log=out / "forkserver.log")
     results = []
