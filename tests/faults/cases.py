@@ -1158,7 +1158,8 @@ def _(ws, fx):
 # ================================================================ ranks (2-rank launches)
 def _launch(ws, fx, changes=None, *overrides, **kw) -> Call:
     cfg = fx.write_config(ws, changes)
-    return Call("launcher", [2, "--config", cfg, *overrides], timeout=kw.pop("timeout", 240), **kw)
+    # A hang detector, not a speed limit: on a loaded 2-core machine a 2-rank start alone took 60 s.
+    return Call("launcher", [2, "--config", cfg, *overrides], timeout=kw.pop("timeout", 600), **kw)
 
 
 @case("ranks-new-run-existing", "ranks", "2 ranks: a new run into an existing output_dir (every rank refuses)",
@@ -1182,7 +1183,7 @@ def _(ws, fx):
     # Per-file limit (inherited by the launcher's ranks): the 64 KB state file cannot be written.
     shutil.copytree(fx.base_run, ws / "run")
     cfg = fx.write_config(ws, {"train": {"max_steps": 6, "resume": "auto"}, "checkpoint": {"every_steps": 2}})
-    c = Call("launcher", [2, "--config", cfg], timeout=240, fs={"how": "rlimit", "limit_bytes": 32_000},
+    c = Call("launcher", [2, "--config", cfg], timeout=600, fs={"how": "rlimit", "limit_bytes": 32_000},
              may_change=("run/run_config.yaml",), append_only=APPEND)
     c.checks = (_checkpoint_is("run/checkpoints/step-000004", 4, fx), _latest_verifies())
     return c
