@@ -1,7 +1,7 @@
 """Inputs the fault probes share: one tiny training run (read-only, copied by the probes
 that need it), base-model variants and adapter edits.
 
-Everything derives from the tiny asset (`python -m gpart_ds.assets tiny`): a 2-layer
+Everything derives from the tiny asset (`python -m experiments.assets tiny`): a 2-layer
 Llama with hidden 64 and its "reverse the words" data. The shared run trains 4 steps on
 one process with a checkpoint every 2 steps, so a probe finds checkpoints step-000002 and
 step-000004, the adapter, metrics.jsonl and run_config.yaml in a copy of it.
@@ -211,12 +211,19 @@ def edit_json(path: Path, fn) -> None:
 
 
 def set_theta(adapter: Path, fn, key: str = "gpart_theta") -> None:
+    """Edit theta as another tool would write it: the recorded SHA-256 follows the new
+    file, so what is tested is the check on the values, not the checksum."""
     from safetensors.torch import load_file, save_file
+
+    from gpart_ds.fileio import sha256_file
 
     p = Path(adapter) / "adapter_model.safetensors"
     t = load_file(str(p))
     fn(t[key])
     save_file(t, str(p), metadata={"format": "pt"})
+    cfg = Path(adapter) / "adapter_config.json"
+    if cfg.is_file():
+        edit_json(cfg, lambda c: c.update(weights_sha256=sha256_file(p)) if "weights_sha256" in c else None)
 
 
 def flip_last_byte(path: Path) -> None:
@@ -232,7 +239,8 @@ def truncate(path: Path, keep: float = 0.5) -> None:
 
 def rewrite_manifest(ckpt: Path) -> None:
     """Make a checkpoint's manifest agree with its (edited) files again."""
-    from gpart_ds.checkpoint import MANIFEST, _sha256
+    from gpart_ds.checkpoint import MANIFEST
+    from gpart_ds.fileio import sha256_file as _sha256
 
     files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
              for p in sorted(Path(ckpt).iterdir()) if p.name != MANIFEST}

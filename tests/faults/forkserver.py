@@ -46,7 +46,10 @@ CLIS = {
     "export": ("gpart_ds.export", "main"),
     "evaluate": ("gpart_ds.evaluate", "main"),
     "plan": ("gpart_ds.plan", "main"),
-    "assets": ("gpart_ds.assets", "main"),
+    "assets": ("experiments.assets", "main"),
+    "preflight": ("gpart_ds.preflight", "main"),
+    "study": ("experiments.study", "cli"),
+    "bench": ("experiments.bench.compare", "cli"),
 }
 
 CLONE_NEWNS, CLONE_NEWUSER = 0x00020000, 0x10000000
@@ -79,7 +82,8 @@ def preload() -> None:
     from transformers import AutoTokenizer, LlamaForCausalLM  # noqa: F401
 
     for mod in ("gpart_ds.trainer", "gpart_ds.export", "gpart_ds.evaluate", "gpart_ds.plan",
-                "gpart_ds.dryrun", "gpart_ds.zero3_export", "gpart_ds.assets"):
+                "gpart_ds.dryrun", "gpart_ds.zero3_export", "gpart_ds.preflight", "experiments.assets",
+                "experiments.study", "experiments.bench.compare"):
         importlib.import_module(mod)
     for name in CLIS:
         load_cli(name)

@@ -70,7 +70,8 @@ def run_case(server: ForkServer, fx: Fx, case: Case, root: Path) -> dict:
     found = []
     # A case's checks look for wrong results behind a success status (a failure status
     # already says "no result"; files it damaged are caught by the snapshots).
-    claims_success = last.rc == 0 or (not case.expect.error and last.rc == case.expect.code)
+    claims_success = last.rc == 0 or (not case.expect.error and (
+        last.rc == case.expect.code or (case.expect.code is None and last.rc not in (0, None))))
     for check in call.checks if claims_success else ():
         try:
             msg = check(ws, last)
@@ -89,7 +90,8 @@ def run_case(server: ForkServer, fx: Fx, case: Case, root: Path) -> dict:
 def _shown(call: Call, ws: Path) -> str:
     prog = {"train": "python launch/train.py", "export": "python -m gpart_ds.export",
             "evaluate": "python -m gpart_ds.evaluate", "plan": "python -m gpart_ds.plan",
-            "assets": "python -m gpart_ds.assets"}.get(call.cli)
+            "assets": "python -m experiments.assets", "preflight": "python -m gpart_ds.preflight",
+            "study": "python -m experiments.study", "bench": "python -m experiments.bench"}.get(call.cli)
     args = [str(a).replace(str(ws), "WS") for a in call.argv]
     if call.cli == "launcher":
         prog, args = f"deepspeed --num_gpus {args[0]} launch/train.py", args[1:]
@@ -184,7 +186,7 @@ def main(argv=None) -> int:
     ap.add_argument("--title", default="baseline")
     args = ap.parse_args(argv)
 
-    from gpart_ds import assets
+    from experiments import assets
 
     assets.ensure("tiny")
     cases = [c for c in CASES if (not args.only or re.search(args.only, c.id))

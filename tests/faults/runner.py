@@ -95,6 +95,7 @@ class Call:
     fs: dict | None = None         # small file system (see forkserver.setup_small_fs)
     signal: dict | None = None     # {"signum", "when_file", "when_contains", "after_s"}
     timeout: float = 300
+    grace_s: float = 1.0           # launcher calls: how long its ranks may outlive a signalled launcher
     env: dict | None = None
     ignore: tuple = ("tokcache/*", "_*")   # not judged (shared caches, the harness's own files)
 
@@ -170,7 +171,8 @@ def run_call(server: ForkServer, ws: Path, call: Call, tag: str = "") -> Outcome
                   copy_out=str(out_dir / "fs_copy"))
     req = {"cli": call.cli, "argv": [str(a) for a in call.argv], "cwd": str(ws),
            "stdout": str(out_dir / "stdout.txt"), "stderr": str(out_dir / "stderr.txt"),
-           "env": call.env or {}, "timeout": call.timeout, "fs": fs, "signal": call.signal}
+           "env": call.env or {}, "timeout": call.timeout, "fs": fs, "signal": call.signal,
+           "grace_s": call.grace_s}
     if call.cli == "launcher":
         resp = run_launcher(req)
     else:
@@ -265,10 +267,16 @@ def run_launcher(req: dict) -> dict:
             time.sleep(0.05)
         proc.wait()
         seconds = time.monotonic() - t0
+        # A launcher killed by a signal may leave its ranks finishing (a stop signal gives
+        # them a step and a checkpoint): they get `grace_s` to end before what still runs
+        # counts as orphaned (left training and writing into output_dir unseen).
+        grace = req.get("grace_s", 1.0) if proc.returncode < 0 else 1.0
+        end = time.monotonic() + grace
+        while _group_pids(proc.pid) and time.monotonic() < end:
+            time.sleep(0.5)
         for t in copiers:
             t.join(timeout=5)
-        # Whatever of the job outlived its launcher: counted, then ended (all of it is ours).
-        time.sleep(1.0)
+        time.sleep(1.0 if grace <= 1.0 else 0.0)
         left = _group_pids(proc.pid)
         for pid in left:
             try:
