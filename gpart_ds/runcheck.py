@@ -158,7 +158,12 @@ def resolve_outputs(cfg: DictConfig, *, export_only: bool = False) -> Outputs:
         _check_folder(export_dir(cfg), "export.dir" if cfg.export.dir else "output_dir", where)
     plan = Outputs(root)
     overwrite = bool(cfg.get("overwrite_output_dir", False))
-    if not cfg.train.resume:
+    want = cfg.train.resume
+    # A checkpoint of another folder starts a new run here: it must not mix with (or, at a
+    # later resume=auto, be overtaken by the newer checkpoints of) a run already in output_dir.
+    foreign = bool(want) and want != "auto" and not export_only and Path(str(want)).is_dir() and \
+        not Path(str(want)).resolve().is_relative_to(root.resolve())
+    if not want or foreign:
         if export_only:
             raise checkpoint.CheckpointError(f"{where('train.resume')}: --export-only needs train.resume=auto "
                                              "or a checkpoint folder")
@@ -167,12 +172,16 @@ def resolve_outputs(cfg: DictConfig, *, export_only: bool = False) -> Outputs:
             names = ", ".join(str(p.relative_to(out)) if p.is_relative_to(out) else str(p) for p in earlier[:6])
             raise ConfigError(
                 f"{where('output_dir')}: {str(out)!r} already holds another run's results ({names}"
-                f"{', ...' if len(earlier) > 6 else ''}); a new run would replace them. Continue that run "
+                f"{', ...' if len(earlier) > 6 else ''}); "
+                + ("a run resumed from another folder's checkpoint would mix with them (and a later "
+                   "resume=auto would pick their newest step). " if foreign else "a new run would replace them. ")
+                + "Continue that run "
                 "with train.resume=auto, choose another output_dir, or set overwrite_output_dir=true to "
                 "replace them")
         plan.replace = earlier
-        return plan
-    if overwrite:
+        if not foreign:
+            return plan
+    elif overwrite:
         raise ConfigError(f"{where('overwrite_output_dir')}: overwrite_output_dir=true and "
                           f"train.resume={cfg.train.resume!r} contradict each other: choose one")
     plan.resume, plan.skipped = _resume_target(cfg, where)

@@ -131,3 +131,20 @@ def test_dry_run_planner_and_training_refuse_the_same_deepspeed_config(cfg_for, 
         runcheck.validate_for_run(cfg, world=2)
     checked = runcheck.validate_for_run(cfg_for(), world=2)
     assert checked.layout.D == 86016 and checked.lr == 0.05
+
+
+def test_a_checkpoint_of_another_folder_does_not_start_a_run_among_another_runs_results(cfg_for, tmp_path):
+    """Fine-tuning on from run A's checkpoint into a folder holding run C would mix the two,
+    and a later resume=auto there would pick C's newest step."""
+    a = fake_ckpt(tmp_path / "A" / "checkpoints", 4)
+    cfg = cfg_for()
+    (a / checkpoint.RUN_CONFIG).write_text(to_yaml(cfg))
+    rewrite_manifest(a)
+    assert runcheck.resolve_outputs(cfg_for(f"train.resume={a}")).start_step == 4   # an empty output_dir: fine
+    _run_with_checkpoints(cfg)
+    with pytest.raises(ConfigError, match=r"output_dir.*a run resumed from another folder's checkpoint would mix"):
+        runcheck.resolve_outputs(cfg_for(f"train.resume={a}"))
+    own = runcheck.checkpoint_root(cfg) / "step-000002"
+    assert runcheck.resolve_outputs(cfg_for(f"train.resume={own}")).start_step == 2   # its own checkpoint: fine
+    plan = runcheck.resolve_outputs(cfg_for(f"train.resume={a}", "overwrite_output_dir=true"))
+    assert plan.start_step == 4 and plan.replace
