@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 from pathlib import Path
 
 from gpart_ds.config import REPO_ROOT, ConfigError, where_for
@@ -156,7 +157,13 @@ def prepare(cfg) -> list[str]:
     return used
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
+    from gpart_ds.errors import run_cli
+
+    return run_cli(lambda: _main(argv))
+
+
+def _main(argv) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("recipes", nargs="+", choices=sorted(RECIPES))
     ap.add_argument("--root", type=Path, default=None, help="where to build (one recipe only)")
@@ -168,4 +175,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

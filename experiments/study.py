@@ -214,10 +214,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--tasks", default=None, help="only these of the config's tasks, e.g. qasc")
     ap.add_argument("--methods", default=None, help="only these of the config's methods")
     args = ap.parse_args(argv)
-    try:
-        study = load_study(args.config)
-    except ConfigError as exc:
-        raise SystemExit(f"error: {exc}")
+    study = load_study(args.config)   # a ConfigError: `error: ...`, exit 2 (errors.run_cli)
     if args.steps is not None:
         study["steps"] = args.steps
     if args.eval_examples is not None:
@@ -230,7 +227,7 @@ def main(argv=None) -> dict:
             want = [x.strip() for x in chosen.split(",") if x.strip()]
             bad = [x for x in want if x not in known]
             if bad:
-                raise SystemExit(f"error: {flag}: {bad} not in {args.config} (known: {known})")
+                raise ConfigError(f"{flag}: {bad} not in {args.config} (known: {known})")
             known[:] = want
     if args.quick:
         q = study.get("quick", {})
@@ -298,5 +295,12 @@ def main(argv=None) -> dict:
     return rep
 
 
+def cli(argv=None) -> int:
+    """`python -m experiments.study`: main() with bad input as `error: ...`, exit 2."""
+    from gpart_ds.errors import run_cli
+
+    return run_cli(lambda: main(argv))
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -71,16 +71,40 @@ def list_checkpoints(root: Path) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def verify(ckpt: Path) -> None:
-    """Raise CheckpointError unless every file in the manifest is there and intact."""
-    man_path = ckpt / MANIFEST
-    if not man_path.is_file():
-        raise CheckpointError(f"{ckpt}: no {MANIFEST} (incomplete checkpoint)")
+REQUIRED_FILES = (STATE_FILE, STATE_JSON, RUN_CONFIG)
+# state.json keys a resume reads (an older or foreign file without them cannot be resumed)
+_STATE_KEYS_NEEDED = {"step": int, "adam_step": (int, float), "world": int, "global_steps": int}
+
+
+def _manifest_files(man_path: Path) -> dict:
+    """The manifest's {file: {bytes, sha256}}; anything else is a damaged manifest."""
     try:
         manifest = json.loads(man_path.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{man_path}: not valid JSON ({exc.msg})") from None
-    for name, info in manifest["files"].items():
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{man_path}: not a text file") from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(
+            isinstance(v, dict) and isinstance(v.get("bytes"), int) and isinstance(v.get("sha256"), str)
+            for v in files.values()):
+        raise CheckpointError(f"{man_path}: not a checkpoint manifest (expected {{\"files\": {{name: "
+                              f"{{\"bytes\", \"sha256\"}}}}}}, got {json.dumps(manifest)[:80]})")
+    missing = [f for f in REQUIRED_FILES if f not in files]
+    if missing:
+        raise CheckpointError(f"{man_path}: does not list {', '.join(missing)} (incomplete checkpoint)")
+    return files
+
+
+def verify(ckpt: Path) -> None:
+    """Raise CheckpointError unless every file in the manifest is there and intact."""
+    ckpt = Path(ckpt)
+    if not ckpt.is_dir():
+        raise CheckpointError(f"{ckpt}: {'not a folder' if ckpt.exists() else 'no such checkpoint folder'}")
+    man_path = ckpt / MANIFEST
+    if not man_path.is_file():
+        raise CheckpointError(f"{ckpt}: no {MANIFEST} (incomplete checkpoint)")
+    for name, info in _manifest_files(man_path).items():
         p = ckpt / name
         if not p.is_file():
             raise CheckpointError(f"{p}: missing")
@@ -90,15 +114,68 @@ def verify(ckpt: Path) -> None:
             raise CheckpointError(f"{p}: SHA-256 mismatch (corrupted)")
 
 
-def find_resume(root: Path) -> Path | None:
-    """The newest checkpoint that verifies; each skipped one is named in a warning."""
+@dataclass
+class Summary:
+    """What a resume needs to know of a checkpoint before loading it (no tensor read)."""
+    path: Path
+    step: int
+    state: dict          # state.json
+    run_config: dict     # run_config.yaml
+    shapes: dict         # tensor name in state.safetensors -> shape
+
+
+def inspect(ckpt: Path) -> Summary:
+    """Verify a checkpoint and check that it can be loaded: state.json has what a resume
+    reads, run_config.yaml is a mapping, state.safetensors has a readable header with a
+    master and Adam moments per trainable tensor, rank 0's RNG file is there. A checkpoint
+    whose checksums pass but that was not written by this code fails here, by name."""
+    import yaml
+    from safetensors import safe_open
+
+    ckpt = Path(ckpt)
+    verify(ckpt)
+    try:
+        state = json.loads((ckpt / STATE_JSON).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{ckpt / STATE_JSON}: not valid JSON ({exc})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{ckpt / STATE_JSON}: expected a JSON object")
+    for key, typ in _STATE_KEYS_NEEDED.items():
+        if isinstance(state.get(key), bool) or not isinstance(state.get(key), typ):
+            raise CheckpointError(f"{ckpt / STATE_JSON}: no valid {key!r} (got {state.get(key)!r}); "
+                                  "not a checkpoint this version can resume")
+    try:
+        run = yaml.safe_load((ckpt / RUN_CONFIG).read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{ckpt / RUN_CONFIG}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(run, dict):
+        raise CheckpointError(f"{ckpt / RUN_CONFIG}: expected a mapping")
+    try:
+        with safe_open(str(ckpt / STATE_FILE), "pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as exc:   # safetensors raises its own error types for a bad header
+        raise CheckpointError(f"{ckpt / STATE_FILE}: unreadable ({exc})") from None
+    names = [k for k in shapes if "::" not in k]
+    lacking = [f"{n}::{k}" for n in names for k in _STATE_KEYS if f"{n}::{k}" not in shapes]
+    if not names or lacking:
+        raise CheckpointError(f"{ckpt / STATE_FILE}: " + (f"no optimizer state {lacking[:3]}" if lacking
+                                                          else "no trainable tensor"))
+    if not (ckpt / "rng-rank0.safetensors").is_file():
+        raise CheckpointError(f"{ckpt}: no rng-rank0.safetensors")
+    return Summary(ckpt, state["step"], state, run, shapes)
+
+
+def find_resume(root: Path) -> tuple[Summary | None, list[str]]:
+    """(the newest checkpoint that verifies and can be loaded, [why each newer one was
+    skipped]); each skipped one is also named in a warning."""
+    skipped = []
     for ckpt in list_checkpoints(root):
         try:
-            verify(ckpt)
-            return ckpt
+            return inspect(ckpt), skipped
         except CheckpointError as exc:
             log.warning("skipping checkpoint %s: %s", ckpt.name, exc)
-    return None
+            skipped.append(f"{ckpt.name}: {exc}")
+    return None, skipped
 
 
 def check_drift(saved_cfg: dict, cfg, where) -> None:
@@ -177,7 +254,6 @@ def restore_optimizer_state(engine, params: dict, state: dict[str, torch.Tensor]
                 param.data.copy_(state[f"{pname}::master"].view(param.shape).to(param.device, param.dtype))
 
 
-# ---------------------------------------------------------------- save / load
 # ---------------------------------------------------------------- reading without an engine
 @dataclass
 class Checkpoint:
@@ -201,26 +277,47 @@ def looks_like_checkpoint(path: Path) -> bool:
 
 def read(ckpt: Path) -> Checkpoint:
     """Verify a checkpoint folder and read its trainable values (no optimizer state)."""
-    import yaml
     from safetensors.torch import load_file
 
-    ckpt = Path(ckpt)
-    verify(ckpt)
+    info = inspect(Path(ckpt))
     try:
-        state = json.loads((ckpt / STATE_JSON).read_text())
-        run = yaml.safe_load((ckpt / RUN_CONFIG).read_text())
-        full = load_file(str(ckpt / STATE_FILE))
+        full = load_file(str(info.path / STATE_FILE))
     except Exception as exc:   # verified bytes that still do not parse: written by something else
-        raise CheckpointError(f"{ckpt}: unreadable checkpoint ({type(exc).__name__}: {exc})") from None
-    if not isinstance(state, dict) or not isinstance(run, dict):
-        raise CheckpointError(f"{ckpt}: {STATE_JSON} or {RUN_CONFIG} is not a mapping")
-    return Checkpoint(ckpt, {k: v for k, v in full.items() if "::" not in k}, state, run)
+        raise CheckpointError(f"{info.path / STATE_FILE}: unreadable ({type(exc).__name__}: {exc})") from None
+    return Checkpoint(info.path, {k: v for k, v in full.items() if "::" not in k}, info.state, info.run_config)
+
+
+# ---------------------------------------------------------------- save / load
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint that could not be written (disk full, quota, permissions) on some rank."""
+
+
+def _agree_or_fail(error: str | None, tmp: Path, final: Path, root: Path, device) -> None:
+    """Collective: if any rank failed, rank 0 removes the temporary folder and every rank
+    raises the same error; the earlier checkpoints and `latest` are untouched."""
+    from . import comm
+
+    if comm.all_agree(error is None, device):
+        return
+    # Every rank reports the first failing rank's words (the file and the reason).
+    first = next(((r, e) for r, e in enumerate(comm.gather_objects(error)) if e), (None, None))
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    latest = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
+    raise CheckpointWriteError(
+        f"checkpoint {final.name} could not be written (rank {first[0]}: {first[1]}); nothing of it "
+        f"was kept, the earlier checkpoints are intact (latest: {latest or 'none yet'}). Free space (or fix "
+        f"the folder) and resume with train.resume=auto")
 
 
 def save(engine, params: dict, root: Path, step: int, extra: dict, run_config_yaml: str, keep_last: int) -> Path:
     """Write checkpoint `step` (collective). `params`: name -> trainable parameter.
-    Returns its folder."""
+    Returns its folder. A failure on any rank (a full disk) fails every rank with the same
+    CheckpointWriteError and leaves no temporary folder; an interrupt removes it too."""
     from safetensors.torch import save_file
+
+    from .errors import describe_failure
 
     rank, world = dist.get_rank(), dist.get_world_size()
     full = {}
@@ -234,31 +331,54 @@ def save(engine, params: dict, root: Path, step: int, extra: dict, run_config_ya
             full.update({f"{pname}::{k}": v for k, v in state.items()})
     final = step_dir(root, step)
     tmp = temp_sibling(final)
+    error, current, device = None, tmp, getattr(engine, "device", None)
+    try:
+        try:
+            if rank == 0:
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                tmp.mkdir(parents=True)
+        except Exception as exc:
+            error = describe_failure(exc, current)
+        _agree_or_fail(error, tmp, final, root, device)
+        try:
+            rng = {"cpu": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                rng["cuda"] = torch.cuda.get_rng_state()
+            current = tmp / f"rng-rank{rank}.safetensors"
+            save_file(rng, str(current))
+            if rank == 0:
+                current = tmp / STATE_FILE
+                save_file(full, str(current))
+                state = {"step": step, "adam_step": adam_step(engine), "world": world,
+                         "global_steps": engine.global_steps, "global_samples": engine.global_samples,
+                         "micro_steps": engine.micro_steps,
+                         "scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler else None, **extra}
+                current = tmp / STATE_JSON
+                current.write_text(json.dumps(state, indent=2) + "\n")
+                current = tmp / RUN_CONFIG
+                current.write_text(run_config_yaml)
+        except Exception as exc:
+            error = describe_failure(exc, current)
+        _agree_or_fail(error, tmp, final, root, device)   # every rank's RNG file is in
+        try:
+            if rank == 0:
+                files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+                current = tmp / MANIFEST
+                current.write_text(json.dumps({"step": step, "files": files}, indent=2) + "\n")
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                current = root / LATEST
+                _write_latest(root, final.name)
+        except Exception as exc:
+            error = describe_failure(exc, current)
+        _agree_or_fail(error, tmp, final, root, device)
+    except BaseException:
+        if rank == 0:   # interrupted (Ctrl-C) or failed: no half-written folder stays behind
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if rank == 0:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    save_file(rng, str(tmp / f"rng-rank{rank}.safetensors"))
-    if rank == 0:
-        save_file(full, str(tmp / STATE_FILE))
-        state = {"step": step, "adam_step": adam_step(engine), "world": world,
-                 "global_steps": engine.global_steps, "global_samples": engine.global_samples,
-                 "micro_steps": engine.micro_steps,
-                 "scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler else None, **extra}
-        (tmp / STATE_JSON).write_text(json.dumps(state, indent=2) + "\n")
-        (tmp / RUN_CONFIG).write_text(run_config_yaml)
-    dist.barrier()  # every rank's RNG file is in
-    if rank == 0:
-        files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
-        (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=2) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _write_latest(root, final.name)
         for old in list_checkpoints(root)[keep_last:]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()

@@ -6,6 +6,7 @@ Each works in a world of one (no process group) as the identity, so single-proce
 from __future__ import annotations
 
 import hashlib
+import re
 
 import torch
 import torch.distributed as dist
@@ -79,3 +80,14 @@ def gather_objects(obj) -> list:
     out = [None] * world()
     dist.all_gather_object(out, obj)
     return out
+
+
+# What gloo and NCCL say in the surviving ranks when a peer process is gone.
+_PEER_LOST = re.compile(r"connection (reset|closed) by peer|broken pipe|NCCL communicator was aborted|"
+                        r"remote process exited|ncclRemoteError|socket closed|unable to write to socket",
+                        re.IGNORECASE)
+
+
+def peer_lost(exc: BaseException) -> bool:
+    """Whether `exc`, raised in a collective, means another rank died."""
+    return world() > 1 and bool(_PEER_LOST.search(str(exc)))

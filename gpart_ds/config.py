@@ -155,6 +155,9 @@ class RunConfig:
     log: LogConfig = _f(help="metrics sinks beside metrics.jsonl", factory=LogConfig)
     deepspeed: Any = _f(None, "a DeepSpeed JSON file (relative to the YAML file) or an inline mapping")
     output_dir: str = _f(MISSING, "where metrics, checkpoints, the adapter and the export go")
+    overwrite_output_dir: bool = _f(False, "a new run (no train.resume) into an output_dir that holds another "
+                                    "run's results replaces them (they are removed first, with a warning); "
+                                    "false: such a run is refused")
     prepare: list = _f(help="asset recipes that create the bundled model/data files when a path points at "
                        "them and they are missing (experiments/assets.py, e.g. [smollm2, rotten_tomatoes])",
                        factory=list)
@@ -187,8 +190,8 @@ class _StrictLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
             if key in seen:
-                raise ConfigError(f"{self.name}:{key_node.start_mark.line + 1}: key {key!r} given twice "
-                                  f"(first at line {seen[key]}); YAML would silently keep the last")
+                raise ConfigError(f"{self.name}:{key_node.start_mark.line + 1}: duplicate key {key!r} (first at "
+                                  f"line {seen[key]}); YAML would silently keep the last")
             seen[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep)
 
@@ -266,6 +269,35 @@ def _has_key(schema, key: str) -> bool:
     return True
 
 
+def _sections(schema) -> set[str]:
+    """Dotted names of the schema's sections (keys whose value is a mapping of keys)."""
+    out = set()
+
+    def walk(node, prefix):
+        for k in node.keys():
+            sub = node._get_node(k)
+            if OmegaConf.is_dict(sub) and OmegaConf.get_type(sub) is not dict:
+                out.add(prefix + k)
+                walk(sub, prefix + k + ".")
+
+    walk(schema, "")
+    return out
+
+
+def _check_sections(content: dict, sections: set[str], where) -> None:
+    """A section given as a scalar or list (`train: 5`) is named as such, not as a merge error."""
+    def walk(tree: dict, prefix: str):
+        for k, v in tree.items():
+            key = f"{prefix}{k}"
+            if key in sections:
+                if not isinstance(v, dict):
+                    raise ConfigError(f"{where(key)}: {key!r} is a section: it must be a mapping of its keys "
+                                      f"(e.g. {key}.<key>: value), got {type(v).__name__} {v!r}"[:400])
+                walk(v, key + ".")
+
+    walk(content, "")
+
+
 def _unknown_key(cfg_schema, key: str) -> str:
     """'train.lrr is not a key; did you mean train.lr?' for an unknown dotted key."""
     import difflib
@@ -305,10 +337,15 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
             raise ConfigError(f"command-line override {o!r}: the value is not valid YAML "
                               f"({str(exc).splitlines()[0]})") from None
     dot = OmegaConf.from_dotlist(overrides)
+    sections = _sections(schema)
     for o in overrides:   # unknown override keys, named as such (not blamed on the file)
         key = o.split("=", 1)[0].strip()
         if not _has_key(schema, key):
             raise ConfigError(f"command-line override {key!r}: {_unknown_key(schema, key)}")
+        if key in sections:
+            raise ConfigError(f"command-line override {o!r}: {key!r} is a section; set one of its keys "
+                              f"instead (e.g. {key}.<key>=value)")
+    _check_sections(content, sections, where)
     try:
         cfg = OmegaConf.merge(schema, raw, dot)
     except OmegaConfBaseException as exc:

@@ -17,15 +17,20 @@ Where the ranks come from, first match wins:
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import re
 import shutil
 import socket
 import subprocess
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping
 
 import torch
+
+log = logging.getLogger(__name__)
 
 # Variables whose presence says "an MPI launcher started this process".
 _MPI_MARKERS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
@@ -230,12 +235,14 @@ def init(backend: str = "auto", timeout_minutes: float = 60.0) -> Ranks:
     import deepspeed
 
     ranks = discover_env()
+    follow_launcher(ranks)
     if torch.cuda.is_available():
         # A launcher that binds one GPU per task (srun --gpus-per-task=1) leaves each rank
         # a single visible device whatever its local rank.
         torch.cuda.set_device(ranks.local_rank % torch.cuda.device_count())
     else:
         share_cpu_threads()
+        clear_stale_build_lock()   # DeepSpeed JIT-builds its CPU comm op inside init_distributed
     deepspeed.init_distributed(dist_backend=backend_for(backend), auto_mpi_discovery=False,
                                timeout=datetime.timedelta(minutes=timeout_minutes))
     if not torch.cuda.is_available():
@@ -280,3 +287,136 @@ def device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+# ---------------------------------------------------------------- dying with the launcher
+PR_SET_PDEATHSIG = 1
+# Launchers that stay alive when the command above them dies: `deepspeed` (the runner)
+# starts `python -m deepspeed.launcher.launch`, which starts the ranks; SIGTERM to the
+# runner (`kill PID`, a container runtime) ends it alone and leaves both below running.
+_LAUNCHERS_WITHOUT_PARENT_WATCH = (b"deepspeed.launcher.launch",)
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read()
+    except OSError:
+        return b""
+
+
+def _ppid_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return int(fh.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def follow_launcher(ranks: Ranks, poll_s: float = 1.0) -> None:
+    """A rank started by a launcher gets SIGTERM when its launcher dies, and so stops
+    after the current step with a checkpoint and exit 75, as under a SLURM signal,
+    instead of training on as an orphan that writes into output_dir unseen.
+
+    The kernel does it for the rank's own parent (prctl PR_SET_PDEATHSIG); where that
+    parent is deepspeed's per-node launcher, which outlives the `deepspeed` command that
+    started it, a daemon thread also watches the launcher's parent. Linux only; a
+    single process (no launcher) is left alone.
+    """
+    import ctypes
+    import signal
+    import sys
+    import threading
+
+    if ranks.source == "single process" or not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:   # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    if not any(tag in _cmdline(parent) for tag in _LAUNCHERS_WITHOUT_PARENT_WATCH):
+        return
+    grand = _ppid_of(parent)
+
+    def watch():
+        while True:
+            time.sleep(poll_s)
+            now = _ppid_of(parent)
+            if now is None:   # the launcher itself is gone (PDEATHSIG has fired too)
+                return
+            if now != grand:  # its parent died: it was re-parented
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+    threading.Thread(target=watch, name="gpart-launcher-watch", daemon=True).start()
+
+
+# ---------------------------------------------------------------- DeepSpeed's JIT build lock
+def extension_dir(name: str) -> Path:
+    """Where torch.utils.cpp_extension builds the JIT extension `name` (its own rule)."""
+    import sys
+
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root is None:
+        acc = (f"rocm{torch.version.hip.replace('.', '')}" if torch.version.hip
+               else f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu")
+        root = os.path.join(get_default_build_root(),
+                            f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}_{acc}")
+    return Path(root) / name
+
+
+def _builders_in(folder: Path) -> list[int]:
+    """Live processes working in `folder` (ninja and the compilers run there)."""
+    found = []
+    target = os.path.realpath(folder)
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                if os.path.realpath(f"/proc/{entry.name}/cwd") == target:
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+def clear_stale_build_lock(name: str = "deepspeed_shm_comm", min_age_s: float = 300.0) -> bool:
+    """Remove the JIT-build lock a killed build left behind; True if one was removed.
+
+    torch's build lock is an empty file (`<extension dir>/lock`) that every later process
+    waits on, forever and silently, until it is gone: one build killed half-way (a
+    cancelled job, a timeout) hangs every later CPU run of the machine in
+    deepspeed.init_distributed. A lock older than `min_age_s` with no process working in
+    the build folder is such a leftover: removed, with a warning naming it.
+    """
+    from .fileio import file_lock
+
+    folder = extension_dir(name)
+    lock = folder / "lock"
+    if not lock.exists():
+        return False
+    try:
+        # Ranks starting together decide one at a time: the second sees the first's fresh
+        # lock (or none), never removes a lock a live build has just taken.
+        with file_lock(folder.parent / f".{name}.stale-check.lock"):
+            try:
+                age = time.time() - lock.stat().st_mtime
+            except FileNotFoundError:
+                return False
+            if age < min_age_s or _builders_in(folder):
+                if age >= min_age_s:
+                    log.warning("waiting for the build of %s in %s (lock %.0f s old, build running)", name,
+                                folder, age)
+                return False
+            log.warning("removing a stale build lock %s (%.0f min old, no build running: a build was killed); "
+                        "DeepSpeed builds or loads %s now", lock, age / 60, name)
+            lock.unlink(missing_ok=True)
+            return True
+    except OSError as exc:   # a read-only extensions folder: nothing to do here, say why
+        log.warning("cannot check the build lock %s (%s); if this run hangs, remove it", lock, exc)
+        return False

@@ -42,7 +42,12 @@ def targets_summary(arch: plan.Arch) -> str:
 def run(cfg, *, nodes: int | None = None, gpus_per_node: int | None = None,
         gpu_mem_gb: float | None = None, model_config: str | None = None,
         headroom: float = 0.10, overhead_gb: float = 3.0) -> int:
+    from .runcheck import validate_for_run
+
     world = nodes * gpus_per_node if nodes and gpus_per_node else _world_from_env()
+    # What training would refuse, a dry run refuses: the same checks, bar the weights.
+    validate_for_run(cfg, world=world, device_type="cuda" if gpu_mem_gb or _gpu_mem_gb() else "cpu",
+                     model_config=model_config)
     if os.environ.get("RANK", "0") != "0":  # under a launcher: one report is enough
         return 0
     arch, source = plan.arch_for_config(cfg, model_config)

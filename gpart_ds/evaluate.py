@@ -29,7 +29,7 @@ from pathlib import Path
 
 from . import data
 from .errors import UserError, run_cli
-from .fileio import write_atomic
+from .fileio import folder_problem, write_atomic
 from .hub import resolve as resolve_model
 
 
@@ -254,6 +254,9 @@ def _load_model(model_dir: str, adapter_dir: str | None, dtype):
 
     from .methods import MethodRoot
 
+    from .model import check_weights
+
+    check_weights(model_dir)   # a missing key would be evaluated as random values
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     if adapter_dir is None:
         return MethodRoot(model).eval()
@@ -355,11 +358,25 @@ def _eval_cli(argv) -> int:
     ap.add_argument("--too-long", default="error", choices=("error", "skip", "truncate_left"),
                     help="records longer than --max-length (as data.too_long)")
     args = ap.parse_args(argv)
+    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--max-length", args.max_length, 2),
+                             ("--max-examples", args.max_examples, 0)):
+        if value < low:
+            raise EvalError(f"{flag} {value}: must be >= {low}")
     model_dir = resolve_model(args.model)
     if not (Path(model_dir) / "config.json").is_file():
-        raise EvalError(f"--model {args.model}: no Hugging Face model there (no config.json)")
+        raise EvalError(f"--model {args.model}: no Hugging Face model there (no config.json"
+                        f"{'' if Path(model_dir).is_dir() else '; no such folder'})")
     if not Path(args.data).is_file():
         raise EvalError(f"--data {args.data}: no such file")
+    for flag, out in (("--json", args.json), ("--predictions", args.predictions)):
+        # checked before the evaluation: a long run must not end in an error about its output
+        if not out:
+            continue
+        parent = Path(out).parent
+        problem = (folder_problem(parent) or (not parent.is_dir() and f"its folder {str(parent)!r} does not exist")
+                   or (Path(out).is_dir() and f"{out!r} is a folder"))
+        if problem:
+            raise EvalError(f"{flag} {out}: {problem}")
     preds = [] if args.predictions else None
     res = evaluate_files(model_dir, args.data, args.adapter, args.chat_template, args.max_length,
                          args.batch_size, args.max_examples, add_eos=not args.no_eos, predictions=preds,

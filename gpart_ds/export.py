@@ -27,7 +27,7 @@ import torch
 
 from . import safetensors_io as stio
 from .errors import UserError, run_cli
-from .fileio import replace_dir
+from .fileio import folder_problem, named, replace_dir
 from .hub import resolve as resolve_model
 
 DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
@@ -86,11 +86,12 @@ def temp_dir_for(out: Path) -> Path:
 
 
 def check_output(out: Path, overwrite: bool) -> None:
-    """Refuse an existing output folder before any work is done."""
+    """Refuse an existing output folder, or one that cannot be created, before any work."""
     if out.exists() and not overwrite:
         raise ExportError(f"{out}: already exists; pass --overwrite (export.overwrite: true) to replace it")
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"{out}: exists and is not a folder")
+    problem = folder_problem(out)
+    if problem:
+        raise ExportError(f"output folder: {problem}")
 
 
 def start_output(out: Path) -> Path:
@@ -187,6 +188,9 @@ def merge_offline(base_dir, adapter_dir, out_dir, dtype: str | None = None,
                                                    "compute_dtype": str(compute), "dtype": str(out_dtype)})
         bar.close()
         finish_output(tmp, out)
+    except OSError as exc:   # a full disk: nothing half-written is left anywhere, the file is named
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise named(exc, tmp) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)   # nothing half-written is left anywhere
         raise
@@ -212,15 +216,25 @@ def verify(merged_dir, base_dir, adapter_dir, prompts=DEFAULT_PROMPTS, atol: flo
 
     from . import methods
 
+    from .model import check_weights
+
     merged_dir, base_dir = Path(merged_dir), Path(base_dir)
-    info = json.loads((merged_dir / "gpart_merge.json").read_text()) if (merged_dir / "gpart_merge.json").is_file() else {}
-    dtype = parse_dtype(info.get("compute_dtype", "torch.float32").removeprefix("torch.")) or torch.float32
+    for what, folder in (("--merged", merged_dir), ("--base", base_dir)):
+        if not (folder / "config.json").is_file():
+            raise ExportError(f"{what} {folder}: not a model folder (no config.json"
+                              f"{'' if folder.is_dir() else '; no such folder'})")
+    info_path = merged_dir / "gpart_merge.json"
+    try:
+        info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+        compute = str(info.get("compute_dtype", "torch.float32")).removeprefix("torch.")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+        raise ExportError(f"{info_path}: not the merge record gpart_ds writes ({exc})") from None
+    dtype = DTYPE_NAMES.get(compute, torch.float32)
     if atol is None:
         atol = 1e-3 if dtype == torch.float32 else 0.1
-    if not (merged_dir / "config.json").is_file():
-        raise ExportError(f"{merged_dir}: not a merged model folder (no config.json)")
     src = methods.open_adapter(Path(adapter_dir), base_dir)
     src.check(read_base(base_dir), base_dir)
+    check_weights(merged_dir)   # a missing key would load as random values and "differ" for no reason
     tok = AutoTokenizer.from_pretrained(base_dir)
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=dtype).eval()
     ref = src.attach(AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype).eval())
@@ -252,6 +266,13 @@ def _merge_cli(argv) -> int:
     ap.add_argument("--block-mb", type=float, default=DEFAULT_BLOCK_BYTES / 2**20,
                     help="rows read and merged at once (memory bound)")
     a = ap.parse_args(argv)
+    try:
+        stio.parse_size(a.max_shard_size)
+    except ValueError as exc:
+        raise ExportError(f"--max-shard-size {a.max_shard_size!r}: {exc}") from None
+    if not a.block_mb > 0:
+        raise ExportError(f"--block-mb {a.block_mb}: must be > 0")
+    parse_dtype(a.dtype)
     a.base = resolve_model(a.base)
     stats = merge_offline(a.base, a.adapter, a.out, a.dtype, a.max_shard_size, a.overwrite,
                           int(a.block_mb * 2**20), progress=None)

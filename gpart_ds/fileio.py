@@ -23,6 +23,18 @@ def temp_sibling(final: str | os.PathLike, tag: str = "tmp") -> Path:
     return final.with_name(f".{final.name}.{tag}")
 
 
+def named(exc: BaseException, path: str | os.PathLike) -> BaseException:
+    """`exc` with the file it concerns: a failed write() or pwrite() (a full disk) raises
+    an OSError without a file name, and libraries (safetensors, pyarrow) raise their own
+    types with the OS error in the text; the user must be told which file."""
+    from .errors import env_errno
+
+    code = env_errno(exc)
+    if code is not None and getattr(exc, "filename", None) is None:
+        return OSError(code, os.strerror(code), str(path))
+    return exc
+
+
 def write_atomic(path: str | os.PathLike, content: str | bytes) -> None:
     """Write a whole file through a temporary sibling, then rename it over `path`."""
     path = Path(path)
@@ -33,9 +45,29 @@ def write_atomic(path: str | os.PathLike, content: str | bytes) -> None:
         else:
             tmp.write_text(content)
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise named(exc, path) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def folder_problem(path: str | os.PathLike) -> str | None:
+    """Why `path` cannot be (or become) a folder this process writes into, or None: a file
+    in its place or on its way, or a read-only folder above it. Checked before the work,
+    so a long computation does not end in an error about its output."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        return f"{str(path)!r} is a file, not a folder"
+    probe = path
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        return f"{str(path)!r} lies under {str(probe)!r}, which is a file"
+    if probe.is_dir() and not os.access(probe, os.W_OK | os.X_OK):
+        return f"cannot write into {str(probe)!r} (permission denied)"
+    return None
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
@@ -63,6 +95,11 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         os.chmod(tmp, 0o755)
         replace_dir(tmp, final)
+    except Exception as exc:   # a full disk while building it: name the folder
+        err = named(exc, final)
+        if err is exc:
+            raise
+        raise err from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

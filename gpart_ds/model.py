@@ -71,14 +71,15 @@ def architecture_source(cfg: DictConfig, override: str | None = None) -> str:
                       "model folder) to describe the architecture")
 
 
-def check_targets(cfg: DictConfig):
+def check_targets(cfg: DictConfig, source: str | None = None):
     """target_modules must match something, and the method's own checks against the
-    targets (GPart: d <= D) pass; returns the layout. Reads only config.json."""
+    targets (GPart: d <= D) pass; returns the layout. Reads only config.json (of
+    model.path, or `source`: where architecture_source found the shapes)."""
     from . import methods
 
     where = where_for(cfg)
     patterns = normalize_patterns(cfg.method.target_modules)
-    model = skeleton(cfg.model.path)
+    model = skeleton(source or cfg.model.path)
     layout = build_layout(model, patterns)
     if not layout.targets:
         raise ConfigError(f"{where('method.target_modules')}: {patterns!r} matches no linear "
@@ -91,6 +92,48 @@ def check_targets(cfg: DictConfig):
 
     methods.get(cfg.method.name).check_layout(cfg.method, layout, need)
     return layout
+
+
+def check_weights(model_path: str | Path) -> None:
+    """The folder's safetensors files hold every parameter its config.json builds, under
+    the parameter's name and with its shape. transformers only warns about a missing key
+    and starts that weight from random values: a renamed key would train (or evaluate) a
+    randomly initialised layer without a word. Reads the files' headers only."""
+    from .safetensors_io import read_model_header
+
+    model_path = Path(model_path)
+    model = skeleton(str(model_path))
+    stored = read_model_header(model_path)   # a truncated or foreign file is named there
+    prefix = getattr(model, "base_model_prefix", "") or ""
+
+    def stored_as(name: str) -> str | None:
+        # A checkpoint of the bare decoder stores "layers.0..." for "model.layers.0..."
+        # (transformers maps the prefix); accept either spelling.
+        for cand in (name, name.removeprefix(prefix + "."), f"{prefix}.{name}"):
+            if cand in stored:
+                return cand
+        return None
+
+    groups: dict[int, tuple[torch.nn.Parameter, list[str]]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):   # tied weights share one object
+        groups.setdefault(id(p), (p, []))[1].append(name)
+    missing, wrong = [], []
+    for p, names in groups.values():
+        found = [k for k in map(stored_as, names) if k is not None]
+        if not found:
+            missing.append(names[0])
+        for k in found:
+            if tuple(stored[k].entry.shape) != tuple(p.shape):
+                wrong.append(f"{k}: {list(stored[k].entry.shape)} stored, {list(p.shape)} in config.json")
+    files = ", ".join(sorted({st.path.name for st in stored.values()}))
+    if missing:
+        unused = sorted(set(stored) - {stored_as(n) for _, ns in groups.values() for n in ns})
+        raise ModelError(f"{model_path}: {len(missing)} weight(s) of the model are not in {files} "
+                         f"(first: {missing[0]}); transformers would start them from random values"
+                         + (f". Stored but unused: {', '.join(unused[:3])} (renamed keys?)" if unused else ""))
+    if wrong:
+        raise ModelError(f"{model_path}: weights in {files} whose shape disagrees with config.json: "
+                         f"{'; '.join(wrong[:3])}")
 
 
 def load_model(model_path: str, dtype: torch.dtype, ds_config: dict | None):

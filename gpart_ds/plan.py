@@ -438,8 +438,11 @@ def _main(args) -> int:
     if args.method is not None and args.method not in methods.names():
         raise PlanError(f"--method {args.method!r}: choose one of {methods.names()}")
     cfg = load_config(args.config, args.overrides, check_files=False)
-    arch, source = arch_for_config(cfg, args.model_config)
     world = args.nodes * args.gpus_per_node
+    from .runcheck import validate_for_run
+
+    validate_for_run(cfg, world=world, device_type="cuda", model_config=args.model_config)   # as training would
+    arch, source = arch_for_config(cfg, args.model_config)
     kw = dict(method=args.method, overhead_gb=args.overhead_gb)
     from . import plan_time   # the frozen partition's group, time and traffic
 

@@ -7,8 +7,10 @@ Seconds here save a queue wait and a 70B start-up that would fail anyway: the Py
 packages on every node, the GPUs each node shows, the config (and, unless a `prepare`
 recipe creates them, the model and data files as every node sees them), that the head node
 resolves, that output_dir is writable and shared by all nodes, and, on GPUs, that the
-memory plan fits. Exit status 0 when all pass; otherwise every failure is printed and the
-status is 3 (2 for a bad config).
+memory plan fits; and the checks the trainer makes before it writes anything (the config
+against the model and DeepSpeed, the output folder and the resume target: runcheck).
+Exit status 0 when all pass; otherwise every failure is printed and the status is 3
+(2 for a bad config: `error: ...`).
 """
 from __future__ import annotations
 
@@ -88,7 +90,12 @@ def check_memory(cfg, world: int) -> str | None:
 
 
 def main(argv=None) -> int:
-    args = parse(argv)
+    from .errors import run_cli
+
+    return run_cli(lambda: _main(parse(argv)))
+
+
+def _main(args) -> int:
     host = socket.gethostname()
     failures = []
     if sys.version_info < MIN_PYTHON:
@@ -102,14 +109,16 @@ def main(argv=None) -> int:
         return _report(host, failures)
     from .config import ConfigError, check_paths, load_config
     from .plan import PlanError
+    from .runcheck import resolve_outputs, validate_for_run
 
-    try:
-        cfg = load_config(args.config, args.overrides, check_files=False)
-        if not cfg.prepare:  # files a recipe creates are made at start-up
-            check_paths(cfg)
-    except ConfigError as exc:
-        print(f"preflight on {host}: {exc}", file=sys.stderr)
-        return 2
+    # A bad config is an `error:` line and exit 2 (errors.run_cli), as for the trainer:
+    # the same checks the trainer makes before it writes anything (runcheck).
+    cfg = load_config(args.config, args.overrides, check_files=False)
+    if not cfg.prepare:  # files a recipe creates are made at start-up
+        check_paths(cfg)
+        validate_for_run(cfg, world=args.nodes * args.tasks_per_node, device_type=args.device)
+    if os.environ.get("SLURM_NODEID", "0") == "0":   # one node reads the checkpoints
+        resolve_outputs(cfg)
     failures += [f for f in (check_gpus(args.device, args.tasks_per_node),) if f]
     master = os.environ.get("MASTER_ADDR")
     if master:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .fileio import named
 
 DTYPES = {  # safetensors name <-> torch dtype
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -134,9 +135,12 @@ def index_json(plans: list[FilePlan]) -> dict:
 def create_files(folder: Path, plans: list[FilePlan]) -> None:
     """Write every header and size every file (data still zero): done by one process."""
     for p in plans:
-        with open(folder / p.filename, "wb") as fh:
-            fh.write(p.header)
-            fh.truncate(p.size)
+        try:
+            with open(folder / p.filename, "wb") as fh:
+                fh.write(p.header)
+                fh.truncate(p.size)
+        except OSError as exc:
+            raise named(exc, folder / p.filename) from None
 
 
 def write_index(folder: Path, plans: list[FilePlan]) -> None:
@@ -148,6 +152,7 @@ class RangeWriter:
     """pwrite of tensor slices into planned files; one open descriptor per file."""
 
     def __init__(self, folder: Path, plans: list[FilePlan]):
+        self.folder = Path(folder)
         self.where = {e.name: (p, e) for p in plans for e in p.entries}
         self.fds = {p.filename: os.open(folder / p.filename, os.O_WRONLY) for p in plans}
 
@@ -162,16 +167,25 @@ class RangeWriter:
         data = memoryview(values.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
         pos = plan.offsets[name] + first_elem * entry.itemsize
         fd = self.fds[plan.filename]
-        while data:   # pwrite may write less than asked
-            done = os.pwrite(fd, data, pos)
-            data, pos = data[done:], pos + done
+        try:
+            while data:   # pwrite may write less than asked
+                done = os.pwrite(fd, data, pos)
+                data, pos = data[done:], pos + done
+        except OSError as exc:   # a full disk: name the file
+            raise named(exc, self.folder / plan.filename) from None
 
     def close(self, sync: bool = True) -> None:
-        for fd in self.fds.values():
-            if sync:
-                os.fsync(fd)
-            os.close(fd)
-        self.fds = {}
+        fds, self.fds = self.fds, {}
+        try:
+            for name, fd in fds.items():
+                if sync:
+                    try:
+                        os.fsync(fd)
+                    except OSError as exc:
+                        raise named(exc, self.folder / name) from None
+        finally:
+            for fd in fds.values():
+                os.close(fd)
 
     def __enter__(self):
         return self

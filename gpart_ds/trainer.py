@@ -10,22 +10,24 @@ returns. Nothing here depends on which method runs.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from . import checkpoint, comm, commcount, data, distributed, evaluate, frozen_shards, methods, zero3
-from .config import ConfigError, check_paths, export_dir, resolved_lr, to_yaml, where_for
-from .errors import EXIT_PREEMPTED
+from . import checkpoint, comm, commcount, data, distributed, evaluate, frozen_shards, methods, runcheck, zero3
+from .config import ConfigError, check_paths, export_dir, to_yaml, where_for
+from .errors import EXIT_PREEMPTED, RunFailed, UserError
 from .fileio import folder_bytes, write_atomic
 from .hub import display_name
 from .metrics import MetricsLog, Progress, peak_memory_gb, summary_table
-from .model import check_targets, training_dtype
+from .model import check_weights, training_dtype
 from .objective import TrainingModel
 
 log = logging.getLogger("gpart_ds")
@@ -35,6 +37,12 @@ PREEMPTED_EXIT = EXIT_PREEMPTED
 
 class Preempted(Exception):
     """Raised after the preemption checkpoint is written; the entry point exits 75."""
+
+
+class NonFiniteError(UserError):
+    """The loss, the gradient norm or the trained state stopped being finite: training
+    stops on every rank (they agree through one collective) and keeps the last good
+    checkpoint; exit 2 (the input, usually train.lr or the base weights, needs a change)."""
 
 
 def lr_lambda(step: int, max_steps: int, warmup: int, schedule: str, min_ratio: float) -> float:
@@ -58,13 +66,24 @@ class Trainer:
         self.cfg = cfg
         self.engine = None
         self.method: methods.Method | None = None
+        self._export_only = False
 
     # ---------------------------------------------------------------- set-up
     def setup(self) -> None:
         cfg = self.cfg
+        # Every check before the first write, in one order (runcheck): the config against
+        # the model and DeepSpeed, then the output folder and the resume target. Each rank
+        # decides alone from the same files, so a refusal is the same everywhere.
+        _configure_logging(int(os.environ.get("RANK", "0") or 0))
         check_paths(cfg)
-        self.layout = check_targets(cfg)  # before any weight is read
-        self.lr = resolved_lr(cfg, self.layout.D)
+        checked = runcheck.validate_for_run(cfg, world=int(os.environ.get("WORLD_SIZE", "1") or 1),
+                                            device_type="cuda" if torch.cuda.is_available() else "cpu")
+        self.layout, self.lr = checked.layout, checked.lr
+        self.outputs = runcheck.resolve_outputs(cfg, export_only=self._export_only)
+        try:   # a renamed key would otherwise load as random values, without a word
+            check_weights(cfg.model.path)
+        except UserError as exc:
+            raise ConfigError(f"{where_for(cfg)('model.path')}: {exc}") from None
         # Read, validate and tokenise the data before any process group exists: a bad
         # line fails every rank at once, and ranks that wait for the shared tokenised
         # cache wait on a file lock, not inside a collective with a timeout.
@@ -89,14 +108,13 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
 
         t = cfg.train
-        self.ds_config = zero3.engine_config(
-            OmegaConf.to_container(cfg.deepspeed, resolve=True), micro_batch=t.micro_batch_size,
-            grad_accum=t.grad_accum, world=self.world, max_grad_norm=t.max_grad_norm, dtype=self.dtype)
+        self.ds_config = runcheck.deepspeed_config(cfg, self.world, self.dtype)
         self.order = data.GlobalBatchOrder(len(self.train_set), t.micro_batch_size, t.grad_accum,
                                            self.world, t.seed)
         self._build_model()
         self._build_engine()
-        if self.rank == 0:
+        if self.rank == 0:   # the first writes of the run
+            runcheck.remove_earlier_results(self.outputs, cfg)
             self.out.mkdir(parents=True, exist_ok=True)
         self.metrics = MetricsLog(self.out if self.rank == 0 else None, cfg)
 
@@ -178,11 +196,46 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
-        loss_total, tok_total = comm.all_sum([loss_sum, tokens], self.device)
+        # One collective: the loss, the tokens, and how many ranks hold a non-finite piece
+        # of the trained state, so every rank takes the same decision below.
+        state_ok = self.method.state_finite()
+        loss_total, tok_total, bad_ranks = comm.all_sum([loss_sum, tokens, 0.0 if state_ok in (None, True) else 1.0],
+                                                        self.device)
         n_micro = self.cfg.train.grad_accum * self.world
-        return {"step": step + 1, "loss": loss_total / n_micro, "lr": lr,
-                "step_time_s": dt, "tokens": int(tok_total), "tokens_per_s": tok_total / dt,
-                "epoch": self.order.epoch_of(step + 1)}
+        rec = {"step": step + 1, "loss": loss_total / n_micro, "lr": lr,
+               "step_time_s": dt, "tokens": int(tok_total), "tokens_per_s": tok_total / dt,
+               "epoch": self.order.epoch_of(step + 1)}
+        grad_norm = self.engine.get_global_grad_norm()
+        self._check_finite(step + 1, rec["loss"], grad_norm, int(bad_ranks))
+        return rec
+
+    def _check_finite(self, step: int, loss: float, grad_norm, bad_ranks: int) -> None:
+        """Stop on a non-finite loss, gradient norm (DeepSpeed skips such a step without a
+        word) or trained state: nothing of this step is saved, the last checkpoint stays."""
+        bad = []
+        if not math.isfinite(loss):
+            bad.append(f"loss {loss}")
+        if grad_norm is not None and not math.isfinite(float(grad_norm)):
+            bad.append(f"gradient norm {float(grad_norm)}")
+        if bad_ranks:
+            bad.append(f"trained parameters ({self.method.label(self.cfg.method)}) on {bad_ranks} rank(s)")
+        if not bad:
+            return
+        self.metrics.write({"event": "nonfinite", "step": step, "what": bad})
+        self.metrics.close()
+        latest = self._latest_checkpoint()
+        raise NonFiniteError(
+            f"step {step}: non-finite {', '.join(bad)} (NaN or inf); training stopped on every rank and this "
+            f"step was not saved. Last good checkpoint: {latest or 'none (no checkpoint was written yet)'}. "
+            f"Lower train.lr (now {self.lr:.3g}) or train.max_grad_norm, or check the base weights and data "
+            "(a NaN in the base model gives a NaN loss from step 1)")
+
+    def _latest_checkpoint(self) -> str | None:
+        latest = self._checkpoint_root() / checkpoint.LATEST
+        try:
+            return str(self._checkpoint_root() / latest.read_text().strip()) if latest.is_file() else None
+        except OSError:
+            return None
 
     @torch.no_grad()
     def evaluate(self, predictions: list | None = None) -> dict:
@@ -199,35 +252,42 @@ class Trainer:
 
     # ---------------------------------------------------------------- checkpoints
     def _checkpoint_root(self) -> Path:
-        return Path(self.cfg.checkpoint.dir) if self.cfg.checkpoint.dir else self.out / "checkpoints"
+        return runcheck.checkpoint_root(self.cfg)
 
     def _resume(self) -> tuple[int, dict | None]:
-        """(first step to run, eval results before training) from a checkpoint, if asked."""
-        import yaml
-
-        want = self.cfg.train.resume
-        if not want:
+        """(first step to run, eval results before training) from the checkpoint that
+        runcheck.resolve_outputs chose (verified, loadable, no drift) before any write."""
+        found = self.outputs.resume
+        if found is None:
             return 0, None
-        if want == "auto":
-            ckpt = checkpoint.find_resume(self._checkpoint_root())
-            if ckpt is None:
-                log.info("resume=auto: no complete checkpoint in %s, starting fresh", self._checkpoint_root())
-                return 0, None
-        else:
-            ckpt = Path(want)
-            checkpoint.verify(ckpt)
-        saved = yaml.safe_load((ckpt / checkpoint.RUN_CONFIG).read_text())
-        checkpoint.check_drift(saved, self.cfg, where_for(self.cfg))
+        ckpt = found.path
         state = checkpoint.load(self.engine, self.method.trainable(), ckpt)
+        self._continue_schedule_at(self.lr, state.get("lr"))
         log.info("resumed from %s at step %d (saved by %d ranks, now %d)", ckpt, state["step"],
                  state["world"], self.world)
         self.metrics.write({"event": "resume", "from": str(ckpt), "step": state["step"]})
         return state["step"], state.get("before")
 
+    def _continue_schedule_at(self, lr: float, saved_lr) -> None:
+        """The restored schedule peaks at this run's train.lr: a scheduler state carries its
+        old peak, and a changed train.lr would otherwise be ignored without a word."""
+        sched = self.engine.lr_scheduler
+        if sched is None or not hasattr(sched, "lr_lambdas"):
+            return
+        if saved_lr is not None and not math.isclose(float(saved_lr), lr, rel_tol=1e-9):
+            log.warning("train.lr is %.3g, the checkpoint was trained at %.3g: the schedule continues at %.3g",
+                        lr, float(saved_lr), lr)
+        sched.base_lrs = [lr] * len(sched.base_lrs)
+        for group, fn in zip(self.engine.optimizer.param_groups, sched.lr_lambdas):
+            group["lr"] = lr * fn(sched.last_epoch)
+        sched._last_lr = [g["lr"] for g in self.engine.optimizer.param_groups]
+
     def save_checkpoint(self, step: int, before: dict) -> Path:
         commcount.phase("checkpoint")
         extra = {"before": before, "method": self.cfg.method.name, "lr": self.lr,
-                 "dtype": str(self.dtype).removeprefix("torch.")}
+                 "dtype": str(self.dtype).removeprefix("torch."),
+                 # the targets theta was trained for: an offline merge checks the base against them
+                 "layout": self.layout.to_json()}
         return checkpoint.save(self.engine, self.method.trainable(), self._checkpoint_root(), step,
                                extra, to_yaml(self.cfg), self.cfg.checkpoint.keep_last)
 
@@ -250,6 +310,27 @@ class Trainer:
 
     # ---------------------------------------------------------------- run
     def run(self) -> dict:
+        with self._peer_watch():
+            return self._run()
+
+    @contextlib.contextmanager
+    def _peer_watch(self):
+        """A rank that dies (killed, out of memory) leaves its peers a gloo/NCCL error in
+        the next collective: say what it means and how to go on (exit 1), not a traceback."""
+        try:
+            yield
+        except (UserError, Preempted):
+            raise
+        except Exception as exc:
+            if not comm.peer_lost(exc):
+                raise
+            raise RunFailed(
+                f"rank {comm.rank()}: lost contact with another rank ({str(exc).splitlines()[0][:200]}): it "
+                "died or was killed (out of memory? its log says). Last complete checkpoint: "
+                f"{self._latest_checkpoint() or 'none yet'}; start the job again with train.resume=auto to "
+                "continue from it") from None
+
+    def _run(self) -> dict:
         if self.engine is None:
             self.setup()
         cfg, t = self.cfg, self.cfg.train
@@ -257,11 +338,14 @@ class Trainer:
         t_start = time.perf_counter()
         start, before = self._resume()
         if self.rank == 0:
-            (self.out / "run_config.yaml").write_text(to_yaml(cfg))
+            write_atomic(self.out / "run_config.yaml", to_yaml(cfg))
         if before is None:
             before = self.evaluate()
             self.metrics.write({"event": "eval", "step": 0, **before})
             log.info("before training: %s", _fmt(before))
+        if start == t.max_steps:
+            log.info("nothing to train: %s is at train.max_steps=%d; writing the run's outputs from it",
+                     self.outputs.resume.path, start)
         progress = Progress(t.max_steps, start, cfg.method.name, t.log_every) if self.rank == 0 else None
         history = []
         every = cfg.checkpoint.every_steps
@@ -293,7 +377,8 @@ class Trainer:
         # Peak memory of training itself, before the gathers of checkpoint and export.
         train_mem = {f"train_{k}": v for k, v in comm.all_max(peak_memory_gb(), self.device).items()}
         model_state = zero3.model_state_bytes(self.engine)   # optimizer state exists after a step
-        self.save_checkpoint(t.max_steps, before)
+        if start < t.max_steps:   # equal: the resumed checkpoint is this step, kept as it is
+            self.save_checkpoint(t.max_steps, before)
         preds = [] if self.evaluator.items else None
         after = self.evaluate(preds)
         self.metrics.write({"event": "eval", "step": t.max_steps, **after})
@@ -351,17 +436,14 @@ class Trainer:
 
     def export_only(self) -> Path:
         """Load a checkpoint (train.resume) and write the merged model; no training."""
-        if self.engine is None:
-            self.setup()
-        if not self.cfg.train.resume:
-            raise checkpoint.CheckpointError(
-                f"{where_for(self.cfg)('train.resume')}: --export-only needs train.resume=auto or a checkpoint path")
-        step, _ = self._resume()
-        if step == 0:
-            raise checkpoint.CheckpointError(f"no complete checkpoint in {self._checkpoint_root()} to export")
-        out = self.export_merged()
-        self.metrics.close()
-        return out
+        self._export_only = True
+        with self._peer_watch():
+            if self.engine is None:
+                self.setup()   # refuses a missing train.resume or checkpoint before any write
+            self._resume()
+            out = self.export_merged()
+            self.metrics.close()
+            return out
 
 
 def _fmt(metrics: dict) -> str:

@@ -10,4 +10,7 @@ PYBIN=$(bash launch/setup_env.sh | tail -n 1)
 VENV_BIN=$(dirname "$PYBIN")
 NPROC=${NPROC:-2}
 if ! command -v nvidia-smi >/dev/null 2>&1; then export DS_ACCELERATOR=cpu; fi
-exec "$VENV_BIN/deepspeed" --num_gpus "$NPROC" launch/train.py --config configs/smollm2_rt.yaml "$@"
+# train.resume=auto: a second run continues the first (more train.max_steps) or, at the
+# same max_steps, only evaluates and prints its table again; it never replaces it.
+exec "$VENV_BIN/deepspeed" --num_gpus "$NPROC" launch/train.py --config configs/smollm2_rt.yaml \
+  train.resume=auto "$@"

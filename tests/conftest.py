@@ -57,3 +57,19 @@ def bench_quick(tmp_path_factory, tiny_assets):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return out
+
+
+@pytest.fixture(scope="session")
+def faults(tmp_path_factory, tiny_assets):
+    """The fault probes' shared state (tests/faults): one warm fork server that runs each
+    CLI call in a fresh fork, and the shared inputs (one tiny run, model variants) built
+    lazily under one folder."""
+    from types import SimpleNamespace
+
+    from tests.faults.fixtures import Fx
+    from tests.faults.runner import ForkServer
+
+    root = tmp_path_factory.mktemp("faults")
+    server = ForkServer(log=root / "forkserver.log")
+    yield SimpleNamespace(server=server, fx=Fx(root / "shared", server), root=root / "cases")
+    server.close()

@@ -3,49 +3,102 @@ import json
 import logging
 
 import pytest
+import torch
 
 from gpart_ds import checkpoint
 
 
-def fake_ckpt(root, step, payload=b"theta"):
-    d = checkpoint.step_dir(root, step)
-    d.mkdir(parents=True)
-    (d / "state.safetensors").write_bytes(payload * 100)
-    (d / "state.json").write_text(json.dumps({"step": step}))
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": checkpoint._sha256(p)} for p in d.iterdir()}
-    (d / checkpoint.MANIFEST).write_text(json.dumps({"step": step, "files": files}))
-    return d
+def fake_ckpt(root, step, d=16):
+    """A checkpoint folder as checkpoint.save writes it (no engine needed to read one)."""
+    from safetensors.torch import save_file
+
+    ck = checkpoint.step_dir(root, step)
+    ck.mkdir(parents=True)
+    theta = torch.full((d,), float(step))
+    save_file({"theta": theta, **{f"theta::{k}": theta.clone() for k in ("master", "exp_avg", "exp_avg_sq")}},
+              str(ck / checkpoint.STATE_FILE))
+    save_file({"cpu": torch.get_rng_state()}, str(ck / "rng-rank0.safetensors"))
+    (ck / checkpoint.STATE_JSON).write_text(json.dumps(
+        {"step": step, "adam_step": step, "world": 1, "global_steps": step}))
+    (ck / checkpoint.RUN_CONFIG).write_text("method: {name: gpart, d: 16}\n")
+    rewrite_manifest(ck)
+    return ck
+
+
+def rewrite_manifest(ck):
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": checkpoint._sha256(p)}
+             for p in sorted(ck.iterdir()) if p.name != checkpoint.MANIFEST}
+    (ck / checkpoint.MANIFEST).write_text(json.dumps({"step": int(ck.name[5:]), "files": files}))
 
 
 def test_newest_verified_checkpoint_wins(tmp_path):
     fake_ckpt(tmp_path, 2)
     fake_ckpt(tmp_path, 4)
     (tmp_path / ".step-000006.tmp").mkdir()  # an interrupted write is never a candidate
-    assert checkpoint.find_resume(tmp_path).name == "step-000004"
+    found, skipped = checkpoint.find_resume(tmp_path)
+    assert found.path.name == "step-000004" and found.step == 4 and skipped == []
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "manifest", "missing"])
-def test_damaged_newest_checkpoint_falls_back_and_says_so(tmp_path, caplog, damage):
-    fake_ckpt(tmp_path, 2)
-    bad = fake_ckpt(tmp_path, 4)
-    f = bad / "state.safetensors"
-    if damage == "truncate":
+def _damage(ck, how):
+    f = ck / checkpoint.STATE_FILE
+    if how == "truncate":
         f.write_bytes(f.read_bytes()[:-10])
-    elif damage == "flip":
+    elif how == "flip":
         data = bytearray(f.read_bytes())
-        data[7] ^= 0x01
+        data[-7] ^= 0x01
         f.write_bytes(bytes(data))
-    elif damage == "manifest":
-        (bad / checkpoint.MANIFEST).unlink()
-    else:
+    elif how == "no-manifest":
+        (ck / checkpoint.MANIFEST).unlink()
+    elif how == "missing":
         f.unlink()
+    elif how == "manifest-{}":
+        (ck / checkpoint.MANIFEST).write_text("{}")
+    elif how == "manifest-[]":
+        (ck / checkpoint.MANIFEST).write_text("[]")
+    elif how == "manifest-no-sha":
+        m = json.loads((ck / checkpoint.MANIFEST).read_text())
+        for v in m["files"].values():
+            v.pop("sha256")
+        (ck / checkpoint.MANIFEST).write_text(json.dumps(m))
+    elif how == "manifest-lists-nothing":
+        (ck / checkpoint.MANIFEST).write_text(json.dumps({"files": {}}))
+    elif how == "state-json-{}":   # passes its checksums, cannot be resumed
+        (ck / checkpoint.STATE_JSON).write_text("{}")
+        rewrite_manifest(ck)
+    elif how == "no-moments":
+        from safetensors.torch import save_file
+
+        save_file({"theta": torch.zeros(16)}, str(f))
+        rewrite_manifest(ck)
+
+
+DAMAGES = ["truncate", "flip", "no-manifest", "missing", "manifest-{}", "manifest-[]", "manifest-no-sha",
+           "manifest-lists-nothing", "state-json-{}", "no-moments"]
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_damaged_newest_checkpoint_falls_back_and_says_so(tmp_path, caplog, damage):
+    """Anything that keeps a checkpoint from being resumed (bytes, manifest, content that
+    verifies but was not written by this code) skips it by name; nothing raises."""
+    fake_ckpt(tmp_path, 2)
+    _damage(fake_ckpt(tmp_path, 4), damage)
     with caplog.at_level(logging.WARNING):
-        assert checkpoint.find_resume(tmp_path).name == "step-000002"
-    assert "skipping checkpoint step-000004" in caplog.text
+        found, skipped = checkpoint.find_resume(tmp_path)
+    assert found.path.name == "step-000002"
+    assert "skipping checkpoint step-000004" in caplog.text and skipped[0].startswith("step-000004: ")
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_checkpoint_read_directly_is_a_named_error(tmp_path, damage):
+    """What export and an explicit train.resume see: a CheckpointError naming the folder."""
+    ck = fake_ckpt(tmp_path, 4)
+    _damage(ck, damage)
+    with pytest.raises(checkpoint.CheckpointError, match="step-000004"):
+        checkpoint.read(ck)
 
 
 def test_no_checkpoint_means_fresh_start(tmp_path):
-    assert checkpoint.find_resume(tmp_path / "none") is None
+    assert checkpoint.find_resume(tmp_path / "none") == (None, [])
 
 
 def test_drift_check_names_the_key(tiny_assets, tmp_path):

@@ -103,3 +103,139 @@ def test_first_host_of_a_slurm_node_list(nodelist, first):
 def test_tasks_on_node_expands_slurms_compressed_counts():
     assert [tasks_on_node("4(x2),2", i) for i in range(3)] == [4, 4, 2]
     assert tasks_on_node("8", 0) == 8 and tasks_on_node("8", 1) is None
+
+
+# ---------------------------------------------------------------- a rank's life beside its launcher
+_RANK = r"""
+import signal, sys, time
+from pathlib import Path
+from gpart_ds.distributed import Ranks, follow_launcher
+flag = Path(sys.argv[1])
+signal.signal(signal.SIGTERM, lambda *_: (flag.write_text("SIGTERM"), sys.exit(75)))
+follow_launcher(Ranks(0, 2, 0, 2, "127.0.0.1", 1, "torch-style variables"), poll_s=0.2)
+print("ready", flush=True)
+time.sleep(120)
+"""
+# A launcher: starts the rank (or, with "nest", a launcher of the rank) and reports pids.
+_LAUNCHER = r"""
+import subprocess, sys, time
+rank = sys.argv[1:]
+p = subprocess.Popen([sys.executable, *rank], stdout=sys.stdout)
+print(p.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def _spawn_chain(tmp_path, levels):
+    """runner -> [deepspeed-like launcher ->] rank; returns (top process, pids, flag file)."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    flag = tmp_path / "flag"
+    rank = ["-c", _RANK, str(flag)]
+    cmd = [sys.executable, "-c", _LAUNCHER, *rank]
+    if levels == 2:   # the middle process looks like deepspeed's per-node launcher in /proc/PID/cmdline
+        cmd = [sys.executable, "-c", _LAUNCHER, "-c", _LAUNCHER + "\n# deepspeed.launcher.launch", *rank]
+    top = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, text=True,
+                           env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    pids = [int(top.stdout.readline())]
+    if levels == 2:
+        pids.append(int(top.stdout.readline()))
+    assert top.stdout.readline().strip() == "ready"
+    return top, pids, flag
+
+
+def _wait_for(flag, seconds=30.0):
+    import time
+
+    end = time.monotonic() + seconds
+    while time.monotonic() < end and not flag.exists():
+        time.sleep(0.1)
+    return flag.exists()
+
+
+@pytest.mark.parametrize("levels", [1, 2], ids=["its-launcher-dies", "the-command-above-deepspeeds-launcher-dies"])
+def test_a_rank_gets_sigterm_when_its_launcher_dies(tmp_path, levels):
+    """SIGTERM to `deepspeed` kills the runner alone (it has no handler); its per-node
+    launcher and the ranks would train on as orphans. A rank follows its parent
+    (PR_SET_PDEATHSIG) and, under deepspeed's launcher, the launcher's parent: it gets
+    SIGTERM, which the trainer turns into a checkpoint and exit 75 (signal-* probes)."""
+    import os
+    import signal
+
+    top, pids, flag = _spawn_chain(tmp_path, levels)
+    try:
+        os.kill(top.pid, signal.SIGKILL)
+        top.wait()
+        assert _wait_for(flag), "the rank kept running after its launcher died"
+        assert flag.read_text() == "SIGTERM"
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_a_single_process_is_left_alone(monkeypatch):
+    calls = []
+    monkeypatch.setattr("ctypes.CDLL", lambda *a, **k: calls.append(a))
+    distributed.follow_launcher(distributed.Ranks(0, 1, 0, 1, "127.0.0.1", 1, "single process"))
+    assert calls == []
+
+
+def _lock(tmp_path, monkeypatch, age_s):
+    import os
+    import time
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    folder = tmp_path / "ext" / "deepspeed_shm_comm"
+    folder.mkdir(parents=True)
+    lock = folder / "lock"
+    lock.write_text("")
+    os.utime(lock, (time.time() - age_s,) * 2)
+    return folder, lock
+
+
+def test_a_stale_build_lock_is_removed_with_a_warning(tmp_path, monkeypatch, caplog):
+    """A build killed half-way leaves torch's lock file, on which every later CPU run
+    waits forever in deepspeed.init_distributed, silently."""
+    import logging
+
+    folder, lock = _lock(tmp_path, monkeypatch, age_s=900)
+    with caplog.at_level(logging.WARNING):
+        assert distributed.clear_stale_build_lock() is True
+    assert not lock.exists() and "removing a stale build lock" in caplog.text and str(lock) in caplog.text
+
+
+def test_a_build_lock_in_use_is_kept(tmp_path, monkeypatch):
+    import subprocess
+
+    folder, lock = _lock(tmp_path, monkeypatch, age_s=10)   # a build that just started
+    assert distributed.clear_stale_build_lock() is False and lock.exists()
+    folder2, lock2 = folder, lock
+    import os
+    import time
+
+    os.utime(lock2, (time.time() - 900,) * 2)          # an old lock, but a build works in the folder
+    builder = subprocess.Popen(["sleep", "30"], cwd=folder2)
+    try:
+        assert distributed.clear_stale_build_lock() is False and lock2.exists()
+    finally:
+        builder.kill()
+        builder.wait()
+
+
+def test_a_lost_peer_is_recognised_in_gloo_and_nccl_words(monkeypatch):
+    from gpart_ds import comm
+
+    monkeypatch.setattr(comm, "world", lambda: 2)
+    for text in ("[../gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:8595: Connection reset by peer",
+                 "[../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:29584",
+                 "NCCL communicator was aborted on rank 3"):
+        assert comm.peer_lost(RuntimeError(text))
+    assert not comm.peer_lost(RuntimeError("CUDA out of memory"))
+    monkeypatch.setattr(comm, "world", lambda: 1)
+    assert not comm.peer_lost(RuntimeError("Connection reset by peer"))

@@ -1,5 +1,7 @@
 """python -m experiments.bench: GPart vs LoRA vs full fine-tuning (see bench/compare.py)."""
-from .compare import main
+import sys
+
+from .compare import cli
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

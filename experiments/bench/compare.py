@@ -278,12 +278,11 @@ def main(argv=None) -> dict:
     METHODS = method_names()
     bad = [m for m in methods if m not in METHODS]
     if bad:
-        raise SystemExit(f"--methods: unknown {bad}; choose from {METHODS}")
-    try:   # fail on a bad config or override, for any of the methods, before any run starts
-        for m in methods:
-            load_config(args.config, [*args.overrides, f"method.name={m}"], check_files=False)
-    except ConfigError as exc:
-        raise SystemExit(f"error: {exc}")
+        raise ConfigError(f"--methods: unknown {bad}; choose from {METHODS}")
+    # Fail on a bad config or override, for any of the methods, before any run starts
+    # (a ConfigError: `error: ...`, exit 2, through errors.run_cli).
+    for m in methods:
+        load_config(args.config, [*args.overrides, f"method.name={m}"], check_files=False)
     out = Path(args.out)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     total = args.warmup + args.steps
@@ -328,3 +327,10 @@ def main(argv=None) -> dict:
     print(md, flush=True)
     print(f"[bench] wrote {out / 'report.json'}, {out / 'report.md'}, {out / 'report.png'}", flush=True)
     return rep
+
+
+def cli(argv=None) -> int:
+    """`python -m experiments.bench`: main() with bad input as `error: ...`, exit 2."""
+    from gpart_ds.errors import run_cli
+
+    return run_cli(lambda: main(argv))

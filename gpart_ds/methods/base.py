@@ -181,6 +181,20 @@ class Method:
     def after_engine(self) -> None:
         pass
 
+    # Check the trained parameters for NaN/inf after every step (this rank's ZeRO-3
+    # partitions: cheap for a few trainable parameters). False: the loss and the gradient
+    # norm are the check (full fine-tuning would scan every weight).
+    check_state_every_step: ClassVar[bool] = True
+
+    def state_finite(self) -> bool | None:
+        """Whether this rank's part of the trainable parameters is finite (None: not checked)."""
+        if not self.check_state_every_step:
+            return None
+        from ..zero3 import local_shard
+
+        with torch.no_grad():
+            return all(bool(torch.isfinite(local_shard(p)).all()) for p in self.trainable().values())
+
     def save_adapter(self, out_dir: Path, info: dict) -> Path | None:
         """Collective. Writes the adapter folder (rank 0); None where the method has none."""
         return None

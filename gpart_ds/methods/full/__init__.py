@@ -14,6 +14,7 @@ from ..base import Method, MethodRoot
 class Full(Method):
     name = "full"
     trains_base = True
+    check_state_every_step = False   # every weight: the loss and the gradient norm are the check
     DEFAULT_LR = 5e-5   # the usual full fine-tuning rate for small LMs (docs/lr_rule.md)
 
     @classmethod

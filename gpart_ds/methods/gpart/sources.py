@@ -134,8 +134,34 @@ def _checkpoint(path: Path, base_dir: Path) -> MergeSource:
                            "export it with `launch/train.py --export-only` from its run")
     theta = ckpt.tensors[THETA]
     check_finite(theta, path / checkpoint.STATE_FILE)
-    return MergeSource(theta.float(), int(m["seed"]), _layout_from_base(base_dir, m["target_modules"]),
-                       ckpt.dtype, "checkpoint", path, path / checkpoint.RUN_CONFIG, m["target_modules"])
+    seed = m.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64 or "target_modules" not in m:
+        raise AdapterError(f"{path / checkpoint.RUN_CONFIG}: method.seed / method.target_modules missing or "
+                           f"invalid (seed {seed!r})")
+    return MergeSource(theta.float(), seed, _checkpoint_targets(ckpt, m, base_dir), ckpt.dtype, "checkpoint",
+                       path, path / checkpoint.STATE_JSON, m["target_modules"])
+
+
+def _checkpoint_targets(ckpt, m: dict, base_dir: Path) -> list[Target]:
+    """The targets theta was trained for: recorded in state.json (since the layout was
+    saved there), else rebuilt from the run's own model.path; never guessed from the base
+    it is being merged into, which would let it merge into a model of another shape."""
+    import logging
+
+    rows = ckpt.state.get("layout")
+    if rows is not None:
+        try:
+            return [Target(name, tuple(shape), offset) for name, shape, offset in rows]
+        except (TypeError, ValueError) as exc:
+            raise AdapterError(f"{ckpt.path}/state.json: 'layout' is not a list of [name, [out, in], offset] "
+                               f"({exc})") from None
+    trained_on = Path(str(ckpt.run_config.get("model", {}).get("path", "")))
+    if (trained_on / "config.json").is_file():
+        return _layout_from_base(trained_on, m["target_modules"])
+    logging.getLogger(__name__).warning(
+        "%s records no layout and its model %s is not here: cannot check that %s is the model it was trained on",
+        ckpt.path, trained_on, base_dir)
+    return _layout_from_base(base_dir, m["target_modules"])
 
 
 def open_source(path: str | Path, base_dir: str | Path) -> MergeSource:
