@@ -20,7 +20,6 @@ import argparse
 import datetime as _dt
 import hashlib
 import json
-import math
 import os
 import statistics
 import sys
@@ -29,7 +28,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from gpart_ds.config import REPO_ROOT, ConfigError, load_config, resolve_config_path
+from gpart_ds.config import ConfigError, load_config, resolve_config_path
 
 METRICS = ("accuracy", "exact_match", "eval_loss")
 

@@ -1,5 +1,4 @@
 """The bundled task recipes: deterministic, disjoint splits in the trainer's formats."""
-import json
 
 import pytest
 

@@ -23,7 +23,7 @@ from typing import Callable
 
 import yaml
 
-from tests.faults.fixtures import (DELETE, Fx, edit_json, flip_last_byte, rewrite_manifest, set_theta,
+from tests.faults.fixtures import (Fx, edit_json, flip_last_byte, rewrite_manifest, set_theta,
                                    theta_of_checkpoint, truncate)
 from tests.faults.runner import Call, Expect
 

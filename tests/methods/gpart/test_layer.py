@@ -2,7 +2,6 @@
 import pytest
 import torch
 from tests.helpers import micro_llama
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from gpart_ds.methods.gpart import partition
 from gpart_ds.methods.gpart.layer import apply_gpart
