@@ -196,7 +196,13 @@ def run_overrides(study: dict, task: dict, entry: dict, lr: float, seed: int, st
 
 
 def _key(config: str, overrides: list[str], ranks: int) -> str:
-    return hashlib.sha256(json.dumps([config, overrides, ranks]).encode()).hexdigest()[:16]
+    """The identity of a run: its resolved config (the run config with the overrides
+    applied, output_dir aside) and its ranks. Not the config's path or text: the same run
+    from another checkout, or after a comment or a key the study overrides changed in the
+    run config, is the same run and is reused."""
+    cfg = OmegaConf.to_container(load_config(config, overrides, check_files=False), resolve=True)
+    cfg.pop("output_dir", None)
+    return hashlib.sha256(json.dumps([cfg, ranks], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def is_done(out: Path, key: str) -> bool:
