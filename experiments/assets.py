@@ -6,6 +6,7 @@
                      converted once to a plain Hugging Face folder, logits verified
     rotten_tomatoes  .cache/data/rotten_tomatoes/{train,eval}.jsonl (see experiments/tasks.py)
     qasc             .cache/data/qasc/{train,eval}.jsonl (BIG-bench, downloaded once)
+    arithmetic       .cache/data/arithmetic/{train,eval}.jsonl (BIG-bench, downloaded once)
     chatterbot       .cache/data/chatterbot/{train,eval}.jsonl
 
 Each is written to a temporary folder and renamed, under a file lock, so that several
@@ -107,6 +108,7 @@ RECIPES = {
     "smollm2": (build_smollm2, CACHE / "models" / "SmolLM2-135M-Instruct"),
     "rotten_tomatoes": (_task("rotten_tomatoes"), CACHE / "data" / "rotten_tomatoes"),
     "qasc": (_task("qasc"), CACHE / "data" / "qasc"),
+    "arithmetic": (_task("arithmetic"), CACHE / "data" / "arithmetic"),
     "chatterbot": (_task("chatterbot"), CACHE / "data" / "chatterbot"),
 }
 

@@ -1,59 +1,167 @@
-"""The quality study: every method on every task, the method as the only variable.
+"""The quality study: every method on every task at its best learning rate, several seeds.
 
-    python -m experiments.study --config configs/study_smollm2.yaml [--quick] [--out DIR]
-                             [--steps N] [--eval-examples N] [--seeds 0,1]
-                             [--tasks a,b] [--methods a,b]
+    python -m experiments.study [--config configs/study_smollm2.yaml] [--phase sweep|final|all]
+                                [--tasks a,b] [--methods a,b] [--seeds 0,1,2] [--steps N]
+                                [--out DIR] [--quick] [--report-only]
+    python -m experiments.study --probe [--tasks a] [--steps N]    # how many steps a method needs
+    python -m experiments.study --ablations [--tasks a]            # one optimiser knob at a time
 
-For each task (a run config plus overrides) x method (GPart at several d, LoRA, VeRA,
-full fine-tuning) x seed, one real training run through the launcher and trainer, with
-the same steps, data order (train.seed), evaluation records and schedule. GPart's learning
-rate is set from D/d (lr = gpart_lr_per_sqrt * sqrt(D/d), see method.md: the per-step
-movement of a weight is about lr * s_j); the others use the lr their entry names.
-Writes study.json, study.md (table: metric before/after, held-out loss, trainable
-parameters, adapter bytes, wall time) and study.png (metric vs trainable parameters;
-loss curves) under the output folder. Runs already complete there (their metrics.jsonl
-has a summary for the same settings) are reused, so an interrupted study continues.
+Every run is one real training run through the launcher and trainer with the method and
+the learning rate as the only variables: the same run config, steps, schedule, data order
+and evaluation records. A method entry of the study config is a `method.*` block (its
+`name` one of the registry's, every other key a method.* override) plus its grid:
+
+    lrs       learning rates (numbers, or `auto`: what train.lr=auto gives the entry), or
+    lr_mults  multiples of `lr_unit`: `auto` (the default), a number, or an expression in
+              D (the task's target weights) and the entry's numeric keys, with sqrt(), e.g.
+              "1.24e-4 * sqrt(D / d)". A fixed expression keeps the grid (and the finished
+              runs) in place when the calibrated default changes.
+
+Per task and method:
+  sweep   every lr of the grid, one seed (`sweep_seed`);
+  final   the lr with the best held-out metric on the dev records, re-run on `seeds`
+          (the sweep's run is that seed's run when the seed is the sweep seed).
+
+Every run evaluates all `eval_examples` records before and after training, the first
+`curve_records` every `eval_every` steps, and writes each record's verdict
+(train.eval_predictions); the study splits them into test records (the first
+`test_records`: the reported numbers, the learning curves and the paired tests) and dev
+records (the rest: only used to choose the lr), so the choice of lr never sees the
+records it is judged on. Paired tests and the parity verdict compare every method with
+the `compare_with` entry. --probe trains the `probe` entries at a constant lr (after
+warm-up) for `probe.steps` steps: the curve that says when a method has flattened.
+--ablations re-runs one entry at its chosen lr with one knob changed at a time (the
+`ablations` variants: any overrides; `lr_mult=X` scales the chosen lr), seed
+`sweep_seed`, against the unchanged run.
+
+Finished runs are reused (a run's folder carries the hash of its config, overrides and
+ranks), so the study can be stopped and continued; runs that fail are reported (exit 1
+after the report) and retried on the next invocation. Reports (experiments/study_report.py):
+study.json, study.md, and PNGs of the metric vs trainable parameters, learning curves and
+lr sweeps.
 """
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
+import ast
 import hashlib
 import json
-import os
-import statistics
+import math
 import sys
 import time
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from gpart_ds.config import ConfigError, load_config, resolve_config_path
+from gpart_ds.config import ConfigError, load_config, resolve_config_path, resolved_lr
+from gpart_ds.errors import RunFailed
 
-METRICS = ("accuracy", "exact_match", "eval_loss")
+METRICS = ("accuracy", "exact_match")
+PHASES = ("sweep", "final", "all")
+# Keys of a method entry that are the study's, not method.* overrides.
+GRID_KEYS = ("lrs", "lr_mults", "lr_unit")
+
+
+def _need(cond, where: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{where}: {msg}")
+
+
+def _is_rate(x) -> bool:
+    return x == "auto" or (isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0)
 
 
 def load_study(path: str) -> dict:
+    """The study config, its own keys checked (every run's config is checked by the Plan)."""
+    from gpart_ds import methods
+
     p = resolve_config_path(path)
     try:
         cfg = OmegaConf.to_container(OmegaConf.load(p), resolve=True)
     except Exception as exc:
         raise ConfigError(f"{p}: not a valid study config: {exc}") from None
-    for key in ("tasks", "methods", "steps", "ranks", "seeds", "eval_examples"):
-        if key not in cfg:
-            raise ConfigError(f"{p}: required key {key!r} missing")
+    _need(isinstance(cfg, dict), str(p), "a study config is a mapping")
+    for key in ("tasks", "methods", "ranks", "seeds", "eval_examples", "test_records", "eval_every"):
+        _need(key in cfg, str(p), f"required key {key!r} missing")
+    _need(isinstance(cfg["seeds"], list) and cfg["seeds"], f"{p}: seeds", "a non-empty list of integers")
+    _need(0 < cfg["test_records"] < cfg["eval_examples"], f"{p}: test_records",
+          f"must be in (0, eval_examples={cfg['eval_examples']}): the rest are the dev records that choose the lr")
+    _need(0 < cfg.get("curve_records", 1) <= cfg["test_records"], f"{p}: curve_records",
+          f"must be in (0, test_records={cfg['test_records']}]: the learning curves' records are test records")
     for name, t in cfg["tasks"].items():
-        if t.get("metric") not in METRICS:
-            raise ConfigError(f"{p}: tasks.{name}.metric must be one of {METRICS}, got {t.get('metric')!r}")
-        if "config" not in t:
-            raise ConfigError(f"{p}: tasks.{name}.config (a run config) is required")
-    from gpart_ds import methods
-
+        _need(t.get("metric") in METRICS, f"{p}: tasks.{name}.metric",
+              f"must be one of {METRICS}, got {t.get('metric')!r}")
+        _need("config" in t, f"{p}: tasks.{name}.config", "a run config is required")
+        _need(int(t.get("steps", cfg.get("steps", 0))) >= 1, f"{p}: tasks.{name}.steps",
+              "steps per run (here or at the top level) must be >= 1")
     for name, m in cfg["methods"].items():
-        if not isinstance(m, dict) or m.get("name") not in methods.names():
-            raise ConfigError(f"{p}: methods.{name}.name must be one of {methods.names()}")
+        where = f"{p}: methods.{name}"
+        _need(isinstance(m, dict) and m.get("name") in methods.names(), where,
+              f"name must be one of {methods.names()}")
+        _need(bool(m.get("lrs")) != bool(m.get("lr_mults")), where,
+              "needs either lrs (the learning rates to sweep: numbers or auto) or lr_mults (multiples of lr_unit)")
+        grid = m.get("lr_mults") or m.get("lrs")
+        _need(isinstance(grid, list) and all(_is_rate(x) for x in grid), where,
+              f"learning rates must be numbers > 0 or auto, got {grid}")
+        _need("lr_unit" not in m or m.get("lr_mults"), f"{where}.lr_unit", "lr_unit goes with lr_mults")
+        _need(m.get("lr_mults") is None or "auto" not in m["lr_mults"], f"{where}.lr_mults", "multiples are numbers")
+        if isinstance(m.get("lr_unit"), str) and m["lr_unit"] != "auto":
+            lr_unit(m, 1000, f"{where}.lr_unit", check_only=True)
+    ref = cfg.get("compare_with")
+    _need(ref is None or ref in cfg["methods"], f"{p}: compare_with", f"{ref!r} is not one of methods")
     cfg["_path"] = str(p)
     return cfg
+
+
+# ------------------------------------------------------------------ learning rates
+_OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
+        ast.Div: lambda a, b: a / b, ast.Pow: lambda a, b: a ** b}
+
+
+def lr_unit(entry: dict, D: int, where: str, check_only: bool = False) -> float | None:
+    """A number, or an expression's value: arithmetic on numbers, D and the entry's
+    numeric keys, and sqrt(); None for `auto` (the caller resolves it)."""
+    unit = entry.get("lr_unit", "auto")
+    if unit == "auto":
+        return None
+    if not isinstance(unit, str):
+        _need(_is_rate(unit), where, f"must be a number > 0, auto, or an expression, got {unit!r}")
+        return float(unit)
+    names = {k: v for k, v in entry.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    names["D"] = D
+
+    def ev(node):
+        if isinstance(node, ast.Expression):
+            return ev(node.body)
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+            return node.value
+        if isinstance(node, ast.Name):
+            _need(node.id in names, where, f"{unit!r}: unknown name {node.id!r} (known: {sorted(names)})")
+            return names[node.id]
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+            return _OPS[type(node.op)](ev(node.left), ev(node.right))
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -ev(node.operand)
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "sqrt"
+                and len(node.args) == 1 and not node.keywords):
+            return math.sqrt(ev(node.args[0]))
+        raise ConfigError(f"{where}: {unit!r}: only numbers, D, the entry's keys, + - * / ** and sqrt()")
+
+    try:
+        tree = ast.parse(unit, mode="eval")
+    except SyntaxError:
+        raise ConfigError(f"{where}: {unit!r} is not an expression") from None
+    try:
+        value = ev(tree)
+    except (ArithmeticError, ValueError, TypeError) as exc:
+        raise ConfigError(f"{where}: {unit!r}: {exc}") from None
+    if not check_only:
+        _need(_is_rate(value), where, f"{unit!r} = {value!r} at D={D}: must be > 0")
+    return float(value)
+
+
+def _round(lr: float) -> float:
+    return float(f"{lr:.4g}")   # run folders are named by lr: the grid is stable to 4 digits
 
 
 def target_count(run_cfg) -> int:
@@ -62,165 +170,206 @@ def target_count(run_cfg) -> int:
     return check_targets(run_cfg).D
 
 
-def run_overrides(study: dict, task: dict, method: dict, seed: int, D: int) -> list[str]:
-    """The run's overrides: the study's budget, the method entry's method.* keys, its lr
-    (default auto: the method's calibrated rate at this D) and the seed (data order, and
-    the method's own seed where it has one: GPart's partition, VeRA's projections)."""
-    from gpart_ds import methods
-
-    m = dict(method)
-    lr = m.pop("lr", "auto")
-    if lr == "auto":
-        lr = methods.get(m["name"]).auto_lr(_Method(m), D)
-    out = [f"train.max_steps={study['steps']}", f"train.seed={seed}", f"method.seed={seed}",
-           f"train.eval_examples={study['eval_examples']}", "train.log_every=1", "checkpoint.keep_last=1"]
-    out += [f"method.{k}={v}" for k, v in m.items()]
-    out.append(f"train.lr={float(lr):.6g}")
-    return list(task.get("overrides", [])) + out
+def steps_of(study: dict, task: dict) -> int:
+    return int(task.get("steps", study.get("steps", 0)))
 
 
-class _Method(dict):
-    """A study method entry read as a method config (attribute access, defaults)."""
+def method_overrides(entry: dict) -> list[str]:
+    """A study method entry as method.* overrides, name first (its grid keys are the study's)."""
+    keys = ["name"] + [k for k in entry if k not in GRID_KEYS and k != "name"]
+    return [f"method.{k}={entry[k]}" for k in keys]
 
-    def __getattr__(self, key):
-        from gpart_ds.config import MethodConfig
 
-        return self[key] if key in self else getattr(MethodConfig(), key)
+def run_overrides(study: dict, task: dict, entry: dict, lr: float, seed: int, steps: int,
+                  extra: tuple = ()) -> list[str]:
+    """The run's overrides: the study's budget and evaluation, the entry's method.* keys,
+    the seed (data order, and the method's own seed where it has one: GPart's partition,
+    VeRA's projections), the lr; then the variant's `extra`."""
+    out = [f"train.max_steps={steps}", f"train.seed={seed}", f"method.seed={seed}",
+           f"train.eval_examples={study['eval_examples']}", f"train.eval_every={study['eval_every']}",
+           "train.eval_predictions=true", "train.log_every=1", "checkpoint.keep_last=1"]
+    if study.get("curve_records"):   # the evaluations during training score only these
+        out.append(f"train.eval_examples_during={study['curve_records']}")
+    out += method_overrides(entry)
+    out.append(f"train.lr={lr:.6g}")
+    return list(task.get("overrides", [])) + out + list(extra)
 
 
 def _key(config: str, overrides: list[str], ranks: int) -> str:
-    return hashlib.sha256(json.dumps([config, overrides, ranks]).encode()).hexdigest()[:16]
+    """The identity of a run: its resolved config (the run config with the overrides
+    applied, output_dir aside) and its ranks. Not the config's path or text: the same run
+    from another checkout, or after a comment or a key the study overrides changed in the
+    run config, is the same run and is reused."""
+    cfg = OmegaConf.to_container(load_config(config, overrides, check_files=False), resolve=True)
+    cfg.pop("output_dir", None)
+    return hashlib.sha256(json.dumps([cfg, ranks], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def read_run(out: Path) -> dict | None:
-    f = out / "metrics.jsonl"
-    if not f.is_file():
-        return None
-    recs = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
-    summary = next((r for r in recs if r.get("event") == "summary"), None)
-    if summary is None:
-        return None
-    return {"summary": summary, "losses": [r["loss"] for r in recs if "step_time_s" in r]}
+def is_done(out: Path, key: str) -> bool:
+    stamp = out / "study_key"
+    return stamp.is_file() and stamp.read_text().strip() == key and (out / "metrics.jsonl").is_file() and any(
+        '"event": "summary"' in line for line in (out / "metrics.jsonl").read_text().splitlines())
 
 
-def run_one(config: Path, overrides: list[str], ranks: int, out: Path, log: Path) -> dict:
+def _override_value(overrides: list[str], key: str) -> str:
+    return [o.split("=", 1)[1] for o in overrides if o.startswith(f"{key}=")][-1]
+
+
+def run_one(config: Path, overrides: list[str], ranks: int, out: Path, log: Path) -> bool:
+    """Train one run unless it is already complete; True when it is complete afterwards."""
     from .bench.compare import run_method
 
     key = _key(str(config), overrides, ranks)
-    stamp = out / "study_key"
-    if stamp.is_file() and stamp.read_text().strip() == key and (done := read_run(out)):
-        return done
-    method = next(o.split("=", 1)[1] for o in overrides if o.startswith("method.name="))
+    if is_done(out, key):
+        return True
+    method = _override_value(overrides, "method.name")
+    steps = int(_override_value(overrides, "train.max_steps"))
     rest = [o for o in overrides if not o.startswith(("method.name=", "train.max_steps="))]
-    steps = int(next(o.split("=", 1)[1] for o in overrides if o.startswith("train.max_steps=")))
-    run_method(str(config), method, ranks, steps, out, rest, log)
-    stamp.write_text(key + "\n")
-    return read_run(out)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        run_method(str(config), method, ranks, steps, out, rest, log)
+    except RuntimeError as exc:   # a failed run is reported and retried next time; the rest go on
+        print(f"[study] FAILED: {str(exc).splitlines()[0]}", flush=True)
+        return False
+    (out / "study_key").write_text(key + "\n")
+    return True
 
 
-def summarize(rows: list[dict]) -> list[dict]:
-    """Mean (and spread) over seeds per task x method."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["task"], r["method"]), []).append(r)
-    out = []
-    for (task, method), rs in groups.items():
-        def mean(k):
-            vals = [r[k] for r in rs if r.get(k) is not None]
-            return statistics.mean(vals) if vals else None
+class Plan:
+    """The runs of one invocation, with everything a report needs to know about each."""
 
-        def sd(k):
-            vals = [r[k] for r in rs if r.get(k) is not None]
-            return statistics.stdev(vals) if len(vals) > 1 else None
+    def __init__(self, study: dict, out: Path, tasks: list[str], methods: list[str]):
+        from . import assets
 
-        out.append({"task": task, "method": method, "seeds": len(rs), "metric": rs[0]["metric"],
-                    "before": mean("before"), "after": mean("after"), "after_sd": sd("after"),
-                    "eval_loss_before": mean("eval_loss_before"), "eval_loss_after": mean("eval_loss_after"),
-                    "trainable_params": rs[0]["trainable_params"], "adapter_bytes": rs[0]["adapter_bytes"],
-                    "lr": rs[0]["lr"], "wall_s": mean("wall_s")})
-    return out
+        self.study, self.out, self.tasks, self.methods = study, out, tasks, methods
+        base = Path(study["_path"]).parent
+        self.config, self._D, self._auto = {}, {}, {}
+        for task in tasks:
+            t = study["tasks"][task]
+            self.config[task] = resolve_config_path(base / t["config"])
+            cfg0 = load_config(self.config[task], list(t.get("overrides", [])), check_files=False)
+            for recipe in cfg0.prepare:   # the target count needs the model's config.json
+                assets.ensure(recipe)
+
+    def _where(self, method: str) -> str:
+        return f"{self.study['_path']}: methods.{method}"
+
+    def run_config(self, task: str, method: str):
+        """The task's run config with the entry's method.* keys and train.lr=auto."""
+        t, m = self.study["tasks"][task], self.study["methods"][method]
+        ov = list(t.get("overrides", [])) + method_overrides(m) + ["train.lr=auto"]
+        return load_config(self.config[task], ov, check_files=False)
+
+    def D(self, task: str, method: str) -> int:
+        """The target weights of the entry on the task (its target_modules may differ)."""
+        if (task, method) not in self._D:
+            self._D[task, method] = target_count(self.run_config(task, method))
+        return self._D[task, method]
+
+    def auto_lr(self, task: str, method: str) -> float | None:
+        """What train.lr=auto gives the entry (None: the method has no calibrated rate)."""
+        if (task, method) not in self._auto:
+            try:
+                self._auto[task, method] = resolved_lr(self.run_config(task, method), self.D(task, method))
+            except NotImplementedError:
+                self._auto[task, method] = None
+        return self._auto[task, method]
+
+    def unit(self, task: str, method: str) -> float | None:
+        """The lr the entry's lr_mults multiply (None: the entry sweeps absolute lrs)."""
+        m = self.study["methods"][method]
+        if not m.get("lr_mults"):
+            return None
+        unit = lr_unit(m, self.D(task, method), f"{self._where(method)}.lr_unit")
+        if unit is None:
+            unit = self.auto_lr(task, method)
+            _need(unit is not None, self._where(method), "lr_unit auto: the method has no calibrated rate")
+        return unit
+
+    def lr_grid(self, task: str, method: str) -> list[float]:
+        m = self.study["methods"][method]
+        if m.get("lr_mults"):
+            unit = self.unit(task, method)
+            return [_round(unit * x) for x in m["lr_mults"]]
+        out = []
+        for x in m["lrs"]:
+            lr = self.auto_lr(task, method) if x == "auto" else x
+            _need(lr is not None, f"{self._where(method)}.lrs", "auto: the method has no calibrated rate")
+            out.append(_round(lr))
+        return out
+
+    def run_dir(self, task: str, method: str, lr: float, seed: int, kind: str = "runs") -> Path:
+        return self.out / kind / task / method / f"lr{lr:.4g}-s{seed}"
+
+    def entry(self, task, method, lr, seed, phase, extra=(), steps=None, kind="runs") -> dict:
+        t, m = self.study["tasks"][task], self.study["methods"][method]
+        steps = steps or steps_of(self.study, t)
+        ov = run_overrides(self.study, t, m, lr, seed, steps, extra)
+        load_config(self.config[task], ov, check_files=False)   # every run validated before the first starts
+        out = self.run_dir(task, method, lr, seed, kind)
+        return {"task": task, "method": method, "lr": lr, "seed": seed, "phase": phase, "overrides": ov,
+                "config": self.config[task], "out": out, "key": _key(str(self.config[task]), ov, self.study["ranks"])}
+
+    def sweep(self, task: str, method: str) -> list[dict]:
+        return [self.entry(task, method, lr, self.study.get("sweep_seed", 0), "sweep")
+                for lr in self.lr_grid(task, method)]
 
 
-def format_markdown(rep: dict) -> str:
-    lines = [f"# Quality study, {rep['date']}", "",
-             f"Machine: {rep['machine']['cpu']}, {rep['machine']['cores']} cores; {rep['ranks']} ZeRO-3 ranks; "
-             f"{rep['steps']} steps per run; seeds {rep['seeds']}; {rep['eval_examples']} eval records; "
-             f"runs' eval + train time {rep['runs_min']:.1f} min (this invocation {rep['total_min']:.1f} min, "
-             f"finished runs are reused).  ", f"Command: `{rep['command']}`", ""]
-    for task in rep["tasks"]:
-        rows = [r for r in rep["summary"] if r["task"] == task]
-        if not rows:
-            continue
-        metric = rows[0]["metric"].replace("_", " ")
-        lines += [f"## {task} ({metric})", "",
-                  f"| method | trainable params | lr | {metric} before | {metric} after | eval loss after | "
-                  "adapter | wall (min) |", "|---|---|---|---|---|---|---|---|"]
-        for r in rows:
-            sd = f" ± {100 * r['after_sd']:.1f}" if r["after_sd"] is not None else ""
-            adapter = f"{r['adapter_bytes'] / 1024:.0f} KiB" if r["adapter_bytes"] else "(whole model)"
-            lines.append(f"| {r['method']} | {r['trainable_params']:,} | {r['lr']:.3g} | {100 * r['before']:.1f}% | "
-                         f"{100 * r['after']:.1f}%{sd} | {r['eval_loss_after']:.4f} | {adapter} | "
-                         f"{r['wall_s'] / 60:.1f} |")
-        lines.append("")
-    return "\n".join(lines) + "\n"
+def execute(entries: list[dict], ranks: int, log_dir: Path) -> int:
+    """Train the entries not yet complete; returns how many failed."""
+    t0 = time.perf_counter()
+    todo = [e for e in entries if not is_done(e["out"], e["key"])]
+    print(f"[study] {len(entries)} runs planned, {len(entries) - len(todo)} already complete", flush=True)
+    failed = 0
+    for i, e in enumerate(todo, 1):
+        name = f"{e['task']}/{e['method']}/lr{e['lr']:.4g}-s{e['seed']}"
+        print(f"[study] {i}/{len(todo)} {e['phase']} {name} ({(time.perf_counter() - t0) / 60:.0f} min so far)",
+              flush=True)
+        failed += not run_one(e["config"], e["overrides"], ranks, e["out"], log_dir / f"{name.replace('/', '-')}.log")
+    return failed
 
 
-def plot(rep: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tasks = [t for t in rep["tasks"] if any(r["task"] == t for r in rep["summary"])]
-    fig, axes = plt.subplots(2, len(tasks), figsize=(5.5 * len(tasks), 7.5), squeeze=False)
-    for i, task in enumerate(tasks):
-        ax = axes[0][i]
-        for r in (r for r in rep["summary"] if r["task"] == task):
-            color = "#2a7ab0" if r["method"].startswith("gpart") else "#d9822b"
-            ax.scatter(r["trainable_params"], 100 * r["after"], color=color)
-            ax.annotate(r["method"], (r["trainable_params"], 100 * r["after"]), fontsize=8,
-                        xytext=(4, 4), textcoords="offset points")
-        before = [r["before"] for r in rep["summary"] if r["task"] == task]
-        ax.axhline(100 * before[0], color="gray", ls="--", lw=1, label="before training")
-        ax.set_xscale("log")
-        ax.set_xlabel("trainable parameters")
-        metric = next(r["metric"] for r in rep["summary"] if r["task"] == task)
-        ax.set_ylabel(f"{metric.replace('_', ' ')} after training (%)")
-        ax.set_title(task, fontsize=10)
-        ax.legend(fontsize=8)
-        ax = axes[1][i]
-        for r in (r for r in rep["runs"] if r["task"] == task and r["seed"] == rep["seeds"][0]):
-            ax.plot(range(1, len(r["losses"]) + 1), r["losses"], label=r["method"], lw=1.2)
-        ax.set_xlabel("step")
-        ax.set_ylabel("training loss")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+def _apply_quick(study: dict, tasks: list[str], methods: list[str]) -> tuple[list[str], list[str]]:
+    q = study.get("quick", {})
+    for k in ("eval_examples", "test_records", "curve_records", "eval_every", "steps", "seeds"):
+        if k in q:
+            study[k] = q[k]
+    if "steps" in q:
+        for t in study["tasks"].values():
+            t.pop("steps", None)
+    for m in study["methods"].values():
+        for k in ("lr_mults", "lrs"):
+            if k in m and "grid" in q:
+                m[k] = m[k][: q["grid"]]
+    return q.get("tasks", tasks[:1]), q.get("methods", methods[:2])
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m experiments.study", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/study_smollm2.yaml")
-    ap.add_argument("--quick", action="store_true", help="the config's `quick` subset (minutes)")
+    ap.add_argument("--phase", choices=PHASES, default="all",
+                    help="sweep: the lr grids only; final: also the best lr on every seed (default all = both)")
+    ap.add_argument("--probe", action="store_true", help="the flattening probe (constant lr, long runs) instead")
+    ap.add_argument("--ablations", action="store_true", help="the `ablations` variants instead (after the sweep)")
+    ap.add_argument("--quick", action="store_true", help="the config's `quick` subset (the pipeline, minutes)")
+    ap.add_argument("--report-only", action="store_true", help="write the reports from finished runs; train nothing")
     ap.add_argument("--out", default=None, help="default: the study config's output_dir (+ /quick)")
-    ap.add_argument("--steps", type=int, default=None, help="override the config's steps per run")
-    ap.add_argument("--eval-examples", type=int, default=None, help="override the config's eval_examples")
+    ap.add_argument("--steps", type=int, default=None, help="steps per run for every task (default: the config's)")
     ap.add_argument("--seeds", default=None, help="override the config's seeds, e.g. 0,1,2")
     ap.add_argument("--tasks", default=None, help="only these of the config's tasks, e.g. qasc")
     ap.add_argument("--methods", default=None, help="only these of the config's methods")
     args = ap.parse_args(argv)
     study = load_study(args.config)   # a ConfigError: `error: ...`, exit 2 (errors.run_cli)
+    tasks, methods = list(study["tasks"]), list(study["methods"])
+    if args.quick:
+        tasks, methods = _apply_quick(study, tasks, methods)
     if args.steps is not None:
         study["steps"] = args.steps
-    if args.eval_examples is not None:
-        study["eval_examples"] = args.eval_examples
+        for t in study["tasks"].values():
+            t.pop("steps", None)
     if args.seeds:
         study["seeds"] = [int(x) for x in args.seeds.split(",")]
-    tasks, methods = list(study["tasks"]), list(study["methods"])
     for flag, chosen, known in (("--tasks", args.tasks, tasks), ("--methods", args.methods, methods)):
         if chosen:
             want = [x.strip() for x in chosen.split(",") if x.strip()]
@@ -228,69 +377,91 @@ def main(argv=None) -> dict:
             if bad:
                 raise ConfigError(f"{flag}: {bad} not in {args.config} (known: {known})")
             known[:] = want
-    if args.quick:
-        q = study.get("quick", {})
-        study = {**study, "steps": q.get("steps", 2), "eval_examples": q.get("eval_examples", 16),
-                 "seeds": study["seeds"][:1]}
-        tasks, methods = q.get("tasks", tasks[:1]), q.get("methods", methods[:2])
     out = Path(args.out or (Path(study.get("output_dir", "outputs/study")) / ("quick" if args.quick else "")))
-    (out / "logs").mkdir(parents=True, exist_ok=True)
-    base_dir = Path(study["_path"]).parent
+    command = "python -m experiments.study " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.probe:
+        return _probe(study, out, tasks, args, command)
+    if args.ablations:
+        return _ablations(study, out, tasks, args, command)
+    from . import study_report
 
-    # Every run config and override checked before the first run starts (assets first:
-    # the target count needs the model's config.json).
-    from . import assets
+    plan = Plan(study, out, tasks, methods)
+    sweeps = [e for task in tasks for m in methods for e in plan.sweep(task, m)]
+    failed = 0
+    if not args.report_only:
+        # Task by task: each task's sweep and then its seeds, so a task's results are
+        # complete before the next task starts.
+        for task in tasks:
+            failed += execute([e for e in sweeps if e["task"] == task], study["ranks"], out / "logs")
+            if args.phase in ("final", "all"):
+                finals = study_report.final_entries(plan, task, methods)
+                failed += execute(finals, study["ranks"], out / "logs")
+    rep = study_report.build(plan, tasks, methods, sweeps, command)
+    study_report.write(rep, out)
+    _failed(failed, out)
+    return rep
 
-    plans = []
+
+def _failed(n: int, out: Path) -> None:
+    if n:
+        raise RunFailed(f"{n} run(s) failed (their logs: {out / 'logs'}); the report covers the finished runs. "
+                        "Run the same command again to retry them (finished runs are reused)")
+
+
+def _probe(study: dict, out: Path, tasks: list[str], args, command: str) -> dict:
+    """Constant-lr (after warm-up) long runs of the `probe` entries: when does each flatten?"""
+    from . import study_report
+
+    pr = study.get("probe")
+    _need(bool(pr), study["_path"], "no `probe` section")
+    # The probe's curve is what it is for: every test record at every evaluation.
+    probe_study = {**study, "eval_every": pr.get("eval_every", study["eval_every"]),
+                   "curve_records": study["test_records"]}
+    for method in pr["methods"]:
+        _need(method in study["methods"], f"{study['_path']}: probe.methods.{method}", "is not one of methods")
+    plan = Plan(probe_study, out, tasks, list(pr["methods"]))
+    entries = []
     for task in tasks:
-        t = study["tasks"][task]
-        config = resolve_config_path(base_dir / t["config"])
-        cfg0 = load_config(config, list(t.get("overrides", [])) + ["method.d=1"], check_files=False)
-        for recipe in cfg0.prepare:
-            assets.ensure(recipe)
-        D = target_count(cfg0)
-        for method in methods:
-            for seed in study["seeds"]:
-                ov = run_overrides(study, t, study["methods"][method], seed, D)
-                load_config(config, ov, check_files=False)
-                plans.append((task, method, seed, config, ov))
+        per_task = pr.get("steps", 0)
+        steps = int(args.steps or (per_task.get(task, 0) if isinstance(per_task, dict) else per_task))
+        _need(steps >= 1, f"{study['_path']}: probe.steps", f"for {task} must be >= 1")
+        for method, lr in pr["methods"].items():
+            entries.append(plan.entry(task, method, float(lr), study.get("sweep_seed", 0), "probe",
+                                      extra=("train.schedule=constant",), steps=steps, kind="probe"))
+    failed = 0 if args.report_only else execute(entries, study["ranks"], out / "logs")
+    rep = study_report.build_probe(plan, entries, command)
+    study_report.write_probe(rep, out)
+    _failed(failed, out)
+    return rep
 
-    t0, rows, runs = time.perf_counter(), [], []
-    for i, (task, method, seed, config, ov) in enumerate(plans, 1):
-        name = f"{task}-{method}-s{seed}"
-        print(f"[study] {i}/{len(plans)} {name}", flush=True)
-        res = run_one(config, ov, study["ranks"], out / "runs" / name, out / "logs" / f"{name}.log")
-        s = res["summary"]
-        metric = study["tasks"][task]["metric"]
-        lr = float(next(o.split("=", 1)[1] for o in ov if o.startswith("train.lr=")))
-        row = {"task": task, "method": method, "seed": seed, "metric": metric, "lr": lr,
-               "before": s.get(f"{metric}_before") if metric != "eval_loss" else s["eval_loss_before"],
-               "after": s.get(f"{metric}_after") if metric != "eval_loss" else s["eval_loss_after"],
-               "eval_loss_before": s["eval_loss_before"], "eval_loss_after": s["eval_loss_after"],
-               "trainable_params": s["trainable_params"], "adapter_bytes": s["adapter_bytes"],
-               "wall_s": s["wall_s"], "losses": res["losses"]}
-        rows.append({k: v for k, v in row.items() if k != "losses"})
-        runs.append(row)
-        print(f"[study] {name}: {metric} {row['before']:.3f} -> {row['after']:.3f}, "
-              f"eval loss {s['eval_loss_after']:.4f}", flush=True)
-    from .bench.compare import machine
 
-    rep = {"date": _dt.date.today().isoformat(), "machine": machine(), "config": study["_path"],
-           "command": "python -m experiments.study " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "ranks": study["ranks"], "steps": study["steps"], "seeds": study["seeds"],
-           "eval_examples": study["eval_examples"], "tasks": tasks, "methods": methods,
-           "gpart_lr_per_sqrt": study.get("gpart_lr_per_sqrt"),
-           "total_min": (time.perf_counter() - t0) / 60, "runs_min": sum(r["wall_s"] for r in rows) / 60,
-           "rows": rows, "runs": runs,
-           "summary": summarize(rows)}
-    from gpart_ds.fileio import write_atomic
+def _ablations(study: dict, out: Path, tasks: list[str], args, command: str) -> dict:
+    """One knob at a time around an entry's chosen lr (seed sweep_seed): `ablations.variants`
+    name -> extra overrides; `lr_mult=X` in a variant's overrides scales the chosen lr."""
+    from . import study_report
 
-    write_atomic(out / "study.json", json.dumps(rep, indent=2) + "\n")
-    md = format_markdown(rep)
-    write_atomic(out / "study.md", md)
-    plot(rep, out / "study.png")
-    print(md, flush=True)
-    print(f"[study] wrote {out / 'study.json'}, {out / 'study.md'}, {out / 'study.png'}", flush=True)
+    ab = study.get("ablations")
+    _need(bool(ab), study["_path"], "no `ablations` section")
+    method = ab["method"]
+    _need(method in study["methods"], f"{study['_path']}: ablations.method", f"{method!r} is not one of methods")
+    tasks = [t for t in tasks if t in ab.get("tasks", tasks)]
+    plan = Plan(study, out, tasks, [method])
+    entries = []
+    for task in tasks:
+        lr = study_report.best_lr(plan, task, method)
+        if lr is None:
+            print(f"[study] {task}/{method}: sweep incomplete, no ablations yet", flush=True)
+            continue
+        entries.append(plan.entry(task, method, lr, study.get("sweep_seed", 0), "baseline"))
+        for name, extra in ab["variants"].items():
+            mult = next((float(x.split("=", 1)[1]) for x in extra if x.startswith("lr_mult=")), 1.0)
+            extra = tuple(x for x in extra if not x.startswith("lr_mult="))
+            entries.append(plan.entry(task, method, _round(lr * mult), study.get("sweep_seed", 0), name,
+                                      extra=extra, kind=f"ablations/{name}"))
+    failed = 0 if args.report_only else execute(entries, study["ranks"], out / "logs")
+    rep = study_report.build_ablations(plan, entries, command)
+    study_report.write_ablations(rep, out)
+    _failed(failed, out)
     return rep
 
 

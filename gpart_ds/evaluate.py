@@ -11,6 +11,10 @@ choice is a single token, one forward per record scores all of them.
                                 [--predictions preds.jsonl]
     python -m gpart_ds.evaluate paired before.jsonl after.jsonl     # exact McNemar test
 
+A predictions file (--predictions here, eval_predictions.jsonl and predictions/step-N.jsonl
+from a run) has one line per scored record: its verdict is the chosen choice where the
+record has choices, else exact match (record_correct).
+
 The functions take a `forward(**batch) -> logits` callable, so the same code runs on a
 plain model, a GPart model, or a DeepSpeed engine on every rank.
 """
@@ -124,13 +128,12 @@ def label_is_the_answer_choice(examples, items: list[ChoiceItem]) -> bool:
 
 @torch.no_grad()
 def score_items_with_label(forward, items: list[ChoiceItem], pad_id: int, device):
-    """score_items for single-token choices, plus (summed -log p(answer), exact matches)
-    from the same full-vocabulary log-softmax (see label_is_the_answer_choice)."""
+    """score_items for single-token choices, plus (summed -log p(answer), exact match of
+    each item) from the same full-vocabulary log-softmax (see label_is_the_answer_choice)."""
     logp, scores = _next_token_logp(forward, items, pad_id, device)
     answer = torch.tensor([it.choices[it.answer][0] for it in items], device=logp.device)
     loss = float(-logp.gather(1, answer[:, None]).sum())
-    matches = int((logp.argmax(-1) == answer).sum())
-    return scores, loss, matches
+    return scores, loss, (logp.argmax(-1) == answer).tolist()
 
 
 def predicted(scores: list[list[float]]) -> list[int]:
@@ -151,25 +154,36 @@ def loss_sums(forward_loss, examples, indices: list[int], pad_id: int, device) -
 
 
 @torch.no_grad()
-def loss_and_match_sums(forward, examples, indices: list[int], pad_id: int, device) -> tuple[float, int, int, int]:
-    """(summed loss, predicted tokens, exact matches, examples scored) for one batch.
+def loss_and_row_matches(forward, examples, indices: list[int], pad_id: int, device) -> tuple[float, int, dict]:
+    """(summed loss, predicted tokens, {example index: exact match}) for one batch.
 
     `forward(**batch, exact_match=True)` returns an output with `.loss` and `.matches`
-    (lm_loss.LabelLossOutput): exact match = every completion token is the argmax.
+    (objective.LabelLossOutput): exact match = every completion token is the argmax. An
+    example with no label token has no exact match (it is not counted).
     """
     batch = {k: v.to(device) for k, v in data.collate([examples[i] for i in indices], pad_id).items()}
-    n = int((batch["labels"][:, 1:] != data.IGNORE_INDEX).sum())
+    labelled = batch["labels"][:, 1:] != data.IGNORE_INDEX
+    n = int(labelled.sum())
     out = forward(**batch, exact_match=True)
-    m = out.matches
-    return float(out.loss) * n, n, int(m.sum()), int(m.numel())
+    rows = [i for i, has in zip(indices, labelled.any(1).tolist()) if has]
+    return float(out.loss) * n, n, dict(zip(rows, out.matches.tolist()))
+
+
+def record_correct(p: dict) -> bool:
+    """A prediction line's verdict: the chosen choice is the gold one where the record has
+    choices (accuracy), else whether the completion was the greedy one (exact match)."""
+    if "predicted" in p and "answer" in p:
+        return p["predicted"] == p["answer"]
+    return bool(p["match"])
 
 
 def paired(before: list[dict], after: list[dict]) -> dict:
-    """Exact McNemar test of two prediction lists over the same records: of the records
-    the two get differently right, how likely is a split this uneven if both were
-    equally accurate (two-sided binomial with p = 1/2)."""
-    a = {p["record"]: p["predicted"] == p["answer"] for p in before}
-    b = {p["record"]: p["predicted"] == p["answer"] for p in after}
+    """Exact McNemar test of two prediction lists over the same records (each line judged
+    by record_correct: choice accuracy, or exact match): of the records the two get
+    differently right, how likely is a split this uneven if both were equally accurate
+    (two-sided binomial with p = 1/2)."""
+    a = {p["record"]: record_correct(p) for p in before}
+    b = {p["record"]: record_correct(p) for p in after}
     if set(a) != set(b):
         raise ValueError(f"the prediction files score different records ({len(set(a) ^ set(b))} differ)")
     fixed = sum(1 for k in a if b[k] and not a[k])      # wrong before, right after
@@ -189,58 +203,90 @@ class Evaluator:
     and accuracy all come from one forward per record (label_is_the_answer_choice).
     `model(**batch)` must follow objective.TrainingModel: with labels it returns `.loss`
     (and `.matches` with exact_match=True), without labels the logits.
+
+    Batches hold records of similar length (shortest first): a batch pads to its longest
+    record, and a record's result does not depend on its batch mates.
     """
 
-    def __init__(self, examples, items: list[ChoiceItem], where: list[str], pad_id: int):
-        self.examples, self.items, self.where, self.pad_id = examples, items, where, pad_id
+    def __init__(self, examples, records: list[tuple[str, dict]], items: list[ChoiceItem], pad_id: int):
+        self.examples, self.items, self.pad_id = examples, items, pad_id
         self.one_forward = label_is_the_answer_choice(examples, items)
+        # Each verdict names its eval record: "file:line" and the record's position in the
+        # file. Examples are the records in order unless data.too_long=skip dropped some;
+        # then an example is named by its position among those kept.
+        self.where = [w for w, _ in records]
+        self.item_record = [i for i, (_, r) in enumerate(records) if r.get("choices") is not None]
+        self.examples_are_records = len(examples) == len(records)
 
     @classmethod
     def for_files(cls, examples, path, fmt: str, tokenizer, chat_template: bool, pad_id: int) -> "Evaluator":
         records, _ = data.load(path, fmt)
-        items = choice_items(records, tokenizer, chat_template)
-        where = [w for w, r in records if r.get("choices") is not None]
-        return cls(examples, items, where, pad_id)
+        return cls(examples, records, choice_items(records, tokenizer, chat_template), pad_id)
+
+    def _example_row(self, i: int) -> tuple[int, dict]:
+        """(sort key, the name of example i's record)."""
+        if self.examples_are_records:
+            return i, {"record": self.where[i], "index": i}
+        # which records data.too_long=skip dropped is not kept: name the example itself
+        name = f"{self.where[0].rpartition(':')[0]} example {i + 1} of those within data.max_length"
+        return len(self.where) + i, {"record": name, "index": None}
 
     @torch.no_grad()
     def run(self, model, micro_batch: int, limit: int = 0, device="cpu", predictions: list | None = None) -> dict:
         """Every rank calls it (ZeRO-3 gathers weights collectively); ranks past the end run
         a dummy batch with weight 0. `limit`: the first N records (the same on any world size).
-        `predictions` (filled on rank 0) receives one dict per scored record, in file order."""
+        `predictions` (filled on rank 0) receives one dict per scored record, in file order:
+        its "record" (file:line) and "index" (position in the file), "match" (exact match)
+        and, where it has choices, "predicted", "answer" and the choices' "scores"."""
         from . import comm
 
         world, rank = comm.world(), comm.rank()
         loss_sum, n_tok, matched, n_ex, hits, scored = 0.0, 0, 0, 0, 0, 0
-        mine = []
+        mine: dict[int, dict] = {}    # record (sort key) -> this rank's verdicts on it
         if not self.one_forward:
             n = min(len(self.examples), limit) if limit else len(self.examples)
+            order = sorted(range(n), key=lambda i: len(self.examples[i].input_ids))
             for idx in data.shard_evenly(n, micro_batch, world, rank):
-                s, k, em, ne = loss_and_match_sums(model, self.examples, idx or [0], self.pad_id, device)
+                idx = [order[i] for i in idx]
+                s, k, em = loss_and_row_matches(model, self.examples, idx or [0], self.pad_id, device)
                 if idx:
-                    loss_sum, n_tok, matched, n_ex = loss_sum + s, n_tok + k, matched + em, n_ex + ne
+                    loss_sum, n_tok, matched, n_ex = loss_sum + s, n_tok + k, matched + sum(em.values()), n_ex + len(em)
+                    for i, m in em.items():
+                        key, row = self._example_row(i)
+                        mine[key] = {**row, "match": bool(m)}
         items = self.items[: min(len(self.items), limit) if limit else len(self.items)]
+        order = sorted(range(len(items)), key=lambda i: len(items[i].prompt) + max(map(len, items[i].choices)))
         logits = lambda **b: model(**b).logits  # noqa: E731
         for idx in data.shard_evenly(len(items), micro_batch, world, rank):
-            chunk = [items[i] for i in (idx or [0])]
+            idx = [order[i] for i in idx]
+            chunk = [items[i] for i in idx] or items[:1]
+            em = None
             if self.one_forward:   # loss and exact match from the same forward
                 scores, s, em = score_items_with_label(logits, chunk, self.pad_id, device)
                 if idx:   # one predicted token per record
-                    loss_sum, n_tok, matched, n_ex = loss_sum + s, n_tok + len(chunk), matched + em, n_ex + len(chunk)
+                    loss_sum, n_tok = loss_sum + s, n_tok + len(chunk)
+                    matched, n_ex = matched + sum(em), n_ex + len(chunk)
             else:
                 scores = score_items(logits, chunk, self.pad_id, device)
             if idx:
-                ok = correct(scores, chunk)
-                hits, scored = hits + sum(ok), scored + len(ok)
-                if predictions is not None:
-                    mine += [{"index": i, "record": self.where[i], "predicted": p, "answer": it.answer, "scores": sc}
-                             for i, p, sc, it in zip(idx, predicted(scores), scores, chunk)]
+                pred = predicted(scores)
+                hits, scored = hits + sum(p == it.answer for p, it in zip(pred, chunk)), scored + len(chunk)
+                for j, (i, p, sc, it) in enumerate(zip(idx, pred, scores, chunk)):
+                    r = self.item_record[i]
+                    row = mine.setdefault(r, {"record": self.where[r], "index": r})
+                    row.update(predicted=p, answer=it.answer, scores=sc)
+                    if em is not None:
+                        row["match"] = bool(em[j])
         loss_total, tok_total, hit_total, score_total, em_total, ex_total = comm.all_sum(
             [loss_sum, n_tok, hits, scored, matched, n_ex], device)
         if predictions is not None:
             every = comm.gather_objects(mine)
             if rank == 0:
-                rows = sorted((p for part in every for p in part), key=lambda p: p["index"])
-                predictions += [{k: v for k, v in p.items() if k != "index"} for p in rows]
+                merged: dict[int, dict] = {}
+                for part in every:
+                    for r, row in part.items():
+                        merged.setdefault(r, {}).update(row)
+                predictions += [merged[r] for r in sorted(merged)]
         out = {"eval_loss": loss_total / max(1.0, tok_total), "exact_match": em_total / max(1.0, ex_total)}
         if score_total:
             out["accuracy"] = hit_total / score_total
@@ -289,8 +335,7 @@ def evaluate_files(model_dir, data_path, adapter=None, chat_template=False, max_
         [(w, data.tokenize_record(r, fmt, tok, max_length, chat_template, w, add_eos)) for w, r in records],
         max_length, too_long, data_path)
     items = choice_items(records, tok, chat_template)
-    where = [w for w, r in records if r.get("choices") is not None]
-    res = Evaluator(examples, items, where, pad).run(model, batch_size, 0, "cpu", predictions)
+    res = Evaluator(examples, records, items, pad).run(model, batch_size, 0, "cpu", predictions)
     result = {"model": str(model_dir), "adapter": adapter, "data": str(data_path), "examples": len(examples), **res}
     if items:
         result["scored"] = len(items)
@@ -306,11 +351,14 @@ def _read_predictions(path: str) -> list[dict]:
                 continue
             try:
                 row = json.loads(line)
-                missing = {"record", "predicted", "answer"} - set(row)
+                keys = set(row)
             except (json.JSONDecodeError, TypeError):
                 raise EvalError(f"{path}:{n}: not a JSON object (write it with --predictions)") from None
+            # a verdict: the chosen and gold choice, or (no choices) the exact match
+            missing = ({"record"} - keys) or ({"predicted", "answer"} - keys if "match" not in keys else set())
             if missing:
-                raise EvalError(f"{path}:{n}: missing {sorted(missing)} (write it with --predictions)")
+                raise EvalError(f"{path}:{n}: missing {sorted(missing)} (write it with --predictions, or take "
+                                "a run's eval_predictions.jsonl)")
             rows.append(row)
     if not rows:
         raise EvalError(f"{path}: no predictions")

@@ -42,7 +42,8 @@ from .targets import Layout
 log = logging.getLogger("gpart_ds")
 
 # What a finished or running training leaves in its output_dir: another run's results.
-RESULT_FILES = ("run_config.yaml", "metrics.jsonl", "adapter", "eval_predictions.jsonl", "tensorboard")
+RESULT_FILES = ("run_config.yaml", "metrics.jsonl", "adapter", "eval_predictions.jsonl", "predictions",
+                "tensorboard")
 # Values of train.resume a user may mean as `auto`.
 _AUTO_LOOKALIKES = {"auto", "latest", "last", "newest", "true", "yes", "on"}
 

@@ -163,7 +163,8 @@ class Trainer:
 
         t = self.cfg.train
         params = list(self.method.trainable().values())
-        opt = torch.optim.AdamW(params, lr=self.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+        opt = torch.optim.AdamW(params, lr=self.lr, betas=tuple(t.betas), eps=t.adam_eps,
+                                weight_decay=t.weight_decay)
         warmup = int(round(t.warmup_ratio * t.max_steps))
 
         def scheduler(optimizer):
@@ -238,17 +239,29 @@ class Trainer:
             return None
 
     @torch.no_grad()
-    def evaluate(self, predictions: list | None = None) -> dict:
-        """Held-out loss, exact match and (records with choices) accuracy, on every rank;
-        `predictions` (rank 0) receives one record per scored choice item."""
+    def evaluate(self, step: int, last: bool = False) -> dict:
+        """Held-out loss, exact match and (records with choices) accuracy, on every rank.
+
+        The evaluations during training score the first train.eval_examples_during records
+        (0: train.eval_examples), the one before and the last train.eval_examples. Each
+        record's verdict goes to eval_predictions.jsonl after the last evaluation and, with
+        train.eval_predictions, to predictions/step-N.jsonl after every earlier one."""
         commcount.phase("eval")
+        t = self.cfg.train
+        during = 0 < step and not last
+        limit = (t.eval_examples_during or t.eval_examples) if during else t.eval_examples
+        preds = [] if last or t.eval_predictions else None
         self.engine.eval()
         try:
-            t = self.cfg.train
-            return self.evaluator.run(self.engine, t.eval_micro_batch_size or t.micro_batch_size,
-                                      t.eval_examples, self.device, predictions)
+            res = self.evaluator.run(self.engine, t.eval_micro_batch_size or t.micro_batch_size,
+                                     limit, self.device, preds)
         finally:
             self.engine.train()
+        if preds is not None and self.rank == 0:   # per-record verdicts: paired tests, curves
+            path = self.out / ("eval_predictions.jsonl" if last else f"predictions/step-{step:06d}.jsonl")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, "".join(json.dumps(p) + "\n" for p in preds))
+        return res
 
     # ---------------------------------------------------------------- checkpoints
     def _checkpoint_root(self) -> Path:
@@ -340,7 +353,7 @@ class Trainer:
         if self.rank == 0:
             write_atomic(self.out / "run_config.yaml", to_yaml(cfg))
         if before is None:
-            before = self.evaluate()
+            before = self.evaluate(0)
             self.metrics.write({"event": "eval", "step": 0, **before})
             log.info("before training: %s", _fmt(before))
         if start == t.max_steps:
@@ -357,7 +370,7 @@ class Trainer:
             if progress is not None:
                 progress.update(rec)
             if t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < t.max_steps:
-                mid = self.evaluate()
+                mid = self.evaluate(step + 1)
                 self.metrics.write({"event": "eval", "step": step + 1, **mid})
                 log.info("step %d: %s", step + 1, _fmt(mid))
             if self._stop_requested() and step + 1 < t.max_steps:
@@ -379,11 +392,8 @@ class Trainer:
         model_state = zero3.model_state_bytes(self.engine)   # optimizer state exists after a step
         if start < t.max_steps:   # equal: the resumed checkpoint is this step, kept as it is
             self.save_checkpoint(t.max_steps, before)
-        preds = [] if self.evaluator.items else None
-        after = self.evaluate(preds)
+        after = self.evaluate(t.max_steps, last=True)
         self.metrics.write({"event": "eval", "step": t.max_steps, **after})
-        if preds and self.rank == 0:   # per-record predictions: paired tests between runs
-            write_atomic(self.out / "eval_predictions.jsonl", "".join(json.dumps(p) + "\n" for p in preds))
         wall = time.perf_counter() - t_start
         commcount.phase("adapter")
         adapter_dir = self.save_adapter(self.out / "adapter")

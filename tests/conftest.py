@@ -33,10 +33,11 @@ def deepspeed_tiny_run(tmp_path_factory, tiny_assets):
     from tests.helpers import LAUNCH_OVERRIDES, run_deepspeed
 
     out = tmp_path_factory.mktemp("deepspeed_tiny") / "run"
-    # This run also feeds the metrics sinks' test: TensorBoard (auto) and W&B offline.
+    # This run also feeds the metrics sinks' test (TensorBoard (auto) and W&B offline) and
+    # the per-record verdicts' (train.eval_predictions, gathered from both ranks).
     proc = run_deepspeed(2, "launch/train.py", "--config", "configs/tiny.yaml", f"output_dir={out}",
                          *LAUNCH_OVERRIDES, "log.wandb=true", "log.wandb_mode=offline",
-                         env={"WANDB_SILENT": "true"})
+                         "train.eval_predictions=true", env={"WANDB_SILENT": "true"})
     return out, proc
 
 

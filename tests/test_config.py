@@ -74,6 +74,9 @@ def test_bad_override_is_reported_as_command_line(good):
     ("method.name=lora2", "method.name"),
     ("method.dropout=1.5", "method.dropout"),
     ("train.lr=-1", "train.lr"),
+    ("train.lr=fast", "train.lr"),
+    ("train.lr=true", "train.lr"),
+    ("train.adam_eps=0", "train.adam_eps"),
     ("train.micro_batch_size=0", "train.micro_batch_size"),
     ("train.schedule=step", "train.schedule"),
     ("model.precision=fp16", "model.precision"),
@@ -82,6 +85,16 @@ def test_bad_override_is_reported_as_command_line(good):
 def test_value_errors_name_the_key(good, override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(good, [override])
+
+
+def test_lr_is_a_number_or_auto_also_as_yaml_reads_it(good, tmp_path):
+    assert load_config(good, ["train.lr=auto"]).train.lr == "auto"
+    p = write(tmp_path, good.read_text().replace("  lr: 0.01", "  lr: 5e-5"))   # YAML 1.1: a string
+    assert load_config(p).train.lr == 5e-5
+    p = write(tmp_path, good.read_text().replace("  lr: 0.01", "  lr: often"))
+    with pytest.raises(ConfigError,
+                       match=r"bad\.yaml:14 \('train\.lr'\): must be a finite number > 0 or auto, got 'often'"):
+        load_config(p)
 
 
 def test_missing_required_key(good, tmp_path):

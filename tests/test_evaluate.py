@@ -81,13 +81,12 @@ def test_one_forward_gives_the_loss_and_exact_match_of_the_loss_pass(tiny):
     items = evaluate.choice_items(recs, tok, chat_template=False)
     assert evaluate.label_is_the_answer_choice(exs, items)
     fwd = lambda **b: objective_forward(model, (), b, label_positions_only=True)  # noqa: E731
-    s_ref, n_ref, em_ref, ne_ref = evaluate.loss_and_match_sums(fwd, exs, list(range(len(exs))),
-                                                                tok.pad_token_id, "cpu")
+    s_ref, n_ref, em_ref = evaluate.loss_and_row_matches(fwd, exs, list(range(len(exs))), tok.pad_token_id, "cpu")
     scores, s, em = evaluate.score_items_with_label(lambda **b: model(**b).logits, items, tok.pad_token_id, "cpu")
     ref = evaluate.score_items(lambda **b: model(**b).logits, items, tok.pad_token_id, "cpu")
     assert sum(scores, []) == pytest.approx(sum(ref, []), abs=1e-6)
-    assert (n_ref, ne_ref) == (len(exs), len(exs))
-    assert s == pytest.approx(s_ref, rel=1e-5) and em == em_ref
+    assert n_ref == len(exs) and sorted(em_ref) == list(range(len(exs)))
+    assert s == pytest.approx(s_ref, rel=1e-5) and em == [em_ref[i] for i in range(len(exs))]
     # With EOS after the answer (two predicted tokens) the trainer keeps both passes.
     with_eos = [data.tokenize_record(r, "prompt_completion", tok, 32, add_eos=True) for _, r in recs]
     assert not evaluate.label_is_the_answer_choice(with_eos, items)
@@ -138,3 +137,42 @@ def test_paired_cli_names_the_file_and_line_of_a_bad_prediction(tmp_path, capsys
     assert f"{short}:1: missing ['answer']" in capsys.readouterr().err
     assert evaluate.main(["paired", str(good), str(tmp_path / "absent.jsonl")]) == 2
     assert "absent.jsonl" in capsys.readouterr().err
+
+
+def test_paired_judges_exact_match_lines_where_records_have_no_choices(tmp_path, capsys):
+    # train.eval_predictions writes {"record", "match"} for generative records and adds
+    # predicted/answer where a record has choices: then the choice decides.
+    before = [{"record": f"f:{i}", "match": i < 2} for i in range(8)]
+    after = [{"record": f"f:{i}", "match": i != 0} for i in range(8)]      # 6 fixed, 1 broken
+    r = evaluate.paired(before, after)
+    assert (r["fixed"], r["broken"], r["accuracy_after"]) == (6, 1, 7 / 8)
+    assert evaluate.record_correct({"record": "x", "match": False, "predicted": 1, "answer": 1})
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("".join(json.dumps(p) + "\n" for p in before))
+    b.write_text("".join(json.dumps(p) + "\n" for p in after))
+    assert evaluate.main(["paired", str(a), str(b)]) == 0
+    assert json.loads(capsys.readouterr().out)["fixed"] == 6
+    c = tmp_path / "c.jsonl"
+    c.write_text(json.dumps({"record": "f:0"}) + "\n")
+    assert evaluate.main(["paired", str(a), str(c)]) == 2
+    assert f"{c}:1: missing ['answer', 'predicted']" in capsys.readouterr().err
+
+
+def test_generative_records_get_one_exact_match_line_each_whatever_the_batching(tiny_assets, tmp_path):
+    # Records without choices: one {"record", "index", "match"} line each, in file order,
+    # whose mean is the reported exact match. Batches are formed shortest first; a
+    # record's verdict does not depend on its batch mates (batch 1 = batch 4).
+    p = tmp_path / "g.jsonl"
+    words = ["cat", "sun moon fish bird", "a", "red blue", "dog cat dog", "x"]
+    p.write_text("".join(json.dumps({"prompt": f"Reverse: {w}\nAnswer:", "completion": " " + " ".join(w.split()[::-1])})
+                         + "\n" for w in words))
+    runs = {}
+    for bs in (1, 4):
+        preds = []
+        res = evaluate.evaluate_files(str(tiny_assets / "model"), str(p), batch_size=bs, predictions=preds)
+        runs[bs] = (res, preds)
+    (res, preds), (res4, preds4) = runs[1], runs[4]
+    assert [r["record"] for r in preds] == [f"{p}:{i}" for i in range(1, 7)]
+    assert [r["index"] for r in preds] == list(range(6)) and all(set(r) == {"record", "index", "match"} for r in preds)
+    assert sum(r["match"] for r in preds) / 6 == res["exact_match"]
+    assert preds4 == preds and res4["eval_loss"] == pytest.approx(res["eval_loss"], rel=1e-5)

@@ -55,45 +55,86 @@ def test_bench_refuses_a_bad_override_before_any_run(tmp_path, tiny_assets):
     assert not (tmp_path / "runs").exists()
 
 
-def test_study_quick_writes_table_and_plot_and_reuses_finished_runs(tmp_path):
-    # The pipeline on the tiny model (the real study's runs are SmolLM2's, minutes each;
-    # the real model under ZeRO-3 is test_real_model's job).
+def test_study_quick_sweeps_chooses_on_dev_reruns_seeds_and_reuses_finished_runs(tmp_path):
+    # The pipeline on the tiny model, 1 rank (the real study's runs are SmolLM2's, minutes
+    # each; the real model under ZeRO-3 is test_real_model's job).
     out = tmp_path / "study"
     args = ["experiments.study", "--config", "tests/assets/study_tiny.yaml", "--quick", "--out", str(out)]
     _run(args)
     rep = json.loads((out / "study.json").read_text())
     assert rep["tasks"] == ["tiny"] and rep["methods"] == ["gpart-d4k", "lora-r4"]
-    rows = {r["method"]: r for r in rep["rows"]}
+    rows = {r["method"]: r for r in rep["summary"]}
     g, lo = rows["gpart-d4k"], rows["lora-r4"]
+    # GPart's grid: multiples of its lr_unit "0.0109 * sqrt(D / d)" (tiny: 2 layers x 7 matrices)
+    unit = 0.0109 * (86016 / 4096) ** 0.5
+    assert [s["lr"] for s in g["sweep"]] == [pytest.approx(unit, rel=1e-3), pytest.approx(30 * unit, rel=1e-3)]
+    assert g["best_lr"] in [s["lr"] for s in g["sweep"]] and lo["best_lr"] == 0.01
+    assert g["lr_over_unit"] in (pytest.approx(1, rel=1e-3), pytest.approx(30, rel=1e-3))
+    assert g["auto_lr"] > 0 and lo["auto_lr"] == 1e-3                       # what train.lr=auto gives each
     assert g["trainable_params"] == 4096 and lo["trainable_params"] > g["trainable_params"]
-    assert g["metric"] == "exact_match" and 0 <= g["after"] <= 1 and 0 <= lo["after"] <= 1
-    assert g["before"] == lo["before"]                   # same eval records, same base model
-    # GPart's lr follows D/d: 0.0109 * sqrt(86,016 / 4,096) (tiny: 2 layers x 7 matrices)
-    assert g["lr"] == pytest.approx(0.0109 * (86016 / 4096) ** 0.5, rel=1e-4)
-    assert lo["lr"] == 0.01
-    assert all(len(r["losses"]) == 1 for r in rep["runs"])
+    # the best lr on both seeds; seed 0 is the sweep's own run (its folder, not a second one)
+    assert g["seeds"] == [0, 1] and lo["seeds"] == [0, 1]
+    dirs = sorted(p.parent.relative_to(out).as_posix() for p in (out / "runs").glob("*/*/*/metrics.jsonl"))
+    assert len(dirs) == 2 + 1 + 2, dirs                                      # 3 sweep runs + 1 new seed each
+    for r in rep["runs"]:   # verdicts every step; the curve's 6 records at each, test (8) and dev (4) before/after
+        assert [c["step"] for c in r["curve"]] == [0, 1, 2]
+        assert all(0 <= c["curve"] <= 1 for c in r["curve"])
+        assert r["curve"][1]["dev"] is None and 0 <= r["curve"][2]["dev"] <= 1 and 0 <= r["after"] <= 1
+    assert g["before"] == lo["before"]                                       # same records, same base model
+    pairs = {(t["a"], t["b"], t["seed"]) for t in rep["paired"]}
+    assert {("base", "gpart-d4k", 0), ("lora-r4", "gpart-d4k", 0), ("lora-r4", "gpart-d4k", 1)} <= pairs
+    assert all(t["records"] == 8 and 0 <= t["p_value"] <= 1 for t in rep["paired"])
+    assert g["parity"]["reference"] == "lora-r4" and "eligible" in g["parity"] and "parity" not in lo
     md = (out / "study.md").read_text()
-    assert "## tiny (exact match)" in md and "gpart-d4k" in md
-    assert (out / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # A second invocation finds both runs complete and trains nothing.
-    logs = sorted((out / "runs").glob("*/metrics.jsonl"))
+    assert "## tiny (exact match, 2 steps)" in md and "Paired tests" in md and "gpart-d4k" in md
+    for png in ("study_frontier.png", "study_curves.png", "study_lr.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # A second invocation finds every run complete and trains nothing.
+    logs = sorted((out / "runs").glob("*/*/*/metrics.jsonl"))
     stamps = [p.stat().st_mtime_ns for p in logs]
     _run(args, timeout=300)
-    assert [p.stat().st_mtime_ns for p in logs] == stamps and len(logs) == 2
-    assert json.loads((out / "study.json").read_text())["rows"] == rep["rows"]
+    assert [p.stat().st_mtime_ns for p in logs] == stamps
+    assert json.loads((out / "study.json").read_text())["summary"] == rep["summary"]
+    # Ablations around GPart's chosen lr: one knob each; the unchanged run is the sweep's own.
+    _run(["experiments.study", "--config", "tests/assets/study_tiny.yaml", "--quick", "--ablations", "--out", str(out)])
+    ab = json.loads((out / "ablations.json").read_text())
+    by = {r["variant"]: r for r in ab["runs"]}
+    assert set(by) == {"baseline", "eps-1e-6", "lr-x2"}
+    assert by["eps-1e-6"]["overrides"] == ["train.adam_eps=1e-6"] and by["baseline"]["overrides"] == []
+    assert by["lr-x2"]["lr"] == pytest.approx(2 * g["best_lr"], rel=1e-3)
+    assert [p.stat().st_mtime_ns for p in logs] == stamps                   # the baseline was reused
+    assert "eps-1e-6" in (out / "ablations.md").read_text() and (out / "ablations.png").is_file()
+
+
+def test_study_refuses_a_bad_study_config_with_exit_2(tmp_path):
+    bad = tmp_path / "s.yaml"
+    bad.write_text((REPO / "tests/assets/study_tiny.yaml").read_text().replace("test_records: 8", "test_records: 12"))
+    proc = subprocess.run([sys.executable, "-m", "experiments.study", "--config", str(bad),
+                           "--out", str(tmp_path / "o")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: {bad}: test_records")
+    assert not (tmp_path / "o").exists()
 
 
 def test_the_real_study_config_plans_every_run_before_training(tmp_path):
-    # configs/study_smollm2.yaml itself: tasks, methods, lr rule and overrides validate.
+    # configs/study_smollm2.yaml itself: tasks, grids, units and overrides validate, and
+    # every run's config loads (the plan, without building an asset or training).
     from experiments import study
-
-    cfg = study.load_study("configs/study_smollm2.yaml")
-    assert set(cfg["tasks"]) == {"rotten_tomatoes", "qasc"}
-    D = 106_168_320                                      # SmolLM2-135M, all linear layers
-    ov = study.run_overrides(cfg, cfg["tasks"]["rotten_tomatoes"], cfg["methods"]["gpart-d64k"], 0, D)
-    assert f"train.lr={1.24e-4 * (D / 65536) ** 0.5:.6g}" in ov and "method.d=65536" in ov
     from gpart_ds.config import load_config
 
+    cfg = study.load_study("configs/study_smollm2.yaml")
+    assert set(cfg["tasks"]) == {"rotten_tomatoes", "qasc", "arithmetic"}
+    assert cfg["ranks"] == 1 and len(cfg["seeds"]) >= 3 and cfg["test_records"] >= 300
+    D = 106_168_320                                      # SmolLM2-135M, all linear layers
+    for name, m in cfg["methods"].items():               # issue 13's grids
+        if m.get("lr_mults"):
+            unit = study.lr_unit(m, D, name)
+            assert unit == pytest.approx(1.24e-4 * (D / m["d"]) ** 0.5)          # the rule before the study
+            assert len(m["lr_mults"]) >= 6 and min(m["lr_mults"]) <= 0.3 and max(m["lr_mults"]) >= 30, name
+        else:
+            assert len(m["lrs"]) >= 4 and max(m["lrs"]) / min(m["lrs"]) >= 10, name
     for t in cfg["tasks"].values():                      # every run's config and overrides load
         for m in cfg["methods"].values():
-            load_config(f"configs/{t['config']}", study.run_overrides(cfg, t, m, 0, D), check_files=False)
+            ov = study.run_overrides(cfg, t, m, 1e-3, 0, t["steps"])
+            run = load_config(f"configs/{t['config']}", ov, check_files=False)
+            assert run.train.eval_predictions and run.train.eval_examples == 500
+            assert run.method.name == m["name"] and run.train.lr == 1e-3

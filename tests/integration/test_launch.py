@@ -24,6 +24,16 @@ def test_deepspeed_launch_tiny_config_trains_and_writes_adapter_and_metrics(deep
     summary = recs[-1]
     assert summary["event"] == "summary" and summary["world"] == 2
     assert summary["eval_loss_after"] < summary["eval_loss_before"]
+    # Each evaluation's verdicts, gathered from both ranks, in record order: the last in
+    # eval_predictions.jsonl, the earlier ones (train.eval_predictions) in predictions/
+    evals = {r["step"]: r for r in recs if r.get("event") == "eval"}
+    assert sorted(evals) == [0, 12] and [p.name for p in (out / "predictions").iterdir()] == ["step-000000.jsonl"]
+    for step, ev in evals.items():
+        f = out / ("eval_predictions.jsonl" if step == 12 else f"predictions/step-{step:06d}.jsonl")
+        rows = [json.loads(line) for line in f.read_text().splitlines()]
+        assert [r["index"] for r in rows] == list(range(8))                    # train.eval_examples=8
+        assert rows[0]["record"].endswith("eval.jsonl:1") and rows[7]["record"].endswith("eval.jsonl:8")
+        assert sum(r["match"] for r in rows) / 8 == ev["exact_match"]
     # no partial folders left behind by the atomic write
     assert not [p.name for p in out.iterdir() if ".tmp-" in p.name]
     # nor DeepSpeed's CPU all-reduce buffers in /dev/shm (69 MB per rank per run)

@@ -12,7 +12,6 @@ seeded isometric partition (docs/method.md). Its whole life cycle lives in this 
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import torch
@@ -31,9 +30,13 @@ log = logging.getLogger(__name__)
 # many bytes per rank (4 x D): small models gain a third of GPart's work for memory they
 # have; a 70B model would need 258 GB and regenerates instead.
 REUSE_IDS_MAX_BYTES = 1 << 30
-# lr = LR_PER_SQRT * sqrt(D/d): the per-step movement of a weight is about lr * s_j with
-# s_j = 1/sqrt(n_j) ~ sqrt(d/D), so this keeps it the same for every d (docs/lr_rule.md).
-LR_PER_SQRT = 1.24e-4
+# train.lr: auto for GPart: lr = GPART_C * (D/d) ** GPART_EXP. A weight of group j moves
+# by lr * s_j per (sign-like, Adam) step with s_j = 1/sqrt(n_j) ~ sqrt(d/D), so the rate
+# that moves the model as far per step grows with D/d. The constant and the exponent are
+# fitted to the quality study's learning-rate sweeps (docs/lr_rule.md: the derivation and
+# the data; experiments/study.py reruns them).
+GPART_C = 1.24e-4
+GPART_EXP = 0.5
 
 
 def reuse_ids(m, D: int) -> bool:
@@ -74,7 +77,9 @@ class GPart(Method):
 
     @classmethod
     def auto_lr(cls, m, D: int) -> float:
-        return LR_PER_SQRT * math.sqrt(D / m.d)
+        if D < 1 or not m.d or m.d < 1:
+            raise ValueError(f"GPart's lr rule needs D >= 1 and method.d >= 1, got D={D}, d={m.d}")
+        return GPART_C * (D / m.d) ** GPART_EXP
 
     @classmethod
     def label(cls, m) -> str:
@@ -196,6 +201,16 @@ class GPart(Method):
         return export_sharded(self.model, merger, base_dir, out, compute_dtype, out_dtype, max_shard_size,
                               overwrite, device, {"method": "gpart", "adapter_kind": "zero3-run", "d": merger.d,
                                                   "seed": merger.seed, "targets": len(self.layout.targets)})
+
+    def merge_source(self, name: str):
+        """A target's weight merges to W0 + delta (effective_weight, from the full W0 and
+        theta); every other tensor is the base's. The export writes shards through Merger
+        instead; this serves whoever needs one merged tensor (experiments/bench/theta_grad.py)."""
+        mod_name, _, attr = name.rpartition(".")
+        mod = dict(self.model.named_modules()).get(mod_name)
+        if attr == "weight" and getattr(mod, "gpart_spec", None) is not None:
+            return [mod.weight, self.root.theta], lambda: self.root.effective_weight(mod_name)
+        return super().merge_source(name)
 
     @classmethod
     def open_adapter(cls, path: Path, base_dir: Path):

@@ -1,0 +1,557 @@
+"""The quality study's analysis: read finished runs, choose each method's lr, summarise
+seeds, paired tests, parity, and write study.json / study.md / PNGs.
+
+Metrics come from each run's per-record verdicts (the trainer's eval_predictions.jsonl
+for the last evaluation, predictions/step-N.jsonl for the earlier ones with
+train.eval_predictions), split by record index: the first `test_records` eval records
+are the test set (every reported number), the rest the dev set (only the choice of lr).
+Learning curves use the first `curve_records` records at every evaluation (the ones
+scored during training too, train.eval_examples_during), so every point of a curve is
+measured on the same records. Paired tests and parity compare every entry with the
+study's `compare_with` entry; nothing here depends on which method an entry runs.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import statistics
+from pathlib import Path
+
+from gpart_ds.evaluate import paired
+from gpart_ds.fileio import write_atomic
+
+# Parity tolerance when the reference's own seed spread is smaller: 2 points of accuracy,
+# 10% (relative) of the reference's exact match (issue 13's targets).
+ACCURACY_POINTS = 0.02
+EXACT_MATCH_RELATIVE = 0.10
+PARITY_PARAM_RATIO = 10   # parity counts for a method with at most the reference's trainable parameters / 10
+
+
+# ------------------------------------------------------------------ one run
+def verdict_file(out: Path, step: int, last: int) -> Path | None:
+    """The verdicts of the evaluation at `step`: predictions/step-N.jsonl, or for the last
+    evaluation eval_predictions.jsonl (a run folder of an older trainer has step-N for it)."""
+    f = out / "predictions" / f"step-{step:06d}.jsonl"
+    if not f.is_file() and step == last:
+        f = out / "eval_predictions.jsonl"
+    return f if f.is_file() else None
+
+
+def verdicts(out: Path, step: int, metric: str, last: int | None = None) -> dict[int, bool] | None:
+    """Eval record index -> correct at `step` (choice accuracy, or exact match)."""
+    f = verdict_file(out, step, step if last is None else last)
+    if f is None:
+        return None
+    rows = [r for r in (json.loads(line) for line in f.read_text().splitlines() if line.strip())
+            if r.get("index") is not None]
+    if metric == "accuracy":
+        return {r["index"]: r["predicted"] == r["answer"] for r in rows if "predicted" in r}
+    return {r["index"]: bool(r["match"]) for r in rows if "match" in r}
+
+
+def _frac(v: dict[int, bool], keep) -> float | None:
+    xs = [ok for i, ok in v.items() if keep(i)]
+    return sum(xs) / len(xs) if xs else None
+
+
+def read_run(entry: dict, test_records: int, metric: str, curve_records: int | None = None) -> dict | None:
+    out = entry["out"]
+    f = out / "metrics.jsonl"
+    if not f.is_file():
+        return None
+    recs = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    start = max((i for i, r in enumerate(recs) if r.get("event") == "start"), default=0)
+    recs = recs[start:]                                   # the last run in this folder
+    summary = next((r for r in recs if r.get("event") == "summary"), None)
+    if summary is None:
+        return None
+    evals = [r for r in recs if r.get("event") == "eval"]
+    curve = []
+    for e in evals:
+        v = verdicts(out, e["step"], metric, summary["steps"])
+        if v is None:
+            continue
+        curve.append({"step": e["step"], "test": _frac(v, lambda i: i < test_records),
+                      "dev": _frac(v, lambda i: i >= test_records),
+                      "curve": _frac(v, lambda i: i < (curve_records or test_records)), "eval_loss": e["eval_loss"]})
+    if not curve:
+        return None
+    return {k: entry[k] for k in ("task", "method", "lr", "seed", "phase")} | {
+        "out": str(out), "metric": metric, "curve": curve,
+        "losses": [r["loss"] for r in recs if "step_time_s" in r],
+        "before": curve[0]["test"], "after": curve[-1]["test"], "dev_after": curve[-1]["dev"],
+        "eval_loss_after": summary["eval_loss_after"], "trainable_params": summary["trainable_params"],
+        "adapter_bytes": summary["adapter_bytes"], "wall_s": summary["wall_s"],
+        "median_step_time_s": summary["median_step_time_s"], "steps": summary["steps"]}
+
+
+def _dev_score(run: dict) -> tuple:
+    """How an lr is chosen: the final dev metric (a run whose loss is not finite never
+    wins); ties by the lower training loss over the last 5 steps, then the smaller lr.
+    Nothing here reads a test record."""
+    finite = run["dev_after"] if run["dev_after"] is not None and math.isfinite(run["eval_loss_after"]) else -1.0
+    tail = [x for x in run["losses"][-5:] if math.isfinite(x)]
+    return (finite, -statistics.mean(tail) if tail else -math.inf, -run["lr"])
+
+
+# ------------------------------------------------------------------ choosing and seeds
+def sweep_runs(plan, task: str, method: str) -> tuple[list[dict], bool]:
+    """(finished sweep runs, whether the whole grid is finished)."""
+    metric = plan.study["tasks"][task]["metric"]
+    runs = [read_run(e, plan.study["test_records"], metric, plan.study.get("curve_records"))
+            for e in plan.sweep(task, method)]
+    done = [r for r in runs if r is not None]
+    return done, len(done) == len(runs)
+
+
+def best_lr(plan, task: str, method: str) -> float | None:
+    runs, complete = sweep_runs(plan, task, method)
+    if not complete:
+        return None
+    return max(runs, key=_dev_score)["lr"]
+
+
+def final_entries(plan, task: str, methods: list[str]) -> list[dict]:
+    out = []
+    for m in methods:
+        lr = best_lr(plan, task, m)
+        if lr is None:
+            print(f"[study] {task}/{m}: sweep incomplete, no seeds yet", flush=True)
+            continue
+        out += [plan.entry(task, m, lr, s, "final") for s in plan.study["seeds"]]
+    return out
+
+
+# ------------------------------------------------------------------ the report
+def _mean_sd(xs: list[float]) -> tuple[float | None, float | None]:
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return None, None
+    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
+
+
+def _test_verdicts(run: dict, step: int, test_records: int) -> dict[int, bool]:
+    v = verdicts(Path(run["out"]), step, run["metric"], run["steps"]) or {}
+    return {i: ok for i, ok in v.items() if i < test_records}
+
+
+def paired_test(a: dict, b: dict, test_records: int, step_a=None, step_b=None) -> dict:
+    """Exact McNemar test of two runs' final test-set verdicts (a = reference)."""
+    va = _test_verdicts(a, step_a if step_a is not None else a["steps"], test_records)
+    vb = _test_verdicts(b, step_b if step_b is not None else b["steps"], test_records)
+    to_rows = lambda v: [{"record": i, "match": ok} for i, ok in sorted(v.items())]  # noqa: E731
+    return paired(to_rows(va), to_rows(vb))
+
+
+def parity(metric: str, ref: dict, row: dict) -> dict:
+    """A method at parity with the reference: its mean within the reference's seed spread,
+    or within the fixed tolerance (2 accuracy points; 10% relative exact match),
+    whichever is larger."""
+    tol = ACCURACY_POINTS if metric == "accuracy" else EXACT_MATCH_RELATIVE * ref["test_mean"]
+    tol = max(tol, ref["test_sd"] or 0.0)
+    gap = ref["test_mean"] - row["test_mean"]
+    return {"gap": gap, "tolerance": tol, "holds": gap <= tol}
+
+
+def build(plan, tasks: list[str], methods: list[str], sweeps: list[dict], command: str) -> dict:
+    from .bench.compare import machine
+
+    study, T = plan.study, plan.study["test_records"]
+    ref_name = study.get("compare_with")
+    runs, summary, tests = [], [], []
+    for task in tasks:
+        metric = study["tasks"][task]["metric"]
+        for e in (e for e in sweeps if e["task"] == task):
+            r = read_run(e, T, metric, study.get("curve_records"))
+            if r is not None:
+                runs.append(r)
+        rows = {}
+        for m in methods:
+            lr = best_lr(plan, task, m)
+            if lr is None:
+                continue
+            seeded = [read_run(plan.entry(task, m, lr, s, "final"), T, metric, study.get("curve_records"))
+                      for s in study["seeds"]]
+            seeded = [r for r in seeded if r is not None]
+            for r in seeded:
+                if r["seed"] != study.get("sweep_seed", 0):
+                    runs.append(r)
+            mean, sd = _mean_sd([r["after"] for r in seeded])
+            sweep = [r for r in runs if r["task"] == task and r["method"] == m and r["phase"] == "sweep"]
+            mcfg = study["methods"][m]
+            unit = plan.unit(task, m)
+            auto = plan.auto_lr(task, m)
+            peak = interpolated_best(sweep)
+            row = {"task": task, "method": m, "name": mcfg["name"], "metric": metric,
+                   "best_lr": lr, "lr_over_unit": lr / unit if unit else None, "seeds": [r["seed"] for r in seeded],
+                   # train.lr=auto against the sweep: the grid's best and the peak of a
+                   # parabola in log(lr) through the best point and its neighbours
+                   "auto_lr": auto, "peak_lr": peak, "auto_over_best": auto / lr if auto else None,
+                   "auto_over_peak": auto / peak if auto and peak else None,
+                   "test_mean": mean, "test_sd": sd, "test_by_seed": [r["after"] for r in seeded],
+                   "before": seeded[0]["before"] if seeded else None,
+                   "dev_best": max(r["dev_after"] for r in sweep if r["dev_after"] is not None),
+                   "sweep": sorted(({"lr": r["lr"], "dev": r["dev_after"], "test": r["after"],
+                                     "eval_loss": r["eval_loss_after"]} for r in sweep), key=lambda x: x["lr"]),
+                   "trainable_params": sweep[0]["trainable_params"], "adapter_bytes": sweep[0]["adapter_bytes"],
+                   "median_step_time_s": statistics.median(r["median_step_time_s"] for r in sweep),
+                   "steps": sweep[0]["steps"], "curve": _mean_curve(seeded)}
+            rows[m] = row
+            summary.append(row)
+            for r in seeded[:1]:      # the adapter against the base model, same records
+                tests.append({"task": task, "a": "base", "b": m, "seed": r["seed"],
+                              **paired_test(r, r, T, step_a=0)})
+        ref = rows.get(ref_name)
+        if ref is None or ref["test_mean"] is None:
+            continue
+        seeds_ref = {r["seed"]: r for r in _seeded_runs(runs, task, ref_name, ref["best_lr"])}
+        for m, row in rows.items():
+            if m == ref_name or row["test_mean"] is None:
+                continue
+            for r in _seeded_runs(runs, task, m, row["best_lr"]):
+                if r["seed"] in seeds_ref:
+                    tests.append({"task": task, "a": ref_name, "b": m, "seed": r["seed"],
+                                  **paired_test(seeds_ref[r["seed"]], r, T)})
+            if row["trainable_params"] < ref["trainable_params"]:   # the question: does a smaller one match?
+                row["parity"] = {**parity(metric, ref, row), "reference": ref_name,
+                                 "param_ratio": ref["trainable_params"] / row["trainable_params"],
+                                 "eligible": row["trainable_params"] * PARITY_PARAM_RATIO <= ref["trainable_params"]}
+    return {"date": _dt.date.today().isoformat(), "machine": machine(), "config": study["_path"],
+            "command": command, "ranks": study["ranks"], "seeds": study["seeds"],
+            "sweep_seed": study.get("sweep_seed", 0), "eval_examples": study["eval_examples"],
+            "test_records": T, "eval_every": study["eval_every"], "tasks": tasks, "methods": methods,
+            "curve_records": study.get("curve_records") or T, "compare_with": ref_name,
+            "D": {task: {m: plan.D(task, m) for m in methods} for task in tasks},
+            "runs_min": sum(r["wall_s"] for r in runs) / 60, "summary": summary, "paired": tests,
+            "runs": [{k: v for k, v in r.items() if k != "out"} for r in runs]}
+
+
+def interpolated_best(sweep: list[dict]) -> float | None:
+    """The lr at the peak of a parabola in log(lr) through the best dev point and its two
+    neighbours (the grid's best lr if it is at an edge of the grid)."""
+    pts = sorted((r["lr"], r["dev_after"]) for r in sweep if r["dev_after"] is not None)
+    if not pts:
+        return None
+    i = max(range(len(pts)), key=lambda k: pts[k][1])
+    if i == 0 or i == len(pts) - 1:
+        return pts[i][0]
+    (x0, y0), (x1, y1), (x2, y2) = [(math.log(x), y) for x, y in pts[i - 1: i + 2]]
+    den = (x0 - x1) * (x0 - x2) * (x1 - x2)
+    a = (x2 * (y1 - y0) + x1 * (y0 - y2) + x0 * (y2 - y1)) / den
+    b = (x2 * x2 * (y0 - y1) + x1 * x1 * (y2 - y0) + x0 * x0 * (y1 - y2)) / den
+    if a >= 0:
+        return pts[i][0]
+    return math.exp(min(max(-b / (2 * a), x0), x2))
+
+
+def _seeded_runs(runs, task, method, lr):
+    return [r for r in runs if r["task"] == task and r["method"] == method and r["lr"] == lr]
+
+
+def _mean_curve(seeded: list[dict]) -> list[dict]:
+    if not seeded:
+        return []
+    steps = sorted(set.intersection(*({c["step"] for c in r["curve"]} for r in seeded)))
+    out = []
+    for s in steps:
+        pts = [next(c for c in r["curve"] if c["step"] == s) for r in seeded]
+        out.append({"step": s, "curve": statistics.mean(p["curve"] for p in pts)})
+    return out
+
+
+# ------------------------------------------------------------------ formatting
+def _pct(x, sd=None) -> str:
+    if x is None:
+        return "-"
+    return f"{100 * x:.1f}%" + (f" ± {100 * sd:.1f}" if sd is not None else "")
+
+
+def _size(n: int) -> str:
+    return f"{n / 1024:,.0f} KiB" if n else "(the model)"
+
+
+def format_markdown(rep: dict) -> str:
+    m = rep["machine"]
+    lines = [f"# Quality study, {rep['date']}", "",
+             f"Machine: {m.get('gpu') or m['cpu']}, {m['cores']} cores; {rep['ranks']} rank(s); "
+             f"seeds {rep['seeds']} (lr chosen on seed {rep['sweep_seed']}); {rep['eval_examples']} eval records "
+             f"every {rep['eval_every']} steps: the first {rep['test_records']} are the test set (reported), the rest "
+             f"the dev set (lr choice); runs' own time {rep['runs_min'] / 60:.1f} h.  ",
+             f"Command: `{rep['command']}`", ""]
+    for task in rep["tasks"]:
+        rows = [r for r in rep["summary"] if r["task"] == task]
+        if not rows:
+            continue
+        metric = rows[0]["metric"].replace("_", " ")
+        lines += [f"## {task} ({metric}, {rows[0]['steps']} steps)", "",
+                  f"Base model: {_pct(rows[0]['before'])} on the test records.", "",
+                  f"| method | trainable params | adapter | best lr | test {metric} (mean ± sd) | seeds | "
+                  f"dev {metric} at best lr | lr=auto (x best) | s/step |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            lr = f"{r['best_lr']:.3g}" + (f" ({r['lr_over_unit']:.3g}x unit)" if r["lr_over_unit"] else "")
+            auto = f"{r['auto_lr']:.3g} ({r['auto_over_best']:.2g}x)" if r["auto_lr"] else "-"
+            lines.append(f"| {r['method']} | {r['trainable_params']:,} | {_size(r['adapter_bytes'])} | {lr} | "
+                         f"{_pct(r['test_mean'], r['test_sd'])} | {len(r['seeds'])} | {_pct(r['dev_best'])} | "
+                         f"{auto} | {r['median_step_time_s']:.1f} |")
+        par = [r for r in rows if r.get("parity")]
+        if par:
+            ref = par[0]["parity"]["reference"]
+            lines += ["", f"| vs {ref} | params ({ref} / method) | gap ({ref} - method) | tolerance | parity |",
+                      "|---|---|---|---|---|"]
+            for r in par:
+                p = r["parity"]
+                verdict = ("yes" if p["holds"] else "no") + ("" if p["eligible"] else
+                                                             f" (more than {ref}'s parameters / {PARITY_PARAM_RATIO})")
+                lines.append(f"| {r['method']} | {p['param_ratio']:.0f}x | {100 * p['gap']:+.1f} pts | "
+                             f"{100 * p['tolerance']:.1f} pts | {verdict} |")
+        tests = [t for t in rep["paired"] if t["task"] == task]
+        if tests:
+            lines += ["", "Paired tests on the test records (exact McNemar; fixed = right in b, wrong in a):", "",
+                      "| a | b | seed | a | b | fixed | broken | p |", "|---|---|---|---|---|---|---|---|"]
+            for t in tests:
+                lines.append(f"| {t['a']} | {t['b']} | {t['seed']} | {_pct(t['accuracy_before'])} | "
+                             f"{_pct(t['accuracy_after'])} | {t['fixed']} | {t['broken']} | {t['p_value']:.3g} |")
+        lines += ["", f"Learning-rate sweeps (seed {rep['sweep_seed']}; dev / test {metric} after training):", "",
+                  "| method | " + " | ".join(["lr: dev / test"] * 1) + " |", "|---|---|"]
+        for r in rows:
+            cells = ", ".join(f"{s['lr']:.3g}: {_pct(s['dev'])} / {_pct(s['test'])}" for s in r["sweep"])
+            lines.append(f"| {r['method']} | {cells} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+PALETTE = ("#2a7ab0", "#d9822b", "#6a9f3a", "#8e4fa6", "#c0392b", "#7f8c8d")
+
+
+def color(name: str) -> str:
+    """One colour per method of the registry (its order), whatever the study holds."""
+    from gpart_ds import methods
+
+    names = methods.names()
+    return PALETTE[names.index(name) % len(PALETTE)] if name in names else "k"
+
+
+def _styles(rows: list[dict]) -> dict[str, str]:
+    """Line style per entry: solid for the largest entry of each method, then dashed, dotted."""
+    out = {}
+    for name in {r["name"] for r in rows}:
+        same = sorted((r for r in rows if r["name"] == name), key=lambda r: -r["trainable_params"])
+        for i, r in enumerate(same):
+            out[r["method"]] = ("-", "--", ":", "-.")[i % 4]
+    return out
+
+
+def _save(fig, path: Path) -> None:
+    import os
+
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def plot(rep: dict, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = [t for t in rep["tasks"] if any(r["task"] == t for r in rep["summary"])]
+    if not tasks:
+        return []
+    paths = []
+    # 1. test metric vs trainable parameters (mean ± sd over seeds)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        rows = [r for r in rep["summary"] if r["task"] == task and r["test_mean"] is not None]
+        for r in rows:
+            ax.errorbar(r["trainable_params"], 100 * r["test_mean"], yerr=100 * (r["test_sd"] or 0),
+                        fmt="o", color=color(r["name"]), capsize=3)
+            ax.annotate(r["method"], (r["trainable_params"], 100 * r["test_mean"]), fontsize=7,
+                        xytext=(4, -10), textcoords="offset points")
+        if rows and rows[0]["before"] is not None:
+            ax.axhline(100 * rows[0]["before"], color="gray", ls="--", lw=1, label="base model")
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters")
+        ax.set_ylabel(f"test {rows[0]['metric'].replace('_', ' ')} (%)" if rows else "")
+        ax.set_title(f"{task} (best lr, mean ± sd over seeds)", fontsize=9)
+        ax.legend(fontsize=7)
+    paths.append(out / "study_frontier.png")
+    _save(fig, paths[-1])
+    # 2. learning curves at each method's best lr (test metric, mean over seeds) + training loss
+    fig, axes = plt.subplots(2, len(tasks), figsize=(4.6 * len(tasks), 6.4), squeeze=False)
+    for i, task in enumerate(tasks):
+        rows = [r for r in rep["summary"] if r["task"] == task]
+        styles = _styles(rows)
+        for r in rows:
+            ls = styles[r["method"]]
+            axes[0][i].plot([c["step"] for c in r["curve"]], [100 * c["curve"] for c in r["curve"]], marker=".",
+                            ls=ls, color=color(r["name"]), label=f"{r['method']} @ {r['best_lr']:.2g}")
+            run = next((x for x in rep["runs"] if x["task"] == task and x["method"] == r["method"]
+                        and x["lr"] == r["best_lr"] and x["seed"] == rep["sweep_seed"]), None)
+            if run:
+                axes[1][i].plot(range(1, len(run["losses"]) + 1), _smooth(run["losses"]), ls=ls,
+                                color=color(r["name"]), label=r["method"], lw=1.2)
+        axes[0][i].set_title(f"{task}: held-out metric vs step (first {rep['curve_records']} records)", fontsize=9)
+        axes[0][i].set_xlabel("step")
+        axes[0][i].set_ylabel("%")
+        axes[0][i].legend(fontsize=6)
+        axes[1][i].set_xlabel("step")
+        axes[1][i].set_ylabel(f"training loss (seed {rep['sweep_seed']}, 3-step mean)")
+        axes[1][i].legend(fontsize=6)
+    paths.append(out / "study_curves.png")
+    _save(fig, paths[-1])
+    # 3. the lr sweeps: dev metric vs lr
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        rows = [r for r in rep["summary"] if r["task"] == task]
+        styles = _styles(rows)
+        for r in rows:
+            ax.plot([s["lr"] for s in r["sweep"]], [100 * (s["dev"] or 0) for s in r["sweep"]], marker="o",
+                    color=color(r["name"]), ls=styles[r["method"]], label=r["method"])
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel("dev metric after training (%)")
+        ax.set_title(f"{task}: lr sweep (seed {rep['sweep_seed']})", fontsize=9)
+        ax.legend(fontsize=6)
+    paths.append(out / "study_lr.png")
+    _save(fig, paths[-1])
+    return paths
+
+
+def _smooth(xs: list[float], k: int = 3) -> list[float]:
+    return [statistics.mean(xs[max(0, i - k + 1): i + 1]) for i in range(len(xs))]
+
+
+def write(rep: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "study.json", json.dumps(rep, indent=1) + "\n")
+    md = format_markdown(rep)
+    write_atomic(out / "study.md", md)
+    paths = plot(rep, out)
+    print(md, flush=True)
+    print(f"[study] wrote {out / 'study.json'}, {out / 'study.md'}" + "".join(f", {p}" for p in paths), flush=True)
+
+
+# ------------------------------------------------------------------ the flattening probe
+def flat_step(curve: list[dict], key: str, tol: float) -> int | None:
+    """The first eval step after which the metric never rises more than `tol` above it."""
+    for i, c in enumerate(curve):
+        if c[key] is None:
+            continue
+        if max(x[key] for x in curve[i:]) - c[key] <= tol:
+            return c["step"]
+    return None
+
+
+def build_probe(plan, entries: list[dict], command: str) -> dict:
+    from .bench.compare import machine
+
+    study = plan.study
+    runs = []
+    for e in entries:
+        metric = study["tasks"][e["task"]]["metric"]
+        r = read_run(e, study["test_records"], metric, study.get("curve_records"))
+        if r is None:
+            continue
+        final = r["curve"][-1]["test"]
+        tol = ACCURACY_POINTS if metric == "accuracy" else EXACT_MATCH_RELATIVE * max(final, 1e-9)
+        r["flat_step"] = flat_step(r["curve"], "curve", tol)
+        r["flat_tolerance"] = tol
+        runs.append(r)
+    for r in runs:
+        r["name"] = study["methods"][r["method"]]["name"]
+    return {"date": _dt.date.today().isoformat(), "machine": machine(), "command": command,
+            "test_records": study["test_records"], "runs": [{k: v for k, v in r.items() if k != "out"} for r in runs]}
+
+
+def write_probe(rep: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "probe.json", json.dumps(rep, indent=1) + "\n")
+    lines = [f"# Flattening probe, {rep['date']}", "", f"Command: `{rep['command']}`  ",
+             "Constant lr after warm-up; test metric on the first "
+             f"{rep['test_records']} eval records.", "",
+             "| task | method | lr | steps | test metric by step | flat from step (tolerance) |",
+             "|---|---|---|---|---|---|"]
+    for r in rep["runs"]:
+        pts = ", ".join(f"{c['step']}: {100 * c['curve']:.1f}" for c in r["curve"])
+        lines.append(f"| {r['task']} | {r['method']} | {r['lr']:.3g} | {r['steps']} | {pts} | "
+                     f"{r['flat_step']} ({100 * r['flat_tolerance']:.1f} pts) |")
+    write_atomic(out / "probe.md", "\n".join(lines) + "\n")
+    tasks = sorted({r["task"] for r in rep["runs"]})
+    if tasks:
+        fig, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks), 3.4), squeeze=False)
+        for ax, task in zip(axes[0], tasks):
+            for r in (r for r in rep["runs"] if r["task"] == task):
+                ax.plot([c["step"] for c in r["curve"]], [100 * c["curve"] for c in r["curve"]], marker=".",
+                        color=color(r["name"]), label=f"{r['method']} lr {r['lr']:.2g}")
+            ax.set_xlabel("step")
+            ax.set_ylabel("test metric (%)")
+            ax.set_title(f"{task}: constant lr", fontsize=9)
+            ax.legend(fontsize=7)
+        _save(fig, out / "probe.png")
+    print("\n".join(lines), flush=True)
+
+
+# ------------------------------------------------------------------ ablations
+def build_ablations(plan, entries: list[dict], command: str) -> dict:
+    study = plan.study
+    runs = []
+    for e in entries:
+        r = read_run(e, study["test_records"], study["tasks"][e["task"]]["metric"], study.get("curve_records"))
+        if r is not None:
+            r["variant"] = e["phase"]
+            r["overrides"] = [o for o in e["overrides"] if o not in plan.entry(
+                e["task"], e["method"], e["lr"], e["seed"], "x")["overrides"]]
+            runs.append(r)
+    return {"date": _dt.date.today().isoformat(), "command": command, "test_records": study["test_records"],
+            "method": study["ablations"]["method"], "runs": [{k: v for k, v in r.items() if k != "out"} for r in runs]}
+
+
+def write_ablations(rep: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "ablations.json", json.dumps(rep, indent=1) + "\n")
+    lines = [f"# Ablations of {rep['method']}, {rep['date']}", "", f"Command: `{rep['command']}`  ",
+             "One knob changed at a time around the chosen lr (seed of the sweep). Test metric on the first "
+             f"{rep['test_records']} eval records, dev on the rest; final training loss = mean of the last 5 "
+             "steps.", "",
+             "| task | variant | change | lr | test by step | test after | dev after | final training loss |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rep["runs"]:
+        pts = ", ".join(f"{c['step']}: {100 * c['curve']:.1f}" for c in r["curve"])
+        last = statistics.mean(r["losses"][-5:]) if r["losses"] else float("nan")
+        lines.append(f"| {r['task']} | {r['variant']} | {' '.join(r['overrides']) or '-'} | {r['lr']:.3g} | {pts} | "
+                     f"{_pct(r['after'])} | {_pct(r['dev_after'])} | {last:.4f} |")
+    write_atomic(out / "ablations.md", "\n".join(lines) + "\n")
+    tasks = sorted({r["task"] for r in rep["runs"]})
+    if tasks:
+        fig, axes = plt.subplots(2, len(tasks), figsize=(5.2 * len(tasks), 6.4), squeeze=False)
+        for i, task in enumerate(tasks):
+            for r in (r for r in rep["runs"] if r["task"] == task):
+                lw = 2.2 if r["variant"] == "baseline" else 1.0
+                axes[0][i].plot([c["step"] for c in r["curve"]], [100 * c["curve"] for c in r["curve"]], marker=".",
+                                lw=lw, label=r["variant"])
+                axes[1][i].plot(range(1, len(r["losses"]) + 1), _smooth(r["losses"], 5), lw=lw, label=r["variant"])
+            axes[0][i].set_title(f"{task}: {rep['method']} ablations, test metric", fontsize=9)
+            axes[0][i].set_xlabel("step")
+            axes[0][i].set_ylabel("%")
+            axes[0][i].legend(fontsize=6)
+            axes[1][i].set_xlabel("step")
+            axes[1][i].set_ylabel("training loss (5-step mean)")
+            axes[1][i].set_yscale("log")
+        _save(fig, out / "ablations.png")
+    print("\n".join(lines), flush=True)

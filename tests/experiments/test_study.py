@@ -1,0 +1,82 @@
+"""The study config: method entries as method.* overrides, lr grids and units, refusals
+(in-process; the launched pipeline is tests/integration/test_bench_study.py)."""
+import pytest
+
+from experiments import study
+from gpart_ds.config import ConfigError
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "s.yaml"
+    p.write_text(text)
+    return p
+
+
+BASE = """ranks: 1
+seeds: [0]
+steps: 2
+eval_examples: 12
+test_records: 8
+eval_every: 1
+tasks:
+  tiny: {config: CONFIG, metric: exact_match}
+methods:
+"""
+
+
+def _study(tmp_path, methods, extra=""):
+    from tests.helpers import REPO
+
+    return _write(tmp_path, BASE.replace("CONFIG", str(REPO / "configs/tiny.yaml")) + methods + extra)
+
+
+def test_an_entry_is_its_method_keys_and_a_grid(tmp_path):
+    cfg = study.load_study(_study(tmp_path,
+                                  "  g: {name: gpart, d: 1024, lr_mults: [1, 3], lr_unit: '2e-3 * sqrt(D / d)'}\n"
+                                  "  l: {name: lora, r: 4, alpha: 8, lrs: [auto, 0.01]}\n"))
+    g, lo = cfg["methods"]["g"], cfg["methods"]["l"]
+    assert study.method_overrides(g) == ["method.name=gpart", "method.d=1024"]
+    assert study.method_overrides(lo) == ["method.name=lora", "method.r=4", "method.alpha=8"]
+    ov = study.run_overrides(cfg, cfg["tasks"]["tiny"], lo, 0.01, 3, 2, extra=("train.adam_eps=1e-6",))
+    assert ov[:3] == ["train.max_steps=2", "train.seed=3", "method.seed=3"] and ov[-2:] == ["train.lr=0.01",
+                                                                                        "train.adam_eps=1e-6"]
+    assert "train.eval_predictions=true" in ov and "method.r=4" in ov
+    assert study.lr_unit(g, 1024 * 9, "u") == pytest.approx(2e-3 * 3)
+    assert study.lr_unit({"lr_mults": [1]}, 10, "u") is None                   # default: auto
+    assert study.lr_unit({"lr_mults": [1], "lr_unit": 0.5}, 10, "u") == 0.5
+
+
+@pytest.mark.parametrize("entry, key, msg", [
+    ("{name: gpart2, d: 8, lrs: [0.1]}", "methods.g", "name must be one of"),
+    ("{name: gpart, d: 8}", "methods.g", "needs either lrs"),
+    ("{name: gpart, d: 8, lrs: [0.1], lr_mults: [1]}", "methods.g", "needs either lrs"),
+    ("{name: gpart, d: 8, lrs: [-1]}", "methods.g", "numbers > 0 or auto"),
+    ("{name: gpart, d: 8, lrs: [0.1], lr_unit: auto}", "methods.g.lr_unit", "goes with lr_mults"),
+    ("{name: gpart, d: 8, lr_mults: [1], lr_unit: 'import os'}", "methods.g.lr_unit", "not an expression"),
+    ("{name: gpart, d: 8, lr_mults: [1], lr_unit: 'open(D)'}", "methods.g.lr_unit", "only numbers"),
+    ("{name: gpart, d: 8, lr_mults: [1], lr_unit: '1e-3 * sqrt(D / r)'}", "methods.g.lr_unit", "unknown name 'r'"),
+])
+def test_a_bad_entry_is_named_with_its_key(tmp_path, entry, key, msg):
+    with pytest.raises(ConfigError, match=rf"s\.yaml: {key}: .*{msg}"):
+        study.load_study(_study(tmp_path, f"  g: {entry}\n"))
+
+
+def test_compare_with_must_be_an_entry(tmp_path):
+    with pytest.raises(ConfigError, match="compare_with: 'lora' is not one of methods"):
+        study.load_study(_study(tmp_path, "  g: {name: gpart, d: 8, lrs: [0.1]}\n", "compare_with: lora\n"))
+
+
+def test_the_plan_resolves_auto_and_units_through_the_methods_own_rates(tmp_path, tiny_assets):
+    from gpart_ds import methods
+    from gpart_ds.config import load_config, resolved_lr
+
+    cfg = study.load_study(_study(tmp_path, "  g: {name: gpart, d: 1024, lr_mults: [1, 10]}\n"
+                                            "  l: {name: lora, r: 4, lrs: [auto, 0.003]}\n"))
+    plan = study.Plan(cfg, tmp_path / "out", ["tiny"], ["g", "l"])
+    assert plan.D("tiny", "g") == 86_016                                        # tiny: 2 layers x 7 matrices
+    auto_g = resolved_lr(load_config("configs/tiny.yaml", ["method.d=1024", "train.lr=auto"], check_files=False),
+                         86_016)
+    assert plan.lr_grid("tiny", "g") == [float(f"{auto_g:.4g}"), float(f"{10 * auto_g:.4g}")]
+    assert plan.lr_grid("tiny", "l") == [methods.get("lora").DEFAULT_LR, 0.003]
+    e = plan.sweep("tiny", "l")[1]
+    assert e["out"] == tmp_path / "out" / "runs" / "tiny" / "l" / "lr0.003-s0" and "method.name=lora" in e["overrides"]

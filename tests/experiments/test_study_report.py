@@ -1,0 +1,102 @@
+"""The study's analysis on hand-made run folders: test/dev split, lr choice, parity, probe."""
+import json
+import math
+
+import pytest
+
+from experiments import study_report as sr
+
+
+def _run_folder(path, verdicts_by_step, steps, eval_loss=1.0, lr=0.1, final_loss=1.0, last_in_step_file=True):
+    """A finished run as the trainer leaves it: metrics.jsonl, predictions/step-N.jsonl and
+    (last_in_step_file=False, today's trainer) the last evaluation in eval_predictions.jsonl."""
+    (path / "predictions").mkdir(parents=True)
+    lines = [{"event": "start", "time": 0}]
+    for step, v in verdicts_by_step.items():
+        f = path / "predictions" / f"step-{step:06d}.jsonl"
+        if step == steps and not last_in_step_file:
+            f = path / "eval_predictions.jsonl"
+        f.write_text("".join(json.dumps({"record": f"e:{i + 1}", "index": i, "match": ok}) + "\n"
+                             for i, ok in enumerate(v)))
+        lines.append({"event": "eval", "step": step, "eval_loss": eval_loss, "exact_match": sum(v) / len(v)})
+    lines += [{"step": s, "loss": final_loss / s, "step_time_s": 1.0} for s in range(1, steps + 1)]
+    lines.append({"event": "summary", "steps": steps, "eval_loss_after": eval_loss, "trainable_params": 10,
+                  "adapter_bytes": 100, "wall_s": 60.0, "median_step_time_s": 1.0})
+    (path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return {"task": "t", "method": "m", "lr": lr, "seed": 0, "phase": "sweep", "out": path}
+
+
+def test_read_run_splits_each_eval_into_test_and_dev_records(tmp_path):
+    # records 0-3 test, 4-5 dev
+    e = _run_folder(tmp_path / "r", {0: [0, 0, 0, 0, 1, 0], 2: [1, 1, 0, 0, 1, 1]}, steps=2)
+    r = sr.read_run(e, test_records=4, metric="exact_match")
+    assert [c["step"] for c in r["curve"]] == [0, 2]
+    assert (r["before"], r["after"], r["dev_after"]) == (0.0, 0.5, 1.0)
+    assert r["curve"][0]["dev"] == 0.5 and r["losses"] == [1.0, 0.5]
+    c = sr.read_run(e, test_records=4, metric="exact_match", curve_records=2)      # curves: records 0-1
+    assert [p["curve"] for p in c["curve"]] == [0.0, 1.0] and c["after"] == 0.5
+    assert sr.read_run({**e, "out": tmp_path / "absent"}, 4, "exact_match") is None
+    # today's trainer: the last evaluation's verdicts in eval_predictions.jsonl, same reading
+    n = sr.read_run(_run_folder(tmp_path / "n", {0: [0, 0, 0, 0, 1, 0], 2: [1, 1, 0, 0, 1, 1]}, steps=2,
+                                last_in_step_file=False), test_records=4, metric="exact_match")
+    assert n["curve"] == r["curve"] and (n["after"], n["dev_after"]) == (0.5, 1.0)
+
+
+def test_accuracy_reads_the_chosen_choice_and_exact_match_the_match_flag(tmp_path):
+    # one line per record as the Evaluator writes it: a choice record has both
+    f = tmp_path / "eval_predictions.jsonl"
+    rows = [{"record": "e:1", "index": 0, "match": False, "predicted": 1, "answer": 1, "scores": [-2.0, -1.0]},
+            {"record": "e:2", "index": 1, "match": True, "predicted": 0, "answer": 1, "scores": [-1.0, -2.0]},
+            {"record": "e:9 example 9", "index": None, "match": True}]     # not a record of the file: left out
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert sr.verdicts(tmp_path, 5, "accuracy", last=5) == {0: True, 1: False}
+    assert sr.verdicts(tmp_path, 5, "exact_match", last=5) == {0: False, 1: True}
+    assert sr.verdicts(tmp_path, 4, "accuracy", last=5) is None                  # no step-000004.jsonl
+
+
+def test_the_lr_is_chosen_on_dev_records_only_ties_by_training_loss(tmp_path):
+    runs = [
+        # best on test, worse on dev: must not win
+        sr.read_run(_run_folder(tmp_path / "a", {0: [0] * 6, 4: [1, 1, 1, 1, 0, 0]}, 4, lr=0.1), 4, "exact_match"),
+        sr.read_run(_run_folder(tmp_path / "b", {0: [0] * 6, 4: [0, 0, 0, 0, 1, 1]}, 4, lr=0.3, final_loss=2.0),
+                    4, "exact_match"),
+        sr.read_run(_run_folder(tmp_path / "c", {0: [0] * 6, 4: [0, 0, 0, 0, 1, 1]}, 4, lr=1.0, final_loss=1.0),
+                    4, "exact_match"),
+        # a diverged run (non-finite loss) never wins
+        sr.read_run(_run_folder(tmp_path / "d", {0: [0] * 6, 4: [0, 0, 0, 0, 1, 1]}, 4, eval_loss=float("nan"),
+                                lr=3.0, final_loss=0.1), 4, "exact_match"),
+    ]
+    assert max(runs, key=sr._dev_score)["lr"] == 1.0       # ties with 0.3 on dev, lower training loss
+
+
+def test_parity_uses_the_references_seed_spread_or_the_fixed_tolerance():
+    lora = {"test_mean": 0.80, "test_sd": 0.005}
+    assert sr.parity("accuracy", lora, {"test_mean": 0.785})["holds"]          # 1.5 points < 2
+    assert not sr.parity("accuracy", lora, {"test_mean": 0.775})["holds"]      # 2.5 points
+    assert sr.parity("accuracy", {"test_mean": 0.80, "test_sd": 0.03}, {"test_mean": 0.775})["holds"]   # spread 3
+    em = {"test_mean": 0.50, "test_sd": 0.01}
+    assert sr.parity("exact_match", em, {"test_mean": 0.46})["holds"]          # 10% of 0.50 = 0.05
+    assert not sr.parity("exact_match", em, {"test_mean": 0.44})["holds"]
+    assert sr.parity("exact_match", em, {"test_mean": 0.60})["gap"] == pytest.approx(-0.10)
+
+
+def test_paired_test_compares_final_test_verdicts_of_two_runs(tmp_path):
+    a = sr.read_run(_run_folder(tmp_path / "a", {0: [0] * 6, 2: [1, 0, 0, 0, 1, 1]}, 2), 4, "exact_match")
+    b = sr.read_run(_run_folder(tmp_path / "b", {0: [0] * 6, 2: [0, 1, 1, 1, 0, 0]}, 2), 4, "exact_match")
+    t = sr.paired_test(a, b, test_records=4)
+    assert (t["records"], t["fixed"], t["broken"]) == (4, 3, 1)              # dev records left out
+    base = sr.paired_test(a, a, test_records=4, step_a=0)
+    assert (base["fixed"], base["broken"]) == (1, 0)
+
+
+def test_flat_step_is_where_the_curve_stops_rising_beyond_the_tolerance():
+    curve = [{"step": s, "curve": v} for s, v in [(0, 0.5), (10, 0.7), (20, 0.78), (30, 0.79), (40, 0.785)]]
+    assert sr.flat_step(curve, "curve", 0.02) == 20
+    assert sr.flat_step(curve, "curve", 0.0) == 30
+
+
+def test_interpolated_best_lr_is_the_peak_of_a_parabola_in_log_lr():
+    sweep = [{"lr": lr, "dev_after": 1 - (math.log10(lr) + 2.2) ** 2} for lr in (1e-4, 1e-3, 1e-2, 1e-1)]
+    assert sr.interpolated_best(sweep) == pytest.approx(10 ** -2.2, rel=1e-6)   # between grid points
+    edge = [{"lr": 1e-3, "dev_after": 0.9}, {"lr": 1e-2, "dev_after": 0.5}, {"lr": 1e-1, "dev_after": 0.2}]
+    assert sr.interpolated_best(edge) == 1e-3                                    # best at the edge: itself
