@@ -7,7 +7,7 @@ Steps, in order of value (each a subprocess with its own time limit; a step that
 not fit in what is left of --budget is skipped and says so):
   env        GPU, driver, CPython, torch, triton versions
   install    .gpu_carry/part*/ -> .wheelhouse/ (sha256-checked), wheels into .gpu_site/
-  tests      pytest -m gpu tests/test_triton.py (CUDA-only tests)
+  tests      pytest -m gpu tests/methods/gpart/test_triton.py (CUDA-only tests)
   layer      bench.layer --preset llama70b bf16: frozen / trainable / LoRA / GPart compiled /
              GPart Triton (auto, fused, split), ms and ratios, delta generation GB/s
   tiny       configs/tiny.yaml under ZeRO-3 on the GPU in bf16 with the compiled and the triton
@@ -16,7 +16,7 @@ not fit in what is left of --budget is skipped and says so):
   smollm2    the same for configs/smollm2_rt.yaml (needs the SmolLM2 asset: --smollm2 wheelhouse)
   crossover  fused vs split fwd+bwd on the 70B shape at 16 .. 4096 tokens (where auto switches)
   kernels    bench.kernels 8192 x 8192, d = 2^21: eager / compiled / triton elem/s
-  optests    the rest of tests/test_triton.py on CUDA (the op against float64, every dtype)
+  optests    the rest of tests/methods/gpart/test_triton.py on CUDA (the op against float64, every dtype)
 Everything goes under --out (default $OUT, else outputs/gpu_check): one JSON per step,
 summary.json (rewritten after every step, so a killed run keeps what finished) and
 summary.md. --dry runs the same steps on this CPU at toy sizes (Triton's interpreter for
@@ -165,11 +165,11 @@ def _pytest(run: Run, name: str, args: list[str]) -> dict:
 
 
 def step_tests(run: Run) -> dict:
-    return _pytest(run, "tests", ["-m", "gpu", "tests/test_triton.py"])
+    return _pytest(run, "tests", ["-m", "gpu", "tests/methods/gpart/test_triton.py"])
 
 
 def step_optests(run: Run) -> dict:
-    return _pytest(run, "optests", ["-m", "not gpu and not slow", "tests/test_triton.py"])
+    return _pytest(run, "optests", ["-m", "not gpu and not slow", "tests/methods/gpart/test_triton.py"])
 
 
 def step_layer(run: Run) -> dict:
