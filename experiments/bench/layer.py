@@ -7,7 +7,7 @@ Same shape, same input, same upstream gradient, in one process:
   frozen     x @ W0^T, gradient for x only (the floor: what any adapter pays)
   trainable  x @ W^T, gradients for x and W (full fine-tuning's layer)
   lora       frozen + x @ A^T @ B^T, rank 8 (PEFT's computation, without PEFT's wrapper)
-  gpart      the GPart op (ops.gpart_linear) with eager and with compiled kernels, and
+  gpart      the GPart op (methods.gpart.op.gpart_linear) with eager and with compiled kernels, and
              compiled with reuse_ids (the forward's group ids kept for the backward);
              on CUDA with triton also method.kernel=triton: the fused GEMMs, the split
              path (one-pass Triton kernels + cuBLAS) and the per-shape choice (auto)

@@ -10,7 +10,7 @@ partition.py and in W0 + delta to kernels.effective_weight:
   so dW never exists either. The price: the forward and dL/dx GEMMs re-hash every
   weight once per token tile (ceil(tokens / BLOCK_M) times).
 - one-pass elementwise kernels (`TritonKernelSet`, the interface of kernels.KernelSet)
-  for the op in ops.py, whose GEMMs are torch's (cuBLAS): W0 + delta per row chunk,
+  for the op in op.py, whose GEMMs are torch's (cuBLAS): W0 + delta per row chunk,
   and one pass that both rebuilds it and scatters dL/dW in the backward. Each weight is
   hashed once per pass whatever the token count.
 triton_op.py picks the faster per shape.

@@ -1,10 +1,10 @@
 """The GPart op with Triton kernels (method.kernel=triton): fused or split, per shape.
 
-Two implementations of ops.gpart_linear, same math, same rounding of W0 + delta:
+Two implementations of op.gpart_linear, same math, same rounding of W0 + delta:
   fused  the forward and dL/dx GEMMs build W0 + delta tiles in registers, the dL/dW GEMM
-         scatters its tiles into theta's gradient (triton_kernels.fused_*);
-  split  ops.GPartLinearFunction (torch's GEMMs, i.e. cuBLAS) with the one-pass Triton
-         elementwise kernels (triton_kernels.TritonKernelSet).
+         scatters its tiles into theta's gradient (triton.fused_*);
+  split  op.GPartLinearFunction (torch's GEMMs, i.e. cuBLAS) with the one-pass Triton
+         elementwise kernels (triton.TritonKernelSet).
 The fused one re-hashes each weight once per token tile in the forward and dL/dx GEMMs,
 so it wins at few tokens and loses at many; where the line falls depends on the GPU.
 GPART_TRITON_PATH picks:
@@ -12,7 +12,7 @@ GPART_TRITON_PATH picks:
          dropout, grad) on the call's own tensors and keep the faster for the process;
          under the interpreter: fused up to 64 tokens, split above
   fused | split   always that one (benchmarks, tests, bit-reproducible runs)
-Knows nothing of DeepSpeed, like ops.py.
+Knows nothing of DeepSpeed, like op.py.
 """
 from __future__ import annotations
 
@@ -126,7 +126,7 @@ def choose_path(x, weight, bias, ts, spec: Target, cfg: OpConfig, keep_seed, tra
 
 
 def triton_gpart_linear(x, weight, bias, ts, spec: Target, cfg: OpConfig, keep_seed=None):
-    """ops.gpart_linear for cfg.kernels.mode == "triton" (called from there)."""
+    """op.gpart_linear for cfg.kernels.mode == "triton" (called from there)."""
     train = torch.is_grad_enabled() and (x.requires_grad or ts.requires_grad)
     path = choose_path(x, weight, bias, ts, spec, cfg, keep_seed, train)
     return _apply(path, x, weight, bias, ts, spec, cfg, keep_seed)

@@ -343,7 +343,7 @@ def test_cpu_tensors_outside_the_interpreter_use_the_compiled_kernels(monkeypatc
 
 def test_a_failing_triton_kernel_warns_and_the_set_falls_back_to_compiled(monkeypatch):
     """What an older Triton on a GPU box would do: values from the compiled kernels, once
-    warned, and mode "compiled" so that ops.py takes the plain op from then on."""
+    warned, and mode "compiled" so that op.py takes the plain op from then on."""
     def broken(*args, **kwargs):
         raise RuntimeError("PTX too new for this driver")
 
