@@ -34,7 +34,7 @@ frozen parameter once in the forward; with activation checkpointing every decode
 again in the recompute; in the backward every decoder block and the LM head again (and
 the final norm, with checkpointing); parameters of at most
 stage3_param_persistence_threshold elements are kept whole and never gathered. The
-scalars: DeepSpeed's gradient norm and the trainer's loss/token sums and stop flag.
+scalars: DeepSpeed's gradient norm and the trainer's loss/token/non-finite sums and stop flag.
 """
 from __future__ import annotations
 
@@ -46,8 +46,9 @@ from . import plan
 from .config import FROZEN_PARTITIONS as MODES
 
 # Per step, over the world: DeepSpeed's gradient norm (float64), the trainer's loss and
-# token sums (2 x float64, comm.all_sum) and its stop flag (float64, comm.any_rank).
-SCALARS = (("scalars: gradient norm, loss and token sums, stop flag", 8 + 16 + 8, 3),)
+# token sums and count of ranks with a non-finite state (3 x float64, comm.all_sum) and
+# its stop flag (float64, comm.any_rank).
+SCALARS = (("scalars: gradient norm, loss, token and non-finite sums, stop flag", 8 + 24 + 8, 3),)
 
 
 # ------------------------------------------------------------------ the cluster

@@ -96,10 +96,12 @@ if [ "$DEVICE" = cpu ]; then export DS_ACCELERATOR=cpu; fi
 say "config $CONFIG $*; $NNODES node(s) x $TASKS_PER_NODE task(s), device $DEVICE, master $MASTER_ADDR:$MASTER_PORT, python $PY, logs $LOG_DIR"
 
 # Fail fast, one task per node: Python and packages, GPUs, config and files, shared output.
+# The same overrides as the ranks (train.resume=auto included): a requeued job's output
+# folder holds its own run, which the output-folder guard must let it continue.
 if ! srun --ntasks="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \
      --output="$LOG_DIR/preflight.log" --open-mode=append \
      "$PY" -m gpart_ds.preflight --config "$CONFIG" --nodes "$NNODES" \
-     --tasks-per-node "$TASKS_PER_NODE" --device "$DEVICE" --tag "$SLURM_JOB_ID.$RESTART" "$@"; then
+     --tasks-per-node "$TASKS_PER_NODE" --device "$DEVICE" --tag "$SLURM_JOB_ID.$RESTART" train.resume=auto "$@"; then
   say "preflight failed, ranks not started:"; grep -h "FAILED\|rror" "$LOG_DIR/preflight.log" | tail -n 20 || true
   exit 3
 fi

@@ -217,12 +217,12 @@ def test_dry_run_prints_time_and_traffic(capsys):
 # world whatever dist.frozen_partition says. (method, partition, checkpointing):
 # (inter-node, intra-node)
 MEASURED_TINY_2x2 = {
-    ("gpart", "global", True): (328_592, 657_184),
-    ("gpart", "node", False): (8_208, 484_512),
-    ("lora", "node", True): (53_776, 789_280),
-    ("lora", "node", False): (53_776, 559_264),
-    ("full", "global", True): (381_904, 763_808),
-    ("full", "global", False): (381_904, 763_808),
+    ("gpart", "global", True): (328_596, 657_192),
+    ("gpart", "node", False): (8_212, 484_520),
+    ("lora", "node", True): (53_780, 789_288),
+    ("lora", "node", False): (53_780, 559_272),
+    ("full", "global", True): (381_908, 763_816),
+    ("full", "global", False): (381_908, 763_816),
 }
 
 

@@ -53,7 +53,8 @@ def _free_port() -> int:
 
 def run_method(config: str, method: str, ranks: int, steps: int, out: Path, overrides: list[str],
                log_file: Path) -> Path:
-    """Train one method through the deepspeed launcher; returns its output folder."""
+    """Train one method through the deepspeed launcher (one rank: launch/train.py with the
+    launcher's variables); returns its output folder."""
     if out.exists():
         shutil.rmtree(out)   # metrics.jsonl appends: start clean
     env = dict(os.environ)
@@ -65,10 +66,18 @@ def run_method(config: str, method: str, ranks: int, steps: int, out: Path, over
         cuda = False
     if not cuda:
         env.setdefault("DS_ACCELERATOR", "cpu")
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-           "--master_port", str(_free_port()), str(REPO_ROOT / "launch" / "train.py"),
-           "--config", config, f"method.name={method}", f"train.max_steps={steps}",
-           f"output_dir={out}", "train.log_every=1", "checkpoint.keep_last=1", *overrides]
+    train = [str(REPO_ROOT / "launch" / "train.py"), "--config", config, f"method.name={method}",
+             f"train.max_steps={steps}", f"output_dir={out}", "train.log_every=1", "checkpoint.keep_last=1",
+             *overrides]
+    if ranks == 1:
+        # One rank: the variables the launcher would set, without its two extra Python
+        # processes (a third of a tiny run's wall time; the study's runs are 1-rank).
+        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        cmd = [sys.executable, "-u", *train]
+    else:
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
+               "--master_port", str(_free_port()), *train]
     with open(log_file, "w") as fh:
         fh.write(" ".join(cmd) + "\n")
         fh.flush()
