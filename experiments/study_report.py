@@ -342,6 +342,21 @@ def _styles(rows: list[dict]) -> dict[str, str]:
     return out
 
 
+def _pyplot():
+    """matplotlib's pyplot on the file-only backend (reports run on machines without a display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _curve_text(curve: list[dict]) -> str:
+    """A learning curve as `step: metric %` pairs, for the Markdown tables."""
+    return ", ".join(f"{c['step']}: {100 * c['curve']:.1f}" for c in curve)
+
+
 def _save(fig, path: Path) -> None:
     import os
 
@@ -355,10 +370,7 @@ def _save(fig, path: Path) -> None:
 
 
 def plot(rep: dict, out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     tasks = [t for t in rep["tasks"] if any(r["task"] == t for r in rep["summary"])]
     if not tasks:
@@ -470,10 +482,7 @@ def build_probe(plan, entries: list[dict], command: str) -> dict:
 
 
 def write_probe(rep: dict, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "probe.json", json.dumps(rep, indent=1) + "\n")
@@ -483,7 +492,7 @@ def write_probe(rep: dict, out: Path) -> None:
              "| task | method | lr | steps | test metric by step | flat from step (tolerance) |",
              "|---|---|---|---|---|---|"]
     for r in rep["runs"]:
-        pts = ", ".join(f"{c['step']}: {100 * c['curve']:.1f}" for c in r["curve"])
+        pts = _curve_text(r["curve"])
         lines.append(f"| {r['task']} | {r['method']} | {r['lr']:.3g} | {r['steps']} | {pts} | "
                      f"{r['flat_step']} ({100 * r['flat_tolerance']:.1f} pts) |")
     write_atomic(out / "probe.md", "\n".join(lines) + "\n")
@@ -518,10 +527,7 @@ def build_ablations(plan, entries: list[dict], command: str) -> dict:
 
 
 def write_ablations(rep: dict, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "ablations.json", json.dumps(rep, indent=1) + "\n")
@@ -532,7 +538,7 @@ def write_ablations(rep: dict, out: Path) -> None:
              "| task | variant | change | lr | test by step | test after | dev after | final training loss |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rep["runs"]:
-        pts = ", ".join(f"{c['step']}: {100 * c['curve']:.1f}" for c in r["curve"])
+        pts = _curve_text(r["curve"])
         last = statistics.mean(r["losses"][-5:]) if r["losses"] else float("nan")
         lines.append(f"| {r['task']} | {r['variant']} | {' '.join(r['overrides']) or '-'} | {r['lr']:.3g} | {pts} | "
                      f"{_pct(r['after'])} | {_pct(r['dev_after'])} | {last:.4f} |")
