@@ -250,6 +250,21 @@ def init(backend: str = "auto", timeout_minutes: float = 60.0) -> Ranks:
     return ranks
 
 
+def shutdown() -> None:
+    """Destroy the process groups at the end of a run that succeeded (no-op without one).
+
+    Left to interpreter shutdown, gloo's worker threads can still hold finished work (and
+    its tensors) while Python finalises; the process then aborts ("terminate called
+    without an active exception", exit -6) after a run that wrote all its outputs: one
+    2-rank run of the CI suite did. Only on success: after an error a peer may still be
+    inside a collective, and destroying a group under it can hang (NCCL).
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def subgroup(groups, timeout_minutes: float = 60.0):
     """Collective: create one process group per list of global ranks in `groups` (they
     partition the world; every rank creates all of them, as torch requires) and return

@@ -326,6 +326,11 @@ class Trainer:
         with self._peer_watch():
             return self._run()
 
+    def close(self) -> None:
+        """End a run that returned (or stopped for preemption, which every rank agrees on):
+        the process groups go before the interpreter exits (distributed.shutdown)."""
+        distributed.shutdown()
+
     @contextlib.contextmanager
     def _peer_watch(self):
         """A rank that dies (killed, out of memory) leaves its peers a gloo/NCCL error in
@@ -461,4 +466,7 @@ def _fmt(metrics: dict) -> str:
 
 
 def main(cfg: DictConfig) -> dict:
-    return Trainer(cfg).run()
+    trainer = Trainer(cfg)
+    summary = trainer.run()
+    trainer.close()
+    return summary

@@ -70,7 +70,9 @@ def _run(args) -> int:
     try:
         trainer.export_only() if args.export_only else trainer.run()
     except Preempted:
+        trainer.close()
         return PREEMPTED_EXIT
+    trainer.close()
     return 0
 
 

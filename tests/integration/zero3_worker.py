@@ -55,6 +55,7 @@ def main():
                out / f"rank{trainer.rank}.pt")
     # After the evidence above is saved: what the rank holds, for the memory planner's test.
     (out / f"rank{trainer.rank}.memory.json").write_text(json.dumps(memory_probe.measure(trainer)))
+    trainer.close()
 
 
 if __name__ == "__main__":
