@@ -1,22 +1,19 @@
-"""Helpers shared by the tests: start real multi-rank runs with the deepspeed launcher."""
+"""Helpers shared by the tests: start real multi-rank runs, through the deepspeed launcher
+where the launcher is part of what a test proves, directly (torchrun's variables) elsewhere."""
 import os
 import shutil
-import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+
+from experiments.local_ranks import free_port  # noqa: F401  (the tests' one free-port helper)
 
 REPO = Path(__file__).resolve().parent.parent
 
 # The tiny run every launcher test repeats (deepspeed, sbatch, mpirun): 12 steps is long
 # enough for a signal sent after step 2 to land mid-run.
 LAUNCH_OVERRIDES = ["train.max_steps=12", "train.log_every=4", "train.eval_examples=8"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def deepspeed_launcher() -> str:
@@ -35,6 +32,27 @@ def run_deepspeed(n: int, script: str, *args: str, timeout: float = 900, check: 
     proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n"
+                             f"{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def run_ranks(n: int, script: str, *args: str, timeout: float = 900, check: bool = True,
+              env: dict | None = None) -> subprocess.CompletedProcess:
+    """`script args` on n CPU ranks started directly with torchrun's variables
+    (experiments/local_ranks.py): the same ranks, collectives and ZeRO-3 as under
+    `deepspeed`, without the launcher's ~6 s per run; for tests of the code, not of a launcher."""
+    from experiments import local_ranks
+
+    full_env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"),
+                    OMP_NUM_THREADS="1", **(env or {}))
+    cmd = [sys.executable, "-u", script, *args]
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        code = local_ranks.run(n, cmd, cwd=REPO, env=full_env, timeout=timeout, stdout=out, stderr=err)
+        out.seek(0)
+        err.seek(0)
+        proc = subprocess.CompletedProcess(cmd, code, out.read(), err.read())
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{n} ranks of {' '.join(cmd)} exited {proc.returncode}\n--- stdout\n"
                              f"{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}")
     return proc
 

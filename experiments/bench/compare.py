@@ -5,7 +5,8 @@
                              [--quick] [key.sub=value ...]
 
 One invocation trains every method with the same config (data, order, batch, ranks,
-steps; `method.name` is the only change) through the real launcher and trainer, then
+steps; `method.name` is the only change) through the real trainer on real ranks (started
+with torchrun's variables, experiments/local_ranks.py), then
 reads each run's metrics.jsonl. Reported per method: median step time and tokens/s
 after `--warmup` steps, peak memory per rank during training (host RSS on CPU, CUDA max
 allocated on GPUs), trainable parameters, model-state bytes per rank (gradients + fp32
@@ -24,7 +25,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -45,16 +45,13 @@ def _label(name: str) -> str:
 QUICK = {"config": "configs/tiny.yaml", "steps": 3, "warmup": 1}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_method(config: str, method: str, ranks: int, steps: int, out: Path, overrides: list[str],
                log_file: Path) -> Path:
-    """Train one method through the deepspeed launcher (one rank: launch/train.py with the
-    launcher's variables); returns its output folder."""
+    """Train one method on `ranks` ranks of this machine (launch/train.py started with
+    torchrun's variables, experiments/local_ranks.py: the step times are the trainer's,
+    without the deepspeed launcher's start-up); returns its output folder."""
+    from experiments import local_ranks
+
     if out.exists():
         shutil.rmtree(out)   # metrics.jsonl appends: start clean
     env = dict(os.environ)
@@ -66,25 +63,16 @@ def run_method(config: str, method: str, ranks: int, steps: int, out: Path, over
         cuda = False
     if not cuda:
         env.setdefault("DS_ACCELERATOR", "cpu")
-    train = [str(REPO_ROOT / "launch" / "train.py"), "--config", config, f"method.name={method}",
-             f"train.max_steps={steps}", f"output_dir={out}", "train.log_every=1", "checkpoint.keep_last=1",
-             *overrides]
-    if ranks == 1:
-        # One rank: the variables the launcher would set, without its two extra Python
-        # processes (a third of a tiny run's wall time; the study's runs are 1-rank).
-        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-        cmd = [sys.executable, "-u", *train]
-    else:
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-               "--master_port", str(_free_port()), *train]
+    cmd = [sys.executable, "-u", str(REPO_ROOT / "launch" / "train.py"), "--config", config,
+           f"method.name={method}", f"train.max_steps={steps}", f"output_dir={out}", "train.log_every=1",
+           "checkpoint.keep_last=1", *overrides]
     with open(log_file, "w") as fh:
-        fh.write(" ".join(cmd) + "\n")
+        fh.write(f"{ranks} rank(s): " + " ".join(cmd) + "\n")
         fh.flush()
-        proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
+        code = local_ranks.run(ranks, cmd, cwd=REPO_ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    if code != 0:
         tail = log_file.read_text()[-3000:]
-        raise RuntimeError(f"{method} on {ranks} rank(s) failed (exit {proc.returncode}); log {log_file}:\n{tail}")
+        raise RuntimeError(f"{method} on {ranks} rank(s) failed (exit {code}); log {log_file}:\n{tail}")
     return out
 
 

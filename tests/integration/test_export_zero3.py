@@ -17,7 +17,7 @@ from gpart_ds import export
 from gpart_ds.methods.gpart.sources import open_source
 from gpart_ds.methods.gpart.layer import apply_gpart
 from tests.export_helpers import expected_targets, make_base, raw_bytes, read_folder
-from tests.helpers import REPO, run_deepspeed
+from tests.helpers import REPO, run_ranks
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -34,7 +34,7 @@ def zero3_run(tmp_path_factory, tiny_assets):
     base = make_base(tmp / "base", tiny_assets / "model", hidden=2, heads=1, kv=1, inter=3,
                      layers=2, tie=True, dtype=torch.bfloat16)
     out = tmp / "run"
-    run_deepspeed(3, "launch/train.py", *run_args(base, out), "export.merged=true")
+    run_ranks(3, "launch/train.py", *run_args(base, out), "export.merged=true")
     return base, out
 
 
@@ -80,7 +80,7 @@ def test_zero3_merged_export_equals_offline_merge_and_w0_plus_delta(tmp_path, ze
 def test_export_only_from_a_checkpoint_and_existing_folder_refused(tmp_path, zero3_run):
     base, out = zero3_run
     again = tmp_path / "again"
-    run_deepspeed(3, "launch/train.py", "--export-only", *run_args(base, out), "train.resume=auto",
+    run_ranks(3, "launch/train.py", "--export-only", *run_args(base, out), "train.resume=auto",
                   f"export.dir={again}")
     a, b = read_folder(again), read_folder(out / "merged")
     assert a.keys() == b.keys() and all(raw_bytes(a[k]) == raw_bytes(b[k]) for k in a)

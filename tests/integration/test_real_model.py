@@ -6,7 +6,7 @@ import pytest
 from experiments import assets
 from gpart_ds import export
 from gpart_ds.evaluate import evaluate_files
-from tests.helpers import run_deepspeed
+from tests.helpers import run_ranks
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -39,7 +39,7 @@ def test_rotten_tomatoes_split_is_deterministic_and_disjoint(real_assets):
 
 def test_gpart_under_zero3_lowers_held_out_loss_on_the_real_model(real_assets, tmp_path):
     out = tmp_path / "run"
-    run_deepspeed(2, "launch/train.py", "--config", "configs/smollm2_rt.yaml", f"output_dir={out}",
+    run_ranks(2, "launch/train.py", "--config", "configs/smollm2_rt.yaml", f"output_dir={out}",
                   "train.max_steps=4", "train.micro_batch_size=2", "train.eval_examples=16",
                   "train.objective=lm",   # the held-out loss is the next-token loss this trains
                   "train.eval_micro_batch_size=8", "train.warmup_ratio=0", f"data.cache_dir={tmp_path / 'tok'}",

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gpart_ds.methods.gpart.adapter import load_adapter
-from tests.helpers import REPO, deepspeed_launcher, free_port, run_deepspeed
+from tests.helpers import REPO, deepspeed_launcher, free_port, run_ranks
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -20,7 +20,7 @@ BASE = [f"train.max_steps={STEPS}", "train.micro_batch_size=4", "train.eval_exam
 
 
 def train(n, out, *extra, check=True):
-    return run_deepspeed(n, "launch/train.py", "--config", "configs/tiny.yaml", f"output_dir={out}",
+    return run_ranks(n, "launch/train.py", "--config", "configs/tiny.yaml", f"output_dir={out}",
                          *BASE, *extra, check=check)
 
 
@@ -116,11 +116,11 @@ def test_sigterm_checkpoints_exits_75_and_resume_finishes_like_a_straight_run(tm
     stop = [r for r in recs if r.get("event") == "preempted"]
     assert len(stop) == 1 and (out / "checkpoints" / f"step-{stop[0]['step']:06d}" / "manifest.json").is_file()
 
-    resumed = run_deepspeed(2, "launch/train.py", "--config", "configs/tiny.yaml", f"output_dir={out}",
+    resumed = run_ranks(2, "launch/train.py", "--config", "configs/tiny.yaml", f"output_dir={out}",
                             *BASE, "train.max_steps=16", "checkpoint.every_steps=2", "train.resume=auto")
     assert resumed.returncode == 0
     straight = tmp_path / "straight16"
-    run_deepspeed(2, "launch/train.py", "--config", "configs/tiny.yaml", f"output_dir={straight}",
+    run_ranks(2, "launch/train.py", "--config", "configs/tiny.yaml", f"output_dir={straight}",
                   *BASE, "train.max_steps=16", "checkpoint.every_steps=2")
     assert torch.equal(load_adapter(out / "adapter")[0], load_adapter(straight / "adapter")[0])
 
@@ -133,7 +133,7 @@ def test_killed_rank_ends_the_job_quickly_and_resume_recovers(tmp_path, tiny_ass
     os.kill(max(_rank_pids(out)), signal.SIGKILL)
     proc.communicate(timeout=120)
     assert proc.returncode != 0 and time.time() - t0 < 90
-    run_deepspeed(2, "launch/train.py", "--config", "configs/tiny.yaml", f"output_dir={out}",
+    run_ranks(2, "launch/train.py", "--config", "configs/tiny.yaml", f"output_dir={out}",
                   *BASE, "train.max_steps=16", "checkpoint.every_steps=2", "train.resume=auto")
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

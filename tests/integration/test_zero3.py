@@ -8,7 +8,7 @@ from gpart_ds import plan
 from gpart_ds.methods.gpart.adapter import load_adapter
 from gpart_ds.config import load_config
 from gpart_ds.methods.gpart import GPart
-from tests.helpers import REPO, run_deepspeed
+from tests.helpers import REPO, run_ranks
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -49,7 +49,7 @@ def runs(tmp_path_factory, tiny_assets):
     results = {}
     for name, (n, _) in RUNS.items():
         out = tmp_path_factory.mktemp(name)
-        run_deepspeed(n, WORKER, str(out), *_overrides(name, out))
+        run_ranks(n, WORKER, str(out), *_overrides(name, out))
         results[name] = (out, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(n)])
     return results
 

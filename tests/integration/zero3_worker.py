@@ -1,6 +1,7 @@
-"""Run under the deepspeed launcher by test_zero3.py: train, and record per-rank evidence.
+"""Run on N ranks by test_zero3.py: train, and record per-rank evidence.
 
     deepspeed --num_gpus N tests/integration/zero3_worker.py OUT_DIR key=value ...
+    (the tests start the ranks directly: tests.helpers.run_ranks)
 
 Each rank writes OUT_DIR/rank<r>.pt with its final theta and, for every frozen
 parameter, whether its local shard was bit-identical before/after training and equal to

@@ -1,0 +1,77 @@
+"""Start n ranks of a command on this machine with the variables torchrun sets.
+
+For benchmarks and tests only. The deepspeed launcher adds two Python processes (its
+runner and its per-node launcher: ~5 s of imports on 2 CPU cores) and polls its ranks once
+a second, a third of a tiny 2-rank run's wall time. The ranks find who they are from
+RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE / MASTER_ADDR / MASTER_PORT
+(gpart_ds.distributed.discover, "torch-style variables") exactly as under torchrun.
+Users launch with `deepspeed`, `srun` or `mpirun`, and the tests of those launchers use
+them (tests/integration/test_launch.py, test_slurm.py, test_mpi.py, the fault probes).
+
+Like a launcher, the first rank to fail ends the others (SIGTERM, then SIGKILL) and its
+exit status is the result.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+
+GRACE_S = 10.0   # after SIGTERM, before SIGKILL: a rank may be writing a checkpoint
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_env(rank: int, world: int, port: int, base: dict | None = None) -> dict:
+    """The variables torchrun gives rank `rank` of a one-node world."""
+    env = dict(os.environ if base is None else base)
+    env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONUNBUFFERED="1")
+    return env
+
+
+def _end(procs: list[subprocess.Popen]) -> None:
+    live = [p for p in procs if p.poll() is None]
+    for p in live:
+        p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + GRACE_S
+    for p in live:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def run(n: int, argv: list[str], *, cwd=None, env: dict | None = None, timeout: float | None = None,
+        stdout=None, stderr=None) -> int:
+    """Run `argv` as ranks 0..n-1 and wait; returns 0 or the first failing rank's status.
+
+    stdout / stderr: open files shared by every rank (as a launcher's inherited streams),
+    or None for this process's own. On `timeout` every rank is ended and
+    subprocess.TimeoutExpired raised.
+    """
+    port = free_port()
+    procs = [subprocess.Popen(argv, cwd=cwd, env=rank_env(r, n, port, env), stdout=stdout, stderr=stderr)
+             for r in range(n)]
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = [c for c in codes if c not in (None, 0)]
+            if failed:
+                _end(procs)
+                return failed[0]
+            if all(c == 0 for c in codes):
+                return 0
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(argv, timeout)
+            time.sleep(0.05)
+    finally:
+        _end(procs)
