@@ -99,11 +99,12 @@ def test_study_quick_sweeps_chooses_on_dev_reruns_seeds_and_reuses_finished_runs
     _run(["experiments.study", "--config", "tests/assets/study_tiny.yaml", "--quick", "--ablations", "--out", str(out)])
     ab = json.loads((out / "ablations.json").read_text())
     by = {r["variant"]: r for r in ab["runs"]}
-    assert set(by) == {"baseline", "eps-1e-6", "lr-x2"}
-    assert by["eps-1e-6"]["overrides"] == ["train.adam_eps=1e-6"] and by["baseline"]["overrides"] == []
-    assert by["lr-x2"]["lr"] == pytest.approx(2 * g["best_lr"], rel=1e-3)
+    assert set(by) == {"baseline", "eps-lr-x2"}
+    assert by["eps-lr-x2"]["overrides"] == ["train.adam_eps=1e-6"] and by["baseline"]["overrides"] == []
+    assert by["eps-lr-x2"]["lr"] == pytest.approx(2 * g["best_lr"], rel=1e-3)
+    assert by["baseline"]["lr"] == pytest.approx(g["best_lr"], rel=1e-3)
     assert [p.stat().st_mtime_ns for p in logs] == stamps                   # the baseline was reused
-    assert "eps-1e-6" in (out / "ablations.md").read_text() and (out / "ablations.png").is_file()
+    assert "eps-lr-x2" in (out / "ablations.md").read_text() and (out / "ablations.png").is_file()
 
 
 def test_study_refuses_a_bad_study_config_with_exit_2(tmp_path):
