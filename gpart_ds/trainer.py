@@ -1,7 +1,8 @@
 """The training loop: wires config, data, the sharded model, the method and the engine.
 
     cfg = load_config("configs/tiny.yaml", ["train.max_steps=5"])
-    Trainer(cfg).run()
+    with Trainer(cfg) as trainer:   # destroys the process groups where every rank ends together
+        trainer.run()
 
 Every rank runs the same code; rank 0 alone writes files. The frozen model is loaded
 sharded (ZeRO-3), the method (methods/: GPart or a baseline) adapts it before
@@ -327,9 +328,19 @@ class Trainer:
             return self._run()
 
     def close(self) -> None:
-        """End a run that returned (or stopped for preemption, which every rank agrees on):
-        the process groups go before the interpreter exits (distributed.shutdown)."""
+        """The process groups go before the interpreter exits (distributed.shutdown). Only
+        where every rank ends together: a finished run, a preemption or a non-finite stop
+        (both agreed through a collective); after any other error a peer may still be in a
+        collective (`with Trainer(cfg) as t:` closes on exactly these ends)."""
         distributed.shutdown()
+
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None or issubclass(exc_type, (Preempted, NonFiniteError)):
+            self.close()
+        return False
 
     @contextlib.contextmanager
     def _peer_watch(self):
@@ -466,7 +477,5 @@ def _fmt(metrics: dict) -> str:
 
 
 def main(cfg: DictConfig) -> dict:
-    trainer = Trainer(cfg)
-    summary = trainer.run()
-    trainer.close()
-    return summary
+    with Trainer(cfg) as trainer:
+        return trainer.run()

@@ -66,13 +66,11 @@ def _run(args) -> int:
         return dryrun.run(cfg, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                           gpu_mem_gb=args.gpu_mem_gb, model_config=args.model_config)
     assets.prepare(cfg)   # the bundled model/data, when the config points at them
-    trainer = Trainer(cfg)
-    try:
-        trainer.export_only() if args.export_only else trainer.run()
-    except Preempted:
-        trainer.close()
-        return PREEMPTED_EXIT
-    trainer.close()
+    with Trainer(cfg) as trainer:
+        try:
+            trainer.export_only() if args.export_only else trainer.run()
+        except Preempted:
+            return PREEMPTED_EXIT
     return 0
 
 

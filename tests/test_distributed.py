@@ -263,3 +263,23 @@ distributed.shutdown()   # twice: still fine
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "initialized after shutdown: False" in proc.stdout
+
+
+def test_the_trainer_closes_on_the_ends_every_rank_reaches_together(monkeypatch):
+    """Finished, preempted and non-finite ends destroy the process groups; any other error
+    leaves them (a peer may still be inside a collective: destroying could hang)."""
+    from gpart_ds import trainer as tr
+
+    closed = []
+    monkeypatch.setattr(tr.distributed, "shutdown", lambda: closed.append(True))
+    t = object.__new__(tr.Trainer)   # no setup: only the context manager is under test
+    for exc, want in ((None, 1), (tr.Preempted("ckpt"), 1), (tr.NonFiniteError("nan"), 1),
+                      (RuntimeError("peer lost"), 0), (tr.UserError("bad"), 0)):
+        closed.clear()
+        try:
+            with t:
+                if exc is not None:
+                    raise exc
+        except Exception as e:
+            assert e is exc
+        assert len(closed) == want, exc
