@@ -325,8 +325,16 @@ def execute(entries: list[dict], ranks: int, log_dir: Path) -> int:
         name = f"{e['task']}/{e['method']}/lr{e['lr']:.4g}-s{e['seed']}"
         print(f"[study] {i}/{len(todo)} {e['phase']} {name} ({(time.perf_counter() - t0) / 60:.0f} min so far)",
               flush=True)
-        failed += not run_one(e["config"], e["overrides"], ranks, e["out"], log_dir / f"{name.replace('/', '-')}.log")
+        failed += not run_one(e["config"], e["overrides"], ranks, e["out"], log_dir / log_name(e["out"], log_dir.parent))
     return failed
+
+
+def log_name(run_out: Path, study_out: Path) -> str:
+    """A run's log file: its folder under the study's output with '/' -> '-', the sweep and
+    final runs' without the leading 'runs' (a probe or ablation run has a sweep run's task,
+    method, lr and seed: named by those alone, its log replaced the sweep run's)."""
+    parts = run_out.relative_to(study_out).parts
+    return "-".join(parts[1:] if parts[0] == "runs" else parts) + ".log"
 
 
 def _apply_quick(study: dict, tasks: list[str], methods: list[str]) -> tuple[list[str], list[str]]:

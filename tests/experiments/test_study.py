@@ -80,3 +80,14 @@ def test_the_plan_resolves_auto_and_units_through_the_methods_own_rates(tmp_path
     assert plan.lr_grid("tiny", "l") == [methods.get("lora").DEFAULT_LR, 0.003]
     e = plan.sweep("tiny", "l")[1]
     assert e["out"] == tmp_path / "out" / "runs" / "tiny" / "l" / "lr0.003-s0" and "method.name=lora" in e["overrides"]
+
+
+def test_probe_and_ablation_runs_log_beside_the_sweep_run_they_share_lr_and_seed_with(tmp_path):
+    from experiments.study import log_name
+
+    sweep = tmp_path / "runs" / "rotten_tomatoes" / "lora-r8" / "lr0.001-s0"
+    probe = tmp_path / "probe" / "rotten_tomatoes" / "lora-r8" / "lr0.001-s0"
+    ablation = tmp_path / "ablations" / "warmup-0" / "rotten_tomatoes" / "gpart-d131k" / "lr0.01059-s0"
+    assert log_name(sweep, tmp_path) == "rotten_tomatoes-lora-r8-lr0.001-s0.log"   # as before
+    assert log_name(probe, tmp_path) == "probe-rotten_tomatoes-lora-r8-lr0.001-s0.log"
+    assert log_name(ablation, tmp_path) == "ablations-warmup-0-rotten_tomatoes-gpart-d131k-lr0.01059-s0.log"

@@ -105,6 +105,10 @@ def test_study_quick_sweeps_chooses_on_dev_reruns_seeds_and_reuses_finished_runs
     assert by["baseline"]["lr"] == pytest.approx(g["best_lr"], rel=1e-3)
     assert [p.stat().st_mtime_ns for p in logs] == stamps                   # the baseline was reused
     assert "eps-lr-x2" in (out / "ablations.md").read_text() and (out / "ablations.png").is_file()
+    # every run keeps its own log: the variant's beside the sweep's, not in its place
+    names = {p.name for p in (out / "logs").iterdir()}
+    assert len(names) == 2 + 1 + 2 + 1, names
+    assert any(n.startswith("ablations-eps-lr-x2-tiny-gpart-d4k-") for n in names), names
 
 
 def test_study_refuses_a_bad_study_config_with_exit_2(tmp_path):
