@@ -315,9 +315,21 @@ class Plan:
                 for lr in self.lr_grid(task, method)]
 
 
+def finished_elsewise(out: Path, key: str) -> bool:
+    """`out` holds a finished run of another configuration (e.g. other --steps: the folder
+    is named by task, method, lr and seed only)."""
+    stamp = out / "study_key"
+    return stamp.is_file() and stamp.read_text().strip() != key and is_done(out, stamp.read_text().strip())
+
+
 def execute(entries: list[dict], ranks: int, log_dir: Path) -> int:
-    """Train the entries not yet complete; returns how many failed."""
+    """Train the entries not yet complete; returns how many failed. Refuses, before any
+    run, to replace a finished run of another configuration."""
     t0 = time.perf_counter()
+    clash = [e["out"] for e in entries if finished_elsewise(e["out"], e["key"])]
+    _need(not clash, str(clash[0]) if clash else "",
+          f"holds a finished run of another configuration ({len(clash)} such folder(s) in this study's "
+          "plan), which this run would replace: use another --out for it, or delete the folders to re-run them")
     todo = [e for e in entries if not is_done(e["out"], e["key"])]
     print(f"[study] {len(entries)} runs planned, {len(entries) - len(todo)} already complete", flush=True)
     failed = 0

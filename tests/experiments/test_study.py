@@ -91,3 +91,19 @@ def test_probe_and_ablation_runs_log_beside_the_sweep_run_they_share_lr_and_seed
     assert log_name(sweep, tmp_path) == "rotten_tomatoes-lora-r8-lr0.001-s0.log"   # as before
     assert log_name(probe, tmp_path) == "probe-rotten_tomatoes-lora-r8-lr0.001-s0.log"
     assert log_name(ablation, tmp_path) == "ablations-warmup-0-rotten_tomatoes-gpart-d131k-lr0.01059-s0.log"
+
+
+def test_a_finished_run_of_another_configuration_is_refused_not_replaced(tmp_path):
+    from experiments import study
+    from gpart_ds.config import ConfigError
+
+    out = tmp_path / "runs" / "tiny" / "gpart" / "lr0.01-s0"
+    out.mkdir(parents=True)
+    (out / "study_key").write_text("key-of-a-40-step-run\n")
+    (out / "metrics.jsonl").write_text('{"event": "summary"}\n')
+    entry = {"task": "tiny", "method": "gpart", "lr": 0.01, "seed": 0, "phase": "sweep",
+             "config": "configs/tiny.yaml", "overrides": [], "out": out, "key": "key-of-an-80-step-run"}
+    with pytest.raises(ConfigError, match="finished run of another configuration"):
+        study.execute([entry], 1, tmp_path / "logs")
+    assert (out / "metrics.jsonl").read_text() == '{"event": "summary"}\n'      # untouched
+    assert not (tmp_path / "logs").exists()
