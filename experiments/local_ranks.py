@@ -66,8 +66,7 @@ def run(n: int, argv: list[str], *, cwd=None, env: dict | None = None, timeout: 
             codes = [p.poll() for p in procs]
             failed = [c for c in codes if c not in (None, 0)]
             if failed:
-                _end(procs)
-                return failed[0]
+                return failed[0]   # the others are ended below
             if all(c == 0 for c in codes):
                 return 0
             if deadline is not None and time.monotonic() > deadline:

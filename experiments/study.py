@@ -319,7 +319,10 @@ def finished_elsewise(out: Path, key: str) -> bool:
     """`out` holds a finished run of another configuration (e.g. other --steps: the folder
     is named by task, method, lr and seed only)."""
     stamp = out / "study_key"
-    return stamp.is_file() and stamp.read_text().strip() != key and is_done(out, stamp.read_text().strip())
+    if not stamp.is_file():
+        return False
+    theirs = stamp.read_text().strip()
+    return theirs != key and is_done(out, theirs)
 
 
 def execute(entries: list[dict], ranks: int, log_dir: Path) -> int:

@@ -26,14 +26,9 @@ def deepspeed_launcher() -> str:
 def run_deepspeed(n: int, script: str, *args: str, timeout: float = 900, check: bool = True,
                   env: dict | None = None) -> subprocess.CompletedProcess:
     """`deepspeed --num_gpus n script args` on CPU ranks (gloo), from the repo root."""
-    full_env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"),
-                    PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
     cmd = [deepspeed_launcher(), "--num_gpus", str(n), "--master_port", str(free_port()), script, *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n"
-                             f"{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}")
-    return proc
+    proc = subprocess.run(cmd, cwd=REPO, env=rank_env(env), capture_output=True, text=True, timeout=timeout)
+    return _checked(proc, " ".join(cmd), check)
 
 
 def run_ranks(n: int, script: str, *args: str, timeout: float = 900, check: bool = True,
@@ -43,16 +38,27 @@ def run_ranks(n: int, script: str, *args: str, timeout: float = 900, check: bool
     `deepspeed`, without the launcher's ~6 s per run; for tests of the code, not of a launcher."""
     from experiments import local_ranks
 
-    full_env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"),
-                    OMP_NUM_THREADS="1", **(env or {}))
     cmd = [sys.executable, "-u", script, *args]
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        code = local_ranks.run(n, cmd, cwd=REPO, env=full_env, timeout=timeout, stdout=out, stderr=err)
+        code = local_ranks.run(n, cmd, cwd=REPO, env=rank_env(env), timeout=timeout, stdout=out, stderr=err)
         out.seek(0)
         err.seek(0)
         proc = subprocess.CompletedProcess(cmd, code, out.read(), err.read())
+    return _checked(proc, f"{n} ranks of {' '.join(cmd)}", check)
+
+
+def rank_env(extra: dict | None = None) -> dict:
+    """The environment of every multi-rank test run: CPU ranks (unless DS_ACCELERATOR says
+    otherwise), one thread each (two ranks share the 2 cores), unbuffered output."""
+    env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), PYTHONUNBUFFERED="1",
+               OMP_NUM_THREADS="1")
+    env.update(extra or {})
+    return env
+
+
+def _checked(proc: subprocess.CompletedProcess, what: str, check: bool) -> subprocess.CompletedProcess:
     if check and proc.returncode != 0:
-        raise AssertionError(f"{n} ranks of {' '.join(cmd)} exited {proc.returncode}\n--- stdout\n"
+        raise AssertionError(f"{what} exited {proc.returncode}\n--- stdout\n"
                              f"{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}")
     return proc
 

@@ -221,13 +221,12 @@ def run_launcher(req: dict) -> dict:
     subprocess; argv[0] is the number of ranks. Signals go to the launcher or a rank."""
     import signal as _signal
 
-    from tests.helpers import deepspeed_launcher, free_port
+    from tests.helpers import deepspeed_launcher, free_port, rank_env
 
     n, *args = req["argv"]
     cmd = [deepspeed_launcher(), "--num_gpus", str(n), "--master_port", str(free_port()),
            str(REPO / "launch" / "train.py"), *args]
-    env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), PYTHONUNBUFFERED="1",
-               OMP_NUM_THREADS="1", **(req.get("env") or {}))
+    env = rank_env(req.get("env"))
     t0 = time.monotonic()
     with open(req["stdout"], "wb") as so, open(req["stderr"], "wb") as se:
         fs = req.get("fs") or {}

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gpart_ds.methods.gpart.adapter import load_adapter
-from tests.helpers import REPO, deepspeed_launcher, free_port, run_ranks
+from tests.helpers import REPO, deepspeed_launcher, free_port, rank_env, run_ranks
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -90,7 +90,7 @@ def _wait_for_step(out, step, proc, timeout=300):
 
 
 def _start(out, *extra):
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env = rank_env()
     cmd = [deepspeed_launcher(), "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
            "--config", "configs/tiny.yaml", f"output_dir={out}", *BASE, "train.max_steps=16",
            "checkpoint.every_steps=2", *extra]
