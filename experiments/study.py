@@ -2,7 +2,7 @@
 
     python -m experiments.study [--config configs/study_smollm2.yaml] [--phase sweep|final|all]
                                 [--tasks a,b] [--methods a,b] [--seeds 0,1,2] [--steps N]
-                                [--out DIR] [--quick] [--report-only]
+                                [--out DIR] [--quick] [--report-only] [--partial]
     python -m experiments.study --probe [--tasks a] [--steps N]    # how many steps a method needs
     python -m experiments.study --ablations [--tasks a]            # one optimiser knob at a time
 
@@ -21,6 +21,8 @@ Per task and method:
   sweep   every lr of the grid, one seed (`sweep_seed`);
   final   the lr with the best held-out metric on the dev records, re-run on `seeds`
           (the sweep's run is that seed's run when the seed is the sweep seed).
+          Chosen once the whole grid is finished; with --partial among the grid's
+          finished runs (the report lists the rates not run yet).
 
 Every run evaluates all `eval_examples` records before and after training, the first
 `curve_records` every `eval_every` steps, and writes each record's verdict
@@ -238,10 +240,14 @@ def run_one(config: Path, overrides: list[str], ranks: int, out: Path, log: Path
 class Plan:
     """The runs of one invocation, with everything a report needs to know about each."""
 
-    def __init__(self, study: dict, out: Path, tasks: list[str], methods: list[str]):
+    def __init__(self, study: dict, out: Path, tasks: list[str], methods: list[str], partial: bool = False):
         from . import assets
 
         self.study, self.out, self.tasks, self.methods = study, out, tasks, methods
+        # partial: a method's lr is chosen among its finished grid runs even while others
+        # are missing (the report names them), so a long search can be reported and its
+        # seeds run before the whole grid is done.
+        self.partial = partial
         base = Path(study["_path"]).parent
         self.config, self._D, self._auto = {}, {}, {}
         for task in tasks:
@@ -382,6 +388,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--seeds", default=None, help="override the config's seeds, e.g. 0,1,2")
     ap.add_argument("--tasks", default=None, help="only these of the config's tasks, e.g. qasc")
     ap.add_argument("--methods", default=None, help="only these of the config's methods")
+    ap.add_argument("--partial", action="store_true",
+                    help="choose each method's lr among its finished grid runs when some are missing "
+                         "(the report lists the missing rates); default: only after the whole grid")
     args = ap.parse_args(argv)
     study = load_study(args.config)   # a ConfigError: `error: ...`, exit 2 (errors.run_cli)
     tasks, methods = list(study["tasks"]), list(study["methods"])
@@ -408,7 +417,7 @@ def main(argv=None) -> dict:
         return _ablations(study, out, tasks, args, command)
     from . import study_report
 
-    plan = Plan(study, out, tasks, methods)
+    plan = Plan(study, out, tasks, methods, partial=args.partial)
     sweeps = [e for task in tasks for m in methods for e in plan.sweep(task, m)]
     failed = 0
     if not args.report_only:
@@ -468,12 +477,13 @@ def _ablations(study: dict, out: Path, tasks: list[str], args, command: str) -> 
     method = ab["method"]
     _need(method in study["methods"], f"{study['_path']}: ablations.method", f"{method!r} is not one of methods")
     tasks = [t for t in tasks if t in ab.get("tasks", tasks)]
-    plan = Plan(study, out, tasks, [method])
+    plan = Plan(study, out, tasks, [method], partial=args.partial)
     entries = []
     for task in tasks:
         lr = study_report.best_lr(plan, task, method)
         if lr is None:
-            print(f"[study] {task}/{method}: sweep incomplete, no ablations yet", flush=True)
+            print(f"[study] {task}/{method}: sweep incomplete, no ablations yet (--partial: the best finished rate)",
+                  flush=True)
             continue
         entries.append(plan.entry(task, method, lr, study.get("sweep_seed", 0), "baseline"))
         for name, extra in ab["variants"].items():

@@ -106,10 +106,19 @@ def sweep_runs(plan, task: str, method: str) -> tuple[list[dict], bool]:
 
 
 def best_lr(plan, task: str, method: str) -> float | None:
+    """The dev-chosen lr: once the whole grid is finished, or (plan.partial) among the
+    finished runs of the grid."""
     runs, complete = sweep_runs(plan, task, method)
-    if not complete:
+    if not runs or not (complete or getattr(plan, "partial", False)):
         return None
     return max(runs, key=_dev_score)["lr"]
+
+
+def missing_lrs(plan, task: str, method: str) -> list[float]:
+    """The grid's rates with no finished run (an lr chosen without them is provisional)."""
+    metric = plan.study["tasks"][task]["metric"]
+    return [e["lr"] for e in plan.sweep(task, method)
+            if read_run(e, plan.study["test_records"], metric, plan.study.get("curve_records")) is None]
 
 
 def final_entries(plan, task: str, methods: list[str]) -> list[dict]:
@@ -117,7 +126,7 @@ def final_entries(plan, task: str, methods: list[str]) -> list[dict]:
     for m in methods:
         lr = best_lr(plan, task, m)
         if lr is None:
-            print(f"[study] {task}/{m}: sweep incomplete, no seeds yet", flush=True)
+            print(f"[study] {task}/{m}: sweep incomplete, no seeds yet (--partial: the best finished rate)", flush=True)
             continue
         out += [plan.entry(task, m, lr, s, "final") for s in plan.study["seeds"]]
     return out
@@ -184,7 +193,7 @@ def build(plan, tasks: list[str], methods: list[str], sweeps: list[dict], comman
             auto = plan.auto_lr(task, m)
             peak = interpolated_best(sweep)
             row = {"task": task, "method": m, "name": mcfg["name"], "metric": metric,
-                   "best_lr": lr, "lr_over_unit": lr / unit if unit else None, "seeds": [r["seed"] for r in seeded],
+                   "best_lr": lr, "grid_missing": missing_lrs(plan, task, m), "lr_over_unit": lr / unit if unit else None, "seeds": [r["seed"] for r in seeded],
                    # train.lr=auto against the sweep: the grid's best and the peak of a
                    # parabola in log(lr) through the best point and its neighbours
                    "auto_lr": auto, "peak_lr": peak, "auto_over_best": auto / lr if auto else None,
@@ -294,6 +303,11 @@ def format_markdown(rep: dict) -> str:
             lines.append(f"| {r['method']} | {r['trainable_params']:,} | {_size(r['adapter_bytes'])} | {lr} | "
                          f"{_pct(r['test_mean'], r['test_sd'])} | {len(r['seeds'])} | {_pct(r['dev_best'])} | "
                          f"{auto} | {r['median_step_time_s']:.1f} |")
+        for r in rows:
+            if r.get("grid_missing"):
+                lines += ["", f"{r['method']}: lr chosen among {len(r['sweep'])} of the grid's "
+                          f"{len(r['sweep']) + len(r['grid_missing'])} rates (--partial); not run yet: "
+                          + ", ".join(f"{x:.3g}" for x in r["grid_missing"]) + "."]
         par = [r for r in rows if r.get("parity")]
         if par:
             ref = par[0]["parity"]["reference"]

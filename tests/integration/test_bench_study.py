@@ -105,6 +105,22 @@ def test_study_quick_sweeps_chooses_on_dev_reruns_seeds_and_reuses_finished_runs
     assert by["baseline"]["lr"] == pytest.approx(g["best_lr"], rel=1e-3)
     assert [p.stat().st_mtime_ns for p in logs] == stamps                   # the baseline was reused
     assert "eps-lr-x2" in (out / "ablations.md").read_text() and (out / "ablations.png").is_file()
+    # A grid with a rate not run yet: no choice (and no seeds) until it is, unless
+    # --partial, which chooses among the finished rates and names the missing one.
+    wider = tmp_path / "wider.yaml"
+    wider.write_text((REPO / "tests/assets/study_tiny.yaml").read_text()
+                     .replace("../../configs/tiny.yaml", str(REPO / "configs/tiny.yaml"))
+                     .replace("lr_mults: [1, 30]", "lr_mults: [1, 30, 3]"))
+    base = ["experiments.study", "--config", str(wider), "--quick", "--report-only", "--out", str(out)]
+    _run(base, timeout=300)
+    assert [r["method"] for r in json.loads((out / "study.json").read_text())["summary"]] == ["lora-r4"]
+    _run(base + ["--partial"], timeout=300)
+    part = {r["method"]: r for r in json.loads((out / "study.json").read_text())["summary"]}
+    assert part["gpart-d4k"]["best_lr"] == g["best_lr"] and part["gpart-d4k"]["seeds"] == [0, 1]
+    assert part["gpart-d4k"]["grid_missing"] == [pytest.approx(3 * unit, rel=1e-3)]
+    assert part["lora-r4"]["grid_missing"] == []
+    assert "gpart-d4k: lr chosen among 2 of the grid's 3 rates (--partial)" in (out / "study.md").read_text()
+    assert [p.stat().st_mtime_ns for p in logs] == stamps                   # reports only: nothing trained
     # every run keeps its own log: the variant's beside the sweep's, not in its place
     names = {p.name for p in (out / "logs").iterdir()}
     assert len(names) == 2 + 1 + 2 + 1, names
