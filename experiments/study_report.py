@@ -96,29 +96,24 @@ def _dev_score(run: dict) -> tuple:
 
 
 # ------------------------------------------------------------------ choosing and seeds
-def sweep_runs(plan, task: str, method: str) -> tuple[list[dict], bool]:
-    """(finished sweep runs, whether the whole grid is finished)."""
+def sweep_runs(plan, task: str, method: str) -> tuple[list[dict], list[float]]:
+    """(finished sweep runs, the grid's rates with no finished run yet)."""
     metric = plan.study["tasks"][task]["metric"]
-    runs = [read_run(e, plan.study["test_records"], metric, plan.study.get("curve_records"))
+    read = [(e["lr"], read_run(e, plan.study["test_records"], metric, plan.study.get("curve_records")))
             for e in plan.sweep(task, method)]
-    done = [r for r in runs if r is not None]
-    return done, len(done) == len(runs)
+    return [r for _, r in read if r is not None], [lr for lr, r in read if r is None]
 
 
-def best_lr(plan, task: str, method: str) -> float | None:
-    """The dev-chosen lr: once the whole grid is finished, or (plan.partial) among the
+def _chosen(runs: list[dict], missing: list[float], partial: bool) -> float | None:
+    """The dev-chosen lr: once the whole grid is finished, or (partial) among the
     finished runs of the grid."""
-    runs, complete = sweep_runs(plan, task, method)
-    if not runs or not (complete or getattr(plan, "partial", False)):
+    if not runs or (missing and not partial):
         return None
     return max(runs, key=_dev_score)["lr"]
 
 
-def missing_lrs(plan, task: str, method: str) -> list[float]:
-    """The grid's rates with no finished run (an lr chosen without them is provisional)."""
-    metric = plan.study["tasks"][task]["metric"]
-    return [e["lr"] for e in plan.sweep(task, method)
-            if read_run(e, plan.study["test_records"], metric, plan.study.get("curve_records")) is None]
+def best_lr(plan, task: str, method: str) -> float | None:
+    return _chosen(*sweep_runs(plan, task, method), plan.partial)
 
 
 def final_entries(plan, task: str, methods: list[str]) -> list[dict]:
@@ -177,7 +172,8 @@ def build(plan, tasks: list[str], methods: list[str], sweeps: list[dict], comman
                 runs.append(r)
         rows = {}
         for m in methods:
-            lr = best_lr(plan, task, m)
+            sweep, missing = sweep_runs(plan, task, m)
+            lr = _chosen(sweep, missing, plan.partial)
             if lr is None:
                 continue
             seeded = [read_run(plan.entry(task, m, lr, s, "final"), T, metric, study.get("curve_records"))
@@ -187,13 +183,13 @@ def build(plan, tasks: list[str], methods: list[str], sweeps: list[dict], comman
                 if r["seed"] != study.get("sweep_seed", 0):
                     runs.append(r)
             mean, sd = _mean_sd([r["after"] for r in seeded])
-            sweep = [r for r in runs if r["task"] == task and r["method"] == m and r["phase"] == "sweep"]
             mcfg = study["methods"][m]
             unit = plan.unit(task, m)
             auto = plan.auto_lr(task, m)
             peak = interpolated_best(sweep)
             row = {"task": task, "method": m, "name": mcfg["name"], "metric": metric,
-                   "best_lr": lr, "grid_missing": missing_lrs(plan, task, m), "lr_over_unit": lr / unit if unit else None, "seeds": [r["seed"] for r in seeded],
+                   "best_lr": lr, "grid_missing": missing, "lr_over_unit": lr / unit if unit else None,
+                   "seeds": [r["seed"] for r in seeded],
                    # train.lr=auto against the sweep: the grid's best and the peak of a
                    # parabola in log(lr) through the best point and its neighbours
                    "auto_lr": auto, "peak_lr": peak, "auto_over_best": auto / lr if auto else None,
