@@ -3,6 +3,7 @@
     python -m experiments.study [--config configs/study_smollm2.yaml] [--phase sweep|final|all]
                                 [--tasks a,b] [--methods a,b] [--seeds 0,1,2] [--steps N]
                                 [--out DIR] [--quick] [--report-only] [--partial]
+                                [--grid METHOD=V,V ...]
     python -m experiments.study --probe [--tasks a] [--steps N]    # how many steps a method needs
     python -m experiments.study --ablations [--tasks a]            # one optimiser knob at a time
 
@@ -16,6 +17,10 @@ and evaluation records. A method entry of the study config is a `method.*` block
               D (the task's target weights) and the entry's numeric keys, with sqrt(), e.g.
               "1.24e-4 * sqrt(D / d)". A fixed expression keeps the grid (and the finished
               runs) in place when the calibrated default changes.
+
+`--grid METHOD=V,V` replaces an entry's grid for one invocation (its lr_mults, or its lrs,
+as the entry has): e.g. the rates chosen at one budget re-run at another (`--steps 80
+--grid gpart-d131k=3 --grid lora-r8=0.003`) without a copy of the config.
 
 Per task and method:
   sweep   every lr of the grid, one seed (`sweep_seed`);
@@ -358,6 +363,29 @@ def log_name(run_out: Path, study_out: Path) -> str:
     return "-".join(parts[1:] if parts[0] == "runs" else parts) + ".log"
 
 
+def apply_grid(study: dict, specs: list[str], methods: list[str]) -> None:
+    """`--grid METHOD=V,V`: the entry's grid becomes these values, in the entry's own terms
+    (multiples of lr_unit for an lr_mults entry, learning rates or auto for an lrs entry);
+    a run at a value the full grid also has is the same run (same folder and key)."""
+    for spec in specs:
+        name, sep, values = spec.partition("=")
+        name = name.strip()
+        _need(sep and values.strip(), f"--grid {spec}", "expected METHOD=V[,V...], e.g. lora-r8=0.001,0.003")
+        _need(name in methods, f"--grid {spec}", f"{name!r} is not one of the methods run (known: {methods})")
+        m = study["methods"][name]
+        key = "lr_mults" if m.get("lr_mults") else "lrs"
+        grid = []
+        for v in (v.strip() for v in values.split(",")):
+            try:
+                x = v if v == "auto" and key == "lrs" else float(v)
+            except ValueError:
+                x = None
+            _need(x is not None and _is_rate(x), f"--grid {spec}",
+                  f"{v!r} is not a {'multiple (a number > 0)' if key == 'lr_mults' else 'learning rate (> 0 or auto)'}")
+            grid.append(x)
+        m[key] = grid
+
+
 def _apply_quick(study: dict, tasks: list[str], methods: list[str]) -> tuple[list[str], list[str]]:
     q = study.get("quick", {})
     for k in ("eval_examples", "test_records", "curve_records", "eval_every", "steps", "seeds"):
@@ -391,6 +419,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--partial", action="store_true",
                     help="choose each method's lr among its finished grid runs when some are missing "
                          "(the report lists the missing rates); default: only after the whole grid")
+    ap.add_argument("--grid", action="append", default=[], metavar="METHOD=V,V",
+                    help="this entry's grid for this invocation: multiples of lr_unit (lr_mults entries) "
+                         "or learning rates (lrs entries), e.g. --grid lora-r8=0.003; repeatable")
     args = ap.parse_args(argv)
     study = load_study(args.config)   # a ConfigError: `error: ...`, exit 2 (errors.run_cli)
     tasks, methods = list(study["tasks"]), list(study["methods"])
@@ -409,6 +440,7 @@ def main(argv=None) -> dict:
             if bad:
                 raise ConfigError(f"{flag}: {bad} not in {args.config} (known: {known})")
             known[:] = want
+    apply_grid(study, args.grid, methods)
     out = Path(args.out or (Path(study.get("output_dir", "outputs/study")) / ("quick" if args.quick else "")))
     command = "python -m experiments.study " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.probe:

@@ -107,3 +107,29 @@ def test_a_finished_run_of_another_configuration_is_refused_not_replaced(tmp_pat
         study.execute([entry], 1, tmp_path / "logs")
     assert (out / "metrics.jsonl").read_text() == '{"event": "summary"}\n'      # untouched
     assert not (tmp_path / "logs").exists()
+
+
+def test_grid_narrows_an_entry_in_its_own_terms_and_names_a_bad_value(tmp_path, tiny_assets):
+    cfg = study.load_study(_study(tmp_path, "  g: {name: gpart, d: 1024, lr_mults: [1, 3, 10]}\n"
+                                            "  l: {name: lora, r: 4, lrs: [0.001, 0.003, 0.01]}\n"))
+    full = study.Plan(cfg, tmp_path / "out", ["tiny"], ["g", "l"])
+    g_full, l_full = full.sweep("tiny", "g"), full.sweep("tiny", "l")
+    study.apply_grid(cfg, ["g=3", "l=0.003,auto"], ["g", "l"])
+    plan = study.Plan(cfg, tmp_path / "out", ["tiny"], ["g", "l"])
+    (g3,) = plan.sweep("tiny", "g")
+    assert (g3["out"], g3["key"]) == (g_full[1]["out"], g_full[1]["key"])     # the same run as the full grid's 3x
+    l3, l_auto = plan.sweep("tiny", "l")
+    assert (l3["out"], l3["key"]) == (l_full[1]["out"], l_full[1]["key"])
+    assert l_auto["lr"] == plan.auto_lr("tiny", "l")
+    for spec, msg in [("x=1", "'x' is not one of the methods run"), ("g", "expected METHOD=V"),
+                      ("g=auto", "'auto' is not a multiple"), ("l=-1", "'-1' is not a learning rate"),
+                      ("l=0.1,nan", "'nan' is not a learning rate")]:
+        with pytest.raises(ConfigError, match=rf"--grid {spec}: {msg}"):
+            study.apply_grid(cfg, [spec], ["g", "l"])
+
+
+def test_grid_on_the_command_line_exits_2_with_the_flag_named(tmp_path, capsys):
+    code = study.cli(["--config", str(_study(tmp_path, "  g: {name: gpart, d: 8, lrs: [0.1]}\n")),
+                      "--report-only", "--grid", "g=0", "--out", str(tmp_path / "o")])
+    assert code == 2 and "--grid g=0: '0' is not a learning rate" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
