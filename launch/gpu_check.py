@@ -156,8 +156,10 @@ def step_install(run: Run) -> dict:
 
 def _pytest(run: Run, name: str, args: list[str]) -> dict:
     junit = run.out / f"{name}.xml"
-    proc = run.sh(name, [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
-                         *args], run.limit(name))
+    # -n 0: one process (the suite's addopts spread it over workers), so the GPU tests share
+    # the one device in turn and their log reads in order.
+    proc = run.sh(name, [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider",
+                         f"--junitxml={junit}", *args], run.limit(name))
     tail = (run.out / f"{name}.log").read_text().strip().splitlines()[-1:]
     if proc.returncode not in (0, 5):
         raise CheckError(f"pytest exited {proc.returncode}: {tail}")

@@ -35,9 +35,10 @@ REPO = Path(__file__).resolve().parent.parent
 WHEELHOUSE = REPO / ".wheelhouse"
 CARRY = REPO / ".gpu_carry"
 # What the GPU check runs: training and export (deepspeed, transformers, datasets,
-# omegaconf, ...), the benchmarks, and the tests (pytest).
+# omegaconf, ...), the benchmarks, and the tests (pytest, and pytest-xdist: pyproject.toml's
+# addopts run the suite on several workers).
 ROOTS = ("deepspeed", "transformers", "datasets", "omegaconf", "accelerate", "peft", "safetensors", "tqdm",
-         "psutil", "pyyaml", "pytest", "gguf")
+         "psutil", "pyyaml", "pytest", "pytest-xdist", "gguf")
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "linux_x86_64")
 PART_MB = 56   # one device call carries 64 MiB: room for whatever else travels
 
