@@ -87,12 +87,13 @@ def faults(tmp_path_factory, tiny_assets):
     server.close()
 
 
-def pytest_collection_finish(session):
-    """On an xdist worker under --dist loadgroup, refuse to run ungrouped: xdist marks a
-    group by suffixing the test's id, which pytest >= 9.2 ignores (pytest-xdist#1386), and
-    the suite would then pass while building every shared fixture once per worker."""
-    if (os.environ.get("PYTEST_XDIST_WORKER") and session.config.getvalue("loadgroup") and session.items
-            and "@" not in session.items[0].nodeid):
-        raise pytest.UsageError("pytest-xdist's --dist loadgroup does not group with this pytest "
-                                f"({pytest.__version__}; pytest-xdist#1386): install the pytest pinned in "
-                                "pyproject.toml's dev extra (bash launch/setup_env.sh does)")
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_node_collection_finished(node, ids):
+    """Refuse to run ungrouped under --dist loadgroup: xdist marks a group by suffixing the
+    test ids, which pytest >= 9.2 ignores (pytest-xdist#1386), and the suite would then pass
+    while building every shared fixture once per worker. Checked on the controller, on the
+    ids a worker collected, so the run stops with this message and no test started."""
+    if node.config.getoption("dist") == "loadgroup" and ids and "@" not in ids[0]:
+        pytest.exit(f"pytest-xdist's --dist loadgroup does not group with pytest {pytest.__version__} "
+                    "(pytest-xdist#1386): install the pytest pinned in pyproject.toml's dev extra "
+                    "(bash launch/setup_env.sh does)", returncode=pytest.ExitCode.USAGE_ERROR)
