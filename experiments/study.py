@@ -78,6 +78,14 @@ def _is_rate(x) -> bool:
     return x == "auto" or (isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0)
 
 
+# What a grid value is, per kind of grid: the one rule for the study config and --grid.
+_GRID_VALUE = {"lr_mults": "a multiple (a number > 0)", "lrs": "a learning rate (> 0 or auto)"}
+
+
+def _grid_value_ok(key: str, x) -> bool:
+    return _is_rate(x) and not (key == "lr_mults" and x == "auto")
+
+
 def load_study(path: str) -> dict:
     """The study config, its own keys checked (every run's config is checked by the Plan)."""
     from gpart_ds import methods
@@ -107,11 +115,11 @@ def load_study(path: str) -> dict:
               f"name must be one of {methods.names()}")
         _need(bool(m.get("lrs")) != bool(m.get("lr_mults")), where,
               "needs either lrs (the learning rates to sweep: numbers or auto) or lr_mults (multiples of lr_unit)")
-        grid = m.get("lr_mults") or m.get("lrs")
-        _need(isinstance(grid, list) and all(_is_rate(x) for x in grid), where,
-              f"learning rates must be numbers > 0 or auto, got {grid}")
+        key = "lr_mults" if m.get("lr_mults") else "lrs"
+        _need(isinstance(m[key], list), f"{where}.{key}", f"a list, got {m[key]!r}")
+        for x in m[key]:
+            _need(_grid_value_ok(key, x), f"{where}.{key}", f"{x!r} is not {_GRID_VALUE[key]}")
         _need("lr_unit" not in m or m.get("lr_mults"), f"{where}.lr_unit", "lr_unit goes with lr_mults")
-        _need(m.get("lr_mults") is None or "auto" not in m["lr_mults"], f"{where}.lr_mults", "multiples are numbers")
         if isinstance(m.get("lr_unit"), str) and m["lr_unit"] != "auto":
             lr_unit(m, 1000, f"{where}.lr_unit", check_only=True)
     ref = cfg.get("compare_with")
@@ -363,6 +371,13 @@ def log_name(run_out: Path, study_out: Path) -> str:
     return "-".join(parts[1:] if parts[0] == "runs" else parts) + ".log"
 
 
+def _number_or_word(v: str):
+    try:
+        return float(v)
+    except ValueError:
+        return v
+
+
 def apply_grid(study: dict, specs: list[str], methods: list[str]) -> None:
     """`--grid METHOD=V,V`: the entry's grid becomes these values, in the entry's own terms
     (multiples of lr_unit for an lr_mults entry, learning rates or auto for an lrs entry);
@@ -376,12 +391,8 @@ def apply_grid(study: dict, specs: list[str], methods: list[str]) -> None:
         key = "lr_mults" if m.get("lr_mults") else "lrs"
         grid = []
         for v in (v.strip() for v in values.split(",")):
-            try:
-                x = v if v == "auto" and key == "lrs" else float(v)
-            except ValueError:
-                x = None
-            _need(x is not None and _is_rate(x), f"--grid {spec}",
-                  f"{v!r} is not a {'multiple (a number > 0)' if key == 'lr_mults' else 'learning rate (> 0 or auto)'}")
+            x = _number_or_word(v)
+            _need(_grid_value_ok(key, x), f"--grid {spec}", f"{v!r} is not {_GRID_VALUE[key]}")
             grid.append(x)
         m[key] = grid
 
@@ -512,10 +523,8 @@ def _ablations(study: dict, out: Path, tasks: list[str], args, command: str) -> 
     plan = Plan(study, out, tasks, [method], partial=args.partial)
     entries = []
     for task in tasks:
-        lr = study_report.best_lr(plan, task, method)
+        lr = study_report.best_lr(plan, task, method, waiting="ablations")
         if lr is None:
-            print(f"[study] {task}/{method}: sweep incomplete, no ablations yet (--partial: the best finished rate)",
-                  flush=True)
             continue
         entries.append(plan.entry(task, method, lr, study.get("sweep_seed", 0), "baseline"))
         for name, extra in ab["variants"].items():

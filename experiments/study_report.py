@@ -112,16 +112,21 @@ def _chosen(runs: list[dict], missing: list[float], partial: bool) -> float | No
     return max(runs, key=_dev_score)["lr"]
 
 
-def best_lr(plan, task: str, method: str) -> float | None:
-    return _chosen(*sweep_runs(plan, task, method), plan.partial)
+def best_lr(plan, task: str, method: str, waiting: str | None = None) -> float | None:
+    """The dev-chosen lr of a sweep (None while it is incomplete; `waiting` names, for the
+    log, the runs that wait for it)."""
+    lr = _chosen(*sweep_runs(plan, task, method), plan.partial)
+    if lr is None and waiting:
+        print(f"[study] {task}/{method}: sweep incomplete, no {waiting} yet (--partial: the best finished rate)",
+              flush=True)
+    return lr
 
 
 def final_entries(plan, task: str, methods: list[str]) -> list[dict]:
     out = []
     for m in methods:
-        lr = best_lr(plan, task, m)
+        lr = best_lr(plan, task, m, waiting="seeds")
         if lr is None:
-            print(f"[study] {task}/{m}: sweep incomplete, no seeds yet (--partial: the best finished rate)", flush=True)
             continue
         out += [plan.entry(task, m, lr, s, "final") for s in plan.study["seeds"]]
     return out

@@ -50,7 +50,8 @@ def test_an_entry_is_its_method_keys_and_a_grid(tmp_path):
     ("{name: gpart2, d: 8, lrs: [0.1]}", "methods.g", "name must be one of"),
     ("{name: gpart, d: 8}", "methods.g", "needs either lrs"),
     ("{name: gpart, d: 8, lrs: [0.1], lr_mults: [1]}", "methods.g", "needs either lrs"),
-    ("{name: gpart, d: 8, lrs: [-1]}", "methods.g", "numbers > 0 or auto"),
+    ("{name: gpart, d: 8, lrs: [-1]}", "methods.g.lrs", "-1 is not a learning rate"),
+    ("{name: gpart, d: 8, lr_mults: [1, auto]}", "methods.g.lr_mults", "'auto' is not a multiple"),
     ("{name: gpart, d: 8, lrs: [0.1], lr_unit: auto}", "methods.g.lr_unit", "goes with lr_mults"),
     ("{name: gpart, d: 8, lr_mults: [1], lr_unit: 'import os'}", "methods.g.lr_unit", "not an expression"),
     ("{name: gpart, d: 8, lr_mults: [1], lr_unit: 'open(D)'}", "methods.g.lr_unit", "only numbers"),
@@ -133,3 +134,13 @@ def test_grid_on_the_command_line_exits_2_with_the_flag_named(tmp_path, capsys):
                       "--report-only", "--grid", "g=0", "--out", str(tmp_path / "o")])
     assert code == 2 and "--grid g=0: '0' is not a learning rate" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_an_unfinished_sweep_chooses_no_rate_and_says_what_waits_for_it(tmp_path, tiny_assets, capsys):
+    from experiments import study_report
+
+    cfg = study.load_study(_study(tmp_path, "  l: {name: lora, r: 4, lrs: [0.001, 0.003]}\n"))
+    plan = study.Plan(cfg, tmp_path / "out", ["tiny"], ["l"])
+    assert study_report.final_entries(plan, "tiny", ["l"]) == []
+    assert "tiny/l: sweep incomplete, no seeds yet" in capsys.readouterr().out
+    assert study_report.best_lr(plan, "tiny", "l") is None and capsys.readouterr().out == ""   # silent unasked
