@@ -12,6 +12,7 @@ seeded isometric partition (docs/method.md). Its whole life cycle lives in this 
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -32,7 +33,8 @@ log = logging.getLogger(__name__)
 REUSE_IDS_MAX_BYTES = 1 << 30
 # train.lr: auto for GPart: lr = GPART_C * (D/d) ** GPART_EXP. A weight of group j moves
 # by lr * s_j per (sign-like, Adam) step with s_j = 1/sqrt(n_j) ~ sqrt(d/D), so the rate
-# that moves every weight as far per step whatever d is grows as sqrt(D/d). The constant
+# that moves every weight as far per step whatever d is grows as sqrt(D/d), and GPART_C is
+# that per-weight step (method.step_per_weight replaces it, e.g. for wider models). The constant
 # is 5x the rule before the quality study (1.24e-4, which moved weights as far per step
 # as LoRA r = 8 at 1e-3): in the study's Rotten Tomatoes sweep (SmolLM2, d = 131,072)
 # 3x-10x were best and 30x diverged, and a held-out classification task peaked at 10x.
@@ -50,7 +52,7 @@ def reuse_ids(m, D: int) -> bool:
 
 class GPart(Method):
     name = "gpart"
-    config_keys = Method.config_keys | {"d", "kernel", "chunk_elems", "reuse_ids"}
+    config_keys = Method.config_keys | {"d", "kernel", "chunk_elems", "reuse_ids", "step_per_weight"}
     drift_keys = ("name", "d", "seed", "target_modules")
 
     # ------------------------------------------------------------ config time
@@ -62,6 +64,9 @@ class GPart(Method):
         need(m.chunk_elems >= 1, "method.chunk_elems", "must be >= 1")
         need(m.reuse_ids in ("auto", True, False), "method.reuse_ids",
              f"must be auto, true or false, got {m.reuse_ids!r}")
+        step = m.step_per_weight
+        need(step is None or (isinstance(step, (int, float)) and not isinstance(step, bool) and math.isfinite(step)
+                              and step > 0), "method.step_per_weight", f"must be a finite number > 0, got {step!r}")
 
     @classmethod
     def check_environment(cls, m, device: torch.device, need: Need) -> None:
@@ -82,7 +87,8 @@ class GPart(Method):
     def auto_lr(cls, m, D: int) -> float:
         if D < 1 or not m.d or m.d < 1:
             raise ValueError(f"GPart's lr rule needs D >= 1 and method.d >= 1, got D={D}, d={m.d}")
-        return GPART_C * (D / m.d) ** GPART_EXP
+        step = GPART_C if m.step_per_weight is None else m.step_per_weight
+        return step * (D / m.d) ** GPART_EXP
 
     @classmethod
     def label(cls, m) -> str:
