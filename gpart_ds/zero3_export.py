@@ -105,17 +105,24 @@ def shard_replica(params) -> tuple[int, int]:
     return groups.index(mine), len(groups)
 
 
+def _output_plan(base_dir, out_dir, compute_dtype, out_dtype, max_shard_size, overwrite, device):
+    """What both exports settle before any collective: the folders, the dtype and device,
+    the base's tensors and the output files they go to (refusing an output that exists)."""
+    base_dir, out = Path(base_dir), Path(out_dir)
+    out_dtype = out_dtype or compute_dtype
+    export.check_output(out, overwrite)
+    base = stio.read_model_header(base_dir)
+    plans = stio.plan_files(export.output_entries(base, out_dtype), stio.parse_size(max_shard_size))
+    return base_dir, out, out_dtype, device or torch.device("cpu"), base, plans
+
+
 def export_sharded(model: torch.nn.Module, merger: ShardMerger, base_dir: str | Path, out_dir: str | Path,
                    compute_dtype: torch.dtype, out_dtype: torch.dtype | None = None,
                    max_shard_size: str | int = "5GB", overwrite: bool = False, device=None,
                    provenance: dict | None = None) -> Path:
     """Collective: every rank writes merger.merged(its shard) of every tensor of `model`."""
-    base_dir, out = Path(base_dir), Path(out_dir)
-    device = device or torch.device("cpu")
-    out_dtype = out_dtype or compute_dtype
-    export.check_output(out, overwrite)
-    base = stio.read_model_header(base_dir)
-    plans = stio.plan_files(export.output_entries(base, out_dtype), stio.parse_size(max_shard_size))
+    base_dir, out, out_dtype, device, base, plans = _output_plan(base_dir, out_dir, compute_dtype, out_dtype,
+                                                                 max_shard_size, overwrite, device)
     params = dict(model.named_parameters(remove_duplicate=False))
     export.check_targets_stored(merger, base, base_dir)
     for name, st in base.items():   # every check before the first write
@@ -163,12 +170,8 @@ def export_gathered(method, base_dir: str | Path, out_dir: str | Path, compute_d
                     overwrite: bool = False, device=None) -> Path:
     """Collective: tensor by tensor, gather what `method.merge_source(name)` needs; rank 0
     merges and writes. The peak is one gathered tensor, but all of it goes through rank 0."""
-    base_dir, out = Path(base_dir), Path(out_dir)
-    device = device or torch.device("cpu")
-    out_dtype = out_dtype or compute_dtype
-    export.check_output(out, overwrite)
-    base = stio.read_model_header(base_dir)
-    plans = stio.plan_files(export.output_entries(base, out_dtype), stio.parse_size(max_shard_size))
+    base_dir, out, out_dtype, device, base, plans = _output_plan(base_dir, out_dir, compute_dtype, out_dtype,
+                                                                 max_shard_size, overwrite, device)
     # Every check before the first gather: a rank that raised inside the loop would
     # leave the others waiting in the next collective.
     sources = {name: method.merge_source(name) for name in base}
