@@ -55,7 +55,7 @@ class MethodConfig:
     step_per_weight: Optional[float] = _f(None, "gpart: with train.lr: auto, how far each weight moves per "
                                           "(sign-like) Adam step: lr = step_per_weight x sqrt(D / d), so changing d "
                                           "keeps it; unset: the constant calibrated on SmolLM2-135M "
-                                          "(docs/lr_rule.md)")
+                                          "(docs/lr_rule.md); a numeric train.lr (e.g. an override) wins")
     r: Optional[int] = _f(None, "lora/vera: rank (default 8 / 256)")
     alpha: Optional[float] = _f(None, "lora: alpha (default 2 x r)")
 
@@ -425,8 +425,6 @@ def _validate_values(cfg: DictConfig, where: _Where) -> None:
     need(t.lr == "auto" or (isinstance(t.lr, (int, float)) and not isinstance(t.lr, bool)
                             and math.isfinite(t.lr) and t.lr > 0),
          "train.lr", f"must be a finite number > 0 or auto, got {t.lr!r}")
-    need(m.step_per_weight is None or t.lr == "auto", "method.step_per_weight",
-         f"sets the rate of train.lr: auto, but train.lr is {t.lr!r}: keep one of the two")
     for key in ("weight_decay", "warmup_ratio", "min_lr_ratio", "max_grad_norm", "adam_eps"):
         need(math.isfinite(t[key]), f"train.{key}", f"must be finite, got {t[key]}")
     need(t.adam_eps > 0, "train.adam_eps", f"must be > 0, got {t.adam_eps}")
