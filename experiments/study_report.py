@@ -454,11 +454,16 @@ def _smooth(xs: list[float], k: int = 3) -> list[float]:
     return [statistics.mean(xs[max(0, i - k + 1): i + 1]) for i in range(len(xs))]
 
 
-def write(rep: dict, out: Path) -> None:
+def _write_pair(rep: dict, md: str, out: Path, stem: str) -> None:
+    """A report as STEM.json (the data) and STEM.md (the tables), each replaced whole."""
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "study.json", json.dumps(rep, indent=1) + "\n")
+    write_atomic(out / f"{stem}.json", json.dumps(rep, indent=1) + "\n")
+    write_atomic(out / f"{stem}.md", md)
+
+
+def write(rep: dict, out: Path) -> None:
     md = format_markdown(rep)
-    write_atomic(out / "study.md", md)
+    _write_pair(rep, md, out, "study")
     paths = plot(rep, out)
     print(md, flush=True)
     print(f"[study] wrote {out / 'study.json'}, {out / 'study.md'}" + "".join(f", {p}" for p in paths), flush=True)
@@ -499,8 +504,6 @@ def build_probe(plan, entries: list[dict], command: str) -> dict:
 def write_probe(rep: dict, out: Path) -> None:
     plt = _pyplot()
 
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "probe.json", json.dumps(rep, indent=1) + "\n")
     lines = [f"# Flattening probe, {rep['date']}", "", f"Command: `{rep['command']}`  ",
              "Constant lr after warm-up; test metric on the first "
              f"{rep['test_records']} eval records.", "",
@@ -510,7 +513,7 @@ def write_probe(rep: dict, out: Path) -> None:
         pts = _curve_text(r["curve"])
         lines.append(f"| {r['task']} | {r['method']} | {r['lr']:.3g} | {r['steps']} | {pts} | "
                      f"{r['flat_step']} ({100 * r['flat_tolerance']:.1f} pts) |")
-    write_atomic(out / "probe.md", "\n".join(lines) + "\n")
+    _write_pair(rep, "\n".join(lines) + "\n", out, "probe")
     tasks = sorted({r["task"] for r in rep["runs"]})
     if tasks:
         fig, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks), 3.4), squeeze=False)
@@ -544,8 +547,6 @@ def build_ablations(plan, entries: list[dict], command: str) -> dict:
 def write_ablations(rep: dict, out: Path) -> None:
     plt = _pyplot()
 
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "ablations.json", json.dumps(rep, indent=1) + "\n")
     lines = [f"# Ablations of {rep['method']}, {rep['date']}", "", f"Command: `{rep['command']}`  ",
              "One knob changed at a time around the chosen lr (seed of the sweep). Test metric on the first "
              f"{rep['test_records']} eval records, dev on the rest; final training loss = mean of the last 5 "
@@ -557,7 +558,7 @@ def write_ablations(rep: dict, out: Path) -> None:
         last = statistics.mean(r["losses"][-5:]) if r["losses"] else float("nan")
         lines.append(f"| {r['task']} | {r['variant']} | {' '.join(r['overrides']) or '-'} | {r['lr']:.3g} | {pts} | "
                      f"{_pct(r['after'])} | {_pct(r['dev_after'])} | {last:.4f} |")
-    write_atomic(out / "ablations.md", "\n".join(lines) + "\n")
+    _write_pair(rep, "\n".join(lines) + "\n", out, "ablations")
     tasks = sorted({r["task"] for r in rep["runs"]})
     if tasks:
         fig, axes = plt.subplots(2, len(tasks), figsize=(5.2 * len(tasks), 6.4), squeeze=False)
