@@ -82,6 +82,11 @@ def _is_rate(x) -> bool:
 _GRID_VALUE = {"lr_mults": "a multiple (a number > 0)", "lrs": "a learning rate (> 0 or auto)"}
 
 
+def _grid_key(m: dict) -> str:
+    """Which grid an entry has (load_study checks it has exactly one)."""
+    return "lr_mults" if m.get("lr_mults") else "lrs"
+
+
 def _grid_value_ok(key: str, x) -> bool:
     return _is_rate(x) and not (key == "lr_mults" and x == "auto")
 
@@ -115,7 +120,7 @@ def load_study(path: str) -> dict:
               f"name must be one of {methods.names()}")
         _need(bool(m.get("lrs")) != bool(m.get("lr_mults")), where,
               "needs either lrs (the learning rates to sweep: numbers or auto) or lr_mults (multiples of lr_unit)")
-        key = "lr_mults" if m.get("lr_mults") else "lrs"
+        key = _grid_key(m)
         _need(isinstance(m[key], list), f"{where}.{key}", f"a list, got {m[key]!r}")
         for x in m[key]:
             _need(_grid_value_ok(key, x), f"{where}.{key}", f"{x!r} is not {_GRID_VALUE[key]}")
@@ -388,7 +393,7 @@ def apply_grid(study: dict, specs: list[str], methods: list[str]) -> None:
         _need(sep and values.strip(), f"--grid {spec}", "expected METHOD=V[,V...], e.g. lora-r8=0.001,0.003")
         _need(name in methods, f"--grid {spec}", f"{name!r} is not one of the methods run (known: {methods})")
         m = study["methods"][name]
-        key = "lr_mults" if m.get("lr_mults") else "lrs"
+        key = _grid_key(m)
         grid = []
         for v in (v.strip() for v in values.split(",")):
             x = _number_or_word(v)

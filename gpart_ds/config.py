@@ -422,9 +422,7 @@ def _validate_values(cfg: DictConfig, where: _Where) -> None:
             t.lr = float(t.lr)
         except ValueError:
             pass
-    need(t.lr == "auto" or (isinstance(t.lr, (int, float)) and not isinstance(t.lr, bool)
-                            and math.isfinite(t.lr) and t.lr > 0),
-         "train.lr", f"must be a finite number > 0 or auto, got {t.lr!r}")
+    need(t.lr == "auto" or is_positive_number(t.lr), "train.lr", f"must be a finite number > 0 or auto, got {t.lr!r}")
     for key in ("weight_decay", "warmup_ratio", "min_lr_ratio", "max_grad_norm", "adam_eps"):
         need(math.isfinite(t[key]), f"train.{key}", f"must be finite, got {t[key]}")
     need(t.adam_eps > 0, "train.adam_eps", f"must be > 0, got {t.adam_eps}")
@@ -454,6 +452,11 @@ def _validate_values(cfg: DictConfig, where: _Where) -> None:
         parse_size(e.max_shard_size)
     except ValueError as exc:
         need(False, "export.max_shard_size", str(exc))
+
+
+def is_positive_number(x) -> bool:
+    """A finite number > 0 (a bool is not a number here): rates and steps."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
 
 def resolved_lr(cfg: DictConfig, D: int) -> float:

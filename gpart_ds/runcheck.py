@@ -78,7 +78,7 @@ def validate_for_run(cfg: DictConfig, *, world: int = 1, device_type: str = "cpu
     source = architecture_source(cfg, model_config)
     layout = check_targets(cfg, source)
     lr = resolved_lr(cfg, layout.D)
-    if cfg.train.lr != "auto" and cfg.method.get("step_per_weight") is not None:
+    if cfg.train.lr != "auto" and cfg.method.step_per_weight is not None:
         # The config's step, the override's rate: the explicit number is the user's last word.
         log.info("train.lr = %g given: method.step_per_weight (the rate of train.lr: auto) does not apply", lr)
     if not (math.isfinite(lr) and lr > 0):

@@ -12,13 +12,13 @@ seeded isometric partition (docs/method.md). Its whole life cycle lives in this 
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ... import comm
+from ...config import is_positive_number
 from ...targets import Layout, normalize_patterns
 from ..base import Method, Need
 from . import partition
@@ -64,9 +64,8 @@ class GPart(Method):
         need(m.chunk_elems >= 1, "method.chunk_elems", "must be >= 1")
         need(m.reuse_ids in ("auto", True, False), "method.reuse_ids",
              f"must be auto, true or false, got {m.reuse_ids!r}")
-        step = m.step_per_weight
-        need(step is None or (isinstance(step, (int, float)) and not isinstance(step, bool) and math.isfinite(step)
-                              and step > 0), "method.step_per_weight", f"must be a finite number > 0, got {step!r}")
+        need(m.step_per_weight is None or is_positive_number(m.step_per_weight), "method.step_per_weight",
+             f"must be a finite number > 0, got {m.step_per_weight!r}")
 
     @classmethod
     def check_environment(cls, m, device: torch.device, need: Need) -> None:
