@@ -45,7 +45,9 @@ Finished runs are reused (a run's folder carries the hash of its config, overrid
 ranks), so the study can be stopped and continued; runs that fail are reported (exit 1
 after the report) and retried on the next invocation. Reports (experiments/study_report.py):
 study.json, study.md, and PNGs of the metric vs trainable parameters, learning curves and
-lr sweeps.
+lr sweeps. The runs stay on the machine that trained them; `--merge STUDY_JSON` puts an
+earlier report's rows (e.g. docs/quality_qasc.json, measured another day) beside this
+invocation's for the methods it leaves out, once the two share records, seeds and budget.
 """
 from __future__ import annotations
 
@@ -438,6 +440,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--grid", action="append", default=[], metavar="METHOD=V,V",
                     help="this entry's grid for this invocation: multiples of lr_unit (lr_mults entries) "
                          "or learning rates (lrs entries), e.g. --grid lora-r8=0.003; repeatable")
+    ap.add_argument("--merge", action="append", default=[], metavar="STUDY_JSON",
+                    help="add an earlier report's rows (e.g. docs/quality_qasc.json) for the methods this "
+                         "invocation leaves out: results measured on another machine or day; repeatable")
     args = ap.parse_args(argv)
     study = load_study(args.config)   # a ConfigError: `error: ...`, exit 2 (errors.run_cli)
     tasks, methods = list(study["tasks"]), list(study["methods"])
@@ -459,12 +464,18 @@ def main(argv=None) -> dict:
     apply_grid(study, args.grid, methods)
     out = Path(args.out or (Path(study.get("output_dir", "outputs/study")) / ("quick" if args.quick else "")))
     command = "python -m experiments.study " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.merge and (args.probe or args.ablations):
+        raise ConfigError("--merge: only for the study's own report (not --probe or --ablations)")
+    earlier = [(f, _load_report(f)) for f in args.merge]
     if args.probe:
         return _probe(study, out, tasks, args, command)
     if args.ablations:
         return _ablations(study, out, tasks, args, command)
     from . import study_report
 
+    for f, rep in earlier:     # refused before anything is trained
+        study_report.check_merge(rep, f, study, tasks, methods,
+                                 {t: steps_of(study, study["tasks"][t]) for t in tasks})
     plan = Plan(study, out, tasks, methods, partial=args.partial)
     sweeps = [e for task in tasks for m in methods for e in plan.sweep(task, m)]
     failed = 0
@@ -477,8 +488,28 @@ def main(argv=None) -> dict:
                 finals = study_report.final_entries(plan, task, methods)
                 failed += execute(finals, study["ranks"], out / "logs")
     rep = study_report.build(plan, tasks, methods, sweeps, command)
+    for f, e in earlier:
+        rep = study_report.merge(rep, e, f, list(study["methods"]))
     study_report.write(rep, out)
     _failed(failed, out)
+    return rep
+
+
+def _load_report(path: str) -> dict:
+    """An earlier study.json for --merge; ConfigError naming the file when it is not one."""
+    try:
+        rep = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"--merge {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--merge {path}: cannot read it ({exc})") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--merge {path}: not JSON (line {exc.lineno}: {exc.msg})") from None
+    missing = [k for k in ("summary", "runs", "paired", "D", "date", "command", "machine") if k not in rep] \
+        if isinstance(rep, dict) else ["summary"]
+    if missing:
+        raise ConfigError(f"--merge {path}: not a study report (no {', '.join(missing)}); "
+                          "the study writes one as study.json")
     return rep
 
 

@@ -223,18 +223,85 @@ def build(plan, tasks: list[str], methods: list[str], sweeps: list[dict], comman
                 if r["seed"] in seeds_ref:
                     tests.append({"task": task, "a": ref_name, "b": m, "seed": r["seed"],
                                   **paired_test(seeds_ref[r["seed"]], r, T)})
-            if row["trainable_params"] < ref["trainable_params"]:   # the question: does a smaller one match?
-                row["parity"] = {**parity(metric, ref, row), "reference": ref_name,
-                                 "param_ratio": ref["trainable_params"] / row["trainable_params"],
-                                 "eligible": row["trainable_params"] * PARITY_PARAM_RATIO <= ref["trainable_params"]}
+        set_parity(rows.values(), ref_name)
     return {"date": _dt.date.today().isoformat(), "machine": machine(), "config": study["_path"],
-            "command": command, "ranks": study["ranks"], "seeds": study["seeds"],
-            "sweep_seed": study.get("sweep_seed", 0), "eval_examples": study["eval_examples"],
-            "test_records": T, "eval_every": study["eval_every"], "tasks": tasks, "methods": methods,
-            "curve_records": study.get("curve_records") or T, "compare_with": ref_name,
+            "command": command, **header(study), "tasks": tasks, "methods": methods,
             "D": {task: {m: plan.D(task, m) for m in methods} for task in tasks},
             "runs_min": sum(r["wall_s"] for r in runs) / 60, "summary": summary, "paired": tests,
             "runs": [{k: v for k, v in r.items() if k != "out"} for r in runs]}
+
+
+def set_parity(rows, ref_name: str | None) -> None:
+    """Each row (one task's) smaller than the reference gets its parity verdict against it."""
+    rows = list(rows)
+    ref = next((r for r in rows if r["method"] == ref_name and r["test_mean"] is not None), None)
+    for row in rows:
+        row.pop("parity", None)
+        if ref is None or row is ref or row["test_mean"] is None:
+            continue
+        if row["trainable_params"] < ref["trainable_params"]:   # the question: does a smaller one match?
+            row["parity"] = {**parity(row["metric"], ref, row), "reference": ref_name,
+                             "param_ratio": ref["trainable_params"] / row["trainable_params"],
+                             "eligible": row["trainable_params"] * PARITY_PARAM_RATIO <= ref["trainable_params"]}
+
+
+def header(study: dict) -> dict:
+    """What every report of a study states about its runs, and what two reports must share
+    for their rows to stand in one table: the same records, seeds, evaluations, reference."""
+    return {"ranks": study["ranks"], "seeds": study["seeds"], "sweep_seed": study.get("sweep_seed", 0),
+            "eval_examples": study["eval_examples"], "test_records": study["test_records"],
+            "eval_every": study["eval_every"], "curve_records": study.get("curve_records") or study["test_records"],
+            "compare_with": study.get("compare_with")}
+
+
+def _rows_to_merge(earlier: dict, tasks: list[str], methods: list[str]) -> list[dict]:
+    return [r for r in earlier["summary"] if r["task"] in tasks and r["method"] not in methods]
+
+
+def check_merge(earlier: dict, source: str, study: dict, tasks: list[str], methods: list[str],
+                steps: dict[str, int]) -> None:
+    """Refuse (ConfigError) an earlier report whose rows cannot stand beside this study's:
+    checked before any run is trained. `steps`: each task's budget here."""
+    from gpart_ds.config import ConfigError
+
+    here = header(study)
+    for k, v in here.items():
+        if earlier.get(k) != v:
+            raise ConfigError(f"--merge {source}: its {k} is {earlier.get(k)!r}, this study's {v!r}; only reports "
+                              "of the same records, seeds and reference stand in one table")
+    for r in _rows_to_merge(earlier, tasks, methods):
+        if r["steps"] != steps[r["task"]]:
+            raise ConfigError(f"--merge {source}: {r['task']}/{r['method']} ran {r['steps']} steps, this study "
+                              f"{steps[r['task']]} (--steps)")
+
+
+def merge(rep: dict, earlier: dict, source: str, order: list[str]) -> dict:
+    """Add to `rep` the rows of an earlier report (a study.json, e.g. one kept under docs/)
+    for its tasks and the methods rep did not run (check_merge first). The runs behind a
+    report stay on the machine that trained them: this is how results measured on another
+    machine or day stand beside today's. Each added row names its `source`; paired tests
+    need both runs' verdicts, so only the earlier report's own come along; parity (from
+    means and spreads) is recomputed over the union. `order`: the study's method order."""
+    add = _rows_to_merge(earlier, rep["tasks"], rep["methods"])
+    if not add:
+        return rep
+    origin = {"file": source, "date": earlier["date"], "command": earlier["command"],
+              "machine": earlier["machine"]}
+    added = {(r["task"], r["method"]) for r in add}
+    rep["summary"] += [{**r, "source": r.get("source", origin)} for r in add]
+    rep["runs"] += [r for r in earlier["runs"] if (r["task"], r["method"]) in added]
+    rep["paired"] += [t for t in earlier["paired"] if (t["task"], t["b"]) in added
+                      and (t["a"] == "base" or (t["task"], t["a"]) in added)]
+    rank = {m: i for i, m in enumerate(order)}
+    rep["methods"] = sorted(dict.fromkeys(rep["methods"] + [r["method"] for r in add]),
+                            key=lambda m: rank.get(m, len(rank)))
+    rep["summary"].sort(key=lambda r: (rep["tasks"].index(r["task"]), rep["methods"].index(r["method"])))
+    for task, m in added:
+        rep["D"].setdefault(task, {})[m] = earlier["D"][task][m]
+    rep["runs_min"] = sum(r["wall_s"] for r in rep["runs"]) / 60
+    for task in rep["tasks"]:
+        set_parity([r for r in rep["summary"] if r["task"] == task], rep["compare_with"])
+    return rep
 
 
 def interpolated_best(sweep: list[dict]) -> float | None:
@@ -281,6 +348,11 @@ def _size(n: int) -> str:
     return f"{n / 1024:,.0f} KiB" if n else "(the model)"
 
 
+def _origin(row: dict) -> tuple[str, str, str]:
+    src = row["source"]
+    return src["file"], src["date"], src["machine"].get("gpu") or src["machine"]["cpu"]
+
+
 def format_markdown(rep: dict) -> str:
     m = rep["machine"]
     lines = [f"# Quality study, {rep['date']}", "",
@@ -304,6 +376,10 @@ def format_markdown(rep: dict) -> str:
             lines.append(f"| {r['method']} | {r['trainable_params']:,} | {_size(r['adapter_bytes'])} | {lr} | "
                          f"{_pct(r['test_mean'], r['test_sd'])} | {len(r['seeds'])} | {_pct(r['dev_best'])} | "
                          f"{auto} | {r['median_step_time_s']:.1f} |")
+        merged = [r for r in rows if r.get("source")]
+        for src in dict.fromkeys(_origin(r) for r in merged):
+            names = ", ".join(r["method"] for r in merged if _origin(r) == src)
+            lines += ["", f"{names}: measured earlier, from {src[0]} ({src[1]}, {src[2]}; --merge)."]
         for r in rows:
             if r.get("grid_missing"):
                 lines += ["", f"{r['method']}: lr chosen among {len(r['sweep'])} of the grid's "

@@ -144,3 +144,16 @@ def test_an_unfinished_sweep_chooses_no_rate_and_says_what_waits_for_it(tmp_path
     assert study_report.final_entries(plan, "tiny", ["l"]) == []
     assert "tiny/l: sweep incomplete, no seeds yet" in capsys.readouterr().out
     assert study_report.best_lr(plan, "tiny", "l") is None and capsys.readouterr().out == ""   # silent unasked
+
+
+@pytest.mark.parametrize("text, msg", [
+    (None, "no such file"), ("{", "not JSON (line 1"), ('{"summary": []}', "not a study report (no runs, paired"),
+])
+def test_merge_of_a_file_that_is_no_report_exits_2_before_any_run(tmp_path, capsys, text, msg):
+    f = tmp_path / "earlier.json"
+    if text is not None:
+        f.write_text(text)
+    code = study.cli(["--config", str(_study(tmp_path, "  g: {name: gpart, d: 8, lrs: [0.1]}\n")),
+                      "--merge", str(f), "--out", str(tmp_path / "o")])
+    assert code == 2 and f"--merge {f}: {msg}" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -100,3 +100,59 @@ def test_interpolated_best_lr_is_the_peak_of_a_parabola_in_log_lr():
     assert sr.interpolated_best(sweep) == pytest.approx(10 ** -2.2, rel=1e-6)   # between grid points
     edge = [{"lr": 1e-3, "dev_after": 0.9}, {"lr": 1e-2, "dev_after": 0.5}, {"lr": 1e-1, "dev_after": 0.2}]
     assert sr.interpolated_best(edge) == 1e-3                                    # best at the edge: itself
+
+
+def _report(methods, **over):
+    """A study.json as build() writes it, one task, rows with the given (method, params, mean, sd)."""
+    rows = [{"task": "t", "method": m, "name": m.split("-")[0], "metric": "accuracy", "steps": 40,
+             "trainable_params": n, "test_mean": mean, "test_sd": sd, "best_lr": 0.01, "lr_over_unit": None,
+             "before": 0.7, "adapter_bytes": 4 * n, "seeds": [0, 1, 2], "dev_best": mean, "auto_lr": None,
+             "median_step_time_s": 1.0, "grid_missing": [], "sweep": []} for m, n, mean, sd in methods]
+    rep = {"date": "2026-12-01", "machine": {"cpu": "Xeon", "cores": 2}, "command": "python -m experiments.study",
+           "ranks": 1, "seeds": [0, 1, 2], "sweep_seed": 0, "eval_examples": 500, "test_records": 300,
+           "eval_every": 10, "curve_records": 150, "compare_with": "lora", "tasks": ["t"],
+           "methods": [m[0] for m in methods], "D": {"t": {m[0]: 1000 for m in methods}}, "summary": rows,
+           "runs": [{"task": "t", "method": m[0], "lr": 0.01, "seed": 0, "wall_s": 60.0} for m in methods],
+           "paired": [{"task": "t", "a": "base", "b": m[0], "seed": 0, "accuracy_before": 0.7, "accuracy_after": m[2],
+                       "fixed": 1, "broken": 0, "p_value": 1.0} for m in methods]}
+    return {**rep, **over}
+
+
+STUDY = {"ranks": 1, "seeds": [0, 1, 2], "sweep_seed": 0, "eval_examples": 500, "test_records": 300,
+         "eval_every": 10, "curve_records": 150, "compare_with": "lora"}
+
+
+def test_merge_adds_the_earlier_rows_of_methods_not_run_and_recomputes_parity():
+    earlier = _report([("gpart", 100, 0.79, 0.01), ("lora", 2000, 0.82, 0.01), ("vera", 300, 0.50, 0.0)])
+    today = _report([("vera", 300, 0.81, 0.01), ("full", 10**6, 0.83, 0.01)], date="2026-12-02",
+                    machine={"cpu": "EPYC", "cores": 2})
+    sr.check_merge(earlier, "docs/q.json", STUDY, ["t"], today["methods"], {"t": 40})
+    rep = sr.merge(today, earlier, "docs/q.json", ["gpart", "lora", "vera", "full"])
+    rows = {r["method"]: r for r in rep["summary"]}
+    assert [r["method"] for r in rep["summary"]] == rep["methods"] == ["gpart", "lora", "vera", "full"]
+    assert rows["vera"]["test_mean"] == 0.81 and "source" not in rows["vera"]          # today's run wins
+    assert rows["lora"]["source"] == {"file": "docs/q.json", "date": "2026-12-01", "command": earlier["command"],
+                                      "machine": {"cpu": "Xeon", "cores": 2}}
+    # parity against the merged reference, for today's rows too
+    assert rows["vera"]["parity"]["holds"] and rows["vera"]["parity"]["reference"] == "lora"
+    assert rows["gpart"]["parity"]["gap"] == pytest.approx(0.03) and not rows["gpart"]["parity"]["holds"]
+    assert "parity" not in rows["full"] and "parity" not in rows["lora"]
+    assert {(t["a"], t["b"]) for t in rep["paired"]} == {("base", m) for m in rows}
+    assert len(rep["runs"]) == 4 and rep["runs_min"] == 4.0 and set(rep["D"]["t"]) == set(rows)
+    md = sr.format_markdown({**rep, "runs_min": 4.0})
+    assert "gpart, lora: measured earlier, from docs/q.json (2026-12-01, Xeon; --merge)." in md
+
+
+@pytest.mark.parametrize("change, msg", [
+    ({"test_records": 200}, "its test_records is 200, this study's 300"),
+    ({"seeds": [0]}, r"its seeds is \[0\], this study's \[0, 1, 2\]"),
+    ({"compare_with": "full"}, "its compare_with is 'full', this study's 'lora'"),
+])
+def test_merge_refuses_a_report_of_other_records_seeds_or_reference(change, msg):
+    from gpart_ds.config import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"--merge e.json: {msg}"):
+        sr.check_merge(_report([("lora", 2000, 0.8, 0.01)], **change), "e.json", STUDY, ["t"], [], {"t": 40})
+    with pytest.raises(ConfigError, match="--merge e.json: t/lora ran 40 steps, this study 80"):
+        sr.check_merge(_report([("lora", 2000, 0.8, 0.01)]), "e.json", STUDY, ["t"], [], {"t": 80})
+    sr.check_merge(_report([("lora", 2000, 0.8, 0.01)]), "e.json", STUDY, ["t"], ["lora"], {"t": 80})  # not merged

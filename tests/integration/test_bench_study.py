@@ -89,6 +89,18 @@ def test_study_quick_sweeps_chooses_on_dev_reruns_seeds_and_reuses_finished_runs
     assert "## tiny (exact match, 2 steps)" in md and "Paired tests" in md and "gpart-d4k" in md
     for png in ("study_frontier.png", "study_curves.png", "study_lr.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Rows measured elsewhere (--merge): GPart's report of today beside LoRA's row of an
+    # earlier report; parity recomputed, the earlier paired tests kept, nothing trained.
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps(rep))
+    _run(["experiments.study", "--config", "tests/assets/study_tiny.yaml", "--quick", "--report-only",
+          "--methods", "gpart-d4k", "--merge", str(earlier), "--out", str(out)], timeout=300)
+    merged = json.loads((out / "study.json").read_text())
+    mrows = {r["method"]: r for r in merged["summary"]}
+    assert mrows["lora-r4"]["source"]["file"] == str(earlier) and "source" not in mrows["gpart-d4k"]
+    assert mrows["gpart-d4k"]["parity"] == g["parity"] and merged["methods"] == ["gpart-d4k", "lora-r4"]
+    assert {(t["a"], t["b"]) for t in merged["paired"]} == {("base", "gpart-d4k"), ("base", "lora-r4")}
+    assert f"lora-r4: measured earlier, from {earlier}" in (out / "study.md").read_text()
     # A second invocation finds every run complete and trains nothing.
     logs = sorted((out / "runs").glob("*/*/*/metrics.jsonl"))
     stamps = [p.stat().st_mtime_ns for p in logs]
