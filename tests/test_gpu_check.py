@@ -85,8 +85,25 @@ def test_probe_reports_what_the_wheelhouse_must_bring(tmp_path):
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "probe.json").read_text())
     py = f"{sys.version_info.major}.{sys.version_info.minor}"
-    assert report["python"] == py and report["need"] == []      # this venv has every pin
-    assert report["build"] == f"bash launch/make_wheelhouse.sh --python {py} --only none --smollm2"
+    # `need`: exactly the pins this venv does not have (PyPI moves: a fresh venv may hold a
+    # newer release than the pin, so which ones is the machine's; the rule is the probe's).
+    import importlib.metadata as md
+
+    def installed(name):
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            return None
+
+    assert report["python"] == py and set(report["pins"]) == set(report["installed"])
+    for name, pin in report["pins"].items():
+        have = installed(name)
+        assert report["installed"][name] == have
+        same_major = (have is not None and name in {"numpy", "pyarrow", "pandas"}
+                      and have.split(".")[0] == pin.split(".")[0])
+        assert (name in report["need"]) == (have != pin and not same_major), (name, have, pin)
+    assert report["build"] == (f"bash launch/make_wheelhouse.sh --python {py} --only "
+                               f"{','.join(report['need']) or 'none'} --smollm2")
 
 
 def test_env_step_and_summary_in_dry_mode(tmp_path):
