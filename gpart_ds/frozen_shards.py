@@ -36,7 +36,7 @@ from torch import nn
 from . import safetensors_io as stio
 from .model import ModelError, load_model
 from .topology import Placement
-from .zero3 import is_partitioned, shard_range
+from .zero3 import is_partitioned, local_shard, shard_range
 
 log = logging.getLogger(__name__)
 
@@ -60,44 +60,30 @@ def build_partitioned(model_path: str, dtype: torch.dtype, ds_config: dict, grou
 
     keepalive = HfDeepSpeedConfig(ds_config)
     hf_cfg = AutoConfig.from_pretrained(model_path)
-    init_dtype = init_dtype_config(ds_config, dtype)
     # The contexts transformers' own ZeRO-3 construction uses (modeling_utils._from_config),
     # with zero.Init given the group. no_init_weights: no random init (it would gather
     # every module and broadcast it from global rank 0); set_zero3_state: transformers
-    # does not open a second zero.Init of its own.
+    # does not open a second zero.Init of its own. The dtype comes from ds_config's bf16 flag
+    # (zero3.engine_config sets it from the training dtype), never from zero.Init's `dtype`
+    # argument: DeepSpeed 0.19 reads that as `dtype or fp16 if fp16_supported else bf16 ...`,
+    # so on an accelerator without fp16 (CPUs without AVX512-FP16, e.g. AMD EPYC) every
+    # partition was bf16 whatever was asked, and an fp32 base was rounded in silence.
     with no_init_weights(), prevent_arange_dtype_change(), \
-            deepspeed.zero.Init(data_parallel_group=group, config_dict_or_path=init_dtype), \
+            deepspeed.zero.Init(data_parallel_group=group, config_dict_or_path=ds_config), \
             set_zero3_state():
         model = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
     model.tie_weights()
-    wrong = {str(t.dtype) for t in _partitions(model) if t.is_floating_point() and t.dtype != dtype}
+    shards = map(local_shard, model.parameters())
+    wrong = {str(t.dtype) for t in shards if t.is_floating_point() and t.dtype != dtype}
     if wrong:   # a shard in another dtype would round the base silently (bf16 for fp32)
-        raise RuntimeError(f"zero.Init partitioned the frozen base as {sorted(wrong)}, not {dtype}")
+        raise RuntimeError(f"zero.Init partitioned the frozen base as {sorted(wrong)}, not {dtype}: "
+                           "ds_config's bf16 flag must match the training dtype (zero3.engine_config)")
     nbytes = load_shards(model, model_path, dtype)
     model.config.use_cache = False
     model.eval()   # as from_pretrained leaves it
     log.info("frozen base built over a group of %d ranks; this rank read %.1f MB of its shards from %s",
              _group_size(group), nbytes / 1e6, model_path)
     return model, keepalive
-
-
-def init_dtype_config(ds_config: dict, dtype: torch.dtype) -> dict:
-    """The DeepSpeed config that makes zero.Init partition in `dtype`: the dtype is said
-    through the config's bf16 flag, never zero.Init's `dtype` argument. DeepSpeed (0.19)
-    reads that argument as `dtype or fp16 if fp16_supported else bf16 ...`: on an
-    accelerator without fp16 (CPUs without AVX512-FP16, e.g. AMD EPYC) it partitions in
-    bf16 whatever was asked, which rounded an fp32 frozen base to bf16."""
-    if dtype not in (torch.float32, torch.bfloat16):
-        raise ValueError(f"the frozen base trains in fp32 or bf16, not {dtype}")
-    cfg = dict(ds_config)
-    cfg["bf16"] = {**cfg.get("bf16", {}), "enabled": dtype == torch.bfloat16}
-    cfg["fp16"] = {**cfg.get("fp16", {}), "enabled": False}
-    return cfg
-
-
-def _partitions(model: nn.Module):
-    for p in model.parameters():
-        yield p.ds_tensor if is_partitioned(p) else p.data
 
 
 def _group_size(group) -> int:
