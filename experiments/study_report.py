@@ -21,6 +21,8 @@ from pathlib import Path
 from gpart_ds.evaluate import paired
 from gpart_ds.fileio import write_atomic
 
+from .bench.compare import machine, machine_name
+
 # Parity tolerance when the reference's own seed spread is smaller: 2 points of accuracy,
 # 10% (relative) of the reference's exact match (issue 13's targets).
 ACCURACY_POINTS = 0.02
@@ -164,8 +166,6 @@ def parity(metric: str, ref: dict, row: dict) -> dict:
 
 
 def build(plan, tasks: list[str], methods: list[str], sweeps: list[dict], command: str) -> dict:
-    from .bench.compare import machine
-
     study, T = plan.study, plan.study["test_records"]
     ref_name = study.get("compare_with")
     runs, summary, tests = [], [], []
@@ -350,13 +350,13 @@ def _size(n: int) -> str:
 
 def _origin(row: dict) -> tuple[str, str, str]:
     src = row["source"]
-    return src["file"], src["date"], src["machine"].get("gpu") or src["machine"]["cpu"]
+    return src["file"], src["date"], machine_name(src["machine"])
 
 
 def format_markdown(rep: dict) -> str:
     m = rep["machine"]
     lines = [f"# Quality study, {rep['date']}", "",
-             f"Machine: {m.get('gpu') or m['cpu']}, {m['cores']} cores; {rep['ranks']} rank(s); "
+             f"Machine: {machine_name(m)}, {m['cores']} cores; {rep['ranks']} rank(s); "
              f"seeds {rep['seeds']} (lr chosen on seed {rep['sweep_seed']}); {rep['eval_examples']} eval records "
              f"every {rep['eval_every']} steps: the first {rep['test_records']} are the test set (reported), the rest "
              f"the dev set (lr choice); runs' own time {rep['runs_min'] / 60:.1f} h.  ",
@@ -557,8 +557,6 @@ def flat_step(curve: list[dict], key: str, tol: float) -> int | None:
 
 
 def build_probe(plan, entries: list[dict], command: str) -> dict:
-    from .bench.compare import machine
-
     study = plan.study
     runs = []
     for e in entries:

@@ -144,6 +144,11 @@ def machine() -> dict:
     return info
 
 
+def machine_name(info: dict) -> str:
+    """What a report calls the machine of `machine()`: its GPU, else its CPU."""
+    return info.get("gpu") or info["cpu"]
+
+
 def _gb(n: float) -> str:
     return f"{n / 2**30:.3f} GB" if n >= 2**26 else f"{n / 2**20:.2f} MB" if n >= 2**16 else f"{n / 1024:.1f} KB"
 
@@ -151,7 +156,7 @@ def _gb(n: float) -> str:
 def format_markdown(rep: dict) -> str:
     res = rep["results"]
     lines = [f"# GPart benchmark, {rep['date']}", "",
-             f"Machine: {rep['machine'].get('gpu') or rep['machine']['cpu']}, {rep['machine']['cores']} cores, "
+             f"Machine: {machine_name(rep['machine'])}, {rep['machine']['cores']} cores, "
              f"torch {rep['machine']['torch']}, deepspeed {rep['machine'].get('deepspeed', '-')}.  ",
              f"Command: `{rep['command']}`  ",
              f"Config: `{rep['config']}`, {rep['ranks']} ranks, {rep['steps']} steps ({rep['warmup']} warm-up "
@@ -217,7 +222,7 @@ def plot(rep: dict, path: Path) -> None:
             ax.annotate(f"{v:.3g}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center",
                         va="bottom", fontsize=8)
     fig.suptitle(f"{Path(rep['config']).name}, {rep['ranks']} ranks, "
-                 f"{rep['machine'].get('gpu') or rep['machine']['cpu']} ({rep['date']})", fontsize=10)
+                 f"{machine_name(rep['machine'])} ({rep['date']})", fontsize=10)
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
