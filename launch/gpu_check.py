@@ -57,6 +57,9 @@ DRY_SLOWER = 4   # --dry: the same steps on 2 CPU cores
 H200_HBM_BYTES_PER_S = 4.8e12
 TARGETS = {"vs_trainable": 1.2, "vs_lora": 1.7, "hbm_fraction": 0.8}
 SITE = REPO / ".gpu_site"
+# Large compiled packages the GPU image already has: the probe keeps the image's own when its
+# major version matches the pin instead of carrying ours.
+KEEP_IMAGE_MAJOR = frozenset({"numpy", "pyarrow", "pandas"})
 
 
 class CheckError(RuntimeError):
@@ -441,9 +444,8 @@ def probe(out: Path) -> int:
                       "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}
     except ImportError:
         torch_info = {"torch": None}
-    big = {"numpy", "pyarrow", "pandas"}   # keep the image's own when its major version matches
-    need = [n for n, v in pins["packages"].items()
-            if have[n] is None or (have[n] != v and not (n in big and have[n].split(".")[0] == v.split(".")[0]))]
+    need = [n for n, v in pins["packages"].items() if have[n] is None or (
+        have[n] != v and not (n in KEEP_IMAGE_MAJOR and have[n].split(".")[0] == v.split(".")[0]))]
     py = f"{sys.version_info.major}.{sys.version_info.minor}"
     report = {"python": py, **torch_info, "installed": have, "pins": pins["packages"], "need": need,
               "build": f"bash launch/make_wheelhouse.sh --python {py} --only {','.join(need) or 'none'} --smollm2"}
