@@ -7,8 +7,10 @@ import pytest
 
 from experiments import local_ranks
 
-SHOW = "import os; print(os.environ['RANK'], os.environ['WORLD_SIZE'], os.environ['LOCAL_RANK'], " \
-       "os.environ['MASTER_ADDR'], os.environ['MASTER_PORT'])"
+# One os.write per rank: the ranks share one open file (as under a launcher) and run
+# unbuffered, where print() writes the line and its newline apart and two ranks can interleave.
+SHOW = "import os; os.write(1, (' '.join(os.environ[k] for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', " \
+       "'MASTER_ADDR', 'MASTER_PORT')) + '\\n').encode())"
 
 
 def test_every_rank_gets_torchruns_variables_and_one_master(tmp_path):
