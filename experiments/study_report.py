@@ -227,8 +227,13 @@ def build(plan, tasks: list[str], methods: list[str], sweeps: list[dict], comman
     return {"date": _dt.date.today().isoformat(), "machine": machine(), "config": study["_path"],
             "command": command, **header(study), "tasks": tasks, "methods": methods,
             "D": {task: {m: plan.D(task, m) for m in methods} for task in tasks},
-            "runs_min": sum(r["wall_s"] for r in runs) / 60, "summary": summary, "paired": tests,
+            "runs_min": runs_min(runs), "summary": summary, "paired": tests,
             "runs": [{k: v for k, v in r.items() if k != "out"} for r in runs]}
+
+
+def runs_min(runs) -> float:
+    """The runs' own time in minutes: their wall clocks summed (build and merge both report it)."""
+    return sum(r["wall_s"] for r in runs) / 60
 
 
 def set_parity(rows, ref_name: str | None) -> None:
@@ -298,7 +303,7 @@ def merge(rep: dict, earlier: dict, source: str, order: list[str]) -> dict:
     rep["summary"].sort(key=lambda r: (rep["tasks"].index(r["task"]), rep["methods"].index(r["method"])))
     for task, m in added:
         rep["D"].setdefault(task, {})[m] = earlier["D"][task][m]
-    rep["runs_min"] = sum(r["wall_s"] for r in rep["runs"]) / 60
+    rep["runs_min"] = runs_min(rep["runs"])
     for task in rep["tasks"]:
         set_parity([r for r in rep["summary"] if r["task"] == task], rep["compare_with"])
     return rep
