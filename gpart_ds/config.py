@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -459,6 +460,18 @@ def is_positive_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
 
+def unread_method_keys(m) -> list[str]:
+    """`method.key=value` for each method.* key set away from its default that the chosen
+    method does not read (method.d with name lora: a GPart config run with
+    method.name=lora). Said at start-up rather than refused: switching the method of a
+    config by override is a documented use (the quickstart, the study)."""
+    from . import methods
+
+    read = methods.get(m.name).config_keys
+    return [f"method.{f.name}={m[f.name]}" for f in dataclasses.fields(MethodConfig)
+            if f.name not in read and m[f.name] != f.default]
+
+
 def resolved_lr(cfg: DictConfig, D: int) -> float:
     """train.lr as a number: `auto` asks the method for its calibrated rate at this D."""
     from . import methods
@@ -537,7 +550,6 @@ def to_yaml(cfg: DictConfig) -> str:
 def schema_markdown() -> str:
     """docs/configuration.md, generated from the schema's help texts (tests check the
     committed file equals this, so the docs cannot drift from the code)."""
-    import dataclasses
 
     def default(f) -> str:
         if f.default_factory is not dataclasses.MISSING:

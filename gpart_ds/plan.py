@@ -383,16 +383,18 @@ def describe_run(cfg, arch: Arch, source: str, world: int) -> str:
     import os
 
     from . import methods
-    from .config import resolved_lr
+    from .config import resolved_lr, unread_method_keys
 
     m, t = cfg.method, cfg.train
     shown = os.path.relpath(source) if not os.path.relpath(source).startswith("..") else source
     n = arch.n_params
     params = f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n:,}"
+    unread = unread_method_keys(m)
     return "\n".join([
         f"model: {shown}: {params} parameters, {arch.layers} blocks, hidden "
         f"{arch.hidden}, vocab {arch.vocab:,}; training dtype {'fp32' if dtype_bytes(cfg.model.precision) == 4 else 'bf16'}",
         methods.get(m.name).summary(m, arch),
+        *([f"not read by {m.name} (ignored): {', '.join(unread)}"] if unread else []),
         f"learning rate {resolved_lr(cfg, arch.D):.3g}" + (" (train.lr: auto)" if t.lr == "auto" else ""),
         f"batch: micro-batch {t.micro_batch_size} x {cfg.data.max_length} tokens, grad_accum {t.grad_accum}, "
         f"{world} ranks -> global batch {t.micro_batch_size * t.grad_accum * world} sequences; "

@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig
 
 from . import checkpoint, comm, commcount, data, distributed, evaluate, frozen_shards, methods, runcheck, zero3
-from .config import ConfigError, check_paths, export_dir, to_yaml, where_for
+from .config import ConfigError, check_paths, export_dir, to_yaml, unread_method_keys, where_for
 from .errors import EXIT_PREEMPTED, RunFailed, UserError
 from .fileio import folder_bytes, write_atomic
 from .hub import display_name
@@ -158,6 +158,9 @@ class Trainer:
         self.model = TrainingModel(self.method.build(base, self.layout, self.device))
         log.info("%s; world=%d; lr %.3g%s", self.method.describe(), self.world, self.lr,
                  " (train.lr=auto)" if cfg.train.lr == "auto" else "")
+        unread = unread_method_keys(cfg.method)
+        if unread:
+            log.warning("not read by %s (ignored): %s", cfg.method.name, ", ".join(unread))
 
     def _build_engine(self) -> None:
         import deepspeed

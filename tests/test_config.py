@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from gpart_ds.config import ConfigError, load_config, resolve_config_path
+from gpart_ds.config import ConfigError, load_config, resolve_config_path, unread_method_keys
 from gpart_ds.model import check_targets
 from gpart_ds.zero3 import engine_config
 
@@ -109,6 +109,17 @@ def test_gpart_needs_d_but_baselines_do_not(good, tmp_path):
         load_config(p)
     for name in ("lora", "vera", "full"):
         assert load_config(p, [f"method.name={name}"]).method.name == name
+
+
+def test_keys_the_method_does_not_read_are_named_not_refused(good):
+    assert unread_method_keys(load_config(good).method) == []
+    # GPart's d, set in the file, is not LoRA's; LoRA's alpha is not GPart's
+    assert unread_method_keys(load_config(good, ["method.name=lora"]).method) == ["method.d=64"]
+    assert unread_method_keys(load_config(good, ["method.alpha=16"]).method) == ["method.alpha=16.0"]
+    # a key at its default is not reported, whoever reads it
+    assert unread_method_keys(load_config(good, ["method.name=vera", "method.d=null"]).method) == []
+    assert unread_method_keys(load_config(good, ["method.name=full", "method.r=4"]).method) == \
+        ["method.d=64", "method.r=4"]
 
 
 def test_baseline_rank_is_checked(good):

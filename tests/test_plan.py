@@ -140,6 +140,18 @@ def test_dry_run_reports_targets_group_sizes_and_plan_without_training(tmp_path,
     assert not any(tmp_path.iterdir()), "a dry run wrote outputs"
 
 
+def test_dry_run_names_the_keys_the_method_ignores(capsys, llama70b):
+    status, out, err = _train_py(capsys, "--config", "llama70b", "--dry-run", "--nodes", "8",
+                                 "--gpus-per-node", "8", "--gpu-mem-gb", "80", "method.name=lora")
+    assert status == 0, err
+    line = next(x for x in out.splitlines() if x.startswith("not read by lora (ignored): "))
+    assert "method.d=2097152" in line and "method.step_per_weight=" in line and "method.r" not in line
+    status, out, err = _train_py(capsys, "--config", "llama70b", "--dry-run", "--nodes", "8",
+                                 "--gpus-per-node", "8", "--gpu-mem-gb", "80")
+    assert status == 0, err
+    assert "not read by" not in out
+
+
 def test_dry_run_of_the_70b_config_uses_the_bundled_shapes_and_theory(capsys, llama70b):
     status, out, err = _train_py(capsys, "--config", "llama70b", "--dry-run", "--nodes", "8",
                                  "--gpus-per-node", "8", "--gpu-mem-gb", "80")

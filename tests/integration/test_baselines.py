@@ -39,6 +39,12 @@ def _targets():
     return build_layout(skeleton(TINY), "all-linear").targets
 
 
+def test_a_baseline_run_from_a_gpart_config_says_which_keys_it_ignores(bench_quick):
+    # the tiny config sets GPart's d; the benchmark runs LoRA from it with method.name=lora
+    assert "not read by lora (ignored): method.d=4096" in (bench_quick / "logs" / "lora-2r.log").read_text()
+    assert "not read by" not in (bench_quick / "logs" / "gpart-2r.log").read_text()
+
+
 @pytest.mark.parametrize("method", ["lora", "vera"])
 def test_peft_baseline_export_equals_its_adapter_on_the_base(runs, method):
     from peft import PeftModel
