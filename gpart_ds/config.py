@@ -6,11 +6,11 @@ a file, the file and line.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import re
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional

@@ -159,7 +159,7 @@ class Trainer:
         log.info("%s; world=%d; lr %.3g%s", self.method.describe(), self.world, self.lr,
                  " (train.lr=auto)" if cfg.train.lr == "auto" else "")
         unread = unread_method_keys(cfg.method)
-        if unread:
+        if unread and self.rank == 0:   # one config fact: said once, not by every rank
             log.warning("not read by %s (ignored): %s", cfg.method.name, ", ".join(unread))
 
     def _build_engine(self) -> None:
