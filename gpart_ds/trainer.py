@@ -291,7 +291,8 @@ class Trainer:
         sched = self.engine.lr_scheduler
         if sched is None or not hasattr(sched, "lr_lambdas"):
             return
-        if saved_lr is not None and not math.isclose(float(saved_lr), lr, rel_tol=1e-9):
+        changed = saved_lr is not None and not math.isclose(float(saved_lr), lr, rel_tol=1e-9)
+        if changed and self.rank == 0:   # one config fact: said once, not by every rank
             log.warning("train.lr is %.3g, the checkpoint was trained at %.3g: the schedule continues at %.3g",
                         lr, float(saved_lr), lr)
         sched.base_lrs = [lr] * len(sched.base_lrs)

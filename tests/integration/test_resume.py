@@ -78,6 +78,23 @@ def test_resume_on_one_rank_with_the_same_global_batch(straight_no_dropout, tmp_
     torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
+def test_resume_at_a_new_lr_continues_the_schedule_at_it_and_says_so_once(straight, tmp_path):
+    out = tmp_path / "new_lr"
+    (out / "checkpoints").mkdir(parents=True)
+    shutil.copytree(straight / "checkpoints" / "step-000003", out / "checkpoints" / "step-000003")
+    proc = train(2, out, "train.grad_accum=1", "train.resume=auto", "train.lr=0.01")
+    said = [line for line in (proc.stdout + proc.stderr).splitlines() if "the checkpoint was trained at" in line]
+    assert len(said) == 1 and "train.lr is 0.01, the checkpoint was trained at 0.02" in said[0], said
+
+    def lrs(run):
+        recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["lr"] for r in recs if "lr" in r and "step" in r}
+
+    old, new = lrs(straight), lrs(out)
+    assert sorted(new) == [4, 5, 6]
+    assert all(new[s] == pytest.approx(old[s] / 2, rel=1e-12) for s in new), (old, new)
+
+
 def _wait_for_step(out, step, proc, timeout=300):
     t0 = time.time()
     while time.time() - t0 < timeout:
