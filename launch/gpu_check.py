@@ -426,6 +426,18 @@ def main(argv=None) -> int:
     return 1 if failed else 0
 
 
+def needed(pins: dict[str, str], have: dict[str, str | None]) -> list[str]:
+    """The pinned packages the wheelhouse must bring: those missing or at another version,
+    except the KEEP_IMAGE_MAJOR ones whose installed major matches the pin."""
+    def kept(name: str) -> bool:
+        v = have.get(name)
+        if v is None:
+            return False
+        return v == pins[name] or (name in KEEP_IMAGE_MAJOR and v.split(".")[0] == pins[name].split(".")[0])
+
+    return [n for n in pins if not kept(n)]
+
+
 def probe(out: Path) -> int:
     """What this machine has of the wheelhouse's pins, and the build command for the rest."""
     import importlib.metadata as md
@@ -444,8 +456,7 @@ def probe(out: Path) -> int:
                       "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}
     except ImportError:
         torch_info = {"torch": None}
-    need = [n for n, v in pins["packages"].items() if have[n] is None or (
-        have[n] != v and not (n in KEEP_IMAGE_MAJOR and have[n].split(".")[0] == v.split(".")[0]))]
+    need = needed(pins["packages"], have)
     py = f"{sys.version_info.major}.{sys.version_info.minor}"
     report = {"python": py, **torch_info, "installed": have, "pins": pins["packages"], "need": need,
               "build": f"bash launch/make_wheelhouse.sh --python {py} --only {','.join(need) or 'none'} --smollm2"}

@@ -85,8 +85,7 @@ def test_probe_reports_what_the_wheelhouse_must_bring(tmp_path):
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "probe.json").read_text())
     py = f"{sys.version_info.major}.{sys.version_info.minor}"
-    # `need`: exactly the pins this venv does not have (PyPI moves: a fresh venv may hold a
-    # newer release than the pin, so which ones is the machine's; the rule is the probe's).
+    # which pins this venv lacks is the machine's (PyPI moves); the rule is gpu_check.needed
     import importlib.metadata as md
 
     def installed(name):
@@ -96,14 +95,20 @@ def test_probe_reports_what_the_wheelhouse_must_bring(tmp_path):
             return None
 
     assert report["python"] == py and set(report["pins"]) == set(report["installed"])
-    for name, pin in report["pins"].items():
-        have = installed(name)
-        assert report["installed"][name] == have
-        same_major = (have is not None and name in gpu_check.KEEP_IMAGE_MAJOR
-                      and have.split(".")[0] == pin.split(".")[0])
-        assert (name in report["need"]) == (have != pin and not same_major), (name, have, pin)
+    assert report["installed"] == {name: installed(name) for name in report["pins"]}
+    assert report["need"] == gpu_check.needed(report["pins"], report["installed"])
     assert report["build"] == (f"bash launch/make_wheelhouse.sh --python {py} --only "
                                f"{','.join(report['need']) or 'none'} --smollm2")
+
+
+def test_needed_brings_missing_and_other_versions_but_keeps_the_images_big_packages():
+    pins = {"deepspeed": "0.18.1", "numpy": "2.3.4", "pyarrow": "21.0.0", "omegaconf": "2.3.0"}
+    assert gpu_check.needed(pins, {n: None for n in pins}) == list(pins)
+    assert gpu_check.needed(pins, dict(pins)) == []
+    have = {"deepspeed": "0.18.0", "numpy": "2.1.0", "pyarrow": "20.0.0", "omegaconf": "2.3.0"}
+    # another deepspeed is brought; numpy 2.x is kept (same major); pyarrow 20 is not
+    assert gpu_check.needed(pins, have) == ["deepspeed", "pyarrow"]
+    assert gpu_check.needed(pins, {"numpy": "2.3.4"}) == ["deepspeed", "pyarrow", "omegaconf"]
 
 
 def test_env_step_and_summary_in_dry_mode(tmp_path):
