@@ -206,7 +206,9 @@ def run_overrides(study: dict, task: dict, entry: dict, lr: float, seed: int, st
                   extra: tuple = ()) -> list[str]:
     """The run's overrides: the study's budget and evaluation, the entry's method.* keys,
     the seed (data order, and the method's own seed where it has one: GPart's partition,
-    VeRA's projections), the lr; then the variant's `extra`."""
+    VeRA's projections; LoRA and full fine-tuning say they ignore method.seed, and the key
+    stays in their runs so that runs already finished keep their identity), the lr; then
+    the variant's `extra`."""
     out = [f"train.max_steps={steps}", f"train.seed={seed}", f"method.seed={seed}",
            f"train.eval_examples={study['eval_examples']}", f"train.eval_every={study['eval_every']}",
            "train.eval_predictions=true", "train.log_every=1", "checkpoint.keep_last=1"]

@@ -74,8 +74,8 @@ class MethodRoot(nn.Module):
 class Method:
     name: ClassVar[str] = "?"
     # method.* keys this method reads; another set away from its default is named at start-up
-    # and in dry runs (config.unread_method_keys), not refused.
-    config_keys: ClassVar[frozenset[str]] = frozenset({"name", "target_modules", "seed", "dropout"})
+    # and in dry runs (config.unread_method_keys), not refused. Each method adds its own.
+    config_keys: ClassVar[frozenset[str]] = frozenset({"name"})
     # method.* keys whose change makes a checkpoint's trainable state mean something else.
     drift_keys: ClassVar[tuple[str, ...]] = ("name", "target_modules")
     # True when the base weights themselves train (the planner counts their optimizer state).

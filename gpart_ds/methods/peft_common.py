@@ -38,7 +38,7 @@ class PeftMethod(Method):
     """LoRA or VeRA through PEFT, on exactly the modules GPart would adapt."""
 
     default_rank: int = 8
-    config_keys = Method.config_keys | {"r"}
+    config_keys = Method.config_keys | {"target_modules", "dropout", "r"}
 
     @classmethod
     def validate(cls, m, need: Need) -> None:

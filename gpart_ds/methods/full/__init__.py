@@ -16,6 +16,7 @@ class Full(Method):
     trains_base = True
     check_state_every_step = False   # every weight: the loss and the gradient norm are the check
     DEFAULT_LR = 5e-5   # the usual full fine-tuning rate for small LMs (docs/lr_rule.md)
+    config_keys = Method.config_keys   # every weight trains: no targets, seed or dropout of its own
 
     @classmethod
     def label(cls, m) -> str:

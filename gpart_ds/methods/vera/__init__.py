@@ -11,6 +11,7 @@ from ..peft_common import PeftMethod, first_block_qkv, per_layer_targets
 class VeRA(PeftMethod):
     name = "vera"
     default_rank = 256
+    config_keys = PeftMethod.config_keys | {"seed"}   # its frozen projections' PRNG key
     drift_keys = ("name", "r", "seed", "target_modules")
     DEFAULT_LR = 1e-2   # VeRA's scaling vectors take ~10x LoRA's rate (the VeRA paper's settings)
 
