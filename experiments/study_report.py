@@ -475,12 +475,15 @@ def plot(rep: dict, out: Path) -> list[Path]:
     # 1. test metric vs trainable parameters (mean ± sd over seeds)
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks), 3.6), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        rows = [r for r in rep["summary"] if r["task"] == task and r["test_mean"] is not None]
-        for r in rows:
+        rows = sorted((r for r in rep["summary"] if r["task"] == task and r["test_mean"] is not None),
+                      key=lambda r: r["trainable_params"])
+        for i, r in enumerate(rows):
             ax.errorbar(r["trainable_params"], 100 * r["test_mean"], yerr=100 * (r["test_sd"] or 0),
                         fmt="o", color=color(r["name"]), capsize=3)
+            # neighbours along the parameter axis are often within a point: labels alternate
+            # below and above so that they do not print over each other
             ax.annotate(r["method"], (r["trainable_params"], 100 * r["test_mean"]), fontsize=7,
-                        xytext=(4, -10), textcoords="offset points")
+                        xytext=(4, -12 if i % 2 == 0 else 7), textcoords="offset points")
         if rows and rows[0]["before"] is not None:
             ax.axhline(100 * rows[0]["before"], color="gray", ls="--", lw=1, label="base model")
         ax.set_xscale("log")
