@@ -179,7 +179,7 @@ def find_resume(root: Path) -> tuple[Summary | None, list[str]]:
 
 
 def check_drift(saved_cfg: dict, cfg, where) -> None:
-    """Refuse to resume when a key that changes the meaning of theta differs."""
+    """Refuse to resume when a key that changes the meaning of the trainable state differs."""
     from omegaconf import OmegaConf
 
     now = OmegaConf.to_container(cfg, resolve=True)
@@ -189,7 +189,7 @@ def check_drift(saved_cfg: dict, cfg, where) -> None:
             a, b = str(Path(a).resolve()) if a else a, str(Path(b).resolve())
         if a != b:
             raise CheckpointError(f"{where(key)}: the checkpoint was trained with {key}={a!r}, this "
-                                  f"run has {b!r}; theta would mean something else. Start a new "
+                                  f"run has {b!r}; the saved trainable state would mean something else. Start a new "
                                   "output_dir or restore the setting")
 
 

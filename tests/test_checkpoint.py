@@ -112,3 +112,24 @@ def test_drift_check_names_the_key(tiny_assets, tmp_path):
         checkpoint.check_drift(saved, cfg, where_for(cfg))
     same = load_config("tiny", [f"output_dir={tmp_path}", "train.max_steps=99", "data.eval=" + cfg.data.eval])
     checkpoint.check_drift(saved, same, where_for(same))  # safe changes pass
+
+
+def test_drift_keys_are_the_keys_each_method_reads(tiny_assets, tmp_path):
+    """Full fine-tuning reads no method.target_modules: changing it must not refuse a resume,
+    while for an adapter the targets decide what its saved tensors mean."""
+    from omegaconf import OmegaConf
+
+    from gpart_ds.config import load_config, where_for
+
+    def cfgs(method, *extra):
+        base = [f"output_dir={tmp_path}", f"method.name={method}", *extra]
+        saved = OmegaConf.to_container(load_config("tiny", base), resolve=True)
+        return saved, load_config("tiny", base + ["method.target_modules=[q_proj]"])
+
+    saved, now = cfgs("full")
+    checkpoint.check_drift(saved, now, where_for(now))
+    assert checkpoint.drift_keys("full") == ("method.name", "model.path")
+    for method in ("gpart", "lora", "vera"):
+        saved, now = cfgs(method)
+        with pytest.raises(checkpoint.CheckpointError, match=r"method\.target_modules"):
+            checkpoint.check_drift(saved, now, where_for(now))

@@ -76,8 +76,10 @@ class Method:
     # method.* keys this method reads; another set away from its default is named at start-up
     # and in dry runs (config.unread_method_keys), not refused. Each method adds its own.
     config_keys: ClassVar[frozenset[str]] = frozenset({"name"})
-    # method.* keys whose change makes a checkpoint's trainable state mean something else.
-    drift_keys: ClassVar[tuple[str, ...]] = ("name", "target_modules")
+    # method.* keys whose change makes a checkpoint's trainable state mean something else;
+    # each adapter adds its own (target_modules among them), a key a method does not read
+    # is no reason to refuse a resume.
+    drift_keys: ClassVar[tuple[str, ...]] = ("name",)
     # True when the base weights themselves train (the planner counts their optimizer state).
     trains_base: ClassVar[bool] = False
     # The rate `train.lr: auto` gives a method whose rate does not depend on D (docs/lr_rule.md).
