@@ -189,8 +189,8 @@ def check_drift(saved_cfg: dict, cfg, where) -> None:
             a, b = str(Path(a).resolve()) if a else a, str(Path(b).resolve())
         if a != b:
             raise CheckpointError(f"{where(key)}: the checkpoint was trained with {key}={a!r}, this "
-                                  f"run has {b!r}; the saved trainable state would mean something else. Start a new "
-                                  "output_dir or restore the setting")
+                                  f"run has {b!r}; the saved trainable state would mean something else. "
+                                  "Start a new output_dir or restore the setting")
 
 
 def _get(tree: dict, dotted: str):

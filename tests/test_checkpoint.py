@@ -121,8 +121,8 @@ def test_drift_keys_are_the_keys_each_method_reads(tiny_assets, tmp_path):
 
     from gpart_ds.config import load_config, where_for
 
-    def cfgs(method, *extra):
-        base = [f"output_dir={tmp_path}", f"method.name={method}", *extra]
+    def cfgs(method):
+        base = [f"output_dir={tmp_path}", f"method.name={method}"]
         saved = OmegaConf.to_container(load_config("tiny", base), resolve=True)
         return saved, load_config("tiny", base + ["method.target_modules=[q_proj]"])
 
@@ -133,3 +133,14 @@ def test_drift_keys_are_the_keys_each_method_reads(tiny_assets, tmp_path):
         saved, now = cfgs(method)
         with pytest.raises(checkpoint.CheckpointError, match=r"method\.target_modules"):
             checkpoint.check_drift(saved, now, where_for(now))
+
+
+def test_drift_keys_are_keys_the_method_reads():
+    """A key a method does not read cannot change what its checkpoint means: every method's
+    drift_keys lie inside its config_keys (a new method that forgets this refuses resumes
+    over settings it ignores)."""
+    from gpart_ds import methods
+
+    for name in methods.names():
+        cls = methods.get(name)
+        assert set(cls.drift_keys) <= cls.config_keys, (name, set(cls.drift_keys) - cls.config_keys)
