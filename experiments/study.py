@@ -262,10 +262,13 @@ def run_one(config: Path, overrides: list[str], ranks: int, out: Path, log: Path
 class Plan:
     """The runs of one invocation, with everything a report needs to know about each."""
 
-    def __init__(self, study: dict, out: Path, tasks: list[str], methods: list[str], partial: bool = False):
-        from . import assets
+    def __init__(self, study: dict, out: Path, tasks: list[str], methods: list[str], partial: bool = False,
+                 recorded=None):
+        from . import assets, study_report
 
         self.study, self.out, self.tasks, self.methods = study, out, tasks, methods
+        # runs that earlier reports record (--reuse-runs): finished, though not on this machine
+        self.recorded = recorded or study_report.RecordedRuns()
         # partial: a method's lr is chosen among its finished grid runs even while others
         # are missing (the report names them), so a long search can be reported and its
         # seeds run before the whole grid is done.
@@ -337,6 +340,16 @@ class Plan:
         out = self.run_dir(task, method, lr, seed, kind)
         return {"task": task, "method": method, "lr": lr, "seed": seed, "phase": phase, "overrides": ov,
                 "config": self.config[task], "out": out, "key": _key(str(self.config[task]), ov, self.study["ranks"])}
+
+    def recorded_run(self, entry: dict) -> dict | None:
+        return self.recorded.run(entry)
+
+    def recorded_test(self, head: dict, run_a: dict, run_b: dict) -> dict | None:
+        return self.recorded.test(head, run_a, run_b)
+
+    def to_train(self, entries: list[dict]) -> list[dict]:
+        """The entries a report does not already record (those are trained, or found done, here)."""
+        return [e for e in entries if self.recorded.run(e) is None]
 
     def sweep(self, task: str, method: str) -> list[dict]:
         return [self.entry(task, method, lr, self.study.get("sweep_seed", 0), "sweep")
@@ -445,6 +458,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--merge", action="append", default=[], metavar="STUDY_JSON",
                     help="add an earlier report's rows (e.g. docs/quality_qasc.json) for the methods this "
                          "invocation leaves out: results measured on another machine or day; repeatable")
+    ap.add_argument("--reuse-runs", action="append", default=[], metavar="STUDY_JSON",
+                    help="count the runs an earlier report records (e.g. docs/quality_qasc.json) as finished "
+                         "for the methods this invocation runs: a grid measured on another machine or day is "
+                         "extended (--grid) or its seeds run without training its rates again; repeatable")
     args = ap.parse_args(argv)
     study = load_study(args.config)   # a ConfigError: `error: ...`, exit 2 (errors.run_cli)
     tasks, methods = list(study["tasks"]), list(study["methods"])
@@ -466,9 +483,11 @@ def main(argv=None) -> dict:
     apply_grid(study, args.grid, methods)
     out = Path(args.out or (Path(study.get("output_dir", "outputs/study")) / ("quick" if args.quick else "")))
     command = "python -m experiments.study " + " ".join(argv if argv is not None else sys.argv[1:])
-    if args.merge and (args.probe or args.ablations):
-        raise ConfigError("--merge: only for the study's own report (not --probe or --ablations)")
+    for flag, given in (("--merge", args.merge), ("--reuse-runs", args.reuse_runs)):
+        if given and (args.probe or args.ablations):
+            raise ConfigError(f"{flag}: only for the study's own report (not --probe or --ablations)")
     earlier = [(f, _load_report(f)) for f in args.merge]
+    reused = [(f, _load_report(f, "--reuse-runs")) for f in args.reuse_runs]
     if args.probe:
         return _probe(study, out, tasks, args, command)
     if args.ablations:
@@ -478,17 +497,19 @@ def main(argv=None) -> dict:
     for f, rep in earlier:     # refused before anything is trained
         study_report.check_merge(rep, f, study, tasks, methods,
                                  {t: steps_of(study, study["tasks"][t]) for t in tasks})
-    plan = Plan(study, out, tasks, methods, partial=args.partial)
+    recorded = study_report.RecordedRuns(reused)
+    plan = Plan(study, out, tasks, methods, partial=args.partial, recorded=recorded)
+    recorded.check(study, tasks, methods, {t: steps_of(study, study["tasks"][t]) for t in tasks}, plan.D)
     sweeps = [e for task in tasks for m in methods for e in plan.sweep(task, m)]
     failed = 0
     if not args.report_only:
         # Task by task: each task's sweep and then its seeds, so a task's results are
         # complete before the next task starts.
         for task in tasks:
-            failed += execute([e for e in sweeps if e["task"] == task], study["ranks"], out / "logs")
+            failed += execute(plan.to_train([e for e in sweeps if e["task"] == task]), study["ranks"], out / "logs")
             if args.phase in ("final", "all"):
                 finals = study_report.final_entries(plan, task, methods)
-                failed += execute(finals, study["ranks"], out / "logs")
+                failed += execute(plan.to_train(finals), study["ranks"], out / "logs")
     rep = study_report.build(plan, tasks, methods, sweeps, command)
     for f, e in earlier:
         rep = study_report.merge(rep, e, f, list(study["methods"]))
@@ -497,20 +518,20 @@ def main(argv=None) -> dict:
     return rep
 
 
-def _load_report(path: str) -> dict:
-    """An earlier study.json for --merge; ConfigError naming the file when it is not one."""
+def _load_report(path: str, flag: str = "--merge") -> dict:
+    """An earlier study.json for --merge or --reuse-runs; ConfigError naming the file when it is not one."""
     try:
         rep = json.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise ConfigError(f"--merge {path}: no such file") from None
+        raise ConfigError(f"{flag} {path}: no such file") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"--merge {path}: cannot read it ({exc})") from None
+        raise ConfigError(f"{flag} {path}: cannot read it ({exc})") from None
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"--merge {path}: not JSON (line {exc.lineno}: {exc.msg})") from None
+        raise ConfigError(f"{flag} {path}: not JSON (line {exc.lineno}: {exc.msg})") from None
     missing = [k for k in ("summary", "runs", "paired", "D", "date", "command", "machine") if k not in rep] \
         if isinstance(rep, dict) else ["summary"]
     if missing:
-        raise ConfigError(f"--merge {path}: not a study report (no {', '.join(missing)}); "
+        raise ConfigError(f"{flag} {path}: not a study report (no {', '.join(missing)}); "
                           "the study writes one as study.json")
     return rep
 

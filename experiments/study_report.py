@@ -16,6 +16,7 @@ import datetime as _dt
 import json
 import math
 import statistics
+from collections import Counter
 from pathlib import Path
 
 from gpart_ds.evaluate import paired
@@ -97,12 +98,18 @@ def _dev_score(run: dict) -> tuple:
     return (finite, -statistics.mean(tail) if tail else -math.inf, -run["lr"])
 
 
+def plan_run(plan, entry: dict) -> dict | None:
+    """A planned run's results: its folder here, or else the run an earlier report records
+    (--reuse-runs; `out` None, `source` its report), or None while it is not finished."""
+    metric = plan.study["tasks"][entry["task"]]["metric"]
+    r = read_run(entry, plan.study["test_records"], metric, plan.study.get("curve_records"))
+    return r if r is not None else plan.recorded_run(entry)
+
+
 # ------------------------------------------------------------------ choosing and seeds
 def sweep_runs(plan, task: str, method: str) -> tuple[list[dict], list[float]]:
     """(finished sweep runs, the grid's rates with no finished run yet)."""
-    metric = plan.study["tasks"][task]["metric"]
-    read = [(e["lr"], read_run(e, plan.study["test_records"], metric, plan.study.get("curve_records")))
-            for e in plan.sweep(task, method)]
+    read = [(e["lr"], plan_run(plan, e)) for e in plan.sweep(task, method)]
     return [r for _, r in read if r is not None], [lr for lr, r in read if r is None]
 
 
@@ -172,7 +179,7 @@ def build(plan, tasks: list[str], methods: list[str], sweeps: list[dict], comman
     for task in tasks:
         metric = study["tasks"][task]["metric"]
         for e in (e for e in sweeps if e["task"] == task):
-            r = read_run(e, T, metric, study.get("curve_records"))
+            r = plan_run(plan, e)
             if r is not None:
                 runs.append(r)
         rows = {}
@@ -181,8 +188,7 @@ def build(plan, tasks: list[str], methods: list[str], sweeps: list[dict], comman
             lr = _chosen(sweep, missing, plan.partial)
             if lr is None:
                 continue
-            seeded = [read_run(plan.entry(task, m, lr, s, "final"), T, metric, study.get("curve_records"))
-                      for s in study["seeds"]]
+            seeded = [plan_run(plan, plan.entry(task, m, lr, s, "final")) for s in study["seeds"]]
             seeded = [r for r in seeded if r is not None]
             for r in seeded:
                 if r["seed"] != study.get("sweep_seed", 0):
@@ -207,11 +213,16 @@ def build(plan, tasks: list[str], methods: list[str], sweeps: list[dict], comman
                    "trainable_params": sweep[0]["trainable_params"], "adapter_bytes": sweep[0]["adapter_bytes"],
                    "median_step_time_s": statistics.median(r["median_step_time_s"] for r in sweep),
                    "steps": sweep[0]["steps"], "curve": _mean_curve(seeded)}
+            used = {(r["lr"], r["seed"]): r for r in sweep + seeded}.values()   # seed 0 is a sweep run
+            reused = Counter(r["source"]["file"] for r in used if r.get("source"))
+            if reused:   # how many of the row's runs were trained elsewhere (--reuse-runs)
+                row["runs_from"] = dict(sorted(reused.items()))
             rows[m] = row
             summary.append(row)
             for r in seeded[:1]:      # the adapter against the base model, same records
-                tests.append({"task": task, "a": "base", "b": m, "seed": r["seed"],
-                              **paired_test(r, r, T, step_a=0)})
+                t = _paired_or_recorded(plan, task, "base", m, r, r, T, step_a=0)
+                if t:
+                    tests.append(t)
         ref = rows.get(ref_name)
         if ref is None or ref["test_mean"] is None:
             continue
@@ -221,14 +232,25 @@ def build(plan, tasks: list[str], methods: list[str], sweeps: list[dict], comman
                 continue
             for r in _seeded_runs(runs, task, m, row["best_lr"]):
                 if r["seed"] in seeds_ref:
-                    tests.append({"task": task, "a": ref_name, "b": m, "seed": r["seed"],
-                                  **paired_test(seeds_ref[r["seed"]], r, T)})
+                    t = _paired_or_recorded(plan, task, ref_name, m, seeds_ref[r["seed"]], r, T)
+                    if t:
+                        tests.append(t)
         set_parity(rows.values(), ref_name)
     return {"date": _dt.date.today().isoformat(), "machine": machine(), "config": study["_path"],
             "command": command, **header(study), "tasks": tasks, "methods": methods,
             "D": {task: {m: plan.D(task, m) for m in methods} for task in tasks},
             "runs_min": runs_min(runs), "summary": summary, "paired": tests,
             "runs": [{k: v for k, v in r.items() if k != "out"} for r in runs]}
+
+
+def _paired_or_recorded(plan, task: str, a: str, b: str, run_a: dict, run_b: dict, T: int, step_a=None):
+    """The paired test of two runs from their verdicts; where one of them is a recorded run
+    (its verdicts stayed on the machine that trained it), the test its report made of the
+    same two runs, if it made one (None otherwise)."""
+    head = {"task": task, "a": a, "b": b, "seed": run_b["seed"]}
+    if run_a["out"] is not None and run_b["out"] is not None:
+        return {**head, **paired_test(run_a, run_b, T, step_a=step_a)}
+    return plan.recorded_test(head, run_a, run_b)
 
 
 def runs_min(runs) -> float:
@@ -263,21 +285,84 @@ def _rows_to_merge(earlier: dict, tasks: list[str], methods: list[str]) -> list[
     return [r for r in earlier["summary"] if r["task"] in tasks and r["method"] not in methods]
 
 
+def _check_header(earlier: dict, source: str, study: dict, flag: str) -> None:
+    from gpart_ds.config import ConfigError
+
+    for k, v in header(study).items():
+        if earlier.get(k) != v:
+            raise ConfigError(f"{flag} {source}: its {k} is {earlier.get(k)!r}, this study's {v!r}; only reports "
+                              "of the same records, seeds and reference stand in one table")
+
+
 def check_merge(earlier: dict, source: str, study: dict, tasks: list[str], methods: list[str],
                 steps: dict[str, int]) -> None:
     """Refuse (ConfigError) an earlier report whose rows cannot stand beside this study's:
     checked before any run is trained. `steps`: each task's budget here."""
     from gpart_ds.config import ConfigError
 
-    here = header(study)
-    for k, v in here.items():
-        if earlier.get(k) != v:
-            raise ConfigError(f"--merge {source}: its {k} is {earlier.get(k)!r}, this study's {v!r}; only reports "
-                              "of the same records, seeds and reference stand in one table")
+    _check_header(earlier, source, study, "--merge")
     for r in _rows_to_merge(earlier, tasks, methods):
         if r["steps"] != steps[r["task"]]:
             raise ConfigError(f"--merge {source}: {r['task']}/{r['method']} ran {r['steps']} steps, this study "
                               f"{steps[r['task']]} (--steps)")
+
+
+def _origin_of(report: dict, source: str) -> dict:
+    return {"file": source, "date": report["date"], "command": report["command"], "machine": report["machine"]}
+
+
+class RecordedRuns:
+    """The finished runs earlier reports record (--reuse-runs), standing in for run folders
+    this machine lacks: a grid measured on another machine or day is extended, or its
+    seeds run, without training its finished rates again. A run is the same run when its
+    task, method entry (and so D), lr, seed and steps are: check() refuses, before any
+    run, a report whose records, seeds or budget differ from the study's."""
+
+    def __init__(self, reports: list[tuple[str, dict]] = ()):
+        self.reports = list(reports)
+        self._runs = {}
+        for source, rep in self.reports:
+            origin = _origin_of(rep, source)
+            for r in rep["runs"]:
+                key = (r["task"], r["method"], r["lr"], r["seed"])
+                self._runs.setdefault(key, ({**r, "out": None, "source": r.get("source", origin)}, source, rep))
+
+    def check(self, study: dict, tasks: list[str], methods: list[str], steps: dict[str, int], D) -> None:
+        """ConfigError unless every recorded run of these tasks and methods is one this study
+        would make: same header (records, seeds, reference), steps, and target count D(task, method)."""
+        from gpart_ds.config import ConfigError
+
+        for source, rep in self.reports:
+            _check_header(rep, source, study, "--reuse-runs")
+            for task, m in {(r["task"], r["method"]) for r in rep["runs"]}:
+                if task not in tasks or m not in methods:
+                    continue
+                ran = {r["steps"] for r in rep["runs"] if (r["task"], r["method"]) == (task, m)}
+                if ran != {steps[task]}:
+                    raise ConfigError(f"--reuse-runs {source}: {task}/{m} ran {sorted(ran)} steps, this study "
+                                      f"{steps[task]} (--steps)")
+                if rep["D"][task][m] != D(task, m):
+                    raise ConfigError(f"--reuse-runs {source}: {task}/{m} targets {rep['D'][task][m]:,} weights, "
+                                      f"this study's entry {D(task, m):,}: the entry changed, its runs are not "
+                                      "this study's")
+
+    def run(self, entry: dict) -> dict | None:
+        hit = self._runs.get((entry["task"], entry["method"], entry["lr"], entry["seed"]))
+        return {**hit[0], "phase": entry["phase"]} if hit else None
+
+    def test(self, head: dict, run_a: dict, run_b: dict) -> dict | None:
+        """The paired test a report made of these two runs (its chosen rates were theirs)."""
+        for r in (run_b, run_a):
+            hit = r.get("source") and self._runs.get((head["task"], r["method"], r["lr"], r["seed"]))
+            if not hit:
+                continue
+            rep = hit[2]
+            best = {row["method"]: row["best_lr"] for row in rep["summary"] if row["task"] == head["task"]}
+            if best.get(head["b"]) != run_b["lr"] or (head["a"] != "base" and best.get(head["a"]) != run_a["lr"]):
+                return None
+            return next(({**t, "source": r["source"]} for t in rep["paired"]
+                         if {k: t.get(k) for k in head} == head), None)
+        return None
 
 
 def merge(rep: dict, earlier: dict, source: str, order: list[str]) -> dict:
@@ -290,13 +375,18 @@ def merge(rep: dict, earlier: dict, source: str, order: list[str]) -> dict:
     add = _rows_to_merge(earlier, rep["tasks"], rep["methods"])
     if not add:
         return rep
-    origin = {"file": source, "date": earlier["date"], "command": earlier["command"],
-              "machine": earlier["machine"]}
+    origin = _origin_of(earlier, source)
     added = {(r["task"], r["method"]) for r in add}
     rep["summary"] += [{**r, "source": r.get("source", origin)} for r in add]
     rep["runs"] += [r for r in earlier["runs"] if (r["task"], r["method"]) in added]
+    # Today's rows whose chosen runs are the earlier report's own (--reuse-runs of the same
+    # file, same rate): its tests of them against the rows added here still hold.
+    chosen = {(r["task"], r["method"]): r["best_lr"] for r in earlier["summary"]}
+    same = {(r["task"], r["method"]) for r in rep["summary"]
+            if source in r.get("runs_from", {}) and chosen.get((r["task"], r["method"])) == r["best_lr"]}
     rep["paired"] += [t for t in earlier["paired"] if (t["task"], t["b"]) in added
                       and (t["a"] == "base" or (t["task"], t["a"]) in added)]
+    rep["paired"] += [t for t in earlier["paired"] if (t["task"], t["b"]) in same and (t["task"], t["a"]) in added]
     rank = {m: i for i, m in enumerate(order)}
     rep["methods"] = sorted(dict.fromkeys(rep["methods"] + [r["method"] for r in add]),
                             key=lambda m: rank.get(m, len(rank)))
@@ -386,6 +476,10 @@ def format_markdown(rep: dict) -> str:
             names = ", ".join(r["method"] for r in merged if _origin(r) == src)
             lines += ["", f"{names}: measured earlier, from {src[0]} ({src[1]}, {src[2]}; --merge)."]
         for r in rows:
+            for f, n in r.get("runs_from", {}).items():
+                src = next(x["source"] for x in rep["runs"] if x.get("source", {}).get("file") == f)
+                lines += ["", f"{r['method']}: {n} of its runs trained earlier, recorded in {f} ({src['date']}, "
+                          f"{machine_name(src['machine'])}; --reuse-runs)."]
             if r.get("grid_missing"):
                 lines += ["", f"{r['method']}: lr chosen among {len(r['sweep'])} of the grid's "
                           f"{len(r['sweep']) + len(r['grid_missing'])} rates (--partial); not run yet: "

@@ -156,3 +156,62 @@ def test_merge_refuses_a_report_of_other_records_seeds_or_reference(change, msg)
     with pytest.raises(ConfigError, match="--merge e.json: t/lora ran 40 steps, this study 80"):
         sr.check_merge(_report([("lora", 2000, 0.8, 0.01)]), "e.json", STUDY, ["t"], [], {"t": 80})
     sr.check_merge(_report([("lora", 2000, 0.8, 0.01)]), "e.json", STUDY, ["t"], ["lora"], {"t": 80})  # not merged
+
+
+def _recorded_report(**over):
+    """A report whose runs are recorded: gpart's grid (0.01 chosen, 0.1) and its seed 1."""
+    rep = _report([("gpart", 100, 0.79, 0.01), ("lora", 2000, 0.82, 0.01)], **over)
+    run = {"task": "t", "method": "gpart", "metric": "accuracy", "steps": 40, "curve": [], "losses": [1.0],
+           "before": 0.7, "after": 0.79, "dev_after": 0.8, "eval_loss_after": 1.0, "wall_s": 60.0}
+    rep["runs"] = [{**run, "lr": 0.01, "seed": 0, "phase": "sweep"}, {**run, "lr": 0.1, "seed": 0, "phase": "sweep"},
+                   {**run, "lr": 0.01, "seed": 1, "phase": "final"},
+                   {**run, "method": "lora", "lr": 0.01, "seed": 0, "phase": "sweep"}]
+    rep["paired"].append({"task": "t", "a": "lora", "b": "gpart", "seed": 1, "fixed": 0, "broken": 2, "p_value": 0.5})
+    return rep
+
+
+def test_recorded_runs_stand_in_for_missing_folders_and_keep_their_reports_tests():
+    rec = sr.RecordedRuns([("docs/q.json", _recorded_report())])
+    entry = {"task": "t", "method": "gpart", "lr": 0.01, "seed": 1, "phase": "final"}
+    run = rec.run(entry)
+    assert run["after"] == 0.79 and run["out"] is None and run["phase"] == "final"
+    assert run["source"]["file"] == "docs/q.json" and run["source"]["date"] == "2026-12-01"
+    assert rec.run({**entry, "lr": 0.03}) is None and rec.run({**entry, "seed": 2}) is None
+    assert rec.run({**entry, "method": "lora", "lr": 0.01, "seed": 0}) is not None   # the report's lora run too
+    # the report's test of the same two runs (its chosen rates) stands; of other rates, none does
+    lora = {"method": "lora", "lr": 0.01, "seed": 1, "out": "here"}
+    head = {"task": "t", "a": "lora", "b": "gpart", "seed": 1}
+    assert rec.test(head, lora, run)["broken"] == 2
+    assert rec.test(head, lora, rec.run({**entry, "lr": 0.1, "seed": 0})) is None
+    assert rec.test({**head, "seed": 1}, {**lora, "lr": 0.003}, run) is None
+
+
+@pytest.mark.parametrize("change, steps, D, msg", [
+    ({"seeds": [0]}, 40, 1000, r"--reuse-runs e.json: its seeds is \[0\], this study's \[0, 1, 2\]"),
+    ({}, 80, 1000, r"--reuse-runs e.json: t/gpart ran \[40\] steps, this study 80"),
+    ({}, 40, 999, "--reuse-runs e.json: t/gpart targets 1,000 weights, this study's entry 999"),
+])
+def test_recorded_runs_of_other_records_steps_or_entries_are_refused(change, steps, D, msg):
+    from gpart_ds.config import ConfigError
+
+    rec = sr.RecordedRuns([("e.json", _recorded_report(**change))])
+    with pytest.raises(ConfigError, match=msg):
+        rec.check(STUDY, ["t"], ["gpart"], {"t": steps}, lambda task, m: D)
+    if not change:   # the same report, asked for lora only (whose runs it also records) at its own budget
+        rec.check(STUDY, ["t"], ["lora"], {"t": 40}, lambda task, m: 1000)
+
+
+def test_merge_keeps_the_earlier_tests_of_a_row_built_from_the_same_recorded_runs():
+    def today(best_lr):
+        rep = _report([("gpart", 100, 0.79, 0.01)], date="2026-12-02")
+        rep["summary"][0].update(runs_from={"docs/q.json": 3}, best_lr=best_lr)
+        return rep
+
+    def pairs(rep):
+        return {(t["a"], t["b"], t["seed"]) for t in rep["paired"]}
+
+    rep = sr.merge(today(0.01), _recorded_report(), "docs/q.json", ["gpart", "lora"])
+    assert ("lora", "gpart", 1) in pairs(rep) and ("base", "lora", 0) in pairs(rep)
+    # another rate chosen today: the earlier test is not of its runs
+    rep = sr.merge(today(0.1), _recorded_report(), "docs/q.json", ["gpart", "lora"])
+    assert ("lora", "gpart", 1) not in pairs(rep) and ("base", "lora", 0) in pairs(rep)

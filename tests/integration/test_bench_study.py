@@ -133,6 +133,25 @@ def test_study_quick_sweeps_chooses_on_dev_reruns_seeds_and_reuses_finished_runs
     assert part["lora-r4"]["grid_missing"] == []
     assert "gpart-d4k: lr chosen among 2 of the grid's 3 rates (--partial)" in (out / "study.md").read_text()
     assert [p.stat().st_mtime_ns for p in logs] == stamps                   # reports only: nothing trained
+    # Runs an earlier report records stand in for folders this machine lacks (--reuse-runs):
+    # a fresh output folder reports the same rows without training anything, and the wider
+    # grid trains only its new rate.
+    fresh = tmp_path / "fresh"
+    _run(["experiments.study", "--config", "tests/assets/study_tiny.yaml", "--quick", "--report-only",
+          "--reuse-runs", str(earlier), "--out", str(fresh)], timeout=300)
+    again = json.loads((fresh / "study.json").read_text())
+    assert [{k: v for k, v in r.items() if k != "runs_from"} for r in again["summary"]] == rep["summary"]
+    assert {r["method"]: r["runs_from"] for r in again["summary"]} == {"gpart-d4k": {str(earlier): 3},
+                                                                      "lora-r4": {str(earlier): 2}}
+    assert not (fresh / "runs").exists() and f"3 of its runs trained earlier, recorded in {earlier}" in \
+        (fresh / "study.md").read_text()
+    _run(["experiments.study", "--config", str(wider), "--quick", "--phase", "sweep", "--reuse-runs", str(earlier),
+          "--out", str(fresh)])
+    trained = [p.parent.name for p in (fresh / "runs").glob("*/*/*/metrics.jsonl")]
+    assert trained == [f"lr{3 * unit:.4g}-s0"], trained                    # the new rate alone
+    wide = {r["method"]: r for r in json.loads((fresh / "study.json").read_text())["summary"]}["gpart-d4k"]
+    assert len(wide["sweep"]) == 3 and wide["grid_missing"] == []
+    assert wide["runs_from"] == {str(earlier): 1 + len(wide["seeds"])}      # 2 rates, and seed 1 if still chosen
     # every run keeps its own log: the variant's beside the sweep's, not in its place
     names = {p.name for p in (out / "logs").iterdir()}
     assert len(names) == 2 + 1 + 2 + 1, names
