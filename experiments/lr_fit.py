@@ -1,0 +1,174 @@
+"""How well a rule lr = C * (D/d)^a serves a method's learning-rate sweeps, and which (C, a) serves them best.
+
+    python -m experiments.lr_fit docs/quality_rt.json docs/quality_qasc.json docs/quality_arithmetic.json
+        [--method gpart] [--C C --exponent A] [--json out.json]
+
+Reads the rows of one method (default gpart) in study reports (experiments/study.py: each
+row's lr sweep on seed 0 with its dev metric, the run's D and d = its trainable
+parameters) and, for a rule, puts its lr into every sweep: the
+dev metric there is interpolated linearly in log(lr) between the two grid rates around it
+(a rule that leaves a sweep's grid is not judged on it: `outside`). A sweep's loss under the
+rule is its best dev metric minus that value. For each exponent a it then finds the C that
+makes the worst loss over all sweeps smallest (ties: the mean loss), and prints, per
+exponent, that C, the worst and mean loss, and how many sweeps have the rule's lr within 2x
+of their best grid rate; then the sweeps one by one under train.lr: auto as each report
+recorded it, under the best fit, and under --C/--exponent if given. The choice of a rule is then made on dev records only, like the
+study's choice of each lr; the test records stay for the report. 200 dev records give a
+standard error of ~3 points: losses below that are not told apart from none.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from gpart_ds.config import ConfigError
+
+EXPONENTS = [round(0.40 + 0.05 * i, 2) for i in range(15)]   # 0.40 .. 1.10
+MIN_RATES = 3     # a sweep of fewer rates says nothing about where its best lies
+
+
+def sweeps(reports: list[tuple[str, dict]], method: str = "gpart") -> list[dict]:
+    """The sweeps of `method`'s rows: task, entry, D, d, rates (lr, dev) sorted by lr, and
+    the lr train.lr: auto gave the entry when the report was written."""
+    out = []
+    for source, rep in reports:
+        for row in (r for r in rep["summary"] if r["name"] == method):
+            pts = sorted((s["lr"], s["dev"]) for s in row["sweep"] if s["dev"] is not None)
+            out.append({"task": row["task"], "method": row["method"], "source": source,
+                        "D": rep["D"][row["task"]][row["method"]], "d": row["trainable_params"], "points": pts,
+                        "auto_lr": row.get("auto_lr"),
+                        "best_lr": max(pts, key=lambda p: p[1])[0] if pts else None,
+                        "best_dev": max((p[1] for p in pts), default=None)})
+    return out
+
+
+def dev_at(points: list[tuple[float, float]], lr: float) -> float | None:
+    """The dev metric at lr, linear in log(lr) between the grid rates around it; None outside."""
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= lr <= x1:
+            t = math.log(lr / x0) / math.log(x1 / x0)
+            return y0 + t * (y1 - y0)
+    if points and math.isclose(lr, points[0][0], rel_tol=1e-9):
+        return points[0][1]
+    return None
+
+
+def rule_lr(C: float, a: float, D: int, d: int) -> float:
+    return C * (D / d) ** a
+
+
+def judge(sw: list[dict], C: float, a: float, lr_of=None) -> list[dict]:
+    """Each sweep under the rule (or lr_of(sweep)): its lr, the dev metric there, the loss
+    and the ratio to the best rate."""
+    out = []
+    for s in sw:
+        lr = lr_of(s) if lr_of else rule_lr(C, a, s["D"], s["d"])
+        dev = dev_at(s["points"], lr)
+        out.append({**s, "rule_lr": lr, "rule_dev": dev, "loss": None if dev is None else s["best_dev"] - dev,
+                    "over_best": lr / s["best_lr"]})
+    return out
+
+
+def score(judged: list[dict]) -> tuple[float, float]:
+    """(worst loss, mean loss); inf when the rule leaves a sweep's grid."""
+    losses = [j["loss"] for j in judged]
+    if any(x is None for x in losses):
+        return math.inf, math.inf
+    return max(losses), sum(losses) / len(losses)
+
+
+def best_C(sw: list[dict], a: float, n: int = 400) -> tuple[float, tuple[float, float]]:
+    """The C (on a log grid spanning every sweep's rates) minimising (worst loss, mean loss) at exponent a."""
+    lo = min(p[0] / (s["D"] / s["d"]) ** a for s in sw for p in s["points"])
+    hi = max(p[0] / (s["D"] / s["d"]) ** a for s in sw for p in s["points"])
+    grid = [lo * (hi / lo) ** (i / (n - 1)) for i in range(n)]
+    return min(((C, score(judge(sw, C, a))) for C in grid), key=lambda x: (x[1], x[0]))
+
+
+def fit(sw: list[dict]) -> list[dict]:
+    rows = []
+    for a in EXPONENTS:
+        C, (worst, mean) = best_C(sw, a)
+        judged = judge(sw, C, a)
+        rows.append({"exponent": a, "C": C, "worst_loss": worst, "mean_loss": mean,
+                     "within_2x": sum(1 for j in judged if 0.5 <= j["over_best"] <= 2.0), "sweeps": len(judged)})
+    return rows
+
+
+def _load(path: str) -> dict:
+    try:
+        rep = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: not a readable JSON study report ({exc})") from None
+    if not isinstance(rep, dict) or "summary" not in rep or "D" not in rep:
+        raise ConfigError(f"{path}: not a study report (no summary or D); the study writes one as study.json")
+    return rep
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def _table(title: str, judged: list[dict]) -> None:
+    print(f"\n{title}\n")
+    print("| task | entry | D/d | best rate (dev) | rule's lr (x best) | dev there | loss (pts) |")
+    print("|---|---|---|---|---|---|---|")
+    for j in judged:
+        print(f"| {j['task']} | {j['method']} | {j['D'] / j['d']:.0f} | {j['best_lr']:.3g} ({_pct(j['best_dev'])}) "
+              f"| {j['rule_lr']:.3g} ({j['over_best']:.2f}x) | {_pct(j['rule_dev'])} | {_pct(j['loss'])} |")
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m experiments.lr_fit", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("reports", nargs="+", help="study reports (study.json, docs/quality_*.json)")
+    ap.add_argument("--method", default="gpart", help="the method whose rows are fitted (default gpart)")
+    ap.add_argument("--C", type=float, default=None, help="also judge lr = C * (D/d)^exponent (both needed)")
+    ap.add_argument("--exponent", type=float, default=None)
+    ap.add_argument("--json", default=None, help="write the fit here as well")
+    args = ap.parse_args(argv)
+    if (args.C is None) != (args.exponent is None):
+        raise ConfigError("--C and --exponent: give both (the rule lr = C * (D/d)^exponent) or neither")
+    all_sw = sweeps([(p, _load(p)) for p in args.reports], args.method)
+    sw = [s for s in all_sw if len(s["points"]) >= MIN_RATES]
+    if not sw:
+        raise ConfigError(f"no {args.method} sweep of >= {MIN_RATES} rates in {', '.join(args.reports)}")
+    skipped = [f"{s['task']}/{s['method']} ({len(s['points'])} rate(s))" for s in all_sw if s not in sw]
+    rows = fit(sw)
+    best = min(rows, key=lambda r: (r["worst_loss"], r["mean_loss"]))
+    print(f"{len(sw)} {args.method} sweeps" + (f"; skipped (fewer than {MIN_RATES} rates): {', '.join(skipped)}"
+                                               if skipped else ""))
+    print("\n| exponent a | best C | worst dev loss (pts) | mean dev loss (pts) | rule within 2x of best rate |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['exponent']:.2f} | {r['C']:.3g} | {_pct(r['worst_loss'])} | {_pct(r['mean_loss'])} | "
+              f"{r['within_2x']}/{r['sweeps']} |")
+    out = {"reports": args.reports, "method": args.method, "sweeps": sw, "fit": rows, "best": best}
+    recorded = [s for s in sw if s["auto_lr"]]
+    if recorded:
+        out["recorded_auto"] = judge(recorded, 0, 0, lr_of=lambda s: s["auto_lr"])
+        _table("train.lr: auto as each report recorded it", out["recorded_auto"])
+    out["best"]["judged"] = judge(sw, best["C"], best["exponent"])
+    _table(f"best fit: lr = {best['C']:.3g} * (D/d)^{best['exponent']:.2f}", out["best"]["judged"])
+    if args.C is not None:
+        out["given"] = {"C": args.C, "exponent": args.exponent, "judged": judge(sw, args.C, args.exponent)}
+        _table(f"given rule: lr = {args.C:.3g} * (D/d)^{args.exponent:.2f}", out["given"]["judged"])
+    if args.json:
+        from gpart_ds.fileio import write_atomic
+
+        write_atomic(Path(args.json), json.dumps(out, indent=1))
+    return out
+
+
+def cli(argv=None) -> int:
+    from gpart_ds.errors import run_cli
+
+    return run_cli(lambda: main(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli())

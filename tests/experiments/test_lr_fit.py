@@ -1,0 +1,63 @@
+"""experiments/lr_fit.py: judging lr = C * (D/d)^a against GPart's sweeps, on made-up reports."""
+import json
+import math
+
+import pytest
+
+from experiments import lr_fit
+
+
+def _report(task, ratios, exponent, C=1e-4, mults=(0.1, 0.3, 1, 3, 10)):
+    """A study report whose GPart sweeps peak (dev) at C * (D/d)^exponent, one per D/d."""
+    D, rows, Ds = 10**8, [], {}
+    for q in ratios:
+        best = C * q ** exponent
+        sweep = [{"lr": best * m, "dev": 0.5 - 0.1 * math.log10(m) ** 2, "test": 0.0} for m in mults]
+        name = f"gpart-{q}"
+        rows.append({"task": task, "method": name, "name": "gpart", "trainable_params": D // q, "sweep": sweep})
+        Ds[name] = D
+    rows.append({"task": task, "method": "lora", "name": "lora", "trainable_params": 5, "sweep": []})
+    return {"summary": rows, "D": {task: {**Ds, "lora": D}}}
+
+
+def test_dev_is_interpolated_in_log_lr_and_unknown_outside_the_grid():
+    pts = [(1e-3, 0.2), (1e-2, 0.6), (1e-1, 0.0)]
+    assert lr_fit.dev_at(pts, 10 ** -2.5) == pytest.approx(0.4)
+    assert lr_fit.dev_at(pts, 1e-2) == pytest.approx(0.6)
+    assert lr_fit.dev_at(pts, 1e-4) is None and lr_fit.dev_at(pts, 1.0) is None
+
+
+def test_the_fit_finds_the_exponent_the_sweeps_peak_at():
+    sw = lr_fit.sweeps([("a.json", _report("t", [10, 1000, 100000], 0.75))])
+    assert len(sw) == 3 and all(s["best_lr"] == pytest.approx(1e-4 * (s["D"] / s["d"]) ** 0.75, rel=1e-2) for s in sw)
+    rows = {r["exponent"]: r for r in lr_fit.fit(sw)}
+    best = min(rows.values(), key=lambda r: (r["worst_loss"], r["mean_loss"]))
+    assert best["exponent"] == 0.75 and best["worst_loss"] < 0.003 and best["C"] == pytest.approx(1e-4, rel=0.05)
+    assert best["within_2x"] == 3
+    # the sqrt rule cannot follow these peaks: some sweep loses at any C
+    assert rows[0.5]["worst_loss"] > 0.01 and rows[0.5]["within_2x"] < 3
+
+
+def test_the_cli_prints_both_rules_and_refuses_reports_without_sweeps(tmp_path, capsys):
+    f = tmp_path / "r.json"
+    f.write_text(json.dumps(_report("t", [10, 100, 1000], 0.75)))
+    out = lr_fit.main([str(f), "--C", "1e-4", "--exponent", "0.75", "--json", str(tmp_path / "fit.json")])
+    text = capsys.readouterr().out
+    assert "given rule: lr = 0.0001 * (D/d)^0.75" in text and "best fit:" in text
+    assert all(j["loss"] == pytest.approx(0, abs=1e-9) for j in out["given"]["judged"])
+    assert json.loads((tmp_path / "fit.json").read_text())["best"]["exponent"] == 0.75
+    bare = tmp_path / "bare.json"
+    bare.write_text(json.dumps(_report("t", [10], 0.5, mults=(1,))))
+    assert lr_fit.cli([str(bare)]) == 2
+    assert "no gpart sweep of >= 3 rates" in capsys.readouterr().err
+    assert lr_fit.cli([str(tmp_path / "nope.json")]) == 2 and "nope.json: no such file" in capsys.readouterr().err
+
+
+def test_half_a_rule_is_refused_and_another_methods_rows_can_be_fitted(tmp_path, capsys):
+    f = tmp_path / "r.json"
+    rep = _report("t", [10, 1000, 100000], 0.75)
+    for r in rep["summary"]:
+        r["name"] = "vera" if r["name"] == "gpart" else r["name"]
+    f.write_text(json.dumps(rep))
+    assert lr_fit.cli([str(f), "--C", "1e-4"]) == 2 and "--C and --exponent: give both" in capsys.readouterr().err
+    assert lr_fit.main([str(f), "--method", "vera"])["best"]["exponent"] == 0.75
