@@ -11,7 +11,8 @@ dev metric there is interpolated linearly in log(lr) between the two grid rates 
 rule is its best dev metric minus that value. For each exponent a it then finds the C that
 makes the worst loss over all sweeps smallest (ties: the mean loss), and prints, per
 exponent, that C, the worst and mean loss, and how many sweeps have the rule's lr within 2x
-of their best grid rate; then the sweeps one by one under train.lr: auto as each report
+of their best grid rate; then the sweeps one by one (with the test metric read the same
+way: a held-out look at each rule, not used by the fit) under train.lr: auto as each report
 recorded it, under the best fit, and under --C/--exponent if given. The choice of a rule is then made on dev records only, like the
 study's choice of each lr; the test records stay for the report. 200 dev records give a
 standard error of ~3 points: losses below that are not told apart from none.
@@ -36,9 +37,10 @@ def sweeps(reports: list[tuple[str, dict]], method: str = "gpart") -> list[dict]
     for source, rep in reports:
         for row in (r for r in rep["summary"] if r["name"] == method):
             pts = sorted((s["lr"], s["dev"]) for s in row["sweep"] if s["dev"] is not None)
+            test = sorted((s["lr"], s["test"]) for s in row["sweep"] if s["dev"] is not None)
             out.append({"task": row["task"], "method": row["method"], "source": source,
                         "D": rep["D"][row["task"]][row["method"]], "d": row["trainable_params"], "points": pts,
-                        "auto_lr": row.get("auto_lr"),
+                        "auto_lr": row.get("auto_lr"), "test_points": test,
                         "best_lr": max(pts, key=lambda p: p[1])[0] if pts else None,
                         "best_dev": max((p[1] for p in pts), default=None)})
     return out
@@ -66,8 +68,11 @@ def judge(sw: list[dict], C: float, a: float, lr_of=None) -> list[dict]:
     for s in sw:
         lr = lr_of(s) if lr_of else rule_lr(C, a, s["D"], s["d"])
         dev = dev_at(s["points"], lr)
+        # the test metric the same way: a held-out look at the rule, never used to choose it
+        test, test_best = dev_at(s["test_points"], lr), dict(s["test_points"])[s["best_lr"]]
         out.append({**s, "rule_lr": lr, "rule_dev": dev, "loss": None if dev is None else s["best_dev"] - dev,
-                    "over_best": lr / s["best_lr"]})
+                    "over_best": lr / s["best_lr"], "rule_test": test,
+                    "test_loss": None if test is None else test_best - test})
     return out
 
 
@@ -115,11 +120,16 @@ def _pct(x) -> str:
 
 def _table(title: str, judged: list[dict]) -> None:
     print(f"\n{title}\n")
-    print("| task | entry | D/d | best rate (dev) | rule's lr (x best) | dev there | loss (pts) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| task | entry | D/d | best rate (dev) | rule's lr (x best) | dev there | dev loss (pts) | test there "
+          "| test loss (pts) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for j in judged:
         print(f"| {j['task']} | {j['method']} | {j['D'] / j['d']:.0f} | {j['best_lr']:.3g} ({_pct(j['best_dev'])}) "
-              f"| {j['rule_lr']:.3g} ({j['over_best']:.2f}x) | {_pct(j['rule_dev'])} | {_pct(j['loss'])} |")
+              f"| {j['rule_lr']:.3g} ({j['over_best']:.2f}x) | {_pct(j['rule_dev'])} | {_pct(j['loss'])} "
+              f"| {_pct(j['rule_test'])} | {_pct(j['test_loss'])} |")
+    tl = [j["test_loss"] for j in judged if j["test_loss"] is not None]
+    if tl:
+        print(f"\ntest loss against the dev-chosen rate: worst {_pct(max(tl))}, mean {_pct(sum(tl) / len(tl))} pts")
 
 
 def main(argv=None) -> dict:

@@ -13,7 +13,8 @@ and evaluation records. A method entry of the study config is a `method.*` block
 `name` one of the registry's, every other key a method.* override) plus its grid:
 
     lrs       learning rates (numbers, or `auto`: what train.lr=auto gives the entry), or
-    lr_mults  multiples of `lr_unit`: `auto` (the default), a number, or an expression in
+    lr_mults  multiples of `lr_unit` (or `auto`, as in lrs); lr_unit: `auto` (the default:
+              train.lr=auto's rate), a number, or an expression in
               D (the task's target weights) and the entry's numeric keys, with sqrt(), e.g.
               "1.24e-4 * sqrt(D / d)". A fixed expression keeps the grid (and the finished
               runs) in place when the calibrated default changes.
@@ -81,7 +82,8 @@ def _is_rate(x) -> bool:
 
 
 # What a grid value is, per kind of grid: the one rule for the study config and --grid.
-_GRID_VALUE = {"lr_mults": "a multiple (a number > 0)", "lrs": "a learning rate (> 0 or auto)"}
+# auto in either: the rate train.lr: auto gives the entry (how far the default is from the best).
+_GRID_VALUE = {"lr_mults": "a multiple (a number > 0 or auto)", "lrs": "a learning rate (> 0 or auto)"}
 
 
 def _grid_key(m: dict) -> str:
@@ -90,7 +92,7 @@ def _grid_key(m: dict) -> str:
 
 
 def _grid_value_ok(key: str, x) -> bool:
-    return _is_rate(x) and not (key == "lr_mults" and x == "auto")
+    return _is_rate(x)
 
 
 def load_study(path: str) -> dict:
@@ -319,11 +321,11 @@ class Plan:
 
     def lr_grid(self, task: str, method: str) -> list[float]:
         m = self.study["methods"][method]
-        if m.get("lr_mults"):
-            unit = self.unit(task, method)
-            return [_round(unit * x) for x in m["lr_mults"]]
         out = []
-        for x in m["lrs"]:
+        for x in m.get("lr_mults") or m["lrs"]:
+            if m.get("lr_mults") and x != "auto":
+                out.append(_round(self.unit(task, method) * x))
+                continue
             lr = self.auto_lr(task, method) if x == "auto" else x
             _need(lr is not None, f"{self._where(method)}.lrs", "auto: the method has no calibrated rate")
             out.append(_round(lr))

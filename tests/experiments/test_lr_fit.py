@@ -12,7 +12,8 @@ def _report(task, ratios, exponent, C=1e-4, mults=(0.1, 0.3, 1, 3, 10)):
     D, rows, Ds = 10**8, [], {}
     for q in ratios:
         best = C * q ** exponent
-        sweep = [{"lr": best * m, "dev": 0.5 - 0.1 * math.log10(m) ** 2, "test": 0.0} for m in mults]
+        sweep = [{"lr": best * m, "dev": 0.5 - 0.1 * math.log10(m) ** 2, "test": 0.4 - 0.1 * math.log10(m) ** 2}
+                 for m in mults]
         name = f"gpart-{q}"
         rows.append({"task": task, "method": name, "name": "gpart", "trainable_params": D // q, "sweep": sweep})
         Ds[name] = D
@@ -45,6 +46,9 @@ def test_the_cli_prints_both_rules_and_refuses_reports_without_sweeps(tmp_path, 
     text = capsys.readouterr().out
     assert "given rule: lr = 0.0001 * (D/d)^0.75" in text and "best fit:" in text
     assert all(j["loss"] == pytest.approx(0, abs=1e-9) for j in out["given"]["judged"])
+    assert all(j["rule_test"] == pytest.approx(0.4) and j["test_loss"] == pytest.approx(0, abs=1e-9)
+               for j in out["given"]["judged"])
+    assert "test loss against the dev-chosen rate: worst 0.0" in text
     assert json.loads((tmp_path / "fit.json").read_text())["best"]["exponent"] == 0.75
     bare = tmp_path / "bare.json"
     bare.write_text(json.dumps(_report("t", [10], 0.5, mults=(1,))))

@@ -51,7 +51,7 @@ def test_an_entry_is_its_method_keys_and_a_grid(tmp_path):
     ("{name: gpart, d: 8}", "methods.g", "needs either lrs"),
     ("{name: gpart, d: 8, lrs: [0.1], lr_mults: [1]}", "methods.g", "needs either lrs"),
     ("{name: gpart, d: 8, lrs: [-1]}", "methods.g.lrs", "-1 is not a learning rate"),
-    ("{name: gpart, d: 8, lr_mults: [1, auto]}", "methods.g.lr_mults", "'auto' is not a multiple"),
+    ("{name: gpart, d: 8, lr_mults: [1, 0]}", "methods.g.lr_mults", "0 is not a multiple"),
     ("{name: gpart, d: 8, lrs: [0.1], lr_unit: auto}", "methods.g.lr_unit", "goes with lr_mults"),
     ("{name: gpart, d: 8, lr_mults: [1], lr_unit: 'import os'}", "methods.g.lr_unit", "not an expression"),
     ("{name: gpart, d: 8, lr_mults: [1], lr_unit: 'open(D)'}", "methods.g.lr_unit", "only numbers"),
@@ -115,15 +115,16 @@ def test_grid_narrows_an_entry_in_its_own_terms_and_names_a_bad_value(tmp_path, 
                                             "  l: {name: lora, r: 4, lrs: [0.001, 0.003, 0.01]}\n"))
     full = study.Plan(cfg, tmp_path / "out", ["tiny"], ["g", "l"])
     g_full, l_full = full.sweep("tiny", "g"), full.sweep("tiny", "l")
-    study.apply_grid(cfg, ["g=3", "l=0.003,auto"], ["g", "l"])
+    study.apply_grid(cfg, ["g=3,auto", "l=0.003,auto"], ["g", "l"])
     plan = study.Plan(cfg, tmp_path / "out", ["tiny"], ["g", "l"])
-    (g3,) = plan.sweep("tiny", "g")
+    g3, g_auto = plan.sweep("tiny", "g")
+    assert g_auto["lr"] == pytest.approx(plan.auto_lr("tiny", "g"), rel=1e-3)   # auto among multiples too
     assert (g3["out"], g3["key"]) == (g_full[1]["out"], g_full[1]["key"])     # the same run as the full grid's 3x
     l3, l_auto = plan.sweep("tiny", "l")
     assert (l3["out"], l3["key"]) == (l_full[1]["out"], l_full[1]["key"])
     assert l_auto["lr"] == plan.auto_lr("tiny", "l")
     for spec, msg in [("x=1", "'x' is not one of the methods run"), ("g", "expected METHOD=V"),
-                      ("g=auto", "'auto' is not a multiple"), ("l=-1", "'-1' is not a learning rate"),
+                      ("g=0", "'0' is not a multiple"), ("l=-1", "'-1' is not a learning rate"),
                       ("l=0.1,nan", "'nan' is not a learning rate")]:
         with pytest.raises(ConfigError, match=rf"--grid {spec}: {msg}"):
             study.apply_grid(cfg, [spec], ["g", "l"])
