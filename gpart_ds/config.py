@@ -55,7 +55,7 @@ class MethodConfig:
                         "per rank); auto: on when 4 x D <= 1 GiB and no dropout")
     step_per_weight: Optional[float] = _f(None, "gpart: with train.lr: auto, how far each weight moves per "
                                           "(sign-like) Adam step: lr = step_per_weight x sqrt(D / d), so changing d "
-                                          "keeps it; unset: the constant calibrated on SmolLM2-135M "
+                                          "keeps it; unset: the rule fitted on SmolLM2-135M, GPART_C x (D / d)^GPART_EXP "
                                           "(docs/lr_rule.md); a numeric train.lr (e.g. an override) wins")
     r: Optional[int] = _f(None, "lora/vera: rank (default 8 / 256)")
     alpha: Optional[float] = _f(None, "lora: alpha (default 2 x r)")
