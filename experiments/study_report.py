@@ -522,13 +522,14 @@ def color(name: str) -> str:
     return PALETTE[names.index(name) % len(PALETTE)] if name in names else "k"
 
 
-def _styles(rows: list[dict]) -> dict[str, str]:
-    """Line style per entry: solid for the largest entry of each method, then dashed, dotted."""
+def _styles(rows: list[dict]) -> dict[str, dict]:
+    """Line style and marker per entry (the colour is the method's): solid and circles for
+    the largest entry of each method, then dashed and squares, dotted and triangles, ..."""
     out = {}
     for name in {r["name"] for r in rows}:
         same = sorted((r for r in rows if r["name"] == name), key=lambda r: -r["trainable_params"])
         for i, r in enumerate(same):
-            out[r["method"]] = ("-", "--", ":", "-.")[i % 4]
+            out[r["method"]] = {"ls": ("-", "--", ":", "-.")[i % 4], "marker": ("o", "s", "^", "D")[i % 4]}
     return out
 
 
@@ -593,9 +594,9 @@ def plot(rep: dict, out: Path) -> list[Path]:
         rows = [r for r in rep["summary"] if r["task"] == task]
         styles = _styles(rows)
         for r in rows:
-            ls = styles[r["method"]]
-            axes[0][i].plot([c["step"] for c in r["curve"]], [100 * c["curve"] for c in r["curve"]], marker=".",
-                            ls=ls, color=color(r["name"]), label=f"{r['method']} @ {r['best_lr']:.2g}")
+            ls = styles[r["method"]]["ls"]
+            axes[0][i].plot([c["step"] for c in r["curve"]], [100 * c["curve"] for c in r["curve"]], ms=4,
+                            **styles[r["method"]], color=color(r["name"]), label=f"{r['method']} @ {r['best_lr']:.2g}")
             run = next((x for x in rep["runs"] if x["task"] == task and x["method"] == r["method"]
                         and x["lr"] == r["best_lr"] and x["seed"] == rep["sweep_seed"]), None)
             if run:
@@ -616,8 +617,8 @@ def plot(rep: dict, out: Path) -> list[Path]:
         rows = [r for r in rep["summary"] if r["task"] == task]
         styles = _styles(rows)
         for r in rows:
-            ax.plot([s["lr"] for s in r["sweep"]], [100 * (s["dev"] or 0) for s in r["sweep"]], marker="o",
-                    color=color(r["name"]), ls=styles[r["method"]], label=r["method"])
+            ax.plot([s["lr"] for s in r["sweep"]], [100 * (s["dev"] or 0) for s in r["sweep"]],
+                    color=color(r["name"]), **styles[r["method"]], label=r["method"])
         ax.set_xscale("log")
         ax.set_xlabel("learning rate")
         ax.set_ylabel("dev metric after training (%)")
