@@ -65,3 +65,20 @@ def test_half_a_rule_is_refused_and_another_methods_rows_can_be_fitted(tmp_path,
     f.write_text(json.dumps(rep))
     assert lr_fit.cli([str(f), "--C", "1e-4"]) == 2 and "--C and --exponent: give both" in capsys.readouterr().err
     assert lr_fit.main([str(f), "--method", "vera"])["best"]["exponent"] == 0.75
+
+
+def test_the_shipped_gpart_rule_is_the_fit_of_the_committed_sweeps():
+    """train.lr: auto's constants are what lr_fit makes of the study's reports in docs/: a
+    change of either (new sweeps, or new constants) that breaks the other fails here."""
+    from gpart_ds.methods.gpart import GPART_C, GPART_EXP
+    from tests.helpers import REPO
+
+    reports = [(p, json.loads((REPO / p).read_text()))
+               for p in ("docs/quality_rt.json", "docs/quality_qasc.json", "docs/quality_arithmetic.json")]
+    sw = [s for s in lr_fit.sweeps(reports) if len(s["points"]) >= lr_fit.MIN_RATES]
+    assert len(sw) >= 9
+    shipped, _ = lr_fit.score(lr_fit.judge(sw, GPART_C, GPART_EXP))
+    best = min(r["worst_loss"] for r in lr_fit.fit(sw))
+    assert shipped <= best + 0.005, (shipped, best)   # within half a point of the fit's worst-case optimum
+    old, _ = lr_fit.score(lr_fit.judge(sw, 6.2e-4, 0.5))
+    assert shipped < old                               # and better than the sqrt rule it replaced
