@@ -26,7 +26,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, NoReturn
 
 import torch
 
@@ -234,8 +234,10 @@ def init(backend: str = "auto", timeout_minutes: float = 60.0) -> Ranks:
     """Initialise torch.distributed through DeepSpeed; returns who this process is."""
     import deepspeed
 
+    global _STARTED
     ranks = discover_env()
     follow_launcher(ranks)
+    _STARTED = True
     if torch.cuda.is_available():
         # A launcher that binds one GPU per task (srun --gpus-per-task=1) leaves each rank
         # a single visible device whatever its local rank.
@@ -253,18 +255,50 @@ def init(backend: str = "auto", timeout_minutes: float = 60.0) -> Ranks:
 def shutdown() -> None:
     """Destroy the process groups (no-op without one), where every rank ends together.
 
-    Left to interpreter shutdown, gloo's worker threads can still hold finished work (and
-    its tensors) while Python finalises; the process then aborts ("terminate called
-    without an active exception", exit -6) after a run that wrote all its outputs: one
-    2-rank run of the CI suite did, and 4 in 30 two-rank gloo processes of a plain torch
-    script here (0 in 30 with this call). Not after an error of one rank: a peer may still
-    be inside a collective, and destroying a group under it can hang (NCCL); the caller
-    decides (Trainer.__exit__).
+    It finishes pending work and closes the communicators while every peer is still there
+    (NCCL asks for it before exit; left to interpreter shutdown, 4 in 30 two-rank gloo
+    processes of a plain torch script here aborted, 0 in 30 with this call). It does not
+    free the groups that DeepSpeed still holds: the launch scripts end through
+    exit_process for that. Not after an error of one rank: a peer may still be inside a
+    collective, and destroying a group under it can hang (NCCL); the caller decides
+    (Trainer.__exit__).
     """
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+_STARTED = False   # init() ran in this process: its end goes through exit_process
+
+
+def exit_process(code: int) -> NoReturn:
+    """End a rank's process with `code` once its outputs are written: run what Python runs
+    at exit (atexit handlers: logging's flush, weakref finalizers, temporary folders), flush
+    stdout/stderr, then leave with os._exit, skipping only the interpreter's teardown of
+    objects. A process that never started the distributed runtime exits normally.
+
+    Why: destroy_process_group (shutdown) shuts the groups down but does not free them:
+    DeepSpeed's engine and module globals still hold them, so their gloo worker threads
+    live until the interpreter frees the objects during finalisation, and a thread that
+    then drops the last reference to a tensor needs the GIL Python is tearing down: abort
+    ("terminate called without an active exception", exit -6) after a run that wrote
+    everything. One CI run of the suite did so with shutdown in place (a resumed 2-rank
+    run, 2026-12-03); a two-rank gloo script here: 3 of 20 processes ended -6 at a normal
+    exit, 0 of 30 through os._exit. SLURM would mark such a finished job failed.
+    """
+    import atexit
+    import sys
+
+    if not _STARTED:
+        sys.exit(code)
+    atexit._run_exitfuncs()   # what a normal exit would run, while Python is whole
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):   # a closed or broken pipe: nothing more to say
+            pass
+    os._exit(code)
 
 
 def subgroup(groups, timeout_minutes: float = 60.0):

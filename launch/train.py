@@ -75,4 +75,6 @@ def _run(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from gpart_ds.distributed import exit_process
+
+    exit_process(main())   # a rank that ran skips the interpreter's teardown (see there)

@@ -265,6 +265,49 @@ distributed.shutdown()   # twice: still fine
     assert "initialized after shutdown: False" in proc.stdout
 
 
+def test_a_rank_that_ran_exits_through_atexit_and_flush_but_skips_the_teardown(tmp_path):
+    """exit_process after distributed.init: the exit status, atexit handlers and temporary
+    folders as at a normal exit, buffered output flushed, and objects NOT torn down (the
+    teardown is where gloo's threads aborted finished runs). A real init, world of one."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO, free_port, rank_env
+
+    code = f"""
+import atexit, sys, tempfile, torch, torch.distributed as dist
+from gpart_ds import distributed
+class Torn:
+    def __del__(self):
+        print("teardown ran", flush=True)
+keep = Torn()
+distributed.init()
+dist.all_reduce(torch.ones(3))
+tmp = tempfile.TemporaryDirectory(dir="{tmp_path}")
+atexit.register(lambda: open("{tmp_path}/atexit_ran", "w").close())
+sys.stdout.write("unflushed tail")   # no newline, no flush
+distributed.exit_process(3)
+print("not reached")
+"""
+    env = rank_env({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
+    env.pop("PYTHONUNBUFFERED")   # the tail reaches the pipe only if exit_process flushes it
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                          env=env, timeout=300)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout.endswith("unflushed tail"), proc.stdout
+    assert "not reached" not in proc.stdout and "teardown ran" not in proc.stdout
+    # the atexit handler ran; the temporary folder went with the atexit finalizers
+    assert [p.name for p in tmp_path.iterdir()] == ["atexit_ran"]
+
+
+def test_exit_process_is_a_plain_exit_where_nothing_distributed_ran(monkeypatch):
+    monkeypatch.setattr(distributed, "_STARTED", False)
+    with pytest.raises(SystemExit) as exc:
+        distributed.exit_process(4)
+    assert exc.value.code == 4
+
+
 def test_the_trainer_closes_on_the_ends_every_rank_reaches_together(monkeypatch):
     """Finished, preempted and non-finite ends destroy the process groups; any other error
     leaves them (a peer may still be inside a collective: destroying could hang)."""
