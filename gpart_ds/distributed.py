@@ -275,8 +275,9 @@ _STARTED = False   # init() ran in this process: its end goes through exit_proce
 def exit_process(code: int) -> NoReturn:
     """End a rank's process with `code` once its outputs are written: run what Python runs
     at exit (atexit handlers: logging's flush, weakref finalizers, temporary folders), flush
-    stdout/stderr, then leave with os._exit, skipping only the interpreter's teardown of
-    objects. A process that never started the distributed runtime exits normally.
+    stdout/stderr, finalise MPI where mpi4py started it, then leave with os._exit, skipping
+    only the interpreter's teardown of objects. A process that never started the
+    distributed runtime exits normally.
 
     Why: destroy_process_group (shutdown) shuts the groups down but does not free them:
     DeepSpeed's engine and module globals still hold them, so their gloo worker threads
@@ -293,6 +294,11 @@ def exit_process(code: int) -> NoReturn:
     if not _STARTED:
         sys.exit(code)
     atexit._run_exitfuncs()   # what a normal exit would run, while Python is whole
+    # mpi4py finalises MPI from a C-level exit hook, which os._exit skips; mpirun reports
+    # a rank that leaves without MPI_Finalize as a failed job.
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
