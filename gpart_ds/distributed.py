@@ -32,6 +32,10 @@ import torch
 
 log = logging.getLogger(__name__)
 
+# init() ran in this process: the groups it made outlive shutdown() (is_initialized() is
+# then False), so exit_process still skips the teardown.
+_STARTED = False
+
 # Variables whose presence says "an MPI launcher started this process".
 _MPI_MARKERS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
 
@@ -269,15 +273,12 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-_STARTED = False   # init() ran in this process: its end goes through exit_process
-
-
 def exit_process(code: int) -> NoReturn:
     """End a rank's process with `code` once its outputs are written: run what Python runs
     at exit (atexit handlers: logging's flush, weakref finalizers, temporary folders), flush
     stdout/stderr, finalise MPI where mpi4py started it, then leave with os._exit, skipping
     only the interpreter's teardown of objects. A process that never started the
-    distributed runtime exits normally.
+    distributed runtime (through init, or torch/DeepSpeed directly) exits normally.
 
     Why: destroy_process_group (shutdown) shuts the groups down but does not free them:
     DeepSpeed's engine and module globals still hold them, so their gloo worker threads
@@ -291,7 +292,9 @@ def exit_process(code: int) -> NoReturn:
     import atexit
     import sys
 
-    if not _STARTED:
+    import torch.distributed as dist
+
+    if not (_STARTED or (dist.is_available() and dist.is_initialized())):
         sys.exit(code)
     atexit._run_exitfuncs()   # what a normal exit would run, while Python is whole
     # mpi4py finalises MPI from a C-level exit hook, which os._exit skips; mpirun reports

@@ -291,7 +291,7 @@ print("not reached")
 """
     env = rank_env({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
                     "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
-    env.pop("PYTHONUNBUFFERED")   # the tail reaches the pipe only if exit_process flushes it
+    env.pop("PYTHONUNBUFFERED")   # the tail reaches the pipe only if the exit path flushes it
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                           env=env, timeout=300)
     assert proc.returncode == 3, proc.stderr
@@ -306,6 +306,21 @@ def test_exit_process_is_a_plain_exit_where_nothing_distributed_ran(monkeypatch)
     with pytest.raises(SystemExit) as exc:
         distributed.exit_process(4)
     assert exc.value.code == 4
+
+
+def test_exit_process_skips_the_teardown_after_a_group_started_without_init(monkeypatch):
+    """A process group made by torch or DeepSpeed directly (a test worker) counts too."""
+    import atexit
+
+    import torch.distributed as dist
+
+    monkeypatch.setattr(distributed, "_STARTED", False)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(atexit, "_run_exitfuncs", lambda: None)   # not pytest's own handlers
+    exits = []
+    monkeypatch.setattr(distributed.os, "_exit", exits.append)
+    distributed.exit_process(5)
+    assert exits == [5]
 
 
 def test_the_trainer_closes_on_the_ends_every_rank_reaches_together(monkeypatch):

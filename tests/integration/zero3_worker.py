@@ -60,4 +60,7 @@ def main():
 
 
 if __name__ == "__main__":
+    from gpart_ds.distributed import exit_process
+
     main()
+    exit_process(0)   # as launch/train.py: no interpreter teardown of the process groups
