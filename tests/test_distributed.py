@@ -111,7 +111,9 @@ import signal, sys, time
 from pathlib import Path
 from gpart_ds.distributed import Ranks, follow_launcher
 flag = Path(sys.argv[1])
-signal.signal(signal.SIGTERM, lambda *_: (flag.write_text("SIGTERM"), sys.exit(75)))
+# Written beside, then renamed: the test polls for the flag and must never read it half-written.
+part = flag.with_suffix(".part")
+signal.signal(signal.SIGTERM, lambda *_: (part.write_text("SIGTERM"), part.rename(flag), sys.exit(75)))
 follow_launcher(Ranks(0, 2, 0, 2, "127.0.0.1", 1, "torch-style variables"), poll_s=0.2)
 print("ready", flush=True)
 time.sleep(120)
