@@ -1,7 +1,7 @@
 """How well a rule lr = C * (D/d)^a serves a method's learning-rate sweeps, and which (C, a) serves them best.
 
     python -m experiments.lr_fit docs/quality_rt.json docs/quality_qasc.json docs/quality_arithmetic.json
-        [--method gpart] [--C C --exponent A] [--json out.json]
+        [--method gpart] [--C C --exponent A] [--probe-steps 5,10,20,40] [--json out.json]
 
 Reads the rows of one method (default gpart) in study reports (experiments/study.py: each
 row's lr sweep on seed 0 with its dev metric, the run's D and d = its trainable
@@ -16,6 +16,12 @@ way: a held-out look at each rule, not used by the fit) under train.lr: auto as 
 recorded it, under the best fit, and under --C/--exponent if given. The choice of a rule is then made on dev records only, like the
 study's choice of each lr; the test records stay for the report. 200 dev records give a
 standard error of ~3 points: losses below that are not told apart from none.
+
+Two limits of any such rule are printed beside it: per exponent, the most sweeps any C puts
+within 2x of their best rate; and, for sweeps of the same D and d (other tasks), how far
+apart their best rates are: over 4x, no function of D and d is within 2x of all of them.
+--probe-steps judges a rule with another input, a startup probe that trains every grid rate
+k steps and keeps the one of lowest training loss (read off the recorded losses).
 """
 from __future__ import annotations
 
@@ -38,9 +44,13 @@ def sweeps(reports: list[tuple[str, dict]], method: str = "gpart") -> list[dict]
         for row in (r for r in rep["summary"] if r["name"] == method):
             pts = sorted((s["lr"], s["dev"]) for s in row["sweep"] if s["dev"] is not None)
             test = sorted((s["lr"], s["test"]) for s in row["sweep"] if s["dev"] is not None)
+            # the sweep runs' training losses (seed = the report's sweep seed), for --probe-steps
+            losses = {r["lr"]: r["losses"] for r in rep.get("runs", [])
+                      if (r["task"], r["method"], r["phase"]) == (row["task"], row["method"], "sweep")
+                      and r["seed"] == rep.get("sweep_seed", 0) and r.get("losses")}
             out.append({"task": row["task"], "method": row["method"], "source": source,
                         "D": rep["D"][row["task"]][row["method"]], "d": row["trainable_params"], "points": pts,
-                        "auto_lr": row.get("auto_lr"), "test_points": test,
+                        "auto_lr": row.get("auto_lr"), "test_points": test, "losses": losses,
                         "best_lr": max(pts, key=lambda p: p[1])[0] if pts else None,
                         "best_dev": max((p[1] for p in pts), default=None)})
     return out
@@ -92,13 +102,75 @@ def best_C(sw: list[dict], a: float, n: int = 400) -> tuple[float, tuple[float, 
     return min(((C, score(judge(sw, C, a))) for C in grid), key=lambda x: (x[1], x[0]))
 
 
+def within_2x(judged: list[dict]) -> int:
+    return sum(1 for j in judged if 0.5 <= j["over_best"] <= 2.0)
+
+
+def most_within_2x(sw: list[dict], a: float) -> int:
+    """The most sweeps any C puts within 2x of their best rate at exponent a: the rule's
+    log(lr) is log C + a log(D/d), so each sweep admits an interval of log C of width
+    log 4, and the answer is the deepest overlap of those intervals."""
+    ends = []
+    for s in sw:
+        c = math.log(s["best_lr"] / (s["D"] / s["d"]) ** a)
+        ends += [(c - math.log(2), 0), (c + math.log(2), 1)]   # opens sort before closes at a tie
+    depth = most = 0
+    for _, closes in sorted(ends):
+        depth += -1 if closes else 1
+        most = max(most, depth)
+    return most
+
+
+def same_size_spread(sw: list[dict]) -> list[dict]:
+    """Sweeps of one D and d (tasks differ, the rule's inputs do not): the spread of their
+    best rates. Above 4x no function of D and d is within 2x of every one of them."""
+    groups: dict[tuple[int, int], list[dict]] = {}
+    for s in sw:
+        groups.setdefault((s["D"], s["d"]), []).append(s)
+    out = []
+    for (D, d), g in sorted(groups.items(), key=lambda kv: kv[0][0] / kv[0][1]):
+        if len(g) < 2:
+            continue
+        lo, hi = min(g, key=lambda s: s["best_lr"]), max(g, key=lambda s: s["best_lr"])
+        spread = hi["best_lr"] / lo["best_lr"]
+        out.append({"D": D, "d": d, "sweeps": len(g), "lowest": (lo["task"], lo["best_lr"]),
+                    "highest": (hi["task"], hi["best_lr"]), "spread": spread, "feasible": spread <= 4.0})
+    return out
+
+
+def probe(sw: list[dict], steps: list[int], window: int = 5) -> list[dict]:
+    """Another input than D and d: a probe that trains each grid rate `k` steps and keeps
+    the one with the lowest training loss (mean of the last `window` steps up to k; a
+    non-finite loss loses). Read off the sweeps' recorded losses (same data order at every
+    rate), it says how long such a probe must run to pick as the dev metric would."""
+    out = []
+    for s in sw:
+        rates = [lr for lr, _ in s["points"] if lr in s["losses"]]
+        picks = {}
+        for k in steps:
+            def tail(lr, k=k):
+                L = s["losses"][lr][:k][-window:]
+                return math.inf if len(s["losses"][lr]) < k or not all(math.isfinite(x) for x in L) \
+                    else sum(L) / len(L)
+            scored = [(tail(lr), lr) for lr in rates]
+            if not scored or min(scored)[0] == math.inf:
+                picks[k] = None
+                continue
+            lr = min(scored)[1]
+            picks[k] = {"lr": lr, "over_best": lr / s["best_lr"], "loss": s["best_dev"] - dict(s["points"])[lr]}
+        out.append({"task": s["task"], "method": s["method"], "best_lr": s["best_lr"], "rates": len(rates),
+                    "steps": len(next(iter(s["losses"].values()), [])), "picks": picks})
+    return out
+
+
 def fit(sw: list[dict]) -> list[dict]:
     rows = []
     for a in EXPONENTS:
         C, (worst, mean) = best_C(sw, a)
         judged = judge(sw, C, a)
         rows.append({"exponent": a, "C": C, "worst_loss": worst, "mean_loss": mean,
-                     "within_2x": sum(1 for j in judged if 0.5 <= j["over_best"] <= 2.0), "sweeps": len(judged)})
+                     "within_2x": within_2x(judged), "most_within_2x": most_within_2x(sw, a),
+                     "sweeps": len(judged)})
     return rows
 
 
@@ -140,7 +212,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--C", type=float, default=None, help="also judge lr = C * (D/d)^exponent (both needed)")
     ap.add_argument("--exponent", type=float, default=None)
     ap.add_argument("--json", default=None, help="write the fit here as well")
+    ap.add_argument("--probe-steps", default="", help="comma-separated step counts k: judge a probe that "
+                    "keeps the grid rate of lowest training loss after k steps (from the recorded losses)")
     args = ap.parse_args(argv)
+    try:
+        args.probe_steps = [int(k) for k in args.probe_steps.split(",") if k.strip()]
+    except ValueError:
+        raise ConfigError(f"--probe-steps {args.probe_steps!r}: give step counts like 5,10,20") from None
+    if any(k < 1 for k in args.probe_steps):
+        raise ConfigError(f"--probe-steps {args.probe_steps}: step counts start at 1")
     if (args.C is None) != (args.exponent is None):
         raise ConfigError("--C and --exponent: give both (the rule lr = C * (D/d)^exponent) or neither")
     all_sw = sweeps([(p, _load(p)) for p in args.reports], args.method)
@@ -152,12 +232,22 @@ def main(argv=None) -> dict:
     best = min(rows, key=lambda r: (r["worst_loss"], r["mean_loss"]))
     print(f"{len(sw)} {args.method} sweeps" + (f"; skipped (fewer than {MIN_RATES} rates): {', '.join(skipped)}"
                                                if skipped else ""))
-    print("\n| exponent a | best C | worst dev loss (pts) | mean dev loss (pts) | rule within 2x of best rate |")
-    print("|---|---|---|---|---|")
+    print("\n| exponent a | best C | worst dev loss (pts) | mean dev loss (pts) | rule within 2x of best rate "
+          "| most within 2x at any C |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['exponent']:.2f} | {r['C']:.3g} | {_pct(r['worst_loss'])} | {_pct(r['mean_loss'])} | "
-              f"{r['within_2x']}/{r['sweeps']} |")
-    out = {"reports": args.reports, "method": args.method, "sweeps": sw, "fit": rows, "best": best}
+              f"{r['within_2x']}/{r['sweeps']} | {r['most_within_2x']}/{r['sweeps']} |")
+    out = {"reports": args.reports, "method": args.method, "sweeps": sw, "fit": rows, "best": best,
+           "same_size": same_size_spread(sw)}
+    if out["same_size"]:
+        print("\nsweeps of the same D and d (one rate for all of them from any rule of D and d):\n")
+        print("| D/d | sweeps | lowest best rate | highest best rate | spread | one rate within 2x of all |")
+        print("|---|---|---|---|---|---|")
+        for g in out["same_size"]:
+            print(f"| {g['D'] / g['d']:.0f} | {g['sweeps']} | {g['lowest'][1]:.3g} ({g['lowest'][0]}) "
+                  f"| {g['highest'][1]:.3g} ({g['highest'][0]}) | {g['spread']:.1f}x | "
+                  f"{'possible' if g['feasible'] else 'impossible'} |")
     recorded = [s for s in sw if s["auto_lr"]]
     if recorded:
         out["recorded_auto"] = judge(recorded, 0, 0, lr_of=lambda s: s["auto_lr"])
@@ -167,6 +257,16 @@ def main(argv=None) -> dict:
     if args.C is not None:
         out["given"] = {"C": args.C, "exponent": args.exponent, "judged": judge(sw, args.C, args.exponent)}
         _table(f"given rule: lr = {args.C:.3g} * (D/d)^{args.exponent:.2f}", out["given"]["judged"])
+    if args.probe_steps:
+        out["probe"] = probe(sw, args.probe_steps)
+        print("\na probe by training loss: each grid rate trained k steps, the lowest loss (mean of the "
+              "last 5) kept; its rate (x best) and dev loss (pts)\n")
+        print("| task | entry | " + " | ".join(f"k = {k}" for k in args.probe_steps) + " |")
+        print("|---|---|" + "---|" * len(args.probe_steps))
+        for p in out["probe"]:
+            cells = ["-" if p["picks"][k] is None else
+                     f"{p['picks'][k]['over_best']:.2g}x ({_pct(p['picks'][k]['loss'])})" for k in args.probe_steps]
+            print(f"| {p['task']} | {p['method']} | " + " | ".join(cells) + " |")
     if args.json:
         from gpart_ds.fileio import write_atomic
 

@@ -82,3 +82,64 @@ def test_the_shipped_gpart_rule_is_the_fit_of_the_committed_sweeps():
     assert shipped <= best + 0.005, (shipped, best)   # within half a point of the fit's worst-case optimum
     old, _ = lr_fit.score(lr_fit.judge(sw, 6.2e-4, 0.5))
     assert shipped < old                               # and better than the sqrt rule it replaced
+
+
+def test_most_within_2x_is_the_deepest_overlap_of_the_sweeps_intervals():
+    sw = [{"best_lr": b, "D": 100, "d": 1} for b in (1.0, 3.0, 10.0)]     # one D/d: a = 0 and a = 1 agree
+    assert lr_fit.most_within_2x(sw, 0.0) == 2      # 1 and 3 share [1.5, 2]; 10 is 3.3x from 3
+    sw[2]["best_lr"] = 3.9
+    assert lr_fit.most_within_2x(sw, 0.0) == 3      # [1.95, 2] lies within 2x of 1, 3 and 3.9
+    # it agrees with counting at the best C found by a fine scan
+    many = [{"best_lr": 1e-3 * q ** 0.7 * f, "D": q, "d": 1} for q, f in ((10, 1), (100, 3.5), (1000, 0.5))]
+    scan = max(lr_fit.within_2x([{"over_best": lr_fit.rule_lr(C, 0.7, s["D"], s["d"]) / s["best_lr"]} for s in many])
+               for C in (1e-4 * 1.01 ** i for i in range(600)))
+    assert lr_fit.most_within_2x(many, 0.7) == scan == 2
+
+
+def test_sweeps_of_one_size_whose_best_rates_are_over_4x_apart_admit_no_rule():
+    sw = lr_fit.sweeps([("a.json", _report("t", [10, 1000], 0.5)), ("b.json", _report("u", [10, 1000], 0.5, C=1e-3))])
+    spread = {round(g["D"] / g["d"]): g for g in lr_fit.same_size_spread(sw)}
+    assert set(spread) == {10, 1000} and all(g["sweeps"] == 2 for g in spread.values())
+    assert spread[10]["spread"] == pytest.approx(10) and not spread[10]["feasible"]
+    assert spread[10]["lowest"][0] == "t" and spread[10]["highest"][0] == "u"
+    near = lr_fit.sweeps([("a.json", _report("t", [10], 0.5)), ("b.json", _report("u", [10], 0.5, C=3e-4))])
+    assert lr_fit.same_size_spread(near)[0]["feasible"]
+
+
+def _with_losses(rep, task, loss_of):
+    """Sweep runs (seed 0) whose training losses at lr follow loss_of(lr_over_best, step)."""
+    runs = []
+    for row in rep["summary"]:
+        if row["name"] != "gpart":
+            continue
+        best = max(row["sweep"], key=lambda s: s["dev"])["lr"]
+        for s in row["sweep"]:
+            runs.append({"task": task, "method": row["method"], "phase": "sweep", "seed": 0, "lr": s["lr"],
+                         "losses": [loss_of(s["lr"] / best, k) for k in range(1, 21)]})
+    return {**rep, "runs": runs, "sweep_seed": 0}
+
+
+def test_a_probe_keeps_the_rate_of_lowest_training_loss_at_its_step_count(tmp_path, capsys):
+    # early on the largest rate leads, from step 11 the best one; a diverged rate (the
+    # first one, where a careless min() would keep it) never wins, a flat one neither
+    def loss(m, k):
+        if m < 0.2:
+            return math.nan if k > 3 else 0.1
+        if m > 5:
+            return 1.0
+        return 1 - 0.01 * k * m if k <= 10 else 1 - 0.05 * k * (1 - abs(math.log10(m)))
+    rep = _with_losses(_report("t", [10, 1000, 100000], 0.75), "t", loss)
+    sw = lr_fit.sweeps([("a.json", rep)])
+    out = lr_fit.probe(sw, [5, 20, 30])
+    assert len(out) == 3 and all(p["rates"] == 5 and p["steps"] == 20 for p in out)
+    for p in out:
+        assert p["picks"][5]["over_best"] == pytest.approx(3)      # 0.1x diverged at step 4, 10x is flat
+        assert p["picks"][5]["loss"] == pytest.approx(0.1 * math.log10(3) ** 2)
+        assert p["picks"][20]["over_best"] == pytest.approx(1) and p["picks"][20]["loss"] == 0
+        assert p["picks"][30] is None                               # the runs are shorter than 30 steps
+    f = tmp_path / "r.json"
+    f.write_text(json.dumps(rep))
+    lr_fit.main([str(f), "--probe-steps", "5,20"])
+    assert "| t | gpart-10 | 3x (2.3) | 1x (0.0) |" in capsys.readouterr().out
+    assert lr_fit.cli([str(f), "--probe-steps", "5,x"]) == 2 and "--probe-steps '5,x'" in capsys.readouterr().err
+    assert lr_fit.cli([str(f), "--probe-steps", "0"]) == 2 and "start at 1" in capsys.readouterr().err
