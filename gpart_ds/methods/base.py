@@ -114,6 +114,12 @@ class Method:
         return cls.DEFAULT_LR
 
     @classmethod
+    def auto_lr_caveat(cls, m, D: int) -> str | None:
+        """Where this run lies outside the evidence behind auto_lr, in a sentence the run
+        checks log beside the rate (None: nothing to say)."""
+        return None
+
+    @classmethod
     def plan_rows(cls, plan, arch, m, ctx) -> None:
         """Add this method's rows to a memory plan (plan.estimate gives `ctx`)."""
         raise NotImplementedError

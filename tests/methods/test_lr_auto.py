@@ -71,3 +71,52 @@ def test_a_bad_step_per_weight_is_refused_naming_the_key(overrides, msg):
 
     with pytest.raises(ConfigError, match=rf"method\.step_per_weight': {msg}"):
         load_config("configs/tiny.yaml", overrides, check_files=False)
+
+
+def test_auto_says_where_the_run_lies_outside_the_fits_evidence():
+    from gpart_ds.methods.gpart import STUDIED_D_OVER_D, TASK_AGNOSTIC_D_OVER_D
+
+    G = methods.get("gpart")
+    lo, hi = STUDIED_D_OVER_D
+    note = lambda q, **kw: G.auto_lr_caveat(spec("gpart", d=round(D / q), **kw), D)   # noqa: E731
+    assert note(lo * 1.1) is None and note(TASK_AGNOSTIC_D_OVER_D * 0.9) is None
+    assert "depends on the task" in note(TASK_AGNOSTIC_D_OVER_D * 2) and "0.3x to 3x" in note(hi * 0.9)
+    assert "extrapolated" in note(hi * 2) and "extrapolated" in note(lo / 2)
+    assert note(hi * 2, step_per_weight=1e-5) is None          # the user's own step: nothing fitted
+    assert all(methods.get(n).auto_lr_caveat(spec(n), D) is None for n in ("lora", "vera", "full"))
+
+
+def test_the_caveats_bounds_are_what_the_committed_sweeps_cover():
+    """The bounds come from lr_fit on docs/quality_*.json: the sweeps' D/d, and the largest
+    D/d at which the tasks' best rates left one rate within 2x of all of them."""
+    import json
+
+    from experiments import lr_fit
+    from gpart_ds.methods.gpart import STUDIED_D_OVER_D, TASK_AGNOSTIC_D_OVER_D
+    from tests.helpers import REPO
+
+    reports = [(p, json.loads((REPO / p).read_text()))
+               for p in ("docs/quality_rt.json", "docs/quality_qasc.json", "docs/quality_arithmetic.json")]
+    sw = [s for s in lr_fit.sweeps(reports) if len(s["points"]) >= lr_fit.MIN_RATES]
+    qs = [s["D"] / s["d"] for s in sw]
+    assert (round(min(qs)), round(max(qs))) == STUDIED_D_OVER_D
+    groups = lr_fit.same_size_spread(sw)
+    assert round(max(g["D"] / g["d"] for g in groups if g["feasible"])) == TASK_AGNOSTIC_D_OVER_D
+    assert not all(g["feasible"] for g in groups)     # else the second caveat would say nothing true
+
+
+def test_the_run_checks_log_the_caveat_beside_the_rate(caplog):
+    import logging
+
+    from gpart_ds.runcheck import validate_for_run
+
+    cfg = load_config("configs/tiny.yaml", ["train.lr=auto", "method.d=1"], check_files=False)
+    with caplog.at_level(logging.INFO, logger="gpart_ds"):
+        checked = validate_for_run(cfg)
+    assert f"train.lr: auto = {checked.lr:.3g}; D/d = {checked.layout.D:,}" in caplog.text
+    assert "extrapolated" in caplog.text
+    caplog.clear()
+    cfg = load_config("configs/tiny.yaml", ["train.lr=1e-3", "method.d=1"], check_files=False)
+    with caplog.at_level(logging.INFO, logger="gpart_ds"):
+        validate_for_run(cfg)
+    assert "train.lr: auto" not in caplog.text                  # a number is the user's own

@@ -43,6 +43,11 @@ REUSE_IDS_MAX_BYTES = 1 << 30
 # test_lr_fit.py checks that these constants stay the fit of the committed reports.
 GPART_C = 2.2e-4
 GPART_EXP = 2 / 3
+# What the fit covers: the sweeps' D/d (d = 1,048,576 .. 16,384 on D = 106,168,320), and the
+# largest D/d at which the tasks' best rates lay within 4x of each other, so that one rate
+# was within 2x of each (lr_fit's same-D-and-d table: 1.0x, 3.3x, 10x at D/d = 101, 810, 6,480).
+STUDIED_D_OVER_D = (101, 6_480)
+TASK_AGNOSTIC_D_OVER_D = 810
 
 
 def reuse_ids(m, D: int) -> bool:
@@ -90,6 +95,19 @@ class GPart(Method):
         if m.step_per_weight is not None:   # each weight's step, as the user set it (lr_rule.md)
             return m.step_per_weight * (D / m.d) ** 0.5
         return GPART_C * (D / m.d) ** GPART_EXP
+
+    @classmethod
+    def auto_lr_caveat(cls, m, D: int) -> str | None:
+        if m.step_per_weight is not None:   # the user's own step: not the fitted rule
+            return None
+        q, (lo, hi) = D / m.d, STUDIED_D_OVER_D
+        if not lo <= q <= hi:
+            return (f"D/d = {q:,.0f} lies outside the {lo:,}-{hi:,} the rule was fitted on: its rate is "
+                    f"extrapolated (docs/lr_rule.md)")
+        if q > TASK_AGNOSTIC_D_OVER_D:
+            return (f"at D/d = {q:,.0f} the best rate depends on the task (up to 10x apart at D/d = {hi:,} in "
+                    f"the study): a sweep from 0.3x to 3x this rate may gain a few points (docs/lr_rule.md)")
+        return None
 
     @classmethod
     def label(cls, m) -> str:
