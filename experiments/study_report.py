@@ -351,12 +351,20 @@ class RecordedRuns:
         return {**hit[0], "phase": entry["phase"]} if hit else None
 
     def test(self, head: dict, run_a: dict, run_b: dict) -> dict | None:
-        """The paired test a report made of these two runs (its chosen rates were theirs)."""
+        """The paired test a report made of these two runs (its chosen rates were theirs).
+        A run trained here stands for the report's run only when it is that run: the same
+        training losses, step by step (a re-run on another CPU differs in the last digits,
+        and so may its verdicts)."""
         for r in (run_b, run_a):
             hit = r.get("source") and self._runs.get((head["task"], r["method"], r["lr"], r["seed"]))
             if not hit:
                 continue
             rep = hit[2]
+            other = run_a if r is run_b else run_b
+            if other["out"] is not None and not (r is run_b and head["a"] == "base"):
+                mine = self._runs.get((head["task"], other["method"], other["lr"], other["seed"]))
+                if mine is None or mine[2] is not rep or mine[0].get("losses") != other.get("losses"):
+                    return None
             best = {row["method"]: row["best_lr"] for row in rep["summary"] if row["task"] == head["task"]}
             if best.get(head["b"]) != run_b["lr"] or (head["a"] != "base" and best.get(head["a"]) != run_a["lr"]):
                 return None

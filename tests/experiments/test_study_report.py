@@ -165,7 +165,8 @@ def _recorded_report(**over):
            "before": 0.7, "after": 0.79, "dev_after": 0.8, "eval_loss_after": 1.0, "wall_s": 60.0}
     rep["runs"] = [{**run, "lr": 0.01, "seed": 0, "phase": "sweep"}, {**run, "lr": 0.1, "seed": 0, "phase": "sweep"},
                    {**run, "lr": 0.01, "seed": 1, "phase": "final"},
-                   {**run, "method": "lora", "lr": 0.01, "seed": 0, "phase": "sweep"}]
+                   {**run, "method": "lora", "lr": 0.01, "seed": 0, "phase": "sweep"},
+                   {**run, "method": "lora", "lr": 0.01, "seed": 1, "phase": "final", "losses": [2.0, 1.5]}]
     rep["paired"].append({"task": "t", "a": "lora", "b": "gpart", "seed": 1, "fixed": 0, "broken": 2, "p_value": 0.5})
     return rep
 
@@ -179,11 +180,16 @@ def test_recorded_runs_stand_in_for_missing_folders_and_keep_their_reports_tests
     assert rec.run({**entry, "lr": 0.03}) is None and rec.run({**entry, "seed": 2}) is None
     assert rec.run({**entry, "method": "lora", "lr": 0.01, "seed": 0}) is not None   # the report's lora run too
     # the report's test of the same two runs (its chosen rates) stands; of other rates, none does
-    lora = {"method": "lora", "lr": 0.01, "seed": 1, "out": "here"}
+    lora = {"method": "lora", "lr": 0.01, "seed": 1, "out": "here", "losses": [2.0, 1.5]}
     head = {"task": "t", "a": "lora", "b": "gpart", "seed": 1}
     assert rec.test(head, lora, run)["broken"] == 2
     assert rec.test(head, lora, rec.run({**entry, "lr": 0.1, "seed": 0})) is None
     assert rec.test({**head, "seed": 1}, {**lora, "lr": 0.003}, run) is None
+    # a run here is the report's run only if it trained the same: a re-run elsewhere is not
+    assert rec.test(head, {**lora, "losses": [2.0, 1.5000001]}, run) is None
+    assert rec.test(head, {**lora, "seed": 2}, {**run, "seed": 2}) is None          # no such recorded run
+    seed0 = rec.run({**entry, "seed": 0})                                         # against the base: one run
+    assert rec.test({**head, "a": "base", "seed": 0}, seed0, seed0)["b"] == "gpart"
 
 
 @pytest.mark.parametrize("change, steps, D, msg", [
