@@ -34,6 +34,8 @@ from gpart_ds.config import ConfigError
 
 EXPONENTS = [round(0.40 + 0.05 * i, 2) for i in range(15)]   # 0.40 .. 1.10
 MIN_RATES = 3     # a sweep of fewer rates says nothing about where its best lies
+WITHIN = 2.0      # "within 2x of the best rate" (issue 13's target)
+PROBE_WINDOW = 5  # --probe-steps: a probe's loss is the mean of its last this-many steps
 
 
 def sweeps(reports: list[tuple[str, dict]], method: str = "gpart") -> list[dict]:
@@ -103,17 +105,17 @@ def best_C(sw: list[dict], a: float, n: int = 400) -> tuple[float, tuple[float, 
 
 
 def within_2x(judged: list[dict]) -> int:
-    return sum(1 for j in judged if 0.5 <= j["over_best"] <= 2.0)
+    return sum(1 for j in judged if 1 / WITHIN <= j["over_best"] <= WITHIN)
 
 
 def most_within_2x(sw: list[dict], a: float) -> int:
     """The most sweeps any C puts within 2x of their best rate at exponent a: the rule's
     log(lr) is log C + a log(D/d), so each sweep admits an interval of log C of width
-    log 4, and the answer is the deepest overlap of those intervals."""
+    2 log(WITHIN), and the answer is the deepest overlap of those intervals."""
     ends = []
     for s in sw:
         c = math.log(s["best_lr"] / (s["D"] / s["d"]) ** a)
-        ends += [(c - math.log(2), 0), (c + math.log(2), 1)]   # opens sort before closes at a tie
+        ends += [(c - math.log(WITHIN), 0), (c + math.log(WITHIN), 1)]   # opens sort before closes at a tie
     depth = most = 0
     for _, closes in sorted(ends):
         depth += -1 if closes else 1
@@ -123,7 +125,7 @@ def most_within_2x(sw: list[dict], a: float) -> int:
 
 def same_size_spread(sw: list[dict]) -> list[dict]:
     """Sweeps of one D and d (tasks differ, the rule's inputs do not): the spread of their
-    best rates. Above 4x no function of D and d is within 2x of every one of them."""
+    best rates. Above WITHIN^2 (4x) no function of D and d is within 2x of every one of them."""
     groups: dict[tuple[int, int], list[dict]] = {}
     for s in sw:
         groups.setdefault((s["D"], s["d"]), []).append(s)
@@ -134,11 +136,11 @@ def same_size_spread(sw: list[dict]) -> list[dict]:
         lo, hi = min(g, key=lambda s: s["best_lr"]), max(g, key=lambda s: s["best_lr"])
         spread = hi["best_lr"] / lo["best_lr"]
         out.append({"D": D, "d": d, "sweeps": len(g), "lowest": (lo["task"], lo["best_lr"]),
-                    "highest": (hi["task"], hi["best_lr"]), "spread": spread, "feasible": spread <= 4.0})
+                    "highest": (hi["task"], hi["best_lr"]), "spread": spread, "feasible": spread <= WITHIN ** 2})
     return out
 
 
-def probe(sw: list[dict], steps: list[int], window: int = 5) -> list[dict]:
+def probe(sw: list[dict], steps: list[int], window: int = PROBE_WINDOW) -> list[dict]:
     """Another input than D and d: a probe that trains each grid rate `k` steps and keeps
     the one with the lowest training loss (mean of the last `window` steps up to k; a
     non-finite loss loses). Read off the sweeps' recorded losses (same data order at every
@@ -260,7 +262,7 @@ def main(argv=None) -> dict:
     if args.probe_steps:
         out["probe"] = probe(sw, args.probe_steps)
         print("\na probe by training loss: each grid rate trained k steps, the lowest loss (mean of the "
-              "last 5) kept; its rate (x best) and dev loss (pts)\n")
+              f"last {PROBE_WINDOW}) kept; its rate (x best) and dev loss (pts)\n")
         print("| task | entry | " + " | ".join(f"k = {k}" for k in args.probe_steps) + " |")
         print("|---|---|" + "---|" * len(args.probe_steps))
         for p in out["probe"]:

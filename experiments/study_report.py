@@ -361,7 +361,7 @@ class RecordedRuns:
                 continue
             rep = hit[2]
             other = run_a if r is run_b else run_b
-            if other["out"] is not None and not (r is run_b and head["a"] == "base"):
+            if other["out"] is not None:   # (against the base, other is r: recorded)
                 mine = self._runs.get((head["task"], other["method"], other["lr"], other["seed"]))
                 if mine is None or mine[2] is not rep or mine[0].get("losses") != other.get("losses"):
                     return None

@@ -481,6 +481,14 @@ def resolved_lr(cfg: DictConfig, D: int) -> float:
     return float(cfg.train.lr)
 
 
+def auto_lr_caveat(cfg: DictConfig, D: int) -> str | None:
+    """Where a run at train.lr: auto lies outside the evidence behind the method's rate
+    (None for a numeric train.lr: the user's own)."""
+    from . import methods
+
+    return methods.get(cfg.method.name).auto_lr_caveat(cfg.method, D) if cfg.train.lr == "auto" else None
+
+
 def _load_deepspeed(value, base_dir: Path, where: _Where) -> dict:
     """The DeepSpeed config as a dict: inline mapping, or JSON path relative to the YAML."""
     if value is None:

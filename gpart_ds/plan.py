@@ -383,7 +383,7 @@ def describe_run(cfg, arch: Arch, source: str, world: int) -> str:
     import os
 
     from . import methods
-    from .config import resolved_lr, unread_method_keys
+    from .config import auto_lr_caveat, resolved_lr, unread_method_keys
 
     m, t = cfg.method, cfg.train
     shown = os.path.relpath(source) if not os.path.relpath(source).startswith("..") else source
@@ -396,7 +396,7 @@ def describe_run(cfg, arch: Arch, source: str, world: int) -> str:
         methods.get(m.name).summary(m, arch),
         *([f"not read by {m.name} (ignored): {', '.join(unread)}"] if unread else []),
         f"learning rate {resolved_lr(cfg, arch.D):.3g}" + (" (train.lr: auto)" if t.lr == "auto" else ""),
-        *([f"  {c}"] if t.lr == "auto" and (c := methods.get(m.name).auto_lr_caveat(m, arch.D)) else []),
+        *([f"  {c}"] if (c := auto_lr_caveat(cfg, arch.D)) else []),
         f"batch: micro-batch {t.micro_batch_size} x {cfg.data.max_length} tokens, grad_accum {t.grad_accum}, "
         f"{world} ranks -> global batch {t.micro_batch_size * t.grad_accum * world} sequences; "
         f"activation checkpointing {'on' if cfg.model.gradient_checkpointing else 'off'}",

@@ -35,7 +35,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from . import checkpoint
-from .config import ConfigError, export_dir, resolved_lr, where_for
+from .config import ConfigError, auto_lr_caveat, export_dir, resolved_lr, where_for
 from .fileio import folder_problem
 from .targets import Layout
 
@@ -83,12 +83,9 @@ def validate_for_run(cfg: DictConfig, *, world: int = 1, device_type: str = "cpu
         log.info("train.lr = %g given: method.step_per_weight (the rate of train.lr: auto) does not apply", lr)
     if not (math.isfinite(lr) and lr > 0):
         raise ConfigError(f"{where_for(cfg)('train.lr')}: resolves to {lr!r}; it must be a finite number > 0")
-    if cfg.train.lr == "auto":
-        from . import methods
-
-        caveat = methods.get(cfg.method.name).auto_lr_caveat(cfg.method, layout.D)
-        if caveat:
-            log.info("train.lr: auto = %.3g; %s", lr, caveat)
+    caveat = auto_lr_caveat(cfg, layout.D)
+    if caveat:
+        log.info("train.lr: auto = %.3g; %s", lr, caveat)
     deepspeed_config(cfg, world, training_dtype(cfg.model.precision, device_type))
     return Checked(layout, lr, source)
 

@@ -78,3 +78,15 @@ def micro_llama(layers=2, dtype=None, seed=0):
                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
     torch.manual_seed(seed)
     return LlamaForCausalLM(cfg).to(dtype or torch.float64).eval()
+
+
+def committed_gpart_sweeps() -> list[dict]:
+    """GPart's lr sweeps in the quality reports under docs/ that train.lr: auto is fitted to
+    (experiments.lr_fit's reading, sweeps of at least MIN_RATES rates)."""
+    import json
+
+    from experiments import lr_fit
+
+    reports = [(p, json.loads((REPO / p).read_text()))
+               for p in ("docs/quality_rt.json", "docs/quality_qasc.json", "docs/quality_arithmetic.json")]
+    return [s for s in lr_fit.sweeps(reports) if len(s["points"]) >= lr_fit.MIN_RATES]

@@ -71,11 +71,9 @@ def test_the_shipped_gpart_rule_is_the_fit_of_the_committed_sweeps():
     """train.lr: auto's constants are what lr_fit makes of the study's reports in docs/: a
     change of either (new sweeps, or new constants) that breaks the other fails here."""
     from gpart_ds.methods.gpart import GPART_C, GPART_EXP
-    from tests.helpers import REPO
+    from tests.helpers import committed_gpart_sweeps
 
-    reports = [(p, json.loads((REPO / p).read_text()))
-               for p in ("docs/quality_rt.json", "docs/quality_qasc.json", "docs/quality_arithmetic.json")]
-    sw = [s for s in lr_fit.sweeps(reports) if len(s["points"]) >= lr_fit.MIN_RATES]
+    sw = committed_gpart_sweeps()
     assert len(sw) >= 9
     shipped, _ = lr_fit.score(lr_fit.judge(sw, GPART_C, GPART_EXP))
     best = min(r["worst_loss"] for r in lr_fit.fit(sw))

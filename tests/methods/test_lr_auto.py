@@ -89,15 +89,11 @@ def test_auto_says_where_the_run_lies_outside_the_fits_evidence():
 def test_the_caveats_bounds_are_what_the_committed_sweeps_cover():
     """The bounds come from lr_fit on docs/quality_*.json: the sweeps' D/d, and the largest
     D/d at which the tasks' best rates left one rate within 2x of all of them."""
-    import json
-
     from experiments import lr_fit
     from gpart_ds.methods.gpart import STUDIED_D_OVER_D, TASK_AGNOSTIC_D_OVER_D
-    from tests.helpers import REPO
+    from tests.helpers import committed_gpart_sweeps
 
-    reports = [(p, json.loads((REPO / p).read_text()))
-               for p in ("docs/quality_rt.json", "docs/quality_qasc.json", "docs/quality_arithmetic.json")]
-    sw = [s for s in lr_fit.sweeps(reports) if len(s["points"]) >= lr_fit.MIN_RATES]
+    sw = committed_gpart_sweeps()
     qs = [s["D"] / s["d"] for s in sw]
     assert (round(min(qs)), round(max(qs))) == STUDIED_D_OVER_D
     groups = lr_fit.same_size_spread(sw)
