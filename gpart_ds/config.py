@@ -27,6 +27,7 @@ CONFIG_DIR = REPO_ROOT / "configs"
 PRECISIONS = ("auto", "bf16", "fp32")
 SCHEDULES = ("cosine", "linear", "constant")
 OBJECTIVES = ("lm", "choices")
+EVAL_GENERATE = ("final", "always", "never")
 TOO_LONG = ("error", "skip", "truncate_left")
 BACKENDS = ("auto", "nccl", "gloo", "mpi")
 FROZEN_PARTITIONS = ("node", "global")
@@ -110,6 +111,9 @@ class TrainConfig:
     eval_predictions: bool = _f(False, "also write <output_dir>/predictions/step-N.jsonl at every evaluation "
                                 "before the last (the last is eval_predictions.jsonl): one verdict per scored "
                                 "record, for learning curves and paired tests")
+    eval_generate: str = _f("final", "generated answers (greedy, as a server at temperature 0 gives them; "
+                            "answer_accuracy): final = the evaluations before and after training | always = "
+                            "every evaluation | never")
     resume: Optional[str] = _f(None, "auto (newest checkpoint that verifies) or a checkpoint folder")
     objective: str = _f("lm", "lm: next-token loss on the completion; choices: cross-entropy among the first "
                         "tokens of each record's `choices` at the answer position")
@@ -432,6 +436,8 @@ def _validate_values(cfg: DictConfig, where: _Where) -> None:
          "must be two numbers in [0, 1)")
     need(t.schedule in SCHEDULES, "train.schedule", f"must be one of {SCHEDULES}")
     need(t.objective in OBJECTIVES, "train.objective", f"must be one of {OBJECTIVES}, got {t.objective!r}")
+    need(t.eval_generate in EVAL_GENERATE, "train.eval_generate",
+         f"must be one of {EVAL_GENERATE}, got {t.eval_generate!r}")
     need(0 <= t.warmup_ratio <= 1, "train.warmup_ratio", "must be in [0, 1]")
     need(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
     need(t.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 disables clipping)")

@@ -31,7 +31,7 @@ import torch
 
 from pathlib import Path
 
-from . import data
+from . import data, generation
 from .errors import UserError, run_cli
 from .fileio import folder_problem, write_atomic
 from .hub import resolve as resolve_model
@@ -169,29 +169,49 @@ def loss_and_row_matches(forward, examples, indices: list[int], pad_id: int, dev
     return float(out.loss) * n, n, dict(zip(rows, out.matches.tolist()))
 
 
-def record_correct(p: dict) -> bool:
-    """A prediction line's verdict: the chosen choice is the gold one where the record has
-    choices (accuracy), else whether the completion was the greedy one (exact match)."""
-    if "predicted" in p and "answer" in p:
+VERDICTS = ("auto", "answer", "choice", "match")
+
+
+def record_correct(p: dict, verdict: str = "auto") -> bool:
+    """A prediction line's verdict. answer: the generated answer was right (answer_correct);
+    choice: the chosen choice is the gold one; match: the completion was the greedy one
+    (teacher-forced exact match). auto: the first of those the line has."""
+    if verdict == "auto":
+        verdict = "answer" if "answer_correct" in p else "choice" if "predicted" in p and "answer" in p else "match"
+    if verdict == "answer":
+        return bool(p["answer_correct"])
+    if verdict == "choice":
         return p["predicted"] == p["answer"]
     return bool(p["match"])
 
 
-def paired(before: list[dict], after: list[dict]) -> dict:
-    """Exact McNemar test of two prediction lists over the same records (each line judged
-    by record_correct: choice accuracy, or exact match): of the records the two get
-    differently right, how likely is a split this uneven if both were equally accurate
-    (two-sided binomial with p = 1/2)."""
-    a = {p["record"]: record_correct(p) for p in before}
-    b = {p["record"]: record_correct(p) for p in after}
+def common_verdict(*files: list[dict]) -> str:
+    """The verdict every line of every file has, preferring the generated answer."""
+    for v, keys in (("answer", ("answer_correct",)), ("choice", ("predicted", "answer")), ("match", ("match",))):
+        if all(k in p for rows in files for p in rows for k in keys):
+            return v
+    raise ValueError("the prediction files share no verdict (answer_correct, predicted/answer or match) on every line")
+
+
+def paired(before: list[dict], after: list[dict], verdict: str = "auto") -> dict:
+    """Exact McNemar test of two prediction lists over the same records, each line judged
+    by the same verdict (auto: the generated answer where both files have it on every
+    line, else choice accuracy, else exact match): of the records the two get differently
+    right, how likely is a split this uneven if both were equally accurate (two-sided
+    binomial with p = 1/2)."""
+    if verdict == "auto":
+        verdict = common_verdict(before, after)
+    a = {p["record"]: record_correct(p, verdict) for p in before}
+    b = {p["record"]: record_correct(p, verdict) for p in after}
     if set(a) != set(b):
         raise ValueError(f"the prediction files score different records ({len(set(a) ^ set(b))} differ)")
     fixed = sum(1 for k in a if b[k] and not a[k])      # wrong before, right after
     broken = sum(1 for k in a if a[k] and not b[k])     # right before, wrong after
     n, k = fixed + broken, min(fixed, broken)
     tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n if n else 1.0
-    return {"records": len(a), "accuracy_before": sum(a.values()) / len(a), "accuracy_after": sum(b.values()) / len(b),
-            "fixed": fixed, "broken": broken, "p_value": min(1.0, 2 * tail)}
+    return {"records": len(a), "verdict": verdict, "accuracy_before": sum(a.values()) / len(a),
+            "accuracy_after": sum(b.values()) / len(b), "fixed": fixed, "broken": broken,
+            "p_value": min(1.0, 2 * tail)}
 
 
 class Evaluator:
@@ -208,8 +228,14 @@ class Evaluator:
     record, and a record's result does not depend on its batch mates.
     """
 
-    def __init__(self, examples, records: list[tuple[str, dict]], items: list[ChoiceItem], pad_id: int):
+    def __init__(self, examples, records: list[tuple[str, dict]], items: list[ChoiceItem], pad_id: int,
+                 questions: list | None = None, tokenizer=None):
         self.examples, self.items, self.pad_id = examples, items, pad_id
+        # Generated answers (generation.py): the records that have one, and the tokenizer
+        # that decodes them. The answer length is fixed by all of them, so every rank and
+        # every evaluation generates the same number of tokens.
+        self.questions, self.tokenizer = questions or [], tokenizer
+        self.new_tokens = generation.max_new_tokens(self.questions, tokenizer) if self.questions else 0
         self.one_forward = label_is_the_answer_choice(examples, items)
         # Each verdict names its eval record: "file:line" and the record's position in the
         # file. Examples are the records in order unless data.too_long=skip dropped some;
@@ -221,7 +247,8 @@ class Evaluator:
     @classmethod
     def for_files(cls, examples, path, fmt: str, tokenizer, chat_template: bool, pad_id: int) -> "Evaluator":
         records, _ = data.load(path, fmt)
-        return cls(examples, records, choice_items(records, tokenizer, chat_template), pad_id)
+        return cls(examples, records, choice_items(records, tokenizer, chat_template), pad_id,
+                   generation.questions(records, tokenizer, chat_template), tokenizer)
 
     def _example_row(self, i: int) -> tuple[int, dict]:
         """(sort key, the name of example i's record)."""
@@ -232,17 +259,34 @@ class Evaluator:
         return len(self.where) + i, {"record": name, "index": None}
 
     @torch.no_grad()
-    def run(self, model, micro_batch: int, limit: int = 0, device="cpu", predictions: list | None = None) -> dict:
+    def run(self, model, micro_batch: int, limit: int = 0, device="cpu", predictions: list | None = None,
+            generate=None, eos: list[int] | None = None) -> dict:
         """Every rank calls it (ZeRO-3 gathers weights collectively); ranks past the end run
         a dummy batch with weight 0. `limit`: the first N records (the same on any world size).
         `predictions` (filled on rank 0) receives one dict per scored record, in file order:
         its "record" (file:line) and "index" (position in the file), "match" (exact match)
-        and, where it has choices, "predicted", "answer" and the choices' "scores"."""
+        and, where it has choices, "predicted", "answer" and the choices' "scores".
+        With `generate` (a model's generate) and `eos` (the ids it stops at), every record
+        with an answer is also answered greedily and judged (generation.verdict: "generated",
+        "kind", "said", "answer_correct"; the result's answer_accuracy)."""
         from . import comm
 
         world, rank = comm.world(), comm.rank()
         loss_sum, n_tok, matched, n_ex, hits, scored = 0.0, 0, 0, 0, 0, 0
         mine: dict[int, dict] = {}    # record (sort key) -> this rank's verdicts on it
+        right, answered = 0, 0
+        if generate is not None and self.questions:
+            qs = [q for q in self.questions if not limit or q.index < limit]
+            order = sorted(range(len(qs)), key=lambda i: len(qs[i].prompt))
+            for idx in data.shard_evenly(len(qs), micro_batch, world, rank):
+                idx = [order[i] for i in idx]
+                chunk = [qs[i] for i in idx] or qs[:1]
+                outs = generation.greedy(generate, [q.prompt for q in chunk], self.pad_id, eos, self.new_tokens,
+                                         device, synced=world > 1)
+                for q, ids in zip(chunk if idx else [], outs):
+                    v = generation.verdict(q, generation.answer_text(self.tokenizer, ids))
+                    right, answered = right + v["answer_correct"], answered + 1
+                    mine.setdefault(q.index, {"record": q.where, "index": q.index}).update(v)
         if not self.one_forward:
             n = min(len(self.examples), limit) if limit else len(self.examples)
             order = sorted(range(n), key=lambda i: len(self.examples[i].input_ids))
@@ -253,7 +297,7 @@ class Evaluator:
                     loss_sum, n_tok, matched, n_ex = loss_sum + s, n_tok + k, matched + sum(em.values()), n_ex + len(em)
                     for i, m in em.items():
                         key, row = self._example_row(i)
-                        mine[key] = {**row, "match": bool(m)}
+                        mine.setdefault(key, {}).update(row, match=bool(m))
         items = self.items[: min(len(self.items), limit) if limit else len(self.items)]
         order = sorted(range(len(items)), key=lambda i: len(items[i].prompt) + max(map(len, items[i].choices)))
         logits = lambda **b: model(**b).logits  # noqa: E731
@@ -277,8 +321,8 @@ class Evaluator:
                     row.update(predicted=p, answer=it.answer, scores=sc)
                     if em is not None:
                         row["match"] = bool(em[j])
-        loss_total, tok_total, hit_total, score_total, em_total, ex_total = comm.all_sum(
-            [loss_sum, n_tok, hits, scored, matched, n_ex], device)
+        loss_total, tok_total, hit_total, score_total, em_total, ex_total, right_total, answered_total = comm.all_sum(
+            [loss_sum, n_tok, hits, scored, matched, n_ex, right, answered], device)
         if predictions is not None:
             every = comm.gather_objects(mine)
             if rank == 0:
@@ -290,6 +334,8 @@ class Evaluator:
         out = {"eval_loss": loss_total / max(1.0, tok_total), "exact_match": em_total / max(1.0, ex_total)}
         if score_total:
             out["accuracy"] = hit_total / score_total
+        if answered_total:
+            out["answer_accuracy"] = right_total / answered_total
         return out
 
 
@@ -306,14 +352,25 @@ def _load_model(model_dir: str, adapter_dir: str | None, dtype):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     if adapter_dir is None:
         return MethodRoot(model).eval()
-    from .methods.gpart.adapter import attach_adapter
+    folder = Path(adapter_dir)
+    config = folder / "adapter_config.json"
+    peft_type = json.loads(config.read_text()).get("peft_type") if config.is_file() else None
+    if peft_type in ("LORA", "VERA"):      # the LoRA and VeRA runs' adapters are PEFT folders
+        from peft import PeftModel
 
-    return attach_adapter(model, adapter_dir).eval()
+        return MethodRoot(PeftModel.from_pretrained(model, folder)).eval()
+    if config.is_file():
+        from .methods.gpart.adapter import attach_adapter
+
+        return attach_adapter(model, folder).eval()
+    from .methods import open_adapter       # a checkpoint, or the GPart authors' adapter
+
+    return open_adapter(folder, Path(model_dir)).attach(model).eval()
 
 
 def evaluate_files(model_dir, data_path, adapter=None, chat_template=False, max_length=512,
                    batch_size=8, max_examples=0, dtype=torch.float32, add_eos=True,
-                   predictions: list | None = None, too_long: str = "error") -> dict:
+                   predictions: list | None = None, too_long: str = "error", generate: bool = True) -> dict:
     """Loss, exact match (and accuracy over choices) of a model folder, optionally with an
     adapter, through the trainer's own Evaluator. `predictions`, if given, receives one
     dict per scored record: its file:line, the predicted and gold choice indices and the
@@ -326,7 +383,8 @@ def evaluate_files(model_dir, data_path, adapter=None, chat_template=False, max_
     model_dir = resolve(model_dir)   # a local folder, or a hub name already in the cache
     tok = AutoTokenizer.from_pretrained(model_dir)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    model = TrainingModel(_load_model(model_dir, adapter, dtype)).eval()
+    root = _load_model(model_dir, adapter, dtype)
+    model = TrainingModel(root).eval()
     records, fmt = data.load(data_path)
     if max_examples:
         records = records[:max_examples]
@@ -335,7 +393,9 @@ def evaluate_files(model_dir, data_path, adapter=None, chat_template=False, max_
         [(w, data.tokenize_record(r, fmt, tok, max_length, chat_template, w, add_eos)) for w, r in records],
         max_length, too_long, data_path)
     items = choice_items(records, tok, chat_template)
-    res = Evaluator(examples, records, items, pad).run(model, batch_size, 0, "cpu", predictions)
+    ev = Evaluator(examples, records, items, pad, generation.questions(records, tok, chat_template), tok)
+    answers = dict(generate=root.generate, eos=generation.stop_ids(root.lm, tok)) if generate else {}
+    res = ev.run(model, batch_size, 0, "cpu", predictions, **answers)
     result = {"model": str(model_dir), "adapter": adapter, "data": str(data_path), "examples": len(examples), **res}
     if items:
         result["scored"] = len(items)
@@ -354,8 +414,9 @@ def _read_predictions(path: str) -> list[dict]:
                 keys = set(row)
             except (json.JSONDecodeError, TypeError):
                 raise EvalError(f"{path}:{n}: not a JSON object (write it with --predictions)") from None
-            # a verdict: the chosen and gold choice, or (no choices) the exact match
-            missing = ({"record"} - keys) or ({"predicted", "answer"} - keys if "match" not in keys else set())
+            # a verdict: the generated answer's, the chosen and gold choice, or the exact match
+            missing = ({"record"} - keys) or (
+                {"predicted", "answer"} - keys if not keys & {"match", "answer_correct"} else set())
             if missing:
                 raise EvalError(f"{path}:{n}: missing {sorted(missing)} (write it with --predictions, or take "
                                 "a run's eval_predictions.jsonl)")
@@ -370,12 +431,15 @@ def _paired_cli(argv) -> int:
                                  description="exact McNemar test of two --predictions files")
     ap.add_argument("before")
     ap.add_argument("after")
+    ap.add_argument("--verdict", choices=VERDICTS, default="auto",
+                    help="answer (generated), choice (ranked choices) or match (teacher-forced exact "
+                         "match); auto: the first that both files have on every line")
     a = ap.parse_args(argv)
     for f in (a.before, a.after):
         if not Path(f).is_file():
             raise EvalError(f"{f}: no such predictions file")
     try:
-        r = paired(*(_read_predictions(f) for f in (a.before, a.after)))
+        r = paired(*(_read_predictions(f) for f in (a.before, a.after)), verdict=a.verdict)
     except ValueError as exc:
         raise EvalError(str(exc)) from None
     print(json.dumps(r, indent=2))
@@ -403,6 +467,8 @@ def _eval_cli(argv) -> int:
     ap.add_argument("--json", default=None, help="also write the result here")
     ap.add_argument("--predictions", default=None,
                     help="write one JSON line per scored record (record, predicted, answer, scores)")
+    ap.add_argument("--no-generate", action="store_true",
+                    help="skip the generated answers (answer_accuracy): scoring only")
     ap.add_argument("--too-long", default="error", choices=("error", "skip", "truncate_left"),
                     help="records longer than --max-length (as data.too_long)")
     args = ap.parse_args(argv)
@@ -428,7 +494,7 @@ def _eval_cli(argv) -> int:
     preds = [] if args.predictions else None
     res = evaluate_files(model_dir, args.data, args.adapter, args.chat_template, args.max_length,
                          args.batch_size, args.max_examples, add_eos=not args.no_eos, predictions=preds,
-                         too_long=args.too_long)
+                         too_long=args.too_long, generate=not args.no_generate)
     print(json.dumps(res, indent=2))
     if args.json:
         write_atomic(args.json, json.dumps(res, indent=2))

@@ -180,15 +180,25 @@ class Progress:
         self.bar.close()
 
 
+def answer_fell(s: dict) -> str | None:
+    """A sentence when the generated answers got worse than the base model's, else None."""
+    before, after = s.get("answer_accuracy_before"), s.get("answer_accuracy_after")
+    if before is None or after is None or after >= before:
+        return None
+    return f"the generated answers' accuracy fell from {100 * before:.1f}% to {100 * after:.1f}%"
+
+
 def summary_table(s: dict, adapter_dir: Path | None) -> str:
     def pct(v):
         return "-" if v is None else f"{100 * v:.1f}%"
 
-    rows = [("eval loss", f"{s['eval_loss_before']:.4f}", f"{s['eval_loss_after']:.4f}"),
-            ("accuracy", pct(s["accuracy_before"]), pct(s["accuracy_after"])),
-            ("exact match", pct(s.get("exact_match_before")), pct(s.get("exact_match_after")))]
+    rows = [("generated answer (greedy, as served)", pct(s.get("answer_accuracy_before")),
+             pct(s.get("answer_accuracy_after"))),
+            ("choice accuracy (label words ranked)", pct(s["accuracy_before"]), pct(s["accuracy_after"])),
+            ("exact match (teacher-forced)", pct(s.get("exact_match_before")), pct(s.get("exact_match_after"))),
+            ("eval loss (completion tokens)", f"{s['eval_loss_before']:.4f}", f"{s['eval_loss_after']:.4f}")]
     lines = ["", "| metric | before | after |", "|---|---|---|"]
-    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows if (b, c) != ("-", "-")]
     adapter = (f"adapter on disk: {s['adapter_bytes'] / 1024:.1f} KiB ({adapter_dir})" if adapter_dir
                else "no adapter (full fine-tuning: export.merged writes the model)")
     lines += ["", f"method: {s['method']}   trainable parameters: {s['trainable_params']:,}   {adapter}",

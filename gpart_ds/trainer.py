@@ -22,12 +22,13 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from . import checkpoint, comm, commcount, data, distributed, evaluate, frozen_shards, methods, runcheck, zero3
+from . import (checkpoint, comm, commcount, data, distributed, evaluate, frozen_shards, generation, methods, runcheck,
+               zero3)
 from .config import ConfigError, check_paths, export_dir, to_yaml, unread_method_keys, where_for
 from .errors import EXIT_PREEMPTED, RunFailed, UserError
 from .fileio import folder_bytes, write_atomic
 from .hub import display_name
-from .metrics import MetricsLog, Progress, peak_memory_gb, summary_table
+from .metrics import MetricsLog, Progress, answer_fell, peak_memory_gb, summary_table
 from .model import check_weights, training_dtype
 from .objective import TrainingModel
 
@@ -255,10 +256,22 @@ class Trainer:
         during = 0 < step and not last
         limit = (t.eval_examples_during or t.eval_examples) if during else t.eval_examples
         preds = [] if last or t.eval_predictions else None
+        answers = {}
+        if t.eval_generate == "always" or (t.eval_generate == "final" and not during):
+            root = self.model.root
+
+            def generate(**kw):
+                # The layers' weights are gathered by ZeRO-3's hooks as each module runs; the
+                # root's own parameters (GPart's theta, read by prepare() before any module
+                # runs) are gathered here. Collective: every rank generates as often.
+                with zero3.gathered(root.parameters(recurse=False)):
+                    return root.generate(**kw)
+
+            answers = dict(generate=generate, eos=generation.stop_ids(root.lm, self.tokenizer))
         self.engine.eval()
         try:
             res = self.evaluator.run(self.engine, t.eval_micro_batch_size or t.micro_batch_size,
-                                     limit, self.device, preds)
+                                     limit, self.device, preds, **answers)
         finally:
             self.engine.train()
         if preds is not None and self.rank == 0:   # per-record verdicts: paired tests, curves
@@ -426,6 +439,8 @@ class Trainer:
         summary = {"event": "summary", "method": cfg.method.name, "steps": t.max_steps, "world": self.world,
                    "lr": self.lr,
                    "eval_loss_before": before["eval_loss"], "eval_loss_after": after["eval_loss"],
+                   "answer_accuracy_before": before.get("answer_accuracy"),
+                   "answer_accuracy_after": after.get("answer_accuracy"),
                    "accuracy_before": before.get("accuracy"), "accuracy_after": after.get("accuracy"),
                    "exact_match_before": before.get("exact_match"), "exact_match_after": after.get("exact_match"),
                    "final_loss": history[-1]["loss"] if history else None, "wall_s": wall,
@@ -440,6 +455,10 @@ class Trainer:
         self.metrics.close()
         if self.rank == 0:
             print(summary_table(summary, adapter_dir), flush=True)
+            fell = answer_fell(summary)
+            if fell and cfg.train.objective == "choices":
+                log.warning("%s: train.objective=choices ranks the choices against each other and does not "
+                            "train the answer a server generates; train.objective=lm (or choices_lm) trains it", fell)
         return summary
 
     # ---------------------------------------------------------------- outputs

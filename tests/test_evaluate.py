@@ -173,6 +173,7 @@ def test_generative_records_get_one_exact_match_line_each_whatever_the_batching(
         runs[bs] = (res, preds)
     (res, preds), (res4, preds4) = runs[1], runs[4]
     assert [r["record"] for r in preds] == [f"{p}:{i}" for i in range(1, 7)]
-    assert [r["index"] for r in preds] == list(range(6)) and all(set(r) == {"record", "index", "match"} for r in preds)
+    assert [r["index"] for r in preds] == list(range(6))
+    assert all(set(r) == {"record", "index", "match", "generated", "kind", "said", "answer_correct"} for r in preds)
     assert sum(r["match"] for r in preds) / 6 == res["exact_match"]
     assert preds4 == preds and res4["eval_loss"] == pytest.approx(res["eval_loss"], rel=1e-5)

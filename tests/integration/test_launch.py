@@ -34,6 +34,11 @@ def test_deepspeed_launch_tiny_config_trains_and_writes_adapter_and_metrics(deep
         assert [r["index"] for r in rows] == list(range(8))                    # train.eval_examples=8
         assert rows[0]["record"].endswith("eval.jsonl:1") and rows[7]["record"].endswith("eval.jsonl:8")
         assert sum(r["match"] for r in rows) / 8 == ev["exact_match"]
+    # The generated answers of both ranks' shares (ZeRO-3, synced decoding) before and after
+    assert summary["answer_accuracy_before"] is not None and summary["answer_accuracy_after"] is not None
+    rows = [json.loads(line) for line in (out / "eval_predictions.jsonl").read_text().splitlines()]
+    assert all("generated" in r and "answer_correct" in r for r in rows)
+    assert sum(r["answer_correct"] for r in rows) / 8 == evals[12]["answer_accuracy"]
     # no partial folders left behind by the atomic write
     assert not [p.name for p in out.iterdir() if ".tmp-" in p.name]
     # nor DeepSpeed's CPU all-reduce buffers in /dev/shm (69 MB per rank per run)
@@ -81,3 +86,17 @@ def test_bad_data_names_file_and_line(tmp_path, tiny_assets):
     proc = _train_py("--config", "tiny", f"data.train={bad}", f"output_dir={tmp_path / 'o'}")
     assert proc.returncode == 2
     assert f"{bad}:2: missing key 'completion'" in proc.stderr
+
+
+def test_answers_generated_in_training_equal_the_evaluators_on_its_adapter(deepspeed_tiny_run, tiny_assets):
+    """Two ZeRO-3 ranks decoding their shares of the records (every forward gathers the
+    sharded weights, synced until both ranks are done) say what one process says with the
+    saved adapter on the plain model, record for record."""
+    from gpart_ds import evaluate
+
+    out, _ = deepspeed_tiny_run
+    trained = [json.loads(line) for line in (out / "eval_predictions.jsonl").read_text().splitlines()]
+    alone = []
+    evaluate.evaluate_files(str(tiny_assets / "model"), str(tiny_assets / "data" / "eval.jsonl"),
+                            adapter=str(out / "adapter"), max_length=64, max_examples=8, predictions=alone)
+    assert [r["generated"] for r in trained] == [r["generated"] for r in alone]

@@ -1,0 +1,105 @@
+"""Generated answers (gpart_ds/generation.py): how each kind of record is judged, and that
+the evaluator's batched greedy decoding says what a plain one-prompt-at-a-time generate
+loop says, record for record."""
+import json
+
+import pytest
+import torch
+
+from gpart_ds import data, evaluate, generation
+
+
+def _q(reference, choices=None):
+    return generation.Question("f:1", 0, [1], reference, choices, generation.kind_of(reference, choices))
+
+
+@pytest.mark.parametrize("answer, said, ok", [
+    (" positive", 0, True),
+    (" Positive\n\nI'm not sure", 0, True),            # case and what follows do not matter
+    (" It is negative, not positive", 1, False),       # the choice named first counts
+    (" A mix of", None, False),                        # no choice named
+    (" positively", None, False),                      # whole words only
+])
+def test_a_choice_record_is_judged_by_the_choice_named_first(answer, said, ok):
+    q = _q(" positive", [" positive", " negative"])
+    assert q.kind == "choice" and generation.judge(answer, q) == (said, ok)
+
+
+def test_letter_choices_need_the_letter_as_a_word():
+    q = _q(" B", [" A", " B", " C", " D"])
+    assert generation.judge(" B", q) == (1, True)
+    assert generation.judge(" B. diffusion", q) == (1, True)
+    assert generation.judge(" Because", q) == (None, False)
+
+
+@pytest.mark.parametrize("answer, ok", [(" 109", True), (" 109\n", True), ("The answer is 109.", True),
+                                         (" 1,09", True), (" -109", False), (" 108", False), (" none", False)])
+def test_a_numeric_record_is_judged_by_the_first_number(answer, ok):
+    q = _q(" 109")
+    assert q.kind == "number" and generation.judge(answer, q)[1] is ok
+    assert generation.judge(" -64", _q(" -64"))[1] and not generation.judge(" 64", _q(" -64"))[1]
+
+
+def test_a_text_record_is_judged_exactly_after_normalising_case_and_spacing():
+    q = _q(" moon sun cat")
+    assert q.kind == "text"
+    assert generation.judge("Moon  sun\ncat ", q)[1] and not generation.judge(" moon sun", q)[1]
+    assert not generation.judge(" moon sun cat dog", q)[1]
+
+
+def test_questions_render_prompts_as_training_and_skip_records_without_an_answer(tiny_assets):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_assets / "model")
+    records = [("f:1", {"prompt": "Reverse: cat dog\nAnswer:", "completion": " dog cat"}),
+               ("f:2", {"text": "no answer here"})]
+    qs = generation.questions(records, tok, chat_template=False)
+    assert [(q.where, q.index, q.kind) for q in qs] == [("f:1", 0, "text")]
+    assert qs[0].prompt == data.prompt_ids(tok, "Reverse: cat dog\nAnswer:", False)
+    assert generation.max_new_tokens(qs, tok) == len(tok(" dog cat", add_special_tokens=False)["input_ids"]) \
+        + 1 + generation.EXTRA_TOKENS
+
+
+def _plain_loop(model, tok, prompts, new_tokens, eos):
+    """One prompt at a time, no padding: what a server does for each request."""
+    out = []
+    for p in prompts:
+        ids = model.generate(input_ids=torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                             max_new_tokens=new_tokens, do_sample=False, eos_token_id=eos,
+                             pad_token_id=tok.pad_token_id)[0, len(p):].tolist()
+        cut = next((j for j, t in enumerate(ids) if t in eos), len(ids))
+        out.append(tok.decode(ids[:cut], skip_special_tokens=True))
+    return out
+
+
+def test_the_evaluators_answers_equal_a_plain_generate_loop_record_for_record(tiny_assets, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = [json.loads(line) for line in (tiny_assets / "data" / "eval.jsonl").read_text().splitlines()[:24]]
+    p = tmp_path / "e.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in src))
+    preds = []
+    res = evaluate.evaluate_files(str(tiny_assets / "model"), str(p), batch_size=5, predictions=preds)
+    tok = AutoTokenizer.from_pretrained(tiny_assets / "model")
+    model = AutoModelForCausalLM.from_pretrained(tiny_assets / "model", dtype=torch.float32).eval()
+    qs = generation.questions(data.load(p)[0], tok, False)
+    want = _plain_loop(model, tok, [q.prompt for q in qs], generation.max_new_tokens(qs, tok),
+                       generation.stop_ids(model, tok))
+    assert [r["generated"] for r in preds] == want
+    assert all(len(w) > 0 for w in want)          # it did generate
+    assert res["answer_accuracy"] == sum(r["answer_correct"] for r in preds) / len(preds)
+
+
+def test_generation_can_be_left_out_and_paired_uses_the_answers(tiny_assets, tmp_path):
+    p = tiny_assets / "data" / "eval.jsonl"
+    with_answers, scored_only = [], []
+    evaluate.evaluate_files(str(tiny_assets / "model"), str(p), max_examples=6, predictions=with_answers)
+    res = evaluate.evaluate_files(str(tiny_assets / "model"), str(p), max_examples=6, predictions=scored_only,
+                                  generate=False)
+    assert "answer_accuracy" not in res and all("generated" not in r for r in scored_only)
+    assert evaluate.common_verdict(with_answers, with_answers) == "answer"
+    assert evaluate.common_verdict(with_answers, scored_only) == "match"   # what both files have
+    flipped = [dict(r, answer_correct=not r["answer_correct"]) for r in with_answers]
+    r = evaluate.paired(with_answers, flipped)
+    assert r["verdict"] == "answer" and r["fixed"] + r["broken"] == 6
+    assert evaluate.paired(with_answers, flipped, verdict="match")["p_value"] == 1.0
