@@ -68,6 +68,8 @@ from gpart_ds.errors import RunFailed
 
 METRICS = ("accuracy", "exact_match")
 PHASES = ("sweep", "final", "all")
+# train.* keys left out of a run's identity (_key): they add reports, not change the run.
+EVAL_ONLY_KEYS = ("eval_generate",)
 # Keys of a method entry that are the study's, not method.* overrides.
 GRID_KEYS = ("lrs", "lr_mults", "lr_unit")
 
@@ -227,7 +229,12 @@ def _key(config: str, overrides: list[str], ranks: int) -> str:
     from another checkout, or after a comment or a key the study overrides changed in the
     run config, is the same run and is reused."""
     cfg = OmegaConf.to_container(load_config(config, overrides, check_files=False), resolve=True)
-    cfg.pop("output_dir", None)
+    for where in ("output_dir", "config_file", "overrides"):   # where it came from, not what it is
+        cfg.pop(where, None)
+    # Keys that decide what an evaluation also reports, not what is trained or scored: a run
+    # finished before such a key existed is the same run.
+    for key in EVAL_ONLY_KEYS:
+        cfg["train"].pop(key, None)
     return hashlib.sha256(json.dumps([cfg, ranks], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -26,7 +26,7 @@ CONFIG_DIR = REPO_ROOT / "configs"
 
 PRECISIONS = ("auto", "bf16", "fp32")
 SCHEDULES = ("cosine", "linear", "constant")
-OBJECTIVES = ("lm", "choices")
+OBJECTIVES = ("lm", "choices", "choices_lm")
 EVAL_GENERATE = ("final", "always", "never")
 TOO_LONG = ("error", "skip", "truncate_left")
 BACKENDS = ("auto", "nccl", "gloo", "mpi")
@@ -116,7 +116,8 @@ class TrainConfig:
                             "every evaluation | never")
     resume: Optional[str] = _f(None, "auto (newest checkpoint that verifies) or a checkpoint folder")
     objective: str = _f("lm", "lm: next-token loss on the completion; choices: cross-entropy among the first "
-                        "tokens of each record's `choices` at the answer position")
+                        "tokens of each record's `choices` at the answer position (ranks the label words; "
+                        "does not train the answer a server generates); choices_lm: both, summed")
 
 
 @dataclass

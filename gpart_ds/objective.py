@@ -46,17 +46,27 @@ def supports_label_positions(model) -> bool:
 
 
 def label_positions_loss(model, labels: torch.Tensor, choice_index=None, choice_ids=None,
-                         exact_match: bool = False, **inputs) -> CausalLMOutputWithPast:
+                         exact_match: bool = False, lm_weight: float = 0.0, **inputs) -> CausalLMOutputWithPast:
     """Mean next-token cross-entropy over label positions; `logits` is not returned.
 
     With choice_index / choice_ids (data.choice_tensors: the "choices" objective) the
     loss is instead the cross-entropy among the candidate tokens at each decision
     position (rank classification): it trains exactly what choice accuracy measures.
+    lm_weight > 0 ("choices_lm") adds that much of the next-token loss over the whole
+    vocabulary: the choice term decides between the label words, the other makes the
+    model say one of them (what a server's greedy answer needs).
     """
     inputs.setdefault("use_cache", False)
     hidden = model.get_decoder()(**inputs).last_hidden_state
     if choice_index is not None:
-        return _choice_loss(model, hidden, labels, choice_index, choice_ids)
+        out = _choice_loss(model, hidden, labels, choice_index, choice_ids)
+        if lm_weight:
+            out.loss = out.loss + lm_weight * _label_loss(model, hidden, labels, False).loss
+        return out
+    return _label_loss(model, hidden, labels, exact_match)
+
+
+def _label_loss(model, hidden, labels, exact_match: bool) -> CausalLMOutputWithPast:
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     rows = hidden[:, :-1][keep]                      # (n_label_tokens, hidden)
@@ -88,7 +98,8 @@ def _choice_loss(model, hidden, labels, index, cand) -> CausalLMOutputWithPast:
     return CausalLMOutputWithPast(loss=loss)
 
 
-def objective_forward(model, args: tuple, kwargs: dict, label_positions_only: bool = True):
+def objective_forward(model, args: tuple, kwargs: dict, label_positions_only: bool = True,
+                      lm_weight: float = 0.0):
     """Forward of a causal LM for training and evaluation, whatever wraps its layers.
 
     choice_index / choice_ids (the "choices" objective) and labelled batches go through
@@ -99,7 +110,7 @@ def objective_forward(model, args: tuple, kwargs: dict, label_positions_only: bo
         if not supports_label_positions(model):
             raise ValueError(f"the 'choices' objective needs logits = lm_head(decoder(x)); "
                              f"{type(model).__name__} post-processes its logits")
-        return label_positions_loss(model, **kwargs)
+        return label_positions_loss(model, lm_weight=lm_weight, **kwargs)
     exact = kwargs.pop("exact_match", False)
     if (label_positions_only and not args and kwargs.get("labels") is not None
             and "logits_to_keep" not in kwargs and supports_label_positions(model)):
@@ -121,13 +132,15 @@ class TrainingModel(torch.nn.Module):
     the model's own output (logits for scoring).
     """
 
-    def __init__(self, root):
+    def __init__(self, root, objective: str = "lm"):
         super().__init__()
         self.root = root
         # With labels, run the vocabulary head only at label positions; callers that need
         # logits call without labels.
         self.label_positions_only = True
+        # choices_lm: the choice cross-entropy plus the next-token loss of the label
+        self.lm_weight = 1.0 if objective == "choices_lm" else 0.0
 
     def forward(self, *args, **kwargs):
         self.root.prepare()
-        return objective_forward(self.root.lm, args, kwargs, self.label_positions_only)
+        return objective_forward(self.root.lm, args, kwargs, self.label_positions_only, self.lm_weight)

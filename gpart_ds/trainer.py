@@ -134,7 +134,7 @@ class Trainer:
         common = dict(fmt=d.format, max_length=d.max_length, chat_template=d.chat_template,
                       add_eos=d.add_eos, cache_dir=d.cache_dir, too_long=d.too_long)
         self.train_set = data.tokenized(d.train, self.tokenizer, cfg.model.path, packing=d.packing,
-                                        choice_loss=cfg.train.objective == "choices", **common)
+                                        choice_loss=cfg.train.objective in ("choices", "choices_lm"), **common)
         self.eval_set = data.tokenized(d.eval, self.tokenizer, cfg.model.path, packing=False, **common)
         if not self.train_set.has_labels():
             raise data.DataError(f"{d.train}: no record has a token to learn from (every prompt fills "
@@ -156,7 +156,7 @@ class Trainer:
             # (GPart's theta) twice per bucket under ZeRO-3 and fails.
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.method = methods.create(cfg.method)
-        self.model = TrainingModel(self.method.build(base, self.layout, self.device))
+        self.model = TrainingModel(self.method.build(base, self.layout, self.device), cfg.train.objective)
         log.info("%s; world=%d; lr %.3g%s", self.method.describe(), self.world, self.lr,
                  " (train.lr=auto)" if cfg.train.lr == "auto" else "")
         unread = unread_method_keys(cfg.method)

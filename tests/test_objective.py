@@ -86,6 +86,26 @@ def test_choices_objective_is_cross_entropy_among_the_candidate_tokens():
     assert model.gpart_theta.grad.abs().sum() > 0
 
 
+def test_choices_lm_adds_the_full_vocabulary_loss_of_the_label():
+    from gpart_ds.data import Example, collate
+
+    g = torch.Generator().manual_seed(4)
+    exs = []
+    for n, (a, b) in [(6, (7, 9)), (5, (9, 7))]:
+        ids = torch.randint(12, 50, (n,), generator=g).tolist()
+        ids[-1] = a
+        exs.append(Example(ids, [-100] * (n - 1) + [a], None, [[n - 1, a, b]]))
+    model = apply_gpart(micro_llama(), d=64, seed=3)
+    with torch.no_grad():
+        model.gpart_theta.copy_(torch.randn(64, generator=torch.Generator().manual_seed(1)) * 0.1)
+    batch = collate(exs, 0)
+    choice = TrainingModel(model, "choices")(**batch).loss
+    lm = TrainingModel(model, "lm")(**{k: v for k, v in batch.items() if k not in ("choice_index", "choice_ids")}).loss
+    both = TrainingModel(model, "choices_lm")(**batch).loss
+    torch.testing.assert_close(both, choice + lm, rtol=1e-6, atol=1e-7)
+    assert lm > choice > 0        # the label against the whole vocabulary costs more
+
+
 def test_exact_match_is_greedy_decoding_reproducing_the_completion():
     from gpart_ds.objective import objective_forward
 

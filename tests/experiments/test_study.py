@@ -158,3 +158,20 @@ def test_merge_of_a_file_that_is_no_report_exits_2_before_any_run(tmp_path, caps
                       "--merge", str(f), "--out", str(tmp_path / "o")])
     assert code == 2 and f"--merge {f}: {msg}" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_runs_identity_is_its_resolved_config_not_where_it_came_from(tmp_path):
+    """The same run from a copy of the run config elsewhere, with the overrides in another
+    order or an evaluation-only key changed, is the same run; a training key is not."""
+    import shutil
+
+    src = "configs/study_smollm2_run.yaml"
+    copy = tmp_path / "elsewhere.yaml"
+    shutil.copy(src, copy)
+    shutil.copy("configs/ds_zero3_cpu.json", tmp_path)      # read as content, not as a path
+    ov = ["train.lr=0.01", "method.d=4096", "train.max_steps=40"]
+    key = study._key(src, ov, 1)
+    assert study._key(str(copy), ov[::-1], 1) == key
+    assert study._key(src, ov + ["train.eval_generate=never"], 1) == key
+    assert study._key(src, ov + ["train.objective=choices_lm"], 1) != key
+    assert study._key(src, ov, 2) != key
