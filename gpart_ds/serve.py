@@ -2,13 +2,13 @@
 trained model answers.
 
     python -m gpart_ds.serve check --merged MERGED --data eval.jsonl [--base BASE --adapter A]
-                                   [--max-examples N] [--port P] [--json OUT] [--predictions OUT]
+                                   [--max-examples N] [--port P | --url URL] [--json OUT] [--predictions OUT]
 
 Starts `transformers serve MERGED` (transformers' OpenAI-compatible server, the `serve`
 extra) on 127.0.0.1, waits for it, sends every held-out prompt through the `openai`
 client at temperature 0 (/v1/completions for prompt/completion records, the chat endpoint
 for chat records), judges each answer as the evaluator does (generation.judge), and stops
-the server. With --base and --adapter it also decodes the same prompts in this process
+the server. --url asks a server already running (vLLM, TGI) on the same folder instead. With --base and --adapter it also decodes the same prompts in this process
 with the adapter applied to the base (the trained model) and compares the answers record
 for record; without them, with the merged folder itself. Exit 0 when every served answer
 equals the in-process one, 1 when any differs (listed), 2 on bad input.
@@ -108,7 +108,7 @@ def ask(url: str, model: str, records: list[tuple[str, dict]], questions, max_to
 
 def check(merged: str, data_path: str, base: str | None = None, adapter: str | None = None,
           max_examples: int = 0, chat_template: bool = False, port: int | None = None,
-          batch_size: int = 8, log: Path | None = None) -> dict:
+          batch_size: int = 8, log: Path | None = None, url: str | None = None, model_name: str | None = None) -> dict:
     """Served answers of the merged folder against in-process answers (see the module doc)."""
     import torch
     from transformers import AutoTokenizer
@@ -136,8 +136,11 @@ def check(merged: str, data_path: str, base: str | None = None, adapter: str | N
     local = [answers[q.index] for q in qs]
     del root
     t0 = time.perf_counter()
-    with Server(merged, port, log) as server:
-        served = ask(server.url, merged, records, qs, new, chat_template)
+    if url:      # a server already running (vLLM, TGI, ...) on the same folder
+        served = ask(url, model_name or merged, records, qs, new, chat_template)
+    else:
+        with Server(merged, port, log) as server:
+            served = ask(server.url, merged, records, qs, new, chat_template)
     seconds = time.perf_counter() - t0
     rows = []
     for q, s, mine in zip(qs, served, local):
@@ -162,6 +165,10 @@ def _check_cli(argv) -> int:
     ap.add_argument("--max-examples", type=int, default=0)
     ap.add_argument("--chat-template", action="store_true", help="prompts as a user turn (the chat endpoint)")
     ap.add_argument("--port", type=int, default=0, help="default: a free port")
+    ap.add_argument("--url", default=None,
+                    help="ask a server already running instead (e.g. vLLM: http://HOST:8000/v1); "
+                         "--merged is then the folder it serves, read for its tokenizer")
+    ap.add_argument("--model-name", default=None, help="with --url: the model name it serves (default --merged)")
     ap.add_argument("--json", default=None, help="also write the result here")
     ap.add_argument("--predictions", default=None, help="one JSON line per record: served and in-process answers")
     args = ap.parse_args(argv)
@@ -181,7 +188,7 @@ def _check_cli(argv) -> int:
             if problem:
                 raise ServeError(f"{flag} {out}: {problem}")
     res = check(args.merged, args.data, args.base, args.adapter, args.max_examples, args.chat_template,
-                args.port or None)
+                args.port or None, url=args.url, model_name=args.model_name)
     rows = res.pop("rows")
     print(json.dumps(res, indent=2))
     if args.json:

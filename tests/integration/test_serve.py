@@ -72,3 +72,13 @@ def test_bad_input_is_refused_before_any_server_starts(args, message, tiny_asset
     argv = ["check"] + [x for kv in merged.items() for x in kv]
     assert serve.main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_server_already_running_is_asked_at_its_address(moved, tiny_assets, capsys):
+    # what a vLLM or TGI deployment is checked with: --url, no server started by the check
+    with serve.Server(moved / "merged") as running:
+        rc = serve.main(["check", "--url", running.url, "--merged", str(moved / "merged"), "--data",
+                         str(tiny_assets / "data" / "eval.jsonl"), "--max-examples", "4",
+                         "--base", str(tiny_assets / "model"), "--adapter", str(moved / "adapter")])
+        assert running.proc.poll() is None        # still the one running
+    assert rc == 0, capsys.readouterr().err
