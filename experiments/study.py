@@ -69,7 +69,7 @@ from gpart_ds.errors import RunFailed
 METRICS = ("accuracy", "exact_match")
 PHASES = ("sweep", "final", "all")
 # train.* keys left out of a run's identity (_key): they add reports, not change the run.
-EVAL_ONLY_KEYS = ("eval_generate",)
+EVAL_ONLY_KEYS = ("eval_generate", "eval_generate_batch")
 # Keys of a method entry that are the study's, not method.* overrides.
 GRID_KEYS = ("lrs", "lr_mults", "lr_unit")
 

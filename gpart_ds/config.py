@@ -114,6 +114,8 @@ class TrainConfig:
     eval_generate: str = _f("final", "generated answers (greedy, as a server at temperature 0 gives them; "
                             "answer_accuracy): final = the evaluations before and after training | always = "
                             "every evaluation | never")
+    eval_generate_batch: int = _f(64, "records each rank decodes together for the generated answers: every "
+                                  "decoding step gathers the ZeRO-3 weights, so few large batches cost less")
     resume: Optional[str] = _f(None, "auto (newest checkpoint that verifies) or a checkpoint folder")
     objective: str = _f("lm", "lm: next-token loss on the completion; choices: cross-entropy among the first "
                         "tokens of each record's `choices` at the answer position (ranks the label words; "
@@ -423,6 +425,7 @@ def _validate_values(cfg: DictConfig, where: _Where) -> None:
         need(t[key] >= 1, f"train.{key}", f"must be >= 1, got {t[key]}")
     for key in ("eval_every", "eval_examples", "eval_examples_during", "eval_micro_batch_size"):
         need(t[key] >= 0, f"train.{key}", f"must be >= 0, got {t[key]}")
+    need(t.eval_generate_batch >= 1, "train.eval_generate_batch", f"must be >= 1, got {t.eval_generate_batch}")
     if isinstance(t.lr, str) and t.lr != "auto":
         try:   # YAML 1.1 reads 5e-5 (no dot) as a string
             t.lr = float(t.lr)

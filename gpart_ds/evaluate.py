@@ -260,7 +260,7 @@ class Evaluator:
 
     @torch.no_grad()
     def run(self, model, micro_batch: int, limit: int = 0, device="cpu", predictions: list | None = None,
-            generate=None, eos: list[int] | None = None) -> dict:
+            generate=None, eos: list[int] | None = None, generate_batch: int = 0) -> dict:
         """Every rank calls it (ZeRO-3 gathers weights collectively); ranks past the end run
         a dummy batch with weight 0. `limit`: the first N records (the same on any world size).
         `predictions` (filled on rank 0) receives one dict per scored record, in file order:
@@ -268,7 +268,9 @@ class Evaluator:
         and, where it has choices, "predicted", "answer" and the choices' "scores".
         With `generate` (a model's generate) and `eos` (the ids it stops at), every record
         with an answer is also answered greedily and judged (generation.verdict: "generated",
-        "kind", "said", "answer_correct"; the result's answer_accuracy)."""
+        "kind", "said", "answer_correct"; the result's answer_accuracy), `generate_batch`
+        records at a time (0: micro_batch). Under ZeRO-3 every decoding step gathers the
+        weights, so few large batches cost far less than many small ones."""
         from . import comm
 
         world, rank = comm.world(), comm.rank()
@@ -278,7 +280,7 @@ class Evaluator:
         if generate is not None and self.questions:
             qs = [q for q in self.questions if not limit or q.index < limit]
             order = sorted(range(len(qs)), key=lambda i: len(qs[i].prompt))
-            for idx in data.shard_evenly(len(qs), micro_batch, world, rank):
+            for idx in data.shard_evenly(len(qs), generate_batch or micro_batch, world, rank):
                 idx = [order[i] for i in idx]
                 chunk = [qs[i] for i in idx] or qs[:1]
                 outs = generation.greedy(generate, [q.prompt for q in chunk], self.pad_id, eos, self.new_tokens,
@@ -370,7 +372,8 @@ def _load_model(model_dir: str, adapter_dir: str | None, dtype):
 
 def evaluate_files(model_dir, data_path, adapter=None, chat_template=False, max_length=512,
                    batch_size=8, max_examples=0, dtype=torch.float32, add_eos=True,
-                   predictions: list | None = None, too_long: str = "error", generate: bool = True) -> dict:
+                   predictions: list | None = None, too_long: str = "error", generate: bool = True,
+                   generate_batch: int = 64) -> dict:
     """Loss, exact match (and accuracy over choices) of a model folder, optionally with an
     adapter, through the trainer's own Evaluator. `predictions`, if given, receives one
     dict per scored record: its file:line, the predicted and gold choice indices and the
@@ -394,7 +397,8 @@ def evaluate_files(model_dir, data_path, adapter=None, chat_template=False, max_
         max_length, too_long, data_path)
     items = choice_items(records, tok, chat_template)
     ev = Evaluator(examples, records, items, pad, generation.questions(records, tok, chat_template), tok)
-    answers = dict(generate=root.generate, eos=generation.stop_ids(root.lm, tok)) if generate else {}
+    answers = dict(generate=root.generate, eos=generation.stop_ids(root.lm, tok),
+                   generate_batch=generate_batch) if generate else {}
     res = ev.run(model, batch_size, 0, "cpu", predictions, **answers)
     result = {"model": str(model_dir), "adapter": adapter, "data": str(data_path), "examples": len(examples), **res}
     if items:
@@ -469,10 +473,12 @@ def _eval_cli(argv) -> int:
                     help="write one JSON line per scored record (record, predicted, answer, scores)")
     ap.add_argument("--no-generate", action="store_true",
                     help="skip the generated answers (answer_accuracy): scoring only")
+    ap.add_argument("--generate-batch", type=int, default=64, help="records decoded together")
     ap.add_argument("--too-long", default="error", choices=("error", "skip", "truncate_left"),
                     help="records longer than --max-length (as data.too_long)")
     args = ap.parse_args(argv)
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--max-length", args.max_length, 2),
+                             ("--generate-batch", args.generate_batch, 1),
                              ("--max-examples", args.max_examples, 0)):
         if value < low:
             raise EvalError(f"{flag} {value}: must be >= {low}")
@@ -494,7 +500,7 @@ def _eval_cli(argv) -> int:
     preds = [] if args.predictions else None
     res = evaluate_files(model_dir, args.data, args.adapter, args.chat_template, args.max_length,
                          args.batch_size, args.max_examples, add_eos=not args.no_eos, predictions=preds,
-                         too_long=args.too_long, generate=not args.no_generate)
+                         too_long=args.too_long, generate=not args.no_generate, generate_batch=args.generate_batch)
     print(json.dumps(res, indent=2))
     if args.json:
         write_atomic(args.json, json.dumps(res, indent=2))

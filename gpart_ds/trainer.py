@@ -267,7 +267,8 @@ class Trainer:
                 with zero3.gathered(root.parameters(recurse=False)):
                     return root.generate(**kw)
 
-            answers = dict(generate=generate, eos=generation.stop_ids(root.lm, self.tokenizer))
+            answers = dict(generate=generate, eos=generation.stop_ids(root.lm, self.tokenizer),
+                           generate_batch=t.eval_generate_batch)
         self.engine.eval()
         try:
             res = self.evaluator.run(self.engine, t.eval_micro_batch_size or t.micro_batch_size,

@@ -79,6 +79,9 @@ def test_bad_override_is_reported_as_command_line(good):
     ("train.adam_eps=0", "train.adam_eps"),
     ("train.micro_batch_size=0", "train.micro_batch_size"),
     ("train.schedule=step", "train.schedule"),
+    ("train.objective=choice", "train.objective"),
+    ("train.eval_generate=sometimes", "train.eval_generate"),
+    ("train.eval_generate_batch=0", "train.eval_generate_batch"),
     ("model.precision=fp16", "model.precision"),
     ("method.target_modules=[]", "method.target_modules"),
 ])
