@@ -66,7 +66,7 @@ from omegaconf import OmegaConf
 from gpart_ds.config import ConfigError, load_config, resolve_config_path, resolved_lr
 from gpart_ds.errors import RunFailed
 
-METRICS = ("accuracy", "exact_match")
+METRICS = ("accuracy", "answer_accuracy", "exact_match")
 PHASES = ("sweep", "final", "all")
 # train.* keys left out of a run's identity (_key): they add reports, not change the run.
 EVAL_ONLY_KEYS = ("eval_generate", "eval_generate_batch")
@@ -218,6 +218,8 @@ def run_overrides(study: dict, task: dict, entry: dict, lr: float, seed: int, st
            "train.eval_predictions=true", "train.log_every=1", "checkpoint.keep_last=1"]
     if study.get("curve_records"):   # the evaluations during training score only these
         out.append(f"train.eval_examples_during={study['curve_records']}")
+    if task.get("metric") == "answer_accuracy":   # the curves are of generated answers too
+        out.append("train.eval_generate=always")
     out += method_overrides(entry)
     out.append(f"train.lr={lr:.6g}")
     return list(task.get("overrides", [])) + out + list(extra)

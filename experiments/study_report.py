@@ -27,6 +27,8 @@ from .bench.compare import machine, machine_name
 # Parity tolerance when the reference's own seed spread is smaller: 2 points of accuracy,
 # 10% (relative) of the reference's exact match (issue 13's targets).
 ACCURACY_POINTS = 0.02
+# Metrics judged in accuracy points (the rest, exact match, relative to the reference).
+ACCURACIES = ("accuracy", "answer_accuracy")
 EXACT_MATCH_RELATIVE = 0.10
 PARITY_PARAM_RATIO = 10   # parity counts for a method with at most the reference's trainable parameters / 10
 
@@ -42,7 +44,8 @@ def verdict_file(out: Path, step: int, last: int) -> Path | None:
 
 
 def verdicts(out: Path, step: int, metric: str, last: int | None = None) -> dict[int, bool] | None:
-    """Eval record index -> correct at `step` (choice accuracy, or exact match)."""
+    """Eval record index -> correct at `step` (choice accuracy, the generated answer, or exact
+    match). Curves of answer_accuracy need train.eval_generate=always."""
     f = verdict_file(out, step, step if last is None else last)
     if f is None:
         return None
@@ -50,6 +53,8 @@ def verdicts(out: Path, step: int, metric: str, last: int | None = None) -> dict
             if r.get("index") is not None]
     if metric == "accuracy":
         return {r["index"]: r["predicted"] == r["answer"] for r in rows if "predicted" in r}
+    if metric == "answer_accuracy":
+        return {r["index"]: bool(r["answer_correct"]) for r in rows if "answer_correct" in r}
     return {r["index"]: bool(r["match"]) for r in rows if "match" in r}
 
 
@@ -166,7 +171,7 @@ def parity(metric: str, ref: dict, row: dict) -> dict:
     """A method at parity with the reference: its mean within the reference's seed spread,
     or within the fixed tolerance (2 accuracy points; 10% relative exact match),
     whichever is larger."""
-    tol = ACCURACY_POINTS if metric == "accuracy" else EXACT_MATCH_RELATIVE * ref["test_mean"]
+    tol = ACCURACY_POINTS if metric in ACCURACIES else EXACT_MATCH_RELATIVE * ref["test_mean"]
     tol = max(tol, ref["test_sd"] or 0.0)
     gap = ref["test_mean"] - row["test_mean"]
     return {"gap": gap, "tolerance": tol, "holds": gap <= tol}
@@ -676,7 +681,7 @@ def build_probe(plan, entries: list[dict], command: str) -> dict:
         if r is None:
             continue
         final = r["curve"][-1]["test"]
-        tol = ACCURACY_POINTS if metric == "accuracy" else EXACT_MATCH_RELATIVE * max(final, 1e-9)
+        tol = ACCURACY_POINTS if metric in ACCURACIES else EXACT_MATCH_RELATIVE * max(final, 1e-9)
         r["flat_step"] = flat_step(r["curve"], "curve", tol)
         r["flat_tolerance"] = tol
         runs.append(r)

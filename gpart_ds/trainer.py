@@ -259,12 +259,15 @@ class Trainer:
         answers = {}
         if t.eval_generate == "always" or (t.eval_generate == "final" and not during):
             root = self.model.root
+            # ZeRO-3's hooks gather a module's own parameters as it runs. Not these, read by
+            # code that never calls their module: the root's own (GPart's theta, read by
+            # prepare()) and parameter containers (VeRA's lambda ParameterDicts). Both small.
+            unhooked = list(root.parameters(recurse=False)) + [
+                p for m in root.modules() if isinstance(m, (torch.nn.ParameterDict, torch.nn.ParameterList))
+                for p in m.parameters(recurse=False)]
 
-            def generate(**kw):
-                # The layers' weights are gathered by ZeRO-3's hooks as each module runs; the
-                # root's own parameters (GPart's theta, read by prepare() before any module
-                # runs) are gathered here. Collective: every rank generates as often.
-                with zero3.gathered(root.parameters(recurse=False)):
+            def generate(**kw):   # collective: every rank generates as often
+                with zero3.gathered(unhooked):
                     return root.generate(**kw)
 
             answers = dict(generate=generate, eos=generation.stop_ids(root.lm, self.tokenizer),

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The locked environment: exact versions and hashes of everything gpart_ds installs.
 
-    python launch/lock.py refresh        re-resolve both locks from pyproject.toml (network: PyPI)
+    python launch/lock.py refresh [--upgrade]   re-resolve the locks from pyproject.toml (network: PyPI)
     python launch/lock.py check          offline: the locks satisfy pyproject's ranges and agree
     python launch/lock.py verify PYTHON  the venv of PYTHON holds exactly the lock (setup_env.sh)
 
@@ -175,12 +175,14 @@ def _uv(tmp: Path) -> str:
     return str(env / "bin" / "uv")
 
 
-def refresh() -> None:
-    """Resolve cpu.txt, then cuda.txt at cpu.txt's versions, then assets.txt (uses PyPI)."""
+def refresh(upgrade: bool = False) -> None:
+    """Resolve cpu.txt, then cuda.txt at cpu.txt's versions, then assets.txt (uses PyPI).
+    Versions already locked are kept where pyproject still allows them, unless `upgrade`."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         uv = _uv(tmp)
-        common = ["pip", "compile", "--quiet", "--generate-hashes", "--python-version", PYTHON,
+        common = ["pip", "compile", "--quiet", "--generate-hashes", *(["--upgrade"] if upgrade else []),
+                  "--python-version", PYTHON,
                   "--python-platform", PLATFORM, "--custom-compile-command", "python launch/lock.py refresh"]
         extras = [a for e in EXTRAS for a in ("--extra", e)]
         (tmp / "cpu.in").write_text(f"torch=={TORCH}+cpu\n")
@@ -205,13 +207,17 @@ def refresh() -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("refresh", help="re-resolve the locks (needs PyPI)")
+    rf = sub.add_parser("refresh", help="re-resolve the locks (needs PyPI); locked versions pyproject allows are kept")
+    rf.add_argument("--upgrade", action="store_true", help="take the newest versions pyproject allows")
     sub.add_parser("check", help="offline: the locks against pyproject.toml and each other")
     r = sub.add_parser("requirements", help="print a lock's entries for pip --require-hashes")
     r.add_argument("--stack", choices=("cpu", "cuda", "assets"), required=True)
     r.add_argument("--skip", default="", help="comma-separated packages to leave out")
     r.add_argument("--only", default=None, help="comma-separated packages to keep")
     r.add_argument("--torch-side", choices=("with", "without", "only"), default="with")
+    x = sub.add_parser("extra", help="print what the environment of PYTHON holds beyond the lock")
+    x.add_argument("python")
+    x.add_argument("--stack", choices=("cpu", "cuda"), required=True)
     v = sub.add_parser("verify", help="the environment of PYTHON is exactly the lock")
     v.add_argument("python")
     v.add_argument("--stack", choices=("cpu", "cuda"), required=True)
@@ -219,11 +225,15 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         if args.cmd == "refresh":
-            refresh()
+            refresh(args.upgrade)
             problems = drift()
             print(f"wrote {CPU.relative_to(REPO)}, {CUDA.relative_to(REPO)}, {ASSETS.relative_to(REPO)}")
         elif args.cmd == "check":
             problems = drift()
+        elif args.cmd == "extra":
+            want = expected(args.stack)
+            print(" ".join(sorted(n for n in installed(args.python) if n not in want)))
+            return 0
         elif args.cmd == "requirements":
             skip = {norm(s) for s in args.skip.split(",") if s}
             only = {norm(s) for s in args.only.split(",") if s} if args.only is not None else None

@@ -86,6 +86,13 @@ pipi -r "$req/rest.txt"
 lock --stack assets > "$req/assets.txt"
 pipi -r "$req/assets.txt"
 "$VENV/bin/python" -m pip install -q --no-deps -e . >&2
+# What an earlier lock (or a hand install) left that this lock does not have.
+extra=$("$VENV/bin/python" launch/lock.py extra "$VENV/bin/python" --stack "$STACK")
+case "$TORCH" in cu[0-9]*|keep) extra="" ;; esac   # their torch stack is not the lock's
+if [ -n "$extra" ]; then
+  echo "setup: removing what the lock does not hold: $extra" >&2
+  "$VENV/bin/python" -m pip uninstall -q -y $extra >&2
+fi
 verify_skip=$skip
 case "$TORCH" in cu[0-9]*|keep) verify_skip="$skip${skip:+,}$(lock --stack cuda --torch-side only | sed -n 's/^\([A-Za-z0-9._-]*\)==.*/\1/p' | paste -sd,)" ;; esac
 "$VENV/bin/python" launch/lock.py verify "$VENV/bin/python" --stack "$STACK" --skip "$verify_skip" >&2

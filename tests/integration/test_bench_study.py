@@ -86,7 +86,7 @@ def test_study_quick_sweeps_chooses_on_dev_reruns_seeds_and_reuses_finished_runs
     assert all(t["records"] == 8 and 0 <= t["p_value"] <= 1 for t in rep["paired"])
     assert g["parity"]["reference"] == "lora-r4" and "eligible" in g["parity"] and "parity" not in lo
     md = (out / "study.md").read_text()
-    assert "## tiny (exact match, 2 steps)" in md and "Paired tests" in md and "gpart-d4k" in md
+    assert "## tiny (answer accuracy, 2 steps)" in md and "Paired tests" in md and "gpart-d4k" in md
     for png in ("study_frontier.png", "study_curves.png", "study_lr.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # Rows measured elsewhere (--merge): GPart's report of today beside LoRA's row of an
