@@ -108,7 +108,7 @@ def ask(url: str, model: str, records: list[tuple[str, dict]], questions, max_to
 
 def check(merged: str, data_path: str, base: str | None = None, adapter: str | None = None,
           max_examples: int = 0, chat_template: bool = False, port: int | None = None,
-          batch_size: int = 8, log: Path | None = None, url: str | None = None, model_name: str | None = None) -> dict:
+          batch_size: int = 64, log: Path | None = None, url: str | None = None, model_name: str | None = None) -> dict:
     """Served answers of the merged folder against in-process answers (see the module doc)."""
     import torch
     from transformers import AutoTokenizer
@@ -171,6 +171,7 @@ def _check_cli(argv) -> int:
     ap.add_argument("--model-name", default=None, help="with --url: the model name it serves (default --merged)")
     ap.add_argument("--json", default=None, help="also write the result here")
     ap.add_argument("--predictions", default=None, help="one JSON line per record: served and in-process answers")
+    ap.add_argument("--brief", action="store_true", help="one line instead of the JSON result")
     args = ap.parse_args(argv)
     if (args.base is None) != (args.adapter is None):
         raise ServeError("--base and --adapter go together (the trained model to compare the served one with)")
@@ -190,7 +191,14 @@ def _check_cli(argv) -> int:
     res = check(args.merged, args.data, args.base, args.adapter, args.max_examples, args.chat_template,
                 args.port or None, url=args.url, model_name=args.model_name)
     rows = res.pop("rows")
-    print(json.dumps(res, indent=2))
+    if args.brief:
+        against = f"base + adapter ({args.adapter})" if args.adapter else "the merged folder in process"
+        print(f"served by transformers serve ({args.merged}): generated answer right on "
+              f"{100 * res['served_accuracy']:.1f}% of {res['records']} held-out records; "
+              f"{res['same_answers']}/{res['records']} answers equal to {against}; "
+              f"{res['serve_seconds']:.0f} s to start the server and ask")
+    else:
+        print(json.dumps(res, indent=2))
     if args.json:
         write_atomic(args.json, json.dumps(res, indent=2))
     if args.predictions:

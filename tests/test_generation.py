@@ -103,3 +103,17 @@ def test_generation_can_be_left_out_and_paired_uses_the_answers(tiny_assets, tmp
     r = evaluate.paired(with_answers, flipped)
     assert r["verdict"] == "answer" and r["fixed"] + r["broken"] == 6
     assert evaluate.paired(with_answers, flipped, verdict="match")["p_value"] == 1.0
+
+
+def test_the_summary_table_leads_with_the_generated_answer_and_a_fall_is_named():
+    from gpart_ds.metrics import answer_fell, summary_table
+
+    s = {"eval_loss_before": 5.9, "eval_loss_after": 11.0, "accuracy_before": 0.773, "accuracy_after": 0.82,
+         "exact_match_before": 0.03, "exact_match_after": 0.0, "answer_accuracy_before": 0.217,
+         "answer_accuracy_after": 0.0, "method": "gpart", "trainable_params": 65536, "adapter_bytes": 1024,
+         "world": 2, "steps": 30, "lr": 0.03, "median_step_time_s": 6.8, "wall_s": 276, "peak_rss_gb": 3.1}
+    rows = [line for line in summary_table(s, None).splitlines() if line.startswith("| ") and "%" in line]
+    assert rows[0].startswith("| generated answer") and "21.7%" in rows[0] and "0.0%" in rows[0]
+    assert answer_fell(s) == "the generated answers' accuracy fell from 21.7% to 0.0%"
+    assert answer_fell({**s, "answer_accuracy_after": 0.8}) is None
+    assert answer_fell({**s, "answer_accuracy_before": None}) is None          # resumed from an older run
