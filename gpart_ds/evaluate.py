@@ -33,7 +33,7 @@ from pathlib import Path
 
 from . import data, generation
 from .errors import UserError, run_cli
-from .fileio import folder_problem, write_atomic
+from .fileio import folder_problem, overlap, write_atomic
 from .hub import resolve as resolve_model
 
 
@@ -488,6 +488,10 @@ def _eval_cli(argv) -> int:
                         f"{'' if Path(model_dir).is_dir() else '; no such folder'})")
     if not Path(args.data).is_file():
         raise EvalError(f"--data {args.data}: no such file")
+    landing = overlap({"--json": args.json, "--predictions": args.predictions},
+                      {"--model": model_dir, "--adapter": args.adapter, "--data": args.data})
+    if landing or (args.json and args.json == args.predictions):
+        raise EvalError(landing or f"--json and --predictions are the same file {args.json!r}")
     for flag, out in (("--json", args.json), ("--predictions", args.predictions)):
         # checked before the evaluation: a long run must not end in an error about its output
         if not out:

@@ -27,7 +27,7 @@ import torch
 
 from . import safetensors_io as stio
 from .errors import UserError, run_cli
-from .fileio import folder_problem, named, replace_dir
+from .fileio import folder_problem, named, overlap, replace_dir
 from .hub import resolve as resolve_model
 
 DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
@@ -146,6 +146,9 @@ def merge_offline(base_dir, adapter_dir, out_dir, dtype: str | None = None,
 
     base_dir, out = Path(base_dir), Path(out_dir)
     t0 = time.perf_counter()
+    landing = overlap({"--out": out}, {"--base": base_dir, "--adapter": adapter_dir})
+    if landing:
+        raise ExportError(landing)
     check_output(out, overwrite)
     base = read_base(base_dir)
     src = methods.open_adapter(Path(adapter_dir), base_dir)

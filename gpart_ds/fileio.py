@@ -70,6 +70,37 @@ def folder_problem(path: str | os.PathLike) -> str | None:
     return None
 
 
+def overlap(outputs: dict[str, object], inputs: dict[str, object], homes: dict[str, object] | None = None
+            ) -> str | None:
+    """Why an output would land on an input, or None. The one rule of every command that
+    writes: an output may not equal, contain or lie inside an input (writing would replace
+    or corrupt what the command reads), whatever `overwrite` says. `homes` are folders an
+    output may lie inside but not equal or contain (a run's own folder: its adapter and
+    merged model live in it). Keys name each path where the user gave it (a flag or key)."""
+    def real(p):
+        return Path(os.path.abspath(os.path.expanduser(str(p)))).resolve()
+
+    for out_name, out in outputs.items():
+        if out is None:
+            continue
+        o = real(out)
+        for in_name, inp in inputs.items():
+            if inp is None:
+                continue
+            i = real(inp)
+            if o == i:
+                return f"{out_name} {str(out)!r} is {in_name} {str(inp)!r}: writing it would replace what is read"
+            if i.is_relative_to(o):
+                return f"{out_name} {str(out)!r} contains {in_name} {str(inp)!r}: writing it would replace what is read"
+            if o.is_relative_to(i):
+                return f"{out_name} {str(out)!r} lies inside {in_name} {str(inp)!r}: writing there changes what is read"
+        for home_name, home in (homes or {}).items():
+            if home is not None and (o == real(home) or real(home).is_relative_to(o)):
+                return (f"{out_name} {str(out)!r} {'is' if o == real(home) else 'contains'} {home_name} "
+                        f"{str(home)!r}: writing it would replace the run's other results")
+    return None
+
+
 def replace_dir(tmp: Path, final: Path) -> None:
     """Move a finished folder into place; an old one is kept until the new one is in."""
     old = None

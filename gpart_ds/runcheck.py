@@ -36,7 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import checkpoint
 from .config import ConfigError, auto_lr_caveat, export_dir, resolved_lr, where_for
-from .fileio import folder_problem
+from .fileio import folder_problem, overlap
 from .targets import Layout
 
 log = logging.getLogger("gpart_ds")
@@ -154,10 +154,29 @@ def _resume_target(cfg: DictConfig, where) -> tuple[checkpoint.Summary | None, l
         raise checkpoint.CheckpointError(f"{where('train.resume')}: cannot resume from it: {exc}") from None
 
 
+def _check_no_overlap(cfg: DictConfig, where) -> None:
+    """fileio.overlap's rule for a run: no output folder on the model or data it reads, the
+    export and checkpoint folders inside the run's folder but never equal to (or holding)
+    it, and an export never on the checkpoint it is made from."""
+    inputs = {"model.path": cfg.model.path, "data.train": cfg.data.train, "data.eval": cfg.data.eval}
+    outs = {"output_dir": cfg.output_dir, "checkpoint.dir": checkpoint_root(cfg)}
+    problem = overlap(outs, inputs)
+    if not problem and cfg.checkpoint.dir:
+        problem = overlap({"checkpoint.dir": cfg.checkpoint.dir}, {}, {"output_dir": cfg.output_dir})
+    if not problem and cfg.export.merged:
+        resume = cfg.train.resume if cfg.train.resume not in (None, "auto") else None
+        problem = overlap({"export.dir": export_dir(cfg)}, {**inputs, "train.resume": resume},
+                          {"output_dir": cfg.output_dir, "checkpoint.dir": checkpoint_root(cfg)})
+    if problem:
+        key = problem.split(" ", 1)[0]
+        raise ConfigError(f"{where(key)}: {problem}; choose another folder")
+
+
 def resolve_outputs(cfg: DictConfig, *, export_only: bool = False) -> Outputs:
     """The output folder guard and the resume target (module doc); raises a UserError."""
     where = where_for(cfg)
     out, root = Path(cfg.output_dir), checkpoint_root(cfg)
+    _check_no_overlap(cfg, where)
     _check_folder(out, "output_dir", where)
     _check_folder(root, "checkpoint.dir" if cfg.checkpoint.dir else "output_dir", where)
     if cfg.export.merged:

@@ -28,7 +28,7 @@ import urllib.request
 from pathlib import Path
 
 from .errors import UserError, run_cli
-from .fileio import folder_problem, write_atomic
+from .fileio import folder_problem, overlap, write_atomic
 
 
 class ServeError(UserError):
@@ -182,6 +182,10 @@ def _check_cli(argv) -> int:
         raise ServeError(f"--data {args.data}: no such file")
     if args.max_examples < 0 or not 0 <= args.port < 65536:
         raise ServeError("--max-examples must be >= 0 and --port in [0, 65535]")
+    landing = overlap({"--json": args.json, "--predictions": args.predictions},
+                      {"--merged": args.merged, "--base": args.base, "--adapter": args.adapter, "--data": args.data})
+    if landing or (args.json and args.json == args.predictions):
+        raise ServeError(landing or f"--json and --predictions are the same file {args.json!r}")
     for flag, out in (("--json", args.json), ("--predictions", args.predictions)):
         if out:
             parent = Path(out).parent
