@@ -127,6 +127,23 @@ def earlier_results(cfg: DictConfig) -> list[Path]:
     return found
 
 
+def finished_results(cfg: DictConfig) -> list[str]:
+    """What says output_dir holds a run that finished (its adapter, final verdicts, merged
+    model, or a summary in metrics.jsonl), as names; a start that never got that far (a job
+    preempted while loading, then requeued) leaves none of these."""
+    out = Path(cfg.output_dir)
+    found = [name for name in ("adapter", "eval_predictions.jsonl") if (out / name).exists()]
+    if export_dir(cfg).exists():
+        found.append(str(export_dir(cfg)))
+    metrics = out / "metrics.jsonl"
+    try:
+        if metrics.is_file() and '"event": "summary"' in metrics.read_text(errors="replace"):
+            found.append("metrics.jsonl with a summary")
+    except OSError:
+        pass
+    return found
+
+
 def _resume_target(cfg: DictConfig, where) -> tuple[checkpoint.Summary | None, list[str]]:
     want = cfg.train.resume
     root = checkpoint_root(cfg)
@@ -214,6 +231,12 @@ def resolve_outputs(cfg: DictConfig, *, export_only: bool = False) -> Outputs:
         if export_only:
             raise checkpoint.CheckpointError(f"{where('train.resume')}: no complete checkpoint in {root} "
                                              "to export")
+        finished = finished_results(cfg)
+        if finished:   # resume=auto starts fresh only where no finished run would be replaced
+            raise ConfigError(
+                f"{where('train.resume')}: train.resume=auto found no checkpoint in {str(root)!r}, but "
+                f"{str(out)!r} holds a finished run ({', '.join(finished)}); starting over would replace it. "
+                "Is checkpoint.dir right? Otherwise choose another output_dir, or move the results away")
         return plan
     checkpoint.check_drift(plan.resume.run_config, cfg, where)
     step, max_steps = plan.resume.step, cfg.train.max_steps

@@ -104,3 +104,19 @@ def test_evaluate_never_writes_its_results_onto_its_inputs(tmp_path, tiny_assets
     assert rc == 2 and "the same file" in capsys.readouterr().err
     assert data.read_bytes() == before and not (tmp_path / "r.json").exists()
     assert json.loads(before.splitlines()[0])        # still the records
+
+
+def test_resume_auto_without_a_checkpoint_never_starts_over_a_finished_run(tmp_path):
+    run = tmp_path / "run"
+    cfg = lambda: load_config("configs/tiny.yaml", [f"output_dir={run}", "train.resume=auto"])  # noqa: E731
+    resolve_outputs(cfg())                                   # a new folder: a fresh start
+    run.mkdir()
+    (run / "run_config.yaml").write_text("x: 1\n")          # a start preempted before its first checkpoint
+    (run / "metrics.jsonl").write_text(json.dumps({"event": "start"}) + "\n")
+    assert resolve_outputs(cfg()).resume is None             # requeued: starts again
+    (run / "adapter").mkdir()
+    with open(run / "metrics.jsonl", "a") as fh:
+        fh.write(json.dumps({"event": "summary"}) + "\n")
+    with pytest.raises(ConfigError, match=r"found no checkpoint in .* holds a finished run \(adapter, metrics.jsonl "
+                                          r"with a summary\); starting over would replace it"):
+        resolve_outputs(cfg())
