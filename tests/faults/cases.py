@@ -34,8 +34,10 @@ DISK = r"(?i)no space left|disk( is)? full|file too large|quota"
 NONFINITE = r"(?i)non-finite|\bnan\b|\binf\b"
 
 # What a successful resume of the copied run may change: its checkpoints (keep_last
-# deletes older ones), adapter and resolved config; metrics.jsonl only grows.
-RESUME_MAY = ("run/checkpoints/*", "run/adapter/*", "run/run_config.yaml")
+# deletes older ones), adapter, resolved config and final verdicts (a resume that trains on
+# writes its own: they read the same only while the tiny model's exact match was 0 on every
+# record; its generated answers differ); metrics.jsonl only grows.
+RESUME_MAY = ("run/checkpoints/*", "run/adapter/*", "run/run_config.yaml", "run/eval_predictions.jsonl")
 APPEND = ("run/metrics.jsonl",)
 
 
@@ -1122,7 +1124,8 @@ def _(ws, fx):
     fs = _small(ws, fx, "tmpfs", copy=[(run_wo_ckpt, "run")], free=12_000)
     cfg = fx.write_config(ws, {"output_dir": str(ws / "small" / "run"), "train": {"max_steps": 6, "resume": "auto"},
                                "checkpoint": {"every_steps": 2, "dir": str(ws / "ckpts")}})
-    c = Call("train", ["--config", cfg], fs=fs, may_change=("small/run/run_config.yaml", "ckpts/*"),
+    c = Call("train", ["--config", cfg], fs=fs,
+             may_change=("small/run/run_config.yaml", "ckpts/*", "small/run/eval_predictions.jsonl"),
              append_only=("small/run/metrics.jsonl",))
     c.checks = (_finite_theta("small/run/adapter"),)
     return c

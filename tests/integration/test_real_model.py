@@ -41,7 +41,6 @@ def test_gpart_under_zero3_lowers_held_out_loss_on_the_real_model(real_assets, t
     out = tmp_path / "run"
     run_ranks(2, "launch/train.py", "--config", "configs/smollm2_rt.yaml", f"output_dir={out}",
                   "train.max_steps=4", "train.micro_batch_size=2", "train.eval_examples=16",
-                  "train.objective=lm",   # the held-out loss is the next-token loss this trains
                   "train.eval_micro_batch_size=8", "train.warmup_ratio=0", f"data.cache_dir={tmp_path / 'tok'}",
                   "export.merged=true", timeout=1200)
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -52,9 +51,10 @@ def test_gpart_under_zero3_lowers_held_out_loss_on_the_real_model(real_assets, t
 
     # The saved adapter, applied to the plain model in one process, evaluates the same.
     res = evaluate_files(str(real_assets[0]), real_assets[1] / "eval.jsonl", adapter=str(out / "adapter"),
-                         max_length=128, batch_size=8, max_examples=16, add_eos=False)
+                         max_length=128, batch_size=8, max_examples=16)
     assert res["eval_loss"] == pytest.approx(s["eval_loss_after"], rel=1e-4)
     assert res["accuracy"] == pytest.approx(s["accuracy_after"])
+    assert res["answer_accuracy"] == pytest.approx(s["answer_accuracy_after"])   # the generated answers too
 
     # The merged folder written shard by shard by the 2 ranks is the trained model for
     # plain transformers, and byte-identical to the offline streaming merge.
@@ -62,7 +62,7 @@ def test_gpart_under_zero3_lowers_held_out_loss_on_the_real_model(real_assets, t
     check = export.verify(merged, real_assets[0], out / "adapter")
     assert check["ok"], check
     served = evaluate_files(str(merged), real_assets[1] / "eval.jsonl", max_length=128, batch_size=8,
-                            max_examples=16, add_eos=False)
+                            max_examples=16)
     assert served["eval_loss"] == pytest.approx(s["eval_loss_after"], rel=1e-4)
     export.merge_offline(real_assets[0], out / "adapter", tmp_path / "offline")
     assert (merged / "model.safetensors").read_bytes() == (tmp_path / "offline" / "model.safetensors").read_bytes()
