@@ -172,6 +172,10 @@ def _check_cli(argv) -> int:
     ap.add_argument("--json", default=None, help="also write the result here")
     ap.add_argument("--predictions", default=None, help="one JSON line per record: served and in-process answers")
     ap.add_argument("--brief", action="store_true", help="one line instead of the JSON result")
+    ap.add_argument("--max-differ", type=int, default=0,
+                    help="answers that may differ before the exit status says so (default 0). The server "
+                         "decodes each prompt alone, this process in left-padded batches: at a near-tie "
+                         "between two tokens the last bits of fp32 can pick the other one")
     args = ap.parse_args(argv)
     if (args.base is None) != (args.adapter is None):
         raise ServeError("--base and --adapter go together (the trained model to compare the served one with)")
@@ -180,8 +184,8 @@ def _check_cli(argv) -> int:
             raise ServeError(f"{flag} {path}: no Hugging Face model there (no config.json)")
     if not Path(args.data).is_file():
         raise ServeError(f"--data {args.data}: no such file")
-    if args.max_examples < 0 or not 0 <= args.port < 65536:
-        raise ServeError("--max-examples must be >= 0 and --port in [0, 65535]")
+    if args.max_examples < 0 or args.max_differ < 0 or not 0 <= args.port < 65536:
+        raise ServeError("--max-examples and --max-differ must be >= 0, --port in [0, 65535]")
     landing = overlap({"--json": args.json, "--predictions": args.predictions},
                       {"--merged": args.merged, "--base": args.base, "--adapter": args.adapter, "--data": args.data})
     if landing or (args.json and args.json == args.predictions):
@@ -207,10 +211,14 @@ def _check_cli(argv) -> int:
         write_atomic(args.json, json.dumps(res, indent=2))
     if args.predictions:
         write_atomic(args.predictions, "".join(json.dumps(r) + "\n" for r in rows))
-    if res["same_answers"] != res["records"]:
-        print(f"DIFFER: {res['records'] - res['same_answers']} of {res['records']} served answers are not the "
-              "in-process ones", file=sys.stderr)
+    differ = res["records"] - res["same_answers"]
+    if differ > args.max_differ:
+        print(f"DIFFER: {differ} of {res['records']} served answers are not the in-process ones", file=sys.stderr)
         return 1
+    if differ:
+        print(f"OK within --max-differ {args.max_differ}: {differ} of {res['records']} served answers are not the "
+              f"in-process ones (near-ties); served accuracy {100 * res['served_accuracy']:.1f}%", file=sys.stderr)
+        return 0
     print(f"OK: all {res['records']} served answers equal the in-process ones; served accuracy "
           f"{100 * res['served_accuracy']:.1f}%", file=sys.stderr)
     return 0
