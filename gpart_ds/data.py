@@ -397,6 +397,19 @@ def _build_cache(final: Path, path, tokenizer, fmt, max_length, packing, chat_te
 
 
 # ------------------------------------------------------------------ batching
+def left_padded(seqs: list[list[int]], pad_id: int, device) -> dict[str, torch.Tensor]:
+    """Token sequences padded on the left (the last tokens line up, as scoring and
+    generation need), with their attention mask and position ids."""
+    n = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, n - len(s):] = torch.tensor(s)
+        mask[i, n - len(s):] = 1
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": pos.to(device)}
+
+
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example; padding is masked and carries no loss.
 

@@ -59,22 +59,11 @@ def choice_items(records, tokenizer, chat_template: bool) -> list[ChoiceItem]:
     return items
 
 
-def _left_padded(seqs: list[list[int]], pad_id: int, device):
-    n = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), n), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, n - len(s):] = torch.tensor(s)
-        mask[i, n - len(s):] = 1
-    pos = (mask.cumsum(1) - 1).clamp(min=0)
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": pos.to(device)}
-
-
 @torch.no_grad()
 def score_sequences(forward, prompts: list[list[int]], conts: list[list[int]], pad_id: int, device) -> list[float]:
     """Summed log p(cont | prompt) for each pair, computing logits for the tail only."""
     keep = max(len(c) for c in conts)
-    batch = _left_padded([p + c for p, c in zip(prompts, conts)], pad_id, device)
+    batch = data.left_padded([p + c for p, c in zip(prompts, conts)], pad_id, device)
     logits = forward(**batch, logits_to_keep=keep + 1)[:, -(keep + 1):-1].float()
     logp = torch.log_softmax(logits, dim=-1)
     out = []
@@ -86,7 +75,7 @@ def score_sequences(forward, prompts: list[list[int]], conts: list[list[int]], p
 
 def _next_token_logp(forward, items: list[ChoiceItem], pad_id: int, device):
     """(full-vocabulary log p of the token after each prompt, single-token choice scores)."""
-    batch = _left_padded([it.prompt for it in items], pad_id, device)
+    batch = data.left_padded([it.prompt for it in items], pad_id, device)
     logp = torch.log_softmax(forward(**batch, logits_to_keep=1)[:, -1].float(), dim=-1)
     return logp, [[float(logp[i, c[0]]) for c in it.choices] for i, it in enumerate(items)]
 

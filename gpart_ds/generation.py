@@ -117,13 +117,9 @@ def greedy(generate, prompts: list[list[int]], pad_id: int, eos: list[int], new_
     """The greedy continuation of each prompt (left-padded batch, KV cache), cut after the
     first end-of-sequence token. `generate` is a model's generate; `synced` keeps every
     rank stepping until all are done (ZeRO-3 gathers weights collectively)."""
-    n = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), n), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), n), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, n - len(p):] = torch.tensor(p)
-        mask[i, n - len(p):] = 1
-    out = generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=new_tokens,
+    batch = data.left_padded(prompts, pad_id, device)   # generate derives positions from the mask
+    n = batch["input_ids"].shape[1]
+    out = generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=new_tokens,
                    do_sample=False, num_beams=1, eos_token_id=eos, pad_token_id=pad_id, synced_gpus=synced,
                    temperature=None, top_p=None, top_k=None)
     res = []

@@ -176,17 +176,16 @@ def _check_no_overlap(cfg: DictConfig, where) -> None:
     export and checkpoint folders inside the run's folder but never equal to (or holding)
     it, and an export never on the checkpoint it is made from."""
     inputs = {"model.path": cfg.model.path, "data.train": cfg.data.train, "data.eval": cfg.data.eval}
-    outs = {"output_dir": cfg.output_dir, "checkpoint.dir": checkpoint_root(cfg)}
-    problem = overlap(outs, inputs)
-    if not problem and cfg.checkpoint.dir:
-        problem = overlap({"checkpoint.dir": cfg.checkpoint.dir}, {}, {"output_dir": cfg.output_dir})
-    if not problem and cfg.export.merged:
-        resume = cfg.train.resume if cfg.train.resume not in (None, "auto") else None
-        problem = overlap({"export.dir": export_dir(cfg)}, {**inputs, "train.resume": resume},
-                          {"output_dir": cfg.output_dir, "checkpoint.dir": checkpoint_root(cfg)})
-    if problem:
-        key = problem.split(" ", 1)[0]
-        raise ConfigError(f"{where(key)}: {problem}; choose another folder")
+    resume = cfg.train.resume if cfg.train.resume not in (None, "auto") else None
+    checks = [("output_dir", cfg.output_dir, inputs, {}),
+              ("checkpoint.dir", checkpoint_root(cfg), inputs, {"output_dir": cfg.output_dir})]
+    if cfg.export.merged:
+        checks.append(("export.dir", export_dir(cfg), {**inputs, "train.resume": resume},
+                       {"output_dir": cfg.output_dir, "checkpoint.dir": checkpoint_root(cfg)}))
+    for key, path, reads, homes in checks:
+        problem = overlap({key: path}, reads, homes)
+        if problem:
+            raise ConfigError(f"{where(key)}: {problem}; choose another folder")
 
 
 def resolve_outputs(cfg: DictConfig, *, export_only: bool = False) -> Outputs:
