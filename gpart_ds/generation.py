@@ -8,7 +8,9 @@ server at temperature 0 would, and judges each answer by the kind of its record:
     choice   the record has "choices": the choice named first in the answer (as a whole
              word, case and spacing ignored) must be the gold one
     number   the reference is a number: the first number in the answer must equal it
-    text     otherwise: the answer equals the reference after normalising case and spacing
+    text     otherwise: the answer equals the reference, or one of the record's "answers"
+             (other accepted answers, e.g. every annotator's span), after SQuAD's
+             normalisation (case, punctuation, the articles a/an/the, spacing)
 
 Prompts are rendered as training renders them (data.prompt_ids; chat records through the
 tokenizer's chat template with the generation prompt), so the answer is the one a
@@ -29,6 +31,8 @@ KINDS = ("choice", "number", "text")
 # beyond the longest reference let the judge see it, and bound the cost.
 EXTRA_TOKENS = 8
 _NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
+_PUNCT = re.compile(r"[^\w\s]")
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
 
 
 @dataclass
@@ -39,10 +43,17 @@ class Question:
     reference: str
     choices: list[str] | None
     kind: str
+    answers: tuple[str, ...] = ()   # accepted besides the reference (text records)
 
 
 def normalise(text: str) -> str:
     return " ".join(text.lower().split())
+
+
+def normalise_text(text: str) -> str:
+    """SQuAD's answer normalisation: a free-form answer is right whatever its case,
+    punctuation, articles and spacing ("The Eiffel Tower." == "eiffel tower")."""
+    return " ".join(_ARTICLES.sub(" ", _PUNCT.sub(" ", text.lower())).split())
 
 
 def _number(text: str):
@@ -52,10 +63,21 @@ def _number(text: str):
         return None
 
 
-def kind_of(reference: str, choices) -> str:
+def kind_of(reference: str, choices, answers=()) -> str:
     if choices:
         return "choice"
+    if answers:   # several accepted spans ("July 1899", "1899"): judged as text against each
+        return "text"
     return "number" if _number(reference) is not None else "text"
+
+
+def _answers(rec: dict, where: str) -> tuple[str, ...]:
+    alts = rec.get("answers")
+    if alts is None:
+        return ()
+    if not (isinstance(alts, list) and alts and all(isinstance(a, str) for a in alts)):
+        raise data.DataError(f"{where}: 'answers' must be a non-empty list of strings (the accepted answers)")
+    return tuple(alts)
 
 
 def questions(records: list[tuple[str, dict]], tokenizer, chat_template: bool) -> list[Question]:
@@ -75,7 +97,8 @@ def questions(records: list[tuple[str, dict]], tokenizer, chat_template: bool) -
             ref, choices = rec["completion"], rec.get("choices")
         else:
             continue
-        out.append(Question(where, i, prompt, ref, choices, kind_of(ref, choices)))
+        alts = _answers(rec, where)
+        out.append(Question(where, i, prompt, ref, choices, kind_of(ref, choices, alts), alts))
     return out
 
 
@@ -94,11 +117,13 @@ def judge(answer: str, q: Question) -> tuple[object, bool]:
         m = _NUMBER.search(answer.replace(",", ""))
         got = float(m.group()) if m else None
         return (m.group() if m else None), got is not None and got == _number(q.reference)
-    return normalise(answer), normalise(answer) == normalise(q.reference)
+    said = normalise_text(answer)
+    return said, any(said == normalise_text(a) for a in (q.reference, *q.answers))
 
 
 def max_new_tokens(qs: list[Question], tokenizer) -> int:
-    longest = max((len(tokenizer(q.reference, add_special_tokens=False)["input_ids"]) for q in qs), default=1)
+    longest = max((len(tokenizer(a, add_special_tokens=False)["input_ids"]) for q in qs for a in (q.reference, *q.answers)),
+                  default=1)
     return longest + 1 + EXTRA_TOKENS
 
 

@@ -197,12 +197,14 @@ def summary_table(s: dict, adapter_dir: Path | None) -> str:
             ("choice accuracy (label words ranked)", pct(s["accuracy_before"]), pct(s["accuracy_after"])),
             ("exact match (teacher-forced)", pct(s.get("exact_match_before")), pct(s.get("exact_match_after"))),
             ("eval loss (completion tokens)", f"{s['eval_loss_before']:.4f}", f"{s['eval_loss_after']:.4f}")]
+    # A run that trained no step this time (resumed at max_steps, --export-only) has no step time.
+    step = f"{s['median_step_time_s']:.2f} s" if s.get("median_step_time_s") else "- (no step this run)"
     lines = ["", "| metric | before | after |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows if (b, c) != ("-", "-")]
     adapter = (f"adapter on disk: {s['adapter_bytes'] / 1024:.1f} KiB ({adapter_dir})" if adapter_dir
                else "no adapter (full fine-tuning: export.merged writes the model)")
     lines += ["", f"method: {s['method']}   trainable parameters: {s['trainable_params']:,}   {adapter}",
-              f"ranks: {s['world']}   steps: {s['steps']}   lr: {s['lr']:.3g}   median step: "
-              f"{s['median_step_time_s']:.2f} s   wall time (eval + train): {s['wall_s'] / 60:.1f} min   "
+              f"ranks: {s['world']}   steps: {s['steps']}   lr: {s['lr']:.3g}   median step: {step}   "
+              f"wall time (eval + train): {s['wall_s'] / 60:.1f} min   "
               f"peak memory per rank: {s.get('peak_gpu_gb', s['peak_rss_gb']):.2f} GB", ""]
     return "\n".join(lines)

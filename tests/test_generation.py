@@ -117,3 +117,33 @@ def test_the_summary_table_leads_with_the_generated_answer_and_a_fall_is_named()
     assert answer_fell(s) == "the generated answers' accuracy fell from 21.7% to 0.0%"
     assert answer_fell({**s, "answer_accuracy_after": 0.8}) is None
     assert answer_fell({**s, "answer_accuracy_before": None}) is None          # resumed from an older run
+
+
+def test_the_summary_says_so_when_no_step_was_timed_instead_of_a_zero_step_time():
+    from gpart_ds.metrics import summary_table
+
+    s = {"eval_loss_before": 5.9, "eval_loss_after": 5.0, "accuracy_before": 0.7, "accuracy_after": 0.8,
+         "method": "gpart", "trainable_params": 8, "adapter_bytes": 1024, "world": 1, "steps": 30, "lr": 0.03,
+         "median_step_time_s": 0.0, "wall_s": 60, "peak_rss_gb": 3.1}
+    assert "median step: - (no step this run)" in summary_table(s, None)
+    assert "median step: 6.80 s" in summary_table({**s, "median_step_time_s": 6.8}, None)
+
+
+@pytest.mark.parametrize("answer, ok", [(" The Eiffel Tower.", True), ("eiffel  tower", True), (" July 1899", True),
+                                         (" 1899", True), (" Tower", False), (" the Eiffel Tower in Paris", False)])
+def test_a_free_form_answer_is_right_when_it_is_any_accepted_span_after_squad_normalisation(answer, ok):
+    q = generation.Question("f:1", 0, [1], " Eiffel Tower", None, "text", (" Eiffel Tower", " July 1899", " 1899"))
+    assert generation.judge(answer, q)[1] is ok
+
+
+def test_records_with_accepted_answers_are_text_and_a_bad_answers_field_names_the_record(tiny_assets):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_assets / "model")
+    rec = {"prompt": "When?\nAnswer:", "completion": " 1899", "answers": [" 1899", " July 1899"]}
+    (q,) = generation.questions([("f:3", rec)], tok, chat_template=False)
+    assert q.kind == "text" and q.answers == (" 1899", " July 1899")   # not "number": "July 1899" is right too
+    assert generation.max_new_tokens([q], tok) == len(tok(" July 1899", add_special_tokens=False)["input_ids"]) \
+        + 1 + generation.EXTRA_TOKENS
+    with pytest.raises(data.DataError, match="f:4: 'answers' must be"):
+        generation.questions([("f:4", {**rec, "answers": " 1899"})], tok, chat_template=False)

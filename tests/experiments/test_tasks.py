@@ -101,3 +101,41 @@ def test_arithmetic_is_generated_deterministic_correct_and_graded(tmp_path):
     assert 4000 < n <= 4300                       # BIG-bench's sizes, repeats kept once
     assert any(r["completion"].startswith(" -") for _, r in records)   # results may be negative
     assert tasks.arithmetic_rows(seed=1) != tasks.arithmetic_rows()    # the seed is what fixes it
+
+
+def test_jeopardy_topic_is_deterministic_several_classes_and_hides_the_category(tmp_path):
+    tasks.build_jeopardy_topic(tmp_path / "a")
+    tasks.build_jeopardy_topic(tmp_path / "b")
+    assert _lines(tmp_path / "a" / "eval.jsonl") == _lines(tmp_path / "b" / "eval.jsonl")
+    train, evals = _lines(tmp_path / "a" / "train.jsonl"), _lines(tmp_path / "a" / "eval.jsonl")
+    prompts = lambda lines: {json.loads(x)["prompt"] for x in lines}  # noqa: E731
+    assert len(evals) == 500 and len(train) + len(evals) == 2108 and not prompts(train) & prompts(evals)
+    records, fmt = data.load(tmp_path / "a" / "eval.jsonl")
+    assert fmt == "prompt_completion"
+    topics = [r["completion"] for _, r in records]
+    assert set(topics) == set(tasks.JEOPARDY_TOPICS.values())
+    assert max(topics.count(t) for t in set(topics)) < 0.3 * len(topics)     # no topic dominates
+    for _, r in records:
+        assert r["choices"] == list(tasks.JEOPARDY_TOPICS.values())
+        assert r["prompt"].startswith("Clue: ") and r["prompt"].endswith("\nTopic:")
+        assert "Category" not in r["prompt"]                               # the label is not given away
+    with pytest.raises(ValueError, match="unexpected Jeopardy record 7"):
+        tasks.jeopardy_record({"index": 7, "category": "sports", "query": "Category: X\nQuestion: Y\nAnswer:"})
+
+
+def test_squad_answers_are_free_form_spans_with_every_accepted_variant(tmp_path):
+    from gpart_ds import generation
+
+    tasks.build_squad(tmp_path / "a")
+    train, evals = _lines(tmp_path / "a" / "train.jsonl"), _lines(tmp_path / "a" / "eval.jsonl")
+    assert len(evals) == 500 and 900 < len(train) + len(evals) <= 1000
+    records, fmt = data.load(tmp_path / "a" / "eval.jsonl")
+    assert fmt == "prompt_completion"
+    for _, r in records:
+        assert r["completion"] == r["answers"][0] and r["completion"].startswith(" ")
+        assert len(r["prompt"]) <= tasks.SQUAD_MAX_CHARS and r["prompt"].endswith("\nAnswer:")
+        # the answer is a span of the background (what makes it reading comprehension)
+        assert any(a.strip() in r["prompt"] for a in r["answers"])
+    assert sum(len(r["answers"]) > 1 for _, r in records) > 100              # variants are kept
+    q = generation.Question("f", 0, [1], records[0][1]["completion"], None, "text", tuple(records[0][1]["answers"]))
+    assert all(generation.judge(a + ".", q)[1] for a in records[0][1]["answers"])
