@@ -85,7 +85,12 @@ def read_run(entry: dict, test_records: int, metric: str, curve_records: int | N
                       "curve": _frac(v, lambda i: i < (curve_records or test_records)), "eval_loss": e["eval_loss"]})
     if not curve:
         return None
+    # What a server answers (the generated answers of the evaluations before and after
+    # training, train.eval_generate's default), whatever metric the task is tuned on.
+    served = [verdicts(out, step, "answer_accuracy", summary["steps"]) for step in (0, summary["steps"])]
+    served = [_frac(v, lambda i: i < test_records) if v else None for v in served]
     return {k: entry[k] for k in ("task", "method", "lr", "seed", "phase")} | {
+        "served_before": served[0], "served_after": served[1],
         "out": str(out), "metric": metric, "curve": curve,
         "losses": [r["loss"] for r in recs if "step_time_s" in r],
         "before": curve[0]["test"], "after": curve[-1]["test"], "dev_after": curve[-1]["dev"],
@@ -199,6 +204,8 @@ def build(plan, tasks: list[str], methods: list[str], sweeps: list[dict], comman
                 if r["seed"] != study.get("sweep_seed", 0):
                     runs.append(r)
             mean, sd = _mean_sd([r["after"] for r in seeded])
+            served = [r.get("served_after") for r in seeded]
+            served_mean, served_sd = _mean_sd(served) if served and None not in served else (None, None)
             mcfg = study["methods"][m]
             unit = plan.unit(task, m)
             auto = plan.auto_lr(task, m)
@@ -212,6 +219,9 @@ def build(plan, tasks: list[str], methods: list[str], sweeps: list[dict], comman
                    "auto_over_peak": auto / peak if auto and peak else None,
                    "test_mean": mean, "test_sd": sd, "test_by_seed": [r["after"] for r in seeded],
                    "before": seeded[0]["before"] if seeded else None,
+                   # the generated answer (as served) on the same test records and seeds
+                   "served_mean": served_mean, "served_sd": served_sd,
+                   "served_before": seeded[0].get("served_before") if seeded else None,
                    "dev_best": max(r["dev_after"] for r in sweep if r["dev_after"] is not None),
                    "sweep": sorted(({"lr": r["lr"], "dev": r["dev_after"], "test": r["after"],
                                      "eval_loss": r["eval_loss_after"]} for r in sweep), key=lambda x: x["lr"]),
@@ -475,14 +485,18 @@ def format_markdown(rep: dict) -> str:
             continue
         metric = rows[0]["metric"].replace("_", " ")
         lines += [f"## {task} ({metric}, {rows[0]['steps']} steps)", "",
-                  f"Base model: {_pct(rows[0]['before'])} on the test records.", "",
-                  f"| method | trainable params | adapter | best lr | test {metric} (mean ± sd) | seeds | "
-                  f"dev {metric} at best lr | lr=auto (x best) | s/step |", "|---|---|---|---|---|---|---|---|---|"]
+                  f"Base model: {_pct(rows[0]['before'])} on the test records"
+                  + (f" ({_pct(rows[0]['served_before'])} generated answer)." if rows[0].get("served_before")
+                     is not None and rows[0]["metric"] != "answer_accuracy" else "."), "",
+                  f"| method | trainable params | adapter | best lr | test {metric} (mean ± sd) | generated answer "
+                  f"(as served) | seeds | dev {metric} at best lr | lr=auto (x best) | s/step |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             lr = f"{r['best_lr']:.3g}" + (f" ({r['lr_over_unit']:.3g}x unit)" if r["lr_over_unit"] else "")
             auto = f"{r['auto_lr']:.3g} ({r['auto_over_best']:.2g}x)" if r["auto_lr"] else "-"
             lines.append(f"| {r['method']} | {r['trainable_params']:,} | {_size(r['adapter_bytes'])} | {lr} | "
-                         f"{_pct(r['test_mean'], r['test_sd'])} | {len(r['seeds'])} | {_pct(r['dev_best'])} | "
+                         f"{_pct(r['test_mean'], r['test_sd'])} | {_pct(r.get('served_mean'), r.get('served_sd'))} | "
+                         f"{len(r['seeds'])} | {_pct(r['dev_best'])} | "
                          f"{auto} | {r['median_step_time_s']:.1f} |")
         merged = [r for r in rows if r.get("source")]
         for src in dict.fromkeys(_origin(r) for r in merged):

@@ -42,6 +42,20 @@ def test_read_run_splits_each_eval_into_test_and_dev_records(tmp_path):
     assert n["curve"] == r["curve"] and (n["after"], n["dev_after"]) == (0.5, 1.0)
 
 
+def test_every_run_reports_its_generated_answers_before_and_after_whatever_the_tuned_metric(tmp_path):
+    # eval_generate=final: the first and last evaluations carry the generated answers' verdicts
+    e = _run_folder(tmp_path / "r", {0: [0, 0, 0, 0, 1, 0], 2: [1, 1, 0, 0, 1, 1], 4: [1, 1, 1, 0, 1, 1]}, steps=4)
+    for step, ok in ((0, [1, 0, 0, 0, 0, 0]), (4, [1, 1, 0, 0, 0, 1])):
+        f = e["out"] / "predictions" / f"step-{step:06d}.jsonl"
+        rows = [json.loads(x) for x in f.read_text().splitlines()]
+        f.write_text("".join(json.dumps({**r, "answer_correct": bool(a)}) + "\n" for r, a in zip(rows, ok)))
+    r = sr.read_run(e, test_records=4, metric="exact_match")
+    assert (r["after"], r["served_before"], r["served_after"]) == (0.75, 0.25, 0.5)   # test records only
+    # a run without generated answers (eval_generate=never) has none, rather than a wrong 0
+    n = sr.read_run(_run_folder(tmp_path / "n", {0: [0, 1], 2: [1, 1]}, steps=2), test_records=2, metric="exact_match")
+    assert (n["served_before"], n["served_after"]) == (None, None)
+
+
 def test_accuracy_reads_the_chosen_choice_and_exact_match_the_match_flag(tmp_path):
     # one line per record as the Evaluator writes it: a choice record has both
     f = tmp_path / "eval_predictions.jsonl"
