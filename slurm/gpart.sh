@@ -111,6 +111,11 @@ fi
 # does not leave its peers waiting out the process-group timeout. Each rank logs to
 # rank-<N>.log in LOG_DIR, appended across restarts.
 set +e
+# A stop signal can reach this shell too (scancel --full, a preemption or time limit that
+# signals the whole job): without a handler bash would die here, never see the ranks' 75
+# and never requeue. With one it keeps waiting for srun (which passes the signal on to the
+# ranks) and then acts on their exit status.
+trap 'say "stop signal: waiting for the ranks to checkpoint and exit"' TERM USR1
 # shellcheck disable=SC2016  # the single-quoted variables expand in each task, not here
 srun --wait=60 --output="$LOG_DIR/rank-%t.log" --open-mode=append \
   bash -c 'export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID; exec "$@"' gpart-rank \

@@ -61,7 +61,8 @@ TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
 @pytest.fixture(scope="module")
 def jobs(slurm, tmp_path_factory, tiny_assets):
     """Two sbatch jobs of the tiny config, run side by side (CI time): "straight" runs
-    through; "usr1" gets SIGUSR1 (what --signal=USR1@120 sends before a time limit) once
+    through; "usr1" gets SIGUSR1 (what --signal=USR1@120 sends before a time limit; here
+    to the batch shell as well as the ranks) once
     it has logged step 2, and its requeued run is started at once (slurmctld otherwise
     holds a requeued job ~2 minutes, Reason=BeginTime)."""
     runs = {}
@@ -80,7 +81,9 @@ def jobs(slurm, tmp_path_factory, tiny_assets):
         state = b["info"]["JobState"]
         if not signalled and state == "RUNNING" and any(e.get("step", 0) >= 2 and "loss" in e
                                                         for e in _events(b["out"])):
-            subprocess.run(["scancel", "--signal=USR1", str(b["job"])], env=slurm.env, check=True)
+            # --full: the batch shell gets it too, as when a preemption signals the whole job;
+            # the script must survive it to requeue on the ranks' 75
+            subprocess.run(["scancel", "--full", "--signal=USR1", str(b["job"])], env=slurm.env, check=True)
             signalled = True
         if signalled and not released and (state, b["info"].get("Restarts")) == ("PENDING", "1"):
             subprocess.run(["scontrol", "update", f"JobId={b['job']}", "StartTime=now"], env=slurm.env,
