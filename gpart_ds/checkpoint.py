@@ -11,7 +11,9 @@ torch.load). Layout:
         state.safetensors     per trainable parameter NAME: NAME (working value),
                               NAME::master (fp32), NAME::exp_avg, NAME::exp_avg_sq (full)
         rng-rank<r>.safetensors   each rank's torch (and CUDA) RNG state
-        state.json            step, Adam step, engine counters, scheduler, world size
+        state.json            step, Adam step, engine counters, scheduler, world size, the
+                              targets' layout, the base model's identity (identity.py) and
+                              the digest of what defines the trained delta (delta_fields)
         run_config.yaml       the config that wrote it (drift is checked on resume)
         manifest.json         every file's size and SHA-256; written last
     checkpoints/latest        name of the newest complete checkpoint
@@ -33,8 +35,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from . import identity as ident
 from .errors import UserError
-from .fileio import sha256_file as _sha256, temp_sibling, write_atomic
+from .fileio import sha256_file as _sha256
+from .fileio import temp_sibling, write_atomic
 from .zero3 import gathered
 
 log = logging.getLogger(__name__)
@@ -150,6 +154,15 @@ def inspect(ckpt: Path) -> Summary:
         raise CheckpointError(f"{ckpt / RUN_CONFIG}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(run, dict):
         raise CheckpointError(f"{ckpt / RUN_CONFIG}: expected a mapping")
+    # Checkpoints written before digests existed record no base identity either: accepted
+    # (with a warning), as their manifest still guards every byte; one that records the
+    # identity must carry its digest.
+    try:
+        # its fields come from run_config.yaml (method.*) and state.json: both are named
+        ident.check_digest(state.get("digest"), delta_fields(state, run), f"{ckpt} ({RUN_CONFIG}, {STATE_JSON})",
+                           missing_ok="base_identity" not in state, what="checkpoint")
+    except ident.IdentityError as exc:
+        raise CheckpointError(str(exc)) from None
     try:
         with safe_open(str(ckpt / STATE_FILE), "pt") as f:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
@@ -191,6 +204,35 @@ def check_drift(saved_cfg: dict, cfg, where) -> None:
             raise CheckpointError(f"{where(key)}: the checkpoint was trained with {key}={a!r}, this "
                                   f"run has {b!r}; the saved trainable state would mean something else. "
                                   "Start a new output_dir or restore the setting")
+
+
+def delta_fields(state: dict, run_config: dict) -> dict:
+    """What defines a checkpoint's trained delta (its digest covers these): the method and
+    its drift keys (d, seed, targets; r, alpha), the training dtype, the targets' layout and
+    the base model's identity. The trainable values themselves are in the manifest."""
+    name = _get(run_config, "method.name")
+    fields = {key: _get(run_config, key) for key in drift_keys(name if isinstance(name, str) else "?")
+              if key != "model.path"}
+    fields.update(dtype=state.get("dtype"), layout=state.get("layout"), base_identity=state.get("base_identity"))
+    return fields
+
+
+def check_base(summary: Summary, model_path, where) -> None:
+    """A resume refuses a base model whose weights changed since the checkpoint was written
+    (edited or replaced in place: model.path itself is a drift key)."""
+    rec = summary.state.get("base_identity")
+    if not ident.is_identity(rec):
+        return   # an earlier version's checkpoint: nothing recorded to compare with
+    why = ident.differs(rec, ident.identity(model_path))
+    if why:
+        merged = ident.merge_record(model_path)
+        raise CheckpointError(
+            f"{where('model.path')}: model.path {str(model_path)!r} is not the base model checkpoint "
+            f"{summary.path.name} was trained on: {why}"
+            + (f"; it is now a merged model ({ident.MERGE_RECORD}) holding {ident.merged_what(merged)}"
+               if merged is not None else "; its weights were changed in place since")
+            + ". The saved trainable state belongs to the old weights: restore them, or start a new run in "
+              "another output_dir")
 
 
 def _get(tree: dict, dotted: str):
@@ -354,6 +396,10 @@ def save(engine, params: dict, root: Path, step: int, extra: dict, run_config_ya
                          "global_steps": engine.global_steps, "global_samples": engine.global_samples,
                          "micro_steps": engine.micro_steps,
                          "scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler else None, **extra}
+                if "base_identity" in state:   # the digest of what defines the delta, as written
+                    import yaml
+
+                    state["digest"] = ident.digest(delta_fields(state, yaml.safe_load(run_config_yaml)))
                 current = tmp / STATE_JSON
                 current.write_text(json.dumps(state, indent=2) + "\n")
                 current = tmp / RUN_CONFIG

@@ -499,24 +499,77 @@ def auto_lr_caveat(cfg: DictConfig, D: int) -> str | None:
     return methods.get(cfg.method.name).auto_lr_caveat(cfg.method, D) if cfg.train.lr == "auto" else None
 
 
+def _deepspeed_path(value: str, base_dir: Path) -> Path:
+    """Where a `deepspeed:` file name points: relative to the YAML file, else as given."""
+    p = Path(value)
+    if not p.is_absolute():
+        p = (base_dir / p) if (base_dir / p).exists() else Path(value)
+    return p
+
+
+def _json_object(pairs):
+    """A JSON object that refuses a key given twice (json would keep the last in silence)."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise ConfigError(f"duplicate key {key!r}; JSON would silently keep the last")
+        out[key] = value
+    return out
+
+
+def _second_line(path: Path, exc: ConfigError) -> str:
+    """':LINE' of a duplicate key's second occurrence in a JSON file ('' if not found)."""
+    m = re.search(r"duplicate key '([^']*)'", str(exc))
+    if not m:
+        return ""
+    text = path.read_text()
+    hits = [text.count("\n", 0, h.start()) + 1 for h in re.finditer(re.escape(json.dumps(m.group(1))) + r"\s*:", text)]
+    return f":{hits[1]}" if len(hits) > 1 else ""
+
+
 def _load_deepspeed(value, base_dir: Path, where: _Where) -> dict:
     """The DeepSpeed config as a dict: inline mapping, or JSON path relative to the YAML."""
     if value is None:
         return {"zero_optimization": {"stage": 3}}
     if isinstance(value, str):
-        p = Path(value)
-        if not p.is_absolute():
-            p = (base_dir / p) if (base_dir / p).exists() else Path(value)
+        p = _deepspeed_path(value, base_dir)
         if not p.is_file():
             raise ConfigError(f"{where('deepspeed')}: DeepSpeed config {value!r} not found "
                               f"(looked at {base_dir / value})")
         try:
-            return json.loads(p.read_text())
+            content = json.loads(p.read_text(), object_pairs_hook=_json_object)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{p}:{exc.lineno}: DeepSpeed config is not valid JSON: {exc.msg}") from None
+        except ConfigError as exc:
+            raise ConfigError(f"{p}{_second_line(p, exc)}: DeepSpeed config: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{p}: DeepSpeed config is not UTF-8 text ({exc.reason})") from None
+        if not isinstance(content, dict):
+            raise ConfigError(f"{p}: DeepSpeed config: the top level must be a JSON object of settings "
+                              f"({{\"zero_optimization\": ...}}), got a {type(content).__name__}")
+        return content
     if OmegaConf.is_dict(value):
         return OmegaConf.to_container(value, resolve=True)
     raise ConfigError(f"{where('deepspeed')}: must be a JSON file path or a mapping")
+
+
+def deepspeed_file(cfg: DictConfig) -> str | None:
+    """The DeepSpeed JSON file a loaded config read (None: an inline mapping or the default),
+    for messages: the loader keeps only its content. Read again from the override or the
+    YAML file, so the config itself (and every run's identity) carries nothing new."""
+    value = None
+    for o in cfg.overrides or []:
+        key, _, raw = o.partition("=")
+        if key.strip() == "deepspeed":
+            value = raw.strip()
+    base = Path(cfg.config_file).parent if cfg.config_file else Path.cwd()
+    if value is None and cfg.config_file:
+        try:
+            content = read_yaml(Path(cfg.config_file))
+        except (OSError, ConfigError):
+            return None
+        value = content.get("deepspeed") if isinstance(content, dict) else None
+    return str(_deepspeed_path(value, base)) if isinstance(value, str) and value else None
 
 
 def where_for(cfg: DictConfig) -> _Where:

@@ -167,28 +167,95 @@ def load(path: str | Path, fmt: str = "auto") -> tuple[list[tuple[str, dict]], s
 
 
 # ------------------------------------------------------------------ tokenising
-def prompt_ids(tokenizer, prompt: str, chat_template: bool) -> list[int]:
+def tokenizer_source(tokenizer) -> str:
+    return str(getattr(tokenizer, "name_or_path", "") or "the tokenizer")
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def no_template_error(where: str, tokenizer, why: str) -> "DataError":
+    return DataError(f"{where}: {why}, but the tokenizer of {tokenizer_source(tokenizer)} has no chat template "
+                     "(no chat_template in its tokenizer_config.json or chat_template.jinja); use a model whose "
+                     "tokenizer has one, add one there, or use prompt/completion records with "
+                     "data.chat_template false")
+
+
+def apply_template(tokenizer, messages, where: str, generation_prompt: bool = False) -> list[int]:
+    """Token ids of a conversation rendered by the tokenizer's chat template; a missing
+    template, or a template that refuses the conversation (roles it does not accept, an
+    order it does not allow: templates call raise_exception), names the record and the
+    model instead of a Jinja traceback."""
+    if not has_chat_template(tokenizer):
+        raise no_template_error(where, tokenizer, "chat records (or data.chat_template) are rendered with the "
+                                "tokenizer's chat template")
+    try:
+        from jinja2 import TemplateError
+    except ImportError:   # transformers renders templates with jinja2; without it nothing renders
+        TemplateError = ()   # noqa: N806
+    try:
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt,
+                                                  tokenize=True, return_dict=False))
+    except TemplateError as exc:
+        roles = [m.get("role") for m in messages if isinstance(m, dict)]
+        raise DataError(f"{where}: the chat template of {tokenizer_source(tokenizer)} refuses this conversation "
+                        f"(roles {roles}): {exc}") from None
+
+
+def prompt_ids(tokenizer, prompt: str, chat_template: bool, where: str = "?") -> list[int]:
     """Token ids of a prompt as training sees them (shared with evaluation)."""
     if chat_template:
-        return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                                  add_generation_prompt=True, tokenize=True,
-                                                  return_dict=False))
+        return apply_template(tokenizer, [{"role": "user", "content": prompt}], where, generation_prompt=True)
     return tokenizer(prompt, add_special_tokens=True)["input_ids"]
 
 
-def _render(tokenizer, messages, generation_prompt=False) -> list[int]:
-    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt,
-                                              tokenize=True, return_dict=False))
+def _render(tokenizer, messages, generation_prompt=False, where: str = "?") -> list[int]:
+    return apply_template(tokenizer, messages, where, generation_prompt)
+
+
+def check_template(path, fmt: str, chat_template: bool, tokenizer) -> None:
+    """Before any tokenising: data that needs the chat template (chat records, or
+    data.chat_template) with a tokenizer that has none is refused naming the data file
+    and the model; the first record decides the format, as detect_format does."""
+    if has_chat_template(tokenizer):
+        return
+    # A record the format forbids (no assistant turn, a line of another format) is named
+    # first, at its file:line: it is wrong whatever the template, and the more precise.
+    load(path, fmt)
+    if chat_template:
+        raise no_template_error(f"{path}", tokenizer, "data.chat_template is true (prompts are rendered as a chat "
+                                "turn)")
+    if fmt == "chat" or (fmt == "auto" and "messages" in _first_record(path)):
+        raise no_template_error(f"{path}", tokenizer, "its records are chat conversations (messages), rendered "
+                                "with the tokenizer's chat template")
+
+
+def _first_record(path) -> dict:
+    """The first record of a JSON-lines file ({} for other files or where it is unreadable:
+    reading them fully is load's work, and it names their problems)."""
+    p = Path(path)
+    if p.suffix.lower() not in (".jsonl", ".json") or not p.is_file():
+        return {}
+    try:
+        with open(p, "rb") as fh:
+            for raw in fh:
+                if raw.strip():
+                    rec = json.loads(raw.decode("utf-8"))
+                    return rec if isinstance(rec, dict) else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        pass
+    return {}
 
 
 def _chat_example(tokenizer, where: str, messages: list[dict]) -> Example:
-    ids = _render(tokenizer, messages)
+    ids = _render(tokenizer, messages, where=where)
     labels = [IGNORE_INDEX] * len(ids)
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        start = len(_render(tokenizer, messages[:i], generation_prompt=True)) if i else 0
-        upto = _render(tokenizer, messages[: i + 1])
+        start = len(_render(tokenizer, messages[:i], generation_prompt=True, where=where)) if i else 0
+        upto = _render(tokenizer, messages[: i + 1], where=where)
         if ids[: len(upto)] != upto:
             raise DataError(f"{where}: the tokenizer's chat template is not prefix-stable "
                             "(rendering a conversation changes its earlier turns), so "
@@ -216,7 +283,7 @@ def tokenize_record(rec: dict, fmt: str, tokenizer, max_length: int, chat_templa
         raise DataError(f"{where}: train.objective 'choices' needs prompt/completion records, not {fmt}")
     eos = tokenizer.eos_token_id if add_eos else None
     if fmt == "prompt_completion":
-        p = prompt_ids(tokenizer, rec["prompt"], chat_template)
+        p = prompt_ids(tokenizer, rec["prompt"], chat_template, where)
         c = tokenizer(rec["completion"], add_special_tokens=False)["input_ids"]
         if eos is not None:
             c = c + [eos]

@@ -30,6 +30,8 @@ from typing import Mapping, NoReturn
 
 import torch
 
+from .errors import UserError
+
 log = logging.getLogger(__name__)
 
 # init() ran in this process: the groups it made outlive shutdown() (is_initialized() is
@@ -40,8 +42,9 @@ _STARTED = False
 _MPI_MARKERS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
 
 
-class LaunchError(RuntimeError):
-    """The launcher's environment does not say who is who; the message says what to set."""
+class LaunchError(UserError):
+    """The launcher's environment does not say who is who; the message says what to set
+    (exit 2, like any input the user can fix)."""
 
 
 @dataclass(frozen=True)
@@ -202,6 +205,65 @@ def discover(env: Mapping[str, str] | None = None, mpi_comm=None) -> Ranks:
         return _from_mpi_env(env)
     return Ranks(0, 1, 0, 1, env.get("MASTER_ADDR", "127.0.0.1"),
                  _int(env, "MASTER_PORT") or _free_port(), "single process")
+
+
+_COUNTS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_PORT")
+
+
+def check_launch_env(env: Mapping[str, str] | None = None) -> int:
+    """The torch-style launch variables, checked before any work; returns the world size
+    they (or an MPI / SLURM launcher's) describe (1 for a single process).
+
+    Each would otherwise fail late or not at all: WORLD_SIZE=abc was a traceback, RANK
+    without WORLD_SIZE (or the other way round) ran as a world of one (two such processes
+    both believe they are rank 0 and write the same output_dir), RANK >= WORLD_SIZE or a
+    MASTER_PORT that is no port failed only after the data was tokenised.
+    """
+    env = os.environ if env is None else env
+    vals = {}
+    for key in _COUNTS:
+        raw = env.get(key, "").strip()
+        if not raw:
+            continue
+        if not raw.isdigit():
+            raise LaunchError(f"environment variable {key}={env[key]!r} is not a whole number >= 0")
+        vals[key] = int(raw)
+    if ("RANK" in vals) != ("WORLD_SIZE" in vals):
+        have, lack = ("RANK", "WORLD_SIZE") if "RANK" in vals else ("WORLD_SIZE", "RANK")
+        raise LaunchError(f"environment variable {have}={vals[have]} is set but {lack} is not: a launcher sets "
+                          f"both (each process would otherwise run alone, as rank 0 of 1, and every one would "
+                          f"write the same output_dir); set {lack} too, or unset {have}")
+    world = vals.get("WORLD_SIZE")
+    if world is not None:
+        if world < 1:
+            raise LaunchError(f"environment variable WORLD_SIZE={world}: must be >= 1")
+        if vals["RANK"] >= world:
+            raise LaunchError(f"environment variable RANK={vals['RANK']} is not below WORLD_SIZE={world} "
+                              f"(ranks are 0 .. {world - 1})")
+    local_world = vals.get("LOCAL_WORLD_SIZE", vals.get("LOCAL_SIZE"))
+    if local_world is not None:
+        name = "LOCAL_WORLD_SIZE" if "LOCAL_WORLD_SIZE" in vals else "LOCAL_SIZE"
+        if local_world < 1:
+            raise LaunchError(f"environment variable {name}={local_world}: must be >= 1")
+        if world is not None and local_world > world:
+            raise LaunchError(f"environment variable {name}={local_world} exceeds WORLD_SIZE={world}")
+        if vals.get("LOCAL_RANK", 0) >= local_world:
+            raise LaunchError(f"environment variable LOCAL_RANK={vals['LOCAL_RANK']} is not below "
+                              f"{name}={local_world}")
+    if "MASTER_PORT" in vals and not 1 <= vals["MASTER_PORT"] <= 65535:
+        raise LaunchError(f"environment variable MASTER_PORT={vals['MASTER_PORT']} is not a port (1 to 65535)")
+    if world is not None and world > 1 and (not env.get("MASTER_ADDR") or "MASTER_PORT" not in vals):
+        raise LaunchError(f"RANK/WORLD_SIZE are set (world {world}) but MASTER_ADDR/MASTER_PORT "
+                          "are not: export both (the head node's address and a free port)")
+    if world is not None:
+        return world
+    # The other launchers, in discover's order of trust (a SLURM batch script is no rank).
+    keys = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE") + \
+        (("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS") if "SLURM_STEP_ID" in env and "SLURM_PROCID" in env else ())
+    for key in keys:
+        if env.get(key, "").strip().isdigit():
+            return max(1, int(env[key]))
+    return 1
 
 
 def discover_env() -> Ranks:

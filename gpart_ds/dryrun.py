@@ -44,10 +44,14 @@ def run(cfg, *, nodes: int | None = None, gpus_per_node: int | None = None,
         headroom: float = 0.10, overhead_gb: float = 3.0) -> int:
     from .runcheck import validate_for_run
 
+    from .distributed import check_launch_env
+
+    check_launch_env()   # the launch variables a run would read, as training checks them
     world = nodes * gpus_per_node if nodes and gpus_per_node else _world_from_env()
-    # What training would refuse, a dry run refuses: the same checks, bar the weights.
-    validate_for_run(cfg, world=world, device_type="cuda" if gpu_mem_gb or _gpu_mem_gb() else "cpu",
-                     model_config=model_config)
+    # What training would refuse, a dry run refuses: the same checks, bar the weights. A
+    # plan for GPUs (--gpus-per-node, --gpu-mem-gb, or a GPU here) is checked for CUDA.
+    on_gpus = bool(gpu_mem_gb or gpus_per_node or _gpu_mem_gb())
+    validate_for_run(cfg, world=world, device_type="cuda" if on_gpus else "cpu", model_config=model_config)
     if os.environ.get("RANK", "0") != "0":  # under a launcher: one report is enough
         return 0
     arch, source = plan.arch_for_config(cfg, model_config)

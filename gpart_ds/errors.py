@@ -48,6 +48,14 @@ class RunFailed(UserError):
     exit_code = EXIT_CHECK_FAILED
 
 
+class Stopped(BaseException):
+    """A stop signal (SIGTERM, SIGUSR1) before a run could checkpoint: its start-up (config,
+    model, data, process group, engine) was abandoned, nothing of it kept; exit 75 so that
+    a scheduler requeues it (slurm/gpart.sh). A BaseException, like KeyboardInterrupt: no
+    `except Exception` on the way out may swallow it, every `finally` still runs."""
+    exit_code = EXIT_PREEMPTED
+
+
 def env_errno(exc: BaseException) -> int | None:
     """The errno of an environment failure (disk full, permissions, ...) behind `exc`:
     an OSError's own, or one a library wrote into its message; None for anything else."""
@@ -81,6 +89,9 @@ def run_cli(main: Callable[[], int | None]) -> int:
         return ret if isinstance(ret, int) and not isinstance(ret, bool) else EXIT_OK
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    except Stopped as exc:
+        print(f"stopped: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code
     except KeyboardInterrupt:
         print("error: interrupted (Ctrl-C); files being written were left as they were before "

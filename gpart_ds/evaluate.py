@@ -340,23 +340,37 @@ def _load_model(model_dir: str, adapter_dir: str | None, dtype):
     from .model import check_weights
 
     check_weights(model_dir)   # a missing key would be evaluated as random values
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     if adapter_dir is None:
-        return MethodRoot(model).eval()
+        return MethodRoot(AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()).eval()
     folder = Path(adapter_dir)
     config = folder / "adapter_config.json"
-    peft_type = json.loads(config.read_text()).get("peft_type") if config.is_file() else None
+    if config.is_file():
+        from .methods.gpart.adapter import read_config
+
+        peft_type = read_config(config).get("peft_type")
+    else:
+        peft_type = None
     if peft_type in ("LORA", "VERA"):      # the LoRA and VeRA runs' adapters are PEFT folders
         from peft import PeftModel
 
+        from .methods.peft_common import check_adapter
+
+        # its digest and base model, before any weight is loaded
+        check_adapter(folder, Path(model_dir), "--model")
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
         return MethodRoot(PeftModel.from_pretrained(model, folder)).eval()
-    if config.is_file():
+    from .methods import open_adapter       # a GPart adapter, a checkpoint, or the GPart authors' adapter
+    from .safetensors_io import read_model_header
+
+    # Read and checked (settings, digest, layout, base identity) before the model is loaded.
+    src = open_adapter(folder, Path(model_dir))
+    src.check(read_model_header(Path(model_dir)), Path(model_dir), "--model")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    if config.is_file() and src.kind == "gpart_ds":
         from .methods.gpart.adapter import attach_adapter
 
         return attach_adapter(model, folder).eval()
-    from .methods import open_adapter       # a checkpoint, or the GPart authors' adapter
-
-    return open_adapter(folder, Path(model_dir)).attach(model).eval()
+    return src.attach(model).eval()
 
 
 def evaluate_files(model_dir, data_path, adapter=None, chat_template=False, max_length=512,

@@ -81,8 +81,25 @@ def output_entries(base: dict[str, stio.StoredTensor], out_dtype: torch.dtype) -
 
 
 # ---------------------------------------------------------------- output folder
-def temp_dir_for(out: Path) -> Path:
-    return out.parent / f".{out.name}.tmp-export"
+TEMP_TAG = ".tmp-export-"
+
+
+def temp_dir_for(out: Path, writer: str | None = None) -> Path:
+    """The temporary folder one writer builds `out` in: unique per writer (host, pid and a
+    random part), so no writer can ever remove or fill another one's."""
+    import secrets
+    import socket
+
+    writer = writer or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+    return out.parent / f".{out.name}{TEMP_TAG}{writer}"
+
+
+def stale_temps(out: Path) -> list[Path]:
+    """Temporary folders of earlier writers of `out` (and the fixed name older versions used)."""
+    if not out.parent.is_dir():
+        return []
+    return sorted(p for p in out.parent.iterdir()
+                  if p.name.startswith(f".{out.name}{TEMP_TAG}") or p.name == f".{out.name}.tmp-export")
 
 
 def check_output(out: Path, overwrite: bool) -> None:
@@ -94,11 +111,25 @@ def check_output(out: Path, overwrite: bool) -> None:
         raise ExportError(f"output folder: {problem}")
 
 
+def output_lock(out: Path, key: str = "--out"):
+    """The lock one export of `out` holds from its last check to the rename (ownership):
+    a second export to the same folder is refused naming the first, never interleaved."""
+    from .ownership import FolderLock
+
+    return FolderLock.beside(out, key)
+
+
 def start_output(out: Path) -> Path:
-    """A fresh temporary folder next to `out` (a stale one from a failed run is removed)."""
+    """A fresh temporary folder next to `out`, named for this writer. Called under
+    output_lock: any other temporary of `out` is then an earlier writer's that died
+    (killed mid-export), removed with a warning naming it."""
+    import logging
+
+    for old in stale_temps(out):
+        logging.getLogger("gpart_ds").warning("%s: removing the temporary folder %s left by an earlier export "
+                                              "that did not finish", out, old)
+        shutil.rmtree(old, ignore_errors=True)
     tmp = temp_dir_for(out)
-    if tmp.exists():
-        shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     return tmp
 
@@ -119,7 +150,12 @@ def copy_side_files(base_dir: Path, folder: Path, out_dtype: torch.dtype, proven
     for f in SIDE_FILES:
         if (base_dir / f).is_file():
             shutil.copy2(base_dir / f, folder / f)
-    (folder / "gpart_merge.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    # The provenance: what this folder holds (identity.merge_record reads it, and refuses the
+    # folder as a base for another merge); base_identity: the weights the delta went into.
+    from .identity import MERGE_RECORD, identity
+
+    provenance = {**provenance, "base_identity": identity(base_dir)}
+    (folder / MERGE_RECORD).write_text(json.dumps(provenance, indent=2) + "\n")
 
 
 def read_base(base_dir: Path) -> dict[str, stio.StoredTensor]:
@@ -160,6 +196,13 @@ def merge_offline(base_dir, adapter_dir, out_dir, dtype: str | None = None,
     plans = stio.plan_files(output_entries(base, out_dtype), stio.parse_size(max_shard_size))
     total = sum(p.size for p in plans)
 
+    with output_lock(out):
+        check_output(out, overwrite)   # again, under the lock: an export that ended meanwhile
+        return _merge_into(out, base_dir, base, src, merger, compute, out_dtype, plans, total, block_bytes,
+                           progress, t0)
+
+
+def _merge_into(out, base_dir, base, src, merger, compute, out_dtype, plans, total, block_bytes, progress, t0):
     tmp = start_output(out)
     try:
         stio.create_files(tmp, plans)
@@ -237,6 +280,15 @@ def verify(merged_dir, base_dir, adapter_dir, prompts=DEFAULT_PROMPTS, atol: flo
         atol = 1e-3 if dtype == torch.float32 else 0.1
     src = methods.open_adapter(Path(adapter_dir), base_dir)
     src.check(read_base(base_dir), base_dir)
+    # Merged from another adapter of the same kind (a checkpoint and the adapter of its step
+    # hold the same delta under other digests): say so, rather than a bare FAILED.
+    made_from = info.get("adapter_digest") if isinstance(info, dict) else None
+    if made_from and getattr(src, "digest", None) and made_from != src.digest and \
+            info.get("adapter_kind") == getattr(src, "kind", None):
+        return {"max_abs_logit_diff": None, "atol": atol, "ok": False, "prompts": 0, "dtype": str(dtype),
+                "reason": f"--merged {merged_dir}: its {info_path.name} says it was merged from another adapter "
+                          f"({info.get('adapter')}, digest {made_from[:12]}) than --adapter {adapter_dir} "
+                          f"(digest {src.digest[:12]})"}
     check_weights(merged_dir)   # a missing key would load as random values and "differ" for no reason
     tok = AutoTokenizer.from_pretrained(base_dir)
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=dtype).eval()
@@ -292,6 +344,9 @@ def _verify_cli(argv) -> int:
     ap.add_argument("--atol", type=float, default=None)
     a = ap.parse_args(argv)
     r = verify(a.merged, resolve_model(a.base), a.adapter, atol=a.atol)
+    if r.get("reason"):   # known to differ without loading either model
+        print(f"{r['reason']}: FAILED")
+        return 1
     diff = r["max_abs_logit_diff"]
     what = (f"max |logit difference| {diff:.3g}" if diff == diff else "non-finite logits (NaN or inf)")
     print(f"{what} over {r['prompts']} prompts ({r['dtype']}, tolerance {r['atol']:.3g}): "

@@ -23,6 +23,14 @@ def temp_sibling(final: str | os.PathLike, tag: str = "tmp") -> Path:
     return final.with_name(f".{final.name}.{tag}")
 
 
+def writer_tag(kind: str = "tmp") -> str:
+    """`kind-PID-RANDOM`: a temporary name no other writer has, even one with the same pid
+    on another host sharing the folder (NFS), so one writer never replaces another's."""
+    import secrets
+
+    return f"{kind}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
 def named(exc: BaseException, path: str | os.PathLike) -> BaseException:
     """`exc` with the file it concerns: a failed write() or pwrite() (a full disk) raises
     an OSError without a file name, and libraries (safetensors, pyarrow) raise their own
@@ -38,7 +46,7 @@ def named(exc: BaseException, path: str | os.PathLike) -> BaseException:
 def write_atomic(path: str | os.PathLike, content: str | bytes) -> None:
     """Write a whole file through a temporary sibling, then rename it over `path`."""
     path = Path(path)
-    tmp = temp_sibling(path, f"tmp-{os.getpid()}")
+    tmp = temp_sibling(path, writer_tag())
     try:
         if isinstance(content, bytes):
             tmp.write_bytes(content)
@@ -105,7 +113,7 @@ def replace_dir(tmp: Path, final: Path) -> None:
     """Move a finished folder into place; an old one is kept until the new one is in."""
     old = None
     if final.exists():
-        old = temp_sibling(final, f"old-{os.getpid()}")
+        old = temp_sibling(final, writer_tag("old"))
         os.replace(final, old)
     os.replace(tmp, final)
     if old is not None:
@@ -138,7 +146,7 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
 def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> None:
     """A matplotlib figure to PNG, atomically."""
     path = Path(path)
-    tmp = temp_sibling(path, f"tmp-{os.getpid()}.png")
+    tmp = temp_sibling(path, writer_tag() + ".png")
     try:
         fig.savefig(tmp, dpi=dpi)
         os.replace(tmp, path)

@@ -116,7 +116,14 @@ def _main(args) -> int:
     cfg = load_config(args.config, args.overrides, check_files=False)
     if not cfg.prepare:  # files a recipe creates are made at start-up
         check_paths(cfg)
-        validate_for_run(cfg, world=args.nodes * args.tasks_per_node, device_type=args.device)
+        # On the node the ranks start on: what this machine offers (backend, accelerator) too.
+        validate_for_run(cfg, world=args.nodes * args.tasks_per_node, device_type=args.device, environment=True)
+    from .ownership import FolderLock, peek
+
+    # Another live run that owns output_dir (not this job's earlier allocation): refused
+    # here, naming it, before the ranks start; the ranks' rank 0 takes the lock itself.
+    lock = FolderLock.for_folder(cfg.output_dir, "output_dir")
+    peek(lock.path, lock.what, lock.key)
     if os.environ.get("SLURM_NODEID", "0") == "0":   # one node reads the checkpoints
         resolve_outputs(cfg)
     failures += [f for f in (check_gpus(args.device, args.tasks_per_node),) if f]

@@ -18,7 +18,9 @@ and decides, before the first byte is written:
      can be loaded; when checkpoints exist but none is usable, each is named and nothing
      starts over them) or a checkpoint folder that verifies;
   4. the resumed checkpoint was written with the same method, seed, targets, model
-     (drift), and train.max_steps is not below its step (equal: nothing left to train).
+     (drift), on the same base weights (their fingerprint, identity.py: a model edited
+     in place is refused), and train.max_steps is not below its step (equal: nothing
+     left to train).
 Every rank reaches the same verdict from the same files, so a refusal is the same on
 every rank without a collective.
 
@@ -55,24 +57,87 @@ class Checked:
     source: str        # where the model's shapes came from (model.path, arch_config, --model-config)
 
 
-def deepspeed_config(cfg: DictConfig, world: int, dtype) -> dict:
-    """The DeepSpeed config filled with what the run config owns (zero3.engine_config);
-    a contradiction is a config error naming the `deepspeed` key."""
+def deepspeed_source(cfg: DictConfig) -> str:
+    """'DeepSpeed config FILE (where deepspeed is set)', or where the inline mapping is."""
+    from .config import deepspeed_file
+
+    where = where_for(cfg)("deepspeed")
+    path = deepspeed_file(cfg)
+    return f"DeepSpeed config {path} ({where})" if path else f"{where}: DeepSpeed config"
+
+
+def deepspeed_config(cfg: DictConfig, world: int, dtype, warn=None) -> dict:
+    """The DeepSpeed config filled with what the run config owns (zero3.engine_config); a
+    contradiction or a setting gpart_ds cannot run is a config error naming the JSON file
+    (or the `deepspeed` key) and the DeepSpeed key. dtype None: not known here (a plan)."""
     from . import zero3
 
     t = cfg.train
+    ds = cfg.deepspeed
+    ds = OmegaConf.to_container(ds, resolve=True) if OmegaConf.is_config(ds) else ds
     try:
-        return zero3.engine_config(OmegaConf.to_container(cfg.deepspeed, resolve=True)
-                                   if OmegaConf.is_config(cfg.deepspeed) else dict(cfg.deepspeed),
-                                   micro_batch=t.micro_batch_size, grad_accum=t.grad_accum, world=world,
-                                   max_grad_norm=t.max_grad_norm, dtype=dtype)
+        return zero3.engine_config(ds, micro_batch=t.micro_batch_size, grad_accum=t.grad_accum, world=world,
+                                   max_grad_norm=t.max_grad_norm, dtype=dtype, warn=warn)
     except ValueError as exc:
-        raise ConfigError(f"{where_for(cfg)('deepspeed')}: {exc}") from None
+        raise ConfigError(f"{deepspeed_source(cfg)}: {exc}") from None
+
+
+def check_backend(cfg: DictConfig, device_type: str, environment: bool) -> None:
+    """dist.backend against the device the run uses (and, where the run starts here, what
+    this torch build offers): an impossible pair is named before any work, not by a
+    traceback from init_process_group after the data was tokenised."""
+    import torch.distributed as dist
+
+    where = where_for(cfg)
+    backend = cfg.dist.backend
+    if backend == "nccl" and device_type != "cuda":
+        raise ConfigError(f"{where('dist.backend')}: nccl needs CUDA GPUs, and this run is on {device_type} "
+                          "(torch sees no CUDA device); use dist.backend=auto (gloo on CPU)")
+    if not environment:   # planning for other machines: what this build lacks does not matter
+        return
+    if not dist.is_available():
+        raise ConfigError(f"{where('dist.backend')}: this torch build has no torch.distributed")
+    available = {"nccl": dist.is_nccl_available, "gloo": dist.is_gloo_available, "mpi": dist.is_mpi_available}
+    want = backend if backend != "auto" else ("nccl" if device_type == "cuda" else "gloo")
+    if not available[want]():
+        hint = (" (only in torch built from source against an MPI library): launch with mpirun and keep "
+                "dist.backend=auto, the ranks then come from MPI and the collectives use gloo or nccl"
+                if want == "mpi" else "")
+        raise ConfigError(f"{where('dist.backend')}: {want} is not available in this torch build "
+                          f"{torch_version()}{hint}")
+
+
+def torch_version() -> str:
+    import torch
+
+    return f"(torch {torch.__version__}{', CUDA ' + torch.version.cuda if torch.version.cuda else ', no CUDA'})"
+
+
+def check_accelerator(device_type: str) -> None:
+    """DS_ACCELERATOR (DeepSpeed's choice of accelerator) must be one gpart_ds runs on, and
+    `cuda` only where CUDA is: exported by hand on a CPU machine, DeepSpeed failed to start
+    after the data was tokenised. (cpu with a GPU visible is what the GPU tests run: the
+    trainer computes on the GPU, DeepSpeed's CPU accelerator only builds its comm op.)"""
+    import os
+
+    acc = os.environ.get("DS_ACCELERATOR", "").strip()
+    if not acc:
+        return
+    if acc not in ("cpu", "cuda"):
+        raise ConfigError(f"environment variable DS_ACCELERATOR={acc!r}: gpart_ds runs on cuda or cpu; "
+                          "unset it (launch/train.py chooses)")
+    if acc == "cuda" and device_type != "cuda":
+        raise ConfigError(f"environment variable DS_ACCELERATOR={acc!r}, but no CUDA device is visible here "
+                          f"{torch_version()}; unset DS_ACCELERATOR (launch/train.py sets cpu)")
 
 
 def validate_for_run(cfg: DictConfig, *, world: int = 1, device_type: str = "cpu",
-                     model_config: str | None = None) -> Checked:
-    """The checks every way of starting a run shares (module doc); raises ConfigError."""
+                     model_config: str | None = None, environment: bool = False) -> Checked:
+    """The checks every way of starting a run shares (module doc); raises ConfigError.
+    environment=True where the run starts on this machine (training, the SLURM preflight
+    on a node): also what this machine offers (backend, DS_ACCELERATOR, the method's needs)."""
+    import torch
+
     from .model import architecture_source, check_targets, training_dtype
 
     source = architecture_source(cfg, model_config)
@@ -86,7 +151,23 @@ def validate_for_run(cfg: DictConfig, *, world: int = 1, device_type: str = "cpu
     caveat = auto_lr_caveat(cfg, layout.D)
     if caveat:
         log.info("train.lr: auto = %.3g; %s", lr, caveat)
-    deepspeed_config(cfg, world, training_dtype(cfg.model.precision, device_type))
+    # With precision auto the dtype is the machine's: known where the run starts, not in a plan.
+    dtype = training_dtype(cfg.model.precision, device_type) \
+        if environment or cfg.model.precision != "auto" else None
+    deepspeed_config(cfg, world, dtype, warn=lambda text: log.warning("%s: %s", deepspeed_source(cfg), text))
+    check_backend(cfg, device_type, environment)
+    if environment:
+        from . import methods
+
+        check_accelerator(device_type)
+
+        def need(ok, key, msg):
+            if not ok:
+                raise ConfigError(f"{where_for(cfg)(key)}: {msg}")
+
+        # What this machine must offer the method (method.kernel=triton on CPU), before the
+        # data is tokenised and the process group started (the trainer asks again there).
+        methods.get(cfg.method.name).check_environment(cfg.method, torch.device(device_type), need)
     return Checked(layout, lr, source)
 
 
@@ -238,6 +319,7 @@ def resolve_outputs(cfg: DictConfig, *, export_only: bool = False) -> Outputs:
                 "Is checkpoint.dir right? Otherwise choose another output_dir, or move the results away")
         return plan
     checkpoint.check_drift(plan.resume.run_config, cfg, where)
+    checkpoint.check_base(plan.resume, cfg.model.path, where)   # the same path, but the same weights?
     step, max_steps = plan.resume.step, cfg.train.max_steps
     if not export_only and max_steps < step:
         raise ConfigError(f"{where('train.max_steps')}: train.max_steps={max_steps} is below the step of the "

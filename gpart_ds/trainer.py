@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from . import (checkpoint, comm, commcount, data, distributed, evaluate, frozen_shards, generation, methods, runcheck,
-               zero3)
+from . import (checkpoint, comm, commcount, data, distributed, evaluate, frozen_shards, generation, methods, ownership,
+               runcheck, zero3)
 from .config import ConfigError, check_paths, export_dir, to_yaml, unread_method_keys, where_for
 from .errors import EXIT_PREEMPTED, RunFailed, UserError
 from .fileio import folder_bytes, write_atomic
@@ -69,6 +69,7 @@ class Trainer:
         self.engine = None
         self.method: methods.Method | None = None
         self._export_only = False
+        self._locks: list[ownership.FolderLock] = []   # rank 0's: the folders this run owns
 
     # ---------------------------------------------------------------- set-up
     def setup(self) -> None:
@@ -78,9 +79,15 @@ class Trainer:
         # decides alone from the same files, so a refusal is the same everywhere.
         _configure_logging(int(os.environ.get("RANK", "0") or 0))
         check_paths(cfg)
-        checked = runcheck.validate_for_run(cfg, world=int(os.environ.get("WORLD_SIZE", "1") or 1),
-                                            device_type="cuda" if torch.cuda.is_available() else "cpu")
+        checked = runcheck.validate_for_run(cfg, world=distributed.check_launch_env(),
+                                            device_type="cuda" if torch.cuda.is_available() else "cpu",
+                                            environment=True)
         self.layout, self.lr = checked.layout, checked.lr
+        # A live run that owns these folders is named before anything else is said about
+        # them (every rank looks at the same lock files; rank 0 takes them below).
+        for lock in self._owned_folders():
+            ownership.peek(lock.path, lock.what, lock.key)
+        before = _folder_state(cfg)
         self.outputs = runcheck.resolve_outputs(cfg, export_only=self._export_only)
         try:   # a renamed key would otherwise load as random values, without a word
             check_weights(cfg.model.path)
@@ -97,6 +104,7 @@ class Trainer:
         ranks = distributed.init(cfg.dist.backend, cfg.dist.timeout_minutes)
         self.rank, self.local_rank, self.world = ranks.rank, ranks.local_rank, ranks.world
         _configure_logging(self.rank)
+        self._take_folders(before)
         # Which ranks share a node, and the groups the frozen base is partitioned over.
         self.placement = frozen_shards.place(cfg.dist, methods.get(cfg.method.name).trains_base,
                                              cfg.dist.timeout_minutes)
@@ -120,6 +128,51 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
         self.metrics = MetricsLog(self.out if self.rank == 0 else None, cfg)
 
+    def _owned_folders(self) -> list[ownership.FolderLock]:
+        """The locks of what this run writes: output_dir; checkpoint.dir and the merged
+        export's folder where they lie outside it (a folder inside output_dir is covered by
+        its lock; the export, replaced as a whole, is locked beside itself, as every
+        export is: zero3_export takes that lock again, nested, when it writes)."""
+        cfg = self.cfg
+        out = Path(cfg.output_dir)
+        locks = [ownership.FolderLock.for_folder(out, "output_dir")]
+        inside = lambda p: Path(os.path.abspath(p)).is_relative_to(os.path.abspath(out))   # noqa: E731
+        root = runcheck.checkpoint_root(cfg)
+        if not inside(root):
+            locks.append(ownership.FolderLock.for_folder(root, "checkpoint.dir"))
+        if cfg.export.merged and not inside(export_dir(cfg)):
+            locks.append(ownership.FolderLock.beside(export_dir(cfg), "export.dir"))
+        return locks
+
+    def _take_folders(self, before) -> None:
+        """Rank 0 takes the output folders' locks before the run writes anything; every
+        rank learns the verdict through one collective and refuses with the same words.
+        The ranks cannot decide alone (rank 0's own lock would look like another run's to
+        them), and before the process group exists they could not agree, so a refusal on
+        rank 0 alone would leave the others to be killed by the launcher (SIGTERM: exit 75,
+        and a SLURM job would requeue itself forever). If the folder changed between the
+        checks (runcheck, above) and the lock (a run that ended in between), every rank
+        checks it again, now that nobody else can write there."""
+        verdict, changed = None, False
+        if self.rank == 0:
+            try:
+                for lock in self._owned_folders():
+                    self._locks.append(lock)   # listed first: an interrupt inside still gives it back
+                    lock.acquire()
+                changed = _folder_state(self.cfg) != before
+            except ownership.FolderBusy as exc:
+                verdict = str(exc)
+                self._release_folders()
+        verdict, changed = comm.gather_objects((verdict, changed))[0]
+        if verdict is not None:
+            raise ownership.FolderBusy(verdict)
+        if changed:
+            self.outputs = runcheck.resolve_outputs(self.cfg, export_only=self._export_only)
+
+    def _release_folders(self) -> None:
+        while self._locks:
+            self._locks.pop().release()
+
     def _need(self, ok: bool, key: str, msg: str) -> None:
         if not ok:
             raise ConfigError(f"{where_for(self.cfg)(key)}: {msg}")
@@ -133,6 +186,8 @@ class Trainer:
         self.pad_id = pad if pad is not None else self.tokenizer.eos_token_id
         common = dict(fmt=d.format, max_length=d.max_length, chat_template=d.chat_template,
                       add_eos=d.add_eos, cache_dir=d.cache_dir, too_long=d.too_long)
+        for path in (d.train, d.eval):   # chat data needs a chat template: said before any tokenising
+            data.check_template(path, d.format, d.chat_template, self.tokenizer)
         self.train_set = data.tokenized(d.train, self.tokenizer, cfg.model.path, packing=d.packing,
                                         choice_loss=cfg.train.objective in ("choices", "choices_lm"), **common)
         self.eval_set = data.tokenized(d.eval, self.tokenizer, cfg.model.path, packing=False, **common)
@@ -322,7 +377,10 @@ class Trainer:
         extra = {"before": before, "method": self.cfg.method.name, "lr": self.lr,
                  "dtype": str(self.dtype).removeprefix("torch."),
                  # the targets theta was trained for: an offline merge checks the base against them
-                 "layout": self.layout.to_json()}
+                 "layout": self.layout.to_json(),
+                 # the weights they were trained on: a resume and a merge refuse another base
+                 # (checkpoint.save adds the digest of all of these)
+                 "base_identity": self.base_identity()}
         return checkpoint.save(self.engine, self.method.trainable(), self._checkpoint_root(), step,
                                extra, to_yaml(self.cfg), self.cfg.checkpoint.keep_last)
 
@@ -359,6 +417,7 @@ class Trainer:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        self._release_folders()   # whatever ended the run: the folders are free again
         if exc_type is None or issubclass(exc_type, (Preempted, NonFiniteError)):
             self.close()
         return False
@@ -467,8 +526,17 @@ class Trainer:
 
     # ---------------------------------------------------------------- outputs
     def base_model_info(self) -> dict:
+        from .identity import identity
+
+        # identity: what every reader of the adapter checks the base it is applied to against
         return {"name": display_name(self.cfg.model.path), "path": str(Path(self.cfg.model.path).resolve()),
-                "architectures": list(getattr(self.method.model.config, "architectures", None) or [])}
+                "architectures": list(getattr(self.method.model.config, "architectures", None) or []),
+                "identity": identity(self.cfg.model.path)}
+
+    def base_identity(self) -> dict:
+        from .identity import identity
+
+        return identity(self.cfg.model.path)
 
     def save_adapter(self, out_dir: Path) -> Path | None:
         """Collective: the method's adapter folder (None: the method has none)."""
@@ -497,6 +565,28 @@ class Trainer:
             out = self.export_merged()
             self.metrics.close()
             return out
+
+
+def _folder_state(cfg: DictConfig) -> list:
+    """What the output folders hold, cheaply (names, sizes, times; not the lock files):
+    equal before and after taking the locks means runcheck's verdict still stands."""
+    state = []
+    for folder in (Path(cfg.output_dir), runcheck.checkpoint_root(cfg)):
+        try:
+            for p in sorted(folder.iterdir()):
+                if not p.name.endswith(ownership.LOCK_NAME):
+                    st = p.stat()
+                    state.append((str(p), st.st_size, st.st_mtime_ns))
+        except FileNotFoundError:   # not there yet: as empty as a folder the lock just created
+            pass
+        except OSError:
+            state.append((str(folder), None, None))
+    latest = runcheck.checkpoint_root(cfg) / checkpoint.LATEST
+    try:
+        state.append(latest.read_text())
+    except OSError:
+        pass
+    return state
 
 
 def _fmt(metrics: dict) -> str:

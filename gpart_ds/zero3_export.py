@@ -41,35 +41,70 @@ class ShardMerger(Protocol):
     def merged(self, tensor_name: str, first: int, w0_flat: torch.Tensor) -> torch.Tensor: ...
 
 
-def _create_output(out: Path, plans) -> Path:
-    """Rank 0 creates the temporary folder and the sized files every rank writes into."""
-    tmp = export.temp_dir_for(out)
+def _create_output(out: Path, plans, overwrite: bool):
+    """Rank 0 takes the export's lock, checks the folder again under it, and creates this
+    export's own temporary folder and the sized files every rank writes into; every rank
+    learns the folder's name (unique per writer) or the refusal through one collective.
+    Returns (temporary folder, the lock rank 0 holds or None)."""
+    lock, tmp, verdict = None, None, None
     if comm.rank() == 0:
-        export.start_output(out)
-        stio.create_files(tmp, plans)
-    comm.barrier()
-    return tmp
+        try:
+            lock = export.output_lock(out, "export.dir").acquire()
+            export.check_output(out, overwrite)
+            tmp = export.start_output(out)
+            stio.create_files(tmp, plans)
+        except Exception as exc:   # every rank refuses with rank 0's words, nobody waits
+            verdict = str(exc) if isinstance(exc, export.UserError) else \
+                f"merged export to {out}: {_failure(exc)}; nothing was written there"
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if lock is not None:
+                lock.release()
+            lock = None
+    verdict, tmp = comm.gather_objects((verdict, None if tmp is None else str(tmp)))[0]
+    if verdict is not None:
+        raise export.ExportError(verdict)
+    return Path(tmp), lock
+
+
+@contextlib.contextmanager
+def _abandoned_on_interrupt(tmp: Path, lock):
+    """Ctrl-C or a stop signal while the ranks write: the temporary folder and the lock go
+    (an Exception is collected and agreed on in _complete_output instead)."""
+    try:
+        yield
+    except BaseException as exc:
+        if not isinstance(exc, Exception):
+            if comm.rank() == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if lock is not None:
+                lock.release()
+        raise
 
 
 def _complete_output(error: str | None, tmp: Path, out: Path, plans, base_dir: Path, out_dtype, prov: dict,
-                     device) -> None:
+                     device, lock=None) -> None:
     """Collective: fail everywhere if any rank failed; else rank 0 adds the index, config
-    and tokenizer and renames the folder into place."""
-    if not comm.all_agree(error is None, device):
+    and tokenizer and renames the folder into place. Rank 0 gives the lock back either way."""
+    try:
+        if not comm.all_agree(error is None, device):
+            if comm.rank() == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            comm.barrier()
+            raise export.ExportError(f"merged export to {out} failed ({error or 'on another rank'}); "
+                                     "nothing was written there")
         if comm.rank() == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                stio.write_index(tmp, plans)
+                export.copy_side_files(base_dir, tmp, out_dtype, prov)
+                export.finish_output(tmp, out)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
         comm.barrier()
-        raise export.ExportError(f"merged export to {out} failed ({error or 'on another rank'}); "
-                                 "nothing was written there")
-    if comm.rank() == 0:
-        try:
-            stio.write_index(tmp, plans)
-            export.copy_side_files(base_dir, tmp, out_dtype, prov)
-            export.finish_output(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    comm.barrier()
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _failure(exc: BaseException) -> str:
@@ -131,10 +166,10 @@ def export_sharded(model: torch.nn.Module, merger: ShardMerger, base_dir: str | 
             raise export.ExportError(f"{name}: shape {list(full_shape(p))} in the model but "
                                      f"{list(st.entry.shape)} in {st.path}")
     replica = shard_replica(params.values())
-    tmp = _create_output(out, plans)
+    tmp, lock = _create_output(out, plans, overwrite)
     error = None
     try:
-        with torch.no_grad(), stio.RangeWriter(tmp, plans) as writer:
+        with _abandoned_on_interrupt(tmp, lock), torch.no_grad(), stio.RangeWriter(tmp, plans) as writer:
             for name, st in base.items():
                 entry = writer.where[name][1]
                 p = params.get(name)
@@ -161,7 +196,7 @@ def export_sharded(model: torch.nn.Module, merger: ShardMerger, base_dir: str | 
         error = _failure(exc)
     prov = {"base": str(base_dir), "compute_dtype": str(compute_dtype), "dtype": str(out_dtype),
             "ranks": comm.world(), **(provenance or {})}
-    _complete_output(error, tmp, out, plans, base_dir, out_dtype, prov, device)
+    _complete_output(error, tmp, out, plans, base_dir, out_dtype, prov, device, lock)
     return out
 
 
@@ -179,11 +214,12 @@ def export_gathered(method, base_dir: str | Path, out_dir: str | Path, compute_d
         if src is not None and tuple(full_shape(src[0][0])) != tuple(base[name].entry.shape):
             raise export.ExportError(f"{name}: shape {list(full_shape(src[0][0]))} in the model but "
                                      f"{list(base[name].entry.shape)} in {base[name].path}")
-    tmp = _create_output(out, plans)
+    tmp, lock = _create_output(out, plans, overwrite)
     error = None
     rank0 = comm.rank() == 0
     try:
-        with (stio.RangeWriter(tmp, plans) if rank0 else contextlib.nullcontext()) as writer, torch.no_grad():
+        with _abandoned_on_interrupt(tmp, lock), \
+                (stio.RangeWriter(tmp, plans) if rank0 else contextlib.nullcontext()) as writer, torch.no_grad():
             for name, st in base.items():
                 if sources[name] is None:
                     if rank0:
@@ -201,5 +237,5 @@ def export_gathered(method, base_dir: str | Path, out_dir: str | Path, compute_d
         error = _failure(exc)
     prov = {"base": str(base_dir), "adapter_kind": f"zero3-run-{method.name}", "dtype": str(out_dtype),
             "ranks": comm.world()}
-    _complete_output(error, tmp, out, plans, base_dir, out_dtype, prov, device)
+    _complete_output(error, tmp, out, plans, base_dir, out_dtype, prov, device, lock)
     return out

@@ -36,8 +36,53 @@ def parse(argv=None):
     return ap.parse_args(argv)
 
 
+# The stop signals a scheduler sends (SLURM: SIGUSR1 before the time limit, SIGTERM on
+# preemption); the deepspeed launcher's death reaches a rank as SIGTERM too.
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
+_stop_seen: list[int] = []
+
+
+def _stop_during_startup(signum, frame):
+    """Until training installs its own handler (which checkpoints at the end of a step), a
+    stop signal abandons the start-up: without this the process died of the signal (status
+    143, no word), which the SLURM script does not requeue. Raised as an exception so that
+    temporary files and the output folder's lock are given back on the way out."""
+    import signal
+
+    from gpart_ds.errors import Stopped
+
+    _stop_seen.append(signum)
+    raise Stopped(_stop_message(signal.Signals(signum).name))
+
+
+def _stop_message(name: str) -> str:
+    return (f"{name} while the run was starting (before its first training step, or during --export-only): "
+            "nothing of it was kept; exit 75 so that slurm/gpart.sh requeues the job, and train.resume=auto "
+            "starts it again")
+
+
+def install_startup_stop() -> None:
+    import signal
+
+    for name in STOP_SIGNALS:
+        signal.signal(getattr(signal, name), _stop_during_startup)
+
+
 def main(argv=None) -> int:
     args = parse(argv)
+    if not args.dry_run:   # first thing: importing torch alone takes seconds
+        install_startup_stop()
+    else:
+        import signal
+
+        for name in STOP_SIGNALS:   # a dry run has nothing to requeue: a signal ends it as usual
+            signal.signal(getattr(signal, name), signal.SIG_DFL)
+    from gpart_ds.errors import run_cli   # standard library only: no signal can be missed before it
+
+    return run_cli(lambda: _start(args))
+
+
+def _start(args) -> int:
     import warnings
 
     import torch
@@ -47,9 +92,24 @@ def main(argv=None) -> int:
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from gpart_ds.errors import run_cli
+    return _stop_wins(args)
 
-    return run_cli(lambda: _run(args))
+
+def _stop_wins(args) -> int:
+    """A stop signal that arrived while a rank waited in C code (a collective, a peer that
+    had already left) may surface as that call's own error: the signal is what happened."""
+    import signal
+
+    from gpart_ds.errors import Stopped
+
+    try:
+        return _run(args)
+    except Stopped:
+        raise
+    except BaseException:
+        if _stop_seen:
+            raise Stopped(_stop_message(signal.Signals(_stop_seen[0]).name)) from None
+        raise
 
 
 def _run(args) -> int:
@@ -75,6 +135,12 @@ def _run(args) -> int:
 
 
 if __name__ == "__main__":
-    from gpart_ds.distributed import exit_process
+    install_startup_stop()   # before the import below: it loads torch (seconds on a busy node)
+    from gpart_ds.errors import Stopped
 
+    try:
+        from gpart_ds.distributed import exit_process
+    except Stopped as exc:
+        print(f"stopped: {exc}", file=sys.stderr, flush=True)
+        sys.exit(exc.exit_code)
     exit_process(main())   # a rank that ran skips the interpreter's teardown (see there)

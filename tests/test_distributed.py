@@ -333,6 +333,7 @@ def test_the_trainer_closes_on_the_ends_every_rank_reaches_together(monkeypatch)
     closed = []
     monkeypatch.setattr(tr.distributed, "shutdown", lambda: closed.append(True))
     t = object.__new__(tr.Trainer)   # no setup: only the context manager is under test
+    t._locks = []                    # (what __init__ sets first: no folder owned yet)
     for exc, want in ((None, 1), (tr.Preempted("ckpt"), 1), (tr.NonFiniteError("nan"), 1),
                       (RuntimeError("peer lost"), 0), (tr.UserError("bad"), 0)):
         closed.clear()

@@ -16,12 +16,22 @@ import torch
 from torch import nn
 
 from .. import comm
-from ..fileio import atomic_dir
+from ..fileio import atomic_dir, sha256_file
+from ..identity import IdentityError, check_base, check_digest, digest
 from ..targets import Layout
 from ..zero3 import gathered
 from .base import Method, MethodRoot, Need
 
 ADAPTER_NAME = "default"
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+# gpart_ds's record beside PEFT's files: the method, the base model (name, path, identity),
+# the training dtype, the weights' SHA-256 and the digest of all that defines the delta.
+RUN_RECORD = "gpart_ds_run.json"
+# adapter_config.json keys that do not define the delta: where the base was (its identity
+# is checked instead), PEFT's own bookkeeping. Every other key is covered by the digest,
+# so any hand edit of r, lora_alpha, projection_prng_key, target_modules, ... is named.
+NOT_DIGESTED = ("base_model_name_or_path", "revision", "inference_mode")
 _FIRST_QKV = re.compile(r"(^|\.)layers\.0\.self_attn\.[qkv]_proj(\.weight)?$")
 
 
@@ -106,8 +116,10 @@ class PeftMethod(Method):
                 cfg = peft_model.peft_config[ADAPTER_NAME]
                 cfg.base_model_name_or_path = info["base_model"].get("path")
                 cfg.save_pretrained(str(tmp))
-                (tmp / "gpart_ds_run.json").write_text(json.dumps({"method": self.name, **info["base_model"]},
-                                                                  indent=2) + "\n")
+                run = {"method": self.name, **info["base_model"], "dtype": dtype_name(info.get("dtype")),
+                       "weights_sha256": sha256_file(tmp / "adapter_model.safetensors")}
+                run["digest"] = digest(delta_fields(json.loads((tmp / CONFIG_NAME).read_text()), run))
+                (tmp / RUN_RECORD).write_text(json.dumps(run, indent=2) + "\n")
         comm.barrier()
         return Path(out_dir)
 
@@ -130,6 +142,57 @@ class PeftMethod(Method):
             p = getattr(mod.get_base_layer(), attr, None)
             return ([p], lambda: p.detach()) if isinstance(p, nn.Parameter) else None
         return super().merge_source(name)
+
+
+def dtype_name(dtype) -> str | None:
+    return str(dtype).removeprefix("torch.") if dtype is not None else None
+
+
+def delta_fields(peft_config: dict, run: dict) -> dict:
+    """What defines a LoRA / VeRA adapter's delta (its digest covers these): every key of
+    PEFT's adapter_config.json but NOT_DIGESTED, the training dtype, the weights' SHA-256
+    and the base model's identity."""
+    fields = {k: v for k, v in sorted(peft_config.items()) if k not in NOT_DIGESTED}
+    fields.update({f"{RUN_RECORD}:dtype": run.get("dtype"), f"{RUN_RECORD}:weights_sha256": run.get("weights_sha256"),
+                   f"{RUN_RECORD}:identity": run.get("identity")})
+    return fields
+
+
+def check_adapter(folder: Path, base_dir: Path, label: str = "--model") -> None:
+    """Every check a LoRA / VeRA adapter folder passes before it is applied to `base_dir`:
+    its weights are the ones recorded, its config is the one it was written with (the
+    digest), and the base is the one it was trained on. A PEFT folder that gpart_ds did not
+    write (no gpart_ds_run.json) has nothing to check against: accepted with a warning."""
+    import logging
+
+    folder = Path(folder)
+    cfg_path, w_path, run_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME, folder / RUN_RECORD
+    for p in (cfg_path, w_path):
+        if not p.is_file():
+            raise IdentityError(f"{p}: missing (is {folder} an adapter folder?)")
+    try:
+        peft_config = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise IdentityError(f"{cfg_path}: not valid JSON ({exc})") from None
+    if not run_path.is_file():
+        logging.getLogger(__name__).warning(
+            "%s: no %s (not written by gpart_ds): its settings and base model cannot be checked", folder, RUN_RECORD)
+        return
+    try:
+        run = json.loads(run_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise IdentityError(f"{run_path}: not valid JSON ({exc})") from None
+    if not isinstance(peft_config, dict) or not isinstance(run, dict):
+        raise IdentityError(f"{cfg_path if not isinstance(peft_config, dict) else run_path}: expected a JSON object")
+    # Written before digests existed: its record has no weights SHA-256 either (accepted, as
+    # for GPart's version 1 adapters: adapter.READ_VERSIONS says why).
+    old = "digest" not in run and "weights_sha256" not in run
+    want = run.get("weights_sha256")
+    if want is not None and sha256_file(w_path) != want:
+        raise IdentityError(f"{w_path}: SHA-256 differs from the one recorded in {RUN_RECORD} (corrupted, or "
+                            "the weights of another adapter)")
+    check_digest(run.get("digest"), delta_fields(peft_config, run), cfg_path, missing_ok=old)
+    check_base(base_dir, run.get("identity"), cfg_path, label, run.get("path") or run.get("name"))
 
 
 def first_block_qkv(arch) -> list[tuple[int, int]]:

@@ -24,8 +24,12 @@ from tests.faults.forkserver import REPO, snapshot
 
 TRACEBACK = "Traceback (most recent call last)"
 ERROR_LINE = re.compile(r"(^|: )error: ", re.M)
-# Names a temporary file or folder of gpart_ds (or of a write it hands to a library) has.
-TEMP_NAME = re.compile(r"(^|/)\.[^/]*(\.tmp|\.tmp-|\.old-|tmp-export)[^/]*($|/)|(^|/)tmp[^/]*\.(arrow|json)$")
+# Names a temporary file or folder of gpart_ds (or of a write it hands to a library) has:
+# `.NAME.tmp-PID-RANDOM`, `.NAME.old-PID-RANDOM`, `.NAME.tmp-export-HOST-PID-RANDOM` (unique
+# per writer), and an output's lock file (`.gpart.lock` in a folder, `.NAME.gpart.lock`
+# beside one), which a command that ended must have given back.
+TEMP_NAME = re.compile(r"(^|/)\.[^/]*(\.tmp|\.tmp-|\.old-|tmp-export)[^/]*($|/)|(^|/)tmp[^/]*\.(arrow|json)$"
+                       r"|(^|/)\.[^/]*gpart\.lock/?$")
 
 
 class ForkServer:
@@ -98,6 +102,9 @@ class Call:
     grace_s: float = 1.0           # launcher calls: how long its ranks may outlive a signalled launcher
     env: dict | None = None
     ignore: tuple = ("tokcache/*", "_*")   # not judged (shared caches, the harness's own files)
+    # callables () run after the call whatever it did (a process a case started to hold a
+    # folder, as a live run would, is ended here)
+    cleanup: tuple = ()
 
 
 @dataclass
@@ -173,11 +180,15 @@ def run_call(server: ForkServer, ws: Path, call: Call, tag: str = "") -> Outcome
            "stdout": str(out_dir / "stdout.txt"), "stderr": str(out_dir / "stderr.txt"),
            "env": call.env or {}, "timeout": call.timeout, "fs": fs, "signal": call.signal,
            "grace_s": call.grace_s}
-    if call.cli == "launcher":
-        resp = run_launcher(req)
-    else:
-        resp = server.call(req)
-    after = _judged(snapshot(ws), call)
+    try:
+        if call.cli == "launcher":
+            resp = run_launcher(req)
+        else:
+            resp = server.call(req)
+        after = _judged(snapshot(ws), call)
+    finally:
+        for fn in call.cleanup:
+            fn()
     out = Outcome(resp.get("rc"), _read(out_dir / "stdout.txt"), _read(out_dir / "stderr.txt"),
                   resp.get("seconds", 0.0), timed_out=resp.get("timed_out", False),
                   signal_sent_at=resp.get("signal_sent_at"), orphans=resp.get("orphans", 0), ws=ws)

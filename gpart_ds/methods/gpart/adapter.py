@@ -1,8 +1,9 @@
 """GPart adapter files: theta (d floats) and what is needed to regenerate delta from it.
 
     adapter/adapter_model.safetensors   {"gpart_theta": float32[d]}
-    adapter/adapter_config.json         d, seed, hash, targets, canonical layout, base model,
-                                        training dtype, SHA-256 of the weights file
+    adapter/adapter_config.json         d, seed, hash, targets, canonical layout, base model
+                                        (name, path, identity: identity.py), training dtype,
+                                        SHA-256 of the weights file, digest of all of these
 
 The only home of this format: written by `save_adapter`, read (and checked) by
 `load_adapter`. Written atomically: a temporary sibling folder renamed over the old one.
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ... import __version__
+from ... import identity as ident
 from ...errors import UserError
 from ...fileio import atomic_dir, sha256_file
 from ...targets import Layout
@@ -25,7 +27,13 @@ from .partition import HASH_NAME, HASH_VERSION
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT = "gpart_ds.adapter"
-FORMAT_VERSION = 1
+# 2: the digest (identity.digest of delta_fields) and the base identity. Version 1 adapters
+# (written before digests existed) are still read: refusing them would strand every adapter
+# trained so far, and their weights SHA-256 and layout checks still hold; they are accepted
+# with a warning that their settings cannot be checked. A version 2 adapter without its
+# digest is refused (the digest was removed by hand).
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)
 
 
 class AdapterError(UserError):
@@ -53,6 +61,17 @@ def adapter_config(*, d: int, seed: int, target_modules, dropout: float, layout:
     }
 
 
+def delta_fields(cfg: dict) -> dict:
+    """Everything that defines the delta an adapter folder applies: what its digest covers
+    (the weights' SHA-256 binds theta to these settings; dropout does not change the delta)."""
+    base = cfg.get("base_model")
+    return {"method": cfg.get("method"), "format_version": cfg.get("format_version"), "d": cfg.get("d"),
+            "seed": cfg.get("seed"), "hash": cfg.get("hash"), "D": cfg.get("D"), "layout": cfg.get("layout"),
+            "target_modules": cfg.get("target_modules"), "dtype": cfg.get("dtype"),
+            "weights_sha256": cfg.get("weights_sha256"),
+            "base_identity": base.get("identity") if isinstance(base, dict) else base}
+
+
 def dtype_name(dtype: torch.dtype | None) -> str | None:
     return str(dtype).removeprefix("torch.") if dtype is not None else None
 
@@ -77,6 +96,7 @@ def save_adapter(out_dir: str | Path, theta: torch.Tensor, config: dict) -> Path
         save_file({THETA: theta.detach().to("cpu", torch.float32).contiguous()},
                   str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "d": str(config["d"])})
         config = {**config, "weights_sha256": sha256_file(tmp / WEIGHTS_NAME)}
+        config["digest"] = ident.digest(delta_fields(config))
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     return out_dir
 
@@ -116,7 +136,7 @@ def _int(cfg: dict, key: str, where: Path, lo: int, hi: int) -> int:
 
 def _check_config(cfg: dict, cfg_path: Path) -> Layout:
     """Every field a merge relies on is present, typed and consistent; returns the layout."""
-    if cfg.get("format") != FORMAT or cfg.get("format_version") != FORMAT_VERSION:
+    if cfg.get("format") != FORMAT or cfg.get("format_version") not in READ_VERSIONS:
         raise AdapterError(f"{cfg_path}: unknown adapter format "
                            f"{cfg.get('format')!r} v{cfg.get('format_version')!r}")
     h = cfg.get("hash", {})
@@ -162,7 +182,17 @@ def load_adapter(adapter_dir: str | Path) -> tuple[torch.Tensor, dict]:
         got = None if theta is None else tuple(theta.shape)
         raise AdapterError(f"{w_path}: expected tensor {THETA!r} of shape ({config['d']},), got {got}")
     check_finite(theta, w_path)
+    # Last: a value that is invalid in itself is named by the checks above; this one catches
+    # a valid value that is not the one the weights were trained with (an edited seed).
+    ident.check_digest(config.get("digest"), delta_fields(config), cfg_path,
+                       missing_ok=config["format_version"] == 1)
     return theta, config
+
+
+def check_base(config: dict, base_dir: str | Path, where, label: str = "--base") -> None:
+    """The adapter is applied to the base it was trained on (identity.check_base)."""
+    base = config.get("base_model") if isinstance(config.get("base_model"), dict) else {}
+    ident.check_base(base_dir, base.get("identity"), where, label, base.get("path") or base.get("name"))
 
 
 def check_finite(theta: torch.Tensor, where) -> None:

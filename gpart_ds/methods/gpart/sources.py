@@ -10,7 +10,9 @@ Three sources:
     no extra trained modules) is the same mapping as ours; anything else is refused by name.
 
 Every source is checked against the base model's safetensors header (names and shapes
-of the target weights), so an adapter is never merged into the wrong model.
+of the target weights) and, where it records one, against the base identity it was
+trained on (identity.py: the weights' fingerprint; a merged folder is refused as a base),
+so an adapter is never merged into the wrong model.
 """
 from __future__ import annotations
 
@@ -19,10 +21,19 @@ from pathlib import Path
 
 import torch
 
+from ... import identity as ident
 from ...safetensors_io import StoredTensor
 from ...targets import Target, build_layout
-from .adapter import CONFIG_NAME, WEIGHTS_NAME, AdapterError, check_finite, load_adapter, parse_dtype_name, \
-    read_config, read_tensors
+from .adapter import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    AdapterError,
+    check_finite,
+    load_adapter,
+    parse_dtype_name,
+    read_config,
+    read_tensors,
+)
 from .kernels import choose_mode, get_kernels
 from .layer import THETA, apply_gpart
 from .merge import Merger
@@ -47,14 +58,18 @@ class MergeSource:
     path: Path
     config_file: Path               # the file that described it (for error messages)
     patterns: object = None         # its target_modules, to recompute the base's layout
+    base_identity: dict | None = None   # the identity of the base it was trained on (None: not recorded)
+    trained_on: str | None = None   # that base's recorded path or name (for messages)
+    digest: str | None = None       # the SHA-256 of its definition (identity.digest), for the merge record
 
     @property
     def d(self) -> int:
         return self.theta.numel()
 
     # -- what the offline export and verify ask of any method's adapter source
-    def check(self, base: dict[str, StoredTensor], base_dir: Path) -> None:
+    def check(self, base: dict[str, StoredTensor], base_dir: Path, label: str = "--base") -> None:
         check_against_base(self, base, base_dir)
+        ident.check_base(base_dir, self.base_identity, self.config_file, label, self.trained_on)
 
     def compute_dtype(self, base: dict[str, StoredTensor]) -> torch.dtype:
         """Round as training did: in the training dtype if the source records it, else in
@@ -67,7 +82,7 @@ class MergeSource:
 
     def provenance(self) -> dict:
         return {"method": "gpart", "adapter": str(self.path), "adapter_kind": self.kind, "d": self.d,
-                "seed": self.seed, "targets": len(self.targets)}
+                "seed": self.seed, "targets": len(self.targets), "adapter_digest": self.digest}
 
     def attach(self, model):
         """The adapter applied to a plain (non-sharded) model: its GPartModel root."""
@@ -138,8 +153,12 @@ def _checkpoint(path: Path, base_dir: Path) -> MergeSource:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64 or "target_modules" not in m:
         raise AdapterError(f"{path / checkpoint.RUN_CONFIG}: method.seed / method.target_modules missing or "
                            f"invalid (seed {seed!r})")
+    dig = ckpt.state.get("digest")
     return MergeSource(theta.float(), seed, _checkpoint_targets(ckpt, m, base_dir), ckpt.dtype, "checkpoint",
-                       path, path / checkpoint.STATE_JSON, m["target_modules"])
+                       path, path / checkpoint.STATE_JSON, m["target_modules"],
+                       base_identity=ckpt.state.get("base_identity"),
+                       trained_on=str(ckpt.run_config.get("model", {}).get("path") or "") or None,
+                       digest=dig.get("sha256") if isinstance(dig, dict) else None)
 
 
 def _checkpoint_targets(ckpt, m: dict, base_dir: Path) -> list[Target]:
@@ -181,8 +200,12 @@ def open_source(path: str | Path, base_dir: str | Path) -> MergeSource:
         return _reference(path, cfg, base_dir)
     theta, cfg = load_adapter(path)
     targets = [Target(name, tuple(shape), offset) for name, shape, offset in cfg["layout"]]
+    base = cfg.get("base_model") if isinstance(cfg.get("base_model"), dict) else {}
+    dig = cfg.get("digest")
     return MergeSource(theta.float(), int(cfg["seed"]), targets, parse_dtype_name(cfg.get("dtype")),
-                       "gpart_ds", path, cfg_path, cfg["target_modules"])
+                       "gpart_ds", path, cfg_path, cfg["target_modules"], base_identity=base.get("identity"),
+                       trained_on=base.get("path") or base.get("name"),
+                       digest=dig.get("sha256") if isinstance(dig, dict) else None)
 
 
 def check_against_base(src: MergeSource, base: dict[str, StoredTensor], base_dir: Path) -> None:
