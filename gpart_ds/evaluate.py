@@ -263,6 +263,8 @@ class Evaluator:
         from . import comm
 
         world, rank = comm.world(), comm.rank()
+        t0 = time.perf_counter()
+        generate_s = None
         loss_sum, n_tok, matched, n_ex, hits, scored = 0.0, 0, 0, 0, 0, 0
         mine: dict[int, dict] = {}    # record (sort key) -> this rank's verdicts on it
         right, answered = 0, 0
@@ -278,6 +280,7 @@ class Evaluator:
                     v = generation.verdict(q, generation.answer_text(self.tokenizer, ids))
                     right, answered = right + v["answer_correct"], answered + 1
                     mine.setdefault(q.index, {"record": q.where, "index": q.index}).update(v)
+            generate_s = time.perf_counter() - t0
         if not self.one_forward:
             n = min(len(self.examples), limit) if limit else len(self.examples)
             order = sorted(range(n), key=lambda i: len(self.examples[i].input_ids))
@@ -327,6 +330,10 @@ class Evaluator:
             out["accuracy"] = hit_total / score_total
         if answered_total:
             out["answer_accuracy"] = right_total / answered_total
+        # What the evaluation costs (rank 0's clock): generating the answers against scoring.
+        out["eval_s"] = time.perf_counter() - t0
+        if generate_s is not None:
+            out["generate_s"] = generate_s
         return out
 
 

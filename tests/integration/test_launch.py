@@ -39,6 +39,8 @@ def test_deepspeed_launch_tiny_config_trains_and_writes_adapter_and_metrics(deep
     rows = [json.loads(line) for line in (out / "eval_predictions.jsonl").read_text().splitlines()]
     assert all("generated" in r and "answer_correct" in r for r in rows)
     assert sum(r["answer_correct"] for r in rows) / 8 == evals[12]["answer_accuracy"]
+    # what each evaluation cost, the generated answers' share of it apart
+    assert all(0 < ev["generate_s"] < ev["eval_s"] for ev in evals.values())
     # no partial folders left behind by the atomic write
     assert not [p.name for p in out.iterdir() if ".tmp-" in p.name]
     # nor DeepSpeed's CPU all-reduce buffers in /dev/shm (69 MB per rank per run)
