@@ -312,6 +312,19 @@ class Checkpoint:
         dt = getattr(torch, str(name), None) if name else None
         return dt if isinstance(dt, torch.dtype) else None
 
+    # Its files, for the messages of whoever reads the values (a method's merge source).
+    @property
+    def state_file(self) -> Path:
+        return self.path / STATE_FILE
+
+    @property
+    def state_json_file(self) -> Path:
+        return self.path / STATE_JSON
+
+    @property
+    def run_config_file(self) -> Path:
+        return self.path / RUN_CONFIG
+
 
 def looks_like_checkpoint(path: Path) -> bool:
     return (path / STATE_JSON).is_file() or (path / MANIFEST).is_file()

@@ -398,6 +398,7 @@ def _validate_values(cfg: DictConfig, where: _Where) -> None:
 
     from . import methods
     from .data import FORMATS
+    from .methods.base import is_positive_number
     from .safetensors_io import parse_size
     from .targets import check_patterns
 
@@ -463,11 +464,6 @@ def _validate_values(cfg: DictConfig, where: _Where) -> None:
         parse_size(e.max_shard_size)
     except ValueError as exc:
         need(False, "export.max_shard_size", str(exc))
-
-
-def is_positive_number(x) -> bool:
-    """A finite number > 0 (a bool is not a number here): rates and steps."""
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
 
 def unread_method_keys(m) -> list[str]:

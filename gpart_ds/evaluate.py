@@ -366,11 +366,11 @@ def _load_model(model_dir: str, adapter_dir: str | None, dtype):
         check_adapter(folder, Path(model_dir), "--model")
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
         return MethodRoot(PeftModel.from_pretrained(model, folder)).eval()
-    from .methods import open_adapter       # a GPart adapter, a checkpoint, or the GPart authors' adapter
+    from .export import open_source          # a GPart adapter, a checkpoint, or the GPart authors' adapter
     from .safetensors_io import read_model_header
 
     # Read and checked (settings, digest, layout, base identity) before the model is loaded.
-    src = open_adapter(folder, Path(model_dir))
+    src = open_source(folder, Path(model_dir))
     src.check(read_model_header(Path(model_dir)), Path(model_dir), "--model")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     if config.is_file() and src.kind == "gpart_ds":

@@ -173,13 +173,23 @@ def _progress(total: int, enabled: bool):
                 disable=not enabled, dynamic_ncols=True)
 
 
+def open_source(path: Path, base_dir: Path):
+    """An adapter or checkpoint folder as a merge source: a checkpoint is read (and
+    verified) here and handed to the method that ran it; an adapter folder to whichever
+    method reads it (GPart: its own adapters and the reference implementation's)."""
+    from . import checkpoint, methods
+
+    path = Path(path)
+    if path.is_dir() and checkpoint.looks_like_checkpoint(path):
+        return methods.open_checkpoint(checkpoint.read(path), Path(base_dir))
+    return methods.open_adapter(path, Path(base_dir))
+
+
 def merge_offline(base_dir, adapter_dir, out_dir, dtype: str | None = None,
                   max_shard_size: str | int = "5GB", overwrite: bool = False,
                   block_bytes: int = DEFAULT_BLOCK_BYTES, kernel: str = "auto",
                   progress: bool | None = None) -> dict:
     """Stream BASE + delta(ADAPTER) into OUT; returns byte count, seconds and MB/s."""
-    from . import methods
-
     base_dir, out = Path(base_dir), Path(out_dir)
     t0 = time.perf_counter()
     landing = overlap({"--out": out}, {"--base": base_dir, "--adapter": adapter_dir})
@@ -187,7 +197,7 @@ def merge_offline(base_dir, adapter_dir, out_dir, dtype: str | None = None,
         raise ExportError(landing)
     check_output(out, overwrite)
     base = read_base(base_dir)
-    src = methods.open_adapter(Path(adapter_dir), base_dir)
+    src = open_source(Path(adapter_dir), base_dir)
     src.check(base, base_dir)
     compute = src.compute_dtype(base)
     out_dtype = parse_dtype(dtype) or compute
@@ -260,8 +270,6 @@ def verify(merged_dir, base_dir, adapter_dir, prompts=DEFAULT_PROMPTS, atol: flo
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from . import methods
-
     from .model import check_weights
 
     merged_dir, base_dir = Path(merged_dir), Path(base_dir)
@@ -278,7 +286,7 @@ def verify(merged_dir, base_dir, adapter_dir, prompts=DEFAULT_PROMPTS, atol: flo
     dtype = DTYPE_NAMES.get(compute, torch.float32)
     if atol is None:
         atol = 1e-3 if dtype == torch.float32 else 0.1
-    src = methods.open_adapter(Path(adapter_dir), base_dir)
+    src = open_source(Path(adapter_dir), base_dir)
     src.check(read_base(base_dir), base_dir)
     # Merged from another adapter of the same kind (a checkpoint and the adapter of its step
     # hold the same delta under other digests): say so, rather than a bare FAILED.

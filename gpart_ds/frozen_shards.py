@@ -34,7 +34,8 @@ import torch
 from torch import nn
 
 from . import safetensors_io as stio
-from .model import ModelError, load_model
+from .model import load_model
+from .targets import ModelError
 from .topology import Placement
 from .zero3 import is_partitioned, local_shard, shard_range
 

@@ -1,4 +1,6 @@
-"""Hugging Face causal LMs: a weightless skeleton for checks, and the (sharded) load."""
+"""Hugging Face causal LMs: checks of a model folder against the config, and the (sharded) load.
+
+The weightless skeleton these build on is targets.skeleton (below the methods, which read it too)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,8 +9,7 @@ import torch
 from omegaconf import DictConfig
 
 from .config import ConfigError, where_for
-from .errors import UserError
-from .targets import ALL_LINEAR, build_layout, linear_module_names, normalize_patterns
+from .targets import ALL_LINEAR, ModelError, build_layout, linear_module_names, normalize_patterns, skeleton
 
 
 def training_dtype(precision: str, device_type: str) -> torch.dtype:
@@ -21,26 +22,6 @@ def training_dtype(precision: str, device_type: str) -> torch.dtype:
     if device_type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
-
-
-class ModelError(UserError):
-    """A model folder that cannot be read: names the folder and what is wrong."""
-
-
-def skeleton(model_path: str):
-    """The model built on the meta device: names and shapes, no memory, no weights read.
-
-    `model_path`: a Hugging Face model folder, or just its config.json.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        hf_cfg = AutoConfig.from_pretrained(model_path)
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(hf_cfg)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ModelError(f"{model_path}: not a causal-LM config.json transformers can build "
-                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
 
 
 def architecture_source(cfg: DictConfig, override: str | None = None) -> str:

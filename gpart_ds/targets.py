@@ -8,6 +8,7 @@ one value type for that, used by the training op, the merge and the adapter file
 
 Works on a plain module and on a model built sharded under ZeRO-3 (shapes come from
 `ds_shape` while a parameter is partitioned). Knows nothing else of DeepSpeed.
+`skeleton` builds the model these walk from a config.json alone (meta device, no weights).
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from .errors import UserError
 
 ALL_LINEAR = "all-linear"
 # Decoder blocks of Llama, Mistral, Qwen2, Gemma...: "model.layers.<i>." in HF naming.
@@ -122,3 +125,23 @@ def linear_module_names(model: nn.Module) -> list[str]:
     """Suffixes of all linear layers in decoder blocks: what a pattern could match."""
     return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
                    if isinstance(m, nn.Linear) and _BLOCK_RE.search(n)})
+
+
+class ModelError(UserError):
+    """A model folder that cannot be read: names the folder and what is wrong."""
+
+
+def skeleton(model_path: str):
+    """The model built on the meta device: names and shapes, no memory, no weights read.
+
+    `model_path`: a Hugging Face model folder, or just its config.json.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        hf_cfg = AutoConfig.from_pretrained(model_path)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(hf_cfg)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"{model_path}: not a causal-LM config.json transformers can build "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None

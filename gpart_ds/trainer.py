@@ -545,11 +545,12 @@ class Trainer:
     def export_merged(self) -> Path:
         """The merged Hugging Face folder, written by the ranks together (collective)."""
         from .export import parse_dtype
+        from .zero3_export import export_run
 
         e, t0 = self.cfg.export, time.perf_counter()
         commcount.phase("export")
-        out = self.method.export_merged(Path(self.cfg.model.path), export_dir(self.cfg), self.dtype,
-                                        parse_dtype(e.dtype), e.max_shard_size, e.overwrite, self.device)
+        out = export_run(self.method, Path(self.cfg.model.path), export_dir(self.cfg), self.dtype,
+                         parse_dtype(e.dtype), e.max_shard_size, e.overwrite, self.device)
         dt = time.perf_counter() - t0
         log.info("merged model written to %s in %.1f s", out, dt)
         self.metrics.write({"event": "export", "dir": str(out), "seconds": dt})

@@ -9,6 +9,8 @@ With the frozen base partitioned within groups of ranks (dist.frozen_partition=n
 each shard has one copy per group, and each copy writes its own part of it
 (`shard_replica`): every byte is still written once.
 
+`export_run` asks the method which of the two (Method.shard_merger).
+
 `export_gathered`: tensor by tensor every rank gathers what the merged value needs (the
 base weight and, for PEFT layers, its factors) and rank 0 merges and writes it; the
 baselines use it (what their users have today).
@@ -239,3 +241,17 @@ def export_gathered(method, base_dir: str | Path, out_dir: str | Path, compute_d
             "ranks": comm.world()}
     _complete_output(error, tmp, out, plans, base_dir, out_dtype, prov, device, lock)
     return out
+
+
+def export_run(method, base_dir: str | Path, out_dir: str | Path, compute_dtype: torch.dtype,
+               out_dtype: torch.dtype | None = None, max_shard_size: str | int = "5GB",
+               overwrite: bool = False, device=None) -> Path:
+    """Collective: a run's merged Hugging Face folder, the way its method asks for
+    (Method.shard_merger): every rank writes its own shards, or gathered through rank 0."""
+    sharded = method.shard_merger(compute_dtype, device)
+    if sharded is None:
+        return export_gathered(method, base_dir, out_dir, compute_dtype, out_dtype, max_shard_size, overwrite,
+                               device)
+    merger, provenance = sharded
+    return export_sharded(method.model, merger, base_dir, out_dir, compute_dtype, out_dtype, max_shard_size,
+                          overwrite, device, provenance)

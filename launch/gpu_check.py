@@ -203,14 +203,14 @@ def step_layer(run: Run) -> dict:
 CROSSOVER = r"""
 import json, sys, torch
 from gpart_ds.methods.gpart import triton_op
-from gpart_ds.methods.gpart.kernels import get_kernels
+from gpart_ds.methods.gpart.layer import kernel_set
 from gpart_ds.methods.gpart.op import OpConfig
 from gpart_ds.targets import Target
 N, K, d = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 dev = torch.device("cuda")
 w0 = (torch.randn(N, K, device=dev) * 0.02).to(torch.bfloat16)
 ts = torch.randn(d, device=dev) * 1e-3
-cfg, spec = OpConfig(d=d, seed=0, kernels=get_kernels("triton")), Target("t", (N, K), 0)
+cfg, spec = OpConfig(d=d, seed=0, kernels=kernel_set("triton")), Target("t", (N, K), 0)
 rows = []
 for m in map(int, sys.argv[4:]):
     x = torch.randn(m, K, device=dev).to(torch.bfloat16)

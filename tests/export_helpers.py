@@ -32,7 +32,7 @@ def make_base(folder: Path, tokenizer_dir: Path, *, hidden=8, heads=2, kv=1, int
 
 def make_adapter(folder: Path, base: Path, d: int, seed: int, target_modules="all-linear",
                  dtype=torch.float32, scale=0.3, theta_seed=1):
-    from gpart_ds.model import skeleton
+    from gpart_ds.targets import skeleton
 
     layout = build_layout(skeleton(str(base)), target_modules)
     theta = torch.randn(d, generator=torch.Generator().manual_seed(theta_seed)) * scale

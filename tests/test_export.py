@@ -83,8 +83,7 @@ def test_reference_adapter_merges_to_the_reference_weights(tmp_path, tok_dir):
     assert src.kind == "reference" and src.seed == 42 and src.dtype is None
     assert [t.name.rsplit(".", 1)[1] for t in src.targets] == ["q_proj", "v_proj"] * 2
     export.merge_offline(base, tmp_path / "ref", tmp_path / "out")
-    from gpart_ds.model import skeleton
-    from gpart_ds.targets import build_layout
+    from gpart_ds.targets import build_layout, skeleton
 
     layout = build_layout(skeleton(str(base)), ["q_proj", "v_proj"])
     b, m = read_folder(base), read_folder(tmp_path / "out")
@@ -239,7 +238,7 @@ def hwm():  # VmHWM, not ru_maxrss: the latter inherits the parent's peak across
 base, ad, out = sys.argv[1:4]
 import gc, psutil
 import gpart_ds.methods, gpart_ds.model, transformers  # imports before the baseline
-gpart_ds.model.skeleton(base)   # transformers' model code: loaded once, whatever the model's size
+gpart_ds.targets.skeleton(base)   # transformers' model code: loaded once, whatever the model's size
 gc.collect()
 before = psutil.Process().memory_info().rss
 export.merge_offline(base, ad, out, block_bytes=int(sys.argv[4]), kernel=sys.argv[5])

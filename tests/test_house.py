@@ -1,5 +1,6 @@
-"""The floor plan holds: no import cycle, the library never imports the experiments, no
-method-name branches outside the methods, every method implements the interface, and the
+"""The floor plan holds: no import cycle and every import points down the layers (every
+import, inside functions too), the library never imports the experiments, no method-name
+branches outside the methods, every method implements the interface, and the
 configuration reference is the schema's own text."""
 import ast
 from pathlib import Path
@@ -11,24 +12,79 @@ from tests.helpers import REPO
 PKG = REPO / "gpart_ds"
 
 
-def _module_name(path: Path) -> str:
-    rel = path.relative_to(REPO).with_suffix("")
+# The import graph: every import statement, at the top of a file and inside functions
+# alike, of every module of the package, the experiments and the launch scripts. `import
+# a.b.c` also runs a/__init__ and a/b/__init__: those count as imported too (not the
+# importer's own packages, which are running already). Code under `if __name__ ==
+# "__main__":` runs as another module (__main__), after the file's own module is
+# complete, so its imports are not edges of the file's module.
+ROOTS = ("gpart_ds", "experiments", "launch")
+
+# Which layer may import which: a module imports its own layer or a lower one, never a
+# higher one (and no cycle within a layer). Bottom first; a module belongs to the layer
+# of its longest matching prefix. docs/design.md says the same in words.
+LAYERS = [
+    ("foundation: no method, no config", (
+        "gpart_ds", "gpart_ds.errors", "gpart_ds.fileio", "gpart_ds.hub", "gpart_ds.comm", "gpart_ds.zero3",
+        "gpart_ds.targets", "gpart_ds.safetensors_io", "gpart_ds.identity", "gpart_ds.ownership",
+        "gpart_ds.metrics", "gpart_ds.objective", "gpart_ds.data", "gpart_ds.generation",
+        "gpart_ds.distributed")),
+    ("GPart's partition (the hash, counts, scales)", ("gpart_ds.methods.gpart.partition",)),
+    ("GPart's torch kernels", ("gpart_ds.methods.gpart.kernels",)),
+    ("GPart's Triton kernels, on the torch kernels; the linear op", (
+        "gpart_ds.methods.gpart.triton", "gpart_ds.methods.gpart.op")),
+    ("GPart's linear op on Triton kernels, on the op", ("gpart_ds.methods.gpart.triton_op",)),
+    ("the methods and their registry", ("gpart_ds.methods",)),
+    ("the library above the methods: config, checkpoint, model, export, planner, trainer", (
+        "gpart_ds.config", "gpart_ds.checkpoint", "gpart_ds.model", "gpart_ds.export", "gpart_ds.zero3_export",
+        "gpart_ds.plan", "gpart_ds.plan_time", "gpart_ds.plan_cli", "gpart_ds.dryrun", "gpart_ds.runcheck",
+        "gpart_ds.topology", "gpart_ds.commcount", "gpart_ds.frozen_shards", "gpart_ds.evaluate",
+        "gpart_ds.serve", "gpart_ds.preflight", "gpart_ds.trainer")),
+    ("outside the package: launch scripts and experiments", ("launch", "experiments")),
+]
+
+
+def _module_name(path: Path, root: Path = REPO) -> str:
+    rel = path.relative_to(root).with_suffix("")
     parts = list(rel.parts)
     if parts[-1] == "__init__":
         parts = parts[:-1]
     return ".".join(parts)
 
 
-def _imports(path: Path, top_level_only: bool) -> set[str]:
-    """Modules of gpart_ds / experiments imported by a file (relative imports resolved)."""
+def _is_main_guard(node) -> bool:
+    t = node.test if isinstance(node, ast.If) else None
+    return (isinstance(t, ast.Compare) and isinstance(t.left, ast.Name) and t.left.id == "__name__"
+            and len(t.comparators) == 1 and isinstance(t.comparators[0], ast.Constant)
+            and t.comparators[0].value == "__main__")
+
+
+def _import_nodes(tree: ast.AST, top_level_only: bool):
+    if top_level_only:
+        yield from tree.body
+        return
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        if _is_main_guard(node):
+            continue
+        yield node
+        todo.extend(ast.iter_child_nodes(node))
+
+
+def _imports(path: Path, top_level_only: bool = False, root: Path = REPO, known: set[str] | None = None) -> set[str]:
+    """Modules of ROOTS imported by a file (relative imports resolved, the packages a
+    dotted import runs included; a launch script's `import lock` is launch/lock.py)."""
+    known = _all_modules(root) if known is None else known
     tree = ast.parse(path.read_text())
-    mod = _module_name(path)
+    mod = _module_name(path, root)
     pkg = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
-    nodes = tree.body if top_level_only else list(ast.walk(tree))
     out = set()
-    for node in nodes:
+    for node in _import_nodes(tree, top_level_only):
         if isinstance(node, ast.Import):
-            out |= {a.name for a in node.names}
+            for a in node.names:   # launch/ is a folder of scripts: `import lock` is its sibling
+                sibling = f"{pkg}.{a.name}"
+                out.add(sibling if pkg == "launch" and sibling in known else a.name)
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = pkg.split(".")
@@ -39,42 +95,139 @@ def _imports(path: Path, top_level_only: bool) -> set[str]:
             # `from pkg import submodule` imports the submodule; `from pkg import name`
             # runs pkg/__init__ for a name defined there
             subs = {f"{target}.{a.name}" for a in node.names}
-            found = {m for m in subs if m in _ALL}
+            found = {m for m in subs if m in known}
             out |= found if len(found) == len(subs) else found | {target}
-    return {m for m in out if m.split(".")[0] in ("gpart_ds", "experiments")}
+    mine = {".".join(mod.split(".")[:i]) for i in range(1, mod.count(".") + 2)}
+    for m in list(out):   # the packages a dotted import runs first
+        parts = m.split(".")
+        out |= {".".join(parts[:i]) for i in range(1, len(parts))} - mine
+    return {m for m in out if m in known and m != mod}
 
 
-_ALL = {_module_name(p) for p in list(PKG.rglob("*.py")) + list((REPO / "experiments").rglob("*.py"))}
+def _files(root: Path) -> dict[str, Path]:
+    return {_module_name(p, root): p for r in ROOTS if (root / r).is_dir() for p in (root / r).rglob("*.py")}
 
 
-def _graph(top_level_only: bool) -> dict[str, set[str]]:
-    files = {_module_name(p): p for p in PKG.rglob("*.py")}
-    graph = {}
-    for name, path in files.items():
-        graph[name] = {m for m in _imports(path, top_level_only) if m in files and m != name}
-    return graph
+def _all_modules(root: Path) -> set[str]:
+    return set(_files(root))
 
 
-def test_the_package_import_graph_has_no_cycle():
-    graph = _graph(top_level_only=True)
-    state: dict[str, int] = {}
+def _graph(root: Path = REPO, top_level_only: bool = False) -> dict[str, set[str]]:
+    files = _files(root)
+    known = set(files)
+    return {name: _imports(path, top_level_only, root, known) for name, path in files.items()}
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Each strongly connected component of more than one module (Tarjan), as one cycle
+    through it: [a, b, ..., a]."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
     stack: list[str] = []
+    on: set[str] = set()
+    comps: list[list[str]] = []
 
-    def visit(n):
-        state[n] = 1
-        stack.append(n)
-        for m in sorted(graph[n]):
-            if state.get(m) == 1:
-                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(m):] + [m]))
-            if m not in state:
-                visit(m)
-        stack.pop()
-        state[n] = 2
+    def connect(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                connect(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                comps.append(sorted(comp))
 
-    for n in sorted(graph):
-        if n not in state:
-            visit(n)
-    assert len(graph) > 20   # the walk saw the package
+    for v in sorted(graph):
+        if v not in index:
+            connect(v)
+    out = []
+    for comp in comps:   # a path from the first module back to itself, inside the component
+        inside, start = set(comp), comp[0]
+        prev, todo = {start: None}, [start]
+        while todo:
+            v = todo.pop(0)
+            for w in sorted(graph[v] & inside):
+                if w == start:
+                    path = [v]
+                    while prev[path[-1]] is not None:
+                        path.append(prev[path[-1]])
+                    out.append(path[::-1] + [start])
+                    todo = []
+                    break
+                if w not in prev:
+                    prev[w] = v
+                    todo.append(w)
+    return out
+
+
+def _layer(module: str) -> int:
+    best, found = -1, None
+    for i, (_, prefixes) in enumerate(LAYERS):
+        for p in prefixes:
+            if (module == p or module.startswith(p + ".")) and len(p) > best:
+                best, found = len(p), i
+    assert found is not None, f"{module} belongs to no layer of tests/test_house.py:LAYERS"
+    return found
+
+
+def _upward(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{a} ({LAYERS[_layer(a)][0]}) imports {b} ({LAYERS[_layer(b)][0]})"
+                  for a, targets in graph.items() for b in targets if _layer(b) > _layer(a))
+
+
+def test_the_import_graph_has_no_cycle():
+    graph = _graph()
+    assert len(graph) > 60 and sum(map(len, graph.values())) > 150   # the walk saw everything
+    cycles = _cycles(graph)
+    assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_every_import_points_down_the_layers():
+    upward = _upward(_graph())
+    assert not upward, "imports that point up a layer:\n" + "\n".join(upward)
+
+
+def test_the_graph_sees_imports_inside_functions_and_finds_a_cycle(tmp_path):
+    # mutation check: a cycle closed by an import inside a function, through a package's
+    # __init__, fails the test above and is named
+    pkg = tmp_path / "gpart_ds"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from . import b\n")
+    (pkg / "b.py").write_text("def f():\n    from .sub.c import g\n    return g\n")
+    (pkg / "sub" / "__init__.py").write_text("from .. import a\n")
+    (pkg / "sub" / "c.py").write_text("g = 1\n")
+    (pkg / "main_only.py").write_text("if __name__ == '__main__':\n    from gpart_ds import a\n")
+    graph = _graph(tmp_path)
+    assert graph["gpart_ds.b"] == {"gpart_ds.sub", "gpart_ds.sub.c"}
+    assert graph["gpart_ds.main_only"] == set()
+    assert _cycles(graph) == [["gpart_ds.a", "gpart_ds.b", "gpart_ds.sub", "gpart_ds.a"]]
+    assert _cycles(_graph(tmp_path, top_level_only=True)) == []   # what the old, top-level-only test saw
+    with pytest.raises(AssertionError, match="gpart_ds.a -> gpart_ds.b -> gpart_ds.sub -> gpart_ds.a"):
+        cycles = _cycles(graph)
+        assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+    # and each cycle the repository had until issue 31 is found when put back
+    real = _graph()
+    for a, b in [("gpart_ds.config", "gpart_ds.methods"), ("gpart_ds.methods.gpart.kernels",
+                 "gpart_ds.methods.gpart.triton"), ("gpart_ds.methods.gpart.op", "gpart_ds.methods.gpart.triton_op"),
+                 ("gpart_ds.plan", "gpart_ds.plan_time")]:
+        low, high = sorted((a, b), key=_layer)
+        mutated = {k: set(v) for k, v in real.items()}
+        mutated[high].add(low)
+        mutated[low].add(high)
+        assert any({a, b} <= set(c) for c in _cycles(mutated)), (a, b)
+        assert _upward(mutated) or _layer(a) == _layer(b), (a, b)   # plan, plan_time: one layer, no cycle
 
 
 def test_the_library_never_imports_the_experiments():

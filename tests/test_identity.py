@@ -28,8 +28,7 @@ def _rewrite(folder, fn, dtype=None):
 def _adapter_with_identity(folder, base, **kw):
     """make_adapter, recording the base's identity as training does."""
     from gpart_ds.methods.gpart import adapter as adapter_io
-    from gpart_ds.model import skeleton
-    from gpart_ds.targets import build_layout
+    from gpart_ds.targets import build_layout, skeleton
 
     layout = build_layout(skeleton(str(base)), "all-linear")
     cfg = adapter_io.adapter_config(d=16, seed=0, target_modules="all-linear", dropout=0.0, layout=layout,

@@ -3,7 +3,7 @@ import importlib.util
 
 import pytest
 
-from gpart_ds import plan
+from gpart_ds import plan, plan_cli
 from gpart_ds.methods.gpart import partition
 from gpart_ds.config import load_config
 from tests.helpers import REPO
@@ -22,7 +22,7 @@ def llama70b():
 
 def _plan_cli(capsys, *args):
     """`python -m gpart_ds.plan ARGS`, in this process: (exit status, stdout, stderr)."""
-    status = plan.main(list(args))
+    status = plan_cli.main(list(args))
     out = capsys.readouterr()
     return status, out.out, out.err
 

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from gpart_ds import plan, plan_time
+from gpart_ds import plan, plan_cli, plan_time
 from gpart_ds.config import load_config
 from tests.helpers import REPO
 
@@ -156,7 +156,7 @@ def test_on_one_node_both_partitions_are_the_same(rows70b):
 
 
 def test_plan_cli_json_gives_every_method(capsys):
-    status = plan.main(["--config", "configs/llama70b.yaml", "--nodes", "8", "--gpus-per-node", "8",
+    status = plan_cli.main(["--config", "configs/llama70b.yaml", "--nodes", "8", "--gpus-per-node", "8",
                         "--gpu-mem-gb", "80", "--cluster", "h200", "--net-gbps", "25", "--json"])
     out = json.loads(capsys.readouterr().out)
     assert status == 0
@@ -169,7 +169,7 @@ def test_plan_cli_json_gives_every_method(capsys):
 
 
 def test_plan_cli_prints_the_table_and_node_mode_memory(capsys):
-    status = plan.main(["--config", "configs/llama70b.yaml", "--nodes", "8", "--gpus-per-node", "8",
+    status = plan_cli.main(["--config", "configs/llama70b.yaml", "--nodes", "8", "--gpus-per-node", "8",
                         "--gpu-mem-gb", "80"])
     out = capsys.readouterr().out
     assert status == 0
@@ -178,7 +178,7 @@ def test_plan_cli_prints_the_table_and_node_mode_memory(capsys):
 
 
 def test_node_mode_that_cannot_fit_says_to_partition_globally(capsys):
-    status = plan.main(["--config", "configs/llama70b.yaml", "--nodes", "8", "--gpus-per-node", "2",
+    status = plan_cli.main(["--config", "configs/llama70b.yaml", "--nodes", "8", "--gpus-per-node", "2",
                         "--gpu-mem-gb", "80"])
     err = capsys.readouterr().err
     assert status == 1

@@ -65,8 +65,7 @@ def random_adapter(base: Path, folder: Path, d: int, seed: int = 0) -> Path:
     import torch
 
     from gpart_ds.methods.gpart import adapter as adapter_io
-    from gpart_ds.model import skeleton
-    from gpart_ds.targets import build_layout
+    from gpart_ds.targets import build_layout, skeleton
 
     layout = build_layout(skeleton(str(base)), "all-linear")
     theta = torch.randn(d, generator=torch.Generator().manual_seed(seed)) * 0.01

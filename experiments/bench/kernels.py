@@ -17,7 +17,8 @@ import time
 import torch
 
 from gpart_ds.fileio import write_atomic
-from gpart_ds.methods.gpart.kernels import get_kernels, triton_unavailable
+from gpart_ds.methods.gpart.kernels import triton_unavailable
+from gpart_ds.methods.gpart.layer import kernel_set
 from gpart_ds.methods.gpart.partition import hash_base
 
 
@@ -51,7 +52,7 @@ def bench(rows: int, cols: int, d: int, repeat: int, dtype=torch.bfloat16) -> di
     modes = ("eager", "compiled") + (("triton",) if dev.type == "cuda" and triton_unavailable(dev, d) is None else ())
     out["modes"] = list(modes)
     for mode in modes:
-        k = get_kernels(mode)
+        k = kernel_set(mode)
         jobs = {
             "effective_weight": lambda: k.effective_weight(w0, ts, base, d),
             "scatter_grad": lambda: k.scatter_grad(torch.zeros_like(ts), dw, base, d),

@@ -28,8 +28,9 @@ import time
 import torch
 
 from gpart_ds.fileio import write_atomic
-from gpart_ds.methods.gpart.kernels import get_kernels, triton_unavailable
-from gpart_ds.methods.gpart.op import OpConfig, gpart_linear
+from gpart_ds.methods.gpart.kernels import triton_unavailable
+from gpart_ds.methods.gpart.layer import kernel_set, linear_function
+from gpart_ds.methods.gpart.op import OpConfig
 from gpart_ds.methods.gpart.partition import group_counts, hash_base, scales_from_counts
 from gpart_ds.targets import Target
 
@@ -98,14 +99,15 @@ def bench(out_features: int, in_features: int, tokens: int, d: int, dtype: torch
         (xi @ w0.t() + (xi @ a.t()) @ b.t() * 2.0).backward(gy)
 
     def gpart(mode, reuse=False, path="auto"):
-        cfg = OpConfig(d=d, seed=seed, kernels=get_kernels(mode), reuse_ids=reuse)
+        cfg = OpConfig(d=d, seed=seed, kernels=kernel_set(mode), reuse_ids=reuse)
+        linear = linear_function(cfg.kernels)   # what a GPart layer with these kernels runs
         th = theta.detach().clone().requires_grad_(True)
 
         def run():
             os.environ["GPART_TRITON_PATH"] = path   # read by triton_op per call (mode triton only)
             xi = x.detach().requires_grad_(True)
             th.grad = None
-            gpart_linear(xi, w0, None, th * scales, spec, cfg).backward(gy)
+            linear(xi, w0, None, th * scales, spec, cfg).backward(gy)
 
         return run
 
@@ -137,7 +139,7 @@ def bench(out_features: int, in_features: int, tokens: int, d: int, dtype: torch
     hb = torch.tensor(hash_base(seed, 0), device=dev)
     gen = {}
     for mode in ("eager", "compiled") + (("triton",) if triton else ()):
-        k = get_kernels(mode)
+        k = kernel_set(mode)
         first, med = _median_time(lambda: k.effective_weight(flat, ts, hb, d), repeat, dev)
         gen[mode] = {"elems_per_s": n / med, "first_call_s": first}
     gen["fused_speedup"] = gen["compiled"]["elems_per_s"] / gen["eager"]["elems_per_s"]

@@ -34,7 +34,7 @@ def create(m) -> Method:
 
 
 def open_adapter(path: Path, base_dir: Path):
-    """An adapter (or checkpoint) folder as a merge source, by whichever method reads it."""
+    """An adapter folder as a merge source, by whichever method reads it."""
     from ..errors import UserError
 
     for cls in REGISTRY.values():
@@ -44,4 +44,16 @@ def open_adapter(path: Path, base_dir: Path):
     raise UserError(f"{path}: no method can merge this folder offline")
 
 
-__all__ = ["Method", "MethodRoot", "REGISTRY", "names", "get", "create", "open_adapter"]
+def open_checkpoint(ckpt, base_dir: Path):
+    """A checkpoint (checkpoint.Checkpoint, read by the caller) as a merge source, by
+    whichever method reads it."""
+    from ..errors import UserError
+
+    for cls in REGISTRY.values():
+        src = cls.open_checkpoint(ckpt, base_dir)
+        if src is not None:
+            return src
+    raise UserError(f"{ckpt.path}: no method can merge this checkpoint offline")
+
+
+__all__ = ["Method", "MethodRoot", "REGISTRY", "names", "get", "create", "open_adapter", "open_checkpoint"]

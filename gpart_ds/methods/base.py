@@ -30,11 +30,14 @@ Run time (an instance per run, on every rank):
     trainable()                 name -> parameter the optimizer steps and checkpoints hold
     after_engine()              anything to do once DeepSpeed owns the parameters
     save_adapter(out, info)     collective; the adapter folder (None: the method has none)
-    export_merged(...)          collective; the merged Hugging Face folder
+    shard_merger(dtype, device) collective; how the merged Hugging Face folder is written
+                                (zero3_export.export_run writes it): None gathers (merge_source)
     open_adapter(path, base)    an adapter folder as a merge source for the offline export
+    open_checkpoint(ckpt, base) a checkpoint (read by the caller) as such a source
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Callable, ClassVar
 
@@ -44,6 +47,11 @@ from torch import nn
 from ..targets import Layout, numel
 
 Need = Callable[[bool, str, str], None]   # need(condition, "method.key", message)
+
+
+def is_positive_number(x) -> bool:
+    """A finite number > 0 (a bool is not a number here): rates and steps."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
 
 class MethodRoot(nn.Module):
@@ -208,13 +216,12 @@ class Method:
         """Collective. Writes the adapter folder (rank 0); None where the method has none."""
         return None
 
-    def export_merged(self, base_dir: Path, out: Path, compute_dtype: torch.dtype,
-                      out_dtype: torch.dtype | None, max_shard_size, overwrite: bool, device) -> Path:
-        """Collective. The merged Hugging Face folder: by default every rank gathers what a
-        tensor's merged value needs and rank 0 writes it (merge_source below)."""
-        from ..zero3_export import export_gathered
-
-        return export_gathered(self, base_dir, out, compute_dtype, out_dtype, max_shard_size, overwrite, device)
+    def shard_merger(self, compute_dtype: torch.dtype, device):
+        """Collective. How the merged export is written (zero3_export.export_run): None (the
+        default) gathers, tensor by tensor, what a merged value needs and rank 0 writes it
+        (merge_source below); (merger, provenance) has every rank write
+        merger.merged(its own shard) instead (zero3_export.ShardMerger), no rank gathering."""
+        return None
 
     def merge_source(self, name: str):
         """(parameters to gather, fn() -> merged tensor) for base tensor `name`, or None
@@ -230,4 +237,11 @@ class Method:
     def open_adapter(cls, path: Path, base_dir: Path):
         """A merge source (see methods/gpart/sources.py) for the offline export, or None
         when `path` is not this method's adapter."""
+        return None
+
+    @classmethod
+    def open_checkpoint(cls, ckpt, base_dir: Path):
+        """A merge source from a checkpoint (checkpoint.Checkpoint, read and verified by the
+        caller: the methods sit below the checkpoint format), or None when the method does
+        not merge checkpoints offline."""
         return None

@@ -45,7 +45,7 @@ CLIS = {
     "train": (str(REPO / "launch" / "train.py"), "main"),
     "export": ("gpart_ds.export", "main"),
     "evaluate": ("gpart_ds.evaluate", "main"),
-    "plan": ("gpart_ds.plan", "main"),
+    "plan": ("gpart_ds.plan_cli", "main"),
     "assets": ("experiments.assets", "main"),
     "preflight": ("gpart_ds.preflight", "main"),
     "study": ("experiments.study", "cli"),
@@ -81,7 +81,7 @@ def preload() -> None:
     import transformers  # noqa: F401
     from transformers import AutoTokenizer, LlamaForCausalLM  # noqa: F401
 
-    for mod in ("gpart_ds.trainer", "gpart_ds.export", "gpart_ds.evaluate", "gpart_ds.plan",
+    for mod in ("gpart_ds.trainer", "gpart_ds.export", "gpart_ds.evaluate", "gpart_ds.plan_cli",
                 "gpart_ds.dryrun", "gpart_ds.zero3_export", "gpart_ds.preflight", "experiments.assets",
                 "experiments.study", "experiments.bench.compare"):
         importlib.import_module(mod)

@@ -33,8 +33,7 @@ def runs(bench_quick):
 
 
 def _targets():
-    from gpart_ds.model import skeleton
-    from gpart_ds.targets import build_layout
+    from gpart_ds.targets import build_layout, skeleton
 
     return build_layout(skeleton(TINY), "all-linear").targets
 

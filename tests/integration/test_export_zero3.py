@@ -56,8 +56,7 @@ def test_zero3_merged_export_equals_offline_merge_and_w0_plus_delta(tmp_path, ze
     # 2. targets are W0 + delta computed independently; everything else is the base, bytes
     src = open_source(out / "adapter", base)
     assert src.dtype == torch.bfloat16 and src.theta.abs().sum() > 0
-    from gpart_ds.model import skeleton
-    from gpart_ds.targets import build_layout
+    from gpart_ds.targets import build_layout, skeleton
 
     layout = build_layout(skeleton(str(base)), "all-linear")
     want = expected_targets(b, layout, src.theta, src.seed, torch.bfloat16)

@@ -18,9 +18,8 @@ import torch
 from torch import nn
 
 from ... import comm
-from ...config import is_positive_number
 from ...targets import Layout, normalize_patterns
-from ..base import Method, Need
+from ..base import Method, Need, is_positive_number
 from . import partition
 from .kernels import MODES as KERNEL_MODES, choose_mode, triton_unavailable
 from .layer import THETA, GPartModel, apply_gpart
@@ -217,18 +216,15 @@ class GPart(Method):
         comm.barrier()
         return Path(out_dir)
 
-    def export_merged(self, base_dir: Path, out: Path, compute_dtype: torch.dtype,
-                      out_dtype: torch.dtype | None, max_shard_size, overwrite: bool, device) -> Path:
+    def shard_merger(self, compute_dtype: torch.dtype, device):
         """Every rank writes W0 + delta of its own shards: no rank gathers a weight."""
-        from ...zero3_export import export_sharded
         from .merge import Merger
 
         g = self.root
         merger = Merger(self.theta(), g.seed, self.layout.targets, compute_dtype, g.gpart_ctx.op.kernels,
                         scales=g.scales, device=device)
-        return export_sharded(self.model, merger, base_dir, out, compute_dtype, out_dtype, max_shard_size,
-                              overwrite, device, {"method": "gpart", "adapter_kind": "zero3-run", "d": merger.d,
-                                                  "seed": merger.seed, "targets": len(self.layout.targets)})
+        return merger, {"method": "gpart", "adapter_kind": "zero3-run", "d": merger.d, "seed": merger.seed,
+                        "targets": len(self.layout.targets)}
 
     def merge_source(self, name: str):
         """A target's weight merges to W0 + delta (effective_weight, from the full W0 and
@@ -245,6 +241,12 @@ class GPart(Method):
         from .sources import open_source
 
         return open_source(path, base_dir)
+
+    @classmethod
+    def open_checkpoint(cls, ckpt, base_dir: Path):
+        from .sources import from_checkpoint
+
+        return from_checkpoint(ckpt, base_dir)   # refuses, by name, a checkpoint of another method
 
 
 __all__ = ["GPart", "GPartModel", "THETA", "apply_gpart", "reuse_ids"]

@@ -178,13 +178,13 @@ def choose_mode(mode: str, D: int, device, d: int | None = None) -> str:
 
 
 def get_kernels(mode: str) -> KernelSet:
+    """torch's kernels of `mode` ("eager" or "compiled"), one set per mode and process.
+    The same functions as one-pass Triton kernels are triton.triton_kernels(), which
+    builds on these (layer.kernel_set picks by any mode)."""
+    if mode == "triton":
+        raise ValueError("the Triton kernels are triton.triton_kernels(); layer.kernel_set(mode) picks by mode")
     if mode not in _CACHE:
-        if mode == "triton":   # the same functions as one-pass Triton kernels (triton.py)
-            from .triton import TritonKernelSet
-
-            _CACHE[mode] = TritonKernelSet()
-        else:
-            _CACHE[mode] = KernelSet(mode)
+        _CACHE[mode] = KernelSet(mode)
     return _CACHE[mode]
 
 

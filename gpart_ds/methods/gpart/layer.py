@@ -24,6 +24,27 @@ log = logging.getLogger(__name__)
 THETA = "gpart_theta"
 
 
+def kernel_set(mode: str):
+    """The kernels of a method.kernel mode (kernels.choose_mode's answer): torch's
+    (kernels.py) or, for "triton", Triton's (triton.py, imported only then: it needs the
+    triton package)."""
+    if mode == "triton":
+        from .triton import triton_kernels
+
+        return triton_kernels()
+    return get_kernels(mode)
+
+
+def linear_function(kernels):
+    """The linear op a layer built with these kernels runs: op.gpart_linear, or with
+    Triton's the fused Triton GEMMs or that op, whichever is faster per shape (triton_op.py)."""
+    if kernels.mode == "triton":
+        from .triton_op import triton_gpart_linear
+
+        return triton_gpart_linear
+    return gpart_linear
+
+
 def count_groups_distributed(D: int, d: int, seed: int, kernels, device=None) -> torch.Tensor:
     """n_j over all D positions; each rank counts a contiguous 1/world of [0, D).
 
@@ -47,6 +68,7 @@ class GPartContext:
 
     def __init__(self, op: OpConfig):
         self.op = op
+        self.linear = linear_function(op.kernels)   # chosen once, when the layers are built
         self.ts: torch.Tensor | None = None
         self.keep_seed: int | None = None
         self.zero = False   # theta == 0 in a no-grad forward: delta is exactly 0
@@ -69,7 +91,7 @@ class GPartLinear(nn.Linear):
                                "wrapping root module so theta is gathered and scaled first")
         if ctx.zero:  # the pretrained model itself: skip regenerating a delta of zeros
             return nn.functional.linear(x, self.weight, self.bias)
-        return gpart_linear(x, self.weight, self.bias, ctx.ts, self.gpart_spec, ctx.op, ctx.keep_seed)
+        return ctx.linear(x, self.weight, self.bias, ctx.ts, self.gpart_spec, ctx.op, ctx.keep_seed)
 
 
 class GPartModel(MethodRoot):
@@ -152,7 +174,7 @@ def apply_gpart(model: nn.Module, d: int, seed: int, target_modules=ALL_LINEAR,
         raise ValueError(f"d must be in [1, D={layout.D}], got {d}")
     for p in model.parameters():
         p.requires_grad_(False)
-    kernels = get_kernels(kernel_mode)
+    kernels = kernel_set(kernel_mode)
     op = OpConfig(d=d, seed=seed, kernels=kernels, chunk_elems=chunk_elems, dropout=dropout,
                   reuse_ids=reuse_ids and dropout == 0.0)
     counts = count_groups_distributed(layout.D, d, seed, kernels, device=count_device)

@@ -135,12 +135,14 @@ class GPartLinearFunction(torch.autograd.Function):
         return grad_x, None, None, grad_ts, None, None, None
 
 
-def gpart_linear(x, weight, bias, ts, spec: Target, cfg: OpConfig, keep_seed=None):
-    """Apply the op. `ts` is theta * s (fp32, length d); `keep_seed` enables dropout."""
+def check_frozen(weight, bias) -> None:
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         raise RuntimeError("GPart expects a frozen base weight and bias (requires_grad=False)")
-    if cfg.kernels.mode == "triton":   # fused Triton GEMMs or this op, whichever is faster per shape
-        from .triton_op import triton_gpart_linear
 
-        return triton_gpart_linear(x, weight, bias, ts, spec, cfg, keep_seed)
+
+def gpart_linear(x, weight, bias, ts, spec: Target, cfg: OpConfig, keep_seed=None):
+    """Apply the op. `ts` is theta * s (fp32, length d); `keep_seed` enables dropout.
+    With Triton's kernels a layer runs triton_op.triton_gpart_linear instead, which picks
+    the fused Triton GEMMs or this op per shape (layer.linear_function)."""
+    check_frozen(weight, bias)
     return GPartLinearFunction.apply(x, weight, bias, ts, spec, cfg, keep_seed)

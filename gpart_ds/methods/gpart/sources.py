@@ -2,8 +2,9 @@
 
 Three sources:
   - a gpart_ds adapter folder (adapter_config.json with the canonical layout);
-  - a gpart_ds checkpoint folder (checkpoint.read), so a merged model can be made from
-    any checkpoint without resuming training;
+  - a gpart_ds checkpoint (read by checkpoint.read, which the caller does: the methods sit
+    below the checkpoint format), so a merged model can be made from any checkpoint
+    without resuming training;
   - an adapter written by the authors' reference implementation (a PEFT-style folder:
     adapter_config.json with peft_type GPART, d, proj_seed, target_modules; tensor
     gpart_theta_d). Only its "stateless" global partition over weights (biases excluded,
@@ -23,7 +24,7 @@ import torch
 
 from ... import identity as ident
 from ...safetensors_io import StoredTensor
-from ...targets import Target, build_layout
+from ...targets import Target, build_layout, skeleton
 from .adapter import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -34,8 +35,8 @@ from .adapter import (
     read_config,
     read_tensors,
 )
-from .kernels import choose_mode, get_kernels
-from .layer import THETA, apply_gpart
+from .kernels import choose_mode
+from .layer import THETA, apply_gpart, kernel_set
 from .merge import Merger
 
 # Assignment backends of the reference code whose mapping is SplitMix64 (ours). Adapters
@@ -78,7 +79,7 @@ class MergeSource:
 
     def merger(self, compute_dtype: torch.dtype, kernel: str = "auto", device=None) -> Merger:
         mode = choose_mode(kernel, sum(t.numel for t in self.targets), device or "cpu", self.d)
-        return Merger(self.theta, self.seed, self.targets, compute_dtype, get_kernels(mode), device=device)
+        return Merger(self.theta, self.seed, self.targets, compute_dtype, kernel_set(mode), device=device)
 
     def provenance(self) -> dict:
         return {"method": "gpart", "adapter": str(self.path), "adapter_kind": self.kind, "d": self.d,
@@ -93,8 +94,6 @@ class MergeSource:
 
 
 def _layout_from_base(base_dir: Path, patterns) -> list[Target]:
-    from ...model import skeleton
-
     return build_layout(skeleton(str(base_dir)), patterns).targets
 
 
@@ -139,23 +138,22 @@ def _reference(path: Path, cfg: dict, base_dir: Path) -> MergeSource:
                        path, cfg_path, patterns)
 
 
-def _checkpoint(path: Path, base_dir: Path) -> MergeSource:
-    from ... import checkpoint
-
-    ckpt = checkpoint.read(path)
+def from_checkpoint(ckpt, base_dir: Path) -> MergeSource:
+    """A checkpoint.Checkpoint (already read and verified) of a GPart run as a merge source."""
+    path, base_dir = ckpt.path, Path(base_dir)
     m = ckpt.run_config.get("method", {})
     if m.get("name") != "gpart" or THETA not in ckpt.tensors:
         raise AdapterError(f"{path}: a checkpoint of method {m.get('name')!r}, not a GPart run; "
                            "export it with `launch/train.py --export-only` from its run")
     theta = ckpt.tensors[THETA]
-    check_finite(theta, path / checkpoint.STATE_FILE)
+    check_finite(theta, ckpt.state_file)
     seed = m.get("seed")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64 or "target_modules" not in m:
-        raise AdapterError(f"{path / checkpoint.RUN_CONFIG}: method.seed / method.target_modules missing or "
+        raise AdapterError(f"{ckpt.run_config_file}: method.seed / method.target_modules missing or "
                            f"invalid (seed {seed!r})")
     dig = ckpt.state.get("digest")
     return MergeSource(theta.float(), seed, _checkpoint_targets(ckpt, m, base_dir), ckpt.dtype, "checkpoint",
-                       path, path / checkpoint.STATE_JSON, m["target_modules"],
+                       path, ckpt.state_json_file, m["target_modules"],
                        base_identity=ckpt.state.get("base_identity"),
                        trained_on=str(ckpt.run_config.get("model", {}).get("path") or "") or None,
                        digest=dig.get("sha256") if isinstance(dig, dict) else None)
@@ -184,14 +182,11 @@ def _checkpoint_targets(ckpt, m: dict, base_dir: Path) -> list[Target]:
 
 
 def open_source(path: str | Path, base_dir: str | Path) -> MergeSource:
-    """Read an adapter, checkpoint or reference adapter folder (see the module doc)."""
-    from ... import checkpoint
-
+    """Read an adapter or reference adapter folder (see the module doc; a checkpoint folder
+    comes through from_checkpoint, read by the caller)."""
     path, base_dir = Path(path), Path(base_dir)
     if not path.is_dir():
         raise AdapterError(f"{path}: not a folder (expected an adapter or checkpoint folder)")
-    if checkpoint.looks_like_checkpoint(path):
-        return _checkpoint(path, base_dir)
     cfg_path = path / CONFIG_NAME
     if not cfg_path.is_file():
         raise AdapterError(f"{cfg_path}: missing (is {path} an adapter or checkpoint folder?)")

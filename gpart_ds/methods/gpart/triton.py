@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .kernels import dropout_threshold, get_kernels
 from .partition import _MUL1, _MUL2, hash_base
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -468,8 +469,6 @@ class TritonKernelSet:
     """
 
     def __init__(self):
-        from .kernels import get_kernels
-
         self.mode = "triton"
         self._fallback = get_kernels("compiled")
 
@@ -540,6 +539,13 @@ class TritonKernelSet:
         return counts
 
 
+@functools.lru_cache(maxsize=None)
+def triton_kernels() -> TritonKernelSet:
+    """The process's one Triton kernel set (a kernel that fails switches it, for good, to
+    the compiled kernels: see _guarded)."""
+    return TritonKernelSet()
+
+
 # ------------------------------------------------------------------ fused GEMMs
 def _gemm_configs(kind: str):
     """Tile shapes to try on GPUs (autotuned per shape); one small tile when interpreting."""
@@ -577,8 +583,6 @@ def m_bucket(m: int) -> int:
 def _hash_launch_args(seed: int, offset: int, d: int, keep_seed, dropout: float, dtype, device):
     m_hi, m_lo = barrett(d)
     keep = keep_seed is not None
-    from .kernels import dropout_threshold
-
     return dict(base=hash_base(seed, offset), keep_base=hash_base(keep_seed, offset) if keep else 0,
                 d=d, m_hi=m_hi, m_lo=m_lo, threshold=dropout_threshold(dropout) if keep else 0,
                 KEEP=keep), (torch.tensor([1.0 / (1.0 - dropout)], dtype=dtype, device=device)

@@ -25,7 +25,7 @@ import torch
 
 from . import triton as tk
 from ...targets import Target
-from .op import GPartLinearFunction, OpConfig
+from .op import GPartLinearFunction, OpConfig, check_frozen
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,11 @@ def choose_path(x, weight, bias, ts, spec: Target, cfg: OpConfig, keep_seed, tra
 
 
 def triton_gpart_linear(x, weight, bias, ts, spec: Target, cfg: OpConfig, keep_seed=None):
-    """op.gpart_linear for cfg.kernels.mode == "triton" (called from there)."""
+    """The linear op of a layer built with Triton's kernels (layer.linear_function): the
+    fused GEMMs or op.gpart_linear's function, whichever is faster per shape."""
+    check_frozen(weight, bias)
+    if cfg.kernels.mode != "triton":   # the Triton kernels fell back to the compiled ones (triton._guarded)
+        return GPartLinearFunction.apply(x, weight, bias, ts, spec, cfg, keep_seed)
     train = torch.is_grad_enabled() and (x.requires_grad or ts.requires_grad)
     path = choose_path(x, weight, bias, ts, spec, cfg, keep_seed, train)
     return _apply(path, x, weight, bias, ts, spec, cfg, keep_seed)

@@ -18,12 +18,19 @@ import triton.language as tl
 
 from gpart_ds.methods.gpart import partition, triton as tk, triton_op
 from gpart_ds.methods.gpart.kernels import get_kernels, triton_unavailable
-from gpart_ds.methods.gpart.op import OpConfig, effective_rows, gpart_linear
+from gpart_ds.methods.gpart.layer import kernel_set, linear_function
+from gpart_ds.methods.gpart.op import OpConfig, effective_rows
 from gpart_ds.targets import Target
 from tests.helpers import REPO
 
 EAGER = get_kernels("eager")
-TRITON = get_kernels("triton")
+TRITON = kernel_set("triton")
+
+
+def gpart_linear(x, w0, b, ts, spec, cfg, keep_seed=None):
+    """What a layer built with cfg's kernels runs (layer.linear_function: with Triton's,
+    triton_op's fused or split path)."""
+    return linear_function(cfg.kernels)(x, w0, b, ts, spec, cfg, keep_seed)
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 PATHS = ["fused", "split"]
 
@@ -343,7 +350,7 @@ def test_cpu_tensors_outside_the_interpreter_use_the_compiled_kernels(monkeypatc
 
 def test_a_failing_triton_kernel_warns_and_the_set_falls_back_to_compiled(monkeypatch):
     """What an older Triton on a GPU box would do: values from the compiled kernels, once
-    warned, and mode "compiled" so that op.py takes the plain op from then on."""
+    warned, and mode "compiled" so that triton_op takes the plain op from then on."""
     def broken(*args, **kwargs):
         raise RuntimeError("PTX too new for this driver")
 
