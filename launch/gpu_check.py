@@ -313,7 +313,7 @@ def _train_and_compare(run: Run, name: str, config: str, steps: int, extra: list
 
 
 def step_tiny(run: Run) -> dict:
-    prep = subprocess.run([sys.executable, "-m", "experiments.assets", "tiny"], cwd=REPO, env=run.env,
+    prep = subprocess.run([sys.executable, "-m", "gpart_ds.assets", "tiny"], cwd=REPO, env=run.env,
                           capture_output=True, text=True, timeout=300)
     if prep.returncode != 0:
         raise CheckError(f"tiny asset: {prep.stderr[-600:]}")
@@ -325,7 +325,7 @@ def step_smollm2(run: Run) -> dict:
         return {"status": "skipped", "reason": "real model: GPU only"}
     model = REPO / ".cache" / "models" / "SmolLM2-135M-Instruct"
     if not (model / "config.json").is_file():
-        prep = subprocess.run([sys.executable, "-m", "experiments.assets", "smollm2", "rotten_tomatoes"], cwd=REPO,
+        prep = subprocess.run([sys.executable, "-m", "gpart_ds.assets", "smollm2", "rotten_tomatoes"], cwd=REPO,
                               env=run.env, capture_output=True, text=True, timeout=max(30, run.left() - 60))
         if prep.returncode != 0:
             return {"status": "skipped", "reason": "no SmolLM2 asset here (build the wheelhouse with --smollm2 "

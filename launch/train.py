@@ -113,7 +113,7 @@ def _stop_wins(args) -> int:
 
 
 def _run(args) -> int:
-    from experiments import assets
+    from gpart_ds import assets
     from gpart_ds.config import load_config
     from gpart_ds.trainer import PREEMPTED_EXIT, Preempted, Trainer
 

@@ -32,7 +32,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_assets():
     """The tiny model and data (created once, atomically, by the asset recipe)."""
-    from experiments import assets
+    from gpart_ds import assets
 
     return assets.ensure("tiny")
 

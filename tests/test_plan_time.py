@@ -89,7 +89,7 @@ def test_flops_equal_the_flop_counter_on_the_tiny_model(tiny_assets, method, ckp
 @pytest.mark.parametrize("ckpt", [False, True], ids=["plain", "checkpointed"])
 def test_flops_equal_the_flop_counter_on_smollm2(ckpt):
     """The real SmolLM2-135M (tied embeddings, 9 query / 3 key-value heads), GPart."""
-    from experiments import assets
+    from gpart_ds import assets
 
     path = assets.ensure("smollm2")
     counted, planned = _counted_flops(path, plan.spec("gpart", d=65536, kernel="eager"), ckpt, mb=2, seq=96,
@@ -243,7 +243,7 @@ def test_traffic_model_equals_the_recorded_smollm2_measurement():
     2026-12-01): measured 131,092 bytes across nodes per steady step (theta and the
     scalars only). DeepSpeed kept this small model gathered from forward to backward, so
     the measured intra-node bytes (269,292,200) are half the planner's upper bound."""
-    from experiments import assets
+    from gpart_ds import assets
 
     assets.ensure("smollm2")
     cfg = load_config("configs/smollm2_rt.yaml", ["model.precision=fp32"], check_files=False)

@@ -1220,7 +1220,7 @@ def _(ws, fx):
     return Call("plan", ["--config", cfg, "--nodes", "1", "--gpus-per-node", "1", "--gpu-mem-gb", "80"])
 
 
-@case("assets-unknown", "cli", "python -m experiments.assets nope", err(r"nope"), ci=False)
+@case("assets-unknown", "cli", "python -m gpart_ds.assets nope", err(r"nope"), ci=False)
 def _(ws, fx):
     return Call("assets", ["nope"])
 

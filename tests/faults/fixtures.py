@@ -1,7 +1,7 @@
 """Inputs the fault probes share: one tiny training run (read-only, copied by the probes
 that need it), base-model variants and adapter edits.
 
-Everything derives from the tiny asset (`python -m experiments.assets tiny`): a 2-layer
+Everything derives from the tiny asset (`python -m gpart_ds.assets tiny`): a 2-layer
 Llama with hidden 64 and its "reverse the words" data. The shared run trains 4 steps on
 one process with a checkpoint every 2 steps, so a probe finds checkpoints step-000002 and
 step-000004, the adapter, metrics.jsonl and run_config.yaml in a copy of it.

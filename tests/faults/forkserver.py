@@ -46,7 +46,7 @@ CLIS = {
     "export": ("gpart_ds.export", "main"),
     "evaluate": ("gpart_ds.evaluate", "main"),
     "plan": ("gpart_ds.plan_cli", "main"),
-    "assets": ("experiments.assets", "main"),
+    "assets": ("gpart_ds.assets", "main"),
     "preflight": ("gpart_ds.preflight", "main"),
     "study": ("experiments.study", "cli"),
     "bench": ("experiments.bench.compare", "cli"),
@@ -82,7 +82,7 @@ def preload() -> None:
     from transformers import AutoTokenizer, LlamaForCausalLM  # noqa: F401
 
     for mod in ("gpart_ds.trainer", "gpart_ds.export", "gpart_ds.evaluate", "gpart_ds.plan_cli",
-                "gpart_ds.dryrun", "gpart_ds.zero3_export", "gpart_ds.preflight", "experiments.assets",
+                "gpart_ds.dryrun", "gpart_ds.zero3_export", "gpart_ds.preflight", "gpart_ds.assets",
                 "experiments.study", "experiments.bench.compare"):
         importlib.import_module(mod)
     for name in CLIS:

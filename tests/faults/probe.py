@@ -90,7 +90,7 @@ def run_case(server: ForkServer, fx: Fx, case: Case, root: Path) -> dict:
 def _shown(call: Call, ws: Path) -> str:
     prog = {"train": "python launch/train.py", "export": "python -m gpart_ds.export",
             "evaluate": "python -m gpart_ds.evaluate", "plan": "python -m gpart_ds.plan",
-            "assets": "python -m experiments.assets", "preflight": "python -m gpart_ds.preflight",
+            "assets": "python -m gpart_ds.assets", "preflight": "python -m gpart_ds.preflight",
             "study": "python -m experiments.study", "bench": "python -m experiments.bench"}.get(call.cli)
     args = [str(a).replace(str(ws), "WS") for a in call.argv]
     if call.cli == "launcher":
@@ -186,7 +186,7 @@ def main(argv=None) -> int:
     ap.add_argument("--title", default="baseline")
     args = ap.parse_args(argv)
 
-    from experiments import assets
+    from gpart_ds import assets
 
     assets.ensure("tiny")
     cases = [c for c in CASES if (not args.only or re.search(args.only, c.id))

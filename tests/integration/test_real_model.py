@@ -3,8 +3,7 @@ import json
 
 import pytest
 
-from experiments import assets
-from gpart_ds import export
+from gpart_ds import assets, export
 from gpart_ds.evaluate import evaluate_files
 from tests.helpers import run_ranks
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from experiments import tasks
+from gpart_ds.assets import tasks
 from gpart_ds import data
 
 
@@ -49,7 +49,7 @@ def test_every_asset_package_a_recipe_reads_is_in_the_lock():
     import lock
 
     pinned = {f"{n}=={v}" for n, v in lock.pins(lock.ASSETS).items()}
-    src = (REPO / "experiments" / "tasks.py").read_text() + (REPO / "experiments" / "assets.py").read_text()
+    src = "".join(p.read_text() for p in (REPO / "gpart_ds" / "assets").glob("*.py"))
     named = {m.replace("_", "-") for m in re.findall(r'"([a-z0-9_-]+==[0-9.]+)"', src)}
     assert named and named <= pinned, named - pinned
 

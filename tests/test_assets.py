@@ -1,7 +1,7 @@
 """`prepare:` recipes run only for the files a run reads."""
 import pytest
 
-from experiments import assets
+from gpart_ds import assets
 from gpart_ds.config import ConfigError, load_config
 
 
