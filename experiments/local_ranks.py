@@ -15,17 +15,12 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 
+from gpart_ds.distributed import free_port
+
 GRACE_S = 10.0   # after SIGTERM, before SIGKILL: a rank may be writing a checkpoint
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rank_env(rank: int, world: int, port: int, base: dict | None = None) -> dict:

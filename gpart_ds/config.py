@@ -392,16 +392,13 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
 
 
 def _validate_values(cfg: DictConfig, where: _Where) -> None:
-    def need(cond, key, msg):
-        if not cond:
-            raise ConfigError(f"{where(key)}: {msg}")
-
     from . import methods
     from .data import FORMATS
     from .methods.base import is_positive_number
     from .safetensors_io import parse_size
     from .targets import check_patterns
 
+    need = need_for(where)
     m, t = cfg.method, cfg.train
     need(m.name in methods.names(), "method.name", f"unknown method {m.name!r}; choose one of {methods.names()}")
     cls = methods.get(m.name)
@@ -571,6 +568,17 @@ def deepspeed_file(cfg: DictConfig) -> str | None:
 def where_for(cfg: DictConfig) -> _Where:
     """Locator of keys of a loaded config: 'file:line (key)' for error messages."""
     return _Where(Path(cfg.config_file) if cfg.config_file else None, list(cfg.overrides))
+
+
+def need_for(where: _Where):
+    """`need(condition, "section.key", message)`: a ConfigError naming the key's file and
+    line unless the condition holds (what every check of a config, a method's among them
+    (methods.base.Need), is handed)."""
+    def need(cond, key: str, msg: str) -> None:
+        if not cond:
+            raise ConfigError(f"{where(key)}: {msg}")
+
+    return need
 
 
 def check_paths(cfg: DictConfig, where: _Where | None = None) -> None:

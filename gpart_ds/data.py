@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
-from .fileio import atomic_dir, file_lock
+from .fileio import atomic_dir, file_lock, hash_file
 
 log = logging.getLogger(__name__)
 
@@ -361,21 +361,15 @@ def pack(examples: list[Example], max_length: int) -> list[Example]:
 
 
 # ------------------------------------------------------------------ cache
-def _file_digest(h, path: Path) -> None:
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-
-
 def cache_key(path, tokenizer_dir, fmt, max_length, packing, chat_template, add_eos=True,
               choice_loss=False, too_long="error") -> str:
     h = hashlib.sha256()
-    _file_digest(h, Path(path))
+    hash_file(h, Path(path))
     for name in _TOKENIZER_FILES:
         p = Path(tokenizer_dir) / name
         if p.is_file():
             h.update(name.encode())
-            _file_digest(h, p)
+            hash_file(h, p)
     h.update(json.dumps([_CACHE_VERSION, fmt, max_length, bool(packing), bool(chat_template),
                          bool(add_eos)] + ([True] if choice_loss else [])
                         + ([too_long] if too_long != "error" else [])).encode())

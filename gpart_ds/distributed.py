@@ -65,7 +65,9 @@ class Ranks:
                 "MASTER_PORT": str(self.master_port)}
 
 
-def _free_port(host: str = "127.0.0.1") -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` now (the OS picks it): MASTER_PORT of a world this process
+    starts, a local server's port. The one such helper (launch/, experiments/ and the tests use it)."""
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
@@ -125,7 +127,7 @@ def _from_torch_env(env: Mapping[str, str]) -> Ranks:
                           "are not: export both (the head node's address and a free port)")
     local_world = _int(env, "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE") or 1
     return Ranks(int(env["RANK"]), world, _int(env, "LOCAL_RANK") or 0, local_world,
-                 addr or "127.0.0.1", port if port is not None else _free_port(), "torch-style variables")
+                 addr or "127.0.0.1", port if port is not None else free_port(), "torch-style variables")
 
 
 def _from_mpi4py(env: Mapping[str, str], comm) -> Ranks:
@@ -138,7 +140,7 @@ def _from_mpi4py(env: Mapping[str, str], comm) -> Ranks:
     mine = None
     if rank == 0:
         addr = env.get("MASTER_ADDR") or socket.gethostname()
-        port = _int(env, "MASTER_PORT") or _free_port("")
+        port = _int(env, "MASTER_PORT") or free_port("")
         mine = (addr, port)
     addr, port = comm.bcast(mine, root=0)
     return Ranks(rank, world, local_rank, local_world, addr, port, "mpi4py")
@@ -168,7 +170,7 @@ def _from_mpi_env(env: Mapping[str, str]) -> Ranks:
     local_rank = _int(env, "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "MV2_COMM_WORLD_LOCAL_RANK") or 0
     local_world = _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "MV2_COMM_WORLD_LOCAL_SIZE") or 1
     return Ranks(rank, world, local_rank, local_world, addr or "127.0.0.1",
-                 port if port is not None else _free_port(), "MPI launcher variables")
+                 port if port is not None else free_port(), "MPI launcher variables")
 
 
 def _shared_memory_split():
@@ -204,7 +206,7 @@ def discover(env: Mapping[str, str] | None = None, mpi_comm=None) -> Ranks:
     if any(k in env for k in _MPI_MARKERS):
         return _from_mpi_env(env)
     return Ranks(0, 1, 0, 1, env.get("MASTER_ADDR", "127.0.0.1"),
-                 _int(env, "MASTER_PORT") or _free_port(), "single process")
+                 _int(env, "MASTER_PORT") or free_port(), "single process")
 
 
 _COUNTS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_PORT")

@@ -154,11 +154,17 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
+def hash_file(h, path: str | os.PathLike) -> None:
+    """Feed a file's bytes to the hashlib object `h`, a MiB at a time."""
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The hex SHA-256 of a file (manifests, digests, the wheelhouse): the one such helper."""
+    h = hashlib.sha256()
+    hash_file(h, path)
     return h.hexdigest()
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from .config import ConfigError, where_for
+from .config import ConfigError, need_for, where_for
 from .targets import ALL_LINEAR, ModelError, build_layout, linear_module_names, normalize_patterns, skeleton
 
 
@@ -66,12 +66,7 @@ def check_targets(cfg: DictConfig, source: str | None = None):
         raise ConfigError(f"{where('method.target_modules')}: {patterns!r} matches no linear "
                           f"layer inside the decoder blocks of {cfg.model.path}; available: "
                           f"{linear_module_names(model)} or {ALL_LINEAR!r}")
-
-    def need(cond, key, msg):
-        if not cond:
-            raise ConfigError(f"{where(key)}: {msg}")
-
-    methods.get(cfg.method.name).check_layout(cfg.method, layout, need)
+    methods.get(cfg.method.name).check_layout(cfg.method, layout, need_for(where))
     return layout
 
 

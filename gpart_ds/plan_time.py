@@ -369,9 +369,13 @@ def estimate_step(a: plan.Arch, method, mode: str, layout: RankLayout, cluster: 
 
 # ------------------------------------------------------------------ from a run config
 def frozen_group(dist_cfg, gpus_per_node: int, world: int) -> int:
-    """Ranks the frozen base is partitioned over in `node` mode (dist.frozen_partition_size)."""
-    size = int(dist_cfg.get("frozen_partition_size", 0) or 0) or gpus_per_node
-    return min(size, world)
+    """Ranks the frozen base is partitioned over in `node` mode (dist.frozen_partition_size),
+    grouped by the rule training applies (topology.partition_groups on `world` ranks in
+    blocks of `gpus_per_node`): a size training refuses is refused here, in its words."""
+    from .topology import Topology, partition_groups
+
+    size = int(dist_cfg.get("frozen_partition_size", 0) or 0)
+    return len(partition_groups(Topology.blocks(world, gpus_per_node), "node", size)[0])
 
 
 def comm_dtype_bytes(ds: dict, dtype_bytes: int) -> int:

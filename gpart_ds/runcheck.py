@@ -37,7 +37,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from . import checkpoint
-from .config import ConfigError, auto_lr_caveat, export_dir, resolved_lr, where_for
+from .config import ConfigError, auto_lr_caveat, export_dir, need_for, resolved_lr, where_for
 from .fileio import folder_problem, overlap
 from .targets import Layout
 
@@ -160,14 +160,10 @@ def validate_for_run(cfg: DictConfig, *, world: int = 1, device_type: str = "cpu
         from . import methods
 
         check_accelerator(device_type)
-
-        def need(ok, key, msg):
-            if not ok:
-                raise ConfigError(f"{where_for(cfg)(key)}: {msg}")
-
         # What this machine must offer the method (method.kernel=triton on CPU), before the
         # data is tokenised and the process group started (the trainer asks again there).
-        methods.get(cfg.method.name).check_environment(cfg.method, torch.device(device_type), need)
+        methods.get(cfg.method.name).check_environment(cfg.method, torch.device(device_type),
+                                                       need_for(where_for(cfg)))
     return Checked(layout, lr, source)
 
 

@@ -20,25 +20,19 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
+from .distributed import free_port
 from .errors import UserError, run_cli
 from .fileio import folder_problem, overlap, write_atomic
 
 
 class ServeError(UserError):
     pass
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 
 from . import (checkpoint, comm, commcount, data, distributed, evaluate, frozen_shards, generation, methods, ownership,
                runcheck, zero3)
-from .config import ConfigError, check_paths, export_dir, to_yaml, unread_method_keys, where_for
+from .config import ConfigError, check_paths, export_dir, need_for, to_yaml, unread_method_keys, where_for
 from .errors import EXIT_PREEMPTED, RunFailed, UserError
 from .fileio import folder_bytes, write_atomic
 from .hub import display_name
@@ -112,7 +112,7 @@ class Trainer:
                  ranks.local_world, ranks.master_addr, ranks.master_port)
         self.device = distributed.device()
         # What this machine must offer the method, before any weight is read.
-        methods.get(cfg.method.name).check_environment(cfg.method, self.device, self._need)
+        methods.get(cfg.method.name).check_environment(cfg.method, self.device, need_for(where_for(cfg)))
         self.dtype = training_dtype(cfg.model.precision, self.device.type)
         self.out = Path(cfg.output_dir)
         torch.manual_seed(cfg.train.seed)
@@ -172,10 +172,6 @@ class Trainer:
     def _release_folders(self) -> None:
         while self._locks:
             self._locks.pop().release()
-
-    def _need(self, ok: bool, key: str, msg: str) -> None:
-        if not ok:
-            raise ConfigError(f"{where_for(self.cfg)(key)}: {msg}")
 
     def _load_data(self) -> None:
         from transformers import AutoTokenizer

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,13 +25,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from gpart_ds.distributed import free_port  # noqa: E402
 from gpart_ds.errors import UserError, run_cli  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _torchrun() -> str:
@@ -54,7 +48,7 @@ def run(nodes: int, per_node: int, config: str, overrides: list[str], script: st
     """Start the agents, wait for all of them; returns their completed processes (logs in files)."""
     out = _output_dir(overrides)
     out.parent.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
                     **(env or {}))
     full_env.setdefault("DS_ACCELERATOR", "cpu")

