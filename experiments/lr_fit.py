@@ -13,9 +13,9 @@ makes the worst loss over all sweeps smallest (ties: the mean loss), and prints,
 exponent, that C, the worst and mean loss, and how many sweeps have the rule's lr within 2x
 of their best grid rate; then the sweeps one by one (with the test metric read the same
 way: a held-out look at each rule, not used by the fit) under train.lr: auto as each report
-recorded it, under the best fit, and under --C/--exponent if given. The choice of a rule is then made on dev records only, like the
-study's choice of each lr; the test records stay for the report. 200 dev records give a
-standard error of ~3 points: losses below that are not told apart from none.
+recorded it, under the best fit, and under --C/--exponent if given. The choice of a rule is then
+made on dev records only, like the study's choice of each lr; the test records stay for the
+report. 200 dev records give a standard error of ~3 points: losses below that are not told apart from none.
 
 Two limits of any such rule are printed beside it: per exponent, the most sweeps any C puts
 within 2x of their best rate; and, for sweeps of the same D and d (other tasks), how far
@@ -150,7 +150,7 @@ def probe(sw: list[dict], steps: list[int], window: int = PROBE_WINDOW) -> list[
         rates = [lr for lr, _ in s["points"] if lr in s["losses"]]
         picks = {}
         for k in steps:
-            def tail(lr, k=k):
+            def tail(lr, k=k, s=s):
                 L = s["losses"][lr][:k][-window:]
                 return math.inf if len(s["losses"][lr]) < k or not all(math.isfinite(x) for x in L) \
                     else sum(L) / len(L)

@@ -37,8 +37,7 @@ import torch.distributed as dist
 
 from . import identity as ident
 from .errors import UserError
-from .fileio import sha256_file as _sha256
-from .fileio import temp_sibling, write_atomic
+from .fileio import sha256_file as _sha256, temp_sibling, write_atomic
 from .zero3 import gathered
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -44,7 +44,7 @@ def _f(default=MISSING, help: str = "", factory=None):
 @dataclass
 class MethodConfig:
     name: str = _f("gpart", "gpart, or a baseline: lora, vera, full (methods/)")
-    d: Optional[int] = _f(None, "gpart: length of theta, the number of trainable parameters (required)")
+    d: int | None = _f(None, "gpart: length of theta, the number of trainable parameters (required)")
     seed: int = _f(0, "gpart: partition seed in [0, 2^64); vera: projection seed")
     target_modules: Any = _f("all-linear", "'all-linear' (every linear in the decoder blocks), a list of "
                              "module-name suffixes (e.g. [q_proj, v_proj]), or a regex over full module names")
@@ -54,12 +54,13 @@ class MethodConfig:
     chunk_elems: int = _f(1 << 26, "gpart: elements of W0 + delta alive at once per layer")
     reuse_ids: Any = _f("auto", "gpart: keep each layer's int32 group ids from forward to backward (4 bytes x D "
                         "per rank); auto: on when 4 x D <= 1 GiB and no dropout")
-    step_per_weight: Optional[float] = _f(None, "gpart: with train.lr: auto, how far each weight moves per "
+    step_per_weight: float | None = _f(None, "gpart: with train.lr: auto, how far each weight moves per "
                                           "(sign-like) Adam step: lr = step_per_weight x sqrt(D / d), so changing d "
-                                          "keeps it; unset: the rule fitted on SmolLM2-135M, GPART_C x (D / d)^GPART_EXP "
+                                          "keeps it; unset: the rule fitted on SmolLM2-135M, "
+                                          "GPART_C x (D / d)^GPART_EXP "
                                           "(docs/lr_rule.md); a numeric train.lr (e.g. an override) wins")
-    r: Optional[int] = _f(None, "lora/vera: rank (default 8 / 256)")
-    alpha: Optional[float] = _f(None, "lora: alpha (default 2 x r)")
+    r: int | None = _f(None, "lora/vera: rank (default 8 / 256)")
+    alpha: float | None = _f(None, "lora: alpha (default 2 x r)")
 
 
 @dataclass
@@ -68,7 +69,7 @@ class ModelConfig:
                    "Hugging Face cache")
     precision: str = _f("auto", "auto | bf16 | fp32 (auto: bf16 where the accelerator has it, else fp32)")
     gradient_checkpointing: bool = _f(False, "recompute each decoder block in the backward (non-reentrant)")
-    arch_config: Optional[str] = _f(None, "a config.json (or folder) with the model's shapes, relative to the "
+    arch_config: str | None = _f(None, "a config.json (or folder) with the model's shapes, relative to the "
                                     "YAML file: what --dry-run and the planner use where model.path is not mounted")
 
 
@@ -116,7 +117,7 @@ class TrainConfig:
                             "every evaluation | never")
     eval_generate_batch: int = _f(64, "records each rank decodes together for the generated answers: every "
                                   "decoding step gathers the ZeRO-3 weights, so few large batches cost less")
-    resume: Optional[str] = _f(None, "auto (newest checkpoint that verifies) or a checkpoint folder")
+    resume: str | None = _f(None, "auto (newest checkpoint that verifies) or a checkpoint folder")
     objective: str = _f("lm", "lm: next-token loss on the completion; choices: cross-entropy among the first "
                         "tokens of each record's `choices` at the answer position (ranks the label words; "
                         "does not train the answer a server generates); choices_lm: both, summed")
@@ -126,7 +127,7 @@ class TrainConfig:
 class CheckpointConfig:
     every_steps: int = _f(0, "steps between checkpoints (one is always written at the end); 0: only at the end")
     keep_last: int = _f(2, "checkpoints kept")
-    dir: Optional[str] = _f(None, "default: <output_dir>/checkpoints")
+    dir: str | None = _f(None, "default: <output_dir>/checkpoints")
 
 
 @dataclass
@@ -147,7 +148,7 @@ class DistConfig:
 @dataclass
 class ExportConfig:
     merged: bool = _f(False, "write a merged Hugging Face folder at the end of training")
-    dir: Optional[str] = _f(None, "default: <output_dir>/merged")
+    dir: str | None = _f(None, "default: <output_dir>/merged")
     dtype: str = _f("auto", "auto (the training dtype: bit-exact with training) | bf16 | fp16 | fp32")
     max_shard_size: str = _f("5GB", "largest safetensors file")
     overwrite: bool = _f(False, "replace an existing export folder")
@@ -159,7 +160,7 @@ class LogConfig:
                           "tensorboard package is installed) | true | false")
     wandb: bool = _f(False, "log to Weights & Biases (needs the wandb package; WANDB_MODE=offline works)")
     wandb_project: str = _f("gpart_ds", "W&B project")
-    wandb_mode: Optional[str] = _f(None, "online | offline | disabled (default: W&B's own, e.g. WANDB_MODE)")
+    wandb_mode: str | None = _f(None, "online | offline | disabled (default: W&B's own, e.g. WANDB_MODE)")
 
 
 @dataclass
@@ -181,7 +182,7 @@ class RunConfig:
                        "them and they are missing (gpart_ds/assets/, e.g. [smollm2, rotten_tomatoes])",
                        factory=list)
     # Filled by load_config: where the values came from, for error messages.
-    config_file: Optional[str] = _f(None, "(set by the loader)")
+    config_file: str | None = _f(None, "(set by the loader)")
     overrides: list = _f(help="(set by the loader)", factory=list)
 
 

@@ -175,7 +175,7 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def no_template_error(where: str, tokenizer, why: str) -> "DataError":
+def no_template_error(where: str, tokenizer, why: str) -> DataError:
     return DataError(f"{where}: {why}, but the tokenizer of {tokenizer_source(tokenizer)} has no chat template "
                      "(no chat_template in its tokenizer_config.json or chat_template.jinja); use a model whose "
                      "tokenizer has one, add one there, or use prompt/completion records with "

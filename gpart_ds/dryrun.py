@@ -42,9 +42,8 @@ def targets_summary(arch: plan.Arch) -> str:
 def run(cfg, *, nodes: int | None = None, gpus_per_node: int | None = None,
         gpu_mem_gb: float | None = None, model_config: str | None = None,
         headroom: float = 0.10, overhead_gb: float = 3.0) -> int:
-    from .runcheck import validate_for_run
-
     from .distributed import check_launch_env
+    from .runcheck import validate_for_run
 
     check_launch_env()   # the launch variables a run would read, as training checks them
     world = nodes * gpus_per_node if nodes and gpus_per_node else _world_from_env()

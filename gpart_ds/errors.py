@@ -15,7 +15,7 @@ import errno
 import os
 import re
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 # Exit statuses shared by every command (docs/failures.md; README "When things go wrong").
 EXIT_OK = 0

@@ -26,10 +26,9 @@ import math
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-
-from pathlib import Path
 
 from . import data, generation
 from .errors import UserError, run_cli
@@ -234,7 +233,7 @@ class Evaluator:
         self.examples_are_records = len(examples) == len(records)
 
     @classmethod
-    def for_files(cls, examples, path, fmt: str, tokenizer, chat_template: bool, pad_id: int) -> "Evaluator":
+    def for_files(cls, examples, path, fmt: str, tokenizer, chat_template: bool, pad_id: int) -> Evaluator:
         records, _ = data.load(path, fmt)
         return cls(examples, records, choice_items(records, tokenizer, chat_template), pad_id,
                    generation.questions(records, tokenizer, chat_template), tokenizer)
@@ -343,7 +342,6 @@ def _load_model(model_dir: str, adapter_dir: str | None, dtype):
     from transformers import AutoModelForCausalLM
 
     from .methods import MethodRoot
-
     from .model import check_weights
 
     check_weights(model_dir)   # a missing key would be evaluated as random values
@@ -366,7 +364,7 @@ def _load_model(model_dir: str, adapter_dir: str | None, dtype):
         check_adapter(folder, Path(model_dir), "--model")
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
         return MethodRoot(PeftModel.from_pretrained(model, folder)).eval()
-    from .export import open_source          # a GPart adapter, a checkpoint, or the GPart authors' adapter
+    from .export import open_source  # a GPart adapter, a checkpoint, or the GPart authors' adapter
     from .safetensors_io import read_model_header
 
     # Read and checked (settings, digest, layout, base identity) before the model is loaded.

@@ -12,9 +12,9 @@ import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 
 def temp_sibling(final: str | os.PathLike, tag: str = "tmp") -> Path:

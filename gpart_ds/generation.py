@@ -122,8 +122,8 @@ def judge(answer: str, q: Question) -> tuple[object, bool]:
 
 
 def max_new_tokens(qs: list[Question], tokenizer) -> int:
-    longest = max((len(tokenizer(a, add_special_tokens=False)["input_ids"]) for q in qs for a in (q.reference, *q.answers)),
-                  default=1)
+    longest = max((len(tokenizer(a, add_special_tokens=False)["input_ids"])
+                   for q in qs for a in (q.reference, *q.answers)), default=1)
     return longest + 1 + EXTRA_TOKENS
 
 

@@ -235,7 +235,8 @@ def check_digest(recorded, fields: dict, where, missing_ok: bool, what: str = "a
     if edited:
         shown = ", ".join(f"{k!r} (now {_short(fields[k])})" for k in edited[:4])
         raise IdentityError(
-            f"{where}: {shown} {'differs' if len(edited) == 1 else 'differ'} from the value{'s' if len(edited) > 1 else ''} "
+            f"{where}: {shown} {'differs' if len(edited) == 1 else 'differ'} "
+            f"from the value{'s' if len(edited) > 1 else ''} "
             f"the {what} was written with (its digest): the file was edited after it was written, and its "
             f"weights belong to the original settings. Restore the original file, or train again with the "
             f"settings wanted")

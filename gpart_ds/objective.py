@@ -10,7 +10,6 @@ over label tokens as transformers' `ForCausalLMLoss` (fp32 cross-entropy, -100 i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +26,7 @@ class LabelLossOutput(CausalLMOutputWithPast):
     decoding reproducing the whole completion (each greedy step then sees the gold
     prefix), so it is exact match without running generate.
     """
-    matches: Optional[torch.Tensor] = None   # (rows with a label,) bool
+    matches: torch.Tensor | None = None   # (rows with a label,) bool
 
 
 def supports_label_positions(model) -> bool:

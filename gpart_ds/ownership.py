@@ -111,11 +111,11 @@ class FolderLock:
         self._made: list[Path] = []          # folders created to hold the lock (removed if left empty)
 
     @classmethod
-    def for_folder(cls, folder: str | os.PathLike, key: str) -> "FolderLock":
+    def for_folder(cls, folder: str | os.PathLike, key: str) -> FolderLock:
         return cls(Path(folder) / LOCK_NAME, f"{key} {str(folder)!r}", key)
 
     @classmethod
-    def beside(cls, out: str | os.PathLike, key: str) -> "FolderLock":
+    def beside(cls, out: str | os.PathLike, key: str) -> FolderLock:
         """For an output that is replaced as a whole (renamed into place): the lock lives
         next to it, where the rename does not touch it."""
         out = Path(out)
@@ -150,7 +150,7 @@ class FolderLock:
     def _key(self) -> Path:
         return Path(os.path.abspath(self.path.parent)).resolve() / self.path.name
 
-    def acquire(self) -> "FolderLock":
+    def acquire(self) -> FolderLock:
         """Take the lock or raise FolderBusy naming the holder; a stale lock is taken over
         with a warning (module doc)."""
         if self.path.parent.exists() and self._key() in _HELD:
@@ -263,7 +263,7 @@ class FolderLock:
                 break
         self._made = []
 
-    def __enter__(self) -> "FolderLock":
+    def __enter__(self) -> FolderLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

@@ -82,7 +82,7 @@ class Arch:
         return out
 
     @classmethod
-    def from_model(cls, model, target_modules="all-linear", name: str = "") -> "Arch":
+    def from_model(cls, model, target_modules="all-linear", name: str = "") -> Arch:
         from .targets import build_layout
 
         c = model.config
@@ -390,7 +390,8 @@ def describe_run(cfg, arch: Arch, source: str, world: int) -> str:
     unread = unread_method_keys(m)
     return "\n".join([
         f"model: {shown}: {params} parameters, {arch.layers} blocks, hidden "
-        f"{arch.hidden}, vocab {arch.vocab:,}; training dtype {'fp32' if dtype_bytes(cfg.model.precision) == 4 else 'bf16'}",
+        f"{arch.hidden}, vocab {arch.vocab:,}; training dtype "
+        f"{'fp32' if dtype_bytes(cfg.model.precision) == 4 else 'bf16'}",
         methods.get(m.name).summary(m, arch),
         *([f"not read by {m.name} (ignored): {', '.join(unread)}"] if unread else []),
         f"learning rate {resolved_lr(cfg, arch.D):.3g}" + (" (train.lr: auto)" if t.lr == "auto" else ""),

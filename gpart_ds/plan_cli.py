@@ -11,6 +11,7 @@ from . import plan_time
 from .errors import run_cli
 from .plan import (
     PlanError,
+    __doc__ as PLAN_DOC,
     arch_for_config,
     check_fit,
     describe_run,
@@ -19,7 +20,6 @@ from .plan import (
     min_nodes,
     plan_for_config,
 )
-from .plan import __doc__ as PLAN_DOC
 
 
 def parse(argv=None):

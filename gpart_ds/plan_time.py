@@ -73,7 +73,7 @@ class Cluster:
     delta_backward_per_s: float = 5.5e10
     latency_s: float = 20e-6        # per collective call
 
-    def with_(self, **kw) -> "Cluster":
+    def with_(self, **kw) -> Cluster:
         return Cluster(**{**asdict(self), **{k: v for k, v in kw.items() if v is not None}})
 
 

@@ -92,7 +92,7 @@ def parse_size(text: str | int) -> int:
     s = str(text).strip().upper()
     units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
              "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
-    for u, mult in units.items():
+    for u, mult in units.items():  # noqa: B007  (mult is read after the break)
         if s.endswith(u):
             num = s[: -len(u)].strip()
             break

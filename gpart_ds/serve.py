@@ -8,9 +8,10 @@ Starts `transformers serve MERGED` (transformers' OpenAI-compatible server, the 
 extra) on 127.0.0.1, waits for it, sends every held-out prompt through the `openai`
 client at temperature 0 (/v1/completions for prompt/completion records, the chat endpoint
 for chat records), judges each answer as the evaluator does (generation.judge), and stops
-the server. --url asks a server already running (vLLM, TGI) on the same folder instead. With --base and --adapter it also decodes the same prompts in this process
-with the adapter applied to the base (the trained model) and compares the answers record
-for record; without them, with the merged folder itself. Exit 0 when every served answer
+the server. --url asks a server already running (vLLM, TGI) on the same folder instead. With
+--base and --adapter it also decodes the same prompts in this process with the adapter applied
+to the base (the trained model) and compares the answers record for record; without them,
+with the merged folder itself. Exit 0 when every served answer
 equals the in-process one, 1 when any differs (listed), 2 on bad input.
 """
 from __future__ import annotations
@@ -47,7 +48,7 @@ class Server:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Server:
         exe = shutil.which("transformers", path=str(Path(sys.executable).parent)) or shutil.which("transformers")
         if exe is None:
             raise ServeError("no `transformers` command in this environment: install the serve extra "

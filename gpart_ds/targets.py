@@ -61,7 +61,7 @@ class Layout:
         return [[t.name, list(t.shape), t.offset] for t in self.targets]
 
     @classmethod
-    def from_json(cls, rows) -> "Layout":
+    def from_json(cls, rows) -> Layout:
         return cls([Target(str(n), (int(s[0]), int(s[1])), int(o)) for n, s, o in rows])
 
     def by_weight_name(self) -> dict[str, Target]:

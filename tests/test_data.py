@@ -195,7 +195,7 @@ def test_chat_loss_covers_assistant_turns_only(chat_tok):
         a, b = len(render(msgs[:i], gen=True)), len(render(msgs[: i + 1]))
         want[a:b] = ex.input_ids[a:b]
     assert ex.labels == want
-    learned = chat_tok.decode([t for t, l in zip(ex.input_ids, ex.labels) if l != data.IGNORE_INDEX])
+    learned = chat_tok.decode([t for t, lab in zip(ex.input_ids, ex.labels) if lab != data.IGNORE_INDEX])
     assert "dog cat" in learned and "moon sun" in learned
     assert "cat dog" not in learned and "be brief" not in learned and "sun moon" not in learned
 
@@ -276,7 +276,7 @@ def test_sentencepiece_tokenizer_model_works(tmp_path):
     sp = spm.SentencePieceProcessor(model_file=str(tdir / "tokenizer.model"))
     ex = data.tokenize_record({"prompt": "the cat", "completion": " sat on the mat"},
                               "prompt_completion", t, 64)
-    completion = [i for i, l in zip(ex.input_ids, ex.labels) if l != data.IGNORE_INDEX]
+    completion = [i for i, lab in zip(ex.input_ids, ex.labels) if lab != data.IGNORE_INDEX]
     assert completion[-1] == t.eos_token_id == sp.eos_id()
     assert sp.decode(completion[:-1]).strip() == "sat on the mat"
     src = tmp_path / "d.jsonl"
@@ -305,7 +305,8 @@ def test_choices_objective_records_the_decision_position_and_candidate_tokens(to
 
 @pytest.mark.parametrize("rec,msg", [
     ({"prompt": "a", "completion": " dog"}, "needs a 'choices' list"),
-    ({"prompt": "a", "completion": " dog cat", "choices": [" dog cat", " dog fish"]}, "do not differ in their first token"),
+    ({"prompt": "a", "completion": " dog cat", "choices": [" dog cat", " dog fish"]},
+     "do not differ in their first token"),
 ])
 def test_choices_objective_rejects_records_it_cannot_score(tok, rec, msg):
     with pytest.raises(data.DataError, match=f"d.jsonl:4: .*{msg}"):

@@ -51,18 +51,20 @@ def test_evaluate_cli_reports_loss_and_accuracy(tiny_assets, tmp_path, capsys):
     p = tmp_path / "e.jsonl"
     p.write_text("".join(json.dumps({"prompt": f"Reverse: cat {w}\nAnswer:", "completion": f" {w} cat",
                                      "choices": [f" {w} cat", " dog"]}) + "\n" for w in ["sun", "moon", "red"]))
-    assert evaluate.main(["--model", str(tiny_assets / "model"), "--data", str(p), "--json", str(tmp_path / "r.json")]) == 0
+    assert evaluate.main(["--model", str(tiny_assets / "model"), "--data", str(p),
+                          "--json", str(tmp_path / "r.json")]) == 0
     res = json.loads((tmp_path / "r.json").read_text())
     assert res["examples"] == 3 and res["scored"] == 3 and 0 <= res["accuracy"] <= 1 and res["eval_loss"] > 0
 
 
 def test_eval_loss_matches_model_loss(tiny):
     tok, model = tiny
-    exs = [data.tokenize_record({"prompt": "Reverse: cat\nAnswer:", "completion": " cat"}, "prompt_completion", tok, 32)]
+    exs = [data.tokenize_record({"prompt": "Reverse: cat\nAnswer:", "completion": " cat"}, "prompt_completion",
+                                tok, 32)]
     s, n = evaluate.loss_sums(lambda **b: model(**b).loss, exs, [0], tok.pad_token_id, "cpu")
     ids = torch.tensor([exs[0].input_ids])
     want = model(input_ids=ids, labels=torch.tensor([exs[0].labels])).loss.item()
-    assert n == sum(1 for l in exs[0].labels[1:] if l != data.IGNORE_INDEX)
+    assert n == sum(1 for lab in exs[0].labels[1:] if lab != data.IGNORE_INDEX)
     assert s / n == pytest.approx(want, rel=1e-6)
 
 

@@ -10,10 +10,16 @@ from transformers import AutoModelForCausalLM
 
 from gpart_ds import export
 from gpart_ds.methods.gpart.adapter import AdapterError
-from gpart_ds.methods.gpart.sources import open_source
 from gpart_ds.methods.gpart.layer import apply_gpart
-from tests.export_helpers import (expected_targets, make_adapter, make_base, raw_bytes, read_folder,
-                                  write_reference_adapter)
+from gpart_ds.methods.gpart.sources import open_source
+from tests.export_helpers import (
+    expected_targets,
+    make_adapter,
+    make_base,
+    raw_bytes,
+    read_folder,
+    write_reference_adapter,
+)
 from tests.helpers import REPO
 
 
@@ -159,7 +165,8 @@ def test_wrong_base_model_is_refused_by_name(tmp_path, tok_dir):
     a = make_base(tmp_path / "a", tok_dir, hidden=8)
     b = make_base(tmp_path / "b", tok_dir, hidden=16, heads=2)
     make_adapter(tmp_path / "ad", a, d=16, seed=0)
-    with pytest.raises(AdapterError, match=r"q_proj.weight has shape \[8, 8\] in the adapter but \[16, 16\].*wrong base"):
+    with pytest.raises(AdapterError,
+                       match=r"q_proj.weight has shape \[8, 8\] in the adapter but \[16, 16\].*wrong base"):
         export.merge_offline(b, tmp_path / "ad", tmp_path / "out")
     c = make_base(tmp_path / "c", tok_dir, layers=1)
     with pytest.raises(AdapterError, match="layers.1.self_attn.q_proj.weight is not in the base model"):

@@ -138,7 +138,8 @@ def test_report_states_targets_and_export_comparison():
         "best_gpart": "gpart_triton", "targets_met": {"vs_trainable <= 1.2": True, "vs_lora <= 1.7": True},
         "delta_generation_hbm_fraction": 0.5},
         "tiny": {"status": "ok", "losses_consistent": True, "cpu_eager": {"losses": [1.0]},
-                 **{k: {"max_rel_loss_diff_vs_cpu": 0.01, "export_vs_cpu_merge": {"equal": True, "dtype": "torch.bfloat16"}}
+                 **{k: {"max_rel_loss_diff_vs_cpu": 0.01,
+                        "export_vs_cpu_merge": {"equal": True, "dtype": "torch.bfloat16"}}
                     for k in ("gpu_compiled", "gpu_triton")}}}
     md = gpu_check.markdown(results, 540)
     assert "| gpart_triton | 9.00 | 1.12x | 1.60x |" in md

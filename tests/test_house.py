@@ -295,3 +295,19 @@ def test_the_configuration_reference_is_generated_from_the_schema():
     doc = REPO / "docs" / "configuration.md"
     assert doc.read_text() == schema_markdown(), \
         "docs/configuration.md is stale: python -m gpart_ds.config --markdown > docs/configuration.md"
+
+
+def test_ruff_finds_nothing():
+    """The linter (pyproject.toml [tool.ruff]: pycodestyle, pyflakes, isort, bugbear,
+    pyupgrade) over the whole repository, with the venv's ruff (the dev extra, locked)."""
+    import shutil
+    import subprocess
+    import sys
+
+    ruff = Path(sys.executable).parent / "ruff"
+    exe = str(ruff) if ruff.is_file() else shutil.which("ruff")
+    assert exe, "ruff is not installed: pip install -e '.[dev]' (launch/lock/cpu.txt pins it)"
+    proc = subprocess.run([exe, "check", "--no-cache", "--output-format", "concise", "."], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"ruff check found problems (ruff check --fix . mends the [*] ones):\n" \
+                                 f"{proc.stdout[-6000:]}{proc.stderr[-2000:]}"

@@ -7,8 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from gpart_ds import export
-from gpart_ds import identity as ident
+from gpart_ds import export, identity as ident
 from gpart_ds.identity import IdentityError
 from tests.export_helpers import make_adapter, make_base
 
@@ -110,7 +109,8 @@ def test_an_edited_gpart_adapter_is_refused_naming_the_field(tmp_path, tok_dir, 
     cfg[field] = value
     if field == "d":   # theta's length too, as a careful forger would
         t = load_file(str(tmp_path / "ad" / "adapter_model.safetensors"))
-        save_file({"gpart_theta": t["gpart_theta"][:8].contiguous()}, str(tmp_path / "ad" / "adapter_model.safetensors"))
+        save_file({"gpart_theta": t["gpart_theta"][:8].contiguous()},
+                  str(tmp_path / "ad" / "adapter_model.safetensors"))
         from gpart_ds.fileio import sha256_file
         cfg["weights_sha256"] = sha256_file(tmp_path / "ad" / "adapter_model.safetensors")
     cfg_path.write_text(json.dumps(cfg))

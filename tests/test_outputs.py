@@ -49,10 +49,10 @@ def _digest(folder):
 def adapter(tmp_path, tiny_assets):
     """A GPart adapter for the tiny model (theta 0: its merge is the base)."""
     import torch
+    from transformers import AutoModelForCausalLM
 
     from gpart_ds.methods.gpart.adapter import adapter_config, save_adapter
     from gpart_ds.targets import build_layout
-    from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_assets / "model")
     layout = build_layout(model, "all-linear")

@@ -4,8 +4,8 @@ import importlib.util
 import pytest
 
 from gpart_ds import plan, plan_cli
-from gpart_ds.methods.gpart import partition
 from gpart_ds.config import load_config
+from gpart_ds.methods.gpart import partition
 from tests.helpers import REPO
 
 GIB = plan.GIB
@@ -163,7 +163,8 @@ def test_dry_run_of_the_70b_config_uses_the_bundled_shapes_and_theory(capsys, ll
 def test_vera_plan_holds_its_shared_projections_and_few_trainable_parameters(llama70b):
     _, arch = llama70b
     kw = dict(world=64, micro_batch=1, seq_len=4096)
-    vera, lora = plan.estimate(arch, method=plan.spec("vera"), **kw), plan.estimate(arch, method=plan.spec("lora"), **kw)
+    vera = plan.estimate(arch, method=plan.spec("vera"), **kw)
+    lora = plan.estimate(arch, method=plan.spec("lora"), **kw)
     # A (256 x 28672... the largest in) and B (largest out x 256), bf16, whole on every rank
     assert vera.get("VeRA shared projections") == 256 * (28672 + 28672) * 2
     assert vera.get("VeRA scaling vectors") < lora.get("LoRA grads")

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from gpart_ds.assets import tasks
 from gpart_ds import data
+from gpart_ds.assets import tasks
 
 
 def _lines(p):

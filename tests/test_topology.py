@@ -29,7 +29,7 @@ def test_global_is_one_group_and_bad_sizes_are_refused_with_the_key():
     topo = Topology.blocks(8, 4)
     assert partition_groups(topo, "global") == [list(range(8))]
     for size, why in ((3, "must divide"), (6, "must divide"), (12, "must divide")):
-        with pytest.raises(TopologyError, match="dist.frozen_partition_size"):
+        with pytest.raises(TopologyError, match=f"dist.frozen_partition_size={size} {why}"):
             partition_groups(topo, "node", size)
     with pytest.raises(TopologyError, match="same number of ranks on every node"):
         partition_groups(Topology.from_keys(["a", "a", "b"]), "node")

@@ -114,7 +114,8 @@ def projections(config: str = "configs/llama70b.yaml", worlds=(8, 16, 64)) -> di
     for method in plan.COMPARED:
         for w in worlds:
             p = plan.plan_for_config(cfg, arch, w, method=method)
-            out.setdefault(method, {})[str(w)] = {"gpu_gib": p.gpu_total / plan.GIB, "host_gib": p.host_total / plan.GIB}
+            out.setdefault(method, {})[str(w)] = {"gpu_gib": p.gpu_total / plan.GIB,
+                                                  "host_gib": p.host_total / plan.GIB}
     return {"config": config, "model": arch.name, "params": arch.n_params, "worlds": list(worlds), "per_gpu": out}
 
 

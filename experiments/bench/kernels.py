@@ -21,7 +21,6 @@ from gpart_ds.methods.gpart.kernels import triton_unavailable
 from gpart_ds.methods.gpart.layer import kernel_set
 from gpart_ds.methods.gpart.partition import hash_base
 
-
 KERNELS = ("effective_weight", "scatter_grad", "backward_pass", "count_groups")
 
 
@@ -54,10 +53,10 @@ def bench(rows: int, cols: int, d: int, repeat: int, dtype=torch.bfloat16) -> di
     for mode in modes:
         k = kernel_set(mode)
         jobs = {
-            "effective_weight": lambda: k.effective_weight(w0, ts, base, d),
-            "scatter_grad": lambda: k.scatter_grad(torch.zeros_like(ts), dw, base, d),
-            "backward_pass": lambda: k.backward_pass(w0, dw, ts, torch.zeros_like(ts), base, d),
-            "count_groups": lambda: k.count_groups(base, n, d),
+            "effective_weight": lambda k=k: k.effective_weight(w0, ts, base, d),
+            "scatter_grad": lambda k=k: k.scatter_grad(torch.zeros_like(ts), dw, base, d),
+            "backward_pass": lambda k=k: k.backward_pass(w0, dw, ts, torch.zeros_like(ts), base, d),
+            "count_groups": lambda k=k: k.count_groups(base, n, d),
         }
         for name, fn in jobs.items():
             t0 = time.perf_counter()

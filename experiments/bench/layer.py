@@ -128,7 +128,7 @@ def bench(out_features: int, in_features: int, tokens: int, d: int, dtype: torch
         first, med = _median_time(fn, repeat, dev)
         res["layers"][name] = {"fwd_bwd_s": med, "first_call_s": first}
     base = res["layers"]["frozen"]["fwd_bwd_s"]
-    for name, r in res["layers"].items():
+    for r in res["layers"].values():
         r["vs_frozen"] = r["fwd_bwd_s"] / base
         r["vs_lora"] = r["fwd_bwd_s"] / res["layers"]["lora"]["fwd_bwd_s"]
         r["vs_trainable"] = r["fwd_bwd_s"] / res["layers"]["trainable"]["fwd_bwd_s"]
@@ -140,7 +140,7 @@ def bench(out_features: int, in_features: int, tokens: int, d: int, dtype: torch
     gen = {}
     for mode in ("eager", "compiled") + (("triton",) if triton else ()):
         k = kernel_set(mode)
-        first, med = _median_time(lambda: k.effective_weight(flat, ts, hb, d), repeat, dev)
+        first, med = _median_time(lambda k=k: k.effective_weight(flat, ts, hb, d), repeat, dev)
         gen[mode] = {"elems_per_s": n / med, "first_call_s": first}
     gen["fused_speedup"] = gen["compiled"]["elems_per_s"] / gen["eager"]["elems_per_s"]
     if triton:

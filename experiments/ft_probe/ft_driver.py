@@ -2,12 +2,19 @@
 survivors' step KILL_AT, restart it at RESTART_AT. Each node is its own little world (own
 MASTER_PORT), as torchft expects. Logs: OUT/lighthouse.log, OUT/node<k>[.restart].log.
   python ft_driver.py OUT [MODE=plain|ds] [NODES=2] [PER=2] [STEPS=20] [KILL=1] [KILL_AT=5] [RESTART_AT=8]"""
-import os, re, signal, socket, subprocess, sys, time
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 PY = sys.executable
-out = Path(sys.argv[1]); out.mkdir(parents=True, exist_ok=True)
+out = Path(sys.argv[1])
+out.mkdir(parents=True, exist_ok=True)
 kv = dict(a.split("=", 1) for a in sys.argv[2:])
 MODE, NODES, PER = kv.get("MODE", "plain"), int(kv.get("NODES", 2)), int(kv.get("PER", 2))
 STEPS, KILL = int(kv.get("STEPS", 20)), int(kv.get("KILL", 1))
@@ -16,7 +23,8 @@ KILL_AT, RESTART_AT = int(kv.get("KILL_AT", 5)), int(kv.get("RESTART_AT", 8))
 
 def port():
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 lh_port = port()
@@ -53,9 +61,11 @@ while time.time() - t0 < 600:
     if KILL >= 0 and not killed and st >= KILL_AT:
         for p in nodes[KILL]:
             os.kill(p.pid, signal.SIGKILL)          # kill -9 every process of that node (we started them)
-        print(f"{time.time()-t0:.1f}s killed node{KILL} at survivor step {st}", flush=True); killed = True
+        print(f"{time.time()-t0:.1f}s killed node{KILL} at survivor step {st}", flush=True)
+        killed = True
     if killed and not restarted and st >= RESTART_AT:
-        nodes[KILL] = start_node(KILL, ".restart"); restarted = True
+        nodes[KILL] = start_node(KILL, ".restart")
+        restarted = True
         print(f"{time.time()-t0:.1f}s restarted node{KILL} at survivor step {st}", flush=True)
     if all(p.poll() is not None for ps in nodes.values() for p in ps):
         break
@@ -66,4 +76,5 @@ for ps in nodes.values():
     for p in ps:
         if p.poll() is None:
             p.kill()
-lh.terminate(); lh.wait()
+lh.terminate()
+lh.wait()

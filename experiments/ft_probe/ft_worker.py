@@ -4,7 +4,9 @@ MODE=plain: theta is a plain tensor + torch AdamW; MODE=ds: a DeepSpeed ZeRO-3 e
 group's default process group holds a frozen Linear stack and theta; theta's local gradient
 partition is averaged across replica groups through the torchft Manager before engine.step().
 Prints one line per step: node, rank, step, quorum size, loss, sha of theta (the full vector)."""
-import hashlib, os, sys, time
+import hashlib
+import os
+import time
 from datetime import timedelta
 
 import torch
@@ -64,9 +66,14 @@ def main():
     model = Model()
     if MODE == "ds":
         import deepspeed
-        from deepspeed.utils import (safe_get_local_grad, safe_set_local_grad, safe_get_local_fp32_param,
-                                     safe_set_local_fp32_param, safe_get_local_optimizer_state,
-                                     safe_set_local_optimizer_state)
+        from deepspeed.utils import (
+            safe_get_local_fp32_param,
+            safe_get_local_grad,
+            safe_get_local_optimizer_state,
+            safe_set_local_fp32_param,
+            safe_set_local_grad,
+            safe_set_local_optimizer_state,
+        )
         cfg = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1,
                "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
                "gradient_clipping": float(os.environ.get("CLIP", "1.0")), "steps_per_print": 10**9}
@@ -150,7 +157,8 @@ def main():
             opt.zero_grad()
             loss = model(x)
             loss.backward()
-            dist.all_reduce(theta.grad); theta.grad /= world   # the intra-group reduction
+            dist.all_reduce(theta.grad)
+            theta.grad /= world   # the intra-group reduction
             t1 = time.perf_counter()
             manager.allreduce(theta.grad).wait()
             ok = manager.should_commit()
@@ -158,7 +166,8 @@ def main():
             if ok:
                 opt.step()
         log(f"step {step} -> {manager.current_step()} quorum {manager.num_participants()} "
-            f"loss {loss.item():.6f} theta {sha(full_theta())} ft_ms {ft_ms:.1f} step_ms {(time.perf_counter()-t0)*1e3:.1f}")
+            f"loss {loss.item():.6f} theta {sha(full_theta())} ft_ms {ft_ms:.1f} "
+            f"step_ms {(time.perf_counter()-t0)*1e3:.1f}")
         time.sleep(SLEEP)
     log("done")
     manager.shutdown(wait=False)

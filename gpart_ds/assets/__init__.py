@@ -53,7 +53,7 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
 
 
 def _tiny_tokenizer(texts: list[str], out: Path):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -175,7 +175,8 @@ def main(argv=None) -> int:
 
 
 def _main(argv) -> None:
-    ap = argparse.ArgumentParser(prog="python -m gpart_ds.assets", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m gpart_ds.assets", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("recipes", nargs="+", choices=sorted(RECIPES))
     ap.add_argument("--root", type=Path, default=None, help="where to build (one recipe only)")
     args = ap.parse_args(argv)

@@ -38,8 +38,9 @@ Run time (an instance per run, on every rank):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn

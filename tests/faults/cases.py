@@ -17,14 +17,21 @@ import json
 import math
 import shutil
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import yaml
 
-from tests.faults.fixtures import (Fx, edit_json, flip_last_byte, rewrite_manifest, set_theta,
-                                   theta_of_checkpoint, truncate)
+from tests.faults.fixtures import (
+    Fx,
+    edit_json,
+    flip_last_byte,
+    rewrite_manifest,
+    set_theta,
+    theta_of_checkpoint,
+    truncate,
+)
 from tests.faults.runner import Call, Expect
 
 CFG = r"cfg\.yaml"
@@ -793,7 +800,8 @@ _ADAPTER_EDITS = [
      (AW,), ""),
     ("weights-truncated", "adapter_model.safetensors truncated", lambda a: truncate(a / "adapter_model.safetensors"),
      (AW,), ""),
-    ("flipped-byte", "one flipped byte in theta (no checksum)", lambda a: flip_last_byte(a / "adapter_model.safetensors"),
+    ("flipped-byte", "one flipped byte in theta (no checksum)",
+     lambda a: flip_last_byte(a / "adapter_model.safetensors"),
      (AW, r"(?i)checksum|sha|corrupt|hash"), "15.7"),
     ("theta-nan", "a NaN in theta", lambda a: set_theta(a, lambda t: t.__setitem__(5, float("nan"))),
      (AW, NONFINITE), "15.3"),
@@ -868,8 +876,9 @@ def _(ws, fx):
 
 
 def _reference(ws, fx, **overrides):
-    from tests.export_helpers import write_reference_adapter
     from safetensors.torch import load_file
+
+    from tests.export_helpers import write_reference_adapter
 
     theta = load_file(str(fx.base_run / "adapter" / "adapter_model.safetensors"))["gpart_theta"]
     ref = Path(ws) / "ref"
@@ -908,7 +917,8 @@ def _(ws, fx):
     return export(ws, fx, _reference(ws, fx, assignment_backend="materialized"))
 
 
-@case("export-out-exists", "adapter", "export: --out an existing folder (no --overwrite)", err(r"merged", r"(?i)exists"))
+@case("export-out-exists", "adapter", "export: --out an existing folder (no --overwrite)",
+      err(r"merged", r"(?i)exists"))
 def _(ws, fx):
     (ws / "merged").mkdir()
     (ws / "merged" / "model.safetensors").write_bytes(b"an earlier export")
@@ -1346,7 +1356,10 @@ def _(ws, fx):
 
 # The second round (issue 29): cases a new user tried that the first round never asked,
 # one module per class; they register into CASES through `case` like the ones above.
-from tests.faults import cases_writers, cases_identity, cases_upfront  # noqa: E402,F401
+# isort: off   (the import order is the order the cases register in, and are reported in)
+from tests.faults import cases_identity, cases_upfront, cases_writers  # noqa: E402,F401
+
+# isort: on
 
 KINDS = ("config", "override", "data", "checkpoint", "output", "adapter", "evaluate", "verify", "base",
          "diskfull", "nonfinite", "signal", "cli", "ranks", "writers", "identity", "upfront")

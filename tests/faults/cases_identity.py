@@ -1,4 +1,5 @@
-"""Fault probes, round two (issue 29), kind `identity`: Adapters and checkpoints that cannot be misapplied: the digest of what defines the delta,
+"""Fault probes, round two (issue 29), kind `identity`: Adapters and checkpoints that cannot be
+misapplied: the digest of what defines the delta,
 the base model's identity (shapes and a fingerprint of its weights), merged folders as bases.
 
 What an adversarial user tries: edit a field of adapter_config.json (GPart, LoRA, VeRA)

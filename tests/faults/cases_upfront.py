@@ -1,4 +1,5 @@
-"""Fault probes, round two (issue 29), kind `upfront`: What the project does not support, refused before any work: DeepSpeed JSON settings
+"""Fault probes, round two (issue 29), kind `upfront`: What the project does not support, refused
+before any work: DeepSpeed JSON settings
 (ZeRO stage other than 3, offload), an unavailable backend, chat data without a template.
 
 Each refusal is exit 2 with an `error:` line naming the file and the key (the DeepSpeed

@@ -1,4 +1,5 @@
-"""Fault probes, round two (issue 29), kind `writers`: Output ownership: one writer per folder (a lock with host and pid, stale locks named), unique
+"""Fault probes, round two (issue 29), kind `writers`: Output ownership: one writer per folder
+(a lock with host and pid, stale locks named), unique
 temporary names per writer, concurrent exports refused, preemption at any moment of start-up.
 
 A live writer is another process a case starts before its call: either one that holds a
@@ -183,7 +184,8 @@ def _(ws, fx):
 
 
 @held_case("writers-live-training-second-run", "a real training run is at step 1; a second `launch/train.py` "
-      "with the same config: refused naming the first (it used to interleave metrics and replace the adapter)", r"output_dir")
+      "with the same config: refused naming the first (it used to interleave metrics and replace the adapter)",
+      r"output_dir")
 def _(ws, fx):
     pid, end = live_training(ws, fx)
     c = train(ws, fx, cleanup=(end,))
@@ -279,7 +281,8 @@ def _(ws, fx):
 
 
 @case("writers-lock-other-host", "writers", "a lock written by a run on another host: refused naming that host and "
-      "pid and how to remove the lock if that run is gone", err(r"gpu-node-7", r"pid 4242", r"(?i)remove .*gpart\.lock"),
+      "pid and how to remove the lock if that run is gone",
+      err(r"gpu-node-7", r"pid 4242", r"(?i)remove .*gpart\.lock"),
       defect="29")
 def _(ws, fx):
     stale(ws / "run", host="gpu-node-7", pid=4242)
@@ -365,7 +368,8 @@ def _(ws, fx):
 
 
 @held_case("writers-export-live-temp-kept", "a second export while the first is writing its temporary folder "
-      "(the fixed name was removed under it, and a folder mixed both adapters): refused, the first's folder intact", r"--out")
+      "(the fixed name was removed under it, and a folder mixed both adapters): refused, the first's folder intact",
+      r"--out")
 def _(ws, fx):
     pid, end = hold(ws / "merged", how="beside")
     tmp = ws / ".merged.tmp-export"   # the name every export used, as the first export has it

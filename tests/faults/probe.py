@@ -216,7 +216,8 @@ def main(argv=None) -> int:
                            capture_output=True, text=True).stdout.strip()
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     meta = {"title": args.title, "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
-            "machine": machine() + f"; load average at the end {load} (1/5/15 min)", "commit": commit + (" + local changes" if dirty else ""),
+            "machine": machine() + f"; load average at the end {load} (1/5/15 min)",
+            "commit": commit + (" + local changes" if dirty else ""),
             "command": "python -m tests.faults.probe " + " ".join(sys.argv[1:] if argv is None else argv),
             "seconds": seconds, "fs_mode": {"tmpfs": "a private tmpfs per probe (mount namespace)",
                                             "rlimit": "RLIMIT_FSIZE (no mount namespace here)"}[server.fs_mode]}

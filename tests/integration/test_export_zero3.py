@@ -14,8 +14,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from gpart_ds import export
-from gpart_ds.methods.gpart.sources import open_source
 from gpart_ds.methods.gpart.layer import apply_gpart
+from gpart_ds.methods.gpart.sources import open_source
 from tests.export_helpers import expected_targets, make_base, raw_bytes, read_folder
 from tests.helpers import REPO, run_ranks
 

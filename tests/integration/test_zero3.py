@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from gpart_ds import plan
-from gpart_ds.methods.gpart.adapter import load_adapter
 from gpart_ds.config import load_config
 from gpart_ds.methods.gpart import GPart
+from gpart_ds.methods.gpart.adapter import load_adapter
 from tests.helpers import REPO, run_ranks
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]

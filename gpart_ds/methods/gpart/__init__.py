@@ -57,7 +57,8 @@ def reuse_ids(m, D: int) -> bool:
 
 class GPart(Method):
     name = "gpart"
-    config_keys = Method.config_keys | {"target_modules", "seed", "dropout", "d", "kernel", "chunk_elems", "reuse_ids", "step_per_weight"}
+    config_keys = Method.config_keys | {"target_modules", "seed", "dropout", "d", "kernel", "chunk_elems", "reuse_ids",
+                                        "step_per_weight"}
     drift_keys = ("name", "d", "seed", "target_modules")
 
     # ------------------------------------------------------------ config time

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ... import __version__
-from ... import identity as ident
+from ... import __version__, identity as ident
 from ...errors import UserError
 from ...fileio import atomic_dir, sha256_file
 from ...targets import Layout

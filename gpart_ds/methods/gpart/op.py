@@ -6,8 +6,8 @@ only x and a reference to W0 (which ZeRO-3 re-gathers before this module's backw
 regenerates the chunk again. With `reuse_ids` the forward also keeps the chunk's group
 ids (int32, 4 bytes per weight) for its backward, which then hashes nothing: a third
 less GPart work per step for 4 bytes x D of memory until the backward, so it is for
-models whose D is small next to the memory (the trainer's auto switch). dL/dtheta-side gradient is a scatter-add of dL/dW into the
-d-length vector ts = theta * s; autograd then applies the s factor.
+models whose D is small next to the memory (the trainer's auto switch). dL/dtheta-side
+gradient is a scatter-add of dL/dW into the d-length vector ts = theta * s; autograd then applies the s factor.
 
 Knows nothing of DeepSpeed: W0 is whatever tensor the caller passes (a gathered ZeRO-3
 parameter, a plain weight, a row block streamed from a file).

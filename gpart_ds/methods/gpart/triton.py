@@ -539,7 +539,7 @@ class TritonKernelSet:
         return counts
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_kernels() -> TritonKernelSet:
     """The process's one Triton kernel set (a kernel that fails switches it, for good, to
     the compiled kernels: see _guarded)."""

@@ -23,8 +23,8 @@ import warnings
 
 import torch
 
-from . import triton as tk
 from ...targets import Target
+from . import triton as tk
 from .op import GPartLinearFunction, OpConfig, check_frozen
 
 log = logging.getLogger(__name__)

@@ -1,11 +1,11 @@
 """GPart applied to a plain (non-DeepSpeed) Llama: layout, identity at 0, exact delta."""
 import pytest
 import torch
-from tests.helpers import micro_llama
 
 from gpart_ds.methods.gpart import partition
 from gpart_ds.methods.gpart.layer import apply_gpart
 from gpart_ds.targets import build_layout
+from tests.helpers import micro_llama
 
 LLAMA_ORDER = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

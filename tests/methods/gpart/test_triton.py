@@ -389,7 +389,8 @@ def test_gpu_ids_and_effective_weight_bit_identical_at_scale(d):
     w0 = torch.randn(n, device="cuda").to(torch.bfloat16)
     ts = torch.randn(d, device="cuda") * 1e-3
     base = torch.tensor(partition.hash_base(seed, start), device="cuda")
-    assert torch.equal(TRITON.effective_weight(w0, ts, base, d), get_kernels("compiled").effective_weight(w0, ts, base, d))
+    compiled = get_kernels("compiled").effective_weight(w0, ts, base, d)
+    assert torch.equal(TRITON.effective_weight(w0, ts, base, d), compiled)
     assert TRITON.mode == "triton", "a Triton kernel failed and fell back to the compiled ones"
 
 

@@ -46,7 +46,8 @@ def compile_kernel(name, fn, types, consts, num_warps, num_stages=3, elems=None)
     secs = time.perf_counter() - t0
     ops = _sass_ops(k.asm["cubin"])
     row = {"kernel": name, "compile_s": round(secs, 2), "sass": len(ops),
-           "spills": sum(o.startswith("STL") for o in ops), "mma": sum(o.startswith(("HGMMA", "HMMA", "DMMA")) for o in ops)}
+           "spills": sum(o.startswith("STL") for o in ops),
+           "mma": sum(o.startswith(("HGMMA", "HMMA", "DMMA")) for o in ops)}
     if elems:
         row["sass_per_element"] = round(len(ops) / elems, 1)
     print(json.dumps(row), flush=True)
