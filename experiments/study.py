@@ -275,7 +275,9 @@ class Plan:
 
     def __init__(self, study: dict, out: Path, tasks: list[str], methods: list[str], partial: bool = False,
                  recorded=None):
-        from . import assets, study_report
+        from gpart_ds import assets
+
+        from . import study_report
 
         self.study, self.out, self.tasks, self.methods = study, out, tasks, methods
         # runs that earlier reports record (--reuse-runs): finished, though not on this machine
@@ -392,7 +394,8 @@ def execute(entries: list[dict], ranks: int, log_dir: Path) -> int:
         name = f"{e['task']}/{e['method']}/lr{e['lr']:.4g}-s{e['seed']}"
         print(f"[study] {i}/{len(todo)} {e['phase']} {name} ({(time.perf_counter() - t0) / 60:.0f} min so far)",
               flush=True)
-        failed += not run_one(e["config"], e["overrides"], ranks, e["out"], log_dir / log_name(e["out"], log_dir.parent))
+        log = log_dir / log_name(e["out"], log_dir.parent)
+        failed += not run_one(e["config"], e["overrides"], ranks, e["out"], log)
     return failed
 
 
