@@ -337,8 +337,9 @@ class Evaluator:
 
 
 # ------------------------------------------------------------------ CLI
-def _load_model(model_dir: str, adapter_dir: str | None, dtype):
-    """The model folder as a method root, with a GPart adapter applied if given."""
+def _load_model(model_dir: str, adapter_dir: str | None, dtype, model_flag: str = "--model"):
+    """The model folder as a method root, with a GPart adapter applied if given;
+    `model_flag` is how the caller's command line names the model folder (its errors say it)."""
     from transformers import AutoModelForCausalLM
 
     from .methods import MethodRoot
@@ -361,7 +362,7 @@ def _load_model(model_dir: str, adapter_dir: str | None, dtype):
         from .methods.peft_common import check_adapter
 
         # its digest and base model, before any weight is loaded
-        check_adapter(folder, Path(model_dir), "--model")
+        check_adapter(folder, Path(model_dir), model_flag)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
         return MethodRoot(PeftModel.from_pretrained(model, folder)).eval()
     from .export import open_source  # a GPart adapter, a checkpoint, or the GPart authors' adapter
@@ -369,7 +370,7 @@ def _load_model(model_dir: str, adapter_dir: str | None, dtype):
 
     # Read and checked (settings, digest, layout, base identity) before the model is loaded.
     src = open_source(folder, Path(model_dir))
-    src.check(read_model_header(Path(model_dir)), Path(model_dir), "--model")
+    src.check(read_model_header(Path(model_dir)), Path(model_dir), model_flag)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     if config.is_file() and src.kind == "gpart_ds":
         from .methods.gpart.adapter import attach_adapter

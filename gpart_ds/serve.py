@@ -119,7 +119,7 @@ def check(merged: str, data_path: str, base: str | None = None, adapter: str | N
     if not qs:
         raise ServeError(f"{data_path}: no record has an answer to ask for (prompt/completion or chat records)")
     new = generation.max_new_tokens(qs, tok)
-    root = _load_model(base or merged, adapter, torch.float32)
+    root = _load_model(base or merged, adapter, torch.float32, "--base" if base else "--merged")
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     eos = generation.stop_ids(root.lm, tok)
     order = sorted(range(len(qs)), key=lambda i: len(qs[i].prompt))
