@@ -10,7 +10,7 @@
     model           Hugging Face skeletons and the (ZeRO-3 sharded) load
     zero3, comm     ZeRO-3 shard geometry and the few collectives; distributed: rank discovery
     checkpoint      checkpoint format, save, verify, resume
-    export          merged Hugging Face folders: offline merge, verify; zero3_export: from a run
+    export/         merged Hugging Face folders: offline merge, verify, from a run (export.zero3)
     plan, dryrun    per-GPU memory plan; what a run would do, without weights
     trainer         the loop that wires the above; metrics: sinks and progress
     errors, fileio  user-facing errors and exit codes; atomic writes

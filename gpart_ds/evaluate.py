@@ -365,7 +365,7 @@ def _load_model(model_dir: str, adapter_dir: str | None, dtype, model_flag: str 
         check_adapter(folder, Path(model_dir), model_flag)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
         return MethodRoot(PeftModel.from_pretrained(model, folder)).eval()
-    from .export import open_source  # a GPart adapter, a checkpoint, or the GPart authors' adapter
+    from .export.source import open_source  # a GPart adapter, a checkpoint, or the GPart authors' adapter
     from .safetensors_io import read_model_header
 
     # Read and checked (settings, digest, layout, base identity) before the model is loaded.

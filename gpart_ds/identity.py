@@ -51,7 +51,7 @@ VERSION = 1
 WINDOW = 32                    # elements per sampled window
 POSITIONS = (0.0, 1 / 3, 2 / 3, 1.0)   # where in a tensor's data the windows start (1.0: the last window)
 MAX_WINDOWS_PER_FILE = 2048    # x WINDOW x at most 8 bytes: 512 KiB read per file at most
-# The provenance file a merged export writes (export.copy_side_files): a folder that has it
+# The provenance file a merged export writes (export.files.copy_side_files): a folder that has it
 # already holds an adapter's delta.
 MERGE_RECORD = "gpart_merge.json"
 DIGEST_VERSION = 1

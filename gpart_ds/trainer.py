@@ -144,7 +144,7 @@ class Trainer:
         """The locks of what this run writes: output_dir; checkpoint.dir and the merged
         export's folder where they lie outside it (a folder inside output_dir is covered by
         its lock; the export, replaced as a whole, is locked beside itself, as every
-        export is: zero3_export takes that lock again, nested, when it writes)."""
+        export is: export.zero3 takes that lock again, nested, when it writes)."""
         cfg = self.cfg
         out = Path(cfg.output_dir)
         locks = [ownership.FolderLock.for_folder(out, "output_dir")]
@@ -552,8 +552,8 @@ class Trainer:
 
     def export_merged(self) -> Path:
         """The merged Hugging Face folder, written by the ranks together (collective)."""
-        from .export import parse_dtype
-        from .zero3_export import export_run
+        from .export.files import parse_dtype
+        from .export.zero3 import export_run
 
         e, t0 = self.cfg.export, time.perf_counter()
         commcount.phase("export")

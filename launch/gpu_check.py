@@ -299,9 +299,10 @@ def _train_and_compare(run: Run, name: str, config: str, steps: int, extra: list
         res[rname]["max_rel_loss_diff_vs_cpu"] = max(abs(a - b) / abs(b) for a, b in zip(got, ref))
         # CPU offline merge of the GPU run's own adapter, compared with the run's merged export
         merge = subprocess.run(
-            [sys.executable, "-c", "import sys; from gpart_ds import export; from gpart_ds.config import load_config; "
+            [sys.executable, "-c", "import sys; from gpart_ds.export.offline import merge_offline; "
+             "from gpart_ds.config import load_config; "
              "cfg = load_config(sys.argv[1], [], check_files=False); "
-             "export.merge_offline(cfg.model.path, sys.argv[2], sys.argv[3], kernel='eager')",
+             "merge_offline(cfg.model.path, sys.argv[2], sys.argv[3], kernel='eager')",
              config, str(work / rname / "adapter"), str(work / f"{rname}_cpu_merge")],
             cwd=REPO, env=dict(run.env, CUDA_VISIBLE_DEVICES=""), capture_output=True, text=True,
             timeout=max(5.0, step_end - time.monotonic()))

@@ -8,7 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from gpart_ds import export
+from gpart_ds.export.files import ExportError, check_targets_stored
+from gpart_ds.export.offline import merge_offline
+from gpart_ds.export.verify import verify
 from gpart_ds.methods.gpart.adapter import AdapterError
 from gpart_ds.methods.gpart.layer import apply_gpart
 from gpart_ds.methods.gpart.sources import open_source
@@ -32,7 +34,7 @@ def tok_dir(tiny_assets):
 def test_offline_merge_is_w0_plus_delta_and_leaves_the_rest_byte_identical(tmp_path, tok_dir, dtype):
     base = make_base(tmp_path / "base", tok_dir, dtype=dtype, tie=dtype == torch.float32)
     theta, layout = make_adapter(tmp_path / "ad", base, d=37, seed=5, dtype=dtype)
-    stats = export.merge_offline(base, tmp_path / "ad", tmp_path / "out")
+    stats = merge_offline(base, tmp_path / "ad", tmp_path / "out")
     assert stats["dtype"] == str(dtype)
     b, m = read_folder(base), read_folder(tmp_path / "out")
     assert m.keys() == b.keys()
@@ -54,7 +56,7 @@ def test_offline_merge_is_w0_plus_delta_and_leaves_the_rest_byte_identical(tmp_p
 def test_merged_folder_serves_the_trained_model_logits(tmp_path, tok_dir):
     base = make_base(tmp_path / "base", tok_dir, dtype=torch.bfloat16)
     theta, layout = make_adapter(tmp_path / "ad", base, d=50, seed=1, dtype=torch.bfloat16)
-    export.merge_offline(base, tmp_path / "ad", tmp_path / "out", max_shard_size=4000)
+    merge_offline(base, tmp_path / "ad", tmp_path / "out", max_shard_size=4000)
     files = sorted(p.name for p in (tmp_path / "out").glob("*.safetensors"))
     assert len(files) > 2 and (tmp_path / "out" / "model.safetensors.index.json").is_file()
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.bfloat16).eval()
@@ -63,7 +65,7 @@ def test_merged_folder_serves_the_trained_model_logits(tmp_path, tok_dir):
         g.gpart_theta.copy_(theta)
         ids = torch.randint(4, 320, (2, 9), generator=torch.Generator().manual_seed(0))
         assert torch.equal(merged(input_ids=ids).logits, g(input_ids=ids).logits)
-    r = export.verify(tmp_path / "out", base, tmp_path / "ad")
+    r = verify(tmp_path / "out", base, tmp_path / "ad")
     assert r["ok"] and r["max_abs_logit_diff"] == 0.0
 
 
@@ -71,7 +73,7 @@ def test_verify_fails_on_a_merge_that_is_not_the_adapter(tmp_path, tok_dir):
     base = make_base(tmp_path / "base", tok_dir)
     make_adapter(tmp_path / "ad", base, d=20, seed=0)
     make_adapter(tmp_path / "other", base, d=20, seed=0, theta_seed=9)
-    export.merge_offline(base, tmp_path / "other", tmp_path / "out")
+    merge_offline(base, tmp_path / "other", tmp_path / "out")
     proc = subprocess.run([sys.executable, "-m", "gpart_ds.export", "verify", "--merged", str(tmp_path / "out"),
                            "--base", str(base), "--adapter", str(tmp_path / "ad")],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -88,7 +90,7 @@ def test_reference_adapter_merges_to_the_reference_weights(tmp_path, tok_dir):
     src = open_source(tmp_path / "ref", base)
     assert src.kind == "reference" and src.seed == 42 and src.dtype is None
     assert [t.name.rsplit(".", 1)[1] for t in src.targets] == ["q_proj", "v_proj"] * 2
-    export.merge_offline(base, tmp_path / "ref", tmp_path / "out")
+    merge_offline(base, tmp_path / "ref", tmp_path / "out")
     from gpart_ds.targets import build_layout, skeleton
 
     layout = build_layout(skeleton(str(base)), ["q_proj", "v_proj"])
@@ -108,7 +110,7 @@ def test_reference_settings_we_cannot_reproduce_are_refused(tmp_path, tok_dir, k
     base = make_base(tmp_path / "base", tok_dir)
     write_reference_adapter(tmp_path / "ref", torch.zeros(8), 8, 0, "all-linear", **{key: value})
     with pytest.raises(AdapterError, match=match):
-        export.merge_offline(base, tmp_path / "ref", tmp_path / "out")
+        merge_offline(base, tmp_path / "ref", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -118,7 +120,7 @@ def test_reference_adapters_older_than_the_backend_key_are_refused_not_guessed(t
     base = make_base(tmp_path / "base", tok_dir)
     write_reference_adapter(tmp_path / "ref", torch.zeros(8), 8, 0, "all-linear", drop=("assignment_backend",))
     with pytest.raises(AdapterError, match="no 'assignment_backend' key.*torch.randint"):
-        export.merge_offline(base, tmp_path / "ref", tmp_path / "out")
+        merge_offline(base, tmp_path / "ref", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -126,7 +128,7 @@ def test_reference_adapters_with_extra_trained_modules_are_refused(tmp_path, tok
     base = make_base(tmp_path / "base", tok_dir)
     write_reference_adapter(tmp_path / "ref", torch.zeros(8), 8, 0, "all-linear", modules_to_save=["lm_head"])
     with pytest.raises(AdapterError, match="modules_to_save.*lm_head"):
-        export.merge_offline(base, tmp_path / "ref", tmp_path / "out")
+        merge_offline(base, tmp_path / "ref", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -146,7 +148,7 @@ def test_a_diverged_adapter_is_not_merged(tmp_path, tok_dir):
     cfg["weights_sha256"] = sha256_file(w)
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(AdapterError, match="1 non-finite values"):
-        export.merge_offline(base, tmp_path / "ad", tmp_path / "out")
+        merge_offline(base, tmp_path / "ad", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -157,8 +159,8 @@ def test_a_merge_whose_target_is_missing_from_the_base_files_is_refused(tmp_path
         targets = {"model.layers.0.self_attn.q_proj.weight": None, "model.layers.9.renamed.weight": None}
 
     base = make_base(tmp_path / "base", tok_dir)
-    with pytest.raises(export.ExportError, match="not in the base model's safetensors files.*renamed"):
-        export.check_targets_stored(Renamed(), stio.read_model_header(base), base)
+    with pytest.raises(ExportError, match="not in the base model's safetensors files.*renamed"):
+        check_targets_stored(Renamed(), stio.read_model_header(base), base)
 
 
 def test_wrong_base_model_is_refused_by_name(tmp_path, tok_dir):
@@ -167,15 +169,15 @@ def test_wrong_base_model_is_refused_by_name(tmp_path, tok_dir):
     make_adapter(tmp_path / "ad", a, d=16, seed=0)
     with pytest.raises(AdapterError,
                        match=r"q_proj.weight has shape \[8, 8\] in the adapter but \[16, 16\].*wrong base"):
-        export.merge_offline(b, tmp_path / "ad", tmp_path / "out")
+        merge_offline(b, tmp_path / "ad", tmp_path / "out")
     c = make_base(tmp_path / "c", tok_dir, layers=1)
     with pytest.raises(AdapterError, match="layers.1.self_attn.q_proj.weight is not in the base model"):
-        export.merge_offline(c, tmp_path / "ad", tmp_path / "out")
+        merge_offline(c, tmp_path / "ad", tmp_path / "out")
     # a 2-layer adapter into a 3-layer model: every adapter target exists, but layer 2's would
     # be left unadapted
     e = make_base(tmp_path / "e", tok_dir, layers=3)
     with pytest.raises(AdapterError, match=r"adapter's 14 targets differ from the base model's 21 .*target 14"):
-        export.merge_offline(e, tmp_path / "ad", tmp_path / "out")
+        merge_offline(e, tmp_path / "ad", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -186,14 +188,14 @@ def test_corrupted_adapter_and_unknown_hash_version_are_refused(tmp_path, tok_di
     w.write_bytes(w.read_bytes()[:-7])
     # the SHA-256 recorded in adapter_config.json catches it before the file is parsed
     with pytest.raises(AdapterError, match="adapter_model.safetensors: SHA-256 differs"):
-        export.merge_offline(base, tmp_path / "ad", tmp_path / "out")
+        merge_offline(base, tmp_path / "ad", tmp_path / "out")
     make_adapter(tmp_path / "ad2", base, d=16, seed=0)
     cfg_path = tmp_path / "ad2" / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["hash"]["version"] = 2
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(AdapterError, match="hash .* is not supported"):
-        export.merge_offline(base, tmp_path / "ad2", tmp_path / "out")
+        merge_offline(base, tmp_path / "ad2", tmp_path / "out")
 
 
 def test_existing_output_is_kept_unless_overwrite(tmp_path, tok_dir):
@@ -207,16 +209,16 @@ def test_existing_output_is_kept_unless_overwrite(tmp_path, tok_dir):
                           text=True, timeout=300)
     assert proc.returncode == 2 and "already exists; pass --overwrite" in proc.stderr
     assert (out / "precious.txt").read_text() == "keep me"
-    export.merge_offline(base, tmp_path / "ad", out, overwrite=True)
+    merge_offline(base, tmp_path / "ad", out, overwrite=True)
     assert not (out / "precious.txt").exists() and (out / "model.safetensors").is_file()
 
 
 DISK_FULL = """
 import resource, signal, sys
-from gpart_ds import export
+from gpart_ds.export.offline import merge_offline
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)     # a write past the limit fails with EFBIG
 resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
-export.merge_offline(sys.argv[1], sys.argv[2], sys.argv[3], overwrite=True)
+merge_offline(sys.argv[1], sys.argv[2], sys.argv[3], overwrite=True)
 """
 
 
@@ -237,7 +239,8 @@ def test_disk_full_leaves_the_previous_output_intact_and_no_partial_files(tmp_pa
 
 PEAK = """
 import sys, json
-from gpart_ds import export, safetensors_io
+from gpart_ds import safetensors_io
+from gpart_ds.export.offline import merge_offline
 import torch
 def hwm():  # VmHWM, not ru_maxrss: the latter inherits the parent's peak across exec
     line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
@@ -248,7 +251,7 @@ import gpart_ds.methods, gpart_ds.model, transformers  # imports before the base
 gpart_ds.targets.skeleton(base)   # transformers' model code: loaded once, whatever the model's size
 gc.collect()
 before = psutil.Process().memory_info().rss
-export.merge_offline(base, ad, out, block_bytes=int(sys.argv[4]), kernel=sys.argv[5])
+merge_offline(base, ad, out, block_bytes=int(sys.argv[4]), kernel=sys.argv[5])
 print(json.dumps({"before": before, "peak": hwm()}))
 """
 

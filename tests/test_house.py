@@ -36,7 +36,7 @@ LAYERS = [
     ("GPart's linear op on Triton kernels, on the op", ("gpart_ds.methods.gpart.triton_op",)),
     ("the methods and their registry", ("gpart_ds.methods",)),
     ("the library above the methods: config, checkpoint, model, export, planner, trainer", (
-        "gpart_ds.config", "gpart_ds.checkpoint", "gpart_ds.model", "gpart_ds.export", "gpart_ds.zero3_export",
+        "gpart_ds.config", "gpart_ds.checkpoint", "gpart_ds.model", "gpart_ds.export",
         "gpart_ds.plan", "gpart_ds.plan_time", "gpart_ds.plan_cli", "gpart_ds.dryrun", "gpart_ds.runcheck",
         "gpart_ds.topology", "gpart_ds.commcount", "gpart_ds.frozen_shards", "gpart_ds.evaluate",
         "gpart_ds.serve", "gpart_ds.preflight", "gpart_ds.trainer", "gpart_ds.assets")),

@@ -4,8 +4,9 @@ import shutil
 
 import pytest
 
-from gpart_ds import evaluate, export, hub
+from gpart_ds import evaluate, hub
 from gpart_ds.config import ConfigError, load_config
+from gpart_ds.export import cli as export_cli
 from tests.export_helpers import make_adapter
 
 
@@ -51,8 +52,8 @@ def test_evaluate_and_export_clis_take_a_cached_name(hf_cache, tiny_assets, tmp_
     by_dir = evaluate.evaluate_files(str(tiny_assets / "model"), data, max_examples=4)
     assert by_name["eval_loss"] == by_dir["eval_loss"]
     make_adapter(tmp_path / "adapter", tiny_assets / "model", d=512, seed=3)
-    assert export.main(["--base", "acme/tiny-llama", "--adapter", str(tmp_path / "adapter"),
+    assert export_cli.main(["--base", "acme/tiny-llama", "--adapter", str(tmp_path / "adapter"),
                         "--out", str(tmp_path / "merged")]) == 0
     assert json.loads((tmp_path / "merged" / "config.json").read_text())["num_hidden_layers"] == 2
-    assert export.main(["verify", "--merged", str(tmp_path / "merged"), "--base", "acme/tiny-llama",
+    assert export_cli.main(["verify", "--merged", str(tmp_path / "merged"), "--base", "acme/tiny-llama",
                         "--adapter", str(tmp_path / "adapter")]) == 0

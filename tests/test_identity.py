@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from gpart_ds import export, identity as ident
+from gpart_ds import identity as ident
+from gpart_ds.export.offline import merge_offline
 from gpart_ds.identity import IdentityError
 from tests.export_helpers import make_adapter, make_base
 
@@ -115,7 +116,7 @@ def test_an_edited_gpart_adapter_is_refused_naming_the_field(tmp_path, tok_dir, 
         cfg["weights_sha256"] = sha256_file(tmp_path / "ad" / "adapter_model.safetensors")
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(IdentityError, match=rf"adapter_config\.json: '{field}'"):
-        export.merge_offline(base, tmp_path / "ad", tmp_path / "out")
+        merge_offline(base, tmp_path / "ad", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -127,7 +128,7 @@ def test_a_version_1_adapter_is_accepted_with_a_warning(tmp_path, tok_dir, caplo
     cfg["format_version"] = 1
     del cfg["digest"]
     cfg_path.write_text(json.dumps(cfg))
-    export.merge_offline(base, tmp_path / "ad", tmp_path / "out")
+    merge_offline(base, tmp_path / "ad", tmp_path / "out")
     assert "no digest" in caplog.text
 
 
@@ -136,17 +137,17 @@ def test_an_adapter_is_merged_only_into_its_own_base(tmp_path, tok_dir):
     b = make_base(tmp_path / "b", tok_dir, seed=5)     # same shapes, other weights
     _adapter_with_identity(tmp_path / "ad", a)
     with pytest.raises(IdentityError, match=rf"trained on the base model {a}.*--base {b} is another model"):
-        export.merge_offline(b, tmp_path / "ad", tmp_path / "out")
-    stats = export.merge_offline(a, tmp_path / "ad", tmp_path / "out")
+        merge_offline(b, tmp_path / "ad", tmp_path / "out")
+    stats = merge_offline(a, tmp_path / "ad", tmp_path / "out")
     assert stats["files"] == 1
     prov = json.loads((tmp_path / "out" / ident.MERGE_RECORD).read_text())
     assert prov["base_identity"] == ident.identity(a) and prov["adapter_digest"]
     # the merged folder as a base: refused as such, naming the adapter it holds
     with pytest.raises(IdentityError, match=rf"is a merged model \(gpart_merge.json\).*adapter {tmp_path / 'ad'}"):
-        export.merge_offline(tmp_path / "out", tmp_path / "ad", tmp_path / "out2")
+        merge_offline(tmp_path / "out", tmp_path / "ad", tmp_path / "out2")
     # an adapter trained on the merged model (its identity recorded) merges into it
     _adapter_with_identity(tmp_path / "ad2", tmp_path / "out")
-    export.merge_offline(tmp_path / "out", tmp_path / "ad2", tmp_path / "out2")
+    merge_offline(tmp_path / "out", tmp_path / "ad2", tmp_path / "out2")
 
 
 def test_checkpoint_digest_and_base_check(tmp_path, tok_dir):

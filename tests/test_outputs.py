@@ -7,8 +7,9 @@ import os
 
 import pytest
 
-from gpart_ds import evaluate, export
+from gpart_ds import evaluate
 from gpart_ds.config import ConfigError, load_config
+from gpart_ds.export import cli as export_cli
 from gpart_ds.fileio import overlap
 from gpart_ds.runcheck import resolve_outputs
 
@@ -69,7 +70,7 @@ def test_export_never_writes_onto_what_it_reads(where, tmp_path, tiny_assets, ad
     shutil.copytree(tiny_assets / "model", base)
     out = {"base": base, "adapter": adapter, "inside-base": base / "merged", "parent-of-adapter": tmp_path}[where]
     before = (_digest(base), _digest(adapter))
-    rc = export.main(["--base", str(base), "--adapter", str(adapter), "--out", str(out), "--overwrite"])
+    rc = export_cli.main(["--base", str(base), "--adapter", str(adapter), "--out", str(out), "--overwrite"])
     err = capsys.readouterr().err
     assert rc == 2 and "--out" in err and ("--base" in err or "--adapter" in err) and "Traceback" not in err
     assert (_digest(base), _digest(adapter)) == before

@@ -3,8 +3,8 @@ import pytest
 
 from gpart_ds.config import ConfigError, load_config
 from gpart_ds.errors import UserError
+from gpart_ds.export.zero3 import replica_part
 from gpart_ds.topology import Placement, Topology, TopologyError, node_key, partition_groups
-from gpart_ds.zero3_export import replica_part
 
 
 def test_nodes_from_keys_keep_rank_order_whatever_the_launcher_numbering():

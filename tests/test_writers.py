@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gpart_ds import export
+from gpart_ds.export import folder
 from gpart_ds.ownership import LOCK_NAME, FolderBusy, FolderLock, peek
 from tests.helpers import REPO, rank_env
 
@@ -112,7 +112,7 @@ def test_a_lock_nests_in_one_process_and_a_refused_start_leaves_no_folder(tmp_pa
 
 def test_export_temporaries_are_unique_per_writer_and_stale_ones_named(tmp_path, caplog):
     out = tmp_path / "merged"
-    names = {export.temp_dir_for(out).name for _ in range(20)}
+    names = {folder.temp_dir_for(out).name for _ in range(20)}
     assert len(names) == 20 and all(n.startswith(".merged.tmp-export-") for n in names)
     from tests.faults.runner import TEMP_NAME
     assert all(TEMP_NAME.search(n + "/") for n in names)
@@ -121,8 +121,8 @@ def test_export_temporaries_are_unique_per_writer_and_stale_ones_named(tmp_path,
     dead.mkdir()
     legacy.mkdir()
     (tmp_path / ".other.tmp-export-x").mkdir()   # another output's: not ours to remove
-    with caplog.at_level(logging.WARNING, logger="gpart_ds"), export.output_lock(out):
-        tmp = export.start_output(out)
+    with caplog.at_level(logging.WARNING, logger="gpart_ds"), folder.output_lock(out):
+        tmp = folder.start_output(out)
     assert tmp.is_dir() and not dead.exists() and not legacy.exists() and (tmp_path / ".other.tmp-export-x").exists()
     assert str(dead) in caplog.text
 
@@ -155,7 +155,7 @@ def test_a_second_export_to_one_out_is_refused_while_the_first_runs(tmp_path, ti
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
-        while not export.stale_temps(out) and first.poll() is None and time.monotonic() < deadline:
+        while not folder.stale_temps(out) and first.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
         first.send_signal(signal.SIGSTOP)
         assert first.poll() is None, "the first export ended before it could be caught writing"
@@ -163,12 +163,12 @@ def test_a_second_export_to_one_out_is_refused_while_the_first_runs(tmp_path, ti
                                 capture_output=True, text=True, timeout=300)
         assert second.returncode == 2, second.stderr
         assert f"pid {first.pid}" in second.stderr and "Traceback" not in second.stderr
-        assert len(export.stale_temps(out)) == 1   # the first one's folder is untouched
+        assert len(folder.stale_temps(out)) == 1   # the first one's folder is untouched
     finally:
         first.send_signal(signal.SIGCONT)
     _, err = first.communicate(timeout=300)
     assert first.returncode == 0, err
-    assert not export.stale_temps(out) and not (tmp_path / ".merged.gpart.lock").exists()
+    assert not folder.stale_temps(out) and not (tmp_path / ".merged.gpart.lock").exists()
     assert json.loads((out / "gpart_merge.json").read_text())
 
 

@@ -30,7 +30,8 @@ def hwm():
 def rss():
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmRSS:"))
 import torch, safetensors.torch, transformers
-from gpart_ds import export, safetensors_io
+from gpart_ds import safetensors_io
+from gpart_ds.export.offline import merge_offline
 gc.collect()
 before = rss()
 t0 = time.perf_counter()
@@ -49,7 +50,7 @@ _GPART = _PRELUDE + """
 base, adapter, out, repeat = sys.argv[1:5]
 for _ in range(int(repeat)):   # a second run in the process excludes compilation
     t0 = time.perf_counter()
-    stats = export.merge_offline(base, adapter, out, overwrite=True)
+    stats = merge_offline(base, adapter, out, overwrite=True)
 print(json.dumps({"seconds": time.perf_counter() - t0, "before": before, "peak": hwm(), **stats}))
 """
 

@@ -31,9 +31,11 @@ from typing import Protocol
 
 import torch
 
-from . import comm, export, safetensors_io as stio
-from .targets import full_shape
-from .zero3 import gathered, group_ranks, is_partitioned, local_shard, shard_range
+from .. import comm, safetensors_io as stio
+from ..errors import UserError
+from ..targets import full_shape
+from ..zero3 import gathered, group_ranks, is_partitioned, local_shard, shard_range
+from . import files, folder
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +53,12 @@ def _create_output(out: Path, plans, overwrite: bool):
     lock, tmp, verdict = None, None, None
     if comm.rank() == 0:
         try:
-            lock = export.output_lock(out, "export.dir").acquire()
-            export.check_output(out, overwrite)
-            tmp = export.start_output(out)
+            lock = folder.output_lock(out, "export.dir").acquire()
+            folder.check_output(out, overwrite)
+            tmp = folder.start_output(out)
             stio.create_files(tmp, plans)
         except Exception as exc:   # every rank refuses with rank 0's words, nobody waits
-            verdict = str(exc) if isinstance(exc, export.UserError) else \
+            verdict = str(exc) if isinstance(exc, UserError) else \
                 f"merged export to {out}: {_failure(exc)}; nothing was written there"
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -65,7 +67,7 @@ def _create_output(out: Path, plans, overwrite: bool):
             lock = None
     verdict, tmp = comm.gather_objects((verdict, None if tmp is None else str(tmp)))[0]
     if verdict is not None:
-        raise export.ExportError(verdict)
+        raise files.ExportError(verdict)
     return Path(tmp), lock
 
 
@@ -93,13 +95,13 @@ def _complete_output(error: str | None, tmp: Path, out: Path, plans, base_dir: P
             if comm.rank() == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
             comm.barrier()
-            raise export.ExportError(f"merged export to {out} failed ({error or 'on another rank'}); "
+            raise files.ExportError(f"merged export to {out} failed ({error or 'on another rank'}); "
                                      "nothing was written there")
         if comm.rank() == 0:
             try:
                 stio.write_index(tmp, plans)
-                export.copy_side_files(base_dir, tmp, out_dtype, prov)
-                export.finish_output(tmp, out)
+                files.copy_side_files(base_dir, tmp, out_dtype, prov)
+                folder.finish_output(tmp, out)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
@@ -110,7 +112,7 @@ def _complete_output(error: str | None, tmp: Path, out: Path, plans, base_dir: P
 
 
 def _failure(exc: BaseException) -> str:
-    from .errors import describe_os_error
+    from ..errors import describe_os_error
 
     if isinstance(exc, OSError) and describe_os_error(exc):
         return describe_os_error(exc)
@@ -147,9 +149,9 @@ def _output_plan(base_dir, out_dir, compute_dtype, out_dtype, max_shard_size, ov
     the base's tensors and the output files they go to (refusing an output that exists)."""
     base_dir, out = Path(base_dir), Path(out_dir)
     out_dtype = out_dtype or compute_dtype
-    export.check_output(out, overwrite)
+    folder.check_output(out, overwrite)
     base = stio.read_model_header(base_dir)
-    plans = stio.plan_files(export.output_entries(base, out_dtype), stio.parse_size(max_shard_size))
+    plans = stio.plan_files(files.output_entries(base, out_dtype), stio.parse_size(max_shard_size))
     return base_dir, out, out_dtype, device or torch.device("cpu"), base, plans
 
 
@@ -161,11 +163,11 @@ def export_sharded(model: torch.nn.Module, merger: ShardMerger, base_dir: str | 
     base_dir, out, out_dtype, device, base, plans = _output_plan(base_dir, out_dir, compute_dtype, out_dtype,
                                                                  max_shard_size, overwrite, device)
     params = dict(model.named_parameters(remove_duplicate=False))
-    export.check_targets_stored(merger, base, base_dir)
+    files.check_targets_stored(merger, base, base_dir)
     for name, st in base.items():   # every check before the first write
         p = params.get(name)
         if p is not None and tuple(full_shape(p)) != tuple(st.entry.shape):
-            raise export.ExportError(f"{name}: shape {list(full_shape(p))} in the model but "
+            raise files.ExportError(f"{name}: shape {list(full_shape(p))} in the model but "
                                      f"{list(st.entry.shape)} in {st.path}")
     replica = shard_replica(params.values())
     tmp, lock = _create_output(out, plans, overwrite)
@@ -179,7 +181,7 @@ def export_sharded(model: torch.nn.Module, merger: ShardMerger, base_dir: str | 
                     # Not a parameter (a stored buffer) or a replicated one: rank 0 writes it whole.
                     if comm.rank() == 0:
                         w0 = p.detach().reshape(-1) if p is not None else stio.read_elements(st, 0, st.entry.numel)
-                        vals = export.merged_checked(merger, name, 0, w0) if merger.is_target(name) else w0
+                        vals = files.merged_checked(merger, name, 0, w0) if merger.is_target(name) else w0
                         writer.write(name, 0, vals.to("cpu", entry.dtype))
                     continue
                 start, valid = shard_range(p)
@@ -190,7 +192,7 @@ def export_sharded(model: torch.nn.Module, merger: ShardMerger, base_dir: str | 
                     start, valid, shard = start + lo, hi - lo, shard[lo:hi]
                 if valid == 0:
                     continue   # a tensor smaller than its group: this rank holds only padding
-                vals = export.merged_checked(merger, name, start, shard) if merger.is_target(name) else shard
+                vals = files.merged_checked(merger, name, start, shard) if merger.is_target(name) else shard
                 writer.write(name, start, vals.to("cpu", entry.dtype))
                 del vals
     except Exception as exc:
@@ -214,7 +216,7 @@ def export_gathered(method, base_dir: str | Path, out_dir: str | Path, compute_d
     sources = {name: method.merge_source(name) for name in base}
     for name, src in sources.items():
         if src is not None and tuple(full_shape(src[0][0])) != tuple(base[name].entry.shape):
-            raise export.ExportError(f"{name}: shape {list(full_shape(src[0][0]))} in the model but "
+            raise files.ExportError(f"{name}: shape {list(full_shape(src[0][0]))} in the model but "
                                      f"{list(base[name].entry.shape)} in {base[name].path}")
     tmp, lock = _create_output(out, plans, overwrite)
     error = None
@@ -232,7 +234,7 @@ def export_gathered(method, base_dir: str | Path, out_dir: str | Path, compute_d
                 with gathered(params):
                     if rank0:
                         vals = merged().reshape(-1)
-                        export.check_finite(name, vals)
+                        files.check_finite(name, vals)
                         writer.write(name, 0, vals.to("cpu", writer.where[name][1].dtype))
     except Exception as exc:
         log.error("rank %d: writing the merged export failed: %s", comm.rank(), _failure(exc))

@@ -31,7 +31,7 @@ Run time (an instance per run, on every rank):
     after_engine()              anything to do once DeepSpeed owns the parameters
     save_adapter(out, info)     collective; the adapter folder (None: the method has none)
     shard_merger(dtype, device) collective; how the merged Hugging Face folder is written
-                                (zero3_export.export_run writes it): None gathers (merge_source)
+                                (export.zero3.export_run writes it): None gathers (merge_source)
     open_adapter(path, base)    an adapter folder as a merge source for the offline export
     open_checkpoint(ckpt, base) a checkpoint (read by the caller) as such a source
 """
@@ -218,10 +218,10 @@ class Method:
         return None
 
     def shard_merger(self, compute_dtype: torch.dtype, device):
-        """Collective. How the merged export is written (zero3_export.export_run): None (the
+        """Collective. How the merged export is written (export.zero3.export_run): None (the
         default) gathers, tensor by tensor, what a merged value needs and rank 0 writes it
         (merge_source below); (merger, provenance) has every rank write
-        merger.merged(its own shard) instead (zero3_export.ShardMerger), no rank gathering."""
+        merger.merged(its own shard) instead (export.zero3.ShardMerger), no rank gathering."""
         return None
 
     def merge_source(self, name: str):

@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parents[2]
 # CLI name -> (module or file, function): the entry points a user runs.
 CLIS = {
     "train": (str(REPO / "launch" / "train.py"), "main"),
-    "export": ("gpart_ds.export", "main"),
+    "export": ("gpart_ds.export.cli", "main"),
     "evaluate": ("gpart_ds.evaluate", "main"),
     "plan": ("gpart_ds.plan_cli", "main"),
     "assets": ("gpart_ds.assets", "main"),
@@ -81,8 +81,8 @@ def preload() -> None:
     import transformers  # noqa: F401
     from transformers import AutoTokenizer, LlamaForCausalLM  # noqa: F401
 
-    for mod in ("gpart_ds.trainer", "gpart_ds.export", "gpart_ds.evaluate", "gpart_ds.plan_cli",
-                "gpart_ds.dryrun", "gpart_ds.zero3_export", "gpart_ds.preflight", "gpart_ds.assets",
+    for mod in ("gpart_ds.trainer", "gpart_ds.export.cli", "gpart_ds.evaluate", "gpart_ds.plan_cli",
+                "gpart_ds.dryrun", "gpart_ds.export.zero3", "gpart_ds.preflight", "gpart_ds.assets",
                 "experiments.study", "experiments.bench.compare"):
         importlib.import_module(mod)
     for name in CLIS:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from gpart_ds import export
+from gpart_ds.export.offline import merge_offline
 from gpart_ds.methods.gpart.layer import apply_gpart
 from gpart_ds.methods.gpart.sources import open_source
 from tests.export_helpers import expected_targets, make_base, raw_bytes, read_folder
@@ -47,7 +47,7 @@ def test_zero3_merged_export_equals_offline_merge_and_w0_plus_delta(tmp_path, ze
     assert prov["ranks"] == 3 and prov["compute_dtype"] == "torch.bfloat16"
 
     # 1. byte-identical to the offline streaming merge of the run's adapter
-    export.merge_offline(base, out / "adapter", tmp_path / "offline", max_shard_size=100)
+    merge_offline(base, out / "adapter", tmp_path / "offline", max_shard_size=100)
     m, off, b = read_folder(merged), read_folder(tmp_path / "offline"), read_folder(base)
     assert m.keys() == off.keys() == b.keys()
     for k in m:

@@ -3,8 +3,10 @@ import json
 
 import pytest
 
-from gpart_ds import assets, export
+from gpart_ds import assets
 from gpart_ds.evaluate import evaluate_files
+from gpart_ds.export.offline import merge_offline
+from gpart_ds.export.verify import verify
 from tests.helpers import run_ranks
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -58,10 +60,10 @@ def test_gpart_under_zero3_lowers_held_out_loss_on_the_real_model(real_assets, t
     # The merged folder written shard by shard by the 2 ranks is the trained model for
     # plain transformers, and byte-identical to the offline streaming merge.
     merged = out / "merged"
-    check = export.verify(merged, real_assets[0], out / "adapter")
+    check = verify(merged, real_assets[0], out / "adapter")
     assert check["ok"], check
     served = evaluate_files(str(merged), real_assets[1] / "eval.jsonl", max_length=128, batch_size=8,
                             max_examples=16)
     assert served["eval_loss"] == pytest.approx(s["eval_loss_after"], rel=1e-4)
-    export.merge_offline(real_assets[0], out / "adapter", tmp_path / "offline")
+    merge_offline(real_assets[0], out / "adapter", tmp_path / "offline")
     assert (merged / "model.safetensors").read_bytes() == (tmp_path / "offline" / "model.safetensors").read_bytes()

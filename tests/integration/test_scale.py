@@ -28,8 +28,9 @@ import sys
 import pytest
 import torch
 
-from gpart_ds import commcount, export, plan, plan_time
+from gpart_ds import commcount, plan, plan_time
 from gpart_ds.config import load_config
+from gpart_ds.export.offline import merge_offline
 from tests.export_helpers import raw_bytes, read_folder
 from tests.helpers import REPO, theta_of
 
@@ -156,7 +157,7 @@ def test_merged_export_of_the_node_local_run_equals_the_offline_merge(tmp_path, 
     out = sims / "A"
     prov = json.loads((out / "merged" / "gpart_merge.json").read_text())
     assert prov["ranks"] == 4
-    export.merge_offline(REPO / ".cache" / "tiny" / "model", out / "adapter", tmp_path / "offline")
+    merge_offline(REPO / ".cache" / "tiny" / "model", out / "adapter", tmp_path / "offline")
     m, off = read_folder(out / "merged"), read_folder(tmp_path / "offline")
     assert m.keys() == off.keys()
     for k in m:

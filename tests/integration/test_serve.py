@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 def moved(tmp_path_factory, deepspeed_tiny_run, tiny_assets):
     """The tiny run's adapter with theta moved far enough that the model's answers change
     (the 12-step run's answers are mostly empty), and its offline merged export."""
-    from gpart_ds import export
+    from gpart_ds.export import cli as export_cli
     from gpart_ds.methods.gpart.adapter import load_adapter, save_adapter
 
     out, _ = deepspeed_tiny_run
@@ -22,7 +22,7 @@ def moved(tmp_path_factory, deepspeed_tiny_run, tiny_assets):
     theta, cfg = load_adapter(out / "adapter")
     torch.manual_seed(0)
     save_adapter(root / "adapter", theta + 0.5 * torch.randn_like(theta), cfg)
-    assert export.main(["--base", str(tiny_assets / "model"), "--adapter", str(root / "adapter"),
+    assert export_cli.main(["--base", str(tiny_assets / "model"), "--adapter", str(root / "adapter"),
                         "--out", str(root / "merged")]) == 0
     return root
 

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from gpart_ds import export
+from gpart_ds.export.offline import merge_offline
 from tests.export_helpers import raw_bytes, read_folder
 from tests.helpers import REPO, theta_of
 
@@ -59,7 +59,7 @@ def test_triton_kernels_train_like_the_eager_ones(runs):
 
 def test_merged_export_with_triton_kernels_equals_the_offline_eager_merge(runs, tiny_assets, tmp_path):
     tmp, _ = runs
-    export.merge_offline(tiny_assets / "model", tmp / "triton" / "adapter", tmp_path / "offline", kernel="eager")
+    merge_offline(tiny_assets / "model", tmp / "triton" / "adapter", tmp_path / "offline", kernel="eager")
     m, off = read_folder(tmp / "triton" / "merged"), read_folder(tmp_path / "offline")
     assert m.keys() == off.keys()
     for k in m:
