@@ -60,7 +60,7 @@ def run(cfg, *, nodes: int | None = None, gpus_per_node: int | None = None,
     print("dry run: model built on the meta device, no weights read, no process group, no data")
     print(plan.describe_run(cfg, arch, source, world))
     print(f"targets ({m.target_modules}): {targets_summary(arch)}")
-    for line in getattr(methods.get(m.name), "dry_run_lines", lambda m, arch: [])(m, arch):
+    for line in methods.cost(m).dry_run_lines(arch):
         print(line)
     print(f"ZeRO-3 on {world} ranks: each holds ceil(n/{world}) elements of each of "
           f"{len(arch.params)} tensors = {per_rank:,} elements ({plan.human(per_rank * b)})")

@@ -66,7 +66,7 @@ def check_targets(cfg: DictConfig, source: str | None = None):
         raise ConfigError(f"{where('method.target_modules')}: {patterns!r} matches no linear "
                           f"layer inside the decoder blocks of {cfg.model.path}; available: "
                           f"{linear_module_names(model)} or {ALL_LINEAR!r}")
-    methods.get(cfg.method.name).check_layout(cfg.method, layout, need_for(where))
+    methods.create(cfg.method).check_layout(layout, need_for(where))
     return layout
 
 

@@ -169,7 +169,7 @@ def saved_activation_bytes(a: Arch, micro_batch: int, seq: int, b: int, grad_ckp
     `head_tokens`: positions the LM head and the loss run on; default every token (a loss
     evaluated at label positions only needs the number of labelled tokens).
     `extra_bytes`: what the method itself keeps beside the blocks' activations
-    (Method.extra_saved_bytes, e.g. GPart's group ids with reuse_ids).
+    (methods.Cost.extra_saved_bytes, e.g. GPart's group ids with reuse_ids).
     """
     tokens = micro_batch * seq
     head = tokens if head_tokens is None else head_tokens
@@ -205,17 +205,17 @@ def spec(name: str = "gpart", **kw):
 
 
 def checked_method(m):
-    """The method class of a method config, once its values pass the method's checks."""
+    """The cost (methods.cost: what the planner asks of a method) of a method config, once
+    its values pass the method's checks."""
     from . import methods
 
     if m.name not in methods.names():
         raise PlanError(f"method must be one of {methods.names()}, got {m.name!r}")
-    cls = methods.get(m.name)
     problems = []
-    cls.validate(m, lambda ok, key, msg: None if ok else problems.append(f"{key}: {msg}"))
+    methods.create(m).validate(lambda ok, key, msg: None if ok else problems.append(f"{key}: {msg}"))
     if problems:
         raise PlanError("; ".join(problems))
-    return cls
+    return methods.cost(m)
 
 
 def estimate(a: Arch, *, world: int, method=None, micro_batch: int = 1, seq_len: int = 2048,
@@ -233,7 +233,7 @@ def estimate(a: Arch, *, world: int, method=None, micro_batch: int = 1, seq_len:
     that train the base weights: the world).
     """
     m = method if method is not None else spec()
-    cls = checked_method(m)
+    cost = checked_method(m)
     z = zero or {}
     b, W = dtype_bytes, world
     persist = int(float(z.get("stage3_param_persistence_threshold", 1e5)))
@@ -244,8 +244,8 @@ def estimate(a: Arch, *, world: int, method=None, micro_batch: int = 1, seq_len:
     plan = Plan(world=W)
     tokens = micro_batch * seq_len
 
-    weights = "trainable weights" if cls.trains_base else "frozen weights"
-    G = W if cls.trains_base or not frozen_group else min(frozen_group, W)
+    weights = "trainable weights" if cost.trains_base else "frozen weights"
+    G = W if cost.trains_base or not frozen_group else min(frozen_group, W)
     shard = sum(-(-n // G) for _, n in a.params)
     persisted = sum(n for _, n in a.params if n <= persist)
     where = "" if G == W else ", within a group"
@@ -264,11 +264,11 @@ def estimate(a: Arch, *, world: int, method=None, micro_batch: int = 1, seq_len:
         plan.add("activations: one block recomputed in backward",
                  tokens * layer_saved_bytes_per_token(a, b, seq_len, padded))
     else:
-        every = saved_activation_bytes(a, micro_batch, seq_len, b, False, padded, not cls.trains_base, head)
+        every = saved_activation_bytes(a, micro_batch, seq_len, b, False, padded, not cost.trains_base, head)
         plan.add("activations: every block", every - head_saved)
     plan.add("activations: final norm, LM head input, fp32 log-softmax", head_saved)
     plan.add("transient: logits in the training dtype and fp32", head * (b + 4) * a.vocab)
-    cls.plan_rows(plan, a, m, PlanContext(W, b, tokens, grad_ckpt, off_opt, shard, biggest))
+    cost.plan_rows(plan, a, PlanContext(W, b, tokens, grad_ckpt, off_opt, shard, biggest))
     if overhead_gb:
         plan.add("CUDA context, NCCL buffers, allocator slack (allowance)", overhead_gb * GIB)
     if off_param:
@@ -392,7 +392,7 @@ def describe_run(cfg, arch: Arch, source: str, world: int) -> str:
         f"model: {shown}: {params} parameters, {arch.layers} blocks, hidden "
         f"{arch.hidden}, vocab {arch.vocab:,}; training dtype "
         f"{'fp32' if dtype_bytes(cfg.model.precision) == 4 else 'bf16'}",
-        methods.get(m.name).summary(m, arch),
+        methods.cost(m).summary(arch),
         *([f"not read by {m.name} (ignored): {', '.join(unread)}"] if unread else []),
         f"learning rate {resolved_lr(cfg, arch.D):.3g}" + (" (train.lr: auto)" if t.lr == "auto" else ""),
         *([f"  {c}"] if (c := auto_lr_caveat(cfg, arch.D)) else []),

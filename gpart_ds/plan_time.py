@@ -9,14 +9,14 @@ For the compared methods (plan.COMPARED) with the frozen base partitioned within
 or over the world, on a stated cluster, per GPU and per optimizer step:
 
 - FLOPs: forward, the recompute of activation checkpointing and dX of the base model
-  (`base_flops`), plus what the method adds (`Method.step_flops`: its weight gradients,
+  (`base_flops`), plus what the method adds (`Cost.step_flops`: its weight gradients,
   adapter matmuls, a recompute cut short), counted as
   torch.utils.flop_counter.FlopCounterMode counts them (its own formulas for attention);
-  generated weights (`Method.delta_elements`, GPart's W0 + delta) as elements per pass,
+  generated weights (`Cost.delta_elements`, GPart's W0 + delta) as elements per pass,
   timed at the fused kernels' measured rates;
 - collectives: the gathers of the frozen base (here: forward, recompute, and the backward
-  of the parameters `Method.frozen_backward` names), whatever moves the method's
-  trainables (`Method.step_traffic`), the scalars; their payload and the bytes each GPU
+  of the parameters `Cost.frozen_backward` names), whatever moves the method's
+  trainables (`Cost.step_traffic`), the scalars; their payload and the bytes each GPU
   moves inside its node and across nodes (`collective_bytes`, the model commcount.py
   also reads its measurements with);
 - a predicted step time with and without overlap of communication and compute.
@@ -130,7 +130,7 @@ class RankLayout:
 
 @dataclass(frozen=True)
 class StepContext:
-    """What a method's step hooks (methods/base.py) need beside the architecture and its
+    """What a method's step hooks (methods/cost.py: Cost) need beside the architecture and its
     own config: one micro-batch's shape, and the ranks and dtypes its collectives use."""
     micro_batch: int
     seq: int
@@ -241,7 +241,7 @@ def _attention_flops(a: plan.Arch, micro_batch: int, seq: int, kernel: str = "fl
 def base_flops(a: plan.Arch, ctx: StepContext, trains_base: bool, attention: str = "flash") -> dict:
     """FLOPs of one micro-batch through the base model: forward, the recompute of every
     block's linears and attention under checkpointing, dX (attention, linears, the LM
-    head at `ctx.head` positions); dW is the method's (Method.step_flops)."""
+    head at `ctx.head` positions); dW is the method's (Cost.step_flops)."""
     T, Th = ctx.tokens, ctx.head
     linears = a.block_linears()
     blocks = a.layers * sum(o * i for o, i in linears)
@@ -267,10 +267,10 @@ def step_flops(a: plan.Arch, method=None, *, micro_batch: int, seq: int, grad_ck
     SDPA out: CPU kernels FlopCounterMode has no formula for).
     """
     m = method if method is not None else plan.spec()
-    cls = plan.checked_method(m)
+    cost = plan.checked_method(m)
     ctx = StepContext(micro_batch, seq, grad_ckpt, head_tokens)
-    f = base_flops(a, ctx, cls.trains_base, attention)
-    for k, v in cls.step_flops(m, a, ctx).items():
+    f = base_flops(a, ctx, cost.trains_base, attention)
+    for k, v in cost.step_flops(a, ctx).items():
         f[k] += v
     f["total"] = f["forward"] + f["recompute"] + f["dx"] + f["dw"]
     return f
@@ -294,7 +294,7 @@ def _param_roles(a: plan.Arch) -> dict[str, dict[str, int]]:
     return out
 
 
-def _frozen_gathers(t: StepTraffic, a: plan.Arch, cls, m) -> None:
+def _frozen_gathers(t: StepTraffic, a: plan.Arch, cost) -> None:
     """Frozen parameters are released after every use: the forward, the recompute and the
     backward of every module whose output needs a gradient gather them anew."""
     ctx, G, micro = t.ctx, t.ctx.frozen_group, t.ctx.micro_steps
@@ -302,7 +302,7 @@ def _frozen_gathers(t: StepTraffic, a: plan.Arch, cls, m) -> None:
     fwd = t.gathered([n for _, n in a.params], G)
     rec = t.gathered(roles["blocks"].values(), G) if ctx.grad_ckpt else 0
     default = {**roles["blocks"], **roles["head"], **(roles["norm"] if ctx.grad_ckpt else {})}
-    bwd = t.gathered(cls.frozen_backward(m, a, ctx, default).values(), G)
+    bwd = t.gathered(cost.frozen_backward(a, ctx, default).values(), G)
     b = ctx.dtype_bytes
     t.add("frozen weights: forward gathers", "all_gather", G, micro * fwd * b, micro * (a.layers + 3), True)
     if rec:
@@ -320,11 +320,11 @@ def estimate_step(a: plan.Arch, method, mode: str, layout: RankLayout, cluster: 
     `method`: a method config (plan.spec(...) or a run's cfg.method); `mode`: where the
     frozen base is partitioned (dist.frozen_partition: node or global).
     """
-    cls = plan.checked_method(method)
+    cost = plan.checked_method(method)
     if mode not in MODES:
         raise plan.PlanError(f"frozen partition must be one of {MODES}, got {mode!r}")
-    if cls.trains_base and mode != "global":
-        raise plan.PlanError(f"{cls.label(method)} trains the base weights: it has no frozen partition, "
+    if cost.trains_base and mode != "global":
+        raise plan.PlanError(f"{cost.label} trains the base weights: it has no frozen partition, "
                              "only frozen_partition=global")
     z = zero or {}
     W = layout.world
@@ -332,15 +332,15 @@ def estimate_step(a: plan.Arch, method, mode: str, layout: RankLayout, cluster: 
                       frozen_group=layout.frozen_group if mode == "node" else W, micro_steps=grad_accum,
                       dtype_bytes=dtype_bytes, comm_bytes=comm_dtype_bytes or dtype_bytes,
                       persist=int(float(z.get("stage3_param_persistence_threshold", 1e5))))
-    est = StepEstimate(method.name, mode, cls.label(method))
+    est = StepEstimate(method.name, mode, cost.label)
     fl = step_flops(a, method, micro_batch=micro_batch, seq=seq, grad_ckpt=grad_ckpt, head_tokens=head_tokens)
     est.flops = {k: v * grad_accum for k, v in fl.items()}
-    est.delta_elems = {k: v * grad_accum for k, v in cls.delta_elements(method, a, ctx).items()}
+    est.delta_elems = {k: v * grad_accum for k, v in cost.delta_elements(a, ctx).items()}
 
     traffic = StepTraffic(ctx)
-    if not cls.trains_base:
-        _frozen_gathers(traffic, a, cls, method)
-    cls.step_traffic(traffic, a, method)
+    if not cost.trains_base:
+        _frozen_gathers(traffic, a, cost)
+    cost.step_traffic(traffic, a)
     for what, nbytes, calls in SCALARS:
         traffic.add(what, "all_reduce", W, nbytes, calls, False)
     est.collectives = traffic.collectives
@@ -357,7 +357,7 @@ def estimate_step(a: plan.Arch, method, mode: str, layout: RankLayout, cluster: 
              + est.delta_elems.get("backward", 0) / cluster.delta_backward_per_s)
     # Optimizer: AdamW over this rank's partition of the trainables, memory bound: fp32
     # master, two moments and the gradient read and written, the working copy written.
-    optimizer = math.ceil(sum(cls.trainable_sizes(method, a)) / W) * 32 / (cluster.hbm_gbps * 1e9)
+    optimizer = math.ceil(cost.trainable_count(a) / W) * 32 / (cluster.hbm_gbps * 1e9)
     hidden = sum(c.seconds for c in est.collectives if c.overlapped)
     exposed = sum(c.seconds for c in est.collectives if not c.overlapped)
     est.times = {"compute_s": compute, "delta_s": delta, "optimizer_s": optimizer,

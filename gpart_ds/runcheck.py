@@ -162,8 +162,7 @@ def validate_for_run(cfg: DictConfig, *, world: int = 1, device_type: str = "cpu
         check_accelerator(device_type)
         # What this machine must offer the method (method.kernel=triton on CPU), before the
         # data is tokenised and the process group started (the trainer asks again there).
-        methods.get(cfg.method.name).check_environment(cfg.method, torch.device(device_type),
-                                                       need_for(where_for(cfg)))
+        methods.create(cfg.method).check_environment(torch.device(device_type), need_for(where_for(cfg)))
     return Checked(layout, lr, source)
 
 

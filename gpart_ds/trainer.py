@@ -124,7 +124,7 @@ class Trainer:
                  ranks.local_world, ranks.master_addr, ranks.master_port)
         self.device = distributed.device()
         # What this machine must offer the method, before any weight is read.
-        methods.get(cfg.method.name).check_environment(cfg.method, self.device, need_for(where_for(cfg)))
+        methods.create(cfg.method).check_environment(self.device, need_for(where_for(cfg)))
         self.dtype = training_dtype(cfg.model.precision, self.device.type)
         self.out = Path(cfg.output_dir)
         torch.manual_seed(cfg.train.seed)
@@ -287,7 +287,7 @@ class Trainer:
         if grad_norm is not None and not math.isfinite(float(grad_norm)):
             bad.append(f"gradient norm {float(grad_norm)}")
         if bad_ranks:
-            bad.append(f"trained parameters ({self.method.label(self.cfg.method)}) on {bad_ranks} rank(s)")
+            bad.append(f"trained parameters ({self.method.label}) on {bad_ranks} rank(s)")
         if not bad:
             return
         self.metrics.write({"event": "nonfinite", "step": step, "what": bad})

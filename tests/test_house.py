@@ -3,6 +3,7 @@ import, inside functions too), the library never imports the experiments, no met
 branches outside the methods, every method implements the interface, and the
 configuration reference is the schema's own text."""
 import ast
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -273,20 +274,39 @@ def test_the_branch_detector_sees_a_branch(tmp_path):
         f.unlink()
 
 
-@pytest.mark.parametrize("hook", ["validate", "trainable_sizes", "auto_lr", "plan_rows", "label", "build",
-                                  "step_flops", "step_traffic"])
-def test_every_method_implements_the_interface(hook):
+@pytest.mark.parametrize("name", ["gpart", "lora", "vera", "full"])
+def test_every_method_implements_the_interface(name):
+    """Each method's three parts live in its folder: its config (the keys it reads), its cost
+    (what the planner asks) and its run (a Method); both bound to its own config."""
     from gpart_ds import methods
-    from gpart_ds.methods.base import Method
+    from gpart_ds.methods.base import Method, MethodConfig
+    from gpart_ds.methods.cost import Cost
+    from gpart_ds.plan import spec
 
-    for name, cls in methods.REGISTRY.items():
-        assert cls.name == name
-        if hook in ("trainable_sizes", "plan_rows", "build", "step_flops", "step_traffic"):
-            assert getattr(cls, hook) is not getattr(Method, hook), f"{name} lacks {hook}"
-        if hook == "auto_lr":   # a calibrated rate for every method (train.lr: auto)
-            from gpart_ds.plan import spec
+    cls = methods.REGISTRY[name]
+    assert cls.name == name == cls.config_class().name
+    assert issubclass(cls.config_class, MethodConfig) and issubclass(cls.cost_class, Cost)
+    assert cls.config_class.__module__ == f"gpart_ds.methods.{name}.config"
+    assert cls.cost_class.__module__ == f"gpart_ds.methods.{name}.cost"
+    assert cls.build is not Method.build, f"{name} lacks build"
+    for hook in ("trainable_sizes", "plan_rows", "step_flops", "step_traffic"):
+        assert getattr(cls.cost_class, hook) is not getattr(Cost, hook), f"{name} lacks {hook}"
+    m = spec(name, d=1024)
+    method, cost = methods.create(m), methods.cost(m)
+    assert type(method.cfg) is type(cost.cfg) is cls.config_class and method.label == cost.label
+    assert method.auto_lr(10**6) > 0   # a calibrated rate for every method (train.lr: auto)
+    assert set(cls.drift_keys) <= cls.config_keys == {f.name for f in dataclasses.fields(cls.config_class)}
 
-            assert cls.auto_lr(spec(name, d=1024), 10**6) > 0
+
+def test_the_method_section_is_assembled_from_the_methods_configs():
+    from gpart_ds import methods
+    from gpart_ds.config import MethodConfig
+
+    fields = {f.name: f for f in dataclasses.fields(MethodConfig)}
+    assert set(fields) == set().union(*(c.keys() for c in methods.configs().values()))
+    assert fields["seed"].metadata["readers"] == ("gpart", "vera")
+    assert fields["seed"].metadata["help"] == "gpart: partition seed in [0, 2^64); vera: projection seed"
+    assert fields["target_modules"].metadata["help"].startswith("'all-linear'")   # said once: all say it
 
 
 def test_the_configuration_reference_is_generated_from_the_schema():

@@ -41,7 +41,7 @@ def _label(name: str) -> str:
     """The method's own short label at its default settings ('LoRA r=8')."""
     from gpart_ds import methods, plan
 
-    return methods.get(name).label(plan.spec(name)) if name in methods.names() else name
+    return methods.create(plan.spec(name)).label if name in methods.names() else name
 QUICK = {"config": "configs/tiny.yaml", "steps": 3, "warmup": 1}
 
 

@@ -162,7 +162,7 @@ def analyse(cfg, batches, line_mults=()) -> dict:
         model.eval()
         loss0 = sum(float(model(**b).loss) for b in held_out) / len(held_out) if ls else None
         model.train()
-    return {"method": cfg.method.name, "label": methods.get(cfg.method.name).label(cfg.method),
+    return {"method": cfg.method.name, "label": method.label,
             "trainable_params": params.p0.numel(), "D": layout.D, "auto_lr": auto,
             "seconds": time.perf_counter() - t0, "held_out_loss_before": loss0, "line_search": ls,
             "grad_per_batch": [grad_stats(g, t.adam_eps) for g in gs],

@@ -2,14 +2,17 @@
 
 GPart is the method; LoRA, VeRA and full fine-tuning are the baselines it is measured
 against, run through the same data, loop, logging, checkpoints and export. Each lives in
-its own folder behind the `Method` interface (base.py); adding one means a folder and a
-line here.
+its own folder: its config (config.py: the method.* keys it reads), its cost (cost.py:
+what the planner counts) and its run and export (a `Method`, base.py); adding one means a
+folder and a line here. The run schema's `method:` section is assembled from these
+configs (config/schema.py).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from .base import Method, MethodRoot
+from .base import Method, MethodConfig, MethodRoot
+from .cost import Cost
 from .full import Full
 from .gpart import GPart
 from .lora import LoRA
@@ -29,8 +32,21 @@ def get(name: str) -> type[Method]:
 
 
 def create(m) -> Method:
-    """A method instance for a validated `method` config section."""
+    """The method of a `method:` section (a loaded run's, or plan.spec(...)), bound to its
+    own config: config-time checks, the run, the export."""
     return get(m.name)(m)
+
+
+def cost(m) -> Cost:
+    """What the planner asks of the method of a `method:` section, bound to its own config."""
+    cls = get(m.name)
+    return cls.cost_class(cls.config_class.of(m))
+
+
+def configs() -> dict[str, type[MethodConfig]]:
+    """Each method's config class, in registry order: what the schema's `method:` section
+    is assembled from."""
+    return {name: cls.config_class for name, cls in REGISTRY.items()}
 
 
 def open_adapter(path: Path, base_dir: Path):
@@ -56,4 +72,5 @@ def open_checkpoint(ckpt, base_dir: Path):
     raise UserError(f"{ckpt.path}: no method can merge this checkpoint offline")
 
 
-__all__ = ["Method", "MethodRoot", "REGISTRY", "names", "get", "create", "open_adapter", "open_checkpoint"]
+__all__ = ["Cost", "Method", "MethodConfig", "MethodRoot", "REGISTRY", "names", "get", "create", "cost", "configs",
+           "open_adapter", "open_checkpoint"]

@@ -4,9 +4,8 @@ import json
 import pytest
 import torch
 
-from gpart_ds import plan
+from gpart_ds import methods, plan
 from gpart_ds.config import load_config
-from gpart_ds.methods.gpart import GPart
 from gpart_ds.methods.gpart.adapter import load_adapter
 from tests.helpers import REPO, run_ranks
 
@@ -153,7 +152,7 @@ def test_planned_activations_equal_the_tensors_saved_for_backward(runs, name, ck
         mb, seq = r["batch_shape"]
         assert r["padded"], "no padding in the batch: the masked-attention path went unchecked"
         # The loss runs the vocabulary head on labelled positions only (gpart_ds.objective).
-        extra = GPart.extra_saved_bytes(cfg.method, arch, ckpt)   # group ids kept with reuse_ids
+        extra = methods.cost(cfg.method).extra_saved_bytes(arch, ckpt)   # group ids kept with reuse_ids
         planned = plan.saved_activation_bytes(arch, mb, seq, b, ckpt, head_tokens=r["label_tokens"],
                                               extra_bytes=extra)
         _close(planned, r["saved_ckpt" if ckpt else "saved_plain"], f"{name} activations")

@@ -11,20 +11,20 @@ D = 106_168_320                                    # SmolLM2-135M, all linear la
 
 
 def test_gpart_rate_follows_the_fitted_power_of_D_over_d():
-    G = methods.get("gpart")
     for d in (16_384, 131_072):
-        assert G.auto_lr(spec("gpart", d=d), D) == pytest.approx(GPART_C * (D / d) ** GPART_EXP)
+        assert methods.create(spec("gpart", d=d)).auto_lr(D) == pytest.approx(GPART_C * (D / d) ** GPART_EXP)
     # Fewer trained numbers per weight -> a larger rate, by the fitted exponent.
-    ratio = G.auto_lr(spec("gpart", d=16_384), D) / G.auto_lr(spec("gpart", d=131_072), D)
+    ratio = methods.create(spec("gpart", d=16_384)).auto_lr(D) / methods.create(spec("gpart", d=131_072)).auto_lr(D)
     assert ratio == pytest.approx(8 ** GPART_EXP) and ratio > 1
     with pytest.raises(ValueError, match="d >= 1"):
-        G.auto_lr(spec("gpart", d=0), D)
+        methods.create(spec("gpart", d=0)).auto_lr(D)
 
 
 @pytest.mark.parametrize("name", ["lora", "vera", "full"])
 def test_the_baselines_take_their_usual_rate_whatever_D(name):
     cls = methods.get(name)
-    assert 0 < cls.auto_lr(spec(name), D) == cls.auto_lr(spec(name), 1000) == cls.DEFAULT_LR < 1
+    method = methods.create(spec(name))
+    assert 0 < method.auto_lr(D) == method.auto_lr(1000) == cls.DEFAULT_LR < 1
 
 
 def test_resolved_lr_passes_numbers_through_and_fills_auto_per_method():
@@ -38,10 +38,9 @@ def test_resolved_lr_passes_numbers_through_and_fills_auto_per_method():
 
 
 def test_step_per_weight_is_each_weights_step_and_replaces_the_constant():
-    G = methods.get("gpart")
     step = 3.95e-6
     for d in (2**19, 2**21):
-        lr = G.auto_lr(spec("gpart", d=d, step_per_weight=step), D)
+        lr = methods.create(spec("gpart", d=d, step_per_weight=step)).auto_lr(D)
         # The RMS step of a weight is lr * s_j = lr / sqrt(D/d): the key itself, whatever d.
         assert lr / (D / d) ** 0.5 == pytest.approx(step)
     cfg = load_config("configs/tiny.yaml", ["train.lr=auto", "method.step_per_weight=1e-3"], check_files=False)
@@ -76,14 +75,13 @@ def test_a_bad_step_per_weight_is_refused_naming_the_key(overrides, msg):
 def test_auto_says_where_the_run_lies_outside_the_fits_evidence():
     from gpart_ds.methods.gpart import STUDIED_D_OVER_D, TASK_AGNOSTIC_D_OVER_D
 
-    G = methods.get("gpart")
     lo, hi = STUDIED_D_OVER_D
-    note = lambda q, **kw: G.auto_lr_caveat(spec("gpart", d=round(D / q), **kw), D)   # noqa: E731
+    note = lambda q, **kw: methods.create(spec("gpart", d=round(D / q), **kw)).auto_lr_caveat(D)   # noqa: E731
     assert note(lo * 1.1) is None and note(TASK_AGNOSTIC_D_OVER_D * 0.9) is None
     assert "depends on the task" in note(TASK_AGNOSTIC_D_OVER_D * 2) and "0.3x to 3x" in note(hi * 0.9)
     assert "extrapolated" in note(hi * 2) and "extrapolated" in note(lo / 2)
     assert note(hi * 2, step_per_weight=1e-5) is None          # the user's own step: nothing fitted
-    assert all(methods.get(n).auto_lr_caveat(spec(n), D) is None for n in ("lora", "vera", "full"))
+    assert all(methods.create(spec(n)).auto_lr_caveat(D) is None for n in ("lora", "vera", "full"))
 
 
 def test_the_caveats_bounds_are_what_the_committed_sweeps_cover():

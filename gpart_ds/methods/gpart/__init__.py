@@ -8,6 +8,9 @@ seeded isometric partition (docs/method.md). Its whole life cycle lives in this 
     merge.py      W0 + delta for any flat slice of any target: every export writes through it
     adapter.py    the adapter file format (theta + seed + layout)
     sources.py    what an offline merge starts from: adapter, checkpoint, reference adapter
+    config.py     the method.* keys it reads (GPartConfig), reuse_ids
+    cost.py       what the planner counts: memory rows, FLOPs, W0 + delta builds, traffic
+    __init__.py   class GPart(Method): config checks, lr rule, build, adapter, export
 """
 from __future__ import annotations
 
@@ -20,16 +23,13 @@ from torch import nn
 from ... import comm
 from ...targets import Layout, normalize_patterns
 from ..base import Method, Need, is_positive_number
-from . import partition
+from .config import GPartConfig, reuse_ids
+from .cost import GPartCost
 from .kernels import MODES as KERNEL_MODES, choose_mode, triton_unavailable
 from .layer import THETA, GPartModel, apply_gpart
 
 log = logging.getLogger(__name__)
 
-# method.reuse_ids=auto keeps the forward's int32 group ids for the backward up to this
-# many bytes per rank (4 x D): small models gain a third of GPart's work for memory they
-# have; a 70B model would need 258 GB and regenerates instead.
-REUSE_IDS_MAX_BYTES = 1 << 30
 # train.lr: auto for GPart: lr = GPART_C * (D/d) ** GPART_EXP. A weight of group j moves by
 # lr / sqrt(n_j) ~ lr * sqrt(d/D) per (sign-like, Adam) step, so exponent 1/2 would move every
 # weight equally far whatever d, and exponent 1 would make equal first-order progress
@@ -49,21 +49,14 @@ STUDIED_D_OVER_D = (101, 6_480)
 TASK_AGNOSTIC_D_OVER_D = 810
 
 
-def reuse_ids(m, D: int) -> bool:
-    if m.reuse_ids == "auto":
-        return m.dropout == 0.0 and 4 * D <= REUSE_IDS_MAX_BYTES
-    return bool(m.reuse_ids) and m.dropout == 0.0
-
-
 class GPart(Method):
     name = "gpart"
-    config_keys = Method.config_keys | {"target_modules", "seed", "dropout", "d", "kernel", "chunk_elems", "reuse_ids",
-                                        "step_per_weight"}
-    drift_keys = ("name", "d", "seed", "target_modules")
+    config_class = GPartConfig
+    cost_class = GPartCost
 
     # ------------------------------------------------------------ config time
-    @classmethod
-    def validate(cls, m, need: Need) -> None:
+    def validate(self, need: Need) -> None:
+        m = self.cfg
         need(m.d is not None, "method.d", "method gpart needs d (the number of trainable parameters)")
         need(isinstance(m.d, int) and m.d >= 1, "method.d", f"d must be >= 1, got {m.d}")
         need(m.kernel in KERNEL_MODES, "method.kernel", f"must be one of {KERNEL_MODES}, got {m.kernel!r}")
@@ -73,31 +66,26 @@ class GPart(Method):
         need(m.step_per_weight is None or is_positive_number(m.step_per_weight), "method.step_per_weight",
              f"must be a finite number > 0, got {m.step_per_weight!r}")
 
-    @classmethod
-    def check_environment(cls, m, device: torch.device, need: Need) -> None:
-        if m.kernel == "triton":
-            why = triton_unavailable(device, m.d)
+    def check_environment(self, device: torch.device, need: Need) -> None:
+        if self.cfg.kernel == "triton":
+            why = triton_unavailable(device, self.cfg.d)
             need(why is None, "method.kernel", f"triton: {why}")
 
-    @classmethod
-    def check_layout(cls, m, layout: Layout, need: Need) -> None:
-        need(m.d <= layout.D, "method.d", f"d={m.d} exceeds D={layout.D}, the number of target weights "
+    def check_layout(self, layout: Layout, need: Need) -> None:
+        d = self.cfg.d
+        need(d <= layout.D, "method.d", f"d={d} exceeds D={layout.D}, the number of target weights "
              f"({len(layout.targets)} matrices)")
 
-    @classmethod
-    def trainable_sizes(cls, m, arch) -> list[int]:
-        return [int(m.d)]
-
-    @classmethod
-    def auto_lr(cls, m, D: int) -> float:
+    def auto_lr(self, D: int) -> float:
+        m = self.cfg
         if D < 1 or not m.d or m.d < 1:
             raise ValueError(f"GPart's lr rule needs D >= 1 and method.d >= 1, got D={D}, d={m.d}")
         if m.step_per_weight is not None:   # each weight's step, as the user set it (lr_rule.md)
             return m.step_per_weight * (D / m.d) ** 0.5
         return GPART_C * (D / m.d) ** GPART_EXP
 
-    @classmethod
-    def auto_lr_caveat(cls, m, D: int) -> str | None:
+    def auto_lr_caveat(self, D: int) -> str | None:
+        m = self.cfg
         if m.step_per_weight is not None:   # the user's own step: not the fitted rule
             return None
         q, (lo, hi) = D / m.d, STUDIED_D_OVER_D
@@ -108,72 +96,6 @@ class GPart(Method):
             return (f"at D/d = {q:,.0f} the best rate depends on the task (up to 10x apart at D/d = {hi:,} in "
                     f"the study): a sweep from 0.3x to 3x this rate may gain a few points (docs/lr_rule.md)")
         return None
-
-    @classmethod
-    def label(cls, m) -> str:
-        return f"GPart d={m.d:,}" if m.d else "GPart"
-
-    @classmethod
-    def summary(cls, m, arch) -> str:
-        return (f"GPart: {len(arch.targets)} target matrices, D = {arch.D:,}, d = {m.d:,} "
-                f"(D/d = {arch.D / m.d:,.0f}); adapter {4 * m.d / 2**20:.2f} MiB")
-
-    @classmethod
-    def extra_saved_bytes(cls, m, arch, grad_ckpt: bool) -> int:
-        """Activations beyond the block's own: the int32 group ids kept with reuse_ids
-        (inside checkpointed blocks they are recomputed with the block instead)."""
-        return 4 * arch.D if reuse_ids(m, arch.D) and not grad_ckpt else 0
-
-    @classmethod
-    def plan_rows(cls, plan, arch, m, ctx) -> None:
-        d, W, b = m.d, ctx.world, ctx.b
-        if reuse_ids(m, arch.D):
-            if ctx.grad_ckpt:
-                plan.add("GPart group ids of the recomputed block (int32)", 4 * arch.D / max(1, arch.layers))
-            else:
-                plan.add("activations: GPart group ids kept for backward (int32, 4 x D)", 4 * arch.D)
-        plan.add("theta, s and theta*s (fp32, every rank)", 12 * d)
-        # theta's own partition (fp32), its fp32 master and two Adam moments, and the
-        # gradient partition in the training dtype
-        plan.add(f"theta's partition, fp32 master, Adam moments, grad (1/{W})", (16 + b) * -(-d // W),
-                 on_host=ctx.off_opt)
-        chunk = max(min(o, max(1, m.chunk_elems // i)) * i for o, i in arch.targets)
-        plan.add("transient: W0+delta and dW row chunks, d-length gradients", 2 * chunk * b + 8 * d)
-
-    @classmethod
-    def step_flops(cls, m, arch, ctx) -> dict[str, int]:
-        # dW = g^T x of every target (in row chunks), scattered into theta's gradient:
-        # one GEMM the size of the targets.
-        return {"dw": 2 * ctx.tokens * arch.D}
-
-    @classmethod
-    def delta_elements(cls, m, arch, ctx) -> dict[str, int]:
-        # W0 + delta is built in the forward and again in the recompute; the backward
-        # rebuilds it for dX and scatters dW into theta's gradient.
-        return {"build": arch.D * (2 if ctx.grad_ckpt else 1), "backward": arch.D}
-
-    @classmethod
-    def step_traffic(cls, traffic, arch, m) -> None:
-        c = traffic.ctx
-        pd = traffic.padded([m.d], c.world)
-        # theta is kept whole on every rank (after_engine), so no pass gathers it. Its
-        # gradient is reduce-scattered at the end of each backward (one bucket, nothing
-        # left to overlap it with) and the updated partitions are all-gathered in fp32.
-        traffic.add("theta: gradient reduce-scatter", "reduce_scatter", c.world,
-                    c.micro_steps * pd * c.comm_bytes, c.micro_steps, False)
-        traffic.add("theta: all-gather after the step (fp32)", "all_gather", c.world, pd * 4, 1, False)
-
-    @classmethod
-    def dry_run_lines(cls, m, arch) -> list[str]:
-        s = partition.group_size_stats(arch.D, m.d, m.seed)
-        how = ("exact: counted over all D positions" if s["method"] == "exact" else
-               "theory: each n_g ~ Binomial(D, 1/d), the multinomial's marginals; min/max are the "
-               "expected extremes over d groups (normal approximation); the run counts them exactly "
-               "at start-up")
-        fmt = (lambda v: f"{v:,}") if s["method"] == "exact" else (lambda v: f"{v:,.1f}")
-        empty = f"{s['empty']:,}" if s["method"] == "exact" else f"{s['empty']:.2g} expected"
-        return [f"group sizes n_g: mean {s['mean']:,.1f}, sd {s['sd']:,.1f}, min {fmt(s['min'])}, "
-                f"max {fmt(s['max'])}, empty groups {empty} ({how})"]
 
     # ------------------------------------------------------------ run time
     def build(self, base: nn.Module, layout: Layout, device: torch.device) -> GPartModel:
@@ -250,4 +172,4 @@ class GPart(Method):
         return from_checkpoint(ckpt, base_dir)   # refuses, by name, a checkpoint of another method
 
 
-__all__ = ["GPart", "GPartModel", "THETA", "apply_gpart", "reuse_ids"]
+__all__ = ["GPart", "GPartConfig", "GPartCost", "GPartModel", "THETA", "apply_gpart", "reuse_ids"]

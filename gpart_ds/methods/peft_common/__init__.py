@@ -1,5 +1,6 @@
-"""What the PEFT baselines (LoRA, VeRA) share: injection on GPart's targets, the adapter
-folder, and the merged value of an adapted weight.
+"""What the PEFT baselines (LoRA, VeRA) share at run time: injection on GPart's targets,
+the adapter folder, and the merged value of an adapted weight (config.py: the rank and the
+label; cost.py: what the planner counts alike).
 
 PEFT injects its layers in place: the base model's modules keep their names, so the
 root's `lm` is the base model itself and merged exports map one to one onto the base
@@ -9,18 +10,17 @@ GPart's theta.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .. import comm
-from ..fileio import atomic_dir, sha256_file
-from ..identity import IdentityError, check_base, check_digest, digest
-from ..targets import Layout
-from ..zero3 import gathered
-from .base import Method, MethodRoot, Need
+from ... import comm
+from ...fileio import atomic_dir, sha256_file
+from ...identity import IdentityError, check_base, check_digest, digest
+from ...targets import Layout
+from ...zero3 import gathered
+from ..base import Method, MethodRoot, Need
 
 ADAPTER_NAME = "default"
 CONFIG_NAME = "adapter_config.json"
@@ -32,7 +32,6 @@ RUN_RECORD = "gpart_ds_run.json"
 # is checked instead), PEFT's own bookkeeping. Every other key is covered by the digest,
 # so any hand edit of r, lora_alpha, projection_prng_key, target_modules, ... is named.
 NOT_DIGESTED = ("base_model_name_or_path", "revision", "inference_mode")
-_FIRST_QKV = re.compile(r"(^|\.)layers\.0\.self_attn\.[qkv]_proj(\.weight)?$")
 
 
 class PeftRoot(MethodRoot):
@@ -47,38 +46,9 @@ class PeftRoot(MethodRoot):
 class PeftMethod(Method):
     """LoRA or VeRA through PEFT, on exactly the modules GPart would adapt."""
 
-    default_rank: int = 8
-    config_keys = Method.config_keys | {"target_modules", "dropout", "r"}
-
-    @classmethod
-    def validate(cls, m, need: Need) -> None:
-        need(m.r is None or m.r >= 1, "method.r", f"rank must be >= 1, got {m.r}")
-
-    @classmethod
-    def rank(cls, m) -> int:
-        return m.r or cls.default_rank
-
-    @classmethod
-    def frozen_backward(cls, m, arch, ctx, params: dict[str, int]) -> dict[str, int]:
-        if ctx.grad_ckpt:
-            # PEFT's own input-grad hook gives the embeddings a backward (measured).
-            return {**params, **{n: k for n, k in arch.params if "embed" in n}}
-        # Layer 0's q/k/v base linears have no backward: their input needs no gradient and
-        # PEFT's adapter sits beside the base layer, not inside it (GPart's op holds theta).
-        return {n: k for n, k in params.items() if not _FIRST_QKV.search(n)}
-
-    @classmethod
-    def step_traffic(cls, traffic, arch, m) -> None:
-        c = traffic.ctx
-        sizes = cls.trainable_sizes(m, arch)
-        # Partitioned over the world: gathered for the forward and once more for the
-        # recompute and backward together (measured); gradients reduce-scattered.
-        passes = 2
-        traffic.add(f"{cls.label(m)} trainables: gathers (forward, backward)", "all_gather", c.world,
-                    c.micro_steps * passes * traffic.gathered(sizes, c.world) * c.dtype_bytes,
-                    c.micro_steps * passes * arch.layers, True)
-        traffic.add(f"{cls.label(m)} trainables: gradient reduce-scatter", "reduce_scatter", c.world,
-                    c.micro_steps * traffic.padded(sizes, c.world) * c.comm_bytes, c.micro_steps, True)
+    def validate(self, need: Need) -> None:
+        r = self.cfg.r
+        need(r is None or r >= 1, "method.r", f"rank must be >= 1, got {r}")
 
     def peft_config(self, target_names: list[str]):
         raise NotImplementedError
@@ -94,7 +64,7 @@ class PeftMethod(Method):
         return self.root
 
     def describe(self) -> str:
-        return (f"{self.label(self.cfg)} on {len(self.layout.targets)} matrices, "
+        return (f"{self.label} on {len(self.layout.targets)} matrices, "
                 f"{self.trainable_params():,} trainable parameters")
 
     def save_adapter(self, out_dir: Path, info: dict) -> Path:
@@ -194,11 +164,3 @@ def check_adapter(folder: Path, base_dir: Path, label: str = "--model") -> None:
     check_digest(run.get("digest"), delta_fields(peft_config, run), cfg_path, missing_ok=old)
     check_base(base_dir, run.get("identity"), cfg_path, label, run.get("path") or run.get("name"))
 
-
-def first_block_qkv(arch) -> list[tuple[int, int]]:
-    """(out, in) of the targets among layer 0's q/k/v projections."""
-    return [s for s, n in zip(arch.targets, arch.target_names) if _FIRST_QKV.search(n)]
-
-
-def per_layer_targets(arch) -> int:
-    return len(arch.targets) // max(1, arch.layers)
