@@ -15,7 +15,7 @@ its payload S, then calls the original:
 
 Records are kept per phase (the trainer names them: "setup", "eval", "step 3", ...) and
 written per rank as JSON by `dump`; `summarize` turns them into intra- and inter-node
-bytes per rank with the traffic model of gpart_ds.plan_time (the same formulas the
+bytes per rank with the traffic model of gpart_ds.plan.cluster (the same formulas the
 planner predicts with), so a measured figure and a planned one are comparable exactly.
 Nothing here changes what a collective does.
 """
@@ -217,11 +217,11 @@ def load(out_dir: str | Path) -> list[dict]:
 
 def summarize(dump_json: dict, phases=None) -> dict:
     """Bytes of one rank's dump, per phase: payload per (kind, span) and the modelled
-    intra-/inter-node bytes this rank moves (gpart_ds.plan_time.collective_bytes).
+    intra-/inter-node bytes this rank moves (gpart_ds.plan.cluster.collective_bytes).
 
     span: "node" for a group inside one node, "cross" for one spanning nodes.
     """
-    from .plan_time import collective_bytes
+    from .plan.cluster import collective_bytes
 
     nodes = [tuple(n) for n in dump_json["nodes"]]
     node_of = {r: i for i, n in enumerate(nodes) for r in n}
@@ -257,7 +257,7 @@ def report(comm_dir: str | Path) -> str:
     steps = [p for p in phases if p.startswith("step ")]
     others = [p for p in phases if not p.startswith("step ")]
     lines = [f"bytes moved per rank (max over {len(dumps)} ranks; nodes {dumps[0]['nodes']}, "
-             f"frozen groups {dumps[0].get('frozen_groups')}), traffic model of gpart_ds.plan_time:",
+             f"frozen groups {dumps[0].get('frozen_groups')}), traffic model of gpart_ds.plan.cluster:",
              f"  {'phase':<12}{'inter-node':>14}{'intra-node':>14}   payload by collective/span (rank 0)"]
     for p in sorted(steps, key=lambda p: int(p.split()[1])) + others:
         inter = max(s.get(p, {}).get("inter", 0.0) for s in per_rank)

@@ -65,11 +65,12 @@ def run(cfg, *, nodes: int | None = None, gpus_per_node: int | None = None,
     print(f"ZeRO-3 on {world} ranks: each holds ceil(n/{world}) elements of each of "
           f"{len(arch.params)} tensors = {per_rank:,} elements ({plan.human(per_rank * b)})")
     mem = gpu_mem_gb if gpu_mem_gb is not None else _gpu_mem_gb()
-    from . import plan_time
+    from .plan import report, step
+    from .plan.cluster import PRESETS
 
     # The frozen partition's group (dist.frozen_partition) needs the ranks per node.
     per_node = gpus_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0) or world
-    group = plan_time.config_frozen_group(cfg, None, per_node, world)
+    group = step.config_frozen_group(cfg, None, per_node, world)
     # The CUDA allowance only applies when planning for GPUs.
     p = plan.plan_for_config(cfg, arch, world, overhead_gb=overhead_gb if mem else 0.0, frozen_group=group)
     verdict = plan.check_fit(p, mem, headroom) if mem else None
@@ -79,9 +80,9 @@ def run(cfg, *, nodes: int | None = None, gpus_per_node: int | None = None,
     if verdict is None:
         print("(no GPU here and no --gpu-mem-gb: the plan is not checked against a memory size)")
     if world % per_node == 0:   # time and traffic per step, with the H100 preset's figures
-        cluster = plan_time.PRESETS["h100"].with_(gpu_mem_gb=mem)
-        rows = plan_time.estimate_rows(cfg, arch, world // per_node, per_node, cluster, headroom=headroom,
-                                       overhead_gb=overhead_gb)
-        print(plan_time.format_table(rows, cluster, world // per_node, per_node, m.name))
+        cluster = PRESETS["h100"].with_(gpu_mem_gb=mem)
+        rows = step.estimate_rows(cfg, arch, world // per_node, per_node, cluster, headroom=headroom,
+                                  overhead_gb=overhead_gb)
+        print(report.format_table(rows, cluster, world // per_node, per_node, m.name))
         print("(python -m gpart_ds.plan ... --cluster h200 --net-gbps N [--json] for other clusters)")
     return 0 if verdict is None or verdict.fits else 1

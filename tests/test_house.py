@@ -38,7 +38,7 @@ LAYERS = [
     ("the methods and their registry", ("gpart_ds.methods",)),
     ("the library above the methods: config, checkpoint, model, export, planner, trainer", (
         "gpart_ds.config", "gpart_ds.checkpoint", "gpart_ds.model", "gpart_ds.export",
-        "gpart_ds.plan", "gpart_ds.plan_time", "gpart_ds.plan_cli", "gpart_ds.dryrun", "gpart_ds.runcheck",
+        "gpart_ds.plan", "gpart_ds.dryrun", "gpart_ds.runcheck",
         "gpart_ds.topology", "gpart_ds.commcount", "gpart_ds.frozen_shards", "gpart_ds.evaluate",
         "gpart_ds.serve", "gpart_ds.preflight", "gpart_ds.trainer", "gpart_ds.assets")),
     ("the entry points: launch scripts (they need the package only)", ("launch",)),
@@ -223,13 +223,13 @@ def test_the_graph_sees_imports_inside_functions_and_finds_a_cycle(tmp_path):
     real = _graph()
     for a, b in [("gpart_ds.config", "gpart_ds.methods"), ("gpart_ds.methods.gpart.kernels",
                  "gpart_ds.methods.gpart.triton"), ("gpart_ds.methods.gpart.op", "gpart_ds.methods.gpart.triton_op"),
-                 ("gpart_ds.plan", "gpart_ds.plan_time")]:
+                 ("gpart_ds.plan.memory", "gpart_ds.plan.step")]:
         low, high = sorted((a, b), key=_layer)
         mutated = {k: set(v) for k, v in real.items()}
         mutated[high].add(low)
         mutated[low].add(high)
         assert any({a, b} <= set(c) for c in _cycles(mutated)), (a, b)
-        assert _upward(mutated) or _layer(a) == _layer(b), (a, b)   # plan, plan_time: one layer, no cycle
+        assert _upward(mutated) or _layer(a) == _layer(b), (a, b)   # plan.memory, plan.step: one layer, no cycle
 
 
 def test_the_library_and_the_entry_points_never_import_the_experiments():

@@ -3,9 +3,10 @@ import importlib.util
 
 import pytest
 
-from gpart_ds import plan, plan_cli
+from gpart_ds import plan
 from gpart_ds.config import load_config
 from gpart_ds.methods.gpart import partition
+from gpart_ds.plan import cli as plan_cli
 from tests.helpers import REPO
 
 GIB = plan.GIB

@@ -1,4 +1,4 @@
-"""The time and traffic model (gpart_ds/plan_time.py): FLOPs against torch's FLOP counter on
+"""The time and traffic model (gpart_ds/plan/step.py): FLOPs against torch's FLOP counter on
 real models, the traffic formulas, and the Llama-70B plan on 8 nodes x 8 GPUs.
 
 The bytes the model predicts are checked against measured collectives in
@@ -9,8 +9,9 @@ import json
 import pytest
 import torch
 
-from gpart_ds import plan, plan_cli, plan_time
+from gpart_ds import plan
 from gpart_ds.config import load_config
+from gpart_ds.plan import cli as plan_cli, cluster as plan_cluster, step as plan_step
 from tests.helpers import REPO
 
 GIB = plan.GIB
@@ -19,18 +20,18 @@ GIB = plan.GIB
 # ------------------------------------------------------------------ traffic formulas
 def test_collective_bytes_inside_a_node_and_across_nodes():
     S = 8_000
-    assert plan_time.collective_bytes("all_gather", S, 8, [8]) == (7_000, 0)
-    assert plan_time.collective_bytes("reduce_scatter", S, 8, [8]) == (7_000, 0)
-    assert plan_time.collective_bytes("all_reduce", S, 8, [8]) == (14_000, 0)
+    assert plan_cluster.collective_bytes("all_gather", S, 8, [8]) == (7_000, 0)
+    assert plan_cluster.collective_bytes("reduce_scatter", S, 8, [8]) == (7_000, 0)
+    assert plan_cluster.collective_bytes("all_reduce", S, 8, [8]) == (14_000, 0)
     # 2 nodes x 4: a quarter of S per GPU crosses, half of that is the other node's share
-    assert plan_time.collective_bytes("all_gather", S, 8, [4, 4]) == (6_000, 1_000)
-    assert plan_time.collective_bytes("all_reduce", S, 8, [4, 4]) == (12_000, 2_000)
+    assert plan_cluster.collective_bytes("all_gather", S, 8, [4, 4]) == (6_000, 1_000)
+    assert plan_cluster.collective_bytes("all_reduce", S, 8, [4, 4]) == (12_000, 2_000)
     # one rank per node: everything crosses
-    assert plan_time.collective_bytes("all_gather", S, 4, [1, 1, 1, 1]) == (0, 6_000)
+    assert plan_cluster.collective_bytes("all_gather", S, 4, [1, 1, 1, 1]) == (0, 6_000)
     # uneven groups: counted as crossing, flat
-    assert plan_time.collective_bytes("all_gather", S, 3, [2, 1]) == (0, S * 2 / 3)
-    assert plan_time.collective_bytes("barrier", 0, 8, [4, 4]) == (0, 0)
-    assert plan_time.collective_bytes("all_gather", S, 1, [1]) == (0, 0)
+    assert plan_cluster.collective_bytes("all_gather", S, 3, [2, 1]) == (0, S * 2 / 3)
+    assert plan_cluster.collective_bytes("barrier", 0, 8, [4, 4]) == (0, 0)
+    assert plan_cluster.collective_bytes("all_gather", S, 1, [1]) == (0, 0)
 
 
 # ------------------------------------------------------------------ FLOPs vs FlopCounterMode
@@ -64,7 +65,7 @@ def _counted_flops(model_path, method, ckpt, mb, seq, label_from):
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
         root(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
     head_tokens = int((labels[:, 1:] != -100).sum())   # the loss runs the head at label positions
-    planned = plan_time.step_flops(arch, method, micro_batch=mb, seq=seq, grad_ckpt=ckpt,
+    planned = plan_step.step_flops(arch, method, micro_batch=mb, seq=seq, grad_ckpt=ckpt,
                                    head_tokens=head_tokens, attention="math")
     return fc.get_total_flops(), planned
 
@@ -102,8 +103,8 @@ def test_flops_equal_the_flop_counter_on_smollm2(ckpt):
 def rows70b():
     cfg = load_config("configs/llama70b.yaml", check_files=False)
     arch, _ = plan.arch_for_config(cfg)
-    cluster = plan_time.PRESETS["h100"].with_(net_gbps=25)
-    rows = {(r.method, r.mode): r for r in plan_time.estimate_rows(cfg, arch, 8, 8, cluster)}
+    cluster = plan_cluster.PRESETS["h100"].with_(net_gbps=25)
+    rows = {(r.method, r.mode): r for r in plan_step.estimate_rows(cfg, arch, 8, 8, cluster)}
     return cfg, arch, rows
 
 
@@ -112,12 +113,12 @@ def test_every_compared_method_has_its_rows(rows70b):
     _, arch, rows = rows70b
     assert set(rows) == {("gpart", "node"), ("gpart", "global"), ("lora", "node"), ("lora", "global"),
                          ("full", "global")}
-    lora = plan_time.estimate_step(arch, plan.spec("lora", r=8), "node", plan_time.RankLayout(8, 8, 8),
-                                   plan_time.PRESETS["h100"].with_(net_gbps=25), micro_batch=2, seq=4096)
+    lora = plan_step.estimate_step(arch, plan.spec("lora", r=8), "node", plan_cluster.RankLayout(8, 8, 8),
+                                   plan_cluster.PRESETS["h100"].with_(net_gbps=25), micro_batch=2, seq=4096)
     assert rows[("lora", "node")].flops == lora.flops
     with pytest.raises(plan.PlanError, match="only frozen_partition=global"):
-        plan_time.estimate_step(arch, plan.spec("full"), "node", plan_time.RankLayout(8, 8, 8),
-                                plan_time.PRESETS["h100"])
+        plan_step.estimate_step(arch, plan.spec("full"), "node", plan_cluster.RankLayout(8, 8, 8),
+                                plan_cluster.PRESETS["h100"])
 
 
 def test_llama70b_node_local_keeps_the_base_off_the_network(rows70b):
@@ -131,7 +132,7 @@ def test_llama70b_node_local_keeps_the_base_off_the_network(rows70b):
     assert node.memory_gib == pytest.approx(45.8, abs=0.1)   # the frozen base over one node's 8 GPUs
     assert node.times["step_serial_s"] < glob.times["step_serial_s"]
     assert node.times["step_overlap_s"] <= glob.times["step_overlap_s"]
-    assert plan_time.recommend(list(rows.values()), "gpart").mode == "node"
+    assert plan_step.recommend(list(rows.values()), "gpart").mode == "node"
     assert cfg.dist.frozen_partition == "node"             # the config uses what the plan recommends
 
 
@@ -149,7 +150,7 @@ def test_llama70b_flops_are_the_textbook_count(rows70b):
 
 def test_on_one_node_both_partitions_are_the_same(rows70b):
     cfg, arch, _ = rows70b
-    rows = {(r.method, r.mode): r for r in plan_time.estimate_rows(cfg, arch, 1, 8, plan_time.PRESETS["h200"])}
+    rows = {(r.method, r.mode): r for r in plan_step.estimate_rows(cfg, arch, 1, 8, plan_cluster.PRESETS["h200"])}
     a, b = rows[("gpart", "node")], rows[("gpart", "global")]
     assert a.inter_bytes == b.inter_bytes == 0
     assert a.times == b.times and a.memory_gib == b.memory_gib
@@ -187,10 +188,10 @@ def test_node_mode_that_cannot_fit_says_to_partition_globally(capsys):
 
 def test_sweep_command_compares_node_and_global_and_refuses_bad_numbers(capsys):
     argv = ["--config", "configs/llama70b.yaml", "--nodes", "8", "--gpus-per-node", "8"]
-    assert plan_time.main([*argv, "--net", "25,6.25"]) == 0
+    assert plan_cli.main(["sweep", *argv, "--net", "25,6.25"]) == 0
     out = capsys.readouterr().out
     assert "| 2 | 25 | 8.51 / 9.53 |" in out and "| 2 | 6.25 |" in out
-    assert plan_time.main([*argv, "--net", "fast"]) == 2
+    assert plan_cli.main(["sweep", *argv, "--net", "fast"]) == 2
     assert "error: --net 'fast': expected comma-separated numbers" in capsys.readouterr().err
 
 
@@ -231,8 +232,8 @@ def test_traffic_model_equals_the_recorded_measurements(tiny_assets, method, mod
     cfg = load_config("configs/tiny.yaml", [f"method.name={method}", "train.micro_batch_size=4",
                                             f"model.gradient_checkpointing={str(ckpt).lower()}"], check_files=False)
     arch, _ = plan.arch_for_config(cfg)
-    est = plan_time.estimate_step(arch, plan.method_for(cfg, method), mode, plan_time.RankLayout(2, 2, 2),
-                                  plan_time.PRESETS["h100"], micro_batch=4, seq=cfg.data.max_length,
+    est = plan_step.estimate_step(arch, plan.method_for(cfg, method), mode, plan_cluster.RankLayout(2, 2, 2),
+                                  plan_cluster.PRESETS["h100"], micro_batch=4, seq=cfg.data.max_length,
                                   dtype_bytes=4, grad_ckpt=ckpt, zero=cfg.deepspeed["zero_optimization"])
     assert (est.inter_bytes, est.intra_bytes) == MEASURED_TINY_2x2[(method, mode, ckpt)]
 
@@ -248,8 +249,8 @@ def test_traffic_model_equals_the_recorded_smollm2_measurement():
     assets.ensure("smollm2")
     cfg = load_config("configs/smollm2_rt.yaml", ["model.precision=fp32"], check_files=False)
     arch, _ = plan.arch_for_config(cfg)
-    est = plan_time.estimate_step(arch, cfg.method, "node", plan_time.RankLayout(2, 2, 2),
-                                  plan_time.PRESETS["h100"], micro_batch=cfg.train.micro_batch_size,
+    est = plan_step.estimate_step(arch, cfg.method, "node", plan_cluster.RankLayout(2, 2, 2),
+                                  plan_cluster.PRESETS["h100"], micro_batch=cfg.train.micro_batch_size,
                                   seq=cfg.data.max_length, dtype_bytes=4, grad_ckpt=False,
                                   zero=cfg.deepspeed["zero_optimization"])
     assert est.inter_bytes == 131_092
@@ -261,8 +262,8 @@ def test_the_planner_groups_the_frozen_base_by_the_rule_training_applies():
     are refused by the planner too (it used to plan 3 ranks a group on 8-GPU nodes)."""
     from gpart_ds.topology import TopologyError
 
-    sizes = [plan_time.frozen_group({"frozen_partition_size": s}, 8, 16) for s in (0, 2, 4, 8, 16)]
+    sizes = [plan_cluster.frozen_group({"frozen_partition_size": s}, 8, 16) for s in (0, 2, 4, 8, 16)]
     assert sizes == [8, 2, 4, 8, 16]
     for s in (3, 12, 32):
         with pytest.raises(TopologyError, match=f"dist.frozen_partition_size={s}"):
-            plan_time.frozen_group({"frozen_partition_size": s}, 8, 16)
+            plan_cluster.frozen_group({"frozen_partition_size": s}, 8, 16)

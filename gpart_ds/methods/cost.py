@@ -1,15 +1,15 @@
 """The planner's protocol: what a method costs, from shapes alone (no weights, no process
-group). plan.py (memory), plan_time.py (FLOPs, traffic, step time) and dryrun.py ask a
+group). The planner (plan/memory.py; plan/step.py: FLOPs, traffic, step time) and dryrun.py ask a
 method's `Cost` (methods/<name>/cost.py), bound to its config, and nothing else of it.
 
     trainable_sizes(arch)          elements of each trainable tensor (trainable_count: their sum)
-    plan_rows(plan, arch, ctx)     its rows of the per-GPU memory plan (ctx: plan.PlanContext)
+    plan_rows(plan, arch, ctx)     its rows of the per-GPU memory plan (ctx: plan.memory.PlanContext)
     extra_saved_bytes(arch, ckpt)  activations it keeps beside the blocks' own (default none)
     step_flops(arch, ctx)          FLOPs of a micro-batch beyond the base model's forward,
-                                   recompute and dX (ctx: plan_time.StepContext)
+                                   recompute and dX (ctx: plan.step.StepContext)
     delta_elements(arch, ctx)      weights it generates per micro-batch (default none)
     frozen_backward(arch, ctx, params)  the frozen parameters its backward gathers again
-                                   (default: those plan_time names)
+                                   (default: those plan.step names)
     step_traffic(traffic, arch)    the collectives that move its trainables in a step
     summary(arch)                  a line for dry runs and plans
     dry_run_lines(arch)            what a dry run says of it beyond the summary (default none)
@@ -32,7 +32,7 @@ class Cost:
     def trains_base(self) -> bool:
         return self.cfg.trains_base
 
-    # ------------------------------------------------------------ memory (plan.py)
+    # ------------------------------------------------------------ memory (plan/memory.py)
     def trainable_sizes(self, arch) -> list[int]:
         """Elements of each trainable tensor, from shapes (plan.Arch)."""
         raise NotImplementedError
@@ -49,10 +49,10 @@ class Cost:
         (plan.saved_activation_bytes' `extra_bytes`)."""
         return 0
 
-    # ------------------------------------------------------------ step time (plan_time.py)
+    # ------------------------------------------------------------ step time (plan/step.py)
     def step_flops(self, arch, ctx) -> dict[str, int]:
         """FLOPs of one micro-batch beyond the base model's forward, recompute and dX
-        (plan_time.base_flops: every block's linears recomputed under checkpointing), as
+        (plan.step.base_flops: every block's linears recomputed under checkpointing), as
         torch's FlopCounterMode counts them: {"forward", "recompute", "dx", "dw": FLOPs},
         any subset; negative where the method saves the base some work."""
         raise NotImplementedError
@@ -70,7 +70,7 @@ class Cost:
         return params
 
     def step_traffic(self, traffic, arch) -> None:
-        """Add to `traffic` (plan_time.StepTraffic) the collectives that move this
+        """Add to `traffic` (plan.step.StepTraffic) the collectives that move this
         method's trainables in one optimizer step: gathers, gradient reductions, the
         updated values; payload in bytes per step."""
         raise NotImplementedError

@@ -45,7 +45,7 @@ CLIS = {
     "train": (str(REPO / "launch" / "train.py"), "main"),
     "export": ("gpart_ds.export.cli", "main"),
     "evaluate": ("gpart_ds.evaluate", "main"),
-    "plan": ("gpart_ds.plan_cli", "main"),
+    "plan": ("gpart_ds.plan.cli", "main"),
     "assets": ("gpart_ds.assets", "main"),
     "preflight": ("gpart_ds.preflight", "main"),
     "study": ("experiments.study", "cli"),
@@ -81,7 +81,7 @@ def preload() -> None:
     import transformers  # noqa: F401
     from transformers import AutoTokenizer, LlamaForCausalLM  # noqa: F401
 
-    for mod in ("gpart_ds.trainer", "gpart_ds.export.cli", "gpart_ds.evaluate", "gpart_ds.plan_cli",
+    for mod in ("gpart_ds.trainer", "gpart_ds.export.cli", "gpart_ds.evaluate", "gpart_ds.plan.cli",
                 "gpart_ds.dryrun", "gpart_ds.export.zero3", "gpart_ds.preflight", "gpart_ds.assets",
                 "experiments.study", "experiments.bench.compare"):
         importlib.import_module(mod)

@@ -28,9 +28,10 @@ import sys
 import pytest
 import torch
 
-from gpart_ds import commcount, plan, plan_time
+from gpart_ds import commcount, plan
 from gpart_ds.config import load_config
 from gpart_ds.export.offline import merge_offline
+from gpart_ds.plan import cluster as plan_cluster, step as plan_step
 from tests.export_helpers import raw_bytes, read_folder
 from tests.helpers import REPO, theta_of
 
@@ -80,11 +81,11 @@ def _planned(root, name, mode):
     cfg = load_config("configs/tiny.yaml", _overrides(name, root), check_files=False)
     arch, _ = plan.arch_for_config(cfg)
     b = plan.dtype_bytes(cfg.model.precision)
-    return plan_time.estimate_step(
-        arch, cfg.method, mode, plan_time.RankLayout(NODES, PER_NODE, PER_NODE), plan_time.PRESETS["h100"],
+    return plan_step.estimate_step(
+        arch, cfg.method, mode, plan_cluster.RankLayout(NODES, PER_NODE, PER_NODE), plan_cluster.PRESETS["h100"],
         micro_batch=cfg.train.micro_batch_size, seq=cfg.data.max_length, grad_accum=cfg.train.grad_accum,
         dtype_bytes=b, grad_ckpt=cfg.model.gradient_checkpointing, zero=cfg.deepspeed["zero_optimization"],
-        comm_dtype_bytes=plan_time.comm_dtype_bytes(cfg.deepspeed, b))
+        comm_dtype_bytes=plan_step.comm_dtype_bytes(cfg.deepspeed, b))
 
 
 def _steps(root, name, steps):

@@ -26,81 +26,11 @@ A plan fits when the total is at most (1 - headroom) of the GPU's memory.
 """
 from __future__ import annotations
 
-import functools
-import re
-import sys
 from dataclasses import dataclass, field
 
-from .errors import UserError
+from .arch import Arch, checked_method, dtype_bytes, method_for, spec
 
 GIB = 1 << 30
-COMPARED = ("gpart", "lora", "full")   # what the benchmark projects per GPU
-_LAYER_RE = re.compile(r"(^|\.)layers\.(\d+)\.")
-
-
-class PlanError(UserError):
-    """The model description lacks something the plan needs."""
-
-
-@dataclass(frozen=True)
-class Arch:
-    """What the plan needs to know about a model: parameter sizes and block shapes."""
-    name: str
-    params: tuple[tuple[str, int], ...]          # (name, numel) in named_parameters() order
-    targets: tuple[tuple[int, int], ...]         # (out, in) of every GPart / LoRA target linear
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    target_names: tuple[str, ...] = ()
-
-    @property
-    def n_params(self) -> int:
-        return sum(n for _, n in self.params)
-
-    @property
-    def D(self) -> int:
-        return sum(o * i for o, i in self.targets)
-
-    def block_linears(self) -> list[tuple[int, int]]:
-        """(out, in) of every linear of one decoder block (Llama family: q, k, v, o, gate,
-        up, down), whether a method adapts it or not."""
-        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        h, i = self.hidden, self.intermediate
-        return [(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)]
-
-    def units(self) -> dict[str, int]:
-        """Elements per gather unit: each decoder layer, and each other module's parameters."""
-        out: dict[str, int] = {}
-        for name, n in self.params:
-            m = _LAYER_RE.search(name)
-            key = f"layer {m.group(2)}" if m else name.rsplit(".", 1)[0]
-            out[key] = out.get(key, 0) + n
-        return out
-
-    @classmethod
-    def from_model(cls, model, target_modules="all-linear", name: str = "") -> Arch:
-        from .targets import build_layout
-
-        c = model.config
-        missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
-                               "num_attention_heads", "vocab_size") if getattr(c, k, None) is None]
-        if missing:
-            raise PlanError(f"{name or type(model).__name__}: config lacks {missing}; the plan "
-                            "counts activations for Llama-family decoder blocks")
-        heads = c.num_attention_heads
-        layout = build_layout(model, target_modules)
-        return cls(name=name or type(model).__name__,
-                   params=tuple((n, p.numel()) for n, p in model.named_parameters()),
-                   targets=tuple(t.shape for t in layout.targets),
-                   hidden=c.hidden_size, intermediate=c.intermediate_size,
-                   layers=c.num_hidden_layers, heads=heads,
-                   kv_heads=getattr(c, "num_key_value_heads", None) or heads,
-                   head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads,
-                   vocab=c.vocab_size, target_names=tuple(t.name for t in layout.targets))
 
 
 @dataclass
@@ -197,27 +127,6 @@ class PlanContext:
     biggest: int           # elements of the largest gather unit
 
 
-def spec(name: str = "gpart", **kw):
-    """A method config for the planner, e.g. spec("lora", r=8) or spec("gpart", d=2**20)."""
-    from .config import MethodConfig
-
-    return MethodConfig(name=name, **kw)
-
-
-def checked_method(m):
-    """The cost (methods.cost: what the planner asks of a method) of a method config, once
-    its values pass the method's checks."""
-    from . import methods
-
-    if m.name not in methods.names():
-        raise PlanError(f"method must be one of {methods.names()}, got {m.name!r}")
-    problems = []
-    methods.create(m).validate(lambda ok, key, msg: None if ok else problems.append(f"{key}: {msg}"))
-    if problems:
-        raise PlanError("; ".join(problems))
-    return methods.cost(m)
-
-
 def estimate(a: Arch, *, world: int, method=None, micro_batch: int = 1, seq_len: int = 2048,
              dtype_bytes: int = 2, grad_ckpt: bool = True, zero: dict | None = None,
              padded: bool = True, overhead_gb: float = 3.0, head_tokens: int | None = None,
@@ -309,65 +218,6 @@ def compare_methods(a: Arch, specs: dict, worlds=(8, 16, 64), **kw) -> dict:
     return {(n, w): estimate(a, world=w, method=m, **kw) for n, m in specs.items() for w in worlds}
 
 
-def human(nbytes: float) -> str:
-    for unit, size in (("GiB", GIB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if nbytes >= size:
-            return f"{nbytes / size:.1f} {unit}"
-    return f"{nbytes:.0f} B"
-
-
-def format_plan(plan: Plan, verdict: Verdict | None = None) -> str:
-    width = max(len(r.label) for r in plan.rows) + 2
-    big = max(plan.gpu_total, plan.host_total)
-    unit, size = next(((u, s) for u, s in (("GiB", GIB), ("MiB", 1 << 20)) if big >= s), ("KiB", 1 << 10))
-    lines = [f"  {f'per rank ({unit})':<{width}}{'device':>8}" + (f"{'host':>8}" if plan.host_total else "")]
-    for r in plan.rows:
-        host = f"{r.host / size:8.2f}" if plan.host_total else ""
-        lines.append(f"  {r.label:<{width}}{r.gpu / size:8.2f}{host}")
-    total_host = f"{plan.host_total / size:8.2f}" if plan.host_total else ""
-    lines.append(f"  {'total':<{width}}{plan.gpu_total / size:8.2f}{total_host}")
-    lines += [f"  note: {n}" for n in plan.notes]
-    if verdict is not None:
-        lines.append(("OK " if verdict.fits else "REFUSED ") + verdict.message)
-    return "\n".join(lines)
-
-
-# ------------------------------------------------------------------ from a run config
-def dtype_bytes(precision: str) -> int:
-    # auto plans for the GPUs it is meant for: bf16 there (fp32 only on CPU runs).
-    return 4 if precision == "fp32" else 2
-
-
-def arch_for_config(cfg, model_config: str | None = None) -> tuple[Arch, str]:
-    """(Arch, where its shapes came from) for a loaded run config, without any weights."""
-    from .model import architecture_source
-
-    source = architecture_source(cfg, model_config)
-    tm = cfg.method.target_modules
-    return _arch(source, tm if isinstance(tm, str) else tuple(tm)), source
-
-
-@functools.lru_cache(maxsize=8)
-def _arch(source: str, patterns) -> Arch:
-    # Building a 70B skeleton takes seconds; a planner searching over cluster sizes or a
-    # test asking several questions builds it once.
-    from .targets import skeleton
-
-    return Arch.from_model(skeleton(source), patterns if isinstance(patterns, str) else list(patterns),
-                           name=source)
-
-
-def method_for(cfg, name: str | None = None):
-    """The run's method config, or another method on the same targets (`name`), with the
-    run's method.* values wherever that method reads them."""
-    from . import methods
-
-    if name is None or name == cfg.method.name:
-        return cfg.method
-    keys = methods.get(name).config_keys
-    return spec(name, **{k: cfg.method[k] for k in keys if k != "name" and k in cfg.method})
-
-
 def plan_for_config(cfg, arch: Arch, world: int, method: str | None = None, overhead_gb: float = 3.0,
                     frozen_group: int | None = None) -> Plan:
     zero = dict((cfg.deepspeed or {}).get("zero_optimization", {}))
@@ -375,34 +225,3 @@ def plan_for_config(cfg, arch: Arch, world: int, method: str | None = None, over
                     seq_len=cfg.data.max_length, dtype_bytes=dtype_bytes(cfg.model.precision),
                     grad_ckpt=cfg.model.gradient_checkpointing, zero=zero, padded=not cfg.data.packing,
                     overhead_gb=overhead_gb, frozen_group=frozen_group)
-
-
-def describe_run(cfg, arch: Arch, source: str, world: int) -> str:
-    import os
-
-    from . import methods
-    from .config import auto_lr_caveat, resolved_lr, unread_method_keys
-
-    m, t = cfg.method, cfg.train
-    shown = os.path.relpath(source) if not os.path.relpath(source).startswith("..") else source
-    n = arch.n_params
-    params = f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n:,}"
-    unread = unread_method_keys(m)
-    return "\n".join([
-        f"model: {shown}: {params} parameters, {arch.layers} blocks, hidden "
-        f"{arch.hidden}, vocab {arch.vocab:,}; training dtype "
-        f"{'fp32' if dtype_bytes(cfg.model.precision) == 4 else 'bf16'}",
-        methods.cost(m).summary(arch),
-        *([f"not read by {m.name} (ignored): {', '.join(unread)}"] if unread else []),
-        f"learning rate {resolved_lr(cfg, arch.D):.3g}" + (" (train.lr: auto)" if t.lr == "auto" else ""),
-        *([f"  {c}"] if (c := auto_lr_caveat(cfg, arch.D)) else []),
-        f"batch: micro-batch {t.micro_batch_size} x {cfg.data.max_length} tokens, grad_accum {t.grad_accum}, "
-        f"{world} ranks -> global batch {t.micro_batch_size * t.grad_accum * world} sequences; "
-        f"activation checkpointing {'on' if cfg.model.gradient_checkpointing else 'off'}",
-    ])
-
-
-if __name__ == "__main__":   # the command line is plan_cli's (it reads plan_time too, which builds on this)
-    from gpart_ds.plan_cli import main
-
-    sys.exit(main())

@@ -2,10 +2,10 @@
 
     python -m gpart_ds.plan --config configs/llama70b.yaml --nodes 8 --gpus-per-node 8 \
         --gpu-mem-gb 80 --cluster h100 --net-gbps 25 [--json]
-    python -m gpart_ds.plan_time --config configs/llama70b.yaml --nodes 8 --gpus-per-node 8 \
+    python -m gpart_ds.plan sweep --config configs/llama70b.yaml --nodes 8 --gpus-per-node 8 \
         --micro-batch 1,2          # the run's method, node vs global, over network bandwidths
 
-For the compared methods (plan.COMPARED) with the frozen base partitioned within a node
+For the compared methods (COMPARED) with the frozen base partitioned within a node
 or over the world, on a stated cluster, per GPU and per optimizer step:
 
 - FLOPs: forward, the recompute of activation checkpointing and dX of the base model
@@ -17,16 +17,9 @@ or over the world, on a stated cluster, per GPU and per optimizer step:
 - collectives: the gathers of the frozen base (here: forward, recompute, and the backward
   of the parameters `Cost.frozen_backward` names), whatever moves the method's
   trainables (`Cost.step_traffic`), the scalars; their payload and the bytes each GPU
-  moves inside its node and across nodes (`collective_bytes`, the model commcount.py
-  also reads its measurements with);
+  moves inside its node and across nodes (cluster.py: `collective_bytes`, the model
+  commcount.py also reads its measurements with);
 - a predicted step time with and without overlap of communication and compute.
-
-Traffic model (per rank, collective payload S over a group of n ranks, L of them on each
-of N nodes): a gather or reduce-scatter moves S (L-1)/L over the node's links and
-S (N-1)/(N L) over the network (hierarchical, or NCCL's rings, which cross each node
-boundary once per channel and spread channels over the node's NICs); an all-reduce twice
-that. Time of a collective: the slower of its two parts at the links' achievable
-bandwidth, plus a fixed latency per call.
 
 Which gathers a step makes is what DeepSpeed 0.19.8's ZeRO-3 does with a complete trace
 (measured with commcount on the tiny model, tests/integration/test_scale.py): every
@@ -42,90 +35,17 @@ import math
 import re
 from dataclasses import asdict, dataclass, field
 
-from . import plan
-from .config import FROZEN_PARTITIONS as MODES
+from ..config import FROZEN_PARTITIONS as MODES
+from .arch import Arch, PlanError, checked_method, dtype_bytes, method_for, spec
+from .cluster import Cluster, RankLayout, collective_bytes, frozen_group
+from .memory import GIB, check_fit, plan_for_config
+
+COMPARED = ("gpart", "lora", "full")   # what the benchmark projects per GPU
 
 # Per step, over the world: DeepSpeed's gradient norm (float64), the trainer's loss and
 # token sums and count of ranks with a non-finite state (3 x float64, comm.all_sum) and
 # its stop flag (float64, comm.any_rank).
 SCALARS = (("scalars: gradient norm, loss, token and non-finite sums, stop flag", 8 + 24 + 8, 3),)
-
-
-# ------------------------------------------------------------------ the cluster
-@dataclass(frozen=True)
-class Cluster:
-    """Per-GPU figures of a cluster (GB = 1e9 bytes)."""
-    name: str
-    peak_tflops: float          # dense bf16 tensor-core peak
-    hbm_gbps: float             # HBM bandwidth
-    nvlink_gbps: float          # intra-node link bandwidth, one direction
-    net_gbps: float             # network bandwidth per GPU (NIC per GPU), one direction
-    gpu_mem_gb: float           # GiB, as --gpu-mem-gb
-    # Achieved fractions and rates; the defaults are measured on one H200 (docs/
-    # layer_llama70b_h200.json: a 28672 x 8192 bf16 layer at 4096 tokens runs its
-    # frozen fwd+bwd GEMMs at 795 TFLOPS = 0.80 of peak; the fused GPart kernels build
-    # W0 + delta at 1.2-1.36e11 elements/s and run the backward pass (rebuild + scatter
-    # of dW into theta's gradient) at 5.5e10). H100 SXM and H200 share the GH100 die,
-    # clocks and SM count, so the kernel rates carry over.
-    gemm_efficiency: float = 0.80
-    link_efficiency: float = 0.80   # NCCL bus bandwidth / nominal link bandwidth
-    delta_build_per_s: float = 1.3e11
-    delta_backward_per_s: float = 5.5e10
-    latency_s: float = 20e-6        # per collective call
-
-    def with_(self, **kw) -> Cluster:
-        return Cluster(**{**asdict(self), **{k: v for k, v in kw.items() if v is not None}})
-
-
-PRESETS = {
-    # NVIDIA H100 SXM5 80 GB: 989 TFLOPS dense bf16, 3.35 TB/s HBM3, NVLink 4 at 900 GB/s
-    # (450 each way); a DGX/HGX H100 node has one 400 Gb/s NIC per GPU (50 GB/s).
-    "h100": Cluster("H100 SXM 80GB nodes",
-                    989.0, 3350.0, 450.0, 50.0, 80.0),
-    # NVIDIA H200 SXM 141 GB (140 GiB as the driver reports it): same compute and NVLink,
-    # 4.8 TB/s HBM3e.
-    "h200": Cluster("H200 SXM 141GB nodes",
-                    989.0, 4800.0, 450.0, 50.0, 140.0),
-}
-
-
-def collective_bytes(kind: str, size: float, n: int, per_node: list[int]) -> tuple[float, float]:
-    """(intra-node, inter-node) bytes one rank moves in one collective of payload `size`
-    over a group of `n` ranks with `per_node[i]` of them on each node it spans."""
-    if n <= 1 or kind == "barrier":
-        return 0.0, 0.0
-    nodes = len(per_node)
-    factor = 2.0 if kind == "all_reduce" else 1.0
-    if kind == "p2p":
-        return (float(size), 0.0) if nodes == 1 else (0.0, float(size))
-    if nodes == 1:
-        return factor * size * (n - 1) / n, 0.0
-    if len(set(per_node)) != 1:      # uneven groups: count everything as crossing nodes
-        return 0.0, factor * size * (n - 1) / n
-    L = per_node[0]
-    if kind == "all_to_all":
-        return size * (L - 1) / n, size * (n - L) / n
-    return factor * size * (L - 1) / L, factor * size * (nodes - 1) / (nodes * L)
-
-
-# ------------------------------------------------------------------ the step
-@dataclass(frozen=True)
-class RankLayout:
-    """How the ranks of a planned run sit: nodes x GPUs per node, and the size of the
-    groups the frozen base is partitioned over in node mode (consecutive ranks)."""
-    nodes: int
-    gpus_per_node: int
-    frozen_group: int
-
-    @property
-    def world(self) -> int:
-        return self.nodes * self.gpus_per_node
-
-    def span(self, group: int) -> list[int]:
-        """Ranks per node of a group of `group` consecutive ranks (node-aligned)."""
-        if group <= self.gpus_per_node:
-            return [group]
-        return [self.gpus_per_node] * (group // self.gpus_per_node)
 
 
 @dataclass(frozen=True)
@@ -222,7 +142,7 @@ class StepEstimate:
 _LAYER = re.compile(r"(^|\.)layers\.\d+\.")
 
 
-def _attention_flops(a: plan.Arch, micro_batch: int, seq: int, kernel: str = "flash") -> tuple[float, float]:
+def _attention_flops(a: Arch, micro_batch: int, seq: int, kernel: str = "flash") -> tuple[float, float]:
     """(forward, backward) FLOPs of SDPA in all blocks, by FlopCounterMode's formulas.
 
     kernel "flash": the fused kernels GPUs train with, whose backward recomputes the
@@ -238,7 +158,7 @@ def _attention_flops(a: plan.Arch, micro_batch: int, seq: int, kernel: str = "fl
     return fwd, bwd
 
 
-def base_flops(a: plan.Arch, ctx: StepContext, trains_base: bool, attention: str = "flash") -> dict:
+def base_flops(a: Arch, ctx: StepContext, trains_base: bool, attention: str = "flash") -> dict:
     """FLOPs of one micro-batch through the base model: forward, the recompute of every
     block's linears and attention under checkpointing, dX (attention, linears, the LM
     head at `ctx.head` positions); dW is the method's (Cost.step_flops)."""
@@ -257,17 +177,17 @@ def base_flops(a: plan.Arch, ctx: StepContext, trains_base: bool, attention: str
             "dw": 0}
 
 
-def step_flops(a: plan.Arch, method=None, *, micro_batch: int, seq: int, grad_ckpt: bool,
+def step_flops(a: Arch, method=None, *, micro_batch: int, seq: int, grad_ckpt: bool,
                head_tokens: int | None = None, attention: str = "flash") -> dict:
     """FLOPs of one micro-batch's forward and backward (FlopCounterMode's counting).
 
-    `method`: a method config (plan.spec(...)); `head_tokens`: positions the LM head runs
+    `method`: a method config (spec(...)); `head_tokens`: positions the LM head runs
     on (default all; the training objective runs it at label positions only).
     `attention`: "flash" (GPU kernels), "math" (the decomposed kernel) or "none" (leave
     SDPA out: CPU kernels FlopCounterMode has no formula for).
     """
-    m = method if method is not None else plan.spec()
-    cost = plan.checked_method(m)
+    m = method if method is not None else spec()
+    cost = checked_method(m)
     ctx = StepContext(micro_batch, seq, grad_ckpt, head_tokens)
     f = base_flops(a, ctx, cost.trains_base, attention)
     for k, v in cost.step_flops(a, ctx).items():
@@ -276,7 +196,7 @@ def step_flops(a: plan.Arch, method=None, *, micro_batch: int, seq: int, grad_ck
     return f
 
 
-def _param_roles(a: plan.Arch) -> dict[str, dict[str, int]]:
+def _param_roles(a: Arch) -> dict[str, dict[str, int]]:
     """Parameters ({name: elements}) by role: decoder blocks, LM head, final norm, embeddings."""
     out: dict[str, dict[str, int]] = {"blocks": {}, "head": {}, "norm": {}, "embed": {}}
     tied = not any(n.endswith("lm_head.weight") for n, _ in a.params)
@@ -294,7 +214,7 @@ def _param_roles(a: plan.Arch) -> dict[str, dict[str, int]]:
     return out
 
 
-def _frozen_gathers(t: StepTraffic, a: plan.Arch, cost) -> None:
+def _frozen_gathers(t: StepTraffic, a: Arch, cost) -> None:
     """Frozen parameters are released after every use: the forward, the recompute and the
     backward of every module whose output needs a gradient gather them anew."""
     ctx, G, micro = t.ctx, t.ctx.frozen_group, t.ctx.micro_steps
@@ -311,20 +231,20 @@ def _frozen_gathers(t: StepTraffic, a: plan.Arch, cost) -> None:
     t.add("frozen weights: backward gathers", "all_gather", G, micro * bwd * b, micro * (a.layers + 2), True)
 
 
-def estimate_step(a: plan.Arch, method, mode: str, layout: RankLayout, cluster: Cluster, *,
+def estimate_step(a: Arch, method, mode: str, layout: RankLayout, cluster: Cluster, *,
                   micro_batch: int = 1, seq: int = 2048, grad_accum: int = 1, dtype_bytes: int = 2,
                   grad_ckpt: bool = True, zero: dict | None = None, head_tokens: int | None = None,
                   comm_dtype_bytes: int | None = None) -> StepEstimate:
     """Traffic, FLOPs and time of one optimizer step on one GPU (see the module doc).
 
-    `method`: a method config (plan.spec(...) or a run's cfg.method); `mode`: where the
+    `method`: a method config (spec(...) or a run's cfg.method); `mode`: where the
     frozen base is partitioned (dist.frozen_partition: node or global).
     """
-    cost = plan.checked_method(method)
+    cost = checked_method(method)
     if mode not in MODES:
-        raise plan.PlanError(f"frozen partition must be one of {MODES}, got {mode!r}")
+        raise PlanError(f"frozen partition must be one of {MODES}, got {mode!r}")
     if cost.trains_base and mode != "global":
-        raise plan.PlanError(f"{cost.label} trains the base weights: it has no frozen partition, "
+        raise PlanError(f"{cost.label} trains the base weights: it has no frozen partition, "
                              "only frozen_partition=global")
     z = zero or {}
     W = layout.world
@@ -367,17 +287,6 @@ def estimate_step(a: plan.Arch, method, mode: str, layout: RankLayout, cluster: 
     return est
 
 
-# ------------------------------------------------------------------ from a run config
-def frozen_group(dist_cfg, gpus_per_node: int, world: int) -> int:
-    """Ranks the frozen base is partitioned over in `node` mode (dist.frozen_partition_size),
-    grouped by the rule training applies (topology.partition_groups on `world` ranks in
-    blocks of `gpus_per_node`): a size training refuses is refused here, in its words."""
-    from .topology import Topology, partition_groups
-
-    size = int(dist_cfg.get("frozen_partition_size", 0) or 0)
-    return len(partition_groups(Topology.blocks(world, gpus_per_node), "node", size)[0])
-
-
 def comm_dtype_bytes(ds: dict, dtype_bytes: int) -> int:
     """DeepSpeed reduces gradients in communication_data_type, else in the training dtype."""
     name = str((ds or {}).get("communication_data_type") or "").lower()
@@ -386,36 +295,36 @@ def comm_dtype_bytes(ds: dict, dtype_bytes: int) -> int:
 
 def modes_of(name: str) -> tuple[str, ...]:
     """The frozen partitions a method can run with (one that trains the base: the world only)."""
-    from . import methods
+    from .. import methods
 
     return ("global",) if methods.get(name).trains_base else MODES
 
 
 def _plannable(m) -> bool:
     try:
-        plan.checked_method(m)
+        checked_method(m)
         return True
-    except plan.PlanError:
+    except PlanError:
         return False
 
 
-def estimate_rows(cfg, a: plan.Arch, nodes: int, gpus_per_node: int, cluster: Cluster,
-                  headroom: float = 0.10, overhead_gb: float = 3.0, names=plan.COMPARED) -> list[StepEstimate]:
+def estimate_rows(cfg, a: Arch, nodes: int, gpus_per_node: int, cluster: Cluster,
+                  headroom: float = 0.10, overhead_gb: float = 3.0, names=COMPARED) -> list[StepEstimate]:
     """Every (method, frozen partition) row for a run config on `nodes` x `gpus_per_node`.
 
     Each method runs on the config's targets with its method.* values where it reads
-    them (plan.method_for); a method the config cannot describe (GPart without
+    them (method_for); a method the config cannot describe (GPart without
     method.d, in a LoRA config) is left out.
     """
     ds = dict(cfg.deepspeed or {})
     zero = dict(ds.get("zero_optimization", {}))
-    b = plan.dtype_bytes(cfg.model.precision)
+    b = dtype_bytes(cfg.model.precision)
     world = nodes * gpus_per_node
     G = frozen_group(cfg.dist, gpus_per_node, world)
     layout = RankLayout(nodes, gpus_per_node, G)
     out = []
     for name in names:
-        m = plan.method_for(cfg, name)
+        m = method_for(cfg, name)
         if not _plannable(m):
             continue
         for mode in modes_of(name):
@@ -423,10 +332,10 @@ def estimate_rows(cfg, a: plan.Arch, nodes: int, gpus_per_node: int, cluster: Cl
                                 seq=cfg.data.max_length, grad_accum=cfg.train.grad_accum, dtype_bytes=b,
                                 grad_ckpt=cfg.model.gradient_checkpointing, zero=zero,
                                 comm_dtype_bytes=comm_dtype_bytes(ds, b))
-            mem = plan.plan_for_config(cfg, a, world, method=name, overhead_gb=overhead_gb,
+            mem = plan_for_config(cfg, a, world, method=name, overhead_gb=overhead_gb,
                                        frozen_group=G if mode == "node" else None)
-            est.memory_gib = mem.gpu_total / plan.GIB
-            est.fits = plan.check_fit(mem, cluster.gpu_mem_gb, headroom).fits
+            est.memory_gib = mem.gpu_total / GIB
+            est.fits = check_fit(mem, cluster.gpu_mem_gb, headroom).fits
             out.append(est)
     return out
 
@@ -438,159 +347,9 @@ def recommend(rows: list[StepEstimate], method: str) -> StepEstimate | None:
     return min(ok, key=lambda r: (round(r.times["step_overlap_s"], 6), r.inter_bytes)) if ok else None
 
 
-def _fmt_bytes(x: float) -> str:
-    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if x >= size:
-            return f"{x / size:.3g} {unit}"
-    return f"{x:.0f} B"
-
-
-def format_table(rows: list[StepEstimate], cluster: Cluster, nodes: int, gpus_per_node: int,
-                 method: str) -> str:
-    """The rows as a Markdown table, and the frozen partition recommended for `method`."""
-    lines = [f"time and traffic per optimizer step, per GPU: {nodes} node(s) x {gpus_per_node} GPU(s) "
-             f"of {cluster.name}",
-             f"  assumed per GPU: {cluster.gpu_mem_gb:g} GiB, {cluster.peak_tflops:g} TFLOPS bf16 peak x "
-             f"{cluster.gemm_efficiency:.2f} achieved, "
-             f"NVLink {cluster.nvlink_gbps:g} GB/s, network {cluster.net_gbps:g} GB/s per GPU "
-             f"(x {cluster.link_efficiency:.2f} achieved), HBM {cluster.hbm_gbps:g} GB/s, "
-             f"generated weights (GPart's W0 + delta) {cluster.delta_build_per_s:.3g} / "
-             f"{cluster.delta_backward_per_s:.3g} elem/s (build / backward)",
-             "| method | frozen partition | PFLOP/step | inter-node bytes | intra-node bytes | compute s | delta s "
-             "| comm s | step s (overlap) | step s (no overlap) | GiB/GPU | fits |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        t = r.times
-        lines.append(f"| {r.label or r.method} | {r.mode} | {r.flops['total'] / 1e15:.3g} | "
-                     f"{_fmt_bytes(r.inter_bytes)} | {_fmt_bytes(r.intra_bytes)} | {t['compute_s']:.3g} | "
-                     f"{t['delta_s']:.3g} | "
-                     f"{t['comm_overlappable_s'] + t['comm_exposed_s']:.3g} | {t['step_overlap_s']:.3g} | "
-                     f"{t['step_serial_s']:.3g} | {r.memory_gib:.1f} | {'yes' if r.fits else 'NO'} |")
-    best = recommend(rows, method)
-    if best is not None and len(modes_of(method)) > 1:
-        other = next((r for r in rows if r.method == best.method and r.mode != best.mode), None)
-        vs = ""
-        if other is not None:
-            vs = (f"; vs {other.mode}: {other.times['step_overlap_s'] / best.times['step_overlap_s']:.2f}x "
-                  f"(overlap), {other.times['step_serial_s'] / best.times['step_serial_s']:.2f}x (no overlap), "
-                  f"{other.inter_bytes / max(best.inter_bytes, 1):.3g}x the inter-node bytes")
-        lines.append(f"recommended for {method}: dist.frozen_partition={best.mode}{vs}")
-    return "\n".join(lines)
-
-
-# ------------------------------------------------------------------ command line (gpart_ds.plan)
-def add_arguments(ap) -> None:
-    g = ap.add_argument_group("time and traffic (gpart_ds/plan_time.py)")
-    g.add_argument("--cluster", choices=sorted(PRESETS), default="h100",
-                   help="per-GPU figures of the nodes (default h100); the options below override them")
-    g.add_argument("--net-gbps", type=float, help="network bandwidth per GPU, GB/s (presets: 50)")
-    g.add_argument("--nvlink-gbps", type=float, help="intra-node bandwidth per GPU and direction, GB/s")
-    g.add_argument("--tflops", type=float, help="dense bf16 peak per GPU, TFLOPS")
-    g.add_argument("--gemm-efficiency", type=float, help="achieved fraction of the peak (default 0.80)")
-    g.add_argument("--json", action="store_true",
-                   help="print the time/traffic rows (and each row's memory per GPU) as JSON only")
-
-
-def cluster_from_args(args) -> Cluster:
-    base = PRESETS[args.cluster]
-    for key in ("net_gbps", "nvlink_gbps", "tflops", "gemm_efficiency"):
-        v = getattr(args, key)
-        if v is not None and not v > 0:
-            raise plan.PlanError(f"--{key.replace('_', '-')} must be > 0, got {v}")
-    return base.with_(net_gbps=args.net_gbps, nvlink_gbps=args.nvlink_gbps, peak_tflops=args.tflops,
-                      gemm_efficiency=args.gemm_efficiency, gpu_mem_gb=args.gpu_mem_gb)
-
-
 def config_frozen_group(cfg, method: str | None, gpus_per_node: int, world: int) -> int | None:
     """The frozen weights' group size for the memory plan of a run config (None: the world)."""
     if len(modes_of(method or cfg.method.name)) == 1 or cfg.dist.frozen_partition != "node":
         return None
     g = frozen_group(cfg.dist, gpus_per_node, world)
     return None if g >= world else g
-
-
-def cli_report(args, cfg, arch: plan.Arch) -> dict:
-    """{"text": the table, "json": the rows}, for python -m gpart_ds.plan."""
-    cluster = cluster_from_args(args)
-    method = args.method or cfg.method.name
-    rows = estimate_rows(cfg, arch, args.nodes, args.gpus_per_node, cluster, headroom=args.headroom,
-                         overhead_gb=args.overhead_gb)
-    best = recommend(rows, method)
-    js = {"nodes": args.nodes, "gpus_per_node": args.gpus_per_node, "cluster": asdict(cluster),
-          "config": cfg.config_file, "recommended": {method: best.mode if best else None},
-          "methods": {f"{r.method}/{r.mode}": r.to_json() for r in rows}}
-    return {"text": format_table(rows, cluster, args.nodes, args.gpus_per_node, method), "json": js}
-
-
-def sweep(cfg, arch: plan.Arch, nodes: int, gpus_per_node: int, cluster: Cluster, nets: list[float],
-          micro_batches: list[int]) -> str:
-    """The run's method, node vs global: predicted step time ratio over network
-    bandwidths and micro-batches."""
-    name = cfg.method.name
-    if len(modes_of(name)) == 1:
-        raise plan.PlanError(f"method {name} trains the base weights: there is no frozen partition to compare")
-    lines = ["| micro-batch | network GB/s per GPU | node s (overlap / none) | global s (overlap / none) "
-             "| global / node (overlap) | global / node (no overlap) |", "|---|---|---|---|---|---|"]
-    for mb in micro_batches:
-        c = cfg.copy()
-        c.train.micro_batch_size = mb
-        for net in nets:
-            rows = {r.mode: r for r in estimate_rows(c, arch, nodes, gpus_per_node, cluster.with_(net_gbps=net),
-                                                     names=(name,))}
-            n, g = rows["node"].times, rows["global"].times
-            lines.append(f"| {mb} | {net:g} | {n['step_overlap_s']:.2f} / {n['step_serial_s']:.2f} | "
-                         f"{g['step_overlap_s']:.2f} / {g['step_serial_s']:.2f} | "
-                         f"{g['step_overlap_s'] / n['step_overlap_s']:.2f}x | "
-                         f"{g['step_serial_s'] / n['step_serial_s']:.2f}x |")
-    return "\n".join(lines)
-
-
-def _numbers(text: str, kind, flag: str) -> list:
-    try:
-        values = [kind(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise plan.PlanError(f"{flag} {text!r}: expected comma-separated numbers") from None
-    if any(not v > 0 for v in values):
-        raise plan.PlanError(f"{flag} {text!r}: every value must be > 0")
-    return values
-
-
-def main(argv=None) -> int:
-    """python -m gpart_ds.plan_time --config C --nodes N --gpus-per-node G [--cluster h100]
-    [--net 50,25,12.5] [--micro-batch 1,2]: the run's method with the frozen base within a
-    node vs over the world, over networks and micro-batches."""
-    import argparse
-
-    from .config import load_config
-    from .errors import run_cli
-
-    ap = argparse.ArgumentParser(prog="python -m gpart_ds.plan_time", description=main.__doc__)
-    ap.add_argument("--config", required=True)
-    ap.add_argument("--nodes", type=int, required=True)
-    ap.add_argument("--gpus-per-node", type=int, required=True)
-    ap.add_argument("--cluster", choices=sorted(PRESETS), default="h100")
-    ap.add_argument("--net", default="50,25,12.5,6.25,3.125", help="network GB/s per GPU, comma-separated")
-    ap.add_argument("--micro-batch", default="", help="train.micro_batch_size values (default: the config's)")
-    ap.add_argument("overrides", nargs="*")
-    args = ap.parse_args(argv)
-
-    def body() -> int:
-        if args.nodes < 1 or args.gpus_per_node < 1:
-            raise plan.PlanError("--nodes and --gpus-per-node must be >= 1")
-        cfg = load_config(args.config, args.overrides, check_files=False)
-        arch, _ = plan.arch_for_config(cfg)
-        nets = _numbers(args.net, float, "--net")
-        mbs = _numbers(args.micro_batch, int, "--micro-batch") or [cfg.train.micro_batch_size]
-        table = sweep(cfg, arch, args.nodes, args.gpus_per_node, PRESETS[args.cluster], nets, mbs)
-        print(f"{cfg.method.name} step time, frozen base within a node vs over the world: {args.nodes} x "
-              f"{args.gpus_per_node} GPUs, {PRESETS[args.cluster].name}, {cfg.data.max_length} tokens per sequence")
-        print(table)
-        return 0
-
-    return run_cli(body)
-
-
-if __name__ == "__main__":
-    import sys
-
-    sys.exit(main())
