@@ -134,11 +134,6 @@ def test_keys_the_method_does_not_read_are_named_not_refused(good):
     assert unread_method_keys(full.method) == ["method.target_modules=['q_proj']", "method.dropout=0.1"]
 
 
-def test_baseline_rank_is_checked(good):
-    with pytest.raises(ConfigError, match=r"method\.r"):
-        load_config(good, ["method.name=lora", "method.r=0"])
-
-
 def test_missing_files_are_named(good):
     with pytest.raises(ConfigError, match=r"'model\.path'.*no Hugging Face model at '/nowhere'"):
         load_config(good, ["model.path=/nowhere"])
