@@ -105,10 +105,12 @@ def _tensorboard_available() -> bool:
 
 class MetricsLog:
     """Appends one JSON object per line (earlier runs in the same file are kept) and feeds
-    the optional sinks. `out_dir` None: a rank that writes nothing."""
+    the optional sinks. `out_dir` None: a rank that writes nothing. `tag`: fields every
+    record carries (the replica group of a fault-tolerant run, whose nodes share the file)."""
 
-    def __init__(self, out_dir: Path | None, cfg=None):
+    def __init__(self, out_dir: Path | None, cfg=None, tag: dict | None = None):
         self.path = None if out_dir is None else Path(out_dir) / "metrics.jsonl"
+        self.tag = dict(tag or {})
         self.sinks = []
         if self.path is None:
             return
@@ -125,6 +127,7 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         if self.path is None:
             return
+        record = {**record, **self.tag} if self.tag else record
         self._fh.write(json.dumps(record) + "\n")
         for sink in self.sinks:
             sink.write(record)

@@ -30,6 +30,7 @@ from . import (
     distributed,
     evaluate,
     frozen_shards,
+    ft,
     generation,
     methods,
     ownership,
@@ -82,6 +83,8 @@ class Trainer:
         self.method: methods.Method | None = None
         self._export_only = False
         self._locks: list[ownership.FolderLock] = []   # rank 0's: the folders this run owns
+        # dist.fault_tolerance=nodes: this node's torchft replica (ft.py); None otherwise
+        self.replicas: ft.Replicas | None = None
 
     # ---------------------------------------------------------------- set-up
     def setup(self) -> None:
@@ -91,6 +94,13 @@ class Trainer:
         # decides alone from the same files, so a refusal is the same everywhere.
         _configure_logging(int(os.environ.get("RANK", "0") or 0))
         check_paths(cfg)
+        # Fault tolerance across nodes: torchft, the lighthouse and this node's replica
+        # group are named before anything is read (ft.place).
+        self.ft_place = ft.place() if _ft_mode(cfg) else None
+        if self.ft_place is not None and not cfg.train.resume:
+            # the replica groups share output_dir: a group that starts after another (or
+            # restarts) continues the run there instead of refusing its files
+            cfg.train.resume = "auto"
         checked = runcheck.validate_for_run(cfg, world=distributed.check_launch_env(),
                                             device_type="cuda" if torch.cuda.is_available() else "cpu",
                                             environment=True)
@@ -116,6 +126,8 @@ class Trainer:
         ranks = distributed.init(cfg.dist.backend, cfg.dist.timeout_minutes)
         self.rank, self.local_rank, self.world = ranks.rank, ranks.local_rank, ranks.world
         _configure_logging(self.rank)
+        if self.ft_place is not None:   # right after the node's group: it heartbeats while the model loads
+            self._start_replica(ranks)
         self._take_folders(before)
         # Which ranks share a node, and the groups the frozen base is partitioned over.
         self.placement = frozen_shards.place(cfg.dist, methods.get(cfg.method.name).trains_base,
@@ -131,14 +143,20 @@ class Trainer:
 
         t = cfg.train
         self.ds_config = runcheck.deepspeed_config(cfg, self.world, self.dtype)
+        # The data order spans every replica group (alive or not): a step's batch is a
+        # function of the step and (replica, rank) alone, so a quorum that shrinks trains
+        # the live replicas' shares of it and a healed replica picks up exactly its own.
+        width = self.ft_place.count if self.ft_place is not None else 1
+        self.data_rank = (self.ft_place.index if self.ft_place is not None else 0) * self.world + self.rank
         self.order = data.GlobalBatchOrder(len(self.train_set), t.micro_batch_size, t.grad_accum,
-                                           self.world, t.seed)
+                                           self.world * width, t.seed)
         self._build_model()
         self._build_engine()
         if self.rank == 0:   # the first writes of the run
             runcheck.remove_earlier_results(self.outputs, cfg)
             self.out.mkdir(parents=True, exist_ok=True)
-        self.metrics = MetricsLog(self.out if self.rank == 0 else None, cfg)
+        self.metrics = MetricsLog(self.out if self.rank == 0 else None, cfg,
+                                  tag={"replica": self.ft_place.index} if self.ft_place is not None else None)
 
     def _owned_folders(self) -> list[ownership.FolderLock]:
         """The locks of what this run writes: output_dir; checkpoint.dir and the merged
@@ -147,6 +165,12 @@ class Trainer:
         export is: export.zero3 takes that lock again, nested, when it writes)."""
         cfg = self.cfg
         out = Path(cfg.output_dir)
+        if _ft_mode(cfg):
+            # Replica groups share output_dir by design; torchft lets one of them (the first
+            # participant) write checkpoints and exports at a time. Each node locks its own
+            # folder of the run, so that a second copy of the same replica is refused.
+            return [ownership.FolderLock.for_folder(out / "replicas" / f"replica{self.ft_place.index}",
+                                                    "output_dir")]
         locks = [ownership.FolderLock.for_folder(out, "output_dir")]
         inside = lambda p: Path(os.path.abspath(p)).is_relative_to(os.path.abspath(out))   # noqa: E731
         root = runcheck.checkpoint_root(cfg)
@@ -243,6 +267,40 @@ class Trainer:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.model, optimizer=opt, lr_scheduler=scheduler, config=self.ds_config)
         self.method.after_engine()
+        if self.replicas is not None:
+            self.replicas.bind(self.engine, params, self.scheduler)
+
+    def _start_replica(self, ranks) -> None:
+        """This rank's torchft manager (ft.Replicas); the world must be one node."""
+        from . import topology
+
+        nodes = topology.discover().nodes
+        if len(nodes) > 1:
+            raise ft.FaultToleranceError(
+                f"dist.fault_tolerance=nodes: this world spans {len(nodes)} nodes; each node must be its own world "
+                "(its own MASTER_PORT: launch/sim_nodes.py --ft, slurm/gpart.sh with dist.fault_tolerance=nodes)")
+        self.replicas = ft.Replicas(self.ft_place, rank=ranks.rank, world=ranks.world,
+                                    master_addr=ranks.master_addr, master_port=ranks.master_port,
+                                    device=distributed.device(), max_retries=self.cfg.dist.ft_max_retries,
+                                    quorum_timeout_s=self.cfg.dist.timeout_minutes * 60)
+        log.info("fault tolerance: replica group %d of %d, lighthouse %s", self.ft_place.index,
+                 self.ft_place.count, self.ft_place.lighthouse)
+
+    def _replica_step(self) -> int:
+        """The quorum of the next step (ft.Replicas.begin): its step, its cost in quorum_s."""
+        t0 = time.perf_counter()
+        step = self.replicas.begin()
+        self._quorum_s = time.perf_counter() - t0
+        return step
+
+    def _writes_outputs(self) -> bool:
+        """This rank writes the run's shared files: rank 0, of the writing replica group
+        under fault tolerance (checkpoints, adapter, export, predictions)."""
+        return self.rank == 0 and (self.replicas is None or self.replicas.is_writer())
+
+    def _writer_node(self) -> bool:
+        """This node writes checkpoints, the adapter and the export (all of its ranks take part)."""
+        return self.replicas is None or self.replicas.is_writer()
 
     # ---------------------------------------------------------------- loop
     def _batch(self, indices: list[int], examples) -> tuple[dict, int]:
@@ -255,11 +313,24 @@ class Trainer:
         t0 = time.perf_counter()
         lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
         loss_sum, tokens = 0.0, 0
+        committed, members = True, None
         for a in range(self.cfg.train.grad_accum):
-            batch, n_tokens = self._batch(self.order.indices(step, a, self.rank), self.train_set)
+            batch, n_tokens = self._batch(self.order.indices(step, a, self.data_rank), self.train_set)
             loss = self.engine(**batch).loss
             self.engine.backward(loss)
-            self.engine.step()
+            if self.replicas is not None:   # grad_accum is 1 (config): this is the boundary
+                members = self.replicas.average()
+                change = self.replicas.quorum_change(step + 1, members)
+                if change is not None:
+                    self.metrics.write(change)
+                    log.warning("quorum at step %d: %d replica group(s) %s (before: %s)%s", step + 1,
+                                change["participants"], members, change["previous"],
+                                "; this replica healed from a live one" if change["healed"] else "")
+                committed = self.replicas.commit()
+            if committed:
+                self.engine.step()
+            else:   # a participant failed in this step: its gradient is dropped, the step runs again
+                self.engine.optimizer.zero_grad()
             loss_sum += loss.item()
             tokens += n_tokens
         if self.device.type == "cuda":
@@ -274,6 +345,11 @@ class Trainer:
         rec = {"step": step + 1, "loss": loss_total / n_micro, "lr": lr,
                "step_time_s": dt, "tokens": int(tok_total), "tokens_per_s": tok_total / dt,
                "epoch": self.order.epoch_of(step + 1)}
+        if self.replicas is not None:
+            rec.update(committed=committed, replicas=members, quorum_s=self._quorum_s)
+            if not committed:
+                return rec
+            rec.update(self.replicas.digest())
         grad_norm = self.engine.get_global_grad_norm()
         self._check_finite(step + 1, rec["loss"], grad_norm, int(bad_ranks))
         return rec
@@ -341,7 +417,7 @@ class Trainer:
                                      limit, self.device, preds, **answers)
         finally:
             self.engine.train()
-        if preds is not None and self.rank == 0:   # per-record verdicts: paired tests, curves
+        if preds is not None and self._writes_outputs():   # per-record verdicts: paired tests, curves
             path = self.out / ("eval_predictions.jsonl" if last else f"predictions/step-{step:06d}.jsonl")
             path.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(path, "".join(json.dumps(p) + "\n" for p in preds))
@@ -358,12 +434,38 @@ class Trainer:
         if found is None:
             return 0, None
         ckpt = found.path
-        state = checkpoint.load(self.engine, self.method.trainable(), ckpt)
+        state = self._load_checkpoint(ckpt) if self.replicas is not None else \
+            checkpoint.load(self.engine, self.method.trainable(), ckpt)
+        if state is None:   # fault tolerance: none left to load; the replica heals from a live one
+            return 0, None
+        ckpt = self.outputs.resume.path
         self._continue_schedule_at(self.lr, state.get("lr"))
         log.info("resumed from %s at step %d (saved by %d ranks, now %d)", ckpt, state["step"],
                  state["world"], self.world)
         self.metrics.write({"event": "resume", "from": str(ckpt), "step": state["step"]})
+        if self.replicas is not None:
+            self.replicas.set_step(state["step"])
         return state["step"], state.get("before")
+
+    def _load_checkpoint(self, ckpt: Path, tries: int = 3) -> dict | None:
+        """Fault tolerance: the writing replica group keeps checkpoint.keep_last and may
+        remove the checkpoint a (re)starting group is reading; that group then takes the
+        newest again (it heals from a live group at its first step in any case)."""
+        for _attempt in range(tries):
+            try:
+                state, err = checkpoint.load(self.engine, self.method.trainable(), ckpt), None
+            except (UserError, OSError) as exc:
+                state, err = None, exc
+            if comm.all_agree(err is None, self.device):
+                return state
+            log.warning("fault tolerance: %s went away while this replica group read it (%s); taking the newest "
+                        "checkpoint again", ckpt, str(err or "on another rank").splitlines()[0][:200])
+            self.outputs = runcheck.resolve_outputs(self.cfg)
+            if self.outputs.resume is None:
+                return None
+            ckpt = self.outputs.resume.path
+        raise RunFailed(f"fault tolerance: no checkpoint in {self._checkpoint_root()} could be read in {tries} tries "
+                        "(the writing replica group replaced each while this one read it)")
 
     def _continue_schedule_at(self, lr: float, saved_lr) -> None:
         """The restored schedule peaks at this run's train.lr: a scheduler state carries its
@@ -466,8 +568,19 @@ class Trainer:
         progress = Progress(t.max_steps, start, cfg.method.name, t.log_every) if self.rank == 0 else None
         history = []
         every = cfg.checkpoint.every_steps
-        for step in range(start, t.max_steps):
+        step = start
+        while step < t.max_steps:
+            if self.replicas is not None:
+                # the quorum of this step: a replica that is behind heals here and jumps to
+                # its peers' step (the manager's step is the data cursor)
+                step = self._replica_step()
+                if step >= t.max_steps:
+                    break
             rec = self.train_step(step)
+            if rec.get("committed") is False:
+                self.metrics.write({"event": "retry", "step": step + 1, "replicas": rec["replicas"]})
+                log.warning("step %d not committed (a replica group failed during it): running it again", step + 1)
+                continue
             rec.update(peak_memory_gb())
             history.append(rec)
             self.metrics.write(rec)
@@ -478,7 +591,7 @@ class Trainer:
                 self.metrics.write({"event": "eval", "step": step + 1, **mid})
                 log.info("step %d: %s", step + 1, _fmt(mid))
             if self._stop_requested() and step + 1 < t.max_steps:
-                path = self.save_checkpoint(step + 1, before)
+                path = self.save_checkpoint(step + 1, before) if self._writer_node() else None
                 self.metrics.write({"event": "preempted", "step": step + 1, "checkpoint": str(path)})
                 log.warning("stop signal received: checkpoint %s written; exiting with %d so that a "
                             "requeued job resumes (train.resume=auto)", path, PREEMPTED_EXIT)
@@ -486,24 +599,28 @@ class Trainer:
                     progress.close()
                 self.metrics.close()
                 raise Preempted(str(path))
-            if every and (step + 1) % every == 0 and step + 1 < t.max_steps:
+            if every and (step + 1) % every == 0 and step + 1 < t.max_steps and self._writer_node():
                 self.save_checkpoint(step + 1, before)
+            step += 1
         if progress is not None:
             progress.close()
         commcount.phase("summary")
         # Peak memory of training itself, before the gathers of checkpoint and export.
         train_mem = {f"train_{k}": v for k, v in comm.all_max(peak_memory_gb(), self.device).items()}
         model_state = zero3.model_state_bytes(self.engine)   # optimizer state exists after a step
-        if start < t.max_steps:   # equal: the resumed checkpoint is this step, kept as it is
+        writer = self._writer_node()
+        if start < t.max_steps and writer:   # equal: the resumed checkpoint is this step, kept as it is
             self.save_checkpoint(t.max_steps, before)
         after = self.evaluate(t.max_steps, last=True)
         self.metrics.write({"event": "eval", "step": t.max_steps, **after})
         wall = time.perf_counter() - t_start
         commcount.phase("adapter")
-        adapter_dir = self.save_adapter(self.out / "adapter")
+        adapter_dir = self.save_adapter(self.out / "adapter") if writer else None
         comm.barrier()
-        if cfg.export.merged:
+        if cfg.export.merged and writer:
             self.export_merged()
+        if self.replicas is not None:
+            self.replicas.shutdown()
         commcount.phase("summary")
         mem = comm.all_max(peak_memory_gb(), self.device)
         steady = [r["step_time_s"] for r in history[1:]] or [r["step_time_s"] for r in history] or [0.0]
@@ -518,7 +635,8 @@ class Trainer:
                    "median_step_time_s": sorted(steady)[len(steady) // 2],
                    "trainable_params": self.method.trainable_params(),
                    "adapter_bytes": folder_bytes(adapter_dir),
-                   "checkpoint_bytes": folder_bytes(checkpoint.step_dir(self._checkpoint_root(), t.max_steps)),
+                   "checkpoint_bytes": folder_bytes(checkpoint.step_dir(self._checkpoint_root(), t.max_steps))
+                   if writer else None, "writer": writer,
                    "model_state_bytes": model_state, **train_mem, **mem}
         # With dist.count_comm: every rank's counts in <output_dir>/comm, the last step's here.
         summary.update(commcount.finish(self.out / "comm", self.placement))
@@ -596,6 +714,10 @@ def _folder_state(cfg: DictConfig) -> list:
     except OSError:
         pass
     return state
+
+
+def _ft_mode(cfg: DictConfig) -> bool:
+    return cfg.dist.fault_tolerance == "nodes"
 
 
 def _fmt(metrics: dict) -> str:

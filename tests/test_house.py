@@ -29,7 +29,7 @@ LAYERS = [
         "gpart_ds", "gpart_ds.errors", "gpart_ds.fileio", "gpart_ds.hub", "gpart_ds.comm", "gpart_ds.zero3",
         "gpart_ds.targets", "gpart_ds.safetensors_io", "gpart_ds.identity", "gpart_ds.ownership",
         "gpart_ds.metrics", "gpart_ds.objective", "gpart_ds.data", "gpart_ds.generation",
-        "gpart_ds.distributed")),
+        "gpart_ds.distributed", "gpart_ds.ft")),
     ("GPart's partition (the hash, counts, scales)", ("gpart_ds.methods.gpart.partition",)),
     ("GPart's torch kernels", ("gpart_ds.methods.gpart.kernels",)),
     ("GPart's Triton kernels, on the torch kernels; the linear op", (

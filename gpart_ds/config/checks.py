@@ -14,6 +14,7 @@ from .schema import (
     BACKENDS,
     EVAL_GENERATE,
     EXPORT_DTYPES,
+    FAULT_TOLERANCE,
     FROZEN_PARTITIONS,
     OBJECTIVES,
     PRECISIONS,
@@ -80,6 +81,7 @@ def validate_values(cfg: DictConfig, where: Where) -> None:
          f"must be one of {FROZEN_PARTITIONS}, got {cfg.dist.frozen_partition!r}")
     need(cfg.dist.frozen_partition_size >= 0, "dist.frozen_partition_size",
          "must be >= 0 (0: the ranks of one node)")
+    _check_fault_tolerance(cfg, need)
     need(cfg.log.tensorboard in ("auto", True, False), "log.tensorboard", "must be auto, true or false")
     need(cfg.log.wandb_mode in (None, "online", "offline", "disabled"), "log.wandb_mode",
          "must be online, offline or disabled")
@@ -89,6 +91,35 @@ def validate_values(cfg: DictConfig, where: Where) -> None:
         parse_size(e.max_shard_size)
     except ValueError as exc:
         need(False, "export.max_shard_size", str(exc))
+
+
+def _check_fault_tolerance(cfg: DictConfig, need) -> None:
+    """dist.fault_tolerance and the settings it cannot run with (ft.py, docs/fault_tolerance.md)."""
+    d = cfg.dist
+    need(d.fault_tolerance in FAULT_TOLERANCE, "dist.fault_tolerance",
+         f"must be one of {FAULT_TOLERANCE}, got {d.fault_tolerance!r}")
+    need(isinstance(d.ft_max_retries, int) and d.ft_max_retries >= 0, "dist.ft_max_retries", "must be >= 0")
+    if d.fault_tolerance != "nodes":
+        return
+    name = cfg.method.name
+    need(not methods.get(name).trains_base, "dist.fault_tolerance",
+         f"method {name} trains the base weights, which ZeRO-3 then partitions over every rank of the job; "
+         "fault_tolerance=nodes needs a frozen base that every node holds whole (GPart, LoRA, VeRA)")
+    need(d.frozen_partition == "node" and d.frozen_partition_size == 0, "dist.frozen_partition",
+         "fault_tolerance=nodes partitions the frozen base within each node by construction (each node is its "
+         "own world): leave dist.frozen_partition=node and dist.frozen_partition_size=0")
+    need(cfg.train.grad_accum == 1, "train.grad_accum",
+         "fault_tolerance=nodes averages the gradient across nodes at every optimizer step and is tested with "
+         "grad_accum=1 only; raise train.micro_batch_size instead")
+    need(d.backend != "mpi", "dist.backend",
+         "fault_tolerance=nodes starts one world per node (torchrun's or srun's variables); an MPI launcher "
+         "makes one world of the whole job")
+    need(not cfg.get("overwrite_output_dir", False), "overwrite_output_dir",
+         "fault_tolerance=nodes: the replica groups share output_dir and a restarted one continues the run "
+         "there (train.resume=auto); it cannot also replace it")
+    need(cfg.train.resume in (None, "auto"), "train.resume",
+         "fault_tolerance=nodes: every replica group continues the run in output_dir (train.resume=auto, "
+         "the default here); resume another run's checkpoint without fault tolerance first")
 
 
 def unread_method_keys(m) -> list[str]:

@@ -24,6 +24,7 @@ EVAL_GENERATE = ("final", "always", "never")
 TOO_LONG = ("error", "skip", "truncate_left")
 BACKENDS = ("auto", "nccl", "gloo", "mpi")
 FROZEN_PARTITIONS = ("node", "global")
+FAULT_TOLERANCE = ("none", "nodes")
 EXPORT_DTYPES = ("auto", "bf16", "fp16", "fp32")
 
 
@@ -153,6 +154,13 @@ class DistConfig:
     count_comm: bool = _f(False, "count the bytes every collective moves, per process group and phase: "
                           "<output_dir>/comm/comm-rank<r>.json, and the last step's in the summary "
                           "(python -m gpart_ds.commcount <output_dir>/comm prints them)")
+    fault_tolerance: str = _f("none", "none | nodes: every node is a replica group of its own (its own world, the "
+                              "frozen base partitioned within it); the trainables' gradient is averaged over the "
+                              "live groups through torchft, a group that dies drops out while the others train on, "
+                              "and one that (re)joins heals from a live one (needs the ft extra and a lighthouse: "
+                              "launch/sim_nodes.py --ft, slurm/gpart.sh; docs/fault_tolerance.md)")
+    ft_max_retries: int = _f(3, "with fault_tolerance=nodes: steps in a row that may fail to commit (a replica "
+                             "group failed during them; each is run again) before the run stops")
 
 
 @dataclass
