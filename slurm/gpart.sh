@@ -13,6 +13,10 @@
 #   GPART_LOG_DIR         default $GPART_ROOT/logs/slurm; this job logs to <that>/<job name>-<job id>/
 #   GPART_PG_TIMEOUT_MIN  process-group timeout in minutes, default 120 (dist.timeout_minutes)
 #   MASTER_PORT           default: 10000 + job id mod 20000 (the same for every rank and restart)
+#   GPART_FT              1: fault-tolerant replica groups (also implied by the override
+#                         dist.fault_tolerance=nodes; docs/fault_tolerance.md), see below
+#   GPART_FT_RESTARTS     fault tolerance: how often a node's step is started again, default 3
+#   GPART_LIGHTHOUSE_PORT fault tolerance: the lighthouse's port, default MASTER_PORT + 1
 #
 # Launch choice: srun starts every rank itself (no DeepSpeed hostfile / pdsh runner). No
 # ssh between nodes is needed; SLURM tracks, cgroups and accounts every process, delivers
@@ -25,6 +29,16 @@
 # script then requeues the job, and the requeued run resumes from that checkpoint
 # (train.resume=auto is always passed). A preemption by SLURM itself sends SIGTERM, which
 # the ranks treat the same way.
+#
+# Fault tolerance (GPART_FT=1 or dist.fault_tolerance=nodes; submit with --no-kill, so that a
+# node SLURM loses does not end the allocation): a torchft lighthouse runs on the first node,
+# and every node is a step of its own (srun --nodes=1 --relative=i --kill-on-bad-exit=0), its
+# own world (its own MASTER_ADDR, its ranks 0..G-1) and replica group i. A node whose step
+# fails (a crash, a killed rank, OOM) is started again on the same node, up to
+# GPART_FT_RESTARTS times, and heals from the live ones, which train on meanwhile; a node that
+# is gone stays out. The job ends 0 when a node finished the run (the one that wrote its
+# outputs among them); 75 from every node requeues it as above. The lighthouse is the one
+# process whose loss ends the job (the nodes' quorum then times out).
 #
 # Options here are defaults: sbatch's command line overrides them. Comments must not share
 # a line with an #SBATCH option.
@@ -93,6 +107,10 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 export PYTHONUNBUFFERED=1
 if [ "$DEVICE" = cpu ]; then export DS_ACCELERATOR=cpu; fi
 
+FT=${GPART_FT:-0} FT_ARG=0
+for arg in "$@"; do if [ "$arg" = dist.fault_tolerance=nodes ]; then FT=1 FT_ARG=1; fi; done
+if [ "$FT" = 1 ] && [ "$FT_ARG" = 0 ]; then set -- "$@" dist.fault_tolerance=nodes; fi
+
 say "config $CONFIG $*; $NNODES node(s) x $TASKS_PER_NODE task(s), device $DEVICE, master $MASTER_ADDR:$MASTER_PORT, python $PY, logs $LOG_DIR"
 
 # Fail fast, one task per node: Python and packages, GPUs, config and files, shared output.
@@ -104,6 +122,62 @@ if ! srun --ntasks="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \
      --tasks-per-node "$TASKS_PER_NODE" --device "$DEVICE" --tag "$SLURM_JOB_ID.$RESTART" train.resume=auto "$@"; then
   say "preflight failed, ranks not started:"; grep -h "FAILED\|rror" "$LOG_DIR/preflight.log" | tail -n 20 || true
   exit 3
+fi
+
+if [ "$FT" = 1 ]; then
+  # Fault tolerance (above). The lighthouse: a quorum as soon as one replica group asks, the
+  # first one waits up to 10 min for every group that heartbeats (start-ups differ), a group
+  # silent for 5 s drops out.
+  LH_PORT=${GPART_LIGHTHOUSE_PORT:-$(( MASTER_PORT + 1 ))}
+  LH_BIN=$(dirname "$PY")/torchft_lighthouse
+  if [ ! -x "$LH_BIN" ]; then LH_BIN=torchft_lighthouse; fi
+  export TORCHFT_LIGHTHOUSE=http://$MASTER_ADDR:$LH_PORT GPART_FT_REPLICAS=$NNODES
+  srun --nodes=1 --ntasks=1 --relative=0 --overlap --kill-on-bad-exit=0 --output="$LOG_DIR/lighthouse.log" \
+    --open-mode=append "$LH_BIN" --min_replicas 1 --bind "[::]:$LH_PORT" --join_timeout_ms 600000 \
+    --heartbeat_timeout_ms 5000 &
+  LH_PID=$!
+  trap 'say "stop signal: waiting for the nodes to checkpoint and exit"' TERM USR1
+  mapfile -t HOSTS < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+  node_loop() {   # node $1: its step, started again while it fails
+    local i=$1 tries=0 rc
+    shift
+    while :; do
+      # shellcheck disable=SC2016  # expanded in each task
+      srun --nodes=1 --relative="$i" --ntasks="$TASKS_PER_NODE" --kill-on-bad-exit=0 --wait=60 \
+        --output="$LOG_DIR/node$i-rank-%t.log" --open-mode=append \
+        bash -c 'export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID; exec "$@"' gpart-rank \
+        env MASTER_ADDR="${HOSTS[$i]}" GPART_FT_REPLICA="$i" \
+        "$PY" launch/train.py --config "$CONFIG" "dist.timeout_minutes=${GPART_PG_TIMEOUT_MIN:-120}" train.resume=auto "$@"
+      rc=$?
+      if [ "$rc" -eq 0 ] || [ "$rc" -eq 75 ] || [ "$rc" -eq 2 ] || [ "$tries" -ge "${GPART_FT_RESTARTS:-3}" ]; then
+        say "node $i (${HOSTS[$i]}): exit status $rc"; return "$rc"
+      fi
+      tries=$(( tries + 1 ))
+      say "node $i (${HOSTS[$i]}) failed (exit $rc): starting it again ($tries/${GPART_FT_RESTARTS:-3}); it heals from the live nodes"
+    done
+  }
+  set +e
+  PIDS=()
+  for (( i = 0; i < NNODES; i++ )); do node_loop "$i" "$@" & PIDS+=($!); done
+  CODES=()
+  for pid in "${PIDS[@]}"; do
+    while :; do wait "$pid"; c=$?; if kill -0 "$pid" 2>/dev/null; then continue; fi; break; done
+    CODES+=("$c")
+  done
+  kill "$LH_PID" 2>/dev/null; wait "$LH_PID" 2>/dev/null
+  set -e
+  say "nodes finished with exit statuses ${CODES[*]}"
+  rc=1; all75=1
+  for c in "${CODES[@]}"; do
+    if [ "$c" -eq 0 ]; then rc=0; fi
+    if [ "$c" -ne 75 ]; then all75=0; fi
+  done
+  if [ "$all75" = 1 ]; then
+    say "preempted: the nodes checkpointed; requeueing (the next run resumes from it)"
+    if scontrol requeue "$SLURM_JOB_ID"; then exit 0; fi
+    exit 75
+  fi
+  exit "$rc"
 fi
 
 # The ranks. --wait: once one rank has ended, the others get 60 s (ranks leaving a

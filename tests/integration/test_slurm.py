@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -146,3 +147,39 @@ def test_srun_mpi_pmix_ranks_agree_on_the_master_through_mpi4py(slurm, tmp_path)
     lines = sorted(line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("RANKS"))
     assert [line[:2] for line in lines] == [["0", "2"], ["1", "2"]]
     assert lines[0][2:] == lines[1][2:] and lines[0][4] == "mpi4py"
+
+
+def test_fault_tolerant_job_restarts_a_failed_node_step_and_completes(slurm, tmp_path, tiny_assets):
+    """GPART_FT=1 (dist.fault_tolerance=nodes): the lighthouse on the first node, one srun step
+    per node; kill -9 of the node's ranks mid-run and the script starts the step again, which
+    resumes (alone here: from the last checkpoint; beside live nodes it would heal from them)
+    and finishes; the job completes with exit 0. One node only on this cluster: the
+    kill-a-node-the-others-train-on case runs on simulated nodes (test_fault_tolerance.py)."""
+    import signal
+
+    job, out = submit(slurm, tmp_path, "gpart-ft", "train.max_steps=40", "checkpoint.every_steps=4",
+                      "dist.fault_tolerance=nodes")
+    killed, deadline = [], time.time() + 900
+    while time.time() < deadline:
+        info = slurm.job(job)
+        if info["JobState"] in TERMINAL:
+            break
+        if not killed and any(e.get("step", 0) >= 6 and "loss" in e for e in _events(out)):
+            for proc in Path("/proc").glob("[0-9]*/cmdline"):
+                try:
+                    cmd = proc.read_bytes().split(b"\0")
+                except OSError:
+                    continue
+                if b"launch/train.py" in cmd and f"output_dir={out}".encode() in cmd:
+                    killed.append(int(proc.parent.name))
+                    os.kill(killed[-1], signal.SIGKILL)
+        time.sleep(0.2)
+    assert killed, "the job ended before it logged step 6\n" + _explain(slurm, tmp_path, job)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", _explain(slurm, tmp_path, job)
+    logs = tmp_path / "logs" / f"gpart-ft-{job}"
+    job_log = (logs / "job.log").read_text()
+    assert "node 0 (" in job_log and "starting it again (1/3)" in job_log and "exit status 0" in job_log
+    assert (logs / "lighthouse.log").exists()
+    events = _events(out)
+    assert [e["step"] for e in events if e.get("event") == "resume"] and events[-1]["event"] == "summary"
+    assert (out / "adapter").is_dir()
