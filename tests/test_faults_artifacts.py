@@ -4,7 +4,7 @@ models (missing, wrong shape, renamed key, NaN, truncated).
 
 An adapter is merged or evaluated only into the model it was trained on, only when it is
 intact (checksum) and finite; everything else is exit 2 naming the file and the key.
-Cases: tests/faults/cases.py.
+Cases: tests/faults/cases_adapters.py, cases_base.py.
 """
 import pytest
 

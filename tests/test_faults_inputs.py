@@ -2,9 +2,9 @@
 
 Bad input must give exit 2 and an `error:` line naming what and where (config key,
 file:line, override), with nothing already written changed; a valid but unusual input
-must work. The cases and their expectations live in tests/faults/cases.py (one home,
-shared with `python -m tests.faults.probe`); each runs its CLI's main(argv) in a fresh
-fork of a warm process (tests/faults/forkserver.py).
+must work. The cases and their expectations live in tests/faults/cases_config.py,
+cases_data.py and cases_cli.py (one home, shared with `python -m tests.faults.probe`); each
+runs its CLI's main(argv) in a fresh fork of a warm process (tests/faults/forkserver.py).
 """
 import pytest
 

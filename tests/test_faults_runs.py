@@ -5,7 +5,7 @@ Expected: damaged checkpoints skipped with a warning (or refused when none is us
 SIGTERM -> checkpoint -> exit 75, a run never replaces another run's results without an
 explicit choice, training stops on a non-finite loss, a full disk gives a clear error and
 no stale temporary folder; nothing that existed is changed unless that is the command's
-purpose. Cases: tests/faults/cases.py.
+purpose. Cases: tests/faults/cases_checkpoint.py, cases_runtime.py.
 """
 import pytest
 

@@ -5,7 +5,7 @@ user would, on the tiny config, and count what happened.
     python -m tests.faults.probe --out /tmp/faults --only 'ckpt-|export-' --kinds adapter,checkpoint
     python -m tests.faults.probe --out /tmp/faults --report docs/faults_baseline.md
 
-Each case (tests/faults/cases.py) runs its command in a fresh fork of one warm process
+Each case (tests/faults/cases_*.py) runs its command in a fresh fork of one warm process
 (tests/faults/forkserver.py; 2-rank cases through the real deepspeed launcher) inside
 its own folder, and is judged (tests/faults/runner.py) on: exit status; an `error:`
 line naming what and where; a printed traceback; files that existed before and changed
