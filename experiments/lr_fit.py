@@ -34,7 +34,7 @@ from gpart_ds.config import ConfigError
 
 EXPONENTS = [round(0.40 + 0.05 * i, 2) for i in range(15)]   # 0.40 .. 1.10
 MIN_RATES = 3     # a sweep of fewer rates says nothing about where its best lies
-WITHIN = 2.0      # "within 2x of the best rate" (issue 13's target)
+WITHIN = 2.0      # "within 2x of the best rate" (the study's target, docs/quality.md)
 PROBE_WINDOW = 5  # --probe-steps: a probe's loss is the mean of its last this-many steps
 
 

@@ -25,7 +25,7 @@ from gpart_ds.fileio import write_atomic
 from .bench.compare import machine, machine_name
 
 # Parity tolerance when the reference's own seed spread is smaller: 2 points of accuracy,
-# 10% (relative) of the reference's exact match (issue 13's targets).
+# 10% (relative) of the reference's exact match (the study's targets, docs/quality.md).
 ACCURACY_POINTS = 0.02
 # Metrics judged in accuracy points (the rest, exact match, relative to the reference).
 ACCURACIES = ("accuracy", "answer_accuracy")

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""The GPU check of issue 17 in one command, inside a time budget (launch/gpu_check.sh).
+"""The GPU check in one command, inside a time budget (launch/gpu_check.sh): the CUDA-only
+tests, the Triton kernels against the compiled ones, GPU training against the CPU reference.
 
     python launch/gpu_check.py [--out DIR] [--budget 540] [--steps a,b,...] [--dry] [--probe]
 
@@ -23,15 +24,14 @@ summary.md. --dry runs the same steps on this CPU at toy sizes (Triton's interpr
 the triton kernels) to check the plumbing; --probe only reports the machine and which
 packages the wheelhouse must bring (python launch/wheelhouse.py build --only ...).
 
-In a session lent a GPU (device tool; no network on that machine; <= 64 MiB of ignored
-paths carried per call; the machine keeps what earlier calls carried while it stays warm):
-  1. here: bash launch/make_wheelhouse.sh --python 3.12 --smollm2     (prints the parts)
-     (unsure of the GPU's CPython or packages? first run `bash launch/gpu_check.sh --probe`
-     there: its "build" line is the command for step 1)
-  2. run(carry=[".gpu_carry/part1"], command="bash launch/gpu_check.sh --steps env")
-     and the same for part2 .. part(N-1), one call each
-  3. run(carry=[".gpu_carry/partN"], command="bash launch/gpu_check.sh", timeout_s=600)
-  4. read summary.md (and the JSON beside it) under the call's files_at.
+On a GPU machine without network (the wheelhouse comes in parts of <= 56 MiB, for machines
+that take files in copies of a limited size):
+  1. on a machine with network: bash launch/make_wheelhouse.sh --python 3.12 --smollm2
+     (prints the parts; unsure of the GPU's CPython or packages? first run
+     `bash launch/gpu_check.sh --probe` on the GPU machine: its "build" line is the command)
+  2. copy the repository and every .gpu_carry/partN/ to the GPU machine
+  3. there: bash launch/gpu_check.sh   (install reassembles the parts and checks every sha256)
+  4. read summary.md (and the JSON beside it) under --out.
 """
 from __future__ import annotations
 
@@ -341,7 +341,7 @@ STEP_FNS = {name: globals()[f"step_{name}"] for name in STEPS}
 
 # ------------------------------------------------------------------------ report
 def markdown(results: dict, budget: float) -> str:
-    lines = ["# GPU check (issue 17)", ""]
+    lines = ["# GPU check", ""]
     env = results.get("env", {})
     if "python" in env:
         lines += [f"{env.get('date')} on {env.get('host')}: {', '.join(env.get('gpus', [])) or 'no GPU'}; "

