@@ -184,7 +184,8 @@ class Progress:
 
 
 def answer_fell(s: dict) -> str | None:
-    """A sentence when the generated answers got worse than the base model's, else None."""
+    """A sentence when the generated answers got worse than the base model's, else None
+    (also where the base was not evaluated: train.eval_before=false, its fields null)."""
     before, after = s.get("answer_accuracy_before"), s.get("answer_accuracy_after")
     if before is None or after is None or after >= before:
         return None
@@ -195,15 +196,20 @@ def summary_table(s: dict, adapter_dir: Path | None) -> str:
     def pct(v):
         return "-" if v is None else f"{100 * v:.1f}%"
 
+    def num(v):
+        return "-" if v is None else f"{v:.4f}"
+
     rows = [("generated answer (greedy, as served)", pct(s.get("answer_accuracy_before")),
              pct(s.get("answer_accuracy_after"))),
             ("choice accuracy (label words ranked)", pct(s["accuracy_before"]), pct(s["accuracy_after"])),
             ("exact match (teacher-forced)", pct(s.get("exact_match_before")), pct(s.get("exact_match_after"))),
-            ("eval loss (completion tokens)", f"{s['eval_loss_before']:.4f}", f"{s['eval_loss_after']:.4f}")]
+            ("eval loss (completion tokens)", num(s.get("eval_loss_before")), num(s.get("eval_loss_after")))]
     # A run that trained no step this time (resumed at max_steps, --export-only) has no step time.
     step = f"{s['median_step_time_s']:.2f} s" if s.get("median_step_time_s") else "- (no step this run)"
     lines = ["", "| metric | before | after |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows if (b, c) != ("-", "-")]
+    if s.get("eval_loss_before") is None:   # every evaluation has a loss: none means none ran
+        lines += ["", "before: not evaluated (train.eval_before=false)"]
     adapter = (f"adapter on disk: {s['adapter_bytes'] / 1024:.1f} KiB ({adapter_dir})" if adapter_dir
                else "no adapter (full fine-tuning: export.merged writes the model)")
     lines += ["", f"method: {s['method']}   trainable parameters: {s['trainable_params']:,}   {adapter}",

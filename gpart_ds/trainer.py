@@ -429,7 +429,9 @@ class Trainer:
 
     def _resume(self) -> tuple[int, dict | None]:
         """(first step to run, eval results before training) from the checkpoint that
-        runcheck.resolve_outputs chose (verified, loadable, no drift) before any write."""
+        runcheck.resolve_outputs chose (verified, loadable, no drift) before any write; the
+        results are None with no checkpoint, and where the checkpoint's run did not evaluate
+        before training (train.eval_before=false: it stored None)."""
         found = self.outputs.resume
         if found is None:
             return 0, None
@@ -482,7 +484,9 @@ class Trainer:
             group["lr"] = lr * fn(sched.last_epoch)
         sched._last_lr = [g["lr"] for g in self.engine.optimizer.param_groups]
 
-    def save_checkpoint(self, step: int, before: dict) -> Path:
+    def save_checkpoint(self, step: int, before: dict | None) -> Path:
+        """`before`: the evaluation before training, None where there was none
+        (train.eval_before=false); a resume takes it from here and never re-evaluates."""
         commcount.phase("checkpoint")
         extra = {"before": before, "method": self.cfg.method.name, "lr": self.lr,
                  "dtype": str(self.dtype).removeprefix("torch."),
@@ -558,10 +562,17 @@ class Trainer:
         start, before = self._resume()
         if self.rank == 0:
             write_atomic(self.out / "run_config.yaml", to_yaml(cfg))
-        if before is None:
+        if before is None and start == 0 and t.eval_before:
             before = self.evaluate(0)
             self.metrics.write({"event": "eval", "step": 0, **before})
             log.info("before training: %s", _fmt(before))
+        elif before is None:
+            # Not evaluated: train.eval_before=false, or a resume of such a run (whose
+            # checkpoint holds no `before`). Never evaluated at resume time: that would
+            # score the trained model at step `start` as if it were the base.
+            log.info("before training: not evaluated (%s); the summary's *_before fields are null",
+                     "train.eval_before=false" if start == 0 else
+                     f"resumed at step {start} from a run with train.eval_before=false")
         if start == t.max_steps:
             log.info("nothing to train: %s is at train.max_steps=%d; writing the run's outputs from it",
                      self.outputs.resume.path, start)
@@ -624,13 +635,14 @@ class Trainer:
         commcount.phase("summary")
         mem = comm.all_max(peak_memory_gb(), self.device)
         steady = [r["step_time_s"] for r in history[1:]] or [r["step_time_s"] for r in history] or [0.0]
+        b = before or {}   # None: not evaluated before training (train.eval_before=false): every *_before null
         summary = {"event": "summary", "method": cfg.method.name, "steps": t.max_steps, "world": self.world,
                    "lr": self.lr,
-                   "eval_loss_before": before["eval_loss"], "eval_loss_after": after["eval_loss"],
-                   "answer_accuracy_before": before.get("answer_accuracy"),
+                   "eval_loss_before": b.get("eval_loss"), "eval_loss_after": after["eval_loss"],
+                   "answer_accuracy_before": b.get("answer_accuracy"),
                    "answer_accuracy_after": after.get("answer_accuracy"),
-                   "accuracy_before": before.get("accuracy"), "accuracy_after": after.get("accuracy"),
-                   "exact_match_before": before.get("exact_match"), "exact_match_after": after.get("exact_match"),
+                   "accuracy_before": b.get("accuracy"), "accuracy_after": after.get("accuracy"),
+                   "exact_match_before": b.get("exact_match"), "exact_match_after": after.get("exact_match"),
                    "final_loss": history[-1]["loss"] if history else None, "wall_s": wall,
                    "median_step_time_s": sorted(steady)[len(steady) // 2],
                    "trainable_params": self.method.trainable_params(),
@@ -645,6 +657,9 @@ class Trainer:
         if self.rank == 0:
             print(summary_table(summary, adapter_dir), flush=True)
             fell = answer_fell(summary)
+            if before is None and cfg.train.objective == "choices":
+                log.info("the generated answers were not compared with the base model's (not evaluated before "
+                         "training): train.objective=choices does not train the answer a server generates")
             if fell and cfg.train.objective == "choices":
                 log.warning("%s: train.objective=choices ranks the choices against each other and does not "
                             "train the answer a server generates; train.objective=lm (or choices_lm) trains it", fell)

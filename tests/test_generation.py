@@ -119,6 +119,22 @@ def test_the_summary_table_leads_with_the_generated_answer_and_a_fall_is_named()
     assert answer_fell({**s, "answer_accuracy_before": None}) is None          # resumed from an older run
 
 
+def test_a_summary_without_an_evaluation_before_training_shows_dashes_and_says_why():
+    from gpart_ds.metrics import answer_fell, summary_table
+
+    s = {"eval_loss_before": None, "eval_loss_after": 5.0, "accuracy_before": None, "accuracy_after": 0.8,
+         "exact_match_before": None, "exact_match_after": 0.5, "answer_accuracy_before": None,
+         "answer_accuracy_after": 0.1, "method": "gpart", "trainable_params": 8, "adapter_bytes": 1024, "world": 1,
+         "steps": 30, "lr": 0.03, "median_step_time_s": 1.0, "wall_s": 60, "peak_rss_gb": 3.1}
+    text = summary_table(s, None)   # train.eval_before=false: every *_before is null
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in text.splitlines() if line.startswith("| ")}
+    assert rows["eval loss (completion tokens)"] == ["-", "5.0000 |"]
+    assert rows["generated answer (greedy, as served)"] == ["-", "10.0% |"]
+    assert "before: not evaluated (train.eval_before=false)" in text
+    assert "not evaluated" not in summary_table({**s, "eval_loss_before": 5.9}, None)
+    assert answer_fell(s) is None
+
+
 def test_the_summary_says_so_when_no_step_was_timed_instead_of_a_zero_step_time():
     from gpart_ds.metrics import summary_table
 

@@ -120,6 +120,10 @@ class TrainConfig:
                                    "steps): the first N; 0: eval_examples. Before and after training: "
                                    "eval_examples (a learning curve from fewer records costs less)")
     eval_micro_batch_size: int = _f(0, "0: micro_batch_size; larger amortises the delta regeneration")
+    eval_before: bool = _f(True, "evaluate the base model before training (step 0: eval_examples records, the "
+                           "generated answers with eval_generate final/always); false skips it: the summary's "
+                           "*_before fields are null (not evaluated), and a resume of such a run does not evaluate "
+                           "either. Every method starts at the base, so runs on the same records can share one")
     eval_predictions: bool = _f(False, "also write <output_dir>/predictions/step-N.jsonl at every evaluation "
                                 "before the last (the last is eval_predictions.jsonl): one verdict per scored "
                                 "record, for learning curves and paired tests")

@@ -164,3 +164,37 @@ def test_drifted_config_is_refused_naming_the_key(straight, tmp_path):
     proc = train(2, out, "train.resume=auto", "method.seed=7", check=False)
     assert proc.returncode == 2
     assert "method.seed" in proc.stderr and "trained with method.seed=0" in proc.stderr
+
+
+@pytest.mark.parametrize("eval_before", [True, False])
+def test_the_evaluation_before_training_is_the_first_runs_own_and_a_resume_never_makes_one(tmp_path, tiny_assets,
+                                                                                          eval_before):
+    """train.eval_before=false: no step-0 evaluation, the summary's *_before null (not
+    missing, not 0), the checkpoint stores before: null, and a resume (even with the
+    default eval_before=true) evaluates nothing at step 0: it would score the trained
+    model as the base. With eval_before=true the resume keeps the first run's before."""
+    out = tmp_path / "run"
+    common = ["train.grad_accum=1", "train.eval_predictions=true", "checkpoint.every_steps=3"]
+    first = ["train.max_steps=3", f"train.eval_before={str(eval_before).lower()}"]
+    run_ranks(1, "launch/train.py", "--config", "configs/tiny.yaml", f"output_dir={out}", *BASE, *common, *first)
+    proc = run_ranks(1, "launch/train.py", "--config", "configs/tiny.yaml", f"output_dir={out}", *BASE, *common,
+                     "train.max_steps=6", "train.resume=auto")
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    starts = [i for i, r in enumerate(recs) if r.get("event") == "start"]
+    assert len(starts) == 2
+    runs = recs[:starts[1]], recs[starts[1]:]
+    evals = [[r["step"] for r in run if r.get("event") == "eval"] for run in runs]
+    summaries = [next(r for r in run if r.get("event") == "summary") for run in runs]
+    fields = ("eval_loss_before", "answer_accuracy_before", "accuracy_before", "exact_match_before")
+    stored = json.loads((out / "checkpoints" / "step-000003" / "state.json").read_text())["before"]
+    assert evals[1] == [6]                                  # the resume: no step-0 evaluation either way
+    if eval_before:
+        assert evals[0] == [0, 3] and (out / "predictions" / "step-000000.jsonl").is_file()
+        assert stored["eval_loss"] == summaries[0]["eval_loss_before"] == summaries[1]["eval_loss_before"]
+        assert summaries[1]["eval_loss_before"] > 0 and summaries[1]["answer_accuracy_before"] is not None
+    else:
+        assert evals[0] == [3] and not (out / "predictions" / "step-000000.jsonl").exists()
+        assert stored is None
+        for s in summaries:
+            assert all(k in s and s[k] is None for k in fields), s
+        assert "before training: not evaluated (resumed at step 3" in proc.stdout + proc.stderr
