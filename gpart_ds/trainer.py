@@ -602,10 +602,17 @@ class Trainer:
                 self.metrics.write({"event": "eval", "step": step + 1, **mid})
                 log.info("step %d: %s", step + 1, _fmt(mid))
             if self._stop_requested() and step + 1 < t.max_steps:
-                path = self.save_checkpoint(step + 1, before) if self._writer_node() else None
-                self.metrics.write({"event": "preempted", "step": step + 1, "checkpoint": str(path)})
-                log.warning("stop signal received: checkpoint %s written; exiting with %d so that a "
-                            "requeued job resumes (train.resume=auto)", path, PREEMPTED_EXIT)
+                if self._writer_node():
+                    path = self.save_checkpoint(step + 1, before)
+                    self.metrics.write({"event": "preempted", "step": step + 1, "checkpoint": str(path)})
+                    log.warning("stop signal received: checkpoint %s written; exiting with %d so that a "
+                                "requeued job resumes (train.resume=auto)", path, PREEMPTED_EXIT)
+                else:   # fault tolerance: this replica group leaves; the writing one checkpoints
+                    path = "the writing replica group's"
+                    self.metrics.write({"event": "preempted", "step": step + 1, "checkpoint": None})
+                    log.warning("stop signal received: this replica group leaves the quorum (the others train on, "
+                                "or the writing group checkpoints if it got the signal too); exiting with %d",
+                                PREEMPTED_EXIT)
                 if progress is not None:
                     progress.close()
                 self.metrics.close()

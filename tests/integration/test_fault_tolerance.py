@@ -13,13 +13,14 @@ node 2 started again at step 8. What must hold:
   export equals the offline merge of the adapter (python -m gpart_ds.export) byte for byte.
 """
 import json
+import shutil
 import subprocess
 import sys
 
 import pytest
 
 from tests.export_helpers import raw_bytes, read_folder
-from tests.helpers import REPO, rank_env
+from tests.helpers import REPO, rank_env, run_ranks
 
 sys.path.insert(0, str(REPO / "launch"))
 import sim_nodes  # noqa: E402
@@ -104,3 +105,16 @@ def test_one_writer_and_the_export_equals_the_offline_merge_of_the_adapter(run, 
     merged, ref = read_folder(out / "merged"), read_folder(offline)
     assert merged.keys() == ref.keys() and len(merged) > 10
     assert all(raw_bytes(merged[k]) == raw_bytes(ref[k]) for k in merged)
+
+
+def test_a_plain_run_resumes_the_fault_tolerant_runs_checkpoint(run, tmp_path):
+    """Checkpoints keep their format: a run without fault tolerance (one world of 2 ranks)
+    continues the fault-tolerant run from its last checkpoint."""
+    out, res, recs = run
+    plain = tmp_path / "plain"
+    shutil.copytree(out / "checkpoints", plain / "checkpoints")
+    run_ranks(2, "launch/train.py", "--config", "configs/tiny.yaml", f"output_dir={plain}", "train.resume=auto",
+              f"train.max_steps={STEPS + 2}", "train.eval_examples=8", "train.eval_generate=never", timeout=600)
+    again = [json.loads(line) for line in (plain / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in again if r.get("event") == "resume"] == [STEPS]
+    assert [r["step"] for r in again if "loss" in r and "event" not in r] == [STEPS + 1, STEPS + 2]
