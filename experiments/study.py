@@ -30,9 +30,11 @@ Per task and method:
           Chosen once the whole grid is finished; with --partial among the grid's
           finished runs (the report lists the rates not run yet).
 
-Every run evaluates all `eval_examples` records before and after training, the first
-`curve_records` every `eval_every` steps, and writes each record's verdict
-(train.eval_predictions); the study splits them into test records (the first
+Every run evaluates all `eval_examples` records after training, the first `curve_records`
+every `eval_every` steps, and writes each record's verdict (train.eval_predictions); the
+base model (step 0) is evaluated once per task and output folder, by the first run of the
+task, since every method starts exactly at it (the others run train.eval_before=false and
+their reports take step 0 from that run); the study splits them into test records (the first
 `test_records`: the reported numbers, the learning curves and the paired tests) and dev
 records (the rest: only used to choose the lr), so the choice of lr never sees the
 records it is judged on. Paired tests and the parity verdict compare every method with
@@ -69,7 +71,9 @@ from gpart_ds.errors import RunFailed
 METRICS = ("accuracy", "answer_accuracy", "exact_match")
 PHASES = ("sweep", "final", "all")
 # train.* keys left out of a run's identity (_key): they add reports, not change the run.
-EVAL_ONLY_KEYS = ("eval_generate", "eval_generate_batch")
+# eval_before: the study evaluates the base once per task and output folder (execute), so a
+# run is the same run whether it evaluated the base itself or another run of its task did.
+EVAL_ONLY_KEYS = ("eval_generate", "eval_generate_batch", "eval_before")
 # Keys of a method entry that are the study's, not method.* overrides.
 GRID_KEYS = ("lrs", "lr_mults", "lr_unit")
 
@@ -352,7 +356,8 @@ class Plan:
         load_config(self.config[task], ov, check_files=False)   # every run validated before the first starts
         out = self.run_dir(task, method, lr, seed, kind)
         return {"task": task, "method": method, "lr": lr, "seed": seed, "phase": phase, "overrides": ov,
-                "config": self.config[task], "out": out, "key": _key(str(self.config[task]), ov, self.study["ranks"])}
+                "config": self.config[task], "out": out, "root": self.out,
+                "key": _key(str(self.config[task]), ov, self.study["ranks"])}
 
     def recorded_run(self, entry: dict) -> dict | None:
         return self.recorded.run(entry)
@@ -392,11 +397,33 @@ def execute(entries: list[dict], ranks: int, log_dir: Path) -> int:
     failed = 0
     for i, e in enumerate(todo, 1):
         name = f"{e['task']}/{e['method']}/lr{e['lr']:.4g}-s{e['seed']}"
-        print(f"[study] {i}/{len(todo)} {e['phase']} {name} ({(time.perf_counter() - t0) / 60:.0f} min so far)",
-              flush=True)
+        base = base_evaluated(e)
+        overrides = e["overrides"] + ["train.eval_before=false"] if base else e["overrides"]
+        shared = f"; the base model's evaluation is {base.relative_to(e['root'])}'s" if base else ""
+        print(f"[study] {i}/{len(todo)} {e['phase']} {name} ({(time.perf_counter() - t0) / 60:.0f} min so far"
+              f"{shared})", flush=True)
         log = log_dir / log_name(e["out"], log_dir.parent)
-        failed += not run_one(e["config"], e["overrides"], ranks, e["out"], log)
+        failed += not run_one(e["config"], overrides, ranks, e["out"], log)
     return failed
+
+
+def base_evaluated(entry: dict) -> Path | None:
+    """The finished run of the entry's task in the same output folder that evaluated the
+    base model (step 0) with the entry's evaluation settings, or None: then the entry
+    evaluates it. Every method starts exactly at the base (GPart theta = 0, LoRA B = 0,
+    VeRA b = 0, full fine-tuning the base itself), so every run of a task would score the
+    same model on the same records: the study does it once per task and output folder, in
+    the first run of the plan (runs go one at a time: a later run finds it finished; where
+    it failed, the next run evaluates the base instead). The report takes the step-0
+    verdicts of the others from it (study_report.read_run)."""
+    from . import study_report
+
+    if entry.get("root") is None:
+        return None
+    cfg = OmegaConf.to_container(load_config(entry["config"], entry["overrides"], check_files=False), resolve=True)
+    if not cfg["train"]["eval_before"]:   # the task's own overrides skip it: nothing to share
+        return None
+    return study_report.base_run(Path(entry["root"]), entry["task"], study_report.eval_settings(cfg))
 
 
 def log_name(run_out: Path, study_out: Path) -> str:

@@ -34,6 +34,11 @@ PARITY_PARAM_RATIO = 10   # parity counts for a method with at most the referenc
 
 
 # ------------------------------------------------------------------ one run
+LOCAL = ("out", "base_out")   # a run's folders on this machine: not in the reports
+
+
+def _public(run: dict) -> dict:
+    return {k: v for k, v in run.items() if k not in LOCAL}
 def verdict_file(out: Path, step: int, last: int) -> Path | None:
     """The verdicts of the evaluation at `step`: predictions/step-N.jsonl, or for the last
     evaluation eval_predictions.jsonl (a run folder of an older trainer has step-N for it)."""
@@ -63,21 +68,119 @@ def _frac(v: dict[int, bool], keep) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-def read_run(entry: dict, test_records: int, metric: str, curve_records: int | None = None) -> dict | None:
-    out = entry["out"]
+def _last_run(out: Path) -> list[dict] | None:
+    """The records of the last run in a folder's metrics.jsonl (None: no such file)."""
     f = out / "metrics.jsonl"
     if not f.is_file():
         return None
     recs = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
     start = max((i for i, r in enumerate(recs) if r.get("event") == "start"), default=0)
-    recs = recs[start:]                                   # the last run in this folder
+    return recs[start:]
+
+
+# ------------------------------------------------------------------ the base model, evaluated once
+# Every method starts exactly at the base model (GPart theta = 0, LoRA B = 0, VeRA b = 0, full
+# fine-tuning the base itself), so every run of a task scores the same model at step 0. The
+# study evaluates it once per task and output folder: the first run of a task does, the
+# others run with train.eval_before=false and their reports take step 0 from that run.
+def eval_settings(cfg: dict) -> dict:
+    """What decides a run's evaluation before training, from its resolved config (a
+    run_config.yaml): the base, the eval records and how they are tokenised, scored,
+    batched and decoded. Two runs that agree on these score the same model the same way."""
+    m, d, t = cfg["model"], cfg["data"], cfg["train"]
+    return {"model.path": m["path"], "model.precision": m["precision"],
+            **{f"data.{k}": d.get(k) for k in ("eval", "format", "max_length", "too_long", "chat_template",
+                                               "add_eos")},
+            "train.objective": t.get("objective", "lm"), "train.eval_examples": t["eval_examples"],
+            "eval micro-batch": t.get("eval_micro_batch_size") or t["micro_batch_size"],
+            "generated answers at step 0": t.get("eval_generate", "final") != "never",
+            "train.eval_generate_batch": t.get("eval_generate_batch", 64)}
+
+
+def run_config(out: Path) -> dict | None:
+    """A run folder's run_config.yaml as a dict (None: not there)."""
+    from omegaconf import OmegaConf
+
+    f = out / "run_config.yaml"
+    return OmegaConf.to_container(OmegaConf.load(f), resolve=False) if f.is_file() else None
+
+
+def _step0(out: Path) -> dict | None:
+    """The evaluation before training of a finished study run (its eval record at step 0,
+    its verdicts written), or None."""
+    recs = _last_run(out) if (out / "study_key").is_file() else None
+    if not recs or not any(r.get("event") == "summary" for r in recs):
+        return None
+    if not (out / "predictions" / "step-000000.jsonl").is_file():
+        return None
+    return next((r for r in recs if r.get("event") == "eval" and r.get("step") == 0), None)
+
+
+def base_evaluations(root: Path, task: str) -> list[Path]:
+    """The finished runs of `task` under a study's output folder that evaluated the base
+    model (step 0): the sweep and seed runs first, then probe and ablation runs."""
+    found = {p.parent.parent for pat in (f"*/{task}/*/*/predictions/step-000000.jsonl",
+                                         f"*/*/{task}/*/*/predictions/step-000000.jsonl") for p in root.glob(pat)}
+    return sorted((r for r in found if _step0(r) is not None),
+                  key=lambda r: (r.relative_to(root).parts[0] != "runs", str(r)))
+
+
+def base_run(root: Path, task: str, settings: dict) -> Path | None:
+    """A finished run of `task` under `root` whose evaluation before training a run with
+    these eval_settings can take as its own (None: there is none yet)."""
+    for r in base_evaluations(root, task):
+        cfg = run_config(r)
+        if cfg is not None and eval_settings(cfg) == settings:
+            return r
+    return None
+
+
+def _borrowed_base(entry: dict, cfg: dict) -> Path:
+    """The run whose step-0 evaluation stands for this run's (it ran train.eval_before=false);
+    ConfigError when there is none, or when the candidates evaluated differently."""
+    from gpart_ds.config import ConfigError
+
+    out, task, root = entry["out"], entry["task"], entry.get("root")
+    mine = eval_settings(cfg)
+    found = base_evaluations(Path(root), task) if root is not None else []
+    for r in found:
+        theirs = run_config(r)
+        if theirs is not None and eval_settings(theirs) == mine:
+            return r
+    if not found:
+        raise ConfigError(f"{out}: trained with train.eval_before=false, and no finished run of task {task!r} in "
+                          f"{root} has the base model's evaluation (step 0) to stand for its own; delete the "
+                          "run's folder to train it again (the next run of the task evaluates the base)")
+    cfg0 = run_config(found[0])
+    theirs = eval_settings(cfg0) if cfg0 else {}
+    diff = ", ".join(f"{k}: {theirs.get(k)!r} there, {v!r} here" for k, v in mine.items() if theirs.get(k) != v)
+    raise ConfigError(f"{out}: trained with train.eval_before=false, but the runs of task {task!r} in {root} that "
+                      f"evaluated the base model did so with other settings ({found[0]}: {diff}); their step 0 is "
+                      "not this run's: delete the run's folder to train it again with its own")
+
+
+def read_run(entry: dict, test_records: int, metric: str, curve_records: int | None = None) -> dict | None:
+    """A finished run's results. Its evaluation before training (the curve's first point,
+    `before`, `served_before`) is its own, or, where it ran train.eval_before=false, that
+    of the run of its task in the same output folder that evaluated the base model with
+    the same settings (`before_from`)."""
+    out = entry["out"]
+    recs = _last_run(out)
+    if recs is None:
+        return None
     summary = next((r for r in recs if r.get("event") == "summary"), None)
     if summary is None:
         return None
     evals = [r for r in recs if r.get("event") == "eval"]
+    base = out   # the folder of the step-0 verdicts
+    cfg = run_config(out)
+    if not any(e["step"] == 0 for e in evals) and cfg is not None and cfg["train"].get("eval_before", True) is False:
+        base = _borrowed_base(entry, cfg)
+        evals = [_step0(base)] + evals
+    folder = lambda step: base if step == 0 else out   # noqa: E731
     curve = []
     for e in evals:
-        v = verdicts(out, e["step"], metric, summary["steps"])
+        v = verdicts(folder(e["step"]), e["step"], metric, summary["steps"])
         if v is None:
             continue
         curve.append({"step": e["step"], "test": _frac(v, lambda i: i < test_records),
@@ -87,11 +190,12 @@ def read_run(entry: dict, test_records: int, metric: str, curve_records: int | N
         return None
     # What a server answers (the generated answers of the evaluations before and after
     # training, train.eval_generate's default), whatever metric the task is tuned on.
-    served = [verdicts(out, step, "answer_accuracy", summary["steps"]) for step in (0, summary["steps"])]
+    served = [verdicts(folder(step), step, "answer_accuracy", summary["steps"]) for step in (0, summary["steps"])]
     served = [_frac(v, lambda i: i < test_records) if v else None for v in served]
-    return {k: entry[k] for k in ("task", "method", "lr", "seed", "phase")} | {
+    shared = {"before_from": base.relative_to(entry["root"]).as_posix()} if base != out else {}
+    return {k: entry[k] for k in ("task", "method", "lr", "seed", "phase")} | shared | {
         "served_before": served[0], "served_after": served[1],
-        "out": str(out), "metric": metric, "curve": curve,
+        "out": str(out), "base_out": str(base), "metric": metric, "curve": curve,
         "losses": [r["loss"] for r in recs if "step_time_s" in r],
         "before": curve[0]["test"], "after": curve[-1]["test"], "dev_after": curve[-1]["dev"],
         "eval_loss_after": summary["eval_loss_after"], "trainable_params": summary["trainable_params"],
@@ -160,7 +264,8 @@ def _mean_sd(xs: list[float]) -> tuple[float | None, float | None]:
 
 
 def _test_verdicts(run: dict, step: int, test_records: int) -> dict[int, bool]:
-    v = verdicts(Path(run["out"]), step, run["metric"], run["steps"]) or {}
+    folder = (run.get("base_out") or run["out"]) if step == 0 else run["out"]   # step 0: maybe another run's
+    v = verdicts(Path(folder), step, run["metric"], run["steps"]) or {}
     return {i: ok for i, ok in v.items() if i < test_records}
 
 
@@ -255,7 +360,7 @@ def build(plan, tasks: list[str], methods: list[str], sweeps: list[dict], comman
             "command": command, **header(study), "tasks": tasks, "methods": methods,
             "D": {task: {m: plan.D(task, m) for m in methods} for task in tasks},
             "runs_min": runs_min(runs), "summary": summary, "paired": tests,
-            "runs": [{k: v for k, v in r.items() if k != "out"} for r in runs]}
+            "runs": [_public(r) for r in runs]}
 
 
 def _paired_or_recorded(plan, task: str, a: str, b: str, run_a: dict, run_b: dict, T: int, step_a=None):
@@ -702,7 +807,7 @@ def build_probe(plan, entries: list[dict], command: str) -> dict:
     for r in runs:
         r["name"] = study["methods"][r["method"]]["name"]
     return {"date": _dt.date.today().isoformat(), "machine": machine(), "command": command,
-            "test_records": study["test_records"], "runs": [{k: v for k, v in r.items() if k != "out"} for r in runs]}
+            "test_records": study["test_records"], "runs": [_public(r) for r in runs]}
 
 
 def write_probe(rep: dict, out: Path) -> None:
@@ -745,7 +850,7 @@ def build_ablations(plan, entries: list[dict], command: str) -> dict:
                 e["task"], e["method"], e["lr"], e["seed"], "x")["overrides"]]
             runs.append(r)
     return {"date": _dt.date.today().isoformat(), "command": command, "test_records": study["test_records"],
-            "method": study["ablations"]["method"], "runs": [{k: v for k, v in r.items() if k != "out"} for r in runs]}
+            "method": study["ablations"]["method"], "runs": [_public(r) for r in runs]}
 
 
 def write_ablations(rep: dict, out: Path) -> None:

@@ -173,5 +173,51 @@ def test_a_runs_identity_is_its_resolved_config_not_where_it_came_from(tmp_path)
     key = study._key(src, ov, 1)
     assert study._key(str(copy), ov[::-1], 1) == key
     assert study._key(src, ov + ["train.eval_generate=never"], 1) == key
+    assert study._key(src, ov + ["train.eval_before=false"], 1) == key      # the base evaluated by another run
     assert study._key(src, ov + ["train.objective=choices_lm"], 1) != key
     assert study._key(src, ov, 2) != key
+
+
+@pytest.mark.slow
+def test_the_base_model_is_evaluated_once_per_task_and_output_folder(tmp_path, tiny_assets, capsys):
+    """Two methods on one task: the first run evaluates the base (step 0), the second runs
+    train.eval_before=false and its report takes step 0 from the first: the same before,
+    served_before and curve[0] as when it evaluates the base itself (its own --out).
+    Trains 3 tiny runs through the launcher (slow)."""
+    import json
+
+    from experiments import study_report
+
+    cfg = _study(tmp_path, "  g: {name: gpart, d: 4096, lrs: [0.05]}\n  l: {name: lora, r: 4, lrs: [0.01]}\n",
+                 "curve_records: 6\n")
+    shared, alone = tmp_path / "shared", tmp_path / "alone"
+    args = ["--config", str(cfg), "--phase", "sweep"]
+    rep = study.main(args + ["--out", str(shared)])
+    first, second = shared / "runs/tiny/g/lr0.05-s0", shared / "runs/tiny/l/lr0.01-s0"
+    assert (first / "predictions/step-000000.jsonl").is_file()                 # the first run of the task
+    assert not (second / "predictions/step-000000.jsonl").exists()
+    assert [study_report.run_config(r)["train"]["eval_before"] for r in (first, second)] == [True, False]
+    assert "the base model's evaluation is runs/tiny/g/lr0.05-s0's" in capsys.readouterr().out
+    runs = {r["method"]: r for r in rep["runs"]}
+    assert runs["l"]["before_from"] == "runs/tiny/g/lr0.05-s0" and "before_from" not in runs["g"]
+    for k in ("before", "served_before"):
+        assert runs["l"][k] is not None and runs["l"][k] == runs["g"][k], k
+    assert runs["l"]["curve"][0] == runs["g"]["curve"][0] and runs["l"]["curve"][0]["step"] == 0
+    assert [c["step"] for c in runs["l"]["curve"]] == [0, 1, 2]
+    assert {t["b"]: t["records"] for t in rep["paired"] if t["a"] == "base"} == {"g": 8, "l": 8}
+    # the same fields when the run evaluates the base itself (alone in its output folder)
+    own = {r["method"]: r for r in study.main(args + ["--methods", "l", "--out", str(alone)])["runs"]}["l"]
+    assert (alone / "runs/tiny/l/lr0.01-s0/predictions/step-000000.jsonl").is_file() and "before_from" not in own
+    assert (own["before"], own["served_before"], own["curve"][0]) == \
+        (runs["l"]["before"], runs["l"]["served_before"], runs["l"]["curve"][0])
+    # eval_before is no part of a run's identity: a second invocation trains nothing
+    stamps = [p.stat().st_mtime_ns for p in (first / "metrics.jsonl", second / "metrics.jsonl")]
+    assert study.main(args + ["--out", str(shared)])["runs"] == rep["runs"]
+    assert [p.stat().st_mtime_ns for p in (first / "metrics.jsonl", second / "metrics.jsonl")] == stamps
+    # a base evaluated with other settings is not the run's: refused, naming the key
+    rc = first / "run_config.yaml"
+    rc.write_text(rc.read_text().replace("max_length: 64", "max_length: 48"))
+    with pytest.raises(ConfigError, match=r"lr0.01-s0: trained with train.eval_before=false, but .*"
+                                          r"data.max_length: 48 there, 64 here"):
+        study.main(args + ["--out", str(shared), "--report-only"])
+    assert json.loads((shared / "study.json").read_text())["runs"] == rep["runs"]   # the report as it was
