@@ -132,8 +132,10 @@ if [ "$FT" = 1 ]; then
   LH_BIN=$(dirname "$PY")/torchft_lighthouse
   if [ ! -x "$LH_BIN" ]; then LH_BIN=torchft_lighthouse; fi
   export TORCHFT_LIGHTHOUSE=http://$MASTER_ADDR:$LH_PORT GPART_FT_REPLICAS=$NNODES
+  # torchft's managers log a few lines per rank and step at info; the lighthouse's quorums are worth keeping
+  export RUST_LOG=${RUST_LOG:-warn}
   srun --nodes=1 --ntasks=1 --relative=0 --overlap --kill-on-bad-exit=0 --output="$LOG_DIR/lighthouse.log" \
-    --open-mode=append "$LH_BIN" --min_replicas 1 --bind "[::]:$LH_PORT" --join_timeout_ms 600000 \
+    --open-mode=append env RUST_LOG=info "$LH_BIN" --min_replicas 1 --bind "[::]:$LH_PORT" --join_timeout_ms 600000 \
     --heartbeat_timeout_ms 5000 &
   LH_PID=$!
   trap 'say "stop signal: waiting for the nodes to checkpoint and exit"' TERM USR1
