@@ -589,10 +589,14 @@ def format_markdown(rep: dict) -> str:
         if not rows:
             continue
         metric = rows[0]["metric"].replace("_", " ")
+        # the base evaluated once per task and output folder: the runs that took step 0 from another
+        once = Counter(r["before_from"] for r in rep["runs"] if r["task"] == task and r.get("before_from"))
         lines += [f"## {task} ({metric}, {rows[0]['steps']} steps)", "",
                   f"Base model: {_pct(rows[0]['before'])} on the test records"
                   + (f" ({_pct(rows[0]['served_before'])} generated answer)." if rows[0].get("served_before")
-                     is not None and rows[0]["metric"] != "answer_accuracy" else "."), "",
+                     is not None and rows[0]["metric"] != "answer_accuracy" else ".")
+                  + "".join(f" Evaluated once, by {f}: {n} other run(s) take their step 0 from it "
+                            "(train.eval_before=false)." for f, n in once.items()), "",
                   f"| method | trainable params | adapter | best lr | test {metric} (mean ± sd) | generated answer "
                   f"(as served) | seeds | dev {metric} at best lr | lr=auto (x best) | s/step |",
                   "|---|---|---|---|---|---|---|---|---|---|"]

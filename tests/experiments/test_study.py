@@ -205,6 +205,7 @@ def test_the_base_model_is_evaluated_once_per_task_and_output_folder(tmp_path, t
     assert runs["l"]["curve"][0] == runs["g"]["curve"][0] and runs["l"]["curve"][0]["step"] == 0
     assert [c["step"] for c in runs["l"]["curve"]] == [0, 1, 2]
     assert {t["b"]: t["records"] for t in rep["paired"] if t["a"] == "base"} == {"g": 8, "l": 8}
+    assert "Evaluated once, by runs/tiny/g/lr0.05-s0: 1 other run(s)" in (shared / "study.md").read_text()
     # the same fields when the run evaluates the base itself (alone in its output folder)
     own = {r["method"]: r for r in study.main(args + ["--methods", "l", "--out", str(alone)])["runs"]}["l"]
     assert (alone / "runs/tiny/l/lr0.01-s0/predictions/step-000000.jsonl").is_file() and "before_from" not in own
