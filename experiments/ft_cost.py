@@ -16,6 +16,7 @@ Four runs of the tiny config on simulated nodes, one after the other:
 Time lost per fault = wall time with the fault - wall time without. Prints a table and
 writes DIR/ft_cost.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,22 +36,39 @@ CONFIG = "configs/tiny.yaml"
 
 
 def _common(steps: int, every: int) -> list[str]:
-    return [f"train.max_steps={steps}", "train.log_every=20", "train.eval_examples=8",
-            f"checkpoint.every_steps={every}", "train.eval_generate=never"]
+    return [
+        f"train.max_steps={steps}",
+        "train.log_every=20",
+        "train.eval_examples=8",
+        f"checkpoint.every_steps={every}",
+        "train.eval_generate=never",
+    ]
 
 
 def _plain(nodes, per, overrides, kill_at=None) -> dict:
     """One world over the simulated nodes; with kill_at, kill -9 of the last node there."""
     out = sim_nodes._output_dir(overrides)
-    cmd = [sys.executable, str(REPO / "launch/sim_nodes.py"), "--nodes", str(nodes), "--per-node", str(per),
-           "--config", CONFIG, *overrides]
+    cmd = [
+        sys.executable,
+        str(REPO / "launch/sim_nodes.py"),
+        "--nodes",
+        str(nodes),
+        "--per-node",
+        str(per),
+        "--config",
+        CONFIG,
+        *overrides,
+    ]
     t0 = time.time()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     killed = None
     while proc.poll() is None:
         if kill_at is not None and killed is None and sim_nodes._committed_steps(out, -1) >= kill_at:
-            agents = [p for p in sim_nodes._descendants(proc.pid) if b"--node_rank\0" + str(nodes - 1).encode()
-                      in _cmdline(p) and b"torchrun" in _cmdline(p)]
+            agents = [
+                p
+                for p in sim_nodes._descendants(proc.pid)
+                if b"--node_rank\0" + str(nodes - 1).encode() in _cmdline(p) and b"torchrun" in _cmdline(p)
+            ]
             for a in agents:
                 for pid in sim_nodes._descendants(a):
                     try:
@@ -87,15 +105,29 @@ def main(argv=None) -> int:
     r = sim_nodes.run_ft(n, per, CONFIG, [*common, f"output_dir={root / 'ft'}"], say=lambda *a, **kw: None)
     res["ft"] = {"wall_s": time.time() - t0, "codes": r["codes"]}
     t0 = time.time()
-    r = sim_nodes.run_ft(n, per, CONFIG, [*common, f"output_dir={root / 'ft-kill'}"], kill_node=k,
-                         kill_at=args.kill_at, restart_at=args.kill_at, say=lambda *a, **kw: None)
-    res["ft-kill"] = {"wall_s": time.time() - t0, "codes": r["codes"], "killed_at": r["killed_at"],
-                      "restarted_at": r["restarted_at"]}
+    r = sim_nodes.run_ft(
+        n,
+        per,
+        CONFIG,
+        [*common, f"output_dir={root / 'ft-kill'}"],
+        kill_node=k,
+        kill_at=args.kill_at,
+        restart_at=args.kill_at,
+        say=lambda *a, **kw: None,
+    )
+    res["ft-kill"] = {
+        "wall_s": time.time() - t0,
+        "codes": r["codes"],
+        "killed_at": r["killed_at"],
+        "restarted_at": r["restarted_at"],
+    }
     recs = [json.loads(x) for x in (root / "ft-kill" / "metrics.jsonl").read_text().splitlines()]
     steps = [x for x in recs if "loss" in x and "event" not in x and x["replica"] == 0]
     res["ft-kill"]["slowest_steps_s"] = sorted(round(x["step_time_s"] + x["quorum_s"], 2) for x in steps)[-3:]
-    res["ft-kill"]["rejoined_at_step"] = next((x["step"] for x in recs if x.get("event") == "quorum"
-                                               and x["replica"] == k and x["healed"] and x["step"] > 1), None)
+    res["ft-kill"]["rejoined_at_step"] = next(
+        (x["step"] for x in recs if x.get("event") == "quorum" and x["replica"] == k and x["healed"] and x["step"] > 1),
+        None,
+    )
     res["plain"] = _plain(n, per, [*common, f"output_dir={root / 'plain'}"])
     first = _plain(n, per, [*common, f"output_dir={root / 'requeue'}"], kill_at=args.kill_at)
     again = _plain(n, per, [*common, f"output_dir={root / 'requeue'}", "train.resume=auto"])
@@ -104,13 +136,15 @@ def main(argv=None) -> int:
     lost_rq = res["requeue"]["wall_s"] - res["plain"]["wall_s"]
     res["lost_per_fault_s"] = {"fault_tolerant": lost_ft, "requeue_and_resume": lost_rq}
     (root / "ft_cost.json").write_text(json.dumps(res, indent=1))
-    print(f"| run | wall s | lost to the fault s |\n|---|---|---|\n"
-          f"| ft, no fault | {res['ft']['wall_s']:.1f} | |\n"
-          f"| ft, node {k} killed at step {args.kill_at} and restarted | {res['ft-kill']['wall_s']:.1f} | "
-          f"{lost_ft:.1f} |\n"
-          f"| plain, no fault | {res['plain']['wall_s']:.1f} | |\n"
-          f"| plain, node {k} killed at step {args.kill_at}, whole job resumed | {res['requeue']['wall_s']:.1f} | "
-          f"{lost_rq:.1f} |")
+    print(
+        f"| run | wall s | lost to the fault s |\n|---|---|---|\n"
+        f"| ft, no fault | {res['ft']['wall_s']:.1f} | |\n"
+        f"| ft, node {k} killed at step {args.kill_at} and restarted | {res['ft-kill']['wall_s']:.1f} | "
+        f"{lost_ft:.1f} |\n"
+        f"| plain, no fault | {res['plain']['wall_s']:.1f} | |\n"
+        f"| plain, node {k} killed at step {args.kill_at}, whole job resumed | {res['requeue']['wall_s']:.1f} | "
+        f"{lost_rq:.1f} |"
+    )
     print(json.dumps(res))
     return 0
 

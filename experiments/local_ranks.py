@@ -11,6 +11,7 @@ them (tests/integration/test_launch.py, test_slurm.py, test_mpi.py, the fault pr
 Like a launcher, the first rank to fail ends the others (SIGTERM, then SIGKILL) and its
 exit status is the result.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,14 +21,21 @@ import time
 
 from gpart_ds.distributed import free_port
 
-GRACE_S = 10.0   # after SIGTERM, before SIGKILL: a rank may be writing a checkpoint
+GRACE_S = 10.0  # after SIGTERM, before SIGKILL: a rank may be writing a checkpoint
 
 
 def rank_env(rank: int, world: int, port: int, base: dict | None = None) -> dict:
     """The variables torchrun gives rank `rank` of a one-node world."""
     env = dict(os.environ if base is None else base)
-    env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONUNBUFFERED="1")
+    env.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        PYTHONUNBUFFERED="1",
+    )
     return env
 
 
@@ -44,8 +52,16 @@ def _end(procs: list[subprocess.Popen]) -> None:
             p.wait()
 
 
-def run(n: int, argv: list[str], *, cwd=None, env: dict | None = None, timeout: float | None = None,
-        stdout=None, stderr=None) -> int:
+def run(
+    n: int,
+    argv: list[str],
+    *,
+    cwd=None,
+    env: dict | None = None,
+    timeout: float | None = None,
+    stdout=None,
+    stderr=None,
+) -> int:
     """Run `argv` as ranks 0..n-1 and wait; returns 0 or the first failing rank's status.
 
     stdout / stderr: open files shared by every rank (as a launcher's inherited streams),
@@ -53,15 +69,16 @@ def run(n: int, argv: list[str], *, cwd=None, env: dict | None = None, timeout: 
     subprocess.TimeoutExpired raised.
     """
     port = free_port()
-    procs = [subprocess.Popen(argv, cwd=cwd, env=rank_env(r, n, port, env), stdout=stdout, stderr=stderr)
-             for r in range(n)]
+    procs = [
+        subprocess.Popen(argv, cwd=cwd, env=rank_env(r, n, port, env), stdout=stdout, stderr=stderr) for r in range(n)
+    ]
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
         while True:
             codes = [p.poll() for p in procs]
             failed = [c for c in codes if c not in (None, 0)]
             if failed:
-                return failed[0]   # the others are ended below
+                return failed[0]  # the others are ended below
             if all(c == 0 for c in codes):
                 return 0
             if deadline is not None and time.monotonic() > deadline:

@@ -23,6 +23,7 @@ apart their best rates are: over 4x, no function of D and d is within 2x of all 
 --probe-steps judges a rule with another input, a startup probe that trains every grid rate
 k steps and keeps the one of lowest training loss (read off the recorded losses).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,9 +33,9 @@ from pathlib import Path
 
 from gpart_ds.config import ConfigError
 
-EXPONENTS = [round(0.40 + 0.05 * i, 2) for i in range(15)]   # 0.40 .. 1.10
-MIN_RATES = 3     # a sweep of fewer rates says nothing about where its best lies
-WITHIN = 2.0      # "within 2x of the best rate" (the study's target, docs/quality.md)
+EXPONENTS = [round(0.40 + 0.05 * i, 2) for i in range(15)]  # 0.40 .. 1.10
+MIN_RATES = 3  # a sweep of fewer rates says nothing about where its best lies
+WITHIN = 2.0  # "within 2x of the best rate" (the study's target, docs/quality.md)
 PROBE_WINDOW = 5  # --probe-steps: a probe's loss is the mean of its last this-many steps
 
 
@@ -47,14 +48,28 @@ def sweeps(reports: list[tuple[str, dict]], method: str = "gpart") -> list[dict]
             pts = sorted((s["lr"], s["dev"]) for s in row["sweep"] if s["dev"] is not None)
             test = sorted((s["lr"], s["test"]) for s in row["sweep"] if s["dev"] is not None)
             # the sweep runs' training losses (seed = the report's sweep seed), for --probe-steps
-            losses = {r["lr"]: r["losses"] for r in rep.get("runs", [])
-                      if (r["task"], r["method"], r["phase"]) == (row["task"], row["method"], "sweep")
-                      and r["seed"] == rep.get("sweep_seed", 0) and r.get("losses")}
-            out.append({"task": row["task"], "method": row["method"], "source": source,
-                        "D": rep["D"][row["task"]][row["method"]], "d": row["trainable_params"], "points": pts,
-                        "auto_lr": row.get("auto_lr"), "test_points": test, "losses": losses,
-                        "best_lr": max(pts, key=lambda p: p[1])[0] if pts else None,
-                        "best_dev": max((p[1] for p in pts), default=None)})
+            losses = {
+                r["lr"]: r["losses"]
+                for r in rep.get("runs", [])
+                if (r["task"], r["method"], r["phase"]) == (row["task"], row["method"], "sweep")
+                and r["seed"] == rep.get("sweep_seed", 0)
+                and r.get("losses")
+            }
+            out.append(
+                {
+                    "task": row["task"],
+                    "method": row["method"],
+                    "source": source,
+                    "D": rep["D"][row["task"]][row["method"]],
+                    "d": row["trainable_params"],
+                    "points": pts,
+                    "auto_lr": row.get("auto_lr"),
+                    "test_points": test,
+                    "losses": losses,
+                    "best_lr": max(pts, key=lambda p: p[1])[0] if pts else None,
+                    "best_dev": max((p[1] for p in pts), default=None),
+                }
+            )
     return out
 
 
@@ -82,9 +97,17 @@ def judge(sw: list[dict], C: float, a: float, lr_of=None) -> list[dict]:
         dev = dev_at(s["points"], lr)
         # the test metric the same way: a held-out look at the rule, never used to choose it
         test, test_best = dev_at(s["test_points"], lr), dict(s["test_points"])[s["best_lr"]]
-        out.append({**s, "rule_lr": lr, "rule_dev": dev, "loss": None if dev is None else s["best_dev"] - dev,
-                    "over_best": lr / s["best_lr"], "rule_test": test,
-                    "test_loss": None if test is None else test_best - test})
+        out.append(
+            {
+                **s,
+                "rule_lr": lr,
+                "rule_dev": dev,
+                "loss": None if dev is None else s["best_dev"] - dev,
+                "over_best": lr / s["best_lr"],
+                "rule_test": test,
+                "test_loss": None if test is None else test_best - test,
+            }
+        )
     return out
 
 
@@ -115,7 +138,7 @@ def most_within_2x(sw: list[dict], a: float) -> int:
     ends = []
     for s in sw:
         c = math.log(s["best_lr"] / (s["D"] / s["d"]) ** a)
-        ends += [(c - math.log(WITHIN), 0), (c + math.log(WITHIN), 1)]   # opens sort before closes at a tie
+        ends += [(c - math.log(WITHIN), 0), (c + math.log(WITHIN), 1)]  # opens sort before closes at a tie
     depth = most = 0
     for _, closes in sorted(ends):
         depth += -1 if closes else 1
@@ -135,8 +158,17 @@ def same_size_spread(sw: list[dict]) -> list[dict]:
             continue
         lo, hi = min(g, key=lambda s: s["best_lr"]), max(g, key=lambda s: s["best_lr"])
         spread = hi["best_lr"] / lo["best_lr"]
-        out.append({"D": D, "d": d, "sweeps": len(g), "lowest": (lo["task"], lo["best_lr"]),
-                    "highest": (hi["task"], hi["best_lr"]), "spread": spread, "feasible": spread <= WITHIN ** 2})
+        out.append(
+            {
+                "D": D,
+                "d": d,
+                "sweeps": len(g),
+                "lowest": (lo["task"], lo["best_lr"]),
+                "highest": (hi["task"], hi["best_lr"]),
+                "spread": spread,
+                "feasible": spread <= WITHIN**2,
+            }
+        )
     return out
 
 
@@ -150,18 +182,27 @@ def probe(sw: list[dict], steps: list[int], window: int = PROBE_WINDOW) -> list[
         rates = [lr for lr, _ in s["points"] if lr in s["losses"]]
         picks = {}
         for k in steps:
+
             def tail(lr, k=k, s=s):
                 L = s["losses"][lr][:k][-window:]
-                return math.inf if len(s["losses"][lr]) < k or not all(math.isfinite(x) for x in L) \
-                    else sum(L) / len(L)
+                return math.inf if len(s["losses"][lr]) < k or not all(math.isfinite(x) for x in L) else sum(L) / len(L)
+
             scored = [(tail(lr), lr) for lr in rates]
             if not scored or min(scored)[0] == math.inf:
                 picks[k] = None
                 continue
             lr = min(scored)[1]
             picks[k] = {"lr": lr, "over_best": lr / s["best_lr"], "loss": s["best_dev"] - dict(s["points"])[lr]}
-        out.append({"task": s["task"], "method": s["method"], "best_lr": s["best_lr"], "rates": len(rates),
-                    "steps": len(next(iter(s["losses"].values()), [])), "picks": picks})
+        out.append(
+            {
+                "task": s["task"],
+                "method": s["method"],
+                "best_lr": s["best_lr"],
+                "rates": len(rates),
+                "steps": len(next(iter(s["losses"].values()), [])),
+                "picks": picks,
+            }
+        )
     return out
 
 
@@ -170,9 +211,17 @@ def fit(sw: list[dict]) -> list[dict]:
     for a in EXPONENTS:
         C, (worst, mean) = best_C(sw, a)
         judged = judge(sw, C, a)
-        rows.append({"exponent": a, "C": C, "worst_loss": worst, "mean_loss": mean,
-                     "within_2x": within_2x(judged), "most_within_2x": most_within_2x(sw, a),
-                     "sweeps": len(judged)})
+        rows.append(
+            {
+                "exponent": a,
+                "C": C,
+                "worst_loss": worst,
+                "mean_loss": mean,
+                "within_2x": within_2x(judged),
+                "most_within_2x": most_within_2x(sw, a),
+                "sweeps": len(judged),
+            }
+        )
     return rows
 
 
@@ -194,28 +243,37 @@ def _pct(x) -> str:
 
 def _table(title: str, judged: list[dict]) -> None:
     print(f"\n{title}\n")
-    print("| task | entry | D/d | best rate (dev) | rule's lr (x best) | dev there | dev loss (pts) | test there "
-          "| test loss (pts) |")
+    print(
+        "| task | entry | D/d | best rate (dev) | rule's lr (x best) | dev there | dev loss (pts) | test there "
+        "| test loss (pts) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for j in judged:
-        print(f"| {j['task']} | {j['method']} | {j['D'] / j['d']:.0f} | {j['best_lr']:.3g} ({_pct(j['best_dev'])}) "
-              f"| {j['rule_lr']:.3g} ({j['over_best']:.2f}x) | {_pct(j['rule_dev'])} | {_pct(j['loss'])} "
-              f"| {_pct(j['rule_test'])} | {_pct(j['test_loss'])} |")
+        print(
+            f"| {j['task']} | {j['method']} | {j['D'] / j['d']:.0f} | {j['best_lr']:.3g} ({_pct(j['best_dev'])}) "
+            f"| {j['rule_lr']:.3g} ({j['over_best']:.2f}x) | {_pct(j['rule_dev'])} | {_pct(j['loss'])} "
+            f"| {_pct(j['rule_test'])} | {_pct(j['test_loss'])} |"
+        )
     tl = [j["test_loss"] for j in judged if j["test_loss"] is not None]
     if tl:
         print(f"\ntest loss against the dev-chosen rate: worst {_pct(max(tl))}, mean {_pct(sum(tl) / len(tl))} pts")
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m experiments.lr_fit", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m experiments.lr_fit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("reports", nargs="+", help="study reports (study.json, docs/quality_*.json)")
     ap.add_argument("--method", default="gpart", help="the method whose rows are fitted (default gpart)")
     ap.add_argument("--C", type=float, default=None, help="also judge lr = C * (D/d)^exponent (both needed)")
     ap.add_argument("--exponent", type=float, default=None)
     ap.add_argument("--json", default=None, help="write the fit here as well")
-    ap.add_argument("--probe-steps", default="", help="comma-separated step counts k: judge a probe that "
-                    "keeps the grid rate of lowest training loss after k steps (from the recorded losses)")
+    ap.add_argument(
+        "--probe-steps",
+        default="",
+        help="comma-separated step counts k: judge a probe that "
+        "keeps the grid rate of lowest training loss after k steps (from the recorded losses)",
+    )
     args = ap.parse_args(argv)
     try:
         args.probe_steps = [int(k) for k in args.probe_steps.split(",") if k.strip()]
@@ -232,24 +290,38 @@ def main(argv=None) -> dict:
     skipped = [f"{s['task']}/{s['method']} ({len(s['points'])} rate(s))" for s in all_sw if s not in sw]
     rows = fit(sw)
     best = min(rows, key=lambda r: (r["worst_loss"], r["mean_loss"]))
-    print(f"{len(sw)} {args.method} sweeps" + (f"; skipped (fewer than {MIN_RATES} rates): {', '.join(skipped)}"
-                                               if skipped else ""))
-    print("\n| exponent a | best C | worst dev loss (pts) | mean dev loss (pts) | rule within 2x of best rate "
-          "| most within 2x at any C |")
+    print(
+        f"{len(sw)} {args.method} sweeps"
+        + (f"; skipped (fewer than {MIN_RATES} rates): {', '.join(skipped)}" if skipped else "")
+    )
+    print(
+        "\n| exponent a | best C | worst dev loss (pts) | mean dev loss (pts) | rule within 2x of best rate "
+        "| most within 2x at any C |"
+    )
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['exponent']:.2f} | {r['C']:.3g} | {_pct(r['worst_loss'])} | {_pct(r['mean_loss'])} | "
-              f"{r['within_2x']}/{r['sweeps']} | {r['most_within_2x']}/{r['sweeps']} |")
-    out = {"reports": args.reports, "method": args.method, "sweeps": sw, "fit": rows, "best": best,
-           "same_size": same_size_spread(sw)}
+        print(
+            f"| {r['exponent']:.2f} | {r['C']:.3g} | {_pct(r['worst_loss'])} | {_pct(r['mean_loss'])} | "
+            f"{r['within_2x']}/{r['sweeps']} | {r['most_within_2x']}/{r['sweeps']} |"
+        )
+    out = {
+        "reports": args.reports,
+        "method": args.method,
+        "sweeps": sw,
+        "fit": rows,
+        "best": best,
+        "same_size": same_size_spread(sw),
+    }
     if out["same_size"]:
         print("\nsweeps of the same D and d (one rate for all of them from any rule of D and d):\n")
         print("| D/d | sweeps | lowest best rate | highest best rate | spread | one rate within 2x of all |")
         print("|---|---|---|---|---|---|")
         for g in out["same_size"]:
-            print(f"| {g['D'] / g['d']:.0f} | {g['sweeps']} | {g['lowest'][1]:.3g} ({g['lowest'][0]}) "
-                  f"| {g['highest'][1]:.3g} ({g['highest'][0]}) | {g['spread']:.1f}x | "
-                  f"{'possible' if g['feasible'] else 'impossible'} |")
+            print(
+                f"| {g['D'] / g['d']:.0f} | {g['sweeps']} | {g['lowest'][1]:.3g} ({g['lowest'][0]}) "
+                f"| {g['highest'][1]:.3g} ({g['highest'][0]}) | {g['spread']:.1f}x | "
+                f"{'possible' if g['feasible'] else 'impossible'} |"
+            )
     recorded = [s for s in sw if s["auto_lr"]]
     if recorded:
         out["recorded_auto"] = judge(recorded, 0, 0, lr_of=lambda s: s["auto_lr"])
@@ -261,13 +333,17 @@ def main(argv=None) -> dict:
         _table(f"given rule: lr = {args.C:.3g} * (D/d)^{args.exponent:.2f}", out["given"]["judged"])
     if args.probe_steps:
         out["probe"] = probe(sw, args.probe_steps)
-        print("\na probe by training loss: each grid rate trained k steps, the lowest loss (mean of the "
-              f"last {PROBE_WINDOW}) kept; its rate (x best) and dev loss (pts)\n")
+        print(
+            "\na probe by training loss: each grid rate trained k steps, the lowest loss (mean of the "
+            f"last {PROBE_WINDOW}) kept; its rate (x best) and dev loss (pts)\n"
+        )
         print("| task | entry | " + " | ".join(f"k = {k}" for k in args.probe_steps) + " |")
         print("|---|---|" + "---|" * len(args.probe_steps))
         for p in out["probe"]:
-            cells = ["-" if p["picks"][k] is None else
-                     f"{p['picks'][k]['over_best']:.2g}x ({_pct(p['picks'][k]['loss'])})" for k in args.probe_steps]
+            cells = [
+                "-" if p["picks"][k] is None else f"{p['picks'][k]['over_best']:.2g}x ({_pct(p['picks'][k]['loss'])})"
+                for k in args.probe_steps
+            ]
             print(f"| {p['task']} | {p['method']} | " + " | ".join(cells) + " |")
     if args.json:
         from gpart_ds.fileio import write_atomic

@@ -52,6 +52,7 @@ lr sweeps. The runs stay on the machine that trained them; `--merge STUDY_JSON` 
 earlier report's rows (e.g. docs/quality_qasc.json, measured another day) beside this
 invocation's for the methods it leaves out, once the two share records, seeds and budget.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -114,22 +115,36 @@ def load_study(path: str) -> dict:
     for key in ("tasks", "methods", "ranks", "seeds", "eval_examples", "test_records", "eval_every"):
         _need(key in cfg, str(p), f"required key {key!r} missing")
     _need(isinstance(cfg["seeds"], list) and cfg["seeds"], f"{p}: seeds", "a non-empty list of integers")
-    _need(0 < cfg["test_records"] < cfg["eval_examples"], f"{p}: test_records",
-          f"must be in (0, eval_examples={cfg['eval_examples']}): the rest are the dev records that choose the lr")
-    _need(0 < cfg.get("curve_records", 1) <= cfg["test_records"], f"{p}: curve_records",
-          f"must be in (0, test_records={cfg['test_records']}]: the learning curves' records are test records")
+    _need(
+        0 < cfg["test_records"] < cfg["eval_examples"],
+        f"{p}: test_records",
+        f"must be in (0, eval_examples={cfg['eval_examples']}): the rest are the dev records that choose the lr",
+    )
+    _need(
+        0 < cfg.get("curve_records", 1) <= cfg["test_records"],
+        f"{p}: curve_records",
+        f"must be in (0, test_records={cfg['test_records']}]: the learning curves' records are test records",
+    )
     for name, t in cfg["tasks"].items():
-        _need(t.get("metric") in METRICS, f"{p}: tasks.{name}.metric",
-              f"must be one of {METRICS}, got {t.get('metric')!r}")
+        _need(
+            t.get("metric") in METRICS,
+            f"{p}: tasks.{name}.metric",
+            f"must be one of {METRICS}, got {t.get('metric')!r}",
+        )
         _need("config" in t, f"{p}: tasks.{name}.config", "a run config is required")
-        _need(int(t.get("steps", cfg.get("steps", 0))) >= 1, f"{p}: tasks.{name}.steps",
-              "steps per run (here or at the top level) must be >= 1")
+        _need(
+            int(t.get("steps", cfg.get("steps", 0))) >= 1,
+            f"{p}: tasks.{name}.steps",
+            "steps per run (here or at the top level) must be >= 1",
+        )
     for name, m in cfg["methods"].items():
         where = f"{p}: methods.{name}"
-        _need(isinstance(m, dict) and m.get("name") in methods.names(), where,
-              f"name must be one of {methods.names()}")
-        _need(bool(m.get("lrs")) != bool(m.get("lr_mults")), where,
-              "needs either lrs (the learning rates to sweep: numbers or auto) or lr_mults (multiples of lr_unit)")
+        _need(isinstance(m, dict) and m.get("name") in methods.names(), where, f"name must be one of {methods.names()}")
+        _need(
+            bool(m.get("lrs")) != bool(m.get("lr_mults")),
+            where,
+            "needs either lrs (the learning rates to sweep: numbers or auto) or lr_mults (multiples of lr_unit)",
+        )
         key = _grid_key(m)
         _need(isinstance(m[key], list), f"{where}.{key}", f"a list, got {m[key]!r}")
         for x in m[key]:
@@ -144,8 +159,13 @@ def load_study(path: str) -> dict:
 
 
 # ------------------------------------------------------------------ learning rates
-_OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
-        ast.Div: lambda a, b: a / b, ast.Pow: lambda a, b: a ** b}
+_OPS = {
+    ast.Add: lambda a, b: a + b,
+    ast.Sub: lambda a, b: a - b,
+    ast.Mult: lambda a, b: a * b,
+    ast.Div: lambda a, b: a / b,
+    ast.Pow: lambda a, b: a**b,
+}
 
 
 def lr_unit(entry: dict, D: int, where: str, check_only: bool = False) -> float | None:
@@ -172,8 +192,13 @@ def lr_unit(entry: dict, D: int, where: str, check_only: bool = False) -> float 
             return _OPS[type(node.op)](ev(node.left), ev(node.right))
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
             return -ev(node.operand)
-        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "sqrt"
-                and len(node.args) == 1 and not node.keywords):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id == "sqrt"
+            and len(node.args) == 1
+            and not node.keywords
+        ):
             return math.sqrt(ev(node.args[0]))
         raise ConfigError(f"{where}: {unit!r}: only numbers, D, the entry's keys, + - * / ** and sqrt()")
 
@@ -191,7 +216,7 @@ def lr_unit(entry: dict, D: int, where: str, check_only: bool = False) -> float 
 
 
 def _round(lr: float) -> float:
-    return float(f"{lr:.4g}")   # run folders are named by lr: the grid is stable to 4 digits
+    return float(f"{lr:.4g}")  # run folders are named by lr: the grid is stable to 4 digits
 
 
 def target_count(run_cfg) -> int:
@@ -210,19 +235,27 @@ def method_overrides(entry: dict) -> list[str]:
     return [f"method.{k}={entry[k]}" for k in keys]
 
 
-def run_overrides(study: dict, task: dict, entry: dict, lr: float, seed: int, steps: int,
-                  extra: tuple = ()) -> list[str]:
+def run_overrides(
+    study: dict, task: dict, entry: dict, lr: float, seed: int, steps: int, extra: tuple = ()
+) -> list[str]:
     """The run's overrides: the study's budget and evaluation, the entry's method.* keys,
     the seed (data order, and the method's own seed where it has one: GPart's partition,
     VeRA's projections; LoRA and full fine-tuning say they ignore method.seed, and the key
     stays in their runs so that runs already finished keep their identity), the lr; then
     the variant's `extra`."""
-    out = [f"train.max_steps={steps}", f"train.seed={seed}", f"method.seed={seed}",
-           f"train.eval_examples={study['eval_examples']}", f"train.eval_every={study['eval_every']}",
-           "train.eval_predictions=true", "train.log_every=1", "checkpoint.keep_last=1"]
-    if study.get("curve_records"):   # the evaluations during training score only these
+    out = [
+        f"train.max_steps={steps}",
+        f"train.seed={seed}",
+        f"method.seed={seed}",
+        f"train.eval_examples={study['eval_examples']}",
+        f"train.eval_every={study['eval_every']}",
+        "train.eval_predictions=true",
+        "train.log_every=1",
+        "checkpoint.keep_last=1",
+    ]
+    if study.get("curve_records"):  # the evaluations during training score only these
         out.append(f"train.eval_examples_during={study['curve_records']}")
-    if task.get("metric") == "answer_accuracy":   # the curves are of generated answers too
+    if task.get("metric") == "answer_accuracy":  # the curves are of generated answers too
         out.append("train.eval_generate=always")
     out += method_overrides(entry)
     out.append(f"train.lr={lr:.6g}")
@@ -235,7 +268,7 @@ def _key(config: str, overrides: list[str], ranks: int) -> str:
     from another checkout, or after a comment or a key the study overrides changed in the
     run config, is the same run and is reused."""
     cfg = OmegaConf.to_container(load_config(config, overrides, check_files=False), resolve=True)
-    for where in ("output_dir", "config_file", "overrides"):   # where it came from, not what it is
+    for where in ("output_dir", "config_file", "overrides"):  # where it came from, not what it is
         cfg.pop(where, None)
     # Keys that decide what an evaluation also reports, not what is trained or scored: a run
     # finished before such a key existed is the same run.
@@ -246,8 +279,12 @@ def _key(config: str, overrides: list[str], ranks: int) -> str:
 
 def is_done(out: Path, key: str) -> bool:
     stamp = out / "study_key"
-    return stamp.is_file() and stamp.read_text().strip() == key and (out / "metrics.jsonl").is_file() and any(
-        '"event": "summary"' in line for line in (out / "metrics.jsonl").read_text().splitlines())
+    return (
+        stamp.is_file()
+        and stamp.read_text().strip() == key
+        and (out / "metrics.jsonl").is_file()
+        and any('"event": "summary"' in line for line in (out / "metrics.jsonl").read_text().splitlines())
+    )
 
 
 def _override_value(overrides: list[str], key: str) -> str:
@@ -267,7 +304,7 @@ def run_one(config: Path, overrides: list[str], ranks: int, out: Path, log: Path
     log.parent.mkdir(parents=True, exist_ok=True)
     try:
         run_method(str(config), method, ranks, steps, out, rest, log)
-    except RuntimeError as exc:   # a failed run is reported and retried next time; the rest go on
+    except RuntimeError as exc:  # a failed run is reported and retried next time; the rest go on
         print(f"[study] FAILED: {str(exc).splitlines()[0]}", flush=True)
         return False
     (out / "study_key").write_text(key + "\n")
@@ -277,8 +314,9 @@ def run_one(config: Path, overrides: list[str], ranks: int, out: Path, log: Path
 class Plan:
     """The runs of one invocation, with everything a report needs to know about each."""
 
-    def __init__(self, study: dict, out: Path, tasks: list[str], methods: list[str], partial: bool = False,
-                 recorded=None):
+    def __init__(
+        self, study: dict, out: Path, tasks: list[str], methods: list[str], partial: bool = False, recorded=None
+    ):
         from gpart_ds import assets
 
         from . import study_report
@@ -296,7 +334,7 @@ class Plan:
             t = study["tasks"][task]
             self.config[task] = resolve_config_path(base / t["config"])
             cfg0 = load_config(self.config[task], list(t.get("overrides", [])), check_files=False)
-            for recipe in cfg0.prepare:   # the target count needs the model's config.json
+            for recipe in cfg0.prepare:  # the target count needs the model's config.json
                 assets.ensure(recipe)
 
     def _where(self, method: str) -> str:
@@ -353,11 +391,20 @@ class Plan:
         t, m = self.study["tasks"][task], self.study["methods"][method]
         steps = steps or steps_of(self.study, t)
         ov = run_overrides(self.study, t, m, lr, seed, steps, extra)
-        load_config(self.config[task], ov, check_files=False)   # every run validated before the first starts
+        load_config(self.config[task], ov, check_files=False)  # every run validated before the first starts
         out = self.run_dir(task, method, lr, seed, kind)
-        return {"task": task, "method": method, "lr": lr, "seed": seed, "phase": phase, "overrides": ov,
-                "config": self.config[task], "out": out, "root": self.out,
-                "key": _key(str(self.config[task]), ov, self.study["ranks"])}
+        return {
+            "task": task,
+            "method": method,
+            "lr": lr,
+            "seed": seed,
+            "phase": phase,
+            "overrides": ov,
+            "config": self.config[task],
+            "out": out,
+            "root": self.out,
+            "key": _key(str(self.config[task]), ov, self.study["ranks"]),
+        }
 
     def recorded_run(self, entry: dict) -> dict | None:
         return self.recorded.run(entry)
@@ -370,8 +417,9 @@ class Plan:
         return [e for e in entries if self.recorded.run(e) is None]
 
     def sweep(self, task: str, method: str) -> list[dict]:
-        return [self.entry(task, method, lr, self.study.get("sweep_seed", 0), "sweep")
-                for lr in self.lr_grid(task, method)]
+        return [
+            self.entry(task, method, lr, self.study.get("sweep_seed", 0), "sweep") for lr in self.lr_grid(task, method)
+        ]
 
 
 def finished_elsewise(out: Path, key: str) -> bool:
@@ -389,9 +437,12 @@ def execute(entries: list[dict], ranks: int, log_dir: Path) -> int:
     run, to replace a finished run of another configuration."""
     t0 = time.perf_counter()
     clash = [e["out"] for e in entries if finished_elsewise(e["out"], e["key"])]
-    _need(not clash, str(clash[0]) if clash else "",
-          f"holds a finished run of another configuration ({len(clash)} such folder(s) in this study's "
-          "plan), which this run would replace: use another --out for it, or delete the folders to re-run them")
+    _need(
+        not clash,
+        str(clash[0]) if clash else "",
+        f"holds a finished run of another configuration ({len(clash)} such folder(s) in this study's "
+        "plan), which this run would replace: use another --out for it, or delete the folders to re-run them",
+    )
     todo = [e for e in entries if not is_done(e["out"], e["key"])]
     print(f"[study] {len(entries)} runs planned, {len(entries) - len(todo)} already complete", flush=True)
     failed = 0
@@ -400,8 +451,10 @@ def execute(entries: list[dict], ranks: int, log_dir: Path) -> int:
         base = base_evaluated(e)
         overrides = e["overrides"] + ["train.eval_before=false"] if base else e["overrides"]
         shared = f"; the base model's evaluation is {base.relative_to(e['root'])}'s" if base else ""
-        print(f"[study] {i}/{len(todo)} {e['phase']} {name} ({(time.perf_counter() - t0) / 60:.0f} min so far"
-              f"{shared})", flush=True)
+        print(
+            f"[study] {i}/{len(todo)} {e['phase']} {name} ({(time.perf_counter() - t0) / 60:.0f} min so far{shared})",
+            flush=True,
+        )
         log = log_dir / log_name(e["out"], log_dir.parent)
         failed += not run_one(e["config"], overrides, ranks, e["out"], log)
     return failed
@@ -421,7 +474,7 @@ def base_evaluated(entry: dict) -> Path | None:
     if entry.get("root") is None:
         return None
     cfg = OmegaConf.to_container(load_config(entry["config"], entry["overrides"], check_files=False), resolve=True)
-    if not cfg["train"]["eval_before"]:   # the task's own overrides skip it: nothing to share
+    if not cfg["train"]["eval_before"]:  # the task's own overrides skip it: nothing to share
         return None
     return study_report.base_run(Path(entry["root"]), entry["task"], study_report.eval_settings(cfg))
 
@@ -476,11 +529,16 @@ def _apply_quick(study: dict, tasks: list[str], methods: list[str]) -> tuple[lis
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m experiments.study", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m experiments.study", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--config", default="configs/study_smollm2.yaml")
-    ap.add_argument("--phase", choices=PHASES, default="all",
-                    help="sweep: the lr grids only; final: also the best lr on every seed (default all = both)")
+    ap.add_argument(
+        "--phase",
+        choices=PHASES,
+        default="all",
+        help="sweep: the lr grids only; final: also the best lr on every seed (default all = both)",
+    )
     ap.add_argument("--probe", action="store_true", help="the flattening probe (constant lr, long runs) instead")
     ap.add_argument("--ablations", action="store_true", help="the `ablations` variants instead (after the sweep)")
     ap.add_argument("--quick", action="store_true", help="the config's `quick` subset (the pipeline, minutes)")
@@ -490,21 +548,39 @@ def main(argv=None) -> dict:
     ap.add_argument("--seeds", default=None, help="override the config's seeds, e.g. 0,1,2")
     ap.add_argument("--tasks", default=None, help="only these of the config's tasks, e.g. qasc")
     ap.add_argument("--methods", default=None, help="only these of the config's methods")
-    ap.add_argument("--partial", action="store_true",
-                    help="choose each method's lr among its finished grid runs when some are missing "
-                         "(the report lists the missing rates); default: only after the whole grid")
-    ap.add_argument("--grid", action="append", default=[], metavar="METHOD=V,V",
-                    help="this entry's grid for this invocation: multiples of lr_unit (lr_mults entries) "
-                         "or learning rates (lrs entries), e.g. --grid lora-r8=0.003; repeatable")
-    ap.add_argument("--merge", action="append", default=[], metavar="STUDY_JSON",
-                    help="add an earlier report's rows (e.g. docs/quality_qasc.json) for the methods this "
-                         "invocation leaves out: results measured on another machine or day; repeatable")
-    ap.add_argument("--reuse-runs", action="append", default=[], metavar="STUDY_JSON",
-                    help="count the runs an earlier report records (e.g. docs/quality_qasc.json) as finished "
-                         "for the methods this invocation runs: a grid measured on another machine or day is "
-                         "extended (--grid) or its seeds run without training its rates again; repeatable")
+    ap.add_argument(
+        "--partial",
+        action="store_true",
+        help="choose each method's lr among its finished grid runs when some are missing "
+        "(the report lists the missing rates); default: only after the whole grid",
+    )
+    ap.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="METHOD=V,V",
+        help="this entry's grid for this invocation: multiples of lr_unit (lr_mults entries) "
+        "or learning rates (lrs entries), e.g. --grid lora-r8=0.003; repeatable",
+    )
+    ap.add_argument(
+        "--merge",
+        action="append",
+        default=[],
+        metavar="STUDY_JSON",
+        help="add an earlier report's rows (e.g. docs/quality_qasc.json) for the methods this "
+        "invocation leaves out: results measured on another machine or day; repeatable",
+    )
+    ap.add_argument(
+        "--reuse-runs",
+        action="append",
+        default=[],
+        metavar="STUDY_JSON",
+        help="count the runs an earlier report records (e.g. docs/quality_qasc.json) as finished "
+        "for the methods this invocation runs: a grid measured on another machine or day is "
+        "extended (--grid) or its seeds run without training its rates again; repeatable",
+    )
     args = ap.parse_args(argv)
-    study = load_study(args.config)   # a ConfigError: `error: ...`, exit 2 (errors.run_cli)
+    study = load_study(args.config)  # a ConfigError: `error: ...`, exit 2 (errors.run_cli)
     tasks, methods = list(study["tasks"]), list(study["methods"])
     if args.quick:
         tasks, methods = _apply_quick(study, tasks, methods)
@@ -535,9 +611,8 @@ def main(argv=None) -> dict:
         return _ablations(study, out, tasks, args, command)
     from . import study_report
 
-    for f, rep in earlier:     # refused before anything is trained
-        study_report.check_merge(rep, f, study, tasks, methods,
-                                 {t: steps_of(study, study["tasks"][t]) for t in tasks})
+    for f, rep in earlier:  # refused before anything is trained
+        study_report.check_merge(rep, f, study, tasks, methods, {t: steps_of(study, study["tasks"][t]) for t in tasks})
     recorded = study_report.RecordedRuns(reused)
     plan = Plan(study, out, tasks, methods, partial=args.partial, recorded=recorded)
     recorded.check(study, tasks, methods, {t: steps_of(study, study["tasks"][t]) for t in tasks}, plan.D)
@@ -569,18 +644,24 @@ def _load_report(path: str, flag: str = "--merge") -> dict:
         raise ConfigError(f"{flag} {path}: cannot read it ({exc})") from None
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{flag} {path}: not JSON (line {exc.lineno}: {exc.msg})") from None
-    missing = [k for k in ("summary", "runs", "paired", "D", "date", "command", "machine") if k not in rep] \
-        if isinstance(rep, dict) else ["summary"]
+    missing = (
+        [k for k in ("summary", "runs", "paired", "D", "date", "command", "machine") if k not in rep]
+        if isinstance(rep, dict)
+        else ["summary"]
+    )
     if missing:
-        raise ConfigError(f"{flag} {path}: not a study report (no {', '.join(missing)}); "
-                          "the study writes one as study.json")
+        raise ConfigError(
+            f"{flag} {path}: not a study report (no {', '.join(missing)}); the study writes one as study.json"
+        )
     return rep
 
 
 def _failed(n: int, out: Path) -> None:
     if n:
-        raise RunFailed(f"{n} run(s) failed (their logs: {out / 'logs'}); the report covers the finished runs. "
-                        "Run the same command again to retry them (finished runs are reused)")
+        raise RunFailed(
+            f"{n} run(s) failed (their logs: {out / 'logs'}); the report covers the finished runs. "
+            "Run the same command again to retry them (finished runs are reused)"
+        )
 
 
 def _probe(study: dict, out: Path, tasks: list[str], args, command: str) -> dict:
@@ -590,8 +671,11 @@ def _probe(study: dict, out: Path, tasks: list[str], args, command: str) -> dict
     pr = study.get("probe")
     _need(bool(pr), study["_path"], "no `probe` section")
     # The probe's curve is what it is for: every test record at every evaluation.
-    probe_study = {**study, "eval_every": pr.get("eval_every", study["eval_every"]),
-                   "curve_records": study["test_records"]}
+    probe_study = {
+        **study,
+        "eval_every": pr.get("eval_every", study["eval_every"]),
+        "curve_records": study["test_records"],
+    }
     for method in pr["methods"]:
         _need(method in study["methods"], f"{study['_path']}: probe.methods.{method}", "is not one of methods")
     plan = Plan(probe_study, out, tasks, list(pr["methods"]))
@@ -601,8 +685,18 @@ def _probe(study: dict, out: Path, tasks: list[str], args, command: str) -> dict
         steps = int(args.steps or (per_task.get(task, 0) if isinstance(per_task, dict) else per_task))
         _need(steps >= 1, f"{study['_path']}: probe.steps", f"for {task} must be >= 1")
         for method, lr in pr["methods"].items():
-            entries.append(plan.entry(task, method, float(lr), study.get("sweep_seed", 0), "probe",
-                                      extra=("train.schedule=constant",), steps=steps, kind="probe"))
+            entries.append(
+                plan.entry(
+                    task,
+                    method,
+                    float(lr),
+                    study.get("sweep_seed", 0),
+                    "probe",
+                    extra=("train.schedule=constant",),
+                    steps=steps,
+                    kind="probe",
+                )
+            )
     failed = 0 if args.report_only else execute(entries, study["ranks"], out / "logs")
     rep = study_report.build_probe(plan, entries, command)
     study_report.write_probe(rep, out)
@@ -630,8 +724,17 @@ def _ablations(study: dict, out: Path, tasks: list[str], args, command: str) -> 
         for name, extra in ab["variants"].items():
             mult = next((float(x.split("=", 1)[1]) for x in extra if x.startswith("lr_mult=")), 1.0)
             extra = tuple(x for x in extra if not x.startswith("lr_mult="))
-            entries.append(plan.entry(task, method, _round(lr * mult), study.get("sweep_seed", 0), name,
-                                      extra=extra, kind=f"ablations/{name}"))
+            entries.append(
+                plan.entry(
+                    task,
+                    method,
+                    _round(lr * mult),
+                    study.get("sweep_seed", 0),
+                    name,
+                    extra=extra,
+                    kind=f"ablations/{name}",
+                )
+            )
     failed = 0 if args.report_only else execute(entries, study["ranks"], out / "logs")
     rep = study_report.build_ablations(plan, entries, command)
     study_report.write_ablations(rep, out)

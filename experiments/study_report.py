@@ -10,6 +10,7 @@ scored during training too, train.eval_examples_during), so every point of a cur
 measured on the same records. Paired tests and parity compare every entry with the
 study's `compare_with` entry; nothing here depends on which method an entry runs.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -30,15 +31,17 @@ ACCURACY_POINTS = 0.02
 # Metrics judged in accuracy points (the rest, exact match, relative to the reference).
 ACCURACIES = ("accuracy", "answer_accuracy")
 EXACT_MATCH_RELATIVE = 0.10
-PARITY_PARAM_RATIO = 10   # parity counts for a method with at most the reference's trainable parameters / 10
+PARITY_PARAM_RATIO = 10  # parity counts for a method with at most the reference's trainable parameters / 10
 
 
 # ------------------------------------------------------------------ one run
-LOCAL = ("out", "base_out")   # a run's folders on this machine: not in the reports
+LOCAL = ("out", "base_out")  # a run's folders on this machine: not in the reports
 
 
 def _public(run: dict) -> dict:
     return {k: v for k, v in run.items() if k not in LOCAL}
+
+
 def verdict_file(out: Path, step: int, last: int) -> Path | None:
     """The verdicts of the evaluation at `step`: predictions/step-N.jsonl, or for the last
     evaluation eval_predictions.jsonl (a run folder of an older trainer has step-N for it)."""
@@ -54,8 +57,11 @@ def verdicts(out: Path, step: int, metric: str, last: int | None = None) -> dict
     f = verdict_file(out, step, step if last is None else last)
     if f is None:
         return None
-    rows = [r for r in (json.loads(line) for line in f.read_text().splitlines() if line.strip())
-            if r.get("index") is not None]
+    rows = [
+        r
+        for r in (json.loads(line) for line in f.read_text().splitlines() if line.strip())
+        if r.get("index") is not None
+    ]
     if metric == "accuracy":
         return {r["index"]: r["predicted"] == r["answer"] for r in rows if "predicted" in r}
     if metric == "answer_accuracy":
@@ -88,13 +94,16 @@ def eval_settings(cfg: dict) -> dict:
     run_config.yaml): the base, the eval records and how they are tokenised, scored,
     batched and decoded. Two runs that agree on these score the same model the same way."""
     m, d, t = cfg["model"], cfg["data"], cfg["train"]
-    return {"model.path": m["path"], "model.precision": m["precision"],
-            **{f"data.{k}": d.get(k) for k in ("eval", "format", "max_length", "too_long", "chat_template",
-                                               "add_eos")},
-            "train.objective": t.get("objective", "lm"), "train.eval_examples": t["eval_examples"],
-            "eval micro-batch": t.get("eval_micro_batch_size") or t["micro_batch_size"],
-            "generated answers at step 0": t.get("eval_generate", "final") != "never",
-            "train.eval_generate_batch": t.get("eval_generate_batch", 64)}
+    return {
+        "model.path": m["path"],
+        "model.precision": m["precision"],
+        **{f"data.{k}": d.get(k) for k in ("eval", "format", "max_length", "too_long", "chat_template", "add_eos")},
+        "train.objective": t.get("objective", "lm"),
+        "train.eval_examples": t["eval_examples"],
+        "eval micro-batch": t.get("eval_micro_batch_size") or t["micro_batch_size"],
+        "generated answers at step 0": t.get("eval_generate", "final") != "never",
+        "train.eval_generate_batch": t.get("eval_generate_batch", 64),
+    }
 
 
 def run_config(out: Path) -> dict | None:
@@ -119,10 +128,14 @@ def _step0(out: Path) -> dict | None:
 def base_evaluations(root: Path, task: str) -> list[Path]:
     """The finished runs of `task` under a study's output folder that evaluated the base
     model (step 0): the sweep and seed runs first, then probe and ablation runs."""
-    found = {p.parent.parent for pat in (f"*/{task}/*/*/predictions/step-000000.jsonl",
-                                         f"*/*/{task}/*/*/predictions/step-000000.jsonl") for p in root.glob(pat)}
-    return sorted((r for r in found if _step0(r) is not None),
-                  key=lambda r: (r.relative_to(root).parts[0] != "runs", str(r)))
+    found = {
+        p.parent.parent
+        for pat in (f"*/{task}/*/*/predictions/step-000000.jsonl", f"*/*/{task}/*/*/predictions/step-000000.jsonl")
+        for p in root.glob(pat)
+    }
+    return sorted(
+        (r for r in found if _step0(r) is not None), key=lambda r: (r.relative_to(root).parts[0] != "runs", str(r))
+    )
 
 
 def base_run(root: Path, task: str, settings: dict) -> Path | None:
@@ -148,15 +161,19 @@ def _borrowed_base(entry: dict, cfg: dict) -> Path:
         if theirs is not None and eval_settings(theirs) == mine:
             return r
     if not found:
-        raise ConfigError(f"{out}: trained with train.eval_before=false, and no finished run of task {task!r} in "
-                          f"{root} has the base model's evaluation (step 0) to stand for its own; delete the "
-                          "run's folder to train it again (the next run of the task evaluates the base)")
+        raise ConfigError(
+            f"{out}: trained with train.eval_before=false, and no finished run of task {task!r} in "
+            f"{root} has the base model's evaluation (step 0) to stand for its own; delete the "
+            "run's folder to train it again (the next run of the task evaluates the base)"
+        )
     cfg0 = run_config(found[0])
     theirs = eval_settings(cfg0) if cfg0 else {}
     diff = ", ".join(f"{k}: {theirs.get(k)!r} there, {v!r} here" for k, v in mine.items() if theirs.get(k) != v)
-    raise ConfigError(f"{out}: trained with train.eval_before=false, but the runs of task {task!r} in {root} that "
-                      f"evaluated the base model did so with other settings ({found[0]}: {diff}); their step 0 is "
-                      "not this run's: delete the run's folder to train it again with its own")
+    raise ConfigError(
+        f"{out}: trained with train.eval_before=false, but the runs of task {task!r} in {root} that "
+        f"evaluated the base model did so with other settings ({found[0]}: {diff}); their step 0 is "
+        "not this run's: delete the run's folder to train it again with its own"
+    )
 
 
 def read_run(entry: dict, test_records: int, metric: str, curve_records: int | None = None) -> dict | None:
@@ -172,20 +189,26 @@ def read_run(entry: dict, test_records: int, metric: str, curve_records: int | N
     if summary is None:
         return None
     evals = [r for r in recs if r.get("event") == "eval"]
-    base = out   # the folder of the step-0 verdicts
+    base = out  # the folder of the step-0 verdicts
     cfg = run_config(out)
     if not any(e["step"] == 0 for e in evals) and cfg is not None and cfg["train"].get("eval_before", True) is False:
         base = _borrowed_base(entry, cfg)
         evals = [_step0(base)] + evals
-    folder = lambda step: base if step == 0 else out   # noqa: E731
+    folder = lambda step: base if step == 0 else out  # noqa: E731
     curve = []
     for e in evals:
         v = verdicts(folder(e["step"]), e["step"], metric, summary["steps"])
         if v is None:
             continue
-        curve.append({"step": e["step"], "test": _frac(v, lambda i: i < test_records),
-                      "dev": _frac(v, lambda i: i >= test_records),
-                      "curve": _frac(v, lambda i: i < (curve_records or test_records)), "eval_loss": e["eval_loss"]})
+        curve.append(
+            {
+                "step": e["step"],
+                "test": _frac(v, lambda i: i < test_records),
+                "dev": _frac(v, lambda i: i >= test_records),
+                "curve": _frac(v, lambda i: i < (curve_records or test_records)),
+                "eval_loss": e["eval_loss"],
+            }
+        )
     if not curve:
         return None
     # What a server answers (the generated answers of the evaluations before and after
@@ -193,14 +216,28 @@ def read_run(entry: dict, test_records: int, metric: str, curve_records: int | N
     served = [verdicts(folder(step), step, "answer_accuracy", summary["steps"]) for step in (0, summary["steps"])]
     served = [_frac(v, lambda i: i < test_records) if v else None for v in served]
     shared = {"before_from": base.relative_to(entry["root"]).as_posix()} if base != out else {}
-    return {k: entry[k] for k in ("task", "method", "lr", "seed", "phase")} | shared | {
-        "served_before": served[0], "served_after": served[1],
-        "out": str(out), "base_out": str(base), "metric": metric, "curve": curve,
-        "losses": [r["loss"] for r in recs if "step_time_s" in r],
-        "before": curve[0]["test"], "after": curve[-1]["test"], "dev_after": curve[-1]["dev"],
-        "eval_loss_after": summary["eval_loss_after"], "trainable_params": summary["trainable_params"],
-        "adapter_bytes": summary["adapter_bytes"], "wall_s": summary["wall_s"],
-        "median_step_time_s": summary["median_step_time_s"], "steps": summary["steps"]}
+    return (
+        {k: entry[k] for k in ("task", "method", "lr", "seed", "phase")}
+        | shared
+        | {
+            "served_before": served[0],
+            "served_after": served[1],
+            "out": str(out),
+            "base_out": str(base),
+            "metric": metric,
+            "curve": curve,
+            "losses": [r["loss"] for r in recs if "step_time_s" in r],
+            "before": curve[0]["test"],
+            "after": curve[-1]["test"],
+            "dev_after": curve[-1]["dev"],
+            "eval_loss_after": summary["eval_loss_after"],
+            "trainable_params": summary["trainable_params"],
+            "adapter_bytes": summary["adapter_bytes"],
+            "wall_s": summary["wall_s"],
+            "median_step_time_s": summary["median_step_time_s"],
+            "steps": summary["steps"],
+        }
+    )
 
 
 def _dev_score(run: dict) -> tuple:
@@ -240,8 +277,10 @@ def best_lr(plan, task: str, method: str, waiting: str | None = None) -> float |
     log, the runs that wait for it)."""
     lr = _chosen(*sweep_runs(plan, task, method), plan.partial)
     if lr is None and waiting:
-        print(f"[study] {task}/{method}: sweep incomplete, no {waiting} yet (--partial: the best finished rate)",
-              flush=True)
+        print(
+            f"[study] {task}/{method}: sweep incomplete, no {waiting} yet (--partial: the best finished rate)",
+            flush=True,
+        )
     return lr
 
 
@@ -264,7 +303,7 @@ def _mean_sd(xs: list[float]) -> tuple[float | None, float | None]:
 
 
 def _test_verdicts(run: dict, step: int, test_records: int) -> dict[int, bool]:
-    folder = (run.get("base_out") or run["out"]) if step == 0 else run["out"]   # step 0: maybe another run's
+    folder = (run.get("base_out") or run["out"]) if step == 0 else run["out"]  # step 0: maybe another run's
     v = verdicts(Path(folder), step, run["metric"], run["steps"]) or {}
     return {i: ok for i, ok in v.items() if i < test_records}
 
@@ -315,31 +354,50 @@ def build(plan, tasks: list[str], methods: list[str], sweeps: list[dict], comman
             unit = plan.unit(task, m)
             auto = plan.auto_lr(task, m)
             peak = interpolated_best(sweep)
-            row = {"task": task, "method": m, "name": mcfg["name"], "metric": metric,
-                   "best_lr": lr, "grid_missing": missing, "lr_over_unit": lr / unit if unit else None,
-                   "seeds": [r["seed"] for r in seeded],
-                   # train.lr=auto against the sweep: the grid's best and the peak of a
-                   # parabola in log(lr) through the best point and its neighbours
-                   "auto_lr": auto, "peak_lr": peak, "auto_over_best": auto / lr if auto else None,
-                   "auto_over_peak": auto / peak if auto and peak else None,
-                   "test_mean": mean, "test_sd": sd, "test_by_seed": [r["after"] for r in seeded],
-                   "before": seeded[0]["before"] if seeded else None,
-                   # the generated answer (as served) on the same test records and seeds
-                   "served_mean": served_mean, "served_sd": served_sd,
-                   "served_before": seeded[0].get("served_before") if seeded else None,
-                   "dev_best": max(r["dev_after"] for r in sweep if r["dev_after"] is not None),
-                   "sweep": sorted(({"lr": r["lr"], "dev": r["dev_after"], "test": r["after"],
-                                     "eval_loss": r["eval_loss_after"]} for r in sweep), key=lambda x: x["lr"]),
-                   "trainable_params": sweep[0]["trainable_params"], "adapter_bytes": sweep[0]["adapter_bytes"],
-                   "median_step_time_s": statistics.median(r["median_step_time_s"] for r in sweep),
-                   "steps": sweep[0]["steps"], "curve": _mean_curve(seeded)}
-            used = {(r["lr"], r["seed"]): r for r in sweep + seeded}.values()   # seed 0 is a sweep run
+            row = {
+                "task": task,
+                "method": m,
+                "name": mcfg["name"],
+                "metric": metric,
+                "best_lr": lr,
+                "grid_missing": missing,
+                "lr_over_unit": lr / unit if unit else None,
+                "seeds": [r["seed"] for r in seeded],
+                # train.lr=auto against the sweep: the grid's best and the peak of a
+                # parabola in log(lr) through the best point and its neighbours
+                "auto_lr": auto,
+                "peak_lr": peak,
+                "auto_over_best": auto / lr if auto else None,
+                "auto_over_peak": auto / peak if auto and peak else None,
+                "test_mean": mean,
+                "test_sd": sd,
+                "test_by_seed": [r["after"] for r in seeded],
+                "before": seeded[0]["before"] if seeded else None,
+                # the generated answer (as served) on the same test records and seeds
+                "served_mean": served_mean,
+                "served_sd": served_sd,
+                "served_before": seeded[0].get("served_before") if seeded else None,
+                "dev_best": max(r["dev_after"] for r in sweep if r["dev_after"] is not None),
+                "sweep": sorted(
+                    (
+                        {"lr": r["lr"], "dev": r["dev_after"], "test": r["after"], "eval_loss": r["eval_loss_after"]}
+                        for r in sweep
+                    ),
+                    key=lambda x: x["lr"],
+                ),
+                "trainable_params": sweep[0]["trainable_params"],
+                "adapter_bytes": sweep[0]["adapter_bytes"],
+                "median_step_time_s": statistics.median(r["median_step_time_s"] for r in sweep),
+                "steps": sweep[0]["steps"],
+                "curve": _mean_curve(seeded),
+            }
+            used = {(r["lr"], r["seed"]): r for r in sweep + seeded}.values()  # seed 0 is a sweep run
             reused = Counter(r["source"]["file"] for r in used if r.get("source"))
-            if reused:   # how many of the row's runs were trained elsewhere (--reuse-runs)
+            if reused:  # how many of the row's runs were trained elsewhere (--reuse-runs)
                 row["runs_from"] = dict(sorted(reused.items()))
             rows[m] = row
             summary.append(row)
-            for r in seeded[:1]:      # the adapter against the base model, same records
+            for r in seeded[:1]:  # the adapter against the base model, same records
                 t = _paired_or_recorded(plan, task, "base", m, r, r, T, step_a=0)
                 if t:
                     tests.append(t)
@@ -356,11 +414,20 @@ def build(plan, tasks: list[str], methods: list[str], sweeps: list[dict], comman
                     if t:
                         tests.append(t)
         set_parity(rows.values(), ref_name)
-    return {"date": _dt.date.today().isoformat(), "machine": machine(), "config": study["_path"],
-            "command": command, **header(study), "tasks": tasks, "methods": methods,
-            "D": {task: {m: plan.D(task, m) for m in methods} for task in tasks},
-            "runs_min": runs_min(runs), "summary": summary, "paired": tests,
-            "runs": [_public(r) for r in runs]}
+    return {
+        "date": _dt.date.today().isoformat(),
+        "machine": machine(),
+        "config": study["_path"],
+        "command": command,
+        **header(study),
+        "tasks": tasks,
+        "methods": methods,
+        "D": {task: {m: plan.D(task, m) for m in methods} for task in tasks},
+        "runs_min": runs_min(runs),
+        "summary": summary,
+        "paired": tests,
+        "runs": [_public(r) for r in runs],
+    }
 
 
 def _paired_or_recorded(plan, task: str, a: str, b: str, run_a: dict, run_b: dict, T: int, step_a=None):
@@ -386,19 +453,28 @@ def set_parity(rows, ref_name: str | None) -> None:
         row.pop("parity", None)
         if ref is None or row is ref or row["test_mean"] is None:
             continue
-        if row["trainable_params"] < ref["trainable_params"]:   # the question: does a smaller one match?
-            row["parity"] = {**parity(row["metric"], ref, row), "reference": ref_name,
-                             "param_ratio": ref["trainable_params"] / row["trainable_params"],
-                             "eligible": row["trainable_params"] * PARITY_PARAM_RATIO <= ref["trainable_params"]}
+        if row["trainable_params"] < ref["trainable_params"]:  # the question: does a smaller one match?
+            row["parity"] = {
+                **parity(row["metric"], ref, row),
+                "reference": ref_name,
+                "param_ratio": ref["trainable_params"] / row["trainable_params"],
+                "eligible": row["trainable_params"] * PARITY_PARAM_RATIO <= ref["trainable_params"],
+            }
 
 
 def header(study: dict) -> dict:
     """What every report of a study states about its runs, and what two reports must share
     for their rows to stand in one table: the same records, seeds, evaluations, reference."""
-    return {"ranks": study["ranks"], "seeds": study["seeds"], "sweep_seed": study.get("sweep_seed", 0),
-            "eval_examples": study["eval_examples"], "test_records": study["test_records"],
-            "eval_every": study["eval_every"], "curve_records": study.get("curve_records") or study["test_records"],
-            "compare_with": study.get("compare_with")}
+    return {
+        "ranks": study["ranks"],
+        "seeds": study["seeds"],
+        "sweep_seed": study.get("sweep_seed", 0),
+        "eval_examples": study["eval_examples"],
+        "test_records": study["test_records"],
+        "eval_every": study["eval_every"],
+        "curve_records": study.get("curve_records") or study["test_records"],
+        "compare_with": study.get("compare_with"),
+    }
 
 
 def _rows_to_merge(earlier: dict, tasks: list[str], methods: list[str]) -> list[dict]:
@@ -410,12 +486,15 @@ def _check_header(earlier: dict, source: str, study: dict, flag: str) -> None:
 
     for k, v in header(study).items():
         if earlier.get(k) != v:
-            raise ConfigError(f"{flag} {source}: its {k} is {earlier.get(k)!r}, this study's {v!r}; only reports "
-                              "of the same records, seeds and reference stand in one table")
+            raise ConfigError(
+                f"{flag} {source}: its {k} is {earlier.get(k)!r}, this study's {v!r}; only reports "
+                "of the same records, seeds and reference stand in one table"
+            )
 
 
-def check_merge(earlier: dict, source: str, study: dict, tasks: list[str], methods: list[str],
-                steps: dict[str, int]) -> None:
+def check_merge(
+    earlier: dict, source: str, study: dict, tasks: list[str], methods: list[str], steps: dict[str, int]
+) -> None:
     """Refuse (ConfigError) an earlier report whose rows cannot stand beside this study's:
     checked before any run is trained. `steps`: each task's budget here."""
     from gpart_ds.config import ConfigError
@@ -423,8 +502,10 @@ def check_merge(earlier: dict, source: str, study: dict, tasks: list[str], metho
     _check_header(earlier, source, study, "--merge")
     for r in _rows_to_merge(earlier, tasks, methods):
         if r["steps"] != steps[r["task"]]:
-            raise ConfigError(f"--merge {source}: {r['task']}/{r['method']} ran {r['steps']} steps, this study "
-                              f"{steps[r['task']]} (--steps)")
+            raise ConfigError(
+                f"--merge {source}: {r['task']}/{r['method']} ran {r['steps']} steps, this study "
+                f"{steps[r['task']]} (--steps)"
+            )
 
 
 def _origin_of(report: dict, source: str) -> dict:
@@ -459,12 +540,15 @@ class RecordedRuns:
                     continue
                 ran = {r["steps"] for r in rep["runs"] if (r["task"], r["method"]) == (task, m)}
                 if ran != {steps[task]}:
-                    raise ConfigError(f"--reuse-runs {source}: {task}/{m} ran {sorted(ran)} steps, this study "
-                                      f"{steps[task]} (--steps)")
+                    raise ConfigError(
+                        f"--reuse-runs {source}: {task}/{m} ran {sorted(ran)} steps, this study {steps[task]} (--steps)"
+                    )
                 if rep["D"][task][m] != D(task, m):
-                    raise ConfigError(f"--reuse-runs {source}: {task}/{m} targets {rep['D'][task][m]:,} weights, "
-                                      f"this study's entry {D(task, m):,}: the entry changed, its runs are not "
-                                      "this study's")
+                    raise ConfigError(
+                        f"--reuse-runs {source}: {task}/{m} targets {rep['D'][task][m]:,} weights, "
+                        f"this study's entry {D(task, m):,}: the entry changed, its runs are not "
+                        "this study's"
+                    )
 
     def run(self, entry: dict) -> dict | None:
         hit = self._runs.get((entry["task"], entry["method"], entry["lr"], entry["seed"]))
@@ -481,15 +565,16 @@ class RecordedRuns:
                 continue
             rep = hit[2]
             other = run_a if r is run_b else run_b
-            if other["out"] is not None:   # (against the base, other is r: recorded)
+            if other["out"] is not None:  # (against the base, other is r: recorded)
                 mine = self._runs.get((head["task"], other["method"], other["lr"], other["seed"]))
                 if mine is None or mine[2] is not rep or mine[0].get("losses") != other.get("losses"):
                     return None
             best = {row["method"]: row["best_lr"] for row in rep["summary"] if row["task"] == head["task"]}
             if best.get(head["b"]) != run_b["lr"] or (head["a"] != "base" and best.get(head["a"]) != run_a["lr"]):
                 return None
-            return next(({**t, "source": r["source"]} for t in rep["paired"]
-                         if {k: t.get(k) for k in head} == head), None)
+            return next(
+                ({**t, "source": r["source"]} for t in rep["paired"] if {k: t.get(k) for k in head} == head), None
+            )
         return None
 
 
@@ -510,14 +595,21 @@ def merge(rep: dict, earlier: dict, source: str, order: list[str]) -> dict:
     # Today's rows whose chosen runs are the earlier report's own (--reuse-runs of the same
     # file, same rate): its tests of them against the rows added here still hold.
     chosen = {(r["task"], r["method"]): r["best_lr"] for r in earlier["summary"]}
-    same = {(r["task"], r["method"]) for r in rep["summary"]
-            if source in r.get("runs_from", {}) and chosen.get((r["task"], r["method"])) == r["best_lr"]}
-    rep["paired"] += [t for t in earlier["paired"] if (t["task"], t["b"]) in added
-                      and (t["a"] == "base" or (t["task"], t["a"]) in added)]
+    same = {
+        (r["task"], r["method"])
+        for r in rep["summary"]
+        if source in r.get("runs_from", {}) and chosen.get((r["task"], r["method"])) == r["best_lr"]
+    }
+    rep["paired"] += [
+        t
+        for t in earlier["paired"]
+        if (t["task"], t["b"]) in added and (t["a"] == "base" or (t["task"], t["a"]) in added)
+    ]
     rep["paired"] += [t for t in earlier["paired"] if (t["task"], t["b"]) in same and (t["task"], t["a"]) in added]
     rank = {m: i for i, m in enumerate(order)}
-    rep["methods"] = sorted(dict.fromkeys(rep["methods"] + [r["method"] for r in add]),
-                            key=lambda m: rank.get(m, len(rank)))
+    rep["methods"] = sorted(
+        dict.fromkeys(rep["methods"] + [r["method"] for r in add]), key=lambda m: rank.get(m, len(rank))
+    )
     rep["summary"].sort(key=lambda r: (rep["tasks"].index(r["task"]), rep["methods"].index(r["method"])))
     for task, m in added:
         rep["D"].setdefault(task, {})[m] = earlier["D"][task][m]
@@ -536,7 +628,7 @@ def interpolated_best(sweep: list[dict]) -> float | None:
     i = max(range(len(pts)), key=lambda k: pts[k][1])
     if i == 0 or i == len(pts) - 1:
         return pts[i][0]
-    (x0, y0), (x1, y1), (x2, y2) = [(math.log(x), y) for x, y in pts[i - 1: i + 2]]
+    (x0, y0), (x1, y1), (x2, y2) = [(math.log(x), y) for x, y in pts[i - 1 : i + 2]]
     den = (x0 - x1) * (x0 - x2) * (x1 - x2)
     a = (x2 * (y1 - y0) + x1 * (y0 - y2) + x0 * (y2 - y1)) / den
     b = (x2 * x2 * (y0 - y1) + x1 * x1 * (y2 - y0) + x0 * x0 * (y1 - y2)) / den
@@ -578,12 +670,16 @@ def _origin(row: dict) -> tuple[str, str, str]:
 
 def format_markdown(rep: dict) -> str:
     m = rep["machine"]
-    lines = [f"# Quality study, {rep['date']}", "",
-             f"Machine: {machine_name(m)}, {m['cores']} cores; {rep['ranks']} rank(s); "
-             f"seeds {rep['seeds']} (lr chosen on seed {rep['sweep_seed']}); {rep['eval_examples']} eval records "
-             f"every {rep['eval_every']} steps: the first {rep['test_records']} are the test set (reported), the rest "
-             f"the dev set (lr choice); runs' own time {rep['runs_min'] / 60:.1f} h.  ",
-             f"Command: `{rep['command']}`", ""]
+    lines = [
+        f"# Quality study, {rep['date']}",
+        "",
+        f"Machine: {machine_name(m)}, {m['cores']} cores; {rep['ranks']} rank(s); "
+        f"seeds {rep['seeds']} (lr chosen on seed {rep['sweep_seed']}); {rep['eval_examples']} eval records "
+        f"every {rep['eval_every']} steps: the first {rep['test_records']} are the test set (reported), the rest "
+        f"the dev set (lr choice); runs' own time {rep['runs_min'] / 60:.1f} h.  ",
+        f"Command: `{rep['command']}`",
+        "",
+    ]
     for task in rep["tasks"]:
         rows = [r for r in rep["summary"] if r["task"] == task]
         if not rows:
@@ -591,22 +687,33 @@ def format_markdown(rep: dict) -> str:
         metric = rows[0]["metric"].replace("_", " ")
         # the base evaluated once per task and output folder: the runs that took step 0 from another
         once = Counter(r["before_from"] for r in rep["runs"] if r["task"] == task and r.get("before_from"))
-        lines += [f"## {task} ({metric}, {rows[0]['steps']} steps)", "",
-                  f"Base model: {_pct(rows[0]['before'])} on the test records"
-                  + (f" ({_pct(rows[0]['served_before'])} generated answer)." if rows[0].get("served_before")
-                     is not None and rows[0]["metric"] != "answer_accuracy" else ".")
-                  + "".join(f" Evaluated once, by {f}: {n} other run(s) take their step 0 from it "
-                            "(train.eval_before=false)." for f, n in once.items()), "",
-                  f"| method | trainable params | adapter | best lr | test {metric} (mean ± sd) | generated answer "
-                  f"(as served) | seeds | dev {metric} at best lr | lr=auto (x best) | s/step |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## {task} ({metric}, {rows[0]['steps']} steps)",
+            "",
+            f"Base model: {_pct(rows[0]['before'])} on the test records"
+            + (
+                f" ({_pct(rows[0]['served_before'])} generated answer)."
+                if rows[0].get("served_before") is not None and rows[0]["metric"] != "answer_accuracy"
+                else "."
+            )
+            + "".join(
+                f" Evaluated once, by {f}: {n} other run(s) take their step 0 from it (train.eval_before=false)."
+                for f, n in once.items()
+            ),
+            "",
+            f"| method | trainable params | adapter | best lr | test {metric} (mean ± sd) | generated answer "
+            f"(as served) | seeds | dev {metric} at best lr | lr=auto (x best) | s/step |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in rows:
             lr = f"{r['best_lr']:.3g}" + (f" ({r['lr_over_unit']:.3g}x unit)" if r["lr_over_unit"] else "")
             auto = f"{r['auto_lr']:.3g} ({r['auto_over_best']:.2g}x)" if r["auto_lr"] else "-"
-            lines.append(f"| {r['method']} | {r['trainable_params']:,} | {_size(r['adapter_bytes'])} | {lr} | "
-                         f"{_pct(r['test_mean'], r['test_sd'])} | {_pct(r.get('served_mean'), r.get('served_sd'))} | "
-                         f"{len(r['seeds'])} | {_pct(r['dev_best'])} | "
-                         f"{auto} | {r['median_step_time_s']:.1f} |")
+            lines.append(
+                f"| {r['method']} | {r['trainable_params']:,} | {_size(r['adapter_bytes'])} | {lr} | "
+                f"{_pct(r['test_mean'], r['test_sd'])} | {_pct(r.get('served_mean'), r.get('served_sd'))} | "
+                f"{len(r['seeds'])} | {_pct(r['dev_best'])} | "
+                f"{auto} | {r['median_step_time_s']:.1f} |"
+            )
         merged = [r for r in rows if r.get("source")]
         for src in dict.fromkeys(_origin(r) for r in merged):
             names = ", ".join(r["method"] for r in merged if _origin(r) == src)
@@ -614,32 +721,57 @@ def format_markdown(rep: dict) -> str:
         for r in rows:
             for f, n in r.get("runs_from", {}).items():
                 src = next(x["source"] for x in rep["runs"] if x.get("source", {}).get("file") == f)
-                lines += ["", f"{r['method']}: {n} of its runs trained earlier, recorded in {f} ({src['date']}, "
-                          f"{machine_name(src['machine'])}; --reuse-runs)."]
+                lines += [
+                    "",
+                    f"{r['method']}: {n} of its runs trained earlier, recorded in {f} ({src['date']}, "
+                    f"{machine_name(src['machine'])}; --reuse-runs).",
+                ]
             if r.get("grid_missing"):
-                lines += ["", f"{r['method']}: lr chosen among {len(r['sweep'])} of the grid's "
-                          f"{len(r['sweep']) + len(r['grid_missing'])} rates (--partial); not run yet: "
-                          + ", ".join(f"{x:.3g}" for x in r["grid_missing"]) + "."]
+                lines += [
+                    "",
+                    f"{r['method']}: lr chosen among {len(r['sweep'])} of the grid's "
+                    f"{len(r['sweep']) + len(r['grid_missing'])} rates (--partial); not run yet: "
+                    + ", ".join(f"{x:.3g}" for x in r["grid_missing"])
+                    + ".",
+                ]
         par = [r for r in rows if r.get("parity")]
         if par:
             ref = par[0]["parity"]["reference"]
-            lines += ["", f"| vs {ref} | params ({ref} / method) | gap ({ref} - method) | tolerance | parity |",
-                      "|---|---|---|---|---|"]
+            lines += [
+                "",
+                f"| vs {ref} | params ({ref} / method) | gap ({ref} - method) | tolerance | parity |",
+                "|---|---|---|---|---|",
+            ]
             for r in par:
                 p = r["parity"]
-                verdict = ("yes" if p["holds"] else "no") + ("" if p["eligible"] else
-                                                             f" (more than {ref}'s parameters / {PARITY_PARAM_RATIO})")
-                lines.append(f"| {r['method']} | {p['param_ratio']:.0f}x | {100 * p['gap']:+.1f} pts | "
-                             f"{100 * p['tolerance']:.1f} pts | {verdict} |")
+                verdict = ("yes" if p["holds"] else "no") + (
+                    "" if p["eligible"] else f" (more than {ref}'s parameters / {PARITY_PARAM_RATIO})"
+                )
+                lines.append(
+                    f"| {r['method']} | {p['param_ratio']:.0f}x | {100 * p['gap']:+.1f} pts | "
+                    f"{100 * p['tolerance']:.1f} pts | {verdict} |"
+                )
         tests = [t for t in rep["paired"] if t["task"] == task]
         if tests:
-            lines += ["", "Paired tests on the test records (exact McNemar; fixed = right in b, wrong in a):", "",
-                      "| a | b | seed | a | b | fixed | broken | p |", "|---|---|---|---|---|---|---|---|"]
+            lines += [
+                "",
+                "Paired tests on the test records (exact McNemar; fixed = right in b, wrong in a):",
+                "",
+                "| a | b | seed | a | b | fixed | broken | p |",
+                "|---|---|---|---|---|---|---|---|",
+            ]
             for t in tests:
-                lines.append(f"| {t['a']} | {t['b']} | {t['seed']} | {_pct(t['accuracy_before'])} | "
-                             f"{_pct(t['accuracy_after'])} | {t['fixed']} | {t['broken']} | {t['p_value']:.3g} |")
-        lines += ["", f"Learning-rate sweeps (seed {rep['sweep_seed']}; dev / test {metric} after training):", "",
-                  "| method | " + " | ".join(["lr: dev / test"] * 1) + " |", "|---|---|"]
+                lines.append(
+                    f"| {t['a']} | {t['b']} | {t['seed']} | {_pct(t['accuracy_before'])} | "
+                    f"{_pct(t['accuracy_after'])} | {t['fixed']} | {t['broken']} | {t['p_value']:.3g} |"
+                )
+        lines += [
+            "",
+            f"Learning-rate sweeps (seed {rep['sweep_seed']}; dev / test {metric} after training):",
+            "",
+            "| method | " + " | ".join(["lr: dev / test"] * 1) + " |",
+            "|---|---|",
+        ]
         for r in rows:
             cells = ", ".join(f"{s['lr']:.3g}: {_pct(s['dev'])} / {_pct(s['test'])}" for s in r["sweep"])
             lines.append(f"| {r['method']} | {cells} |")
@@ -706,15 +838,28 @@ def plot(rep: dict, out: Path) -> list[Path]:
     # 1. test metric vs trainable parameters (mean ± sd over seeds)
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks), 3.6), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        rows = sorted((r for r in rep["summary"] if r["task"] == task and r["test_mean"] is not None),
-                      key=lambda r: r["trainable_params"])
+        rows = sorted(
+            (r for r in rep["summary"] if r["task"] == task and r["test_mean"] is not None),
+            key=lambda r: r["trainable_params"],
+        )
         for i, r in enumerate(rows):
-            ax.errorbar(r["trainable_params"], 100 * r["test_mean"], yerr=100 * (r["test_sd"] or 0),
-                        fmt="o", color=color(r["name"]), capsize=3)
+            ax.errorbar(
+                r["trainable_params"],
+                100 * r["test_mean"],
+                yerr=100 * (r["test_sd"] or 0),
+                fmt="o",
+                color=color(r["name"]),
+                capsize=3,
+            )
             # neighbours along the parameter axis are often within a point: labels alternate
             # below and above so that they do not print over each other
-            ax.annotate(r["method"], (r["trainable_params"], 100 * r["test_mean"]), fontsize=7,
-                        xytext=(4, -12 if i % 2 == 0 else 7), textcoords="offset points")
+            ax.annotate(
+                r["method"],
+                (r["trainable_params"], 100 * r["test_mean"]),
+                fontsize=7,
+                xytext=(4, -12 if i % 2 == 0 else 7),
+                textcoords="offset points",
+            )
         if rows and rows[0]["before"] is not None:
             ax.axhline(100 * rows[0]["before"], color="gray", ls="--", lw=1, label="base model")
         ax.set_xscale("log")
@@ -731,13 +876,34 @@ def plot(rep: dict, out: Path) -> list[Path]:
         styles = _styles(rows)
         for r in rows:
             ls = styles[r["method"]]["ls"]
-            axes[0][i].plot([c["step"] for c in r["curve"]], [100 * c["curve"] for c in r["curve"]], ms=4,
-                            **styles[r["method"]], color=color(r["name"]), label=f"{r['method']} @ {r['best_lr']:.2g}")
-            run = next((x for x in rep["runs"] if x["task"] == task and x["method"] == r["method"]
-                        and x["lr"] == r["best_lr"] and x["seed"] == rep["sweep_seed"]), None)
+            axes[0][i].plot(
+                [c["step"] for c in r["curve"]],
+                [100 * c["curve"] for c in r["curve"]],
+                ms=4,
+                **styles[r["method"]],
+                color=color(r["name"]),
+                label=f"{r['method']} @ {r['best_lr']:.2g}",
+            )
+            run = next(
+                (
+                    x
+                    for x in rep["runs"]
+                    if x["task"] == task
+                    and x["method"] == r["method"]
+                    and x["lr"] == r["best_lr"]
+                    and x["seed"] == rep["sweep_seed"]
+                ),
+                None,
+            )
             if run:
-                axes[1][i].plot(range(1, len(run["losses"]) + 1), _smooth(run["losses"]), ls=ls,
-                                color=color(r["name"]), label=r["method"], lw=1.2)
+                axes[1][i].plot(
+                    range(1, len(run["losses"]) + 1),
+                    _smooth(run["losses"]),
+                    ls=ls,
+                    color=color(r["name"]),
+                    label=r["method"],
+                    lw=1.2,
+                )
         axes[0][i].set_title(f"{task}: held-out metric vs step (first {rep['curve_records']} records)", fontsize=9)
         axes[0][i].set_xlabel("step")
         axes[0][i].set_ylabel("%")
@@ -753,8 +919,13 @@ def plot(rep: dict, out: Path) -> list[Path]:
         rows = [r for r in rep["summary"] if r["task"] == task]
         styles = _styles(rows)
         for r in rows:
-            ax.plot([s["lr"] for s in r["sweep"]], [100 * (s["dev"] or 0) for s in r["sweep"]],
-                    color=color(r["name"]), **styles[r["method"]], label=r["method"])
+            ax.plot(
+                [s["lr"] for s in r["sweep"]],
+                [100 * (s["dev"] or 0) for s in r["sweep"]],
+                color=color(r["name"]),
+                **styles[r["method"]],
+                label=r["method"],
+            )
         ax.set_xscale("log")
         ax.set_xlabel("learning rate")
         ax.set_ylabel("dev metric after training (%)")
@@ -766,7 +937,7 @@ def plot(rep: dict, out: Path) -> list[Path]:
 
 
 def _smooth(xs: list[float], k: int = 3) -> list[float]:
-    return [statistics.mean(xs[max(0, i - k + 1): i + 1]) for i in range(len(xs))]
+    return [statistics.mean(xs[max(0, i - k + 1) : i + 1]) for i in range(len(xs))]
 
 
 def _write_pair(rep: dict, md: str, out: Path, stem: str) -> None:
@@ -810,30 +981,46 @@ def build_probe(plan, entries: list[dict], command: str) -> dict:
         runs.append(r)
     for r in runs:
         r["name"] = study["methods"][r["method"]]["name"]
-    return {"date": _dt.date.today().isoformat(), "machine": machine(), "command": command,
-            "test_records": study["test_records"], "runs": [_public(r) for r in runs]}
+    return {
+        "date": _dt.date.today().isoformat(),
+        "machine": machine(),
+        "command": command,
+        "test_records": study["test_records"],
+        "runs": [_public(r) for r in runs],
+    }
 
 
 def write_probe(rep: dict, out: Path) -> None:
     plt = _pyplot()
 
-    lines = [f"# Flattening probe, {rep['date']}", "", f"Command: `{rep['command']}`  ",
-             "Constant lr after warm-up; test metric on the first "
-             f"{rep['test_records']} eval records.", "",
-             "| task | method | lr | steps | test metric by step | flat from step (tolerance) |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"# Flattening probe, {rep['date']}",
+        "",
+        f"Command: `{rep['command']}`  ",
+        f"Constant lr after warm-up; test metric on the first {rep['test_records']} eval records.",
+        "",
+        "| task | method | lr | steps | test metric by step | flat from step (tolerance) |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rep["runs"]:
         pts = _curve_text(r["curve"])
-        lines.append(f"| {r['task']} | {r['method']} | {r['lr']:.3g} | {r['steps']} | {pts} | "
-                     f"{r['flat_step']} ({100 * r['flat_tolerance']:.1f} pts) |")
+        lines.append(
+            f"| {r['task']} | {r['method']} | {r['lr']:.3g} | {r['steps']} | {pts} | "
+            f"{r['flat_step']} ({100 * r['flat_tolerance']:.1f} pts) |"
+        )
     _write_pair(rep, "\n".join(lines) + "\n", out, "probe")
     tasks = sorted({r["task"] for r in rep["runs"]})
     if tasks:
         fig, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks), 3.4), squeeze=False)
         for ax, task in zip(axes[0], tasks):
             for r in (r for r in rep["runs"] if r["task"] == task):
-                ax.plot([c["step"] for c in r["curve"]], [100 * c["curve"] for c in r["curve"]], marker=".",
-                        color=color(r["name"]), label=f"{r['method']} lr {r['lr']:.2g}")
+                ax.plot(
+                    [c["step"] for c in r["curve"]],
+                    [100 * c["curve"] for c in r["curve"]],
+                    marker=".",
+                    color=color(r["name"]),
+                    label=f"{r['method']} lr {r['lr']:.2g}",
+                )
             ax.set_xlabel("step")
             ax.set_ylabel("test metric (%)")
             ax.set_title(f"{task}: constant lr", fontsize=9)
@@ -850,27 +1037,42 @@ def build_ablations(plan, entries: list[dict], command: str) -> dict:
         r = read_run(e, study["test_records"], study["tasks"][e["task"]]["metric"], study.get("curve_records"))
         if r is not None:
             r["variant"] = e["phase"]
-            r["overrides"] = [o for o in e["overrides"] if o not in plan.entry(
-                e["task"], e["method"], e["lr"], e["seed"], "x")["overrides"]]
+            r["overrides"] = [
+                o
+                for o in e["overrides"]
+                if o not in plan.entry(e["task"], e["method"], e["lr"], e["seed"], "x")["overrides"]
+            ]
             runs.append(r)
-    return {"date": _dt.date.today().isoformat(), "command": command, "test_records": study["test_records"],
-            "method": study["ablations"]["method"], "runs": [_public(r) for r in runs]}
+    return {
+        "date": _dt.date.today().isoformat(),
+        "command": command,
+        "test_records": study["test_records"],
+        "method": study["ablations"]["method"],
+        "runs": [_public(r) for r in runs],
+    }
 
 
 def write_ablations(rep: dict, out: Path) -> None:
     plt = _pyplot()
 
-    lines = [f"# Ablations of {rep['method']}, {rep['date']}", "", f"Command: `{rep['command']}`  ",
-             "One knob changed at a time around the chosen lr (seed of the sweep). Test metric on the first "
-             f"{rep['test_records']} eval records, dev on the rest; final training loss = mean of the last 5 "
-             "steps.", "",
-             "| task | variant | change | lr | test by step | test after | dev after | final training loss |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Ablations of {rep['method']}, {rep['date']}",
+        "",
+        f"Command: `{rep['command']}`  ",
+        "One knob changed at a time around the chosen lr (seed of the sweep). Test metric on the first "
+        f"{rep['test_records']} eval records, dev on the rest; final training loss = mean of the last 5 "
+        "steps.",
+        "",
+        "| task | variant | change | lr | test by step | test after | dev after | final training loss |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rep["runs"]:
         pts = _curve_text(r["curve"])
         last = statistics.mean(r["losses"][-5:]) if r["losses"] else float("nan")
-        lines.append(f"| {r['task']} | {r['variant']} | {' '.join(r['overrides']) or '-'} | {r['lr']:.3g} | {pts} | "
-                     f"{_pct(r['after'])} | {_pct(r['dev_after'])} | {last:.4f} |")
+        lines.append(
+            f"| {r['task']} | {r['variant']} | {' '.join(r['overrides']) or '-'} | {r['lr']:.3g} | {pts} | "
+            f"{_pct(r['after'])} | {_pct(r['dev_after'])} | {last:.4f} |"
+        )
     _write_pair(rep, "\n".join(lines) + "\n", out, "ablations")
     tasks = sorted({r["task"] for r in rep["runs"]})
     if tasks:
@@ -878,8 +1080,13 @@ def write_ablations(rep: dict, out: Path) -> None:
         for i, task in enumerate(tasks):
             for r in (r for r in rep["runs"] if r["task"] == task):
                 lw = 2.2 if r["variant"] == "baseline" else 1.0
-                axes[0][i].plot([c["step"] for c in r["curve"]], [100 * c["curve"] for c in r["curve"]], marker=".",
-                                lw=lw, label=r["variant"])
+                axes[0][i].plot(
+                    [c["step"] for c in r["curve"]],
+                    [100 * c["curve"] for c in r["curve"]],
+                    marker=".",
+                    lw=lw,
+                    label=r["variant"],
+                )
                 axes[1][i].plot(range(1, len(r["losses"]) + 1), _smooth(r["losses"], 5), lw=lw, label=r["variant"])
             axes[0][i].set_title(f"{task}: {rep['method']} ablations, test metric", fontsize=9)
             axes[0][i].set_xlabel("step")

@@ -16,4 +16,5 @@
     errors, fileio  user-facing errors and exit codes; atomic writes
 Experiments (asset recipes, benchmarks, the quality study) live apart, in experiments/.
 """
+
 __version__ = "0.2.0"

@@ -22,6 +22,7 @@ Optimizer state is stored whole (gathered from the ZeRO-3 partitions), so a run 
 resume on any number of ranks. A checkpoint is written into a temporary folder and
 renamed only when every rank has written its part; `latest` is replaced last.
 """
+
 from __future__ import annotations
 
 import json
@@ -89,10 +90,13 @@ def _manifest_files(man_path: Path) -> dict:
         raise CheckpointError(f"{man_path}: not a text file") from None
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict) or not all(
-            isinstance(v, dict) and isinstance(v.get("bytes"), int) and isinstance(v.get("sha256"), str)
-            for v in files.values()):
-        raise CheckpointError(f"{man_path}: not a checkpoint manifest (expected {{\"files\": {{name: "
-                              f"{{\"bytes\", \"sha256\"}}}}}}, got {json.dumps(manifest)[:80]})")
+        isinstance(v, dict) and isinstance(v.get("bytes"), int) and isinstance(v.get("sha256"), str)
+        for v in files.values()
+    ):
+        raise CheckpointError(
+            f'{man_path}: not a checkpoint manifest (expected {{"files": {{name: '
+            f'{{"bytes", "sha256"}}}}}}, got {json.dumps(manifest)[:80]})'
+        )
     missing = [f for f in REQUIRED_FILES if f not in files]
     if missing:
         raise CheckpointError(f"{man_path}: does not list {', '.join(missing)} (incomplete checkpoint)")
@@ -120,11 +124,12 @@ def verify(ckpt: Path) -> None:
 @dataclass
 class Summary:
     """What a resume needs to know of a checkpoint before loading it (no tensor read)."""
+
     path: Path
     step: int
-    state: dict          # state.json
-    run_config: dict     # run_config.yaml
-    shapes: dict         # tensor name in state.safetensors -> shape
+    state: dict  # state.json
+    run_config: dict  # run_config.yaml
+    shapes: dict  # tensor name in state.safetensors -> shape
 
 
 def inspect(ckpt: Path) -> Summary:
@@ -145,8 +150,10 @@ def inspect(ckpt: Path) -> Summary:
         raise CheckpointError(f"{ckpt / STATE_JSON}: expected a JSON object")
     for key, typ in _STATE_KEYS_NEEDED.items():
         if isinstance(state.get(key), bool) or not isinstance(state.get(key), typ):
-            raise CheckpointError(f"{ckpt / STATE_JSON}: no valid {key!r} (got {state.get(key)!r}); "
-                                  "not a checkpoint this version can resume")
+            raise CheckpointError(
+                f"{ckpt / STATE_JSON}: no valid {key!r} (got {state.get(key)!r}); "
+                "not a checkpoint this version can resume"
+            )
     try:
         run = yaml.safe_load((ckpt / RUN_CONFIG).read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
@@ -158,20 +165,26 @@ def inspect(ckpt: Path) -> Summary:
     # identity must carry its digest.
     try:
         # its fields come from run_config.yaml (method.*) and state.json: both are named
-        ident.check_digest(state.get("digest"), delta_fields(state, run), f"{ckpt} ({RUN_CONFIG}, {STATE_JSON})",
-                           missing_ok="base_identity" not in state, what="checkpoint")
+        ident.check_digest(
+            state.get("digest"),
+            delta_fields(state, run),
+            f"{ckpt} ({RUN_CONFIG}, {STATE_JSON})",
+            missing_ok="base_identity" not in state,
+            what="checkpoint",
+        )
     except ident.IdentityError as exc:
         raise CheckpointError(str(exc)) from None
     try:
         with safe_open(str(ckpt / STATE_FILE), "pt") as f:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except Exception as exc:   # safetensors raises its own error types for a bad header
+    except Exception as exc:  # safetensors raises its own error types for a bad header
         raise CheckpointError(f"{ckpt / STATE_FILE}: unreadable ({exc})") from None
     names = [k for k in shapes if "::" not in k]
     lacking = [f"{n}::{k}" for n in names for k in _STATE_KEYS if f"{n}::{k}" not in shapes]
     if not names or lacking:
-        raise CheckpointError(f"{ckpt / STATE_FILE}: " + (f"no optimizer state {lacking[:3]}" if lacking
-                                                          else "no trainable tensor"))
+        raise CheckpointError(
+            f"{ckpt / STATE_FILE}: " + (f"no optimizer state {lacking[:3]}" if lacking else "no trainable tensor")
+        )
     if not (ckpt / "rng-rank0.safetensors").is_file():
         raise CheckpointError(f"{ckpt}: no rng-rank0.safetensors")
     return Summary(ckpt, state["step"], state, run, shapes)
@@ -200,9 +213,11 @@ def check_drift(saved_cfg: dict, cfg, where) -> None:
         if key == "model.path":
             a, b = str(Path(a).resolve()) if a else a, str(Path(b).resolve())
         if a != b:
-            raise CheckpointError(f"{where(key)}: the checkpoint was trained with {key}={a!r}, this "
-                                  f"run has {b!r}; the saved trainable state would mean something else. "
-                                  "Start a new output_dir or restore the setting")
+            raise CheckpointError(
+                f"{where(key)}: the checkpoint was trained with {key}={a!r}, this "
+                f"run has {b!r}; the saved trainable state would mean something else. "
+                "Start a new output_dir or restore the setting"
+            )
 
 
 def delta_fields(state: dict, run_config: dict) -> dict:
@@ -210,8 +225,9 @@ def delta_fields(state: dict, run_config: dict) -> dict:
     its drift keys (d, seed, targets; r, alpha), the training dtype, the targets' layout and
     the base model's identity. The trainable values themselves are in the manifest."""
     name = _get(run_config, "method.name")
-    fields = {key: _get(run_config, key) for key in drift_keys(name if isinstance(name, str) else "?")
-              if key != "model.path"}
+    fields = {
+        key: _get(run_config, key) for key in drift_keys(name if isinstance(name, str) else "?") if key != "model.path"
+    }
     fields.update(dtype=state.get("dtype"), layout=state.get("layout"), base_identity=state.get("base_identity"))
     return fields
 
@@ -221,17 +237,21 @@ def check_base(summary: Summary, model_path, where) -> None:
     (edited or replaced in place: model.path itself is a drift key)."""
     rec = summary.state.get("base_identity")
     if not ident.is_identity(rec):
-        return   # an earlier version's checkpoint: nothing recorded to compare with
+        return  # an earlier version's checkpoint: nothing recorded to compare with
     why = ident.differs(rec, ident.identity(model_path))
     if why:
         merged = ident.merge_record(model_path)
         raise CheckpointError(
             f"{where('model.path')}: model.path {str(model_path)!r} is not the base model checkpoint "
             f"{summary.path.name} was trained on: {why}"
-            + (f"; it is now a merged model ({ident.MERGE_RECORD}) holding {ident.merged_what(merged)}"
-               if merged is not None else "; its weights were changed in place since")
+            + (
+                f"; it is now a merged model ({ident.MERGE_RECORD}) holding {ident.merged_what(merged)}"
+                if merged is not None
+                else "; its weights were changed in place since"
+            )
             + ". The saved trainable state belongs to the old weights: restore them, or start a new run in "
-              "another output_dir")
+            "another output_dir"
+        )
 
 
 def _get(tree: dict, dotted: str):
@@ -284,7 +304,7 @@ def restore_optimizer_state(engine, params: dict, state: dict[str, torch.Tensor]
     for pname, param in params.items():
         for key, name in ((None, "master"), ("exp_avg", "exp_avg"), ("exp_avg_sq", "exp_avg_sq")):
             part, start, valid = _hp_partition(engine, param, key)
-            part.data[:valid].copy_(state[f"{pname}::{name}"][start:start + valid].to(part.device, part.dtype))
+            part.data[:valid].copy_(state[f"{pname}::{name}"][start : start + valid].to(part.device, part.dtype))
     for s in engine.optimizer.optimizer.state.values():
         if "step" in s:
             s["step"] = torch.full_like(s["step"], step) if torch.is_tensor(s["step"]) else step
@@ -299,10 +319,11 @@ def restore_optimizer_state(engine, params: dict, state: dict[str, torch.Tensor]
 @dataclass
 class Checkpoint:
     """A verified checkpoint read from disk: what exports and tools need of it."""
+
     path: Path
-    tensors: dict[str, torch.Tensor]   # trainable parameter name -> working value (fp32, flat)
-    state: dict                        # state.json
-    run_config: dict                   # run_config.yaml
+    tensors: dict[str, torch.Tensor]  # trainable parameter name -> working value (fp32, flat)
+    state: dict  # state.json
+    run_config: dict  # run_config.yaml
 
     @property
     def dtype(self) -> torch.dtype | None:
@@ -336,7 +357,7 @@ def read(ckpt: Path) -> Checkpoint:
     info = inspect(Path(ckpt))
     try:
         full = load_file(str(info.path / STATE_FILE))
-    except Exception as exc:   # verified bytes that still do not parse: written by something else
+    except Exception as exc:  # verified bytes that still do not parse: written by something else
         raise CheckpointError(f"{info.path / STATE_FILE}: unreadable ({type(exc).__name__}: {exc})") from None
     return Checkpoint(info.path, {k: v for k, v in full.items() if "::" not in k}, info.state, info.run_config)
 
@@ -362,7 +383,8 @@ def _agree_or_fail(error: str | None, tmp: Path, final: Path, root: Path, device
     raise CheckpointWriteError(
         f"checkpoint {final.name} could not be written (rank {first[0]}: {first[1]}); nothing of it "
         f"was kept, the earlier checkpoints are intact (latest: {latest or 'none yet'}). Free space (or fix "
-        f"the folder) and resume with train.resume=auto")
+        f"the folder) and resume with train.resume=auto"
+    )
 
 
 def save(engine, params: dict, root: Path, step: int, extra: dict, run_config_yaml: str, keep_last: int) -> Path:
@@ -404,11 +426,17 @@ def save(engine, params: dict, root: Path, step: int, extra: dict, run_config_ya
             if rank == 0:
                 current = tmp / STATE_FILE
                 save_file(full, str(current))
-                state = {"step": step, "adam_step": adam_step(engine), "world": world,
-                         "global_steps": engine.global_steps, "global_samples": engine.global_samples,
-                         "micro_steps": engine.micro_steps,
-                         "scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler else None, **extra}
-                if "base_identity" in state:   # the digest of what defines the delta, as written
+                state = {
+                    "step": step,
+                    "adam_step": adam_step(engine),
+                    "world": world,
+                    "global_steps": engine.global_steps,
+                    "global_samples": engine.global_samples,
+                    "micro_steps": engine.micro_steps,
+                    "scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler else None,
+                    **extra,
+                }
+                if "base_identity" in state:  # the digest of what defines the delta, as written
                     import yaml
 
                     state["digest"] = ident.digest(delta_fields(state, yaml.safe_load(run_config_yaml)))
@@ -418,7 +446,7 @@ def save(engine, params: dict, root: Path, step: int, extra: dict, run_config_ya
                 current.write_text(run_config_yaml)
         except Exception as exc:
             error = describe_failure(exc, current)
-        _agree_or_fail(error, tmp, final, root, device)   # every rank's RNG file is in
+        _agree_or_fail(error, tmp, final, root, device)  # every rank's RNG file is in
         try:
             if rank == 0:
                 files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
@@ -433,7 +461,7 @@ def save(engine, params: dict, root: Path, step: int, extra: dict, run_config_ya
             error = describe_failure(exc, current)
         _agree_or_fail(error, tmp, final, root, device)
     except BaseException:
-        if rank == 0:   # interrupted (Ctrl-C) or failed: no half-written folder stays behind
+        if rank == 0:  # interrupted (Ctrl-C) or failed: no half-written folder stays behind
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     if rank == 0:
@@ -456,11 +484,12 @@ def load(engine, params: dict, ckpt: Path) -> dict:
     full = load_file(str(ckpt / STATE_FILE))
     for pname, param in params.items():
         if pname not in full:
-            raise CheckpointError(f"{ckpt}: no state for trainable parameter {pname!r} "
-                                  f"(the checkpoint has {sorted(k for k in full if '::' not in k)[:5]}...)")
+            raise CheckpointError(
+                f"{ckpt}: no state for trainable parameter {pname!r} "
+                f"(the checkpoint has {sorted(k for k in full if '::' not in k)[:5]}...)"
+            )
         if full[pname].numel() != param.ds_numel:
-            raise CheckpointError(f"{ckpt}: {pname} has {full[pname].numel()} entries, this run has "
-                                  f"{param.ds_numel}")
+            raise CheckpointError(f"{ckpt}: {pname} has {full[pname].numel()} entries, this run has {param.ds_numel}")
     restore_optimizer_state(engine, params, full, state["adam_step"])
     # Counters in this run's terms: with another number of ranks the accumulation
     # boundary (micro_steps % grad_accum) must still fall after every grad_accum micro-batches.

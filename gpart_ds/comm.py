@@ -3,6 +3,7 @@
 Each works in a world of one (no process group) as the identity, so single-process tools
 (the offline export, evaluation, tests) call the same code as a 64-rank job.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -57,8 +58,7 @@ def check_identical(t: torch.Tensor, what: str, device=None) -> None:
     is a bug that must fail loudly, not be saved)."""
     if world() == 1:
         return
-    digest = int.from_bytes(hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).digest()[:7],
-                            "little")
+    digest = int.from_bytes(hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).digest()[:7], "little")
     mine = torch.tensor([digest], dtype=torch.int64, device=device)
     every = [torch.zeros_like(mine) for _ in range(world())]
     dist.all_gather(every, mine)
@@ -83,9 +83,11 @@ def gather_objects(obj) -> list:
 
 
 # What gloo and NCCL say in the surviving ranks when a peer process is gone.
-_PEER_LOST = re.compile(r"connection (reset|closed) by peer|broken pipe|NCCL communicator was aborted|"
-                        r"remote process exited|ncclRemoteError|socket closed|unable to write to socket",
-                        re.IGNORECASE)
+_PEER_LOST = re.compile(
+    r"connection (reset|closed) by peer|broken pipe|NCCL communicator was aborted|"
+    r"remote process exited|ncclRemoteError|socket closed|unable to write to socket",
+    re.IGNORECASE,
+)
 
 
 def peer_lost(exc: BaseException) -> bool:

@@ -19,6 +19,7 @@ bytes per rank with the traffic model of gpart_ds.plan.cluster (the same formula
 planner predicts with), so a measured figure and a planned one are comparable exactly.
 Nothing here changes what a collective does.
 """
+
 from __future__ import annotations
 
 import functools
@@ -32,23 +33,52 @@ ENV = "GPART_COUNT_COMM"
 
 # name -> (kind, function(args, kwargs) -> payload bytes)
 _KINDS = {
-    "all_reduce": "all_reduce", "all_reduce_coalesced": "all_reduce",
-    "all_gather_into_tensor": "all_gather", "_all_gather_base": "all_gather", "all_gather": "all_gather",
+    "all_reduce": "all_reduce",
+    "all_reduce_coalesced": "all_reduce",
+    "all_gather_into_tensor": "all_gather",
+    "_all_gather_base": "all_gather",
+    "all_gather": "all_gather",
     "all_gather_coalesced": "all_gather",
-    "reduce_scatter_tensor": "reduce_scatter", "_reduce_scatter_base": "reduce_scatter",
+    "reduce_scatter_tensor": "reduce_scatter",
+    "_reduce_scatter_base": "reduce_scatter",
     "reduce_scatter": "reduce_scatter",
-    "broadcast": "broadcast", "reduce": "reduce",
-    "all_to_all_single": "all_to_all", "all_to_all": "all_to_all",
-    "gather": "all_to_all", "scatter": "all_to_all",
-    "send": "p2p", "recv": "p2p", "isend": "p2p", "irecv": "p2p",
-    "barrier": "barrier", "monitored_barrier": "barrier",
+    "broadcast": "broadcast",
+    "reduce": "reduce",
+    "all_to_all_single": "all_to_all",
+    "all_to_all": "all_to_all",
+    "gather": "all_to_all",
+    "scatter": "all_to_all",
+    "send": "p2p",
+    "recv": "p2p",
+    "isend": "p2p",
+    "irecv": "p2p",
+    "barrier": "barrier",
+    "monitored_barrier": "barrier",
 }
 # positional index of the group argument, where torch puts it
-_GROUP_POS = {"all_reduce": 2, "all_reduce_coalesced": 2, "all_gather_into_tensor": 2, "_all_gather_base": 2,
-              "all_gather": 2, "all_gather_coalesced": 2, "reduce_scatter_tensor": 3,
-              "_reduce_scatter_base": 3, "reduce_scatter": 3, "broadcast": 2, "reduce": 3,
-              "all_to_all_single": 4, "all_to_all": 2, "gather": 3, "scatter": 3,
-              "send": 2, "recv": 2, "isend": 2, "irecv": 2, "barrier": 0, "monitored_barrier": 0}
+_GROUP_POS = {
+    "all_reduce": 2,
+    "all_reduce_coalesced": 2,
+    "all_gather_into_tensor": 2,
+    "_all_gather_base": 2,
+    "all_gather": 2,
+    "all_gather_coalesced": 2,
+    "reduce_scatter_tensor": 3,
+    "_reduce_scatter_base": 3,
+    "reduce_scatter": 3,
+    "broadcast": 2,
+    "reduce": 3,
+    "all_to_all_single": 4,
+    "all_to_all": 2,
+    "gather": 3,
+    "scatter": 3,
+    "send": 2,
+    "recv": 2,
+    "isend": 2,
+    "irecv": 2,
+    "barrier": 0,
+    "monitored_barrier": 0,
+}
 
 
 def _nbytes(t) -> int:
@@ -104,7 +134,7 @@ class Counter:
         import torch.distributed as dist
 
         group = _arg(args, kwargs, _GROUP_POS[name], "group")
-        if not hasattr(group, "size"):   # None, or a positional argument that is not a group
+        if not hasattr(group, "size"):  # None, or a positional argument that is not a group
             group = None
         if name in ("send", "recv", "isend", "irecv"):
             peer = _arg(args, kwargs, 1, "dst", "src")
@@ -112,8 +142,9 @@ class Counter:
             return tuple(sorted({dist.get_rank(), peer})) if peer is not None else (dist.get_rank(),)
         key = id(group)
         if key not in self._groups:
-            self._groups[key] = tuple(dist.get_process_group_ranks(group) if group is not None
-                                      else range(dist.get_world_size()))
+            self._groups[key] = tuple(
+                dist.get_process_group_ranks(group) if group is not None else range(dist.get_world_size())
+            )
         return self._groups[key]
 
     def wrap(self, name: str, fn):
@@ -138,9 +169,17 @@ class Counter:
         return counted
 
     def to_json(self) -> list[dict]:
-        return [{"phase": p, "kind": k, "group": list(g), "calls": r["calls"], "bytes": r["bytes"],
-                 "sizes": {str(s): n for s, n in sorted(r["sizes"].items())}}
-                for (p, k, g), r in self.records.items()]
+        return [
+            {
+                "phase": p,
+                "kind": k,
+                "group": list(g),
+                "calls": r["calls"],
+                "bytes": r["bytes"],
+                "sizes": {str(s): n for s, n in sorted(r["sizes"].items())},
+            }
+            for (p, k, g), r in self.records.items()
+        ]
 
 
 _COUNTER: Counter | None = None
@@ -187,8 +226,10 @@ def dump(out_dir: str | Path, rank: int, nodes: list[list[int]], extra: dict | N
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"comm-rank{rank}.json"
-    write_atomic(path, json.dumps({"rank": rank, "nodes": nodes, **(extra or {}),
-                                   "records": _COUNTER.to_json()}, indent=1) + "\n")
+    write_atomic(
+        path,
+        json.dumps({"rank": rank, "nodes": nodes, **(extra or {}), "records": _COUNTER.to_json()}, indent=1) + "\n",
+    )
     return path
 
 
@@ -205,8 +246,11 @@ def finish(out_dir: str | Path, placement) -> dict:
     per_phase = summarize(load(out_dir)[0])
     steps = step_phases(per_phase)
     last = per_phase[steps[-1]] if steps else {"intra": 0.0, "inter": 0.0}
-    return {"comm_dir": str(out_dir), "comm_inter_node_bytes_last_step": last["inter"],
-            "comm_intra_node_bytes_last_step": last["intra"]}
+    return {
+        "comm_dir": str(out_dir),
+        "comm_inter_node_bytes_last_step": last["inter"],
+        "comm_intra_node_bytes_last_step": last["intra"],
+    }
 
 
 # ---------------------------------------------------------------- reading the dumps
@@ -256,15 +300,18 @@ def report(comm_dir: str | Path) -> str:
     phases = list(dict.fromkeys(p for s in per_rank for p in s))
     steps = [p for p in phases if p.startswith("step ")]
     others = [p for p in phases if not p.startswith("step ")]
-    lines = [f"bytes moved per rank (max over {len(dumps)} ranks; nodes {dumps[0]['nodes']}, "
-             f"frozen groups {dumps[0].get('frozen_groups')}), traffic model of gpart_ds.plan.cluster:",
-             f"  {'phase':<12}{'inter-node':>14}{'intra-node':>14}   payload by collective/span (rank 0)"]
+    lines = [
+        f"bytes moved per rank (max over {len(dumps)} ranks; nodes {dumps[0]['nodes']}, "
+        f"frozen groups {dumps[0].get('frozen_groups')}), traffic model of gpart_ds.plan.cluster:",
+        f"  {'phase':<12}{'inter-node':>14}{'intra-node':>14}   payload by collective/span (rank 0)",
+    ]
     for p in sorted(steps, key=lambda p: int(p.split()[1])) + others:
         inter = max(s.get(p, {}).get("inter", 0.0) for s in per_rank)
         intra = max(s.get(p, {}).get("intra", 0.0) for s in per_rank)
         pay = per_rank[0].get(p, {}).get("payload", {})
-        lines.append(f"  {p:<12}{inter:>14,.0f}{intra:>14,.0f}   "
-                     + ", ".join(f"{k} {v:,}" for k, v in sorted(pay.items())))
+        lines.append(
+            f"  {p:<12}{inter:>14,.0f}{intra:>14,.0f}   " + ", ".join(f"{k} {v:,}" for k, v in sorted(pay.items()))
+        )
     return "\n".join(lines)
 
 

@@ -21,6 +21,7 @@ consumes the s-th block of micro_batch * grad_accum * world examples and micro-b
 m = accum_index * world + rank of it goes to one rank, so the same global batch gives
 the same update on any number of ranks.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -39,8 +40,14 @@ log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 FORMATS = ("auto", "prompt_completion", "chat", "text")
 _CACHE_VERSION = 1
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
-                    "special_tokens_map.json", "chat_template.jinja", "chat_template.json")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 
 
 class DataError(UserError):
@@ -51,7 +58,7 @@ class DataError(UserError):
 class Example:
     input_ids: list[int]
     labels: list[int]
-    position_ids: list[int] | None = None   # set for packed sequences
+    position_ids: list[int] | None = None  # set for packed sequences
     # objective "choices": one [position, token of choice 1, token of choice 2, ...] per
     # decision, position = index of the answer's first token in input_ids.
     choices: list[list[int]] | None = None
@@ -60,13 +67,15 @@ class Example:
 # ------------------------------------------------------------------ reading
 def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
     out = []
-    with open(path, "rb") as fh:   # bytes: a line that is not UTF-8 is named, not a traceback
+    with open(path, "rb") as fh:  # bytes: a line that is not UTF-8 is named, not a traceback
         for lineno, raw in enumerate(fh, 1):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {raw[exc.start]:#04x} at column "
-                                f"{exc.start + 1}); save the file as UTF-8") from None
+                raise DataError(
+                    f"{path}:{lineno}: not UTF-8 text (byte {raw[exc.start]:#04x} at column "
+                    f"{exc.start + 1}); save the file as UTF-8"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -120,8 +129,10 @@ def detect_format(records: list[tuple[str, dict]], path) -> str:
         return "prompt_completion"
     if "text" in keys:
         return "text"
-    raise DataError(f"{records[0][0]}: cannot tell the record format from keys {sorted(keys)}; "
-                    "expected prompt+completion, messages, or text (or set data.format)")
+    raise DataError(
+        f"{records[0][0]}: cannot tell the record format from keys {sorted(keys)}; "
+        "expected prompt+completion, messages, or text (or set data.format)"
+    )
 
 
 def _need_str(where: str, rec: dict, key: str) -> None:
@@ -143,8 +154,7 @@ def validate(records: list[tuple[str, dict]], fmt: str) -> None:
             if not isinstance(msgs, list) or not msgs:
                 raise DataError(f"{where}: 'messages' must be a non-empty list")
             for i, m in enumerate(msgs):
-                if not (isinstance(m, dict) and isinstance(m.get("role"), str)
-                        and isinstance(m.get("content"), str)):
+                if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
                     raise DataError(f"{where}: messages[{i}] must be {{'role': str, 'content': str}}")
             if not any(m["role"] == "assistant" for m in msgs):
                 raise DataError(f"{where}: no assistant message, nothing to learn from")
@@ -176,10 +186,12 @@ def has_chat_template(tokenizer) -> bool:
 
 
 def no_template_error(where: str, tokenizer, why: str) -> DataError:
-    return DataError(f"{where}: {why}, but the tokenizer of {tokenizer_source(tokenizer)} has no chat template "
-                     "(no chat_template in its tokenizer_config.json or chat_template.jinja); use a model whose "
-                     "tokenizer has one, add one there, or use prompt/completion records with "
-                     "data.chat_template false")
+    return DataError(
+        f"{where}: {why}, but the tokenizer of {tokenizer_source(tokenizer)} has no chat template "
+        "(no chat_template in its tokenizer_config.json or chat_template.jinja); use a model whose "
+        "tokenizer has one, add one there, or use prompt/completion records with "
+        "data.chat_template false"
+    )
 
 
 def apply_template(tokenizer, messages, where: str, generation_prompt: bool = False) -> list[int]:
@@ -188,19 +200,25 @@ def apply_template(tokenizer, messages, where: str, generation_prompt: bool = Fa
     order it does not allow: templates call raise_exception), names the record and the
     model instead of a Jinja traceback."""
     if not has_chat_template(tokenizer):
-        raise no_template_error(where, tokenizer, "chat records (or data.chat_template) are rendered with the "
-                                "tokenizer's chat template")
+        raise no_template_error(
+            where, tokenizer, "chat records (or data.chat_template) are rendered with the tokenizer's chat template"
+        )
     try:
         from jinja2 import TemplateError
-    except ImportError:   # transformers renders templates with jinja2; without it nothing renders
-        TemplateError = ()   # noqa: N806
+    except ImportError:  # transformers renders templates with jinja2; without it nothing renders
+        TemplateError = ()  # noqa: N806
     try:
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt,
-                                                  tokenize=True, return_dict=False))
+        return list(
+            tokenizer.apply_chat_template(
+                messages, add_generation_prompt=generation_prompt, tokenize=True, return_dict=False
+            )
+        )
     except TemplateError as exc:
         roles = [m.get("role") for m in messages if isinstance(m, dict)]
-        raise DataError(f"{where}: the chat template of {tokenizer_source(tokenizer)} refuses this conversation "
-                        f"(roles {roles}): {exc}") from None
+        raise DataError(
+            f"{where}: the chat template of {tokenizer_source(tokenizer)} refuses this conversation "
+            f"(roles {roles}): {exc}"
+        ) from None
 
 
 def prompt_ids(tokenizer, prompt: str, chat_template: bool, where: str = "?") -> list[int]:
@@ -224,11 +242,15 @@ def check_template(path, fmt: str, chat_template: bool, tokenizer) -> None:
     # first, at its file:line: it is wrong whatever the template, and the more precise.
     load(path, fmt)
     if chat_template:
-        raise no_template_error(f"{path}", tokenizer, "data.chat_template is true (prompts are rendered as a chat "
-                                "turn)")
+        raise no_template_error(
+            f"{path}", tokenizer, "data.chat_template is true (prompts are rendered as a chat turn)"
+        )
     if fmt == "chat" or (fmt == "auto" and "messages" in _first_record(path)):
-        raise no_template_error(f"{path}", tokenizer, "its records are chat conversations (messages), rendered "
-                                "with the tokenizer's chat template")
+        raise no_template_error(
+            f"{path}",
+            tokenizer,
+            "its records are chat conversations (messages), rendered with the tokenizer's chat template",
+        )
 
 
 def _first_record(path) -> dict:
@@ -257,10 +279,12 @@ def _chat_example(tokenizer, where: str, messages: list[dict]) -> Example:
         start = len(_render(tokenizer, messages[:i], generation_prompt=True, where=where)) if i else 0
         upto = _render(tokenizer, messages[: i + 1], where=where)
         if ids[: len(upto)] != upto:
-            raise DataError(f"{where}: the tokenizer's chat template is not prefix-stable "
-                            "(rendering a conversation changes its earlier turns), so "
-                            "assistant turns cannot be located; use prompt/completion records")
-        labels[start: len(upto)] = ids[start: len(upto)]
+            raise DataError(
+                f"{where}: the tokenizer's chat template is not prefix-stable "
+                "(rendering a conversation changes its earlier turns), so "
+                "assistant turns cannot be located; use prompt/completion records"
+            )
+        labels[start : len(upto)] = ids[start : len(upto)]
     return Example(ids, labels)
 
 
@@ -271,13 +295,23 @@ def _decision(rec: dict, tokenizer, pos: int, where: str) -> list[int]:
         raise DataError(f"{where}: train.objective 'choices' needs a 'choices' list containing the completion")
     firsts = [(tokenizer(c, add_special_tokens=False)["input_ids"] or [None])[0] for c in choices]
     if None in firsts or len(set(firsts)) != len(firsts):
-        raise DataError(f"{where}: choices {choices!r} do not differ in their first token, which the "
-                        "'choices' objective scores; use train.objective lm")
+        raise DataError(
+            f"{where}: choices {choices!r} do not differ in their first token, which the "
+            "'choices' objective scores; use train.objective lm"
+        )
     return [pos] + firsts
 
 
-def tokenize_record(rec: dict, fmt: str, tokenizer, max_length: int, chat_template: bool = False,
-                    where: str = "?", add_eos: bool = True, choice_loss: bool = False) -> Example:
+def tokenize_record(
+    rec: dict,
+    fmt: str,
+    tokenizer,
+    max_length: int,
+    chat_template: bool = False,
+    where: str = "?",
+    add_eos: bool = True,
+    choice_loss: bool = False,
+) -> Example:
     """One record as token ids and labels, at full length (see fit_length)."""
     if choice_loss and fmt != "prompt_completion":
         raise DataError(f"{where}: train.objective 'choices' needs prompt/completion records, not {fmt}")
@@ -315,7 +349,7 @@ def fit_length(ex: Example, max_length: int) -> Example:
     if ex.choices is not None:
         out.choices = [[pos - cut] + ids for pos, *ids in ex.choices if pos - cut >= 1]
         if not out.choices:
-            return None   # the answer itself would be cut: nothing left to score
+            return None  # the answer itself would be cut: nothing left to score
     return out
 
 
@@ -323,10 +357,12 @@ def limit_lengths(exs: list[tuple[str, Example]], max_length: int, mode: str, pa
     """Apply data.too_long to records longer than max_length; returns (examples, dropped)."""
     long = [w for w, e in exs if len(e.input_ids) > max_length]
     if long and mode == "error":
-        raise DataError(f"{long[0]}: {len(long)} of {len(exs)} records in {path} are longer than "
-                        f"data.max_length={max_length} tokens (first here); raise data.max_length, or set "
-                        "data.too_long=skip (drop them, counted in the log) or data.too_long=truncate_left "
-                        "(drop the prompt's oldest tokens)")
+        raise DataError(
+            f"{long[0]}: {len(long)} of {len(exs)} records in {path} are longer than "
+            f"data.max_length={max_length} tokens (first here); raise data.max_length, or set "
+            "data.too_long=skip (drop them, counted in the log) or data.too_long=truncate_left "
+            "(drop the prompt's oldest tokens)"
+        )
     out, dropped = [], 0
     for _, e in exs:
         if len(e.input_ids) > max_length:
@@ -361,8 +397,9 @@ def pack(examples: list[Example], max_length: int) -> list[Example]:
 
 
 # ------------------------------------------------------------------ cache
-def cache_key(path, tokenizer_dir, fmt, max_length, packing, chat_template, add_eos=True,
-              choice_loss=False, too_long="error") -> str:
+def cache_key(
+    path, tokenizer_dir, fmt, max_length, packing, chat_template, add_eos=True, choice_loss=False, too_long="error"
+) -> str:
     h = hashlib.sha256()
     hash_file(h, Path(path))
     for name in _TOKENIZER_FILES:
@@ -370,9 +407,13 @@ def cache_key(path, tokenizer_dir, fmt, max_length, packing, chat_template, add_
         if p.is_file():
             h.update(name.encode())
             hash_file(h, p)
-    h.update(json.dumps([_CACHE_VERSION, fmt, max_length, bool(packing), bool(chat_template),
-                         bool(add_eos)] + ([True] if choice_loss else [])
-                        + ([too_long] if too_long != "error" else [])).encode())
+    h.update(
+        json.dumps(
+            [_CACHE_VERSION, fmt, max_length, bool(packing), bool(chat_template), bool(add_eos)]
+            + ([True] if choice_loss else [])
+            + ([too_long] if too_long != "error" else [])
+        ).encode()
+    )
     return h.hexdigest()[:24]
 
 
@@ -400,9 +441,20 @@ class TokenizedSet:
         return any(any(x != IGNORE_INDEX for x in labels) for labels in self.ds["labels"])
 
 
-def tokenized(path, tokenizer, tokenizer_dir, *, fmt="auto", max_length=512, packing=False,
-              chat_template=False, add_eos=True, cache_dir=".cache/tokenized",
-              choice_loss=False, too_long="error") -> TokenizedSet:
+def tokenized(
+    path,
+    tokenizer,
+    tokenizer_dir,
+    *,
+    fmt="auto",
+    max_length=512,
+    packing=False,
+    chat_template=False,
+    add_eos=True,
+    cache_dir=".cache/tokenized",
+    choice_loss=False,
+    too_long="error",
+) -> TokenizedSet:
     """Tokenise `path` once (cached, shared by every rank on the file system) and load it.
 
     A cache entry that no longer loads (a truncated or deleted file) is rebuilt.
@@ -416,11 +468,12 @@ def tokenized(path, tokenizer, tokenizer_dir, *, fmt="auto", max_length=512, pac
         if not (final / ".complete").exists():
             with file_lock(Path(cache_dir) / f".{final.name}.lock"):
                 if not (final / ".complete").exists():
-                    _build_cache(final, path, tokenizer, fmt, max_length, packing, chat_template, add_eos,
-                                 choice_loss, too_long)
+                    _build_cache(
+                        final, path, tokenizer, fmt, max_length, packing, chat_template, add_eos, choice_loss, too_long
+                    )
         try:
             return TokenizedSet(datasets.load_from_disk(str(final / "data")))
-        except Exception as exc:   # pyarrow/datasets raise many types for a damaged file
+        except Exception as exc:  # pyarrow/datasets raise many types for a damaged file
             if attempt:
                 raise DataError(f"{final}: the tokenised cache cannot be read even after a rebuild ({exc})") from None
             log.warning("tokenised cache %s is damaged (%s); rebuilding it", final, exc)
@@ -428,17 +481,26 @@ def tokenized(path, tokenizer, tokenizer_dir, *, fmt="auto", max_length=512, pac
                 (final / ".complete").unlink(missing_ok=True)
 
 
-def _build_cache(final: Path, path, tokenizer, fmt, max_length, packing, chat_template, add_eos,
-                 choice_loss, too_long) -> None:
+def _build_cache(
+    final: Path, path, tokenizer, fmt, max_length, packing, chat_template, add_eos, choice_loss, too_long
+) -> None:
     import datasets
 
     records, resolved = load(path, fmt)
-    exs = [(where, tokenize_record(r, resolved, tokenizer, max_length, chat_template, where, add_eos, choice_loss))
-           for where, r in records]
+    exs = [
+        (where, tokenize_record(r, resolved, tokenizer, max_length, chat_template, where, add_eos, choice_loss))
+        for where, r in records
+    ]
     exs, dropped = limit_lengths(exs, max_length, too_long, path)
     if dropped:
-        log.warning("%s: %d of %d records are longer than data.max_length=%d and were %s", path, dropped,
-                    len(records), max_length, "skipped" if too_long == "skip" else "dropped (answer cut)")
+        log.warning(
+            "%s: %d of %d records are longer than data.max_length=%d and were %s",
+            path,
+            dropped,
+            len(records),
+            max_length,
+            "skipped" if too_long == "skip" else "dropped (answer cut)",
+        )
     if not exs:
         raise DataError(f"{path}: no record is left within data.max_length={max_length} tokens")
     if packing:
@@ -450,10 +512,22 @@ def _build_cache(final: Path, path, tokenizer, fmt, max_length, packing, chat_te
         cols["choices"] = [e.choices for e in exs]
     with atomic_dir(final) as tmp:
         datasets.Dataset.from_dict(cols).save_to_disk(str(tmp / "data"))
-        (tmp / "meta.json").write_text(json.dumps(
-            {"source": str(Path(path).resolve()), "format": resolved, "max_length": max_length,
-             "packing": packing, "chat_template": chat_template, "add_eos": add_eos, "too_long": too_long,
-             "records": len(records), "dropped": dropped, "examples": len(exs)}))
+        (tmp / "meta.json").write_text(
+            json.dumps(
+                {
+                    "source": str(Path(path).resolve()),
+                    "format": resolved,
+                    "max_length": max_length,
+                    "packing": packing,
+                    "chat_template": chat_template,
+                    "add_eos": add_eos,
+                    "too_long": too_long,
+                    "records": len(records),
+                    "dropped": dropped,
+                    "examples": len(exs),
+                }
+            )
+        )
         (tmp / ".complete").write_text("ok\n")
 
 
@@ -465,8 +539,8 @@ def left_padded(seqs: list[list[int]], pad_id: int, device) -> dict[str, torch.T
     ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), n), dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, n - len(s):] = torch.tensor(s)
-        mask[i, n - len(s):] = 1
+        ids[i, n - len(s) :] = torch.tensor(s)
+        mask[i, n - len(s) :] = 1
     pos = (mask.cumsum(1) - 1).clamp(min=0)
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": pos.to(device)}
 
@@ -506,7 +580,7 @@ def choice_tensors(examples: list[Example]) -> dict[str, torch.Tensor]:
     index = torch.tensor([[i, p] for i, p, _ in rows], dtype=torch.long).reshape(-1, 2)
     cand = torch.full((len(rows), k), -1, dtype=torch.long)
     for j, (_, _, c) in enumerate(rows):
-        cand[j, :len(c)] = torch.tensor(c)
+        cand[j, : len(c)] = torch.tensor(c)
     return {"choice_index": index, "choice_ids": cand}
 
 

@@ -14,6 +14,7 @@ Where the ranks come from, first match wins:
 4. An MPI launcher without mpi4py: the launcher's rank variables, MASTER_ADDR/PORT given.
 5. Otherwise a world of one.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -56,14 +57,19 @@ class Ranks:
     local_world: int
     master_addr: str
     master_port: int
-    source: str          # which launcher the values came from, for the log
+    source: str  # which launcher the values came from, for the log
 
     def as_env(self) -> dict[str, str]:
         # LOCAL_SIZE: DeepSpeed's CPU accelerator and shm comm op read it (its launcher sets it).
-        return {"RANK": str(self.rank), "WORLD_SIZE": str(self.world),
-                "LOCAL_RANK": str(self.local_rank), "LOCAL_WORLD_SIZE": str(self.local_world),
-                "LOCAL_SIZE": str(self.local_world), "MASTER_ADDR": self.master_addr,
-                "MASTER_PORT": str(self.master_port)}
+        return {
+            "RANK": str(self.rank),
+            "WORLD_SIZE": str(self.world),
+            "LOCAL_RANK": str(self.local_rank),
+            "LOCAL_WORLD_SIZE": str(self.local_world),
+            "LOCAL_SIZE": str(self.local_world),
+            "MASTER_ADDR": self.master_addr,
+            "MASTER_PORT": str(self.master_port),
+        }
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -89,8 +95,7 @@ def first_host(nodelist: str) -> str:
     on PATH (a container inside the job).
     """
     if shutil.which("scontrol"):
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
-                             text=True, timeout=30)
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30)
         if out.returncode == 0 and out.stdout.split():
             return out.stdout.split()[0]
     return parse_first_host(nodelist)
@@ -124,11 +129,20 @@ def _from_torch_env(env: Mapping[str, str]) -> Ranks:
     world = int(env["WORLD_SIZE"])
     addr, port = env.get("MASTER_ADDR"), _int(env, "MASTER_PORT")
     if world > 1 and (not addr or port is None):
-        raise LaunchError(f"RANK/WORLD_SIZE are set (world {world}) but MASTER_ADDR/MASTER_PORT "
-                          "are not: export both (the head node's address and a free port)")
+        raise LaunchError(
+            f"RANK/WORLD_SIZE are set (world {world}) but MASTER_ADDR/MASTER_PORT "
+            "are not: export both (the head node's address and a free port)"
+        )
     local_world = _int(env, "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE") or 1
-    return Ranks(int(env["RANK"]), world, _int(env, "LOCAL_RANK") or 0, local_world,
-                 addr or "127.0.0.1", port if port is not None else free_port(), "torch-style variables")
+    return Ranks(
+        int(env["RANK"]),
+        world,
+        _int(env, "LOCAL_RANK") or 0,
+        local_world,
+        addr or "127.0.0.1",
+        port if port is not None else free_port(),
+        "torch-style variables",
+    )
 
 
 def _from_mpi4py(env: Mapping[str, str], comm) -> Ranks:
@@ -149,14 +163,23 @@ def _from_mpi4py(env: Mapping[str, str], comm) -> Ranks:
 
 def _from_slurm(env: Mapping[str, str]) -> Ranks:
     world = _int(env, "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS") or 1
-    local_world = (_int(env, "SLURM_NTASKS_PER_NODE")
-                   or tasks_on_node(env.get("SLURM_STEP_TASKS_PER_NODE", ""), _int(env, "SLURM_NODEID") or 0)
-                   or 1)
+    local_world = (
+        _int(env, "SLURM_NTASKS_PER_NODE")
+        or tasks_on_node(env.get("SLURM_STEP_TASKS_PER_NODE", ""), _int(env, "SLURM_NODEID") or 0)
+        or 1
+    )
     nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
     addr = env.get("MASTER_ADDR") or first_host(nodes)
     port = _int(env, "MASTER_PORT") or slurm_port(env)
-    return Ranks(int(env["SLURM_PROCID"]), world, _int(env, "SLURM_LOCALID") or 0, local_world,
-                 addr, port, "SLURM step variables")
+    return Ranks(
+        int(env["SLURM_PROCID"]),
+        world,
+        _int(env, "SLURM_LOCALID") or 0,
+        local_world,
+        addr,
+        port,
+        "SLURM step variables",
+    )
 
 
 def _from_mpi_env(env: Mapping[str, str]) -> Ranks:
@@ -165,13 +188,22 @@ def _from_mpi_env(env: Mapping[str, str]) -> Ranks:
     addr, port = env.get("MASTER_ADDR"), _int(env, "MASTER_PORT")
     if rank is None or world is None or (world > 1 and (not addr or port is None)):
         found = ", ".join(k for k in _MPI_MARKERS if k in env)
-        raise LaunchError(f"started by an MPI launcher ({found}) but mpi4py is not installed, so "
-                          "the ranks cannot agree on a master address: pip install 'gpart_ds[mpi]' "
-                          "(needs the system MPI), or export MASTER_ADDR and MASTER_PORT to every rank")
+        raise LaunchError(
+            f"started by an MPI launcher ({found}) but mpi4py is not installed, so "
+            "the ranks cannot agree on a master address: pip install 'gpart_ds[mpi]' "
+            "(needs the system MPI), or export MASTER_ADDR and MASTER_PORT to every rank"
+        )
     local_rank = _int(env, "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "MV2_COMM_WORLD_LOCAL_RANK") or 0
     local_world = _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "MV2_COMM_WORLD_LOCAL_SIZE") or 1
-    return Ranks(rank, world, local_rank, local_world, addr or "127.0.0.1",
-                 port if port is not None else free_port(), "MPI launcher variables")
+    return Ranks(
+        rank,
+        world,
+        local_rank,
+        local_world,
+        addr or "127.0.0.1",
+        port if port is not None else free_port(),
+        "MPI launcher variables",
+    )
 
 
 def _shared_memory_split():
@@ -206,8 +238,9 @@ def discover(env: Mapping[str, str] | None = None, mpi_comm=None) -> Ranks:
         return _from_slurm(env)
     if any(k in env for k in _MPI_MARKERS):
         return _from_mpi_env(env)
-    return Ranks(0, 1, 0, 1, env.get("MASTER_ADDR", "127.0.0.1"),
-                 _int(env, "MASTER_PORT") or free_port(), "single process")
+    return Ranks(
+        0, 1, 0, 1, env.get("MASTER_ADDR", "127.0.0.1"), _int(env, "MASTER_PORT") or free_port(), "single process"
+    )
 
 
 _COUNTS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_PORT")
@@ -233,16 +266,19 @@ def check_launch_env(env: Mapping[str, str] | None = None) -> int:
         vals[key] = int(raw)
     if ("RANK" in vals) != ("WORLD_SIZE" in vals):
         have, lack = ("RANK", "WORLD_SIZE") if "RANK" in vals else ("WORLD_SIZE", "RANK")
-        raise LaunchError(f"environment variable {have}={vals[have]} is set but {lack} is not: a launcher sets "
-                          f"both (each process would otherwise run alone, as rank 0 of 1, and every one would "
-                          f"write the same output_dir); set {lack} too, or unset {have}")
+        raise LaunchError(
+            f"environment variable {have}={vals[have]} is set but {lack} is not: a launcher sets "
+            f"both (each process would otherwise run alone, as rank 0 of 1, and every one would "
+            f"write the same output_dir); set {lack} too, or unset {have}"
+        )
     world = vals.get("WORLD_SIZE")
     if world is not None:
         if world < 1:
             raise LaunchError(f"environment variable WORLD_SIZE={world}: must be >= 1")
         if vals["RANK"] >= world:
-            raise LaunchError(f"environment variable RANK={vals['RANK']} is not below WORLD_SIZE={world} "
-                              f"(ranks are 0 .. {world - 1})")
+            raise LaunchError(
+                f"environment variable RANK={vals['RANK']} is not below WORLD_SIZE={world} (ranks are 0 .. {world - 1})"
+            )
     local_world = vals.get("LOCAL_WORLD_SIZE", vals.get("LOCAL_SIZE"))
     if local_world is not None:
         name = "LOCAL_WORLD_SIZE" if "LOCAL_WORLD_SIZE" in vals else "LOCAL_SIZE"
@@ -251,18 +287,20 @@ def check_launch_env(env: Mapping[str, str] | None = None) -> int:
         if world is not None and local_world > world:
             raise LaunchError(f"environment variable {name}={local_world} exceeds WORLD_SIZE={world}")
         if vals.get("LOCAL_RANK", 0) >= local_world:
-            raise LaunchError(f"environment variable LOCAL_RANK={vals['LOCAL_RANK']} is not below "
-                              f"{name}={local_world}")
+            raise LaunchError(f"environment variable LOCAL_RANK={vals['LOCAL_RANK']} is not below {name}={local_world}")
     if "MASTER_PORT" in vals and not 1 <= vals["MASTER_PORT"] <= 65535:
         raise LaunchError(f"environment variable MASTER_PORT={vals['MASTER_PORT']} is not a port (1 to 65535)")
     if world is not None and world > 1 and (not env.get("MASTER_ADDR") or "MASTER_PORT" not in vals):
-        raise LaunchError(f"RANK/WORLD_SIZE are set (world {world}) but MASTER_ADDR/MASTER_PORT "
-                          "are not: export both (the head node's address and a free port)")
+        raise LaunchError(
+            f"RANK/WORLD_SIZE are set (world {world}) but MASTER_ADDR/MASTER_PORT "
+            "are not: export both (the head node's address and a free port)"
+        )
     if world is not None:
         return world
     # The other launchers, in discover's order of trust (a SLURM batch script is no rank).
-    keys = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE") + \
-        (("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS") if "SLURM_STEP_ID" in env and "SLURM_PROCID" in env else ())
+    keys = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE") + (
+        ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS") if "SLURM_STEP_ID" in env and "SLURM_PROCID" in env else ()
+    )
     for key in keys:
         if env.get(key, "").strip().isdigit():
             return max(1, int(env[key]))
@@ -313,9 +351,10 @@ def init(backend: str = "auto", timeout_minutes: float = 60.0) -> Ranks:
         torch.cuda.set_device(ranks.local_rank % torch.cuda.device_count())
     else:
         share_cpu_threads()
-        clear_stale_build_lock()   # DeepSpeed JIT-builds its CPU comm op inside init_distributed
-    deepspeed.init_distributed(dist_backend=backend_for(backend), auto_mpi_discovery=False,
-                               timeout=datetime.timedelta(minutes=timeout_minutes))
+        clear_stale_build_lock()  # DeepSpeed JIT-builds its CPU comm op inside init_distributed
+    deepspeed.init_distributed(
+        dist_backend=backend_for(backend), auto_mpi_discovery=False, timeout=datetime.timedelta(minutes=timeout_minutes)
+    )
     if not torch.cuda.is_available():
         unlink_shm_buffer(ranks.rank)
     return ranks
@@ -361,7 +400,7 @@ def exit_process(code: int) -> NoReturn:
 
     if not (_STARTED or (dist.is_available() and dist.is_initialized())):
         sys.exit(code)
-    atexit._run_exitfuncs()   # what a normal exit would run, while Python is whole
+    atexit._run_exitfuncs()  # what a normal exit would run, while Python is whole
     # mpi4py finalises MPI from a C-level exit hook, which os._exit skips; mpirun reports
     # a rank that leaves without MPI_Finalize as a failed job.
     mpi = sys.modules.get("mpi4py.MPI")
@@ -370,7 +409,7 @@ def exit_process(code: int) -> NoReturn:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except (OSError, ValueError):   # a closed or broken pipe: nothing more to say
+        except (OSError, ValueError):  # a closed or broken pipe: nothing more to say
             pass
     os._exit(code)
 
@@ -381,8 +420,9 @@ def subgroup(groups, timeout_minutes: float = 60.0):
     this rank's."""
     import torch.distributed as dist
 
-    mine, _ = dist.new_subgroups_by_enumeration([list(g) for g in groups],
-                                                timeout=datetime.timedelta(minutes=timeout_minutes))
+    mine, _ = dist.new_subgroups_by_enumeration(
+        [list(g) for g in groups], timeout=datetime.timedelta(minutes=timeout_minutes)
+    )
     return mine
 
 
@@ -400,8 +440,10 @@ def unlink_shm_buffer(rank: int) -> None:
 
     if dist.get_world_size() > 1:
         dist.barrier()
-    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
-            f"{os.environ.get('MASTER_PORT')}_{rank}")
+    name = (
+        f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
+        f"{os.environ.get('MASTER_PORT')}_{rank}"
+    )
     try:
         os.unlink(name)
     except FileNotFoundError:
@@ -460,7 +502,7 @@ def follow_launcher(ranks: Ranks, poll_s: float = 1.0) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
     except (OSError, AttributeError):
         return
-    if os.getppid() != parent:   # it died before the request took effect
+    if os.getppid() != parent:  # it died before the request took effect
         os.kill(os.getpid(), signal.SIGTERM)
         return
     if not any(tag in _cmdline(parent) for tag in _LAUNCHERS_WITHOUT_PARENT_WATCH):
@@ -471,7 +513,7 @@ def follow_launcher(ranks: Ranks, poll_s: float = 1.0) -> None:
         while True:
             time.sleep(poll_s)
             now = _ppid_of(parent)
-            if now is None:   # the launcher itself is gone (PDEATHSIG has fired too)
+            if now is None:  # the launcher itself is gone (PDEATHSIG has fired too)
                 return
             if now != grand:  # its parent died: it was re-parented
                 os.kill(os.getpid(), signal.SIGTERM)
@@ -489,10 +531,17 @@ def extension_dir(name: str) -> Path:
 
     root = os.environ.get("TORCH_EXTENSIONS_DIR")
     if root is None:
-        acc = (f"rocm{torch.version.hip.replace('.', '')}" if torch.version.hip
-               else f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu")
-        root = os.path.join(get_default_build_root(),
-                            f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}_{acc}")
+        acc = (
+            f"rocm{torch.version.hip.replace('.', '')}"
+            if torch.version.hip
+            else f"cu{torch.version.cuda.replace('.', '')}"
+            if torch.version.cuda
+            else "cpu"
+        )
+        root = os.path.join(
+            get_default_build_root(),
+            f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}_{acc}",
+        )
     return Path(root) / name
 
 
@@ -535,13 +584,17 @@ def clear_stale_build_lock(name: str = "deepspeed_shm_comm", min_age_s: float = 
                 return False
             if age < min_age_s or _builders_in(folder):
                 if age >= min_age_s:
-                    log.warning("waiting for the build of %s in %s (lock %.0f s old, build running)", name,
-                                folder, age)
+                    log.warning("waiting for the build of %s in %s (lock %.0f s old, build running)", name, folder, age)
                 return False
-            log.warning("removing a stale build lock %s (%.0f min old, no build running: a build was killed); "
-                        "DeepSpeed builds or loads %s now", lock, age / 60, name)
+            log.warning(
+                "removing a stale build lock %s (%.0f min old, no build running: a build was killed); "
+                "DeepSpeed builds or loads %s now",
+                lock,
+                age / 60,
+                name,
+            )
             lock.unlink(missing_ok=True)
             return True
-    except OSError as exc:   # a read-only extensions folder: nothing to do here, say why
+    except OSError as exc:  # a read-only extensions folder: nothing to do here, say why
         log.warning("cannot check the build lock %s (%s); if this run hangs, remove it", lock, exc)
         return False

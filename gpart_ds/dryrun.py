@@ -6,6 +6,7 @@ itself (GPart: D, d, the group sizes n_g), each rank's ZeRO-3 partition and the 
 plan; then exits without a process group or data.
 Exit status 1 when the plan does not fit the GPU memory given (or found), else 0.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,7 +31,7 @@ def _gpu_mem_gb() -> float | None:
 
 
 def targets_summary(arch: plan.Arch) -> str:
-    """"q_proj x80 (8192x8192), ..." in first-seen order."""
+    """ "q_proj x80 (8192x8192), ..." in first-seen order."""
     names = arch.target_names
     kinds = Counter(n.rsplit(".", 1)[-1] for n in names)
     shapes = {}
@@ -39,13 +40,20 @@ def targets_summary(arch: plan.Arch) -> str:
     return ", ".join(f"{k} x{kinds[k]} ({shapes[k][0]}x{shapes[k][1]})" for k in kinds)
 
 
-def run(cfg, *, nodes: int | None = None, gpus_per_node: int | None = None,
-        gpu_mem_gb: float | None = None, model_config: str | None = None,
-        headroom: float = 0.10, overhead_gb: float = 3.0) -> int:
+def run(
+    cfg,
+    *,
+    nodes: int | None = None,
+    gpus_per_node: int | None = None,
+    gpu_mem_gb: float | None = None,
+    model_config: str | None = None,
+    headroom: float = 0.10,
+    overhead_gb: float = 3.0,
+) -> int:
     from .distributed import check_launch_env
     from .runcheck import validate_for_run
 
-    check_launch_env()   # the launch variables a run would read, as training checks them
+    check_launch_env()  # the launch variables a run would read, as training checks them
     world = nodes * gpus_per_node if nodes and gpus_per_node else _world_from_env()
     # What training would refuse, a dry run refuses: the same checks, bar the weights. A
     # plan for GPUs (--gpus-per-node, --gpu-mem-gb, or a GPU here) is checked for CUDA.
@@ -62,8 +70,10 @@ def run(cfg, *, nodes: int | None = None, gpus_per_node: int | None = None,
     print(f"targets ({m.target_modules}): {targets_summary(arch)}")
     for line in methods.cost(m).dry_run_lines(arch):
         print(line)
-    print(f"ZeRO-3 on {world} ranks: each holds ceil(n/{world}) elements of each of "
-          f"{len(arch.params)} tensors = {per_rank:,} elements ({plan.human(per_rank * b)})")
+    print(
+        f"ZeRO-3 on {world} ranks: each holds ceil(n/{world}) elements of each of "
+        f"{len(arch.params)} tensors = {per_rank:,} elements ({plan.human(per_rank * b)})"
+    )
     mem = gpu_mem_gb if gpu_mem_gb is not None else _gpu_mem_gb()
     from .plan import report, step
     from .plan.cluster import PRESETS
@@ -74,15 +84,18 @@ def run(cfg, *, nodes: int | None = None, gpus_per_node: int | None = None,
     # The CUDA allowance only applies when planning for GPUs.
     p = plan.plan_for_config(cfg, arch, world, overhead_gb=overhead_gb if mem else 0.0, frozen_group=group)
     verdict = plan.check_fit(p, mem, headroom) if mem else None
-    print(f"frozen base partitioned over {'the world' if group is None else f'groups of {group} ranks'} "
-          f"(dist.frozen_partition={cfg.dist.frozen_partition})")
+    print(
+        f"frozen base partitioned over {'the world' if group is None else f'groups of {group} ranks'} "
+        f"(dist.frozen_partition={cfg.dist.frozen_partition})"
+    )
     print(plan.format_plan(p, verdict))
     if verdict is None:
         print("(no GPU here and no --gpu-mem-gb: the plan is not checked against a memory size)")
-    if world % per_node == 0:   # time and traffic per step, with the H100 preset's figures
+    if world % per_node == 0:  # time and traffic per step, with the H100 preset's figures
         cluster = PRESETS["h100"].with_(gpu_mem_gb=mem)
-        rows = step.estimate_rows(cfg, arch, world // per_node, per_node, cluster, headroom=headroom,
-                                  overhead_gb=overhead_gb)
+        rows = step.estimate_rows(
+            cfg, arch, world // per_node, per_node, cluster, headroom=headroom, overhead_gb=overhead_gb
+        )
         print(report.format_table(rows, cluster, world // per_node, per_node, m.name))
         print("(python -m gpart_ds.plan ... --cluster h200 --net-gbps N [--json] for other clusters)")
     return 0 if verdict is None or verdict.fits else 1

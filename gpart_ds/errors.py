@@ -9,6 +9,7 @@ environment's own failures are reported the same way: a full disk, a quota, a re
 or unreadable path (exit 2, naming the file), Ctrl-C (`error: interrupted`, 130).
 Anything else is a bug and keeps its traceback.
 """
+
 from __future__ import annotations
 
 import errno
@@ -19,32 +20,36 @@ from collections.abc import Callable
 
 # Exit statuses shared by every command (docs/failures.md; README "When things go wrong").
 EXIT_OK = 0
-EXIT_CHECK_FAILED = 1     # a check ran and said no: plan does not fit, verify differs; a rank was lost
-EXIT_USER_ERROR = 2       # bad input or environment: nothing was started or nothing was lost
-EXIT_PREEMPTED = 75       # checkpoint written after SIGTERM/SIGUSR1: requeue (EX_TEMPFAIL)
-EXIT_INTERRUPTED = 130    # Ctrl-C (128 + SIGINT), as a shell reports it
+EXIT_CHECK_FAILED = 1  # a check ran and said no: plan does not fit, verify differs; a rank was lost
+EXIT_USER_ERROR = 2  # bad input or environment: nothing was started or nothing was lost
+EXIT_PREEMPTED = 75  # checkpoint written after SIGTERM/SIGUSR1: requeue (EX_TEMPFAIL)
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as a shell reports it
 
 # OS errors that are the user's environment, not a bug: reported like bad input.
-_ENV_ERRNOS = {errno.ENOSPC: "no space left on the device",
-               errno.EDQUOT: "disk quota exceeded",
-               errno.EROFS: "read-only file system",
-               errno.EACCES: "permission denied",
-               errno.EPERM: "operation not permitted",
-               errno.EFBIG: "file too large for the file system or the process's limit",
-               errno.ENOENT: "no such file or folder",
-               errno.ENOTDIR: "a path component is a file, not a folder"}
+_ENV_ERRNOS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EFBIG: "file too large for the file system or the process's limit",
+    errno.ENOENT: "no such file or folder",
+    errno.ENOTDIR: "a path component is a file, not a folder",
+}
 # Rust and C++ libraries (safetensors, pyarrow) report the errno inside their message.
 _OS_ERROR_IN_TEXT = re.compile(r"\(os error (\d+)\)|\[Errno (\d+)\]")
 
 
 class UserError(Exception):
     """Bad input or environment: the message names what and where."""
+
     exit_code = EXIT_USER_ERROR
 
 
 class RunFailed(UserError):
     """A run that cannot go on for a reason outside its input (a rank was lost): the
     message says what was kept and how to continue; exit 1."""
+
     exit_code = EXIT_CHECK_FAILED
 
 
@@ -53,6 +58,7 @@ class Stopped(BaseException):
     model, data, process group, engine) was abandoned, nothing of it kept; exit 75 so that
     a scheduler requeues it (slurm/gpart.sh). A BaseException, like KeyboardInterrupt: no
     `except Exception` on the way out may swallow it, every `finally` still runs."""
+
     exit_code = EXIT_PREEMPTED
 
 
@@ -85,7 +91,7 @@ def describe_failure(exc: BaseException, path: str | os.PathLike | None = None) 
 def run_cli(main: Callable[[], int | None]) -> int:
     """Run a command's body; user errors become `error: ...` and their exit status."""
     try:
-        ret = main()   # an int is the exit status; anything else (None, a result dict) is success
+        ret = main()  # an int is the exit status; anything else (None, a result dict) is success
         return ret if isinstance(ret, int) and not isinstance(ret, bool) else EXIT_OK
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
@@ -94,8 +100,11 @@ def run_cli(main: Callable[[], int | None]) -> int:
         print(f"stopped: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("error: interrupted (Ctrl-C); files being written were left as they were before "
-              "(temporary files removed)", file=sys.stderr, flush=True)
+        print(
+            "error: interrupted (Ctrl-C); files being written were left as they were before (temporary files removed)",
+            file=sys.stderr,
+            flush=True,
+        )
         return EXIT_INTERRUPTED
     except Exception as exc:
         # OSError, and library errors (safetensors, pyarrow) that carry an OS error in their text

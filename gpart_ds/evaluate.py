@@ -18,6 +18,7 @@ record has choices, else exact match (record_correct).
 The functions take a `forward(**batch) -> logits` callable, so the same code runs on a
 plain model, a GPart model, or a DeepSpeed engine on every rank.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,11 +64,11 @@ def score_sequences(forward, prompts: list[list[int]], conts: list[list[int]], p
     """Summed log p(cont | prompt) for each pair, computing logits for the tail only."""
     keep = max(len(c) for c in conts)
     batch = data.left_padded([p + c for p, c in zip(prompts, conts)], pad_id, device)
-    logits = forward(**batch, logits_to_keep=keep + 1)[:, -(keep + 1):-1].float()
+    logits = forward(**batch, logits_to_keep=keep + 1)[:, -(keep + 1) : -1].float()
     logp = torch.log_softmax(logits, dim=-1)
     out = []
     for i, c in enumerate(conts):
-        rows = logp[i, keep - len(c):]
+        rows = logp[i, keep - len(c) :]
         out.append(float(rows.gather(1, torch.tensor(c, device=rows.device)[:, None]).sum()))
     return out
 
@@ -193,13 +194,19 @@ def paired(before: list[dict], after: list[dict], verdict: str = "auto") -> dict
     b = {p["record"]: record_correct(p, verdict) for p in after}
     if set(a) != set(b):
         raise ValueError(f"the prediction files score different records ({len(set(a) ^ set(b))} differ)")
-    fixed = sum(1 for k in a if b[k] and not a[k])      # wrong before, right after
-    broken = sum(1 for k in a if a[k] and not b[k])     # right before, wrong after
+    fixed = sum(1 for k in a if b[k] and not a[k])  # wrong before, right after
+    broken = sum(1 for k in a if a[k] and not b[k])  # right before, wrong after
     n, k = fixed + broken, min(fixed, broken)
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n if n else 1.0
-    return {"records": len(a), "verdict": verdict, "accuracy_before": sum(a.values()) / len(a),
-            "accuracy_after": sum(b.values()) / len(b), "fixed": fixed, "broken": broken,
-            "p_value": min(1.0, 2 * tail)}
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n if n else 1.0
+    return {
+        "records": len(a),
+        "verdict": verdict,
+        "accuracy_before": sum(a.values()) / len(a),
+        "accuracy_after": sum(b.values()) / len(b),
+        "fixed": fixed,
+        "broken": broken,
+        "p_value": min(1.0, 2 * tail),
+    }
 
 
 class Evaluator:
@@ -216,8 +223,15 @@ class Evaluator:
     record, and a record's result does not depend on its batch mates.
     """
 
-    def __init__(self, examples, records: list[tuple[str, dict]], items: list[ChoiceItem], pad_id: int,
-                 questions: list | None = None, tokenizer=None):
+    def __init__(
+        self,
+        examples,
+        records: list[tuple[str, dict]],
+        items: list[ChoiceItem],
+        pad_id: int,
+        questions: list | None = None,
+        tokenizer=None,
+    ):
         self.examples, self.items, self.pad_id = examples, items, pad_id
         # Generated answers (generation.py): the records that have one, and the tokenizer
         # that decodes them. The answer length is fixed by all of them, so every rank and
@@ -235,8 +249,14 @@ class Evaluator:
     @classmethod
     def for_files(cls, examples, path, fmt: str, tokenizer, chat_template: bool, pad_id: int) -> Evaluator:
         records, _ = data.load(path, fmt)
-        return cls(examples, records, choice_items(records, tokenizer, chat_template), pad_id,
-                   generation.questions(records, tokenizer, chat_template), tokenizer)
+        return cls(
+            examples,
+            records,
+            choice_items(records, tokenizer, chat_template),
+            pad_id,
+            generation.questions(records, tokenizer, chat_template),
+            tokenizer,
+        )
 
     def _example_row(self, i: int) -> tuple[int, dict]:
         """(sort key, the name of example i's record)."""
@@ -247,8 +267,17 @@ class Evaluator:
         return len(self.where) + i, {"record": name, "index": None}
 
     @torch.no_grad()
-    def run(self, model, micro_batch: int, limit: int = 0, device="cpu", predictions: list | None = None,
-            generate=None, eos: list[int] | None = None, generate_batch: int = 0) -> dict:
+    def run(
+        self,
+        model,
+        micro_batch: int,
+        limit: int = 0,
+        device="cpu",
+        predictions: list | None = None,
+        generate=None,
+        eos: list[int] | None = None,
+        generate_batch: int = 0,
+    ) -> dict:
         """Every rank calls it (ZeRO-3 gathers weights collectively); ranks past the end run
         a dummy batch with weight 0. `limit`: the first N records (the same on any world size).
         `predictions` (filled on rank 0) receives one dict per scored record, in file order:
@@ -265,7 +294,7 @@ class Evaluator:
         t0 = time.perf_counter()
         generate_s = None
         loss_sum, n_tok, matched, n_ex, hits, scored = 0.0, 0, 0, 0, 0, 0
-        mine: dict[int, dict] = {}    # record (sort key) -> this rank's verdicts on it
+        mine: dict[int, dict] = {}  # record (sort key) -> this rank's verdicts on it
         right, answered = 0, 0
         if generate is not None and self.questions:
             qs = [q for q in self.questions if not limit or q.index < limit]
@@ -273,8 +302,9 @@ class Evaluator:
             for idx in data.shard_evenly(len(qs), generate_batch or micro_batch, world, rank):
                 idx = [order[i] for i in idx]
                 chunk = [qs[i] for i in idx] or qs[:1]
-                outs = generation.greedy(generate, [q.prompt for q in chunk], self.pad_id, eos, self.new_tokens,
-                                         device, synced=world > 1)
+                outs = generation.greedy(
+                    generate, [q.prompt for q in chunk], self.pad_id, eos, self.new_tokens, device, synced=world > 1
+                )
                 for q, ids in zip(chunk if idx else [], outs):
                     v = generation.verdict(q, generation.answer_text(self.tokenizer, ids))
                     right, answered = right + v["answer_correct"], answered + 1
@@ -298,9 +328,9 @@ class Evaluator:
             idx = [order[i] for i in idx]
             chunk = [items[i] for i in idx] or items[:1]
             em = None
-            if self.one_forward:   # loss and exact match from the same forward
+            if self.one_forward:  # loss and exact match from the same forward
                 scores, s, em = score_items_with_label(logits, chunk, self.pad_id, device)
-                if idx:   # one predicted token per record
+                if idx:  # one predicted token per record
                     loss_sum, n_tok = loss_sum + s, n_tok + len(chunk)
                     matched, n_ex = matched + sum(em), n_ex + len(chunk)
             else:
@@ -315,7 +345,8 @@ class Evaluator:
                     if em is not None:
                         row["match"] = bool(em[j])
         loss_total, tok_total, hit_total, score_total, em_total, ex_total, right_total, answered_total = comm.all_sum(
-            [loss_sum, n_tok, hits, scored, matched, n_ex, right, answered], device)
+            [loss_sum, n_tok, hits, scored, matched, n_ex, right, answered], device
+        )
         if predictions is not None:
             every = comm.gather_objects(mine)
             if rank == 0:
@@ -345,7 +376,7 @@ def _load_model(model_dir: str, adapter_dir: str | None, dtype, model_flag: str 
     from .methods import MethodRoot
     from .model import check_weights
 
-    check_weights(model_dir)   # a missing key would be evaluated as random values
+    check_weights(model_dir)  # a missing key would be evaluated as random values
     if adapter_dir is None:
         return MethodRoot(AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()).eval()
     folder = Path(adapter_dir)
@@ -356,7 +387,7 @@ def _load_model(model_dir: str, adapter_dir: str | None, dtype, model_flag: str 
         peft_type = read_config(config).get("peft_type")
     else:
         peft_type = None
-    if peft_type in ("LORA", "VERA"):      # the LoRA and VeRA runs' adapters are PEFT folders
+    if peft_type in ("LORA", "VERA"):  # the LoRA and VeRA runs' adapters are PEFT folders
         from peft import PeftModel
 
         from .methods.peft_common import check_adapter
@@ -379,10 +410,21 @@ def _load_model(model_dir: str, adapter_dir: str | None, dtype, model_flag: str 
     return src.attach(model).eval()
 
 
-def evaluate_files(model_dir, data_path, adapter=None, chat_template=False, max_length=512,
-                   batch_size=8, max_examples=0, dtype=torch.float32, add_eos=True,
-                   predictions: list | None = None, too_long: str = "error", generate: bool = True,
-                   generate_batch: int = 64) -> dict:
+def evaluate_files(
+    model_dir,
+    data_path,
+    adapter=None,
+    chat_template=False,
+    max_length=512,
+    batch_size=8,
+    max_examples=0,
+    dtype=torch.float32,
+    add_eos=True,
+    predictions: list | None = None,
+    too_long: str = "error",
+    generate: bool = True,
+    generate_batch: int = 64,
+) -> dict:
     """Loss, exact match (and accuracy over choices) of a model folder, optionally with an
     adapter, through the trainer's own Evaluator. `predictions`, if given, receives one
     dict per scored record: its file:line, the predicted and gold choice indices and the
@@ -392,7 +434,7 @@ def evaluate_files(model_dir, data_path, adapter=None, chat_template=False, max_
     from .hub import resolve
     from .objective import TrainingModel
 
-    model_dir = resolve(model_dir)   # a local folder, or a hub name already in the cache
+    model_dir = resolve(model_dir)  # a local folder, or a hub name already in the cache
     tok = AutoTokenizer.from_pretrained(model_dir)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     root = _load_model(model_dir, adapter, dtype)
@@ -403,11 +445,17 @@ def evaluate_files(model_dir, data_path, adapter=None, chat_template=False, max_
     t0 = time.perf_counter()
     examples, _ = data.limit_lengths(
         [(w, data.tokenize_record(r, fmt, tok, max_length, chat_template, w, add_eos)) for w, r in records],
-        max_length, too_long, data_path)
+        max_length,
+        too_long,
+        data_path,
+    )
     items = choice_items(records, tok, chat_template)
     ev = Evaluator(examples, records, items, pad, generation.questions(records, tok, chat_template), tok)
-    answers = dict(generate=root.generate, eos=generation.stop_ids(root.lm, tok),
-                   generate_batch=generate_batch) if generate else {}
+    answers = (
+        dict(generate=root.generate, eos=generation.stop_ids(root.lm, tok), generate_batch=generate_batch)
+        if generate
+        else {}
+    )
     res = ev.run(model, batch_size, 0, "cpu", predictions, **answers)
     result = {"model": str(model_dir), "adapter": adapter, "data": str(data_path), "examples": len(examples), **res}
     if items:
@@ -429,10 +477,13 @@ def _read_predictions(path: str) -> list[dict]:
                 raise EvalError(f"{path}:{n}: not a JSON object (write it with --predictions)") from None
             # a verdict: the generated answer's, the chosen and gold choice, or the exact match
             missing = ({"record"} - keys) or (
-                {"predicted", "answer"} - keys if not keys & {"match", "answer_correct"} else set())
+                {"predicted", "answer"} - keys if not keys & {"match", "answer_correct"} else set()
+            )
             if missing:
-                raise EvalError(f"{path}:{n}: missing {sorted(missing)} (write it with --predictions, or take "
-                                "a run's eval_predictions.jsonl)")
+                raise EvalError(
+                    f"{path}:{n}: missing {sorted(missing)} (write it with --predictions, or take "
+                    "a run's eval_predictions.jsonl)"
+                )
             rows.append(row)
     if not rows:
         raise EvalError(f"{path}: no predictions")
@@ -440,13 +491,18 @@ def _read_predictions(path: str) -> list[dict]:
 
 
 def _paired_cli(argv) -> int:
-    ap = argparse.ArgumentParser(prog="python -m gpart_ds.evaluate paired",
-                                 description="exact McNemar test of two --predictions files")
+    ap = argparse.ArgumentParser(
+        prog="python -m gpart_ds.evaluate paired", description="exact McNemar test of two --predictions files"
+    )
     ap.add_argument("before")
     ap.add_argument("after")
-    ap.add_argument("--verdict", choices=VERDICTS, default="auto",
-                    help="answer (generated), choice (ranked choices) or match (teacher-forced exact "
-                         "match); auto: the first that both files have on every line")
+    ap.add_argument(
+        "--verdict",
+        choices=VERDICTS,
+        default="auto",
+        help="answer (generated), choice (ranked choices) or match (teacher-forced exact "
+        "match); auto: the first that both files have on every line",
+    )
     a = ap.parse_args(argv)
     for f in (a.before, a.after):
         if not Path(f).is_file():
@@ -468,8 +524,11 @@ def main(argv=None) -> int:
 
 def _eval_cli(argv) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True,
-                    help="a Hugging Face model folder (base or merged), or org/name already in the HF cache")
+    ap.add_argument(
+        "--model",
+        required=True,
+        help="a Hugging Face model folder (base or merged), or org/name already in the HF cache",
+    )
     ap.add_argument("--adapter", default=None, help="a gpart_ds adapter folder to apply")
     ap.add_argument("--data", required=True)
     ap.add_argument("--chat-template", action="store_true", help="render prompts as a user turn")
@@ -478,27 +537,40 @@ def _eval_cli(argv) -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-examples", type=int, default=0)
     ap.add_argument("--json", default=None, help="also write the result here")
-    ap.add_argument("--predictions", default=None,
-                    help="write one JSON line per scored record (record, predicted, answer, scores)")
-    ap.add_argument("--no-generate", action="store_true",
-                    help="skip the generated answers (answer_accuracy): scoring only")
+    ap.add_argument(
+        "--predictions", default=None, help="write one JSON line per scored record (record, predicted, answer, scores)"
+    )
+    ap.add_argument(
+        "--no-generate", action="store_true", help="skip the generated answers (answer_accuracy): scoring only"
+    )
     ap.add_argument("--generate-batch", type=int, default=64, help="records decoded together")
-    ap.add_argument("--too-long", default="error", choices=("error", "skip", "truncate_left"),
-                    help="records longer than --max-length (as data.too_long)")
+    ap.add_argument(
+        "--too-long",
+        default="error",
+        choices=("error", "skip", "truncate_left"),
+        help="records longer than --max-length (as data.too_long)",
+    )
     args = ap.parse_args(argv)
-    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--max-length", args.max_length, 2),
-                             ("--generate-batch", args.generate_batch, 1),
-                             ("--max-examples", args.max_examples, 0)):
+    for flag, value, low in (
+        ("--batch-size", args.batch_size, 1),
+        ("--max-length", args.max_length, 2),
+        ("--generate-batch", args.generate_batch, 1),
+        ("--max-examples", args.max_examples, 0),
+    ):
         if value < low:
             raise EvalError(f"{flag} {value}: must be >= {low}")
     model_dir = resolve_model(args.model)
     if not (Path(model_dir) / "config.json").is_file():
-        raise EvalError(f"--model {args.model}: no Hugging Face model there (no config.json"
-                        f"{'' if Path(model_dir).is_dir() else '; no such folder'})")
+        raise EvalError(
+            f"--model {args.model}: no Hugging Face model there (no config.json"
+            f"{'' if Path(model_dir).is_dir() else '; no such folder'})"
+        )
     if not Path(args.data).is_file():
         raise EvalError(f"--data {args.data}: no such file")
-    landing = overlap({"--json": args.json, "--predictions": args.predictions},
-                      {"--model": model_dir, "--adapter": args.adapter, "--data": args.data})
+    landing = overlap(
+        {"--json": args.json, "--predictions": args.predictions},
+        {"--model": model_dir, "--adapter": args.adapter, "--data": args.data},
+    )
     if landing or (args.json and args.json == args.predictions):
         raise EvalError(landing or f"--json and --predictions are the same file {args.json!r}")
     for flag, out in (("--json", args.json), ("--predictions", args.predictions)):
@@ -506,22 +578,38 @@ def _eval_cli(argv) -> int:
         if not out:
             continue
         parent = Path(out).parent
-        problem = (folder_problem(parent) or (not parent.is_dir() and f"its folder {str(parent)!r} does not exist")
-                   or (Path(out).is_dir() and f"{out!r} is a folder"))
+        problem = (
+            folder_problem(parent)
+            or (not parent.is_dir() and f"its folder {str(parent)!r} does not exist")
+            or (Path(out).is_dir() and f"{out!r} is a folder")
+        )
         if problem:
             raise EvalError(f"{flag} {out}: {problem}")
     preds = [] if args.predictions else None
-    res = evaluate_files(model_dir, args.data, args.adapter, args.chat_template, args.max_length,
-                         args.batch_size, args.max_examples, add_eos=not args.no_eos, predictions=preds,
-                         too_long=args.too_long, generate=not args.no_generate, generate_batch=args.generate_batch)
+    res = evaluate_files(
+        model_dir,
+        args.data,
+        args.adapter,
+        args.chat_template,
+        args.max_length,
+        args.batch_size,
+        args.max_examples,
+        add_eos=not args.no_eos,
+        predictions=preds,
+        too_long=args.too_long,
+        generate=not args.no_generate,
+        generate_batch=args.generate_batch,
+    )
     print(json.dumps(res, indent=2))
     if args.json:
         write_atomic(args.json, json.dumps(res, indent=2))
     if preds is not None:
         write_atomic(args.predictions, "".join(json.dumps(p) + "\n" for p in preds))
     if not math.isfinite(res["eval_loss"]):
-        raise EvalError(f"--model {args.model}: the held-out loss is not finite ({res['eval_loss']}): "
-                        "the model or adapter produces NaN or inf")
+        raise EvalError(
+            f"--model {args.model}: the held-out loss is not finite ({res['eval_loss']}): "
+            "the model or adapter produces NaN or inf"
+        )
     return 0
 
 

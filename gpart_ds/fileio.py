@@ -5,6 +5,7 @@ hidden temporary name beside its final place (same file system, so the rename is
 atomic), and renamed into place only when complete. A failure removes the temporary
 and leaves whatever was there before untouched.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -78,13 +79,15 @@ def folder_problem(path: str | os.PathLike) -> str | None:
     return None
 
 
-def overlap(outputs: dict[str, object], inputs: dict[str, object], homes: dict[str, object] | None = None
-            ) -> str | None:
+def overlap(
+    outputs: dict[str, object], inputs: dict[str, object], homes: dict[str, object] | None = None
+) -> str | None:
     """Why an output would land on an input, or None. The one rule of every command that
     writes: an output may not equal, contain or lie inside an input (writing would replace
     or corrupt what the command reads), whatever `overwrite` says. `homes` are folders an
     output may lie inside but not equal or contain (a run's own folder: its adapter and
     merged model live in it). Keys name each path where the user gave it (a flag or key)."""
+
     def real(p):
         return Path(os.path.abspath(os.path.expanduser(str(p)))).resolve()
 
@@ -104,8 +107,10 @@ def overlap(outputs: dict[str, object], inputs: dict[str, object], homes: dict[s
                 return f"{out_name} {str(out)!r} lies inside {in_name} {str(inp)!r}: writing there changes what is read"
         for home_name, home in (homes or {}).items():
             if home is not None and (o == real(home) or real(home).is_relative_to(o)):
-                return (f"{out_name} {str(out)!r} {'is' if o == real(home) else 'contains'} {home_name} "
-                        f"{str(home)!r}: writing it would replace the run's other results")
+                return (
+                    f"{out_name} {str(out)!r} {'is' if o == real(home) else 'contains'} {home_name} "
+                    f"{str(home)!r}: writing it would replace the run's other results"
+                )
     return None
 
 
@@ -134,7 +139,7 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         os.chmod(tmp, 0o755)
         replace_dir(tmp, final)
-    except Exception as exc:   # a full disk while building it: name the folder
+    except Exception as exc:  # a full disk while building it: name the folder
         err = named(exc, final)
         if err is exc:
             raise

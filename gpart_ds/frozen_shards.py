@@ -24,6 +24,7 @@ How, with what DeepSpeed 0.19 offers (docs/scale.md says why this and not ZeRO++
 The trainer calls `place`, `load_base` and `place_trainables` whatever the mode; with
 the world as the only group they are plain ZeRO-3 (model.load_model, no conversion).
 """
+
 from __future__ import annotations
 
 import logging
@@ -69,21 +70,30 @@ def build_partitioned(model_path: str, dtype: torch.dtype, ds_config: dict, grou
     # argument: DeepSpeed 0.19 reads that as `dtype or fp16 if fp16_supported else bf16 ...`,
     # so on an accelerator without fp16 (CPUs without AVX512-FP16, e.g. AMD EPYC) every
     # partition was bf16 whatever was asked, and an fp32 base was rounded in silence.
-    with no_init_weights(), prevent_arange_dtype_change(), \
-            deepspeed.zero.Init(data_parallel_group=group, config_dict_or_path=ds_config), \
-            set_zero3_state():
+    with (
+        no_init_weights(),
+        prevent_arange_dtype_change(),
+        deepspeed.zero.Init(data_parallel_group=group, config_dict_or_path=ds_config),
+        set_zero3_state(),
+    ):
         model = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
     model.tie_weights()
     shards = map(local_shard, model.parameters())
     wrong = {str(t.dtype) for t in shards if t.is_floating_point() and t.dtype != dtype}
-    if wrong:   # a shard in another dtype would round the base silently (bf16 for fp32)
-        raise RuntimeError(f"zero.Init partitioned the frozen base as {sorted(wrong)}, not {dtype}: "
-                           "ds_config's bf16 flag must match the training dtype (zero3.engine_config)")
+    if wrong:  # a shard in another dtype would round the base silently (bf16 for fp32)
+        raise RuntimeError(
+            f"zero.Init partitioned the frozen base as {sorted(wrong)}, not {dtype}: "
+            "ds_config's bf16 flag must match the training dtype (zero3.engine_config)"
+        )
     nbytes = load_shards(model, model_path, dtype)
     model.config.use_cache = False
-    model.eval()   # as from_pretrained leaves it
-    log.info("frozen base built over a group of %d ranks; this rank read %.1f MB of its shards from %s",
-             _group_size(group), nbytes / 1e6, model_path)
+    model.eval()  # as from_pretrained leaves it
+    log.info(
+        "frozen base built over a group of %d ranks; this rank read %.1f MB of its shards from %s",
+        _group_size(group),
+        nbytes / 1e6,
+        model_path,
+    )
     return model, keepalive
 
 
@@ -107,13 +117,16 @@ def load_shards(model: nn.Module, model_path: str | Path, dtype: torch.dtype) ->
         for name, p in model.named_parameters():
             st = header.get(name)
             if st is None:
-                raise ShardLoadError(f"{model_path}: the model's parameter {name!r} is not in its safetensors "
-                                     f"files (they hold e.g. {list(header)[:3]}); shard-local loading needs the "
-                                     "checkpoint's tensor names to be the model's parameter names")
+                raise ShardLoadError(
+                    f"{model_path}: the model's parameter {name!r} is not in its safetensors "
+                    f"files (they hold e.g. {list(header)[:3]}); shard-local loading needs the "
+                    "checkpoint's tensor names to be the model's parameter names"
+                )
             shape = tuple(getattr(p, "ds_shape", p.shape))
             if tuple(st.entry.shape) != shape:
-                raise ShardLoadError(f"{st.path}: tensor {name!r} has shape {list(st.entry.shape)}, the model "
-                                     f"expects {list(shape)}")
+                raise ShardLoadError(
+                    f"{st.path}: tensor {name!r} has shape {list(st.entry.shape)}, the model expects {list(shape)}"
+                )
             fd = fds.get(st.path)
             if fd is None:
                 fd = fds[st.path] = os.open(st.path, os.O_RDONLY)
@@ -127,7 +140,7 @@ def load_shards(model: nn.Module, model_path: str | Path, dtype: torch.dtype) ->
                 target.copy_(vals.to(target.dtype))
         for name, b in model.named_buffers():
             st = header.get(name)
-            if st is not None and b is not None:   # persistent buffers stored in the checkpoint
+            if st is not None and b is not None:  # persistent buffers stored in the checkpoint
                 with torch.no_grad():
                     b.copy_(stio.read_elements(st, 0, st.entry.numel, fd=None).view(b.shape).to(b.dtype))
     finally:
@@ -150,9 +163,14 @@ def place(dist_cfg, trains_base: bool, timeout_minutes: float) -> Placement:
     mode = "global" if trains_base else dist_cfg.frozen_partition
     groups = tuple(tuple(g) for g in partition_groups(nodes, mode, dist_cfg.frozen_partition_size))
     group = distributed.subgroup(groups, timeout_minutes) if len(groups) > 1 else None
-    log.info("frozen base partitioned %s: %d group(s) of %d ranks over %d node(s) %s",
-             "over the world" if group is None else "within groups", len(groups), len(groups[0]),
-             len(nodes.nodes), [list(g) for g in groups] if len(groups) <= 16 else "")
+    log.info(
+        "frozen base partitioned %s: %d group(s) of %d ranks over %d node(s) %s",
+        "over the world" if group is None else "within groups",
+        len(groups),
+        len(groups[0]),
+        len(nodes.nodes),
+        [list(g) for g in groups] if len(groups) <= 16 else "",
+    )
     return Placement(groups, comm.rank(), nodes, group)
 
 

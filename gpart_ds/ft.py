@@ -18,6 +18,7 @@ The replica's place comes from the launcher: GPART_FT_REPLICA / GPART_FT_REPLICA
 (launch/sim_nodes.py --ft; slurm/gpart.sh sets them from SLURM_NODEID / SLURM_JOB_NUM_NODES,
 which are read too), and TORCHFT_LIGHTHOUSE names the lighthouse (torchft's own variable).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -47,8 +48,8 @@ class FaultToleranceError(UserError):
 
 @dataclass(frozen=True)
 class ReplicaPlace:
-    index: int       # this node's replica group, 0 .. count - 1
-    count: int       # replica groups the job has (alive or not): the data order's width
+    index: int  # this node's replica group, 0 .. count - 1
+    count: int  # replica groups the job has (alive or not): the data order's width
     lighthouse: str
 
 
@@ -69,22 +70,26 @@ def place(env: Mapping[str, str] | None = None) -> ReplicaPlace:
     try:
         import torchft  # noqa: F401
     except ImportError:
-        raise FaultToleranceError("dist.fault_tolerance=nodes needs torchft: pip install 'gpart_ds[ft]' "
-                                  "(launch/lock/cpu.txt and cuda.txt hold torchft 0.2.0)") from None
+        raise FaultToleranceError(
+            "dist.fault_tolerance=nodes needs torchft: pip install 'gpart_ds[ft]' "
+            "(launch/lock/cpu.txt and cuda.txt hold torchft 0.2.0)"
+        ) from None
     index, count = _int(env, REPLICA_ENV), _int(env, REPLICAS_ENV)
     if index is None and count is None:
         index, count = _int(env, "SLURM_NODEID"), _int(env, "SLURM_JOB_NUM_NODES") or _int(env, "SLURM_NNODES")
     if index is None or count is None:
         raise FaultToleranceError(
             f"dist.fault_tolerance=nodes: set {REPLICA_ENV} (this node's replica group, 0..N-1) and {REPLICAS_ENV} "
-            "(N) for every rank, or launch with launch/sim_nodes.py --ft or slurm/gpart.sh, which set them")
+            "(N) for every rank, or launch with launch/sim_nodes.py --ft or slurm/gpart.sh, which set them"
+        )
     if not 0 <= index < count:
         raise FaultToleranceError(f"{REPLICA_ENV}={index} is outside 0..{REPLICAS_ENV}-1 = {count - 1}")
     lighthouse = env.get(LIGHTHOUSE_ENV, "")
     if not lighthouse:
         raise FaultToleranceError(
             f"dist.fault_tolerance=nodes: {LIGHTHOUSE_ENV} is not set (the torchft lighthouse's address, e.g. "
-            "http://node0:29510; torchft_lighthouse --min_replicas 1 --bind [::]:29510 starts one)")
+            "http://node0:29510; torchft_lighthouse --min_replicas 1 --bind [::]:29510 starts one)"
+        )
     return ReplicaPlace(index, count, lighthouse)
 
 
@@ -104,27 +109,48 @@ class Replicas:
     Created right after the node's process group (before the model), so that the manager
     heartbeats while the model loads; `bind` hands it the engine once there is one."""
 
-    def __init__(self, where: ReplicaPlace, *, rank: int, world: int, master_addr: str, master_port: int,
-                 device: torch.device, max_retries: int, quorum_timeout_s: float):
+    def __init__(
+        self,
+        where: ReplicaPlace,
+        *,
+        rank: int,
+        world: int,
+        master_addr: str,
+        master_port: int,
+        device: torch.device,
+        max_retries: int,
+        quorum_timeout_s: float,
+    ):
         from torchft import Manager, ProcessGroupGloo, ProcessGroupNCCL
 
         for name in ("torchft", "torchft_quorums", "torchft_commits", "torchft_errors"):
-            logging.getLogger(name).setLevel(logging.WARNING)   # a line per rank and step otherwise
+            logging.getLogger(name).setLevel(logging.WARNING)  # a line per rank and step otherwise
         self.where = where
-        self.replica_id = f"replica{where.index}"    # torchft reads the trailing digits
+        self.replica_id = f"replica{where.index}"  # torchft reads the trailing digits
         pg = ProcessGroupNCCL(timeout=OP_TIMEOUT) if device.type == "cuda" else ProcessGroupGloo(timeout=OP_TIMEOUT)
         self._fns: dict = {}
         self.engine = self.params = None
         self.manager = Manager(
-            pg=pg, min_replica_size=1, replica_id=self.replica_id, rank=rank, world_size=world,
-            store_addr=master_addr, store_port=master_port, lighthouse_addr=where.lighthouse,
-            load_state_dict=lambda sd: self._load(sd), state_dict=lambda: self._save(),
+            pg=pg,
+            min_replica_size=1,
+            replica_id=self.replica_id,
+            rank=rank,
+            world_size=world,
+            store_addr=master_addr,
+            store_port=master_port,
+            lighthouse_addr=where.lighthouse,
+            load_state_dict=lambda sd: self._load(sd),
+            state_dict=lambda: self._save(),
             # synchronous quorum: a joining replica heals before its forward pass, so the step it
             # runs (the data cursor) and the weights it runs it with are its peers'
-            use_async_quorum=False, timeout=OP_TIMEOUT, quorum_timeout=timedelta(seconds=quorum_timeout_s),
-            connect_timeout=OP_TIMEOUT, max_retries=max_retries)
+            use_async_quorum=False,
+            timeout=OP_TIMEOUT,
+            quorum_timeout=timedelta(seconds=quorum_timeout_s),
+            connect_timeout=OP_TIMEOUT,
+            max_retries=max_retries,
+        )
         self.device = device
-        self._last = None            # (participants, replica ids) of the last quorum
+        self._last = None  # (participants, replica ids) of the last quorum
         self.healed_at: float | None = None
 
     # ------------------------------------------------------------ state
@@ -140,13 +166,17 @@ class Replicas:
 
         opt, flats = self._flats()
         steps = [_adam_state(opt, f)["step"].clone() for f in flats]
-        return {"fp32": [safe_get_local_fp32_param(p).clone() for p in self.params],
-                "exp_avg": [safe_get_local_optimizer_state(p, "exp_avg").clone() for p in self.params],
-                "exp_avg_sq": [safe_get_local_optimizer_state(p, "exp_avg_sq").clone() for p in self.params],
-                "adam_step": steps, "global_steps": self.engine.global_steps,
-                "global_samples": self.engine.global_samples, "micro_steps": self.engine.micro_steps,
-                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-                "lr": [g["lr"] for g in self.engine.optimizer.param_groups]}
+        return {
+            "fp32": [safe_get_local_fp32_param(p).clone() for p in self.params],
+            "exp_avg": [safe_get_local_optimizer_state(p, "exp_avg").clone() for p in self.params],
+            "exp_avg_sq": [safe_get_local_optimizer_state(p, "exp_avg_sq").clone() for p in self.params],
+            "adam_step": steps,
+            "global_steps": self.engine.global_steps,
+            "global_samples": self.engine.global_samples,
+            "micro_steps": self.engine.micro_steps,
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "lr": [g["lr"] for g in self.engine.optimizer.param_groups],
+        }
 
     def _load(self, sd: dict) -> None:
         from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
@@ -159,7 +189,7 @@ class Replicas:
             safe_set_local_fp32_param(p, fp32)
             safe_set_local_optimizer_state(p, m, "exp_avg")
             safe_set_local_optimizer_state(p, v, "exp_avg_sq")
-            p.ds_tensor.data.copy_(fp32.to(p.ds_tensor.dtype))   # the model's own partition
+            p.ds_tensor.data.copy_(fp32.to(p.ds_tensor.dtype))  # the model's own partition
         self.engine.global_steps = sd["global_steps"]
         self.engine.global_samples = sd["global_samples"]
         self.engine.micro_steps = sd["micro_steps"]
@@ -168,8 +198,11 @@ class Replicas:
         for g, lr in zip(self.engine.optimizer.param_groups, sd["lr"]):
             g["lr"] = lr
         self.healed_at = time.perf_counter()
-        log.warning("healed from a live replica: the trainables' partition, Adam state and step %d (%.2f s)",
-                    sd["global_steps"], self.healed_at - t0)
+        log.warning(
+            "healed from a live replica: the trainables' partition, Adam state and step %d (%.2f s)",
+            sd["global_steps"],
+            self.healed_at - t0,
+        )
 
     def set_step(self, step: int) -> None:
         """A run resumed from a checkpoint starts its manager at the checkpoint's step."""
@@ -195,9 +228,9 @@ class Replicas:
         n = self.manager.num_participants()
         off = 0
         for p, g in zip(self.params, grads):
-            safe_set_local_grad(p, flat[off:off + g.numel()].view_as(g).to(g.dtype))
+            safe_set_local_grad(p, flat[off : off + g.numel()].view_as(g).to(g.dtype))
             off += g.numel()
-        members = flat[off:].cpu() * n                # AVG divided the one-hot sums by n
+        members = flat[off:].cpu() * n  # AVG divided the one-hot sums by n
         return [i for i, v in enumerate(members.tolist()) if round(v) >= 1]
 
     def commit(self) -> bool:
@@ -206,8 +239,9 @@ class Replicas:
         try:
             return self.manager.should_commit()
         except RuntimeError as exc:
-            raise RunFailed(f"fault tolerance: {exc} (dist.ft_max_retries); the other replicas' logs say "
-                            "why the step failed") from None
+            raise RunFailed(
+                f"fault tolerance: {exc} (dist.ft_max_retries); the other replicas' logs say why the step failed"
+            ) from None
 
     def quorum_change(self, step: int, members: list[int]) -> dict | None:
         """A metrics record when the quorum differs from the last one (None otherwise)."""
@@ -216,9 +250,16 @@ class Replicas:
         if now == self._last:
             return None
         before, self._last = self._last, now
-        return {"event": "quorum", "step": step, "participants": n, "replicas": members,
-                "replica": self.where.index, "replica_rank": self.manager.participating_rank(),
-                "previous": list(before[1]) if before else None, "healed": self.healed_at is not None}
+        return {
+            "event": "quorum",
+            "step": step,
+            "participants": n,
+            "replicas": members,
+            "replica": self.where.index,
+            "replica_rank": self.manager.participating_rank(),
+            "previous": list(before[1]) if before else None,
+            "healed": self.healed_at is not None,
+        }
 
     def digest(self) -> dict:
         """Collective over the node: SHA-256 digests (12 hex digits) of the trainables' fp32
@@ -232,11 +273,15 @@ class Replicas:
                 h.update(x.detach().float().cpu().contiguous().numpy().tobytes())
             return h.hexdigest()
 
-        mine = (sha(safe_get_local_fp32_param(p) for p in self.params),
-                sha(safe_get_local_optimizer_state(p, k) for p in self.params for k in ("exp_avg", "exp_avg_sq")))
+        mine = (
+            sha(safe_get_local_fp32_param(p) for p in self.params),
+            sha(safe_get_local_optimizer_state(p, k) for p in self.params for k in ("exp_avg", "exp_avg_sq")),
+        )
         parts = comm.gather_objects(mine)
-        return {"theta_sha": hashlib.sha256("".join(a for a, _ in parts).encode()).hexdigest()[:12],
-                "adam_sha": hashlib.sha256("".join(b for _, b in parts).encode()).hexdigest()[:12]}
+        return {
+            "theta_sha": hashlib.sha256("".join(a for a, _ in parts).encode()).hexdigest()[:12],
+            "adam_sha": hashlib.sha256("".join(b for _, b in parts).encode()).hexdigest()[:12],
+        }
 
     def is_writer(self) -> bool:
         """The one replica that writes checkpoints, the adapter and the export: the first

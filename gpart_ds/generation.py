@@ -17,6 +17,7 @@ tokenizer's chat template with the generation prompt), so the answer is the one 
 server sends for the same prompt (/v1/completions for prompt/completion records, the
 chat endpoint for chat records).
 """
+
 from __future__ import annotations
 
 import re
@@ -37,13 +38,13 @@ _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
 @dataclass
 class Question:
-    where: str                  # file:line of the record
-    index: int                  # its position in the file
-    prompt: list[int]           # token ids, as training renders the prompt
+    where: str  # file:line of the record
+    index: int  # its position in the file
+    prompt: list[int]  # token ids, as training renders the prompt
     reference: str
     choices: list[str] | None
     kind: str
-    answers: tuple[str, ...] = ()   # accepted besides the reference (text records)
+    answers: tuple[str, ...] = ()  # accepted besides the reference (text records)
 
 
 def normalise(text: str) -> str:
@@ -66,7 +67,7 @@ def _number(text: str):
 def kind_of(reference: str, choices, answers=()) -> str:
     if choices:
         return "choice"
-    if answers:   # several accepted spans ("July 1899", "1899"): judged as text against each
+    if answers:  # several accepted spans ("July 1899", "1899"): judged as text against each
         return "text"
     return "number" if _number(reference) is not None else "text"
 
@@ -89,8 +90,9 @@ def questions(records: list[tuple[str, dict]], tokenizer, chat_template: bool) -
             msgs = rec["messages"]
             if not msgs or msgs[-1].get("role") != "assistant":
                 continue
-            prompt = list(tokenizer.apply_chat_template(msgs[:-1], add_generation_prompt=True, tokenize=True,
-                                                        return_dict=False))
+            prompt = list(
+                tokenizer.apply_chat_template(msgs[:-1], add_generation_prompt=True, tokenize=True, return_dict=False)
+            )
             ref, choices = msgs[-1]["content"], None
         elif "prompt" in rec and "completion" in rec:
             prompt = data.prompt_ids(tokenizer, rec["prompt"], chat_template)
@@ -122,8 +124,10 @@ def judge(answer: str, q: Question) -> tuple[object, bool]:
 
 
 def max_new_tokens(qs: list[Question], tokenizer) -> int:
-    longest = max((len(tokenizer(a, add_special_tokens=False)["input_ids"])
-                   for q in qs for a in (q.reference, *q.answers)), default=1)
+    longest = max(
+        (len(tokenizer(a, add_special_tokens=False)["input_ids"]) for q in qs for a in (q.reference, *q.answers)),
+        default=1,
+    )
     return longest + 1 + EXTRA_TOKENS
 
 
@@ -137,16 +141,27 @@ def stop_ids(model, tokenizer) -> list[int]:
 
 
 @torch.no_grad()
-def greedy(generate, prompts: list[list[int]], pad_id: int, eos: list[int], new_tokens: int, device,
-           synced: bool = False) -> list[list[int]]:
+def greedy(
+    generate, prompts: list[list[int]], pad_id: int, eos: list[int], new_tokens: int, device, synced: bool = False
+) -> list[list[int]]:
     """The greedy continuation of each prompt (left-padded batch, KV cache), cut after the
     first end-of-sequence token. `generate` is a model's generate; `synced` keeps every
     rank stepping until all are done (ZeRO-3 gathers weights collectively)."""
-    batch = data.left_padded(prompts, pad_id, device)   # generate derives positions from the mask
+    batch = data.left_padded(prompts, pad_id, device)  # generate derives positions from the mask
     n = batch["input_ids"].shape[1]
-    out = generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=new_tokens,
-                   do_sample=False, num_beams=1, eos_token_id=eos, pad_token_id=pad_id, synced_gpus=synced,
-                   temperature=None, top_p=None, top_k=None)
+    out = generate(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        num_beams=1,
+        eos_token_id=eos,
+        pad_token_id=pad_id,
+        synced_gpus=synced,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+    )
     res = []
     for row in out[:, n:].tolist():
         cut = next((j for j, t in enumerate(row) if t in eos), None)

@@ -7,6 +7,7 @@ else ~/.cache/huggingface/hub). Nothing is downloaded: training machines are oft
 offline, and a half-downloaded 70B model should fail here, not on rank 37 mid-load.
 Everything downstream then reads one ordinary folder.
 """
+
 from __future__ import annotations
 
 import os
@@ -57,5 +58,5 @@ def display_name(path: str | os.PathLike) -> str:
     p = Path(path)
     parts = p.resolve().parts if p.exists() else p.parts
     if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
-        return parts[-3][len("models--"):].replace("--", "/")
+        return parts[-3][len("models--") :].replace("--", "/")
     return p.name if p.exists() else str(path)

@@ -29,6 +29,7 @@ Knows nothing of DeepSpeed, of any method or of the adapter formats; `adapter.py
 (GPart), `peft_common.py` (LoRA, VeRA) and `checkpoint.py` say which fields define their
 delta.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -48,9 +49,9 @@ log = logging.getLogger(__name__)
 
 FORMAT = "gpart_ds.base_identity"
 VERSION = 1
-WINDOW = 32                    # elements per sampled window
-POSITIONS = (0.0, 1 / 3, 2 / 3, 1.0)   # where in a tensor's data the windows start (1.0: the last window)
-MAX_WINDOWS_PER_FILE = 2048    # x WINDOW x at most 8 bytes: 512 KiB read per file at most
+WINDOW = 32  # elements per sampled window
+POSITIONS = (0.0, 1 / 3, 2 / 3, 1.0)  # where in a tensor's data the windows start (1.0: the last window)
+MAX_WINDOWS_PER_FILE = 2048  # x WINDOW x at most 8 bytes: 512 KiB read per file at most
 # The provenance file a merged export writes (export.files.copy_side_files): a folder that has it
 # already holds an adapter's delta.
 MERGE_RECORD = "gpart_merge.json"
@@ -117,15 +118,21 @@ def _identity(model_dir: str, key: tuple) -> tuple:
     counts: dict[str, int] = {}
     for st in tensors.values():
         if st.entry.dtype.is_floating_point:
-            counts[str(st.entry.dtype).removeprefix("torch.")] = counts.get(
-                str(st.entry.dtype).removeprefix("torch."), 0) + st.entry.numel
-    return tuple({
-        "format": FORMAT, "version": VERSION,
-        "tensors": len(tensors), "elements": sum(st.entry.numel for st in tensors.values()),
-        "shapes_sha256": _sha(shapes), "weights_sha256": h.hexdigest(),
-        # informational (not compared): the float dtype most weights are stored in
-        "dtype": max(counts, key=counts.get) if counts else None,
-    }.items())
+            counts[str(st.entry.dtype).removeprefix("torch.")] = (
+                counts.get(str(st.entry.dtype).removeprefix("torch."), 0) + st.entry.numel
+            )
+    return tuple(
+        {
+            "format": FORMAT,
+            "version": VERSION,
+            "tensors": len(tensors),
+            "elements": sum(st.entry.numel for st in tensors.values()),
+            "shapes_sha256": _sha(shapes),
+            "weights_sha256": h.hexdigest(),
+            # informational (not compared): the float dtype most weights are stored in
+            "dtype": max(counts, key=counts.get) if counts else None,
+        }.items()
+    )
 
 
 def is_identity(rec) -> bool:
@@ -135,14 +142,19 @@ def is_identity(rec) -> bool:
 def differs(recorded: dict, current: dict) -> str | None:
     """Why two identities are not the same base (None: the same)."""
     if recorded.get("version") != current.get("version"):
-        return None   # another fingerprint version: not comparable (an older or newer gpart_ds)
+        return None  # another fingerprint version: not comparable (an older or newer gpart_ds)
     if recorded.get("shapes_sha256") != current.get("shapes_sha256"):
-        return (f"its tensor names or shapes differ ({recorded.get('tensors')} tensors, {recorded.get('elements'):,} "
-                f"weights recorded; {current.get('tensors')} tensors, {current.get('elements'):,} weights here)"
-                if isinstance(recorded.get("elements"), int) else "its tensor names or shapes differ")
+        return (
+            f"its tensor names or shapes differ ({recorded.get('tensors')} tensors, {recorded.get('elements'):,} "
+            f"weights recorded; {current.get('tensors')} tensors, {current.get('elements'):,} weights here)"
+            if isinstance(recorded.get("elements"), int)
+            else "its tensor names or shapes differ"
+        )
     if recorded.get("weights_sha256") != current.get("weights_sha256"):
-        return ("same tensor names and shapes, other weight values (another checkpoint of this architecture, "
-                "a fine-tuned, merged or edited copy)")
+        return (
+            "same tensor names and shapes, other weight values (another checkpoint of this architecture, "
+            "a fine-tuned, merged or edited copy)"
+        )
     return None
 
 
@@ -183,21 +195,26 @@ def check_base(base_dir: str | Path, recorded: dict | None, where, label: str, t
         # A merged folder is a valid base only for a delta trained on it (a second adapter
         # trained on top of a merged model): its recorded identity says so. Without one,
         # the recorded path must be this very folder.
-        same = (differs(have, identity(base_dir)) is None if have is not None else
-                trained_on is not None and _same_path(trained_on, base_dir))
+        same = (
+            differs(have, identity(base_dir)) is None
+            if have is not None
+            else trained_on is not None and _same_path(trained_on, base_dir)
+        )
         if not same:
             src = merged.get("base")
             raise IdentityError(
                 f"{where}: {label} {base_dir} is a merged model ({MERGE_RECORD}): it already holds the delta of "
                 f"{merged_what(merged)}; applying this one to it would add a delta on top of another. "
-                f"Give the base model it was merged from{f' ({src})' if src else ''}")
+                f"Give the base model it was merged from{f' ({src})' if src else ''}"
+            )
     if have is None:
         return
     why = differs(have, identity(base_dir))
     if why:
         raise IdentityError(
             f"{where}: this delta was trained on the base model {trained_on or '(name not recorded)'}, "
-            f"but {label} {base_dir} is another model: {why}. Apply it to the model it was trained on")
+            f"but {label} {base_dir} is another model: {why}. Apply it to the model it was trained on"
+        )
 
 
 def _same_path(a, b) -> bool:
@@ -211,8 +228,11 @@ def _same_path(a, b) -> bool:
 def digest(fields: dict) -> dict:
     """The record a writer stores beside its delta: SHA-256 over every field, and a short
     hash per field (to name the edited one)."""
-    return {"version": DIGEST_VERSION, "sha256": _sha(fields),
-            "fields": {k: _sha({k: v})[:16] for k, v in fields.items()}}
+    return {
+        "version": DIGEST_VERSION,
+        "sha256": _sha(fields),
+        "fields": {k: _sha({k: v})[:16] for k, v in fields.items()},
+    }
 
 
 def check_digest(recorded, fields: dict, where, missing_ok: bool, what: str = "adapter") -> None:
@@ -221,15 +241,27 @@ def check_digest(recorded, fields: dict, where, missing_ok: bool, what: str = "a
     digests existed (accepted with a warning by the caller's decision)."""
     if recorded is None:
         if missing_ok:
-            log.warning("%s: no digest (a %s written by an earlier gpart_ds): its settings cannot be checked "
-                        "against what it was trained with", where, what)
+            log.warning(
+                "%s: no digest (a %s written by an earlier gpart_ds): its settings cannot be checked "
+                "against what it was trained with",
+                where,
+                what,
+            )
             return
-        raise IdentityError(f"{where}: 'digest' is missing: this {what} format records one, so it was removed "
-                            "by hand; the file was edited after it was written")
-    if (not isinstance(recorded, dict) or recorded.get("version") != DIGEST_VERSION
-            or not isinstance(recorded.get("fields"), dict) or not isinstance(recorded.get("sha256"), str)):
-        raise IdentityError(f"{where}: 'digest' is not a digest this version writes ({str(recorded)[:80]}); "
-                            "the file was edited after it was written")
+        raise IdentityError(
+            f"{where}: 'digest' is missing: this {what} format records one, so it was removed "
+            "by hand; the file was edited after it was written"
+        )
+    if (
+        not isinstance(recorded, dict)
+        or recorded.get("version") != DIGEST_VERSION
+        or not isinstance(recorded.get("fields"), dict)
+        or not isinstance(recorded.get("sha256"), str)
+    ):
+        raise IdentityError(
+            f"{where}: 'digest' is not a digest this version writes ({str(recorded)[:80]}); "
+            "the file was edited after it was written"
+        )
     now = digest(fields)
     edited = [k for k in fields if recorded["fields"].get(k) != now["fields"][k]]
     if edited:
@@ -239,10 +271,13 @@ def check_digest(recorded, fields: dict, where, missing_ok: bool, what: str = "a
             f"from the value{'s' if len(edited) > 1 else ''} "
             f"the {what} was written with (its digest): the file was edited after it was written, and its "
             f"weights belong to the original settings. Restore the original file, or train again with the "
-            f"settings wanted")
+            f"settings wanted"
+        )
     if recorded["sha256"] != now["sha256"]:
-        raise IdentityError(f"{where}: 'digest' does not match the {what}'s settings (the digest itself was "
-                            "edited): the file was changed after it was written")
+        raise IdentityError(
+            f"{where}: 'digest' does not match the {what}'s settings (the digest itself was "
+            "edited): the file was changed after it was written"
+        )
 
 
 def _short(v) -> str:

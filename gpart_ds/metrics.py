@@ -7,6 +7,7 @@ Sinks (rank 0 only), each fed the same records:
     Weights & Biases               log.wandb: true (needs `wandb`; WANDB_MODE=offline or
                                    log.wandb_mode: offline writes a local run folder)
 """
+
 from __future__ import annotations
 
 import json
@@ -53,8 +54,11 @@ def _scalars(record: dict) -> tuple[str, int, dict[str, float]] | None:
     if "step_time_s" in record:
         return "train", record["step"], {k: record[k] for k in _STEP_SCALARS if k in record}
     if record.get("event") == "eval":
-        return "eval", record["step"], {k: v for k, v in record.items()
-                                        if k not in ("event", "step") and isinstance(v, (int, float))}
+        return (
+            "eval",
+            record["step"],
+            {k: v for k, v in record.items() if k not in ("event", "step") and isinstance(v, (int, float))},
+        )
     return None
 
 
@@ -80,8 +84,13 @@ class _WandB:
         import wandb
         from omegaconf import OmegaConf
 
-        self.run = wandb.init(project=cfg.log.wandb_project, dir=str(folder), mode=cfg.log.wandb_mode,
-                              name=folder.name, config=OmegaConf.to_container(cfg, resolve=True))
+        self.run = wandb.init(
+            project=cfg.log.wandb_project,
+            dir=str(folder),
+            mode=cfg.log.wandb_mode,
+            name=folder.name,
+            config=OmegaConf.to_container(cfg, resolve=True),
+        )
 
     def write(self, record: dict) -> None:
         s = _scalars(record)
@@ -98,6 +107,7 @@ class _WandB:
 def _tensorboard_available() -> bool:
     try:
         import tensorboard  # noqa: F401
+
         return True
     except ImportError:
         return False
@@ -150,8 +160,10 @@ def format_duration(seconds: float) -> str:
 def format_step(rec: dict, max_steps: int, eta_s: float | None = None) -> str:
     mem = rec.get("peak_gpu_gb", rec.get("peak_rss_gb", 0.0))
     eta = f"  ETA {format_duration(eta_s)}" if eta_s is not None else ""
-    return (f"step {rec['step']}/{max_steps}  loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  "
-            f"{rec['step_time_s']:.2f}s/step  {rec['tokens_per_s']:.0f} tok/s  peak {mem:.2f} GB{eta}")
+    return (
+        f"step {rec['step']}/{max_steps}  loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  "
+        f"{rec['step_time_s']:.2f}s/step  {rec['tokens_per_s']:.0f} tok/s  peak {mem:.2f} GB{eta}"
+    )
 
 
 class Progress:
@@ -199,21 +211,33 @@ def summary_table(s: dict, adapter_dir: Path | None) -> str:
     def num(v):
         return "-" if v is None else f"{v:.4f}"
 
-    rows = [("generated answer (greedy, as served)", pct(s.get("answer_accuracy_before")),
-             pct(s.get("answer_accuracy_after"))),
-            ("choice accuracy (label words ranked)", pct(s["accuracy_before"]), pct(s["accuracy_after"])),
-            ("exact match (teacher-forced)", pct(s.get("exact_match_before")), pct(s.get("exact_match_after"))),
-            ("eval loss (completion tokens)", num(s.get("eval_loss_before")), num(s.get("eval_loss_after")))]
+    rows = [
+        (
+            "generated answer (greedy, as served)",
+            pct(s.get("answer_accuracy_before")),
+            pct(s.get("answer_accuracy_after")),
+        ),
+        ("choice accuracy (label words ranked)", pct(s["accuracy_before"]), pct(s["accuracy_after"])),
+        ("exact match (teacher-forced)", pct(s.get("exact_match_before")), pct(s.get("exact_match_after"))),
+        ("eval loss (completion tokens)", num(s.get("eval_loss_before")), num(s.get("eval_loss_after"))),
+    ]
     # A run that trained no step this time (resumed at max_steps, --export-only) has no step time.
     step = f"{s['median_step_time_s']:.2f} s" if s.get("median_step_time_s") else "- (no step this run)"
     lines = ["", "| metric | before | after |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows if (b, c) != ("-", "-")]
-    if s.get("eval_loss_before") is None:   # every evaluation has a loss: none means none ran
+    if s.get("eval_loss_before") is None:  # every evaluation has a loss: none means none ran
         lines += ["", "before: not evaluated (train.eval_before=false)"]
-    adapter = (f"adapter on disk: {s['adapter_bytes'] / 1024:.1f} KiB ({adapter_dir})" if adapter_dir
-               else "no adapter (full fine-tuning: export.merged writes the model)")
-    lines += ["", f"method: {s['method']}   trainable parameters: {s['trainable_params']:,}   {adapter}",
-              f"ranks: {s['world']}   steps: {s['steps']}   lr: {s['lr']:.3g}   median step: {step}   "
-              f"wall time (eval + train): {s['wall_s'] / 60:.1f} min   "
-              f"peak memory per rank: {s.get('peak_gpu_gb', s['peak_rss_gb']):.2f} GB", ""]
+    adapter = (
+        f"adapter on disk: {s['adapter_bytes'] / 1024:.1f} KiB ({adapter_dir})"
+        if adapter_dir
+        else "no adapter (full fine-tuning: export.merged writes the model)"
+    )
+    lines += [
+        "",
+        f"method: {s['method']}   trainable parameters: {s['trainable_params']:,}   {adapter}",
+        f"ranks: {s['world']}   steps: {s['steps']}   lr: {s['lr']:.3g}   median step: {step}   "
+        f"wall time (eval + train): {s['wall_s'] / 60:.1f} min   "
+        f"peak memory per rank: {s.get('peak_gpu_gb', s['peak_rss_gb']):.2f} GB",
+        "",
+    ]
     return "\n".join(lines)

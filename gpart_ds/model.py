@@ -1,6 +1,7 @@
 """Hugging Face causal LMs: checks of a model folder against the config, and the (sharded) load.
 
 The weightless skeleton these build on is targets.skeleton (below the methods, which read it too)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,8 +35,7 @@ def architecture_source(cfg: DictConfig, override: str | None = None) -> str:
     if override:
         p = Path(override)
         if not (p.is_file() or (p / "config.json").is_file()):
-            raise ConfigError(f"--model-config {override!r}: neither a config.json file nor a folder "
-                              "holding one")
+            raise ConfigError(f"--model-config {override!r}: neither a config.json file nor a folder holding one")
         return str(p)
     if (Path(cfg.model.path) / "config.json").is_file():
         return cfg.model.path
@@ -47,9 +47,11 @@ def architecture_source(cfg: DictConfig, override: str | None = None) -> str:
         if p.is_file() or (p / "config.json").is_file():
             return str(p)
         raise ConfigError(f"{where('model.arch_config')}: {arch!r} not found (looked at {p})")
-    raise ConfigError(f"{where('model.path')}: no config.json in {cfg.model.path!r} and no "
-                      "model.arch_config: pass --model-config PATH (a Hugging Face config.json or a "
-                      "model folder) to describe the architecture")
+    raise ConfigError(
+        f"{where('model.path')}: no config.json in {cfg.model.path!r} and no "
+        "model.arch_config: pass --model-config PATH (a Hugging Face config.json or a "
+        "model folder) to describe the architecture"
+    )
 
 
 def check_targets(cfg: DictConfig, source: str | None = None):
@@ -63,9 +65,11 @@ def check_targets(cfg: DictConfig, source: str | None = None):
     model = skeleton(source or cfg.model.path)
     layout = build_layout(model, patterns)
     if not layout.targets:
-        raise ConfigError(f"{where('method.target_modules')}: {patterns!r} matches no linear "
-                          f"layer inside the decoder blocks of {cfg.model.path}; available: "
-                          f"{linear_module_names(model)} or {ALL_LINEAR!r}")
+        raise ConfigError(
+            f"{where('method.target_modules')}: {patterns!r} matches no linear "
+            f"layer inside the decoder blocks of {cfg.model.path}; available: "
+            f"{linear_module_names(model)} or {ALL_LINEAR!r}"
+        )
     methods.create(cfg.method).check_layout(layout, need_for(where))
     return layout
 
@@ -79,7 +83,7 @@ def check_weights(model_path: str | Path) -> None:
 
     model_path = Path(model_path)
     model = skeleton(str(model_path))
-    stored = read_model_header(model_path)   # a truncated or foreign file is named there
+    stored = read_model_header(model_path)  # a truncated or foreign file is named there
     prefix = getattr(model, "base_model_prefix", "") or ""
 
     def stored_as(name: str) -> str | None:
@@ -91,7 +95,7 @@ def check_weights(model_path: str | Path) -> None:
         return None
 
     groups: dict[int, tuple[torch.nn.Parameter, list[str]]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):   # tied weights share one object
+    for name, p in model.named_parameters(remove_duplicate=False):  # tied weights share one object
         groups.setdefault(id(p), (p, []))[1].append(name)
     missing, wrong = [], []
     for p, names in groups.values():
@@ -104,12 +108,15 @@ def check_weights(model_path: str | Path) -> None:
     files = ", ".join(sorted({st.path.name for st in stored.values()}))
     if missing:
         unused = sorted(set(stored) - {stored_as(n) for _, ns in groups.values() for n in ns})
-        raise ModelError(f"{model_path}: {len(missing)} weight(s) of the model are not in {files} "
-                         f"(first: {missing[0]}); transformers would start them from random values"
-                         + (f". Stored but unused: {', '.join(unused[:3])} (renamed keys?)" if unused else ""))
+        raise ModelError(
+            f"{model_path}: {len(missing)} weight(s) of the model are not in {files} "
+            f"(first: {missing[0]}); transformers would start them from random values"
+            + (f". Stored but unused: {', '.join(unused[:3])} (renamed keys?)" if unused else "")
+        )
     if wrong:
-        raise ModelError(f"{model_path}: weights in {files} whose shape disagrees with config.json: "
-                         f"{'; '.join(wrong[:3])}")
+        raise ModelError(
+            f"{model_path}: weights in {files} whose shape disagrees with config.json: {'; '.join(wrong[:3])}"
+        )
 
 
 def load_model(model_path: str, dtype: torch.dtype, ds_config: dict | None):
@@ -129,4 +136,3 @@ def load_model(model_path: str, dtype: torch.dtype, ds_config: dict | None):
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
     model.config.use_cache = False
     return model, keepalive
-

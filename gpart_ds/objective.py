@@ -7,6 +7,7 @@ training step's FLOPs, nearly all of it wasted. Here the decoder runs as usual a
 head sees only the rows whose next token carries a label. The loss is the same mean
 over label tokens as transformers' `ForCausalLMLoss` (fp32 cross-entropy, -100 ignored).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,7 +27,8 @@ class LabelLossOutput(CausalLMOutputWithPast):
     decoding reproducing the whole completion (each greedy step then sees the gold
     prefix), so it is exact match without running generate.
     """
-    matches: torch.Tensor | None = None   # (rows with a label,) bool
+
+    matches: torch.Tensor | None = None  # (rows with a label,) bool
 
 
 def supports_label_positions(model) -> bool:
@@ -44,8 +46,15 @@ def supports_label_positions(model) -> bool:
         return False
 
 
-def label_positions_loss(model, labels: torch.Tensor, choice_index=None, choice_ids=None,
-                         exact_match: bool = False, lm_weight: float = 0.0, **inputs) -> CausalLMOutputWithPast:
+def label_positions_loss(
+    model,
+    labels: torch.Tensor,
+    choice_index=None,
+    choice_ids=None,
+    exact_match: bool = False,
+    lm_weight: float = 0.0,
+    **inputs,
+) -> CausalLMOutputWithPast:
     """Mean next-token cross-entropy over label positions; `logits` is not returned.
 
     With choice_index / choice_ids (data.choice_tensors: the "choices" objective) the
@@ -68,7 +77,7 @@ def label_positions_loss(model, labels: torch.Tensor, choice_index=None, choice_
 def _label_loss(model, hidden, labels, exact_match: bool) -> CausalLMOutputWithPast:
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
-    rows = hidden[:, :-1][keep]                      # (n_label_tokens, hidden)
+    rows = hidden[:, :-1][keep]  # (n_label_tokens, hidden)
     logits = model.get_output_embeddings()(rows).float()
     n = keep.sum()
     # Sum / count rather than mean(): a micro-batch with no label token gives 0, not NaN,
@@ -82,23 +91,21 @@ def _label_loss(model, hidden, labels, exact_match: bool) -> CausalLMOutputWithP
 def _row_matches(hit: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Per row with at least one label: all its label positions hit."""
     row = keep.nonzero()[:, 0]
-    misses = torch.zeros(keep.shape[0], dtype=torch.long, device=hit.device).index_add(
-        0, row, (~hit).long())
+    misses = torch.zeros(keep.shape[0], dtype=torch.long, device=hit.device).index_add(0, row, (~hit).long())
     has = keep.any(1)
     return (misses == 0)[has]
 
 
 def _choice_loss(model, hidden, labels, index, cand) -> CausalLMOutputWithPast:
     rows, pos = index[:, 0], index[:, 1]
-    logits = model.get_output_embeddings()(hidden[rows, pos - 1]).float()   # predicts token at pos
+    logits = model.get_output_embeddings()(hidden[rows, pos - 1]).float()  # predicts token at pos
     scores = logits.gather(1, cand.clamp(min=0)).masked_fill(cand < 0, float("-inf"))
     target = (cand == labels[rows, pos][:, None]).float().argmax(1)
     loss = F.cross_entropy(scores, target, reduction="sum") / max(1, len(rows))
     return CausalLMOutputWithPast(loss=loss)
 
 
-def objective_forward(model, args: tuple, kwargs: dict, label_positions_only: bool = True,
-                      lm_weight: float = 0.0):
+def objective_forward(model, args: tuple, kwargs: dict, label_positions_only: bool = True, lm_weight: float = 0.0):
     """Forward of a causal LM for training and evaluation, whatever wraps its layers.
 
     choice_index / choice_ids (the "choices" objective) and labelled batches go through
@@ -107,12 +114,19 @@ def objective_forward(model, args: tuple, kwargs: dict, label_positions_only: bo
     """
     if "choice_index" in kwargs:
         if not supports_label_positions(model):
-            raise ValueError(f"the 'choices' objective needs logits = lm_head(decoder(x)); "
-                             f"{type(model).__name__} post-processes its logits")
+            raise ValueError(
+                f"the 'choices' objective needs logits = lm_head(decoder(x)); "
+                f"{type(model).__name__} post-processes its logits"
+            )
         return label_positions_loss(model, lm_weight=lm_weight, **kwargs)
     exact = kwargs.pop("exact_match", False)
-    if (label_positions_only and not args and kwargs.get("labels") is not None
-            and "logits_to_keep" not in kwargs and supports_label_positions(model)):
+    if (
+        label_positions_only
+        and not args
+        and kwargs.get("labels") is not None
+        and "logits_to_keep" not in kwargs
+        and supports_label_positions(model)
+    ):
         return label_positions_loss(model, exact_match=exact, **kwargs)
     out = model(*args, **kwargs)
     if exact and kwargs.get("labels") is not None:

@@ -19,6 +19,7 @@ naming it and how to remove it if that run is really gone. A lock whose flock is
 refused naming the holder. Where flock is not supported at all (some network file
 systems), the holder's pid decides on its own host.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -56,11 +57,15 @@ def _host() -> str:
 def me(command: str | None = None) -> dict:
     """What a lock file says about its holder: this process."""
     now = time.time()
-    return {"host": _host(), "pid": os.getpid(), "started": now,
-            "since": datetime.datetime.fromtimestamp(now).isoformat(timespec="seconds"),
-            "slurm_job": os.environ.get("SLURM_JOB_ID") or None,
-            "slurm_restart": os.environ.get("SLURM_RESTART_COUNT") or None,
-            "command": command or " ".join([Path(sys.argv[0]).name if sys.argv else "python", *sys.argv[1:]])[:300]}
+    return {
+        "host": _host(),
+        "pid": os.getpid(),
+        "started": now,
+        "since": datetime.datetime.fromtimestamp(now).isoformat(timespec="seconds"),
+        "slurm_job": os.environ.get("SLURM_JOB_ID") or None,
+        "slurm_restart": os.environ.get("SLURM_RESTART_COUNT") or None,
+        "command": command or " ".join([Path(sys.argv[0]).name if sys.argv else "python", *sys.argv[1:]])[:300],
+    }
 
 
 def describe(holder: dict | None) -> str:
@@ -69,8 +74,7 @@ def describe(holder: dict | None) -> str:
         return "a process that had not yet written its name"
     job = f", SLURM job {holder['slurm_job']}" if holder.get("slurm_job") else ""
     cmd = f": {holder['command']}" if holder.get("command") else ""
-    return (f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')} since {holder.get('since', '?')}"
-            f"{job}{cmd}")
+    return f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')} since {holder.get('since', '?')}{job}{cmd}"
 
 
 def read_holder(path: Path) -> dict | None:
@@ -88,14 +92,17 @@ def _pid_alive(pid) -> bool:
     except ProcessLookupError:
         return False
     except (PermissionError, ValueError, TypeError, OverflowError):
-        return True   # another user's live process (or a value we cannot judge: assume alive)
+        return True  # another user's live process (or a value we cannot judge: assume alive)
     return True
 
 
 def _same_job_requeued(holder: dict) -> bool:
     mine = os.environ.get("SLURM_JOB_ID")
-    return bool(mine) and str(holder.get("slurm_job")) == mine and \
-        str(holder.get("slurm_restart")) != str(os.environ.get("SLURM_RESTART_COUNT") or None)
+    return (
+        bool(mine)
+        and str(holder.get("slurm_job")) == mine
+        and str(holder.get("slurm_restart")) != str(os.environ.get("SLURM_RESTART_COUNT") or None)
+    )
 
 
 class FolderLock:
@@ -107,8 +114,8 @@ class FolderLock:
         self.path = Path(path)
         self.what, self.key = what, key
         self.fd: int | None = None
-        self.took_over: dict | None = None   # the stale holder replaced, if any
-        self._made: list[Path] = []          # folders created to hold the lock (removed if left empty)
+        self.took_over: dict | None = None  # the stale holder replaced, if any
+        self._made: list[Path] = []  # folders created to hold the lock (removed if left empty)
 
     @classmethod
     def for_folder(cls, folder: str | os.PathLike, key: str) -> FolderLock:
@@ -123,16 +130,20 @@ class FolderLock:
 
     # ------------------------------------------------------------ verdicts in words
     def _busy(self, holder: dict | None) -> FolderBusy:
-        return FolderBusy(f"{self.what} is being written by another run: {describe(holder)} (lock file "
-                          f"{self.path}). One writer per folder: wait for it to finish, stop it, or choose "
-                          f"another {self.key}")
+        return FolderBusy(
+            f"{self.what} is being written by another run: {describe(holder)} (lock file "
+            f"{self.path}). One writer per folder: wait for it to finish, stop it, or choose "
+            f"another {self.key}"
+        )
 
     def _elsewhere(self, holder: dict) -> FolderBusy:
-        return FolderBusy(f"{self.what} is owned by a run on another host: {describe(holder)} (lock file "
-                          f"{self.path}); from here it cannot be told whether that run still writes there. "
-                          f"If it is really gone (check with `ps -p {holder.get('pid')}` on "
-                          f"{holder.get('host')}, or squeue), remove {self.path} and start again; otherwise "
-                          f"wait for it or choose another {self.key}")
+        return FolderBusy(
+            f"{self.what} is owned by a run on another host: {describe(holder)} (lock file "
+            f"{self.path}); from here it cannot be told whether that run still writes there. "
+            f"If it is really gone (check with `ps -p {holder.get('pid')}` on "
+            f"{holder.get('host')}, or squeue), remove {self.path} and start again; otherwise "
+            f"wait for it or choose another {self.key}"
+        )
 
     def _stale(self, holder: dict | None, why: str) -> None:
         log.warning("%s: a stale lock %s (%s; %s) is taken over", self.what, self.path, describe(holder), why)
@@ -145,7 +156,7 @@ class FolderLock:
             missing.append(p)
             p = p.parent
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._made = missing   # deepest first
+        self._made = missing  # deepest first
 
     def _key(self) -> Path:
         return Path(os.path.abspath(self.path.parent)).resolve() / self.path.name
@@ -155,7 +166,7 @@ class FolderLock:
         with a warning (module doc)."""
         if self.path.parent.exists() and self._key() in _HELD:
             _HELD[self._key()] += 1
-            self.fd = -1   # nested: the outer holder gives it back
+            self.fd = -1  # nested: the outer holder gives it back
             return self
         self._make_parent()
         deadline = time.monotonic() + _RETRY_S
@@ -166,23 +177,25 @@ class FolderLock:
                 try:
                     fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
                 except IsADirectoryError:
-                    raise FolderBusy(f"{self.what}: {self.path} is a folder, where gpart_ds keeps the lock file of "
-                                     "the run that writes there; remove it (nothing of gpart_ds lives in it)") from None
+                    raise FolderBusy(
+                        f"{self.what}: {self.path} is a folder, where gpart_ds keeps the lock file of "
+                        "the run that writes there; remove it (nothing of gpart_ds lives in it)"
+                    ) from None
                 flocked = True
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     os.close(fd)
                     fd = None
-                    if time.monotonic() < deadline:   # a peek, or a holder writing its name
+                    if time.monotonic() < deadline:  # a peek, or a holder writing its name
                         time.sleep(0.05)
                         continue
                     raise self._busy(read_holder(self.path)) from None
                 except OSError as exc:
                     if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
                         raise
-                    flocked = False   # no flock on this file system: the pid decides below
-                try:   # the holder may have removed the file between our open and our flock
+                    flocked = False  # no flock on this file system: the pid decides below
+                try:  # the holder may have removed the file between our open and our flock
                     same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
                 except FileNotFoundError:
                     same = False
@@ -192,15 +205,15 @@ class FolderLock:
                     continue
                 break
             holder = read_holder(self.path)
-            if existed or os.fstat(fd).st_size:   # a file someone left: whose, and is it theirs still
-                self._judge(holder, flocked)   # a refusal leaves the file to its owner
+            if existed or os.fstat(fd).st_size:  # a file someone left: whose, and is it theirs still
+                self._judge(holder, flocked)  # a refusal leaves the file to its owner
             held = True
             os.ftruncate(fd, 0)
             os.pwrite(fd, (json.dumps(me(), indent=1) + "\n").encode(), 0)
             os.fsync(fd)
         except BaseException:
             if fd is not None:
-                if held:   # ours (or a stale one we were taking over): nobody else's file goes
+                if held:  # ours (or a stale one we were taking over): nobody else's file goes
                     self._unlink_if(fd)
                 os.close(fd)
             self._cleanup_dirs()
@@ -233,8 +246,7 @@ class FolderLock:
                 self._stale(holder, "that process is gone")
             return
         if _same_job_requeued(holder):
-            self._stale(holder, f"SLURM job {holder.get('slurm_job')} was requeued: its earlier allocation "
-                                "is gone")
+            self._stale(holder, f"SLURM job {holder.get('slurm_job')} was requeued: its earlier allocation is gone")
             return
         raise self._elsewhere(holder)
 
@@ -256,7 +268,7 @@ class FolderLock:
         self._cleanup_dirs()
 
     def _cleanup_dirs(self) -> None:
-        for p in self._made:   # a refused or failed start leaves no empty folder behind
+        for p in self._made:  # a refused or failed start leaves no empty folder behind
             try:
                 p.rmdir()
             except OSError:
@@ -282,7 +294,7 @@ def peek(path: str | os.PathLike, what: str, key: str) -> None:
     except FileNotFoundError:
         return
     except OSError:
-        return   # unreadable: the taker will say so
+        return  # unreadable: the taker will say so
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -294,7 +306,7 @@ def peek(path: str | os.PathLike, what: str, key: str) -> None:
         if holder is None:
             return
         if holder.get("host") == _host():
-            return   # the flock was free: its holder is gone (a taker will say so)
+            return  # the flock was free: its holder is gone (a taker will say so)
         if not _same_job_requeued(holder):
             raise lock._elsewhere(holder)
     finally:

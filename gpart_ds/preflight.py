@@ -12,6 +12,7 @@ against the model and DeepSpeed, the output folder and the resume target: runche
 Exit status 0 when all pass; otherwise every failure is printed and the status is 3
 (2 for a bad config: `error: ...`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,16 +27,21 @@ MIN_PYTHON = (3, 10)
 
 
 def parse(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m gpart_ds.preflight", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m gpart_ds.preflight", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--config", required=True)
     ap.add_argument("--nodes", type=int, required=True)
     ap.add_argument("--tasks-per-node", type=int, required=True, help="ranks (GPUs) per node")
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    ap.add_argument("--tag", default=os.environ.get("SLURM_JOB_ID", "manual"),
-                    help="names this run's shared-folder probe (default: the SLURM job id)")
-    ap.add_argument("--wait-s", type=float, default=120.0,
-                    help="how long to wait for every node's probe file to become visible")
+    ap.add_argument(
+        "--tag",
+        default=os.environ.get("SLURM_JOB_ID", "manual"),
+        help="names this run's shared-folder probe (default: the SLURM job id)",
+    )
+    ap.add_argument(
+        "--wait-s", type=float, default=120.0, help="how long to wait for every node's probe file to become visible"
+    )
     ap.add_argument("overrides", nargs="*")
     return ap.parse_args(argv)
 
@@ -47,8 +53,10 @@ def check_gpus(device: str, need: int) -> str | None:
         return None
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if n < need:
-        return (f"{n} CUDA device(s) visible, {need} ranks per node need {need} (submit with "
-                f"--gpus-per-node={need}; CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
+        return (
+            f"{n} CUDA device(s) visible, {need} ranks per node need {need} (submit with "
+            f"--gpus-per-node={need}; CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})"
+        )
     return None
 
 
@@ -70,9 +78,11 @@ def check_shared_output(out: Path, tag: str, nodes: int, wait_s: float) -> str |
         if len(seen) >= nodes:
             return None
         if time.monotonic() > deadline:
-            return (f"output_dir {str(out)!r} is not shared: after {wait_s:.0f} s this node sees the "
-                    f"probes of {len(seen)} of {nodes} nodes ({', '.join(seen)}); put output_dir (and "
-                    "checkpoint.dir, data.cache_dir) on a file system every node mounts")
+            return (
+                f"output_dir {str(out)!r} is not shared: after {wait_s:.0f} s this node sees the "
+                f"probes of {len(seen)} of {nodes} nodes ({', '.join(seen)}); put output_dir (and "
+                "checkpoint.dir, data.cache_dir) on a file system every node mounts"
+            )
         time.sleep(1.0)
 
 
@@ -99,8 +109,9 @@ def _main(args) -> int:
     host = socket.gethostname()
     failures = []
     if sys.version_info < MIN_PYTHON:
-        failures.append(f"Python {sys.version.split()[0]} at {sys.executable}; need >= "
-                        f"{'.'.join(map(str, MIN_PYTHON))}")
+        failures.append(
+            f"Python {sys.version.split()[0]} at {sys.executable}; need >= {'.'.join(map(str, MIN_PYTHON))}"
+        )
     try:
         import deepspeed  # noqa: F401  (the ranks need it; a broken install fails here, cheaply)
         import torch  # noqa: F401
@@ -124,7 +135,7 @@ def _main(args) -> int:
     # here, naming it, before the ranks start; the ranks' rank 0 takes the lock itself.
     lock = FolderLock.for_folder(cfg.output_dir, "output_dir")
     peek(lock.path, lock.what, lock.key)
-    if os.environ.get("SLURM_NODEID", "0") == "0":   # one node reads the checkpoints
+    if os.environ.get("SLURM_NODEID", "0") == "0":  # one node reads the checkpoints
         resolve_outputs(cfg)
     failures += [f for f in (check_gpus(args.device, args.tasks_per_node),) if f]
     master = os.environ.get("MASTER_ADDR")

@@ -27,6 +27,7 @@ every rank without a collective.
 (Floor plan: a module of its own beside config.py and checkpoint.py: the config knows
 keys, the checkpoint knows its format; this knows the order a run checks them in.)
 """
+
 from __future__ import annotations
 
 import logging
@@ -44,17 +45,16 @@ from .targets import Layout
 log = logging.getLogger("gpart_ds")
 
 # What a finished or running training leaves in its output_dir: another run's results.
-RESULT_FILES = ("run_config.yaml", "metrics.jsonl", "adapter", "eval_predictions.jsonl", "predictions",
-                "tensorboard")
+RESULT_FILES = ("run_config.yaml", "metrics.jsonl", "adapter", "eval_predictions.jsonl", "predictions", "tensorboard")
 # Values of train.resume a user may mean as `auto`.
 _AUTO_LOOKALIKES = {"auto", "latest", "last", "newest", "true", "yes", "on"}
 
 
 @dataclass
 class Checked:
-    layout: Layout     # the targets, in canonical order
-    lr: float          # train.lr resolved (auto: the method's calibrated rate at this D)
-    source: str        # where the model's shapes came from (model.path, arch_config, --model-config)
+    layout: Layout  # the targets, in canonical order
+    lr: float  # train.lr resolved (auto: the method's calibrated rate at this D)
+    source: str  # where the model's shapes came from (model.path, arch_config, --model-config)
 
 
 def deepspeed_source(cfg: DictConfig) -> str:
@@ -76,8 +76,15 @@ def deepspeed_config(cfg: DictConfig, world: int, dtype, warn=None) -> dict:
     ds = cfg.deepspeed
     ds = OmegaConf.to_container(ds, resolve=True) if OmegaConf.is_config(ds) else ds
     try:
-        return zero3.engine_config(ds, micro_batch=t.micro_batch_size, grad_accum=t.grad_accum, world=world,
-                                   max_grad_norm=t.max_grad_norm, dtype=dtype, warn=warn)
+        return zero3.engine_config(
+            ds,
+            micro_batch=t.micro_batch_size,
+            grad_accum=t.grad_accum,
+            world=world,
+            max_grad_norm=t.max_grad_norm,
+            dtype=dtype,
+            warn=warn,
+        )
     except ValueError as exc:
         raise ConfigError(f"{deepspeed_source(cfg)}: {exc}") from None
 
@@ -91,20 +98,26 @@ def check_backend(cfg: DictConfig, device_type: str, environment: bool) -> None:
     where = where_for(cfg)
     backend = cfg.dist.backend
     if backend == "nccl" and device_type != "cuda":
-        raise ConfigError(f"{where('dist.backend')}: nccl needs CUDA GPUs, and this run is on {device_type} "
-                          "(torch sees no CUDA device); use dist.backend=auto (gloo on CPU)")
-    if not environment:   # planning for other machines: what this build lacks does not matter
+        raise ConfigError(
+            f"{where('dist.backend')}: nccl needs CUDA GPUs, and this run is on {device_type} "
+            "(torch sees no CUDA device); use dist.backend=auto (gloo on CPU)"
+        )
+    if not environment:  # planning for other machines: what this build lacks does not matter
         return
     if not dist.is_available():
         raise ConfigError(f"{where('dist.backend')}: this torch build has no torch.distributed")
     available = {"nccl": dist.is_nccl_available, "gloo": dist.is_gloo_available, "mpi": dist.is_mpi_available}
     want = backend if backend != "auto" else ("nccl" if device_type == "cuda" else "gloo")
     if not available[want]():
-        hint = (" (only in torch built from source against an MPI library): launch with mpirun and keep "
-                "dist.backend=auto, the ranks then come from MPI and the collectives use gloo or nccl"
-                if want == "mpi" else "")
-        raise ConfigError(f"{where('dist.backend')}: {want} is not available in this torch build "
-                          f"{torch_version()}{hint}")
+        hint = (
+            " (only in torch built from source against an MPI library): launch with mpirun and keep "
+            "dist.backend=auto, the ranks then come from MPI and the collectives use gloo or nccl"
+            if want == "mpi"
+            else ""
+        )
+        raise ConfigError(
+            f"{where('dist.backend')}: {want} is not available in this torch build {torch_version()}{hint}"
+        )
 
 
 def torch_version() -> str:
@@ -124,15 +137,25 @@ def check_accelerator(device_type: str) -> None:
     if not acc:
         return
     if acc not in ("cpu", "cuda"):
-        raise ConfigError(f"environment variable DS_ACCELERATOR={acc!r}: gpart_ds runs on cuda or cpu; "
-                          "unset it (launch/train.py chooses)")
+        raise ConfigError(
+            f"environment variable DS_ACCELERATOR={acc!r}: gpart_ds runs on cuda or cpu; "
+            "unset it (launch/train.py chooses)"
+        )
     if acc == "cuda" and device_type != "cuda":
-        raise ConfigError(f"environment variable DS_ACCELERATOR={acc!r}, but no CUDA device is visible here "
-                          f"{torch_version()}; unset DS_ACCELERATOR (launch/train.py sets cpu)")
+        raise ConfigError(
+            f"environment variable DS_ACCELERATOR={acc!r}, but no CUDA device is visible here "
+            f"{torch_version()}; unset DS_ACCELERATOR (launch/train.py sets cpu)"
+        )
 
 
-def validate_for_run(cfg: DictConfig, *, world: int = 1, device_type: str = "cpu",
-                     model_config: str | None = None, environment: bool = False) -> Checked:
+def validate_for_run(
+    cfg: DictConfig,
+    *,
+    world: int = 1,
+    device_type: str = "cpu",
+    model_config: str | None = None,
+    environment: bool = False,
+) -> Checked:
     """The checks every way of starting a run shares (module doc); raises ConfigError.
     environment=True where the run starts on this machine (training, the SLURM preflight
     on a node): also what this machine offers (backend, DS_ACCELERATOR, the method's needs)."""
@@ -152,8 +175,7 @@ def validate_for_run(cfg: DictConfig, *, world: int = 1, device_type: str = "cpu
     if caveat:
         log.info("train.lr: auto = %.3g; %s", lr, caveat)
     # With precision auto the dtype is the machine's: known where the run starts, not in a plan.
-    dtype = training_dtype(cfg.model.precision, device_type) \
-        if environment or cfg.model.precision != "auto" else None
+    dtype = training_dtype(cfg.model.precision, device_type) if environment or cfg.model.precision != "auto" else None
     deepspeed_config(cfg, world, dtype, warn=lambda text: log.warning("%s: %s", deepspeed_source(cfg), text))
     check_backend(cfg, device_type, environment)
     if environment:
@@ -170,10 +192,11 @@ def validate_for_run(cfg: DictConfig, *, world: int = 1, device_type: str = "cpu
 @dataclass
 class Outputs:
     """What resolve_outputs decided: where training starts and what it may replace."""
+
     checkpoint_root: Path
-    resume: checkpoint.Summary | None = None     # the checkpoint to load (None: start at step 0)
-    replace: list[Path] = field(default_factory=list)   # an earlier run's results to remove first
-    skipped: list[str] = field(default_factory=list)    # damaged checkpoints passed over
+    resume: checkpoint.Summary | None = None  # the checkpoint to load (None: start at step 0)
+    replace: list[Path] = field(default_factory=list)  # an earlier run's results to remove first
+    skipped: list[str] = field(default_factory=list)  # damaged checkpoints passed over
 
     @property
     def start_step(self) -> int:
@@ -229,15 +252,18 @@ def _resume_target(cfg: DictConfig, where) -> tuple[checkpoint.Summary | None, l
             raise checkpoint.CheckpointError(
                 f"{where('train.resume')}: train.resume=auto found checkpoints in {root} but none can be "
                 "resumed: " + "; ".join(skipped) + ". Nothing was started over them: restore one, point "
-                "train.resume at a checkpoint folder, or move them away to start fresh")
+                "train.resume at a checkpoint folder, or move them away to start fresh"
+            )
         if found is None:
             log.info("train.resume=auto: no checkpoint in %s, starting fresh", root)
         return found, skipped
     path = Path(str(want))
     if not path.exists():
         if str(want).strip().lower() in _AUTO_LOOKALIKES:
-            raise ConfigError(f"{where('train.resume')}: {want!r} is neither a checkpoint folder nor a "
-                              "resume mode; did you mean auto (lower case)?")
+            raise ConfigError(
+                f"{where('train.resume')}: {want!r} is neither a checkpoint folder nor a "
+                "resume mode; did you mean auto (lower case)?"
+            )
         raise ConfigError(f"{where('train.resume')}: no such checkpoint folder {str(path)!r}")
     if not path.is_dir():
         raise ConfigError(f"{where('train.resume')}: {str(path)!r} is a file, not a checkpoint folder")
@@ -253,11 +279,19 @@ def _check_no_overlap(cfg: DictConfig, where) -> None:
     it, and an export never on the checkpoint it is made from."""
     inputs = {"model.path": cfg.model.path, "data.train": cfg.data.train, "data.eval": cfg.data.eval}
     resume = cfg.train.resume if cfg.train.resume not in (None, "auto") else None
-    checks = [("output_dir", cfg.output_dir, inputs, {}),
-              ("checkpoint.dir", checkpoint_root(cfg), inputs, {"output_dir": cfg.output_dir})]
+    checks = [
+        ("output_dir", cfg.output_dir, inputs, {}),
+        ("checkpoint.dir", checkpoint_root(cfg), inputs, {"output_dir": cfg.output_dir}),
+    ]
     if cfg.export.merged:
-        checks.append(("export.dir", export_dir(cfg), {**inputs, "train.resume": resume},
-                       {"output_dir": cfg.output_dir, "checkpoint.dir": checkpoint_root(cfg)}))
+        checks.append(
+            (
+                "export.dir",
+                export_dir(cfg),
+                {**inputs, "train.resume": resume},
+                {"output_dir": cfg.output_dir, "checkpoint.dir": checkpoint_root(cfg)},
+            )
+        )
     for key, path, reads, homes in checks:
         problem = overlap({key: path}, reads, homes)
         if problem:
@@ -278,49 +312,64 @@ def resolve_outputs(cfg: DictConfig, *, export_only: bool = False) -> Outputs:
     want = cfg.train.resume
     # A checkpoint of another folder starts a new run here: it must not mix with (or, at a
     # later resume=auto, be overtaken by the newer checkpoints of) a run already in output_dir.
-    foreign = bool(want) and want != "auto" and not export_only and Path(str(want)).is_dir() and \
-        not Path(str(want)).resolve().is_relative_to(root.resolve())
+    foreign = (
+        bool(want)
+        and want != "auto"
+        and not export_only
+        and Path(str(want)).is_dir()
+        and not Path(str(want)).resolve().is_relative_to(root.resolve())
+    )
     if not want or foreign:
         if export_only:
-            raise checkpoint.CheckpointError(f"{where('train.resume')}: --export-only needs train.resume=auto "
-                                             "or a checkpoint folder")
+            raise checkpoint.CheckpointError(
+                f"{where('train.resume')}: --export-only needs train.resume=auto or a checkpoint folder"
+            )
         earlier = earlier_results(cfg)
         if earlier and not overwrite:
             names = ", ".join(str(p.relative_to(out)) if p.is_relative_to(out) else str(p) for p in earlier[:6])
             raise ConfigError(
                 f"{where('output_dir')}: {str(out)!r} already holds another run's results ({names}"
                 f"{', ...' if len(earlier) > 6 else ''}); "
-                + ("a run resumed from another folder's checkpoint would mix with them (and a later "
-                   "resume=auto would pick their newest step). " if foreign else "a new run would replace them. ")
+                + (
+                    "a run resumed from another folder's checkpoint would mix with them (and a later "
+                    "resume=auto would pick their newest step). "
+                    if foreign
+                    else "a new run would replace them. "
+                )
                 + "Continue that run "
                 "with train.resume=auto, choose another output_dir, or set overwrite_output_dir=true to "
-                "replace them")
+                "replace them"
+            )
         plan.replace = earlier
         if not foreign:
             return plan
     elif overwrite:
-        raise ConfigError(f"{where('overwrite_output_dir')}: overwrite_output_dir=true and "
-                          f"train.resume={cfg.train.resume!r} contradict each other: choose one")
+        raise ConfigError(
+            f"{where('overwrite_output_dir')}: overwrite_output_dir=true and "
+            f"train.resume={cfg.train.resume!r} contradict each other: choose one"
+        )
     plan.resume, plan.skipped = _resume_target(cfg, where)
     if plan.resume is None:
         if export_only:
-            raise checkpoint.CheckpointError(f"{where('train.resume')}: no complete checkpoint in {root} "
-                                             "to export")
+            raise checkpoint.CheckpointError(f"{where('train.resume')}: no complete checkpoint in {root} to export")
         finished = finished_results(cfg)
-        if finished:   # resume=auto starts fresh only where no finished run would be replaced
+        if finished:  # resume=auto starts fresh only where no finished run would be replaced
             raise ConfigError(
                 f"{where('train.resume')}: train.resume=auto found no checkpoint in {str(root)!r}, but "
                 f"{str(out)!r} holds a finished run ({', '.join(finished)}); starting over would replace it. "
-                "Is checkpoint.dir right? Otherwise choose another output_dir, or move the results away")
+                "Is checkpoint.dir right? Otherwise choose another output_dir, or move the results away"
+            )
         return plan
     checkpoint.check_drift(plan.resume.run_config, cfg, where)
-    checkpoint.check_base(plan.resume, cfg.model.path, where)   # the same path, but the same weights?
+    checkpoint.check_base(plan.resume, cfg.model.path, where)  # the same path, but the same weights?
     step, max_steps = plan.resume.step, cfg.train.max_steps
     if not export_only and max_steps < step:
-        raise ConfigError(f"{where('train.max_steps')}: train.max_steps={max_steps} is below the step of the "
-                          f"checkpoint it resumes, {plan.resume.path.name} (step {step}); training on would "
-                          "rewrite earlier steps with later weights. Raise train.max_steps, or resume an "
-                          "earlier checkpoint by its folder (train.resume=PATH)")
+        raise ConfigError(
+            f"{where('train.max_steps')}: train.max_steps={max_steps} is below the step of the "
+            f"checkpoint it resumes, {plan.resume.path.name} (step {step}); training on would "
+            "rewrite earlier steps with later weights. Raise train.max_steps, or resume an "
+            "earlier checkpoint by its folder (train.resume=PATH)"
+        )
     return plan
 
 
@@ -330,8 +379,11 @@ def remove_earlier_results(plan: Outputs, cfg: DictConfig) -> None:
 
     if not plan.replace:
         return
-    log.warning("overwrite_output_dir=true: removing the earlier run's results in %s: %s", cfg.output_dir,
-                ", ".join(str(p) for p in plan.replace))
+    log.warning(
+        "overwrite_output_dir=true: removing the earlier run's results in %s: %s",
+        cfg.output_dir,
+        ", ".join(str(p) for p in plan.replace),
+    )
     for p in plan.replace:
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)

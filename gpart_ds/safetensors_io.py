@@ -10,6 +10,7 @@ so what a reader holds is exactly the block it asked for.
 
 Knows nothing of GPart or DeepSpeed.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,14 +25,21 @@ from .errors import UserError
 from .fileio import named
 
 DTYPES = {  # safetensors name <-> torch dtype
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
 }
 NAMES = {v: k for k, v in DTYPES.items()}
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-_MAX_HEADER = 100 * 1024 * 1024   # the format's own limit
+_MAX_HEADER = 100 * 1024 * 1024  # the format's own limit
 
 
 class SafetensorsFormatError(UserError):
@@ -63,25 +71,26 @@ class TensorEntry:
 @dataclass
 class FilePlan:
     """One output file: its name, header bytes and each tensor's absolute byte offset."""
+
     filename: str
     entries: list[TensorEntry]
     header: bytes = b""
-    offsets: dict[str, int] = field(default_factory=dict)   # name -> first byte in the file
+    offsets: dict[str, int] = field(default_factory=dict)  # name -> first byte in the file
     size: int = 0
 
     def __post_init__(self):
         ranges, pos = {}, 0
         for e in self.entries:
-            ranges[e.name] = {"dtype": NAMES[e.dtype], "shape": list(e.shape),
-                              "data_offsets": [pos, pos + e.nbytes]}
+            ranges[e.name] = {"dtype": NAMES[e.dtype], "shape": list(e.shape), "data_offsets": [pos, pos + e.nbytes]}
             pos += e.nbytes
         ranges["__metadata__"] = {"format": "pt"}
         raw = json.dumps(ranges, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)   # the data section starts 8-byte aligned
+        raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
         self.header = struct.pack("<Q", len(raw)) + raw
         start = len(self.header)
-        self.offsets = {e.name: start + r["data_offsets"][0]
-                        for e, r in zip(self.entries, (ranges[e.name] for e in self.entries))}
+        self.offsets = {
+            e.name: start + r["data_offsets"][0] for e, r in zip(self.entries, (ranges[e.name] for e in self.entries))
+        }
         self.size = start + pos
 
 
@@ -90,8 +99,17 @@ def parse_size(text: str | int) -> int:
     if isinstance(text, int):
         return text
     s = str(text).strip().upper()
-    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
-             "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
+    units = {
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+        "TIB": 2**40,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "B": 1,
+    }
     for u, mult in units.items():  # noqa: B007  (mult is read after the break)
         if s.endswith(u):
             num = s[: -len(u)].strip()
@@ -128,8 +146,7 @@ def plan_files(entries: list[TensorEntry], max_shard_bytes: int) -> list[FilePla
 
 def index_json(plans: list[FilePlan]) -> dict:
     total = sum(e.nbytes for p in plans for e in p.entries)
-    return {"metadata": {"total_size": total},
-            "weight_map": {e.name: p.filename for p in plans for e in p.entries}}
+    return {"metadata": {"total_size": total}, "weight_map": {e.name: p.filename for p in plans for e in p.entries}}
 
 
 def create_files(folder: Path, plans: list[FilePlan]) -> None:
@@ -168,10 +185,10 @@ class RangeWriter:
         pos = plan.offsets[name] + first_elem * entry.itemsize
         fd = self.fds[plan.filename]
         try:
-            while data:   # pwrite may write less than asked
+            while data:  # pwrite may write less than asked
                 done = os.pwrite(fd, data, pos)
                 data, pos = data[done:], pos + done
-        except OSError as exc:   # a full disk: name the file
+        except OSError as exc:  # a full disk: name the file
             raise named(exc, self.folder / plan.filename) from None
 
     def close(self, sync: bool = True) -> None:
@@ -199,7 +216,7 @@ class RangeWriter:
 class StoredTensor:
     entry: TensorEntry
     path: Path
-    start: int     # absolute byte offset of element 0
+    start: int  # absolute byte offset of element 0
 
 
 def read_header(path: Path) -> dict[str, StoredTensor]:
@@ -226,8 +243,10 @@ def read_header(path: Path) -> dict[str, StoredTensor]:
         e = TensorEntry(name, dtype, tuple(info["shape"]))
         b0, b1 = info["data_offsets"]
         if b1 - b0 != e.nbytes or data_start + b1 > size:
-            raise SafetensorsFormatError(f"{path}: tensor {name!r} byte range [{b0}, {b1}) does not fit "
-                                         f"its shape {list(e.shape)} or the file (truncated?)")
+            raise SafetensorsFormatError(
+                f"{path}: tensor {name!r} byte range [{b0}, {b1}) does not fit "
+                f"its shape {list(e.shape)} or the file (truncated?)"
+            )
         out[name] = StoredTensor(e, path, data_start + b0)
     return out
 
@@ -251,8 +270,9 @@ def model_files(folder: Path) -> list[Path]:
         return [single]
     found = sorted(folder.glob("*.safetensors"))
     if not found:
-        raise SafetensorsFormatError(f"{folder}: no *.safetensors weights (pytorch_model.bin is not read: "
-                                "convert it to safetensors first)")
+        raise SafetensorsFormatError(
+            f"{folder}: no *.safetensors weights (pytorch_model.bin is not read: convert it to safetensors first)"
+        )
     return found
 
 

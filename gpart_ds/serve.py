@@ -14,6 +14,7 @@ to the base (the trained model) and compares the answers record for record; with
 with the merged folder itself. Exit 0 when every served answer
 equals the in-process one, 1 when any differs (listed), 2 on bad input.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,18 +52,36 @@ class Server:
     def __enter__(self) -> Server:
         exe = shutil.which("transformers", path=str(Path(sys.executable).parent)) or shutil.which("transformers")
         if exe is None:
-            raise ServeError("no `transformers` command in this environment: install the serve extra "
-                             "(bash launch/setup_env.sh does)")
+            raise ServeError(
+                "no `transformers` command in this environment: install the serve extra (bash launch/setup_env.sh does)"
+            )
         out = open(self.log, "w") if self.log else subprocess.DEVNULL
-        self.proc = subprocess.Popen([exe, "serve", self.folder, "--host", "127.0.0.1", "--port", str(self.port),
-                                      "--device", "cpu", "--dtype", "auto"],
-                                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                     env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
+        self.proc = subprocess.Popen(
+            [
+                exe,
+                "serve",
+                self.folder,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--device",
+                "cpu",
+                "--dtype",
+                "auto",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"},
+        )
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise ServeError(f"transformers serve {self.folder} exited with {self.proc.returncode} before it "
-                                 f"answered{f' (log: {self.log})' if self.log else ''}")
+                raise ServeError(
+                    f"transformers serve {self.folder} exited with {self.proc.returncode} before it "
+                    f"answered{f' (log: {self.log})' if self.log else ''}"
+                )
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
                     if r.status == 200:
@@ -82,8 +101,9 @@ class Server:
                 self.proc.wait()
 
 
-def ask(url: str, model: str, records: list[tuple[str, dict]], questions, max_tokens: int,
-        chat_template: bool) -> list[str]:
+def ask(
+    url: str, model: str, records: list[tuple[str, dict]], questions, max_tokens: int, chat_template: bool
+) -> list[str]:
     """The server's answer to each question's record, at temperature 0."""
     from openai import OpenAI
 
@@ -101,9 +121,19 @@ def ask(url: str, model: str, records: list[tuple[str, dict]], questions, max_to
     return out
 
 
-def check(merged: str, data_path: str, base: str | None = None, adapter: str | None = None,
-          max_examples: int = 0, chat_template: bool = False, port: int | None = None,
-          batch_size: int = 64, log: Path | None = None, url: str | None = None, model_name: str | None = None) -> dict:
+def check(
+    merged: str,
+    data_path: str,
+    base: str | None = None,
+    adapter: str | None = None,
+    max_examples: int = 0,
+    chat_template: bool = False,
+    port: int | None = None,
+    batch_size: int = 64,
+    log: Path | None = None,
+    url: str | None = None,
+    model_name: str | None = None,
+) -> dict:
     """Served answers of the merged folder against in-process answers (see the module doc)."""
     import torch
     from transformers import AutoTokenizer
@@ -125,13 +155,13 @@ def check(merged: str, data_path: str, base: str | None = None, adapter: str | N
     order = sorted(range(len(qs)), key=lambda i: len(qs[i].prompt))
     answers: dict[int, str] = {}
     for start in range(0, len(order), batch_size):
-        chunk = [qs[i] for i in order[start:start + batch_size]]
+        chunk = [qs[i] for i in order[start : start + batch_size]]
         for q, ids in zip(chunk, generation.greedy(root.generate, [q.prompt for q in chunk], pad, eos, new, "cpu")):
             answers[q.index] = generation.answer_text(tok, ids)
     local = [answers[q.index] for q in qs]
     del root
     t0 = time.perf_counter()
-    if url:      # a server already running (vLLM, TGI, ...) on the same folder
+    if url:  # a server already running (vLLM, TGI, ...) on the same folder
         served = ask(url, model_name or merged, records, qs, new, chat_template)
     else:
         with Server(merged, port, log) as server:
@@ -140,19 +170,37 @@ def check(merged: str, data_path: str, base: str | None = None, adapter: str | N
     rows = []
     for q, s, mine in zip(qs, served, local):
         said, ok = generation.judge(s, q)
-        rows.append({"record": q.where, "index": q.index, "served": s, "said": said, "answer_correct": ok,
-                     "in_process": mine, "same": s == mine})
+        rows.append(
+            {
+                "record": q.where,
+                "index": q.index,
+                "served": s,
+                "said": said,
+                "answer_correct": ok,
+                "in_process": mine,
+                "same": s == mine,
+            }
+        )
     n = len(rows)
-    return {"merged": merged, "base": base, "adapter": adapter, "data": data_path, "records": n,
-            "served_accuracy": sum(r["answer_correct"] for r in rows) / n,
-            "in_process_accuracy": sum(generation.judge(r["in_process"], q)[1] for r, q in zip(rows, qs)) / n,
-            "same_answers": sum(r["same"] for r in rows), "serve_seconds": seconds,
-            "differ": [r for r in rows if not r["same"]][:10], "rows": rows}
+    return {
+        "merged": merged,
+        "base": base,
+        "adapter": adapter,
+        "data": data_path,
+        "records": n,
+        "served_accuracy": sum(r["answer_correct"] for r in rows) / n,
+        "in_process_accuracy": sum(generation.judge(r["in_process"], q)[1] for r, q in zip(rows, qs)) / n,
+        "same_answers": sum(r["same"] for r in rows),
+        "serve_seconds": seconds,
+        "differ": [r for r in rows if not r["same"]][:10],
+        "rows": rows,
+    }
 
 
 def _check_cli(argv) -> int:
-    ap = argparse.ArgumentParser(prog="python -m gpart_ds.serve check", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m gpart_ds.serve check", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--merged", required=True, help="the merged Hugging Face folder to serve")
     ap.add_argument("--data", required=True, help="held-out records (prompt/completion or chat)")
     ap.add_argument("--base", default=None, help="the base model the adapter was trained on")
@@ -160,17 +208,24 @@ def _check_cli(argv) -> int:
     ap.add_argument("--max-examples", type=int, default=0)
     ap.add_argument("--chat-template", action="store_true", help="prompts as a user turn (the chat endpoint)")
     ap.add_argument("--port", type=int, default=0, help="default: a free port")
-    ap.add_argument("--url", default=None,
-                    help="ask a server already running instead (e.g. vLLM: http://HOST:8000/v1); "
-                         "--merged is then the folder it serves, read for its tokenizer")
+    ap.add_argument(
+        "--url",
+        default=None,
+        help="ask a server already running instead (e.g. vLLM: http://HOST:8000/v1); "
+        "--merged is then the folder it serves, read for its tokenizer",
+    )
     ap.add_argument("--model-name", default=None, help="with --url: the model name it serves (default --merged)")
     ap.add_argument("--json", default=None, help="also write the result here")
     ap.add_argument("--predictions", default=None, help="one JSON line per record: served and in-process answers")
     ap.add_argument("--brief", action="store_true", help="one line instead of the JSON result")
-    ap.add_argument("--max-differ", type=int, default=0,
-                    help="answers that may differ before the exit status says so (default 0). The server "
-                         "decodes each prompt alone, this process in left-padded batches: at a near-tie "
-                         "between two tokens the last bits of fp32 can pick the other one")
+    ap.add_argument(
+        "--max-differ",
+        type=int,
+        default=0,
+        help="answers that may differ before the exit status says so (default 0). The server "
+        "decodes each prompt alone, this process in left-padded batches: at a near-tie "
+        "between two tokens the last bits of fp32 can pick the other one",
+    )
     args = ap.parse_args(argv)
     if (args.base is None) != (args.adapter is None):
         raise ServeError("--base and --adapter go together (the trained model to compare the served one with)")
@@ -181,8 +236,10 @@ def _check_cli(argv) -> int:
         raise ServeError(f"--data {args.data}: no such file")
     if args.max_examples < 0 or args.max_differ < 0 or not 0 <= args.port < 65536:
         raise ServeError("--max-examples and --max-differ must be >= 0, --port in [0, 65535]")
-    landing = overlap({"--json": args.json, "--predictions": args.predictions},
-                      {"--merged": args.merged, "--base": args.base, "--adapter": args.adapter, "--data": args.data})
+    landing = overlap(
+        {"--json": args.json, "--predictions": args.predictions},
+        {"--merged": args.merged, "--base": args.base, "--adapter": args.adapter, "--data": args.data},
+    )
     if landing or (args.json and args.json == args.predictions):
         raise ServeError(landing or f"--json and --predictions are the same file {args.json!r}")
     for flag, out in (("--json", args.json), ("--predictions", args.predictions)):
@@ -191,15 +248,26 @@ def _check_cli(argv) -> int:
             problem = folder_problem(parent) or (not parent.is_dir() and f"its folder {str(parent)!r} does not exist")
             if problem:
                 raise ServeError(f"{flag} {out}: {problem}")
-    res = check(args.merged, args.data, args.base, args.adapter, args.max_examples, args.chat_template,
-                args.port or None, url=args.url, model_name=args.model_name)
+    res = check(
+        args.merged,
+        args.data,
+        args.base,
+        args.adapter,
+        args.max_examples,
+        args.chat_template,
+        args.port or None,
+        url=args.url,
+        model_name=args.model_name,
+    )
     rows = res.pop("rows")
     if args.brief:
         against = f"base + adapter ({args.adapter})" if args.adapter else "the merged folder in process"
-        print(f"served by transformers serve ({args.merged}): generated answer right on "
-              f"{100 * res['served_accuracy']:.1f}% of {res['records']} held-out records; "
-              f"{res['same_answers']}/{res['records']} answers equal to {against}; "
-              f"{res['serve_seconds']:.0f} s to start the server and ask")
+        print(
+            f"served by transformers serve ({args.merged}): generated answer right on "
+            f"{100 * res['served_accuracy']:.1f}% of {res['records']} held-out records; "
+            f"{res['same_answers']}/{res['records']} answers equal to {against}; "
+            f"{res['serve_seconds']:.0f} s to start the server and ask"
+        )
     else:
         print(json.dumps(res, indent=2))
     if args.json:
@@ -211,19 +279,27 @@ def _check_cli(argv) -> int:
         print(f"DIFFER: {differ} of {res['records']} served answers are not the in-process ones", file=sys.stderr)
         return 1
     if differ:
-        print(f"OK within --max-differ {args.max_differ}: {differ} of {res['records']} served answers are not the "
-              f"in-process ones (near-ties); served accuracy {100 * res['served_accuracy']:.1f}%", file=sys.stderr)
+        print(
+            f"OK within --max-differ {args.max_differ}: {differ} of {res['records']} served answers are not the "
+            f"in-process ones (near-ties); served accuracy {100 * res['served_accuracy']:.1f}%",
+            file=sys.stderr,
+        )
         return 0
-    print(f"OK: all {res['records']} served answers equal the in-process ones; served accuracy "
-          f"{100 * res['served_accuracy']:.1f}%", file=sys.stderr)
+    print(
+        f"OK: all {res['records']} served answers equal the in-process ones; served accuracy "
+        f"{100 * res['served_accuracy']:.1f}%",
+        file=sys.stderr,
+    )
     return 0
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] != "check":
-        print("usage: python -m gpart_ds.serve check --merged MERGED --data DATA [--base B --adapter A] ...",
-              file=sys.stderr)
+        print(
+            "usage: python -m gpart_ds.serve check --merged MERGED --data DATA [--base B --adapter A] ...",
+            file=sys.stderr,
+        )
         return 2
     return run_cli(lambda: _check_cli(argv[1:]))
 

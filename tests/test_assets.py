@@ -1,4 +1,5 @@
 """`prepare:` recipes run only for the files a run reads."""
+
 import pytest
 
 from gpart_ds import assets
@@ -13,17 +14,27 @@ def recorded(tmp_path, monkeypatch):
         def build(root):
             built.append(name)
             (root / "x").write_text(name)
+
         return build
 
-    monkeypatch.setattr(assets, "RECIPES", {"model": (recipe("model"), tmp_path / "m"),
-                                            "data": (recipe("data"), tmp_path / "d")})
+    monkeypatch.setattr(
+        assets, "RECIPES", {"model": (recipe("model"), tmp_path / "m"), "data": (recipe("data"), tmp_path / "d")}
+    )
     return built, tmp_path
 
 
 def _cfg(tmp_path, model, train, eval_):
-    return load_config("configs/tiny.yaml", [f"model.path={model}", f"data.train={train}", f"data.eval={eval_}",
-                                             "prepare=[model,data]", f"output_dir={tmp_path / 'out'}"],
-                       check_files=False)
+    return load_config(
+        "configs/tiny.yaml",
+        [
+            f"model.path={model}",
+            f"data.train={train}",
+            f"data.eval={eval_}",
+            "prepare=[model,data]",
+            f"output_dir={tmp_path / 'out'}",
+        ],
+        check_files=False,
+    )
 
 
 def test_recipes_run_for_the_paths_the_config_uses(recorded):

@@ -1,4 +1,5 @@
 """Checkpoint verification and fallback, without running training."""
+
 import json
 import logging
 
@@ -15,19 +16,25 @@ def fake_ckpt(root, step, d=16):
     ck = checkpoint.step_dir(root, step)
     ck.mkdir(parents=True)
     theta = torch.full((d,), float(step))
-    save_file({"theta": theta, **{f"theta::{k}": theta.clone() for k in ("master", "exp_avg", "exp_avg_sq")}},
-              str(ck / checkpoint.STATE_FILE))
+    save_file(
+        {"theta": theta, **{f"theta::{k}": theta.clone() for k in ("master", "exp_avg", "exp_avg_sq")}},
+        str(ck / checkpoint.STATE_FILE),
+    )
     save_file({"cpu": torch.get_rng_state()}, str(ck / "rng-rank0.safetensors"))
-    (ck / checkpoint.STATE_JSON).write_text(json.dumps(
-        {"step": step, "adam_step": step, "world": 1, "global_steps": step}))
+    (ck / checkpoint.STATE_JSON).write_text(
+        json.dumps({"step": step, "adam_step": step, "world": 1, "global_steps": step})
+    )
     (ck / checkpoint.RUN_CONFIG).write_text("method: {name: gpart, d: 16}\n")
     rewrite_manifest(ck)
     return ck
 
 
 def rewrite_manifest(ck):
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": checkpoint._sha256(p)}
-             for p in sorted(ck.iterdir()) if p.name != checkpoint.MANIFEST}
+    files = {
+        p.name: {"bytes": p.stat().st_size, "sha256": checkpoint._sha256(p)}
+        for p in sorted(ck.iterdir())
+        if p.name != checkpoint.MANIFEST
+    }
     (ck / checkpoint.MANIFEST).write_text(json.dumps({"step": int(ck.name[5:]), "files": files}))
 
 
@@ -62,7 +69,7 @@ def _damage(ck, how):
         (ck / checkpoint.MANIFEST).write_text(json.dumps(m))
     elif how == "manifest-lists-nothing":
         (ck / checkpoint.MANIFEST).write_text(json.dumps({"files": {}}))
-    elif how == "state-json-{}":   # passes its checksums, cannot be resumed
+    elif how == "state-json-{}":  # passes its checksums, cannot be resumed
         (ck / checkpoint.STATE_JSON).write_text("{}")
         rewrite_manifest(ck)
     elif how == "no-moments":
@@ -72,8 +79,18 @@ def _damage(ck, how):
         rewrite_manifest(ck)
 
 
-DAMAGES = ["truncate", "flip", "no-manifest", "missing", "manifest-{}", "manifest-[]", "manifest-no-sha",
-           "manifest-lists-nothing", "state-json-{}", "no-moments"]
+DAMAGES = [
+    "truncate",
+    "flip",
+    "no-manifest",
+    "missing",
+    "manifest-{}",
+    "manifest-[]",
+    "manifest-no-sha",
+    "manifest-lists-nothing",
+    "state-json-{}",
+    "no-moments",
+]
 
 
 @pytest.mark.parametrize("damage", DAMAGES)

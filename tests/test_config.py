@@ -1,4 +1,5 @@
 """Config loading: every bad input gets a clear error naming the key and where it is."""
+
 import json
 from pathlib import Path
 
@@ -29,8 +30,12 @@ output_dir: {out}
 
 @pytest.fixture
 def good(tmp_path, tiny_assets):
-    text = GOOD.format(model=tiny_assets / "model", train=tiny_assets / "data" / "train.jsonl",
-                       eval=tiny_assets / "data" / "eval.jsonl", out=tmp_path / "out")
+    text = GOOD.format(
+        model=tiny_assets / "model",
+        train=tiny_assets / "data" / "train.jsonl",
+        eval=tiny_assets / "data" / "eval.jsonl",
+        out=tmp_path / "out",
+    )
     path = tmp_path / "run.yaml"
     path.write_text(text)
     return path
@@ -69,22 +74,25 @@ def test_bad_override_is_reported_as_command_line(good):
         load_config(good, ["train.nope=1"])
 
 
-@pytest.mark.parametrize("override,key", [
-    ("method.d=0", "method.d"),
-    ("method.name=lora2", "method.name"),
-    ("method.dropout=1.5", "method.dropout"),
-    ("train.lr=-1", "train.lr"),
-    ("train.lr=fast", "train.lr"),
-    ("train.lr=true", "train.lr"),
-    ("train.adam_eps=0", "train.adam_eps"),
-    ("train.micro_batch_size=0", "train.micro_batch_size"),
-    ("train.schedule=step", "train.schedule"),
-    ("train.objective=choice", "train.objective"),
-    ("train.eval_generate=sometimes", "train.eval_generate"),
-    ("train.eval_generate_batch=0", "train.eval_generate_batch"),
-    ("model.precision=fp16", "model.precision"),
-    ("method.target_modules=[]", "method.target_modules"),
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("method.d=0", "method.d"),
+        ("method.name=lora2", "method.name"),
+        ("method.dropout=1.5", "method.dropout"),
+        ("train.lr=-1", "train.lr"),
+        ("train.lr=fast", "train.lr"),
+        ("train.lr=true", "train.lr"),
+        ("train.adam_eps=0", "train.adam_eps"),
+        ("train.micro_batch_size=0", "train.micro_batch_size"),
+        ("train.schedule=step", "train.schedule"),
+        ("train.objective=choice", "train.objective"),
+        ("train.eval_generate=sometimes", "train.eval_generate"),
+        ("train.eval_generate_batch=0", "train.eval_generate_batch"),
+        ("model.precision=fp16", "model.precision"),
+        ("method.target_modules=[]", "method.target_modules"),
+    ],
+)
 def test_value_errors_name_the_key(good, override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(good, [override])
@@ -92,11 +100,12 @@ def test_value_errors_name_the_key(good, override, key):
 
 def test_lr_is_a_number_or_auto_also_as_yaml_reads_it(good, tmp_path):
     assert load_config(good, ["train.lr=auto"]).train.lr == "auto"
-    p = write(tmp_path, good.read_text().replace("  lr: 0.01", "  lr: 5e-5"))   # YAML 1.1: a string
+    p = write(tmp_path, good.read_text().replace("  lr: 0.01", "  lr: 5e-5"))  # YAML 1.1: a string
     assert load_config(p).train.lr == 5e-5
     p = write(tmp_path, good.read_text().replace("  lr: 0.01", "  lr: often"))
-    with pytest.raises(ConfigError,
-                       match=r"bad\.yaml:14 \('train\.lr'\): must be a finite number > 0 or auto, got 'often'"):
+    with pytest.raises(
+        ConfigError, match=r"bad\.yaml:14 \('train\.lr'\): must be a finite number > 0 or auto, got 'often'"
+    ):
         load_config(p)
 
 
@@ -121,16 +130,19 @@ def test_keys_the_method_does_not_read_are_named_not_refused(good):
     assert unread_method_keys(load_config(good, ["method.alpha=16"]).method) == ["method.alpha=16.0"]
     # a key at its default is not reported, whoever reads it
     assert unread_method_keys(load_config(good, ["method.name=vera", "method.d=null"]).method) == []
-    assert unread_method_keys(load_config(good, ["method.name=full", "method.r=4"]).method) == \
-        ["method.d=64", "method.r=4"]
+    assert unread_method_keys(load_config(good, ["method.name=full", "method.r=4"]).method) == [
+        "method.d=64",
+        "method.r=4",
+    ]
     # the seed is GPart's partition and VeRA's projections; LoRA and full fine-tuning have none,
     # and full fine-tuning trains every weight: no targets, no dropout of its own
     seed = ["method.seed=3"]
     assert unread_method_keys(load_config(good, seed).method) == []
     assert unread_method_keys(load_config(good, ["method.name=vera", "method.d=null", *seed]).method) == []
     assert unread_method_keys(load_config(good, ["method.name=lora", "method.d=null", *seed]).method) == seed
-    full = load_config(good, ["method.name=full", "method.d=null", "method.dropout=0.1",
-                              "method.target_modules=[q_proj]"])
+    full = load_config(
+        good, ["method.name=full", "method.d=null", "method.dropout=0.1", "method.target_modules=[q_proj]"]
+    )
     assert unread_method_keys(full.method) == ["method.target_modules=['q_proj']", "method.dropout=0.1"]
 
 
@@ -181,13 +193,15 @@ def test_deepspeed_config_contradicting_the_run_config_is_refused():
     ds = {"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 3}}
     with pytest.raises(ValueError, match="train_micro_batch_size_per_gpu=8 but the run config implies 2"):
         engine_config(ds, micro_batch=2, grad_accum=1, world=1, max_grad_norm=1.0, dtype=torch.float32)
-    filled = engine_config({"train_batch_size": "auto"}, micro_batch=2, grad_accum=3, world=4,
-                           max_grad_norm=0.5, dtype=torch.bfloat16)
+    filled = engine_config(
+        {"train_batch_size": "auto"}, micro_batch=2, grad_accum=3, world=4, max_grad_norm=0.5, dtype=torch.bfloat16
+    )
     assert filled["train_batch_size"] == 24 and filled["bf16"]["enabled"] is True
     assert filled["gradient_clipping"] == 0.5 and filled["zero_optimization"]["stage"] == 3
     with pytest.raises(ValueError, match="fp16 is not supported"):
-        engine_config({"fp16": {"enabled": True}}, micro_batch=1, grad_accum=1, world=1,
-                      max_grad_norm=1.0, dtype=torch.float32)
+        engine_config(
+            {"fp16": {"enabled": True}}, micro_batch=1, grad_accum=1, world=1, max_grad_norm=1.0, dtype=torch.float32
+        )
 
 
 def test_shipped_deepspeed_json_files_are_valid():

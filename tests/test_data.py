@@ -1,4 +1,5 @@
 """Prompt/completion data: errors with file and line, exact loss masks, batch order."""
+
 import json
 
 import pytest
@@ -18,12 +19,15 @@ def write(tmp_path, lines):
     return p
 
 
-@pytest.mark.parametrize("line,msg", [
-    ('{"prompt": "a", ', "not valid JSON"),
-    ('["prompt", "completion"]', "expected a JSON object, got list"),
-    ('{"prompt": "a"}', "missing key 'completion'"),
-    ('{"prompt": "a", "completion": 3}', "'completion' must be a string, got int"),
-])
+@pytest.mark.parametrize(
+    "line,msg",
+    [
+        ('{"prompt": "a", ', "not valid JSON"),
+        ('["prompt", "completion"]', "expected a JSON object, got list"),
+        ('{"prompt": "a"}', "missing key 'completion'"),
+        ('{"prompt": "a", "completion": 3}', "'completion' must be a string, got int"),
+    ],
+)
 def test_malformed_record_names_file_and_line(tmp_path, line, msg):
     p = write(tmp_path, ['{"prompt": "x", "completion": "y"}', "", line])
     with pytest.raises(data.DataError, match=rf"d\.jsonl:3: {msg}"):
@@ -47,20 +51,31 @@ def test_loss_mask_covers_completion_and_eos_only(tok):
 
 
 def _long_and_short(tok, choices=False):
-    recs = [{"prompt": "Reverse: cat dog\nAnswer:", "completion": " dog cat"},
-            {"prompt": "Reverse: " + "cat " * 50 + "\nAnswer:", "completion": " dog"},
-            {"prompt": "Reverse: dog\nAnswer:", "completion": " dog"}]
+    recs = [
+        {"prompt": "Reverse: cat dog\nAnswer:", "completion": " dog cat"},
+        {"prompt": "Reverse: " + "cat " * 50 + "\nAnswer:", "completion": " dog"},
+        {"prompt": "Reverse: dog\nAnswer:", "completion": " dog"},
+    ]
     if choices:
         for r in recs:
             r["choices"] = [r["completion"], " fish"]
-    return [(f"d.jsonl:{i + 1}", data.tokenize_record(r, "prompt_completion", tok, 16, where=f"d.jsonl:{i + 1}",
-                                                       choice_loss=choices, add_eos=not choices))
-            for i, r in enumerate(recs)]
+    return [
+        (
+            f"d.jsonl:{i + 1}",
+            data.tokenize_record(
+                r, "prompt_completion", tok, 16, where=f"d.jsonl:{i + 1}", choice_loss=choices, add_eos=not choices
+            ),
+        )
+        for i, r in enumerate(recs)
+    ]
 
 
 def test_over_long_records_stop_the_run_by_default_naming_the_first_and_the_count(tok):
-    with pytest.raises(data.DataError, match=r"d\.jsonl:2: 1 of 3 records in d\.jsonl are longer than "
-                                             r"data\.max_length=16.*data\.too_long=skip"):
+    with pytest.raises(
+        data.DataError,
+        match=r"d\.jsonl:2: 1 of 3 records in d\.jsonl are longer than "
+        r"data\.max_length=16.*data\.too_long=skip",
+    ):
         data.limit_lengths(_long_and_short(tok), 16, "error", "d.jsonl")
 
 
@@ -170,8 +185,10 @@ def test_text_format_trains_on_every_token_but_the_first(tok):
     assert ex.labels == [data.IGNORE_INDEX] + ex.input_ids[1:]
 
 
-CHATML = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
-          "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+CHATML = (
+    "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
 
 
 @pytest.fixture
@@ -182,9 +199,13 @@ def chat_tok(tiny_assets):
 
 
 def test_chat_loss_covers_assistant_turns_only(chat_tok):
-    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "cat dog"},
-            {"role": "assistant", "content": "dog cat"}, {"role": "user", "content": "sun moon"},
-            {"role": "assistant", "content": "moon sun"}]
+    msgs = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "cat dog"},
+        {"role": "assistant", "content": "dog cat"},
+        {"role": "user", "content": "sun moon"},
+        {"role": "assistant", "content": "moon sun"},
+    ]
     ex = data.tokenize_record({"messages": msgs}, "chat", chat_tok, 512)
 
     def render(m, gen=False):
@@ -216,21 +237,22 @@ def test_packing_keeps_examples_apart(tok, tiny_assets):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_assets / "model", dtype=torch.float32).eval()
-    recs = [{"prompt": "Reverse: cat dog sun\nAnswer:", "completion": " sun dog cat"},
-            {"prompt": "Reverse: fish\nAnswer:", "completion": " fish"},
-            {"prompt": "Reverse: red blue green tree\nAnswer:", "completion": " tree green blue red"}]
+    recs = [
+        {"prompt": "Reverse: cat dog sun\nAnswer:", "completion": " sun dog cat"},
+        {"prompt": "Reverse: fish\nAnswer:", "completion": " fish"},
+        {"prompt": "Reverse: red blue green tree\nAnswer:", "completion": " tree green blue red"},
+    ]
     exs = [data.tokenize_record(r, "prompt_completion", tok, 64) for r in recs]
     packed = data.pack(exs, max_length=64)
     assert len(packed) == 1 and packed[0].input_ids == sum((e.input_ids for e in exs), [])
     batch = data.collate(packed + [data.Example([5, 6], [-100, 6], [0, 1])], pad_id=0)
     assert "attention_mask" not in batch
     with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                       use_cache=False).logits[0]
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
         at = 0
         for e in exs:
             alone = model(input_ids=torch.tensor([e.input_ids])).logits[0]
-            torch.testing.assert_close(logits[at: at + len(e.input_ids)], alone, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(logits[at : at + len(e.input_ids)], alone, rtol=1e-4, atol=1e-4)
             at += len(e.input_ids)
 
 
@@ -266,16 +288,16 @@ def test_sentencepiece_tokenizer_model_works(tmp_path):
 
     text = tmp_path / "corpus.txt"
     text.write_text("\n".join(["the cat sat on the mat", "reverse the words please", "dog sun moon"] * 40))
-    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "m"), vocab_size=64,
-                                   model_type="bpe", minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        input=str(text), model_prefix=str(tmp_path / "m"), vocab_size=64, model_type="bpe", minloglevel=2
+    )
     tdir = tmp_path / "tok"
     tdir.mkdir()
     (tmp_path / "m.model").rename(tdir / "tokenizer.model")
     (tdir / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
     t = AutoTokenizer.from_pretrained(tdir)
     sp = spm.SentencePieceProcessor(model_file=str(tdir / "tokenizer.model"))
-    ex = data.tokenize_record({"prompt": "the cat", "completion": " sat on the mat"},
-                              "prompt_completion", t, 64)
+    ex = data.tokenize_record({"prompt": "the cat", "completion": " sat on the mat"}, "prompt_completion", t, 64)
     completion = [i for i, lab in zip(ex.input_ids, ex.labels) if lab != data.IGNORE_INDEX]
     assert completion[-1] == t.eos_token_id == sp.eos_id()
     assert sp.decode(completion[:-1]).strip() == "sat on the mat"
@@ -303,11 +325,16 @@ def test_choices_objective_records_the_decision_position_and_candidate_tokens(to
     assert b["choice_ids"].tolist() == [firsts, firsts]
 
 
-@pytest.mark.parametrize("rec,msg", [
-    ({"prompt": "a", "completion": " dog"}, "needs a 'choices' list"),
-    ({"prompt": "a", "completion": " dog cat", "choices": [" dog cat", " dog fish"]},
-     "do not differ in their first token"),
-])
+@pytest.mark.parametrize(
+    "rec,msg",
+    [
+        ({"prompt": "a", "completion": " dog"}, "needs a 'choices' list"),
+        (
+            {"prompt": "a", "completion": " dog cat", "choices": [" dog cat", " dog fish"]},
+            "do not differ in their first token",
+        ),
+    ],
+)
 def test_choices_objective_rejects_records_it_cannot_score(tok, rec, msg):
     with pytest.raises(data.DataError, match=f"d.jsonl:4: .*{msg}"):
         data.tokenize_record(rec, "prompt_completion", tok, max_length=16, where="d.jsonl:4", choice_loss=True)

@@ -1,4 +1,5 @@
 """Rank discovery from each launcher's environment (no process group is started here)."""
+
 import pytest
 
 from gpart_ds import distributed
@@ -30,8 +31,17 @@ class FakeComm:
 
 
 def test_torch_style_variables_win_over_everything_else():
-    env = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_SIZE": "4", "MASTER_ADDR": "h0",
-           "MASTER_PORT": "1234", "SLURM_PROCID": "5", "SLURM_STEP_ID": "0", "OMPI_COMM_WORLD_SIZE": "2"}
+    env = {
+        "RANK": "3",
+        "WORLD_SIZE": "8",
+        "LOCAL_RANK": "1",
+        "LOCAL_SIZE": "4",
+        "MASTER_ADDR": "h0",
+        "MASTER_PORT": "1234",
+        "SLURM_PROCID": "5",
+        "SLURM_STEP_ID": "0",
+        "OMPI_COMM_WORLD_SIZE": "2",
+    }
     r = discover(env)
     assert (r.rank, r.world, r.local_rank, r.local_world, r.master_addr, r.master_port) == (3, 8, 1, 4, "h0", 1234)
 
@@ -42,9 +52,16 @@ def test_torch_style_world_without_master_is_refused_with_what_to_set():
 
 
 def test_slurm_step_variables_give_ranks_head_node_and_a_job_derived_port():
-    env = {"SLURM_STEP_ID": "0", "SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "1",
-           "SLURM_NODEID": "2", "SLURM_STEP_TASKS_PER_NODE": "2(x4)", "SLURM_STEP_NODELIST": "gpu[07-10]",
-           "SLURM_JOB_ID": "123456"}
+    env = {
+        "SLURM_STEP_ID": "0",
+        "SLURM_PROCID": "5",
+        "SLURM_STEP_NUM_TASKS": "8",
+        "SLURM_LOCALID": "1",
+        "SLURM_NODEID": "2",
+        "SLURM_STEP_TASKS_PER_NODE": "2(x4)",
+        "SLURM_STEP_NODELIST": "gpu[07-10]",
+        "SLURM_JOB_ID": "123456",
+    }
     r = discover(env)
     assert (r.rank, r.world, r.local_rank, r.local_world) == (5, 8, 1, 2)
     assert r.master_addr == "gpu07" and r.master_port == distributed.slurm_port(env)
@@ -70,8 +87,12 @@ def test_mpi_ranks_and_master_come_from_mpi4py_with_rank0s_address_broadcast():
 
 def test_mpi_without_mpi4py_uses_launcher_variables_or_says_what_is_missing(monkeypatch):
     monkeypatch.setattr(distributed, "_mpi4py_comm", lambda: None)
-    env = {"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
-           "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}
+    env = {
+        "OMPI_COMM_WORLD_SIZE": "2",
+        "OMPI_COMM_WORLD_RANK": "1",
+        "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+        "OMPI_COMM_WORLD_LOCAL_SIZE": "2",
+    }
     with pytest.raises(LaunchError, match="mpi4py is not installed"):
         discover(env)
     r = discover({**env, "MASTER_ADDR": "h0", "MASTER_PORT": "999"})
@@ -83,8 +104,15 @@ def test_mpi_without_mpi4py_uses_launcher_variables_or_says_what_is_missing(monk
 
 def test_srun_mpi_pmix_without_mpi4py_falls_back_to_slurm_variables(monkeypatch):
     monkeypatch.setattr(distributed, "_mpi4py_comm", lambda: None)
-    env = {"PMIX_RANK": "1", "SLURM_STEP_ID": "0", "SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2",
-           "SLURM_LOCALID": "1", "SLURM_STEP_NODELIST": "vm", "SLURM_JOB_ID": "7"}
+    env = {
+        "PMIX_RANK": "1",
+        "SLURM_STEP_ID": "0",
+        "SLURM_PROCID": "1",
+        "SLURM_STEP_NUM_TASKS": "2",
+        "SLURM_LOCALID": "1",
+        "SLURM_STEP_NODELIST": "vm",
+        "SLURM_JOB_ID": "7",
+    }
     r = discover(env)
     assert (r.rank, r.world, r.master_addr, r.source) == (1, 2, "vm", "SLURM step variables")
 
@@ -94,8 +122,9 @@ def test_no_launcher_is_a_world_of_one():
     assert (r.rank, r.world, r.local_rank) == (0, 1, 0) and r.master_port > 0
 
 
-@pytest.mark.parametrize("nodelist, first", [("vm", "vm"), ("gpu[007-009,012],cpu1", "gpu007"),
-                                             ("a1,b[2-3]", "a1"), ("node[3]", "node3")])
+@pytest.mark.parametrize(
+    "nodelist, first", [("vm", "vm"), ("gpu[007-009,012],cpu1", "gpu007"), ("a1,b[2-3]", "a1"), ("node[3]", "node3")]
+)
 def test_first_host_of_a_slurm_node_list(nodelist, first):
     assert parse_first_host(nodelist) == first
 
@@ -138,10 +167,11 @@ def _spawn_chain(tmp_path, levels):
     flag = tmp_path / "flag"
     rank = ["-c", _RANK, str(flag)]
     cmd = [sys.executable, "-c", _LAUNCHER, *rank]
-    if levels == 2:   # the middle process looks like deepspeed's per-node launcher in /proc/PID/cmdline
+    if levels == 2:  # the middle process looks like deepspeed's per-node launcher in /proc/PID/cmdline
         cmd = [sys.executable, "-c", _LAUNCHER, "-c", _LAUNCHER + "\n# deepspeed.launcher.launch", *rank]
-    top = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, text=True,
-                           env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    top = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.PIPE, text=True, env={**__import__("os").environ, "PYTHONPATH": str(REPO)}
+    )
     pids = [int(top.stdout.readline())]
     if levels == 2:
         pids.append(int(top.stdout.readline()))
@@ -215,13 +245,13 @@ def test_a_stale_build_lock_is_removed_with_a_warning(tmp_path, monkeypatch, cap
 def test_a_build_lock_in_use_is_kept(tmp_path, monkeypatch):
     import subprocess
 
-    folder, lock = _lock(tmp_path, monkeypatch, age_s=10)   # a build that just started
+    folder, lock = _lock(tmp_path, monkeypatch, age_s=10)  # a build that just started
     assert distributed.clear_stale_build_lock() is False and lock.exists()
     folder2, lock2 = folder, lock
     import os
     import time
 
-    os.utime(lock2, (time.time() - 900,) * 2)          # an old lock, but a build works in the folder
+    os.utime(lock2, (time.time() - 900,) * 2)  # an old lock, but a build works in the folder
     builder = subprocess.Popen(["sleep", "30"], cwd=folder2)
     try:
         assert distributed.clear_stale_build_lock() is False and lock2.exists()
@@ -234,9 +264,11 @@ def test_a_lost_peer_is_recognised_in_gloo_and_nccl_words(monkeypatch):
     from gpart_ds import comm
 
     monkeypatch.setattr(comm, "world", lambda: 2)
-    for text in ("[../gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:8595: Connection reset by peer",
-                 "[../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:29584",
-                 "NCCL communicator was aborted on rank 3"):
+    for text in (
+        "[../gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:8595: Connection reset by peer",
+        "[../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:29584",
+        "NCCL communicator was aborted on rank 3",
+    ):
         assert comm.peer_lost(RuntimeError(text))
     assert not comm.peer_lost(RuntimeError("CUDA out of memory"))
     monkeypatch.setattr(comm, "world", lambda: 1)
@@ -291,11 +323,18 @@ sys.stdout.write("unflushed tail")   # no newline, no flush
 distributed.exit_process(3)
 print("not reached")
 """
-    env = rank_env({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
-                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
-    env.pop("PYTHONUNBUFFERED")   # the tail reaches the pipe only if the exit path flushes it
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
-                          env=env, timeout=300)
+    env = rank_env(
+        {
+            "RANK": "0",
+            "WORLD_SIZE": "1",
+            "LOCAL_RANK": "0",
+            "LOCAL_WORLD_SIZE": "1",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(free_port()),
+        }
+    )
+    env.pop("PYTHONUNBUFFERED")  # the tail reaches the pipe only if the exit path flushes it
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert proc.returncode == 3, proc.stderr
     assert proc.stdout.endswith("unflushed tail"), proc.stdout
     assert "not reached" not in proc.stdout and "teardown ran" not in proc.stdout
@@ -318,7 +357,7 @@ def test_exit_process_skips_the_teardown_after_a_group_started_without_init(monk
 
     monkeypatch.setattr(distributed, "_STARTED", False)
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(atexit, "_run_exitfuncs", lambda: None)   # not pytest's own handlers
+    monkeypatch.setattr(atexit, "_run_exitfuncs", lambda: None)  # not pytest's own handlers
     exits = []
     monkeypatch.setattr(distributed.os, "_exit", exits.append)
     distributed.exit_process(5)
@@ -332,10 +371,15 @@ def test_the_trainer_closes_on_the_ends_every_rank_reaches_together(monkeypatch)
 
     closed = []
     monkeypatch.setattr(tr.distributed, "shutdown", lambda: closed.append(True))
-    t = object.__new__(tr.Trainer)   # no setup: only the context manager is under test
-    t._locks = []                    # (what __init__ sets first: no folder owned yet)
-    for exc, want in ((None, 1), (tr.Preempted("ckpt"), 1), (tr.NonFiniteError("nan"), 1),
-                      (RuntimeError("peer lost"), 0), (tr.UserError("bad"), 0)):
+    t = object.__new__(tr.Trainer)  # no setup: only the context manager is under test
+    t._locks = []  # (what __init__ sets first: no folder owned yet)
+    for exc, want in (
+        (None, 1),
+        (tr.Preempted("ckpt"), 1),
+        (tr.NonFiniteError("nan"), 1),
+        (RuntimeError("peer lost"), 0),
+        (tr.UserError("bad"), 0),
+    ):
         closed.clear()
         try:
             with t:

@@ -1,4 +1,5 @@
 """Choice scoring equals a straightforward full-forward reference; eval CLI on a tiny model."""
+
 import json
 
 import pytest
@@ -32,14 +33,17 @@ def reference_scores(model, items):
 @pytest.mark.parametrize("choices", [[" cat", " dog"], [" sun moon cat", " fish", " red blue"]])
 def test_choice_scores_equal_reference(tiny, choices):
     tok, model = tiny
-    recs = [("x", {"prompt": p, "completion": choices[0], "choices": choices})
-            for p in ["Reverse: cat dog\nAnswer:", "Reverse: a\nAnswer:", "Reverse: sun moon fish bird\nAnswer:"]]
+    recs = [
+        ("x", {"prompt": p, "completion": choices[0], "choices": choices})
+        for p in ["Reverse: cat dog\nAnswer:", "Reverse: a\nAnswer:", "Reverse: sun moon fish bird\nAnswer:"]
+    ]
     items = evaluate.choice_items(recs, tok, chat_template=False)
     assert all(it.answer == 0 for it in items)
     got = evaluate.score_items(lambda **b: model(**b).logits, items, tok.pad_token_id, "cpu")
     want = reference_scores(model, items)
-    torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), torch.tensor(want, dtype=torch.float64),
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        torch.tensor(got, dtype=torch.float64), torch.tensor(want, dtype=torch.float64), rtol=1e-4, atol=1e-4
+    )
 
 
 def test_correct_picks_argmax():
@@ -49,18 +53,28 @@ def test_correct_picks_argmax():
 
 def test_evaluate_cli_reports_loss_and_accuracy(tiny_assets, tmp_path, capsys):
     p = tmp_path / "e.jsonl"
-    p.write_text("".join(json.dumps({"prompt": f"Reverse: cat {w}\nAnswer:", "completion": f" {w} cat",
-                                     "choices": [f" {w} cat", " dog"]}) + "\n" for w in ["sun", "moon", "red"]))
-    assert evaluate.main(["--model", str(tiny_assets / "model"), "--data", str(p),
-                          "--json", str(tmp_path / "r.json")]) == 0
+    p.write_text(
+        "".join(
+            json.dumps(
+                {"prompt": f"Reverse: cat {w}\nAnswer:", "completion": f" {w} cat", "choices": [f" {w} cat", " dog"]}
+            )
+            + "\n"
+            for w in ["sun", "moon", "red"]
+        )
+    )
+    assert (
+        evaluate.main(["--model", str(tiny_assets / "model"), "--data", str(p), "--json", str(tmp_path / "r.json")])
+        == 0
+    )
     res = json.loads((tmp_path / "r.json").read_text())
     assert res["examples"] == 3 and res["scored"] == 3 and 0 <= res["accuracy"] <= 1 and res["eval_loss"] > 0
 
 
 def test_eval_loss_matches_model_loss(tiny):
     tok, model = tiny
-    exs = [data.tokenize_record({"prompt": "Reverse: cat\nAnswer:", "completion": " cat"}, "prompt_completion",
-                                tok, 32)]
+    exs = [
+        data.tokenize_record({"prompt": "Reverse: cat\nAnswer:", "completion": " cat"}, "prompt_completion", tok, 32)
+    ]
     s, n = evaluate.loss_sums(lambda **b: model(**b).loss, exs, [0], tok.pad_token_id, "cpu")
     ids = torch.tensor([exs[0].input_ids])
     want = model(input_ids=ids, labels=torch.tensor([exs[0].labels])).loss.item()
@@ -76,8 +90,10 @@ def test_one_forward_gives_the_loss_and_exact_match_of_the_loss_pass(tiny):
 
     tok, model = tiny
     words = ["cat", "dog", "sun", "moon", "red"]
-    recs = [(f"e:{i}", {"prompt": f"Reverse: {w} {v}\nAnswer:", "completion": f" {w}", "choices": [f" {w}", f" {v}"]})
-            for i, (w, v) in enumerate(zip(words, words[1:] + words[:1]))]
+    recs = [
+        (f"e:{i}", {"prompt": f"Reverse: {w} {v}\nAnswer:", "completion": f" {w}", "choices": [f" {w}", f" {v}"]})
+        for i, (w, v) in enumerate(zip(words, words[1:] + words[:1]))
+    ]
     assert all(len(tok(f" {w}", add_special_tokens=False)["input_ids"]) == 1 for w in words)
     exs = [data.tokenize_record(r, "prompt_completion", tok, 32, add_eos=False) for _, r in recs]
     items = evaluate.choice_items(recs, tok, chat_template=False)
@@ -98,13 +114,13 @@ def test_one_forward_gives_the_loss_and_exact_match_of_the_loss_pass(tiny):
 def test_paired_test_counts_flips_and_gives_the_exact_binomial_p_value():
     before = [{"record": f"f:{i}", "predicted": 0, "answer": 0 if i < 6 else 1} for i in range(10)]
     after = [dict(p) for p in before]
-    for i in (6, 7, 8, 9):        # 4 fixed
+    for i in (6, 7, 8, 9):  # 4 fixed
         after[i]["predicted"] = 1
-    after[0]["predicted"] = 1     # 1 broken
+    after[0]["predicted"] = 1  # 1 broken
     r = evaluate.paired(before, after)
     assert (r["fixed"], r["broken"], r["records"]) == (4, 1, 10)
     assert r["accuracy_before"] == 0.6 and r["accuracy_after"] == 0.9
-    assert r["p_value"] == pytest.approx(2 * (1 + 5) / 32)     # P(X <= 1), X ~ Bin(5, 1/2), two-sided
+    assert r["p_value"] == pytest.approx(2 * (1 + 5) / 32)  # P(X <= 1), X ~ Bin(5, 1/2), two-sided
     assert evaluate.paired(before, before)["p_value"] == 1.0
     with pytest.raises(ValueError, match="different records"):
         evaluate.paired(before, after[:-1])
@@ -112,11 +128,31 @@ def test_paired_test_counts_flips_and_gives_the_exact_binomial_p_value():
 
 def test_cli_writes_one_prediction_per_scored_record(tiny_assets, tmp_path, capsys):
     p = tmp_path / "e.jsonl"
-    p.write_text("".join(json.dumps({"prompt": f"Reverse: cat {w}\nAnswer:", "completion": f" {w} cat",
-                                     "choices": [f" {w} cat", " dog"]}) + "\n" for w in ["sun", "moon", "red"]))
+    p.write_text(
+        "".join(
+            json.dumps(
+                {"prompt": f"Reverse: cat {w}\nAnswer:", "completion": f" {w} cat", "choices": [f" {w} cat", " dog"]}
+            )
+            + "\n"
+            for w in ["sun", "moon", "red"]
+        )
+    )
     preds = tmp_path / "p.jsonl"
-    assert evaluate.main(["--model", str(tiny_assets / "model"), "--data", str(p), "--json", str(tmp_path / "r.json"),
-                          "--predictions", str(preds)]) == 0
+    assert (
+        evaluate.main(
+            [
+                "--model",
+                str(tiny_assets / "model"),
+                "--data",
+                str(p),
+                "--json",
+                str(tmp_path / "r.json"),
+                "--predictions",
+                str(preds),
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in preds.read_text().splitlines()]
     res = json.loads((tmp_path / "r.json").read_text())
     assert [r["record"] for r in rows] == [f"{p}:{i}" for i in (1, 2, 3)]
@@ -145,7 +181,7 @@ def test_paired_judges_exact_match_lines_where_records_have_no_choices(tmp_path,
     # train.eval_predictions writes {"record", "match"} for generative records and adds
     # predicted/answer where a record has choices: then the choice decides.
     before = [{"record": f"f:{i}", "match": i < 2} for i in range(8)]
-    after = [{"record": f"f:{i}", "match": i != 0} for i in range(8)]      # 6 fixed, 1 broken
+    after = [{"record": f"f:{i}", "match": i != 0} for i in range(8)]  # 6 fixed, 1 broken
     r = evaluate.paired(before, after)
     assert (r["fixed"], r["broken"], r["accuracy_after"]) == (6, 1, 7 / 8)
     assert evaluate.record_correct({"record": "x", "match": False, "predicted": 1, "answer": 1})
@@ -166,8 +202,12 @@ def test_generative_records_get_one_exact_match_line_each_whatever_the_batching(
     # record's verdict does not depend on its batch mates (batch 1 = batch 4).
     p = tmp_path / "g.jsonl"
     words = ["cat", "sun moon fish bird", "a", "red blue", "dog cat dog", "x"]
-    p.write_text("".join(json.dumps({"prompt": f"Reverse: {w}\nAnswer:", "completion": " " + " ".join(w.split()[::-1])})
-                         + "\n" for w in words))
+    p.write_text(
+        "".join(
+            json.dumps({"prompt": f"Reverse: {w}\nAnswer:", "completion": " " + " ".join(w.split()[::-1])}) + "\n"
+            for w in words
+        )
+    )
     runs = {}
     for bs in (1, 4):
         preds = []

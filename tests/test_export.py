@@ -1,4 +1,5 @@
 """Offline streaming merge, verification, reference adapters and bad input."""
+
 import json
 import subprocess
 import sys
@@ -74,9 +75,24 @@ def test_verify_fails_on_a_merge_that_is_not_the_adapter(tmp_path, tok_dir):
     make_adapter(tmp_path / "ad", base, d=20, seed=0)
     make_adapter(tmp_path / "other", base, d=20, seed=0, theta_seed=9)
     merge_offline(base, tmp_path / "other", tmp_path / "out")
-    proc = subprocess.run([sys.executable, "-m", "gpart_ds.export", "verify", "--merged", str(tmp_path / "out"),
-                           "--base", str(base), "--adapter", str(tmp_path / "ad")],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gpart_ds.export",
+            "verify",
+            "--merged",
+            str(tmp_path / "out"),
+            "--base",
+            str(base),
+            "--adapter",
+            str(tmp_path / "ad"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 1 and "FAILED" in proc.stdout
 
 
@@ -100,12 +116,15 @@ def test_reference_adapter_merges_to_the_reference_weights(tmp_path, tok_dir):
         assert raw_bytes(t) == raw_bytes(want.get(name, b[name])), name
 
 
-@pytest.mark.parametrize("key,value,match", [
-    ("assignment_backend", "materialized", "torch.randint"),
-    ("bias", "all", "bias='all' is not supported"),
-    ("partition_scope", "transformer_block", "partition_scope"),
-    ("projection_type", "fastfood", "projection_type"),
-])
+@pytest.mark.parametrize(
+    "key,value,match",
+    [
+        ("assignment_backend", "materialized", "torch.randint"),
+        ("bias", "all", "bias='all' is not supported"),
+        ("partition_scope", "transformer_block", "partition_scope"),
+        ("projection_type", "fastfood", "projection_type"),
+    ],
+)
 def test_reference_settings_we_cannot_reproduce_are_refused(tmp_path, tok_dir, key, value, match):
     base = make_base(tmp_path / "base", tok_dir)
     write_reference_adapter(tmp_path / "ref", torch.zeros(8), 8, 0, "all-linear", **{key: value})
@@ -142,7 +161,7 @@ def test_a_diverged_adapter_is_not_merged(tmp_path, tok_dir):
     w = tmp_path / "ad" / "adapter_model.safetensors"
     theta = load_file(str(w))["gpart_theta"]
     theta[3] = float("nan")
-    save_file({"gpart_theta": theta}, str(w))   # as a diverged run would have written it
+    save_file({"gpart_theta": theta}, str(w))  # as a diverged run would have written it
     cfg_path = tmp_path / "ad" / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["weights_sha256"] = sha256_file(w)
@@ -155,7 +174,7 @@ def test_a_diverged_adapter_is_not_merged(tmp_path, tok_dir):
 def test_a_merge_whose_target_is_missing_from_the_base_files_is_refused(tmp_path, tok_dir):
     from gpart_ds import safetensors_io as stio
 
-    class Renamed:   # a merge that adapts a tensor the base files do not hold
+    class Renamed:  # a merge that adapts a tensor the base files do not hold
         targets = {"model.layers.0.self_attn.q_proj.weight": None, "model.layers.9.renamed.weight": None}
 
     base = make_base(tmp_path / "base", tok_dir)
@@ -167,8 +186,9 @@ def test_wrong_base_model_is_refused_by_name(tmp_path, tok_dir):
     a = make_base(tmp_path / "a", tok_dir, hidden=8)
     b = make_base(tmp_path / "b", tok_dir, hidden=16, heads=2)
     make_adapter(tmp_path / "ad", a, d=16, seed=0)
-    with pytest.raises(AdapterError,
-                       match=r"q_proj.weight has shape \[8, 8\] in the adapter but \[16, 16\].*wrong base"):
+    with pytest.raises(
+        AdapterError, match=r"q_proj.weight has shape \[8, 8\] in the adapter but \[16, 16\].*wrong base"
+    ):
         merge_offline(b, tmp_path / "ad", tmp_path / "out")
     c = make_base(tmp_path / "c", tok_dir, layers=1)
     with pytest.raises(AdapterError, match="layers.1.self_attn.q_proj.weight is not in the base model"):
@@ -204,9 +224,23 @@ def test_existing_output_is_kept_unless_overwrite(tmp_path, tok_dir):
     out = tmp_path / "out"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
-    proc = subprocess.run([sys.executable, "-m", "gpart_ds.export", "--base", str(base), "--adapter",
-                           str(tmp_path / "ad"), "--out", str(out)], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gpart_ds.export",
+            "--base",
+            str(base),
+            "--adapter",
+            str(tmp_path / "ad"),
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2 and "already exists; pass --overwrite" in proc.stderr
     assert (out / "precious.txt").read_text() == "keep me"
     merge_offline(base, tmp_path / "ad", out, overwrite=True)
@@ -229,9 +263,13 @@ def test_disk_full_leaves_the_previous_output_intact_and_no_partial_files(tmp_pa
     out.mkdir()
     (out / "model.safetensors").write_text("the previous export")
     size = (base / "model.safetensors").stat().st_size
-    proc = subprocess.run([sys.executable, "-c", DISK_FULL.format(limit=size // 2), str(base),
-                           str(tmp_path / "ad"), str(out)], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", DISK_FULL.format(limit=size // 2), str(base), str(tmp_path / "ad"), str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0 and "File too large" in proc.stderr
     assert (out / "model.safetensors").read_text() == "the previous export"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ad", "base", "out"]
@@ -260,8 +298,13 @@ def _merge_peak_growth(folder: Path, tok_dir, layers: int) -> tuple[int, int]:
     """(model bytes, peak RSS growth of an eager offline merge in a fresh process)."""
     base = make_base(folder / "base", tok_dir, hidden=512, heads=8, kv=8, inter=2048, layers=layers)
     make_adapter(folder / "ad", base, d=4096, seed=0)
-    proc = subprocess.run([sys.executable, "-c", PEAK, str(base), str(folder / "ad"), str(folder / "out"),
-                           str(512 * 2048 * 4), "eager"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", PEAK, str(base), str(folder / "ad"), str(folder / "out"), str(512 * 2048 * 4), "eager"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     return (base / "model.safetensors").stat().st_size, r["peak"] - max(r["before"], 0)
@@ -278,7 +321,9 @@ def test_offline_merge_memory_is_bounded_by_a_block_not_the_model(tmp_path, tok_
     small, grew_small = _merge_peak_growth(tmp_path / "small", tok_dir, layers=6)
     large, grew_large = _merge_peak_growth(tmp_path / "large", tok_dir, layers=12)
     mib = 2**20
-    print(f"models {small / mib:.0f} / {large / mib:.0f} MiB, peak growth "
-          f"{grew_small / mib:.0f} / {grew_large / mib:.0f} MiB")
+    print(
+        f"models {small / mib:.0f} / {large / mib:.0f} MiB, peak growth "
+        f"{grew_small / mib:.0f} / {grew_large / mib:.0f} MiB"
+    )
     assert grew_large - grew_small < (large - small) / 4
     assert grew_large < large / 2

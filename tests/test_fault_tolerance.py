@@ -1,5 +1,6 @@
 """dist.fault_tolerance (gpart_ds/ft.py): what is refused before anything starts. The run
 itself (3 simulated nodes, one killed and restarted): tests/integration/test_fault_tolerance.py."""
+
 import sys
 
 import pytest
@@ -22,17 +23,20 @@ def test_the_default_is_none_and_nodes_is_accepted():
     assert cfg.dist.fault_tolerance == "nodes" and cfg.dist.ft_max_retries == 3
 
 
-@pytest.mark.parametrize("overrides, key", [
-    (["dist.fault_tolerance=node"], "dist.fault_tolerance"),
-    (["dist.fault_tolerance=nodes", "dist.ft_max_retries=-1"], "dist.ft_max_retries"),
-    (["dist.fault_tolerance=nodes", "method.name=full"], "dist.fault_tolerance"),
-    (["dist.fault_tolerance=nodes", "dist.frozen_partition=global"], "dist.frozen_partition"),
-    (["dist.fault_tolerance=nodes", "dist.frozen_partition_size=1"], "dist.frozen_partition"),
-    (["dist.fault_tolerance=nodes", "train.grad_accum=2"], "train.grad_accum"),
-    (["dist.fault_tolerance=nodes", "dist.backend=mpi"], "dist.backend"),
-    (["dist.fault_tolerance=nodes", "overwrite_output_dir=true"], "overwrite_output_dir"),
-    (["dist.fault_tolerance=nodes", "train.resume=/some/checkpoint"], "train.resume"),
-])
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["dist.fault_tolerance=node"], "dist.fault_tolerance"),
+        (["dist.fault_tolerance=nodes", "dist.ft_max_retries=-1"], "dist.ft_max_retries"),
+        (["dist.fault_tolerance=nodes", "method.name=full"], "dist.fault_tolerance"),
+        (["dist.fault_tolerance=nodes", "dist.frozen_partition=global"], "dist.frozen_partition"),
+        (["dist.fault_tolerance=nodes", "dist.frozen_partition_size=1"], "dist.frozen_partition"),
+        (["dist.fault_tolerance=nodes", "train.grad_accum=2"], "train.grad_accum"),
+        (["dist.fault_tolerance=nodes", "dist.backend=mpi"], "dist.backend"),
+        (["dist.fault_tolerance=nodes", "overwrite_output_dir=true"], "overwrite_output_dir"),
+        (["dist.fault_tolerance=nodes", "train.resume=/some/checkpoint"], "train.resume"),
+    ],
+)
 def test_settings_it_cannot_run_with_are_refused_naming_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         _load(*overrides)

@@ -6,6 +6,7 @@ An adapter is merged or evaluated only into the model it was trained on, only wh
 intact (checksum) and finite; everything else is exit 2 naming the file and the key.
 Cases: tests/faults/cases_adapters.py, cases_base.py.
 """
+
 import pytest
 
 from tests.faults.assertions import assert_case, cases_of

@@ -1,5 +1,6 @@
 """The fault harness itself: its verdicts, its file snapshots, and that a CLI call in a
 fork of the warm server ends as the real command does (exit status, error line, traceback)."""
+
 import os
 import subprocess
 import sys
@@ -16,13 +17,14 @@ def _out(rc, stderr="", changed=(), leftovers=()):
 def test_verdicts():
     refuse = Expect(error=True, code=2, names=(r"cfg\.yaml:\d+", "lr"), not_names=("override",))
     assert judge(refuse, [_out(2, "error: cfg.yaml:3 ('train.lr'): must be > 0")], []).category == "clear"
-    assert judge(refuse, [_out(0)], []).category == "loss_or_silent"            # accepted bad input
-    assert judge(refuse, [_out(2, "error: cfg.yaml:3 lr", changed=["run/a (modified)"])],
-                 []).category == "loss_or_silent"                               # refused, but damaged a file
+    assert judge(refuse, [_out(0)], []).category == "loss_or_silent"  # accepted bad input
+    assert (
+        judge(refuse, [_out(2, "error: cfg.yaml:3 lr", changed=["run/a (modified)"])], []).category == "loss_or_silent"
+    )  # refused, but damaged a file
     tb = "Traceback (most recent call last):\n  File \"x\", line 1\nKeyError: 'lr'\n"
     v = judge(refuse, [_out(1, tb)], [])
     assert v.category == "traceback" and any("KeyError: 'lr'" in p for p in v.problems)
-    assert judge(refuse, [_out(2, "error: something went wrong")], []).category == "unclear"   # no what/where
+    assert judge(refuse, [_out(2, "error: something went wrong")], []).category == "unclear"  # no what/where
     assert judge(refuse, [_out(2, "error: override cfg.yaml:3 lr")], []).category == "unclear"  # wrong blame
     assert judge(refuse, [_out(2, "error: cfg.yaml:3 lr", leftovers=[".x.tmp"])], []).category == "unclear"
     resume = Expect(error=False, code=75, says=("stop signal",))
@@ -43,7 +45,7 @@ def test_snapshots_see_changes_deletions_growth_and_leftovers(tmp_path):
     (tmp_path / "run" / ".step-2.tmp").mkdir()
     (tmp_path / "run" / ".step-2.tmp" / "x").write_text("x")
     after = snapshot(tmp_path)
-    grew = lambda rel, _: (tmp_path / rel).read_text().startswith("1\n")   # noqa: E731
+    grew = lambda rel, _: (tmp_path / rel).read_text().startswith("1\n")  # noqa: E731
     changed, left = diff(before, after, Call("train", []), grew)
     assert sorted(changed) == ["keep (deleted)", "run/ck/a (modified)"] and left == ["run/.step-2.tmp"]
     changed, _ = diff(before, after, Call("train", [], may_change=("run/ck/*", "keep")), grew)
@@ -57,8 +59,14 @@ def _direct(case_id, faults):
     ws.mkdir(parents=True)
     call = case.build(ws, faults.fx)
     env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), *map(str, call.argv)], cwd=ws,
-                          env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(REPO / "launch" / "train.py"), *map(str, call.argv)],
+        cwd=ws,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_a_forked_call_ends_as_the_real_command(faults):
@@ -74,5 +82,6 @@ def test_a_forked_call_ends_as_the_real_command(faults):
         real_err = next((ln for ln in real.stderr.splitlines() if ln.startswith("error: ")), None)
         assert (forked["rc"], forked["traceback"]) == (real.returncode, real_tb), real.stderr[-2000:]
         if real_err is not None or forked["error"] is not None:
-            assert (forked["error"] or "").replace(str(faults.root / case_id), "WS") == \
-                (real_err or "").replace(str(faults.root / f"{case_id}-direct"), "WS")
+            assert (forked["error"] or "").replace(str(faults.root / case_id), "WS") == (real_err or "").replace(
+                str(faults.root / f"{case_id}-direct"), "WS"
+            )

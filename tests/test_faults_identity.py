@@ -1,4 +1,5 @@
 """Fault probes of kind `identity` (tests/faults/cases_identity.py)."""
+
 import pytest
 
 from tests.faults.assertions import assert_case, cases_of

@@ -6,6 +6,7 @@ must work. The cases and their expectations live in tests/faults/cases_config.py
 cases_data.py and cases_cli.py (one home, shared with `python -m tests.faults.probe`); each
 runs its CLI's main(argv) in a fresh fork of a warm process (tests/faults/forkserver.py).
 """
+
 import pytest
 
 from tests.faults.assertions import assert_case, cases_of

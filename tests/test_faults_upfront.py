@@ -1,4 +1,5 @@
 """Fault probes of kind `upfront` (tests/faults/cases_upfront.py)."""
+
 import pytest
 
 from tests.faults.assertions import assert_case, cases_of

@@ -1,4 +1,5 @@
 """Fault probes of kind `writers` (tests/faults/cases_writers.py)."""
+
 import pytest
 
 from tests.faults.assertions import assert_case, cases_of

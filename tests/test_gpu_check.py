@@ -3,6 +3,7 @@
 The GPU steps themselves run only where a GPU is lent (launch/gpu_check.sh); `--dry` runs
 them here at toy sizes and is exercised by hand (minutes), not in CI.
 """
+
 import json
 import subprocess
 import sys
@@ -64,31 +65,47 @@ def test_closure_is_the_locked_stack_without_torch():
     assert {"deepspeed", "transformers", "omegaconf", "pytest", "hjson"} <= set(pins)
     assert not {"torch", "triton", "sympy", "jinja2", "nvidia-nccl-cu13"} & set(pins)
     assert pins == {n: lock.pins(lock.CUDA)[n] for n in pins} == {n: lock.pins(lock.CPU)[n] for n in pins}
-    if "+cpu" in md.version("torch"):           # our CPU venv (a GPU image keeps its own packages)
+    if "+cpu" in md.version("torch"):  # our CPU venv (a GPU image keeps its own packages)
         assert {n: md.version(n) for n in pins} == pins
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--steps", "env,nope"], "--steps: unknown ['nope']"),
-    (["--budget", "5"], "--budget must be in [10, 3600]"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--steps", "env,nope"], "--steps: unknown ['nope']"),
+        (["--budget", "5"], "--budget must be in [10, 3600]"),
+    ],
+)
 def test_gpu_check_refuses_bad_arguments(args, message, tmp_path):
-    proc = subprocess.run([sys.executable, "launch/gpu_check.py", "--out", str(tmp_path), *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "launch/gpu_check.py", "--out", str(tmp_path), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_wheelhouse_refuses_bad_arguments():
-    for args, message in ((["build", "--python", "312"], "--python must look like 3.12"),
-                          (["build", "--part-mb", "64"], "--part-mb must be in [1, 63]")):
-        proc = subprocess.run([sys.executable, "launch/wheelhouse.py", *args], cwd=REPO,
-                              capture_output=True, text=True, timeout=60)
+    for args, message in (
+        (["build", "--python", "312"], "--python must look like 3.12"),
+        (["build", "--part-mb", "64"], "--part-mb must be in [1, 63]"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "launch/wheelhouse.py", *args], cwd=REPO, capture_output=True, text=True, timeout=60
+        )
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
 
 
 def test_probe_reports_what_the_wheelhouse_must_bring(tmp_path):
-    proc = subprocess.run([sys.executable, "launch/gpu_check.py", "--probe", "--out", str(tmp_path)], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "launch/gpu_check.py", "--probe", "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "probe.json").read_text())
     py = f"{sys.version_info.major}.{sys.version_info.minor}"
@@ -104,8 +121,9 @@ def test_probe_reports_what_the_wheelhouse_must_bring(tmp_path):
     assert report["python"] == py and set(report["pins"]) == set(report["installed"])
     assert report["installed"] == {name: installed(name) for name in report["pins"]}
     assert report["need"] == gpu_check.needed(report["pins"], report["installed"])
-    assert report["build"] == (f"bash launch/make_wheelhouse.sh --python {py} --only "
-                               f"{','.join(report['need']) or 'none'} --smollm2")
+    assert report["build"] == (
+        f"bash launch/make_wheelhouse.sh --python {py} --only {','.join(report['need']) or 'none'} --smollm2"
+    )
 
 
 def test_needed_brings_missing_and_other_versions_but_keeps_the_images_big_packages():
@@ -120,8 +138,9 @@ def test_needed_brings_missing_and_other_versions_but_keeps_the_images_big_packa
 
 def test_env_step_and_summary_in_dry_mode(tmp_path):
     """The driver's loop: a step runs, one is skipped for lack of budget, both are reported."""
-    rc = gpu_check.main(["--dry", "--steps", "env,optests", "--budget", "31", "--out", str(tmp_path),
-                         "--work", str(tmp_path / "work")])
+    rc = gpu_check.main(
+        ["--dry", "--steps", "env,optests", "--budget", "31", "--out", str(tmp_path), "--work", str(tmp_path / "work")]
+    )
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert rc == 0 and summary["dry"] is True
     assert summary["steps"]["env"]["status"] == "ok" and summary["steps"]["env"]["python"]
@@ -132,15 +151,27 @@ def test_env_step_and_summary_in_dry_mode(tmp_path):
 
 
 def test_report_states_targets_and_export_comparison():
-    results = {"layer": {"status": "ok", "rows": {
-        "trainable": {"ms": 8.0, "vs_trainable": 1.0, "vs_lora": 1.4},
-        "gpart_triton": {"ms": 9.0, "vs_trainable": 1.125, "vs_lora": 1.6}},
-        "best_gpart": "gpart_triton", "targets_met": {"vs_trainable <= 1.2": True, "vs_lora <= 1.7": True},
-        "delta_generation_hbm_fraction": 0.5},
-        "tiny": {"status": "ok", "losses_consistent": True, "cpu_eager": {"losses": [1.0]},
-                 **{k: {"max_rel_loss_diff_vs_cpu": 0.01,
-                        "export_vs_cpu_merge": {"equal": True, "dtype": "torch.bfloat16"}}
-                    for k in ("gpu_compiled", "gpu_triton")}}}
+    results = {
+        "layer": {
+            "status": "ok",
+            "rows": {
+                "trainable": {"ms": 8.0, "vs_trainable": 1.0, "vs_lora": 1.4},
+                "gpart_triton": {"ms": 9.0, "vs_trainable": 1.125, "vs_lora": 1.6},
+            },
+            "best_gpart": "gpart_triton",
+            "targets_met": {"vs_trainable <= 1.2": True, "vs_lora <= 1.7": True},
+            "delta_generation_hbm_fraction": 0.5,
+        },
+        "tiny": {
+            "status": "ok",
+            "losses_consistent": True,
+            "cpu_eager": {"losses": [1.0]},
+            **{
+                k: {"max_rel_loss_diff_vs_cpu": 0.01, "export_vs_cpu_merge": {"equal": True, "dtype": "torch.bfloat16"}}
+                for k in ("gpu_compiled", "gpu_triton")
+            },
+        },
+    }
     md = gpu_check.markdown(results, 540)
     assert "| gpart_triton | 9.00 | 1.12x | 1.60x |" in md
     assert "50% of the H200's 4.8 TB/s (target >= 80%)" in md

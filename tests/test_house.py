@@ -2,6 +2,7 @@
 import, inside functions too), the library never imports the experiments, no method-name
 branches outside the methods, every method implements the interface, and the
 configuration reference is the schema's own text."""
+
 import ast
 import dataclasses
 from pathlib import Path
@@ -25,22 +26,55 @@ ROOTS = ("gpart_ds", "experiments", "launch")
 # higher one (and no cycle within a layer). Bottom first; a module belongs to the layer
 # of its longest matching prefix. docs/design.md says the same in words.
 LAYERS = [
-    ("foundation: no method, no config", (
-        "gpart_ds", "gpart_ds.errors", "gpart_ds.fileio", "gpart_ds.hub", "gpart_ds.comm", "gpart_ds.zero3",
-        "gpart_ds.targets", "gpart_ds.safetensors_io", "gpart_ds.identity", "gpart_ds.ownership",
-        "gpart_ds.metrics", "gpart_ds.objective", "gpart_ds.data", "gpart_ds.generation",
-        "gpart_ds.distributed", "gpart_ds.ft")),
+    (
+        "foundation: no method, no config",
+        (
+            "gpart_ds",
+            "gpart_ds.errors",
+            "gpart_ds.fileio",
+            "gpart_ds.hub",
+            "gpart_ds.comm",
+            "gpart_ds.zero3",
+            "gpart_ds.targets",
+            "gpart_ds.safetensors_io",
+            "gpart_ds.identity",
+            "gpart_ds.ownership",
+            "gpart_ds.metrics",
+            "gpart_ds.objective",
+            "gpart_ds.data",
+            "gpart_ds.generation",
+            "gpart_ds.distributed",
+            "gpart_ds.ft",
+        ),
+    ),
     ("GPart's partition (the hash, counts, scales)", ("gpart_ds.methods.gpart.partition",)),
     ("GPart's torch kernels", ("gpart_ds.methods.gpart.kernels",)),
-    ("GPart's Triton kernels, on the torch kernels; the linear op", (
-        "gpart_ds.methods.gpart.triton", "gpart_ds.methods.gpart.op")),
+    (
+        "GPart's Triton kernels, on the torch kernels; the linear op",
+        ("gpart_ds.methods.gpart.triton", "gpart_ds.methods.gpart.op"),
+    ),
     ("GPart's linear op on Triton kernels, on the op", ("gpart_ds.methods.gpart.triton_op",)),
     ("the methods and their registry", ("gpart_ds.methods",)),
-    ("the library above the methods: config, checkpoint, model, export, planner, trainer", (
-        "gpart_ds.config", "gpart_ds.checkpoint", "gpart_ds.model", "gpart_ds.export",
-        "gpart_ds.plan", "gpart_ds.dryrun", "gpart_ds.runcheck",
-        "gpart_ds.topology", "gpart_ds.commcount", "gpart_ds.frozen_shards", "gpart_ds.evaluate",
-        "gpart_ds.serve", "gpart_ds.preflight", "gpart_ds.trainer", "gpart_ds.assets")),
+    (
+        "the library above the methods: config, checkpoint, model, export, planner, trainer",
+        (
+            "gpart_ds.config",
+            "gpart_ds.checkpoint",
+            "gpart_ds.model",
+            "gpart_ds.export",
+            "gpart_ds.plan",
+            "gpart_ds.dryrun",
+            "gpart_ds.runcheck",
+            "gpart_ds.topology",
+            "gpart_ds.commcount",
+            "gpart_ds.frozen_shards",
+            "gpart_ds.evaluate",
+            "gpart_ds.serve",
+            "gpart_ds.preflight",
+            "gpart_ds.trainer",
+            "gpart_ds.assets",
+        ),
+    ),
     ("the entry points: launch scripts (they need the package only)", ("launch",)),
     ("the experiments: study, lr fit, benchmarks", ("experiments",)),
 ]
@@ -56,9 +90,14 @@ def _module_name(path: Path, root: Path = REPO) -> str:
 
 def _is_main_guard(node) -> bool:
     t = node.test if isinstance(node, ast.If) else None
-    return (isinstance(t, ast.Compare) and isinstance(t.left, ast.Name) and t.left.id == "__name__"
-            and len(t.comparators) == 1 and isinstance(t.comparators[0], ast.Constant)
-            and t.comparators[0].value == "__main__")
+    return (
+        isinstance(t, ast.Compare)
+        and isinstance(t.left, ast.Name)
+        and t.left.id == "__name__"
+        and len(t.comparators) == 1
+        and isinstance(t.comparators[0], ast.Constant)
+        and t.comparators[0].value == "__main__"
+    )
 
 
 def _import_nodes(tree: ast.AST, top_level_only: bool):
@@ -84,7 +123,7 @@ def _imports(path: Path, top_level_only: bool = False, root: Path = REPO, known:
     out = set()
     for node in _import_nodes(tree, top_level_only):
         if isinstance(node, ast.Import):
-            for a in node.names:   # launch/ is a folder of scripts: `import lock` is its sibling
+            for a in node.names:  # launch/ is a folder of scripts: `import lock` is its sibling
                 sibling = f"{pkg}.{a.name}"
                 out.add(sibling if pkg == "launch" and sibling in known else a.name)
         elif isinstance(node, ast.ImportFrom):
@@ -100,7 +139,7 @@ def _imports(path: Path, top_level_only: bool = False, root: Path = REPO, known:
             found = {m for m in subs if m in known}
             out |= found if len(found) == len(subs) else found | {target}
     mine = {".".join(mod.split(".")[:i]) for i in range(1, mod.count(".") + 2)}
-    for m in list(out):   # the packages a dotted import runs first
+    for m in list(out):  # the packages a dotted import runs first
         parts = m.split(".")
         out |= {".".join(parts[:i]) for i in range(1, len(parts))} - mine
     return {m for m in out if m in known and m != mod}
@@ -154,7 +193,7 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
         if v not in index:
             connect(v)
     out = []
-    for comp in comps:   # a path from the first module back to itself, inside the component
+    for comp in comps:  # a path from the first module back to itself, inside the component
         inside, start = set(comp), comp[0]
         prev, todo = {start: None}, [start]
         while todo:
@@ -184,13 +223,17 @@ def _layer(module: str) -> int:
 
 
 def _upward(graph: dict[str, set[str]]) -> list[str]:
-    return sorted(f"{a} ({LAYERS[_layer(a)][0]}) imports {b} ({LAYERS[_layer(b)][0]})"
-                  for a, targets in graph.items() for b in targets if _layer(b) > _layer(a))
+    return sorted(
+        f"{a} ({LAYERS[_layer(a)][0]}) imports {b} ({LAYERS[_layer(b)][0]})"
+        for a, targets in graph.items()
+        for b in targets
+        if _layer(b) > _layer(a)
+    )
 
 
 def test_the_import_graph_has_no_cycle():
     graph = _graph()
-    assert len(graph) > 60 and sum(map(len, graph.values())) > 150   # the walk saw everything
+    assert len(graph) > 60 and sum(map(len, graph.values())) > 150  # the walk saw everything
     cycles = _cycles(graph)
     assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
 
@@ -215,28 +258,33 @@ def test_the_graph_sees_imports_inside_functions_and_finds_a_cycle(tmp_path):
     assert graph["gpart_ds.b"] == {"gpart_ds.sub", "gpart_ds.sub.c"}
     assert graph["gpart_ds.main_only"] == set()
     assert _cycles(graph) == [["gpart_ds.a", "gpart_ds.b", "gpart_ds.sub", "gpart_ds.a"]]
-    assert _cycles(_graph(tmp_path, top_level_only=True)) == []   # what the old, top-level-only test saw
+    assert _cycles(_graph(tmp_path, top_level_only=True)) == []  # what the old, top-level-only test saw
     with pytest.raises(AssertionError, match="gpart_ds.a -> gpart_ds.b -> gpart_ds.sub -> gpart_ds.a"):
         cycles = _cycles(graph)
         assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
     # and each cycle the repository had until issue 31 is found when put back
     real = _graph()
-    for a, b in [("gpart_ds.config", "gpart_ds.methods"), ("gpart_ds.methods.gpart.kernels",
-                 "gpart_ds.methods.gpart.triton"), ("gpart_ds.methods.gpart.op", "gpart_ds.methods.gpart.triton_op"),
-                 ("gpart_ds.plan.memory", "gpart_ds.plan.step")]:
+    for a, b in [
+        ("gpart_ds.config", "gpart_ds.methods"),
+        ("gpart_ds.methods.gpart.kernels", "gpart_ds.methods.gpart.triton"),
+        ("gpart_ds.methods.gpart.op", "gpart_ds.methods.gpart.triton_op"),
+        ("gpart_ds.plan.memory", "gpart_ds.plan.step"),
+    ]:
         low, high = sorted((a, b), key=_layer)
         mutated = {k: set(v) for k, v in real.items()}
         mutated[high].add(low)
         mutated[low].add(high)
         assert any({a, b} <= set(c) for c in _cycles(mutated)), (a, b)
-        assert _upward(mutated) or _layer(a) == _layer(b), (a, b)   # plan.memory, plan.step: one layer, no cycle
+        assert _upward(mutated) or _layer(a) == _layer(b), (a, b)  # plan.memory, plan.step: one layer, no cycle
 
 
 def test_the_library_and_the_entry_points_never_import_the_experiments():
     # an installed package has no experiments/ folder: launch/train.py's `prepare:` runs
     # gpart_ds/assets/
-    offenders = {_module_name(p): sorted(m for m in _imports(p) if m.split(".")[0] == "experiments")
-                 for p in list(PKG.rglob("*.py")) + list((REPO / "launch").glob("*.py"))}
+    offenders = {
+        _module_name(p): sorted(m for m in _imports(p) if m.split(".")[0] == "experiments")
+        for p in list(PKG.rglob("*.py")) + list((REPO / "launch").glob("*.py"))
+    }
     assert not {k: v for k, v in offenders.items() if v}
 
 
@@ -245,9 +293,12 @@ def _method_name_comparisons(path: Path, names: set[str]) -> list[str]:
     hits = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Compare):
-            consts = [c for c in [node.left, *node.comparators] for c in
-                      (c.elts if isinstance(c, (ast.Tuple, ast.List, ast.Set)) else [c])
-                      if isinstance(c, ast.Constant) and c.value in names]
+            consts = [
+                c
+                for c in [node.left, *node.comparators]
+                for c in (c.elts if isinstance(c, (ast.Tuple, ast.List, ast.Set)) else [c])
+                if isinstance(c, ast.Constant) and c.value in names
+            ]
             if consts:
                 hits.append(f"{path.relative_to(REPO)}:{node.lineno}")
     return hits
@@ -257,9 +308,13 @@ def test_no_method_branches_outside_the_methods():
     from gpart_ds import methods
 
     names = set(methods.names())
-    files = [p for p in list(PKG.rglob("*.py")) + list((REPO / "experiments").rglob("*.py"))
-             + list((REPO / "launch").glob("*.py"))
-             if "methods" not in p.relative_to(REPO).parts]
+    files = [
+        p
+        for p in list(PKG.rglob("*.py"))
+        + list((REPO / "experiments").rglob("*.py"))
+        + list((REPO / "launch").glob("*.py"))
+        if "methods" not in p.relative_to(REPO).parts
+    ]
     hits = [h for p in files for h in _method_name_comparisons(p, names)]
     assert hits == [], f"method-name branches outside gpart_ds/methods: {hits}"
 
@@ -294,7 +349,7 @@ def test_every_method_implements_the_interface(name):
     m = spec(name, d=1024)
     method, cost = methods.create(m), methods.cost(m)
     assert type(method.cfg) is type(cost.cfg) is cls.config_class and method.label == cost.label
-    assert method.auto_lr(10**6) > 0   # a calibrated rate for every method (train.lr: auto)
+    assert method.auto_lr(10**6) > 0  # a calibrated rate for every method (train.lr: auto)
     assert set(cls.drift_keys) <= cls.config_keys == {f.name for f in dataclasses.fields(cls.config_class)}
 
 
@@ -306,20 +361,19 @@ def test_the_method_section_is_assembled_from_the_methods_configs():
     assert set(fields) == set().union(*(c.keys() for c in methods.configs().values()))
     assert fields["seed"].metadata["readers"] == ("gpart", "vera")
     assert fields["seed"].metadata["help"] == "gpart: partition seed in [0, 2^64); vera: projection seed"
-    assert fields["target_modules"].metadata["help"].startswith("'all-linear'")   # said once: all say it
+    assert fields["target_modules"].metadata["help"].startswith("'all-linear'")  # said once: all say it
 
 
 def test_the_configuration_reference_is_generated_from_the_schema():
     from gpart_ds.config import schema_markdown
 
     doc = REPO / "docs" / "configuration.md"
-    assert doc.read_text() == schema_markdown(), \
+    assert doc.read_text() == schema_markdown(), (
         "docs/configuration.md is stale: python -m gpart_ds.config --markdown > docs/configuration.md"
+    )
 
 
-def test_ruff_finds_nothing():
-    """The linter (pyproject.toml [tool.ruff]: pycodestyle, pyflakes, isort, bugbear,
-    pyupgrade) over the whole repository, with the venv's ruff (the dev extra, locked)."""
+def _ruff(*args: str):
     import shutil
     import subprocess
     import sys
@@ -327,7 +381,23 @@ def test_ruff_finds_nothing():
     ruff = Path(sys.executable).parent / "ruff"
     exe = str(ruff) if ruff.is_file() else shutil.which("ruff")
     assert exe, "ruff is not installed: pip install -e '.[dev]' (launch/lock/cpu.txt pins it)"
-    proc = subprocess.run([exe, "check", "--no-cache", "--output-format", "concise", "."], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"ruff check found problems (ruff check --fix . mends the [*] ones):\n" \
-                                 f"{proc.stdout[-6000:]}{proc.stderr[-2000:]}"
+    return subprocess.run([exe, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_ruff_finds_nothing():
+    """The linter (pyproject.toml [tool.ruff]: pycodestyle, pyflakes, isort, bugbear,
+    pyupgrade) over the whole repository, with the venv's ruff (the dev extra, locked)."""
+    proc = _ruff("check", "--no-cache", "--output-format", "concise", ".")
+    assert proc.returncode == 0, (
+        f"ruff check found problems (ruff check --fix . mends the [*] ones):\n"
+        f"{proc.stdout[-6000:]}{proc.stderr[-2000:]}"
+    )
+
+
+def test_ruff_format_leaves_every_file_as_it_is():
+    """One layout for every file (ruff format, pyproject.toml [tool.ruff]): a diff shows
+    what changed, never how it was laid out."""
+    proc = _ruff("format", "--check", "--no-cache", ".")
+    assert proc.returncode == 0, (
+        f"files not formatted (ruff format . mends them):\n{proc.stdout[-6000:]}{proc.stderr[-2000:]}"
+    )

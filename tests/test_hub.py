@@ -1,4 +1,5 @@
 """Hub-style model names already in the Hugging Face cache load like local folders, offline."""
+
 import json
 import shutil
 
@@ -25,10 +26,10 @@ def hf_cache(tmp_path, tiny_assets, monkeypatch):
 
 def test_names_resolve_to_the_cached_snapshot_and_nothing_else(hf_cache, tiny_assets):
     assert hub.resolve("acme/tiny-llama") == str(hf_cache)
-    assert hub.resolve("acme/tiny-llama@0123abcd") == str(hf_cache)        # a pinned revision
-    assert hub.resolve("acme/tiny-llama@feedbeef") == "acme/tiny-llama@feedbeef"   # not cached
+    assert hub.resolve("acme/tiny-llama@0123abcd") == str(hf_cache)  # a pinned revision
+    assert hub.resolve("acme/tiny-llama@feedbeef") == "acme/tiny-llama@feedbeef"  # not cached
     assert hub.resolve("acme/other") == "acme/other"
-    assert hub.resolve(str(tiny_assets / "model")) == str(tiny_assets / "model")   # folders win
+    assert hub.resolve(str(tiny_assets / "model")) == str(tiny_assets / "model")  # folders win
     assert hub.display_name(hf_cache) == "acme/tiny-llama"
     assert hub.display_name(tiny_assets / "model") == "model"
 
@@ -52,8 +53,24 @@ def test_evaluate_and_export_clis_take_a_cached_name(hf_cache, tiny_assets, tmp_
     by_dir = evaluate.evaluate_files(str(tiny_assets / "model"), data, max_examples=4)
     assert by_name["eval_loss"] == by_dir["eval_loss"]
     make_adapter(tmp_path / "adapter", tiny_assets / "model", d=512, seed=3)
-    assert export_cli.main(["--base", "acme/tiny-llama", "--adapter", str(tmp_path / "adapter"),
-                        "--out", str(tmp_path / "merged")]) == 0
+    assert (
+        export_cli.main(
+            ["--base", "acme/tiny-llama", "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged")]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "merged" / "config.json").read_text())["num_hidden_layers"] == 2
-    assert export_cli.main(["verify", "--merged", str(tmp_path / "merged"), "--base", "acme/tiny-llama",
-                        "--adapter", str(tmp_path / "adapter")]) == 0
+    assert (
+        export_cli.main(
+            [
+                "verify",
+                "--merged",
+                str(tmp_path / "merged"),
+                "--base",
+                "acme/tiny-llama",
+                "--adapter",
+                str(tmp_path / "adapter"),
+            ]
+        )
+        == 0
+    )

@@ -1,5 +1,6 @@
 """The base model's identity and the digest of a delta's definition (gpart_ds/identity.py),
 and the readers that check them: GPart adapters, LoRA/VeRA records, checkpoints."""
+
 import json
 import shutil
 
@@ -31,9 +32,16 @@ def _adapter_with_identity(folder, base, **kw):
     from gpart_ds.targets import build_layout, skeleton
 
     layout = build_layout(skeleton(str(base)), "all-linear")
-    cfg = adapter_io.adapter_config(d=16, seed=0, target_modules="all-linear", dropout=0.0, layout=layout,
-                                    base_model={"name": base.name, "path": str(base),
-                                                "identity": ident.identity(base)}, dtype=torch.float32, **kw)
+    cfg = adapter_io.adapter_config(
+        d=16,
+        seed=0,
+        target_modules="all-linear",
+        dropout=0.0,
+        layout=layout,
+        base_model={"name": base.name, "path": str(base), "identity": ident.identity(base)},
+        dtype=torch.float32,
+        **kw,
+    )
     adapter_io.save_adapter(folder, torch.randn(16) * 0.1, cfg)
     return folder
 
@@ -97,22 +105,25 @@ def test_digest_names_the_edited_field():
         ident.check_digest(None, fields, "X", missing_ok=False)
     with pytest.raises(IdentityError, match="digest itself was edited"):
         ident.check_digest({**rec, "sha256": "0" * 64}, fields, "X", missing_ok=False)
-    ident.check_digest(None, fields, "X", missing_ok=True)   # an earlier version's record: a warning
+    ident.check_digest(None, fields, "X", missing_ok=True)  # an earlier version's record: a warning
 
 
-@pytest.mark.parametrize("field,value", [("seed", 1), ("d", 8), ("dtype", "bfloat16"), ("target_modules", ["q_proj"]),
-                                         ("method", "lora")])
+@pytest.mark.parametrize(
+    "field,value", [("seed", 1), ("d", 8), ("dtype", "bfloat16"), ("target_modules", ["q_proj"]), ("method", "lora")]
+)
 def test_an_edited_gpart_adapter_is_refused_naming_the_field(tmp_path, tok_dir, field, value):
     base = make_base(tmp_path / "base", tok_dir)
     make_adapter(tmp_path / "ad", base, d=16, seed=0)
     cfg_path = tmp_path / "ad" / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg[field] = value
-    if field == "d":   # theta's length too, as a careful forger would
+    if field == "d":  # theta's length too, as a careful forger would
         t = load_file(str(tmp_path / "ad" / "adapter_model.safetensors"))
-        save_file({"gpart_theta": t["gpart_theta"][:8].contiguous()},
-                  str(tmp_path / "ad" / "adapter_model.safetensors"))
+        save_file(
+            {"gpart_theta": t["gpart_theta"][:8].contiguous()}, str(tmp_path / "ad" / "adapter_model.safetensors")
+        )
         from gpart_ds.fileio import sha256_file
+
         cfg["weights_sha256"] = sha256_file(tmp_path / "ad" / "adapter_model.safetensors")
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(IdentityError, match=rf"adapter_config\.json: '{field}'"):
@@ -134,7 +145,7 @@ def test_a_version_1_adapter_is_accepted_with_a_warning(tmp_path, tok_dir, caplo
 
 def test_an_adapter_is_merged_only_into_its_own_base(tmp_path, tok_dir):
     a = make_base(tmp_path / "a", tok_dir)
-    b = make_base(tmp_path / "b", tok_dir, seed=5)     # same shapes, other weights
+    b = make_base(tmp_path / "b", tok_dir, seed=5)  # same shapes, other weights
     _adapter_with_identity(tmp_path / "ad", a)
     with pytest.raises(IdentityError, match=rf"trained on the base model {a}.*--base {b} is another model"):
         merge_offline(b, tmp_path / "ad", tmp_path / "out")
@@ -156,8 +167,10 @@ def test_checkpoint_digest_and_base_check(tmp_path, tok_dir):
     from gpart_ds import checkpoint
 
     base = make_base(tmp_path / "a", tok_dir)
-    run = {"method": {"name": "gpart", "d": 16, "seed": 0, "target_modules": "all-linear"},
-           "model": {"path": str(base)}}
+    run = {
+        "method": {"name": "gpart", "d": 16, "seed": 0, "target_modules": "all-linear"},
+        "model": {"path": str(base)},
+    }
     state = {"dtype": "float32", "layout": [["x", [2, 2], 0]], "base_identity": ident.identity(base)}
     state["digest"] = ident.digest(checkpoint.delta_fields(state, run))
     ident.check_digest(state["digest"], checkpoint.delta_fields(state, run), "ck", missing_ok=False)

@@ -1,5 +1,6 @@
 """The locked environment (launch/lock.py): offline checks of the locks against pyproject.toml,
 and of this suite's venv against the locks. Nothing here asks a registry."""
+
 import importlib.metadata as md
 import shutil
 import sys
@@ -33,14 +34,19 @@ def test_a_range_that_excludes_the_locked_version_is_drift(copy):
     py = copy / "pyproject.toml"
     have = lock.pins(lock.CPU)["omegaconf"]
     py.write_text(py.read_text().replace('"omegaconf>=2.3"', f'"omegaconf>{have}"'))
-    assert lock.drift() == [f"cpu.txt: omegaconf=={have} outside pyproject dependencies >{have}",
-                            f"cuda.txt: omegaconf=={have} outside pyproject dependencies >{have}"]
+    assert lock.drift() == [
+        f"cpu.txt: omegaconf=={have} outside pyproject dependencies >{have}",
+        f"cuda.txt: omegaconf=={have} outside pyproject dependencies >{have}",
+    ]
 
 
 def test_a_new_dependency_or_extra_that_is_not_locked_is_drift(copy):
     py = copy / "pyproject.toml"
-    py.write_text(py.read_text().replace('"psutil>=5.9",', '"psutil>=5.9",\n    "no-such-pkg>=1",')
-                  .replace('serve = [', 'serve = ["other-pkg",'))
+    py.write_text(
+        py.read_text()
+        .replace('"psutil>=5.9",', '"psutil>=5.9",\n    "no-such-pkg>=1",')
+        .replace("serve = [", 'serve = ["other-pkg",')
+    )
     problems = lock.drift()
     assert "cpu.txt: no-such-pkg (pyproject dependencies) is not locked" in problems
     assert "cuda.txt: other-pkg (pyproject [serve]) is not locked" in problems
@@ -78,12 +84,14 @@ def test_verify_names_a_changed_missing_or_extra_package(monkeypatch):
     have = dict(want, numpy="1.0", extra_pkg="2.0")
     del have["omegaconf"]
     monkeypatch.setattr(lock, "installed", lambda python: have)
-    assert lock.verify("python", "cpu") == [f"numpy: lock {want['numpy']}, installed 1.0",
-                                            f"omegaconf: lock {want['omegaconf']}, installed nothing",
-                                            "extra_pkg==2.0: installed but not in the lock"]
+    assert lock.verify("python", "cpu") == [
+        f"numpy: lock {want['numpy']}, installed 1.0",
+        f"omegaconf: lock {want['omegaconf']}, installed nothing",
+        "extra_pkg==2.0: installed but not in the lock",
+    ]
 
 
 def test_lock_cli_check_is_offline_and_exits_by_drift(copy):
     assert lock.main(["check"]) == 0
     lock.CPU.write_text("# nothing\n")
-    assert lock.main(["check"]) == 2          # a lock without entries is named, not a traceback
+    assert lock.main(["check"]) == 2  # a lock without entries is named, not a traceback

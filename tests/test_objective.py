@@ -1,4 +1,5 @@
 """The label-positions-only loss equals transformers' full-vocabulary loss, gradients too."""
+
 import torch
 
 from gpart_ds.methods.gpart.layer import apply_gpart
@@ -10,9 +11,9 @@ def batch(seed=0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, 50, (3, 9), generator=g)
     labels = torch.full_like(ids, IGNORE_INDEX)
-    labels[0, 6:] = ids[0, 6:]            # a completion at the end
-    labels[1, 3:5] = ids[1, 3:5]          # one in the middle, then right padding
-    labels[2, 8] = ids[2, 8]              # a single answer token
+    labels[0, 6:] = ids[0, 6:]  # a completion at the end
+    labels[1, 3:5] = ids[1, 3:5]  # one in the middle, then right padding
+    labels[2, 8] = ids[2, 8]  # a single answer token
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
@@ -59,7 +60,7 @@ def test_choices_objective_is_cross_entropy_among_the_candidate_tokens():
     exs = []
     for n, (a, b) in [(6, (7, 9)), (4, (9, 7)), (5, (11, 7))]:
         ids = torch.randint(12, 50, (n,), generator=g).tolist()
-        ids[-1] = a          # the answer token; b is the other choice
+        ids[-1] = a  # the answer token; b is the other choice
         labels = [-100] * (n - 1) + [a]
         exs.append(Example(ids, labels, None, [[n - 1, a, b]]))
     model = apply_gpart(micro_llama(), d=64, seed=3)
@@ -103,7 +104,7 @@ def test_choices_lm_adds_the_full_vocabulary_loss_of_the_label():
     lm = TrainingModel(model, "lm")(**{k: v for k, v in batch.items() if k not in ("choice_index", "choice_ids")}).loss
     both = TrainingModel(model, "choices_lm")(**batch).loss
     torch.testing.assert_close(both, choice + lm, rtol=1e-6, atol=1e-7)
-    assert lm > choice > 0        # the label against the whole vocabulary costs more
+    assert lm > choice > 0  # the label against the whole vocabulary costs more
 
 
 def test_exact_match_is_greedy_decoding_reproducing_the_completion():
@@ -114,11 +115,11 @@ def test_exact_match_is_greedy_decoding_reproducing_the_completion():
     prompt = torch.randint(0, 50, (1, 5), generator=torch.Generator().manual_seed(4))
     greedy = prompt
     with torch.no_grad():
-        for _ in range(3):   # greedy decoding, step by step
+        for _ in range(3):  # greedy decoding, step by step
             nxt = model(input_ids=greedy).logits[:, -1].argmax(-1, keepdim=True)
             greedy = torch.cat([greedy, nxt], 1)
     wrong = greedy.clone()
-    wrong[0, 7] = (wrong[0, 7] + 1) % 50            # the last completion token differs
+    wrong[0, 7] = (wrong[0, 7] + 1) % 50  # the last completion token differs
     ids = torch.cat([greedy, wrong])
     labels = torch.full_like(ids, IGNORE_INDEX)
     labels[:, 5:] = ids[:, 5:]

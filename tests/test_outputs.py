@@ -1,6 +1,7 @@
 """One rule for every command that writes: an output never lands on an input (it may not
 equal, contain or lie inside one), whatever `overwrite` says; refused before any work,
 naming both, and what was there is untouched."""
+
 import hashlib
 import json
 import os
@@ -57,8 +58,9 @@ def adapter(tmp_path, tiny_assets):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_assets / "model")
     layout = build_layout(model, "all-linear")
-    cfg = adapter_config(d=64, seed=0, target_modules="all-linear", dropout=0.0, layout=layout,
-                         base_model={"name": "tiny"})
+    cfg = adapter_config(
+        d=64, seed=0, target_modules="all-linear", dropout=0.0, layout=layout, base_model={"name": "tiny"}
+    )
     return save_adapter(tmp_path / "adapter", torch.zeros(64), cfg)
 
 
@@ -80,16 +82,16 @@ def test_a_run_whose_export_or_checkpoints_land_on_its_inputs_or_its_own_folder_
     run = tmp_path / "run"
     common = [f"output_dir={run}", "export.merged=true"]
     cases = {
-        f"export.dir={run}": "export.dir",                                   # the whole run replaced
-        f"export.dir={tiny_assets / 'model'}": "export.dir",                 # the base replaced
-        f"checkpoint.dir={tmp_path}": "checkpoint.dir",                      # holds the run folder
-        f"output_dir={tiny_assets / 'data'}": "output_dir",                  # holds the data
+        f"export.dir={run}": "export.dir",  # the whole run replaced
+        f"export.dir={tiny_assets / 'model'}": "export.dir",  # the base replaced
+        f"checkpoint.dir={tmp_path}": "checkpoint.dir",  # holds the run folder
+        f"output_dir={tiny_assets / 'data'}": "output_dir",  # holds the data
     }
     for override, key in cases.items():
         cfg = load_config("configs/tiny.yaml", common + [override, "export.overwrite=true"])
         with pytest.raises(ConfigError, match=rf"'{key}': {key} .*choose another folder"):
             resolve_outputs(cfg)
-    resolve_outputs(load_config("configs/tiny.yaml", common))        # the defaults are fine
+    resolve_outputs(load_config("configs/tiny.yaml", common))  # the defaults are fine
 
 
 def test_evaluate_never_writes_its_results_onto_its_inputs(tmp_path, tiny_assets, capsys):
@@ -100,24 +102,37 @@ def test_evaluate_never_writes_its_results_onto_its_inputs(tmp_path, tiny_assets
         rc = evaluate.main(["--model", str(tiny_assets / "model"), "--data", str(data), flag, str(data)])
         err = capsys.readouterr().err
         assert rc == 2 and f"{flag} {str(data)!r} is --data" in err
-    rc = evaluate.main(["--model", str(tiny_assets / "model"), "--data", str(data),
-                        "--json", str(tmp_path / "r.json"), "--predictions", str(tmp_path / "r.json")])
+    rc = evaluate.main(
+        [
+            "--model",
+            str(tiny_assets / "model"),
+            "--data",
+            str(data),
+            "--json",
+            str(tmp_path / "r.json"),
+            "--predictions",
+            str(tmp_path / "r.json"),
+        ]
+    )
     assert rc == 2 and "the same file" in capsys.readouterr().err
     assert data.read_bytes() == before and not (tmp_path / "r.json").exists()
-    assert json.loads(before.splitlines()[0])        # still the records
+    assert json.loads(before.splitlines()[0])  # still the records
 
 
 def test_resume_auto_without_a_checkpoint_never_starts_over_a_finished_run(tmp_path):
     run = tmp_path / "run"
     cfg = lambda: load_config("configs/tiny.yaml", [f"output_dir={run}", "train.resume=auto"])  # noqa: E731
-    resolve_outputs(cfg())                                   # a new folder: a fresh start
+    resolve_outputs(cfg())  # a new folder: a fresh start
     run.mkdir()
-    (run / "run_config.yaml").write_text("x: 1\n")          # a start preempted before its first checkpoint
+    (run / "run_config.yaml").write_text("x: 1\n")  # a start preempted before its first checkpoint
     (run / "metrics.jsonl").write_text(json.dumps({"event": "start"}) + "\n")
-    assert resolve_outputs(cfg()).resume is None             # requeued: starts again
+    assert resolve_outputs(cfg()).resume is None  # requeued: starts again
     (run / "adapter").mkdir()
     with open(run / "metrics.jsonl", "a") as fh:
         fh.write(json.dumps({"event": "summary"}) + "\n")
-    with pytest.raises(ConfigError, match=r"found no checkpoint in .* holds a finished run \(adapter, metrics.jsonl "
-                                          r"with a summary\); starting over would replace it"):
+    with pytest.raises(
+        ConfigError,
+        match=r"found no checkpoint in .* holds a finished run \(adapter, metrics.jsonl "
+        r"with a summary\); starting over would replace it",
+    ):
         resolve_outputs(cfg())

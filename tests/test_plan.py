@@ -1,4 +1,5 @@
 """The memory planner and the dry run, from shapes only (no weights, no GPU)."""
+
 import importlib.util
 
 import pytest
@@ -67,8 +68,7 @@ def test_one_80gb_gpu_is_refused_with_the_reason(llama70b):
 
 def test_cpu_offload_moves_the_frozen_partition_to_host_memory(llama70b):
     cfg, arch = llama70b
-    off = load_config("configs/llama70b.yaml", ["deepspeed=ds_zero3_llama70b_offload.json"],
-                      check_files=False)
+    off = load_config("configs/llama70b.yaml", ["deepspeed=ds_zero3_llama70b_offload.json"], check_files=False)
     on_gpu = plan.plan_for_config(cfg, arch, world=8)
     offloaded = plan.plan_for_config(off, arch, world=8)
     assert offloaded.host_total == pytest.approx(on_gpu.get("frozen weights") + offloaded.get("theta's"))
@@ -79,10 +79,12 @@ def test_cpu_offload_moves_the_frozen_partition_to_host_memory(llama70b):
 def test_activation_checkpointing_and_micro_batch_move_the_activation_rows(llama70b):
     cfg, arch = llama70b
     on = plan.plan_for_config(cfg, arch, world=64)
-    off = plan.plan_for_config(load_config("configs/llama70b.yaml", ["model.gradient_checkpointing=false"],
-                                           check_files=False), arch, world=64)
-    double = plan.plan_for_config(load_config("configs/llama70b.yaml", ["train.micro_batch_size=4"],
-                                              check_files=False), arch, world=64)
+    off = plan.plan_for_config(
+        load_config("configs/llama70b.yaml", ["model.gradient_checkpointing=false"], check_files=False), arch, world=64
+    )
+    double = plan.plan_for_config(
+        load_config("configs/llama70b.yaml", ["train.micro_batch_size=4"], check_files=False), arch, world=64
+    )
     assert off.get("activations") > 10 * on.get("activations")
     assert double.get("activations") == pytest.approx(2 * on.get("activations"), rel=0.01)
 
@@ -96,8 +98,9 @@ def test_full_and_lora_estimates_for_the_benchmark(llama70b):
         full, lora, gp = (plans[m, w].gpu_total for m in ("full", "lora", "gpart"))
         assert full > gp and full > lora
         # full fine-tuning keeps 16 bytes per parameter over the ranks
-        assert plans["full", w].get("gradients") + plans["full", w].get("fp32 master") + \
-            plans["full", w].get("trainable weights") == pytest.approx(16 * arch.n_params / w, rel=1e-3)
+        assert plans["full", w].get("gradients") + plans["full", w].get("fp32 master") + plans["full", w].get(
+            "trainable weights"
+        ) == pytest.approx(16 * arch.n_params / w, rel=1e-3)
     assert plans["full", 8].gpu_total > 80 * GIB > plans["gpart", 8].gpu_total
 
 
@@ -114,26 +117,49 @@ def test_group_size_theory_agrees_with_exact_counts():
 
 
 def test_plan_cli_fits_on_the_stated_cluster_and_refuses_one_gpu(capsys, llama70b):
-    status, out, err = _plan_cli(capsys, "--config", "configs/llama70b.yaml", "--nodes", "8",
-                                 "--gpus-per-node", "8", "--gpu-mem-gb", "80")
+    status, out, err = _plan_cli(
+        capsys, "--config", "configs/llama70b.yaml", "--nodes", "8", "--gpus-per-node", "8", "--gpu-mem-gb", "80"
+    )
     assert status == 0, err
     assert "OK fits" in out and "64 ranks" in out
-    status, out, err = _plan_cli(capsys, "--config", "configs/llama70b.yaml", "--nodes", "1",
-                                 "--gpus-per-node", "1", "--gpu-mem-gb", "80")
+    status, out, err = _plan_cli(
+        capsys, "--config", "configs/llama70b.yaml", "--nodes", "1", "--gpus-per-node", "1", "--gpu-mem-gb", "80"
+    )
     assert status == 1
     assert "REFUSED does not fit" in out and "node(s) x 1 GPUs fit" in err
 
 
 def test_plan_cli_without_a_model_description_names_the_key(capsys):
-    status, _, err = _plan_cli(capsys, "--config", "configs/llama70b.yaml", "--nodes", "1",
-                               "--gpus-per-node", "8", "--gpu-mem-gb", "80", "model.arch_config=null")
+    status, _, err = _plan_cli(
+        capsys,
+        "--config",
+        "configs/llama70b.yaml",
+        "--nodes",
+        "1",
+        "--gpus-per-node",
+        "8",
+        "--gpu-mem-gb",
+        "80",
+        "model.arch_config=null",
+    )
     assert status == 2
     assert "model.path" in err and "--model-config" in err
 
 
 def test_dry_run_reports_targets_group_sizes_and_plan_without_training(tmp_path, tiny_assets, capsys):
-    status, out, err = _train_py(capsys, "--config", "tiny", "--dry-run", "--nodes", "1",
-                                 "--gpus-per-node", "2", "--gpu-mem-gb", "4", f"output_dir={tmp_path}")
+    status, out, err = _train_py(
+        capsys,
+        "--config",
+        "tiny",
+        "--dry-run",
+        "--nodes",
+        "1",
+        "--gpus-per-node",
+        "2",
+        "--gpu-mem-gb",
+        "4",
+        f"output_dir={tmp_path}",
+    )
     assert status == 0, err
     assert "no weights read" in out and "D = 86,016" in out and "d = 4,096" in out
     assert "group sizes n_g: mean 21.0" in out and "(exact" in out
@@ -142,20 +168,33 @@ def test_dry_run_reports_targets_group_sizes_and_plan_without_training(tmp_path,
 
 
 def test_dry_run_names_the_keys_the_method_ignores(capsys, llama70b):
-    status, out, err = _train_py(capsys, "--config", "llama70b", "--dry-run", "--nodes", "8",
-                                 "--gpus-per-node", "8", "--gpu-mem-gb", "80", "method.name=lora")
+    status, out, err = _train_py(
+        capsys,
+        "--config",
+        "llama70b",
+        "--dry-run",
+        "--nodes",
+        "8",
+        "--gpus-per-node",
+        "8",
+        "--gpu-mem-gb",
+        "80",
+        "method.name=lora",
+    )
     assert status == 0, err
     line = next(x for x in out.splitlines() if x.startswith("not read by lora (ignored): "))
     assert "method.d=2097152" in line and "method.step_per_weight=" in line and "method.r" not in line
-    status, out, err = _train_py(capsys, "--config", "llama70b", "--dry-run", "--nodes", "8",
-                                 "--gpus-per-node", "8", "--gpu-mem-gb", "80")
+    status, out, err = _train_py(
+        capsys, "--config", "llama70b", "--dry-run", "--nodes", "8", "--gpus-per-node", "8", "--gpu-mem-gb", "80"
+    )
     assert status == 0, err
     assert "not read by" not in out
 
 
 def test_dry_run_of_the_70b_config_uses_the_bundled_shapes_and_theory(capsys, llama70b):
-    status, out, err = _train_py(capsys, "--config", "llama70b", "--dry-run", "--nodes", "8",
-                                 "--gpus-per-node", "8", "--gpu-mem-gb", "80")
+    status, out, err = _train_py(
+        capsys, "--config", "llama70b", "--dry-run", "--nodes", "8", "--gpus-per-node", "8", "--gpu-mem-gb", "80"
+    )
     assert status == 0, err
     assert "configs/models/llama3-70b/config.json" in out and "(theory" in out
     assert "q_proj x80 (8192x8192)" in out and "down_proj x80 (8192x28672)" in out

@@ -4,6 +4,7 @@ real models, the traffic formulas, and the Llama-70B plan on 8 nodes x 8 GPUs.
 The bytes the model predicts are checked against measured collectives in
 tests/integration/test_scale.py.
 """
+
 import json
 
 import pytest
@@ -58,29 +59,33 @@ def _counted_flops(model_path, method, ckpt, mb, seq, label_from):
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(4, 300, (mb, seq), generator=g)
     mask = torch.ones_like(ids)
-    mask[0, :5] = 0                         # a padded row: the masked attention path
+    mask[0, :5] = 0  # a padded row: the masked attention path
     labels = ids.clone()
     labels[:, :label_from] = -100
     labels[mask == 0] = -100
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
         root(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-    head_tokens = int((labels[:, 1:] != -100).sum())   # the loss runs the head at label positions
-    planned = plan_step.step_flops(arch, method, micro_batch=mb, seq=seq, grad_ckpt=ckpt,
-                                   head_tokens=head_tokens, attention="math")
+    head_tokens = int((labels[:, 1:] != -100).sum())  # the loss runs the head at label positions
+    planned = plan_step.step_flops(
+        arch, method, micro_batch=mb, seq=seq, grad_ckpt=ckpt, head_tokens=head_tokens, attention="math"
+    )
     return fc.get_total_flops(), planned
 
 
 # Every method, by its own hooks (Method.step_flops): GPart's dW GEMM, LoRA's and VeRA's
 # adapter matmuls (VeRA's projections are buffers: no dW), full fine-tuning's weight gradients.
-FLOP_METHODS = {"gpart": plan.spec("gpart", d=4096, kernel="eager"), "lora": plan.spec("lora", r=8),
-                "vera": plan.spec("vera", r=16), "full": plan.spec("full")}
+FLOP_METHODS = {
+    "gpart": plan.spec("gpart", d=4096, kernel="eager"),
+    "lora": plan.spec("lora", r=8),
+    "vera": plan.spec("vera", r=16),
+    "full": plan.spec("full"),
+}
 
 
 @pytest.mark.parametrize("method", list(FLOP_METHODS))
 @pytest.mark.parametrize("ckpt", [False, True], ids=["plain", "checkpointed"])
 def test_flops_equal_the_flop_counter_on_the_tiny_model(tiny_assets, method, ckpt):
-    counted, planned = _counted_flops(tiny_assets / "model", FLOP_METHODS[method], ckpt, mb=8, seq=64,
-                                      label_from=40)
+    counted, planned = _counted_flops(tiny_assets / "model", FLOP_METHODS[method], ckpt, mb=8, seq=64, label_from=40)
     assert planned["total"] == counted, (planned, counted)
     assert planned["recompute"] > 0 if ckpt else planned["recompute"] == 0
     assert (planned["dw"] == 0) == (method == "vera")
@@ -93,8 +98,9 @@ def test_flops_equal_the_flop_counter_on_smollm2(ckpt):
     from gpart_ds import assets
 
     path = assets.ensure("smollm2")
-    counted, planned = _counted_flops(path, plan.spec("gpart", d=65536, kernel="eager"), ckpt, mb=2, seq=96,
-                                      label_from=60)
+    counted, planned = _counted_flops(
+        path, plan.spec("gpart", d=65536, kernel="eager"), ckpt, mb=2, seq=96, label_from=60
+    )
     assert planned["total"] == counted, (planned, counted)
 
 
@@ -111,29 +117,42 @@ def rows70b():
 def test_every_compared_method_has_its_rows(rows70b):
     # LoRA at its own default rank (methods/lora: r=8; the config sets no method.r)
     _, arch, rows = rows70b
-    assert set(rows) == {("gpart", "node"), ("gpart", "global"), ("lora", "node"), ("lora", "global"),
-                         ("full", "global")}
-    lora = plan_step.estimate_step(arch, plan.spec("lora", r=8), "node", plan_cluster.RankLayout(8, 8, 8),
-                                   plan_cluster.PRESETS["h100"].with_(net_gbps=25), micro_batch=2, seq=4096)
+    assert set(rows) == {
+        ("gpart", "node"),
+        ("gpart", "global"),
+        ("lora", "node"),
+        ("lora", "global"),
+        ("full", "global"),
+    }
+    lora = plan_step.estimate_step(
+        arch,
+        plan.spec("lora", r=8),
+        "node",
+        plan_cluster.RankLayout(8, 8, 8),
+        plan_cluster.PRESETS["h100"].with_(net_gbps=25),
+        micro_batch=2,
+        seq=4096,
+    )
     assert rows[("lora", "node")].flops == lora.flops
     with pytest.raises(plan.PlanError, match="only frozen_partition=global"):
-        plan_step.estimate_step(arch, plan.spec("full"), "node", plan_cluster.RankLayout(8, 8, 8),
-                                plan_cluster.PRESETS["h100"])
+        plan_step.estimate_step(
+            arch, plan.spec("full"), "node", plan_cluster.RankLayout(8, 8, 8), plan_cluster.PRESETS["h100"]
+        )
 
 
 def test_llama70b_node_local_keeps_the_base_off_the_network(rows70b):
     cfg, arch, rows = rows70b
     node, glob = rows[("gpart", "node")], rows[("gpart", "global")]
     d = cfg.method.d
-    assert node.inter_bytes <= 4 * 4 * d                  # a few times d x 4 B
-    assert glob.inter_bytes > 0.2 * arch.n_params * 2      # O(model): ~3 gathers of the bf16 model / 8
+    assert node.inter_bytes <= 4 * 4 * d  # a few times d x 4 B
+    assert glob.inter_bytes > 0.2 * arch.n_params * 2  # O(model): ~3 gathers of the bf16 model / 8
     assert node.intra_bytes == pytest.approx(glob.intra_bytes, rel=0.01)
     assert node.fits and node.memory_gib <= 80 * 0.9
-    assert node.memory_gib == pytest.approx(45.8, abs=0.1)   # the frozen base over one node's 8 GPUs
+    assert node.memory_gib == pytest.approx(45.8, abs=0.1)  # the frozen base over one node's 8 GPUs
     assert node.times["step_serial_s"] < glob.times["step_serial_s"]
     assert node.times["step_overlap_s"] <= glob.times["step_overlap_s"]
     assert plan_step.recommend(list(rows.values()), "gpart").mode == "node"
-    assert cfg.dist.frozen_partition == "node"             # the config uses what the plan recommends
+    assert cfg.dist.frozen_partition == "node"  # the config uses what the plan recommends
 
 
 def test_llama70b_flops_are_the_textbook_count(rows70b):
@@ -157,21 +176,43 @@ def test_on_one_node_both_partitions_are_the_same(rows70b):
 
 
 def test_plan_cli_json_gives_every_method(capsys):
-    status = plan_cli.main(["--config", "configs/llama70b.yaml", "--nodes", "8", "--gpus-per-node", "8",
-                        "--gpu-mem-gb", "80", "--cluster", "h200", "--net-gbps", "25", "--json"])
+    status = plan_cli.main(
+        [
+            "--config",
+            "configs/llama70b.yaml",
+            "--nodes",
+            "8",
+            "--gpus-per-node",
+            "8",
+            "--gpu-mem-gb",
+            "80",
+            "--cluster",
+            "h200",
+            "--net-gbps",
+            "25",
+            "--json",
+        ]
+    )
     out = json.loads(capsys.readouterr().out)
     assert status == 0
     assert out["recommended"] == {"gpart": "node"} and out["cluster"]["net_gbps"] == 25
     assert set(out["methods"]) == {"gpart/node", "gpart/global", "lora/node", "lora/global", "full/global"}
     for row in out["methods"].values():
-        for key in ("step_time_s", "inter_node_bytes_per_step", "intra_node_bytes_per_step", "flops_per_step",
-                    "fits", "memory_per_gpu_gib"):
+        for key in (
+            "step_time_s",
+            "inter_node_bytes_per_step",
+            "intra_node_bytes_per_step",
+            "flops_per_step",
+            "fits",
+            "memory_per_gpu_gib",
+        ):
             assert key in row, key
 
 
 def test_plan_cli_prints_the_table_and_node_mode_memory(capsys):
-    status = plan_cli.main(["--config", "configs/llama70b.yaml", "--nodes", "8", "--gpus-per-node", "8",
-                        "--gpu-mem-gb", "80"])
+    status = plan_cli.main(
+        ["--config", "configs/llama70b.yaml", "--nodes", "8", "--gpus-per-node", "8", "--gpu-mem-gb", "80"]
+    )
     out = capsys.readouterr().out
     assert status == 0
     assert "frozen weights, own ZeRO-3 partition (1/8, within a group)" in out
@@ -179,8 +220,9 @@ def test_plan_cli_prints_the_table_and_node_mode_memory(capsys):
 
 
 def test_node_mode_that_cannot_fit_says_to_partition_globally(capsys):
-    status = plan_cli.main(["--config", "configs/llama70b.yaml", "--nodes", "8", "--gpus-per-node", "2",
-                        "--gpu-mem-gb", "80"])
+    status = plan_cli.main(
+        ["--config", "configs/llama70b.yaml", "--nodes", "8", "--gpus-per-node", "2", "--gpu-mem-gb", "80"]
+    )
     err = capsys.readouterr().err
     assert status == 1
     assert "dist.frozen_partition=global" in err
@@ -201,8 +243,9 @@ def test_dry_run_prints_time_and_traffic(capsys):
     spec = importlib.util.spec_from_file_location("gpart_train_entry", REPO / "launch" / "train.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    status = module.main(["--config", "configs/llama70b.yaml", "--dry-run", "--nodes", "8",
-                          "--gpus-per-node", "8", "--gpu-mem-gb", "80"])
+    status = module.main(
+        ["--config", "configs/llama70b.yaml", "--dry-run", "--nodes", "8", "--gpus-per-node", "8", "--gpu-mem-gb", "80"]
+    )
     out = capsys.readouterr().out
     assert status == 0
     assert "time and traffic per optimizer step" in out and "| GPart d=2,097,152 | node |" in out
@@ -229,12 +272,24 @@ MEASURED_TINY_2x2 = {
 
 @pytest.mark.parametrize("method, mode, ckpt", list(MEASURED_TINY_2x2))
 def test_traffic_model_equals_the_recorded_measurements(tiny_assets, method, mode, ckpt):
-    cfg = load_config("configs/tiny.yaml", [f"method.name={method}", "train.micro_batch_size=4",
-                                            f"model.gradient_checkpointing={str(ckpt).lower()}"], check_files=False)
+    cfg = load_config(
+        "configs/tiny.yaml",
+        [f"method.name={method}", "train.micro_batch_size=4", f"model.gradient_checkpointing={str(ckpt).lower()}"],
+        check_files=False,
+    )
     arch, _ = plan.arch_for_config(cfg)
-    est = plan_step.estimate_step(arch, plan.method_for(cfg, method), mode, plan_cluster.RankLayout(2, 2, 2),
-                                  plan_cluster.PRESETS["h100"], micro_batch=4, seq=cfg.data.max_length,
-                                  dtype_bytes=4, grad_ckpt=ckpt, zero=cfg.deepspeed["zero_optimization"])
+    est = plan_step.estimate_step(
+        arch,
+        plan.method_for(cfg, method),
+        mode,
+        plan_cluster.RankLayout(2, 2, 2),
+        plan_cluster.PRESETS["h100"],
+        micro_batch=4,
+        seq=cfg.data.max_length,
+        dtype_bytes=4,
+        grad_ckpt=ckpt,
+        zero=cfg.deepspeed["zero_optimization"],
+    )
     assert (est.inter_bytes, est.intra_bytes) == MEASURED_TINY_2x2[(method, mode, ckpt)]
 
 
@@ -249,10 +304,18 @@ def test_traffic_model_equals_the_recorded_smollm2_measurement():
     assets.ensure("smollm2")
     cfg = load_config("configs/smollm2_rt.yaml", ["model.precision=fp32"], check_files=False)
     arch, _ = plan.arch_for_config(cfg)
-    est = plan_step.estimate_step(arch, cfg.method, "node", plan_cluster.RankLayout(2, 2, 2),
-                                  plan_cluster.PRESETS["h100"], micro_batch=cfg.train.micro_batch_size,
-                                  seq=cfg.data.max_length, dtype_bytes=4, grad_ckpt=False,
-                                  zero=cfg.deepspeed["zero_optimization"])
+    est = plan_step.estimate_step(
+        arch,
+        cfg.method,
+        "node",
+        plan_cluster.RankLayout(2, 2, 2),
+        plan_cluster.PRESETS["h100"],
+        micro_batch=cfg.train.micro_batch_size,
+        seq=cfg.data.max_length,
+        dtype_bytes=4,
+        grad_ckpt=False,
+        zero=cfg.deepspeed["zero_optimization"],
+    )
     assert est.inter_bytes == 131_092
     assert 269_292_200 <= est.intra_bytes <= 2.01 * 269_292_200
 

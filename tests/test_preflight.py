@@ -1,10 +1,21 @@
 """The SLURM job's fail-fast checks, run in-process (no cluster needed)."""
+
 from gpart_ds import preflight
 
 
 def _run(tmp_path, *args, out=None):
-    return preflight.main(["--config", "configs/tiny.yaml", "--tag", "t", "--wait-s", "0.5", *args,
-                           f"output_dir={out or tmp_path / 'out'}"])
+    return preflight.main(
+        [
+            "--config",
+            "configs/tiny.yaml",
+            "--tag",
+            "t",
+            "--wait-s",
+            "0.5",
+            *args,
+            f"output_dir={out or tmp_path / 'out'}",
+        ]
+    )
 
 
 def test_a_healthy_cpu_node_passes_and_leaves_its_probe(tmp_path, tiny_assets, capsys):

@@ -5,6 +5,7 @@ config-against-model checks shared by training, --dry-run, the planner and prefl
 The same behaviours end to end (exit status, message, files untouched) are the fault
 probes' output-*, ckpt-*, override-resume-* and dryrun-* cases (tests/test_faults_*.py).
 """
+
 import json
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from tests.test_checkpoint import _damage, fake_ckpt, rewrite_manifest
 def cfg_for(tiny_assets, tmp_path):
     def make(*overrides):
         return load_config("tiny", [f"output_dir={tmp_path / 'run'}", *overrides])
+
     return make
 
 
@@ -44,12 +46,20 @@ def test_a_fresh_output_dir_starts_at_step_0(cfg_for):
 def test_a_new_run_never_replaces_another_runs_results_unless_told(cfg_for):
     cfg = cfg_for()
     _run_with_checkpoints(cfg)
-    with pytest.raises(ConfigError, match=r"output_dir.*already holds another run's results.*run_config\.yaml"
-                                          r".*train\.resume=auto.*overwrite_output_dir=true"):
+    with pytest.raises(
+        ConfigError,
+        match=r"output_dir.*already holds another run's results.*run_config\.yaml"
+        r".*train\.resume=auto.*overwrite_output_dir=true",
+    ):
         runcheck.resolve_outputs(cfg)
     plan = runcheck.resolve_outputs(cfg_for("overwrite_output_dir=true"))
-    assert {p.name for p in plan.replace} >= {"run_config.yaml", "metrics.jsonl", "step-000002", "step-000004",
-                                               "latest"}
+    assert {p.name for p in plan.replace} >= {
+        "run_config.yaml",
+        "metrics.jsonl",
+        "step-000002",
+        "step-000004",
+        "latest",
+    }
     runcheck.remove_earlier_results(plan, cfg)
     assert checkpoint.list_checkpoints(runcheck.checkpoint_root(cfg)) == []
     assert not (Path(cfg.output_dir) / "metrics.jsonl").exists()
@@ -69,16 +79,22 @@ def test_resume_auto_refuses_to_start_over_checkpoints_it_cannot_use(cfg_for):
     root = _run_with_checkpoints(cfg)
     _damage(root / "step-000002", "truncate")
     _damage(root / "step-000004", "state-json-{}")
-    with pytest.raises(checkpoint.CheckpointError, match=r"none can be resumed: step-000004: .*state\.json.*"
-                                                         r"step-000002: .*truncated"):
+    with pytest.raises(
+        checkpoint.CheckpointError,
+        match=r"none can be resumed: step-000004: .*state\.json.*"
+        r"step-000002: .*truncated",
+    ):
         runcheck.resolve_outputs(cfg)
 
 
-@pytest.mark.parametrize("value, message", [
-    ("Auto", r"'Auto' is neither a checkpoint folder nor a resume mode; did you mean auto"),
-    ("latest", r"did you mean auto"),
-    ("/no/such/ckpt", r"no such checkpoint folder '/no/such/ckpt'"),
-])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("Auto", r"'Auto' is neither a checkpoint folder nor a resume mode; did you mean auto"),
+        ("latest", r"did you mean auto"),
+        ("/no/such/ckpt", r"no such checkpoint folder '/no/such/ckpt'"),
+    ],
+)
 def test_a_resume_target_that_is_not_there_is_named(cfg_for, value, message):
     with pytest.raises(ConfigError, match=r"command-line override 'train\.resume'.*" + message):
         runcheck.resolve_outputs(cfg_for(f"train.resume={value}"))
@@ -99,8 +115,11 @@ def test_an_explicit_checkpoint_is_verified_and_loadable(cfg_for, tmp_path):
 def test_max_steps_below_the_checkpoint_is_refused_and_equal_is_nothing_to_do(cfg_for):
     cfg = cfg_for("train.resume=auto")
     _run_with_checkpoints(cfg)
-    with pytest.raises(ConfigError, match=r"train\.max_steps=3 is below the step of the checkpoint it resumes, "
-                                          r"step-000004"):
+    with pytest.raises(
+        ConfigError,
+        match=r"train\.max_steps=3 is below the step of the checkpoint it resumes, "
+        r"step-000004",
+    ):
         runcheck.resolve_outputs(cfg_for("train.resume=auto", "train.max_steps=3"))
     assert runcheck.resolve_outputs(cfg_for("train.resume=auto", "train.max_steps=4")).start_step == 4
 
@@ -117,8 +136,10 @@ def test_a_drifted_resume_is_refused_before_anything_is_written(cfg_for):
 @pytest.mark.parametrize("where", ["output_dir", "checkpoint.dir"])
 def test_output_folders_that_cannot_be_folders_are_named(cfg_for, tmp_path, where):
     (tmp_path / "afile").write_text("keep")
-    for path, msg in ((tmp_path / "afile", "is a file, not a folder"),
-                      (tmp_path / "afile" / "run", "lies under .*afile.*which is a file")):
+    for path, msg in (
+        (tmp_path / "afile", "is a file, not a folder"),
+        (tmp_path / "afile" / "run", "lies under .*afile.*which is a file"),
+    ):
         with pytest.raises(ConfigError, match=rf"{where}.*{msg}"):
             runcheck.resolve_outputs(cfg_for(f"{where}={path}"))
     assert (tmp_path / "afile").read_text() == "keep"
@@ -140,11 +161,11 @@ def test_a_checkpoint_of_another_folder_does_not_start_a_run_among_another_runs_
     cfg = cfg_for()
     (a / checkpoint.RUN_CONFIG).write_text(to_yaml(cfg))
     rewrite_manifest(a)
-    assert runcheck.resolve_outputs(cfg_for(f"train.resume={a}")).start_step == 4   # an empty output_dir: fine
+    assert runcheck.resolve_outputs(cfg_for(f"train.resume={a}")).start_step == 4  # an empty output_dir: fine
     _run_with_checkpoints(cfg)
     with pytest.raises(ConfigError, match=r"output_dir.*a run resumed from another folder's checkpoint would mix"):
         runcheck.resolve_outputs(cfg_for(f"train.resume={a}"))
     own = runcheck.checkpoint_root(cfg) / "step-000002"
-    assert runcheck.resolve_outputs(cfg_for(f"train.resume={own}")).start_step == 2   # its own checkpoint: fine
+    assert runcheck.resolve_outputs(cfg_for(f"train.resume={own}")).start_step == 2  # its own checkpoint: fine
     plan = runcheck.resolve_outputs(cfg_for(f"train.resume={a}", "overwrite_output_dir=true"))
     assert plan.start_step == 4 and plan.replace

@@ -1,4 +1,5 @@
 """Planned safetensors files: what we write is what the safetensors library reads."""
+
 import json
 
 import pytest
@@ -10,10 +11,12 @@ from gpart_ds import safetensors_io as stio
 
 def tensors():
     g = torch.Generator().manual_seed(0)
-    return {"a.weight": torch.randn(5, 3, generator=g).to(torch.bfloat16),
-            "b.bias": torch.randn(7, generator=g),
-            "c.ids": torch.arange(11, dtype=torch.int64),
-            "d.weight": torch.randn(4, 4, generator=g).half()}
+    return {
+        "a.weight": torch.randn(5, 3, generator=g).to(torch.bfloat16),
+        "b.bias": torch.randn(7, generator=g),
+        "c.ids": torch.arange(11, dtype=torch.int64),
+        "d.weight": torch.randn(4, 4, generator=g).half(),
+    }
 
 
 def write_all(folder, ts, max_bytes, piece=3):
@@ -21,10 +24,10 @@ def write_all(folder, ts, max_bytes, piece=3):
     plans = stio.plan_files(entries, max_bytes)
     stio.create_files(folder, plans)
     with stio.RangeWriter(folder, plans) as w:
-        for n, t in reversed(list(ts.items())):   # any order, any slicing
+        for n, t in reversed(list(ts.items())):  # any order, any slicing
             flat = t.reshape(-1)
             for i in range(0, flat.numel(), piece):
-                w.write(n, i, flat[i:i + piece])
+                w.write(n, i, flat[i : i + piece])
     stio.write_index(folder, plans)
     return plans
 
@@ -59,8 +62,11 @@ def test_written_files_read_back_with_safetensors(tmp_path, max_bytes, n_files):
 
 
 def test_a_tensor_larger_than_the_shard_size_gets_its_own_file():
-    entries = [stio.TensorEntry("small", torch.float32, (2,)), stio.TensorEntry("big", torch.float32, (100,)),
-               stio.TensorEntry("small2", torch.float32, (2,))]
+    entries = [
+        stio.TensorEntry("small", torch.float32, (2,)),
+        stio.TensorEntry("big", torch.float32, (100,)),
+        stio.TensorEntry("small2", torch.float32, (2,)),
+    ]
     plans = stio.plan_files(entries, 40)
     assert [[e.name for e in p.entries] for p in plans] == [["small"], ["big"], ["small2"]]
 
@@ -87,8 +93,9 @@ def test_truncated_and_garbage_files_are_named(tmp_path):
         stio.read_header(f)
 
 
-@pytest.mark.parametrize("text,value", [("5GB", 5 * 10**9), ("500MB", 5 * 10**8), ("2GiB", 2 * 2**30),
-                                        ("1024", 1024), (77, 77)])
+@pytest.mark.parametrize(
+    "text,value", [("5GB", 5 * 10**9), ("500MB", 5 * 10**8), ("2GiB", 2 * 2**30), ("1024", 1024), (77, 77)]
+)
 def test_parse_size(text, value):
     assert stio.parse_size(text) == value
 

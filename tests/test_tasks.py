@@ -68,10 +68,10 @@ def test_arc_is_deterministic_disjoint_and_answered_by_letter(tmp_path):
         letters = [c.strip() for c in r["choices"]]
         assert r["completion"] in r["choices"] and 3 <= len(letters) <= 5
         assert r["prompt"].startswith("Question: ") and r["prompt"].endswith("\nAnswer:")
-        for c in letters:                                        # every choice is an option listed
+        for c in letters:  # every choice is an option listed
             assert f"\n {c}. " in r["prompt"]
     answers = [r["completion"] for _, r in records]
-    assert max(answers.count(c) for c in set(answers)) < 0.4 * len(answers)   # not one letter
+    assert max(answers.count(c) for c in set(answers)) < 0.4 * len(answers)  # not one letter
 
 
 def test_arc_refuses_a_record_it_does_not_understand(tmp_path):
@@ -91,16 +91,16 @@ def test_arithmetic_is_generated_deterministic_correct_and_graded(tmp_path):
     records, fmt = data.load(tmp_path / "a" / "train.jsonl")
     assert fmt == "prompt_completion"
     kinds = set()
-    for _, r in records:                                           # the answer is the arithmetic
+    for _, r in records:  # the answer is the arithmetic
         a, op, b = r["prompt"].removeprefix("Question: What is ").removesuffix("?\nAnswer:").split()
         want = {"plus": int(a) + int(b), "minus": int(a) - int(b), "times": int(a) * int(b)}[op]
         assert r["completion"] == f" {want}"
         kinds.add((max(len(a), len(b)), op))
     assert kinds == {(1, "plus"), (1, "minus"), (1, "times"), (2, "plus"), (2, "minus"), (3, "plus"), (3, "minus")}
     n = len(train) + len(evals)
-    assert 4000 < n <= 4300                       # BIG-bench's sizes, repeats kept once
-    assert any(r["completion"].startswith(" -") for _, r in records)   # results may be negative
-    assert tasks.arithmetic_rows(seed=1) != tasks.arithmetic_rows()    # the seed is what fixes it
+    assert 4000 < n <= 4300  # BIG-bench's sizes, repeats kept once
+    assert any(r["completion"].startswith(" -") for _, r in records)  # results may be negative
+    assert tasks.arithmetic_rows(seed=1) != tasks.arithmetic_rows()  # the seed is what fixes it
 
 
 def test_jeopardy_topic_is_deterministic_several_classes_and_hides_the_category(tmp_path):
@@ -114,11 +114,11 @@ def test_jeopardy_topic_is_deterministic_several_classes_and_hides_the_category(
     assert fmt == "prompt_completion"
     topics = [r["completion"] for _, r in records]
     assert set(topics) == set(tasks.JEOPARDY_TOPICS.values())
-    assert max(topics.count(t) for t in set(topics)) < 0.3 * len(topics)     # no topic dominates
+    assert max(topics.count(t) for t in set(topics)) < 0.3 * len(topics)  # no topic dominates
     for _, r in records:
         assert r["choices"] == list(tasks.JEOPARDY_TOPICS.values())
         assert r["prompt"].startswith("Clue: ") and r["prompt"].endswith("\nTopic:")
-        assert "Category" not in r["prompt"]                               # the label is not given away
+        assert "Category" not in r["prompt"]  # the label is not given away
     with pytest.raises(ValueError, match="unexpected Jeopardy record 7"):
         tasks.jeopardy_record({"index": 7, "category": "sports", "query": "Category: X\nQuestion: Y\nAnswer:"})
 
@@ -136,6 +136,6 @@ def test_squad_answers_are_free_form_spans_with_every_accepted_variant(tmp_path)
         assert len(r["prompt"]) <= tasks.SQUAD_MAX_CHARS and r["prompt"].endswith("\nAnswer:")
         # the answer is a span of the background (what makes it reading comprehension)
         assert any(a.strip() in r["prompt"] for a in r["answers"])
-    assert sum(len(r["answers"]) > 1 for _, r in records) > 100              # variants are kept
+    assert sum(len(r["answers"]) > 1 for _, r in records) > 100  # variants are kept
     q = generation.Question("f", 0, [1], records[0][1]["completion"], None, "text", tuple(records[0][1]["answers"]))
     assert all(generation.judge(a + ".", q)[1] for a in records[0][1]["answers"])

@@ -1,4 +1,5 @@
 """Nodes, frozen-partition groups and replica parts (no process group needed)."""
+
 import pytest
 
 from gpart_ds.config import ConfigError, load_config
@@ -15,17 +16,20 @@ def test_nodes_from_keys_keep_rank_order_whatever_the_launcher_numbering():
     assert partition_groups(topo, "node") == [[0, 2], [1, 3]]
 
 
-@pytest.mark.parametrize("size, groups", [
-    (0, [[0, 1, 2, 3], [4, 5, 6, 7]]),            # one node's ranks
-    (2, [[0, 1], [2, 3], [4, 5], [6, 7]]),         # half a node
-    (8, [[0, 1, 2, 3, 4, 5, 6, 7]]),               # two whole nodes: the world here
-])
+@pytest.mark.parametrize(
+    "size, groups",
+    [
+        (0, [[0, 1, 2, 3], [4, 5, 6, 7]]),  # one node's ranks
+        (2, [[0, 1], [2, 3], [4, 5], [6, 7]]),  # half a node
+        (8, [[0, 1, 2, 3, 4, 5, 6, 7]]),  # two whole nodes: the world here
+    ],
+)
 def test_groups_are_node_aligned(size, groups):
     assert partition_groups(Topology.blocks(8, 4), "node", size) == groups
 
 
 def test_global_is_one_group_and_bad_sizes_are_refused_with_the_key():
-    assert issubclass(TopologyError, UserError)   # `error: ...`, exit 2 from every command
+    assert issubclass(TopologyError, UserError)  # `error: ...`, exit 2 from every command
     topo = Topology.blocks(8, 4)
     assert partition_groups(topo, "global") == [list(range(8))]
     for size, why in ((3, "must divide"), (6, "must divide"), (12, "must divide")):

@@ -1,4 +1,5 @@
 """python -m experiments.bench: GPart vs LoRA vs full fine-tuning (see bench/compare.py)."""
+
 import sys
 
 from .compare import cli

@@ -17,6 +17,7 @@ projection for Llama-70B on 8, 16 and 64 GPUs; and the one-layer micro-benchmark
 
 --quick: the tiny model and 1 + 3 steps, to check the pipeline (what the tests run).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,18 +43,21 @@ def _label(name: str) -> str:
     from gpart_ds import methods, plan
 
     return methods.create(plan.spec(name)).label if name in methods.names() else name
+
+
 QUICK = {"config": "configs/tiny.yaml", "steps": 3, "warmup": 1}
 
 
-def run_method(config: str, method: str, ranks: int, steps: int, out: Path, overrides: list[str],
-               log_file: Path) -> Path:
+def run_method(
+    config: str, method: str, ranks: int, steps: int, out: Path, overrides: list[str], log_file: Path
+) -> Path:
     """Train one method on `ranks` ranks of this machine (launch/train.py started with
     torchrun's variables, experiments/local_ranks.py: the step times are the trainer's,
     without the deepspeed launcher's start-up); returns its output folder."""
     from experiments import local_ranks
 
     if out.exists():
-        shutil.rmtree(out)   # metrics.jsonl appends: start clean
+        shutil.rmtree(out)  # metrics.jsonl appends: start clean
     env = dict(os.environ)
     try:
         import torch
@@ -63,9 +67,19 @@ def run_method(config: str, method: str, ranks: int, steps: int, out: Path, over
         cuda = False
     if not cuda:
         env.setdefault("DS_ACCELERATOR", "cpu")
-    cmd = [sys.executable, "-u", str(REPO_ROOT / "launch" / "train.py"), "--config", config,
-           f"method.name={method}", f"train.max_steps={steps}", f"output_dir={out}", "train.log_every=1",
-           "checkpoint.keep_last=1", *overrides]
+    cmd = [
+        sys.executable,
+        "-u",
+        str(REPO_ROOT / "launch" / "train.py"),
+        "--config",
+        config,
+        f"method.name={method}",
+        f"train.max_steps={steps}",
+        f"output_dir={out}",
+        "train.log_every=1",
+        "checkpoint.keep_last=1",
+        *overrides,
+    ]
     with open(log_file, "w") as fh:
         fh.write(f"{ranks} rank(s): " + " ".join(cmd) + "\n")
         fh.flush()
@@ -86,12 +100,20 @@ def read_run(out: Path, warmup: int) -> dict:
     tokens_per_s = sum(r["tokens"] for r in timed) / sum(r["step_time_s"] for r in timed)
     mem_key = "train_peak_gpu_gb" if "train_peak_gpu_gb" in summary else "train_peak_rss_gb"
     state = summary.get("model_state_bytes") or {}
-    return {"step_s": step_s, "tokens_per_s": tokens_per_s, "timed_steps": len(timed),
-            "peak_mem_gb": summary[mem_key], "memory_kind": "CUDA max allocated" if "gpu" in mem_key
-            else "host peak RSS", "trainable_params": summary["trainable_params"],
-            "model_state_bytes": state.get("total", 0), "model_state": state,
-            "checkpoint_bytes": summary.get("checkpoint_bytes", 0), "adapter_bytes": summary.get("adapter_bytes", 0),
-            "final_loss": summary.get("final_loss"), "world": summary["world"]}
+    return {
+        "step_s": step_s,
+        "tokens_per_s": tokens_per_s,
+        "timed_steps": len(timed),
+        "peak_mem_gb": summary[mem_key],
+        "memory_kind": "CUDA max allocated" if "gpu" in mem_key else "host peak RSS",
+        "trainable_params": summary["trainable_params"],
+        "model_state_bytes": state.get("total", 0),
+        "model_state": state,
+        "checkpoint_bytes": summary.get("checkpoint_bytes", 0),
+        "adapter_bytes": summary.get("adapter_bytes", 0),
+        "final_loss": summary.get("final_loss"),
+        "world": summary["world"],
+    }
 
 
 def ratios(results: dict, num: str, dens=(LORA, FULL)) -> dict:
@@ -114,8 +136,10 @@ def projections(config: str = "configs/llama70b.yaml", worlds=(8, 16, 64)) -> di
     for method in plan.COMPARED:
         for w in worlds:
             p = plan.plan_for_config(cfg, arch, w, method=method)
-            out.setdefault(method, {})[str(w)] = {"gpu_gib": p.gpu_total / plan.GIB,
-                                                  "host_gib": p.host_total / plan.GIB}
+            out.setdefault(method, {})[str(w)] = {
+                "gpu_gib": p.gpu_total / plan.GIB,
+                "host_gib": p.host_total / plan.GIB,
+            }
     return {"config": config, "model": arch.name, "params": arch.n_params, "worlds": list(worlds), "per_gpu": out}
 
 
@@ -132,8 +156,13 @@ def cpu_name() -> str:
 def machine() -> dict:
     import torch
 
-    info = {"host": platform.node(), "cpu": cpu_name(),
-            "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}
+    info = {
+        "host": platform.node(),
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     try:
@@ -156,26 +185,37 @@ def _gb(n: float) -> str:
 
 def format_markdown(rep: dict) -> str:
     res = rep["results"]
-    lines = [f"# GPart benchmark, {rep['date']}", "",
-             f"Machine: {machine_name(rep['machine'])}, {rep['machine']['cores']} cores, "
-             f"torch {rep['machine']['torch']}, deepspeed {rep['machine'].get('deepspeed', '-')}.  ",
-             f"Command: `{rep['command']}`  ",
-             f"Config: `{rep['config']}`, {rep['ranks']} ranks, {rep['steps']} steps ({rep['warmup']} warm-up "
-             f"excluded).", "",
-             "| method | trainable params | step (s, median) | tokens/s | peak mem / rank (GB) | "
-             "model state / rank | checkpoint | adapter |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# GPart benchmark, {rep['date']}",
+        "",
+        f"Machine: {machine_name(rep['machine'])}, {rep['machine']['cores']} cores, "
+        f"torch {rep['machine']['torch']}, deepspeed {rep['machine'].get('deepspeed', '-')}.  ",
+        f"Command: `{rep['command']}`  ",
+        f"Config: `{rep['config']}`, {rep['ranks']} ranks, {rep['steps']} steps ({rep['warmup']} warm-up excluded).",
+        "",
+        "| method | trainable params | step (s, median) | tokens/s | peak mem / rank (GB) | "
+        "model state / rank | checkpoint | adapter |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for m, r in res.items():
-        lines.append(f"| {_label(m)} | {r['trainable_params']:,} | {r['step_s']:.2f} | "
-                     f"{r['tokens_per_s']:.0f} | {r['peak_mem_gb']:.2f} | {_gb(r['model_state_bytes'])} | "
-                     f"{_gb(r['checkpoint_bytes'])} | {_gb(r['adapter_bytes']) if r['adapter_bytes'] else '-'} |")
+        lines.append(
+            f"| {_label(m)} | {r['trainable_params']:,} | {r['step_s']:.2f} | "
+            f"{r['tokens_per_s']:.0f} | {r['peak_mem_gb']:.2f} | {_gb(r['model_state_bytes'])} | "
+            f"{_gb(r['checkpoint_bytes'])} | {_gb(r['adapter_bytes']) if r['adapter_bytes'] else '-'} |"
+        )
     if res:
         lines.append(f"\nMemory is {next(iter(res.values()))['memory_kind']} per rank, max over ranks.")
     if rep["ratios"]:
-        lines += ["", "| ratio | step time | peak memory | model state | trainable | checkpoint |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| ratio | step time | peak memory | model state | trainable | checkpoint |",
+            "|---|---|---|---|---|---|",
+        ]
         for name, r in rep["ratios"].items():
-            cells = [f"{r[k]:.3g}x" if r[k] is not None else "-" for k in
-                     ("step_s", "peak_mem_gb", "model_state_bytes", "trainable_params", "checkpoint_bytes")]
+            cells = [
+                f"{r[k]:.3g}x" if r[k] is not None else "-"
+                for k in ("step_s", "peak_mem_gb", "model_state_bytes", "trainable_params", "checkpoint_bytes")
+            ]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if rep.get("targets"):
         lines += ["", "| target | measured | met |", "|---|---|---|"]
@@ -183,14 +223,22 @@ def format_markdown(rep: dict) -> str:
             lines.append(f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'no'} |")
     sc = rep.get("scaling")
     if sc:
-        lines += ["", f"Scaling (GPart): 1 rank {sc['1']['step_s']:.2f} s/step, {sc['1']['peak_mem_gb']:.2f} GB; "
-                      f"{rep['ranks']} ranks {sc[str(rep['ranks'])]['step_s']:.2f} s/step, "
-                      f"{sc[str(rep['ranks'])]['peak_mem_gb']:.2f} GB per rank (same micro-batch per rank)."]
+        lines += [
+            "",
+            f"Scaling (GPart): 1 rank {sc['1']['step_s']:.2f} s/step, {sc['1']['peak_mem_gb']:.2f} GB; "
+            f"{rep['ranks']} ranks {sc[str(rep['ranks'])]['step_s']:.2f} s/step, "
+            f"{sc[str(rep['ranks'])]['peak_mem_gb']:.2f} GB per rank (same micro-batch per rank).",
+        ]
     pj = rep.get("projections")
     if pj:
         ws = pj["worlds"]
-        lines += ["", f"Planner projection, {pj['config']} ({pj['params'] / 1e9:.1f}B parameters), GiB per GPU:", "",
-                  "| method | " + " | ".join(f"{w} GPUs" for w in ws) + " |", "|---|" + "---|" * len(ws)]
+        lines += [
+            "",
+            f"Planner projection, {pj['config']} ({pj['params'] / 1e9:.1f}B parameters), GiB per GPU:",
+            "",
+            "| method | " + " | ".join(f"{w} GPUs" for w in ws) + " |",
+            "|---|" + "---|" * len(ws),
+        ]
         for m, per in pj["per_gpu"].items():
             lines.append(f"| {_label(m)} | " + " | ".join(f"{per[str(w)]['gpu_gib']:.1f}" for w in ws) + " |")
     lay = rep.get("layer")
@@ -210,8 +258,11 @@ def plot(rep: dict, path: Path) -> None:
     res = rep["results"]
     names = [_label(m) for m in res]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-    panels = [("step_s", "median step time (s)"), ("peak_mem_gb", "peak memory per rank (GB)"),
-              ("model_state_bytes", "model state per rank (MB)")]
+    panels = [
+        ("step_s", "median step time (s)"),
+        ("peak_mem_gb", "peak memory per rank (GB)"),
+        ("model_state_bytes", "model state per rank (MB)"),
+    ]
     colors = ["#2a7ab0" if m == SUBJECT else "#999999" for m in res]
     for ax, (key, title) in zip(axes, panels):
         vals = [r[key] / 2**20 if key == "model_state_bytes" else r[key] for r in res.values()]
@@ -220,10 +271,12 @@ def plot(rep: dict, path: Path) -> None:
         if key == "model_state_bytes":
             ax.set_yscale("log")
         for b, v in zip(bars, vals):
-            ax.annotate(f"{v:.3g}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center",
-                        va="bottom", fontsize=8)
-    fig.suptitle(f"{Path(rep['config']).name}, {rep['ranks']} ranks, "
-                 f"{machine_name(rep['machine'])} ({rep['date']})", fontsize=10)
+            ax.annotate(
+                f"{v:.3g}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=8
+            )
+    fig.suptitle(
+        f"{Path(rep['config']).name}, {rep['ranks']} ranks, {machine_name(rep['machine'])} ({rep['date']})", fontsize=10
+    )
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
@@ -239,20 +292,27 @@ def check_targets(rep: dict) -> list[dict]:
         q = g["peak_mem_gb"] / lora["peak_mem_gb"]
         out.append({"target": "GPart peak memory <= 1.15x LoRA", "measured": f"{q:.2f}x", "met": q <= 1.15})
         a, b = g["model_state_bytes"], lora["model_state_bytes"]
-        out.append({"target": "GPart model state within a few % of LoRA's (or below)",
-                    "measured": f"{a / b:.2f}x", "met": a <= 1.05 * b})
+        out.append(
+            {
+                "target": "GPart model state within a few % of LoRA's (or below)",
+                "measured": f"{a / b:.2f}x",
+                "met": a <= 1.05 * b,
+            }
+        )
     if g and full:
         q = g["step_s"] / full["step_s"]
         out.append({"target": "GPart step time below full fine-tuning", "measured": f"{q:.2f}x", "met": q < 1.0})
         q = g["model_state_bytes"] / full["model_state_bytes"]
-        out.append({"target": "GPart model state < 5% of full fine-tuning", "measured": f"{100 * q:.2f}%",
-                    "met": q < 0.05})
+        out.append(
+            {"target": "GPart model state < 5% of full fine-tuning", "measured": f"{100 * q:.2f}%", "met": q < 0.05}
+        )
     return out
 
 
 def parse(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m experiments.bench", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m experiments.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--config", default="configs/smollm2_rt.yaml")
     ap.add_argument("--methods", default="gpart,lora,full")
     ap.add_argument("--ranks", type=int, default=2)
@@ -260,8 +320,12 @@ def parse(argv=None):
     ap.add_argument("--warmup", type=int, default=2, help="first steps left out of the medians")
     ap.add_argument("--no-scaling", action="store_true", help="skip the 1-rank GPart run")
     ap.add_argument("--no-layer", action="store_true", help="skip the one-layer micro-benchmark")
-    ap.add_argument("--eval-examples", type=int, default=4,
-                    help="eval records before/after each run (kept small: not what is timed)")
+    ap.add_argument(
+        "--eval-examples",
+        type=int,
+        default=4,
+        help="eval records before/after each run (kept small: not what is timed)",
+    )
     ap.add_argument("--out", default="outputs/bench")
     ap.add_argument("--quick", action="store_true", help="tiny model, 2 steps: checks the pipeline")
     ap.add_argument("overrides", nargs="*", help="config overrides for every run, key.sub=value")
@@ -293,24 +357,41 @@ def main(argv=None) -> dict:
     results, scaling = {}, {}
     for m in methods:
         print(f"[bench] {m} on {args.ranks} rank(s), {total} steps ...", flush=True)
-        run = run_method(args.config, m, args.ranks, total, out / "runs" / f"{m}-{args.ranks}r", common,
-                         out / "logs" / f"{m}-{args.ranks}r.log")
+        run = run_method(
+            args.config,
+            m,
+            args.ranks,
+            total,
+            out / "runs" / f"{m}-{args.ranks}r",
+            common,
+            out / "logs" / f"{m}-{args.ranks}r.log",
+        )
         results[m] = read_run(run, args.warmup)
         print(f"[bench] {m}: {results[m]['step_s']:.2f} s/step, {results[m]['peak_mem_gb']:.2f} GB", flush=True)
     if SUBJECT in methods and not args.no_scaling and args.ranks > 1:
         print(f"[bench] {SUBJECT} on 1 rank, {total} steps ...", flush=True)
-        run = run_method(args.config, SUBJECT, 1, total, out / "runs" / f"{SUBJECT}-1r", common,
-                         out / "logs" / f"{SUBJECT}-1r.log")
+        run = run_method(
+            args.config, SUBJECT, 1, total, out / "runs" / f"{SUBJECT}-1r", common, out / "logs" / f"{SUBJECT}-1r.log"
+        )
         scaling = {"1": read_run(run, args.warmup), str(args.ranks): results[SUBJECT]}
     cmd = "python -m experiments.bench " + " ".join(argv if argv is not None else sys.argv[1:])
-    rep = {"date": _dt.date.today().isoformat(), "command": cmd.strip(), "machine": machine(),
-           "config": args.config, "ranks": args.ranks, "steps": args.steps, "warmup": args.warmup,
-           "overrides": args.overrides, "results": results, "ratios": ratios(results, SUBJECT),
-           "scaling": scaling}
+    rep = {
+        "date": _dt.date.today().isoformat(),
+        "command": cmd.strip(),
+        "machine": machine(),
+        "config": args.config,
+        "ranks": args.ranks,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "overrides": args.overrides,
+        "results": results,
+        "ratios": ratios(results, SUBJECT),
+        "scaling": scaling,
+    }
     rep["targets"] = check_targets(rep)
     try:
         rep["projections"] = projections()
-    except Exception as exc:   # the planner needs only configs/; report rather than lose the runs
+    except Exception as exc:  # the planner needs only configs/; report rather than lose the runs
         rep["projections"] = None
         print(f"[bench] planner projection failed: {exc!r}", flush=True)
     if not args.no_layer:
@@ -321,8 +402,9 @@ def main(argv=None) -> dict:
             shape.update(tokens=64)
         import torch
 
-        rep["layer"] = layer_bench(dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32,
-                                   repeat=3 if args.quick else 5, **shape)
+        rep["layer"] = layer_bench(
+            dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32, repeat=3 if args.quick else 5, **shape
+        )
     write_atomic(out / "report.json", json.dumps(rep, indent=2) + "\n")
     md = format_markdown(rep)
     write_atomic(out / "report.md", md)

@@ -13,6 +13,7 @@ and report seconds, MB/s of model bytes and peak RSS above the interpreter basel
 (VmHWM after imports vs at the end). Without --adapter a random one is made (the
 throughput does not depend on theta's values).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,9 @@ before = rss()
 t0 = time.perf_counter()
 """
 
-_BASELINE = _PRELUDE + """
+_BASELINE = (
+    _PRELUDE
+    + """
 base, out = sys.argv[1:3]
 for f in safetensors_io.model_files(base):
     tensors = safetensors.torch.load_file(str(f))
@@ -45,14 +48,18 @@ for f in safetensors_io.model_files(base):
     del tensors
 print(json.dumps({"seconds": time.perf_counter() - t0, "before": before, "peak": hwm()}))
 """
+)
 
-_GPART = _PRELUDE + """
+_GPART = (
+    _PRELUDE
+    + """
 base, adapter, out, repeat = sys.argv[1:5]
 for _ in range(int(repeat)):   # a second run in the process excludes compilation
     t0 = time.perf_counter()
     stats = merge_offline(base, adapter, out, overwrite=True)
 print(json.dumps({"seconds": time.perf_counter() - t0, "before": before, "peak": hwm(), **stats}))
 """
+)
 
 
 def _run(code: str, *args: str) -> dict:
@@ -70,8 +77,15 @@ def random_adapter(base: Path, folder: Path, d: int, seed: int = 0) -> Path:
 
     layout = build_layout(skeleton(str(base)), "all-linear")
     theta = torch.randn(d, generator=torch.Generator().manual_seed(seed)) * 0.01
-    cfg = adapter_io.adapter_config(d=d, seed=seed, target_modules="all-linear", dropout=0.0,
-                                    layout=layout, base_model={"name": base.name}, dtype=torch.float32)
+    cfg = adapter_io.adapter_config(
+        d=d,
+        seed=seed,
+        target_modules="all-linear",
+        dropout=0.0,
+        layout=layout,
+        base_model={"name": base.name},
+        dtype=torch.float32,
+    )
     return adapter_io.save_adapter(folder, theta, cfg)
 
 
@@ -83,16 +97,23 @@ def bench(base: Path, adapter: Path | None, d: int) -> dict:
         tmp = Path(tmp)
         adapter = adapter or random_adapter(base, tmp / "adapter", d)
         (tmp / "plain").mkdir()
-        rows = {"baseline": _run(_BASELINE, str(base), str(tmp / "plain")),
-                "gpart": _run(_GPART, str(base), str(adapter), str(tmp / "merged"), "1"),
-                "gpart_warm": _run(_GPART, str(base), str(adapter), str(tmp / "merged"), "2")}
+        rows = {
+            "baseline": _run(_BASELINE, str(base), str(tmp / "plain")),
+            "gpart": _run(_GPART, str(base), str(adapter), str(tmp / "merged"), "1"),
+            "gpart_warm": _run(_GPART, str(base), str(adapter), str(tmp / "merged"), "2"),
+        }
     for r in rows.values():
         r["mb_per_s"] = model_bytes / 1e6 / r["seconds"]
         r["peak_growth_mb"] = (r["peak"] - r["before"]) / 1e6
     b, g = rows["baseline"], rows["gpart"]
-    return {"base": str(base), "model_mb": model_bytes / 1e6, "machine": platform.processor() or platform.machine(),
-            **rows, "time_ratio": g["seconds"] / b["seconds"],
-            "peak_growth_ratio": g["peak_growth_mb"] / max(b["peak_growth_mb"], 1e-9)}
+    return {
+        "base": str(base),
+        "model_mb": model_bytes / 1e6,
+        "machine": platform.processor() or platform.machine(),
+        **rows,
+        "time_ratio": g["seconds"] / b["seconds"],
+        "peak_growth_ratio": g["peak_growth_mb"] / max(b["peak_growth_mb"], 1e-9),
+    }
 
 
 def main(argv=None) -> int:
@@ -108,9 +129,11 @@ def main(argv=None) -> int:
     for name in ("baseline", "gpart", "gpart_warm"):
         x = r[name]
         print(f"| {name} | {x['seconds']:.2f} | {x['mb_per_s']:.0f} | {x['peak_growth_mb']:.0f} |")
-    warm = r['gpart_warm']['seconds'] / r['baseline']['seconds']
-    print(f"gpart / baseline: time {r['time_ratio']:.2f}x (warm {warm:.2f}x), "
-          f"peak memory growth {r['peak_growth_ratio']:.2f}x")
+    warm = r["gpart_warm"]["seconds"] / r["baseline"]["seconds"]
+    print(
+        f"gpart / baseline: time {r['time_ratio']:.2f}x (warm {warm:.2f}x), "
+        f"peak memory growth {r['peak_growth_ratio']:.2f}x"
+    )
     if a.json:
         a.json.write_text(json.dumps(r, indent=2) + "\n")
     return 0

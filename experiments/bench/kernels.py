@@ -7,6 +7,7 @@ first compiled call, which compiles, is timed separately and reported as compile
 backward_pass is the fused backward (hash once; scatter dL/dW and rebuild W0 + delta):
 compare it with effective_weight + scatter_grad, what backward would cost unfused.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,9 +46,17 @@ def bench(rows: int, cols: int, d: int, repeat: int, dtype=torch.bfloat16) -> di
     dw = torch.randn(n, device=dev).to(dtype)
     ts = torch.randn(d, device=dev)
     base = torch.tensor(hash_base(1234, 10**9), device=dev)
-    out = {"rows": rows, "cols": cols, "elements": n, "d": d, "dtype": str(dtype), "device": str(dev),
-           "torch": torch.__version__, "threads": torch.get_num_threads(),
-           "machine": platform.processor() or platform.machine()}
+    out = {
+        "rows": rows,
+        "cols": cols,
+        "elements": n,
+        "d": d,
+        "dtype": str(dtype),
+        "device": str(dev),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+    }
     modes = ("eager", "compiled") + (("triton",) if dev.type == "cuda" and triton_unavailable(dev, d) is None else ())
     out["modes"] = list(modes)
     for mode in modes:
@@ -68,7 +77,7 @@ def bench(rows: int, cols: int, d: int, repeat: int, dtype=torch.bfloat16) -> di
                 out[f"{name}.compile_s"] = first
     for name in KERNELS:
         out[f"{name}.speedup"] = out[f"{name}.compiled.elems_per_s"] / out[f"{name}.eager.elems_per_s"]
-        if "triton" in modes:   # the Triton kernels against the compiled ones (CUDA)
+        if "triton" in modes:  # the Triton kernels against the compiled ones (CUDA)
             out[f"{name}.triton_vs_compiled"] = out[f"{name}.triton.elems_per_s"] / out[f"{name}.compiled.elems_per_s"]
     return out
 
@@ -82,15 +91,23 @@ def main(argv=None) -> dict:
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
     res = bench(args.rows, args.cols, args.d, args.repeat)
-    print(f"GPart kernels, {args.rows}x{args.cols} bf16 weight, d={args.d}, {res['device']}, "
-          f"{res['threads']} threads, torch {res['torch']}")
+    print(
+        f"GPart kernels, {args.rows}x{args.cols} bf16 weight, d={args.d}, {res['device']}, "
+        f"{res['threads']} threads, torch {res['torch']}"
+    )
     print(f"{'kernel':<18}{'eager M elem/s':>16}{'compiled M elem/s':>20}{'speedup':>10}{'compile s':>11}")
     for name in KERNELS:
-        print(f"{name:<18}{res[name + '.eager.elems_per_s'] / 1e6:>16.1f}"
-              f"{res[name + '.compiled.elems_per_s'] / 1e6:>20.1f}{res[name + '.speedup']:>9.1f}x"
-              f"{res[name + '.compile_s']:>11.1f}"
-              + (f"   triton {res[name + '.triton.elems_per_s'] / 1e6:.1f} M elem/s "
-                 f"({res[name + '.triton_vs_compiled']:.1f}x compiled)" if "triton" in res["modes"] else ""))
+        print(
+            f"{name:<18}{res[name + '.eager.elems_per_s'] / 1e6:>16.1f}"
+            f"{res[name + '.compiled.elems_per_s'] / 1e6:>20.1f}{res[name + '.speedup']:>9.1f}x"
+            f"{res[name + '.compile_s']:>11.1f}"
+            + (
+                f"   triton {res[name + '.triton.elems_per_s'] / 1e6:.1f} M elem/s "
+                f"({res[name + '.triton_vs_compiled']:.1f}x compiled)"
+                if "triton" in res["modes"]
+                else ""
+            )
+        )
     if args.json:
         write_atomic(args.json, json.dumps(res, indent=2) + "\n")
     return res

@@ -16,6 +16,7 @@ and the delta-generation throughput (elements of W0 + delta per second) of the f
 (compilation) is excluded and reported. Defaults are SmolLM2-135M's MLP up-projection
 with a 2,048-token micro-batch; --preset llama70b uses Llama-70B's (28672 x 8192).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,7 +54,7 @@ def _median_time(fn, repeat: int, dev) -> tuple[float, float]:
     fn()
     _sync(dev)
     first = time.perf_counter() - t0
-    fn()   # a second warm-up: allocator and caches settled
+    fn()  # a second warm-up: allocator and caches settled
     times = []
     for _ in range(repeat):
         _sync(dev)
@@ -64,8 +65,16 @@ def _median_time(fn, repeat: int, dev) -> tuple[float, float]:
     return first, statistics.median(times)
 
 
-def bench(out_features: int, in_features: int, tokens: int, d: int, dtype: torch.dtype,
-          repeat: int = 5, rank: int = 8, device: str | None = None) -> dict:
+def bench(
+    out_features: int,
+    in_features: int,
+    tokens: int,
+    d: int,
+    dtype: torch.dtype,
+    repeat: int = 5,
+    rank: int = 8,
+    device: str | None = None,
+) -> dict:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     g = torch.Generator().manual_seed(0)
     w0 = (torch.randn(out_features, in_features, generator=g) * 0.02).to(dev, dtype)
@@ -100,30 +109,49 @@ def bench(out_features: int, in_features: int, tokens: int, d: int, dtype: torch
 
     def gpart(mode, reuse=False, path="auto"):
         cfg = OpConfig(d=d, seed=seed, kernels=kernel_set(mode), reuse_ids=reuse)
-        linear = linear_function(cfg.kernels)   # what a GPart layer with these kernels runs
+        linear = linear_function(cfg.kernels)  # what a GPart layer with these kernels runs
         th = theta.detach().clone().requires_grad_(True)
 
         def run():
-            os.environ["GPART_TRITON_PATH"] = path   # read by triton_op per call (mode triton only)
+            os.environ["GPART_TRITON_PATH"] = path  # read by triton_op per call (mode triton only)
             xi = x.detach().requires_grad_(True)
             th.grad = None
             linear(xi, w0, None, th * scales, spec, cfg).backward(gy)
 
         return run
 
-    flops = 2 * tokens * n   # one GEMM
-    res = {"shape": [out_features, in_features], "tokens": tokens, "d": d, "dtype": str(dtype),
-           "device": str(dev), "torch": torch.__version__, "threads": torch.get_num_threads(),
-           "machine": (torch.cuda.get_device_name(dev) if dev.type == "cuda"
-                       else platform.processor() or platform.machine()),
-           "gemm_flops": flops, "layers": {}}
-    jobs = {"frozen": frozen, "trainable": trainable, "lora": lora,
-            "gpart_eager": gpart("eager"), "gpart_compiled": gpart("compiled"),
-            "gpart_compiled_reuse_ids": gpart("compiled", reuse=True)}
+    flops = 2 * tokens * n  # one GEMM
+    res = {
+        "shape": [out_features, in_features],
+        "tokens": tokens,
+        "d": d,
+        "dtype": str(dtype),
+        "device": str(dev),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": (
+            torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine()
+        ),
+        "gemm_flops": flops,
+        "layers": {},
+    }
+    jobs = {
+        "frozen": frozen,
+        "trainable": trainable,
+        "lora": lora,
+        "gpart_eager": gpart("eager"),
+        "gpart_compiled": gpart("compiled"),
+        "gpart_compiled_reuse_ids": gpart("compiled", reuse=True),
+    }
     triton = dev.type == "cuda" and triton_unavailable(dev, d) is None
-    if triton:   # the Triton kernels (CUDA); auto's first call times both paths (its first_call_s)
-        jobs.update({"gpart_triton": gpart("triton"), "gpart_triton_fused": gpart("triton", path="fused"),
-                     "gpart_triton_split": gpart("triton", path="split")})
+    if triton:  # the Triton kernels (CUDA); auto's first call times both paths (its first_call_s)
+        jobs.update(
+            {
+                "gpart_triton": gpart("triton"),
+                "gpart_triton_fused": gpart("triton", path="fused"),
+                "gpart_triton_split": gpart("triton", path="split"),
+            }
+        )
     for name, fn in jobs.items():
         first, med = _median_time(fn, repeat, dev)
         res["layers"][name] = {"fwd_bwd_s": med, "first_call_s": first}
@@ -152,18 +180,29 @@ def bench(out_features: int, in_features: int, tokens: int, d: int, dtype: torch
 
 def format_report(res: dict) -> str:
     o, i = res["shape"]
-    lines = [f"one {o} x {i} layer, {res['tokens']} tokens, d={res['d']:,}, {res['dtype']}, "
-             f"{res['device']} ({res['machine']}, {res['threads']} threads), torch {res['torch']}",
-             "", "| layer | fwd+bwd ms | vs frozen | vs LoRA | vs trainable |", "|---|---|---|---|---|"]
+    lines = [
+        f"one {o} x {i} layer, {res['tokens']} tokens, d={res['d']:,}, {res['dtype']}, "
+        f"{res['device']} ({res['machine']}, {res['threads']} threads), torch {res['torch']}",
+        "",
+        "| layer | fwd+bwd ms | vs frozen | vs LoRA | vs trainable |",
+        "|---|---|---|---|---|",
+    ]
     for name, r in res["layers"].items():
-        lines.append(f"| {name} | {1e3 * r['fwd_bwd_s']:.2f} | {r['vs_frozen']:.2f}x | {r['vs_lora']:.2f}x | "
-                     f"{r['vs_trainable']:.2f}x |")
+        lines.append(
+            f"| {name} | {1e3 * r['fwd_bwd_s']:.2f} | {r['vs_frozen']:.2f}x | {r['vs_lora']:.2f}x | "
+            f"{r['vs_trainable']:.2f}x |"
+        )
     g = res["delta_generation"]
-    lines += ["", f"delta generation (W0 + delta): eager {g['eager']['elems_per_s'] / 1e6:.0f} M elem/s, "
-                  f"fused {g['compiled']['elems_per_s'] / 1e6:.0f} M elem/s ({g['fused_speedup']:.1f}x)"]
+    lines += [
+        "",
+        f"delta generation (W0 + delta): eager {g['eager']['elems_per_s'] / 1e6:.0f} M elem/s, "
+        f"fused {g['compiled']['elems_per_s'] / 1e6:.0f} M elem/s ({g['fused_speedup']:.1f}x)",
+    ]
     if "triton" in g:
-        lines.append(f"triton one-pass kernel: {g['triton']['elems_per_s'] / 1e6:.0f} M elem/s, "
-                     f"{g['triton']['hbm_bytes_per_s'] / 1e9:.0f} GB/s of W0 read + written")
+        lines.append(
+            f"triton one-pass kernel: {g['triton']['elems_per_s'] / 1e6:.0f} M elem/s, "
+            f"{g['triton']['hbm_bytes_per_s'] / 1e9:.0f} GB/s of W0 read + written"
+        )
     return "\n".join(lines)
 
 
@@ -174,8 +213,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--in-features", type=int)
     ap.add_argument("--tokens", type=int)
     ap.add_argument("--d", type=int)
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                    help="default: bf16 on GPUs, fp32 on CPU (what training uses there)")
+    ap.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default=None,
+        help="default: bf16 on GPUs, fp32 on CPU (what training uses there)",
+    )
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--device", default=None)
     ap.add_argument("--json", default=None, help="also write the results here")

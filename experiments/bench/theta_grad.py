@@ -22,6 +22,7 @@ keys), the gradient of its trainable parameters at their initialisation, then:
   the first batch) at each multiple (--line-mults) of the method's train.lr=auto: the lr
   at which a first step helps most.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,9 +55,19 @@ def _batches(cfg, n: int):
     tok = AutoTokenizer.from_pretrained(cfg.model.path)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     d = cfg.data
-    train = data.tokenized(d.train, tok, cfg.model.path, fmt=d.format, max_length=d.max_length,
-                           chat_template=d.chat_template, add_eos=d.add_eos, cache_dir=d.cache_dir,
-                           packing=d.packing, choice_loss=cfg.train.objective == "choices", too_long=d.too_long)
+    train = data.tokenized(
+        d.train,
+        tok,
+        cfg.model.path,
+        fmt=d.format,
+        max_length=d.max_length,
+        chat_template=d.chat_template,
+        add_eos=d.add_eos,
+        cache_dir=d.cache_dir,
+        packing=d.packing,
+        choice_loss=cfg.train.objective == "choices",
+        too_long=d.too_long,
+    )
     order = data.GlobalBatchOrder(len(train), cfg.train.micro_batch_size, 1, 1, cfg.train.seed)
     return [data.collate([train[i] for i in order.indices(s, 0, 0)], pad) for s in range(n)]
 
@@ -71,7 +82,7 @@ def adam_first_updates(grads: list[torch.Tensor], betas, eps) -> list[torch.Tens
     for t, g in enumerate(grads, 1):
         m = b1 * m + (1 - b1) * g
         v = b2 * v + (1 - b2) * g * g
-        out.append((m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + eps))
+        out.append((m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps))
     return out
 
 
@@ -79,10 +90,15 @@ def grad_stats(g: torch.Tensor, eps: float) -> dict:
     a = g.abs().flatten()
     sample = a[torch.randperm(a.numel())[: 1 << 20]] if a.numel() > 1 << 20 else a
     q = torch.quantile(sample, torch.tensor([0.01, 0.1, 0.5, 0.9, 0.99]))
-    return {"n": a.numel(), "l2": float(a.norm()), "l1": float(a.sum()), "rms": float(a.pow(2).mean().sqrt()),
-            "quantiles": dict(zip(["p01", "p10", "p50", "p90", "p99"], q.tolist())),
-            "share_below_eps": float((a < eps).float().mean()),
-            "share_below_10eps": float((a < 10 * eps).float().mean())}
+    return {
+        "n": a.numel(),
+        "l2": float(a.norm()),
+        "l1": float(a.sum()),
+        "rms": float(a.pow(2).mean().sqrt()),
+        "quantiles": dict(zip(["p01", "p10", "p50", "p90", "p99"], q.tolist())),
+        "share_below_eps": float((a < eps).float().mean()),
+        "share_below_10eps": float((a < 10 * eps).float().mean()),
+    }
 
 
 class Trainables:
@@ -93,14 +109,15 @@ class Trainables:
         self.p0 = torch.cat([p.detach().float().flatten() for p in self.params])
 
     def flat_grad(self) -> torch.Tensor:
-        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().float().flatten()
-                          for p in self.params])
+        return torch.cat(
+            [(p.grad if p.grad is not None else torch.zeros_like(p)).detach().float().flatten() for p in self.params]
+        )
 
     @torch.no_grad()
     def step(self, lr: float, u: torch.Tensor) -> None:
         flat, off = self.p0 - lr * u, 0
         for p in self.params:
-            p.copy_(flat[off: off + p.numel()].view_as(p).to(p.dtype))
+            p.copy_(flat[off : off + p.numel()].view_as(p).to(p.dtype))
             off += p.numel()
 
 
@@ -162,35 +179,59 @@ def analyse(cfg, batches, line_mults=()) -> dict:
         model.eval()
         loss0 = sum(float(model(**b).loss) for b in held_out) / len(held_out) if ls else None
         model.train()
-    return {"method": cfg.method.name, "label": method.label,
-            "trainable_params": params.p0.numel(), "D": layout.D, "auto_lr": auto,
-            "seconds": time.perf_counter() - t0, "held_out_loss_before": loss0, "line_search": ls,
-            "grad_per_batch": [grad_stats(g, t.adam_eps) for g in gs],
-            "grad_mean": grad_stats(torch.stack(gs).mean(0), t.adam_eps),
-            "update1_mean_abs": float(us[0].abs().mean()), "update1_l2": float(us[0].norm()),
-            "updates_mean_abs": [float(u.abs().mean()) for u in us],
-            "loss_decrease_per_lr": float((gs[0] * us[0]).sum()),
-            "weight_rms_move_per_lr": weight_rms_move_per_lr(method, layout, params, us[0], auto)}
+    return {
+        "method": cfg.method.name,
+        "label": method.label,
+        "trainable_params": params.p0.numel(),
+        "D": layout.D,
+        "auto_lr": auto,
+        "seconds": time.perf_counter() - t0,
+        "held_out_loss_before": loss0,
+        "line_search": ls,
+        "grad_per_batch": [grad_stats(g, t.adam_eps) for g in gs],
+        "grad_mean": grad_stats(torch.stack(gs).mean(0), t.adam_eps),
+        "update1_mean_abs": float(us[0].abs().mean()),
+        "update1_l2": float(us[0].norm()),
+        "updates_mean_abs": [float(u.abs().mean()) for u in us],
+        "loss_decrease_per_lr": float((gs[0] * us[0]).sum()),
+        "weight_rms_move_per_lr": weight_rms_move_per_lr(method, layout, params, us[0], auto),
+    }
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m experiments.bench.theta_grad", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m experiments.bench.theta_grad",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--config", default="configs/smollm2_rt.yaml")
-    ap.add_argument("--methods", nargs="+", default=DEFAULT_METHODS,
-                    help="method entries, name=METHOD[,key=value...]; the first is the reference")
+    ap.add_argument(
+        "--methods",
+        nargs="+",
+        default=DEFAULT_METHODS,
+        help="method entries, name=METHOD[,key=value...]; the first is the reference",
+    )
     ap.add_argument("--batches", type=int, default=4)
-    ap.add_argument("--reference-lr", type=float, default=None,
-                    help="the first entry's lr the others are matched to (default: its train.lr=auto)")
-    ap.add_argument("--line-mults", type=float, nargs="*", default=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000],
-                    help="one-step line search: multiples of each method's train.lr=auto")
+    ap.add_argument(
+        "--reference-lr",
+        type=float,
+        default=None,
+        help="the first entry's lr the others are matched to (default: its train.lr=auto)",
+    )
+    ap.add_argument(
+        "--line-mults",
+        type=float,
+        nargs="*",
+        default=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000],
+        help="one-step line search: multiples of each method's train.lr=auto",
+    )
     ap.add_argument("--json", default=None)
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     if args.batches < 1:
         raise ConfigError(f"--batches {args.batches}: must be >= 1")
     cfgs = [load_config(args.config, args.overrides + parse_method(spec) + ["train.lr=auto"]) for spec in args.methods]
-    if args.json:   # checked before the work: it must not end in an error about its output
+    if args.json:  # checked before the work: it must not end in an error about its output
         from gpart_ds.fileio import folder_problem
 
         parent = Path(args.json).parent
@@ -199,30 +240,46 @@ def main(argv=None) -> dict:
             raise ConfigError(f"--json {args.json}: {problem}")
     torch.manual_seed(cfgs[0].train.seed)
     batches = _batches(cfgs[0], args.batches)
-    res = {"config": args.config, "overrides": args.overrides, "batches": args.batches,
-           "eps": cfgs[0].train.adam_eps, "betas": list(cfgs[0].train.betas), "methods": []}
+    res = {
+        "config": args.config,
+        "overrides": args.overrides,
+        "batches": args.batches,
+        "eps": cfgs[0].train.adam_eps,
+        "betas": list(cfgs[0].train.betas),
+        "methods": [],
+    }
     for cfg in cfgs:
         res["methods"].append(analyse(cfg, batches, args.line_mults))
     ref = res["methods"][0]
     ref_lr = args.reference_lr or ref["auto_lr"]
     res["reference"] = {"method": ref["label"], "lr": ref_lr}
-    for r in res["methods"][1:]:   # the lr whose first step matches the reference's
+    for r in res["methods"][1:]:  # the lr whose first step matches the reference's
         r["lr_matching_reference_loss_decrease"] = ref_lr * ref["loss_decrease_per_lr"] / r["loss_decrease_per_lr"]
         r["lr_matching_reference_weight_move"] = ref_lr * ref["weight_rms_move_per_lr"] / r["weight_rms_move_per_lr"]
     for r in res["methods"]:
         q, g = r["grad_per_batch"][0]["quantiles"], r["grad_per_batch"][0]
-        match = (f"  lr matching {ref['label']}@{ref_lr:.3g}: {r['lr_matching_reference_loss_decrease']:.3g} (loss), "
-                 f"{r['lr_matching_reference_weight_move']:.3g} (weights)" if r is not ref else "")
-        print(f"{r['label']:18s} |g| p10 {q['p10']:.2e} p50 {q['p50']:.2e} p90 {q['p90']:.2e}  ||g||2 {g['l2']:.3g}  "
-              f"below eps {100 * g['share_below_eps']:.2f}%  |u1| {r['update1_mean_abs']:.3f}  "
-              f"g.u/lr {r['loss_decrease_per_lr']:.3g}  rms dW/lr {r['weight_rms_move_per_lr']:.3g}  "
-              f"auto lr {r['auto_lr']:.3g}" + match, flush=True)
+        match = (
+            f"  lr matching {ref['label']}@{ref_lr:.3g}: {r['lr_matching_reference_loss_decrease']:.3g} (loss), "
+            f"{r['lr_matching_reference_weight_move']:.3g} (weights)"
+            if r is not ref
+            else ""
+        )
+        print(
+            f"{r['label']:18s} |g| p10 {q['p10']:.2e} p50 {q['p50']:.2e} p90 {q['p90']:.2e}  ||g||2 {g['l2']:.3g}  "
+            f"below eps {100 * g['share_below_eps']:.2f}%  |u1| {r['update1_mean_abs']:.3f}  "
+            f"g.u/lr {r['loss_decrease_per_lr']:.3g}  rms dW/lr {r['weight_rms_move_per_lr']:.3g}  "
+            f"auto lr {r['auto_lr']:.3g}" + match,
+            flush=True,
+        )
     for r in res["methods"]:
         if r["line_search"]:
             best = min(r["line_search"], key=lambda x: x["loss"])
-            print(f"{r['label']:18s} one step, held-out loss {r['held_out_loss_before']:.4f} -> "
-                  + ", ".join(f"{x['lr']:.3g}: {x['loss']:.4f}" for x in r["line_search"])
-                  + f"   best lr {best['lr']:.3g}", flush=True)
+            print(
+                f"{r['label']:18s} one step, held-out loss {r['held_out_loss_before']:.4f} -> "
+                + ", ".join(f"{x['lr']:.3g}: {x['loss']:.4f}" for x in r["line_search"])
+                + f"   best lr {best['lr']:.3g}",
+                flush=True,
+            )
     if args.json:
         from gpart_ds.fileio import write_atomic
 

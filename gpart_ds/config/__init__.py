@@ -10,6 +10,7 @@
 
 The names callers use are importable from `gpart_ds.config` itself.
 """
+
 from .checks import check_paths, unread_method_keys
 from .docs import schema_markdown
 from .load import CONFIG_DIR, REPO_ROOT, deepspeed_file, load_config, read_yaml, resolve_config_path, to_yaml
@@ -17,6 +18,25 @@ from .schema import FROZEN_PARTITIONS, MethodConfig, RunConfig
 from .values import auto_lr_caveat, export_dir, resolved_lr
 from .where import ConfigError, Where, need_for, where_for
 
-__all__ = ["CONFIG_DIR", "REPO_ROOT", "FROZEN_PARTITIONS", "ConfigError", "MethodConfig", "RunConfig", "Where",
-           "auto_lr_caveat", "check_paths", "deepspeed_file", "export_dir", "load_config", "need_for", "read_yaml",
-           "resolve_config_path", "resolved_lr", "schema_markdown", "to_yaml", "unread_method_keys", "where_for"]
+__all__ = [
+    "CONFIG_DIR",
+    "REPO_ROOT",
+    "FROZEN_PARTITIONS",
+    "ConfigError",
+    "MethodConfig",
+    "RunConfig",
+    "Where",
+    "auto_lr_caveat",
+    "check_paths",
+    "deepspeed_file",
+    "export_dir",
+    "load_config",
+    "need_for",
+    "read_yaml",
+    "resolve_config_path",
+    "resolved_lr",
+    "schema_markdown",
+    "to_yaml",
+    "unread_method_keys",
+    "where_for",
+]

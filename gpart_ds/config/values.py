@@ -1,5 +1,6 @@
 """Values a loaded configuration implies: the learning rate `train.lr: auto` resolves to
 (the method's own rule, methods/), and where the merged export goes."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,6 +1,7 @@
 """Where a configuration key came from, for error messages: 'file:line (key)' or
 'command-line override (key)'; ConfigError, and `need`, the check every validation of a
 config (a method's among them: methods.base.Need) is handed."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -41,7 +42,7 @@ class Where:
         self.overridden = {o.split("=", 1)[0].strip() for o in overrides}
 
     def __call__(self, key: str) -> str:
-        for o in self.overridden:   # the key itself, or a section or sub-key of an override
+        for o in self.overridden:  # the key itself, or a section or sub-key of an override
             if o == key or o.startswith(key + ".") or key.startswith(o + "."):
                 return f"command-line override {o!r}"
         probe = key
@@ -61,6 +62,7 @@ def need_for(where: Where):
     """`need(condition, "section.key", message)`: a ConfigError naming the key's file and
     line unless the condition holds (what every check of a config, a method's among them
     (methods.base.Need), is handed)."""
+
     def need(cond, key: str, msg: str) -> None:
         if not cond:
             raise ConfigError(f"{where(key)}: {msg}")

@@ -1,4 +1,5 @@
 """python -m gpart_ds.export [verify] ... (the CLI: cli.py)"""
+
 import sys
 
 from .cli import main

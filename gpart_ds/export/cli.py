@@ -13,6 +13,7 @@ Output goes to a temporary sibling folder renamed into place when complete; an e
 OUT_DIR is replaced only with --overwrite. Every merged tensor is checked finite before
 it is written, and every target of the adapter must be stored in the base files.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,17 +28,25 @@ from .verify import verify
 
 
 def _merge_cli(argv) -> int:
-    ap = argparse.ArgumentParser(prog="python -m gpart_ds.export", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--base", required=True,
-                    help="base Hugging Face model folder (safetensors), or org/name already in the HF cache")
+    ap = argparse.ArgumentParser(
+        prog="python -m gpart_ds.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--base",
+        required=True,
+        help="base Hugging Face model folder (safetensors), or org/name already in the HF cache",
+    )
     ap.add_argument("--adapter", required=True, help="adapter, checkpoint or reference adapter folder")
     ap.add_argument("--out", required=True, help="merged model folder to create")
     ap.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default: the training dtype)")
     ap.add_argument("--max-shard-size", default="5GB")
     ap.add_argument("--overwrite", action="store_true")
-    ap.add_argument("--block-mb", type=float, default=DEFAULT_BLOCK_BYTES / 2**20,
-                    help="rows read and merged at once (memory bound)")
+    ap.add_argument(
+        "--block-mb",
+        type=float,
+        default=DEFAULT_BLOCK_BYTES / 2**20,
+        help="rows read and merged at once (memory bound)",
+    )
     a = ap.parse_args(argv)
     try:
         stio.parse_size(a.max_shard_size)
@@ -47,10 +56,13 @@ def _merge_cli(argv) -> int:
         raise ExportError(f"--block-mb {a.block_mb}: must be > 0")
     parse_dtype(a.dtype)
     a.base = resolve_model(a.base)
-    stats = merge_offline(a.base, a.adapter, a.out, a.dtype, a.max_shard_size, a.overwrite,
-                          int(a.block_mb * 2**20), progress=None)
-    print(f"merged {stats['bytes'] / 1e6:.1f} MB into {a.out} in {stats['seconds']:.1f} s "
-          f"({stats['mb_per_s']:.1f} MB/s, {stats['files']} file(s), {stats['dtype']})")
+    stats = merge_offline(
+        a.base, a.adapter, a.out, a.dtype, a.max_shard_size, a.overwrite, int(a.block_mb * 2**20), progress=None
+    )
+    print(
+        f"merged {stats['bytes'] / 1e6:.1f} MB into {a.out} in {stats['seconds']:.1f} s "
+        f"({stats['mb_per_s']:.1f} MB/s, {stats['files']} file(s), {stats['dtype']})"
+    )
     return 0
 
 
@@ -62,13 +74,14 @@ def _verify_cli(argv) -> int:
     ap.add_argument("--atol", type=float, default=None)
     a = ap.parse_args(argv)
     r = verify(a.merged, resolve_model(a.base), a.adapter, atol=a.atol)
-    if r.get("reason"):   # known to differ without loading either model
+    if r.get("reason"):  # known to differ without loading either model
         print(f"{r['reason']}: FAILED")
         return 1
     diff = r["max_abs_logit_diff"]
-    what = (f"max |logit difference| {diff:.3g}" if diff == diff else "non-finite logits (NaN or inf)")
-    print(f"{what} over {r['prompts']} prompts ({r['dtype']}, tolerance {r['atol']:.3g}): "
-          f"{'OK' if r['ok'] else 'FAILED'}")
+    what = f"max |logit difference| {diff:.3g}" if diff == diff else "non-finite logits (NaN or inf)"
+    print(
+        f"{what} over {r['prompts']} prompts ({r['dtype']}, tolerance {r['atol']:.3g}): {'OK' if r['ok'] else 'FAILED'}"
+    )
     return 0 if r["ok"] else 1
 
 

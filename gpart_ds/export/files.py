@@ -3,6 +3,7 @@ in the output dtype), config.json with that dtype, the tokenizer and template fi
 over, and the merge record; and the checks every merged value passes before it is written
 (finite, every adapted tensor stored in the base files). The offline merge and the ZeRO-3
 export both write through these."""
+
 from __future__ import annotations
 
 import json
@@ -14,12 +15,27 @@ import torch
 from .. import safetensors_io as stio
 from ..errors import UserError
 
-DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-               "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+DTYPE_NAMES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
 # Files of a model folder that a merged folder carries over unchanged.
-SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
-              "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
-              "vocab.json", "merges.txt")
+SIDE_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.json",
+    "merges.txt",
+)
 
 
 class ExportError(UserError):
@@ -30,8 +46,10 @@ def check_finite(name: str, vals: torch.Tensor) -> None:
     """Refuse to write a merged tensor with NaN or inf (a diverged adapter)."""
     if vals.is_floating_point() and not bool(torch.isfinite(vals).all()):
         bad = int((~torch.isfinite(vals)).sum())
-        raise ExportError(f"{name}: the merged values have {bad} non-finite entries (NaN or inf); "
-                          "the adapter diverged: nothing was written")
+        raise ExportError(
+            f"{name}: the merged values have {bad} non-finite entries (NaN or inf); "
+            "the adapter diverged: nothing was written"
+        )
 
 
 def merged_checked(merger, name: str, first: int, w0_flat: torch.Tensor) -> torch.Tensor:
@@ -45,8 +63,10 @@ def check_targets_stored(merger, base: dict[str, stio.StoredTensor], base_dir: P
     be written unmerged, silently."""
     missing = [n for n in getattr(merger, "targets", {}) if n not in base]
     if missing:
-        raise ExportError(f"{base_dir}: {len(missing)} adapted tensor(s) are not in the base model's "
-                          f"safetensors files (first: {missing[0]}); renamed or missing keys")
+        raise ExportError(
+            f"{base_dir}: {len(missing)} adapted tensor(s) are not in the base model's "
+            f"safetensors files (first: {missing[0]}); renamed or missing keys"
+        )
 
 
 def parse_dtype(name: str | None) -> torch.dtype | None:
@@ -59,8 +79,10 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
 
 def output_entries(base: dict[str, stio.StoredTensor], out_dtype: torch.dtype) -> list[stio.TensorEntry]:
     """The merged model's tensors: the base's names, shapes and order; floats in out_dtype."""
-    return [stio.TensorEntry(name, out_dtype if st.entry.dtype.is_floating_point else st.entry.dtype,
-                             st.entry.shape) for name, st in base.items()]
+    return [
+        stio.TensorEntry(name, out_dtype if st.entry.dtype.is_floating_point else st.entry.dtype, st.entry.shape)
+        for name, st in base.items()
+    ]
 
 
 def read_base(base_dir: Path) -> dict[str, stio.StoredTensor]:

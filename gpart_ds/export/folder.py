@@ -2,6 +2,7 @@
 created, locked from the last check to the rename, built in a temporary sibling unique
 to its writer, renamed into place when complete. An earlier writer's temporary folder
 (killed mid-export) is removed, with a warning, by the next writer under the lock."""
+
 from __future__ import annotations
 
 import os
@@ -28,8 +29,11 @@ def stale_temps(out: Path) -> list[Path]:
     """Temporary folders of earlier writers of `out` (and the fixed name older versions used)."""
     if not out.parent.is_dir():
         return []
-    return sorted(p for p in out.parent.iterdir()
-                  if p.name.startswith(f".{out.name}{TEMP_TAG}") or p.name == f".{out.name}.tmp-export")
+    return sorted(
+        p
+        for p in out.parent.iterdir()
+        if p.name.startswith(f".{out.name}{TEMP_TAG}") or p.name == f".{out.name}.tmp-export"
+    )
 
 
 def check_output(out: Path, overwrite: bool) -> None:
@@ -56,8 +60,9 @@ def start_output(out: Path) -> Path:
     import logging
 
     for old in stale_temps(out):
-        logging.getLogger("gpart_ds").warning("%s: removing the temporary folder %s left by an earlier export "
-                                              "that did not finish", out, old)
+        logging.getLogger("gpart_ds").warning(
+            "%s: removing the temporary folder %s left by an earlier export that did not finish", out, old
+        )
         shutil.rmtree(old, ignore_errors=True)
     tmp = temp_dir_for(out)
     tmp.mkdir(parents=True)

@@ -6,6 +6,7 @@ is one block whatever the model size; it needs no GPU. The adapter may be a gpar
 adapter, a gpart_ds checkpoint folder, or a reference GPart adapter (source.open_source).
 Output goes to a temporary sibling folder renamed into place when complete (folder.py).
 """
+
 from __future__ import annotations
 
 import os
@@ -34,14 +35,22 @@ DEFAULT_BLOCK_BYTES = 64 << 20
 def _progress(total: int, enabled: bool):
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merge",
-                disable=not enabled, dynamic_ncols=True)
+    return tqdm(
+        total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merge", disable=not enabled, dynamic_ncols=True
+    )
 
 
-def merge_offline(base_dir, adapter_dir, out_dir, dtype: str | None = None,
-                  max_shard_size: str | int = "5GB", overwrite: bool = False,
-                  block_bytes: int = DEFAULT_BLOCK_BYTES, kernel: str = "auto",
-                  progress: bool | None = None) -> dict:
+def merge_offline(
+    base_dir,
+    adapter_dir,
+    out_dir,
+    dtype: str | None = None,
+    max_shard_size: str | int = "5GB",
+    overwrite: bool = False,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+    kernel: str = "auto",
+    progress: bool | None = None,
+) -> dict:
     """Stream BASE + delta(ADAPTER) into OUT; returns byte count, seconds and MB/s."""
     base_dir, out = Path(base_dir), Path(out_dir)
     t0 = time.perf_counter()
@@ -60,9 +69,10 @@ def merge_offline(base_dir, adapter_dir, out_dir, dtype: str | None = None,
     total = sum(p.size for p in plans)
 
     with output_lock(out):
-        check_output(out, overwrite)   # again, under the lock: an export that ended meanwhile
-        return _merge_into(out, base_dir, base, src, merger, compute, out_dtype, plans, total, block_bytes,
-                           progress, t0)
+        check_output(out, overwrite)  # again, under the lock: an export that ended meanwhile
+        return _merge_into(
+            out, base_dir, base, src, merger, compute, out_dtype, plans, total, block_bytes, progress, t0
+        )
 
 
 def _merge_into(out, base_dir, base, src, merger, compute, out_dtype, plans, total, block_bytes, progress, t0):
@@ -77,7 +87,7 @@ def _merge_into(out, base_dir, base, src, merger, compute, out_dtype, plans, tot
                     e = st.entry
                     row = max(1, e.numel // e.shape[0]) if e.shape else 1
                     rows = max(1, block_bytes // max(1, row * max(e.itemsize, 4)))
-                    step = rows * row   # whole rows per block; 4-byte floor covers the fp32 compute copy
+                    step = rows * row  # whole rows per block; 4-byte floor covers the fp32 compute copy
                     fd = fds.get(st.path)
                     if fd is None:
                         fd = fds[st.path] = os.open(st.path, os.O_RDONLY)
@@ -93,16 +103,26 @@ def _merge_into(out, base_dir, base, src, merger, compute, out_dtype, plans, tot
                 for fd in fds.values():
                     os.close(fd)
         stio.write_index(tmp, plans)
-        copy_side_files(base_dir, tmp, out_dtype, {"base": str(base_dir), **src.provenance(),
-                                                   "compute_dtype": str(compute), "dtype": str(out_dtype)})
+        copy_side_files(
+            base_dir,
+            tmp,
+            out_dtype,
+            {"base": str(base_dir), **src.provenance(), "compute_dtype": str(compute), "dtype": str(out_dtype)},
+        )
         bar.close()
         finish_output(tmp, out)
-    except OSError as exc:   # a full disk: nothing half-written is left anywhere, the file is named
+    except OSError as exc:  # a full disk: nothing half-written is left anywhere, the file is named
         shutil.rmtree(tmp, ignore_errors=True)
         raise named(exc, tmp) from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)   # nothing half-written is left anywhere
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written is left anywhere
         raise
     dt = time.perf_counter() - t0
-    return {"bytes": total, "seconds": dt, "mb_per_s": total / 1e6 / max(dt, 1e-9), "files": len(plans),
-            "compute_dtype": str(compute), "dtype": str(out_dtype)}
+    return {
+        "bytes": total,
+        "seconds": dt,
+        "mb_per_s": total / 1e6 / max(dt, 1e-9),
+        "files": len(plans),
+        "compute_dtype": str(compute),
+        "dtype": str(out_dtype),
+    }

@@ -1,5 +1,6 @@
 """What a merge starts from: an adapter or a checkpoint folder, handed to the method that
 reads it (the offline merge, verify and evaluate all open their --adapter here)."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -21,6 +21,7 @@ config and tokenizer and renames the folder into place. The output folder must b
 file system every rank sees. A failure on any rank fails every rank and removes the
 temporary folder; an existing export is never touched unless replaced at the very end.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -57,9 +58,12 @@ def _create_output(out: Path, plans, overwrite: bool):
             folder.check_output(out, overwrite)
             tmp = folder.start_output(out)
             stio.create_files(tmp, plans)
-        except Exception as exc:   # every rank refuses with rank 0's words, nobody waits
-            verdict = str(exc) if isinstance(exc, UserError) else \
-                f"merged export to {out}: {_failure(exc)}; nothing was written there"
+        except Exception as exc:  # every rank refuses with rank 0's words, nobody waits
+            verdict = (
+                str(exc)
+                if isinstance(exc, UserError)
+                else f"merged export to {out}: {_failure(exc)}; nothing was written there"
+            )
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
             if lock is not None:
@@ -86,8 +90,9 @@ def _abandoned_on_interrupt(tmp: Path, lock):
         raise
 
 
-def _complete_output(error: str | None, tmp: Path, out: Path, plans, base_dir: Path, out_dtype, prov: dict,
-                     device, lock=None) -> None:
+def _complete_output(
+    error: str | None, tmp: Path, out: Path, plans, base_dir: Path, out_dtype, prov: dict, device, lock=None
+) -> None:
     """Collective: fail everywhere if any rank failed; else rank 0 adds the index, config
     and tokenizer and renames the folder into place. Rank 0 gives the lock back either way."""
     try:
@@ -95,8 +100,9 @@ def _complete_output(error: str | None, tmp: Path, out: Path, plans, base_dir: P
             if comm.rank() == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
             comm.barrier()
-            raise files.ExportError(f"merged export to {out} failed ({error or 'on another rank'}); "
-                                     "nothing was written there")
+            raise files.ExportError(
+                f"merged export to {out} failed ({error or 'on another rank'}); nothing was written there"
+            )
         if comm.rank() == 0:
             try:
                 stio.write_index(tmp, plans)
@@ -155,20 +161,30 @@ def _output_plan(base_dir, out_dir, compute_dtype, out_dtype, max_shard_size, ov
     return base_dir, out, out_dtype, device or torch.device("cpu"), base, plans
 
 
-def export_sharded(model: torch.nn.Module, merger: ShardMerger, base_dir: str | Path, out_dir: str | Path,
-                   compute_dtype: torch.dtype, out_dtype: torch.dtype | None = None,
-                   max_shard_size: str | int = "5GB", overwrite: bool = False, device=None,
-                   provenance: dict | None = None) -> Path:
+def export_sharded(
+    model: torch.nn.Module,
+    merger: ShardMerger,
+    base_dir: str | Path,
+    out_dir: str | Path,
+    compute_dtype: torch.dtype,
+    out_dtype: torch.dtype | None = None,
+    max_shard_size: str | int = "5GB",
+    overwrite: bool = False,
+    device=None,
+    provenance: dict | None = None,
+) -> Path:
     """Collective: every rank writes merger.merged(its shard) of every tensor of `model`."""
-    base_dir, out, out_dtype, device, base, plans = _output_plan(base_dir, out_dir, compute_dtype, out_dtype,
-                                                                 max_shard_size, overwrite, device)
+    base_dir, out, out_dtype, device, base, plans = _output_plan(
+        base_dir, out_dir, compute_dtype, out_dtype, max_shard_size, overwrite, device
+    )
     params = dict(model.named_parameters(remove_duplicate=False))
     files.check_targets_stored(merger, base, base_dir)
-    for name, st in base.items():   # every check before the first write
+    for name, st in base.items():  # every check before the first write
         p = params.get(name)
         if p is not None and tuple(full_shape(p)) != tuple(st.entry.shape):
-            raise files.ExportError(f"{name}: shape {list(full_shape(p))} in the model but "
-                                     f"{list(st.entry.shape)} in {st.path}")
+            raise files.ExportError(
+                f"{name}: shape {list(full_shape(p))} in the model but {list(st.entry.shape)} in {st.path}"
+            )
     replica = shard_replica(params.values())
     tmp, lock = _create_output(out, plans, overwrite)
     error = None
@@ -191,39 +207,57 @@ def export_sharded(model: torch.nn.Module, merger: ShardMerger, base_dir: str | 
                     lo, hi = replica_part(valid, *replica)
                     start, valid, shard = start + lo, hi - lo, shard[lo:hi]
                 if valid == 0:
-                    continue   # a tensor smaller than its group: this rank holds only padding
+                    continue  # a tensor smaller than its group: this rank holds only padding
                 vals = files.merged_checked(merger, name, start, shard) if merger.is_target(name) else shard
                 writer.write(name, start, vals.to("cpu", entry.dtype))
                 del vals
     except Exception as exc:
         log.error("rank %d: writing the merged export failed: %s", comm.rank(), _failure(exc))
         error = _failure(exc)
-    prov = {"base": str(base_dir), "compute_dtype": str(compute_dtype), "dtype": str(out_dtype),
-            "ranks": comm.world(), **(provenance or {})}
+    prov = {
+        "base": str(base_dir),
+        "compute_dtype": str(compute_dtype),
+        "dtype": str(out_dtype),
+        "ranks": comm.world(),
+        **(provenance or {}),
+    }
     _complete_output(error, tmp, out, plans, base_dir, out_dtype, prov, device, lock)
     return out
 
 
-def export_gathered(method, base_dir: str | Path, out_dir: str | Path, compute_dtype: torch.dtype,
-                    out_dtype: torch.dtype | None = None, max_shard_size: str | int = "5GB",
-                    overwrite: bool = False, device=None) -> Path:
+def export_gathered(
+    method,
+    base_dir: str | Path,
+    out_dir: str | Path,
+    compute_dtype: torch.dtype,
+    out_dtype: torch.dtype | None = None,
+    max_shard_size: str | int = "5GB",
+    overwrite: bool = False,
+    device=None,
+) -> Path:
     """Collective: tensor by tensor, gather what `method.merge_source(name)` needs; rank 0
     merges and writes. The peak is one gathered tensor, but all of it goes through rank 0."""
-    base_dir, out, out_dtype, device, base, plans = _output_plan(base_dir, out_dir, compute_dtype, out_dtype,
-                                                                 max_shard_size, overwrite, device)
+    base_dir, out, out_dtype, device, base, plans = _output_plan(
+        base_dir, out_dir, compute_dtype, out_dtype, max_shard_size, overwrite, device
+    )
     # Every check before the first gather: a rank that raised inside the loop would
     # leave the others waiting in the next collective.
     sources = {name: method.merge_source(name) for name in base}
     for name, src in sources.items():
         if src is not None and tuple(full_shape(src[0][0])) != tuple(base[name].entry.shape):
-            raise files.ExportError(f"{name}: shape {list(full_shape(src[0][0]))} in the model but "
-                                     f"{list(base[name].entry.shape)} in {base[name].path}")
+            raise files.ExportError(
+                f"{name}: shape {list(full_shape(src[0][0]))} in the model but "
+                f"{list(base[name].entry.shape)} in {base[name].path}"
+            )
     tmp, lock = _create_output(out, plans, overwrite)
     error = None
     rank0 = comm.rank() == 0
     try:
-        with _abandoned_on_interrupt(tmp, lock), \
-                (stio.RangeWriter(tmp, plans) if rank0 else contextlib.nullcontext()) as writer, torch.no_grad():
+        with (
+            _abandoned_on_interrupt(tmp, lock),
+            stio.RangeWriter(tmp, plans) if rank0 else contextlib.nullcontext() as writer,
+            torch.no_grad(),
+        ):
             for name, st in base.items():
                 if sources[name] is None:
                     if rank0:
@@ -239,21 +273,32 @@ def export_gathered(method, base_dir: str | Path, out_dir: str | Path, compute_d
     except Exception as exc:
         log.error("rank %d: writing the merged export failed: %s", comm.rank(), _failure(exc))
         error = _failure(exc)
-    prov = {"base": str(base_dir), "adapter_kind": f"zero3-run-{method.name}", "dtype": str(out_dtype),
-            "ranks": comm.world()}
+    prov = {
+        "base": str(base_dir),
+        "adapter_kind": f"zero3-run-{method.name}",
+        "dtype": str(out_dtype),
+        "ranks": comm.world(),
+    }
     _complete_output(error, tmp, out, plans, base_dir, out_dtype, prov, device, lock)
     return out
 
 
-def export_run(method, base_dir: str | Path, out_dir: str | Path, compute_dtype: torch.dtype,
-               out_dtype: torch.dtype | None = None, max_shard_size: str | int = "5GB",
-               overwrite: bool = False, device=None) -> Path:
+def export_run(
+    method,
+    base_dir: str | Path,
+    out_dir: str | Path,
+    compute_dtype: torch.dtype,
+    out_dtype: torch.dtype | None = None,
+    max_shard_size: str | int = "5GB",
+    overwrite: bool = False,
+    device=None,
+) -> Path:
     """Collective: a run's merged Hugging Face folder, the way its method asks for
     (Method.shard_merger): every rank writes its own shards, or gathered through rank 0."""
     sharded = method.shard_merger(compute_dtype, device)
     if sharded is None:
-        return export_gathered(method, base_dir, out_dir, compute_dtype, out_dtype, max_shard_size, overwrite,
-                               device)
+        return export_gathered(method, base_dir, out_dir, compute_dtype, out_dtype, max_shard_size, overwrite, device)
     merger, provenance = sharded
-    return export_sharded(method.model, merger, base_dir, out_dir, compute_dtype, out_dtype, max_shard_size,
-                          overwrite, device, provenance)
+    return export_sharded(
+        method.model, merger, base_dir, out_dir, compute_dtype, out_dtype, max_shard_size, overwrite, device, provenance
+    )

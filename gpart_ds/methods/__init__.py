@@ -7,6 +7,7 @@ what the planner counts) and its run and export (a `Method`, base.py); adding on
 folder and a line here. The run schema's `method:` section is assembled from these
 configs (config/schema.py).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -72,5 +73,17 @@ def open_checkpoint(ckpt, base_dir: Path):
     raise UserError(f"{ckpt.path}: no method can merge this checkpoint offline")
 
 
-__all__ = ["Cost", "Method", "MethodConfig", "MethodRoot", "REGISTRY", "names", "get", "create", "cost", "configs",
-           "open_adapter", "open_checkpoint"]
+__all__ = [
+    "Cost",
+    "Method",
+    "MethodConfig",
+    "MethodRoot",
+    "REGISTRY",
+    "names",
+    "get",
+    "create",
+    "cost",
+    "configs",
+    "open_adapter",
+    "open_checkpoint",
+]

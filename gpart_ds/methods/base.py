@@ -31,6 +31,7 @@ Export tools (classmethods: they start from a folder, not a config):
     open_adapter(path, base)      an adapter folder as a merge source for the offline export
     open_checkpoint(ckpt, base)   a checkpoint (read by the caller) as such a source
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,7 +46,7 @@ from torch import nn
 
 from ..targets import Layout, check_patterns, numel
 
-Need = Callable[[bool, str, str], None]   # need(condition, "method.key", message)
+Need = Callable[[bool, str, str], None]  # need(condition, "method.key", message)
 
 
 def is_positive_number(x) -> bool:
@@ -74,8 +75,12 @@ def _check_dropout(v) -> str | None:
 def _check_target_modules(tm) -> str | None:
     from omegaconf import OmegaConf
 
-    ok = isinstance(tm, str) or (OmegaConf.is_list(tm) or isinstance(tm, (list, tuple))) and len(tm) > 0 \
+    ok = (
+        isinstance(tm, str)
+        or (OmegaConf.is_list(tm) or isinstance(tm, (list, tuple)))
+        and len(tm) > 0
         and all(isinstance(x, str) for x in tm)
+    )
     if not ok:
         return "must be 'all-linear', a regex string, or a non-empty list of module names"
     return check_patterns(tm) if isinstance(tm, str) else None
@@ -91,9 +96,13 @@ def dropout_option(help: str):
 
 
 def target_modules_option():
-    return option("all-linear", "'all-linear' (every linear in the decoder blocks), a list of module-name "
-                  "suffixes (e.g. [q_proj, v_proj]), or a regex over full module names", drift=True,
-                  check=_check_target_modules)
+    return option(
+        "all-linear",
+        "'all-linear' (every linear in the decoder blocks), a list of module-name "
+        "suffixes (e.g. [q_proj, v_proj]), or a regex over full module names",
+        drift=True,
+        check=_check_target_modules,
+    )
 
 
 @dataclass
@@ -101,6 +110,7 @@ class MethodConfig:
     """A method's own config: the method.* keys it reads (`name` and its subclass's fields).
     A run's `method:` section holds the keys of every method (config/schema.py assembles
     it); `of(section)` takes this method's."""
+
     name: str = option("?", "the method (methods/ registry)")
     # True when the base weights themselves train: no frozen base, so the planner counts
     # their optimizer state and the base is partitioned over the world whatever
@@ -163,9 +173,10 @@ class MethodRoot(nn.Module):
 class Method:
     """The run and export protocol (and the config-time checks), bound to the method's own
     config (`self.cfg`, a `config_class`)."""
+
     name: ClassVar[str] = "?"
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
-    cost_class: ClassVar[type] = None   # the planner's protocol (methods/cost.py: Cost)
+    cost_class: ClassVar[type] = None  # the planner's protocol (methods/cost.py: Cost)
     # Set from config_class (see __init_subclass__): what callers read without a config.
     config_keys: ClassVar[frozenset[str]] = frozenset({"name"})
     drift_keys: ClassVar[tuple[str, ...]] = ("name",)

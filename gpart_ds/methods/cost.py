@@ -15,6 +15,7 @@ method's `Cost` (methods/<name>/cost.py), bound to its config, and nothing else 
     dry_run_lines(arch)            what a dry run says of it beyond the summary (default none)
     label, trains_base             the config's
 """
+
 from __future__ import annotations
 
 from .base import MethodConfig
@@ -92,7 +93,14 @@ def partitioned_traffic(traffic, what: str, sizes, gather_calls: int, reduce_cal
     c = traffic.ctx
     gathered = c.micro_steps * traffic.gathered(sizes, c.world) * c.dtype_bytes
     traffic.add(f"{what}: forward gathers", "all_gather", c.world, gathered, c.micro_steps * gather_calls, True)
-    traffic.add(f"{what}: recompute + backward gathers", "all_gather", c.world, gathered,
-                c.micro_steps * gather_calls, True)
-    traffic.add(f"{what}: gradient reduce-scatter", "reduce_scatter", c.world,
-                c.micro_steps * traffic.padded(sizes, c.world) * c.comm_bytes, c.micro_steps * reduce_calls, True)
+    traffic.add(
+        f"{what}: recompute + backward gathers", "all_gather", c.world, gathered, c.micro_steps * gather_calls, True
+    )
+    traffic.add(
+        f"{what}: gradient reduce-scatter",
+        "reduce_scatter",
+        c.world,
+        c.micro_steps * traffic.padded(sizes, c.world) * c.comm_bytes,
+        c.micro_steps * reduce_calls,
+        True,
+    )

@@ -13,6 +13,7 @@ one job per module, each on the ones before it:
 The memory plan's names are importable from `gpart_ds.plan` itself (plan.estimate,
 plan.spec, ...); the step model from `gpart_ds.plan.step`.
 """
+
 from .arch import Arch, PlanError, arch_for_config, checked_method, dtype_bytes, method_for, spec
 from .memory import (
     GIB,
@@ -33,8 +34,30 @@ from .memory import (
 from .report import describe_run, format_plan, human
 from .step import COMPARED
 
-__all__ = ["COMPARED", "GIB", "Arch", "Plan", "PlanContext", "PlanError", "Row", "Verdict", "arch_for_config",
-           "check_fit", "checked_method", "compare_methods", "describe_run", "dtype_bytes", "estimate",
-           "final_norm_bytes_per_token", "format_plan", "head_saved_bytes_per_token", "human",
-           "layer_saved_bytes_per_token", "method_for", "min_nodes", "plan_for_config", "saved_activation_bytes",
-           "spec"]
+__all__ = [
+    "COMPARED",
+    "GIB",
+    "Arch",
+    "Plan",
+    "PlanContext",
+    "PlanError",
+    "Row",
+    "Verdict",
+    "arch_for_config",
+    "check_fit",
+    "checked_method",
+    "compare_methods",
+    "describe_run",
+    "dtype_bytes",
+    "estimate",
+    "final_norm_bytes_per_token",
+    "format_plan",
+    "head_saved_bytes_per_token",
+    "human",
+    "layer_saved_bytes_per_token",
+    "method_for",
+    "min_nodes",
+    "plan_for_config",
+    "saved_activation_bytes",
+    "spec",
+]

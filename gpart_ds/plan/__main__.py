@@ -1,4 +1,5 @@
 """python -m gpart_ds.plan [sweep] ...: the planner's command line (cli.py)."""
+
 import sys
 
 from .cli import main

@@ -1,6 +1,7 @@
 """What the planner knows of a run before any weight is read: the model's shapes (`Arch`,
 from a config.json built on the meta device) and the method it plans (a method config,
 checked by the method; methods.cost gives what the planner asks of it)."""
+
 from __future__ import annotations
 
 import functools
@@ -19,9 +20,10 @@ class PlanError(UserError):
 @dataclass(frozen=True)
 class Arch:
     """What the plan needs to know about a model: parameter sizes and block shapes."""
+
     name: str
-    params: tuple[tuple[str, int], ...]          # (name, numel) in named_parameters() order
-    targets: tuple[tuple[int, int], ...]         # (out, in) of every GPart / LoRA target linear
+    params: tuple[tuple[str, int], ...]  # (name, numel) in named_parameters() order
+    targets: tuple[tuple[int, int], ...]  # (out, in) of every GPart / LoRA target linear
     hidden: int
     intermediate: int
     layers: int
@@ -60,21 +62,31 @@ class Arch:
         from ..targets import build_layout
 
         c = model.config
-        missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
-                               "num_attention_heads", "vocab_size") if getattr(c, k, None) is None]
+        missing = [
+            k
+            for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+            if getattr(c, k, None) is None
+        ]
         if missing:
-            raise PlanError(f"{name or type(model).__name__}: config lacks {missing}; the plan "
-                            "counts activations for Llama-family decoder blocks")
+            raise PlanError(
+                f"{name or type(model).__name__}: config lacks {missing}; the plan "
+                "counts activations for Llama-family decoder blocks"
+            )
         heads = c.num_attention_heads
         layout = build_layout(model, target_modules)
-        return cls(name=name or type(model).__name__,
-                   params=tuple((n, p.numel()) for n, p in model.named_parameters()),
-                   targets=tuple(t.shape for t in layout.targets),
-                   hidden=c.hidden_size, intermediate=c.intermediate_size,
-                   layers=c.num_hidden_layers, heads=heads,
-                   kv_heads=getattr(c, "num_key_value_heads", None) or heads,
-                   head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads,
-                   vocab=c.vocab_size, target_names=tuple(t.name for t in layout.targets))
+        return cls(
+            name=name or type(model).__name__,
+            params=tuple((n, p.numel()) for n, p in model.named_parameters()),
+            targets=tuple(t.shape for t in layout.targets),
+            hidden=c.hidden_size,
+            intermediate=c.intermediate_size,
+            layers=c.num_hidden_layers,
+            heads=heads,
+            kv_heads=getattr(c, "num_key_value_heads", None) or heads,
+            head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads,
+            vocab=c.vocab_size,
+            target_names=tuple(t.name for t in layout.targets),
+        )
 
 
 def dtype_bytes(precision: str) -> int:
@@ -97,8 +109,7 @@ def _arch(source: str, patterns) -> Arch:
     # test asking several questions builds it once.
     from ..targets import skeleton
 
-    return Arch.from_model(skeleton(source), patterns if isinstance(patterns, str) else list(patterns),
-                           name=source)
+    return Arch.from_model(skeleton(source), patterns if isinstance(patterns, str) else list(patterns), name=source)
 
 
 def spec(name: str = "gpart", **kw):

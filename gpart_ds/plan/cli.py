@@ -1,6 +1,7 @@
 """`python -m gpart_ds.plan`: the planner's command line, the memory plan and the time and
 traffic of a step together; `python -m gpart_ds.plan sweep`: the run's method, frozen base
 within a node vs over the world, over networks and micro-batches."""
+
 from __future__ import annotations
 
 import argparse
@@ -18,20 +19,25 @@ from .step import config_frozen_group, estimate_rows, modes_of, recommend
 
 
 def parse(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m gpart_ds.plan", description=memory.__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m gpart_ds.plan", description=memory.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--config", required=True, help="run YAML, or a name in configs/")
     ap.add_argument("--nodes", type=int, required=True)
     ap.add_argument("--gpus-per-node", type=int, required=True)
     ap.add_argument("--gpu-mem-gb", type=float, required=True, help="memory per GPU, GiB")
-    ap.add_argument("--model-config", help="a Hugging Face config.json (or folder) with the model's "
-                    "shapes; default: model.path, else model.arch_config")
+    ap.add_argument(
+        "--model-config",
+        help="a Hugging Face config.json (or folder) with the model's "
+        "shapes; default: model.path, else model.arch_config",
+    )
     ap.add_argument("--method", help="estimate another method on the same targets (gpart, lora, vera, full)")
     ap.add_argument("--headroom", type=float, default=0.10, help="fraction of GPU memory kept free")
-    ap.add_argument("--overhead-gb", type=float, default=3.0,
-                    help="CUDA context + NCCL + allocator allowance per GPU, GiB")
+    ap.add_argument(
+        "--overhead-gb", type=float, default=3.0, help="CUDA context + NCCL + allocator allowance per GPU, GiB"
+    )
     ap.add_argument("overrides", nargs="*", help="key.sub=value, as for launch/train.py")
-    add_arguments(ap)   # --cluster, --net-gbps, ..., --json
+    add_arguments(ap)  # --cluster, --net-gbps, ..., --json
     return ap.parse_args(argv)
 
 
@@ -56,53 +62,71 @@ def _main(args) -> int:
         raise PlanError(f"--method {args.method!r}: choose one of {methods.names()}")
     cfg = load_config(args.config, args.overrides, check_files=False)
     world = args.nodes * args.gpus_per_node
-    validate_for_run(cfg, world=world, device_type="cuda", model_config=args.model_config)   # as training would
+    validate_for_run(cfg, world=world, device_type="cuda", model_config=args.model_config)  # as training would
     arch, source = arch_for_config(cfg, args.model_config)
     kw = dict(method=args.method, overhead_gb=args.overhead_gb)
     group = lambda w: config_frozen_group(cfg, args.method, args.gpus_per_node, w)  # noqa: E731
     plan = plan_for_config(cfg, arch, world, frozen_group=group(world), **kw)
     verdict = check_fit(plan, args.gpu_mem_gb, args.headroom)
     show = (lambda *a, **k: None) if args.json else print
-    show(f"memory plan: {args.nodes} node(s) x {args.gpus_per_node} GPU(s) = {world} ranks, "
-         f"{args.gpu_mem_gb:g} GiB per GPU, method {args.method or cfg.method.name}, frozen partition "
-         f"{'the world' if group(world) is None else f'groups of {group(world)} ranks'}")
+    show(
+        f"memory plan: {args.nodes} node(s) x {args.gpus_per_node} GPU(s) = {world} ranks, "
+        f"{args.gpu_mem_gb:g} GiB per GPU, method {args.method or cfg.method.name}, frozen partition "
+        f"{'the world' if group(world) is None else f'groups of {group(world)} ranks'}"
+    )
     show(describe_run(cfg, arch, source, world))
     show(format_plan(plan, verdict))
     if plan.host_total:
-        show(f"host memory per node: {args.gpus_per_node} x {human(plan.host_total)} = "
-             f"{human(args.gpus_per_node * plan.host_total)} (offloaded state)")
+        show(
+            f"host memory per node: {args.gpus_per_node} x {human(plan.host_total)} = "
+            f"{human(args.gpus_per_node * plan.host_total)} (offloaded state)"
+        )
     report = cli_report(args, cfg, arch)
     print(json.dumps(report["json"], indent=1) if args.json else "\n" + report["text"])
     if not verdict.fits:
         # Fewest nodes with the frozen weights partitioned over the world; with
         # dist.frozen_partition=node every node holds them whole, so more nodes do not help.
-        node_mode = (cfg.dist.frozen_partition == "node"
-                     and len(modes_of(args.method or cfg.method.name)) > 1)
-        need = min_nodes(lambda w: check_fit(plan_for_config(cfg, arch, w, **kw), args.gpu_mem_gb,
-                                             args.headroom).fits, args.gpus_per_node)
-        hint = (f"at least {need} node(s) x {args.gpus_per_node} GPUs fit this config" if need
-                else "no number of nodes fits: the unsharded items alone are too large")
+        node_mode = cfg.dist.frozen_partition == "node" and len(modes_of(args.method or cfg.method.name)) > 1
+        need = min_nodes(
+            lambda w: check_fit(plan_for_config(cfg, arch, w, **kw), args.gpu_mem_gb, args.headroom).fits,
+            args.gpus_per_node,
+        )
+        hint = (
+            f"at least {need} node(s) x {args.gpus_per_node} GPUs fit this config"
+            if need
+            else "no number of nodes fits: the unsharded items alone are too large"
+        )
         if node_mode and need:
-            hint += (" with dist.frozen_partition=global (dist.frozen_partition=node keeps a whole copy of the "
-                     "frozen weights on each node, so more nodes do not help; or raise "
-                     "dist.frozen_partition_size)")
-        print(f"what to change: {hint}; or CPU offload of the frozen weights (deepspeed: "
-              f"ds_zero3_llama70b_offload.json), a smaller train.micro_batch_size or data.max_length, "
-              f"model.gradient_checkpointing=true", file=sys.stderr)
+            hint += (
+                " with dist.frozen_partition=global (dist.frozen_partition=node keeps a whole copy of the "
+                "frozen weights on each node, so more nodes do not help; or raise "
+                "dist.frozen_partition_size)"
+            )
+        print(
+            f"what to change: {hint}; or CPU offload of the frozen weights (deepspeed: "
+            f"ds_zero3_llama70b_offload.json), a smaller train.micro_batch_size or data.max_length, "
+            f"model.gradient_checkpointing=true",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
 
 def add_arguments(ap) -> None:
     g = ap.add_argument_group("time and traffic (gpart_ds/plan/step.py)")
-    g.add_argument("--cluster", choices=sorted(PRESETS), default="h100",
-                   help="per-GPU figures of the nodes (default h100); the options below override them")
+    g.add_argument(
+        "--cluster",
+        choices=sorted(PRESETS),
+        default="h100",
+        help="per-GPU figures of the nodes (default h100); the options below override them",
+    )
     g.add_argument("--net-gbps", type=float, help="network bandwidth per GPU, GB/s (presets: 50)")
     g.add_argument("--nvlink-gbps", type=float, help="intra-node bandwidth per GPU and direction, GB/s")
     g.add_argument("--tflops", type=float, help="dense bf16 peak per GPU, TFLOPS")
     g.add_argument("--gemm-efficiency", type=float, help="achieved fraction of the peak (default 0.80)")
-    g.add_argument("--json", action="store_true",
-                   help="print the time/traffic rows (and each row's memory per GPU) as JSON only")
+    g.add_argument(
+        "--json", action="store_true", help="print the time/traffic rows (and each row's memory per GPU) as JSON only"
+    )
 
 
 def cluster_from_args(args) -> Cluster:
@@ -111,20 +135,31 @@ def cluster_from_args(args) -> Cluster:
         v = getattr(args, key)
         if v is not None and not v > 0:
             raise PlanError(f"--{key.replace('_', '-')} must be > 0, got {v}")
-    return base.with_(net_gbps=args.net_gbps, nvlink_gbps=args.nvlink_gbps, peak_tflops=args.tflops,
-                      gemm_efficiency=args.gemm_efficiency, gpu_mem_gb=args.gpu_mem_gb)
+    return base.with_(
+        net_gbps=args.net_gbps,
+        nvlink_gbps=args.nvlink_gbps,
+        peak_tflops=args.tflops,
+        gemm_efficiency=args.gemm_efficiency,
+        gpu_mem_gb=args.gpu_mem_gb,
+    )
 
 
 def cli_report(args, cfg, arch: Arch) -> dict:
     """{"text": the table, "json": the rows}, for python -m gpart_ds.plan."""
     cluster = cluster_from_args(args)
     method = args.method or cfg.method.name
-    rows = estimate_rows(cfg, arch, args.nodes, args.gpus_per_node, cluster, headroom=args.headroom,
-                         overhead_gb=args.overhead_gb)
+    rows = estimate_rows(
+        cfg, arch, args.nodes, args.gpus_per_node, cluster, headroom=args.headroom, overhead_gb=args.overhead_gb
+    )
     best = recommend(rows, method)
-    js = {"nodes": args.nodes, "gpus_per_node": args.gpus_per_node, "cluster": asdict(cluster),
-          "config": cfg.config_file, "recommended": {method: best.mode if best else None},
-          "methods": {f"{r.method}/{r.mode}": r.to_json() for r in rows}}
+    js = {
+        "nodes": args.nodes,
+        "gpus_per_node": args.gpus_per_node,
+        "cluster": asdict(cluster),
+        "config": cfg.config_file,
+        "recommended": {method: best.mode if best else None},
+        "methods": {f"{r.method}/{r.mode}": r.to_json() for r in rows},
+    }
     return {"text": format_table(rows, cluster, args.nodes, args.gpus_per_node, method), "json": js}
 
 
@@ -162,8 +197,10 @@ def sweep_main(argv=None) -> int:
         nets = _numbers(args.net, float, "--net")
         mbs = _numbers(args.micro_batch, int, "--micro-batch") or [cfg.train.micro_batch_size]
         table = sweep(cfg, arch, args.nodes, args.gpus_per_node, PRESETS[args.cluster], nets, mbs)
-        print(f"{cfg.method.name} step time, frozen base within a node vs over the world: {args.nodes} x "
-              f"{args.gpus_per_node} GPUs, {PRESETS[args.cluster].name}, {cfg.data.max_length} tokens per sequence")
+        print(
+            f"{cfg.method.name} step time, frozen base within a node vs over the world: {args.nodes} x "
+            f"{args.gpus_per_node} GPUs, {PRESETS[args.cluster].name}, {cfg.data.max_length} tokens per sequence"
+        )
         print(table)
         return 0
 

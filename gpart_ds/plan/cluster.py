@@ -11,6 +11,7 @@ boundary once per channel and spread channels over the node's NICs); an all-redu
 that. Time of a collective: the slower of its two parts at the links' achievable
 bandwidth, plus a fixed latency per call.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -19,12 +20,13 @@ from dataclasses import asdict, dataclass
 @dataclass(frozen=True)
 class Cluster:
     """Per-GPU figures of a cluster (GB = 1e9 bytes)."""
+
     name: str
-    peak_tflops: float          # dense bf16 tensor-core peak
-    hbm_gbps: float             # HBM bandwidth
-    nvlink_gbps: float          # intra-node link bandwidth, one direction
-    net_gbps: float             # network bandwidth per GPU (NIC per GPU), one direction
-    gpu_mem_gb: float           # GiB, as --gpu-mem-gb
+    peak_tflops: float  # dense bf16 tensor-core peak
+    hbm_gbps: float  # HBM bandwidth
+    nvlink_gbps: float  # intra-node link bandwidth, one direction
+    net_gbps: float  # network bandwidth per GPU (NIC per GPU), one direction
+    gpu_mem_gb: float  # GiB, as --gpu-mem-gb
     # Achieved fractions and rates; the defaults are measured on one H200 (docs/
     # layer_llama70b_h200.json: a 28672 x 8192 bf16 layer at 4096 tokens runs its
     # frozen fwd+bwd GEMMs at 795 TFLOPS = 0.80 of peak; the fused GPart kernels build
@@ -32,10 +34,10 @@ class Cluster:
     # of dW into theta's gradient) at 5.5e10). H100 SXM and H200 share the GH100 die,
     # clocks and SM count, so the kernel rates carry over.
     gemm_efficiency: float = 0.80
-    link_efficiency: float = 0.80   # NCCL bus bandwidth / nominal link bandwidth
+    link_efficiency: float = 0.80  # NCCL bus bandwidth / nominal link bandwidth
     delta_build_per_s: float = 1.3e11
     delta_backward_per_s: float = 5.5e10
-    latency_s: float = 20e-6        # per collective call
+    latency_s: float = 20e-6  # per collective call
 
     def with_(self, **kw) -> Cluster:
         return Cluster(**{**asdict(self), **{k: v for k, v in kw.items() if v is not None}})
@@ -44,12 +46,10 @@ class Cluster:
 PRESETS = {
     # NVIDIA H100 SXM5 80 GB: 989 TFLOPS dense bf16, 3.35 TB/s HBM3, NVLink 4 at 900 GB/s
     # (450 each way); a DGX/HGX H100 node has one 400 Gb/s NIC per GPU (50 GB/s).
-    "h100": Cluster("H100 SXM 80GB nodes",
-                    989.0, 3350.0, 450.0, 50.0, 80.0),
+    "h100": Cluster("H100 SXM 80GB nodes", 989.0, 3350.0, 450.0, 50.0, 80.0),
     # NVIDIA H200 SXM 141 GB (140 GiB as the driver reports it): same compute and NVLink,
     # 4.8 TB/s HBM3e.
-    "h200": Cluster("H200 SXM 141GB nodes",
-                    989.0, 4800.0, 450.0, 50.0, 140.0),
+    "h200": Cluster("H200 SXM 141GB nodes", 989.0, 4800.0, 450.0, 50.0, 140.0),
 }
 
 
@@ -64,7 +64,7 @@ def collective_bytes(kind: str, size: float, n: int, per_node: list[int]) -> tup
         return (float(size), 0.0) if nodes == 1 else (0.0, float(size))
     if nodes == 1:
         return factor * size * (n - 1) / n, 0.0
-    if len(set(per_node)) != 1:      # uneven groups: count everything as crossing nodes
+    if len(set(per_node)) != 1:  # uneven groups: count everything as crossing nodes
         return 0.0, factor * size * (n - 1) / n
     L = per_node[0]
     if kind == "all_to_all":
@@ -76,6 +76,7 @@ def collective_bytes(kind: str, size: float, n: int, per_node: list[int]) -> tup
 class RankLayout:
     """How the ranks of a planned run sit: nodes x GPUs per node, and the size of the
     groups the frozen base is partitioned over in node mode (consecutive ranks)."""
+
     nodes: int
     gpus_per_node: int
     frozen_group: int

@@ -24,6 +24,7 @@ What is counted, per rank (bytes; b = bytes per element of the training dtype):
 
 A plan fits when the total is at most (1 - headroom) of the GPU's memory.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -36,8 +37,8 @@ GIB = 1 << 30
 @dataclass
 class Row:
     label: str
-    gpu: float = 0.0      # bytes per GPU
-    host: float = 0.0     # bytes of host memory per rank (offloaded state)
+    gpu: float = 0.0  # bytes per GPU
+    host: float = 0.0  # bytes of host memory per rank (offloaded state)
 
 
 @dataclass
@@ -88,12 +89,20 @@ def head_saved_bytes_per_token(a: Arch, b: int) -> float:
 
 
 def final_norm_bytes_per_token(a: Arch) -> float:
-    return 4 * a.hidden + 4   # fp32 copy of the input, 1/rms
+    return 4 * a.hidden + 4  # fp32 copy of the input, 1/rms
 
 
-def saved_activation_bytes(a: Arch, micro_batch: int, seq: int, b: int, grad_ckpt: bool,
-                           padded: bool = True, frozen_embeddings: bool = True,
-                           head_tokens: int | None = None, extra_bytes: int = 0) -> float:
+def saved_activation_bytes(
+    a: Arch,
+    micro_batch: int,
+    seq: int,
+    b: int,
+    grad_ckpt: bool,
+    padded: bool = True,
+    frozen_embeddings: bool = True,
+    head_tokens: int | None = None,
+    extra_bytes: int = 0,
+) -> float:
     """Bytes saved for backward at the end of one micro-batch's forward (not the peak).
 
     `head_tokens`: positions the LM head and the loss run on; default every token (a loss
@@ -111,26 +120,39 @@ def saved_activation_bytes(a: Arch, micro_batch: int, seq: int, b: int, grad_ckp
             body -= 4 * a.hidden + 4
     # RoPE's cos and sin, one pair shared by all blocks (inside checkpointed blocks otherwise)
     rope = 0 if grad_ckpt else 2 * seq * a.head_dim * b
-    return (tokens * (body + final_norm_bytes_per_token(a)) + head * head_saved_bytes_per_token(a, b)
-            + rope + extra_bytes)
+    return (
+        tokens * (body + final_norm_bytes_per_token(a)) + head * head_saved_bytes_per_token(a, b) + rope + extra_bytes
+    )
 
 
 @dataclass(frozen=True)
 class PlanContext:
     """What a method's plan_rows needs beside the architecture and its own config."""
+
     world: int
-    b: int                 # bytes per element of the training dtype
-    tokens: int            # tokens per micro-batch
+    b: int  # bytes per element of the training dtype
+    tokens: int  # tokens per micro-batch
     grad_ckpt: bool
-    off_opt: bool          # optimizer state offloaded to the host
-    shard: int             # elements of this rank's ZeRO-3 partition of the base
-    biggest: int           # elements of the largest gather unit
+    off_opt: bool  # optimizer state offloaded to the host
+    shard: int  # elements of this rank's ZeRO-3 partition of the base
+    biggest: int  # elements of the largest gather unit
 
 
-def estimate(a: Arch, *, world: int, method=None, micro_batch: int = 1, seq_len: int = 2048,
-             dtype_bytes: int = 2, grad_ckpt: bool = True, zero: dict | None = None,
-             padded: bool = True, overhead_gb: float = 3.0, head_tokens: int | None = None,
-             frozen_group: int | None = None) -> Plan:
+def estimate(
+    a: Arch,
+    *,
+    world: int,
+    method=None,
+    micro_batch: int = 1,
+    seq_len: int = 2048,
+    dtype_bytes: int = 2,
+    grad_ckpt: bool = True,
+    zero: dict | None = None,
+    padded: bool = True,
+    overhead_gb: float = 3.0,
+    head_tokens: int | None = None,
+    frozen_group: int | None = None,
+) -> Plan:
     """The per-rank memory plan for `world` ZeRO-3 ranks (see the module docstring).
 
     `method`: a method config (config.MethodConfig, e.g. `spec("lora", r=8)`); its rows
@@ -170,8 +192,9 @@ def estimate(a: Arch, *, world: int, method=None, micro_batch: int = 1, seq_len:
     head_saved = tokens * final_norm_bytes_per_token(a) + head * head_saved_bytes_per_token(a, b)
     if grad_ckpt:
         plan.add("activations: checkpointed block inputs", tokens * a.layers * b * a.hidden)
-        plan.add("activations: one block recomputed in backward",
-                 tokens * layer_saved_bytes_per_token(a, b, seq_len, padded))
+        plan.add(
+            "activations: one block recomputed in backward", tokens * layer_saved_bytes_per_token(a, b, seq_len, padded)
+        )
     else:
         every = saved_activation_bytes(a, micro_batch, seq_len, b, False, padded, not cost.trains_base, head)
         plan.add("activations: every block", every - head_saved)
@@ -188,7 +211,7 @@ def estimate(a: Arch, *, world: int, method=None, micro_batch: int = 1, seq_len:
 @dataclass(frozen=True)
 class Verdict:
     fits: bool
-    usable: float          # bytes
+    usable: float  # bytes
     message: str
 
 
@@ -196,13 +219,21 @@ def check_fit(plan: Plan, gpu_mem_gb: float, headroom: float = 0.10) -> Verdict:
     usable = gpu_mem_gb * GIB * (1 - headroom)
     need = plan.gpu_total
     if need <= usable:
-        return Verdict(True, usable, f"fits: {need / GIB:.1f} GiB of {usable / GIB:.1f} GiB usable "
-                                     f"per GPU ({(usable - need) / GIB:.1f} GiB to spare)")
+        return Verdict(
+            True,
+            usable,
+            f"fits: {need / GIB:.1f} GiB of {usable / GIB:.1f} GiB usable "
+            f"per GPU ({(usable - need) / GIB:.1f} GiB to spare)",
+        )
     top = sorted(plan.rows, key=lambda r: -r.gpu)[:3]
     items = "; ".join(f"{r.label} {r.gpu / GIB:.1f}" for r in top)
-    return Verdict(False, usable, f"does not fit: needs {need / GIB:.1f} GiB per GPU but only "
-                                  f"{usable / GIB:.1f} GiB is usable ({gpu_mem_gb:g} GiB less "
-                                  f"{headroom:.0%} headroom). Largest items (GiB): {items}")
+    return Verdict(
+        False,
+        usable,
+        f"does not fit: needs {need / GIB:.1f} GiB per GPU but only "
+        f"{usable / GIB:.1f} GiB is usable ({gpu_mem_gb:g} GiB less "
+        f"{headroom:.0%} headroom). Largest items (GiB): {items}",
+    )
 
 
 def min_nodes(fits_on, gpus_per_node: int, limit: int = 4096) -> int | None:
@@ -218,10 +249,20 @@ def compare_methods(a: Arch, specs: dict, worlds=(8, 16, 64), **kw) -> dict:
     return {(n, w): estimate(a, world=w, method=m, **kw) for n, m in specs.items() for w in worlds}
 
 
-def plan_for_config(cfg, arch: Arch, world: int, method: str | None = None, overhead_gb: float = 3.0,
-                    frozen_group: int | None = None) -> Plan:
+def plan_for_config(
+    cfg, arch: Arch, world: int, method: str | None = None, overhead_gb: float = 3.0, frozen_group: int | None = None
+) -> Plan:
     zero = dict((cfg.deepspeed or {}).get("zero_optimization", {}))
-    return estimate(arch, world=world, method=method_for(cfg, method), micro_batch=cfg.train.micro_batch_size,
-                    seq_len=cfg.data.max_length, dtype_bytes=dtype_bytes(cfg.model.precision),
-                    grad_ckpt=cfg.model.gradient_checkpointing, zero=zero, padded=not cfg.data.packing,
-                    overhead_gb=overhead_gb, frozen_group=frozen_group)
+    return estimate(
+        arch,
+        world=world,
+        method=method_for(cfg, method),
+        micro_batch=cfg.train.micro_batch_size,
+        seq_len=cfg.data.max_length,
+        dtype_bytes=dtype_bytes(cfg.model.precision),
+        grad_ckpt=cfg.model.gradient_checkpointing,
+        zero=zero,
+        padded=not cfg.data.packing,
+        overhead_gb=overhead_gb,
+        frozen_group=frozen_group,
+    )

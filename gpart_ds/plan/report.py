@@ -1,5 +1,6 @@
 """What the planner prints: the memory plan as a table, the run in a few lines, the time and
 traffic rows as a Markdown table, the node-vs-global sweep."""
+
 from __future__ import annotations
 
 from .arch import Arch, PlanError, dtype_bytes
@@ -42,18 +43,20 @@ def describe_run(cfg, arch: Arch, source: str, world: int) -> str:
     n = arch.n_params
     params = f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n:,}"
     unread = unread_method_keys(m)
-    return "\n".join([
-        f"model: {shown}: {params} parameters, {arch.layers} blocks, hidden "
-        f"{arch.hidden}, vocab {arch.vocab:,}; training dtype "
-        f"{'fp32' if dtype_bytes(cfg.model.precision) == 4 else 'bf16'}",
-        methods.cost(m).summary(arch),
-        *([f"not read by {m.name} (ignored): {', '.join(unread)}"] if unread else []),
-        f"learning rate {resolved_lr(cfg, arch.D):.3g}" + (" (train.lr: auto)" if t.lr == "auto" else ""),
-        *([f"  {c}"] if (c := auto_lr_caveat(cfg, arch.D)) else []),
-        f"batch: micro-batch {t.micro_batch_size} x {cfg.data.max_length} tokens, grad_accum {t.grad_accum}, "
-        f"{world} ranks -> global batch {t.micro_batch_size * t.grad_accum * world} sequences; "
-        f"activation checkpointing {'on' if cfg.model.gradient_checkpointing else 'off'}",
-    ])
+    return "\n".join(
+        [
+            f"model: {shown}: {params} parameters, {arch.layers} blocks, hidden "
+            f"{arch.hidden}, vocab {arch.vocab:,}; training dtype "
+            f"{'fp32' if dtype_bytes(cfg.model.precision) == 4 else 'bf16'}",
+            methods.cost(m).summary(arch),
+            *([f"not read by {m.name} (ignored): {', '.join(unread)}"] if unread else []),
+            f"learning rate {resolved_lr(cfg, arch.D):.3g}" + (" (train.lr: auto)" if t.lr == "auto" else ""),
+            *([f"  {c}"] if (c := auto_lr_caveat(cfg, arch.D)) else []),
+            f"batch: micro-batch {t.micro_batch_size} x {cfg.data.max_length} tokens, grad_accum {t.grad_accum}, "
+            f"{world} ranks -> global batch {t.micro_batch_size * t.grad_accum * world} sequences; "
+            f"activation checkpointing {'on' if cfg.model.gradient_checkpointing else 'off'}",
+        ]
+    )
 
 
 def _fmt_bytes(x: float) -> str:
@@ -63,57 +66,69 @@ def _fmt_bytes(x: float) -> str:
     return f"{x:.0f} B"
 
 
-def format_table(rows: list[StepEstimate], cluster: Cluster, nodes: int, gpus_per_node: int,
-                 method: str) -> str:
+def format_table(rows: list[StepEstimate], cluster: Cluster, nodes: int, gpus_per_node: int, method: str) -> str:
     """The rows as a Markdown table, and the frozen partition recommended for `method`."""
-    lines = [f"time and traffic per optimizer step, per GPU: {nodes} node(s) x {gpus_per_node} GPU(s) "
-             f"of {cluster.name}",
-             f"  assumed per GPU: {cluster.gpu_mem_gb:g} GiB, {cluster.peak_tflops:g} TFLOPS bf16 peak x "
-             f"{cluster.gemm_efficiency:.2f} achieved, "
-             f"NVLink {cluster.nvlink_gbps:g} GB/s, network {cluster.net_gbps:g} GB/s per GPU "
-             f"(x {cluster.link_efficiency:.2f} achieved), HBM {cluster.hbm_gbps:g} GB/s, "
-             f"generated weights (GPart's W0 + delta) {cluster.delta_build_per_s:.3g} / "
-             f"{cluster.delta_backward_per_s:.3g} elem/s (build / backward)",
-             "| method | frozen partition | PFLOP/step | inter-node bytes | intra-node bytes | compute s | delta s "
-             "| comm s | step s (overlap) | step s (no overlap) | GiB/GPU | fits |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"time and traffic per optimizer step, per GPU: {nodes} node(s) x {gpus_per_node} GPU(s) of {cluster.name}",
+        f"  assumed per GPU: {cluster.gpu_mem_gb:g} GiB, {cluster.peak_tflops:g} TFLOPS bf16 peak x "
+        f"{cluster.gemm_efficiency:.2f} achieved, "
+        f"NVLink {cluster.nvlink_gbps:g} GB/s, network {cluster.net_gbps:g} GB/s per GPU "
+        f"(x {cluster.link_efficiency:.2f} achieved), HBM {cluster.hbm_gbps:g} GB/s, "
+        f"generated weights (GPart's W0 + delta) {cluster.delta_build_per_s:.3g} / "
+        f"{cluster.delta_backward_per_s:.3g} elem/s (build / backward)",
+        "| method | frozen partition | PFLOP/step | inter-node bytes | intra-node bytes | compute s | delta s "
+        "| comm s | step s (overlap) | step s (no overlap) | GiB/GPU | fits |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         t = r.times
-        lines.append(f"| {r.label or r.method} | {r.mode} | {r.flops['total'] / 1e15:.3g} | "
-                     f"{_fmt_bytes(r.inter_bytes)} | {_fmt_bytes(r.intra_bytes)} | {t['compute_s']:.3g} | "
-                     f"{t['delta_s']:.3g} | "
-                     f"{t['comm_overlappable_s'] + t['comm_exposed_s']:.3g} | {t['step_overlap_s']:.3g} | "
-                     f"{t['step_serial_s']:.3g} | {r.memory_gib:.1f} | {'yes' if r.fits else 'NO'} |")
+        lines.append(
+            f"| {r.label or r.method} | {r.mode} | {r.flops['total'] / 1e15:.3g} | "
+            f"{_fmt_bytes(r.inter_bytes)} | {_fmt_bytes(r.intra_bytes)} | {t['compute_s']:.3g} | "
+            f"{t['delta_s']:.3g} | "
+            f"{t['comm_overlappable_s'] + t['comm_exposed_s']:.3g} | {t['step_overlap_s']:.3g} | "
+            f"{t['step_serial_s']:.3g} | {r.memory_gib:.1f} | {'yes' if r.fits else 'NO'} |"
+        )
     best = recommend(rows, method)
     if best is not None and len(modes_of(method)) > 1:
         other = next((r for r in rows if r.method == best.method and r.mode != best.mode), None)
         vs = ""
         if other is not None:
-            vs = (f"; vs {other.mode}: {other.times['step_overlap_s'] / best.times['step_overlap_s']:.2f}x "
-                  f"(overlap), {other.times['step_serial_s'] / best.times['step_serial_s']:.2f}x (no overlap), "
-                  f"{other.inter_bytes / max(best.inter_bytes, 1):.3g}x the inter-node bytes")
+            vs = (
+                f"; vs {other.mode}: {other.times['step_overlap_s'] / best.times['step_overlap_s']:.2f}x "
+                f"(overlap), {other.times['step_serial_s'] / best.times['step_serial_s']:.2f}x (no overlap), "
+                f"{other.inter_bytes / max(best.inter_bytes, 1):.3g}x the inter-node bytes"
+            )
         lines.append(f"recommended for {method}: dist.frozen_partition={best.mode}{vs}")
     return "\n".join(lines)
 
 
-def sweep(cfg, arch: Arch, nodes: int, gpus_per_node: int, cluster: Cluster, nets: list[float],
-          micro_batches: list[int]) -> str:
+def sweep(
+    cfg, arch: Arch, nodes: int, gpus_per_node: int, cluster: Cluster, nets: list[float], micro_batches: list[int]
+) -> str:
     """The run's method, node vs global: predicted step time ratio over network
     bandwidths and micro-batches."""
     name = cfg.method.name
     if len(modes_of(name)) == 1:
         raise PlanError(f"method {name} trains the base weights: there is no frozen partition to compare")
-    lines = ["| micro-batch | network GB/s per GPU | node s (overlap / none) | global s (overlap / none) "
-             "| global / node (overlap) | global / node (no overlap) |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| micro-batch | network GB/s per GPU | node s (overlap / none) | global s (overlap / none) "
+        "| global / node (overlap) | global / node (no overlap) |",
+        "|---|---|---|---|---|---|",
+    ]
     for mb in micro_batches:
         c = cfg.copy()
         c.train.micro_batch_size = mb
         for net in nets:
-            rows = {r.mode: r for r in estimate_rows(c, arch, nodes, gpus_per_node, cluster.with_(net_gbps=net),
-                                                     names=(name,))}
+            rows = {
+                r.mode: r
+                for r in estimate_rows(c, arch, nodes, gpus_per_node, cluster.with_(net_gbps=net), names=(name,))
+            }
             n, g = rows["node"].times, rows["global"].times
-            lines.append(f"| {mb} | {net:g} | {n['step_overlap_s']:.2f} / {n['step_serial_s']:.2f} | "
-                         f"{g['step_overlap_s']:.2f} / {g['step_serial_s']:.2f} | "
-                         f"{g['step_overlap_s'] / n['step_overlap_s']:.2f}x | "
-                         f"{g['step_serial_s'] / n['step_serial_s']:.2f}x |")
+            lines.append(
+                f"| {mb} | {net:g} | {n['step_overlap_s']:.2f} / {n['step_serial_s']:.2f} | "
+                f"{g['step_overlap_s']:.2f} / {g['step_serial_s']:.2f} | "
+                f"{g['step_overlap_s'] / n['step_overlap_s']:.2f}x | "
+                f"{g['step_serial_s'] / n['step_serial_s']:.2f}x |"
+            )
     return "\n".join(lines)

@@ -29,6 +29,7 @@ the final norm, with checkpointing); parameters of at most
 stage3_param_persistence_threshold elements are kept whole and never gathered. The
 scalars: DeepSpeed's gradient norm and the trainer's loss/token/non-finite sums and stop flag.
 """
+
 from __future__ import annotations
 
 import math
@@ -40,7 +41,7 @@ from .arch import Arch, PlanError, checked_method, dtype_bytes, method_for, spec
 from .cluster import Cluster, RankLayout, collective_bytes, frozen_group
 from .memory import GIB, check_fit, plan_for_config
 
-COMPARED = ("gpart", "lora", "full")   # what the benchmark projects per GPU
+COMPARED = ("gpart", "lora", "full")  # what the benchmark projects per GPU
 
 # Per step, over the world: DeepSpeed's gradient norm (float64), the trainer's loss and
 # token sums and count of ranks with a non-finite state (3 x float64, comm.all_sum) and
@@ -52,16 +53,17 @@ SCALARS = (("scalars: gradient norm, loss, token and non-finite sums, stop flag"
 class StepContext:
     """What a method's step hooks (methods/cost.py: Cost) need beside the architecture and its
     own config: one micro-batch's shape, and the ranks and dtypes its collectives use."""
+
     micro_batch: int
     seq: int
     grad_ckpt: bool
-    head_tokens: int | None = None   # positions the LM head runs on per micro-batch (None: all)
+    head_tokens: int | None = None  # positions the LM head runs on per micro-batch (None: all)
     world: int = 1
-    frozen_group: int = 1            # ranks the frozen base is partitioned over
-    micro_steps: int = 1             # micro-batches per optimizer step (train.grad_accum)
-    dtype_bytes: int = 2             # the training dtype
-    comm_bytes: int = 2              # DeepSpeed's gradient-reduction dtype
-    persist: int = 0                 # stage3_param_persistence_threshold (kept whole, never gathered)
+    frozen_group: int = 1  # ranks the frozen base is partitioned over
+    micro_steps: int = 1  # micro-batches per optimizer step (train.grad_accum)
+    dtype_bytes: int = 2  # the training dtype
+    comm_bytes: int = 2  # DeepSpeed's gradient-reduction dtype
+    persist: int = 0  # stage3_param_persistence_threshold (kept whole, never gathered)
 
     @property
     def tokens(self) -> int:
@@ -75,11 +77,11 @@ class StepContext:
 @dataclass
 class Collective:
     what: str
-    kind: str          # all_gather | reduce_scatter | all_reduce
-    group: int         # ranks in the group
-    payload: float     # bytes per step (all calls summed)
+    kind: str  # all_gather | reduce_scatter | all_reduce
+    group: int  # ranks in the group
+    payload: float  # bytes per step (all calls summed)
     calls: int
-    overlapped: bool   # hidden behind compute when overlapping (prefetch / bucketed reduction)
+    overlapped: bool  # hidden behind compute when overlapping (prefetch / bucketed reduction)
     intra: float = 0.0
     inter: float = 0.0
     seconds: float = 0.0
@@ -112,9 +114,9 @@ class StepTraffic:
 
 @dataclass
 class StepEstimate:
-    method: str        # the method's name (methods/ registry)
-    mode: str          # frozen partition: node | global
-    label: str = ""    # e.g. "LoRA r=8"
+    method: str  # the method's name (methods/ registry)
+    mode: str  # frozen partition: node | global
+    label: str = ""  # e.g. "LoRA r=8"
     flops: dict = field(default_factory=dict)
     delta_elems: dict = field(default_factory=dict)
     collectives: list = field(default_factory=list)
@@ -131,12 +133,22 @@ class StepEstimate:
         return sum(c.inter for c in self.collectives)
 
     def to_json(self) -> dict:
-        return {"method": self.method, "label": self.label, "frozen_partition": self.mode,
-                "step_time_s": self.times["step_overlap_s"], "step_time_no_overlap_s": self.times["step_serial_s"],
-                "inter_node_bytes_per_step": self.inter_bytes, "intra_node_bytes_per_step": self.intra_bytes,
-                "flops_per_step": self.flops["total"], "flops": self.flops, "delta_elements": self.delta_elems,
-                "times_s": self.times, "fits": self.fits, "memory_per_gpu_gib": self.memory_gib,
-                "collectives": [asdict(c) for c in self.collectives]}
+        return {
+            "method": self.method,
+            "label": self.label,
+            "frozen_partition": self.mode,
+            "step_time_s": self.times["step_overlap_s"],
+            "step_time_no_overlap_s": self.times["step_serial_s"],
+            "inter_node_bytes_per_step": self.inter_bytes,
+            "intra_node_bytes_per_step": self.intra_bytes,
+            "flops_per_step": self.flops["total"],
+            "flops": self.flops,
+            "delta_elements": self.delta_elems,
+            "times_s": self.times,
+            "fits": self.fits,
+            "memory_per_gpu_gib": self.memory_gib,
+            "collectives": [asdict(c) for c in self.collectives],
+        }
 
 
 _LAYER = re.compile(r"(^|\.)layers\.\d+\.")
@@ -171,14 +183,24 @@ def base_flops(a: Arch, ctx: StepContext, trains_base: bool, attention: str = "f
     # Layer 0's q/k/v inputs need no gradient when the embeddings are frozen, except that
     # transformers' gradient_checkpointing_enable makes the embedding output require grad.
     skip_qkv0 = not trains_base and not ctx.grad_ckpt
-    return {"forward": 2 * T * blocks + att_f + 2 * Th * head,
-            "recompute": (2 * T * blocks + att_f) if ctx.grad_ckpt else 0,
-            "dx": 2 * T * (blocks - (qkv0 if skip_qkv0 else 0)) + att_b + 2 * Th * head,
-            "dw": 0}
+    return {
+        "forward": 2 * T * blocks + att_f + 2 * Th * head,
+        "recompute": (2 * T * blocks + att_f) if ctx.grad_ckpt else 0,
+        "dx": 2 * T * (blocks - (qkv0 if skip_qkv0 else 0)) + att_b + 2 * Th * head,
+        "dw": 0,
+    }
 
 
-def step_flops(a: Arch, method=None, *, micro_batch: int, seq: int, grad_ckpt: bool,
-               head_tokens: int | None = None, attention: str = "flash") -> dict:
+def step_flops(
+    a: Arch,
+    method=None,
+    *,
+    micro_batch: int,
+    seq: int,
+    grad_ckpt: bool,
+    head_tokens: int | None = None,
+    attention: str = "flash",
+) -> dict:
     """FLOPs of one micro-batch's forward and backward (FlopCounterMode's counting).
 
     `method`: a method config (spec(...)); `head_tokens`: positions the LM head runs
@@ -207,7 +229,7 @@ def _param_roles(a: Arch) -> dict[str, dict[str, int]]:
             out["head"][name] = n
         elif "embed" in name:
             out["embed"][name] = n
-            if tied:   # the LM head is the embedding matrix
+            if tied:  # the LM head is the embedding matrix
                 out["head"][name] = n
         else:
             out["norm"][name] = n
@@ -226,15 +248,33 @@ def _frozen_gathers(t: StepTraffic, a: Arch, cost) -> None:
     b = ctx.dtype_bytes
     t.add("frozen weights: forward gathers", "all_gather", G, micro * fwd * b, micro * (a.layers + 3), True)
     if rec:
-        t.add("frozen weights: recompute gathers (checkpointing)", "all_gather", G, micro * rec * b,
-              micro * a.layers, True)
+        t.add(
+            "frozen weights: recompute gathers (checkpointing)",
+            "all_gather",
+            G,
+            micro * rec * b,
+            micro * a.layers,
+            True,
+        )
     t.add("frozen weights: backward gathers", "all_gather", G, micro * bwd * b, micro * (a.layers + 2), True)
 
 
-def estimate_step(a: Arch, method, mode: str, layout: RankLayout, cluster: Cluster, *,
-                  micro_batch: int = 1, seq: int = 2048, grad_accum: int = 1, dtype_bytes: int = 2,
-                  grad_ckpt: bool = True, zero: dict | None = None, head_tokens: int | None = None,
-                  comm_dtype_bytes: int | None = None) -> StepEstimate:
+def estimate_step(
+    a: Arch,
+    method,
+    mode: str,
+    layout: RankLayout,
+    cluster: Cluster,
+    *,
+    micro_batch: int = 1,
+    seq: int = 2048,
+    grad_accum: int = 1,
+    dtype_bytes: int = 2,
+    grad_ckpt: bool = True,
+    zero: dict | None = None,
+    head_tokens: int | None = None,
+    comm_dtype_bytes: int | None = None,
+) -> StepEstimate:
     """Traffic, FLOPs and time of one optimizer step on one GPU (see the module doc).
 
     `method`: a method config (spec(...) or a run's cfg.method); `mode`: where the
@@ -244,14 +284,23 @@ def estimate_step(a: Arch, method, mode: str, layout: RankLayout, cluster: Clust
     if mode not in MODES:
         raise PlanError(f"frozen partition must be one of {MODES}, got {mode!r}")
     if cost.trains_base and mode != "global":
-        raise PlanError(f"{cost.label} trains the base weights: it has no frozen partition, "
-                             "only frozen_partition=global")
+        raise PlanError(
+            f"{cost.label} trains the base weights: it has no frozen partition, only frozen_partition=global"
+        )
     z = zero or {}
     W = layout.world
-    ctx = StepContext(micro_batch, seq, grad_ckpt, head_tokens, world=W,
-                      frozen_group=layout.frozen_group if mode == "node" else W, micro_steps=grad_accum,
-                      dtype_bytes=dtype_bytes, comm_bytes=comm_dtype_bytes or dtype_bytes,
-                      persist=int(float(z.get("stage3_param_persistence_threshold", 1e5))))
+    ctx = StepContext(
+        micro_batch,
+        seq,
+        grad_ckpt,
+        head_tokens,
+        world=W,
+        frozen_group=layout.frozen_group if mode == "node" else W,
+        micro_steps=grad_accum,
+        dtype_bytes=dtype_bytes,
+        comm_bytes=comm_dtype_bytes or dtype_bytes,
+        persist=int(float(z.get("stage3_param_persistence_threshold", 1e5))),
+    )
     est = StepEstimate(method.name, mode, cost.label)
     fl = step_flops(a, method, micro_batch=micro_batch, seq=seq, grad_ckpt=grad_ckpt, head_tokens=head_tokens)
     est.flops = {k: v * grad_accum for k, v in fl.items()}
@@ -273,17 +322,24 @@ def estimate_step(a: Arch, method, mode: str, layout: RankLayout, cluster: Clust
         t_inter = c.inter / (cluster.net_gbps * 1e9 * cluster.link_efficiency)
         c.seconds = max(t_intra, t_inter) + c.calls * cluster.latency_s
     compute = est.flops["total"] / (cluster.peak_tflops * 1e12 * cluster.gemm_efficiency)
-    delta = (est.delta_elems.get("build", 0) / cluster.delta_build_per_s
-             + est.delta_elems.get("backward", 0) / cluster.delta_backward_per_s)
+    delta = (
+        est.delta_elems.get("build", 0) / cluster.delta_build_per_s
+        + est.delta_elems.get("backward", 0) / cluster.delta_backward_per_s
+    )
     # Optimizer: AdamW over this rank's partition of the trainables, memory bound: fp32
     # master, two moments and the gradient read and written, the working copy written.
     optimizer = math.ceil(cost.trainable_count(a) / W) * 32 / (cluster.hbm_gbps * 1e9)
     hidden = sum(c.seconds for c in est.collectives if c.overlapped)
     exposed = sum(c.seconds for c in est.collectives if not c.overlapped)
-    est.times = {"compute_s": compute, "delta_s": delta, "optimizer_s": optimizer,
-                 "comm_overlappable_s": hidden, "comm_exposed_s": exposed,
-                 "step_serial_s": compute + delta + optimizer + hidden + exposed,
-                 "step_overlap_s": max(compute + delta, hidden) + exposed + optimizer}
+    est.times = {
+        "compute_s": compute,
+        "delta_s": delta,
+        "optimizer_s": optimizer,
+        "comm_overlappable_s": hidden,
+        "comm_exposed_s": exposed,
+        "step_serial_s": compute + delta + optimizer + hidden + exposed,
+        "step_overlap_s": max(compute + delta, hidden) + exposed + optimizer,
+    }
     return est
 
 
@@ -308,8 +364,16 @@ def _plannable(m) -> bool:
         return False
 
 
-def estimate_rows(cfg, a: Arch, nodes: int, gpus_per_node: int, cluster: Cluster,
-                  headroom: float = 0.10, overhead_gb: float = 3.0, names=COMPARED) -> list[StepEstimate]:
+def estimate_rows(
+    cfg,
+    a: Arch,
+    nodes: int,
+    gpus_per_node: int,
+    cluster: Cluster,
+    headroom: float = 0.10,
+    overhead_gb: float = 3.0,
+    names=COMPARED,
+) -> list[StepEstimate]:
     """Every (method, frozen partition) row for a run config on `nodes` x `gpus_per_node`.
 
     Each method runs on the config's targets with its method.* values where it reads
@@ -328,12 +392,23 @@ def estimate_rows(cfg, a: Arch, nodes: int, gpus_per_node: int, cluster: Cluster
         if not _plannable(m):
             continue
         for mode in modes_of(name):
-            est = estimate_step(a, m, mode, layout, cluster, micro_batch=cfg.train.micro_batch_size,
-                                seq=cfg.data.max_length, grad_accum=cfg.train.grad_accum, dtype_bytes=b,
-                                grad_ckpt=cfg.model.gradient_checkpointing, zero=zero,
-                                comm_dtype_bytes=comm_dtype_bytes(ds, b))
-            mem = plan_for_config(cfg, a, world, method=name, overhead_gb=overhead_gb,
-                                       frozen_group=G if mode == "node" else None)
+            est = estimate_step(
+                a,
+                m,
+                mode,
+                layout,
+                cluster,
+                micro_batch=cfg.train.micro_batch_size,
+                seq=cfg.data.max_length,
+                grad_accum=cfg.train.grad_accum,
+                dtype_bytes=b,
+                grad_ckpt=cfg.model.gradient_checkpointing,
+                zero=zero,
+                comm_dtype_bytes=comm_dtype_bytes(ds, b),
+            )
+            mem = plan_for_config(
+                cfg, a, world, method=name, overhead_gb=overhead_gb, frozen_group=G if mode == "node" else None
+            )
             est.memory_gib = mem.gpu_total / GIB
             est.fits = check_fit(mem, cluster.gpu_mem_gb, headroom).fits
             out.append(est)

@@ -1,4 +1,5 @@
 """experiments/local_ranks.py: what the tests and the benchmark start ranks with."""
+
 import subprocess
 import sys
 import time
@@ -9,8 +10,10 @@ from experiments import local_ranks
 
 # One os.write per rank: the ranks share one open file (as under a launcher) and run
 # unbuffered, where print() writes the line and its newline apart and two ranks can interleave.
-SHOW = "import os; os.write(1, (' '.join(os.environ[k] for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', " \
-       "'MASTER_ADDR', 'MASTER_PORT')) + '\\n').encode())"
+SHOW = (
+    "import os; os.write(1, (' '.join(os.environ[k] for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', "
+    "'MASTER_ADDR', 'MASTER_PORT')) + '\\n').encode())"
+)
 
 
 def test_every_rank_gets_torchruns_variables_and_one_master(tmp_path):

@@ -1,4 +1,5 @@
 """bench.theta_grad on the tiny model: the generic measurements agree with what they mean."""
+
 import json
 
 import pytest
@@ -8,8 +9,22 @@ from experiments.bench import theta_grad
 
 def test_theta_grad_measures_each_entry_through_the_methods_own_merge(tiny_assets, tmp_path, capsys):
     out = tmp_path / "tg.json"
-    res = theta_grad.main(["--config", "configs/tiny.yaml", "--methods", "name=lora,r=4", "name=gpart,d=4096",
-                           "--batches", "2", "--line-mults", "1", "10", "--json", str(out)])
+    res = theta_grad.main(
+        [
+            "--config",
+            "configs/tiny.yaml",
+            "--methods",
+            "name=lora,r=4",
+            "name=gpart,d=4096",
+            "--batches",
+            "2",
+            "--line-mults",
+            "1",
+            "10",
+            "--json",
+            str(out),
+        ]
+    )
     lora, gpart = res["methods"]
     assert (lora["label"], gpart["label"]) == ("LoRA r=4", "GPart d=4,096") and gpart["trainable_params"] == 4096
     # A weight of group j moves by lr * s_j * u_j and sum_j n_j s_j^2 = d: measured through
@@ -21,7 +36,8 @@ def test_theta_grad_measures_each_entry_through_the_methods_own_merge(tiny_asset
         assert r["grad_per_batch"][0]["l2"] > 0 and 0 <= r["grad_per_batch"][0]["share_below_eps"] <= 1
     # the lr at which GPart's first step decreases the loss as much as LoRA's at its auto lr
     assert gpart["lr_matching_reference_loss_decrease"] == pytest.approx(
-        lora["auto_lr"] * lora["loss_decrease_per_lr"] / gpart["loss_decrease_per_lr"])
+        lora["auto_lr"] * lora["loss_decrease_per_lr"] / gpart["loss_decrease_per_lr"]
+    )
     assert json.loads(out.read_text())["reference"]["method"] == "LoRA r=4"
     assert "GPart d=4,096" in capsys.readouterr().out
 

@@ -1,4 +1,5 @@
 """What the fault tests assert: one case's verdict, with what went wrong in the message."""
+
 from __future__ import annotations
 
 from tests.faults.cases import CASES
@@ -27,5 +28,7 @@ def assert_case(faults, case) -> None:
     raise AssertionError(
         f"{case.title}\n  command: {r.get('command')}\n  exit: {r.get('rc')}   verdict: {r['category']}"
         + (f"   (issue item {case.defect})" if case.defect else "")
-        + "\n  problems:\n    - " + "\n    - ".join(r.get("problems", []))
-        + f"\n  first error line: {r.get('error')}\n  --- stderr (last lines) ---\n{tail}")
+        + "\n  problems:\n    - "
+        + "\n    - ".join(r.get("problems", []))
+        + f"\n  first error line: {r.get('error')}\n  --- stderr (last lines) ---\n{tail}"
+    )

@@ -19,6 +19,7 @@ names what and where (regexes), nothing that existed changed; a documented recov
 its exit status and message (damaged checkpoint skipped with a warning, SIGTERM ->
 checkpoint -> 75). `defect` names the issue item a case shows when it fails today.
 """
+
 from __future__ import annotations
 
 import json
@@ -55,12 +56,12 @@ APPEND = ("run/metrics.jsonl",)
 class Case:
     id: str
     kind: str
-    title: str                      # what a careful user did
-    build: Callable                 # (ws, fx) -> Call | [Call, ...] (earlier ones are set-up)
+    title: str  # what a careful user did
+    build: Callable  # (ws, fx) -> Call | [Call, ...] (earlier ones are set-up)
     expect: Expect
-    defect: str = ""                # issue item shown when this fails today ("15.1", "14.1", ...)
-    ci: bool = True                 # part of the pytest suite (else the harness only)
-    needs: str = ""                 # "tmpfs": only where a private tmpfs can be mounted
+    defect: str = ""  # issue item shown when this fails today ("15.1", "14.1", ...)
+    ci: bool = True  # part of the pytest suite (else the harness only)
+    needs: str = ""  # "tmpfs": only where a private tmpfs can be mounted
 
 
 CASES: list[Case] = []
@@ -70,6 +71,7 @@ def case(id, kind, title, expect, defect="", ci=True, needs=""):
     def deco(fn):
         CASES.append(Case(id, kind, title, fn, expect, defect, ci, needs))
         return fn
+
     return deco
 
 
@@ -82,8 +84,9 @@ def ok(*says, code=0) -> Expect:
 
 
 # ---------------------------------------------------------------- helpers
-def train(ws: Path, fx: Fx, changes: dict | None = None, *overrides, text: str | None = None,
-          argv: tuple = (), **kw) -> Call:
+def train(
+    ws: Path, fx: Fx, changes: dict | None = None, *overrides, text: str | None = None, argv: tuple = (), **kw
+) -> Call:
     cfg = fx.write_config(ws, changes, text=text)
     return Call("train", ["--config", cfg, *argv, *overrides], **kw)
 
@@ -97,13 +100,15 @@ def resume(ws: Path, fx: Fx, changes: dict | None = None, *overrides, may_change
     ch = {"train": {"max_steps": 6, "resume": "auto"}, "checkpoint": {"every_steps": 2}}
     if changes:
         from tests.faults.fixtures import deep_update
+
         ch = deep_update(ch, changes)
     return train(ws, fx, ch, *overrides, may_change=may_change, append_only=APPEND, **kw)
 
 
 def export(ws, fx, adapter, base=None, out=None, *extra, **kw) -> Call:
-    return Call("export", ["--base", base or fx.model, "--adapter", adapter, "--out", out or Path(ws) / "merged",
-                           *extra], **kw)
+    return Call(
+        "export", ["--base", base or fx.model, "--adapter", adapter, "--out", out or Path(ws) / "merged", *extra], **kw
+    )
 
 
 def evaluate(ws, fx, adapter=None, *extra, model=None, data=None, **kw) -> Call:
@@ -130,6 +135,7 @@ def data_case(ws, fx, records, which="train", raw: bytes | None = None, name="tr
     ch = {"data": {which: str(p)}}
     if changes:
         from tests.faults.fixtures import deep_update
+
         ch = deep_update(ch, changes)
     return train(ws, fx, ch)
 
@@ -145,6 +151,7 @@ def _finite_theta(rel):
             return None
         t = next(iter(load_file(str(p)).values()))
         return None if bool(torch.isfinite(t).all()) else f"{rel}: theta has non-finite values after exit {out.rc}"
+
     return check
 
 
@@ -159,6 +166,7 @@ def _finite_metrics(rel="run/metrics.jsonl"):
             if bad:
                 return f"{rel}: non-finite {bad} at step {rec.get('step')}"
         return None
+
     return check
 
 
@@ -175,11 +183,13 @@ def _loss_not_zero(rel="run/metrics.jsonl"):
         if any(x == 0.0 for x in evals if x is not None):
             return f"{rel}: eval_loss 0.0 (nothing was evaluated)"
         return None
+
     return check
 
 
 def _checkpoint_is(rel, step, fx):
     """The checkpoint folder still holds the shared run's state of that step."""
+
     def check(ws, out):
         import torch
 
@@ -188,10 +198,11 @@ def _checkpoint_is(rel, step, fx):
             return f"{rel}: gone"
         try:
             a = theta_of_checkpoint(p)
-        except Exception as exc:   # noqa: BLE001 - any failure to read it is the finding
+        except Exception as exc:  # noqa: BLE001 - any failure to read it is the finding
             return f"{rel}: unreadable after the call ({type(exc).__name__})"
         b = theta_of_checkpoint(fx.base_run / "checkpoints" / f"step-{step:06d}")
         return None if torch.equal(a, b) else f"{rel}: holds another theta than step {step}'s"
+
     return check
 
 
@@ -208,6 +219,7 @@ def _latest_verifies(rel="run/checkpoints"):
         except (CheckpointError, KeyError, TypeError, AttributeError) as exc:
             return f"{rel}/latest -> {latest.read_text().strip()}: does not verify ({exc})"
         return None
+
     return check
 
 
@@ -217,15 +229,18 @@ def _resumed_from(step, rel="run/metrics.jsonl"):
         events = [json.loads(ln) for ln in p.read_text().splitlines()] if p.is_file() else []
         got = [e.get("step") for e in events if e.get("event") == "resume"]
         return None if got and got[-1] == step else f"resumed from step {got[-1] if got else None}, expected {step}"
+
     return check
 
 
 def _only_checkpoints(rel, steps):
     """The checkpoint folder holds exactly these steps (an earlier run's are gone)."""
+
     def check(ws, out):
         root = out.path(rel)
         got = sorted(int(p.name.split("-")[1]) for p in root.glob("step-*")) if root.is_dir() else []
         return None if got == list(steps) else f"{rel}: checkpoints of steps {got}, expected {list(steps)}"
+
     return check
 
 
@@ -234,6 +249,7 @@ def _preempted(rel="run/metrics.jsonl"):
         p = out.path(rel)
         events = [json.loads(ln) for ln in p.read_text().splitlines()] if p.is_file() else []
         return None if any(e.get("event") == "preempted" for e in events) else "no preemption checkpoint recorded"
+
     return check
 
 
@@ -248,18 +264,21 @@ def _merged_finite(rel="merged"):
                 if v.is_floating_point() and not bool(torch.isfinite(v).all()):
                     return f"{rel}/{f.name}: {k} has non-finite values"
         return None
+
     return check
 
 
 def _merged_exists(rel="merged"):
     def check(ws, out):
         return None if (out.path(rel) / "model.safetensors").is_file() else f"{rel}: no merged model written"
+
     return check
 
 
 def _merged_equals_shared(fx, rel="merged"):
     """The merged weights equal the shared adapter's merge (a checkpoint folder of the
     same step must give the same model)."""
+
     def check(ws, out):
         import torch
         from safetensors.torch import load_file
@@ -270,6 +289,7 @@ def _merged_equals_shared(fx, rel="merged"):
         a, b = load_file(str(p)), load_file(str(fx.merged / "model.safetensors"))
         diff = [k for k in b if k not in a or not torch.equal(a[k], b[k])]
         return f"{rel}: differs from the adapter's merge in {diff[:3]}" if diff else None
+
     return check
 
 
@@ -284,8 +304,25 @@ from tests.faults import cases_identity, cases_upfront, cases_writers  # noqa: E
 
 # isort: on
 
-KINDS = ("config", "override", "data", "checkpoint", "output", "adapter", "evaluate", "verify", "base",
-         "diskfull", "nonfinite", "signal", "cli", "ranks", "writers", "identity", "upfront")
+KINDS = (
+    "config",
+    "override",
+    "data",
+    "checkpoint",
+    "output",
+    "adapter",
+    "evaluate",
+    "verify",
+    "base",
+    "diskfull",
+    "nonfinite",
+    "signal",
+    "cli",
+    "ranks",
+    "writers",
+    "identity",
+    "upfront",
+)
 BY_ID = {c.id: c for c in CASES}
 assert len(BY_ID) == len(CASES), "case ids must be unique"
 assert all(c.kind in KINDS for c in CASES)

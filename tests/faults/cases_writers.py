@@ -7,6 +7,7 @@ folder's lock as a run does from its start (gpart_ds.ownership, nothing else), o
 `launch/train.py` / export stopped (SIGSTOP) in the middle of its work, so that it writes
 nothing while the probed command runs. Either is ended by the call's cleanup.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,13 +28,16 @@ from tests.faults.runner import Call, Expect
 LOCK = ".gpart.lock"
 HOST = socket.gethostname()
 RUN_LOCK = ("run/.gpart.lock",)
-_HOLD = ("import sys, time; sys.path.insert(0, {repo!r}); from gpart_ds.ownership import FolderLock; "
-         "FolderLock.{how}({path!r}, 'x').acquire(); print('held', flush=True); time.sleep(900)")
+_HOLD = (
+    "import sys, time; sys.path.insert(0, {repo!r}); from gpart_ds.ownership import FolderLock; "
+    "FolderLock.{how}({path!r}, 'x').acquire(); print('held', flush=True); time.sleep(900)"
+)
 
 
 def _env() -> dict:
-    return dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), OMP_NUM_THREADS="1",
-                PYTHONUNBUFFERED="1")
+    return dict(
+        os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"
+    )
 
 
 def _ender(proc: subprocess.Popen):
@@ -45,14 +49,19 @@ def _ender(proc: subprocess.Popen):
             except ProcessLookupError:
                 pass
         proc.wait()
+
     return end
 
 
 def hold(path: Path, how: str = "for_folder") -> tuple[int, callable]:
     """Another process holds the lock of `path` (a folder, or an output locked beside
     itself) as a live run does; (its pid, the cleanup that ends it)."""
-    proc = subprocess.Popen([sys.executable, "-c", _HOLD.format(repo=str(REPO), path=str(path), how=how)],
-                            stdout=subprocess.PIPE, text=True, env=_env())
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLD.format(repo=str(REPO), path=str(path), how=how)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
     if proc.stdout.readline().strip() != "held":
         raise RuntimeError("the lock holder did not start")
     return proc.pid, _ender(proc)
@@ -68,16 +77,30 @@ def stale(folder: Path, name: str = LOCK, **holder) -> Path:
     """A lock file left by a writer that is gone (or, with another host, may be)."""
     folder.mkdir(parents=True, exist_ok=True)
     p = folder / name
-    p.write_text(json.dumps({"host": HOST, "pid": dead_pid(), "since": "2026-12-01T10:00:00",
-                             "command": "train.py --config cfg.yaml", **holder}))
+    p.write_text(
+        json.dumps(
+            {
+                "host": HOST,
+                "pid": dead_pid(),
+                "since": "2026-12-01T10:00:00",
+                "command": "train.py --config cfg.yaml",
+                **holder,
+            }
+        )
+    )
     return p
 
 
 def live_training(ws: Path, fx, *overrides) -> tuple[int, callable]:
     """A real `python launch/train.py` into ws/run, stopped once it has trained a step."""
     cfg = fx.write_config(ws, {"train": {"max_steps": 400, "log_every": 50}}, name="live.yaml")
-    proc = subprocess.Popen([sys.executable, str(REPO / "launch" / "train.py"), "--config", str(cfg), *overrides],
-                            cwd=ws, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "launch" / "train.py"), "--config", str(cfg), *overrides],
+        cwd=ws,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     metrics = ws / "run" / "metrics.jsonl"
     deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline:
@@ -92,12 +115,31 @@ def live_training(ws: Path, fx, *overrides) -> tuple[int, callable]:
 
 def live_export(ws: Path, fx, out: Path) -> tuple[int, callable]:
     """A real offline export to `out`, slowed down (tiny blocks) and stopped mid-write."""
-    proc = subprocess.Popen([sys.executable, "-m", "gpart_ds.export", "--base", str(fx.model), "--adapter",
-                             str(fx.base_run / "adapter"), "--out", str(out), "--block-mb", "0.0005"],
-                            cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gpart_ds.export",
+            "--base",
+            str(fx.model),
+            "--adapter",
+            str(fx.base_run / "adapter"),
+            "--out",
+            str(out),
+            "--block-mb",
+            "0.0005",
+        ],
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 300
-    while proc.poll() is None and time.monotonic() < deadline and \
-            not any(p.name.startswith(f".{out.name}.tmp-export") for p in out.parent.iterdir()):
+    while (
+        proc.poll() is None
+        and time.monotonic() < deadline
+        and not any(p.name.startswith(f".{out.name}.tmp-export") for p in out.parent.iterdir())
+    ):
         time.sleep(0.01)
     proc.send_signal(signal.SIGSTOP)
     if proc.poll() is not None:
@@ -116,6 +158,7 @@ def _no_run_dir(ws, out):
 def _no_lock_left(rel):
     def check(ws, out):
         return f"{rel} left behind" if out.path(rel).exists() else None
+
     return check
 
 
@@ -137,13 +180,19 @@ def held_case(id, title, *names, ci=True):
             pid = getattr(c, "expect_pid", None)
             expect.names = base + ((rf"pid {pid}\b", rf"host {re.escape(HOST)}") if pid else ())
             return c
+
         case(id, "writers", title, expect, defect="29", ci=ci)(build)
         return fn
+
     return deco
 
 
-@held_case("writers-train-into-held-folder", "a new run into an output_dir another live run holds (it has "
-      "not written anything yet): refused naming that run's pid, host and start", r"output_dir")
+@held_case(
+    "writers-train-into-held-folder",
+    "a new run into an output_dir another live run holds (it has "
+    "not written anything yet): refused naming that run's pid, host and start",
+    r"output_dir",
+)
 def _(ws, fx):
     pid, end = hold(ws / "run")
     c = train(ws, fx, cleanup=(end,))
@@ -151,10 +200,12 @@ def _(ws, fx):
     return c
 
 
-
-
-@held_case("writers-resume-into-held-folder", "train.resume=auto into a run folder another live job holds "
-      "(the same sbatch submitted twice): refused naming it, nothing of the run touched", r"output_dir")
+@held_case(
+    "writers-resume-into-held-folder",
+    "train.resume=auto into a run folder another live job holds "
+    "(the same sbatch submitted twice): refused naming it, nothing of the run touched",
+    r"output_dir",
+)
 def _(ws, fx):
     fx.copy_run(ws)
     pid, end = hold(ws / "run")
@@ -163,8 +214,11 @@ def _(ws, fx):
     return c
 
 
-@held_case("writers-export-only-into-held-folder", "--export-only train.resume=auto while another run holds "
-      "the folder", r"output_dir")
+@held_case(
+    "writers-export-only-into-held-folder",
+    "--export-only train.resume=auto while another run holds the folder",
+    r"output_dir",
+)
 def _(ws, fx):
     fx.copy_run(ws)
     pid, end = hold(ws / "run")
@@ -173,8 +227,11 @@ def _(ws, fx):
     return c
 
 
-@held_case("writers-overwrite-held-folder", "overwrite_output_dir=true into a folder a live run holds: "
-      "refused before anything is removed", r"output_dir")
+@held_case(
+    "writers-overwrite-held-folder",
+    "overwrite_output_dir=true into a folder a live run holds: refused before anything is removed",
+    r"output_dir",
+)
 def _(ws, fx):
     fx.copy_run(ws)
     pid, end = hold(ws / "run")
@@ -183,9 +240,12 @@ def _(ws, fx):
     return c
 
 
-@held_case("writers-live-training-second-run", "a real training run is at step 1; a second `launch/train.py` "
-      "with the same config: refused naming the first (it used to interleave metrics and replace the adapter)",
-      r"output_dir")
+@held_case(
+    "writers-live-training-second-run",
+    "a real training run is at step 1; a second `launch/train.py` "
+    "with the same config: refused naming the first (it used to interleave metrics and replace the adapter)",
+    r"output_dir",
+)
 def _(ws, fx):
     pid, end = live_training(ws, fx)
     c = train(ws, fx, cleanup=(end,))
@@ -193,8 +253,12 @@ def _(ws, fx):
     return c
 
 
-@held_case("writers-live-training-second-resume", "a real training run is at step 1; the same job again "
-      "with train.resume=auto (as slurm/gpart.sh passes it)", r"output_dir", ci=False)
+@held_case(
+    "writers-live-training-second-resume",
+    "a real training run is at step 1; the same job again with train.resume=auto (as slurm/gpart.sh passes it)",
+    r"output_dir",
+    ci=False,
+)
 def _(ws, fx):
     pid, end = live_training(ws, fx)
     c = train(ws, fx, {"train": {"resume": "auto"}}, cleanup=(end,))
@@ -211,8 +275,11 @@ def _(ws, fx):
     return c
 
 
-@held_case("writers-held-checkpoint-dir", "checkpoint.dir outside output_dir, held by a live run "
-      "(two runs sharing a checkpoint folder)", r"checkpoint\.dir")
+@held_case(
+    "writers-held-checkpoint-dir",
+    "checkpoint.dir outside output_dir, held by a live run (two runs sharing a checkpoint folder)",
+    r"checkpoint\.dir",
+)
 def _(ws, fx):
     pid, end = hold(ws / "ckpts")
     c = train(ws, fx, {"checkpoint": {"dir": str(ws / "ckpts")}}, cleanup=(end,))
@@ -220,8 +287,12 @@ def _(ws, fx):
     return c
 
 
-@held_case("writers-held-export-dir", "export.merged with export.dir outside output_dir while an export "
-      "to it runs: refused at the start, not after training", r"export\.dir")
+@held_case(
+    "writers-held-export-dir",
+    "export.merged with export.dir outside output_dir while an export "
+    "to it runs: refused at the start, not after training",
+    r"export\.dir",
+)
 def _(ws, fx):
     pid, end = hold(ws / "merged", how="beside")
     c = train(ws, fx, {"export": {"merged": True, "dir": str(ws / "merged")}}, cleanup=(end,))
@@ -229,76 +300,136 @@ def _(ws, fx):
     return c
 
 
-@held_case("writers-preflight-held-folder", "the SLURM preflight of a job whose output_dir another live run "
-      "holds: refused before the ranks start", r"output_dir")
+@held_case(
+    "writers-preflight-held-folder",
+    "the SLURM preflight of a job whose output_dir another live run holds: refused before the ranks start",
+    r"output_dir",
+)
 def _(ws, fx):
     pid, end = hold(ws / "run")
     cfg = fx.write_config(ws)
-    c = Call("preflight", ["--config", cfg, "--nodes", "1", "--tasks-per-node", "1", "--device", "cpu",
-                           "--wait-s", "5", "train.resume=auto"], cleanup=(end,))
+    c = Call(
+        "preflight",
+        [
+            "--config",
+            cfg,
+            "--nodes",
+            "1",
+            "--tasks-per-node",
+            "1",
+            "--device",
+            "cpu",
+            "--wait-s",
+            "5",
+            "train.resume=auto",
+        ],
+        cleanup=(end,),
+    )
     case_expect_pid(c, pid)
     return c
 
 
-@case("writers-dry-run-held-folder", "writers", "--dry-run of a config whose output_dir a live run holds: a dry "
-      "run writes nothing, so it is not refused", ok(), defect="29")
+@case(
+    "writers-dry-run-held-folder",
+    "writers",
+    "--dry-run of a config whose output_dir a live run holds: a dry run writes nothing, so it is not refused",
+    ok(),
+    defect="29",
+)
 def _(ws, fx):
     _, end = hold(ws / "run")
-    return train(ws, fx, argv=("--dry-run", "--nodes", "1", "--gpus-per-node", "1", "--gpu-mem-gb", "80"),
-                 cleanup=(end,))
+    return train(
+        ws, fx, argv=("--dry-run", "--nodes", "1", "--gpus-per-node", "1", "--gpu-mem-gb", "80"), cleanup=(end,)
+    )
 
 
 # ================================================================ stale and foreign locks
-@case("writers-stale-lock-dead-pid", "writers", "resume=auto over a lock left by a run killed with -9 on this host: "
-      "named in a warning and taken over, the run resumes", ok(r"(?i)stale lock", r"is gone"), defect="29")
+@case(
+    "writers-stale-lock-dead-pid",
+    "writers",
+    "resume=auto over a lock left by a run killed with -9 on this host: "
+    "named in a warning and taken over, the run resumes",
+    ok(r"(?i)stale lock", r"is gone"),
+    defect="29",
+)
 def _(ws, fx):
     fx.copy_run(ws)
     stale(ws / "run")
     return resume(ws, fx, may_change=RESUME_MAY + RUN_LOCK)
 
 
-@case("writers-stale-lock-empty", "writers", "an empty lock file (its writer died before it wrote its name) in a "
-      "new folder: taken over with a warning", ok(r"(?i)stale lock"), defect="29")
+@case(
+    "writers-stale-lock-empty",
+    "writers",
+    "an empty lock file (its writer died before it wrote its name) in a new folder: taken over with a warning",
+    ok(r"(?i)stale lock"),
+    defect="29",
+)
 def _(ws, fx):
     (ws / "run").mkdir()
     (ws / "run" / LOCK).write_text("")
     return train(ws, fx, {"train": {"max_steps": 1}}, may_change=RUN_LOCK)
 
 
-@case("writers-stale-lock-garbage", "writers", "a lock file holding garbage (a half-written or edited file): "
-      "taken over with a warning, no traceback", ok(r"(?i)stale lock"), defect="29")
+@case(
+    "writers-stale-lock-garbage",
+    "writers",
+    "a lock file holding garbage (a half-written or edited file): taken over with a warning, no traceback",
+    ok(r"(?i)stale lock"),
+    defect="29",
+)
 def _(ws, fx):
     (ws / "run").mkdir()
     (ws / "run" / LOCK).write_bytes(b"\x00\xff{not json")
     return train(ws, fx, {"train": {"max_steps": 1}}, may_change=RUN_LOCK)
 
 
-@case("writers-stale-lock-pid-reused", "writers", "a stale lock naming a pid that now belongs to another live "
-      "process (pid reuse): nobody holds the lock, so it is stale", ok(r"(?i)stale lock"), defect="29")
+@case(
+    "writers-stale-lock-pid-reused",
+    "writers",
+    "a stale lock naming a pid that now belongs to another live "
+    "process (pid reuse): nobody holds the lock, so it is stale",
+    ok(r"(?i)stale lock"),
+    defect="29",
+)
 def _(ws, fx):
     stale(ws / "run", pid=os.getpid())
     return train(ws, fx, {"train": {"max_steps": 1}}, may_change=RUN_LOCK)
 
 
-@case("writers-lock-other-host", "writers", "a lock written by a run on another host: refused naming that host and "
-      "pid and how to remove the lock if that run is gone",
-      err(r"gpu-node-7", r"pid 4242", r"(?i)remove .*gpart\.lock"),
-      defect="29")
+@case(
+    "writers-lock-other-host",
+    "writers",
+    "a lock written by a run on another host: refused naming that host and "
+    "pid and how to remove the lock if that run is gone",
+    err(r"gpu-node-7", r"pid 4242", r"(?i)remove .*gpart\.lock"),
+    defect="29",
+)
 def _(ws, fx):
     stale(ws / "run", host="gpu-node-7", pid=4242)
     return train(ws, fx)
 
 
-@case("writers-lock-other-host-resume", "writers", "resume=auto of a finished run folder whose lock names another "
-      "host", err(r"gpu-node-7", r"(?i)remove"), defect="29")
+@case(
+    "writers-lock-other-host-resume",
+    "writers",
+    "resume=auto of a finished run folder whose lock names another host",
+    err(r"gpu-node-7", r"(?i)remove"),
+    defect="29",
+)
 def _(ws, fx):
     fx.copy_run(ws)
     stale(ws / "run", host="gpu-node-7", pid=4242)
     return resume(ws, fx)
 
 
-@case("writers-lock-is-a-folder", "writers", "a folder named .gpart.lock in output_dir: refused naming it, no "
-      "traceback", err(r"\.gpart\.lock", r"(?i)folder"), defect="29")
+@case(
+    "writers-lock-is-a-folder",
+    "writers",
+    "a folder named .gpart.lock in output_dir: refused naming it, no traceback",
+    err(r"\.gpart\.lock", r"(?i)folder"),
+    defect="29",
+)
 def _(ws, fx):
     (ws / "run" / LOCK).mkdir(parents=True)
     return train(ws, fx)
@@ -308,40 +439,66 @@ def _(ws, fx):
 SLURM = {"SLURM_JOB_ID": "7001", "SLURM_RESTART_COUNT": "1"}
 
 
-@case("writers-requeue-other-node", "writers", "a requeued SLURM job (restart 1) lands on another node; its earlier "
-      "allocation's lock names the old node: taken over with a warning, the run resumes",
-      ok(r"(?i)stale lock", r"requeued"), defect="29")
+@case(
+    "writers-requeue-other-node",
+    "writers",
+    "a requeued SLURM job (restart 1) lands on another node; its earlier "
+    "allocation's lock names the old node: taken over with a warning, the run resumes",
+    ok(r"(?i)stale lock", r"requeued"),
+    defect="29",
+)
 def _(ws, fx):
     fx.copy_run(ws)
     stale(ws / "run", host="gpu-node-7", pid=4242, slurm_job="7001", slurm_restart="0")
     return resume(ws, fx, env=SLURM, may_change=RESUME_MAY + RUN_LOCK)
 
 
-@case("writers-requeue-same-node", "writers", "a requeued SLURM job on the same node: the lock of its killed "
-      "processes is stale", ok(r"(?i)stale lock"), defect="29")
+@case(
+    "writers-requeue-same-node",
+    "writers",
+    "a requeued SLURM job on the same node: the lock of its killed processes is stale",
+    ok(r"(?i)stale lock"),
+    defect="29",
+)
 def _(ws, fx):
     fx.copy_run(ws)
     stale(ws / "run", slurm_job="7001", slurm_restart="0")
     return resume(ws, fx, env=SLURM, may_change=RESUME_MAY + RUN_LOCK)
 
 
-@case("writers-requeue-preempted-while-loading", "writers", "a SLURM job preempted while loading (only its lock "
-      "in output_dir) is requeued: resume=auto starts fresh in its own folder", ok(r"(?i)stale lock"), defect="29")
+@case(
+    "writers-requeue-preempted-while-loading",
+    "writers",
+    "a SLURM job preempted while loading (only its lock "
+    "in output_dir) is requeued: resume=auto starts fresh in its own folder",
+    ok(r"(?i)stale lock"),
+    defect="29",
+)
 def _(ws, fx):
     stale(ws / "run", host="gpu-node-7", pid=4242, slurm_job="7001", slurm_restart="0")
     return train(ws, fx, {"train": {"resume": "auto", "max_steps": 1}}, env=SLURM, may_change=RUN_LOCK)
 
 
-@case("writers-other-job-lock", "writers", "another SLURM job's lock from another node: refused, naming the job",
-      err(r"SLURM job 6999", r"gpu-node-7"), defect="29")
+@case(
+    "writers-other-job-lock",
+    "writers",
+    "another SLURM job's lock from another node: refused, naming the job",
+    err(r"SLURM job 6999", r"gpu-node-7"),
+    defect="29",
+)
 def _(ws, fx):
     fx.copy_run(ws)
     stale(ws / "run", host="gpu-node-7", pid=4242, slurm_job="6999", slurm_restart="0")
     return resume(ws, fx, env=SLURM)
 
 
-@case("writers-same-job-two-steps", "writers", "the same SLURM job and restart holds the folder from another node "
-      "(two job steps into one folder): refused", err(r"gpu-node-7"), defect="29")
+@case(
+    "writers-same-job-two-steps",
+    "writers",
+    "the same SLURM job and restart holds the folder from another node (two job steps into one folder): refused",
+    err(r"gpu-node-7"),
+    defect="29",
+)
 def _(ws, fx):
     fx.copy_run(ws)
     stale(ws / "run", host="gpu-node-7", pid=4242, slurm_job="7001", slurm_restart="1")
@@ -357,8 +514,11 @@ def _(ws, fx):
     return c
 
 
-@held_case("writers-export-held-out-overwrite", "export --overwrite onto an existing merged folder while "
-      "another export to it runs: refused, the folder untouched", r"--out")
+@held_case(
+    "writers-export-held-out-overwrite",
+    "export --overwrite onto an existing merged folder while another export to it runs: refused, the folder untouched",
+    r"--out",
+)
 def _(ws, fx):
     shutil.copytree(fx.merged, ws / "merged")
     pid, end = hold(ws / "merged", how="beside")
@@ -367,12 +527,15 @@ def _(ws, fx):
     return c
 
 
-@held_case("writers-export-live-temp-kept", "a second export while the first is writing its temporary folder "
-      "(the fixed name was removed under it, and a folder mixed both adapters): refused, the first's folder intact",
-      r"--out")
+@held_case(
+    "writers-export-live-temp-kept",
+    "a second export while the first is writing its temporary folder "
+    "(the fixed name was removed under it, and a folder mixed both adapters): refused, the first's folder intact",
+    r"--out",
+)
 def _(ws, fx):
     pid, end = hold(ws / "merged", how="beside")
-    tmp = ws / ".merged.tmp-export"   # the name every export used, as the first export has it
+    tmp = ws / ".merged.tmp-export"  # the name every export used, as the first export has it
     tmp.mkdir()
     (tmp / "model.safetensors").write_bytes(b"\0" * 4096)
     c = export(ws, fx, fx.base_run / "adapter", None, None, "--overwrite", cleanup=(end,))
@@ -380,8 +543,11 @@ def _(ws, fx):
     return c
 
 
-@held_case("writers-export-concurrent-real", "two real exports to one --out: the second starts while the "
-      "first writes; refused naming the first", r"--out")
+@held_case(
+    "writers-export-concurrent-real",
+    "two real exports to one --out: the second starts while the first writes; refused naming the first",
+    r"--out",
+)
 def _(ws, fx):
     pid, end = live_export(ws, fx, ws / "merged")
     c = export(ws, fx, fx.base_run / "adapter", None, None, "--overwrite", cleanup=(end,))
@@ -389,49 +555,82 @@ def _(ws, fx):
     return c
 
 
-@case("writers-export-other-out-same-parent", "writers", "an export to merged_b while another writes merged_a in "
-      "the same folder: not refused (one lock per output)", ok(r"merged"), defect="29")
+@case(
+    "writers-export-other-out-same-parent",
+    "writers",
+    "an export to merged_b while another writes merged_a in the same folder: not refused (one lock per output)",
+    ok(r"merged"),
+    defect="29",
+)
 def _(ws, fx):
     _, end = hold(ws / "merged_a", how="beside")
     return export(ws, fx, fx.base_run / "adapter", None, ws / "merged_b", cleanup=(end,))
 
 
-@case("writers-export-stale-temp-legacy", "writers", "a temporary folder left by a killed export (the old fixed "
-      "name): removed with a warning naming it, the export completes", ok(r"(?i)removing the temporary folder"),
-      defect="29")
+@case(
+    "writers-export-stale-temp-legacy",
+    "writers",
+    "a temporary folder left by a killed export (the old fixed "
+    "name): removed with a warning naming it, the export completes",
+    ok(r"(?i)removing the temporary folder"),
+    defect="29",
+)
 def _(ws, fx):
     (ws / ".merged.tmp-export").mkdir()
     (ws / ".merged.tmp-export" / "model.safetensors").write_bytes(b"\0" * 100)
     return export(ws, fx, fx.base_run / "adapter", may_change=(".merged.tmp-export", ".merged.tmp-export/*"))
 
 
-@case("writers-export-stale-temp-and-lock", "writers", "an export killed with -9 left its own temporary folder and "
-      "lock: both named in warnings and replaced", ok(r"(?i)stale lock", r"(?i)removing the temporary folder"),
-      defect="29")
+@case(
+    "writers-export-stale-temp-and-lock",
+    "writers",
+    "an export killed with -9 left its own temporary folder and lock: both named in warnings and replaced",
+    ok(r"(?i)stale lock", r"(?i)removing the temporary folder"),
+    defect="29",
+)
 def _(ws, fx):
     stale(ws, ".merged.gpart.lock", command="python -m gpart_ds.export")
     t = ws / f".merged.tmp-export-{HOST}-{dead_pid()}-0a0b0c"
     t.mkdir()
     (t / "config.json").write_text("{}")
-    return export(ws, fx, fx.base_run / "adapter",
-                  may_change=(".merged.gpart.lock", ".merged.tmp-export-*", ".merged.tmp-export-*/*"))
+    return export(
+        ws,
+        fx,
+        fx.base_run / "adapter",
+        may_change=(".merged.gpart.lock", ".merged.tmp-export-*", ".merged.tmp-export-*/*"),
+    )
 
 
-@case("writers-export-lock-other-host", "writers", "an export lock beside --out written on another host",
-      err(r"gpu-node-7", r"(?i)remove"), defect="29")
+@case(
+    "writers-export-lock-other-host",
+    "writers",
+    "an export lock beside --out written on another host",
+    err(r"gpu-node-7", r"(?i)remove"),
+    defect="29",
+)
 def _(ws, fx):
     stale(ws, ".merged.gpart.lock", host="gpu-node-7", pid=4242)
     return export(ws, fx, fx.base_run / "adapter")
 
 
-@case("writers-export-done-no-leftovers", "writers", "a plain export: no lock file or temporary folder left beside "
-      "--out", ok(), defect="29")
+@case(
+    "writers-export-done-no-leftovers",
+    "writers",
+    "a plain export: no lock file or temporary folder left beside --out",
+    ok(),
+    defect="29",
+)
 def _(ws, fx):
     return export(ws, fx, fx.base_run / "adapter")
 
 
-@case("writers-train-done-no-leftovers", "writers", "a plain 1-step run: its lock file is gone at the end",
-      ok(), defect="29")
+@case(
+    "writers-train-done-no-leftovers",
+    "writers",
+    "a plain 1-step run: its lock file is gone at the end",
+    ok(),
+    defect="29",
+)
 def _(ws, fx):
     c = train(ws, fx, {"train": {"max_steps": 1}})
     c.checks = (_no_lock_left("run/.gpart.lock"),)
@@ -442,27 +641,48 @@ def _(ws, fx):
 def _startup_signal(signum, when="lock"):
     """A stop signal once the run holds its folder (model load, process group, engine):
     start-up, before training's own handler exists."""
+
     def build(ws, fx):
         c = train(ws, fx, {"train": {"max_steps": 2}})
-        c.signal = ({"signum": int(signum), "when_file": str(ws / "run" / LOCK), "when_contains": ""}
-                    if when == "lock" else {"signum": int(signum), "after_s": when})
+        c.signal = (
+            {"signum": int(signum), "when_file": str(ws / "run" / LOCK), "when_contains": ""}
+            if when == "lock"
+            else {"signum": int(signum), "after_s": when}
+        )
         c.checks = (_no_run_dir,)
         return c
+
     return build
 
 
 STOPPED = ok(r"stopped: SIG(TERM|USR1) while the run was starting", r"train\.resume=auto", code=75)
-case("writers-sigterm-while-loading", "writers", "SIGTERM while the run loads the model and builds the engine: "
-     "exit 75 and one line (was: 143, nothing said, not requeued)", STOPPED, defect="29")(
-    _startup_signal(signal.SIGTERM))
-case("writers-sigusr1-while-loading", "writers", "SIGUSR1 (SLURM's warning before the time limit) while loading",
-     STOPPED, defect="29")(_startup_signal(signal.SIGUSR1))
-case("writers-sigterm-at-once", "writers", "SIGTERM 0.2 s after the start (reading the config)", STOPPED,
-     defect="29")(_startup_signal(signal.SIGTERM, when=0.2))
+case(
+    "writers-sigterm-while-loading",
+    "writers",
+    "SIGTERM while the run loads the model and builds the engine: "
+    "exit 75 and one line (was: 143, nothing said, not requeued)",
+    STOPPED,
+    defect="29",
+)(_startup_signal(signal.SIGTERM))
+case(
+    "writers-sigusr1-while-loading",
+    "writers",
+    "SIGUSR1 (SLURM's warning before the time limit) while loading",
+    STOPPED,
+    defect="29",
+)(_startup_signal(signal.SIGUSR1))
+case("writers-sigterm-at-once", "writers", "SIGTERM 0.2 s after the start (reading the config)", STOPPED, defect="29")(
+    _startup_signal(signal.SIGTERM, when=0.2)
+)
 
 
-@case("writers-sigterm-resume-loading", "writers", "SIGTERM while a resume=auto loads: exit 75, the run's "
-      "checkpoints and adapter untouched", STOPPED, defect="29")
+@case(
+    "writers-sigterm-resume-loading",
+    "writers",
+    "SIGTERM while a resume=auto loads: exit 75, the run's checkpoints and adapter untouched",
+    STOPPED,
+    defect="29",
+)
 def _(ws, fx):
     fx.copy_run(ws)
     c = resume(ws, fx)
@@ -470,8 +690,13 @@ def _(ws, fx):
     return c
 
 
-@case("writers-sigterm-export-only", "writers", "SIGTERM during --export-only: exit 75, no merged folder, no "
-      "temporary folder or lock left", ok(r"stopped: SIGTERM", code=75), defect="29")
+@case(
+    "writers-sigterm-export-only",
+    "writers",
+    "SIGTERM during --export-only: exit 75, no merged folder, no temporary folder or lock left",
+    ok(r"stopped: SIGTERM", code=75),
+    defect="29",
+)
 def _(ws, fx):
     fx.copy_run(ws)
     c = train(ws, fx, {"train": {"resume": "auto", "max_steps": 4}}, argv=("--export-only",))
@@ -480,39 +705,66 @@ def _(ws, fx):
     return c
 
 
-@case("writers-sigint-while-loading", "writers", "Ctrl-C while loading: exit 130, nothing left behind",
-      ok(r"(?i)interrupt", code=130), defect="29")
+@case(
+    "writers-sigint-while-loading",
+    "writers",
+    "Ctrl-C while loading: exit 130, nothing left behind",
+    ok(r"(?i)interrupt", code=130),
+    defect="29",
+)
 def _(ws, fx):
     c = train(ws, fx, {"train": {"max_steps": 2}})
     c.signal = {"signum": int(signal.SIGINT), "when_file": str(ws / "run" / LOCK), "when_contains": ""}
     return c
 
 
-@case("writers-requeue-after-startup-stop", "writers", "preempted while loading (exit 75), then requeued with "
-      "train.resume=auto: starts in its own folder and finishes", ok(), defect="29")
+@case(
+    "writers-requeue-after-startup-stop",
+    "writers",
+    "preempted while loading (exit 75), then requeued with train.resume=auto: starts in its own folder and finishes",
+    ok(),
+    defect="29",
+)
 def _(ws, fx):
     first = train(ws, fx, {"train": {"max_steps": 2, "resume": "auto"}})
     first.signal = {"signum": int(signal.SIGTERM), "when_file": str(ws / "run" / LOCK), "when_contains": ""}
     return [first, train(ws, fx, {"train": {"max_steps": 2, "resume": "auto"}})]
 
 
-@case("writers-killed-while-loading-then-requeued", "writers", "kill -9 while loading (its lock is left), then "
-      "requeued with train.resume=auto: the stale lock is named and taken over", ok(r"(?i)stale lock"), defect="29")
+@case(
+    "writers-killed-while-loading-then-requeued",
+    "writers",
+    "kill -9 while loading (its lock is left), then "
+    "requeued with train.resume=auto: the stale lock is named and taken over",
+    ok(r"(?i)stale lock"),
+    defect="29",
+)
 def _(ws, fx):
     first = train(ws, fx, {"train": {"max_steps": 2, "resume": "auto"}})
     first.signal = {"signum": int(signal.SIGKILL), "when_file": str(ws / "run" / LOCK), "when_contains": ""}
     return [first, train(ws, fx, {"train": {"max_steps": 2, "resume": "auto"}}, may_change=RUN_LOCK)]
 
 
-@case("writers-killed-training-then-resumed", "writers", "kill -9 at step 3 (checkpoint at 2, lock left), then "
-      "resume=auto: stale lock taken over, resumes from step 2", ok(r"(?i)stale lock", r"resumed from"),
-      defect="29", ci=False)
+@case(
+    "writers-killed-training-then-resumed",
+    "writers",
+    "kill -9 at step 3 (checkpoint at 2, lock left), then resume=auto: stale lock taken over, resumes from step 2",
+    ok(r"(?i)stale lock", r"resumed from"),
+    defect="29",
+    ci=False,
+)
 def _(ws, fx):
     first = train(ws, fx, {"train": {"max_steps": 400, "log_every": 50}, "checkpoint": {"every_steps": 2}})
-    first.signal = {"signum": int(signal.SIGKILL), "when_file": str(ws / "run" / "metrics.jsonl"),
-                    "when_contains": '"step": 3,'}
-    second = train(ws, fx, {"train": {"max_steps": 4, "log_every": 50, "resume": "auto"},
-                            "checkpoint": {"every_steps": 2}},
-                   may_change=RUN_LOCK + ("run/checkpoints/*", "run/run_config.yaml", "run/.*"),
-                   append_only=APPEND)
+    first.signal = {
+        "signum": int(signal.SIGKILL),
+        "when_file": str(ws / "run" / "metrics.jsonl"),
+        "when_contains": '"step": 3,',
+    }
+    second = train(
+        ws,
+        fx,
+        {"train": {"max_steps": 4, "log_every": 50, "resume": "auto"}, "checkpoint": {"every_steps": 2}},
+        may_change=RUN_LOCK + ("run/checkpoints/*", "run/run_config.yaml", "run/.*"),
+        append_only=APPEND,
+    )
     return [first, second]

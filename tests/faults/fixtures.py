@@ -6,6 +6,7 @@ Llama with hidden 64 and its "reverse the words" data. The shared run trains 4 s
 one process with a checkpoint every 2 steps, so a probe finds checkpoints step-000002 and
 step-000004, the adapter, metrics.jsonl and run_config.yaml in a copy of it.
 """
+
 from __future__ import annotations
 
 import copy
@@ -28,10 +29,22 @@ def base_config(out_dir: Path, tokcache: Path) -> dict:
     return {
         "method": {"name": "gpart", "d": 4096, "seed": 0, "target_modules": "all-linear"},
         "model": {"path": str(TINY / "model"), "precision": "fp32"},
-        "data": {"train": str(TINY / "data" / "train.jsonl"), "eval": str(TINY / "data" / "eval.jsonl"),
-                 "max_length": 64, "cache_dir": str(tokcache)},
-        "train": {"max_steps": 2, "micro_batch_size": 4, "grad_accum": 1, "lr": 0.05, "schedule": "cosine",
-                  "warmup_ratio": 0.1, "log_every": 1, "eval_examples": 8},
+        "data": {
+            "train": str(TINY / "data" / "train.jsonl"),
+            "eval": str(TINY / "data" / "eval.jsonl"),
+            "max_length": 64,
+            "cache_dir": str(tokcache),
+        },
+        "train": {
+            "max_steps": 2,
+            "micro_batch_size": 4,
+            "grad_accum": 1,
+            "lr": 0.05,
+            "schedule": "cosine",
+            "warmup_ratio": 0.1,
+            "log_every": 1,
+            "eval_examples": 8,
+        },
         "checkpoint": {"every_steps": 0, "keep_last": 2},
         "deepspeed": str(DS_JSON),
         "output_dir": str(out_dir),
@@ -69,8 +82,9 @@ class Fx:
     def config(self, ws: Path, changes: dict | None = None) -> dict:
         return deep_update(base_config(Path(ws) / "run", self.tokcache), changes or {})
 
-    def write_config(self, ws: Path, changes: dict | None = None, name: str = "cfg.yaml",
-                     text: str | None = None) -> Path:
+    def write_config(
+        self, ws: Path, changes: dict | None = None, name: str = "cfg.yaml", text: str | None = None
+    ) -> Path:
         p = Path(ws) / name
         p.write_text(text if text is not None else yaml.safe_dump(self.config(ws, changes), sort_keys=False))
         return p
@@ -128,10 +142,12 @@ class Fx:
     @cached_property
     def model_3layer(self) -> Path:
         """The tiny model with a third block (a copy of block 1): same shapes per target."""
+
         def edit(dst, t, cfg):
             for k in [k for k in t if ".layers.1." in k]:
                 t[k.replace(".layers.1.", ".layers.2.")] = t[k].clone()
             cfg["num_hidden_layers"] = 3
+
         return self._model_variant("three_layers", edit)
 
     @cached_property
@@ -147,21 +163,26 @@ class Fx:
                 elif ".mlp.down_proj." in k:
                     t[k] = torch.randn(t[k].shape[0], 192, generator=g) * 0.02
             cfg["intermediate_size"] = 192
+
         return self._model_variant("wide_mlp", edit)
 
     @cached_property
     def model_renamed(self) -> Path:
         """A target weight stored under another name (a conversion that went wrong)."""
+
         def edit(dst, t, cfg):
             k = "model.layers.0.self_attn.q_proj.weight"
             t["model.layers.0.self_attn.q_proj.weight_renamed"] = t.pop(k)
+
         return self._model_variant("renamed_key", edit)
 
     @cached_property
     def model_nan(self) -> Path:
         """NaN in one element of a target weight (q_proj of block 0)."""
+
         def edit(dst, t, cfg):
             t["model.layers.0.self_attn.q_proj.weight"][0, 0] = float("nan")
+
         return self._model_variant("nan_weight", edit)
 
     @cached_property
@@ -170,6 +191,7 @@ class Fx:
             p = dst / "model.safetensors"
             p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
             return False
+
         return self._model_variant("truncated", edit)
 
     @cached_property
@@ -177,6 +199,7 @@ class Fx:
         def edit(dst, t, cfg):
             (dst / "config.json").write_text('{"model_type": "llama", "hidden_size": ')
             return False
+
         return self._model_variant("bad_config_json", edit)
 
     @cached_property
@@ -184,6 +207,7 @@ class Fx:
         def edit(dst, t, cfg):
             (dst / "model.safetensors").unlink()
             return False
+
         return self._model_variant("no_weights", edit)
 
     @cached_property
@@ -195,8 +219,12 @@ class Fx:
             return out
         shutil.rmtree(ws, ignore_errors=True)
         ws.mkdir(parents=True)
-        o = run_call(self.server, ws, Call("export", ["--base", self.model, "--adapter", self.base_run / "adapter",
-                                                      "--out", out]), tag="merge")
+        o = run_call(
+            self.server,
+            ws,
+            Call("export", ["--base", self.model, "--adapter", self.base_run / "adapter", "--out", out]),
+            tag="merge",
+        )
         if o.rc != 0:
             raise RuntimeError(f"the shared merge failed (exit {o.rc}):\n{o.stderr[-4000:]}")
         return out
@@ -242,8 +270,11 @@ def rewrite_manifest(ckpt: Path) -> None:
     from gpart_ds.checkpoint import MANIFEST
     from gpart_ds.fileio import sha256_file as _sha256
 
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-             for p in sorted(Path(ckpt).iterdir()) if p.name != MANIFEST}
+    files = {
+        p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(Path(ckpt).iterdir())
+        if p.name != MANIFEST
+    }
     m = json.loads((Path(ckpt) / MANIFEST).read_text())
     m["files"] = files
     (Path(ckpt) / MANIFEST).write_text(json.dumps(m, indent=2))

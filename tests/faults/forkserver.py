@@ -21,6 +21,7 @@ allows it), pre-filled by copying folders in; or, where no namespace can be made
 FAULTS_FS=rlimit), a per-file size limit (RLIMIT_FSIZE: writes beyond it fail with
 EFBIG, Python ignores SIGXFSZ). The hello line says which one is used.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -81,9 +82,18 @@ def preload() -> None:
     import transformers  # noqa: F401
     from transformers import AutoTokenizer, LlamaForCausalLM  # noqa: F401
 
-    for mod in ("gpart_ds.trainer", "gpart_ds.export.cli", "gpart_ds.evaluate", "gpart_ds.plan.cli",
-                "gpart_ds.dryrun", "gpart_ds.export.zero3", "gpart_ds.preflight", "gpart_ds.assets",
-                "experiments.study", "experiments.bench.compare"):
+    for mod in (
+        "gpart_ds.trainer",
+        "gpart_ds.export.cli",
+        "gpart_ds.evaluate",
+        "gpart_ds.plan.cli",
+        "gpart_ds.dryrun",
+        "gpart_ds.export.zero3",
+        "gpart_ds.preflight",
+        "gpart_ds.assets",
+        "experiments.study",
+        "experiments.bench.compare",
+    ):
         importlib.import_module(mod)
     for name in CLIS:
         load_cli(name)
@@ -116,8 +126,9 @@ def private_tmpfs(mount: str, size_bytes: int) -> None:
 
 
 def resize_tmpfs(mount: str, size_bytes: int) -> None:
-    _check(_libc().mount(b"tmpfs", mount.encode(), b"tmpfs", MS_REMOUNT, f"size={size_bytes}".encode()),
-           "remount tmpfs")
+    _check(
+        _libc().mount(b"tmpfs", mount.encode(), b"tmpfs", MS_REMOUNT, f"size={size_bytes}".encode()), "remount tmpfs"
+    )
 
 
 def used_bytes(mount: str) -> int:
@@ -175,7 +186,7 @@ def finish_small_fs(fs: dict) -> None:
         return
     mount = Path(fs["mount"])
     before = json.loads(Path(fs["before"]).read_text())
-    prefix = {}   # digest of each earlier file's first (earlier size) bytes: did it only grow?
+    prefix = {}  # digest of each earlier file's first (earlier size) bytes: did it only grow?
     for rel, size in before["sizes"].items():
         p = mount / rel
         if p.is_file() and p.stat().st_size >= size:
@@ -225,7 +236,7 @@ def child(req: dict, pipes) -> None:
     """In the forked child: run one CLI call as `python -m ...` would, then exit."""
     rc = 1
     try:
-        os.setpgid(0, 0)   # its own process group: a timeout kills what it started too
+        os.setpgid(0, 0)  # its own process group: a timeout kills what it started too
         fd_in = os.open(os.devnull, os.O_RDONLY)
         os.dup2(fd_in, 0)
         # Pipes, not files: a per-file size limit (disk-full probes) must not hit the output.
@@ -241,11 +252,12 @@ def child(req: dict, pipes) -> None:
         os.environ.update(req.get("env") or {})
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, signal.SIG_DFL if sig != signal.SIGINT else signal.default_int_handler)
-        if os.environ.get("FAULTS_STACKS_EVERY"):   # debugging a slow or hung call
+        if os.environ.get("FAULTS_STACKS_EVERY"):  # debugging a slow or hung call
             import faulthandler
 
-            faulthandler.dump_traceback_later(float(os.environ["FAULTS_STACKS_EVERY"]), repeat=True,
-                                              file=open(req["stderr"] + ".stacks", "w"))
+            faulthandler.dump_traceback_later(
+                float(os.environ["FAULTS_STACKS_EVERY"]), repeat=True, file=open(req["stderr"] + ".stacks", "w")
+            )
         fs = req.get("fs")
         if fs:
             setup_small_fs(fs)
@@ -260,13 +272,13 @@ def child(req: dict, pipes) -> None:
             traceback.print_exc()
             rc = 130
         except BaseException:
-            sys.excepthook(*sys.exc_info())   # what the interpreter prints
+            sys.excepthook(*sys.exc_info())  # what the interpreter prints
             rc = 1
         if fs:
             finish_small_fs(fs)
     except BaseException:
         traceback.print_exc()
-        rc = 99   # the harness itself failed: never mistaken for the CLI's answer
+        rc = 99  # the harness itself failed: never mistaken for the CLI's answer
     finally:
         try:
             sys.stdout.flush()
@@ -298,7 +310,7 @@ class _Drain:
                 os.close(fd)
 
     def finish(self, limit_s: float = 5.0) -> None:
-        end = time.monotonic() + limit_s   # a grandchild may still hold a pipe: do not wait forever
+        end = time.monotonic() + limit_s  # a grandchild may still hold a pipe: do not wait forever
         while self.files and time.monotonic() < end:
             self.poll(0.05)
         for fd, fh in self.files.items():
@@ -316,7 +328,7 @@ def serve_one(req: dict) -> dict:
     for _, w in pipes:
         os.close(w)
     drain = _Drain(pipes, (req["stdout"], req["stderr"]))
-    sig = req.get("signal")   # {"signum", "when_file", "when_contains", "after_s"}
+    sig = req.get("signal")  # {"signum", "when_file", "when_contains", "after_s"}
     sent_at, status, timed_out = None, None, False
     deadline = t0 + req.get("timeout", 600)
     while True:
@@ -357,7 +369,7 @@ def _ready(sig: dict, elapsed: float) -> bool:
 
 def main() -> None:
     out = sys.stdout
-    sys.stdout = sys.stderr   # library prints during import must not corrupt the protocol
+    sys.stdout = sys.stderr  # library prints during import must not corrupt the protocol
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     sys.path.insert(0, str(REPO))
     preload()
@@ -371,7 +383,7 @@ def main() -> None:
         req = json.loads(line)
         try:
             resp = serve_one(req)
-        except Exception as exc:   # a harness bug: report it, keep serving
+        except Exception as exc:  # a harness bug: report it, keep serving
             resp = {"rc": None, "error": f"{type(exc).__name__}: {exc}"}
         out.write(json.dumps(resp) + "\n")
         out.flush()

@@ -23,6 +23,7 @@ wrong or non-finite results with exit 0. Verdicts:
 Writes DIR/results.json (every case, its commands, exit status, problems) and prints the
 counts; --report writes them as Markdown.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,7 +57,7 @@ def run_case(server: ForkServer, fx: Fx, case: Case, root: Path) -> dict:
     t0 = time.monotonic()
     try:
         calls = case.build(ws, fx)
-    except Exception as exc:   # noqa: BLE001 - a broken case is reported, not fatal
+    except Exception as exc:  # noqa: BLE001 - a broken case is reported, not fatal
         res.update(category="harness_error", problems=[f"building the case failed: {type(exc).__name__}: {exc}"])
         return res
     calls = calls if isinstance(calls, list) else [calls]
@@ -70,28 +71,44 @@ def run_case(server: ForkServer, fx: Fx, case: Case, root: Path) -> dict:
     found = []
     # A case's checks look for wrong results behind a success status (a failure status
     # already says "no result"; files it damaged are caught by the snapshots).
-    claims_success = last.rc == 0 or (not case.expect.error and (
-        last.rc == case.expect.code or (case.expect.code is None and last.rc not in (0, None))))
+    claims_success = last.rc == 0 or (
+        not case.expect.error
+        and (last.rc == case.expect.code or (case.expect.code is None and last.rc not in (0, None)))
+    )
     for check in call.checks if claims_success else ():
         try:
             msg = check(ws, last)
-        except Exception as exc:   # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001
             msg = f"check {getattr(check, '__qualname__', check)} failed: {type(exc).__name__}: {exc}"
         if msg:
             found.append(msg)
     v: Verdict = judge(case.expect, [last], found)
     err = last.error_text
-    res.update(category=v.category, problems=v.problems, rc=last.rc, seconds=round(time.monotonic() - t0, 2),
-               command=_shown(call, ws), error=(err.splitlines()[0][:400] if err else None),
-               traceback=last.traceback, changed=last.changed, leftovers=last.leftovers)
+    res.update(
+        category=v.category,
+        problems=v.problems,
+        rc=last.rc,
+        seconds=round(time.monotonic() - t0, 2),
+        command=_shown(call, ws),
+        error=(err.splitlines()[0][:400] if err else None),
+        traceback=last.traceback,
+        changed=last.changed,
+        leftovers=last.leftovers,
+    )
     return res
 
 
 def _shown(call: Call, ws: Path) -> str:
-    prog = {"train": "python launch/train.py", "export": "python -m gpart_ds.export",
-            "evaluate": "python -m gpart_ds.evaluate", "plan": "python -m gpart_ds.plan",
-            "assets": "python -m gpart_ds.assets", "preflight": "python -m gpart_ds.preflight",
-            "study": "python -m experiments.study", "bench": "python -m experiments.bench"}.get(call.cli)
+    prog = {
+        "train": "python launch/train.py",
+        "export": "python -m gpart_ds.export",
+        "evaluate": "python -m gpart_ds.evaluate",
+        "plan": "python -m gpart_ds.plan",
+        "assets": "python -m gpart_ds.assets",
+        "preflight": "python -m gpart_ds.preflight",
+        "study": "python -m experiments.study",
+        "bench": "python -m experiments.bench",
+    }.get(call.cli)
     args = [str(a).replace(str(ws), "WS") for a in call.argv]
     if call.cli == "launcher":
         prog, args = f"deepspeed --num_gpus {args[0]} launch/train.py", args[1:]
@@ -109,8 +126,9 @@ def machine() -> str:
         pass
     mem = ""
     try:
-        kb = int(next(ln for ln in Path("/proc/meminfo").read_text().splitlines()
-                      if ln.startswith("MemTotal")).split()[1])
+        kb = int(
+            next(ln for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemTotal")).split()[1]
+        )
         mem = f", {kb / 2**20:.0f} GB RAM"
     except (OSError, StopIteration):
         pass
@@ -120,64 +138,100 @@ def machine() -> str:
 def counts(results: list[dict]) -> dict:
     c = Counter(r["category"] for r in results)
     tried = sum(v for k, v in c.items() if k in CATEGORIES)
-    return {"tried": tried, **{k: c.get(k, 0) for k in CATEGORIES},
-            "not_run": c.get("not_run", 0), "harness_error": c.get("harness_error", 0)}
+    return {
+        "tried": tried,
+        **{k: c.get(k, 0) for k in CATEGORIES},
+        "not_run": c.get("not_run", 0),
+        "harness_error": c.get("harness_error", 0),
+    }
 
 
 def summary_line(n: dict) -> str:
-    return (f"cases tried {n['tried']}: clear errors {n['clear']}, documented recoveries/results {n['ok']}, "
-            f"unclear errors {n['unclear']}, tracebacks {n['traceback']}, "
-            f"data loss / silent wrong results {n['loss_or_silent']}"
-            + (f"; not run {n['not_run']}" if n["not_run"] else "")
-            + (f"; HARNESS ERRORS {n['harness_error']}" if n["harness_error"] else ""))
+    return (
+        f"cases tried {n['tried']}: clear errors {n['clear']}, documented recoveries/results {n['ok']}, "
+        f"unclear errors {n['unclear']}, tracebacks {n['traceback']}, "
+        f"data loss / silent wrong results {n['loss_or_silent']}"
+        + (f"; not run {n['not_run']}" if n["not_run"] else "")
+        + (f"; HARNESS ERRORS {n['harness_error']}" if n["harness_error"] else "")
+    )
 
 
 def markdown(results: list[dict], meta: dict) -> str:
     n = counts(results)
-    lines = [f"# Fault probes: {meta['title']}", "",
-             f"- date: {meta['date']}", f"- machine: {meta['machine']}", f"- code: `{meta['commit']}`",
-             f"- command: `{meta['command']}` ({meta['seconds'] / 60:.1f} min)",
-             f"- small file system for disk-full probes: {meta['fs_mode']}", "",
-             "## Counts", "", "| verdict | cases |", "|---|---|"]
-    for k, label in (("clear", "clear error (exit 2, names what and where, nothing changed)"),
-                     ("ok", "documented recovery / correct result"),
-                     ("unclear", "unclear error (other status, no `error:` line, vague, leftovers)"),
-                     ("traceback", "Python traceback"),
-                     ("loss_or_silent", "data loss or silent wrong result")):
+    lines = [
+        f"# Fault probes: {meta['title']}",
+        "",
+        f"- date: {meta['date']}",
+        f"- machine: {meta['machine']}",
+        f"- code: `{meta['commit']}`",
+        f"- command: `{meta['command']}` ({meta['seconds'] / 60:.1f} min)",
+        f"- small file system for disk-full probes: {meta['fs_mode']}",
+        "",
+        "## Counts",
+        "",
+        "| verdict | cases |",
+        "|---|---|",
+    ]
+    for k, label in (
+        ("clear", "clear error (exit 2, names what and where, nothing changed)"),
+        ("ok", "documented recovery / correct result"),
+        ("unclear", "unclear error (other status, no `error:` line, vague, leftovers)"),
+        ("traceback", "Python traceback"),
+        ("loss_or_silent", "data loss or silent wrong result"),
+    ):
         lines.append(f"| {label} | {n[k]} |")
     lines.append(f"| **cases tried** | **{n['tried']}** |")
     if n["not_run"]:
         lines.append(f"| not run (needs a private tmpfs) | {n['not_run']} |")
-    lines += ["", "By kind:", "", "| kind | tried | clear | ok | unclear | traceback | loss/silent |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "By kind:",
+        "",
+        "| kind | tried | clear | ok | unclear | traceback | loss/silent |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for kind in KINDS:
         rs = [r for r in results if r["kind"] == kind]
         if rs:
             k = counts(rs)
-            lines.append(f"| {kind} | {k['tried']} | {k['clear']} | {k['ok']} | {k['unclear']} | {k['traceback']} "
-                         f"| {k['loss_or_silent']} |")
+            lines.append(
+                f"| {kind} | {k['tried']} | {k['clear']} | {k['ok']} | {k['unclear']} | {k['traceback']} "
+                f"| {k['loss_or_silent']} |"
+            )
     order = {"loss_or_silent": 0, "traceback": 1, "unclear": 2, "harness_error": 3, "not_run": 4}
-    bad = sorted((r for r in results if r["category"] not in ("clear", "ok")),
-                 key=lambda r: (order.get(r["category"], 9), r["kind"], r["id"]))
-    lines += ["", f"## Failing probes ({len(bad)})", "",
-              "`defect`: the issue item the probe shows (15.N / 14.N: item N of issue 15 / 14; "
-              "15.tb, 15.msg, 15.dryrun: the traceback, message and --dry-run paragraphs of issue 15).", "",
-              "| verdict | probe | what the user did | exit | what went wrong | defect |", "|---|---|---|---|---|---|"]
+    bad = sorted(
+        (r for r in results if r["category"] not in ("clear", "ok")),
+        key=lambda r: (order.get(r["category"], 9), r["kind"], r["id"]),
+    )
+    lines += [
+        "",
+        f"## Failing probes ({len(bad)})",
+        "",
+        "`defect`: the issue item the probe shows (15.N / 14.N: item N of issue 15 / 14; "
+        "15.tb, 15.msg, 15.dryrun: the traceback, message and --dry-run paragraphs of issue 15).",
+        "",
+        "| verdict | probe | what the user did | exit | what went wrong | defect |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in bad:
         probs = "; ".join(p.replace("|", "\\|") for p in r.get("problems", []))[:500]
-        lines.append(f"| {r['category']} | `{r['id']}` | {r['title']} | {r.get('rc', '-')} | {probs} | "
-                     f"{r.get('defect', '')} |")
+        lines.append(
+            f"| {r['category']} | `{r['id']}` | {r['title']} | {r.get('rc', '-')} | {probs} | {r.get('defect', '')} |"
+        )
     good = [r for r in results if r["category"] in ("clear", "ok")]
     lines += ["", f"## Passing probes ({len(good)})", ""]
     lines += [", ".join(f"`{r['id']}`" for r in good), ""]
-    lines += ["Each probe's command, exit status, first `error:` line and problems are in the run's "
-              "`results.json`.", ""]
+    lines += [
+        "Each probe's command, exit status, first `error:` line and problems are in the run's `results.json`.",
+        "",
+    ]
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tests.faults.probe", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m tests.faults.probe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--out", required=True, type=Path, help="folder for the probes' files and results.json")
     ap.add_argument("--only", default=None, help="regex over case ids")
     ap.add_argument("--kinds", default=None, help=f"comma-separated subset of {','.join(KINDS)}")
@@ -189,13 +243,18 @@ def main(argv=None) -> int:
     from gpart_ds import assets
 
     assets.ensure("tiny")
-    cases = [c for c in CASES if (not args.only or re.search(args.only, c.id))
-             and (not args.kinds or c.kind in args.kinds.split(",")) and (not args.ci_only or c.ci)]
+    cases = [
+        c
+        for c in CASES
+        if (not args.only or re.search(args.only, c.id))
+        and (not args.kinds or c.kind in args.kinds.split(","))
+        and (not args.ci_only or c.ci)
+    ]
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     import signal
 
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # close the fork server on the way out
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # close the fork server on the way out
     t0 = time.monotonic()
     server = ForkServer(log=out / "forkserver.log")
     results = []
@@ -205,24 +264,36 @@ def main(argv=None) -> int:
             r = run_case(server, fx, case, out / "cases")
             results.append(r)
             mark = {"clear": ".", "ok": "."}.get(r["category"], "X")
-            print(f"[{i:3d}/{len(cases)}] {mark} {r['category']:14s} {case.id} ({r.get('seconds', 0):.1f} s)"
-                  + ("" if mark == "." else f"\n      {'; '.join(r.get('problems', []))[:400]}"), flush=True)
+            print(
+                f"[{i:3d}/{len(cases)}] {mark} {r['category']:14s} {case.id} ({r.get('seconds', 0):.1f} s)"
+                + ("" if mark == "." else f"\n      {'; '.join(r.get('problems', []))[:400]}"),
+                flush=True,
+            )
     finally:
         server.close()
     seconds = time.monotonic() - t0
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                           capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    meta = {"title": args.title, "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
-            "machine": machine() + f"; load average at the end {load} (1/5/15 min)",
-            "commit": commit + (" + local changes" if dirty else ""),
-            "command": "python -m tests.faults.probe " + " ".join(sys.argv[1:] if argv is None else argv),
-            "seconds": seconds, "fs_mode": {"tmpfs": "a private tmpfs per probe (mount namespace)",
-                                            "rlimit": "RLIMIT_FSIZE (no mount namespace here)"}[server.fs_mode]}
-    (out / "results.json").write_text(json.dumps({"meta": meta, "counts": counts(results), "results": results},
-                                                 indent=2) + "\n")
+    meta = {
+        "title": args.title,
+        "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "machine": machine() + f"; load average at the end {load} (1/5/15 min)",
+        "commit": commit + (" + local changes" if dirty else ""),
+        "command": "python -m tests.faults.probe " + " ".join(sys.argv[1:] if argv is None else argv),
+        "seconds": seconds,
+        "fs_mode": {
+            "tmpfs": "a private tmpfs per probe (mount namespace)",
+            "rlimit": "RLIMIT_FSIZE (no mount namespace here)",
+        }[server.fs_mode],
+    }
+    (out / "results.json").write_text(
+        json.dumps({"meta": meta, "counts": counts(results), "results": results}, indent=2) + "\n"
+    )
     print(summary_line(counts(results)))
     print(f"{seconds / 60:.1f} min; details in {out / 'results.json'}")
     if args.report:

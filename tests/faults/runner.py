@@ -8,6 +8,7 @@ A probe is judged on what a careful user sees and keeps:
     and whether temporary files were left behind;
   - whether a wrong or non-finite result came with exit 0 (the case's own checks).
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -28,8 +29,10 @@ ERROR_LINE = re.compile(r"(^|: )error: ", re.M)
 # `.NAME.tmp-PID-RANDOM`, `.NAME.old-PID-RANDOM`, `.NAME.tmp-export-HOST-PID-RANDOM` (unique
 # per writer), and an output's lock file (`.gpart.lock` in a folder, `.NAME.gpart.lock`
 # beside one), which a command that ended must have given back.
-TEMP_NAME = re.compile(r"(^|/)\.[^/]*(\.tmp|\.tmp-|\.old-|tmp-export)[^/]*($|/)|(^|/)tmp[^/]*\.(arrow|json)$"
-                       r"|(^|/)\.[^/]*gpart\.lock/?$")
+TEMP_NAME = re.compile(
+    r"(^|/)\.[^/]*(\.tmp|\.tmp-|\.old-|tmp-export)[^/]*($|/)|(^|/)tmp[^/]*\.(arrow|json)$"
+    r"|(^|/)\.[^/]*gpart\.lock/?$"
+)
 
 
 class ForkServer:
@@ -45,8 +48,15 @@ class ForkServer:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.setdefault("DS_ACCELERATOR", "cpu")
         err = open(self.log, "a") if self.log else subprocess.DEVNULL
-        self.proc = subprocess.Popen([sys.executable, "-m", "tests.faults.forkserver"], cwd=REPO, env=env,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.faults.forkserver"],
+            cwd=REPO,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
         hello = self.proc.stdout.readline()
         if not hello:
             raise RuntimeError(f"the fork server did not start (see {self.log})")
@@ -80,6 +90,7 @@ class Expect:
     error=False: exit `code` (0, or 75 after a stop signal; None: any non-zero status),
     output matching every regex in `says` (e.g. the warning naming a skipped checkpoint).
     """
+
     error: bool = True
     code: int | None = 2
     names: tuple = ()
@@ -90,18 +101,19 @@ class Expect:
 @dataclass
 class Call:
     """One command of a probe, prepared by the case's build function."""
-    cli: str                       # train | export | evaluate | plan | assets | launcher
+
+    cli: str  # train | export | evaluate | plan | assets | launcher
     argv: list
-    may_change: tuple = ()         # globs (relative to the probe folder) the command may change or delete
+    may_change: tuple = ()  # globs (relative to the probe folder) the command may change or delete
     # globs that may only grow (earlier content kept): a run's metrics log keeps earlier runs
     append_only: tuple = ("*metrics.jsonl",)
-    checks: tuple = ()             # callables (ws, Outcome) -> problem text or None
-    fs: dict | None = None         # small file system (see forkserver.setup_small_fs)
-    signal: dict | None = None     # {"signum", "when_file", "when_contains", "after_s"}
+    checks: tuple = ()  # callables (ws, Outcome) -> problem text or None
+    fs: dict | None = None  # small file system (see forkserver.setup_small_fs)
+    signal: dict | None = None  # {"signum", "when_file", "when_contains", "after_s"}
     timeout: float = 300
-    grace_s: float = 1.0           # launcher calls: how long its ranks may outlive a signalled launcher
+    grace_s: float = 1.0  # launcher calls: how long its ranks may outlive a signalled launcher
     env: dict | None = None
-    ignore: tuple = ("tokcache/*", "_*")   # not judged (shared caches, the harness's own files)
+    ignore: tuple = ("tokcache/*", "_*")  # not judged (shared caches, the harness's own files)
     # callables () run after the call whatever it did (a process a case started to hold a
     # folder, as a live run would, is ended here)
     cleanup: tuple = ()
@@ -113,19 +125,19 @@ class Outcome:
     stdout: str
     stderr: str
     seconds: float
-    changed: list = field(default_factory=list)     # existed before, differs or is gone
-    leftovers: list = field(default_factory=list)   # new temporary files
+    changed: list = field(default_factory=list)  # existed before, differs or is gone
+    leftovers: list = field(default_factory=list)  # new temporary files
     timed_out: bool = False
     signal_sent_at: float | None = None
-    orphans: int = 0                # processes of a launched job alive after its launcher exited
+    orphans: int = 0  # processes of a launched job alive after its launcher exited
     ws: Path | None = None
-    fs_view: tuple | None = None    # (mount relative to ws, folder holding its copy) for a tmpfs
+    fs_view: tuple | None = None  # (mount relative to ws, folder holding its copy) for a tmpfs
 
     def path(self, rel: str) -> Path:
         """Where a file of the probe folder can be read after the call (a private tmpfs is
         gone with the child: its content was copied out)."""
         if self.fs_view and (rel == self.fs_view[0] or rel.startswith(self.fs_view[0] + "/")):
-            return Path(self.fs_view[1]) / rel[len(self.fs_view[0]):].lstrip("/")
+            return Path(self.fs_view[1]) / rel[len(self.fs_view[0]) :].lstrip("/")
         return Path(self.ws) / rel
 
     @property
@@ -136,7 +148,7 @@ class Outcome:
     def error_text(self) -> str | None:
         """stderr from the first `error:` line on (None: there is none)."""
         m = ERROR_LINE.search(self.stderr)
-        return self.stderr[m.start():].strip() if m else None
+        return self.stderr[m.start() :].strip() if m else None
 
 
 def _judged(files: dict, call: Call) -> dict:
@@ -162,24 +174,37 @@ def diff(before: dict, after: dict, call: Call, grew_only) -> tuple[list, list]:
     return changed, leftovers
 
 
-
-
 def run_call(server: ForkServer, ws: Path, call: Call, tag: str = "") -> Outcome:
     """Run one call with `ws` as the working folder; snapshot ws before and after."""
     ws = Path(ws)
     out_dir = ws / f"_{tag or 'call'}"
     out_dir.mkdir(parents=True, exist_ok=True)
     before = _judged(snapshot(ws), call)
-    kept = {rel: (ws / rel).read_bytes() for rel in before
-            if before[rel] != "dir" and any(fnmatch.fnmatch(rel, g) for g in call.append_only)}
+    kept = {
+        rel: (ws / rel).read_bytes()
+        for rel in before
+        if before[rel] != "dir" and any(fnmatch.fnmatch(rel, g) for g in call.append_only)
+    }
     fs = None
     if call.fs:
-        fs = dict(call.fs, before=str(out_dir / "fs_before.json"), after=str(out_dir / "fs_after.json"),
-                  copy_out=str(out_dir / "fs_copy"))
-    req = {"cli": call.cli, "argv": [str(a) for a in call.argv], "cwd": str(ws),
-           "stdout": str(out_dir / "stdout.txt"), "stderr": str(out_dir / "stderr.txt"),
-           "env": call.env or {}, "timeout": call.timeout, "fs": fs, "signal": call.signal,
-           "grace_s": call.grace_s}
+        fs = dict(
+            call.fs,
+            before=str(out_dir / "fs_before.json"),
+            after=str(out_dir / "fs_after.json"),
+            copy_out=str(out_dir / "fs_copy"),
+        )
+    req = {
+        "cli": call.cli,
+        "argv": [str(a) for a in call.argv],
+        "cwd": str(ws),
+        "stdout": str(out_dir / "stdout.txt"),
+        "stderr": str(out_dir / "stderr.txt"),
+        "env": call.env or {},
+        "timeout": call.timeout,
+        "fs": fs,
+        "signal": call.signal,
+        "grace_s": call.grace_s,
+    }
     try:
         if call.cli == "launcher":
             resp = run_launcher(req)
@@ -189,24 +214,32 @@ def run_call(server: ForkServer, ws: Path, call: Call, tag: str = "") -> Outcome
     finally:
         for fn in call.cleanup:
             fn()
-    out = Outcome(resp.get("rc"), _read(out_dir / "stdout.txt"), _read(out_dir / "stderr.txt"),
-                  resp.get("seconds", 0.0), timed_out=resp.get("timed_out", False),
-                  signal_sent_at=resp.get("signal_sent_at"), orphans=resp.get("orphans", 0), ws=ws)
+    out = Outcome(
+        resp.get("rc"),
+        _read(out_dir / "stdout.txt"),
+        _read(out_dir / "stderr.txt"),
+        resp.get("seconds", 0.0),
+        timed_out=resp.get("timed_out", False),
+        signal_sent_at=resp.get("signal_sent_at"),
+        orphans=resp.get("orphans", 0),
+        ws=ws,
+    )
     if resp.get("error"):
         out.stderr += f"\n[harness] {resp['error']}"
-    out.changed, out.leftovers = diff(before, after, call,
-                                      lambda rel, _: rel in kept and (ws / rel).read_bytes().startswith(kept[rel]))
-    if fs and fs["how"] == "tmpfs":   # the small file system's content, seen from inside
+    out.changed, out.leftovers = diff(
+        before, after, call, lambda rel, _: rel in kept and (ws / rel).read_bytes().startswith(kept[rel])
+    )
+    if fs and fs["how"] == "tmpfs":  # the small file system's content, seen from inside
         mnt = Path(fs["mount"]).relative_to(ws)
         out.fs_view = (str(mnt), fs["copy_out"])
         b = _load_json(fs["before"])
         a = _load_json(fs["after"])
-        prefixed = lambda d: {f"{mnt}/{k}": v for k, v in d.items()}   # noqa: E731
+        prefixed = lambda d: {f"{mnt}/{k}": v for k, v in d.items()}  # noqa: E731
         if b is not None:
-            if a is None:   # the child died before it could look: everything is unknown
+            if a is None:  # the child died before it could look: everything is unknown
                 out.changed.append(f"{mnt}/* (the call died before the small file system was read back)")
             else:
-                grew = lambda rel, digest: a["prefix"].get(rel[len(str(mnt)) + 1:]) == digest   # noqa: E731
+                grew = lambda rel, digest: a["prefix"].get(rel[len(str(mnt)) + 1 :]) == digest  # noqa: E731
                 c2, l2 = diff(prefixed(b["files"]), prefixed(a["files"]), call, grew)
                 out.changed += c2
                 out.leftovers += l2
@@ -235,25 +268,42 @@ def run_launcher(req: dict) -> dict:
     from tests.helpers import deepspeed_launcher, free_port, rank_env
 
     n, *args = req["argv"]
-    cmd = [deepspeed_launcher(), "--num_gpus", str(n), "--master_port", str(free_port()),
-           str(REPO / "launch" / "train.py"), *args]
+    cmd = [
+        deepspeed_launcher(),
+        "--num_gpus",
+        str(n),
+        "--master_port",
+        str(free_port()),
+        str(REPO / "launch" / "train.py"),
+        *args,
+    ]
     env = rank_env(req.get("env"))
     t0 = time.monotonic()
     with open(req["stdout"], "wb") as so, open(req["stderr"], "wb") as se:
         fs = req.get("fs") or {}
         limit = None
-        if fs.get("how") == "rlimit":   # inherited by the launcher's ranks
+        if fs.get("how") == "rlimit":  # inherited by the launcher's ranks
             import resource
 
             def limit():
                 resource.setrlimit(resource.RLIMIT_FSIZE, (fs["limit_bytes"], fs["limit_bytes"]))
+
         # Pipes copied into the files by threads: a per-file size limit must not hit the output.
-        proc = subprocess.Popen(cmd, cwd=req["cwd"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                start_new_session=True, preexec_fn=limit)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=req["cwd"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            preexec_fn=limit,
+        )
         import threading
 
-        copiers = [threading.Thread(target=_copy, args=(src, dst), daemon=True)
-                   for src, dst in ((proc.stdout, so), (proc.stderr, se))]
+        copiers = [
+            threading.Thread(target=_copy, args=(src, dst), daemon=True)
+            for src, dst in ((proc.stdout, so), (proc.stderr, se))
+        ]
         for t in copiers:
             t.start()
         sig, sent_at, timed_out = req.get("signal"), None, False
@@ -265,9 +315,9 @@ def run_launcher(req: dict) -> dict:
                 break
             if sig and sent_at is None and _ready(sig, now):
                 rank = sig.get("rank")
-                if rank is None:          # the launcher, as `kill PID` or a container runtime does
+                if rank is None:  # the launcher, as `kill PID` or a container runtime does
                     targets = [proc.pid]
-                elif rank == "all":       # every rank, as SLURM signals every task
+                elif rank == "all":  # every rank, as SLURM signals every task
                     targets = [p for p in _job_pids(proc.pid) if _rank_of(p) is not None]
                 else:
                     targets = [p for p in _job_pids(proc.pid) if _rank_of(p) == rank]
@@ -293,8 +343,13 @@ def run_launcher(req: dict) -> dict:
                 os.kill(pid, _signal.SIGKILL)
             except ProcessLookupError:
                 pass
-    return {"rc": proc.returncode, "timed_out": timed_out, "seconds": seconds, "signal_sent_at": sent_at,
-            "orphans": len(left)}
+    return {
+        "rc": proc.returncode,
+        "timed_out": timed_out,
+        "seconds": seconds,
+        "signal_sent_at": sent_at,
+        "orphans": len(left),
+    }
 
 
 def _copy(src, dst) -> None:
@@ -323,8 +378,9 @@ def _job_pids(launcher_pid: int) -> list[int]:
 def _group_pids(pgid: int) -> list[int]:
     """Live processes of the launcher's session (it was started in a new one)."""
     out = subprocess.run(["ps", "-o", "pid=,stat=", "-s", str(pgid)], capture_output=True, text=True)
-    return [int(line.split()[0]) for line in out.stdout.splitlines()
-            if line.split() and not line.split()[1].startswith("Z")]
+    return [
+        int(line.split()[0]) for line in out.stdout.splitlines() if line.split() and not line.split()[1].startswith("Z")
+    ]
 
 
 def _rank_of(pid: int) -> int | None:
@@ -348,8 +404,8 @@ CATEGORIES = ("clear", "ok", "unclear", "traceback", "loss_or_silent")
 
 @dataclass
 class Verdict:
-    category: str           # one of CATEGORIES
-    problems: list          # what was wrong, in words
+    category: str  # one of CATEGORIES
+    problems: list  # what was wrong, in words
 
     @property
     def passed(self) -> bool:
@@ -362,14 +418,17 @@ def judge(expect: Expect, outs: list[Outcome], problems_from_checks: list[str]) 
     problems, lost, silent = [], [], []
     for x in outs:
         if x.changed:
-            lost.append("changed what it should not: " + ", ".join(x.changed[:6])
-                        + (f" (+{len(x.changed) - 6} more)" if len(x.changed) > 6 else ""))
+            lost.append(
+                "changed what it should not: "
+                + ", ".join(x.changed[:6])
+                + (f" (+{len(x.changed) - 6} more)" if len(x.changed) > 6 else "")
+            )
     silent += problems_from_checks
     if o.timed_out:
         problems.append(f"did not finish within its time limit (hang?) after {o.seconds:.0f} s")
     tb = o.traceback
     err = o.error_text
-    if err is not None and o.ws is not None:   # the probe's folder name must not satisfy a regex
+    if err is not None and o.ws is not None:  # the probe's folder name must not satisfy a regex
         err = err.replace(str(o.ws), "WS")
     if expect.error:
         if o.rc == 0:
@@ -387,21 +446,24 @@ def judge(expect: Expect, outs: list[Outcome], problems_from_checks: list[str]) 
                 wrong = [n for n in expect.not_names if re.search(n, err)]
                 if wrong:
                     problems.append(f"error blames {wrong}: {first[:300]!r}")
-    elif expect.code is None:   # any failure status, as long as it is one
+    elif expect.code is None:  # any failure status, as long as it is one
         if o.rc == 0:
             problems.append("exit 0, expected a failure status")
     else:
         if o.rc != expect.code:
-            problems.append(f"exit {o.rc}, expected {expect.code}"
-                            + (f"; error: {err.splitlines()[0][:300]!r}" if err else ""))
+            problems.append(
+                f"exit {o.rc}, expected {expect.code}" + (f"; error: {err.splitlines()[0][:300]!r}" if err else "")
+            )
         miss = [s for s in expect.says if not re.search(s, o.stderr + o.stdout)]
         if miss:
             problems.append(f"output does not say {miss}")
     if o.leftovers:
         problems.append("left temporary files: " + ", ".join(o.leftovers[:5]))
     if o.orphans:
-        silent.append(f"{o.orphans} process(es) of the job kept running after the launcher exited "
-                      "(still training and writing into output_dir)")
+        silent.append(
+            f"{o.orphans} process(es) of the job kept running after the launcher exited "
+            "(still training and writing into output_dir)"
+        )
     if tb:
         problems.append("printed a traceback: " + _last_exception_line(o.stderr))
     if lost or silent:
@@ -419,7 +481,7 @@ def _last_exception_line(text: str) -> str:
     # torch.distributed prefixes a rank's traceback lines with "[rankN]:"
     lines = [re.sub(r"^\[rank\d+\]:", "", ln) for ln in text.splitlines() if ln.strip()]
     i = max(i for i, ln in enumerate(lines) if TRACEBACK in ln)
-    for ln in lines[i + 1:]:
+    for ln in lines[i + 1 :]:
         if not ln.startswith((" ", "\t")) and not ln.startswith("During handling"):
             return ln[:300]
     return lines[-1][:300]

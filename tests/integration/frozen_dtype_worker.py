@@ -6,6 +6,7 @@ equals the checkpoint file's slice converted to that precision, bit for bit.
 
     python tests/integration/frozen_dtype_worker.py OUT   (ranks started by tests.helpers.run_ranks)
 """
+
 import json
 import os
 import sys
@@ -33,15 +34,16 @@ def main():
     ds = json.loads((REPO / "configs" / "ds_zero3_cpu.json").read_text())
     report = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        cfg = zero3.engine_config(ds, micro_batch=1, grad_accum=1, world=dist.get_world_size(),
-                                  max_grad_norm=1.0, dtype=dtype)
+        cfg = zero3.engine_config(
+            ds, micro_batch=1, grad_accum=1, world=dist.get_world_size(), max_grad_norm=1.0, dtype=dtype
+        )
         model, _keep = frozen_shards.build_partitioned(str(model_dir), dtype, cfg, dist.group.WORLD)
         rows = {}
         with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
             for n, p in model.named_parameters():
                 shard = zero3.local_shard(p)
                 start, valid = zero3.shard_range(p)
-                ref = f.get_tensor(n).reshape(-1)[start:start + valid].to(dtype)
+                ref = f.get_tensor(n).reshape(-1)[start : start + valid].to(dtype)
                 rows[n] = {"dtype": str(shard.dtype), "equal": bool(torch.equal(shard.reshape(-1)[:valid], ref))}
         report[name] = rows
     (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(report))
@@ -51,4 +53,4 @@ if __name__ == "__main__":
     from gpart_ds.distributed import exit_process
 
     main()
-    exit_process(0)   # as launch/train.py: no interpreter teardown of the process groups
+    exit_process(0)  # as launch/train.py: no interpreter teardown of the process groups

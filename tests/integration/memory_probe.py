@@ -13,6 +13,7 @@ the planner is checked against fp32 and bf16 runs on 1 and 2 ranks at no extra s
   activation checkpointing; batch_shape and label_tokens of that micro-batch.
 MEMORY_PROBE_DEBUG=<rank> prints every saved tensor of that rank.
 """
+
 import os
 
 import torch
@@ -31,8 +32,7 @@ def saved_bytes(forward, d: int):
         # Parameters (the gathered W0, theta) are not activations; the d-length s and
         # theta * s are the planner's theta row.
         # (GPart's int32 group ids, kept with method.reuse_ids, are activations.)
-        if not isinstance(t, torch.nn.Parameter) and not (t.dim() == 1 and t.numel() == d
-                                                           and t.is_floating_point()):
+        if not isinstance(t, torch.nn.Parameter) and not (t.dim() == 1 and t.numel() == d and t.is_floating_point()):
             st = t.untyped_storage()
             if debug and st.data_ptr() not in seen:
                 print("saved", tuple(t.shape), t.dtype, st.nbytes(), flush=True)
@@ -64,8 +64,7 @@ def measure(trainer) -> dict:
         resident = {
             "partition": sum(_nbytes(p.ds_tensor) for p in base.parameters()),
             "persisted": sum(_nbytes(p.data) for p in base.parameters() if getattr(p, "ds_persist", False)),
-            "theta_vectors": sum(_nbytes(t) for t in (gmodel.gpart_theta.data, gmodel.scales,
-                                                      gmodel.gpart_ctx.ts)),
+            "theta_vectors": sum(_nbytes(t) for t in (gmodel.gpart_theta.data, gmodel.scales, gmodel.gpart_ctx.ts)),
         }
         engine.backward(loss)
         engine.step()
@@ -76,10 +75,17 @@ def measure(trainer) -> dict:
     opt = engine.optimizer
     state = sum(_nbytes(t) for t in opt.fp16_partitioned_groups_flat)
     state += sum(_nbytes(t) for t in opt.fp32_partitioned_groups_flat)
-    state += sum(_nbytes(v) for s in opt.optimizer.state.values() for v in s.values()
-                 if torch.is_tensor(v) and v.dim() > 0)
+    state += sum(
+        _nbytes(v) for s in opt.optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0
+    )
     state += _nbytes(opt.grad_partitions_flat_buffer)
-    return {"world": trainer.world, **resident, "theta_state": state, "saved_plain": plain,
-            "saved_ckpt": ckpt, "batch_shape": list(batch["input_ids"].shape),
-            "label_tokens": int((batch["labels"][:, 1:] != -100).sum()),
-            "padded": bool((batch["attention_mask"] == 0).any())}
+    return {
+        "world": trainer.world,
+        **resident,
+        "theta_state": state,
+        "saved_plain": plain,
+        "saved_ckpt": ckpt,
+        "batch_shape": list(batch["input_ids"].shape),
+        "label_tokens": int((batch["labels"][:, 1:] != -100).sum()),
+        "padded": bool((batch["attention_mask"] == 0).any()),
+    }

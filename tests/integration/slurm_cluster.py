@@ -4,6 +4,7 @@ Everything (munge key and socket, slurm.conf, state, spool, logs) lives in one t
 folder and the daemons run as root on free ports, so nothing of a system-wide SLURM or
 munge installation is touched; `stop()` ends exactly the daemons it started.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,8 +33,11 @@ def _alive(pid: int) -> bool:
 
 
 def missing_binaries() -> list[str]:
-    return [b for b in ("sbatch", "srun", "scontrol", "slurmctld", "slurmd", "munged", "mungekey")
-            if shutil.which(b) is None]
+    return [
+        b
+        for b in ("sbatch", "srun", "scontrol", "slurmctld", "slurmd", "munged", "mungekey")
+        if shutil.which(b) is None
+    ]
 
 
 def ensure_installed() -> str | None:
@@ -41,8 +45,10 @@ def ensure_installed() -> str | None:
     if not missing_binaries():
         return None
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        return f"SLURM is not installed ({', '.join(missing_binaries())} missing) and this is not a " \
-               "root Debian/Ubuntu machine where it could be installed (apt-get install slurm-wlm munge)"
+        return (
+            f"SLURM is not installed ({', '.join(missing_binaries())} missing) and this is not a "
+            "root Debian/Ubuntu machine where it could be installed (apt-get install slurm-wlm munge)"
+        )
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *PACKAGES]):
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
@@ -76,16 +82,24 @@ class OneNodeSlurm:
         os.chmod(r, 0o755)
         os.chmod(r / "munge", 0o700)  # munged refuses a key in a folder others can write
         key, sock = r / "munge" / "munge.key", r / "munge" / "munge.sock"
-        subprocess.run(["mungekey", "--create", f"--keyfile={key}", "--bits=1024"], check=True,
-                       capture_output=True)
-        subprocess.run(["munged", "--force", f"--socket={sock}", f"--key-file={key}",
-                        f"--log-file={r / 'log' / 'munged.log'}", f"--pid-file={r / 'munged.pid'}",
-                        f"--seed-file={r / 'munge' / 'seed'}"], check=True, capture_output=True)
+        subprocess.run(["mungekey", "--create", f"--keyfile={key}", "--bits=1024"], check=True, capture_output=True)
+        subprocess.run(
+            [
+                "munged",
+                "--force",
+                f"--socket={sock}",
+                f"--key-file={key}",
+                f"--log-file={r / 'log' / 'munged.log'}",
+                f"--pid-file={r / 'munged.pid'}",
+                f"--seed-file={r / 'munge' / 'seed'}",
+            ],
+            check=True,
+            capture_output=True,
+        )
         self._record_pid("munged")
         self.conf.write_text(self._slurm_conf(sock))
         for daemon in ("slurmctld", "slurmd"):
-            proc = subprocess.run([daemon, "-f", str(self.conf)], env=self.env, capture_output=True,
-                                  text=True)
+            proc = subprocess.run([daemon, "-f", str(self.conf)], env=self.env, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise RuntimeError(f"{daemon} did not start: {proc.stderr}\n{self.logs()}")
             self._record_pid(daemon)
@@ -121,12 +135,12 @@ SlurmdPort={free_port()}
 AuthType=auth/munge
 AuthInfo=socket={munge_socket}
 CredType=cred/munge
-StateSaveLocation={r / 'state'}
-SlurmdSpoolDir={r / 'spool'}
-SlurmctldPidFile={r / 'slurmctld.pid'}
-SlurmdPidFile={r / 'slurmd.pid'}
-SlurmctldLogFile={r / 'log' / 'slurmctld.log'}
-SlurmdLogFile={r / 'log' / 'slurmd.log'}
+StateSaveLocation={r / "state"}
+SlurmdSpoolDir={r / "spool"}
+SlurmctldPidFile={r / "slurmctld.pid"}
+SlurmdPidFile={r / "slurmd.pid"}
+SlurmctldLogFile={r / "log" / "slurmctld.log"}
+SlurmdLogFile={r / "log" / "slurmd.log"}
 ProctrackType=proctrack/pgid
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -170,8 +184,9 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 
     # ------------------------------------------------------------------ jobs
     def _run(self, *cmd: str, check: bool = True, env: dict | None = None, cwd=None):
-        proc = subprocess.run(cmd, env={**self.env, **(env or {})}, capture_output=True, text=True,
-                              timeout=120, cwd=cwd)
+        proc = subprocess.run(
+            cmd, env={**self.env, **(env or {})}, capture_output=True, text=True, timeout=120, cwd=cwd
+        )
         if check and proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}: {proc.stderr}")
         return proc
@@ -184,13 +199,18 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         out = self._run("scontrol", "show", "job", "-o", str(job_id)).stdout
         return dict(re.findall(r"(\w+)=(\S*)", out))
 
-    def wait(self, job_id: int, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"),
-             timeout: float = 600, until=None) -> dict[str, str]:
+    def wait(
+        self,
+        job_id: int,
+        states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"),
+        timeout: float = 600,
+        until=None,
+    ) -> dict[str, str]:
         """Poll until the job is in one of `states` (or `until(job)` holds); returns the job."""
         deadline = time.time() + timeout
         while time.time() < deadline:
             job = self.job(job_id)
-            if (until(job) if until else job.get("JobState") in states):
+            if until(job) if until else job.get("JobState") in states:
                 return job
             time.sleep(0.5)
         raise TimeoutError(f"job {job_id} still {self.job(job_id)} after {timeout} s\n{self.logs()}")

@@ -6,6 +6,7 @@ the method trained, that its counts are the method's, and that the merged export
 exactly what the method's own artefact gives (PEFT's adapter on the base, or the
 checkpointed weights for full fine-tuning).
 """
+
 import json
 
 import pytest
@@ -54,9 +55,9 @@ def test_peft_baseline_export_equals_its_adapter_on_the_base(runs, method):
     assert summary["method"] == method and summary["world"] == 2
     assert summary["eval_loss_after"] < summary["eval_loss_before"]
     targets = _targets()
-    if method == "lora":   # r (in + out) per target, rank 8
+    if method == "lora":  # r (in + out) per target, rank 8
         assert summary["trainable_params"] == sum(8 * (t.shape[0] + t.shape[1]) for t in targets)
-    else:                  # VeRA: lambda_d (r) + lambda_b (out) per target, rank 256
+    else:  # VeRA: lambda_d (r) + lambda_b (out) per target, rank 256
         assert summary["trainable_params"] == sum(256 + t.shape[0] for t in targets)
     cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == method.upper()
@@ -65,7 +66,7 @@ def test_peft_baseline_export_equals_its_adapter_on_the_base(runs, method):
     base = AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32)
     plain = _logits(base, ids)
     adapted = _logits(PeftModel.from_pretrained(base, out / "adapter"), ids)
-    assert (adapted - plain).abs().max() > 1e-3          # the adapter changed the model
+    assert (adapted - plain).abs().max() > 1e-3  # the adapter changed the model
     torch.testing.assert_close(_logits(merged, ids), adapted, rtol=1e-5, atol=1e-5)
 
 
@@ -88,7 +89,7 @@ def test_full_finetuning_export_equals_its_checkpointed_weights(runs):
         ckpt = state[f"lm.{name}"].view(w.shape)
         torch.testing.assert_close(w, ckpt, rtol=0, atol=0)
         changed += int(not torch.equal(w, base[name]))
-    assert changed == len(base)    # every weight trained
+    assert changed == len(base)  # every weight trained
 
 
 def test_model_state_of_the_baselines_scales_with_their_trainable_parameters(runs):

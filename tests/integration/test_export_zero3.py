@@ -5,6 +5,7 @@ RMSNorm weight (2 elements) is smaller than the world and one rank holds only pa
 q_proj (4 elements) leaves rank 2 empty; the embedding (640) splits 214/214/212 with
 padding; the output files are split by a tiny max_shard_size; embeddings are tied.
 """
+
 import json
 import subprocess
 import sys
@@ -23,16 +24,26 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
 def run_args(base, out):
-    return ("--config", "configs/tiny.yaml", f"model.path={base}", "model.precision=bf16", "method.d=16",
-            "train.max_steps=3", "train.lr=0.5", "train.eval_examples=4", f"output_dir={out}",
-            "export.max_shard_size=100")
+    return (
+        "--config",
+        "configs/tiny.yaml",
+        f"model.path={base}",
+        "model.precision=bf16",
+        "method.d=16",
+        "train.max_steps=3",
+        "train.lr=0.5",
+        "train.eval_examples=4",
+        f"output_dir={out}",
+        "export.max_shard_size=100",
+    )
 
 
 @pytest.fixture(scope="module")
 def zero3_run(tmp_path_factory, tiny_assets):
     tmp = tmp_path_factory.mktemp("export3")
-    base = make_base(tmp / "base", tiny_assets / "model", hidden=2, heads=1, kv=1, inter=3,
-                     layers=2, tie=True, dtype=torch.bfloat16)
+    base = make_base(
+        tmp / "base", tiny_assets / "model", hidden=2, heads=1, kv=1, inter=3, layers=2, tie=True, dtype=torch.bfloat16
+    )
     out = tmp / "run"
     run_ranks(3, "launch/train.py", *run_args(base, out), "export.merged=true")
     return base, out
@@ -68,8 +79,7 @@ def test_zero3_merged_export_equals_offline_merge_and_w0_plus_delta(tmp_path, ze
 
     # 3. plain transformers loads it and gives the trained GPart model's logits
     served = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.bfloat16).eval()
-    g = apply_gpart(AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16), d=16,
-                    seed=src.seed).eval()
+    g = apply_gpart(AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16), d=16, seed=src.seed).eval()
     with torch.no_grad():
         g.gpart_theta.copy_(src.theta)
         ids = torch.randint(4, 320, (2, 7), generator=torch.Generator().manual_seed(0))
@@ -79,14 +89,24 @@ def test_zero3_merged_export_equals_offline_merge_and_w0_plus_delta(tmp_path, ze
 def test_export_only_from_a_checkpoint_and_existing_folder_refused(tmp_path, zero3_run):
     base, out = zero3_run
     again = tmp_path / "again"
-    run_ranks(3, "launch/train.py", "--export-only", *run_args(base, out), "train.resume=auto",
-                  f"export.dir={again}")
+    run_ranks(3, "launch/train.py", "--export-only", *run_args(base, out), "train.resume=auto", f"export.dir={again}")
     a, b = read_folder(again), read_folder(out / "merged")
     assert a.keys() == b.keys() and all(raw_bytes(a[k]) == raw_bytes(b[k]) for k in a)
     # an existing export folder is refused at configuration time (exit 2, key named)
-    proc = subprocess.run([sys.executable, "launch/train.py", "--export-only", *run_args(base, out),
-                           "train.resume=auto", f"export.dir={again}"], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "launch/train.py",
+            "--export-only",
+            *run_args(base, out),
+            "train.resume=auto",
+            f"export.dir={again}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "export.dir" in proc.stderr and "already exists" in proc.stderr
 
@@ -98,9 +118,25 @@ def test_offline_export_from_a_checkpoint_folder_uses_the_runs_dtype(tmp_path, z
     base, out = zero3_run
     ckpt = out / "checkpoints" / "step-000003"
     assert json.loads((ckpt / "state.json").read_text())["dtype"] == "bfloat16"
-    proc = subprocess.run([sys.executable, "-m", "gpart_ds.export", "--base", str(base), "--adapter", str(ckpt),
-                           "--out", str(tmp_path / "from_ckpt"), "--max-shard-size", "100"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gpart_ds.export",
+            "--base",
+            str(base),
+            "--adapter",
+            str(ckpt),
+            "--out",
+            str(tmp_path / "from_ckpt"),
+            "--max-shard-size",
+            "100",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = read_folder(tmp_path / "from_ckpt"), read_folder(out / "merged")
     assert a.keys() == b.keys() and all(raw_bytes(a[k]) == raw_bytes(b[k]) for k in a)

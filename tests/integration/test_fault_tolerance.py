@@ -12,6 +12,7 @@ node 2 started again at step 8. What must hold:
 - every node exits 0; one node wrote the checkpoints, the adapter and the export, and the merged
   export equals the offline merge of the adapter (python -m gpart_ds.export) byte for byte.
 """
+
 import json
 import shutil
 import subprocess
@@ -31,8 +32,13 @@ NODES, PER_NODE, KILL, KILL_AT, RESTART_AT = 3, 2, 2, 5, 8
 # Long enough for the restarted node's start-up (~40 s on 2 loaded cores) while the others
 # step at ~0.3 s.
 STEPS = 300
-OVERRIDES = [f"train.max_steps={STEPS}", "train.log_every=50", "train.eval_examples=8", "checkpoint.every_steps=50",
-             "export.merged=true"]
+OVERRIDES = [
+    f"train.max_steps={STEPS}",
+    "train.log_every=50",
+    "train.eval_examples=8",
+    "checkpoint.every_steps=50",
+    "export.merged=true",
+]
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +46,18 @@ def run(tmp_path_factory, tiny_assets):
     root = tmp_path_factory.mktemp("ft")
     out = root / "run"
     said = []
-    res = sim_nodes.run_ft(NODES, PER_NODE, "configs/tiny.yaml", [*OVERRIDES, f"output_dir={out}"], timeout=900,
-                           env=rank_env(), kill_node=KILL, kill_at=KILL_AT, restart_at=RESTART_AT,
-                           say=lambda *a, **k: said.append(" ".join(map(str, a))))
+    res = sim_nodes.run_ft(
+        NODES,
+        PER_NODE,
+        "configs/tiny.yaml",
+        [*OVERRIDES, f"output_dir={out}"],
+        timeout=900,
+        env=rank_env(),
+        kill_node=KILL,
+        kill_at=KILL_AT,
+        restart_at=RESTART_AT,
+        say=lambda *a, **k: said.append(" ".join(map(str, a))),
+    )
     if any(res["codes"].values()) or res["restarted_at"] is None:
         logs = "\n".join(p.read_text()[-3000:] for p in sorted(root.glob("run.node*.log")))
         raise AssertionError(f"fault-tolerant run failed: {res} {said}\n{logs}")
@@ -74,21 +89,24 @@ def test_the_survivors_train_on_without_a_repeated_step(run):
 
 def test_the_restarted_node_heals_and_equals_the_others_bit_for_bit(run):
     out, res, recs = run
-    rejoin = [r for r in recs if r.get("event") == "quorum" and r["replica"] == KILL and r["healed"]
-              and r["step"] > RESTART_AT]
+    rejoin = [
+        r
+        for r in recs
+        if r.get("event") == "quorum" and r["replica"] == KILL and r["healed"] and r["step"] > RESTART_AT
+    ]
     assert len(rejoin) == 1, rejoin
     first = rejoin[0]["step"]
     assert rejoin[0]["replicas"] == [0, 1, 2]
     mine = _steps(recs, KILL)
     later = [r["step"] for r in mine if r["step"] >= first]
-    assert later == list(range(first, STEPS + 1))          # it joined at the others' step and kept it
+    assert later == list(range(first, STEPS + 1))  # it joined at the others' step and kept it
     by_step = {}
     for r in recs:
         if "theta_sha" in r:
             by_step.setdefault(r["step"], {})[r["replica"]] = (r["theta_sha"], r["adam_sha"])
     for step in range(first, STEPS + 1):
         assert len(by_step[step]) == 3 and len(set(by_step[step].values())) == 1, (step, by_step[step])
-    for step in range(1, STEPS + 1):          # and the two survivors at every step
+    for step in range(1, STEPS + 1):  # and the two survivors at every step
         assert by_step[step][0] == by_step[step][1], step
 
 
@@ -99,9 +117,23 @@ def test_one_writer_and_the_export_equals_the_offline_merge_of_the_adapter(run, 
     assert sum(bool(r["writer"]) for r in summaries) == 1
     assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-000250", f"step-{STEPS:06d}"]
     offline = tmp_path / "offline"
-    subprocess.run([sys.executable, "-m", "gpart_ds.export", "--base", str(REPO / ".cache/tiny/model"),
-                    "--adapter", str(out / "adapter"), "--out", str(offline)], cwd=REPO, check=True,
-                   capture_output=True, env=rank_env())
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gpart_ds.export",
+            "--base",
+            str(REPO / ".cache/tiny/model"),
+            "--adapter",
+            str(out / "adapter"),
+            "--out",
+            str(offline),
+        ],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        env=rank_env(),
+    )
     merged, ref = read_folder(out / "merged"), read_folder(offline)
     assert merged.keys() == ref.keys() and len(merged) > 10
     assert all(raw_bytes(merged[k]) == raw_bytes(ref[k]) for k in merged)
@@ -113,8 +145,18 @@ def test_a_plain_run_resumes_the_fault_tolerant_runs_checkpoint(run, tmp_path):
     out, res, recs = run
     plain = tmp_path / "plain"
     shutil.copytree(out / "checkpoints", plain / "checkpoints")
-    run_ranks(2, "launch/train.py", "--config", "configs/tiny.yaml", f"output_dir={plain}", "train.resume=auto",
-              f"train.max_steps={STEPS + 2}", "train.eval_examples=8", "train.eval_generate=never", timeout=600)
+    run_ranks(
+        2,
+        "launch/train.py",
+        "--config",
+        "configs/tiny.yaml",
+        f"output_dir={plain}",
+        "train.resume=auto",
+        f"train.max_steps={STEPS + 2}",
+        "train.eval_examples=8",
+        "train.eval_generate=never",
+        timeout=600,
+    )
     again = [json.loads(line) for line in (plain / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in again if r.get("event") == "resume"] == [STEPS]
     assert [r["step"] for r in again if "loss" in r and "event" not in r] == [STEPS + 1, STEPS + 2]

@@ -1,4 +1,5 @@
 """The node-local frozen base is partitioned in the training dtype on every accelerator."""
+
 import json
 
 import pytest
@@ -16,6 +17,6 @@ def test_shard_local_base_keeps_the_training_dtype_where_the_accelerator_has_no_
         report = json.loads((tmp_path / f"rank{r}.json").read_text())
         for precision, dtype in (("fp32", "torch.float32"), ("bf16", "torch.bfloat16")):
             rows = report[precision]
-            assert len(rows) == 21, rows.keys()         # 2 layers x 9, embeddings, final norm, lm_head
+            assert len(rows) == 21, rows.keys()  # 2 layers x 9, embeddings, final norm, lm_head
             bad = {n: v for n, v in rows.items() if v != {"dtype": dtype, "equal": True}}
             assert not bad, (r, precision, bad)

@@ -1,4 +1,5 @@
 """The user-facing entry point: `deepspeed launch/train.py --config ...` end to end."""
+
 import json
 import subprocess
 import sys
@@ -31,7 +32,7 @@ def test_deepspeed_launch_tiny_config_trains_and_writes_adapter_and_metrics(deep
     for step, ev in evals.items():
         f = out / ("eval_predictions.jsonl" if step == 12 else f"predictions/step-{step:06d}.jsonl")
         rows = [json.loads(line) for line in f.read_text().splitlines()]
-        assert [r["index"] for r in rows] == list(range(8))                    # train.eval_examples=8
+        assert [r["index"] for r in rows] == list(range(8))  # train.eval_examples=8
         assert rows[0]["record"].endswith("eval.jsonl:1") and rows[7]["record"].endswith("eval.jsonl:8")
         assert sum(r["match"] for r in rows) / 8 == ev["exact_match"]
     # The generated answers of both ranks' shares (ZeRO-3, synced decoding) before and after
@@ -53,7 +54,7 @@ def test_deepspeed_launch_tiny_config_trains_and_writes_adapter_and_metrics(deep
 def test_metrics_reach_tensorboard_and_wandb_and_the_progress_line_shows_an_eta(deepspeed_tiny_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    out, proc = deepspeed_tiny_run   # log.wandb=true, log.wandb_mode=offline; TensorBoard: auto
+    out, proc = deepspeed_tiny_run  # log.wandb=true, log.wandb_mode=offline; TensorBoard: auto
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = {r["step"]: r["loss"] for r in recs if "step_time_s" in r}
     acc = EventAccumulator(str(out / "tensorboard"))
@@ -71,8 +72,9 @@ def test_metrics_reach_tensorboard_and_wandb_and_the_progress_line_shows_an_eta(
 
 
 def _train_py(*args):
-    return subprocess.run([sys.executable, "launch/train.py", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "launch/train.py", *args], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_bad_config_fails_fast_with_exit_code_2_and_names_the_key(tmp_path, tiny_assets):
@@ -99,6 +101,12 @@ def test_answers_generated_in_training_equal_the_evaluators_on_its_adapter(deeps
     out, _ = deepspeed_tiny_run
     trained = [json.loads(line) for line in (out / "eval_predictions.jsonl").read_text().splitlines()]
     alone = []
-    evaluate.evaluate_files(str(tiny_assets / "model"), str(tiny_assets / "data" / "eval.jsonl"),
-                            adapter=str(out / "adapter"), max_length=64, max_examples=8, predictions=alone)
+    evaluate.evaluate_files(
+        str(tiny_assets / "model"),
+        str(tiny_assets / "data" / "eval.jsonl"),
+        adapter=str(out / "adapter"),
+        max_length=64,
+        max_examples=8,
+        predictions=alone,
+    )
     assert [r["generated"] for r in trained] == [r["generated"] for r in alone]

@@ -1,4 +1,5 @@
 """Checkpoints and exact resume on real 2-rank ZeRO-3 runs (tiny model, CPU)."""
+
 import json
 import os
 import shutil
@@ -15,13 +16,21 @@ from tests.helpers import REPO, deepspeed_launcher, free_port, rank_env, run_ran
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 STEPS = 6
-BASE = [f"train.max_steps={STEPS}", "train.micro_batch_size=4", "train.eval_examples=8",
-        "train.log_every=100", "train.lr=0.02", "method.dropout=0.1", "checkpoint.every_steps=3"]
+BASE = [
+    f"train.max_steps={STEPS}",
+    "train.micro_batch_size=4",
+    "train.eval_examples=8",
+    "train.log_every=100",
+    "train.lr=0.02",
+    "method.dropout=0.1",
+    "checkpoint.every_steps=3",
+]
 
 
 def train(n, out, *extra, check=True):
-    return run_ranks(n, "launch/train.py", "--config", "configs/tiny.yaml", f"output_dir={out}",
-                         *BASE, *extra, check=check)
+    return run_ranks(
+        n, "launch/train.py", "--config", "configs/tiny.yaml", f"output_dir={out}", *BASE, *extra, check=check
+    )
 
 
 def losses(out):
@@ -58,8 +67,13 @@ def test_checkpoints_hold_no_frozen_weights_and_keep_last(straight):
     size = sum(f.stat().st_size for f in (straight / "checkpoints" / "step-000006").iterdir())
     assert size < 200_000, f"{size} bytes: frozen weights leaked into the checkpoint?"
     manifest = json.loads((straight / "checkpoints" / "step-000006" / "manifest.json").read_text())
-    assert {"state.safetensors", "state.json", "run_config.yaml", "rng-rank0.safetensors",
-            "rng-rank1.safetensors"} <= set(manifest["files"])
+    assert {
+        "state.safetensors",
+        "state.json",
+        "run_config.yaml",
+        "rng-rank0.safetensors",
+        "rng-rank1.safetensors",
+    } <= set(manifest["files"])
 
 
 def test_resume_is_bit_identical_to_an_uninterrupted_run(straight, tmp_path):
@@ -108,16 +122,28 @@ def _wait_for_step(out, step, proc, timeout=300):
 
 def _start(out, *extra):
     env = rank_env()
-    cmd = [deepspeed_launcher(), "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
-           "--config", "configs/tiny.yaml", f"output_dir={out}", *BASE, "train.max_steps=16",
-           "checkpoint.every_steps=2", *extra]
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    cmd = [
+        deepspeed_launcher(),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "launch/train.py",
+        "--config",
+        "configs/tiny.yaml",
+        f"output_dir={out}",
+        *BASE,
+        "train.max_steps=16",
+        "checkpoint.every_steps=2",
+        *extra,
+    ]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _rank_pids(out):
-    ps = subprocess.run(["pgrep", "-f", f"launch/train.py --local_rank=.* output_dir={out}"],
-                        capture_output=True, text=True).stdout.split()
+    ps = subprocess.run(
+        ["pgrep", "-f", f"launch/train.py --local_rank=.* output_dir={out}"], capture_output=True, text=True
+    ).stdout.split()
     return [int(p) for p in ps]
 
 
@@ -133,12 +159,29 @@ def test_sigterm_checkpoints_exits_75_and_resume_finishes_like_a_straight_run(tm
     stop = [r for r in recs if r.get("event") == "preempted"]
     assert len(stop) == 1 and (out / "checkpoints" / f"step-{stop[0]['step']:06d}" / "manifest.json").is_file()
 
-    resumed = run_ranks(2, "launch/train.py", "--config", "configs/tiny.yaml", f"output_dir={out}",
-                            *BASE, "train.max_steps=16", "checkpoint.every_steps=2", "train.resume=auto")
+    resumed = run_ranks(
+        2,
+        "launch/train.py",
+        "--config",
+        "configs/tiny.yaml",
+        f"output_dir={out}",
+        *BASE,
+        "train.max_steps=16",
+        "checkpoint.every_steps=2",
+        "train.resume=auto",
+    )
     assert resumed.returncode == 0
     straight = tmp_path / "straight16"
-    run_ranks(2, "launch/train.py", "--config", "configs/tiny.yaml", f"output_dir={straight}",
-                  *BASE, "train.max_steps=16", "checkpoint.every_steps=2")
+    run_ranks(
+        2,
+        "launch/train.py",
+        "--config",
+        "configs/tiny.yaml",
+        f"output_dir={straight}",
+        *BASE,
+        "train.max_steps=16",
+        "checkpoint.every_steps=2",
+    )
     assert torch.equal(load_adapter(out / "adapter")[0], load_adapter(straight / "adapter")[0])
 
 
@@ -150,8 +193,17 @@ def test_killed_rank_ends_the_job_quickly_and_resume_recovers(tmp_path, tiny_ass
     os.kill(max(_rank_pids(out)), signal.SIGKILL)
     proc.communicate(timeout=120)
     assert proc.returncode != 0 and time.time() - t0 < 90
-    run_ranks(2, "launch/train.py", "--config", "configs/tiny.yaml", f"output_dir={out}",
-                  *BASE, "train.max_steps=16", "checkpoint.every_steps=2", "train.resume=auto")
+    run_ranks(
+        2,
+        "launch/train.py",
+        "--config",
+        "configs/tiny.yaml",
+        f"output_dir={out}",
+        *BASE,
+        "train.max_steps=16",
+        "checkpoint.every_steps=2",
+        "train.resume=auto",
+    )
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("event") == "resume" and r["step"] >= 2 for r in recs)
@@ -167,8 +219,9 @@ def test_drifted_config_is_refused_naming_the_key(straight, tmp_path):
 
 
 @pytest.mark.parametrize("eval_before", [True, False])
-def test_the_evaluation_before_training_is_the_first_runs_own_and_a_resume_never_makes_one(tmp_path, tiny_assets,
-                                                                                          eval_before):
+def test_the_evaluation_before_training_is_the_first_runs_own_and_a_resume_never_makes_one(
+    tmp_path, tiny_assets, eval_before
+):
     """train.eval_before=false: no step-0 evaluation, the summary's *_before null (not
     missing, not 0), the checkpoint stores before: null, and a resume (even with the
     default eval_before=true) evaluates nothing at step 0: it would score the trained
@@ -177,17 +230,26 @@ def test_the_evaluation_before_training_is_the_first_runs_own_and_a_resume_never
     common = ["train.grad_accum=1", "train.eval_predictions=true", "checkpoint.every_steps=3"]
     first = ["train.max_steps=3", f"train.eval_before={str(eval_before).lower()}"]
     run_ranks(1, "launch/train.py", "--config", "configs/tiny.yaml", f"output_dir={out}", *BASE, *common, *first)
-    proc = run_ranks(1, "launch/train.py", "--config", "configs/tiny.yaml", f"output_dir={out}", *BASE, *common,
-                     "train.max_steps=6", "train.resume=auto")
+    proc = run_ranks(
+        1,
+        "launch/train.py",
+        "--config",
+        "configs/tiny.yaml",
+        f"output_dir={out}",
+        *BASE,
+        *common,
+        "train.max_steps=6",
+        "train.resume=auto",
+    )
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     starts = [i for i, r in enumerate(recs) if r.get("event") == "start"]
     assert len(starts) == 2
-    runs = recs[:starts[1]], recs[starts[1]:]
+    runs = recs[: starts[1]], recs[starts[1] :]
     evals = [[r["step"] for r in run if r.get("event") == "eval"] for run in runs]
     summaries = [next(r for r in run if r.get("event") == "summary") for run in runs]
     fields = ("eval_loss_before", "answer_accuracy_before", "accuracy_before", "exact_match_before")
     stored = json.loads((out / "checkpoints" / "step-000003" / "state.json").read_text())["before"]
-    assert evals[1] == [6]                                  # the resume: no step-0 evaluation either way
+    assert evals[1] == [6]  # the resume: no step-0 evaluation either way
     if eval_before:
         assert evals[0] == [0, 3] and (out / "predictions" / "step-000000.jsonl").is_file()
         assert stored["eval_loss"] == summaries[0]["eval_loss_before"] == summaries[1]["eval_loss_before"]

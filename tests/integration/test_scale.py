@@ -21,6 +21,7 @@ this small model gathered from forward to backward: for B the planner is an uppe
 Its fresh global-mode run equals the planner exactly too (recorded in
 tests/test_plan_time.py::MEASURED_TINY_2x2).
 """
+
 import json
 import shutil
 import sys
@@ -41,8 +42,15 @@ import sim_nodes  # noqa: E402
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 NODES, PER_NODE, STEPS = 2, 2, 8
-COMMON = [f"train.max_steps={STEPS}", "train.log_every=4", "train.eval_examples=8", "train.micro_batch_size=4",
-          "model.gradient_checkpointing=true", "dist.count_comm=true", "checkpoint.every_steps=4"]
+COMMON = [
+    f"train.max_steps={STEPS}",
+    "train.log_every=4",
+    "train.eval_examples=8",
+    "train.micro_batch_size=4",
+    "model.gradient_checkpointing=true",
+    "dist.count_comm=true",
+    "checkpoint.every_steps=4",
+]
 RUNS = {
     "A": ["dist.frozen_partition=node", "export.merged=true"],
     "B": ["dist.frozen_partition=global", "train.resume=auto"],
@@ -82,10 +90,19 @@ def _planned(root, name, mode):
     arch, _ = plan.arch_for_config(cfg)
     b = plan.dtype_bytes(cfg.model.precision)
     return plan_step.estimate_step(
-        arch, cfg.method, mode, plan_cluster.RankLayout(NODES, PER_NODE, PER_NODE), plan_cluster.PRESETS["h100"],
-        micro_batch=cfg.train.micro_batch_size, seq=cfg.data.max_length, grad_accum=cfg.train.grad_accum,
-        dtype_bytes=b, grad_ckpt=cfg.model.gradient_checkpointing, zero=cfg.deepspeed["zero_optimization"],
-        comm_dtype_bytes=plan_step.comm_dtype_bytes(cfg.deepspeed, b))
+        arch,
+        cfg.method,
+        mode,
+        plan_cluster.RankLayout(NODES, PER_NODE, PER_NODE),
+        plan_cluster.PRESETS["h100"],
+        micro_batch=cfg.train.micro_batch_size,
+        seq=cfg.data.max_length,
+        grad_accum=cfg.train.grad_accum,
+        dtype_bytes=b,
+        grad_ckpt=cfg.model.gradient_checkpointing,
+        zero=cfg.deepspeed["zero_optimization"],
+        comm_dtype_bytes=plan_step.comm_dtype_bytes(cfg.deepspeed, b),
+    )
 
 
 def _steps(root, name, steps):
@@ -127,7 +144,7 @@ def test_node_local_bytes_per_step_equal_the_planner(sims):
 def test_inter_node_bytes_are_o_of_d_in_node_mode_and_o_of_model_in_global(sims):
     d = load_config("configs/tiny.yaml", check_files=False).method.d
     node, glob = _planned(sims, "A", "node"), _planned(sims, "B", "global")
-    assert node.inter_bytes <= 4 * 4 * d                      # a few times d x 4 bytes
+    assert node.inter_bytes <= 4 * 4 * d  # a few times d x 4 bytes
     assert glob.inter_bytes >= 0.5 * _model_bytes() and glob.inter_bytes > 30 * node.inter_bytes
     # global: the frozen model crosses nodes in every step (at least once; the planner's
     # 2.5 gathers of it per step are the bound), over 10x node mode's bytes

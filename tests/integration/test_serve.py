@@ -1,5 +1,6 @@
 """A real server in the loop: `transformers serve` on a merged export, asked through the
 `openai` client, answers what the trained model (base + adapter, in this process) answers."""
+
 import json
 
 import pytest
@@ -22,24 +23,42 @@ def moved(tmp_path_factory, deepspeed_tiny_run, tiny_assets):
     theta, cfg = load_adapter(out / "adapter")
     torch.manual_seed(0)
     save_adapter(root / "adapter", theta + 0.5 * torch.randn_like(theta), cfg)
-    assert export_cli.main(["--base", str(tiny_assets / "model"), "--adapter", str(root / "adapter"),
-                        "--out", str(root / "merged")]) == 0
+    assert (
+        export_cli.main(
+            ["--base", str(tiny_assets / "model"), "--adapter", str(root / "adapter"), "--out", str(root / "merged")]
+        )
+        == 0
+    )
     return root
 
 
 def test_served_answers_equal_the_trained_models_record_for_record(moved, tiny_assets, tmp_path, capsys):
     data = tiny_assets / "data" / "eval.jsonl"
-    args = ["check", "--merged", str(moved / "merged"), "--data", str(data), "--max-examples", "12",
-            "--base", str(tiny_assets / "model"), "--adapter", str(moved / "adapter"),
-            "--json", str(tmp_path / "r.json"), "--predictions", str(tmp_path / "p.jsonl")]
+    args = [
+        "check",
+        "--merged",
+        str(moved / "merged"),
+        "--data",
+        str(data),
+        "--max-examples",
+        "12",
+        "--base",
+        str(tiny_assets / "model"),
+        "--adapter",
+        str(moved / "adapter"),
+        "--json",
+        str(tmp_path / "r.json"),
+        "--predictions",
+        str(tmp_path / "p.jsonl"),
+    ]
     assert serve.main(args) == 0, capsys.readouterr().err
     res = json.loads((tmp_path / "r.json").read_text())
     rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
     assert res["records"] == 12 == res["same_answers"] == len(rows)
     assert all(r["served"] == r["in_process"] for r in rows)
-    assert sum(len(r["served"]) > 0 for r in rows) >= 6                   # it said something
+    assert sum(len(r["served"]) > 0 for r in rows) >= 6  # it said something
     base = [json.loads(line) for line in _base_answers(tiny_assets, data, tmp_path)]
-    assert sum(r["served"] != b["generated"] for r, b in zip(rows, base)) >= 6   # and not the base's words
+    assert sum(r["served"] != b["generated"] for r, b in zip(rows, base)) >= 6  # and not the base's words
     assert res["served_accuracy"] == sum(r["answer_correct"] for r in rows) / 12
 
 
@@ -47,24 +66,38 @@ def _base_answers(tiny_assets, data, tmp_path):
     from gpart_ds import evaluate
 
     preds = []
-    evaluate.evaluate_files(str(tiny_assets / "model"), str(data), max_length=64, max_examples=12,
-                            predictions=preds)
+    evaluate.evaluate_files(str(tiny_assets / "model"), str(data), max_length=64, max_examples=12, predictions=preds)
     return [json.dumps(p) for p in preds]
 
 
 def test_a_served_model_that_is_not_the_trained_one_is_reported(moved, tiny_assets, capsys):
     # The base model behind the server, compared with base + adapter: every answer is named.
-    rc = serve.main(["check", "--merged", str(tiny_assets / "model"), "--data",
-                     str(tiny_assets / "data" / "eval.jsonl"), "--max-examples", "6",
-                     "--base", str(tiny_assets / "model"), "--adapter", str(moved / "adapter")])
+    rc = serve.main(
+        [
+            "check",
+            "--merged",
+            str(tiny_assets / "model"),
+            "--data",
+            str(tiny_assets / "data" / "eval.jsonl"),
+            "--max-examples",
+            "6",
+            "--base",
+            str(tiny_assets / "model"),
+            "--adapter",
+            str(moved / "adapter"),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 1 and "DIFFER:" in err and "of 6 served answers are not the in-process ones" in err
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--merged", "/nonexistent"], "--merged /nonexistent: no Hugging Face model there"),
-    (["--base", "B"], "--base and --adapter go together"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--merged", "/nonexistent"], "--merged /nonexistent: no Hugging Face model there"),
+        (["--base", "B"], "--base and --adapter go together"),
+    ],
+)
 def test_bad_input_is_refused_before_any_server_starts(args, message, tiny_assets, capsys):
     base = ["check", "--merged", str(tiny_assets / "model"), "--data", str(tiny_assets / "data" / "eval.jsonl")]
     merged = dict(zip(base[1::2], base[2::2]))
@@ -77,8 +110,22 @@ def test_bad_input_is_refused_before_any_server_starts(args, message, tiny_asset
 def test_a_server_already_running_is_asked_at_its_address(moved, tiny_assets, capsys):
     # what a vLLM or TGI deployment is checked with: --url, no server started by the check
     with serve.Server(moved / "merged") as running:
-        rc = serve.main(["check", "--url", running.url, "--merged", str(moved / "merged"), "--data",
-                         str(tiny_assets / "data" / "eval.jsonl"), "--max-examples", "4",
-                         "--base", str(tiny_assets / "model"), "--adapter", str(moved / "adapter")])
-        assert running.proc.poll() is None        # still the one running
+        rc = serve.main(
+            [
+                "check",
+                "--url",
+                running.url,
+                "--merged",
+                str(moved / "merged"),
+                "--data",
+                str(tiny_assets / "data" / "eval.jsonl"),
+                "--max-examples",
+                "4",
+                "--base",
+                str(tiny_assets / "model"),
+                "--adapter",
+                str(moved / "adapter"),
+            ]
+        )
+        assert running.proc.poll() is None  # still the one running
     assert rc == 0, capsys.readouterr().err

@@ -4,6 +4,7 @@ The cluster is started here (munged, slurmctld, slurmd in a temporary folder; SL
 munge are apt-installed first when missing). Skipped only where that is impossible: not
 root and SLURM not installed.
 """
+
 import json
 import os
 import subprocess
@@ -37,11 +38,26 @@ def slurm(tmp_path_factory):
 def submit(slurm, tmp_path, name, *overrides):
     """sbatch slurm/gpart.sh configs/tiny.yaml on 2 CPU tasks; returns (job id, output_dir)."""
     out = tmp_path / "run"
-    env = {"GPART_DEVICE": "cpu", "GPART_PYTHON": sys.executable, "GPART_LOG_DIR": str(tmp_path / "logs"),
-           "OMP_NUM_THREADS": "1"}
-    job = slurm.sbatch(f"--job-name={name}", "--nodes=1", "--ntasks-per-node=2", "--time=15",
-                       f"--output={tmp_path}/slurm-%j.out", "slurm/gpart.sh", "configs/tiny.yaml",
-                       f"output_dir={out}", *LAUNCH_OVERRIDES, *overrides, env=env, cwd=REPO)
+    env = {
+        "GPART_DEVICE": "cpu",
+        "GPART_PYTHON": sys.executable,
+        "GPART_LOG_DIR": str(tmp_path / "logs"),
+        "OMP_NUM_THREADS": "1",
+    }
+    job = slurm.sbatch(
+        f"--job-name={name}",
+        "--nodes=1",
+        "--ntasks-per-node=2",
+        "--time=15",
+        f"--output={tmp_path}/slurm-%j.out",
+        "slurm/gpart.sh",
+        "configs/tiny.yaml",
+        f"output_dir={out}",
+        *LAUNCH_OVERRIDES,
+        *overrides,
+        env=env,
+        cwd=REPO,
+    )
     return job, out
 
 
@@ -51,8 +67,10 @@ def _events(out):
 
 
 def _explain(slurm, tmp_path, job):
-    logs = [f"--- {p.relative_to(tmp_path)}\n{p.read_text()[-3000:]}"
-            for p in sorted(tmp_path.rglob("*.log")) + sorted(tmp_path.glob("slurm-*.out"))]
+    logs = [
+        f"--- {p.relative_to(tmp_path)}\n{p.read_text()[-3000:]}"
+        for p in sorted(tmp_path.rglob("*.log")) + sorted(tmp_path.glob("slurm-*.out"))
+    ]
     return f"job {job}: {slurm.job(job)}\n" + "\n".join(logs)
 
 
@@ -80,15 +98,17 @@ def jobs(slurm, tmp_path_factory, tiny_assets):
             if "seconds" not in r and r["info"]["JobState"] in TERMINAL:
                 r["seconds"] = time.time() - r["t0"]
         state = b["info"]["JobState"]
-        if not signalled and state == "RUNNING" and any(e.get("step", 0) >= 2 and "loss" in e
-                                                        for e in _events(b["out"])):
+        if (
+            not signalled
+            and state == "RUNNING"
+            and any(e.get("step", 0) >= 2 and "loss" in e for e in _events(b["out"]))
+        ):
             # --full: the batch shell gets it too, as when a preemption signals the whole job;
             # the script must survive it to requeue on the ranks' 75
             subprocess.run(["scancel", "--full", "--signal=USR1", str(b["job"])], env=slurm.env, check=True)
             signalled = True
         if signalled and not released and (state, b["info"].get("Restarts")) == ("PENDING", "1"):
-            subprocess.run(["scontrol", "update", f"JobId={b['job']}", "StartTime=now"], env=slurm.env,
-                           check=True)
+            subprocess.run(["scontrol", "update", f"JobId={b['job']}", "StartTime=now"], env=slurm.env, check=True)
             released = True
         b_done = state in TERMINAL and (released or not signalled or state != "COMPLETED")
         if a["info"]["JobState"] in TERMINAL and b_done:
@@ -113,8 +133,7 @@ def test_sbatch_job_completes_and_equals_the_deepspeed_launch(slurm, jobs, deeps
     assert "ranks finished with exit status 0" in (logs / "job.log").read_text()
 
 
-def test_usr1_mid_run_checkpoints_and_the_requeued_job_resumes_to_the_same_theta(
-        slurm, jobs, deepspeed_tiny_run):
+def test_usr1_mid_run_checkpoints_and_the_requeued_job_resumes_to_the_same_theta(slurm, jobs, deepspeed_tiny_run):
     r = jobs["usr1"]
     job, out, info = r["job"], r["out"], r["info"]
     print(f"\npreempted + requeued sbatch job {job}: {info['JobState']} in {r.get('seconds', float('nan')):.0f} s")
@@ -138,11 +157,18 @@ def test_srun_mpi_pmix_ranks_agree_on_the_master_through_mpi4py(slurm, tmp_path)
     plugins = subprocess.run(["srun", "--mpi=list"], env=slurm.env, capture_output=True, text=True)
     if "pmix" not in plugins.stdout + plugins.stderr:
         pytest.skip("this SLURM has no pmix plugin")
-    code = ("from gpart_ds.distributed import discover; r = discover(); "
-            "print('RANKS', r.rank, r.world, r.master_addr, r.master_port, r.source, flush=True)")
-    proc = subprocess.run(["srun", "--mpi=pmix", "-n", "2", "--time=5", sys.executable, "-c", code],
-                          env={**slurm.env, "PYTHONPATH": str(REPO)}, cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+    code = (
+        "from gpart_ds.distributed import discover; r = discover(); "
+        "print('RANKS', r.rank, r.world, r.master_addr, r.master_port, r.source, flush=True)"
+    )
+    proc = subprocess.run(
+        ["srun", "--mpi=pmix", "-n", "2", "--time=5", sys.executable, "-c", code],
+        env={**slurm.env, "PYTHONPATH": str(REPO)},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     lines = sorted(line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("RANKS"))
     assert [line[:2] for line in lines] == [["0", "2"], ["1", "2"]]
@@ -157,8 +183,9 @@ def test_fault_tolerant_job_restarts_a_failed_node_step_and_completes(slurm, tmp
     kill-a-node-the-others-train-on case runs on simulated nodes (test_fault_tolerance.py)."""
     import signal
 
-    job, out = submit(slurm, tmp_path, "gpart-ft", "train.max_steps=40", "checkpoint.every_steps=4",
-                      "dist.fault_tolerance=nodes")
+    job, out = submit(
+        slurm, tmp_path, "gpart-ft", "train.max_steps=40", "checkpoint.every_steps=4", "dist.fault_tolerance=nodes"
+    )
     killed, deadline = [], time.time() + 900
     while time.time() < deadline:
         info = slurm.job(job)

@@ -1,4 +1,5 @@
 """GPart under real DeepSpeed ZeRO-3 with several CPU ranks (gloo)."""
+
 import json
 
 import pytest
@@ -13,8 +14,14 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 WORKER = "tests/integration/zero3_worker.py"
 STEPS = 6
-COMMON = [f"train.max_steps={STEPS}", "train.micro_batch_size=4", "train.eval_examples=16",
-          "train.log_every=100", "train.warmup_ratio=0", "train.lr=0.02"]
+COMMON = [
+    f"train.max_steps={STEPS}",
+    "train.micro_batch_size=4",
+    "train.eval_examples=16",
+    "train.log_every=100",
+    "train.warmup_ratio=0",
+    "train.lr=0.02",
+]
 
 
 # name: (ranks, overrides). "two" and "one" see the same global batch (4 x 1 x 2 and
@@ -23,8 +30,16 @@ COMMON = [f"train.max_steps={STEPS}", "train.micro_batch_size=4", "train.eval_ex
 RUNS = {
     "two": (2, ["train.grad_accum=1", "method.kernel=compiled"]),
     "one": (1, ["train.grad_accum=2", "method.kernel=eager", "model.gradient_checkpointing=true"]),
-    "bf16": (2, ["train.grad_accum=1", "method.kernel=compiled", "model.precision=bf16",
-                 "model.gradient_checkpointing=true", "method.dropout=0.05"]),
+    "bf16": (
+        2,
+        [
+            "train.grad_accum=1",
+            "method.kernel=compiled",
+            "model.precision=bf16",
+            "model.gradient_checkpointing=true",
+            "method.dropout=0.05",
+        ],
+    ),
 }
 
 
@@ -152,11 +167,19 @@ def test_planned_activations_equal_the_tensors_saved_for_backward(runs, name, ck
         mb, seq = r["batch_shape"]
         assert r["padded"], "no padding in the batch: the masked-attention path went unchecked"
         # The loss runs the vocabulary head on labelled positions only (gpart_ds.objective).
-        extra = methods.cost(cfg.method).extra_saved_bytes(arch, ckpt)   # group ids kept with reuse_ids
-        planned = plan.saved_activation_bytes(arch, mb, seq, b, ckpt, head_tokens=r["label_tokens"],
-                                              extra_bytes=extra)
+        extra = methods.cost(cfg.method).extra_saved_bytes(arch, ckpt)  # group ids kept with reuse_ids
+        planned = plan.saved_activation_bytes(arch, mb, seq, b, ckpt, head_tokens=r["label_tokens"], extra_bytes=extra)
         _close(planned, r["saved_ckpt" if ckpt else "saved_plain"], f"{name} activations")
         if not ckpt:  # the plan's activation rows are the same count
-            p = plan.estimate(arch, world=RUNS[name][0], method=cfg.method, micro_batch=mb, seq_len=seq,
-                              dtype_bytes=b, grad_ckpt=False, overhead_gb=0, head_tokens=r["label_tokens"])
+            p = plan.estimate(
+                arch,
+                world=RUNS[name][0],
+                method=cfg.method,
+                micro_batch=mb,
+                seq_len=seq,
+                dtype_bytes=b,
+                grad_ckpt=False,
+                overhead_gb=0,
+                head_tokens=r["label_tokens"],
+            )
             _close(p.get("activations:"), r["saved_plain"], f"{name} activation rows")

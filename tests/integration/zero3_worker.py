@@ -8,6 +8,7 @@ parameter, whether its local shard was bit-identical before/after training and e
 the matching slice of the base checkpoint file; and OUT_DIR/rank<r>.memory.json, what the
 rank holds in the memory planner's terms (tests/integration/memory_probe.py).
 """
+
 import json
 import os
 import sys
@@ -45,15 +46,24 @@ def main():
     with safe_open(str(Path(cfg.model.path) / "model.safetensors"), "pt") as f:
         for n in params:
             start, valid = ranges[n]
-            ref = f.get_tensor(n).reshape(-1)[start:start + valid]
+            ref = f.get_tensor(n).reshape(-1)[start : start + valid]
             file_ok[n] = torch.equal(before[n], ref.to(before[n].dtype))
     unchanged = {n: torch.equal(before[n], zero3.local_shard(p)) for n, p in params.items()}
     requires_grad = {n: p.requires_grad for n, p in params.items()}
-    torch.save({"theta": trainer.method.theta(), "unchanged": unchanged, "file_ok": file_ok,
-                "ranges": ranges, "partitioned": partitioned, "requires_grad": requires_grad,
-                "numel": {n: int(getattr(p, "ds_numel", p.numel())) for n, p in params.items()},
-                "summary": summary, "world": trainer.world},
-               out / f"rank{trainer.rank}.pt")
+    torch.save(
+        {
+            "theta": trainer.method.theta(),
+            "unchanged": unchanged,
+            "file_ok": file_ok,
+            "ranges": ranges,
+            "partitioned": partitioned,
+            "requires_grad": requires_grad,
+            "numel": {n: int(getattr(p, "ds_numel", p.numel())) for n, p in params.items()},
+            "summary": summary,
+            "world": trainer.world,
+        },
+        out / f"rank{trainer.rank}.pt",
+    )
     # After the evidence above is saved: what the rank holds, for the memory planner's test.
     (out / f"rank{trainer.rank}.memory.json").write_text(json.dumps(memory_probe.measure(trainer)))
     trainer.close()
@@ -63,4 +73,4 @@ if __name__ == "__main__":
     from gpart_ds.distributed import exit_process
 
     main()
-    exit_process(0)   # as launch/train.py: no interpreter teardown of the process groups
+    exit_process(0)  # as launch/train.py: no interpreter teardown of the process groups

@@ -1,5 +1,6 @@
 """What the method folders' unit tests share: a method built on a plain (non-DeepSpeed)
 model, a fixed prompt, and a merged export written in this process (world of one)."""
+
 from __future__ import annotations
 
 import torch

@@ -1,6 +1,7 @@
 """Adding a method touches only its folder and the registry (issue 31): a toy method, its
 config, cost and run defined here, put in the registry, is a key of the assembled
 `method:` section with its own help text, and the planner plans it through its cost."""
+
 import dataclasses
 
 import pytest
@@ -47,10 +48,24 @@ class Toy(Method):
 
 @pytest.fixture
 def tiny_arch():
-    return plan.Arch(name="toy", params=(("model.embed_tokens.weight", 32 * 8), ("model.layers.0.q.weight", 64),
-                                         ("model.layers.0.o.weight", 64), ("model.norm.weight", 8)),
-                     targets=((8, 8), (8, 8)), hidden=8, intermediate=16, layers=1, heads=2, kv_heads=2,
-                     head_dim=4, vocab=32, target_names=("model.layers.0.q", "model.layers.0.o"))
+    return plan.Arch(
+        name="toy",
+        params=(
+            ("model.embed_tokens.weight", 32 * 8),
+            ("model.layers.0.q.weight", 64),
+            ("model.layers.0.o.weight", 64),
+            ("model.norm.weight", 8),
+        ),
+        targets=((8, 8), (8, 8)),
+        hidden=8,
+        intermediate=16,
+        layers=1,
+        heads=2,
+        kv_heads=2,
+        head_dim=4,
+        vocab=32,
+        target_names=("model.layers.0.q", "model.layers.0.o"),
+    )
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 The upper-bound baseline; it has no adapter: its merged export is the trained model.
 config.py: its keys (name only); cost.py: what the planner counts; here: the run.
 """
+
 from __future__ import annotations
 
 import torch
@@ -18,8 +19,8 @@ class Full(Method):
     name = "full"
     config_class = FullConfig
     cost_class = FullCost
-    check_state_every_step = False   # every weight: the loss and the gradient norm are the check
-    DEFAULT_LR = 5e-5   # the usual full fine-tuning rate for small LMs (docs/lr_rule.md)
+    check_state_every_step = False  # every weight: the loss and the gradient norm are the check
+    DEFAULT_LR = 5e-5  # the usual full fine-tuning rate for small LMs (docs/lr_rule.md)
 
     def build(self, base: nn.Module, layout: Layout, device: torch.device) -> MethodRoot:
         for p in base.parameters():

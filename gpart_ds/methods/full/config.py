@@ -1,5 +1,6 @@
 """Full fine-tuning's config: it reads no method.* key beyond `name` (every weight trains:
 no targets, seed or dropout of its own)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

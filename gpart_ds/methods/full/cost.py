@@ -1,4 +1,5 @@
 """What full fine-tuning costs, from shapes: every base parameter trains."""
+
 from __future__ import annotations
 
 from ..cost import Cost, partitioned_traffic

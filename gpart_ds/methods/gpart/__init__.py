@@ -12,6 +12,7 @@ seeded isometric partition (docs/method.md). Its whole life cycle lives in this 
     cost.py       what the planner counts: memory rows, FLOPs, W0 + delta builds, traffic
     __init__.py   class GPart(Method): config checks, lr rule, build, adapter, export
 """
+
 from __future__ import annotations
 
 import logging
@@ -61,10 +62,16 @@ class GPart(Method):
         need(isinstance(m.d, int) and m.d >= 1, "method.d", f"d must be >= 1, got {m.d}")
         need(m.kernel in KERNEL_MODES, "method.kernel", f"must be one of {KERNEL_MODES}, got {m.kernel!r}")
         need(m.chunk_elems >= 1, "method.chunk_elems", "must be >= 1")
-        need(m.reuse_ids in ("auto", True, False), "method.reuse_ids",
-             f"must be auto, true or false, got {m.reuse_ids!r}")
-        need(m.step_per_weight is None or is_positive_number(m.step_per_weight), "method.step_per_weight",
-             f"must be a finite number > 0, got {m.step_per_weight!r}")
+        need(
+            m.reuse_ids in ("auto", True, False),
+            "method.reuse_ids",
+            f"must be auto, true or false, got {m.reuse_ids!r}",
+        )
+        need(
+            m.step_per_weight is None or is_positive_number(m.step_per_weight),
+            "method.step_per_weight",
+            f"must be a finite number > 0, got {m.step_per_weight!r}",
+        )
 
     def check_environment(self, device: torch.device, need: Need) -> None:
         if self.cfg.kernel == "triton":
@@ -73,28 +80,35 @@ class GPart(Method):
 
     def check_layout(self, layout: Layout, need: Need) -> None:
         d = self.cfg.d
-        need(d <= layout.D, "method.d", f"d={d} exceeds D={layout.D}, the number of target weights "
-             f"({len(layout.targets)} matrices)")
+        need(
+            d <= layout.D,
+            "method.d",
+            f"d={d} exceeds D={layout.D}, the number of target weights ({len(layout.targets)} matrices)",
+        )
 
     def auto_lr(self, D: int) -> float:
         m = self.cfg
         if D < 1 or not m.d or m.d < 1:
             raise ValueError(f"GPart's lr rule needs D >= 1 and method.d >= 1, got D={D}, d={m.d}")
-        if m.step_per_weight is not None:   # each weight's step, as the user set it (lr_rule.md)
+        if m.step_per_weight is not None:  # each weight's step, as the user set it (lr_rule.md)
             return m.step_per_weight * (D / m.d) ** 0.5
         return GPART_C * (D / m.d) ** GPART_EXP
 
     def auto_lr_caveat(self, D: int) -> str | None:
         m = self.cfg
-        if m.step_per_weight is not None:   # the user's own step: not the fitted rule
+        if m.step_per_weight is not None:  # the user's own step: not the fitted rule
             return None
         q, (lo, hi) = D / m.d, STUDIED_D_OVER_D
         if not lo <= q <= hi:
-            return (f"D/d = {q:,.0f} lies outside the {lo:,}-{hi:,} the rule was fitted on: its rate is "
-                    f"extrapolated (docs/lr_rule.md)")
+            return (
+                f"D/d = {q:,.0f} lies outside the {lo:,}-{hi:,} the rule was fitted on: its rate is "
+                f"extrapolated (docs/lr_rule.md)"
+            )
         if q > TASK_AGNOSTIC_D_OVER_D:
-            return (f"at D/d = {q:,.0f} the best rate depends on the task (up to 10x apart at D/d = {hi:,} in "
-                    f"the study): a sweep from 0.3x to 3x this rate may gain a few points (docs/lr_rule.md)")
+            return (
+                f"at D/d = {q:,.0f} the best rate depends on the task (up to 10x apart at D/d = {hi:,} in "
+                f"the study): a sweep from 0.3x to 3x this rate may gain a few points (docs/lr_rule.md)"
+            )
         return None
 
     # ------------------------------------------------------------ run time
@@ -102,20 +116,30 @@ class GPart(Method):
         m = self.cfg
         self.kernel_mode = choose_mode(m.kernel, layout.D, device, m.d)
         self.layout = layout
-        self.root = apply_gpart(base, d=m.d, seed=m.seed, target_modules=normalize_patterns(m.target_modules),
-                                dropout=m.dropout, kernel_mode=self.kernel_mode, chunk_elems=m.chunk_elems,
-                                count_device=device, reuse_ids=reuse_ids(m, layout.D))
+        self.root = apply_gpart(
+            base,
+            d=m.d,
+            seed=m.seed,
+            target_modules=normalize_patterns(m.target_modules),
+            dropout=m.dropout,
+            kernel_mode=self.kernel_mode,
+            chunk_elems=m.chunk_elems,
+            count_device=device,
+            reuse_ids=reuse_ids(m, layout.D),
+        )
         return self.root
 
     def describe(self) -> str:
         d, D = self.root.d, self.layout.D
-        return (f"gpart: d={d:,} trainable parameters over D={D:,} target weights (D/d={D / d:.0f}), "
-                f"kernels={self.kernel_mode}, reuse_ids={self.root.gpart_ctx.op.reuse_ids}")
+        return (
+            f"gpart: d={d:,} trainable parameters over D={D:,} target weights (D/d={D / d:.0f}), "
+            f"kernels={self.kernel_mode}, reuse_ids={self.root.gpart_ctx.op.reuse_ids}"
+        )
 
     def after_engine(self) -> None:
         from ...zero3 import persist
 
-        persist(self.root.theta)   # d floats: no re-gather per forward
+        persist(self.root.theta)  # d floats: no re-gather per forward
 
     def theta(self) -> torch.Tensor:
         """The full theta on this rank (fp32, CPU), checked identical on every rank."""
@@ -132,9 +156,15 @@ class GPart(Method):
         theta = self.theta()
         if comm.rank() == 0:
             m = self.cfg
-            config = adapter_config(d=m.d, seed=m.seed, target_modules=normalize_patterns(m.target_modules),
-                                    dropout=m.dropout, layout=self.layout, base_model=info["base_model"],
-                                    dtype=info["dtype"])
+            config = adapter_config(
+                d=m.d,
+                seed=m.seed,
+                target_modules=normalize_patterns(m.target_modules),
+                dropout=m.dropout,
+                layout=self.layout,
+                base_model=info["base_model"],
+                dtype=info["dtype"],
+            )
             save_adapter(out_dir, theta, config)
         comm.barrier()
         return Path(out_dir)
@@ -144,10 +174,22 @@ class GPart(Method):
         from .merge import Merger
 
         g = self.root
-        merger = Merger(self.theta(), g.seed, self.layout.targets, compute_dtype, g.gpart_ctx.op.kernels,
-                        scales=g.scales, device=device)
-        return merger, {"method": "gpart", "adapter_kind": "zero3-run", "d": merger.d, "seed": merger.seed,
-                        "targets": len(self.layout.targets)}
+        merger = Merger(
+            self.theta(),
+            g.seed,
+            self.layout.targets,
+            compute_dtype,
+            g.gpart_ctx.op.kernels,
+            scales=g.scales,
+            device=device,
+        )
+        return merger, {
+            "method": "gpart",
+            "adapter_kind": "zero3-run",
+            "d": merger.d,
+            "seed": merger.seed,
+            "targets": len(self.layout.targets),
+        }
 
     def merge_source(self, name: str):
         """A target's weight merges to W0 + delta (effective_weight, from the full W0 and
@@ -169,7 +211,7 @@ class GPart(Method):
     def open_checkpoint(cls, ckpt, base_dir: Path):
         from .sources import from_checkpoint
 
-        return from_checkpoint(ckpt, base_dir)   # refuses, by name, a checkpoint of another method
+        return from_checkpoint(ckpt, base_dir)  # refuses, by name, a checkpoint of another method
 
 
 __all__ = ["GPart", "GPartConfig", "GPartCost", "GPartModel", "THETA", "apply_gpart", "reuse_ids"]

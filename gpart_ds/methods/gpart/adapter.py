@@ -8,6 +8,7 @@
 The only home of this format: written by `save_adapter`, read (and checked) by
 `load_adapter`. Written atomically: a temporary sibling folder renamed over the old one.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,16 @@ class AdapterError(UserError):
     """An adapter folder that cannot be used: says which file and what is wrong."""
 
 
-def adapter_config(*, d: int, seed: int, target_modules, dropout: float, layout: Layout,
-                   base_model: dict, dtype: torch.dtype | None = None) -> dict:
+def adapter_config(
+    *,
+    d: int,
+    seed: int,
+    target_modules,
+    dropout: float,
+    layout: Layout,
+    base_model: dict,
+    dtype: torch.dtype | None = None,
+) -> dict:
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -64,11 +73,19 @@ def delta_fields(cfg: dict) -> dict:
     """Everything that defines the delta an adapter folder applies: what its digest covers
     (the weights' SHA-256 binds theta to these settings; dropout does not change the delta)."""
     base = cfg.get("base_model")
-    return {"method": cfg.get("method"), "format_version": cfg.get("format_version"), "d": cfg.get("d"),
-            "seed": cfg.get("seed"), "hash": cfg.get("hash"), "D": cfg.get("D"), "layout": cfg.get("layout"),
-            "target_modules": cfg.get("target_modules"), "dtype": cfg.get("dtype"),
-            "weights_sha256": cfg.get("weights_sha256"),
-            "base_identity": base.get("identity") if isinstance(base, dict) else base}
+    return {
+        "method": cfg.get("method"),
+        "format_version": cfg.get("format_version"),
+        "d": cfg.get("d"),
+        "seed": cfg.get("seed"),
+        "hash": cfg.get("hash"),
+        "D": cfg.get("D"),
+        "layout": cfg.get("layout"),
+        "target_modules": cfg.get("target_modules"),
+        "dtype": cfg.get("dtype"),
+        "weights_sha256": cfg.get("weights_sha256"),
+        "base_identity": base.get("identity") if isinstance(base, dict) else base,
+    }
 
 
 def dtype_name(dtype: torch.dtype | None) -> str | None:
@@ -89,11 +106,15 @@ def save_adapter(out_dir: str | Path, theta: torch.Tensor, config: dict) -> Path
     if theta.shape != (config["d"],):
         raise AdapterError(f"theta has shape {tuple(theta.shape)}, expected ({config['d']},)")
     if not bool(torch.isfinite(theta).all()):
-        raise AdapterError(f"{out_dir}: theta has non-finite values; not writing an adapter that "
-                           "would merge into a broken model")
+        raise AdapterError(
+            f"{out_dir}: theta has non-finite values; not writing an adapter that would merge into a broken model"
+        )
     with atomic_dir(out_dir) as tmp:
-        save_file({THETA: theta.detach().to("cpu", torch.float32).contiguous()},
-                  str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "d": str(config["d"])})
+        save_file(
+            {THETA: theta.detach().to("cpu", torch.float32).contiguous()},
+            str(tmp / WEIGHTS_NAME),
+            metadata={"format": "pt", "d": str(config["d"])},
+        )
         config = {**config, "weights_sha256": sha256_file(tmp / WEIGHTS_NAME)}
         config["digest"] = ident.digest(delta_fields(config))
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
@@ -136,26 +157,27 @@ def _int(cfg: dict, key: str, where: Path, lo: int, hi: int) -> int:
 def _check_config(cfg: dict, cfg_path: Path) -> Layout:
     """Every field a merge relies on is present, typed and consistent; returns the layout."""
     if cfg.get("format") != FORMAT or cfg.get("format_version") not in READ_VERSIONS:
-        raise AdapterError(f"{cfg_path}: unknown adapter format "
-                           f"{cfg.get('format')!r} v{cfg.get('format_version')!r}")
+        raise AdapterError(f"{cfg_path}: unknown adapter format {cfg.get('format')!r} v{cfg.get('format_version')!r}")
     h = cfg.get("hash", {})
     if not isinstance(h, dict) or (h.get("name"), h.get("version")) != (HASH_NAME, HASH_VERSION):
-        raise AdapterError(f"{cfg_path}: hash {h!r} is not supported "
-                           f"(this version knows {HASH_NAME} v{HASH_VERSION})")
+        raise AdapterError(f"{cfg_path}: hash {h!r} is not supported (this version knows {HASH_NAME} v{HASH_VERSION})")
     _int(cfg, "seed", cfg_path, 0, 2**64)
     rows = cfg.get("layout")
     try:
         layout = Layout.from_json(rows)
     except (TypeError, ValueError, IndexError):
-        raise AdapterError(f"{cfg_path}: 'layout' must be a list of [name, [out, in], offset] "
-                           f"(got {str(rows)[:80]!r})") from None
+        raise AdapterError(
+            f"{cfg_path}: 'layout' must be a list of [name, [out, in], offset] (got {str(rows)[:80]!r})"
+        ) from None
     if not layout.targets:
         raise AdapterError(f"{cfg_path}: 'layout' is empty: the adapter names no target weight")
     pos = 0
     for t in layout.targets:
         if t.offset != pos or min(t.shape) < 1:
-            raise AdapterError(f"{cfg_path}: target {t.name} has offset {t.offset} and shape {list(t.shape)}; "
-                               f"the canonical layout puts it at {pos} (corrupted layout)")
+            raise AdapterError(
+                f"{cfg_path}: target {t.name} has offset {t.offset} and shape {list(t.shape)}; "
+                f"the canonical layout puts it at {pos} (corrupted layout)"
+            )
         pos += t.numel
     _int(cfg, "D", cfg_path, 1, 2**63)
     if cfg["D"] != layout.D:
@@ -183,8 +205,7 @@ def load_adapter(adapter_dir: str | Path) -> tuple[torch.Tensor, dict]:
     check_finite(theta, w_path)
     # Last: a value that is invalid in itself is named by the checks above; this one catches
     # a valid value that is not the one the weights were trained with (an edited seed).
-    ident.check_digest(config.get("digest"), delta_fields(config), cfg_path,
-                       missing_ok=config["format_version"] == 1)
+    ident.check_digest(config.get("digest"), delta_fields(config), cfg_path, missing_ok=config["format_version"] == 1)
     return theta, config
 
 
@@ -213,16 +234,19 @@ def attach_adapter(model, adapter_dir: str | Path, kernel_mode: str = "eager"):
     tm = cfg["target_modules"]
     layout = build_layout(model, tm).to_json()
     if layout != cfg["layout"]:
-        first = next((i for i, (a, b) in enumerate(zip(layout, cfg["layout"])) if a != b),
-                     min(len(layout), len(cfg["layout"])))
-        raise AdapterError(f"{Path(adapter_dir) / CONFIG_NAME}: its layout does not match this model "
-                           f"(first difference at target {first}: adapter "
-                           f"{cfg['layout'][first] if first < len(cfg['layout']) else None} vs model "
-                           f"{layout[first] if first < len(layout) else None}); "
-                           f"was it trained on {cfg.get('base_model', {}).get('name')!r}?")
-    g = apply_gpart(model, d=cfg["d"], seed=cfg["seed"], target_modules=tm,
-                    dropout=cfg.get("dropout", 0.0), kernel_mode=kernel_mode)
+        first = next(
+            (i for i, (a, b) in enumerate(zip(layout, cfg["layout"])) if a != b), min(len(layout), len(cfg["layout"]))
+        )
+        raise AdapterError(
+            f"{Path(adapter_dir) / CONFIG_NAME}: its layout does not match this model "
+            f"(first difference at target {first}: adapter "
+            f"{cfg['layout'][first] if first < len(cfg['layout']) else None} vs model "
+            f"{layout[first] if first < len(layout) else None}); "
+            f"was it trained on {cfg.get('base_model', {}).get('name')!r}?"
+        )
+    g = apply_gpart(
+        model, d=cfg["d"], seed=cfg["seed"], target_modules=tm, dropout=cfg.get("dropout", 0.0), kernel_mode=kernel_mode
+    )
     with torch.no_grad():
         g.theta.copy_(theta)
     return g
-

@@ -1,5 +1,6 @@
 """GPart's config: the method.* keys it reads, their defaults and help text, and the
 choices a key alone decides (reuse_ids)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,15 +21,24 @@ class GPartConfig(MethodConfig):
     seed: int = seed_option("partition seed in [0, 2^64)")
     target_modules: Any = target_modules_option()
     dropout: float = dropout_option("dropout on delta W, elementwise")
-    kernel: str = option("auto", "auto | compiled | eager | triton (auto: compiled on GPUs and for large models, "
-                         "eager for tiny ones; triton: the fused Triton kernels, CUDA only, d <= 2^30)")
+    kernel: str = option(
+        "auto",
+        "auto | compiled | eager | triton (auto: compiled on GPUs and for large models, "
+        "eager for tiny ones; triton: the fused Triton kernels, CUDA only, d <= 2^30)",
+    )
     chunk_elems: int = option(1 << 26, "elements of W0 + delta alive at once per layer")
-    reuse_ids: Any = option("auto", "keep each layer's int32 group ids from forward to backward (4 bytes x D per "
-                            "rank); auto: on when 4 x D <= 1 GiB and no dropout")
-    step_per_weight: float | None = option(None, "with train.lr: auto, how far each weight moves per (sign-like) "
-                                           "Adam step: lr = step_per_weight x sqrt(D / d), so changing d keeps "
-                                           "it; unset: the rule fitted on SmolLM2-135M, GPART_C x (D / d)^GPART_EXP "
-                                           "(docs/lr_rule.md); a numeric train.lr (e.g. an override) wins")
+    reuse_ids: Any = option(
+        "auto",
+        "keep each layer's int32 group ids from forward to backward (4 bytes x D per "
+        "rank); auto: on when 4 x D <= 1 GiB and no dropout",
+    )
+    step_per_weight: float | None = option(
+        None,
+        "with train.lr: auto, how far each weight moves per (sign-like) "
+        "Adam step: lr = step_per_weight x sqrt(D / d), so changing d keeps "
+        "it; unset: the rule fitted on SmolLM2-135M, GPART_C x (D / d)^GPART_EXP "
+        "(docs/lr_rule.md); a numeric train.lr (e.g. an override) wins",
+    )
 
     @property
     def label(self) -> str:

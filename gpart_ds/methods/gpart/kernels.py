@@ -9,6 +9,7 @@ same Python functions run op by op: the fallback where no compiler is available.
 Dropout on delta is stateless too: a second SplitMix64 stream keyed by a per-call seed
 decides keep/drop for each element, so backward regenerates the same mask.
 """
+
 from __future__ import annotations
 
 import logging
@@ -40,23 +41,20 @@ def _delta(ts, base, pos, d: int, keep_base, threshold: int, keep_scale: float):
     return delta
 
 
-def effective_weight(w0_flat, ts, base, d: int, keep_base=None, threshold: int = 0,
-                     keep_scale: float = 1.0):
+def effective_weight(w0_flat, ts, base, d: int, keep_base=None, threshold: int = 0, keep_scale: float = 1.0):
     """W0 + delta for one flat slice, delta rounded to W0's dtype before the add."""
     pos = torch.arange(w0_flat.numel(), dtype=torch.int64, device=w0_flat.device)
     delta = _delta(ts, base, pos, d, keep_base, threshold, keep_scale)
     return w0_flat + delta.to(w0_flat.dtype)
 
 
-def delta_values(ts, base, n: int, d: int, keep_base=None, threshold: int = 0,
-                 keep_scale: float = 1.0):
+def delta_values(ts, base, n: int, d: int, keep_base=None, threshold: int = 0, keep_scale: float = 1.0):
     """delta for n consecutive positions, in ts's dtype (fp32)."""
     pos = torch.arange(n, dtype=torch.int64, device=ts.device)
     return _delta(ts, base, pos, d, keep_base, threshold, keep_scale)
 
 
-def scatter_grad(grad_ts, dw_flat, base, d: int, keep_base=None, threshold: int = 0,
-                 keep_scale: float = 1.0):
+def scatter_grad(grad_ts, dw_flat, base, d: int, keep_base=None, threshold: int = 0, keep_scale: float = 1.0):
     """grad_ts[g(k)] += dW_k * mask_k (in grad_ts's dtype); returns the new grad_ts."""
     pos = torch.arange(dw_flat.numel(), dtype=torch.int64, device=dw_flat.device)
     vals = dw_flat.to(grad_ts.dtype)
@@ -65,8 +63,9 @@ def scatter_grad(grad_ts, dw_flat, base, d: int, keep_base=None, threshold: int 
     return grad_ts.index_add(0, ids_from_positions(base, pos, d), vals)
 
 
-def backward_pass(w0_flat, dw_flat, ts, grad_ts, base, d: int, keep_base=None, threshold: int = 0,
-                  keep_scale: float = 1.0):
+def backward_pass(
+    w0_flat, dw_flat, ts, grad_ts, base, d: int, keep_base=None, threshold: int = 0, keep_scale: float = 1.0
+):
     """Backward of one chunk in one pass over its positions: hash once, then both
     scatter dL/dW into grad_ts and rebuild W0 + delta for dL/dx.
 
@@ -109,12 +108,19 @@ def count_groups(base, n: int, d: int):
         raise ValueError(f"count_groups counts at most 2^31 - 1 positions per call, got {n}")
     pos = torch.arange(n, dtype=torch.int64, device=base.device)
     ones = torch.ones(n, dtype=torch.int32, device=base.device)
-    return torch.zeros(d, dtype=torch.int32, device=base.device).index_add(
-        0, ids_from_positions(base, pos, d), ones)
+    return torch.zeros(d, dtype=torch.int32, device=base.device).index_add(0, ids_from_positions(base, pos, d), ones)
 
 
-_KERNELS = ("effective_weight", "delta_values", "scatter_grad", "backward_pass", "count_groups",
-            "effective_weight_ids", "backward_from_ids", "scatter_from_ids")
+_KERNELS = (
+    "effective_weight",
+    "delta_values",
+    "scatter_grad",
+    "backward_pass",
+    "count_groups",
+    "effective_weight_ids",
+    "backward_from_ids",
+    "scatter_from_ids",
+)
 
 
 class KernelSet:
@@ -144,8 +150,7 @@ class KernelSet:
             try:
                 return compiled(*args, **kwargs)
             except Exception as exc:  # compilation is an optimisation, never a failure
-                warnings.warn(f"GPart: compiled kernel {name} failed ({exc!r}); "
-                              "falling back to eager kernels")
+                warnings.warn(f"GPart: compiled kernel {name} failed ({exc!r}); falling back to eager kernels")
                 self.mode = "eager"
                 return fn(*args, **kwargs)
 

@@ -4,6 +4,7 @@ Works on a plain module and on a model built sharded under ZeRO-3; the only
 distributed step is the exact count of the group sizes n_j (shard-local counts, one
 all-reduce of a d-vector).
 """
+
 from __future__ import annotations
 
 import logging
@@ -54,7 +55,7 @@ def count_groups_distributed(D: int, d: int, seed: int, kernels, device=None) ->
     world, rank = comm.world(), comm.rank()
     per = -(-D // world)
     start, stop = min(D, rank * per), min(D, (rank + 1) * per)
-    counter = kernels.count_groups if kernels.mode != "eager" else None   # compiled or triton
+    counter = kernels.count_groups if kernels.mode != "eager" else None  # compiled or triton
     counts = partition.group_counts(start, stop - start, d, seed, device=device, counter=counter)
     return comm.sum_(counts)
 
@@ -68,10 +69,10 @@ class GPartContext:
 
     def __init__(self, op: OpConfig):
         self.op = op
-        self.linear = linear_function(op.kernels)   # chosen once, when the layers are built
+        self.linear = linear_function(op.kernels)  # chosen once, when the layers are built
         self.ts: torch.Tensor | None = None
         self.keep_seed: int | None = None
-        self.zero = False   # theta == 0 in a no-grad forward: delta is exactly 0
+        self.zero = False  # theta == 0 in a no-grad forward: delta is exactly 0
 
 
 class GPartLinear(nn.Linear):
@@ -87,8 +88,10 @@ class GPartLinear(nn.Linear):
     def forward(self, x):
         ctx = self.gpart_ctx
         if ctx.ts is None:
-            raise RuntimeError("GPartLinear called outside GPartModel.prepare(): call the "
-                               "wrapping root module so theta is gathered and scaled first")
+            raise RuntimeError(
+                "GPartLinear called outside GPartModel.prepare(): call the "
+                "wrapping root module so theta is gathered and scaled first"
+            )
         if ctx.zero:  # the pretrained model itself: skip regenerating a delta of zeros
             return nn.functional.linear(x, self.weight, self.bias)
         return ctx.linear(x, self.weight, self.bias, ctx.ts, self.gpart_spec, ctx.op, ctx.keep_seed)
@@ -102,8 +105,9 @@ class GPartModel(MethodRoot):
     and hands it to every adapted linear through the shared context.
     """
 
-    def __init__(self, lm: nn.Module, layout: Layout, scales: torch.Tensor,
-                 ctx: GPartContext, seed: int, target_modules):
+    def __init__(
+        self, lm: nn.Module, layout: Layout, scales: torch.Tensor, ctx: GPartContext, seed: int, target_modules
+    ):
         super().__init__(lm)
         self.layout = layout
         self.seed = seed
@@ -139,8 +143,7 @@ class GPartModel(MethodRoot):
         p = self.gpart_ctx.op.dropout
         # A fresh dropout stream per forward, drawn from torch's RNG so that activation
         # checkpointing (which replays RNG state) regenerates the same mask.
-        self.gpart_ctx.keep_seed = (int(torch.randint(0, 2**62, (1,)).item())
-                                    if p > 0 and self.training else None)
+        self.gpart_ctx.keep_seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 and self.training else None
 
     def adapted_modules(self):
         mods = dict(self.lm.named_modules())
@@ -151,13 +154,20 @@ class GPartModel(MethodRoot):
         """W0 + delta of one target (full weight; plain, non-partitioned modules only)."""
         mod = dict(self.lm.named_modules())[name]
         spec = mod.gpart_spec
-        return effective_rows(mod.weight, self.scaled_theta(), spec, self.gpart_ctx.op,
-                              0, spec.out_features)
+        return effective_rows(mod.weight, self.scaled_theta(), spec, self.gpart_ctx.op, 0, spec.out_features)
 
 
-def apply_gpart(model: nn.Module, d: int, seed: int, target_modules=ALL_LINEAR,
-                dropout: float = 0.0, kernel_mode: str = "eager",
-                chunk_elems: int = 1 << 26, count_device=None, reuse_ids: bool = False) -> GPartModel:
+def apply_gpart(
+    model: nn.Module,
+    d: int,
+    seed: int,
+    target_modules=ALL_LINEAR,
+    dropout: float = 0.0,
+    kernel_mode: str = "eager",
+    chunk_elems: int = 1 << 26,
+    count_device=None,
+    reuse_ids: bool = False,
+) -> GPartModel:
     """Freeze `model`, adapt its target linears in place and return the GPartModel root.
 
     Under ZeRO-3 call it after the model is built (sharded) and before
@@ -168,15 +178,23 @@ def apply_gpart(model: nn.Module, d: int, seed: int, target_modules=ALL_LINEAR,
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     layout = build_layout(model, target_modules)
     if not layout.targets:
-        raise ValueError(f"target_modules={target_modules!r} matched no linear layer inside "
-                         f"decoder blocks; available: {linear_module_names(model)}")
+        raise ValueError(
+            f"target_modules={target_modules!r} matched no linear layer inside "
+            f"decoder blocks; available: {linear_module_names(model)}"
+        )
     if not 1 <= d <= layout.D:
         raise ValueError(f"d must be in [1, D={layout.D}], got {d}")
     for p in model.parameters():
         p.requires_grad_(False)
     kernels = kernel_set(kernel_mode)
-    op = OpConfig(d=d, seed=seed, kernels=kernels, chunk_elems=chunk_elems, dropout=dropout,
-                  reuse_ids=reuse_ids and dropout == 0.0)
+    op = OpConfig(
+        d=d,
+        seed=seed,
+        kernels=kernels,
+        chunk_elems=chunk_elems,
+        dropout=dropout,
+        reuse_ids=reuse_ids and dropout == 0.0,
+    )
     counts = count_groups_distributed(layout.D, d, seed, kernels, device=count_device)
     scales = partition.scales_from_counts(counts)
     ctx = GPartContext(op)
@@ -187,9 +205,9 @@ def apply_gpart(model: nn.Module, d: int, seed: int, target_modules=ALL_LINEAR,
         mod.gpart_spec = t
         mod.gpart_ctx = ctx
     empty = int((counts == 0).sum())
-    log.info("GPart group sizes n_g (exact): min %d, mean %.1f, max %d", int(counts.min()),
-             layout.D / d, int(counts.max()))
+    log.info(
+        "GPart group sizes n_g (exact): min %d, mean %.1f, max %d", int(counts.min()), layout.D / d, int(counts.max())
+    )
     if empty:
-        log.warning("GPart: %d of d=%d groups are empty (D/d=%.1f); they never train",
-                    empty, d, layout.D / d)
+        log.warning("GPart: %d of d=%d groups are empty (D/d=%.1f); they never train", empty, d, layout.D / d)
     return GPartModel(model, layout, scales.cpu(), ctx, seed, target_modules)

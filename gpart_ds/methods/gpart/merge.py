@@ -6,6 +6,7 @@ Slices are flat element ranges of one weight in row-major order, so the same cal
 a ZeRO-3 shard (which starts anywhere, even mid-row), a row block streamed from a file,
 or a whole tensor. Knows nothing of DeepSpeed or of files.
 """
+
 from __future__ import annotations
 
 import torch
@@ -19,9 +20,16 @@ from .op import OpConfig, effective_slice
 class Merger:
     """theta, seed and the canonical layout -> merged slices of target weights."""
 
-    def __init__(self, theta: torch.Tensor, seed: int, targets: list[Target],
-                 compute_dtype: torch.dtype, kernels: KernelSet | None = None,
-                 scales: torch.Tensor | None = None, device=None):
+    def __init__(
+        self,
+        theta: torch.Tensor,
+        seed: int,
+        targets: list[Target],
+        compute_dtype: torch.dtype,
+        kernels: KernelSet | None = None,
+        scales: torch.Tensor | None = None,
+        device=None,
+    ):
         kernels = kernels or get_kernels("eager")
         self.op = OpConfig(d=theta.numel(), seed=seed, kernels=kernels)
         self.device = torch.device(device or "cpu")
@@ -30,8 +38,9 @@ class Merger:
         self.D = sum(t.numel for t in targets)
         if scales is None:
             counter = kernels.count_groups if kernels.mode != "eager" else None
-            counts = partition.group_counts(0, self.D, self.d, seed, device=self.device,
-                                            chunk=self._piece(), counter=counter)
+            counts = partition.group_counts(
+                0, self.D, self.d, seed, device=self.device, chunk=self._piece(), counter=counter
+            )
             scales = partition.scales_from_counts(counts)
         # ts = theta * s in float32, as the training forward forms it.
         self.ts = theta.detach().to(self.device, torch.float32) * scales.to(self.device, torch.float32)

@@ -12,6 +12,7 @@ gradient is a scatter-add of dL/dW into the d-length vector ts = theta * s; auto
 Knows nothing of DeepSpeed: W0 is whatever tensor the caller passes (a gathered ZeRO-3
 parameter, a plain weight, a row block streamed from a file).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -29,9 +30,9 @@ class OpConfig:
     d: int
     seed: int
     kernels: KernelSet
-    chunk_elems: int = 1 << 26   # elements of W0 + delta alive at once (128 MB in bf16)
+    chunk_elems: int = 1 << 26  # elements of W0 + delta alive at once (128 MB in bf16)
     dropout: float = 0.0
-    reuse_ids: bool = False      # keep forward's int32 group ids for the backward (no dropout)
+    reuse_ids: bool = False  # keep forward's int32 group ids for the backward (no dropout)
 
     def rows_per_chunk(self, in_features: int) -> int:
         return max(1, self.chunk_elems // max(1, in_features))
@@ -49,8 +50,7 @@ def _hash_args(cfg: OpConfig, start: int, keep_seed, device):
     if keep_seed is None:
         return base, {}
     keep = torch.tensor(hash_base(keep_seed, start), device=device)
-    return base, dict(keep_base=keep, threshold=dropout_threshold(cfg.dropout),
-                      keep_scale=1.0 / (1.0 - cfg.dropout))
+    return base, dict(keep_base=keep, threshold=dropout_threshold(cfg.dropout), keep_scale=1.0 / (1.0 - cfg.dropout))
 
 
 def effective_slice(w0_flat, ts, spec: Target, first: int, cfg: OpConfig, keep_seed=None):
@@ -105,7 +105,7 @@ class GPartLinearFunction(torch.autograd.Function):
         grad_ts = torch.zeros_like(ts) if need_ts else None
         for i, (r0, r1) in enumerate(_chunks(spec, cfg)):
             g = g2[:, r0:r1]
-            if ids:   # the forward's group ids: nothing to hash
+            if ids:  # the forward's group ids: nothing to hash
                 w0 = weight[r0:r1].reshape(-1)
                 if need_ts:
                     dw = (g.t() @ x2).reshape(-1)
@@ -122,8 +122,9 @@ class GPartLinearFunction(torch.autograd.Function):
                 dw = (g.t() @ x2).reshape(-1)
                 base, kw = _hash_args(cfg, spec.offset + r0 * spec.in_features, keep_seed, dw.device)
                 if need_x:  # one hashing pass serves both gradients
-                    w, grad_ts = cfg.kernels.backward_pass(weight[r0:r1].reshape(-1), dw, ts, grad_ts,
-                                                           base, cfg.d, **kw)
+                    w, grad_ts = cfg.kernels.backward_pass(
+                        weight[r0:r1].reshape(-1), dw, ts, grad_ts, base, cfg.d, **kw
+                    )
                     grad_x += g @ w.view(r1 - r0, spec.in_features)
                 else:
                     grad_ts = cfg.kernels.scatter_grad(grad_ts, dw, base, cfg.d, **kw)

@@ -9,6 +9,7 @@ PyTorch has no uint64 arithmetic on every device, so SplitMix64 is emulated on i
 two's complement + and * wrap exactly like uint64; right shifts are made logical by
 masking; the final unsigned reduction corrects the sign (see `_unsigned_mod`).
 """
+
 from __future__ import annotations
 
 import torch
@@ -93,8 +94,9 @@ def group_ids(start: int, numel: int, d: int, seed: int, device=None) -> torch.L
     return ids_from_positions(hash_base(seed, start), pos, d)
 
 
-def group_counts(start: int, numel: int, d: int, seed: int, device=None,
-                 chunk: int = DEFAULT_CHUNK, counter=None) -> torch.LongTensor:
+def group_counts(
+    start: int, numel: int, d: int, seed: int, device=None, chunk: int = DEFAULT_CHUNK, counter=None
+) -> torch.LongTensor:
     """n_j restricted to positions [start, start + numel), counted in bounded chunks.
 
     `counter(base_tensor, n, d)` may replace the eager chunk counter (a compiled kernel).
@@ -138,8 +140,14 @@ def group_size_stats(D: int, d: int, seed: int = 0, exact_limit: int = EXACT_STA
     _check_args(0, D, d)
     if D <= exact_limit:
         n = group_counts(0, D, d, seed).to(torch.float64)
-        return {"method": "exact", "mean": D / d, "sd": float(n.std(unbiased=False)),
-                "min": int(n.min()), "max": int(n.max()), "empty": int((n == 0).sum())}
+        return {
+            "method": "exact",
+            "mean": D / d,
+            "sd": float(n.std(unbiased=False)),
+            "min": int(n.min()),
+            "max": int(n.max()),
+            "empty": int((n == 0).sum()),
+        }
     mean = D / d
     sd = math.sqrt(mean * (1 - 1 / d))
     if d > 2:
@@ -149,8 +157,14 @@ def group_size_stats(D: int, d: int, seed: int = 0, exact_limit: int = EXACT_STA
         a_d = 0.5642  # E[max] of two standard normals = 1/sqrt(pi)
     # d (1 - 1/d)^D through logs: the power underflows long before it matters.
     empty = d * math.exp(D * math.log1p(-1 / d)) if d > 1 else 0.0
-    return {"method": "theory", "mean": mean, "sd": sd, "min": max(0.0, mean - sd * a_d),
-            "max": mean + sd * a_d, "empty": empty}
+    return {
+        "method": "theory",
+        "mean": mean,
+        "sd": sd,
+        "min": max(0.0, mean - sd * a_d),
+        "max": mean + sd * a_d,
+        "empty": empty,
+    }
 
 
 def dense_projection(D: int, d: int, seed: int, dtype=torch.float64) -> torch.Tensor:

@@ -15,6 +15,7 @@ of the target weights) and, where it records one, against the base identity it w
 trained on (identity.py: the weights' fingerprint; a merged folder is refused as a base),
 so an adapter is never merged into the wrong model.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -44,24 +45,30 @@ from .merge import Merger
 # only the reference code can rebuild: a missing key is refused, never assumed.
 REFERENCE_BACKENDS = ("stateless", "implicit_stateless_v1")
 # Reference-config keys whose other values change the mapping (value we support).
-REFERENCE_REQUIRED = {"projection_type": "partition", "partition_scope": "global",
-                      "grouping_strategy": "random", "isometric": True, "bias": "none",
-                      "fan_in_fan_out": False, "layers_to_transform": None}
+REFERENCE_REQUIRED = {
+    "projection_type": "partition",
+    "partition_scope": "global",
+    "grouping_strategy": "random",
+    "isometric": True,
+    "bias": "none",
+    "fan_in_fan_out": False,
+    "layers_to_transform": None,
+}
 
 
 @dataclass
 class MergeSource:
-    theta: torch.Tensor             # float32[d]
+    theta: torch.Tensor  # float32[d]
     seed: int
     targets: list[Target]
-    dtype: torch.dtype | None       # training dtype if known (merges round in it)
-    kind: str                       # "gpart_ds" | "checkpoint" | "reference"
+    dtype: torch.dtype | None  # training dtype if known (merges round in it)
+    kind: str  # "gpart_ds" | "checkpoint" | "reference"
     path: Path
-    config_file: Path               # the file that described it (for error messages)
-    patterns: object = None         # its target_modules, to recompute the base's layout
-    base_identity: dict | None = None   # the identity of the base it was trained on (None: not recorded)
-    trained_on: str | None = None   # that base's recorded path or name (for messages)
-    digest: str | None = None       # the SHA-256 of its definition (identity.digest), for the merge record
+    config_file: Path  # the file that described it (for error messages)
+    patterns: object = None  # its target_modules, to recompute the base's layout
+    base_identity: dict | None = None  # the identity of the base it was trained on (None: not recorded)
+    trained_on: str | None = None  # that base's recorded path or name (for messages)
+    digest: str | None = None  # the SHA-256 of its definition (identity.digest), for the merge record
 
     @property
     def d(self) -> int:
@@ -82,8 +89,15 @@ class MergeSource:
         return Merger(self.theta, self.seed, self.targets, compute_dtype, kernel_set(mode), device=device)
 
     def provenance(self) -> dict:
-        return {"method": "gpart", "adapter": str(self.path), "adapter_kind": self.kind, "d": self.d,
-                "seed": self.seed, "targets": len(self.targets), "adapter_digest": self.digest}
+        return {
+            "method": "gpart",
+            "adapter": str(self.path),
+            "adapter_kind": self.kind,
+            "d": self.d,
+            "seed": self.seed,
+            "targets": len(self.targets),
+            "adapter_digest": self.digest,
+        }
 
     def attach(self, model):
         """The adapter applied to a plain (non-sharded) model: its GPartModel root."""
@@ -104,19 +118,24 @@ def _reference(path: Path, cfg: dict, base_dir: Path) -> MergeSource:
         raise AdapterError(
             f"{cfg_path}: no 'assignment_backend' key: reference adapters written before it existed "
             "(2026-07-22) store torch.randint assignments that only the reference code can rebuild; "
-            f"re-export it with the reference code's {REFERENCE_BACKENDS[0]!r} backend")
+            f"re-export it with the reference code's {REFERENCE_BACKENDS[0]!r} backend"
+        )
     if backend not in REFERENCE_BACKENDS:
         raise AdapterError(
             f"{cfg_path}: assignment_backend {backend!r} stores torch.randint assignments that only "
-            f"the reference code can rebuild; gpart_ds merges {REFERENCE_BACKENDS[0]!r} adapters")
+            f"the reference code can rebuild; gpart_ds merges {REFERENCE_BACKENDS[0]!r} adapters"
+        )
     for key, want in REFERENCE_REQUIRED.items():
         if cfg.get(key, want) != want:
-            raise AdapterError(f"{cfg_path}: {key}={cfg.get(key)!r} is not supported "
-                               f"(gpart_ds implements {key}={want!r})")
+            raise AdapterError(
+                f"{cfg_path}: {key}={cfg.get(key)!r} is not supported (gpart_ds implements {key}={want!r})"
+            )
     if cfg.get("modules_to_save"):
-        raise AdapterError(f"{cfg_path}: modules_to_save={cfg['modules_to_save']!r}: the adapter also trained "
-                           "whole modules beside theta, which a GPart merge does not carry; merge it with the "
-                           "reference code's merge_and_unload")
+        raise AdapterError(
+            f"{cfg_path}: modules_to_save={cfg['modules_to_save']!r}: the adapter also trained "
+            "whole modules beside theta, which a GPart merge does not carry; merge it with the "
+            "reference code's merge_and_unload"
+        )
     for key in ("d", "target_modules"):
         if key not in cfg:
             raise AdapterError(f"{cfg_path}: missing key {key!r}")
@@ -134,8 +153,9 @@ def _reference(path: Path, cfg: dict, base_dir: Path) -> MergeSource:
         raise AdapterError(f"{cfg_path}: proj_seed must be an integer in [0, 2^64), got {seed!r}")
     tm = cfg["target_modules"]
     patterns = tm if isinstance(tm, str) else sorted(tm)
-    return MergeSource(theta.float(), seed, _layout_from_base(base_dir, patterns), None, "reference",
-                       path, cfg_path, patterns)
+    return MergeSource(
+        theta.float(), seed, _layout_from_base(base_dir, patterns), None, "reference", path, cfg_path, patterns
+    )
 
 
 def from_checkpoint(ckpt, base_dir: Path) -> MergeSource:
@@ -143,20 +163,31 @@ def from_checkpoint(ckpt, base_dir: Path) -> MergeSource:
     path, base_dir = ckpt.path, Path(base_dir)
     m = ckpt.run_config.get("method", {})
     if m.get("name") != "gpart" or THETA not in ckpt.tensors:
-        raise AdapterError(f"{path}: a checkpoint of method {m.get('name')!r}, not a GPart run; "
-                           "export it with `launch/train.py --export-only` from its run")
+        raise AdapterError(
+            f"{path}: a checkpoint of method {m.get('name')!r}, not a GPart run; "
+            "export it with `launch/train.py --export-only` from its run"
+        )
     theta = ckpt.tensors[THETA]
     check_finite(theta, ckpt.state_file)
     seed = m.get("seed")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64 or "target_modules" not in m:
-        raise AdapterError(f"{ckpt.run_config_file}: method.seed / method.target_modules missing or "
-                           f"invalid (seed {seed!r})")
+        raise AdapterError(
+            f"{ckpt.run_config_file}: method.seed / method.target_modules missing or invalid (seed {seed!r})"
+        )
     dig = ckpt.state.get("digest")
-    return MergeSource(theta.float(), seed, _checkpoint_targets(ckpt, m, base_dir), ckpt.dtype, "checkpoint",
-                       path, ckpt.state_json_file, m["target_modules"],
-                       base_identity=ckpt.state.get("base_identity"),
-                       trained_on=str(ckpt.run_config.get("model", {}).get("path") or "") or None,
-                       digest=dig.get("sha256") if isinstance(dig, dict) else None)
+    return MergeSource(
+        theta.float(),
+        seed,
+        _checkpoint_targets(ckpt, m, base_dir),
+        ckpt.dtype,
+        "checkpoint",
+        path,
+        ckpt.state_json_file,
+        m["target_modules"],
+        base_identity=ckpt.state.get("base_identity"),
+        trained_on=str(ckpt.run_config.get("model", {}).get("path") or "") or None,
+        digest=dig.get("sha256") if isinstance(dig, dict) else None,
+    )
 
 
 def _checkpoint_targets(ckpt, m: dict, base_dir: Path) -> list[Target]:
@@ -170,14 +201,18 @@ def _checkpoint_targets(ckpt, m: dict, base_dir: Path) -> list[Target]:
         try:
             return [Target(name, tuple(shape), offset) for name, shape, offset in rows]
         except (TypeError, ValueError) as exc:
-            raise AdapterError(f"{ckpt.path}/state.json: 'layout' is not a list of [name, [out, in], offset] "
-                               f"({exc})") from None
+            raise AdapterError(
+                f"{ckpt.path}/state.json: 'layout' is not a list of [name, [out, in], offset] ({exc})"
+            ) from None
     trained_on = Path(str(ckpt.run_config.get("model", {}).get("path", "")))
     if (trained_on / "config.json").is_file():
         return _layout_from_base(trained_on, m["target_modules"])
     logging.getLogger(__name__).warning(
         "%s records no layout and its model %s is not here: cannot check that %s is the model it was trained on",
-        ckpt.path, trained_on, base_dir)
+        ckpt.path,
+        trained_on,
+        base_dir,
+    )
     return _layout_from_base(base_dir, m["target_modules"])
 
 
@@ -197,10 +232,19 @@ def open_source(path: str | Path, base_dir: str | Path) -> MergeSource:
     targets = [Target(name, tuple(shape), offset) for name, shape, offset in cfg["layout"]]
     base = cfg.get("base_model") if isinstance(cfg.get("base_model"), dict) else {}
     dig = cfg.get("digest")
-    return MergeSource(theta.float(), int(cfg["seed"]), targets, parse_dtype_name(cfg.get("dtype")),
-                       "gpart_ds", path, cfg_path, cfg["target_modules"], base_identity=base.get("identity"),
-                       trained_on=base.get("path") or base.get("name"),
-                       digest=dig.get("sha256") if isinstance(dig, dict) else None)
+    return MergeSource(
+        theta.float(),
+        int(cfg["seed"]),
+        targets,
+        parse_dtype_name(cfg.get("dtype")),
+        "gpart_ds",
+        path,
+        cfg_path,
+        cfg["target_modules"],
+        base_identity=base.get("identity"),
+        trained_on=base.get("path") or base.get("name"),
+        digest=dig.get("sha256") if isinstance(dig, dict) else None,
+    )
 
 
 def check_against_base(src: MergeSource, base: dict[str, StoredTensor], base_dir: Path) -> None:
@@ -211,22 +255,29 @@ def check_against_base(src: MergeSource, base: dict[str, StoredTensor], base_dir
     for t in src.targets:
         st = base.get(t.weight_name)
         if st is None:
-            raise AdapterError(f"{where}: target {t.weight_name} is not in the base model {base_dir} "
-                               "(wrong base model for this adapter?)")
+            raise AdapterError(
+                f"{where}: target {t.weight_name} is not in the base model {base_dir} "
+                "(wrong base model for this adapter?)"
+            )
         if tuple(st.entry.shape) != tuple(t.shape):
-            raise AdapterError(f"{where}: target {t.weight_name} has shape {list(t.shape)} in the adapter but "
-                               f"{list(st.entry.shape)} in {st.path} (wrong base model for this adapter?)")
+            raise AdapterError(
+                f"{where}: target {t.weight_name} has shape {list(t.shape)} in the adapter but "
+                f"{list(st.entry.shape)} in {st.path} (wrong base model for this adapter?)"
+            )
     expected = _layout_from_base(base_dir, src.patterns)
     if expected != src.targets:
-        i = next((i for i, (a, b) in enumerate(zip(expected, src.targets)) if a != b),
-                 min(len(expected), len(src.targets)))
+        i = next(
+            (i for i, (a, b) in enumerate(zip(expected, src.targets)) if a != b), min(len(expected), len(src.targets))
+        )
         ours = src.targets[i] if i < len(src.targets) else None
         theirs = expected[i] if i < len(expected) else None
-        raise AdapterError(f"{where}: the adapter's {len(src.targets)} targets differ from the base model's "
-                           f"{len(expected)} (first difference at target {i}: adapter "
-                           f"{ours and [ours.name, list(ours.shape), ours.offset]} vs base "
-                           f"{theirs and [theirs.name, list(theirs.shape), theirs.offset]}); it was trained on "
-                           f"another model than {base_dir}")
+        raise AdapterError(
+            f"{where}: the adapter's {len(src.targets)} targets differ from the base model's "
+            f"{len(expected)} (first difference at target {i}: adapter "
+            f"{ours and [ours.name, list(ours.shape), ours.offset]} vs base "
+            f"{theirs and [theirs.name, list(theirs.shape), theirs.offset]}); it was trained on "
+            f"another model than {base_dir}"
+        )
     D = sum(t.numel for t in src.targets)
     if src.d > D:
         raise AdapterError(f"{where}: d={src.d} exceeds D={D}")

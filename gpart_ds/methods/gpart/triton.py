@@ -26,6 +26,7 @@ tests) the bf16 casts are done with integer arithmetic, because the interpreter'
 fp32 -> bf16 cast truncates, and 16-bit dot operands are widened to fp32 first, because
 its dot multiplies their raw bits; on GPUs the native casts and MMAs run.
 """
+
 from __future__ import annotations
 
 import functools
@@ -40,7 +41,7 @@ from .kernels import dropout_threshold, get_kernels
 from .partition import _MUL1, _MUL2, hash_base
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-MAX_D = 1 << 30          # the Barrett reduction below needs 4 d <= 2^32
+MAX_D = 1 << 30  # the Barrett reduction below needs 4 d <= 2^32
 
 _MASK32 = (1 << 32) - 1
 M1_HI = tl.constexpr(_MUL1 >> 32)
@@ -70,7 +71,7 @@ def _mul_const(hi, lo, C_HI: tl.constexpr, C_LO: tl.constexpr):
 def _splitmix(pos, b_hi, b_lo):
     """SplitMix64 of base + pos: base as uint32 halves (hash_base), pos uint32."""
     lo = b_lo + pos
-    hi = b_hi + (lo < pos).to(tl.uint32)          # carry
+    hi = b_hi + (lo < pos).to(tl.uint32)  # carry
     hi, lo = _xorshift(hi, lo, 30)
     hi, lo = _mul_const(hi, lo, M1_HI, M1_LO)
     hi, lo = _xorshift(hi, lo, 27)
@@ -149,9 +150,8 @@ def _add_delta(w0, delta, INTERP: tl.constexpr):
 
 @triton.jit
 def _dot(a, b, acc, INTERP: tl.constexpr, PREC: tl.constexpr):
-    if INTERP:   # the interpreter's dot reads 16-bit operands as raw bits
-        return tl.dot(_widen(a, acc.dtype, INTERP), _widen(b, acc.dtype, INTERP), acc,
-                      input_precision="ieee")
+    if INTERP:  # the interpreter's dot reads 16-bit operands as raw bits
+        return tl.dot(_widen(a, acc.dtype, INTERP), _widen(b, acc.dtype, INTERP), acc, input_precision="ieee")
     if a.dtype == tl.float32 or a.dtype == tl.float64:
         return tl.dot(a, b, acc, input_precision=PREC)
     return tl.dot(a, b, acc)
@@ -171,7 +171,7 @@ def _scatter(grad_ptr, g, v, mask, d, PREAGG: tl.constexpr):
     is large next to d (many lanes per group), costs a sort otherwise. 32-bit v only."""
     if PREAGG:
         d = d.to(tl.int32)
-        g = tl.where(mask, g, d)                  # masked lanes: a group nobody owns
+        g = tl.where(mask, g, d)  # masked lanes: a group nobody owns
         bits = v.to(tl.uint32, bitcast=True).to(tl.uint64)
         key = tl.sort((g.to(tl.uint64) << 32) | bits)
         g = (key >> 32).to(tl.int32)
@@ -185,14 +185,30 @@ def _scatter(grad_ptr, g, v, mask, d, PREAGG: tl.constexpr):
 
 # ---------------------------------------------------------------- one-pass kernels
 @triton.jit(do_not_specialize=["n", "d", "m_hi", "m_lo", "threshold"])
-def _elementwise_kernel(ts_ptr, base_ptr, keep_ptr, scale_ptr, w0_ptr, out_ptr, dw_ptr, grad_ptr, ids_ptr,
-                        n, d, m_hi, m_lo, threshold,
-                        W: tl.constexpr,        # 0: none, 1: out = W0 + delta, 2: out = delta
-                        SCATTER: tl.constexpr,  # grad[g] += dW (* mask)
-                        COUNT: tl.constexpr,    # grad[g] += 1 (int32 counts)
-                        IDS: tl.constexpr,      # 0: hash, 1: read ids, 2: hash and write ids
-                        KEEP: tl.constexpr, PREAGG: tl.constexpr, INTERP: tl.constexpr,
-                        BLOCK: tl.constexpr):
+def _elementwise_kernel(
+    ts_ptr,
+    base_ptr,
+    keep_ptr,
+    scale_ptr,
+    w0_ptr,
+    out_ptr,
+    dw_ptr,
+    grad_ptr,
+    ids_ptr,
+    n,
+    d,
+    m_hi,
+    m_lo,
+    threshold,
+    W: tl.constexpr,  # 0: none, 1: out = W0 + delta, 2: out = delta
+    SCATTER: tl.constexpr,  # grad[g] += dW (* mask)
+    COUNT: tl.constexpr,  # grad[g] += 1 (int32 counts)
+    IDS: tl.constexpr,  # 0: hash, 1: read ids, 2: hash and write ids
+    KEEP: tl.constexpr,
+    PREAGG: tl.constexpr,
+    INTERP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     m_hi = m_hi.to(tl.uint32, bitcast=True)
@@ -209,7 +225,7 @@ def _elementwise_kernel(ts_ptr, base_ptr, keep_ptr, scale_ptr, w0_ptr, out_ptr, 
     if KEEP:
         k_hi, k_lo = _split64(tl.load(keep_ptr))
         kh, _ = _splitmix(offs.to(tl.uint32), k_hi, k_lo)
-        keep = (kh >> 8).to(tl.int32) >= threshold      # the hash's top 24 bits
+        keep = (kh >> 8).to(tl.int32) >= threshold  # the hash's top 24 bits
         scale = tl.load(scale_ptr)
     if COUNT:
         _scatter(grad_ptr, g, tl.full((BLOCK,), 1, tl.int32), mask, d, PREAGG)
@@ -231,9 +247,28 @@ def _elementwise_kernel(ts_ptr, base_ptr, keep_ptr, scale_ptr, w0_ptr, out_ptr, 
 
 # --------------------------------------------------------------------- fused GEMMs
 @triton.jit
-def _weight_tile(w0_ptr, ts_ptr, rn, rk, N, K, stride_wn, stride_wk, row0,
-                 b_hi, b_lo, k_hi, k_lo, scale, d, m_hi, m_lo, threshold,
-                 KEEP: tl.constexpr, INTERP: tl.constexpr):
+def _weight_tile(
+    w0_ptr,
+    ts_ptr,
+    rn,
+    rk,
+    N,
+    K,
+    stride_wn,
+    stride_wk,
+    row0,
+    b_hi,
+    b_lo,
+    k_hi,
+    k_lo,
+    scale,
+    d,
+    m_hi,
+    m_lo,
+    threshold,
+    KEEP: tl.constexpr,
+    INTERP: tl.constexpr,
+):
     """(W0 + delta)[rn, rk] in W0's dtype; rows rn start at row0 (positions relative to
     the hash base of row0's first element, so they fit 32 bits)."""
     mask = (rn[:, None] < N) & (rk[None, :] < K)
@@ -254,8 +289,16 @@ def _hash_args(base, keep_base, scale_ptr, d, m_hi, m_lo, KEEP: tl.constexpr):
     scale = 1.0
     if KEEP:
         scale = tl.load(scale_ptr)
-    return b_hi, b_lo, k_hi, k_lo, scale, d.to(tl.uint32), m_hi.to(tl.uint32, bitcast=True), \
-        m_lo.to(tl.uint32, bitcast=True)
+    return (
+        b_hi,
+        b_lo,
+        k_hi,
+        k_lo,
+        scale,
+        d.to(tl.uint32),
+        m_hi.to(tl.uint32, bitcast=True),
+        m_lo.to(tl.uint32, bitcast=True),
+    )
 
 
 @triton.jit
@@ -268,12 +311,39 @@ def _grouped(pid, n_a, n_b, GROUP: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["base", "keep_base", "d", "m_hi", "m_lo", "threshold"])
-def _forward_kernel(x_ptr, w0_ptr, ts_ptr, bias_ptr, y_ptr, scale_ptr, M, N, K,
-                    stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
-                    base, keep_base, d, m_hi, m_lo, threshold, M_BUCKET,
-                    HAS_BIAS: tl.constexpr, KEEP: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr,
-                    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    GROUP: tl.constexpr):
+def _forward_kernel(
+    x_ptr,
+    w0_ptr,
+    ts_ptr,
+    bias_ptr,
+    y_ptr,
+    scale_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    stride_ym,
+    stride_yn,
+    base,
+    keep_base,
+    d,
+    m_hi,
+    m_lo,
+    threshold,
+    M_BUCKET,
+    HAS_BIAS: tl.constexpr,
+    KEEP: tl.constexpr,
+    INTERP: tl.constexpr,
+    PREC: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP: tl.constexpr,
+):
     """y = x @ (W0 + delta)^T (+ b): x (M, K), W0 (N, K), y (M, N)."""
     pid_m, pid_n = _grouped(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP)
     b_hi, b_lo, k_hi, k_lo, scale, d, m_hi, m_lo = _hash_args(base, keep_base, scale_ptr, d, m_hi, m_lo, KEEP)
@@ -285,10 +355,33 @@ def _forward_kernel(x_ptr, w0_ptr, ts_ptr, bias_ptr, y_ptr, scale_ptr, M, N, K,
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
-                    mask=(rm[:, None] < M) & (rk[None, :] < K), other=0)
-        w = _weight_tile(w0_ptr, ts_ptr, rn, rk, N, K, stride_wn, stride_wk, row0,
-                         t_hi, t_lo, u_hi, u_lo, scale, d, m_hi, m_lo, threshold, KEEP, INTERP)
+        x = tl.load(
+            x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
+            mask=(rm[:, None] < M) & (rk[None, :] < K),
+            other=0,
+        )
+        w = _weight_tile(
+            w0_ptr,
+            ts_ptr,
+            rn,
+            rk,
+            N,
+            K,
+            stride_wn,
+            stride_wk,
+            row0,
+            t_hi,
+            t_lo,
+            u_hi,
+            u_lo,
+            scale,
+            d,
+            m_hi,
+            m_lo,
+            threshold,
+            KEEP,
+            INTERP,
+        )
         acc = _dot(x, tl.trans(w), acc, INTERP, PREC)
     if HAS_BIAS:
         acc += _widen(tl.load(bias_ptr + rn, mask=rn < N, other=0), ACC, INTERP)[None, :]
@@ -296,16 +389,41 @@ def _forward_kernel(x_ptr, w0_ptr, ts_ptr, bias_ptr, y_ptr, scale_ptr, M, N, K,
         out = _f32_to_bf16_rne(acc)
     else:
         out = acc.to(y_ptr.dtype.element_ty)
-    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, out,
-             mask=(rm[:, None] < M) & (rn[None, :] < N))
+    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, out, mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
 @triton.jit(do_not_specialize=["base", "keep_base", "d", "m_hi", "m_lo", "threshold"])
-def _grad_x_kernel(g_ptr, w0_ptr, ts_ptr, dx_ptr, scale_ptr, M, N, K,
-                   stride_gm, stride_gn, stride_wn, stride_wk, stride_xm, stride_xk,
-                   base, keep_base, d, m_hi, m_lo, threshold, M_BUCKET,
-                   KEEP: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
+def _grad_x_kernel(
+    g_ptr,
+    w0_ptr,
+    ts_ptr,
+    dx_ptr,
+    scale_ptr,
+    M,
+    N,
+    K,
+    stride_gm,
+    stride_gn,
+    stride_wn,
+    stride_wk,
+    stride_xm,
+    stride_xk,
+    base,
+    keep_base,
+    d,
+    m_hi,
+    m_lo,
+    threshold,
+    M_BUCKET,
+    KEEP: tl.constexpr,
+    INTERP: tl.constexpr,
+    PREC: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP: tl.constexpr,
+):
     """dx = G @ (W0 + delta): G (M, N), W0 (N, K), dx (M, K)."""
     pid_m, pid_k = _grouped(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP)
     b_hi, b_lo, k_hi, k_lo, scale, d, m_hi, m_lo = _hash_args(base, keep_base, scale_ptr, d, m_hi, m_lo, KEEP)
@@ -314,28 +432,75 @@ def _grad_x_kernel(g_ptr, w0_ptr, ts_ptr, dx_ptr, scale_ptr, M, N, K,
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC)
     for n0 in range(0, N, BLOCK_N):
         rn = n0 + tl.arange(0, BLOCK_N)
-        g = tl.load(g_ptr + rm[:, None] * stride_gm + rn[None, :] * stride_gn,
-                    mask=(rm[:, None] < M) & (rn[None, :] < N), other=0)
+        g = tl.load(
+            g_ptr + rm[:, None] * stride_gm + rn[None, :] * stride_gn,
+            mask=(rm[:, None] < M) & (rn[None, :] < N),
+            other=0,
+        )
         t_hi, t_lo = _add64(b_hi, b_lo, tl.cast(n0, tl.int64) * K)
         u_hi, u_lo = _add64(k_hi, k_lo, tl.cast(n0, tl.int64) * K)
-        w = _weight_tile(w0_ptr, ts_ptr, rn, rk, N, K, stride_wn, stride_wk, n0,
-                         t_hi, t_lo, u_hi, u_lo, scale, d, m_hi, m_lo, threshold, KEEP, INTERP)
+        w = _weight_tile(
+            w0_ptr,
+            ts_ptr,
+            rn,
+            rk,
+            N,
+            K,
+            stride_wn,
+            stride_wk,
+            n0,
+            t_hi,
+            t_lo,
+            u_hi,
+            u_lo,
+            scale,
+            d,
+            m_hi,
+            m_lo,
+            threshold,
+            KEEP,
+            INTERP,
+        )
         acc = _dot(g, w, acc, INTERP, PREC)
     if INTERP and dx_ptr.dtype.element_ty == tl.bfloat16:
         out = _f32_to_bf16_rne(acc)
     else:
         out = acc.to(dx_ptr.dtype.element_ty)
-    tl.store(dx_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk, out,
-             mask=(rm[:, None] < M) & (rk[None, :] < K))
+    tl.store(
+        dx_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk, out, mask=(rm[:, None] < M) & (rk[None, :] < K)
+    )
 
 
 @triton.jit(do_not_specialize=["base", "keep_base", "d", "m_hi", "m_lo", "threshold"])
-def _grad_ts_kernel(g_ptr, x_ptr, grad_ptr, scale_ptr, M, N, K,
-                    stride_gm, stride_gn, stride_xm, stride_xk,
-                    base, keep_base, d, m_hi, m_lo, threshold, M_BUCKET,
-                    KEEP: tl.constexpr, PREAGG: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr,
-                    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    GROUP: tl.constexpr):
+def _grad_ts_kernel(
+    g_ptr,
+    x_ptr,
+    grad_ptr,
+    scale_ptr,
+    M,
+    N,
+    K,
+    stride_gm,
+    stride_gn,
+    stride_xm,
+    stride_xk,
+    base,
+    keep_base,
+    d,
+    m_hi,
+    m_lo,
+    threshold,
+    M_BUCKET,
+    KEEP: tl.constexpr,
+    PREAGG: tl.constexpr,
+    INTERP: tl.constexpr,
+    PREC: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP: tl.constexpr,
+):
     """grad_ts[g(n, k)] += (G^T @ x)[n, k] (* mask): one dW tile per program, reduced into
     theta's gradient in the epilogue; dW is never written."""
     pid_n, pid_k = _grouped(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(K, BLOCK_K), GROUP)
@@ -346,10 +511,16 @@ def _grad_ts_kernel(g_ptr, x_ptr, grad_ptr, scale_ptr, M, N, K,
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC)
     for m0 in range(0, M, BLOCK_M):
         rm = m0 + tl.arange(0, BLOCK_M)
-        g = tl.load(g_ptr + rm[:, None] * stride_gm + rn[None, :] * stride_gn,
-                    mask=(rm[:, None] < M) & (rn[None, :] < N), other=0)
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
-                    mask=(rm[:, None] < M) & (rk[None, :] < K), other=0)
+        g = tl.load(
+            g_ptr + rm[:, None] * stride_gm + rn[None, :] * stride_gn,
+            mask=(rm[:, None] < M) & (rn[None, :] < N),
+            other=0,
+        )
+        x = tl.load(
+            x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
+            mask=(rm[:, None] < M) & (rk[None, :] < K),
+            other=0,
+        )
         acc = _dot(tl.trans(g), x, acc, INTERP, PREC)
     t_hi, t_lo = _add64(b_hi, b_lo, tl.cast(row0, tl.int64) * K)
     pos = ((rn - row0)[:, None] * K + rk[None, :]).to(tl.uint32)
@@ -361,8 +532,14 @@ def _grad_ts_kernel(g_ptr, x_ptr, grad_ptr, scale_ptr, M, N, K,
         kh, _ = _splitmix(pos, u_hi, u_lo)
         vals = tl.where((kh >> 8).to(tl.int32) >= threshold, vals * scale, 0.0)
     mask = (rn[:, None] < N) & (rk[None, :] < K)
-    _scatter(grad_ptr, tl.reshape(g_ids, [BLOCK_N * BLOCK_K]), tl.reshape(vals, [BLOCK_N * BLOCK_K]),
-             tl.reshape(mask, [BLOCK_N * BLOCK_K]), d, PREAGG)
+    _scatter(
+        grad_ptr,
+        tl.reshape(g_ids, [BLOCK_N * BLOCK_K]),
+        tl.reshape(vals, [BLOCK_N * BLOCK_K]),
+        tl.reshape(mask, [BLOCK_N * BLOCK_K]),
+        d,
+        PREAGG,
+    )
 
 
 # ------------------------------------------------------------------- launch helpers
@@ -409,9 +586,24 @@ def _dummy(device):
     return torch.empty(1, device=device, dtype=torch.float32)
 
 
-def _launch_elementwise(n: int, ts, base, d: int, *, w0=None, out=None, dw=None, grad=None, ids=None,
-                        ids_mode: int = 0, w_mode: int = 0, count: bool = False, keep_base=None,
-                        threshold: int = 0, keep_scale: float = 1.0):
+def _launch_elementwise(
+    n: int,
+    ts,
+    base,
+    d: int,
+    *,
+    w0=None,
+    out=None,
+    dw=None,
+    grad=None,
+    ids=None,
+    ids_mode: int = 0,
+    w_mode: int = 0,
+    count: bool = False,
+    keep_base=None,
+    threshold: int = 0,
+    keep_scale: float = 1.0,
+):
     if n == 0:
         return
     if n >= 1 << 31:
@@ -424,14 +616,31 @@ def _launch_elementwise(n: int, ts, base, d: int, *, w0=None, out=None, dw=None,
     block = _PREAGG_BLOCK if preagg else _ELEM_BLOCK
     dummy = _dummy(dev)
     _elementwise_kernel[(triton.cdiv(n, block),)](
-        ts, base if base is not None else torch.zeros((), dtype=torch.int64, device=dev),
-        keep_base if keep else torch.zeros((), dtype=torch.int64, device=dev), scale,
-        w0 if w0 is not None else dummy, out if out is not None else dummy,
-        dw if dw is not None else dummy, grad if grad is not None else dummy,
+        ts,
+        base if base is not None else torch.zeros((), dtype=torch.int64, device=dev),
+        keep_base if keep else torch.zeros((), dtype=torch.int64, device=dev),
+        scale,
+        w0 if w0 is not None else dummy,
+        out if out is not None else dummy,
+        dw if dw is not None else dummy,
+        grad if grad is not None else dummy,
         ids if ids is not None else torch.empty(1, dtype=torch.int32, device=dev),
-        n, d, m_hi, m_lo, threshold,
-        W=w_mode, SCATTER=dw is not None, COUNT=count, IDS=ids_mode, KEEP=keep,
-        PREAGG=preagg, INTERP=INTERPRET, BLOCK=block, num_warps=8, **_LAUNCH)
+        n,
+        d,
+        m_hi,
+        m_lo,
+        threshold,
+        W=w_mode,
+        SCATTER=dw is not None,
+        COUNT=count,
+        IDS=ids_mode,
+        KEEP=keep,
+        PREAGG=preagg,
+        INTERP=INTERPRET,
+        BLOCK=block,
+        num_warps=8,
+        **_LAUNCH,
+    )
 
 
 # ------------------------------------------------------- the KernelSet interface
@@ -473,38 +682,67 @@ class TritonKernelSet:
         self._fallback = get_kernels("compiled")
 
     @_guarded
-    def effective_weight(self, w0_flat, ts, base, d: int, keep_base=None, threshold: int = 0,
-                         keep_scale: float = 1.0):
+    def effective_weight(self, w0_flat, ts, base, d: int, keep_base=None, threshold: int = 0, keep_scale: float = 1.0):
         w0_flat = w0_flat.contiguous()
         out = torch.empty_like(w0_flat)
-        _launch_elementwise(w0_flat.numel(), ts, base, d, w0=w0_flat, out=out, w_mode=1,
-                            keep_base=keep_base, threshold=threshold, keep_scale=keep_scale)
+        _launch_elementwise(
+            w0_flat.numel(),
+            ts,
+            base,
+            d,
+            w0=w0_flat,
+            out=out,
+            w_mode=1,
+            keep_base=keep_base,
+            threshold=threshold,
+            keep_scale=keep_scale,
+        )
         return out
 
     @_guarded
-    def delta_values(self, ts, base, n: int, d: int, keep_base=None, threshold: int = 0,
-                     keep_scale: float = 1.0):
+    def delta_values(self, ts, base, n: int, d: int, keep_base=None, threshold: int = 0, keep_scale: float = 1.0):
         out = torch.empty(n, dtype=ts.dtype, device=ts.device)
-        _launch_elementwise(n, ts, base, d, out=out, w_mode=2, keep_base=keep_base,
-                            threshold=threshold, keep_scale=keep_scale)
+        _launch_elementwise(
+            n, ts, base, d, out=out, w_mode=2, keep_base=keep_base, threshold=threshold, keep_scale=keep_scale
+        )
         return out
 
     @_guarded
-    def scatter_grad(self, grad_ts, dw_flat, base, d: int, keep_base=None, threshold: int = 0,
-                     keep_scale: float = 1.0):
+    def scatter_grad(self, grad_ts, dw_flat, base, d: int, keep_base=None, threshold: int = 0, keep_scale: float = 1.0):
         grad_ts = grad_ts.clone()
-        _launch_elementwise(dw_flat.numel(), grad_ts, base, d, dw=dw_flat.contiguous(), grad=grad_ts,
-                            keep_base=keep_base, threshold=threshold, keep_scale=keep_scale)
+        _launch_elementwise(
+            dw_flat.numel(),
+            grad_ts,
+            base,
+            d,
+            dw=dw_flat.contiguous(),
+            grad=grad_ts,
+            keep_base=keep_base,
+            threshold=threshold,
+            keep_scale=keep_scale,
+        )
         return grad_ts
 
     @_guarded
-    def backward_pass(self, w0_flat, dw_flat, ts, grad_ts, base, d: int, keep_base=None,
-                      threshold: int = 0, keep_scale: float = 1.0):
+    def backward_pass(
+        self, w0_flat, dw_flat, ts, grad_ts, base, d: int, keep_base=None, threshold: int = 0, keep_scale: float = 1.0
+    ):
         w0_flat = w0_flat.contiguous()
         out, grad_ts = torch.empty_like(w0_flat), grad_ts.clone()
-        _launch_elementwise(w0_flat.numel(), ts, base, d, w0=w0_flat, out=out, w_mode=1,
-                            dw=dw_flat.contiguous(), grad=grad_ts, keep_base=keep_base,
-                            threshold=threshold, keep_scale=keep_scale)
+        _launch_elementwise(
+            w0_flat.numel(),
+            ts,
+            base,
+            d,
+            w0=w0_flat,
+            out=out,
+            w_mode=1,
+            dw=dw_flat.contiguous(),
+            grad=grad_ts,
+            keep_base=keep_base,
+            threshold=threshold,
+            keep_scale=keep_scale,
+        )
         return out, grad_ts
 
     @_guarded
@@ -519,15 +757,27 @@ class TritonKernelSet:
     def backward_from_ids(self, w0_flat, dw_flat, ts, grad_ts, ids):
         w0_flat = w0_flat.contiguous()
         out, grad_ts = torch.empty_like(w0_flat), grad_ts.clone()
-        _launch_elementwise(w0_flat.numel(), ts, None, ts.numel(), w0=w0_flat, out=out, w_mode=1,
-                            dw=dw_flat.contiguous(), grad=grad_ts, ids=ids, ids_mode=1)
+        _launch_elementwise(
+            w0_flat.numel(),
+            ts,
+            None,
+            ts.numel(),
+            w0=w0_flat,
+            out=out,
+            w_mode=1,
+            dw=dw_flat.contiguous(),
+            grad=grad_ts,
+            ids=ids,
+            ids_mode=1,
+        )
         return out, grad_ts
 
     @_guarded
     def scatter_from_ids(self, grad_ts, dw_flat, ids):
         grad_ts = grad_ts.clone()
-        _launch_elementwise(dw_flat.numel(), grad_ts, None, grad_ts.numel(), dw=dw_flat.contiguous(),
-                            grad=grad_ts, ids=ids, ids_mode=1)
+        _launch_elementwise(
+            dw_flat.numel(), grad_ts, None, grad_ts.numel(), dw=dw_flat.contiguous(), grad=grad_ts, ids=ids, ids_mode=1
+        )
         return grad_ts
 
     @_guarded
@@ -553,14 +803,16 @@ def _gemm_configs(kind: str):
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP": 4})]
     # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). Weight tiles built in registers hold the
     # hash state of every element: narrow K steps keep them from spilling.
-    if kind == "grad_ts":   # tiles of dW (N, K), reduced over tokens; the hash only in the epilogue
+    if kind == "grad_ts":  # tiles of dW (N, K), reduced over tokens; the hash only in the epilogue
         shapes = [(64, 128, 128, 8, 3), (64, 64, 64, 4, 3), (32, 64, 64, 4, 4)]
     elif kind == "grad_x":  # tiles of dx (M, K), a (BLOCK_N, BLOCK_K) weight tile per step
         shapes = [(128, 32, 128, 8, 3), (64, 32, 64, 4, 4), (32, 32, 64, 4, 4)]
-    else:                   # tiles of y (M, N), a (BLOCK_N, BLOCK_K) weight tile per step
+    else:  # tiles of y (M, N), a (BLOCK_N, BLOCK_K) weight tile per step
         shapes = [(128, 128, 32, 8, 3), (64, 64, 32, 4, 4), (32, 64, 32, 4, 4)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP": 8}, num_warps=w, num_stages=s)
-            for m, n, k, w, s in shapes]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP": 8}, num_warps=w, num_stages=s)
+        for m, n, k, w, s in shapes
+    ]
 
 
 def _tuned(kernel, kind: str, **kw):
@@ -583,10 +835,15 @@ def m_bucket(m: int) -> int:
 def _hash_launch_args(seed: int, offset: int, d: int, keep_seed, dropout: float, dtype, device):
     m_hi, m_lo = barrett(d)
     keep = keep_seed is not None
-    return dict(base=hash_base(seed, offset), keep_base=hash_base(keep_seed, offset) if keep else 0,
-                d=d, m_hi=m_hi, m_lo=m_lo, threshold=dropout_threshold(dropout) if keep else 0,
-                KEEP=keep), (torch.tensor([1.0 / (1.0 - dropout)], dtype=dtype, device=device)
-                             if keep else _dummy(device))
+    return dict(
+        base=hash_base(seed, offset),
+        keep_base=hash_base(keep_seed, offset) if keep else 0,
+        d=d,
+        m_hi=m_hi,
+        m_lo=m_lo,
+        threshold=dropout_threshold(dropout) if keep else 0,
+        KEEP=keep,
+    ), (torch.tensor([1.0 / (1.0 - dropout)], dtype=dtype, device=device) if keep else _dummy(device))
 
 
 def fused_forward(x2, w0, bias, ts, *, seed: int, offset: int, d: int, keep_seed=None, dropout: float = 0.0):
@@ -598,10 +855,31 @@ def fused_forward(x2, w0, bias, ts, *, seed: int, offset: int, d: int, keep_seed
         return y
     args, scale = _hash_launch_args(seed, offset, d, keep_seed, dropout, ts.dtype, x2.device)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    _FORWARD[grid](x2, w0, ts, bias if bias is not None else _dummy(x2.device), y, scale, M, N, K,
-                   x2.stride(0), x2.stride(1), w0.stride(0), w0.stride(1), y.stride(0), y.stride(1),
-                   M_BUCKET=m_bucket(M), HAS_BIAS=bias is not None, INTERP=INTERPRET,
-                   PREC=_precision(x2.dtype), ACC=_acc_dtype(x2.dtype), **args, **_FORWARD_META, **_LAUNCH)
+    _FORWARD[grid](
+        x2,
+        w0,
+        ts,
+        bias if bias is not None else _dummy(x2.device),
+        y,
+        scale,
+        M,
+        N,
+        K,
+        x2.stride(0),
+        x2.stride(1),
+        w0.stride(0),
+        w0.stride(1),
+        y.stride(0),
+        y.stride(1),
+        M_BUCKET=m_bucket(M),
+        HAS_BIAS=bias is not None,
+        INTERP=INTERPRET,
+        PREC=_precision(x2.dtype),
+        ACC=_acc_dtype(x2.dtype),
+        **args,
+        **_FORWARD_META,
+        **_LAUNCH,
+    )
     return y
 
 
@@ -614,9 +892,29 @@ def fused_grad_x(g2, w0, ts, *, seed: int, offset: int, d: int, keep_seed=None, 
         return dx
     args, scale = _hash_launch_args(seed, offset, d, keep_seed, dropout, ts.dtype, g2.device)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)  # noqa: E731
-    _GRAD_X[grid](g2, w0, ts, dx, scale, M, N, K, g2.stride(0), g2.stride(1), w0.stride(0), w0.stride(1),
-                  dx.stride(0), dx.stride(1), M_BUCKET=m_bucket(M), INTERP=INTERPRET,
-                  PREC=_precision(g2.dtype), ACC=_acc_dtype(g2.dtype), **args, **_GRAD_X_META, **_LAUNCH)
+    _GRAD_X[grid](
+        g2,
+        w0,
+        ts,
+        dx,
+        scale,
+        M,
+        N,
+        K,
+        g2.stride(0),
+        g2.stride(1),
+        w0.stride(0),
+        w0.stride(1),
+        dx.stride(0),
+        dx.stride(1),
+        M_BUCKET=m_bucket(M),
+        INTERP=INTERPRET,
+        PREC=_precision(g2.dtype),
+        ACC=_acc_dtype(g2.dtype),
+        **args,
+        **_GRAD_X_META,
+        **_LAUNCH,
+    )
     return dx
 
 
@@ -629,8 +927,25 @@ def fused_grad_ts(g2, x2, grad_ts, *, seed: int, offset: int, d: int, keep_seed=
     args, scale = _hash_launch_args(seed, offset, d, keep_seed, dropout, grad_ts.dtype, g2.device)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(K, meta["BLOCK_K"]),)  # noqa: E731
     # A dW tile holds >= 2^11 weights on GPUs (32 x 64), 2^8 when interpreting (16 x 16).
-    _GRAD_TS[grid](g2, x2, grad_ts, scale, M, N, K, g2.stride(0), g2.stride(1), x2.stride(0), x2.stride(1),
-                   M_BUCKET=m_bucket(M), PREAGG=_preagg(d, 256 if INTERPRET else 2048, grad_ts.dtype),
-                   INTERP=INTERPRET, PREC=_precision(g2.dtype), ACC=_acc_dtype(g2.dtype),
-                   **args, **_GRAD_TS_META, **_LAUNCH)
+    _GRAD_TS[grid](
+        g2,
+        x2,
+        grad_ts,
+        scale,
+        M,
+        N,
+        K,
+        g2.stride(0),
+        g2.stride(1),
+        x2.stride(0),
+        x2.stride(1),
+        M_BUCKET=m_bucket(M),
+        PREAGG=_preagg(d, 256 if INTERPRET else 2048, grad_ts.dtype),
+        INTERP=INTERPRET,
+        PREC=_precision(g2.dtype),
+        ACC=_acc_dtype(g2.dtype),
+        **args,
+        **_GRAD_TS_META,
+        **_LAUNCH,
+    )
     return grad_ts

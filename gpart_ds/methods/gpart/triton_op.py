@@ -14,6 +14,7 @@ GPART_TRITON_PATH picks:
   fused | split   always that one (benchmarks, tests, bit-reproducible runs)
 Knows nothing of DeepSpeed, like op.py.
 """
+
 from __future__ import annotations
 
 import logging
@@ -83,7 +84,7 @@ def _time_path(path: str, x, weight, bias, ts, spec, cfg, keep_seed, train: bool
             if train:
                 y.backward(gy)
 
-    run()   # compiles and autotunes the Triton kernels: not timed
+    run()  # compiles and autotunes the Triton kernels: not timed
     times = []
     for _ in range(repeat):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -106,22 +107,38 @@ def choose_path(x, weight, bias, ts, spec: Target, cfg: OpConfig, keep_seed, tra
     tokens = x.numel() // spec.in_features
     if not x.is_cuda:
         return "fused" if tokens <= FUSED_MAX_TOKENS else "split"
-    key = (x.device.index, tk.m_bucket(tokens), spec.out_features, spec.in_features, x.dtype, cfg.d,
-           keep_seed is not None, cfg.reuse_ids, train)
+    key = (
+        x.device.index,
+        tk.m_bucket(tokens),
+        spec.out_features,
+        spec.in_features,
+        x.dtype,
+        cfg.d,
+        keep_seed is not None,
+        cfg.reuse_ids,
+        train,
+    )
     if key not in _CHOICE:
         times = {}
         for p in PATHS:
             try:
                 times[p] = _time_path(p, x, weight, bias, ts, spec, cfg, keep_seed, train)
-            except Exception as exc:   # a Triton that cannot build the fused GEMMs: the other path
+            except Exception as exc:  # a Triton that cannot build the fused GEMMs: the other path
                 if p == "split":
                     raise
                 warnings.warn(f"GPart: fused Triton GEMMs failed ({exc!r}); using the split path")
                 times[p] = float("inf")
         _CHOICE[key] = min(times, key=times.get)
-        log.info("GPart Triton: %d x %d, %d tokens, %s: fused %.3f ms, split %.3f ms -> %s",
-                 spec.out_features, spec.in_features, tokens, x.dtype, 1e3 * times["fused"],
-                 1e3 * times["split"], _CHOICE[key])
+        log.info(
+            "GPart Triton: %d x %d, %d tokens, %s: fused %.3f ms, split %.3f ms -> %s",
+            spec.out_features,
+            spec.in_features,
+            tokens,
+            x.dtype,
+            1e3 * times["fused"],
+            1e3 * times["split"],
+            _CHOICE[key],
+        )
     return _CHOICE[key]
 
 
@@ -129,7 +146,7 @@ def triton_gpart_linear(x, weight, bias, ts, spec: Target, cfg: OpConfig, keep_s
     """The linear op of a layer built with Triton's kernels (layer.linear_function): the
     fused GEMMs or op.gpart_linear's function, whichever is faster per shape."""
     check_frozen(weight, bias)
-    if cfg.kernels.mode != "triton":   # the Triton kernels fell back to the compiled ones (triton._guarded)
+    if cfg.kernels.mode != "triton":  # the Triton kernels fell back to the compiled ones (triton._guarded)
         return GPartLinearFunction.apply(x, weight, bias, ts, spec, cfg, keep_seed)
     train = torch.is_grad_enabled() and (x.requires_grad or ts.requires_grad)
     path = choose_path(x, weight, bias, ts, spec, cfg, keep_seed, train)

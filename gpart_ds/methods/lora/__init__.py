@@ -3,6 +3,7 @@
 delta W = (alpha / r) B A with A (r x in), B (out x r); r (in + out) trainable numbers
 per target weight. config.py: its keys; cost.py: what the planner counts; here: the run.
 """
+
 from __future__ import annotations
 
 from ..base import Need
@@ -27,5 +28,11 @@ class LoRA(PeftMethod):
         from peft import LoraConfig
 
         m, r = self.cfg, self.cfg.rank
-        return LoraConfig(r=r, lora_alpha=m.alpha or 2 * r, lora_dropout=m.dropout, target_modules=target_names,
-                          bias="none", task_type="CAUSAL_LM")
+        return LoraConfig(
+            r=r,
+            lora_alpha=m.alpha or 2 * r,
+            lora_dropout=m.dropout,
+            target_modules=target_names,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )

@@ -1,4 +1,5 @@
 """LoRA's config: the method.* keys it reads (drift order: r, alpha, target_modules)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

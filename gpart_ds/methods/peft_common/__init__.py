@@ -7,6 +7,7 @@ root's `lm` is the base model itself and merged exports map one to one onto the 
 checkpoint's tensors. ZeRO-3 partitions the new (trainable) layers at initialize, like
 GPart's theta.
 """
+
 from __future__ import annotations
 
 import json
@@ -64,8 +65,7 @@ class PeftMethod(Method):
         return self.root
 
     def describe(self) -> str:
-        return (f"{self.label} on {len(self.layout.targets)} matrices, "
-                f"{self.trainable_params():,} trainable parameters")
+        return f"{self.label} on {len(self.layout.targets)} matrices, {self.trainable_params():,} trainable parameters"
 
     def save_adapter(self, out_dir: Path, info: dict) -> Path:
         """A standard PEFT adapter folder (adapter_config.json + adapter_model.safetensors)."""
@@ -81,13 +81,20 @@ class PeftMethod(Method):
             full.update({n: b.detach().cpu() for n, b in peft_model.named_buffers(remove_duplicate=False)})
             sd = get_peft_model_state_dict(peft_model, state_dict=full, adapter_name=ADAPTER_NAME)
             with atomic_dir(out_dir) as tmp:
-                save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp / "adapter_model.safetensors"),
-                          metadata={"format": "pt"})
+                save_file(
+                    {k: v.contiguous() for k, v in sd.items()},
+                    str(tmp / "adapter_model.safetensors"),
+                    metadata={"format": "pt"},
+                )
                 cfg = peft_model.peft_config[ADAPTER_NAME]
                 cfg.base_model_name_or_path = info["base_model"].get("path")
                 cfg.save_pretrained(str(tmp))
-                run = {"method": self.name, **info["base_model"], "dtype": dtype_name(info.get("dtype")),
-                       "weights_sha256": sha256_file(tmp / "adapter_model.safetensors")}
+                run = {
+                    "method": self.name,
+                    **info["base_model"],
+                    "dtype": dtype_name(info.get("dtype")),
+                    "weights_sha256": sha256_file(tmp / "adapter_model.safetensors"),
+                }
                 run["digest"] = digest(delta_fields(json.loads((tmp / CONFIG_NAME).read_text()), run))
                 (tmp / RUN_RECORD).write_text(json.dumps(run, indent=2) + "\n")
         comm.barrier()
@@ -108,7 +115,7 @@ class PeftMethod(Method):
                 return (w0.float() + delta.float()).to(w0.dtype)
 
             return params, merged
-        if isinstance(mod, BaseTunerLayer):   # the bias of an adapted linear
+        if isinstance(mod, BaseTunerLayer):  # the bias of an adapted linear
             p = getattr(mod.get_base_layer(), attr, None)
             return ([p], lambda: p.detach()) if isinstance(p, nn.Parameter) else None
         return super().merge_source(name)
@@ -123,8 +130,13 @@ def delta_fields(peft_config: dict, run: dict) -> dict:
     PEFT's adapter_config.json but NOT_DIGESTED, the training dtype, the weights' SHA-256
     and the base model's identity."""
     fields = {k: v for k, v in sorted(peft_config.items()) if k not in NOT_DIGESTED}
-    fields.update({f"{RUN_RECORD}:dtype": run.get("dtype"), f"{RUN_RECORD}:weights_sha256": run.get("weights_sha256"),
-                   f"{RUN_RECORD}:identity": run.get("identity")})
+    fields.update(
+        {
+            f"{RUN_RECORD}:dtype": run.get("dtype"),
+            f"{RUN_RECORD}:weights_sha256": run.get("weights_sha256"),
+            f"{RUN_RECORD}:identity": run.get("identity"),
+        }
+    )
     return fields
 
 
@@ -146,7 +158,8 @@ def check_adapter(folder: Path, base_dir: Path, label: str = "--model") -> None:
         raise IdentityError(f"{cfg_path}: not valid JSON ({exc})") from None
     if not run_path.is_file():
         logging.getLogger(__name__).warning(
-            "%s: no %s (not written by gpart_ds): its settings and base model cannot be checked", folder, RUN_RECORD)
+            "%s: no %s (not written by gpart_ds): its settings and base model cannot be checked", folder, RUN_RECORD
+        )
         return
     try:
         run = json.loads(run_path.read_text())
@@ -159,8 +172,9 @@ def check_adapter(folder: Path, base_dir: Path, label: str = "--model") -> None:
     old = "digest" not in run and "weights_sha256" not in run
     want = run.get("weights_sha256")
     if want is not None and sha256_file(w_path) != want:
-        raise IdentityError(f"{w_path}: SHA-256 differs from the one recorded in {RUN_RECORD} (corrupted, or "
-                            "the weights of another adapter)")
+        raise IdentityError(
+            f"{w_path}: SHA-256 differs from the one recorded in {RUN_RECORD} (corrupted, or "
+            "the weights of another adapter)"
+        )
     check_digest(run.get("digest"), delta_fields(peft_config, run), cfg_path, missing_ok=old)
     check_base(base_dir, run.get("identity"), cfg_path, label, run.get("path") or run.get("name"))
-

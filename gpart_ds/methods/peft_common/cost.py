@@ -1,5 +1,6 @@
 """What the PEFT baselines cost alike: the adapter's activations, the frozen backward, the
 collectives that move their trainables, the FLOPs no layer-0 q/k/v dX saves."""
+
 from __future__ import annotations
 
 import re
@@ -21,8 +22,10 @@ def per_layer_targets(arch) -> int:
 class PeftCost(Cost):
     def x_a_activations(self, plan, arch, ctx) -> None:
         """x @ A of every target, kept for the backward (one block's under checkpointing)."""
-        plan.add(f"activations: {self.cfg.display} x@A per target", ctx.tokens * ctx.b * self.cfg.rank *
-                 per_layer_targets(arch) * (1 if ctx.grad_ckpt else arch.layers))
+        plan.add(
+            f"activations: {self.cfg.display} x@A per target",
+            ctx.tokens * ctx.b * self.cfg.rank * per_layer_targets(arch) * (1 if ctx.grad_ckpt else arch.layers),
+        )
 
     def projection_flops(self, arch, ctx) -> tuple[int, int]:
         """(FLOPs of x A^T then (.) B^T over every target, those of dX through layer 0's q/k/v

@@ -1,4 +1,5 @@
 """VeRA's config: the method.* keys it reads (drift order: r, seed, target_modules)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from ..peft_common.config import PeftConfig
 class VeRAConfig(PeftConfig):
     name: str = option("vera", "VeRA of rank r")
     r: int | None = option(None, "rank (default 256)", drift=True)
-    seed: int = seed_option("projection seed")   # its frozen projections' PRNG key
+    seed: int = seed_option("projection seed")  # its frozen projections' PRNG key
     target_modules: Any = target_modules_option()
     dropout: float = dropout_option("their own dropout")
     default_rank = 256

@@ -1,4 +1,5 @@
 """What VeRA costs, from shapes: shared frozen projections, two scaling vectors per target."""
+
 from __future__ import annotations
 
 from ..peft_common.cost import PeftCost
@@ -7,7 +8,7 @@ from ..peft_common.cost import PeftCost
 class VeRACost(PeftCost):
     def trainable_sizes(self, arch) -> list[int]:
         r = self.cfg.rank
-        return [n for o, _ in arch.targets for n in (r, o)]   # lambda_d (r), lambda_b (out)
+        return [n for o, _ in arch.targets for n in (r, o)]  # lambda_d (r), lambda_b (out)
 
     def step_flops(self, arch, ctx) -> dict[str, int]:
         # x A^T and (.) B^T with the shared projections sliced to each target; they are
@@ -22,6 +23,9 @@ class VeRACost(PeftCost):
         vec = self.trainable_count(arch)
         max_o, max_i = max(o for o, _ in arch.targets), max(i for _, i in arch.targets)
         plan.add("VeRA shared projections A, B (every rank)", r * (max_o + max_i) * b)
-        plan.add(f"VeRA scaling vectors, grads, fp32 master, Adam moments (1/{W})", -(-vec // W) * (2 * b + 12),
-                 on_host=ctx.off_opt)
+        plan.add(
+            f"VeRA scaling vectors, grads, fp32 master, Adam moments (1/{W})",
+            -(-vec // W) * (2 * b + 12),
+            on_host=ctx.off_opt,
+        )
         self.x_a_activations(plan, arch, ctx)

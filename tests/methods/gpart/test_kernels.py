@@ -1,4 +1,5 @@
 """Compiled (fused) kernels agree with the eager ones: bit for bit where rounding matters."""
+
 import pytest
 import torch
 

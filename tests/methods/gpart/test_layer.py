@@ -1,4 +1,5 @@
 """GPart applied to a plain (non-DeepSpeed) Llama: layout, identity at 0, exact delta."""
+
 import pytest
 import torch
 
@@ -13,19 +14,26 @@ LLAMA_ORDER = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 def test_layout_is_canonical_llama_order_with_running_offsets():
     layout = build_layout(micro_llama(), "all-linear")
     names = [t.name for t in layout.targets]
-    assert names == [f"model.layers.{i}.{blk}.{p}" for i in range(2) for p in LLAMA_ORDER
-                     for blk in (["self_attn"] if p in LLAMA_ORDER[:4] else ["mlp"])]
+    assert names == [
+        f"model.layers.{i}.{blk}.{p}"
+        for i in range(2)
+        for p in LLAMA_ORDER
+        for blk in (["self_attn"] if p in LLAMA_ORDER[:4] else ["mlp"])
+    ]
     offsets = [t.offset for t in layout.targets]
     assert offsets == [sum(t.numel for t in layout.targets[:i]) for i in range(len(offsets))]
     assert layout.targets[0].shape == (16, 16) and layout.targets[1].shape == (8, 16)
     assert layout.D == 2 * (256 + 128 + 128 + 256 + 3 * 384)
 
 
-@pytest.mark.parametrize("patterns,expected", [
-    (["q_proj", "v_proj"], ["q_proj", "v_proj"]),
-    (r".*\.mlp\.(gate|up)_proj", ["gate_proj", "up_proj"]),
-    (["down_proj"], ["down_proj"]),
-])
+@pytest.mark.parametrize(
+    "patterns,expected",
+    [
+        (["q_proj", "v_proj"], ["q_proj", "v_proj"]),
+        (r".*\.mlp\.(gate|up)_proj", ["gate_proj", "up_proj"]),
+        (["down_proj"], ["down_proj"]),
+    ],
+)
 def test_target_patterns(patterns, expected):
     layout = build_layout(micro_llama(), patterns)
     assert sorted({t.name.rsplit(".", 1)[1] for t in layout.targets}) == expected
@@ -66,7 +74,7 @@ def test_model_output_equals_model_with_dense_delta_added():
     for t in g.layout.targets:
         w = params[f"{t.name}.weight"]
         delattr(dict(dense.named_modules())[t.name], "weight")
-        dict(dense.named_modules())[t.name].weight = w.detach() + flat[t.offset:t.offset + t.numel].view(t.shape)
+        dict(dense.named_modules())[t.name].weight = w.detach() + flat[t.offset : t.offset + t.numel].view(t.shape)
 
     ids = torch.randint(0, 50, (2, 9))
     y = g(input_ids=ids).logits
@@ -90,8 +98,7 @@ def test_projection_of_a_small_model_is_isometric():
         with torch.no_grad():
             g.gpart_theta.zero_()
             g.gpart_theta[j] = 1.0
-        cols.append(torch.cat([(g.effective_weight(t.name) - w0[t.name]).reshape(-1)
-                               for t in g.layout.targets]))
+        cols.append(torch.cat([(g.effective_weight(t.name) - w0[t.name]).reshape(-1) for t in g.layout.targets]))
     P = torch.stack(cols, dim=1)
     assert P.shape == (g.layout.D, d)
     assert ((P != 0).sum(dim=1) == 1).all(), "each weight belongs to exactly one group"
@@ -118,9 +125,16 @@ def test_dropout_is_active_in_train_mode_only():
 def test_other_decoder_families_adapt_all_linears_and_start_at_the_pretrained_model(arch):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = AutoConfig.for_model(arch, vocab_size=50, hidden_size=16, intermediate_size=24,
-                               num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                               max_position_embeddings=32)
+    cfg = AutoConfig.for_model(
+        arch,
+        vocab_size=50,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg).double().eval()
     ids = torch.randint(0, 50, (1, 6))
@@ -156,14 +170,21 @@ def test_biased_model_forward_equals_the_merged_model_bit_for_bit(dtype):
     nn.Linear (bias fused into the GEMM), so the served model is the trained one."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    cfg = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    cfg = Qwen2Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
     torch.manual_seed(0)
     base = Qwen2ForCausalLM(cfg).to(dtype).eval()
     with torch.no_grad():
         for name, p in base.named_parameters():
             if name.endswith("bias"):
-                p.normal_(0, 0.5)   # biases that matter at bf16 precision
+                p.normal_(0, 0.5)  # biases that matter at bf16 precision
     merged = Qwen2ForCausalLM(cfg).to(dtype).eval()
     merged.load_state_dict(base.state_dict())
     assert base.model.layers[0].self_attn.q_proj.bias is not None

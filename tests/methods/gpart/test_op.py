@@ -1,4 +1,5 @@
 """The fused GPart op against autograd through a dense P (float64)."""
+
 import pytest
 import torch
 
@@ -12,7 +13,7 @@ D_PAD = 37  # the layer does not start at global index 0
 
 def _dense_reference(x, w0, b, theta, P, offset):
     """y = x @ (W0 + (P theta)[offset: offset + numel].view(W0))^T + b, plain autograd."""
-    delta = (P @ theta)[offset: offset + w0.numel()].view_as(w0)
+    delta = (P @ theta)[offset : offset + w0.numel()].view_as(w0)
     return torch.nn.functional.linear(x, w0 + delta, b)
 
 
@@ -50,8 +51,7 @@ def test_dropout_mask_is_regenerated_identically_in_backward(mode):
     out_f, in_f, d, seed, p = 16, 8, 5, 3, 0.3
     D = out_f * in_f
     P = partition.dense_projection(D, d, seed)
-    scales = partition.scales_from_counts(
-        torch.bincount(partition.group_ids(0, D, d, seed), minlength=d)).double()
+    scales = partition.scales_from_counts(torch.bincount(partition.group_ids(0, D, d, seed), minlength=d)).double()
     x = torch.randn(7, in_f, dtype=torch.float64, requires_grad=True)
     w0 = torch.randn(out_f, in_f, dtype=torch.float64)
     theta = torch.randn(d, dtype=torch.float64, requires_grad=True)
@@ -63,9 +63,15 @@ def test_dropout_mask_is_regenerated_identically_in_backward(mode):
 
     # Reference: the same mask from the kernel on an all-ones ts, applied densely.
     ones = torch.ones(d, dtype=torch.float64)
-    mask = delta_values(ones, torch.tensor(partition.hash_base(seed, 0)), D, d,
-                        keep_base=torch.tensor(partition.hash_base(keep_seed, 0)),
-                        threshold=dropout_threshold(p), keep_scale=1 / (1 - p))
+    mask = delta_values(
+        ones,
+        torch.tensor(partition.hash_base(seed, 0)),
+        D,
+        d,
+        keep_base=torch.tensor(partition.hash_base(keep_seed, 0)),
+        threshold=dropout_threshold(p),
+        keep_scale=1 / (1 - p),
+    )
     kept = (mask != 0).double().mean().item()
     assert 0.5 < kept < 0.9, kept  # about 1 - p of the entries survive
     delta = ((P @ theta) * mask).view(out_f, in_f)
@@ -129,4 +135,4 @@ def test_reusing_forward_ids_in_backward_changes_nothing(mode, dtype):
         results.append((y, gx, gt))
     (y0, gx0, gt0), (y1, gx1, gt1) = results
     assert torch.equal(y0, y1) and torch.equal(gx0, gx1)
-    torch.testing.assert_close(gt0, gt1, rtol=1e-5, atol=1e-5)   # scatter order may differ
+    torch.testing.assert_close(gt0, gt1, rtol=1e-5, atol=1e-5)  # scatter order may differ

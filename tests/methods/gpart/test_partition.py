@@ -1,4 +1,5 @@
 """Group ids against the pure-Python SplitMix64 specification; P^T P = I."""
+
 import pytest
 import torch
 
@@ -7,8 +8,15 @@ from gpart_ds.methods.gpart.kernels import get_kernels
 
 # (seed, start): ordinary values, and values where seed + k + gamma wraps around 2^64
 # or sits next to 2^63 (where int64 emulation changes sign).
-CASES = [(0, 0), (42, 12345), (2**63 - 7, 0), (0, 2**63 - 3), (2**64 - 1, 5),
-         (2**63 - 0x9E3779B97F4A7C15 - 2, 0), (123456789, 2**62 + 17)]
+CASES = [
+    (0, 0),
+    (42, 12345),
+    (2**63 - 7, 0),
+    (0, 2**63 - 3),
+    (2**64 - 1, 5),
+    (2**63 - 0x9E3779B97F4A7C15 - 2, 0),
+    (123456789, 2**62 + 17),
+]
 DS = [1, 2, 3, 7, 1000, 131072, 524288, 1000003, 2**31 + 11]
 
 
@@ -84,8 +92,7 @@ def test_scales_round_like_float32_division_of_sqrt():
     counts = torch.tensor([0, 1, 2, 3, 1000, 123457])
     s = partition.scales_from_counts(counts)
     assert s.dtype == torch.float32
-    want = [(1.0 / torch.sqrt(torch.tensor(float(max(c, 1)), dtype=torch.float32))).item()
-            for c in counts.tolist()]
+    want = [(1.0 / torch.sqrt(torch.tensor(float(max(c, 1)), dtype=torch.float32))).item() for c in counts.tolist()]
     # ...which is not the same as rsqrt or a float64 computation rounded afterwards.
-    assert want[-1] != 1.0 / (123457 ** 0.5)
+    assert want[-1] != 1.0 / (123457**0.5)
     assert s.tolist() == want

@@ -5,6 +5,7 @@ before anything imports them): small shapes, seconds. The `gpu` tests run the co
 kernels on CUDA at larger shapes (launch/gpu_check.sh). `test_kernels_compile_for_sm90`
 compiles every kernel for Hopper with Triton's own LLVM and ptxas, no GPU needed.
 """
+
 import json
 import os
 import random
@@ -31,6 +32,8 @@ def gpart_linear(x, w0, b, ts, spec, cfg, keep_seed=None):
     """What a layer built with cfg's kernels runs (layer.linear_function: with Triton's,
     triton_op's fused or split path)."""
     return linear_function(cfg.kernels)(x, w0, b, ts, spec, cfg, keep_seed)
+
+
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 PATHS = ["fused", "split"]
 
@@ -122,15 +125,20 @@ def test_bf16_rounding_is_to_nearest_even_at_ties_and_keeps_specials():
     # 2^-8 and 3 * 2^-8 are exact ties for bf16 next to 1.0 (ulp 2^-7): 1 -> 1, 1 + 2^-7 -> 1 + 2^-6
     ts = torch.tensor([2.0**-8, 3 * 2.0**-8, 2.0**-9, 1.0, 1.0, 1.0e38])
     ids = torch.arange(6, dtype=torch.int32)
-    got, _ = TRITON.backward_from_ids(w0.to(DEV), torch.zeros(6, dtype=torch.bfloat16, device=DEV),
-                                      ts.to(DEV), torch.zeros(6, device=DEV), ids.to(DEV))
+    got, _ = TRITON.backward_from_ids(
+        w0.to(DEV),
+        torch.zeros(6, dtype=torch.bfloat16, device=DEV),
+        ts.to(DEV),
+        torch.zeros(6, device=DEV),
+        ids.to(DEV),
+    )
     got, want = got.cpu(), w0 + ts.to(torch.bfloat16)
     assert got.float()[:3].tolist() == [1.0, 1.0 + 2.0**-6, 1.0]
     assert torch.equal(got[[0, 1, 2, 3, 5]], want[[0, 1, 2, 3, 5]]) and got[4].isnan()
-    assert got[5].isinf()     # 3e38 + 1e38 overflows bf16 as it does in torch
+    assert got[5].isinf()  # 3e38 + 1e38 overflows bf16 as it does in torch
 
 
-@pytest.mark.parametrize("d", [5, 997])   # pre-aggregated before the atomics, and not
+@pytest.mark.parametrize("d", [5, 997])  # pre-aggregated before the atomics, and not
 @pytest.mark.parametrize("dropout", [False, True])
 def test_scatter_and_one_pass_backward_match_eager(d, dropout):
     torch.manual_seed(4)
@@ -142,8 +150,9 @@ def test_scatter_and_one_pass_backward_match_eager(d, dropout):
     want_g = EAGER.scatter_grad(torch.zeros(d), dw, base, d, **kw)
     got_g = TRITON.scatter_grad(torch.zeros(d, device=DEV), dw.to(DEV), base.to(DEV), d, **_to(kw, DEV))
     torch.testing.assert_close(got_g.cpu(), want_g, rtol=1e-5, atol=1e-5)
-    w, g = TRITON.backward_pass(w0.to(DEV), dw.to(DEV), ts.to(DEV), torch.zeros(d, device=DEV), base.to(DEV), d,
-                                **_to(kw, DEV))
+    w, g = TRITON.backward_pass(
+        w0.to(DEV), dw.to(DEV), ts.to(DEV), torch.zeros(d, device=DEV), base.to(DEV), d, **_to(kw, DEV)
+    )
     assert torch.equal(w.cpu(), EAGER.effective_weight(w0, ts, base, d, **kw))
     torch.testing.assert_close(g.cpu(), want_g, rtol=1e-5, atol=1e-5)
 
@@ -160,7 +169,7 @@ def test_scatter_keeps_what_grad_held_and_returns_a_new_tensor():
 
 @pytest.mark.parametrize("d", [7, 4099])
 def test_count_groups_equals_bincount(d):
-    n = 500 if d < 64 else 3000     # small d: pre-aggregated (slow in the interpreter)
+    n = 500 if d < 64 else 3000  # small d: pre-aggregated (slow in the interpreter)
     base = torch.tensor(partition.hash_base(9, 2**62), device=DEV)
     want = torch.bincount(partition.group_ids(2**62, n, d, 9), minlength=d)
     got = TRITON.count_groups(base, n, d)
@@ -219,7 +228,7 @@ def test_op_matches_dense_projection_float64(path, with_bias, chunk_elems, reuse
     y = gpart_linear(x, w0, b, theta * scales, Target("t", (out_f, in_f), D_PAD), cfg)
     g = torch.randn_like(y)
     gx, gt = torch.autograd.grad(y, (x, theta), g)
-    delta = (P @ theta)[D_PAD: D_PAD + w0.numel()].view_as(w0)
+    delta = (P @ theta)[D_PAD : D_PAD + w0.numel()].view_as(w0)
     y_ref = torch.nn.functional.linear(x, w0 + delta, b)
     gx_ref, gt_ref = torch.autograd.grad(y_ref, (x, theta), g)
     for a, e in ((y, y_ref), (gx, gx_ref), (gt, gt_ref)):
@@ -240,9 +249,15 @@ def test_op_with_dropout_matches_dense_projection_float64(path):
     y = gpart_linear(x, w0, None, theta * scales.to(DEV), Target("t", (out_f, in_f), 0), cfg, keep_seed)
     g = torch.randn_like(y)
     gx, gt = torch.autograd.grad(y, (x, theta), g)
-    mask = EAGER.delta_values(torch.ones(d, dtype=torch.float64), torch.tensor(partition.hash_base(seed, 0)), D, d,
-                              keep_base=torch.tensor(partition.hash_base(keep_seed, 0)),
-                              threshold=int(round(p * (1 << 24))), keep_scale=1 / (1 - p)).to(DEV)
+    mask = EAGER.delta_values(
+        torch.ones(d, dtype=torch.float64),
+        torch.tensor(partition.hash_base(seed, 0)),
+        D,
+        d,
+        keep_base=torch.tensor(partition.hash_base(keep_seed, 0)),
+        threshold=int(round(p * (1 << 24))),
+        keep_scale=1 / (1 - p),
+    ).to(DEV)
     assert 0.5 < (mask != 0).double().mean().item() < 0.9
     y_ref = x @ (w0 + ((P.to(DEV) @ theta) * mask).view(out_f, in_f)).T
     gx_ref, gt_ref = torch.autograd.grad(y_ref, (x, theta), g)
@@ -301,7 +316,7 @@ def test_fused_bf16_agrees_with_split_and_with_fp64(monkeypatch):
     assert (fused[2].double() - gt64).abs().max() < 1e-4 < (split[2].double() - gt64).abs().max()
 
 
-@pytest.mark.parametrize("d", [5, 997])   # pre-aggregated in the epilogue, and not
+@pytest.mark.parametrize("d", [5, 997])  # pre-aggregated in the epilogue, and not
 def test_fused_grad_ts_scatters_dw_tiles_like_eager(d):
     torch.manual_seed(6)
     tokens, out_f, in_f, seed, offset = 9, 16, 16, 4, 2**40 + 3
@@ -319,7 +334,7 @@ def test_path_choice(monkeypatch):
     choose = lambda xx: triton_op.choose_path(xx, w0, None, ts, spec, cfg, None, train=True)  # noqa: E731
     monkeypatch.setenv(triton_op.ENV, "fused")
     assert choose(x) == "fused"
-    assert choose(x.double()) == "split"         # x and W0 of different dtypes: only torch's GEMM
+    assert choose(x.double()) == "split"  # x and W0 of different dtypes: only torch's GEMM
     monkeypatch.setenv(triton_op.ENV, "split")
     assert choose(x) == "split"
     monkeypatch.setenv(triton_op.ENV, "fastest")
@@ -351,6 +366,7 @@ def test_cpu_tensors_outside_the_interpreter_use_the_compiled_kernels(monkeypatc
 def test_a_failing_triton_kernel_warns_and_the_set_falls_back_to_compiled(monkeypatch):
     """What an older Triton on a GPU box would do: values from the compiled kernels, once
     warned, and mode "compiled" so that triton_op takes the plain op from then on."""
+
     def broken(*args, **kwargs):
         raise RuntimeError("PTX too new for this driver")
 
@@ -369,12 +385,27 @@ def test_a_failing_triton_kernel_warns_and_the_set_falls_back_to_compiled(monkey
 def test_kernels_compile_for_sm90():
     """Every kernel and tile shape lowers to a Hopper cubin (the interpreter checks no types)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "tests/methods/gpart/triton_sm90_compile.py"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "tests/methods/gpart/triton_sm90_compile.py"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     names = [json.loads(ln)["kernel"].split(" ")[0] for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    assert set(names) == {"effective_weight", "effective_weight_dropout", "backward_pass", "scatter_preagg",
-                          "count_groups", "backward_pass_fp16_fp64", "forward", "grad_x", "grad_ts"}, proc.stdout
+    assert set(names) == {
+        "effective_weight",
+        "effective_weight_dropout",
+        "backward_pass",
+        "scatter_preagg",
+        "count_groups",
+        "backward_pass_fp16_fp64",
+        "forward",
+        "grad_x",
+        "grad_ts",
+    }, proc.stdout
     assert names.count("forward") >= 2, "several tile shapes for the autotuner"
 
 
@@ -403,8 +434,9 @@ def test_gpu_fused_and_split_agree_on_a_mlp_shape(tokens, monkeypatch):
     spec = Target("t", (out_f, in_f), 10**7)
     fused = _fwd_bwd("fused", monkeypatch, x, w0, None, ts, spec, cfg)
     split = _fwd_bwd("split", monkeypatch, x, w0, None, ts, spec, cfg)
-    compiled = _fwd_bwd("split", monkeypatch, x, w0, None, ts, spec,
-                        OpConfig(d=d, seed=8, kernels=get_kernels("compiled")))
+    compiled = _fwd_bwd(
+        "split", monkeypatch, x, w0, None, ts, spec, OpConfig(d=d, seed=8, kernels=get_kernels("compiled"))
+    )
     assert torch.equal(split[0], compiled[0]) and torch.equal(split[1], compiled[1])
     for a, b in zip(fused, split):
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)

@@ -1,5 +1,6 @@
 """LoRA's own code (gpart_ds/methods/lora, peft_common): where it injects, what trains, the
 delta (alpha / r) B A its merge writes, its defaults and the checks of its keys."""
+
 import copy
 import json
 
@@ -28,7 +29,7 @@ def test_only_the_factors_of_the_layout_targets_train():
     m = build("lora", base, ["q_proj", "v_proj"], r=4)
     targets = [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
     assert sorted(m.trainable()) == sorted(f"lm.{t}.lora_{f}.default.weight" for t in targets for f in "AB")
-    for t in targets:   # A: r x in, B: out x r
+    for t in targets:  # A: r x in, B: out x r
         mod, a, b = _factors(m, t)
         assert a.shape == (4, mod.in_features) and b.shape == (mod.out_features, 4)
     assert m.trainable_params() == sum(4 * (16 + out) for out in (16, 8) for _ in range(2))
@@ -43,7 +44,7 @@ def test_zero_init_gives_the_base_models_output():
     ref = copy.deepcopy(base)
     m = build("lora", base, r=4)
     _, a, b = _factors(m, f"{ATTN}.q_proj")
-    assert a.abs().sum() > 0 and torch.count_nonzero(b) == 0   # B = 0: delta = 0, A random
+    assert a.abs().sum() > 0 and torch.count_nonzero(b) == 0  # B = 0: delta = 0, A random
     assert torch.equal(logits(m.root), logits(ref))
 
 
@@ -55,7 +56,7 @@ def test_merged_weight_is_w0_plus_alpha_over_r_times_B_A(r, alpha, scale):
         mod, a, b = _factors(m, t)
         w0 = mod.get_base_layer().weight
         params, merged = m.merge_source(f"{t}.weight")
-        assert {id(p) for p in params} == {id(w0), id(a), id(b)}   # what a ZeRO-3 export gathers
+        assert {id(p) for p in params} == {id(w0), id(a), id(b)}  # what a ZeRO-3 export gathers
         # (summed in fp32 whatever the weights' dtype: exact to fp32's rounding)
         torch.testing.assert_close(merged(), w0 + scale * (b @ a), rtol=1e-6, atol=1e-6)
 
@@ -80,15 +81,18 @@ def test_merged_weight_gives_the_adapted_layers_output():
 def test_default_rank_and_alpha():
     m = build("lora", micro_llama(), ["q_proj"])
     mod, a, _ = _factors(m, f"{ATTN}.q_proj")
-    assert a.shape[0] == 8 and mod.scaling["default"] == 2.0   # r = 8, alpha = 2 r
+    assert a.shape[0] == 8 and mod.scaling["default"] == 2.0  # r = 8, alpha = 2 r
 
 
-@pytest.mark.parametrize("override,message", [
-    ("method.r=0", r"'method\.r'.*rank must be >= 1, got 0"),
-    ("method.r=-3", r"'method\.r'.*rank must be >= 1, got -3"),
-    ("method.alpha=0", r"'method\.alpha'.*must be > 0, got 0"),
-    ("method.alpha=-1", r"'method\.alpha'.*must be > 0, got -1"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("method.r=0", r"'method\.r'.*rank must be >= 1, got 0"),
+        ("method.r=-3", r"'method\.r'.*rank must be >= 1, got -3"),
+        ("method.alpha=0", r"'method\.alpha'.*must be > 0, got 0"),
+        ("method.alpha=-1", r"'method\.alpha'.*must be > 0, got -1"),
+    ],
+)
 def test_the_config_refuses_a_bad_rank_or_alpha_naming_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config("configs/tiny.yaml", ["method.name=lora", override], check_files=False)
@@ -105,8 +109,13 @@ def test_the_merged_export_is_the_base_plus_each_targets_delta(tmp_path, base_di
 
     from tests.export_helpers import read_folder
 
-    m = build("lora", AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), ["q_proj", "up_proj"],
-              r=4, alpha=4.0)
+    m = build(
+        "lora",
+        AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
+        ["q_proj", "up_proj"],
+        r=4,
+        alpha=4.0,
+    )
     randomize(m.trainable().values(), scale=0.2)
     got, w0 = export_run(m, base_dir, tmp_path / "merged"), read_folder(base_dir)
     assert got.keys() == w0.keys()
@@ -128,16 +137,17 @@ def test_the_adapter_folder_is_peft_s_own_and_refuses_an_edited_alpha(tmp_path, 
 
     m = build("lora", AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), r=4, alpha=8.0)
     randomize(m.trainable().values(), scale=0.2)
-    out = m.save_adapter(tmp_path / "adapter", {"base_model": {"name": "base", "path": str(base_dir),
-                                                               "identity": identity(base_dir)},
-                                                "dtype": torch.float32})
+    out = m.save_adapter(
+        tmp_path / "adapter",
+        {"base_model": {"name": "base", "path": str(base_dir), "identity": identity(base_dir)}, "dtype": torch.float32},
+    )
     check_adapter(out, base_dir)
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert (cfg["peft_type"], cfg["r"], cfg["lora_alpha"]) == ("LORA", 4, 8.0)
     # PEFT itself, loading the folder onto the base, gives the trained model's logits
     peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), out)
     torch.testing.assert_close(logits(peft.eval()), logits(m.root), rtol=0, atol=1e-5)
-    cfg["lora_alpha"] = 16.0   # twice the delta: the digest names the edit
+    cfg["lora_alpha"] = 16.0  # twice the delta: the digest names the edit
     (out / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(IdentityError, match="lora_alpha"):
         check_adapter(out, base_dir)
