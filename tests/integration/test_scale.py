@@ -19,7 +19,7 @@ stage3_max_reuse_distance (Llama-70B). A resumed run records its prefetch trace 
 training step instead of the evaluation that precedes training, and then keeps part of
 this small model gathered from forward to backward: for B the planner is an upper bound.
 Its fresh global-mode run equals the planner exactly too (recorded in
-tests/test_plan_time.py::MEASURED_TINY_2x2).
+tests/plan/test_step.py::MEASURED_TINY_2x2).
 """
 
 import json
