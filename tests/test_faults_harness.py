@@ -33,6 +33,17 @@ def test_verdicts():
     assert judge(resume, [_out(2, "error: no")], []).category == "unclear"
 
 
+def test_every_defect_a_case_names_is_explained_and_reports_show_no_local_paths():
+    from tests.faults.cases import CASES
+    from tests.faults.probe import DEFECTS, shown_command
+
+    assert sorted({c.defect for c in CASES if c.defect} - set(DEFECTS)) == []
+    assert shown_command(["--out", "/tmp/x y", "--title", "a b", "--report", str(REPO / "docs" / "r.md")]) == (
+        "python -m tests.faults.probe --out OUT --title 'a b' --report docs/r.md"
+    )
+    assert shown_command(["--out=/tmp/x", "--only", "ckpt-"]) == "python -m tests.faults.probe --out=OUT --only ckpt-"
+
+
 def test_snapshots_see_changes_deletions_growth_and_leftovers(tmp_path):
     (tmp_path / "run" / "ck").mkdir(parents=True)
     (tmp_path / "run" / "ck" / "a").write_text("a")

@@ -27,7 +27,7 @@ def assert_case(faults, case) -> None:
         tail = "\n".join(err.read_text(errors="replace").splitlines()[-25:])
     raise AssertionError(
         f"{case.title}\n  command: {r.get('command')}\n  exit: {r.get('rc')}   verdict: {r['category']}"
-        + (f"   (issue item {case.defect})" if case.defect else "")
+        + (f"   (defect: {case.defect})" if case.defect else "")
         + "\n  problems:\n    - "
         + "\n    - ".join(r.get("problems", []))
         + f"\n  first error line: {r.get('error')}\n  --- stderr (last lines) ---\n{tail}"

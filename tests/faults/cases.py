@@ -1,5 +1,6 @@
 """The fault probes: bad or unusual inputs of every kind the CLIs accept, each with the
-behaviour a careful user should get (issue 15; defects 1, 2, 5 of issue 14).
+behaviour a careful user should get (round one: nothing lost, nothing silent, no tracebacks
+for bad input; and the export and reference-adapter defects found beside it).
 
 This module is what every case shares: Case and the registry (CASES, `case`), the
 expectations (`err`, `ok`), the calls (`train`, `resume`, `export`, `evaluate`) and the
@@ -17,7 +18,8 @@ counts the verdicts; tests/test_faults_*.py assert them (the cases with ci=True)
 Expectations (tests.faults.runner.Expect): bad input -> exit 2 and an `error:` line that
 names what and where (regexes), nothing that existed changed; a documented recovery ->
 its exit status and message (damaged checkpoint skipped with a warning, SIGTERM ->
-checkpoint -> 75). `defect` names the issue item a case shows when it fails today.
+checkpoint -> 75). `defect` names the kind of defect a case shows when it fails today
+(tests.faults.probe.DEFECTS lists them).
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ class Case:
     title: str  # what a careful user did
     build: Callable  # (ws, fx) -> Call | [Call, ...] (earlier ones are set-up)
     expect: Expect
-    defect: str = ""  # issue item shown when this fails today ("15.1", "14.1", ...)
+    defect: str = ""  # the kind of defect shown when this fails today (tests.faults.probe.DEFECTS)
     ci: bool = True  # part of the pytest suite (else the harness only)
     needs: str = ""  # "tmpfs": only where a private tmpfs can be mounted
 
@@ -294,8 +296,9 @@ def _merged_equals_shared(fx, rel="merged"):
 
 
 # The cases, one module per kind of fault; each registers its cases into CASES through
-# `case`. The first round (issue 15): the inputs every CLI accepts and what happens mid-run;
-# the second round (issue 29): cases a new user tried that the first round never asked.
+# `case`. The first round: the inputs every CLI accepts and what happens mid-run; the second
+# round (output ownership, identity, up-front refusals): cases a new user tried that the
+# first round never asked.
 # The import order is the order the cases register in, and are reported in:
 # isort: off
 from tests.faults import cases_config, cases_data, cases_checkpoint  # noqa: E402,F401

@@ -48,25 +48,25 @@ def _cfg_edit(fn):
 
 
 _ADAPTER_EDITS = [
-    ("no-seed", "adapter_config.json without seed", _cfg_edit(lambda c: c.pop("seed")), (ACFG, "seed"), "15.tb"),
-    ("seed-string", 'seed: "abc"', _cfg_edit(lambda c: c.update(seed="abc")), (ACFG, "seed"), "15.tb"),
-    ("seed-float", "seed: 1.5", _cfg_edit(lambda c: c.update(seed=1.5)), (ACFG, "seed"), "15.7"),
-    ("seed-negative", "seed: -1", _cfg_edit(lambda c: c.update(seed=-1)), (ACFG, "seed"), "15.7"),
-    ("seed-2p64", "seed: 2^64", _cfg_edit(lambda c: c.update(seed=2**64)), (ACFG, "seed"), "15.7"),
+    ("no-seed", "adapter_config.json without seed", _cfg_edit(lambda c: c.pop("seed")), (ACFG, "seed"), "traceback"),
+    ("seed-string", 'seed: "abc"', _cfg_edit(lambda c: c.update(seed="abc")), (ACFG, "seed"), "traceback"),
+    ("seed-float", "seed: 1.5", _cfg_edit(lambda c: c.update(seed=1.5)), (ACFG, "seed"), "export-checks-less"),
+    ("seed-negative", "seed: -1", _cfg_edit(lambda c: c.update(seed=-1)), (ACFG, "seed"), "export-checks-less"),
+    ("seed-2p64", "seed: 2^64", _cfg_edit(lambda c: c.update(seed=2**64)), (ACFG, "seed"), "export-checks-less"),
     (
         "no-layout",
         "adapter_config.json without layout",
         _cfg_edit(lambda c: c.pop("layout")),
         (ACFG, "layout"),
-        "15.tb",
+        "traceback",
     ),
-    ("layout-garbage", 'layout: "x"', _cfg_edit(lambda c: c.update(layout="x")), (ACFG, "layout"), "15.tb"),
+    ("layout-garbage", 'layout: "x"', _cfg_edit(lambda c: c.update(layout="x")), (ACFG, "layout"), "traceback"),
     (
         "wrong-D",
         "D that disagrees with the layout",
         _cfg_edit(lambda c: c.update(D=c["D"] + 1)),
         (ACFG, r"\bD\b"),
-        "15.7",
+        "export-checks-less",
     ),
     (
         "d-mismatch",
@@ -80,7 +80,7 @@ _ADAPTER_EDITS = [
         "adapter_config.json is []",
         lambda a: (a / "adapter_config.json").write_text("[]"),
         (ACFG,),
-        "15.tb",
+        "traceback",
     ),
     (
         "config-garbage",
@@ -108,21 +108,21 @@ _ADAPTER_EDITS = [
         "one flipped byte in theta (no checksum)",
         lambda a: flip_last_byte(a / "adapter_model.safetensors"),
         (AW, r"(?i)checksum|sha|corrupt|hash"),
-        "15.7",
+        "export-checks-less",
     ),
     (
         "theta-nan",
         "a NaN in theta",
         lambda a: set_theta(a, lambda t: t.__setitem__(5, float("nan"))),
         (AW, NONFINITE),
-        "15.3",
+        "non-finite",
     ),
     (
         "theta-inf",
         "an inf in theta",
         lambda a: set_theta(a, lambda t: t.__setitem__(5, float("inf"))),
         (AW, NONFINITE),
-        "15.3",
+        "non-finite",
     ),
     ("hash-unknown", "hash version 99", _cfg_edit(lambda c: c["hash"].update(version=99)), (ACFG, "hash"), ""),
     ("format-v99", "format_version 99", _cfg_edit(lambda c: c.update(format_version=99)), (ACFG, "format"), ""),
@@ -161,7 +161,7 @@ def _(ws, fx):
     "adapter",
     "export: a 2-layer adapter into a 3-layer model",
     err(ACFG, r"(?i)layer|target|\bD\b|wrong base|cover"),
-    defect="15.7",
+    defect="export-checks-less",
 )
 def _(ws, fx):
     return export(ws, fx, fx.copy_adapter(ws), base=fx.model_3layer)
@@ -182,7 +182,7 @@ def _(ws, fx):
     "adapter",
     "export: a checkpoint folder as --adapter (README documents it)",
     ok(),
-    defect="14.1",
+    defect="checkpoint-as-adapter",
 )
 def _(ws, fx):
     c = export(ws, fx, fx.copy_checkpoint(ws, 4))
@@ -195,7 +195,7 @@ def _(ws, fx):
     "adapter",
     "export: a checkpoint folder into a model of another shape",
     err(r"ckpt", r"(?i)shape|wrong base|\bD\b|model\.path"),
-    defect="14.1",
+    defect="checkpoint-as-adapter",
 )
 def _(ws, fx):
     return export(ws, fx, fx.copy_checkpoint(ws, 4), base=fx.model_wide)
@@ -206,7 +206,7 @@ def _(ws, fx):
     "adapter",
     "export: a checkpoint folder with a truncated state",
     err(r"ckpt", r"state\.safetensors"),
-    defect="15.tb",
+    defect="traceback",
 )
 def _(ws, fx):
     ck = fx.copy_checkpoint(ws, 4)
@@ -219,7 +219,7 @@ def _(ws, fx):
     "adapter",
     "export: a checkpoint folder whose manifest.json is {}",
     err(r"ckpt", r"manifest"),
-    defect="15.tb",
+    defect="traceback",
     ci=False,
 )
 def _(ws, fx):
@@ -258,7 +258,7 @@ def _(ws, fx):
     "adapter",
     "export: an authors' reference adapter without assignment_backend (pre-2026-07-22: torch.randint)",
     err(ACFG, "assignment_backend"),
-    defect="14.2",
+    defect="old-reference-adapter",
 )
 def _(ws, fx):
     ref = _reference(ws, fx)
@@ -271,7 +271,7 @@ def _(ws, fx):
     "adapter",
     "export: an authors' reference adapter with modules_to_save (extra trained tensors)",
     err(ACFG, "modules_to_save"),
-    defect="14.2",
+    defect="old-reference-adapter",
 )
 def _(ws, fx):
     return export(ws, fx, _reference(ws, fx, modules_to_save=["lm_head"]))
@@ -297,7 +297,7 @@ def _(ws, fx):
     return export(ws, fx, fx.copy_adapter(ws))
 
 
-@case("export-out-under-file", "adapter", "export: --out inside a file", err(r"afile"), defect="15.tb", ci=False)
+@case("export-out-under-file", "adapter", "export: --out inside a file", err(r"afile"), defect="traceback", ci=False)
 def _(ws, fx):
     (ws / "afile").write_text("x")
     return export(ws, fx, fx.copy_adapter(ws), out=ws / "afile" / "merged")
@@ -308,22 +308,24 @@ def _(ws, fx):
     return export(ws, fx, fx.copy_adapter(ws), None, None, "--dtype", "int8")
 
 
-@case("export-shard-size-bad", "adapter", "export: --max-shard-size 5XB", err(r"5XB|max-shard-size"), defect="15.tb")
+@case(
+    "export-shard-size-bad", "adapter", "export: --max-shard-size 5XB", err(r"5XB|max-shard-size"), defect="traceback"
+)
 def _(ws, fx):
     return export(ws, fx, fx.copy_adapter(ws), None, None, "--max-shard-size", "5XB")
 
 
 # ================================================================ adapters: evaluate
 for _id, _edit, _names, _defect in [
-    ("no-seed", _cfg_edit(lambda c: c.pop("seed")), (ACFG, "seed"), "15.tb"),
-    ("no-layout", _cfg_edit(lambda c: c.pop("layout")), (ACFG, "layout"), "15.tb"),
-    ("seed-float", _cfg_edit(lambda c: c.update(seed=1.5)), (ACFG, "seed"), "15.7"),
-    ("theta-nan", lambda a: set_theta(a, lambda t: t.__setitem__(5, float("nan"))), (AW, NONFINITE), "15.3"),
+    ("no-seed", _cfg_edit(lambda c: c.pop("seed")), (ACFG, "seed"), "traceback"),
+    ("no-layout", _cfg_edit(lambda c: c.pop("layout")), (ACFG, "layout"), "traceback"),
+    ("seed-float", _cfg_edit(lambda c: c.update(seed=1.5)), (ACFG, "seed"), "export-checks-less"),
+    ("theta-nan", lambda a: set_theta(a, lambda t: t.__setitem__(5, float("nan"))), (AW, NONFINITE), "non-finite"),
     (
         "flipped-byte",
         lambda a: flip_last_byte(a / "adapter_model.safetensors"),
         (AW, r"(?i)checksum|sha|corrupt"),
-        "15.7",
+        "export-checks-less",
     ),
 ]:
     case(
@@ -345,7 +347,7 @@ def _(ws, fx):
     return evaluate(ws, fx, fx.copy_adapter(ws), model=fx.model_3layer)
 
 
-@case("evaluate-model-missing", "evaluate", "evaluate: --model naming nothing", err(r"nope"), defect="15.tb")
+@case("evaluate-model-missing", "evaluate", "evaluate: --model naming nothing", err(r"nope"), defect="traceback")
 def _(ws, fx):
     return evaluate(ws, fx, None, model=ws / "nope")
 
@@ -373,20 +375,20 @@ def _(ws, fx):
     "evaluate",
     "evaluate: --json into a folder that does not exist (after the work)",
     err(r"nodir"),
-    defect="15.tb",
+    defect="traceback",
 )
 def _(ws, fx):
     return evaluate(ws, fx, None, "--json", ws / "nodir" / "out.json")
 
 
-@case("evaluate-max-length-zero", "evaluate", "evaluate: --max-length 0", err(r"max.length"), defect="15.tb")
+@case("evaluate-max-length-zero", "evaluate", "evaluate: --max-length 0", err(r"max.length"), defect="traceback")
 def _(ws, fx):
     c = evaluate(ws, fx, None)
     c.argv[c.argv.index("--max-length") + 1] = "0"
     return c
 
 
-@case("evaluate-batch-size-zero", "evaluate", "evaluate: --batch-size 0", err(r"batch.size"), defect="15.msg")
+@case("evaluate-batch-size-zero", "evaluate", "evaluate: --batch-size 0", err(r"batch.size"), defect="unclear-message")
 def _(ws, fx):
     return evaluate(ws, fx, None, "--batch-size", "0")
 
@@ -426,7 +428,7 @@ def _(ws, fx):
     "verify",
     "export verify: a merged model whose logits are NaN (must not print OK)",
     ok(NONFINITE, r"FAILED|error:", code=1),
-    defect="15.3",
+    defect="non-finite",
 )
 def _(ws, fx):
     m = Path(ws) / "merged"
@@ -447,6 +449,6 @@ def _(ws, fx):
     return c
 
 
-@case("verify-merged-missing", "verify", "export verify: --merged naming nothing", err(r"nope"), defect="15.tb")
+@case("verify-merged-missing", "verify", "export verify: --merged naming nothing", err(r"nope"), defect="traceback")
 def _(ws, fx):
     return _verify(ws / "nope", fx)

@@ -46,21 +46,21 @@ for _id, _title, _damage, _defect, _ci in [
         "ckpt-manifest-empty-object",
         "newest checkpoint's manifest.json is {}",
         lambda c: (c / "manifest.json").write_text("{}"),
-        "15.tb",
+        "traceback",
         True,
     ),
     (
         "ckpt-manifest-list",
         "newest checkpoint's manifest.json is []",
         lambda c: (c / "manifest.json").write_text("[]"),
-        "15.tb",
+        "traceback",
         False,
     ),
     (
         "ckpt-manifest-no-sha",
         "newest manifest lists files without sha256",
         lambda c: edit_json(c / "manifest.json", lambda m: [v.pop("sha256") for v in m["files"].values()]),
-        "15.tb",
+        "traceback",
         False,
     ),
     (
@@ -103,7 +103,7 @@ for _id, _title, _damage, _defect, _ci in [
     "newest checkpoint's state.json is {} with a matching manifest (verifies, cannot be loaded): "
     "resume=auto skips it with a warning",
     ok(SKIPPED + r".*state\.json"),
-    defect="15.tb",
+    defect="traceback",
 )
 def _(ws, fx):
     run = fx.copy_run(ws)
@@ -120,7 +120,7 @@ def _(ws, fx):
     "checkpoint",
     "train.resume=<a checkpoint whose state.json is {} with a matching manifest> (refused, nothing written)",
     err(r"train\.resume", r"step-000004", r"state\.json"),
-    defect="15.tb",
+    defect="traceback",
     ci=False,
 )
 def _(ws, fx):
@@ -136,7 +136,7 @@ def _(ws, fx):
     "checkpoint",
     "every checkpoint corrupt, resume=auto (must not start over and overwrite)",
     err(r"checkpoints", r"(?i)step-0000|corrupt|damaged|no usable|truncated"),
-    defect="15.8",
+    defect="all-checkpoints-corrupt",
 )
 def _(ws, fx):
     run = fx.copy_run(ws)
@@ -151,7 +151,7 @@ def _(ws, fx):
     "checkpoint",
     "train.resume=<a truncated checkpoint>",
     err(r"step-000004", r"state\.safetensors"),
-    defect="15.6",
+    defect="refused-resume-writes",
 )
 def _(ws, fx):
     run = fx.copy_run(ws)
@@ -170,7 +170,7 @@ for _id, _ov, _key in [
         "checkpoint",
         f"resume=auto with {_ov} (drift refused, nothing rewritten)",
         err(OVERRIDE, _key),
-        defect="15.6",
+        defect="refused-resume-writes",
         ci=_id == "ckpt-drift-seed",
     )((lambda ov: lambda ws, fx: (fx.copy_run(ws), resume(ws, fx, None, ov, may_change=()))[1])(_ov))
 
@@ -180,7 +180,7 @@ for _id, _ov, _key in [
     "checkpoint",
     "resume=auto with train.max_steps=2 below the newest checkpoint's step 4",
     err(r"max_steps", r"step.?0*4|step-000004"),
-    defect="15.1",
+    defect="resume-past-max-steps",
 )
 def _(ws, fx):
     fx.copy_run(ws)
@@ -194,7 +194,7 @@ def _(ws, fx):
     "checkpoint",
     "resume=auto with train.max_steps equal to the newest step (nothing to do: step-000004 must stay as it is)",
     ok(),
-    defect="15.1",
+    defect="resume-past-max-steps",
     ci=False,
 )
 def _(ws, fx):
@@ -240,7 +240,7 @@ def _(ws, fx):
     "output",
     "a new run (no resume) into an existing output_dir",
     err(r"output_dir", r"(?i)exists|already|resume|overwrite"),
-    defect="15.2",
+    defect="run-replaces-run",
 )
 def _(ws, fx):
     fx.copy_run(ws)
@@ -284,7 +284,11 @@ def _(ws, fx):
 
 
 @case(
-    "output-export-only-no-resume", "output", "--export-only without train.resume", err(r"train\.resume"), defect="15.6"
+    "output-export-only-no-resume",
+    "output",
+    "--export-only without train.resume",
+    err(r"train\.resume"),
+    defect="refused-resume-writes",
 )
 def _(ws, fx):
     fx.copy_run(ws)

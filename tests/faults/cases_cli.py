@@ -22,7 +22,7 @@ from tests.faults.runner import Call
     "cli",
     "python -m gpart_ds.plan on a config with an invalid target regex",
     err(CFG_LINE, "target_modules"),
-    defect="15.tb",
+    defect="traceback",
 )
 def _(ws, fx):
     cfg = fx.write_config(ws, {"method": {"target_modules": "(q_proj"}})

@@ -58,7 +58,7 @@ for _id, _title, _recs, _raw, _names, _defect in [
         [],
         BAD_UTF8,
         (r"train\.jsonl(:2)?", r"(?i)utf-?8|encoding|decode"),
-        "15.tb",
+        "traceback",
     ),
     (
         "data-bom",
@@ -143,7 +143,7 @@ _LONG = {"prompt": "Reverse: " + " ".join(["red cat blue dog"] * 20) + "\nAnswer
     "data",
     "every prompt longer than data.max_length (no label token left)",
     err(r"train\.jsonl", r"(?i)max_length|label|nothing to learn|no .*tokens"),
-    defect="15.5",
+    defect="no-label-tokens",
 )
 def _(ws, fx):
     c = data_case(ws, fx, [_LONG] * 16)
@@ -156,7 +156,7 @@ def _(ws, fx):
     "data",
     "empty completions with data.add_eos: false",
     err(r"train\.jsonl", r"(?i)completion|label|nothing to learn|no .*tokens"),
-    defect="15.5",
+    defect="no-label-tokens",
 )
 def _(ws, fx):
     c = data_case(
@@ -171,7 +171,7 @@ def _(ws, fx):
     "data",
     "every eval prompt longer than data.max_length (eval_loss would be 0.0)",
     err(r"eval\.jsonl", r"(?i)max_length|label|nothing to evaluate|no .*tokens"),
-    defect="15.5",
+    defect="no-label-tokens",
 )
 def _(ws, fx):
     c = data_case(ws, fx, [_LONG] * 16, which="eval", name="eval.jsonl")
@@ -192,7 +192,7 @@ def _tokcache_copy(ws, fx) -> Path:
     "data",
     "a truncated Arrow file in the tokenised-data cache (rebuilt)",
     ok(r"(?i)rebuil|damaged|corrupt|truncated"),
-    defect="15.tb",
+    defect="traceback",
 )
 def _(ws, fx):
     tok = _tokcache_copy(ws, fx)
@@ -206,7 +206,7 @@ def _(ws, fx):
     "data",
     "a tokenised-cache entry marked complete without its data (rebuilt)",
     ok(r"(?i)rebuil|damaged|corrupt|missing|incomplete"),
-    defect="15.tb",
+    defect="traceback",
     ci=False,
 )
 def _(ws, fx):

@@ -1,5 +1,5 @@
-"""Fault probes, round two (issue 29), kind `identity`: Adapters and checkpoints that cannot be
-misapplied: the digest of what defines the delta,
+"""Fault probes, round two (output ownership, identity, up-front refusals), kind `identity`:
+Adapters and checkpoints that cannot be misapplied: the digest of what defines the delta,
 the base model's identity (shapes and a fingerprint of its weights), merged folders as bases.
 
 What an adversarial user tries: edit a field of adapter_config.json (GPart, LoRA, VeRA)
@@ -216,7 +216,7 @@ for _id, _title, _edit, _field in _GPART_EDITS:
         "identity",
         f"export: adapter_config.json with {_title}",
         err(ACFG, rf"'{_field}'|{_field}", EDITED),
-        defect="29.id",
+        defect="adapter-identity",
     )(_gpart_edit(_edit, "export"))
 for _id in ("seed", "layout-swap", "dtype"):
     _title, _edit, _field = next((t, e, f) for i, t, e, f in _GPART_EDITS if i == _id)
@@ -225,14 +225,14 @@ for _id in ("seed", "layout-swap", "dtype"):
         "identity",
         f"evaluate: adapter_config.json with {_title}",
         err(ACFG, rf"'{_field}'", EDITED),
-        defect="29.id",
+        defect="adapter-identity",
     )(_gpart_edit(_edit, "evaluate"))
 case(
     "id-verify-gpart-seed",
     "identity",
     "export verify: the shared merge against an adapter whose seed was edited (said OK before)",
     err(ACFG, r"'seed'", EDITED),
-    defect="29.id",
+    defect="adapter-identity",
 )(_gpart_edit(next(e for i, _, e, _ in _GPART_EDITS if i == "seed"), "verify"))
 
 
@@ -307,7 +307,7 @@ def _(ws, fx):
     "identity",
     "export: another adapter's weights copied in and weights_sha256 updated to match",
     err(ACFG, r"'weights_sha256'", EDITED),
-    defect="29.id",
+    defect="adapter-identity",
 )
 def _(ws, fx):
     a = fx.copy_adapter(ws)
@@ -348,7 +348,7 @@ def _(ws, fx):
     "identity",
     "export: the adapter into another model of the same shapes",
     err(ACFG, TINY_BASE, OTHER),
-    defect="29.base",
+    defect="wrong-base",
 )
 def _(ws, fx):
     return export(ws, fx, fx.copy_adapter(ws), base=other_weights(fx))
@@ -359,7 +359,7 @@ def _(ws, fx):
     "identity",
     "evaluate: the adapter on another model of the same shapes",
     err(ACFG, TINY_BASE, OTHER),
-    defect="29.base",
+    defect="wrong-base",
 )
 def _(ws, fx):
     return evaluate(ws, fx, fx.copy_adapter(ws), model=other_weights(fx))
@@ -370,7 +370,7 @@ def _(ws, fx):
     "identity",
     "export verify: --base another model of the same shapes",
     err(ACFG, TINY_BASE, OTHER),
-    defect="29.base",
+    defect="wrong-base",
 )
 def _(ws, fx):
     return verify(ws, fx, fx.copy_adapter(ws), base=other_weights(fx))
@@ -381,7 +381,7 @@ def _(ws, fx):
     "identity",
     "export: a checkpoint folder into another model of the same shapes",
     err(r"state\.json", TINY_BASE, OTHER),
-    defect="29.base",
+    defect="wrong-base",
 )
 def _(ws, fx):
     return export(ws, fx, fx.copy_checkpoint(ws, 4), base=other_weights(fx))
@@ -392,7 +392,7 @@ def _(ws, fx):
     "identity",
     "export: into a copy of the base whose final norm is stored under another name (no target renamed)",
     err(ACFG, r"(?i)names or shapes"),
-    defect="29.base",
+    defect="wrong-base",
 )
 def _(ws, fx):
     return export(ws, fx, fx.copy_adapter(ws), base=renamed_norm(fx))
@@ -403,7 +403,7 @@ def _(ws, fx):
     "identity",
     "export: into a copy of the base with one more token in its embeddings (no target reshaped)",
     err(ACFG, r"(?i)names or shapes", r"resized_vocab"),
-    defect="29.base",
+    defect="wrong-base",
 )
 def _(ws, fx):
     return export(ws, fx, fx.copy_adapter(ws), base=resized_vocab(fx))
@@ -443,7 +443,7 @@ def _(ws, fx):
     "identity",
     "export: the adapter into its own merged model (the delta twice)",
     err(MERGED, r"gpart_merge\.json", r"run/adapter"),
-    defect="29.merged",
+    defect="merged-as-base",
 )
 def _(ws, fx):
     return export(ws, fx, fx.copy_adapter(ws), base=fx.merged)
@@ -454,7 +454,7 @@ def _(ws, fx):
     "identity",
     "export: into a copy of the merged model (same provenance file)",
     err(MERGED, r"run/adapter"),
-    defect="29.merged",
+    defect="merged-as-base",
 )
 def _(ws, fx):
     m = Path(ws) / "m"
@@ -467,7 +467,7 @@ def _(ws, fx):
     "identity",
     "export: a second adapter into the first one's merged model",
     err(MERGED, r"run/adapter"),
-    defect="29.merged",
+    defect="merged-as-base",
 )
 def _(ws, fx):
     a = Path(ws) / "seed1"
@@ -480,7 +480,7 @@ def _(ws, fx):
     "identity",
     "evaluate: --model the merged model --adapter its own adapter",
     err(MERGED, r"--model", r"run/adapter"),
-    defect="29.merged",
+    defect="merged-as-base",
 )
 def _(ws, fx):
     return evaluate(ws, fx, fx.copy_adapter(ws), model=fx.merged)
@@ -496,7 +496,7 @@ def _(ws, fx):
     "identity",
     "export verify: --base the merged model itself",
     err(MERGED, r"run/adapter"),
-    defect="29.merged",
+    defect="merged-as-base",
 )
 def _(ws, fx):
     return verify(ws, fx, fx.copy_adapter(ws), base=fx.merged)
@@ -507,7 +507,7 @@ def _(ws, fx):
     "identity",
     "export: a checkpoint folder into the merged model",
     err(MERGED, r"run/adapter"),
-    defect="29.merged",
+    defect="merged-as-base",
 )
 def _(ws, fx):
     return export(ws, fx, fx.copy_checkpoint(ws, 4), base=fx.merged)
@@ -530,7 +530,7 @@ def _(ws, fx):
     "identity",
     "train a new adapter on a merged model (allowed: a new base), then evaluate it on the original base",
     err(ACFG, r"(?i)merged|another model", r"(?i)trained on"),
-    defect="29.base",
+    defect="wrong-base",
 )
 def _(ws, fx):
     t = train(ws, fx, {"model": {"path": str(fx.merged)}})
@@ -597,7 +597,7 @@ def _(ws, fx):
     "identity",
     "train.resume=auto after one weight matrix of the base was changed in place",
     err(r"model\.path", r"(?i)changed in place|weight values"),
-    defect="29.resume",
+    defect="base-changed",
 )
 def _(ws, fx):
     model = _run_on_own_model(ws, fx, _scale_q_proj)
@@ -609,7 +609,7 @@ def _(ws, fx):
     "identity",
     "train.resume=auto after the base folder was replaced by the merged model",
     err(r"model\.path", MERGED),
-    defect="29.resume",
+    defect="base-changed",
 )
 def _(ws, fx):
     model = _run_on_own_model(ws, fx, _becomes_merged(fx))
@@ -621,7 +621,7 @@ def _(ws, fx):
     "identity",
     "--export-only train.resume=auto after the base changed in place",
     err(r"model\.path", r"(?i)changed in place|weight values"),
-    defect="29.resume",
+    defect="base-changed",
 )
 def _(ws, fx):
     model = _run_on_own_model(ws, fx, _scale_q_proj)
@@ -636,7 +636,7 @@ def _(ws, fx):
     "identity",
     "train.resume=<checkpoint> whose state.json base identity was edited (manifest rewritten to match)",
     err(r"state\.json", r"base_identity", EDITED),
-    defect="29.id",
+    defect="adapter-identity",
 )
 def _(ws, fx):
     ck = fx.copy_checkpoint(ws, 4)
@@ -650,7 +650,7 @@ def _(ws, fx):
     "identity",
     "export: a checkpoint folder whose run_config.yaml seed was edited (manifest rewritten to match)",
     err(r"state\.json", r"method\.seed", EDITED),
-    defect="29.id",
+    defect="adapter-identity",
 )
 def _(ws, fx):
     ck = fx.copy_checkpoint(ws, 4)
@@ -681,28 +681,28 @@ for _m in ("lora", "vera"):
         "identity",
         f"evaluate: {_m} adapter_config.json with r edited",
         err(ACFG, r"'r'", EDITED),
-        defect="29.id",
+        defect="adapter-identity",
     )(_peft_edit(_m, _acfg(lambda c: c.update(r=2))))
     case(
         f"id-evaluate-{_m}-targets",
         "identity",
         f"evaluate: {_m} adapter_config.json with target_modules cut to q_proj",
         err(ACFG, r"'target_modules'", EDITED),
-        defect="29.id",
+        defect="adapter-identity",
     )(_peft_edit(_m, _acfg(lambda c: c.update(target_modules=[t for t in c["target_modules"] if "q_proj" in t]))))
     case(
         f"id-evaluate-{_m}-other-base",
         "identity",
         f"evaluate: the {_m} adapter on another model of the same shapes",
         err(ACFG, TINY_BASE, OTHER),
-        defect="29.base",
+        defect="wrong-base",
     )(_peft_edit(_m, None, other_weights))
     case(
         f"id-evaluate-{_m}-merged-base",
         "identity",
         f"evaluate: the {_m} adapter on the (GPart) merged model",
         err(MERGED, r"run/adapter"),
-        defect="29.merged",
+        defect="merged-as-base",
     )(_peft_edit(_m, None, lambda fx: fx.merged))
 
 case(
@@ -710,21 +710,21 @@ case(
     "identity",
     "evaluate: lora adapter_config.json with lora_alpha doubled (a silent rescale before)",
     err(ACFG, r"'lora_alpha'", EDITED),
-    defect="29.id",
+    defect="adapter-identity",
 )(_peft_edit("lora", _acfg(lambda c: c.update(lora_alpha=c["lora_alpha"] * 2))))
 case(
     "id-evaluate-vera-prng-key",
     "identity",
     "evaluate: vera adapter_config.json with projection_prng_key edited",
     err(ACFG, r"'projection_prng_key'", EDITED),
-    defect="29.id",
+    defect="adapter-identity",
 )(_peft_edit("vera", _acfg(lambda c: c.update(projection_prng_key=c["projection_prng_key"] + 1))))
 case(
     "id-evaluate-lora-run-identity-edited",
     "identity",
     "evaluate: lora gpart_ds_run.json with the base identity edited",
     err(r"gpart_ds_run\.json:identity", EDITED),
-    defect="29.id",
+    defect="adapter-identity",
 )(
     _peft_edit(
         "lora", lambda a: edit_json(a / "gpart_ds_run.json", lambda r: r["identity"].update(weights_sha256="0" * 64))

@@ -39,7 +39,7 @@ def _launch(ws, fx, changes=None, *overrides, **kw) -> Call:
     "ranks",
     "2 ranks: a new run into an existing output_dir (every rank refuses)",
     err(r"output_dir", r"(?i)exists|already|resume|overwrite"),
-    defect="15.2",
+    defect="run-replaces-run",
     ci=False,
 )
 def _(ws, fx):
@@ -52,7 +52,7 @@ def _(ws, fx):
     "ranks",
     "2 ranks: train.lr=1e30 (the loss becomes NaN: every rank stops, same error)",
     err(NONFINITE, r"(?i)step"),
-    defect="15.3",
+    defect="non-finite",
 )
 def _(ws, fx):
     c = _launch(ws, fx, {"train": {"max_steps": 3, "lr": 1e30, "max_grad_norm": 0.0}})
@@ -65,7 +65,7 @@ def _(ws, fx):
     "ranks",
     "2 ranks: disk full while writing a checkpoint (no hang, clear error)",
     err(DISK, r"step-000006|checkpoint"),
-    defect="15.tb",
+    defect="traceback",
 )
 def _(ws, fx):
     # Per-file limit (inherited by the launcher's ranks): the 64 KB state file cannot be written.

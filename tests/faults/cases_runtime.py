@@ -52,7 +52,7 @@ def _small(ws, fx, how, copy=(), free=0, limit=0, mkdir=()):
     "diskfull",
     "disk full while writing a checkpoint (resume 4 -> 6)",
     err(DISK, r"step-000006|checkpoint"),
-    defect="15.tb",
+    defect="traceback",
 )
 def _(ws, fx):
     fs = _small(ws, fx, fx.server.fs_mode, copy=[(fx.base_run, "run")], free=40_000, limit=32_000)
@@ -80,7 +80,7 @@ def _(ws, fx):
     "diskfull",
     "disk full while writing the adapter (checkpoints elsewhere)",
     err(DISK, r"adapter"),
-    defect="15.tb",
+    defect="traceback",
     needs="tmpfs",
 )
 def _(ws, fx):
@@ -107,7 +107,7 @@ def _(ws, fx):
     return c
 
 
-@case("disk-full-export", "diskfull", "disk full during the offline export", err(DISK, r"merged"), defect="15.tb")
+@case("disk-full-export", "diskfull", "disk full during the offline export", err(DISK, r"merged"), defect="traceback")
 def _(ws, fx):
     fs = _small(ws, fx, fx.server.fs_mode, copy=[(fx.base_run / "adapter", "adapter")], free=128_000, limit=256_000)
     return Call(
@@ -120,7 +120,7 @@ def _(ws, fx):
     "diskfull",
     "disk full while building the tokenised-data cache",
     err(DISK, r"small|cache"),
-    defect="15.tb",
+    defect="traceback",
 )
 def _(ws, fx):
     data = ws / "train.jsonl"
@@ -131,7 +131,11 @@ def _(ws, fx):
 
 
 @case(
-    "disk-full-evaluate-json", "diskfull", "disk full writing evaluate --json", err(DISK, r"out\.json"), defect="15.tb"
+    "disk-full-evaluate-json",
+    "diskfull",
+    "disk full writing evaluate --json",
+    err(DISK, r"out\.json"),
+    defect="traceback",
 )
 def _(ws, fx):
     filler = ws / "_filler"
@@ -146,7 +150,7 @@ def _(ws, fx):
     "nonfinite",
     "train.lr=1e30 (finite, but the loss becomes NaN)",
     err(NONFINITE, r"(?i)step"),
-    defect="15.3",
+    defect="non-finite",
 )
 def _(ws, fx):
     c = train(ws, fx, {"train": {"max_steps": 3, "lr": 1e30, "max_grad_norm": 0.0}})
@@ -159,7 +163,7 @@ def _(ws, fx):
     "nonfinite",
     "resume at step 4 with train.lr=1e30: the loss turns NaN two steps later; step-000004 stays the last one",
     err(NONFINITE, r"step 6", r"step-000004"),
-    defect="15.3",
+    defect="non-finite",
 )
 def _(ws, fx):
     fx.copy_run(ws)
@@ -199,7 +203,7 @@ case(
     "signal",
     "Ctrl-C (SIGINT) mid-run: no traceback, nothing half-written",
     ok(r"(?i)interrupt", code=130),
-    defect="15.tb",
+    defect="traceback",
 )
 def _(ws, fx):
     c = train(ws, fx, {"train": {"max_steps": 400, "log_every": 50}})

@@ -1,5 +1,5 @@
-"""Fault probes, round two (issue 29), kind `upfront`: What the project does not support, refused
-before any work: DeepSpeed JSON settings
+"""Fault probes, round two (output ownership, identity, up-front refusals), kind `upfront`:
+What the project does not support, refused before any work: DeepSpeed JSON settings
 (ZeRO stage other than 3, offload), an unavailable backend, chat data without a template.
 
 Each refusal is exit 2 with an `error:` line naming the file and the key (the DeepSpeed
@@ -241,17 +241,29 @@ for _id, _title, _content, _names in [
         (DS, r"tensorboard", r"log\.tensorboard"),
     ),
 ]:
-    case(f"upfront-ds-{_id}", UP, "deepspeed JSON: " + _title, err(*_names), defect="29.ds")(_train_ds(_content))
+    case(f"upfront-ds-{_id}", UP, "deepspeed JSON: " + _title, err(*_names), defect="deepspeed-json")(
+        _train_ds(_content)
+    )
 
 
 @case(
-    "upfront-ds-top-list", UP, "deepspeed JSON whose top level is a list", err(DS, r"(?i)object|list"), defect="29.ds"
+    "upfront-ds-top-list",
+    UP,
+    "deepspeed JSON whose top level is a list",
+    err(DS, r"(?i)object|list"),
+    defect="deepspeed-json",
 )
 def _(ws, fx):
     return _train_ds(None, raw='[{"zero_optimization": {"stage": 3}}]\n')(ws, fx)
 
 
-@case("upfront-ds-top-string", UP, "deepspeed JSON that is a bare string", err(DS, r"(?i)object|str"), defect="29.ds")
+@case(
+    "upfront-ds-top-string",
+    UP,
+    "deepspeed JSON that is a bare string",
+    err(DS, r"(?i)object|str"),
+    defect="deepspeed-json",
+)
 def _(ws, fx):
     return _train_ds(None, raw='"stage 3"\n')(ws, fx)
 
@@ -261,7 +273,7 @@ def _(ws, fx):
     UP,
     "deepspeed JSON with bf16 given twice (JSON keeps the last)",
     err(DS + r":\d+", r"(?i)duplicate", r"bf16"),
-    defect="29.ds",
+    defect="deepspeed-json",
 )
 def _(ws, fx):
     raw = '{"zero_optimization": {"stage": 3},\n "bf16": {"enabled": "auto"},\n "bf16": {"enabled": true}}\n'
@@ -273,7 +285,7 @@ def _(ws, fx):
     UP,
     "deepspeed JSON bf16.enabled: false with model.precision bf16",
     err(DS, r"bf16", r"model\.precision"),
-    defect="29.ds",
+    defect="deepspeed-json",
 )
 def _(ws, fx):
     return _train_ds({"zero_optimization": Z3, "bf16": {"enabled": False}}, changes={"model": {"precision": "bf16"}})(
@@ -326,7 +338,7 @@ for _id, _title, _build, _names in [
         (DS, r"zero_optimization\.stage"),
     ),
 ]:
-    case(f"upfront-{_id}", UP, _title, err(*_names), defect="29.ds")(_build)
+    case(f"upfront-{_id}", UP, _title, err(*_names), defect="deepspeed-json")(_build)
 
 
 # ================================================================ backends and the accelerator
@@ -449,7 +461,7 @@ for _id, _title, _build, _names in [
         (r"WORLD_SIZE", r"abc"),
     ),
 ]:
-    case(f"upfront-{_id}", UP, _title, err(*_names), defect="29.env")(_build)
+    case(f"upfront-{_id}", UP, _title, err(*_names), defect="environment")(_build)
 
 
 @case(
@@ -457,7 +469,7 @@ for _id, _title, _build, _names in [
     UP,
     "python -m gpart_ds.preflight --device cpu with dist.backend: nccl",
     err(r"dist\.backend", r"nccl"),
-    defect="29.env",
+    defect="environment",
 )
 def _(ws, fx):
     return _cli_ds("preflight", {"zero_optimization": Z3}, {"dist": {"backend": "nccl"}})(ws, fx)
@@ -553,7 +565,7 @@ for _id, _title, _build, _names in [
         (r"train\.jsonl:1", MODEL, r"(?i)user"),
     ),
 ]:
-    case(f"upfront-{_id}", UP, _title, err(*_names), defect="29.chat")(_build)
+    case(f"upfront-{_id}", UP, _title, err(*_names), defect="chat-template")(_build)
 
 
 @case(
@@ -561,7 +573,7 @@ for _id, _title, _build, _names in [
     UP,
     "chat records with a tokenizer whose template accepts them (trains)",
     ok(),
-    defect="29.chat",
+    defect="chat-template",
 )
 def _(ws, fx):
     return _chat([CHAT], template=True, check=False, changes={"train": {"max_steps": 1}})(ws, fx)
@@ -572,7 +584,7 @@ def _(ws, fx):
     UP,
     "evaluate: chat records on a model without a chat template",
     err(r"chat\.jsonl", MODEL, r"(?i)chat template"),
-    defect="29.chat",
+    defect="chat-template",
 )
 def _(ws, fx):
     from tests.faults.cases import evaluate

@@ -1,5 +1,5 @@
-"""Fault probes, round two (issue 29), kind `writers`: Output ownership: one writer per folder
-(a lock with host and pid, stale locks named), unique
+"""Fault probes, round two (output ownership, identity, up-front refusals), kind `writers`:
+Output ownership: one writer per folder (a lock with host and pid, stale locks named), unique
 temporary names per writer, concurrent exports refused, preemption at any moment of start-up.
 
 A live writer is another process a case starts before its call: either one that holds a
@@ -181,7 +181,7 @@ def held_case(id, title, *names, ci=True):
             expect.names = base + ((rf"pid {pid}\b", rf"host {re.escape(HOST)}") if pid else ())
             return c
 
-        case(id, "writers", title, expect, defect="29", ci=ci)(build)
+        case(id, "writers", title, expect, defect="one-writer", ci=ci)(build)
         return fn
 
     return deco
@@ -334,7 +334,7 @@ def _(ws, fx):
     "writers",
     "--dry-run of a config whose output_dir a live run holds: a dry run writes nothing, so it is not refused",
     ok(),
-    defect="29",
+    defect="one-writer",
 )
 def _(ws, fx):
     _, end = hold(ws / "run")
@@ -350,7 +350,7 @@ def _(ws, fx):
     "resume=auto over a lock left by a run killed with -9 on this host: "
     "named in a warning and taken over, the run resumes",
     ok(r"(?i)stale lock", r"is gone"),
-    defect="29",
+    defect="one-writer",
 )
 def _(ws, fx):
     fx.copy_run(ws)
@@ -363,7 +363,7 @@ def _(ws, fx):
     "writers",
     "an empty lock file (its writer died before it wrote its name) in a new folder: taken over with a warning",
     ok(r"(?i)stale lock"),
-    defect="29",
+    defect="one-writer",
 )
 def _(ws, fx):
     (ws / "run").mkdir()
@@ -376,7 +376,7 @@ def _(ws, fx):
     "writers",
     "a lock file holding garbage (a half-written or edited file): taken over with a warning, no traceback",
     ok(r"(?i)stale lock"),
-    defect="29",
+    defect="one-writer",
 )
 def _(ws, fx):
     (ws / "run").mkdir()
@@ -390,7 +390,7 @@ def _(ws, fx):
     "a stale lock naming a pid that now belongs to another live "
     "process (pid reuse): nobody holds the lock, so it is stale",
     ok(r"(?i)stale lock"),
-    defect="29",
+    defect="one-writer",
 )
 def _(ws, fx):
     stale(ws / "run", pid=os.getpid())
@@ -403,7 +403,7 @@ def _(ws, fx):
     "a lock written by a run on another host: refused naming that host and "
     "pid and how to remove the lock if that run is gone",
     err(r"gpu-node-7", r"pid 4242", r"(?i)remove .*gpart\.lock"),
-    defect="29",
+    defect="one-writer",
 )
 def _(ws, fx):
     stale(ws / "run", host="gpu-node-7", pid=4242)
@@ -415,7 +415,7 @@ def _(ws, fx):
     "writers",
     "resume=auto of a finished run folder whose lock names another host",
     err(r"gpu-node-7", r"(?i)remove"),
-    defect="29",
+    defect="one-writer",
 )
 def _(ws, fx):
     fx.copy_run(ws)
@@ -428,7 +428,7 @@ def _(ws, fx):
     "writers",
     "a folder named .gpart.lock in output_dir: refused naming it, no traceback",
     err(r"\.gpart\.lock", r"(?i)folder"),
-    defect="29",
+    defect="one-writer",
 )
 def _(ws, fx):
     (ws / "run" / LOCK).mkdir(parents=True)
@@ -445,7 +445,7 @@ SLURM = {"SLURM_JOB_ID": "7001", "SLURM_RESTART_COUNT": "1"}
     "a requeued SLURM job (restart 1) lands on another node; its earlier "
     "allocation's lock names the old node: taken over with a warning, the run resumes",
     ok(r"(?i)stale lock", r"requeued"),
-    defect="29",
+    defect="one-writer",
 )
 def _(ws, fx):
     fx.copy_run(ws)
@@ -458,7 +458,7 @@ def _(ws, fx):
     "writers",
     "a requeued SLURM job on the same node: the lock of its killed processes is stale",
     ok(r"(?i)stale lock"),
-    defect="29",
+    defect="one-writer",
 )
 def _(ws, fx):
     fx.copy_run(ws)
@@ -472,7 +472,7 @@ def _(ws, fx):
     "a SLURM job preempted while loading (only its lock "
     "in output_dir) is requeued: resume=auto starts fresh in its own folder",
     ok(r"(?i)stale lock"),
-    defect="29",
+    defect="one-writer",
 )
 def _(ws, fx):
     stale(ws / "run", host="gpu-node-7", pid=4242, slurm_job="7001", slurm_restart="0")
@@ -484,7 +484,7 @@ def _(ws, fx):
     "writers",
     "another SLURM job's lock from another node: refused, naming the job",
     err(r"SLURM job 6999", r"gpu-node-7"),
-    defect="29",
+    defect="one-writer",
 )
 def _(ws, fx):
     fx.copy_run(ws)
@@ -497,7 +497,7 @@ def _(ws, fx):
     "writers",
     "the same SLURM job and restart holds the folder from another node (two job steps into one folder): refused",
     err(r"gpu-node-7"),
-    defect="29",
+    defect="one-writer",
 )
 def _(ws, fx):
     fx.copy_run(ws)
@@ -560,7 +560,7 @@ def _(ws, fx):
     "writers",
     "an export to merged_b while another writes merged_a in the same folder: not refused (one lock per output)",
     ok(r"merged"),
-    defect="29",
+    defect="one-writer",
 )
 def _(ws, fx):
     _, end = hold(ws / "merged_a", how="beside")
@@ -573,7 +573,7 @@ def _(ws, fx):
     "a temporary folder left by a killed export (the old fixed "
     "name): removed with a warning naming it, the export completes",
     ok(r"(?i)removing the temporary folder"),
-    defect="29",
+    defect="one-writer",
 )
 def _(ws, fx):
     (ws / ".merged.tmp-export").mkdir()
@@ -586,7 +586,7 @@ def _(ws, fx):
     "writers",
     "an export killed with -9 left its own temporary folder and lock: both named in warnings and replaced",
     ok(r"(?i)stale lock", r"(?i)removing the temporary folder"),
-    defect="29",
+    defect="one-writer",
 )
 def _(ws, fx):
     stale(ws, ".merged.gpart.lock", command="python -m gpart_ds.export")
@@ -606,7 +606,7 @@ def _(ws, fx):
     "writers",
     "an export lock beside --out written on another host",
     err(r"gpu-node-7", r"(?i)remove"),
-    defect="29",
+    defect="one-writer",
 )
 def _(ws, fx):
     stale(ws, ".merged.gpart.lock", host="gpu-node-7", pid=4242)
@@ -618,7 +618,7 @@ def _(ws, fx):
     "writers",
     "a plain export: no lock file or temporary folder left beside --out",
     ok(),
-    defect="29",
+    defect="one-writer",
 )
 def _(ws, fx):
     return export(ws, fx, fx.base_run / "adapter")
@@ -629,7 +629,7 @@ def _(ws, fx):
     "writers",
     "a plain 1-step run: its lock file is gone at the end",
     ok(),
-    defect="29",
+    defect="one-writer",
 )
 def _(ws, fx):
     c = train(ws, fx, {"train": {"max_steps": 1}})
@@ -662,18 +662,22 @@ case(
     "SIGTERM while the run loads the model and builds the engine: "
     "exit 75 and one line (was: 143, nothing said, not requeued)",
     STOPPED,
-    defect="29",
+    defect="one-writer",
 )(_startup_signal(signal.SIGTERM))
 case(
     "writers-sigusr1-while-loading",
     "writers",
     "SIGUSR1 (SLURM's warning before the time limit) while loading",
     STOPPED,
-    defect="29",
+    defect="one-writer",
 )(_startup_signal(signal.SIGUSR1))
-case("writers-sigterm-at-once", "writers", "SIGTERM 0.2 s after the start (reading the config)", STOPPED, defect="29")(
-    _startup_signal(signal.SIGTERM, when=0.2)
-)
+case(
+    "writers-sigterm-at-once",
+    "writers",
+    "SIGTERM 0.2 s after the start (reading the config)",
+    STOPPED,
+    defect="one-writer",
+)(_startup_signal(signal.SIGTERM, when=0.2))
 
 
 @case(
@@ -681,7 +685,7 @@ case("writers-sigterm-at-once", "writers", "SIGTERM 0.2 s after the start (readi
     "writers",
     "SIGTERM while a resume=auto loads: exit 75, the run's checkpoints and adapter untouched",
     STOPPED,
-    defect="29",
+    defect="one-writer",
 )
 def _(ws, fx):
     fx.copy_run(ws)
@@ -695,7 +699,7 @@ def _(ws, fx):
     "writers",
     "SIGTERM during --export-only: exit 75, no merged folder, no temporary folder or lock left",
     ok(r"stopped: SIGTERM", code=75),
-    defect="29",
+    defect="one-writer",
 )
 def _(ws, fx):
     fx.copy_run(ws)
@@ -710,7 +714,7 @@ def _(ws, fx):
     "writers",
     "Ctrl-C while loading: exit 130, nothing left behind",
     ok(r"(?i)interrupt", code=130),
-    defect="29",
+    defect="one-writer",
 )
 def _(ws, fx):
     c = train(ws, fx, {"train": {"max_steps": 2}})
@@ -723,7 +727,7 @@ def _(ws, fx):
     "writers",
     "preempted while loading (exit 75), then requeued with train.resume=auto: starts in its own folder and finishes",
     ok(),
-    defect="29",
+    defect="one-writer",
 )
 def _(ws, fx):
     first = train(ws, fx, {"train": {"max_steps": 2, "resume": "auto"}})
@@ -737,7 +741,7 @@ def _(ws, fx):
     "kill -9 while loading (its lock is left), then "
     "requeued with train.resume=auto: the stale lock is named and taken over",
     ok(r"(?i)stale lock"),
-    defect="29",
+    defect="one-writer",
 )
 def _(ws, fx):
     first = train(ws, fx, {"train": {"max_steps": 2, "resume": "auto"}})
@@ -750,7 +754,7 @@ def _(ws, fx):
     "writers",
     "kill -9 at step 3 (checkpoint at 2, lock left), then resume=auto: stale lock taken over, resumes from step 2",
     ok(r"(?i)stale lock", r"resumed from"),
-    defect="29",
+    defect="one-writer",
     ci=False,
 )
 def _(ws, fx):

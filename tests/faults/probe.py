@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -43,6 +44,54 @@ from tests.faults.cases import CASES, KINDS, Case
 from tests.faults.fixtures import Fx
 from tests.faults.forkserver import REPO
 from tests.faults.runner import CATEGORIES, Call, ForkServer, Verdict, judge, run_call
+
+# What a case's `defect` means: the kind of defect the probe showed on the code it was written
+# against (round one: the first list; round two: output ownership, identity, up-front refusals).
+DEFECTS = {
+    "traceback": "a Python traceback instead of `error:` and exit 2",
+    "unclear-message": "refused, but with a message that does not say what and where",
+    "dry-run-accepts": "--dry-run accepts what training refuses",
+    "resume-past-max-steps": "train.max_steps below the checkpoint's step overwrites a genuine checkpoint",
+    "run-replaces-run": "a new run into an existing output_dir replaces the earlier run's results",
+    "non-finite": "non-finite values pass training, export or verify with exit 0",
+    "duplicate-keys": "duplicate YAML keys accepted, the last one winning",
+    "no-label-tokens": "training with no label tokens runs to the end with loss 0",
+    "refused-resume-writes": "a refused (drifted) resume still writes into output_dir",
+    "export-checks-less": "export accepts adapters that evaluate refuses (other shapes, bad seeds, flipped bytes)",
+    "all-checkpoints-corrupt": "every checkpoint corrupt: resume=auto starts over and overwrites them",
+    "checkpoint-as-adapter": "a checkpoint folder given to export as the adapter fails",
+    "old-reference-adapter": "reference adapters the project cannot reproduce merged silently",
+    "export-unchecked": "export writes merged tensors without checking they are finite and every target was found",
+    "one-writer": "two writers on one output folder, stale locks, preemption during start-up",
+    "adapter-identity": "an adapter or checkpoint whose defining fields were edited is applied",
+    "wrong-base": "an adapter applied to another base model of the same shapes",
+    "merged-as-base": "a merged model given as the base (the delta twice)",
+    "base-changed": "a resume whose base weights changed in place trains on",
+    "deepspeed-json": "a DeepSpeed JSON setting the project cannot run, not refused up front",
+    "environment": "an unavailable backend or bad launcher variables, not refused up front",
+    "chat-template": "chat records with a tokenizer that has no chat template",
+    "new": "found by the probes themselves, in no earlier list",
+}
+
+
+def shown_command(argv: list[str]) -> str:
+    """The probe's command line as a report shows it: --out as OUT, --report inside the repository relative."""
+    shown, it = [], iter(argv)
+    for a in it:
+        if a in ("--out", "--report"):
+            shown.append(a)
+            a = next(it, "")
+            if shown[-1] == "--out":
+                shown.append("OUT")
+                continue
+        elif a.startswith("--out="):
+            shown.append("--out=OUT")
+            continue
+        path = Path(a)
+        if path.is_absolute() and path.resolve().is_relative_to(REPO):
+            a = str(path.resolve().relative_to(REPO))
+        shown.append(a)
+    return shlex.join(["python", "-m", "tests.faults.probe", *shown])
 
 
 def run_case(server: ForkServer, fx: Fx, case: Case, root: Path) -> dict:
@@ -207,8 +256,7 @@ def markdown(results: list[dict], meta: dict) -> str:
         "",
         f"## Failing probes ({len(bad)})",
         "",
-        "`defect`: the issue item the probe shows (15.N / 14.N: item N of issue 15 / 14; "
-        "15.tb, 15.msg, 15.dryrun: the traceback, message and --dry-run paragraphs of issue 15).",
+        "`defect`: the kind of defect the probe showed when it was written (`DEFECTS` in tests/faults/probe.py).",
         "",
         "| verdict | probe | what the user did | exit | what went wrong | defect |",
         "|---|---|---|---|---|---|",
@@ -284,7 +332,7 @@ def main(argv=None) -> int:
         "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
         "machine": machine() + f"; load average at the end {load} (1/5/15 min)",
         "commit": commit + (" + local changes" if dirty else ""),
-        "command": "python -m tests.faults.probe " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": shown_command(sys.argv[1:] if argv is None else list(argv)),
         "seconds": seconds,
         "fs_mode": {
             "tmpfs": "a private tmpfs per probe (mount namespace)",
