@@ -1,5 +1,5 @@
 """Time lost per fault: fault-tolerant replica groups against requeue-and-resume, side by side
-(issue 32; docs/fault_tolerance.md).
+(docs/fault_tolerance.md).
 
     python -m experiments.ft_cost [--nodes 3 --per-node 2 --steps 120 --kill-at 30 --every 20] [--out DIR]
 

@@ -1,4 +1,4 @@
-"""Fault-tolerant replica groups across nodes (`dist.fault_tolerance: nodes`, issue 32;
+"""Fault-tolerant replica groups across nodes (`dist.fault_tolerance: nodes`;
 docs/fault_tolerance.md, docs/ft_feasibility.md).
 
 Each node is its own torch.distributed world: its ZeRO-3 engine partitions the frozen base and

@@ -262,7 +262,7 @@ def test_the_graph_sees_imports_inside_functions_and_finds_a_cycle(tmp_path):
     with pytest.raises(AssertionError, match="gpart_ds.a -> gpart_ds.b -> gpart_ds.sub -> gpart_ds.a"):
         cycles = _cycles(graph)
         assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
-    # and each cycle the repository had until issue 31 is found when put back
+    # and each cycle the repository once had is found when put back
     real = _graph()
     for a, b in [
         ("gpart_ds.config", "gpart_ds.methods"),

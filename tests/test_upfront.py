@@ -1,4 +1,4 @@
-"""What a run refuses before any work (issue 29): DeepSpeed settings gpart_ds cannot run or
+"""What a run refuses before any work: DeepSpeed settings gpart_ds cannot run or
 would ignore, backends and accelerators this machine lacks, launch variables that
 contradict each other, chat data without (or refused by) a chat template. In-process; the
 same end to end are the fault probes of kind `upfront` (tests/faults/cases_upfront.py)."""

@@ -1,4 +1,4 @@
-"""One writer per output folder (issue 29): the lock file (gpart_ds/ownership.py), temporary
+"""One writer per output folder: the lock file (gpart_ds/ownership.py), temporary
 names unique per writer, concurrent exports refused, a second run into a live run's folder
 refused, and a stop signal during start-up ending in 75 (what slurm/gpart.sh requeues)."""
 

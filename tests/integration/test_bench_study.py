@@ -245,7 +245,7 @@ def test_the_real_study_config_plans_every_run_before_training(tmp_path):
     assert set(cfg["tasks"]) == {"rotten_tomatoes", "arc", "arithmetic", "jeopardy_topic", "squad"}
     assert cfg["ranks"] == 1 and len(cfg["seeds"]) >= 3 and cfg["test_records"] >= 300
     D = 106_168_320  # SmolLM2-135M, all linear layers
-    for name, m in cfg["methods"].items():  # issue 13's grids
+    for name, m in cfg["methods"].items():  # the study's learning-rate grids
         if m.get("lr_mults"):
             unit = study.lr_unit(m, D, name)
             assert unit == pytest.approx(1.24e-4 * (D / m["d"]) ** 0.5)  # the rule before the study

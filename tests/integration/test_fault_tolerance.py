@@ -1,4 +1,4 @@
-"""A node dies, the job trains on (dist.fault_tolerance: nodes, issue 32; docs/fault_tolerance.md).
+"""A node dies, the job trains on (dist.fault_tolerance: nodes; docs/fault_tolerance.md).
 
 Three simulated nodes x 2 CPU ranks, each node its own world, and a torchft lighthouse
 (launch/sim_nodes.py --ft). kill -9 of every process of node 2 once the others logged step 5;

@@ -1,4 +1,4 @@
-"""Adding a method touches only its folder and the registry (issue 31): a toy method, its
+"""Adding a method touches only its folder and the registry: a toy method, its
 config, cost and run defined here, put in the registry, is a key of the assembled
 `method:` section with its own help text, and the planner plans it through its cost."""
 
