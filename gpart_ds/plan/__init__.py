@@ -7,6 +7,7 @@ one job per module, each on the ones before it:
     cluster.py  the cluster model: presets, ranks on nodes, the frozen groups (training's rule),
                 the bytes a collective moves inside and across nodes (commcount reads with it)
     step.py     FLOPs, collectives and time of one optimizer step per method and frozen partition
+    faults.py   what fault tolerance across nodes costs per step and saves per fault (GPU-hours)
     report.py   the tables and lines it prints
     cli.py      python -m gpart_ds.plan [sweep] (__main__.py runs it)
 

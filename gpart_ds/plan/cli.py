@@ -13,6 +13,7 @@ from ..errors import run_cli
 from . import memory
 from .arch import Arch, PlanError, arch_for_config
 from .cluster import PRESETS, Cluster
+from .faults import FaultParams, estimate_faults, format_faults
 from .memory import check_fit, min_nodes, plan_for_config
 from .report import describe_run, format_plan, format_table, human, sweep
 from .step import config_frozen_group, estimate_rows, modes_of, recommend
@@ -124,6 +125,32 @@ def add_arguments(ap) -> None:
     g.add_argument("--nvlink-gbps", type=float, help="intra-node bandwidth per GPU and direction, GB/s")
     g.add_argument("--tflops", type=float, help="dense bf16 peak per GPU, TFLOPS")
     g.add_argument("--gemm-efficiency", type=float, help="achieved fraction of the peak (default 0.80)")
+    f = ap.add_argument_group("fault tolerance across nodes (gpart_ds/plan/faults.py)")
+    d = FaultParams()
+    f.add_argument(
+        "--ft-quorum-s",
+        type=float,
+        default=d.quorum_s,
+        help=f"torchft quorum per step, s (default {d.quorum_s:g}: the measured median, docs/fault_tolerance.md)",
+    )
+    f.add_argument(
+        "--ft-heartbeat-s",
+        type=float,
+        default=d.heartbeat_s,
+        help=f"lighthouse heartbeat timeout, s (default {d.heartbeat_s:g}, as slurm/gpart.sh)",
+    )
+    f.add_argument(
+        "--ft-load-gbps",
+        type=float,
+        default=d.load_gbps,
+        help=f"GB/s at which a node reads the frozen base at start-up (default {d.load_gbps:g}, assumed)",
+    )
+    f.add_argument(
+        "--ft-startup-s",
+        type=float,
+        default=d.startup_s,
+        help=f"start-up of a node's processes before the base is read, s (default {d.startup_s:g}, assumed)",
+    )
     g.add_argument(
         "--json", action="store_true", help="print the time/traffic rows (and each row's memory per GPU) as JSON only"
     )
@@ -160,7 +187,42 @@ def cli_report(args, cfg, arch: Arch) -> dict:
         "recommended": {method: best.mode if best else None},
         "methods": {f"{r.method}/{r.mode}": r.to_json() for r in rows},
     }
-    return {"text": format_table(rows, cluster, args.nodes, args.gpus_per_node, method), "json": js}
+    text = format_table(rows, cluster, args.nodes, args.gpus_per_node, method)
+    ft = fault_report(args, cfg, arch, rows, cluster, method)
+    if ft is not None:
+        js["fault_tolerance"] = ft["json"]
+        text += "\n\n" + ft["text"]
+    return {"text": text, "json": js}
+
+
+def fault_report(args, cfg, arch: Arch, rows, cluster: Cluster, method: str) -> dict | None:
+    """The cost and saving of dist.fault_tolerance=nodes for the method with the frozen base
+    within each node (None: the method has no such row, e.g. full fine-tuning)."""
+    from .arch import checked_method, dtype_bytes, method_for
+
+    row = next((r for r in rows if r.method == method and r.mode == "node"), None)
+    if row is None:
+        return None
+    params = FaultParams(
+        quorum_s=args.ft_quorum_s,
+        heartbeat_s=args.ft_heartbeat_s,
+        load_gbps=args.ft_load_gbps,
+        startup_s=args.ft_startup_s,
+    )
+    every = cfg.checkpoint.every_steps or cfg.train.max_steps  # no checkpoint: the whole run again
+    est = estimate_faults(
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        step_s=row.times["step_overlap_s"],
+        base_bytes_per_node=arch.n_params * dtype_bytes(cfg.model.precision),
+        every_steps=every,
+        trainables=checked_method(method_for(cfg, method)).trainable_count(arch),
+        net_gbps=cluster.net_gbps * cluster.link_efficiency,
+        params=params,
+    )
+    enabled = cfg.dist.get("fault_tolerance", "none") == "nodes"
+    js = {"enabled": enabled, "method": method, **est.to_json()}
+    return {"text": format_faults(est, row.label or method, enabled), "json": js}
 
 
 def _numbers(text: str, kind, flag: str) -> list:
