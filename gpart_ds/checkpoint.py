@@ -387,6 +387,26 @@ def _agree_or_fail(error: str | None, tmp: Path, final: Path, root: Path, device
     )
 
 
+# Test-only: GPART_TEST_CKPT_PAUSE="STEP:SECONDS" makes the writer (rank 0) sleep once its
+# checkpoint STEP is complete in the temporary folder and before it is renamed into place. The
+# fault-tolerance test (tests/integration/test_fault_tolerance.py) kills the writing node in that
+# window; without it, a kill lands inside a write of a few milliseconds only by chance. Unset in
+# every real run: nothing changes.
+TEST_PAUSE_ENV = "GPART_TEST_CKPT_PAUSE"
+
+
+def _test_pause(step: int) -> None:
+    spec = os.environ.get(TEST_PAUSE_ENV)
+    if not spec:
+        return
+    at, seconds = spec.split(":")
+    if int(at) == step:
+        import time
+
+        log.warning("%s: pausing %s s before publishing checkpoint step %d", TEST_PAUSE_ENV, seconds, step)
+        time.sleep(float(seconds))
+
+
 def save(engine, params: dict, root: Path, step: int, extra: dict, run_config_yaml: str, keep_last: int) -> Path:
     """Write checkpoint `step` (collective). `params`: name -> trainable parameter.
     Returns its folder. A failure on any rank (a full disk) fails every rank with the same
@@ -452,6 +472,7 @@ def save(engine, params: dict, root: Path, step: int, extra: dict, run_config_ya
                 files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
                 current = tmp / MANIFEST
                 current.write_text(json.dumps({"step": step, "files": files}, indent=2) + "\n")
+                _test_pause(step)
                 if final.exists():
                     shutil.rmtree(final)
                 os.replace(tmp, final)

@@ -198,9 +198,12 @@ def run_ft(
     kill_at: int = 0,
     restart_at: int | None = None,
     say=print,
+    kill_when=None,
 ) -> dict:
     """Fault-tolerant simulated nodes (module doc). Returns {"codes": {node: status of its last
-    start}, "killed_at", "restarted_at": (seconds since start, step), "wall_s"}."""
+    start}, "killed_at", "restarted_at": (seconds since start, step), "wall_s"}. `kill_when`: a
+    function of no argument; when given, node `kill_node` is killed once it returns true (instead
+    of at step `kill_at`)."""
     out = _output_dir(overrides)
     out.parent.mkdir(parents=True, exist_ok=True)
     lh_port = free_port()
@@ -256,7 +259,7 @@ def run_ft(
         while time.time() - t0 < timeout:
             if kill_node is not None:
                 step = _committed_steps(out, kill_node)
-                if result["killed_at"] is None and step >= kill_at:
+                if result["killed_at"] is None and (kill_when() if kill_when is not None else step >= kill_at):
                     n = kill_node_procs(procs[kill_node])
                     result["killed_at"] = (time.time() - t0, step)
                     say(

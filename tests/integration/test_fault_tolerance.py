@@ -160,3 +160,112 @@ def test_a_plain_run_resumes_the_fault_tolerant_runs_checkpoint(run, tmp_path):
     again = [json.loads(line) for line in (plain / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in again if r.get("event") == "resume"] == [STEPS]
     assert [r["step"] for r in again if "loss" in r and "event" not in r] == [STEPS + 1, STEPS + 2]
+
+
+# ------------------------------------------------------------------ the writer killed mid-checkpoint
+# 2 nodes x 2 ranks, a checkpoint every 10 steps. The writer (node 0, the first participant) is
+# killed while it writes checkpoint 10: gpart_ds/checkpoint.py's test-only hook
+# (GPART_TEST_CKPT_PAUSE) holds it between the complete temporary folder and the rename, and the
+# launcher kills node 0 once that temporary's manifest exists. Node 1 must train on and take over
+# the writing, the temporary must never be read as a checkpoint, node 0 started again must heal.
+W_STEPS, W_CKPT, W_RESTART_AT = 400, 10, 14
+
+
+@pytest.fixture(scope="module")
+def writer_killed(tmp_path_factory, tiny_assets):
+    root = tmp_path_factory.mktemp("ftw")
+    out = root / "run"
+    temp = out / "checkpoints" / f".step-{W_CKPT:06d}.tmp"
+    said = []
+    res = sim_nodes.run_ft(
+        2,
+        PER_NODE,
+        "configs/tiny.yaml",
+        [
+            f"train.max_steps={W_STEPS}",
+            "train.log_every=50",
+            "train.eval_examples=8",
+            f"checkpoint.every_steps={W_CKPT}",
+            "checkpoint.keep_last=2",
+            "export.merged=true",
+            f"output_dir={out}",
+        ],
+        timeout=900,
+        env={**rank_env(), "GPART_TEST_CKPT_PAUSE": f"{W_CKPT}:60"},
+        kill_node=0,
+        kill_when=lambda: (temp / "manifest.json").is_file(),
+        restart_at=W_RESTART_AT,
+        say=lambda *a, **k: said.append(" ".join(map(str, a))),
+    )
+    if any(res["codes"].values()) or res["restarted_at"] is None:
+        logs = "\n".join(p.read_text()[-3000:] for p in sorted(root.glob("run.node*.log")))
+        raise AssertionError(f"fault-tolerant run failed: {res} {said}\n{logs}")
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return out, res, recs, said
+
+
+def test_writer_killed_mid_checkpoint_the_other_trains_on_and_takes_over(writer_killed):
+    out, res, recs, said = writer_killed
+    # the kill landed inside the write: node 0 had logged the pause, step 10's temporary was
+    # complete, and the survivor had committed step 10 and nothing after it
+    first_log = (out.parent / "run.node0.log").read_text()
+    assert f"pausing 60 s before publishing checkpoint step {W_CKPT}" in first_log
+    assert res["killed_at"][1] == W_CKPT, res
+    steps = _steps(recs, 1)
+    assert [r["step"] for r in steps] == list(range(1, W_STEPS + 1))
+    assert all(r["committed"] and abs(r["loss"]) < 100 for r in steps)
+    shrink = [r for r in recs if r.get("event") == "quorum" and r["replica"] == 1 and r["replicas"] == [1]]
+    assert shrink and shrink[0]["step"] in (W_CKPT + 1, W_CKPT + 2), shrink
+
+
+def test_the_half_published_checkpoint_is_never_taken(writer_killed):
+    from gpart_ds import checkpoint
+
+    out, res, recs, said = writer_killed
+    ckpts = out / "checkpoints"
+    # the killed writer's temporary stays (nobody else's to remove) but is never listed nor read
+    assert (ckpts / f".step-{W_CKPT:06d}.tmp").is_dir()
+    listed = checkpoint.list_checkpoints(ckpts)
+    assert [p.name for p in listed] == [f"step-{W_STEPS:06d}", f"step-{W_STEPS - W_CKPT:06d}"]
+    for p in listed:
+        checkpoint.verify(p)
+    assert (ckpts / "latest").read_text().strip() == f"step-{W_STEPS:06d}"
+    resumed = [r["step"] for r in recs if r.get("event") == "resume" and r.get("replica") == 0]
+    assert len(resumed) == 1 and resumed[0] > W_CKPT and resumed[0] % W_CKPT == 0, resumed
+
+
+def test_the_restarted_writer_heals_bit_identical_and_the_export_is_the_offline_merge(writer_killed, tmp_path):
+    out, res, recs, said = writer_killed
+    rejoin = [r for r in recs if r.get("event") == "quorum" and r["replica"] == 0 and r["healed"]]
+    assert len(rejoin) == 1 and rejoin[0]["replicas"] == [0, 1], rejoin
+    first = rejoin[0]["step"]
+    assert [r["step"] for r in _steps(recs, 0) if r["step"] >= first] == list(range(first, W_STEPS + 1))
+    by_step = {}
+    for r in recs:
+        if "theta_sha" in r:
+            by_step.setdefault(r["step"], {})[r["replica"]] = (r["theta_sha"], r["adam_sha"])
+    for step in range(first, W_STEPS + 1):
+        assert len(by_step[step]) == 2 and len(set(by_step[step].values())) == 1, (step, by_step[step])
+    summaries = [r for r in recs if r.get("event") == "summary"]
+    assert sorted(r["replica"] for r in summaries) == [0, 1] and sum(bool(r["writer"]) for r in summaries) == 1
+    offline = tmp_path / "offline"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gpart_ds.export",
+            "--base",
+            str(REPO / ".cache/tiny/model"),
+            "--adapter",
+            str(out / "adapter"),
+            "--out",
+            str(offline),
+        ],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        env=rank_env(),
+    )
+    merged, ref = read_folder(out / "merged"), read_folder(offline)
+    assert merged.keys() == ref.keys() and len(merged) > 10
+    assert all(raw_bytes(merged[k]) == raw_bytes(ref[k]) for k in merged)
