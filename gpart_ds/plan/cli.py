@@ -5,6 +5,7 @@ within a node vs over the world, over networks and micro-batches."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from dataclasses import asdict
@@ -50,6 +51,17 @@ def main(argv=None) -> int:
 
 
 def _main(args) -> int:
+    # With --json, stdout carries the JSON alone: libraries print while they load (DeepSpeed's
+    # accelerator warning goes to a handler that binds sys.stdout when deepspeed is imported),
+    # so everything before the JSON goes to stderr.
+    out = sys.stdout
+    if not args.json:
+        return _plan(args, out)
+    with contextlib.redirect_stdout(sys.stderr):
+        return _plan(args, out)
+
+
+def _plan(args, out) -> int:
     from .. import methods
     from ..config import load_config
     from ..runcheck import validate_for_run
@@ -83,7 +95,7 @@ def _main(args) -> int:
             f"{human(args.gpus_per_node * plan.host_total)} (offloaded state)"
         )
     report = cli_report(args, cfg, arch)
-    print(json.dumps(report["json"], indent=1) if args.json else "\n" + report["text"])
+    print(json.dumps(report["json"], indent=1) if args.json else "\n" + report["text"], file=out)
     if not verdict.fits:
         # Fewest nodes with the frozen weights partitioned over the world; with
         # dist.frozen_partition=node every node holds them whole, so more nodes do not help.

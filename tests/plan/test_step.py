@@ -175,6 +175,20 @@ def test_on_one_node_both_partitions_are_the_same(rows70b):
     assert a.times == b.times and a.memory_gib == b.memory_gib
 
 
+def test_plan_cli_json_is_the_only_thing_on_stdout():
+    """`plan --json | jq` works from a fresh interpreter: what libraries print while they
+    load (DeepSpeed's accelerator warning binds sys.stdout at import) goes to stderr."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "gpart_ds.plan", "--config", "configs/tiny.yaml", "--nodes", "1"]
+    cmd += ["--gpus-per-node", "2", "--gpu-mem-gb", "80", "--json"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout)  # nothing before or after the JSON
+    assert out["nodes"] == 1 and "gpart/node" in out["methods"]
+
+
 def test_plan_cli_json_gives_every_method(capsys):
     status = plan_cli.main(
         [
