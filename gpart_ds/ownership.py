@@ -22,6 +22,7 @@ systems), the holder's pid decides on its own host.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import fcntl
@@ -164,6 +165,11 @@ class FolderLock:
     def acquire(self) -> FolderLock:
         """Take the lock or raise FolderBusy naming the holder; a stale lock is taken over
         with a warning (module doc)."""
+        # a stop signal meanwhile waits for the end (defer_stop)
+        with _stop_deferred():
+            return self._acquire()
+
+    def _acquire(self) -> FolderLock:
         if self.path.parent.exists() and self._key() in _HELD:
             _HELD[self._key()] += 1
             self.fd = -1  # nested: the outer holder gives it back
@@ -253,6 +259,10 @@ class FolderLock:
     def release(self) -> None:
         """Give the lock back: the file goes first, then the flock (a taker that opened the
         old file sees it gone and opens the new path)."""
+        with _stop_deferred():
+            self._release()
+
+    def _release(self) -> None:
         fd, self.fd = self.fd, None
         if fd is None:
             return
@@ -280,6 +290,36 @@ class FolderLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+# A stop signal during start-up raises an exception from its handler (launch/train.py).
+# Raised between creating a lock file and owning it, or while giving it back, it would leave
+# a file (and the folder made for it) that nobody removes; blocking the signal cannot help
+# (another thread of the process receives it, and Python runs the handler here anyway). So
+# the handler asks `defer_stop` first: inside these sections the exception waits for the
+# section's end.
+_sections = {"depth": 0, "pending": None}
+
+
+def defer_stop(exc: BaseException) -> bool:
+    """True if a lock is being taken or given back: `exc` is raised when that ends."""
+    if _sections["depth"]:
+        _sections["pending"] = exc
+        return True
+    return False
+
+
+@contextlib.contextmanager
+def _stop_deferred():
+    _sections["depth"] += 1
+    try:
+        yield
+    finally:
+        _sections["depth"] -= 1
+        pending = _sections["pending"] if _sections["depth"] == 0 else None
+        _sections["pending"] = None if pending is not None else _sections["pending"]
+    if pending is not None:
+        raise pending
 
 
 def peek(path: str | os.PathLike, what: str, key: str) -> None:

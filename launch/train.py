@@ -57,9 +57,13 @@ def _stop_during_startup(signum, frame):
     import signal
 
     from gpart_ds.errors import Stopped
+    from gpart_ds.ownership import defer_stop
 
     _stop_seen.append(signum)
-    raise Stopped(_stop_message(signal.Signals(signum).name))
+    exc = Stopped(_stop_message(signal.Signals(signum).name))
+    if defer_stop(exc):  # a lock file is being taken or given back: raised when that ends
+        return
+    raise exc
 
 
 def _stop_message(name: str) -> str:

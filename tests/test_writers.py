@@ -275,3 +275,39 @@ def test_sigterm_during_start_up_ends_with_75_and_one_line(tmp_path, tiny_assets
     line = [ln for ln in err.splitlines() if ln.startswith("stopped: ")]
     assert len(line) == 1 and "SIGTERM" in line[0] and "train.resume=auto" in line[0]
     assert not (tmp_path / "run" / LOCK_NAME).exists()
+
+
+def test_a_stop_signal_while_the_lock_is_being_taken_leaves_no_lock_file(tmp_path, monkeypatch):
+    """SIGTERM during start-up raises (launch/train.py); arriving between creating the lock
+    file and owning it, it once left `.gpart.lock` and the folder behind (a stopped start must
+    leave nothing). The exception waits until the lock is taken, then the caller's release
+    removes both."""
+    from gpart_ds import ownership
+
+    class Stop(Exception):
+        pass
+
+    def handler(signum, frame):  # as launch/train.py's start-up handler does
+        exc = Stop()
+        if ownership.defer_stop(exc):
+            return
+        raise exc
+
+    real = ownership.read_holder
+
+    def read_and_signal(path):  # inside acquire: the file exists, the lock is not ours yet
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(path)
+
+    monkeypatch.setattr(ownership, "read_holder", read_and_signal)
+    old = signal.signal(signal.SIGTERM, handler)
+    lock = FolderLock.for_folder(tmp_path / "run", "output_dir")
+    try:
+        with pytest.raises(Stop):
+            try:
+                lock.acquire()
+            finally:
+                lock.release()  # what the trainer does on the way out
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert not (tmp_path / "run").exists(), list((tmp_path / "run").iterdir())
