@@ -116,27 +116,7 @@ def test_one_writer_and_the_export_equals_the_offline_merge_of_the_adapter(run, 
     assert sorted(r["replica"] for r in summaries) == [0, 1, 2]
     assert sum(bool(r["writer"]) for r in summaries) == 1
     assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-000250", f"step-{STEPS:06d}"]
-    offline = tmp_path / "offline"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "gpart_ds.export",
-            "--base",
-            str(REPO / ".cache/tiny/model"),
-            "--adapter",
-            str(out / "adapter"),
-            "--out",
-            str(offline),
-        ],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-        env=rank_env(),
-    )
-    merged, ref = read_folder(out / "merged"), read_folder(offline)
-    assert merged.keys() == ref.keys() and len(merged) > 10
-    assert all(raw_bytes(merged[k]) == raw_bytes(ref[k]) for k in merged)
+    _assert_export_is_the_offline_merge(out, tmp_path)
 
 
 def test_a_plain_run_resumes_the_fault_tolerant_runs_checkpoint(run, tmp_path):
@@ -248,6 +228,11 @@ def test_the_restarted_writer_heals_bit_identical_and_the_export_is_the_offline_
         assert len(by_step[step]) == 2 and len(set(by_step[step].values())) == 1, (step, by_step[step])
     summaries = [r for r in recs if r.get("event") == "summary"]
     assert sorted(r["replica"] for r in summaries) == [0, 1] and sum(bool(r["writer"]) for r in summaries) == 1
+    _assert_export_is_the_offline_merge(out, tmp_path)
+
+
+def _assert_export_is_the_offline_merge(out, tmp_path):
+    """The run's merged folder equals `gpart_ds.export` of its adapter, byte for byte."""
     offline = tmp_path / "offline"
     subprocess.run(
         [
