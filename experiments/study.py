@@ -75,6 +75,10 @@ PHASES = ("sweep", "final", "all")
 # eval_before: the study evaluates the base once per task and output folder (execute), so a
 # run is the same run whether it evaluated the base itself or another run of its task did.
 EVAL_ONLY_KEYS = ("eval_generate", "eval_generate_batch", "eval_before")
+# Keys added to the schema after runs existed, whose default reproduces those runs: at the
+# default they are left out of a run's identity, so finished runs stay finished after an
+# upgrade (any other value is part of it). A key added that way is listed here.
+NEUTRAL_AT_DEFAULT = ("dist.fault_tolerance", "dist.ft_max_retries")
 # Keys of a method entry that are the study's, not method.* overrides.
 GRID_KEYS = ("lrs", "lr_mults", "lr_unit")
 
@@ -262,11 +266,13 @@ def run_overrides(
     return list(task.get("overrides", [])) + out + list(extra)
 
 
-def _key(config: str, overrides: list[str], ranks: int) -> str:
-    """The identity of a run: its resolved config (the run config with the overrides
-    applied, output_dir aside) and its ranks. Not the config's path or text: the same run
-    from another checkout, or after a comment or a key the study overrides changed in the
-    run config, is the same run and is reused."""
+def identity(config: str, overrides: list[str], ranks: int) -> list:
+    """What a run is: its resolved config (the run config with the overrides applied,
+    output_dir aside) and its ranks. Not the config's path or text: the same run from another
+    checkout, or after a comment or a key the study overrides changed in the run config, is
+    the same run and is reused."""
+    from gpart_ds.config.schema import RunConfig
+
     cfg = OmegaConf.to_container(load_config(config, overrides, check_files=False), resolve=True)
     for where in ("output_dir", "config_file", "overrides"):  # where it came from, not what it is
         cfg.pop(where, None)
@@ -274,7 +280,19 @@ def _key(config: str, overrides: list[str], ranks: int) -> str:
     # finished before such a key existed is the same run.
     for key in EVAL_ONLY_KEYS:
         cfg["train"].pop(key, None)
-    return hashlib.sha256(json.dumps([cfg, ranks], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    defaults = OmegaConf.to_container(OmegaConf.structured(RunConfig))
+    for dotted in NEUTRAL_AT_DEFAULT:
+        section, key = dotted.split(".")
+        if key in cfg.get(section, {}) and cfg[section][key] == defaults[section][key]:
+            cfg[section].pop(key)
+    return [cfg, ranks]
+
+
+def _key(config: str, overrides: list[str], ranks: int) -> str:
+    """identity() as a short hash: what a finished run's folder carries (study_key)."""
+    return hashlib.sha256(
+        json.dumps(identity(config, overrides, ranks), sort_keys=True, default=str).encode()
+    ).hexdigest()[:16]
 
 
 def is_done(out: Path, key: str) -> bool:

@@ -229,6 +229,12 @@ def test_a_runs_identity_is_its_resolved_config_not_where_it_came_from(tmp_path)
     assert study._key(src, ov + ["train.eval_before=false"], 1) == key  # the base evaluated by another run
     assert study._key(src, ov + ["train.objective=choices_lm"], 1) != key
     assert study._key(src, ov, 2) != key
+    # keys added after runs existed, at the default that reproduces those runs, are not part
+    # of it (a run finished before the key existed stays finished); other values are
+    cfg, _ = study.identity(src, ov, 1)
+    assert not {k.split(".")[1] for k in study.NEUTRAL_AT_DEFAULT} & set(cfg["dist"])
+    assert study._key(src, ov + ["dist.fault_tolerance=none", "dist.ft_max_retries=3"], 1) == key
+    assert study._key(src, ov + ["dist.fault_tolerance=nodes"], 1) != key
 
 
 @pytest.mark.slow
