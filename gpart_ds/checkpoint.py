@@ -49,6 +49,7 @@ STATE_FILE = "state.safetensors"
 STATE_JSON = "state.json"
 RUN_CONFIG = "run_config.yaml"
 _STEP_RE = re.compile(r"^step-(\d+)$")
+_TEMP_RE = re.compile(r"^\.step-(\d+)\.tmp$")  # fileio.temp_sibling of a step folder
 
 
 class CheckpointError(UserError):
@@ -488,8 +489,26 @@ def save(engine, params: dict, root: Path, step: int, extra: dict, run_config_ya
     if rank == 0:
         for old in list_checkpoints(root)[keep_last:]:
             shutil.rmtree(old, ignore_errors=True)
+        remove_stale_temporaries(root, step)
     dist.barrier()
     return final
+
+
+def remove_stale_temporaries(root: Path, published: int) -> list[Path]:
+    """Remove the temporaries of steps before `published`, left by a writer that died while
+    writing (a killed job, a lost node): none of them can become the newest checkpoint any more,
+    and a full fine-tuning checkpoint's temporary is as large as the model. Returns them."""
+    stale = []
+    for p in root.iterdir() if root.is_dir() else ():
+        m = _TEMP_RE.match(p.name)
+        if m and int(m.group(1)) < published and p == temp_sibling(step_dir(root, int(m.group(1)))):
+            shutil.rmtree(p, ignore_errors=True)
+            stale.append(p)
+    if stale:
+        log.info(
+            "removed %d temporary folder(s) a stopped writer left: %s", len(stale), ", ".join(p.name for p in stale)
+        )
+    return stale
 
 
 def _write_latest(root: Path, name: str) -> None:

@@ -161,3 +161,17 @@ def test_drift_keys_are_keys_the_method_reads():
     for name in methods.names():
         cls = methods.get(name)
         assert set(cls.drift_keys) <= cls.config_keys, (name, set(cls.drift_keys) - cls.config_keys)
+
+
+def test_a_stopped_writers_temporaries_go_once_a_newer_checkpoint_is_published(tmp_path):
+    fake_ckpt(tmp_path, 10)
+    older, same, newer = (checkpoint.temp_sibling(checkpoint.step_dir(tmp_path, s)) for s in (10, 20, 30))
+    for t in (older, same, newer):
+        (t / "sub").mkdir(parents=True)
+        (t / "sub" / "theta.safetensors").write_bytes(b"x" * 64)
+    (tmp_path / ".step-x.tmp").mkdir()  # not a checkpoint temporary: not ours to remove
+    assert checkpoint.remove_stale_temporaries(tmp_path, 20) == [older]
+    # the temporary of the step being published and of later steps may still be written
+    assert not older.exists() and same.is_dir() and newer.is_dir() and (tmp_path / ".step-x.tmp").is_dir()
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step-000010"]
+    assert checkpoint.remove_stale_temporaries(tmp_path / "absent", 20) == []
