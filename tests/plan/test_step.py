@@ -92,14 +92,16 @@ def test_flops_equal_the_flop_counter_on_the_tiny_model(tiny_assets, method, ckp
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ckpt", [False, True], ids=["plain", "checkpointed"])
-def test_flops_equal_the_flop_counter_on_smollm2(ckpt):
-    """The real SmolLM2-135M (tied embeddings, 9 query / 3 key-value heads), GPart."""
+def test_flops_equal_the_flop_counter_on_smollm2():
+    """The real SmolLM2-135M (tied embeddings, 9 query / 3 key-value heads), GPart. Without
+    activation checkpointing only (~40 s a case): its recompute is the decoder blocks' forward
+    again (plan/step.py), whose count this case checks on this architecture, and the tiny
+    model's test above checks checkpointing for every method."""
     from gpart_ds import assets
 
     path = assets.ensure("smollm2")
     counted, planned = _counted_flops(
-        path, plan.spec("gpart", d=65536, kernel="eager"), ckpt, mb=2, seq=96, label_from=60
+        path, plan.spec("gpart", d=65536, kernel="eager"), False, mb=2, seq=96, label_from=60
     )
     assert planned["total"] == counted, (planned, counted)
 
