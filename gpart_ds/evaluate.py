@@ -1,6 +1,11 @@
-"""Evaluation: held-out loss on the trained tokens, and accuracy over `choices`.
+"""Evaluation on held-out records: the answer the model generates, the held-out loss on the
+trained tokens, and accuracy over `choices`.
 
-Accuracy: for a record with a "choices" list, the prediction is the choice with the
+Generated answer (answer_accuracy, on unless --no-generate): greedy decoding in batches,
+what a server returns at temperature 0, judged by the record's kind (gpart_ds/generation.py:
+the choice named first, the first number, or the text after normalising).
+
+Choice accuracy: for a record with a "choices" list, the prediction is the choice with the
 largest summed log-likelihood given the prompt (rendered exactly as in training). Only
 the positions that predict choice tokens are scored: sequences are left-padded so the
 choice sits at the end, and the model computes logits for those last positions only
@@ -12,8 +17,9 @@ choice is a single token, one forward per record scores all of them.
     python -m gpart_ds.evaluate paired before.jsonl after.jsonl     # exact McNemar test
 
 A predictions file (--predictions here, eval_predictions.jsonl and predictions/step-N.jsonl
-from a run) has one line per scored record: its verdict is the chosen choice where the
-record has choices, else exact match (record_correct).
+from a run) has one line per scored record with its verdicts: the generated answer's
+(answer_correct), the chosen choice's where the record has choices, and exact match;
+`paired --verdict auto` compares the generated answers when both files have them.
 
 The functions take a `forward(**batch) -> logits` callable, so the same code runs on a
 plain model, a GPart model, or a DeepSpeed engine on every rank.
