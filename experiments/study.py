@@ -88,6 +88,14 @@ def _need(cond, where: str, msg: str) -> None:
         raise ConfigError(f"{where}: {msg}")
 
 
+def _check_seeds(seeds, where: str) -> None:
+    """A non-empty list of distinct integers >= 0 (each is a run's train.seed and
+    method.seed, which must be in [0, 2^64))."""
+    ok = isinstance(seeds, list) and seeds and all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)
+    _need(ok and all(x >= 0 for x in seeds), where, f"a non-empty list of integers >= 0, got {seeds!r}")
+    _need(len(set(seeds)) == len(seeds), where, f"{seeds!r} names a seed twice")
+
+
 def _is_rate(x) -> bool:
     return x == "auto" or (isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0)
 
@@ -118,7 +126,7 @@ def load_study(path: str) -> dict:
     _need(isinstance(cfg, dict), str(p), "a study config is a mapping")
     for key in ("tasks", "methods", "ranks", "seeds", "eval_examples", "test_records", "eval_every"):
         _need(key in cfg, str(p), f"required key {key!r} missing")
-    _need(isinstance(cfg["seeds"], list) and cfg["seeds"], f"{p}: seeds", "a non-empty list of integers")
+    _check_seeds(cfg["seeds"], f"{p}: seeds")
     _need(
         0 < cfg["test_records"] < cfg["eval_examples"],
         f"{p}: test_records",
@@ -516,11 +524,14 @@ def apply_grid(study: dict, specs: list[str], methods: list[str]) -> None:
     """`--grid METHOD=V,V`: the entry's grid becomes these values, in the entry's own terms
     (multiples of lr_unit for an lr_mults entry, learning rates or auto for an lrs entry);
     a run at a value the full grid also has is the same run (same folder and key)."""
+    given = set()
     for spec in specs:
         name, sep, values = spec.partition("=")
         name = name.strip()
         _need(sep and values.strip(), f"--grid {spec}", "expected METHOD=V[,V...], e.g. lora-r8=0.001,0.003")
         _need(name in methods, f"--grid {spec}", f"{name!r} is not one of the methods run (known: {methods})")
+        _need(name not in given, f"--grid {spec}", f"{name} has a --grid already: give its values in one, {name}=V,V")
+        given.add(name)
         m = study["methods"][name]
         key = _grid_key(m)
         grid = []
@@ -603,11 +614,17 @@ def main(argv=None) -> dict:
     if args.quick:
         tasks, methods = _apply_quick(study, tasks, methods)
     if args.steps is not None:
+        _need(args.steps >= 1, "--steps", f"must be >= 1, got {args.steps}")
         study["steps"] = args.steps
         for t in study["tasks"].values():
             t.pop("steps", None)
-    if args.seeds:
-        study["seeds"] = [int(x) for x in args.seeds.split(",")]
+    if args.seeds is not None:
+        try:
+            seeds = [int(x) for x in args.seeds.split(",")]
+        except ValueError:
+            seeds = args.seeds
+        _check_seeds(seeds, f"--seeds {args.seeds}")
+        study["seeds"] = seeds
     for flag, chosen, known in (("--tasks", args.tasks, tasks), ("--methods", args.methods, methods)):
         if chosen:
             want = [x.strip() for x in chosen.split(",") if x.strip()]

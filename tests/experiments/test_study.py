@@ -213,6 +213,31 @@ def test_merge_of_a_file_that_is_no_report_exits_2_before_any_run(tmp_path, caps
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize(
+    "flags, msg",
+    [
+        (["--seeds", "a,b"], "--seeds a,b: a non-empty list of integers >= 0, got 'a,b'"),
+        (["--seeds", ""], "--seeds : a non-empty list of integers >= 0"),
+        (["--seeds", "0,-1"], "--seeds 0,-1: a non-empty list of integers >= 0, got [0, -1]"),
+        (["--seeds", "1,1"], "--seeds 1,1: [1, 1] names a seed twice"),
+        (["--steps", "0"], "--steps: must be >= 1, got 0"),
+        (["--grid", "g=1", "--grid", "g=3"], "--grid g=3: g has a --grid already: give its values in one, g=V,V"),
+    ],
+)
+def test_bad_command_line_values_exit_2_naming_the_flag_before_any_run(tmp_path, capsys, flags, msg):
+    cfg = _study(tmp_path, "  g: {name: gpart, d: 8, lr_mults: [1], lr_unit: '0.01'}\n")
+    code = study.cli(["--config", str(cfg), *flags, "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and msg in err and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("seeds", ["[]", "[0, 0]", "[-1]", "[a]", "[true]"])
+def test_a_study_configs_seeds_are_distinct_integers(tmp_path, seeds):
+    with pytest.raises(ConfigError, match="seeds: "):
+        study.load_study(_write(tmp_path, BASE.replace("seeds: [0]", f"seeds: {seeds}") + "  g: {name: gpart, d: 8}\n"))
+
+
 def test_a_runs_identity_is_its_resolved_config_not_where_it_came_from(tmp_path):
     """The same run from a copy of the run config elsewhere, with the overrides in another
     order or an evaluation-only key changed, is the same run; a training key is not."""
