@@ -24,6 +24,9 @@ once the others logged step S, and start it again at step R; it rejoins and heal
 The lighthouse logs to <output_dir>.lighthouse.log, a restarted node to
 <output_dir>.node<k>.restart.log. Exit status: the first non-zero status of a node that
 was not killed on purpose (its restart counts), else 0.
+
+Ctrl-C or SIGTERM to this launcher kills every process it started (agents, ranks, the
+lighthouse) and exits 130.
 """
 
 from __future__ import annotations
@@ -107,7 +110,7 @@ def run(
     finally:
         for p in procs:
             if p.poll() is None:
-                p.kill()
+                kill_node_procs(p)  # the agent and its ranks: killing torchrun alone orphans them
         for log in logs:
             log.close()
     return done
@@ -300,6 +303,10 @@ def run_ft(
     return result
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nodes", type=int, default=2)
@@ -321,11 +328,22 @@ def main(argv=None) -> int:
     def body() -> int:
         if args.nodes < 1 or args.per_node < 1:
             raise UserError("--nodes and --per-node must be >= 1")
+        if args.kill_at < 0:
+            raise UserError(f"--kill-at must be >= 0, got {args.kill_at}")
+        if args.restart_at is not None and args.kill_node is None:
+            raise UserError("--restart-at needs --kill-node (the node to start again)")
         if args.ft:
             if args.kill_node is not None and not 0 <= args.kill_node < args.nodes:
                 raise UserError(f"--kill-node must be in 0..{args.nodes - 1}")
             if args.kill_node is not None and args.nodes < 2:
                 raise UserError("--kill-node needs --nodes >= 2 (a node must survive)")
+        elif args.kill_node is not None or args.restart_at is not None:
+            raise UserError("--kill-node and --restart-at need --ft")
+        # SIGTERM (kill, timeout, a scheduler) ends this launcher like Ctrl-C, so that its
+        # finally blocks end every node's processes: the ranks of --ft nodes run in sessions
+        # of their own and would otherwise train on, orphaned.
+        signal.signal(signal.SIGTERM, _interrupt)
+        if args.ft:
             res = run_ft(
                 args.nodes,
                 args.per_node,
@@ -344,8 +362,6 @@ def main(argv=None) -> int:
                 print(f"error: node {min(bad)} exited {bad[min(bad)]}; logs: {out}.node*.log", file=sys.stderr)
                 return bad[min(bad)]
             return 0
-        elif args.kill_node is not None or args.restart_at is not None:
-            raise UserError("--kill-node and --restart-at need --ft")
         procs = run(args.nodes, args.per_node, args.config, args.overrides, timeout=args.timeout, nice=args.nice)
         out = _output_dir(args.overrides)
         bad = [p.returncode for p in procs if p.returncode]
