@@ -316,22 +316,37 @@ def parse(argv=None):
     ap.add_argument("--config", default="configs/smollm2_rt.yaml")
     ap.add_argument("--methods", default="gpart,lora,full")
     ap.add_argument("--ranks", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=6, help="timed steps per method (after the warm-up)")
-    ap.add_argument("--warmup", type=int, default=2, help="first steps left out of the medians")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per method (after the warm-up; default 6)")
+    ap.add_argument("--warmup", type=int, default=None, help="first steps left out of the medians (default 2)")
     ap.add_argument("--no-scaling", action="store_true", help="skip the 1-rank GPart run")
     ap.add_argument("--no-layer", action="store_true", help="skip the one-layer micro-benchmark")
     ap.add_argument(
         "--eval-examples",
         type=int,
         default=4,
-        help="eval records before/after each run (kept small: not what is timed)",
+        help="eval records before/after each run (kept small: not what is timed; 0: all)",
     )
     ap.add_argument("--out", default="outputs/bench")
     ap.add_argument("--quick", action="store_true", help="tiny model, 2 steps: checks the pipeline")
     ap.add_argument("overrides", nargs="*", help="config overrides for every run, key.sub=value")
     args = ap.parse_args(argv)
+    from gpart_ds.config import ConfigError
+
     if args.quick:
+        given = [f for f, v in (("--steps", args.steps), ("--warmup", args.warmup)) if v is not None]
+        if given:
+            raise ConfigError(
+                f"{', '.join(given)}: --quick sets the steps itself ({QUICK['steps']} timed after "
+                f"{QUICK['warmup']} warm-up); drop --quick to choose them"
+            )
         args.config, args.steps, args.warmup = QUICK["config"], QUICK["steps"], QUICK["warmup"]
+    args.steps = 6 if args.steps is None else args.steps
+    args.warmup = 2 if args.warmup is None else args.warmup
+    for flag, value, least in (("--ranks", args.ranks, 1), ("--steps", args.steps, 1), ("--warmup", args.warmup, 0)):
+        if value < least:
+            raise ConfigError(f"{flag}: must be >= {least}, got {value}")
+    if args.eval_examples < 0:
+        raise ConfigError(f"--eval-examples: must be >= 0 (0: all records), got {args.eval_examples}")
     return args
 
 
@@ -344,8 +359,10 @@ def main(argv=None) -> dict:
 
     METHODS = method_names()
     bad = [m for m in methods if m not in METHODS]
-    if bad:
-        raise ConfigError(f"--methods: unknown {bad}; choose from {METHODS}")
+    if bad or not methods:
+        raise ConfigError(f"--methods: unknown {bad or repr(args.methods)}; choose from {METHODS}")
+    if len(set(methods)) < len(methods):
+        raise ConfigError(f"--methods {args.methods}: a method named twice (each is one run)")
     # Fail on a bad config or override, for any of the methods, before any run starts
     # (a ConfigError: `error: ...`, exit 2, through errors.run_cli).
     for m in methods:
