@@ -62,22 +62,35 @@ def _plain(nodes, per, overrides, kill_at=None) -> dict:
     t0 = time.time()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     killed = None
-    while proc.poll() is None:
-        if kill_at is not None and killed is None and sim_nodes._committed_steps(out, -1) >= kill_at:
-            agents = [
-                p
-                for p in sim_nodes._descendants(proc.pid)
-                if b"--node_rank\0" + str(nodes - 1).encode() in _cmdline(p) and b"torchrun" in _cmdline(p)
-            ]
-            for a in agents:
-                for pid in sim_nodes._descendants(a):
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-            killed = time.time() - t0
-        time.sleep(0.2)
+    try:
+        while proc.poll() is None:
+            if kill_at is not None and killed is None and sim_nodes._committed_steps(out, -1) >= kill_at:
+                agents = [
+                    p
+                    for p in sim_nodes._descendants(proc.pid)
+                    if b"--node_rank\0" + str(nodes - 1).encode() in _cmdline(p) and b"torchrun" in _cmdline(p)
+                ]
+                for a in agents:
+                    for pid in sim_nodes._descendants(a):
+                        try:
+                            os.kill(pid, signal.SIGKILL)
+                        except ProcessLookupError:
+                            pass
+                killed = time.time() - t0
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:  # interrupted: sim_nodes ends its nodes on SIGTERM
+            proc.terminate()
+            proc.wait()
     return {"wall_s": time.time() - t0, "code": proc.returncode, "killed_at_s": killed}
+
+
+def _succeeded(name: str, codes: dict, root: Path) -> None:
+    """A time lost to a run that failed is no measurement: stop with its logs named."""
+    from gpart_ds.errors import RunFailed
+
+    if any(codes.values()):
+        raise RunFailed(f"the {name} run failed (exit statuses by node {codes}); logs: {root}/{name.split()[0]}*.log")
 
 
 def _cmdline(pid: int) -> bytes:
@@ -96,6 +109,25 @@ def main(argv=None) -> int:
     ap.add_argument("--every", type=int, default=20)
     ap.add_argument("--out", default="/tmp/ft_cost")
     args = ap.parse_args(argv)
+    from gpart_ds.errors import UserError, run_cli
+
+    def body() -> int:
+        if args.nodes < 2 or args.per_node < 1:
+            raise UserError("--nodes must be >= 2 (one node is killed, the others train on) and --per-node >= 1")
+        if args.every < 1 or args.steps < 1 or not 0 < args.kill_at < args.steps:
+            raise UserError(
+                f"--steps and --every must be >= 1 and --kill-at in (0, --steps={args.steps}), "
+                f"got --steps {args.steps} --every {args.every} --kill-at {args.kill_at}"
+            )
+        # SIGTERM ends this like Ctrl-C: run_ft's and sim_nodes' own handling then end every
+        # node's processes instead of leaving them to train on.
+        signal.signal(signal.SIGTERM, sim_nodes._interrupt)
+        return _measure(args)
+
+    return run_cli(body)
+
+
+def _measure(args) -> int:
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
     common = _common(args.steps, args.every)
@@ -104,6 +136,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     r = sim_nodes.run_ft(n, per, CONFIG, [*common, f"output_dir={root / 'ft'}"], say=lambda *a, **kw: None)
     res["ft"] = {"wall_s": time.time() - t0, "codes": r["codes"]}
+    _succeeded("ft", r["codes"], root)
     t0 = time.time()
     r = sim_nodes.run_ft(
         n,
@@ -121,6 +154,7 @@ def main(argv=None) -> int:
         "killed_at": r["killed_at"],
         "restarted_at": r["restarted_at"],
     }
+    _succeeded("ft-kill", r["codes"], root)
     recs = [json.loads(x) for x in (root / "ft-kill" / "metrics.jsonl").read_text().splitlines()]
     steps = [x for x in recs if "loss" in x and "event" not in x and x["replica"] == 0]
     res["ft-kill"]["slowest_steps_s"] = sorted(round(x["step_time_s"] + x["quorum_s"], 2) for x in steps)[-3:]
@@ -129,8 +163,10 @@ def main(argv=None) -> int:
         None,
     )
     res["plain"] = _plain(n, per, [*common, f"output_dir={root / 'plain'}"])
+    _succeeded("plain", {0: res["plain"]["code"]}, root)
     first = _plain(n, per, [*common, f"output_dir={root / 'requeue'}"], kill_at=args.kill_at)
     again = _plain(n, per, [*common, f"output_dir={root / 'requeue'}", "train.resume=auto"])
+    _succeeded("requeue (resumed)", {0: again["code"]}, root)
     res["requeue"] = {"wall_s": first["wall_s"] + again["wall_s"], "first": first, "again": again}
     lost_ft = res["ft-kill"]["wall_s"] - res["ft"]["wall_s"]
     lost_rq = res["requeue"]["wall_s"] - res["plain"]["wall_s"]
