@@ -23,8 +23,12 @@ done
 # same max_steps, only evaluates and prints its table again; it never replaces it.
 # export.overwrite=true: <output_dir>/merged is this run's own export, rewritten from the
 # current adapter each time (the same bytes when nothing was trained).
-"$VENV_BIN/deepspeed" --num_gpus "$NPROC" launch/train.py --config configs/smollm2_rt.yaml \
-  train.resume=auto export.merged=true export.overwrite=true "$@"
+run=(--config configs/smollm2_rt.yaml train.resume=auto export.merged=true export.overwrite=true "$@")
+# The checks every rank would make, once and in ~3 s: a bad override is one line and exit 2
+# instead of an error per rank inside the launcher's output.
+device=cpu; [ "${DS_ACCELERATOR:-}" = cpu ] || device=cuda
+"$PYBIN" -m gpart_ds.preflight --nodes 1 --tasks-per-node "$NPROC" --device "$device" "${run[@]}"
+"$VENV_BIN/deepspeed" --num_gpus "$NPROC" launch/train.py "${run[@]}"
 # The merged folder behind a real server, asked the same held-out reviews at temperature 0,
 # its answers compared with the trained model's (base + adapter; full fine-tuning has none).
 # Up to 3 of 300 may differ without failing the command: the server decodes each review

@@ -1,6 +1,7 @@
 """The user-facing entry point: `deepspeed launch/train.py --config ...` end to end."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -110,3 +111,20 @@ def test_answers_generated_in_training_equal_the_evaluators_on_its_adapter(deeps
         predictions=alone,
     )
     assert [r["generated"] for r in trained] == [r["generated"] for r in alone]
+
+
+def test_the_quickstart_refuses_a_bad_override_once_before_launching(tmp_path):
+    """The quickstart checks its config and overrides once (gpart_ds.preflight) before the
+    deepspeed launcher starts a rank: one `error:` line and exit 2, no launcher output."""
+    proc = subprocess.run(
+        ["bash", "launch/quickstart.sh", "train.max_steps=abc", f"output_dir={tmp_path / 'qs'}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "NPROC": "2"},
+    )
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 2, text[-3000:]
+    assert text.count("error: command-line override 'train.max_steps'") == 1, text[-3000:]
+    assert "launch.py" not in text and not (tmp_path / "qs").exists(), text[-3000:]
