@@ -101,7 +101,9 @@ def _cmdline(pid: int) -> bytes:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m experiments.ft_cost", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--nodes", type=int, default=3)
     ap.add_argument("--per-node", type=int, default=2)
     ap.add_argument("--steps", type=int, default=120)

@@ -529,7 +529,9 @@ def main(argv=None) -> int:
 
 
 def _eval_cli(argv) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m gpart_ds.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument(
         "--model",
         required=True,

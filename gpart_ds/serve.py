@@ -296,11 +296,13 @@ def _check_cli(argv) -> int:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] != "check":
+        asked = bool(argv) and argv[0] in ("-h", "--help")
         print(
-            "usage: python -m gpart_ds.serve check --merged MERGED --data DATA [--base B --adapter A] ...",
-            file=sys.stderr,
+            "usage: python -m gpart_ds.serve check --merged MERGED --data DATA [--base B --adapter A] ...\n"
+            "(python -m gpart_ds.serve check --help for every option)",
+            file=sys.stdout if asked else sys.stderr,
         )
-        return 2
+        return 0 if asked else 2
     return run_cli(lambda: _check_cli(argv[1:]))
 
 

@@ -129,3 +129,8 @@ def test_a_server_already_running_is_asked_at_its_address(moved, tiny_assets, ca
         )
         assert running.proc.poll() is None  # still the one running
     assert rc == 0, capsys.readouterr().err
+
+
+def test_help_without_the_subcommand_exits_0_and_no_subcommand_exits_2(capsys):
+    assert serve.main(["--help"]) == 0 and "serve check --help" in capsys.readouterr().out
+    assert serve.main([]) == 2 and "usage: python -m gpart_ds.serve check" in capsys.readouterr().err
