@@ -125,8 +125,11 @@ def _main(args) -> int:
     # A bad config is an `error:` line and exit 2 (errors.run_cli), as for the trainer:
     # the same checks the trainer makes before it writes anything (runcheck).
     cfg = load_config(args.config, args.overrides, check_files=False)
-    if not cfg.prepare:  # files a recipe creates are made at start-up
-        check_paths(cfg)
+    from .assets import check_recipes, made_by_recipes
+
+    check_recipes(cfg)
+    check_paths(cfg, skip=made_by_recipes(cfg))  # files a recipe creates are made at start-up
+    if not cfg.prepare:
         # On the node the ranks start on: what this machine offers (backend, accelerator) too.
         validate_for_run(cfg, world=args.nodes * args.tasks_per_node, device_type=args.device, environment=True)
     from .ownership import FolderLock, peek

@@ -183,6 +183,14 @@ def check_recipes(cfg) -> None:
             raise ConfigError(f"{where('prepare')}: unknown asset recipe {name!r}; known: {sorted(RECIPES)}")
 
 
+def made_by_recipes(cfg) -> frozenset[str]:
+    """The keys among model.path, data.train and data.eval whose path lies in the folder of
+    one of the config's `prepare` recipes: created at start-up, not checkable before it."""
+    roots = [RECIPES[name][1] for name in cfg.prepare if name in RECIPES]
+    keys = {"model.path": cfg.model.path, "data.train": cfg.data.train, "data.eval": cfg.data.eval}
+    return frozenset(k for k, path in keys.items() if any(_under(path, root) for root in roots))
+
+
 def prepare(cfg) -> list[str]:
     """Run the config's `prepare` recipes whose output the run actually reads (model.path,
     data.train or data.eval lies in the recipe's folder): a run pointed at the user's own

@@ -175,11 +175,12 @@ def unread_method_keys(m) -> list[str]:
     ]
 
 
-def check_paths(cfg: DictConfig, where: Where | None = None) -> None:
-    """Model folder and data files must exist (after any `prepare` recipe ran)."""
+def check_paths(cfg: DictConfig, where: Where | None = None, skip: frozenset[str] = frozenset()) -> None:
+    """Model folder and data files must exist (after any `prepare` recipe ran). `skip`: keys
+    (model.path, data.train, data.eval) not to check, e.g. those a recipe has yet to create."""
     where = where or where_for(cfg)
     mp = Path(cfg.model.path)
-    if not (mp / "config.json").is_file():
+    if "model.path" not in skip and not (mp / "config.json").is_file():
         from ..hub import cache_dir, looks_like_repo_id
 
         if looks_like_repo_id(str(mp)):  # load_config already looked in the cache
@@ -199,7 +200,7 @@ def check_paths(cfg: DictConfig, where: Where | None = None) -> None:
         raise ConfigError(f"{where('model.path')}: no Hugging Face model at {str(mp)!r} (missing config.json){hint}")
     for key in ("train", "eval"):
         p = Path(cfg.data[key])
-        if not p.is_file():
+        if f"data.{key}" not in skip and not p.is_file():
             raise ConfigError(f"{where('data.' + key)}: data file {str(p)!r} not found")
     if cfg.export.merged:
         out = export_dir(cfg)
@@ -208,7 +209,7 @@ def check_paths(cfg: DictConfig, where: Where | None = None) -> None:
                 f"{where('export.dir')}: merged export folder {str(out)!r} already exists; "
                 "set export.overwrite=true to replace it or choose another export.dir"
             )
-        if not any(mp.glob("*.safetensors")):
+        if "model.path" not in skip and not any(mp.glob("*.safetensors")):
             raise ConfigError(
                 f"{where('model.path')}: export.merged needs the base weights as *.safetensors in {str(mp)!r}"
             )
