@@ -17,6 +17,7 @@ Where the ranks come from, first match wins:
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
@@ -24,6 +25,7 @@ import re
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -352,9 +354,12 @@ def init(backend: str = "auto", timeout_minutes: float = 60.0) -> Ranks:
     else:
         share_cpu_threads()
         clear_stale_build_lock()  # DeepSpeed JIT-builds its CPU comm op inside init_distributed
-    deepspeed.init_distributed(
-        dist_backend=backend_for(backend), auto_mpi_discovery=False, timeout=datetime.timedelta(minutes=timeout_minutes)
-    )
+    with watch_build_lock():  # a lock too young to judge now may turn out stale while we wait
+        deepspeed.init_distributed(
+            dist_backend=backend_for(backend),
+            auto_mpi_discovery=False,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
     if not torch.cuda.is_available():
         unlink_shm_buffer(ranks.rank)
     return ranks
@@ -557,6 +562,32 @@ def _builders_in(folder: Path) -> list[int]:
             except OSError:
                 pass
     return found
+
+
+@contextlib.contextmanager
+def watch_build_lock(period_s: float = 30.0, min_age_s: float = 300.0):
+    """Check the build lock again every `period_s` while the body runs. A check at start-up
+    alone lets a lock a killed build left a minute ago (too young to call stale) hang this
+    process: torch waits for it to go, forever. Here it goes once it is `min_age_s` old with
+    no build running, and the wait ends."""
+    if torch.cuda.is_available():  # the JIT-built op is the CPU one
+        yield
+        return
+    stop = threading.Event()
+
+    def loop():
+        while not stop.wait(period_s):
+            try:
+                clear_stale_build_lock(min_age_s=min_age_s)
+            except Exception as exc:  # a watcher must never take the process down
+                log.warning("checking the build lock failed: %s", exc)
+
+    watcher = threading.Thread(target=loop, name="gpart-build-lock-watch", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
 
 
 def clear_stale_build_lock(name: str = "deepspeed_shm_comm", min_age_s: float = 300.0) -> bool:

@@ -388,3 +388,20 @@ def test_the_trainer_closes_on_the_ends_every_rank_reaches_together(monkeypatch)
         except Exception as e:
             assert e is exc
         assert len(closed) == want, exc
+
+
+def test_a_lock_too_young_at_start_up_is_removed_while_the_run_waits_on_it(tmp_path, monkeypatch, caplog):
+    """A build killed a minute before this run started: its lock is too young to call stale
+    at start-up; the watch during deepspeed.init_distributed removes it once it is old enough
+    (here 0.5 s), which ends torch's wait instead of hanging forever."""
+    import logging
+    import time
+
+    monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda: False)
+    folder, lock = _lock(tmp_path, monkeypatch, age_s=0)
+    assert distributed.clear_stale_build_lock(min_age_s=0.5) is False  # the check at start-up
+    with caplog.at_level(logging.WARNING), distributed.watch_build_lock(period_s=0.1, min_age_s=0.5):
+        deadline = time.time() + 10
+        while lock.exists() and time.time() < deadline:  # what torch's FileBaton.wait does
+            time.sleep(0.05)
+    assert not lock.exists() and "removing a stale build lock" in caplog.text
