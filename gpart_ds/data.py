@@ -481,6 +481,24 @@ def tokenized(
                 (final / ".complete").unlink(missing_ok=True)
 
 
+def tokenized_sets(d, tokenizer, tokenizer_dir, choice_loss: bool = False) -> tuple[TokenizedSet, TokenizedSet]:
+    """The training and evaluation sets a run's `data:` section describes (`d`), tokenised
+    (cached): what the trainer trains and evaluates on. A record longer than max_length
+    stops here unless d.too_long says otherwise."""
+    common = dict(
+        fmt=d.format,
+        max_length=d.max_length,
+        chat_template=d.chat_template,
+        add_eos=d.add_eos,
+        cache_dir=d.cache_dir,
+        too_long=d.too_long,
+    )
+    for path in (d.train, d.eval):  # chat data needs a chat template: said before any tokenising
+        check_template(path, d.format, d.chat_template, tokenizer)
+    train = tokenized(d.train, tokenizer, tokenizer_dir, packing=d.packing, choice_loss=choice_loss, **common)
+    return train, tokenized(d.eval, tokenizer, tokenizer_dir, packing=False, **common)
+
+
 def _build_cache(
     final: Path, path, tokenizer, fmt, max_length, packing, chat_template, add_eos, choice_loss, too_long
 ) -> None:

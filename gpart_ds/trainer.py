@@ -233,25 +233,9 @@ class Trainer:
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.tokenizer.eos_token_id
-        common = dict(
-            fmt=d.format,
-            max_length=d.max_length,
-            chat_template=d.chat_template,
-            add_eos=d.add_eos,
-            cache_dir=d.cache_dir,
-            too_long=d.too_long,
+        self.train_set, self.eval_set = data.tokenized_sets(
+            d, self.tokenizer, cfg.model.path, choice_loss=cfg.train.objective in ("choices", "choices_lm")
         )
-        for path in (d.train, d.eval):  # chat data needs a chat template: said before any tokenising
-            data.check_template(path, d.format, d.chat_template, self.tokenizer)
-        self.train_set = data.tokenized(
-            d.train,
-            self.tokenizer,
-            cfg.model.path,
-            packing=d.packing,
-            choice_loss=cfg.train.objective in ("choices", "choices_lm"),
-            **common,
-        )
-        self.eval_set = data.tokenized(d.eval, self.tokenizer, cfg.model.path, packing=False, **common)
         if not self.train_set.has_labels():
             raise data.DataError(
                 f"{d.train}: no record has a token to learn from (every prompt fills "

@@ -139,3 +139,32 @@ def test_squad_answers_are_free_form_spans_with_every_accepted_variant(tmp_path)
     assert sum(len(r["answers"]) > 1 for _, r in records) > 100  # variants are kept
     q = generation.Question("f", 0, [1], records[0][1]["completion"], None, "text", tuple(records[0][1]["answers"]))
     assert all(generation.judge(a + ".", q)[1] for a in records[0][1]["answers"])
+
+
+@pytest.mark.slow
+def test_every_task_of_the_real_study_fits_its_runs_data_settings(tmp_path):
+    """Each task of configs/study_smollm2.yaml tokenised as its runs tokenise it (the task's
+    overrides, SmolLM2's tokenizer): no record is longer than data.max_length where the run
+    refuses such records (data.too_long: error). A task that does not fit fails every one of
+    its runs at start-up (ARC did, at 128 tokens)."""
+    from transformers import AutoTokenizer
+
+    from experiments import study
+    from gpart_ds import assets
+    from gpart_ds.config import load_config
+    from tests.helpers import REPO
+
+    spec = study.load_study(REPO / "configs/study_smollm2.yaml")
+    model = assets.ensure("smollm2")
+    tok = AutoTokenizer.from_pretrained(model)
+    for name, task in spec["tasks"].items():
+        run_config = REPO / "configs" / task["config"]
+        cfg = load_config(
+            run_config, [*task.get("overrides", []), f"data.cache_dir={tmp_path / name}"], check_files=False
+        )
+        for recipe in cfg.prepare:
+            assets.ensure(recipe)
+        train, evals = data.tokenized_sets(
+            cfg.data, tok, str(model), choice_loss=cfg.train.objective in ("choices", "choices_lm")
+        )
+        assert len(train) > 0 and len(evals) >= spec["eval_examples"], name
