@@ -481,11 +481,9 @@ def tokenized(
                 (final / ".complete").unlink(missing_ok=True)
 
 
-def tokenized_sets(d, tokenizer, tokenizer_dir, choice_loss: bool = False) -> tuple[TokenizedSet, TokenizedSet]:
-    """The training and evaluation sets a run's `data:` section describes (`d`), tokenised
-    (cached): what the trainer trains and evaluates on. A record longer than max_length
-    stops here unless d.too_long says otherwise."""
-    common = dict(
+def _settings(d) -> dict:
+    """tokenized()'s keyword arguments from a run's `data:` section, packing aside."""
+    return dict(
         fmt=d.format,
         max_length=d.max_length,
         chat_template=d.chat_template,
@@ -493,10 +491,21 @@ def tokenized_sets(d, tokenizer, tokenizer_dir, choice_loss: bool = False) -> tu
         cache_dir=d.cache_dir,
         too_long=d.too_long,
     )
+
+
+def tokenized_train(d, tokenizer, tokenizer_dir, choice_loss: bool = False) -> TokenizedSet:
+    """The training set a run's `data:` section describes (`d`), tokenised (cached)."""
+    return tokenized(d.train, tokenizer, tokenizer_dir, packing=d.packing, choice_loss=choice_loss, **_settings(d))
+
+
+def tokenized_sets(d, tokenizer, tokenizer_dir, choice_loss: bool = False) -> tuple[TokenizedSet, TokenizedSet]:
+    """The training and evaluation sets a run's `data:` section describes (`d`), tokenised
+    (cached): what the trainer trains and evaluates on. A record longer than max_length
+    stops here unless d.too_long says otherwise."""
     for path in (d.train, d.eval):  # chat data needs a chat template: said before any tokenising
         check_template(path, d.format, d.chat_template, tokenizer)
-    train = tokenized(d.train, tokenizer, tokenizer_dir, packing=d.packing, choice_loss=choice_loss, **common)
-    return train, tokenized(d.eval, tokenizer, tokenizer_dir, packing=False, **common)
+    train = tokenized_train(d, tokenizer, tokenizer_dir, choice_loss)
+    return train, tokenized(d.eval, tokenizer, tokenizer_dir, packing=False, **_settings(d))
 
 
 def _build_cache(

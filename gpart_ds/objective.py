@@ -137,6 +137,12 @@ def objective_forward(model, args: tuple, kwargs: dict, label_positions_only: bo
     return out
 
 
+def trains_on_choices(objective: str) -> bool:
+    """The objectives whose loss ranks each record's choices: their training data carries the
+    choices' tokens (data.tokenized(choice_loss=True))."""
+    return objective in ("choices", "choices_lm")
+
+
 class TrainingModel(torch.nn.Module):
     """What the engine trains: any method's root behind the training objective.
 

@@ -44,7 +44,7 @@ from .fileio import folder_bytes, write_atomic
 from .hub import display_name
 from .metrics import MetricsLog, Progress, answer_fell, peak_memory_gb, summary_table
 from .model import check_weights, training_dtype
-from .objective import TrainingModel
+from .objective import TrainingModel, trains_on_choices
 
 log = logging.getLogger("gpart_ds")
 
@@ -234,7 +234,7 @@ class Trainer:
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.tokenizer.eos_token_id
         self.train_set, self.eval_set = data.tokenized_sets(
-            d, self.tokenizer, cfg.model.path, choice_loss=cfg.train.objective in ("choices", "choices_lm")
+            d, self.tokenizer, cfg.model.path, choice_loss=trains_on_choices(cfg.train.objective)
         )
         if not self.train_set.has_labels():
             raise data.DataError(

@@ -152,6 +152,7 @@ def test_every_task_of_the_real_study_fits_its_runs_data_settings(tmp_path):
     from experiments import study
     from gpart_ds import assets
     from gpart_ds.config import load_config
+    from gpart_ds.objective import trains_on_choices
     from tests.helpers import REPO
 
     spec = study.load_study(REPO / "configs/study_smollm2.yaml")
@@ -165,6 +166,6 @@ def test_every_task_of_the_real_study_fits_its_runs_data_settings(tmp_path):
         for recipe in cfg.prepare:
             assets.ensure(recipe)
         train, evals = data.tokenized_sets(
-            cfg.data, tok, str(model), choice_loss=cfg.train.objective in ("choices", "choices_lm")
+            cfg.data, tok, str(model), choice_loss=trains_on_choices(cfg.train.objective)
         )
         assert len(train) > 0 and len(evals) >= spec["eval_examples"], name

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from gpart_ds.config import ConfigError, load_config, resolved_lr
+from gpart_ds.objective import trains_on_choices
 
 DEFAULT_METHODS = ["name=lora,r=8", "name=gpart,d=16384", "name=gpart,d=131072"]
 
@@ -55,19 +56,7 @@ def _batches(cfg, n: int):
     tok = AutoTokenizer.from_pretrained(cfg.model.path)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     d = cfg.data
-    train = data.tokenized(
-        d.train,
-        tok,
-        cfg.model.path,
-        fmt=d.format,
-        max_length=d.max_length,
-        chat_template=d.chat_template,
-        add_eos=d.add_eos,
-        cache_dir=d.cache_dir,
-        packing=d.packing,
-        choice_loss=cfg.train.objective == "choices",
-        too_long=d.too_long,
-    )
+    train = data.tokenized_train(d, tok, cfg.model.path, choice_loss=trains_on_choices(cfg.train.objective))
     order = data.GlobalBatchOrder(len(train), cfg.train.micro_batch_size, 1, 1, cfg.train.seed)
     return [data.collate([train[i] for i in order.indices(s, 0, 0)], pad) for s in range(n)]
 
