@@ -49,7 +49,6 @@ STATE_FILE = "state.safetensors"
 STATE_JSON = "state.json"
 RUN_CONFIG = "run_config.yaml"
 _STEP_RE = re.compile(r"^step-(\d+)$")
-_TEMP_RE = re.compile(r"^\.step-(\d+)\.tmp$")  # fileio.temp_sibling of a step folder
 
 
 class CheckpointError(UserError):
@@ -500,8 +499,9 @@ def remove_stale_temporaries(root: Path, published: int) -> list[Path]:
     and a full fine-tuning checkpoint's temporary is as large as the model. Returns them."""
     stale = []
     for p in root.iterdir() if root.is_dir() else ():
-        m = _TEMP_RE.match(p.name)
-        if m and int(m.group(1)) < published and p == temp_sibling(step_dir(root, int(m.group(1)))):
+        # a temporary is temp_sibling() of a step folder's name: read the step back from it
+        m = _STEP_RE.match(p.name.removeprefix(".").removesuffix(".tmp"))
+        if m and int(m.group(1)) < published and p == temp_sibling(root / m.group(0)):
             shutil.rmtree(p, ignore_errors=True)
             stale.append(p)
     if stale:
