@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import hashlib
 import json
 import math
@@ -274,13 +275,19 @@ def run_overrides(
     return list(task.get("overrides", [])) + out + list(extra)
 
 
+@functools.cache
+def _schema_defaults() -> dict:
+    """The schema's defaults, built once (identity() asks for them per planned run)."""
+    from gpart_ds.config.schema import RunConfig
+
+    return OmegaConf.to_container(OmegaConf.structured(RunConfig))
+
+
 def identity(config: str, overrides: list[str], ranks: int) -> list:
     """What a run is: its resolved config (the run config with the overrides applied,
     output_dir aside) and its ranks. Not the config's path or text: the same run from another
     checkout, or after a comment or a key the study overrides changed in the run config, is
     the same run and is reused."""
-    from gpart_ds.config.schema import RunConfig
-
     cfg = OmegaConf.to_container(load_config(config, overrides, check_files=False), resolve=True)
     for where in ("output_dir", "config_file", "overrides"):  # where it came from, not what it is
         cfg.pop(where, None)
@@ -288,7 +295,7 @@ def identity(config: str, overrides: list[str], ranks: int) -> list:
     # finished before such a key existed is the same run.
     for key in EVAL_ONLY_KEYS:
         cfg["train"].pop(key, None)
-    defaults = OmegaConf.to_container(OmegaConf.structured(RunConfig))
+    defaults = _schema_defaults()
     for dotted in NEUTRAL_AT_DEFAULT:
         section, key = dotted.split(".")
         if key in cfg.get(section, {}) and cfg[section][key] == defaults[section][key]:
