@@ -121,9 +121,7 @@ def main(argv=None) -> int:
                 f"--steps and --every must be >= 1 and --kill-at in (0, --steps={args.steps}), "
                 f"got --steps {args.steps} --every {args.every} --kill-at {args.kill_at}"
             )
-        # SIGTERM ends this like Ctrl-C: run_ft's and sim_nodes' own handling then end every
-        # node's processes instead of leaving them to train on.
-        signal.signal(signal.SIGTERM, sim_nodes._interrupt)
+        sim_nodes.end_like_ctrl_c_on_sigterm()  # _plain's sim_nodes children end their nodes too
         return _measure(args)
 
     return run_cli(body)

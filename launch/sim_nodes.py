@@ -303,8 +303,15 @@ def run_ft(
     return result
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
+def end_like_ctrl_c_on_sigterm() -> None:
+    """SIGTERM (kill, timeout, a scheduler) ends this process like Ctrl-C, so that the
+    finally blocks of run() and run_ft() end every node's processes: the ranks of --ft nodes
+    run in sessions of their own and would otherwise train on, orphaned."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def main(argv=None) -> int:
@@ -339,10 +346,7 @@ def main(argv=None) -> int:
                 raise UserError("--kill-node needs --nodes >= 2 (a node must survive)")
         elif args.kill_node is not None or args.restart_at is not None:
             raise UserError("--kill-node and --restart-at need --ft")
-        # SIGTERM (kill, timeout, a scheduler) ends this launcher like Ctrl-C, so that its
-        # finally blocks end every node's processes: the ranks of --ft nodes run in sessions
-        # of their own and would otherwise train on, orphaned.
-        signal.signal(signal.SIGTERM, _interrupt)
+        end_like_ctrl_c_on_sigterm()
         if args.ft:
             res = run_ft(
                 args.nodes,
