@@ -46,8 +46,8 @@ def _label(name: str) -> str:
 
 
 QUICK = {"config": "configs/tiny.yaml", "steps": 3, "warmup": 1}
-# Steps per method without --quick: timed ones, after the warm-up left out of the medians.
-FULL = {"steps": 6, "warmup": 2}
+# Steps per method without --quick (not FULL: that is the full fine-tuning method's name): timed ones, after the warm-up left out of the medians.
+DEFAULT_RUN = {"steps": 6, "warmup": 2}
 
 
 def run_method(
@@ -319,10 +319,10 @@ def parse(argv=None):
     ap.add_argument("--methods", default="gpart,lora,full")
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument(
-        "--steps", type=int, default=None, help=f"timed steps per method (after the warm-up; default {FULL['steps']})"
+        "--steps", type=int, default=None, help=f"timed steps per method (after the warm-up; default {DEFAULT_RUN['steps']})"
     )
     ap.add_argument(
-        "--warmup", type=int, default=None, help=f"first steps left out of the medians (default {FULL['warmup']})"
+        "--warmup", type=int, default=None, help=f"first steps left out of the medians (default {DEFAULT_RUN['warmup']})"
     )
     ap.add_argument("--no-scaling", action="store_true", help="skip the 1-rank GPart run")
     ap.add_argument("--no-layer", action="store_true", help="skip the one-layer micro-benchmark")
@@ -346,8 +346,8 @@ def parse(argv=None):
                 f"{QUICK['warmup']} warm-up); drop --quick to choose them"
             )
         args.config, args.steps, args.warmup = QUICK["config"], QUICK["steps"], QUICK["warmup"]
-    args.steps = FULL["steps"] if args.steps is None else args.steps
-    args.warmup = FULL["warmup"] if args.warmup is None else args.warmup
+    args.steps = DEFAULT_RUN["steps"] if args.steps is None else args.steps
+    args.warmup = DEFAULT_RUN["warmup"] if args.warmup is None else args.warmup
     for flag, value, least in (("--ranks", args.ranks, 1), ("--steps", args.steps, 1), ("--warmup", args.warmup, 0)):
         if value < least:
             raise ConfigError(f"{flag}: must be >= {least}, got {value}")

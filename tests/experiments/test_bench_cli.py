@@ -25,3 +25,13 @@ def test_bad_flags_exit_2_naming_the_flag_before_any_run(tmp_path, capsys, flags
     err = capsys.readouterr().err
     assert msg in err and "Traceback" not in err, err
     assert not out.exists()
+
+
+def test_ratios_divide_the_subject_by_each_baseline_present():
+    # The report's ratios ran only at the end of a launched bench (minutes); a broken default
+    # argument (the baselines' names shadowed by another constant) failed there alone.
+    row = {"step_s": 2.0, "peak_mem_gb": 1.0, "model_state_bytes": 10, "trainable_params": 4, "checkpoint_bytes": 0}
+    half = {k: v / 2 for k, v in row.items()}
+    out = compare.ratios({"gpart": row, "full": half}, "gpart")
+    assert set(out) == {"gpart/full"}
+    assert out["gpart/full"]["step_s"] == 2.0 and out["gpart/full"]["checkpoint_bytes"] is None
