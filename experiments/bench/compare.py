@@ -46,7 +46,8 @@ def _label(name: str) -> str:
 
 
 QUICK = {"config": "configs/tiny.yaml", "steps": 3, "warmup": 1}
-# Steps per method without --quick (not FULL: that is the full fine-tuning method's name): timed ones, after the warm-up left out of the medians.
+# Steps per method without --quick: timed ones, after the warm-up left out of the medians
+# (not named FULL: that is the full fine-tuning method's name).
 DEFAULT_RUN = {"steps": 6, "warmup": 2}
 
 
@@ -319,10 +320,16 @@ def parse(argv=None):
     ap.add_argument("--methods", default="gpart,lora,full")
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument(
-        "--steps", type=int, default=None, help=f"timed steps per method (after the warm-up; default {DEFAULT_RUN['steps']})"
+        "--steps",
+        type=int,
+        default=None,
+        help=f"timed steps per method (after the warm-up; default {DEFAULT_RUN['steps']})",
     )
     ap.add_argument(
-        "--warmup", type=int, default=None, help=f"first steps left out of the medians (default {DEFAULT_RUN['warmup']})"
+        "--warmup",
+        type=int,
+        default=None,
+        help=f"first steps left out of the medians (default {DEFAULT_RUN['warmup']})",
     )
     ap.add_argument("--no-scaling", action="store_true", help="skip the 1-rank GPart run")
     ap.add_argument("--no-layer", action="store_true", help="skip the one-layer micro-benchmark")
