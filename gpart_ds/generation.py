@@ -6,7 +6,8 @@ ranking label words. This module decodes the held-out prompts greedily, in batch
 server at temperature 0 would, and judges each answer by the kind of its record:
 
     choice   the record has "choices": the choice named first in the answer (as a whole
-             word, case and spacing ignored) must be the gold one
+             word, case and spacing ignored; of two named at the same place, the longer)
+             must be the gold one
     number   the reference is a number: the first number in the answer must equal it
     text     otherwise: the answer equals the reference, or one of the record's "answers"
              (other accepted answers, e.g. every annotator's span), after SQuAD's
@@ -108,11 +109,13 @@ def judge(answer: str, q: Question) -> tuple[object, bool]:
     """(what the answer said, in the record's terms; whether that is right)."""
     if q.kind == "choice":
         said = normalise(answer)
-        first, pos = None, len(said) + 1
+        first, where = None, (len(said) + 1, 0)
         for i, c in enumerate(q.choices):
             m = re.search(r"(?<!\w)" + re.escape(normalise(c)) + r"(?!\w)", said)
-            if m and m.start() < pos:
-                first, pos = i, m.start()
+            # the earliest choice named; where two start there ("heat", "heat energy"), the
+            # longer one is what was said, whatever the order the choices are listed in
+            if m and (m.start(), -len(m.group())) < where:
+                first, where = i, (m.start(), -len(m.group()))
         gold = q.choices.index(q.reference) if q.reference in q.choices else None
         return first, first is not None and first == gold
     if q.kind == "number":

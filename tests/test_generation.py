@@ -29,6 +29,13 @@ def test_a_choice_record_is_judged_by_the_choice_named_first(answer, said, ok):
     assert q.kind == "choice" and generation.judge(answer, q) == (said, ok)
 
 
+@pytest.mark.parametrize("choices", [[" heat", " heat energy", " light"], [" heat energy", " heat", " light"]])
+def test_of_two_choices_named_at_the_same_place_the_longer_is_what_was_said(choices):
+    q = _q(" heat energy", choices)
+    assert generation.judge(" Heat energy.", q) == (choices.index(" heat energy"), True)
+    assert generation.judge(" heat, then light", q) == (choices.index(" heat"), False)
+
+
 def test_letter_choices_need_the_letter_as_a_word():
     q = _q(" B", [" A", " B", " C", " D"])
     assert generation.judge(" B", q) == (1, True)
