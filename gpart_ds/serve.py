@@ -22,9 +22,12 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -101,14 +104,56 @@ class Server:
                 self.proc.wait()
 
 
+def check_url(url: str) -> None:
+    """A server to ask (--url): an http(s) address that answers the OpenAI API's model list."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ServeError(f"--url {url!r}: not an http(s) address (e.g. http://HOST:8000/v1)")
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/models", timeout=10) as r:
+            r.read()
+    except urllib.error.HTTPError as exc:  # it answers, with an error: the path is not the API's
+        raise ServeError(
+            f"--url {url}: GET /models answered {exc.code}; the API's base is usually HOST:PORT/v1"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise ServeError(f"--url {url}: no server answers ({getattr(exc, 'reason', exc)})") from None
+
+
+def port_is_free(port: int) -> None:
+    """--port: a server already there would answer the check in place of the one it starts."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            raise ServeError(
+                f"--port {port}: in use on 127.0.0.1 (a server already there? ask it with --url "
+                f"http://127.0.0.1:{port}/v1, or leave --port out for a free one)"
+            ) from None
+
+
 def ask(
     url: str, model: str, records: list[tuple[str, dict]], questions, max_tokens: int, chat_template: bool
 ) -> list[str]:
     """The server's answer to each question's record, at temperature 0."""
-    from openai import OpenAI
+    import openai
 
-    client = OpenAI(base_url=url, api_key="unused", timeout=600, max_retries=0)
+    client = openai.OpenAI(base_url=url, api_key="unused", timeout=600, max_retries=0)
     out = []
+    try:
+        _ask_each(client, model, records, questions, max_tokens, chat_template, out)
+    except openai.APIStatusError as exc:  # the server answered with an error (e.g. an unknown model name)
+        raise ServeError(
+            f"{url}: record {len(out)} asked, the server answered {exc.status_code}: {exc.message}"
+        ) from None
+    except openai.APIConnectionError as exc:
+        raise ServeError(
+            f"{url}: the server stopped answering after {len(out)} records ({exc.__cause__ or exc})"
+        ) from None
+    return out
+
+
+def _ask_each(client, model, records, questions, max_tokens, chat_template, out: list[str]) -> None:
     for q in questions:
         rec = records[q.index][1]
         if "messages" in rec or chat_template:
@@ -118,7 +163,6 @@ def ask(
         else:
             r = client.completions.create(model=model, prompt=rec["prompt"], max_tokens=max_tokens, temperature=0)
             out.append(r.choices[0].text)
-    return out
 
 
 def check(
@@ -234,8 +278,15 @@ def _check_cli(argv) -> int:
             raise ServeError(f"{flag} {path}: no Hugging Face model there (no config.json)")
     if not Path(args.data).is_file():
         raise ServeError(f"--data {args.data}: no such file")
-    if args.max_examples < 0 or args.max_differ < 0 or not 0 <= args.port < 65536:
-        raise ServeError("--max-examples and --max-differ must be >= 0, --port in [0, 65535]")
+    for flag, value in (("--max-examples", args.max_examples), ("--max-differ", args.max_differ)):
+        if value < 0:
+            raise ServeError(f"{flag}: must be >= 0, got {value}")
+    if not 0 <= args.port < 65536:
+        raise ServeError(f"--port: must be in [0, 65535] (0: a free one), got {args.port}")
+    if args.url:
+        check_url(args.url)  # before minutes of in-process decoding
+    elif args.port:
+        port_is_free(args.port)
     landing = overlap(
         {"--json": args.json, "--predictions": args.predictions},
         {"--merged": args.merged, "--base": args.base, "--adapter": args.adapter, "--data": args.data},

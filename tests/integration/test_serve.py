@@ -96,6 +96,10 @@ def test_a_served_model_that_is_not_the_trained_one_is_reported(moved, tiny_asse
     [
         (["--merged", "/nonexistent"], "--merged /nonexistent: no Hugging Face model there"),
         (["--base", "B"], "--base and --adapter go together"),
+        (["--max-examples", "-1"], "--max-examples: must be >= 0, got -1"),
+        (["--port", "70000"], "--port: must be in [0, 65535] (0: a free one), got 70000"),
+        (["--url", "localhost:8000"], "--url 'localhost:8000': not an http(s) address"),
+        (["--url", "http://127.0.0.1:1/v1"], "--url http://127.0.0.1:1/v1: no server answers"),
     ],
 )
 def test_bad_input_is_refused_before_any_server_starts(args, message, tiny_assets, capsys):
@@ -105,6 +109,30 @@ def test_bad_input_is_refused_before_any_server_starts(args, message, tiny_asset
     argv = ["check"] + [x for kv in merged.items() for x in kv]
     assert serve.main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.fixture
+def not_an_api(tmp_path):
+    """An HTTP server that is not an OpenAI-compatible one (404 for /v1/models)."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as httpd:
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        yield httpd.server_address[1]
+        httpd.shutdown()
+
+
+def test_a_busy_port_or_an_address_that_is_not_the_api_is_refused_before_decoding(not_an_api, tiny_assets, capsys):
+    # --port where something already listens: that server, not the one started, would answer
+    # the check; --url at a server without the API: minutes of decoding, then a traceback
+    common = ["check", "--merged", str(tiny_assets / "model"), "--data", str(tiny_assets / "data" / "eval.jsonl")]
+    assert serve.main([*common, "--port", str(not_an_api)]) == 2
+    assert f"--port {not_an_api}: in use on 127.0.0.1" in capsys.readouterr().err
+    assert serve.main([*common, "--url", f"http://127.0.0.1:{not_an_api}"]) == 2
+    assert "GET /models answered 404; the API's base is usually HOST:PORT/v1" in capsys.readouterr().err
 
 
 def test_a_server_already_running_is_asked_at_its_address(moved, tiny_assets, capsys):
