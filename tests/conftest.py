@@ -1,3 +1,4 @@
+import json
 import os
 
 import pytest
@@ -41,17 +42,30 @@ def tiny_assets():
 def deepspeed_tiny_run(tmp_path_factory, tiny_assets):
     """`deepspeed --num_gpus 2 launch/train.py` on the tiny config: the reference the other
     launchers (sbatch, mpirun) must reproduce. Returns (output_dir, completed process)."""
-    from tests.helpers import LAUNCH_OVERRIDES, run_deepspeed
+    from tests.helpers import CHOICES_EVAL, LAUNCH_OVERRIDES, run_deepspeed
 
     out = tmp_path_factory.mktemp("deepspeed_tiny") / "run"
     # This run also feeds the metrics sinks' test (TensorBoard (auto) and W&B offline) and
-    # the per-record verdicts' (train.eval_predictions, gathered from both ranks).
+    # the per-record verdicts' (train.eval_predictions, gathered from both ranks). Its eval
+    # records carry multi-token choices (2 or 3), so the ranks also score choices through
+    # the shared-prompt KV cache under ZeRO-3 (compared with one process in test_launch).
+    evals = out.parent / CHOICES_EVAL
+    with open(tiny_assets / "data" / "eval.jsonl") as src, open(evals, "w") as dst:
+        for i, line in enumerate(src):
+            rec = json.loads(line)
+            words = rec["prompt"].removeprefix("Reverse: ").removesuffix("\nAnswer:").split()
+            other = [
+                c for c in (" " + " ".join(words), " " + words[0], " none", " none of it") if c != rec["completion"]
+            ]
+            choices = [rec["completion"], *other[: 1 + i % 2]]
+            dst.write(json.dumps({**rec, "choices": choices}) + "\n")
     proc = run_deepspeed(
         2,
         "launch/train.py",
         "--config",
         "configs/tiny.yaml",
         f"output_dir={out}",
+        f"data.eval={evals}",
         *LAUNCH_OVERRIDES,
         "log.wandb=true",
         "log.wandb_mode=offline",

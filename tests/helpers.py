@@ -15,6 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 # The tiny run every launcher test repeats (deepspeed, sbatch, mpirun): 12 steps is long
 # enough for a signal sent after step 2 to land mid-run.
 LAUNCH_OVERRIDES = ["train.max_steps=12", "train.log_every=4", "train.eval_examples=8"]
+CHOICES_EVAL = "eval_with_choices.jsonl"  # the shared tiny run's eval records, beside its folder
 
 
 def deepspeed_launcher() -> str:

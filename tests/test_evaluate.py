@@ -30,7 +30,9 @@ def reference_scores(model, items):
     return out
 
 
-@pytest.mark.parametrize("choices", [[" cat", " dog"], [" sun moon cat", " fish", " red blue"]])
+@pytest.mark.parametrize(
+    "choices", [[" cat", " dog"], [" sun moon cat", " fish", " red blue"], [" a b c d e f", " fish", " moon sun", " x"]]
+)
 def test_choice_scores_equal_reference(tiny, choices):
     tok, model = tiny
     recs = [
@@ -39,11 +41,32 @@ def test_choice_scores_equal_reference(tiny, choices):
     ]
     items = evaluate.choice_items(recs, tok, chat_template=False)
     assert all(it.answer == 0 for it in items)
-    got = evaluate.score_items(lambda **b: model(**b).logits, items, tok.pad_token_id, "cpu")
+    got = evaluate.score_items(model, items, tok.pad_token_id, "cpu")
     want = reference_scores(model, items)
     torch.testing.assert_close(
         torch.tensor(got, dtype=torch.float64), torch.tensor(want, dtype=torch.float64), rtol=1e-4, atol=1e-4
     )
+
+
+def test_multi_token_choices_read_each_prompt_once_and_score_as_the_reference(tiny):
+    # records of different lengths (left padding) and choice counts in one batch, each
+    # prompt's cache shared by its choices: the scores are the unpadded one-sequence ones
+    tok, model = tiny
+    recs = [
+        ("x", {"prompt": "Reverse: cat dog\nAnswer:", "completion": " dog cat", "choices": [" dog cat", " cat"]}),
+        ("x", {"prompt": "Reverse: a b c d e\nAnswer:", "completion": " e", "choices": [" e d", " e", " a b c"]}),
+        ("x", {"prompt": "Answer:", "completion": " x y z", "choices": [" x y z", " q", " r s", " t u v w"]}),
+    ]
+    items = evaluate.choice_items(recs, tok, chat_template=False)
+    forwards = []
+    calls = lambda **b: forwards.append(b["input_ids"].shape) or model(**b)  # noqa: E731
+    got = evaluate.score_items(calls, items, tok.pad_token_id, "cpu")
+    assert len(forwards) == 2 and forwards[1][0] == 9  # the prompts, then 9 choice rows
+    assert forwards[1][1] == max(len(c) for it in items for c in it.choices)  # choice tokens only
+    want = reference_scores(model, items)
+    assert [len(g) for g in got] == [2, 3, 4]
+    flat = lambda rows: torch.tensor([x for r in rows for x in r], dtype=torch.float64)  # noqa: E731
+    torch.testing.assert_close(flat(got), flat(want), rtol=1e-4, atol=1e-4)
 
 
 def test_correct_picks_argmax():
@@ -101,7 +124,7 @@ def test_one_forward_gives_the_loss_and_exact_match_of_the_loss_pass(tiny):
     fwd = lambda **b: objective_forward(model, (), b, label_positions_only=True)  # noqa: E731
     s_ref, n_ref, em_ref = evaluate.loss_and_row_matches(fwd, exs, list(range(len(exs))), tok.pad_token_id, "cpu")
     scores, s, em = evaluate.score_items_with_label(lambda **b: model(**b).logits, items, tok.pad_token_id, "cpu")
-    ref = evaluate.score_items(lambda **b: model(**b).logits, items, tok.pad_token_id, "cpu")
+    ref = evaluate.score_items(model, items, tok.pad_token_id, "cpu")
     assert sum(scores, []) == pytest.approx(sum(ref, []), abs=1e-6)
     assert n_ref == len(exs) and sorted(em_ref) == list(range(len(exs)))
     assert s == pytest.approx(s_ref, rel=1e-5) and em == [em_ref[i] for i in range(len(exs))]

@@ -6,8 +6,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from tests.helpers import REPO
+from tests.helpers import CHOICES_EVAL, REPO
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -34,7 +35,7 @@ def test_deepspeed_launch_tiny_config_trains_and_writes_adapter_and_metrics(deep
         f = out / ("eval_predictions.jsonl" if step == 12 else f"predictions/step-{step:06d}.jsonl")
         rows = [json.loads(line) for line in f.read_text().splitlines()]
         assert [r["index"] for r in rows] == list(range(8))  # train.eval_examples=8
-        assert rows[0]["record"].endswith("eval.jsonl:1") and rows[7]["record"].endswith("eval.jsonl:8")
+        assert rows[0]["record"].endswith(f"{CHOICES_EVAL}:1") and rows[7]["record"].endswith(f"{CHOICES_EVAL}:8")
         assert sum(r["match"] for r in rows) / 8 == ev["exact_match"]
     # The generated answers of both ranks' shares (ZeRO-3, synced decoding) before and after
     assert summary["answer_accuracy_before"] is not None and summary["answer_accuracy_after"] is not None
@@ -96,7 +97,8 @@ def test_bad_data_names_file_and_line(tmp_path, tiny_assets):
 def test_answers_generated_in_training_equal_the_evaluators_on_its_adapter(deepspeed_tiny_run, tiny_assets):
     """Two ZeRO-3 ranks decoding their shares of the records (every forward gathers the
     sharded weights, synced until both ranks are done) say what one process says with the
-    saved adapter on the plain model, record for record."""
+    saved adapter on the plain model, record for record; and so do their choice scores (2 or
+    3 multi-token choices a record, each prompt's KV cache shared by its choices)."""
     from gpart_ds import evaluate
 
     out, _ = deepspeed_tiny_run
@@ -104,13 +106,17 @@ def test_answers_generated_in_training_equal_the_evaluators_on_its_adapter(deeps
     alone = []
     evaluate.evaluate_files(
         str(tiny_assets / "model"),
-        str(tiny_assets / "data" / "eval.jsonl"),
+        str(out.parent / CHOICES_EVAL),
         adapter=str(out / "adapter"),
         max_length=64,
         max_examples=8,
         predictions=alone,
     )
     assert [r["generated"] for r in trained] == [r["generated"] for r in alone]
+    assert {len(r["scores"]) for r in trained} == {2, 3}
+    assert [r["predicted"] for r in trained] == [r["predicted"] for r in alone]
+    flat = lambda rows: torch.tensor([x for r in rows for x in r["scores"]], dtype=torch.float64)  # noqa: E731
+    torch.testing.assert_close(flat(trained), flat(alone), rtol=1e-4, atol=1e-4)
 
 
 def test_the_quickstart_refuses_a_bad_override_once_before_launching(tmp_path):
