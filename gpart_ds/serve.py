@@ -139,9 +139,17 @@ def ask(
     import openai
 
     client = openai.OpenAI(base_url=url, api_key="unused", timeout=600, max_retries=0)
-    out = []
+    out: list[str] = []
     try:
-        _ask_each(client, model, records, questions, max_tokens, chat_template, out)
+        for q in questions:
+            rec = records[q.index][1]
+            if "messages" in rec or chat_template:
+                msgs = rec["messages"][:-1] if "messages" in rec else [{"role": "user", "content": rec["prompt"]}]
+                r = client.chat.completions.create(model=model, messages=msgs, max_tokens=max_tokens, temperature=0)
+                out.append(r.choices[0].message.content or "")
+            else:
+                r = client.completions.create(model=model, prompt=rec["prompt"], max_tokens=max_tokens, temperature=0)
+                out.append(r.choices[0].text)
     except openai.APIStatusError as exc:  # the server answered with an error (e.g. an unknown model name)
         raise ServeError(
             f"{url}: record {len(out)} asked, the server answered {exc.status_code}: {exc.message}"
@@ -151,18 +159,6 @@ def ask(
             f"{url}: the server stopped answering after {len(out)} records ({exc.__cause__ or exc})"
         ) from None
     return out
-
-
-def _ask_each(client, model, records, questions, max_tokens, chat_template, out: list[str]) -> None:
-    for q in questions:
-        rec = records[q.index][1]
-        if "messages" in rec or chat_template:
-            msgs = rec["messages"][:-1] if "messages" in rec else [{"role": "user", "content": rec["prompt"]}]
-            r = client.chat.completions.create(model=model, messages=msgs, max_tokens=max_tokens, temperature=0)
-            out.append(r.choices[0].message.content or "")
-        else:
-            r = client.completions.create(model=model, prompt=rec["prompt"], max_tokens=max_tokens, temperature=0)
-            out.append(r.choices[0].text)
 
 
 def check(
