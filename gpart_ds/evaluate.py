@@ -85,8 +85,7 @@ def score_items(model, items: list[ChoiceItem], pad_id: int, device, single: boo
     Multi-token choices read each prompt once: its forward keeps the keys and values (the KV
     cache), copied to one row per choice, and a second forward over the choices' tokens alone
     scores them all. A record with 4 choices costs one prompt plus 4 short rows, not 4 whole
-    sequences (48 SciQ records with their paragraphs, SmolLM2-135M on 2 busy CPU cores: 1.5-1.7x
-    faster than scoring whole sequences, the same scores within 1e-4). Always two
+    sequences (tests/test_evaluate.py: the scores of one unpadded sequence each). Always two
     forwards for a batch, whatever it holds, so the ranks of a ZeRO-3 world (which gather
     weights in every forward) stay in step; `single` (single_token of all the items, not of
     this batch, for the same reason) takes the one-forward path instead."""
