@@ -80,7 +80,8 @@ def single_token(items: list[ChoiceItem]) -> bool:
 @torch.no_grad()
 def score_items(model, items: list[ChoiceItem], pad_id: int, device, single: bool | None = None) -> list[list[float]]:
     """Summed log-likelihood of every choice of every item; `model(**batch)` returns the
-    model's output (.logits; .past_key_values with use_cache=True).
+    model's output (.logits; with use_cache=True the KV cache, named `cache` or, before
+    transformers renamed it, `past_key_values`).
 
     Multi-token choices read each prompt once: its forward keeps the keys and values (the KV
     cache), copied to one row per choice, and a second forward over the choices' tokens alone
@@ -98,7 +99,10 @@ def score_items(model, items: list[ChoiceItem], pad_id: int, device, single: boo
     owner = [i for i, it in enumerate(items) for _ in it.choices]
     conts = [c for it in items for c in it.choices]
     rows = torch.tensor(owner, device=first.device)
-    cache = out.past_key_values
+    # handed back under the name it came by: transformers 5.x renamed past_key_values to
+    # cache and drops the old name in 5.40, while the pyproject range still admits older 5.x
+    cache_name = "cache" if "cache" in out else "past_key_values"
+    cache = out[cache_name]
     cache.reorder_cache(rows)  # row r continues the prompt of item owner[r]
     width = max(len(c) for c in conts)
     ids = torch.full((len(conts), width), pad_id, dtype=torch.long)
@@ -110,7 +114,7 @@ def score_items(model, items: list[ChoiceItem], pad_id: int, device, single: boo
     mask = torch.cat([batch["attention_mask"][rows], new.to(device)], dim=1)
     pos = batch["position_ids"][rows, -1:] + 1 + torch.arange(width, device=device)
     logp = torch.log_softmax(
-        model(input_ids=ids.to(device), attention_mask=mask, position_ids=pos, past_key_values=cache).logits.float(),
+        model(input_ids=ids.to(device), attention_mask=mask, position_ids=pos, **{cache_name: cache}).logits.float(),
         dim=-1,
     )
     scores: list[list[float]] = [[] for _ in items]

@@ -58,11 +58,15 @@ def test_multi_token_choices_read_each_prompt_once_and_score_as_the_reference(ti
         ("x", {"prompt": "Answer:", "completion": " x y z", "choices": [" x y z", " q", " r s", " t u v w"]}),
     ]
     items = evaluate.choice_items(recs, tok, chat_template=False)
-    forwards = []
-    calls = lambda **b: forwards.append(b["input_ids"].shape) or model(**b)  # noqa: E731
+    forwards, kwargs = [], []
+    calls = lambda **b: forwards.append(b["input_ids"].shape) or kwargs.append(set(b)) or model(**b)  # noqa: E731
     got = evaluate.score_items(calls, items, tok.pad_token_id, "cpu")
     assert len(forwards) == 2 and forwards[1][0] == 9  # the prompts, then 9 choice rows
     assert forwards[1][1] == max(len(c) for it in items for c in it.choices)  # choice tokens only
+    # the cache goes back by the name this transformers returns it under, not a deprecated one
+    out = model(**data.left_padded([items[0].prompt], tok.pad_token_id, "cpu"), use_cache=True)
+    returned = "cache" if "cache" in out else "past_key_values"
+    assert returned in kwargs[1] and ({"cache", "past_key_values"} - {returned}).isdisjoint(kwargs[1])
     want = reference_scores(model, items)
     assert [len(g) for g in got] == [2, 3, 4]
     flat = lambda rows: torch.tensor([x for r in rows for x in r], dtype=torch.float64)  # noqa: E731
