@@ -417,7 +417,7 @@ def build(plan, tasks: list[str], methods: list[str], sweeps: list[dict], comman
     return {
         "date": _dt.date.today().isoformat(),
         "machine": machine(),
-        "config": study["_path"],
+        "config": repo_path(study["_path"]),
         "command": command,
         **header(study),
         "tasks": tasks,
@@ -508,8 +508,23 @@ def check_merge(
             )
 
 
+def repo_path(path: str) -> str:
+    """`path` as the repository it lies in names it (docs/quality_rt.json, configs/...), so a
+    report records no machine's folders; as given when it lies in no checkout."""
+    p = Path(path).resolve()
+    for root in p.parents:
+        if (root / "pyproject.toml").is_file():
+            return p.relative_to(root).as_posix()
+    return path
+
+
 def _origin_of(report: dict, source: str) -> dict:
-    return {"file": source, "date": report["date"], "command": report["command"], "machine": report["machine"]}
+    return {
+        "file": repo_path(source),
+        "date": report["date"],
+        "command": report["command"],
+        "machine": report["machine"],
+    }
 
 
 class RecordedRuns:

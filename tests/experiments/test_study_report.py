@@ -339,3 +339,19 @@ def test_merge_keeps_the_earlier_tests_of_a_row_built_from_the_same_recorded_run
     # another rate chosen today: the earlier test is not of its runs
     rep = sr.merge(today(0.1), _recorded_report(), "docs/q.json", ["gpart", "lora"])
     assert ("lora", "gpart", 1) not in pairs(rep) and ("base", "lora", 0) in pairs(rep)
+
+
+def test_reports_name_files_as_their_repository_does_not_by_this_machines_folders(tmp_path):
+    (tmp_path / "pyproject.toml").write_text("")
+    (tmp_path / "docs").mkdir()
+    src = tmp_path / "docs" / "q.json"
+    assert sr.repo_path(str(src)) == "docs/q.json"
+    outside = tmp_path.parent / "elsewhere.json"  # in no checkout: as given
+    assert sr.repo_path(str(outside)) == str(outside)
+    rep = sr.merge(
+        _report([("vera", 300, 0.81, 0.01)]), _report([("lora", 2000, 0.82, 0.01)]), str(src), ["lora", "vera"]
+    )
+    assert {r["method"]: r.get("source", {}).get("file") for r in rep["summary"]} == {
+        "lora": "docs/q.json",
+        "vera": None,
+    }
