@@ -34,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, describe_os_error
 
 log = logging.getLogger("gpart_ds")
 
@@ -49,6 +49,10 @@ _HELD: dict[Path, int] = {}
 
 class FolderBusy(UserError):
     """Another live writer owns the folder (or may: a lock from another host)."""
+
+
+class FolderUnwritable(UserError):
+    """The output cannot be created where it is asked for (no such place, read-only, ...)."""
 
 
 def _host() -> str:
@@ -146,6 +150,15 @@ class FolderLock:
             f"wait for it or choose another {self.key}"
         )
 
+    def _unwritable(self, exc: OSError) -> UserError | OSError:
+        """The lock (so the output) cannot be created here: said naming the output and the
+        key to change, before anything is written; an error that is not the environment's
+        stays itself."""
+        why = describe_os_error(exc, self.path)
+        if why is None:
+            return exc
+        return FolderUnwritable(f"{self.what} cannot be created: {why}; choose another {self.key}")
+
     def _stale(self, holder: dict | None, why: str) -> None:
         log.warning("%s: a stale lock %s (%s; %s) is taken over", self.what, self.path, describe(holder), why)
         self.took_over = holder or {}
@@ -156,6 +169,8 @@ class FolderLock:
         while not p.exists() and p.parent != p:
             missing.append(p)
             p = p.parent
+        if not p.is_dir():  # a file where a folder must go: mkdir would only say "exists"
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(p))
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._made = missing  # deepest first
 
@@ -174,7 +189,10 @@ class FolderLock:
             _HELD[self._key()] += 1
             self.fd = -1  # nested: the outer holder gives it back
             return self
-        self._make_parent()
+        try:
+            self._make_parent()
+        except OSError as exc:
+            raise self._unwritable(exc) from None
         deadline = time.monotonic() + _RETRY_S
         fd, held = None, False
         try:
@@ -187,6 +205,8 @@ class FolderLock:
                         f"{self.what}: {self.path} is a folder, where gpart_ds keeps the lock file of "
                         "the run that writes there; remove it (nothing of gpart_ds lives in it)"
                     ) from None
+                except OSError as exc:
+                    raise self._unwritable(exc) from None
                 flocked = True
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from gpart_ds.export import folder
-from gpart_ds.ownership import LOCK_NAME, FolderBusy, FolderLock, peek
+from gpart_ds.ownership import LOCK_NAME, FolderBusy, FolderLock, FolderUnwritable, peek
 from tests.helpers import REPO, rank_env
 
 HOLD = (
@@ -114,6 +114,22 @@ def test_a_lock_nests_in_one_process_and_a_refused_start_leaves_no_folder(tmp_pa
     finally:
         p.kill()
         p.wait()
+
+
+@pytest.mark.parametrize("how, key", [("for_folder", "output_dir"), ("beside", "export.dir")])
+def test_an_output_that_cannot_be_created_is_refused_naming_its_key(tmp_path, how, key):
+    # /proc takes no new entries, even from root (whom no permission bit stops): the
+    # environment's error, said as which output and what to change, before anything runs
+    with pytest.raises(
+        FolderUnwritable, match=rf"^{key} '/proc/gpart_x' cannot be created: .*no such file.*choose another {key}$"
+    ):
+        getattr(FolderLock, how)("/proc/gpart_x", key).acquire()
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(
+        FolderUnwritable, match=f"{key} '{blocker}/out' cannot be created: .*a path component is a file"
+    ):
+        getattr(FolderLock, how)(blocker / "out", key).acquire()
 
 
 def test_export_temporaries_are_unique_per_writer_and_stale_ones_named(tmp_path, caplog):

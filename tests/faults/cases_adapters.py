@@ -303,6 +303,17 @@ def _(ws, fx):
     return export(ws, fx, fx.copy_adapter(ws), out=ws / "afile" / "merged")
 
 
+@case(
+    "export-out-uncreatable",
+    "adapter",
+    "export: --out where no folder can be created (/proc)",
+    err(r"--out '/proc/\S+' cannot be created", r"choose another --out"),
+    ci=False,
+)
+def _(ws, fx):
+    return export(ws, fx, fx.copy_adapter(ws), out=f"/proc/gpart-probe-{ws.name}")
+
+
 @case("export-dtype-bad", "adapter", "export: --dtype int8", err(r"int8"), ci=False)
 def _(ws, fx):
     return export(ws, fx, fx.copy_adapter(ws), None, None, "--dtype", "int8")

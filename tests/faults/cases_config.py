@@ -232,6 +232,16 @@ def _(ws, fx):
 
 
 @case(
+    "config-output-uncreatable",
+    "config",
+    "output_dir where no folder can be created (/proc)",
+    err(r"output_dir '/proc/\S+' cannot be created", r"choose another output_dir"),
+)
+def _(ws, fx):
+    return train(ws, fx, {"output_dir": f"/proc/gpart-probe-{ws.name}"})
+
+
+@case(
     "config-ckpt-dir-is-file",
     "config",
     "checkpoint.dir is an existing file",
