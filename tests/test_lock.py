@@ -2,6 +2,7 @@
 and of this suite's venv against the locks. Nothing here asks a registry."""
 
 import importlib.metadata as md
+import re
 import shutil
 import sys
 
@@ -28,6 +29,16 @@ def copy(tmp_path, monkeypatch):
 
 def test_the_committed_locks_satisfy_pyproject_and_agree():
     assert lock.drift() == []
+
+
+def test_the_versions_the_readme_names_are_the_locked_ones():
+    # the README said transformers 5.25.0 while the lock held 5.24.0
+    text = (REPO / "README.md").read_text()
+    pins = lock.pins(lock.CPU)
+    named = re.findall(r"\b(torch|deepspeed|transformers|torchft|triton)\s+(\d+\.\d+(?:\.\d+)?)\b", text)
+    assert named, "the README names no locked version: update this test with it"
+    wrong = [f"{n} {v} (lock: {pins[n]})" for n, v in named if pins[n].split("+")[0] != v]
+    assert not wrong, f"README.md names versions the lock does not hold: {wrong}"
 
 
 def test_a_range_that_excludes_the_locked_version_is_drift(copy):
