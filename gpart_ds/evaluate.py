@@ -47,6 +47,11 @@ class EvalError(UserError):
     """An evaluation that cannot run or gave a non-finite result."""
 
 
+class Abandoned(Exception):
+    """The evaluation was given up for a stop signal: every rank agreed on it before the
+    same batch (Evaluator.run's `stop`), so none is left waiting in a collective."""
+
+
 @dataclass
 class ChoiceItem:
     prompt: list[int]
@@ -304,6 +309,7 @@ class Evaluator:
         generate=None,
         eos: list[int] | None = None,
         generate_batch: int = 0,
+        stop=None,
     ) -> dict:
         """Every rank calls it (ZeRO-3 gathers weights collectively); ranks past the end run
         a dummy batch with weight 0. `limit`: the first N records (the same on any world size).
@@ -314,8 +320,19 @@ class Evaluator:
         with an answer is also answered greedily and judged (generation.verdict: "generated",
         "kind", "said", "answer_correct"; the result's answer_accuracy), `generate_batch`
         records at a time (0: micro_batch). Under ZeRO-3 every decoding step gathers the
-        weights, so few large batches cost far less than many small ones."""
+        weights, so few large batches cost far less than many small ones.
+
+        `stop` (a collective: every rank calls it before each batch, all at the same ones)
+        says whether to give up: Abandoned is raised on every rank at once. A stop signal
+        then waits one batch, not a whole evaluation, which with generated answers on a
+        large model takes minutes: longer than a scheduler waits before it kills the job."""
         from . import comm
+
+        def batches(n: int, size: int):
+            for idx in data.shard_evenly(n, size, world, rank):
+                if stop is not None and stop():
+                    raise Abandoned()
+                yield idx
 
         world, rank = comm.world(), comm.rank()
         t0 = time.perf_counter()
@@ -326,7 +343,7 @@ class Evaluator:
         if generate is not None and self.questions:
             qs = [q for q in self.questions if not limit or q.index < limit]
             order = sorted(range(len(qs)), key=lambda i: len(qs[i].prompt))
-            for idx in data.shard_evenly(len(qs), generate_batch or micro_batch, world, rank):
+            for idx in batches(len(qs), generate_batch or micro_batch):
                 idx = [order[i] for i in idx]
                 chunk = [qs[i] for i in idx] or qs[:1]
                 outs = generation.greedy(
@@ -340,7 +357,7 @@ class Evaluator:
         if not self.one_forward:
             n = min(len(self.examples), limit) if limit else len(self.examples)
             order = sorted(range(n), key=lambda i: len(self.examples[i].input_ids))
-            for idx in data.shard_evenly(n, micro_batch, world, rank):
+            for idx in batches(n, micro_batch):
                 idx = [order[i] for i in idx]
                 s, k, em = loss_and_row_matches(model, self.examples, idx or [0], self.pad_id, device)
                 if idx:
@@ -351,7 +368,7 @@ class Evaluator:
         items = self.items[: min(len(self.items), limit) if limit else len(self.items)]
         order = sorted(range(len(items)), key=lambda i: len(items[i].prompt) + max(map(len, items[i].choices)))
         logits = lambda **b: model(**b).logits  # noqa: E731
-        for idx in data.shard_evenly(len(items), micro_batch, world, rank):
+        for idx in batches(len(items), micro_batch):
             idx = [order[i] for i in idx]
             chunk = [items[i] for i in idx] or items[:1]
             em = None

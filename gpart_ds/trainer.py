@@ -465,7 +465,13 @@ class Trainer:
         self.engine.eval()
         try:
             res = self.evaluator.run(
-                self.engine, t.eval_micro_batch_size or t.micro_batch_size, limit, self.device, preds, **answers
+                self.engine,
+                t.eval_micro_batch_size or t.micro_batch_size,
+                limit,
+                self.device,
+                preds,
+                stop=self._stop_requested,
+                **answers,
             )
         finally:
             self.engine.train()
@@ -475,18 +481,47 @@ class Trainer:
             write_atomic(path, "".join(json.dumps(p) + "\n" for p in preds))
         return res
 
+    def _evaluate_during(self, step: int) -> bool:
+        """The evaluation during training at `step`; False where a stop signal gave it up
+        (the step's checkpoint then records it as due)."""
+        try:
+            mid = self.evaluate(step)
+        except evaluate.Abandoned:
+            log.warning("step %d: evaluation given up for the stop signal; a resume runs it first", step)
+            return False
+        self.metrics.write({"event": "eval", "step": step, **mid})
+        log.info("step %d: %s", step, _fmt(mid))
+        return True
+
+    def _stopped_in_eval(self, step: int) -> None:
+        """A stop signal during the evaluation before training (step 0: nothing trained, no
+        checkpoint) or after the last step (its checkpoint is written): exit 75 at once, and
+        the requeued job (train.resume=auto) starts again or writes the outputs."""
+        ckpt = checkpoint.step_dir(self._checkpoint_root(), step) if step else None
+        self.metrics.write({"event": "preempted", "step": step, "checkpoint": str(ckpt) if ckpt else None})
+        log.warning(
+            "stop signal received during the evaluation %s; exiting with %d so that a requeued job "
+            "%s (train.resume=auto)",
+            f"after the last step: checkpoint {ckpt} holds the trained state" if step else "before training",
+            PREEMPTED_EXIT,
+            "writes the run's outputs from it" if step else "starts it again",
+        )
+        self.metrics.close()
+        raise Preempted(str(ckpt) if ckpt else "none")
+
     # ---------------------------------------------------------------- checkpoints
     def _checkpoint_root(self) -> Path:
         return runcheck.checkpoint_root(self.cfg)
 
-    def _resume(self) -> tuple[int, dict | None]:
-        """(first step to run, eval results before training) from the checkpoint that
+    def _resume(self) -> tuple[int, dict | None, bool]:
+        """(first step to run, eval results before training, whether that step's evaluation
+        is still due: save_checkpoint's eval_due) from the checkpoint that
         runcheck.resolve_outputs chose (verified, loadable, no drift) before any write; the
         results are None with no checkpoint, and where the checkpoint's run did not evaluate
         before training (train.eval_before=false: it stored None)."""
         found = self.outputs.resume
         if found is None:
-            return 0, None
+            return 0, None, False
         ckpt = found.path
         state = (
             self._load_checkpoint(ckpt)
@@ -494,7 +529,7 @@ class Trainer:
             else checkpoint.load(self.engine, self.method.trainable(), ckpt)
         )
         if state is None:  # fault tolerance: none left to load; the replica heals from a live one
-            return 0, None
+            return 0, None, False
         ckpt = self.outputs.resume.path
         self._continue_schedule_at(self.lr, state.get("lr"))
         log.info(
@@ -503,7 +538,7 @@ class Trainer:
         self.metrics.write({"event": "resume", "from": str(ckpt), "step": state["step"]})
         if self.replicas is not None:
             self.replicas.set_step(state["step"])
-        return state["step"], state.get("before")
+        return state["step"], state.get("before"), bool(state.get("eval_due"))
 
     def _load_checkpoint(self, ckpt: Path, tries: int = 3) -> dict | None:
         """Fault tolerance: the writing replica group keeps checkpoint.keep_last and may
@@ -550,12 +585,15 @@ class Trainer:
             group["lr"] = lr * fn(sched.last_epoch)
         sched._last_lr = [g["lr"] for g in self.engine.optimizer.param_groups]
 
-    def save_checkpoint(self, step: int, before: dict | None) -> Path:
+    def save_checkpoint(self, step: int, before: dict | None, eval_due: bool = False) -> Path:
         """`before`: the evaluation before training, None where there was none
-        (train.eval_before=false); a resume takes it from here and never re-evaluates."""
+        (train.eval_before=false); a resume takes it from here and never re-evaluates.
+        `eval_due`: this step's evaluation was given up for a stop signal; the resume runs it
+        first, so the run's curve keeps every point."""
         commcount.phase("checkpoint")
         extra = {
             "before": before,
+            "eval_due": eval_due,
             "method": self.cfg.method.name,
             "lr": self.lr,
             "dtype": str(self.dtype).removeprefix("torch."),
@@ -590,7 +628,7 @@ class Trainer:
             signal.signal(sig, handler)
 
     def _stop_requested(self) -> bool:
-        return comm.any_rank(bool(self._stop_signal), self.device)
+        return comm.any_rank(bool(getattr(self, "_stop_signal", None)), self.device)
 
     # ---------------------------------------------------------------- run
     def run(self) -> dict:
@@ -637,11 +675,14 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         self._install_signal_handlers()
         t_start = time.perf_counter()
-        start, before = self._resume()
+        start, before, eval_due = self._resume()
         if self.rank == 0:
             write_atomic(self.out / "run_config.yaml", to_yaml(cfg))
         if before is None and start == 0 and t.eval_before:
-            before = self.evaluate(0)
+            try:
+                before = self.evaluate(0)
+            except evaluate.Abandoned:
+                self._stopped_in_eval(0)
             self.metrics.write({"event": "eval", "step": 0, **before})
             log.info("before training: %s", _fmt(before))
         elif before is None:
@@ -660,6 +701,8 @@ class Trainer:
                 self.outputs.resume.path,
                 start,
             )
+        if eval_due and start < t.max_steps:  # given up for the stop signal that ended the last attempt
+            self._evaluate_during(start)
         progress = Progress(t.max_steps, start, cfg.method.name, t.log_every) if self.rank == 0 else None
         history = []
         every = cfg.checkpoint.every_steps
@@ -681,13 +724,12 @@ class Trainer:
             self.metrics.write(rec)
             if progress is not None:
                 progress.update(rec)
+            due = False
             if t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < t.max_steps:
-                mid = self.evaluate(step + 1)
-                self.metrics.write({"event": "eval", "step": step + 1, **mid})
-                log.info("step %d: %s", step + 1, _fmt(mid))
+                due = not self._evaluate_during(step + 1)
             if self._stop_requested() and step + 1 < t.max_steps:
                 if self._writer_node():
-                    path = self.save_checkpoint(step + 1, before)
+                    path = self.save_checkpoint(step + 1, before, eval_due=due)
                     self.metrics.write({"event": "preempted", "step": step + 1, "checkpoint": str(path)})
                     log.warning(
                         "stop signal received: checkpoint %s written; exiting with %d so that a "
@@ -719,7 +761,10 @@ class Trainer:
         writer = self._writer_node()
         if start < t.max_steps and writer:  # equal: the resumed checkpoint is this step, kept as it is
             self.save_checkpoint(t.max_steps, before)
-        after = self.evaluate(t.max_steps, last=True)
+        try:
+            after = self.evaluate(t.max_steps, last=True)
+        except evaluate.Abandoned:  # the last checkpoint is this step: a resume writes the outputs from it
+            self._stopped_in_eval(t.max_steps)
         self.metrics.write({"event": "eval", "step": t.max_steps, **after})
         wall = time.perf_counter() - t_start
         commcount.phase("adapter")

@@ -260,3 +260,38 @@ def test_the_evaluation_before_training_is_the_first_runs_own_and_a_resume_never
         for s in summaries:
             assert all(k in s and s[k] is None for k in fields), s
         assert "before training: not evaluated (resumed at step 3" in proc.stdout + proc.stderr
+
+
+def _events(out):
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return recs, [(r["event"], r["step"]) for r in recs if r.get("event") in ("eval", "preempted")]
+
+
+def test_a_stop_signal_mid_evaluation_exits_75_at_once_and_the_resumes_lose_nothing(straight, tmp_path):
+    """A stop signal during an evaluation gives it up within one batch and exits 75: before
+    training nothing is kept; during training the step's checkpoint records the evaluation as
+    due and the resume runs it first; after the last step the resume writes the outputs from
+    its checkpoint. Only rank 0 is signalled: rank 1 learns of it through the collective. An
+    evaluation with generated answers on a large model takes minutes, more than SLURM waits
+    between its signal and the kill."""
+    out = tmp_path / "run"
+    run = [*BASE, "train.grad_accum=1", "train.eval_every=3", "train.eval_generate=always", "train.resume=auto"]
+    codes = []
+    for stop_at in (0, 3, STEPS, None):  # before training, during, after the last step; then no signal
+        script = "tests/integration/stop_in_eval_worker.py" if stop_at is not None else "launch/train.py"
+        env = {"STOP_AT_EVAL": str(stop_at)} if stop_at is not None else None
+        proc = run_ranks(2, script, "--config", "configs/tiny.yaml", f"output_dir={out}", *run, env=env, check=False)
+        assert proc.returncode in (0, 75), proc.stdout[-3000:] + proc.stderr[-3000:]
+        codes.append(proc.returncode)
+    assert codes == [75, 75, 75, 0]
+    recs, events = _events(out)
+    # every evaluation given up was run by the next attempt; none was written half-done
+    assert events == [("preempted", 0), ("eval", 0), ("preempted", 3), ("eval", 3), ("preempted", 6), ("eval", 6)]
+    assert json.loads((out / "checkpoints" / "step-000003" / "state.json").read_text())["eval_due"] is True
+    assert sum(r.get("event") == "summary" for r in recs) == 1
+    # the same trained state and scores as the run never stopped (evaluating changes no training)
+    assert torch.equal(load_adapter(out / "adapter")[0], load_adapter(straight / "adapter")[0])
+    plain, _ = _events(straight)
+    for step in (0, STEPS):
+        a, b = (next(r for r in rs if r.get("event") == "eval" and r["step"] == step) for rs in (recs, plain))
+        assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=1e-6), step
