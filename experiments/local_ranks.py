@@ -9,7 +9,9 @@ Users launch with `deepspeed`, `srun` or `mpirun`, and the tests of those launch
 them (tests/integration/test_launch.py, test_slurm.py, test_mpi.py, the fault probes).
 
 Like a launcher, the first rank to fail ends the others (SIGTERM, then SIGKILL) and its
-exit status is the result.
+exit status is the result; and a SIGTERM to this process (`kill`, `timeout`, a scheduler)
+ends the ranks before it ends (errors.Stopped: "stopped: ...", exit 75), where the
+signal's default action would leave them training on, orphaned.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 import time
+from pathlib import Path
 
 from gpart_ds.distributed import free_port
 
@@ -69,6 +73,7 @@ def run(
     subprocess.TimeoutExpired raised.
     """
     port = free_port()
+    previous = _stop_on_sigterm(n, argv)
     procs = [
         subprocess.Popen(argv, cwd=cwd, env=rank_env(r, n, port, env), stdout=stdout, stderr=stderr) for r in range(n)
     ]
@@ -86,3 +91,25 @@ def run(
             time.sleep(0.05)
     finally:
         _end(procs)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_on_sigterm(n: int, argv: list[str]):
+    """While the ranks run, SIGTERM raises errors.Stopped here, so that run()'s `finally`
+    ends them; returns the handler to restore (None off the main thread, where Python
+    allows no handler: there the caller's own process handles its signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    from gpart_ds.errors import Stopped
+
+    what = " ".join(Path(a).name if "/" in a else a for a in argv[:3])
+
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the ending short
+        raise Stopped(
+            f"{signal.Signals(signum).name}: the {n} rank(s) of `{what} ...` were ended first (SIGTERM, then "
+            f"SIGKILL after {GRACE_S:.0f} s); what had finished is kept"
+        )
+
+    return signal.signal(signal.SIGTERM, stop)

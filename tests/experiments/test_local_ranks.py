@@ -1,5 +1,6 @@
 """experiments/local_ranks.py: what the tests and the benchmark start ranks with."""
 
+import os
 import subprocess
 import sys
 import time
@@ -38,3 +39,25 @@ def test_a_timeout_ends_every_rank_and_raises():
     with pytest.raises(subprocess.TimeoutExpired):
         local_ranks.run(2, [sys.executable, "-c", "import time; time.sleep(60)"], timeout=1)
     assert time.monotonic() - t0 < 30
+
+
+def test_sigterm_to_the_caller_ends_its_ranks_first(tmp_path):
+    # `kill STUDY_PID` (or `timeout`) used to end the study and leave its training ranks
+    # running on, orphaned, for the rest of their run
+    rank = "import os, time; open(os.environ['RANK'] + '.pid', 'w').write(str(os.getpid())); time.sleep(300)"
+    caller = (
+        "import sys; from experiments import local_ranks; from gpart_ds.errors import run_cli; "
+        f"sys.exit(run_cli(lambda: local_ranks.run(2, [sys.executable, '-c', {rank!r}], cwd={str(tmp_path)!r})))"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", caller], stderr=subprocess.PIPE, text=True)
+    pids = [tmp_path / f"{r}.pid" for r in (0, 1)]
+    deadline = time.monotonic() + 60
+    while not all(p.is_file() and p.read_text() for p in pids):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.1)
+    proc.terminate()
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 75 and err.startswith("stopped: SIGTERM: the 2 rank(s) of"), err
+    for p in pids:
+        pid = int(p.read_text())
+        assert not os.path.exists(f"/proc/{pid}") or "Z" in open(f"/proc/{pid}/stat").read().split()[2], pid
