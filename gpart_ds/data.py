@@ -70,7 +70,9 @@ def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
     with open(path, "rb") as fh:  # bytes: a line that is not UTF-8 is named, not a traceback
         for lineno, raw in enumerate(fh, 1):
             try:
-                line = raw.decode("utf-8")
+                # utf-8-sig on the first line: a byte-order mark, which Windows editors and
+                # spreadsheet exports write, starts the file and is not part of the record
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as exc:
                 raise DataError(
                     f"{path}:{lineno}: not UTF-8 text (byte {raw[exc.start]:#04x} at column "

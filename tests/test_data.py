@@ -155,6 +155,25 @@ def test_jsonl_csv_and_parquet_read_the_same_records(tmp_path, suffix):
     assert [r for _, r in records] == RECS
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_a_byte_order_mark_at_the_start_is_not_part_of_the_first_record(tmp_path, suffix):
+    # what Windows editors and spreadsheet exports write first; json.loads refused line 1
+    import pandas as pd
+
+    p = tmp_path / f"d{suffix}"
+    if suffix == ".jsonl":
+        p.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in RECS).encode())
+    else:
+        pd.DataFrame(RECS).to_csv(p, index=False, encoding="utf-8-sig")
+    assert p.read_bytes().startswith(b"\xef\xbb\xbf")
+    assert [r for _, r in data.load(p)[0]] == RECS
+    # only at the start: one inside the file is a character of that line, refused as such
+    if suffix == ".jsonl":
+        p.write_bytes(p.read_bytes() + b"\xef\xbb\xbf" + json.dumps(RECS[0]).encode() + b"\n")
+        with pytest.raises(data.DataError, match=rf"{p.name}:6: not valid JSON"):
+            data.load(p)
+
+
 def test_csv_row_errors_name_the_line(tmp_path):
     p = tmp_path / "d.csv"
     p.write_text("prompt,completion\nhello,world\nbye,\n")
