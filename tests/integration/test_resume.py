@@ -218,17 +218,15 @@ def test_drifted_config_is_refused_naming_the_key(straight, tmp_path):
     assert "method.seed" in proc.stderr and "trained with method.seed=0" in proc.stderr
 
 
-@pytest.mark.parametrize("eval_before", [True, False])
-def test_the_evaluation_before_training_is_the_first_runs_own_and_a_resume_never_makes_one(
-    tmp_path, tiny_assets, eval_before
-):
+def test_without_an_evaluation_before_training_a_resume_never_makes_one(tmp_path, tiny_assets):
     """train.eval_before=false: no step-0 evaluation, the summary's *_before null (not
     missing, not 0), the checkpoint stores before: null, and a resume (even with the
     default eval_before=true) evaluates nothing at step 0: it would score the trained
-    model as the base. With eval_before=true the resume keeps the first run's before."""
+    model as the base. (With eval_before=true the resumes keep the first run's `before`:
+    the stop-mid-evaluation test below.)"""
     out = tmp_path / "run"
     common = ["train.grad_accum=1", "train.eval_predictions=true", "checkpoint.every_steps=3"]
-    first = ["train.max_steps=3", f"train.eval_before={str(eval_before).lower()}"]
+    first = ["train.max_steps=3", "train.eval_before=false"]
     run_ranks(1, "launch/train.py", "--config", "configs/tiny.yaml", f"output_dir={out}", *BASE, *common, *first)
     proc = run_ranks(
         1,
@@ -249,17 +247,12 @@ def test_the_evaluation_before_training_is_the_first_runs_own_and_a_resume_never
     summaries = [next(r for r in run if r.get("event") == "summary") for run in runs]
     fields = ("eval_loss_before", "answer_accuracy_before", "accuracy_before", "exact_match_before")
     stored = json.loads((out / "checkpoints" / "step-000003" / "state.json").read_text())["before"]
-    assert evals[1] == [6]  # the resume: no step-0 evaluation either way
-    if eval_before:
-        assert evals[0] == [0, 3] and (out / "predictions" / "step-000000.jsonl").is_file()
-        assert stored["eval_loss"] == summaries[0]["eval_loss_before"] == summaries[1]["eval_loss_before"]
-        assert summaries[1]["eval_loss_before"] > 0 and summaries[1]["answer_accuracy_before"] is not None
-    else:
-        assert evals[0] == [3] and not (out / "predictions" / "step-000000.jsonl").exists()
-        assert stored is None
-        for s in summaries:
-            assert all(k in s and s[k] is None for k in fields), s
-        assert "before training: not evaluated (resumed at step 3" in proc.stdout + proc.stderr
+    assert evals == [[3], [6]]  # the resume: no step-0 evaluation
+    assert not (out / "predictions" / "step-000000.jsonl").exists()
+    assert stored is None
+    for s in summaries:
+        assert all(k in s and s[k] is None for k in fields), s
+    assert "before training: not evaluated (resumed at step 3" in proc.stdout + proc.stderr
 
 
 def _events(out):
@@ -276,6 +269,7 @@ def test_a_stop_signal_mid_evaluation_exits_75_at_once_and_the_resumes_lose_noth
     between its signal and the kill."""
     out = tmp_path / "run"
     run = [*BASE, "train.grad_accum=1", "train.eval_every=3", "train.eval_generate=always", "train.resume=auto"]
+    run += ["train.eval_predictions=true"]
     codes = []
     for stop_at in (0, 3, STEPS, None):  # before training, during, after the last step; then no signal
         script = "tests/integration/stop_in_eval_worker.py" if stop_at is not None else "launch/train.py"
@@ -287,8 +281,15 @@ def test_a_stop_signal_mid_evaluation_exits_75_at_once_and_the_resumes_lose_noth
     recs, events = _events(out)
     # every evaluation given up was run by the next attempt; none was written half-done
     assert events == [("preempted", 0), ("eval", 0), ("preempted", 3), ("eval", 3), ("preempted", 6), ("eval", 6)]
-    assert json.loads((out / "checkpoints" / "step-000003" / "state.json").read_text())["eval_due"] is True
-    assert sum(r.get("event") == "summary" for r in recs) == 1
+    state = json.loads((out / "checkpoints" / "step-000003" / "state.json").read_text())
+    assert state["eval_due"] is True
+    # the evaluation before training is the first attempt that finished it: the checkpoints
+    # keep it and no resume makes another (it would score the trained model as the base)
+    summary = [r for r in recs if r.get("event") == "summary"]
+    step0 = next(r for r in recs if r.get("event") == "eval" and r["step"] == 0)
+    assert len(summary) == 1 and summary[0]["answer_accuracy_before"] is not None
+    assert state["before"]["eval_loss"] == step0["eval_loss"] == summary[0]["eval_loss_before"] > 0
+    assert (out / "predictions" / "step-000000.jsonl").is_file()
     # the same trained state and scores as the run never stopped (evaluating changes no training)
     assert torch.equal(load_adapter(out / "adapter")[0], load_adapter(straight / "adapter")[0])
     plain, _ = _events(straight)
