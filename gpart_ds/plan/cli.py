@@ -73,6 +73,8 @@ def _plan(args, out) -> int:
         raise PlanError("--gpu-mem-gb must be > 0 and --headroom in [0, 1)")
     if args.method is not None and args.method not in methods.names():
         raise PlanError(f"--method {args.method!r}: choose one of {methods.names()}")
+    cluster_from_args(args)  # the time and fault flags checked before anything is printed
+    fault_params_from_args(args)
     cfg = load_config(args.config, args.overrides, check_files=False)
     world = args.nodes * args.gpus_per_node
     validate_for_run(cfg, world=world, device_type="cuda", model_config=args.model_config)  # as training would
@@ -207,6 +209,16 @@ def cli_report(args, cfg, arch: Arch) -> dict:
     return {"text": text, "json": js}
 
 
+def fault_params_from_args(args) -> FaultParams:
+    """The --ft-* flags, checked (PlanError naming the flag)."""
+    return FaultParams(
+        quorum_s=args.ft_quorum_s,
+        heartbeat_s=args.ft_heartbeat_s,
+        load_gbps=args.ft_load_gbps,
+        startup_s=args.ft_startup_s,
+    ).check()
+
+
 def fault_report(args, cfg, arch: Arch, rows, cluster: Cluster, method: str) -> dict | None:
     """The cost and saving of dist.fault_tolerance=nodes for the method with the frozen base
     within each node (None: the method has no such row, e.g. full fine-tuning)."""
@@ -215,12 +227,7 @@ def fault_report(args, cfg, arch: Arch, rows, cluster: Cluster, method: str) -> 
     row = next((r for r in rows if r.method == method and r.mode == "node"), None)
     if row is None:
         return None
-    params = FaultParams(
-        quorum_s=args.ft_quorum_s,
-        heartbeat_s=args.ft_heartbeat_s,
-        load_gbps=args.ft_load_gbps,
-        startup_s=args.ft_startup_s,
-    )
+    params = fault_params_from_args(args)
     every = cfg.checkpoint.every_steps or cfg.train.max_steps  # no checkpoint: the whole run again
     est = estimate_faults(
         nodes=args.nodes,

@@ -225,6 +225,25 @@ def test_plan_cli_json_gives_every_method(capsys):
             assert key in row, key
 
 
+@pytest.mark.parametrize(
+    "flag, value, says",
+    [
+        ("--net-gbps", "0", "must be > 0, got 0.0"),
+        ("--nvlink-gbps", "0", "must be > 0, got 0.0"),
+        ("--tflops", "-1", "must be > 0, got -1.0"),
+        ("--gemm-efficiency", "0", "must be > 0, got 0.0"),
+        ("--ft-startup-s", "-1", "must be >= 0, got -1.0"),
+        ("--ft-load-gbps", "0", "must be > 0, got 0.0"),
+    ],
+)
+def test_plan_cli_refuses_a_bad_rate_before_printing_a_plan(capsys, flag, value, says):
+    # --net-gbps 0 printed "OK fits" and the memory plan, then the error
+    argv = ["--config", "configs/llama70b.yaml", "--nodes", "8", "--gpus-per-node", "8", "--gpu-mem-gb", "80"]
+    assert plan_cli.main([*argv, flag, value]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.strip() == f"error: {flag} {says}", out
+
+
 def test_plan_cli_prints_the_table_and_node_mode_memory(capsys):
     status = plan_cli.main(
         ["--config", "configs/llama70b.yaml", "--nodes", "8", "--gpus-per-node", "8", "--gpu-mem-gb", "80"]
