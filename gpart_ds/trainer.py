@@ -494,17 +494,18 @@ class Trainer:
         return True
 
     def _stopped_in_eval(self, step: int) -> None:
-        """A stop signal during the evaluation before training (step 0: nothing trained, no
-        checkpoint) or after the last step (its checkpoint is written): exit 75 at once, and
-        the requeued job (train.resume=auto) starts again or writes the outputs."""
+        """A stop signal during an evaluation that no training step follows before the next
+        checkpoint: the one before training (step 0: nothing trained, no checkpoint), the one
+        a resume owed (its checkpoint still holds it as due) or the one after the last step
+        (its checkpoint is written). Exit 75 at once; the requeued job (train.resume=auto)
+        starts again or resumes from that checkpoint."""
         ckpt = checkpoint.step_dir(self._checkpoint_root(), step) if step else None
         self.metrics.write({"event": "preempted", "step": step, "checkpoint": str(ckpt) if ckpt else None})
         log.warning(
-            "stop signal received during the evaluation %s; exiting with %d so that a requeued job "
-            "%s (train.resume=auto)",
-            f"after the last step: checkpoint {ckpt} holds the trained state" if step else "before training",
+            "stop signal received during the evaluation %s; exiting with %d so that a requeued job %s",
+            f"at step {step}: checkpoint {ckpt} holds the trained state" if step else "before training",
             PREEMPTED_EXIT,
-            "writes the run's outputs from it" if step else "starts it again",
+            "resumes from it (train.resume=auto)" if step else "starts it again",
         )
         self.metrics.close()
         raise Preempted(str(ckpt) if ckpt else "none")
@@ -701,8 +702,10 @@ class Trainer:
                 self.outputs.resume.path,
                 start,
             )
-        if eval_due and start < t.max_steps:  # given up for the stop signal that ended the last attempt
-            self._evaluate_during(start)
+        # given up for the stop signal that ended the last attempt; given up again, the
+        # checkpoint resumed from still holds it as due
+        if eval_due and start < t.max_steps and not self._evaluate_during(start):
+            self._stopped_in_eval(start)
         progress = Progress(t.max_steps, start, cfg.method.name, t.log_every) if self.rank == 0 else None
         history = []
         every = cfg.checkpoint.every_steps

@@ -263,24 +263,33 @@ def _events(out):
 def test_a_stop_signal_mid_evaluation_exits_75_at_once_and_the_resumes_lose_nothing(straight, tmp_path):
     """A stop signal during an evaluation gives it up within one batch and exits 75: before
     training nothing is kept; during training the step's checkpoint records the evaluation as
-    due and the resume runs it first; after the last step the resume writes the outputs from
-    its checkpoint. Only rank 0 is signalled: rank 1 learns of it through the collective. An
-    evaluation with generated answers on a large model takes minutes, more than SLURM waits
-    between its signal and the kill."""
+    due and the resume runs it first (a stop during that one keeps it due); after the last
+    step the resume writes the outputs from its checkpoint. Only rank 0 is signalled: rank 1
+    learns of it through the collective. An evaluation with generated answers on a large
+    model takes minutes, more than SLURM waits between its signal and the kill."""
     out = tmp_path / "run"
     run = [*BASE, "train.grad_accum=1", "train.eval_every=3", "train.eval_generate=always", "train.resume=auto"]
     run += ["train.eval_predictions=true"]
     codes = []
-    for stop_at in (0, 3, STEPS, None):  # before training, during, after the last step; then no signal
+    # before training; during; during the evaluation that resume owes; after the last step; none
+    for stop_at in (0, 3, 3, STEPS, None):
         script = "tests/integration/stop_in_eval_worker.py" if stop_at is not None else "launch/train.py"
         env = {"STOP_AT_EVAL": str(stop_at)} if stop_at is not None else None
         proc = run_ranks(2, script, "--config", "configs/tiny.yaml", f"output_dir={out}", *run, env=env, check=False)
         assert proc.returncode in (0, 75), proc.stdout[-3000:] + proc.stderr[-3000:]
         codes.append(proc.returncode)
-    assert codes == [75, 75, 75, 0]
+    assert codes == [75, 75, 75, 75, 0]
     recs, events = _events(out)
     # every evaluation given up was run by the next attempt; none was written half-done
-    assert events == [("preempted", 0), ("eval", 0), ("preempted", 3), ("eval", 3), ("preempted", 6), ("eval", 6)]
+    assert events == [
+        ("preempted", 0),
+        ("eval", 0),
+        ("preempted", 3),
+        ("preempted", 3),  # the owed evaluation given up too: the step-3 checkpoint still owes it
+        ("eval", 3),
+        ("preempted", 6),
+        ("eval", 6),
+    ]
     state = json.loads((out / "checkpoints" / "step-000003" / "state.json").read_text())
     assert state["eval_due"] is True
     # the evaluation before training is the first attempt that finished it: the checkpoints
