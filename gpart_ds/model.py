@@ -119,6 +119,19 @@ def check_weights(model_path: str | Path) -> None:
         )
 
 
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each block's activations in the backward, non-reentrant: reentrant
+    checkpointing sees a shared trainable parameter (GPart's theta) twice per bucket under
+    ZeRO-3 and fails. By the name the installed transformers gives it: 5.x renamed
+    gradient_checkpointing_enable to activation_checkpointing_enable (the old name warns and
+    goes in v6), while the pyproject range still admits the 5.x releases before the rename."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def load_model(model_path: str, dtype: torch.dtype, ds_config: dict | None):
     """Load the causal LM; under ZeRO-3 it is built inside zero.Init and loaded sharded.
 

@@ -43,7 +43,7 @@ from .errors import EXIT_PREEMPTED, RunFailed, UserError
 from .fileio import folder_bytes, write_atomic
 from .hub import display_name
 from .metrics import MetricsLog, Progress, answer_fell, peak_memory_gb, summary_table
-from .model import check_weights, training_dtype
+from .model import check_weights, enable_activation_checkpointing, training_dtype
 from .objective import TrainingModel, trains_on_choices
 
 log = logging.getLogger("gpart_ds")
@@ -254,9 +254,7 @@ class Trainer:
             if bad:
                 raise RuntimeError(f"parameter {name}: {bad} is not supported by gpart_ds")
         if cfg.model.gradient_checkpointing:
-            # Non-reentrant: reentrant checkpointing sees a shared trainable parameter
-            # (GPart's theta) twice per bucket under ZeRO-3 and fails.
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(base)
         self.method = methods.create(cfg.method)
         self.model = TrainingModel(self.method.build(base, self.layout, self.device), cfg.train.objective)
         log.info(

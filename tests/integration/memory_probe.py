@@ -18,6 +18,8 @@ import os
 
 import torch
 
+from gpart_ds.model import enable_activation_checkpointing
+
 
 def _nbytes(t) -> int:
     return t.numel() * t.element_size()
@@ -52,11 +54,11 @@ def measure(trainer) -> dict:
 
     def step(checkpointing: bool):
         if checkpointing:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(base)
         else:
             # As a run without checkpointing is set up: enabling it also made the embedding
             # output require grad (transformers' enable_input_require_grads), undo that too.
-            base.gradient_checkpointing_disable()
+            base.activation_checkpointing_disable()
             base.disable_input_require_grads()
         nbytes, loss = saved_bytes(lambda: engine(**batch).loss, d)
         # Inside the step (ZeRO-3 has traced earlier steps): persistent parameters and

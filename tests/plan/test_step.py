@@ -12,6 +12,7 @@ import torch
 
 from gpart_ds import plan
 from gpart_ds.config import load_config
+from gpart_ds.model import enable_activation_checkpointing
 from gpart_ds.plan import cli as plan_cli, cluster as plan_cluster, step as plan_step
 from tests.helpers import REPO
 
@@ -50,7 +51,7 @@ def _counted_flops(model_path, method, ckpt, mb, seq, label_from):
 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     if ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     arch = plan.Arch.from_model(model, "all-linear")
     m = OmegaConf.structured(method)
     # as the trainer runs it: the objective wraps the method's root (the LM head at label positions)
