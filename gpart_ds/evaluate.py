@@ -98,11 +98,32 @@ def score_items(model, items: list[ChoiceItem], pad_id: int, device, single: boo
     logits = lambda **b: model(**b).logits  # noqa: E731
     if single if single is not None else single_token(items):
         return _next_token_logp(logits, items, pad_id, device)[1]
+    return _cached_choices(model, items, pad_id, device)[0]
+
+
+@torch.no_grad()
+def score_items_and_labels(model, items: list[ChoiceItem], tails: list[list[int]], pad_id: int, device):
+    """score_items, plus each record's loss and exact match where its eval example is the
+    prompt, the answer choice and `tails[i]` (nothing, or EOS: label_tails): the answer's row
+    of the choice forward carries its tail too, so the same two forwards give (scores, summed
+    -log p of every predicted token, [exact match of each record]) and no separate loss pass
+    reads the prompts again."""
+    return _cached_choices(model, items, pad_id, device, tails)
+
+
+def _cached_choices(model, items: list[ChoiceItem], pad_id: int, device, tails=None):
+    """The two forwards of score_items (module doc there); with `tails`, the answer rows
+    extended by them and (scores, loss sum, exact matches) returned, else (scores,)."""
     batch = data.left_padded([it.prompt for it in items], pad_id, device)
     out = model(**batch, use_cache=True, logits_to_keep=1)
     first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
-    owner = [i for i, it in enumerate(items) for _ in it.choices]
-    conts = [c for it in items for c in it.choices]
+    owner, conts, answer_row = [], [], []
+    for i, it in enumerate(items):
+        for k, c in enumerate(it.choices):
+            if k == it.answer:
+                answer_row.append(len(conts))
+            owner.append(i)
+            conts.append(c + tails[i] if tails is not None and k == it.answer else c)
     rows = torch.tensor(owner, device=first.device)
     # handed back under the name it came by: transformers 5.x renamed past_key_values to
     # cache and drops the old name in 5.40, while the pyproject range still admits older 5.x
@@ -122,11 +143,52 @@ def score_items(model, items: list[ChoiceItem], pad_id: int, device, single: boo
         model(input_ids=ids.to(device), attention_mask=mask, position_ids=pos, **{cache_name: cache}).logits.float(),
         dim=-1,
     )
+
+    def token_logps(r: int, toks: list[int]) -> torch.Tensor:
+        """log p of each of row r's tokens: the first from the prompt's last position, each
+        later one from the row's position before it."""
+        rest = logp[r, : len(toks) - 1].gather(1, torch.tensor(toks[1:], device=logp.device)[:, None])[:, 0]
+        return torch.cat([first[owner[r], toks[0]].reshape(1), rest])
+
     scores: list[list[float]] = [[] for _ in items]
-    for r, c in enumerate(conts):
-        rest = logp[r, : len(c) - 1].gather(1, torch.tensor(c[1:], device=logp.device)[:, None]).sum()
-        scores[owner[r]].append(float(first[owner[r], c[0]] + rest))
-    return scores
+    r = 0
+    for it in items:
+        for c in it.choices:
+            scores[owner[r]].append(float(token_logps(r, conts[r][: len(c)]).sum()))
+            r += 1
+    if tails is None:
+        return (scores,)
+    loss, matches = 0.0, []
+    for i, r in enumerate(answer_row):
+        toks = conts[r]
+        loss -= float(token_logps(r, toks).sum())
+        best = torch.cat([first[i].argmax().reshape(1), logp[r, : len(toks) - 1].argmax(-1)])
+        matches.append(best.tolist() == toks)
+    return scores, loss, matches
+
+
+def label_tails(examples, items: list[ChoiceItem]) -> list[list[int]] | None:
+    """Where every eval example is its item's prompt + the answer choice + at most one more
+    token (EOS), and exactly the tokens after the prompt are predicted: each example's extra
+    tokens (its tail). Then the choice forwards also give every example's loss and exact
+    match (score_items_and_labels; single-token choices without a tail: one forward,
+    label_is_the_answer_choice), and the evaluation needs no separate loss pass. None
+    otherwise (another completion, a chat record, a truncated example)."""
+    if not items or len(examples) != len(items):
+        return None
+    tails = []
+    for ex, it in zip(examples, items):
+        ids, head = list(ex.input_ids), it.prompt + it.choices[it.answer]
+        if ids[: len(head)] != head or len(ids) - len(head) > 1:
+            return None
+        predicted = [i for i, lab in enumerate(ex.labels) if lab != data.IGNORE_INDEX]
+        if (
+            predicted != list(range(len(it.prompt), len(ids)))
+            or [ex.labels[i] for i in predicted] != ids[len(it.prompt) :]
+        ):
+            return None
+        tails.append(ids[len(head) :])
+    return tails
 
 
 def label_is_the_answer_choice(examples, items: list[ChoiceItem]) -> bool:
@@ -246,7 +308,9 @@ class Evaluator:
     completion token is the argmax) and, for records with choices, accuracy.
 
     When every record is its prompt plus a single-token answer choice, loss, exact match
-    and accuracy all come from one forward per record (label_is_the_answer_choice).
+    and accuracy all come from one forward per record (label_is_the_answer_choice); when
+    every record is its prompt plus its answer choice and at most EOS, from the two choice
+    forwards (label_tails); otherwise a loss pass over the whole sequences runs as well.
     `model(**batch)` must follow objective.TrainingModel: with labels it returns `.loss`
     (and `.matches` with exact_match=True), without labels the logits.
 
@@ -270,6 +334,9 @@ class Evaluator:
         self.questions, self.tokenizer = questions or [], tokenizer
         self.new_tokens = generation.max_new_tokens(self.questions, tokenizer) if self.questions else 0
         self.one_forward = label_is_the_answer_choice(examples, items)
+        # else, where each example is its answer choice (and EOS): the choice forwards give
+        # the loss and exact match too, and no loss pass reads the prompts a second time
+        self.tails = None if self.one_forward else label_tails(examples, items)
         self.single_token = single_token(items)  # decided on all items: every rank takes one path
         # Each verdict names its eval record: "file:line" and the record's position in the
         # file. Examples are the records in order unless data.too_long=skip dropped some;
@@ -354,7 +421,7 @@ class Evaluator:
                     right, answered = right + v["answer_correct"], answered + 1
                     mine.setdefault(q.index, {"record": q.where, "index": q.index}).update(v)
             generate_s = time.perf_counter() - t0
-        if not self.one_forward:
+        if not self.one_forward and self.tails is None:
             n = min(len(self.examples), limit) if limit else len(self.examples)
             order = sorted(range(n), key=lambda i: len(self.examples[i].input_ids))
             for idx in batches(n, micro_batch):
@@ -376,6 +443,13 @@ class Evaluator:
                 scores, s, em = score_items_with_label(logits, chunk, self.pad_id, device)
                 if idx:  # one predicted token per record
                     loss_sum, n_tok = loss_sum + s, n_tok + len(chunk)
+                    matched, n_ex = matched + sum(em), n_ex + len(chunk)
+            elif self.tails is not None:  # the same from the choice forwards
+                tails = [self.tails[i] for i in idx] or self.tails[:1]
+                scores, s, em = score_items_and_labels(model, chunk, tails, self.pad_id, device)
+                if idx:
+                    predicted_tokens = sum(len(it.choices[it.answer]) + len(t) for it, t in zip(chunk, tails))
+                    loss_sum, n_tok = loss_sum + s, n_tok + predicted_tokens
                     matched, n_ex = matched + sum(em), n_ex + len(chunk)
             else:
                 scores = score_items(model, chunk, self.pad_id, device, self.single_token)

@@ -246,3 +246,49 @@ def test_generative_records_get_one_exact_match_line_each_whatever_the_batching(
     assert all(set(r) == {"record", "index", "match", "generated", "kind", "said", "answer_correct"} for r in preds)
     assert sum(r["match"] for r in preds) / 6 == res["exact_match"]
     assert preds4 == preds and res4["eval_loss"] == pytest.approx(res["eval_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("add_eos", [True, False])
+def test_multi_token_answers_take_loss_and_exact_match_from_the_choice_forwards(tiny, add_eos):
+    # Each example is its prompt + answer choice (+ EOS): the evaluator then reads loss and
+    # exact match off the answer's row of the choice forwards, where it ran a separate loss
+    # pass over the whole sequences; the results must be the loss pass's, record for record.
+    from gpart_ds.methods import MethodRoot
+    from gpart_ds.objective import TrainingModel
+
+    tok, model = tiny
+    recs = [
+        ("x:1", {"prompt": "Reverse: cat dog\nAnswer:", "completion": " dog cat", "choices": [" dog cat", " cat"]}),
+        ("x:2", {"prompt": "Reverse: a b c d e\nAnswer:", "completion": " e", "choices": [" e d", " e", " a b c"]}),
+        ("x:3", {"prompt": "Answer:", "completion": " x y z", "choices": [" q", " x y z", " r s", " t u v w"]}),
+        ("x:4", {"prompt": "Reverse: sun moon\nAnswer:", "completion": " moon sun", "choices": [" moon sun", " sun"]}),
+    ]
+    # and one whose answer is what the model says (greedy): exact match true without EOS
+    prompt = "Reverse: red fish\nAnswer:"
+    ids = tok(prompt)["input_ids"]
+    with torch.no_grad():
+        for _ in range(2):
+            ids = ids + [int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())]
+    said = tok.decode(ids[-2:])
+    assert tok(said, add_special_tokens=False)["input_ids"] == ids[-2:]
+    recs.append(("x:5", {"prompt": prompt, "completion": said, "choices": [" fish", said]}))
+    exs = [data.tokenize_record(r, "prompt_completion", tok, 64, add_eos=add_eos) for _, r in recs]
+    items = evaluate.choice_items(recs, tok, chat_template=False)
+    tails = evaluate.label_tails(exs, items)
+    assert tails == [[tok.eos_token_id] if add_eos else []] * len(recs)
+    trained = TrainingModel(MethodRoot(model)).eval()
+    results = {}
+    for path in ("choice forwards", "loss pass"):
+        ev = evaluate.Evaluator(exs, recs, items, tok.pad_token_id)
+        if path == "loss pass":
+            ev.tails = None
+        preds = []
+        results[path] = (ev.run(trained, 3, 0, "cpu", preds), preds)
+    (got, got_preds), (want, want_preds) = results["choice forwards"], results["loss pass"]
+    assert got["eval_loss"] == pytest.approx(want["eval_loss"], rel=1e-5)
+    assert got["exact_match"] == want["exact_match"] and got["accuracy"] == want["accuracy"]
+    assert [p["match"] for p in got_preds] == [p["match"] for p in want_preds]
+    assert got_preds[-1]["match"] is (not add_eos)  # the greedy answer, and EOS is never greedy here
+    # an example that is not its answer choice (another completion) keeps the loss pass
+    other = [data.tokenize_record({**recs[0][1], "completion": " dog"}, "prompt_completion", tok, 64)] + exs[1:]
+    assert evaluate.label_tails(other, items) is None
