@@ -117,12 +117,13 @@ def _cached_choices(model, items: list[ChoiceItem], pad_id: int, device, tails=N
     batch = data.left_padded([it.prompt for it in items], pad_id, device)
     out = model(**batch, use_cache=True, logits_to_keep=1)
     first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
-    owner, conts, answer_row = [], [], []
+    owner, conts, choice_len, answer_row = [], [], [], []
     for i, it in enumerate(items):
         for k, c in enumerate(it.choices):
             if k == it.answer:
                 answer_row.append(len(conts))
             owner.append(i)
+            choice_len.append(len(c))
             conts.append(c + tails[i] if tails is not None and k == it.answer else c)
     rows = torch.tensor(owner, device=first.device)
     # handed back under the name it came by: transformers 5.x renamed past_key_values to
@@ -151,11 +152,8 @@ def _cached_choices(model, items: list[ChoiceItem], pad_id: int, device, tails=N
         return torch.cat([first[owner[r], toks[0]].reshape(1), rest])
 
     scores: list[list[float]] = [[] for _ in items]
-    r = 0
-    for it in items:
-        for c in it.choices:
-            scores[owner[r]].append(float(token_logps(r, conts[r][: len(c)]).sum()))
-            r += 1
+    for r, n in enumerate(choice_len):  # a tail is not part of its choice's score
+        scores[owner[r]].append(float(token_logps(r, conts[r][:n]).sum()))
     if tails is None:
         return (scores,)
     loss, matches = 0.0, []
@@ -196,16 +194,12 @@ def label_is_the_answer_choice(examples, items: list[ChoiceItem]) -> bool:
     choice is one token and the only predicted one: then the choice forward's log-softmax
     at the last prompt position also gives the example's loss and exact match (one
     forward per record instead of two; the quickstart's case, `data.add_eos: false`)."""
-    if not items or len(examples) != len(items):
-        return False
-    for ex, it in zip(examples, items):
-        if any(len(c) != 1 for c in it.choices):
-            return False
-        if list(ex.input_ids) != it.prompt + it.choices[it.answer]:
-            return False
-        if [i for i, lab in enumerate(ex.labels) if lab != data.IGNORE_INDEX] != [len(it.prompt)]:
-            return False
-    return True
+    return one_forward(label_tails(examples, items), items)
+
+
+def one_forward(tails: list[list[int]] | None, items: list[ChoiceItem]) -> bool:
+    """label_is_the_answer_choice from label_tails' answer: no tail, single-token choices."""
+    return tails is not None and not any(tails) and single_token(items)
 
 
 @torch.no_grad()
@@ -333,10 +327,12 @@ class Evaluator:
         # every evaluation generates the same number of tokens.
         self.questions, self.tokenizer = questions or [], tokenizer
         self.new_tokens = generation.max_new_tokens(self.questions, tokenizer) if self.questions else 0
-        self.one_forward = label_is_the_answer_choice(examples, items)
-        # else, where each example is its answer choice (and EOS): the choice forwards give
-        # the loss and exact match too, and no loss pass reads the prompts a second time
-        self.tails = None if self.one_forward else label_tails(examples, items)
+        # where each example is its answer choice (and EOS): the choice forwards give the loss
+        # and exact match too, and no loss pass reads the prompts a second time; with
+        # single-token choices and no EOS, one forward gives everything
+        tails = label_tails(examples, items)
+        self.one_forward = one_forward(tails, items)
+        self.tails = None if self.one_forward else tails
         self.single_token = single_token(items)  # decided on all items: every rank takes one path
         # Each verdict names its eval record: "file:line" and the record's position in the
         # file. Examples are the records in order unless data.too_long=skip dropped some;

@@ -89,6 +89,7 @@ class Trainer:
         self._locks: list[ownership.FolderLock] = []  # rank 0's: the folders this run owns
         # dist.fault_tolerance=nodes: this node's torchft replica (ft.py); None otherwise
         self.replicas: ft.Replicas | None = None
+        self._stop_signal: int | None = None  # set by the training loop's signal handler
 
     # ---------------------------------------------------------------- set-up
     def setup(self) -> None:
@@ -627,7 +628,7 @@ class Trainer:
             signal.signal(sig, handler)
 
     def _stop_requested(self) -> bool:
-        return comm.any_rank(bool(getattr(self, "_stop_signal", None)), self.device)
+        return comm.any_rank(bool(self._stop_signal), self.device)
 
     # ---------------------------------------------------------------- run
     def run(self) -> dict:
